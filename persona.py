@@ -1,0 +1,2240 @@
+"""Persona: user personas grounded in qualitative research data.
+
+A self-hosted REST service (Starlette and SQLite), an offline persona engine and a
+command line, in one module. The module stands alone: copy this file into a project,
+install its dependencies, and ``python -m persona serve`` works; it carries its own
+database schema.
+"""
+
+from __future__ import annotations
+
+__version__ = "1.9.6"
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import aiosqlite
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("persona")
+
+JSON = dict[str, Any]
+
+MAX_BODY_BYTES = 1024 * 1024  # request bodies; larger data goes by path or URL
+MAX_URL_BYTES = 50 * 1024 * 1024  # a data source fetched over http(s)
+URL_TIMEOUT_S = 30.0  # connect and read timeout for a data URL
+RATE_WINDOW_S = 60  # the rate limit counts requests per minute
+IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
+JOBS_PER_PROCESS = 4  # jobs one server process runs at a time
+MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
+LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
+HEARTBEAT_S = 5.0  # how often a process renews the lease on its jobs
+POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
+LOCAL_MODEL = "persona-offline-1"  # the offline engine's name as a model
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A setting from the command line or the environment that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    log_level: str = "info"
+    auth_tokens: tuple[str, ...] = ()
+    db: Path = Path("persona.db")
+    data_dir: Path = Path(".")
+    output_dir: Path = Path("output")
+    rate_limit: int = 100
+    max_concurrent_jobs: int = 10
+
+
+# Every setting has a variable, so that worker processes started by uvicorn see
+# the same configuration as the command that started them.
+ENV_VARS = {
+    "host": "PERSONA_HOST",
+    "port": "PERSONA_PORT",
+    "workers": "PERSONA_WORKERS",
+    "log_level": "PERSONA_LOG_LEVEL",
+    "auth_tokens": "PERSONA_API_AUTH_TOKEN",
+    "db": "PERSONA_DB",
+    "data_dir": "PERSONA_DATA_DIR",
+    "output_dir": "PERSONA_OUTPUT_DIR",
+    "rate_limit": "PERSONA_RATE_LIMIT",
+    "max_concurrent_jobs": "PERSONA_MAX_CONCURRENT_JOBS",
+}
+INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6)}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def parse_setting(name: str, raw: str) -> Any:
+    """Turn one option or variable into its typed value, naming both on error."""
+    label = f"--{name.replace('_', '-')} / {ENV_VARS[name]}"
+    if name in INT_BOUNDS:
+        low, high = INT_BOUNDS[name]
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{label} must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{label} must be between {low} and {high}, got {value}")
+        return value
+    if name == "auth_tokens":
+        return tuple(token.strip() for token in raw.split(",") if token.strip())
+    if name in ("db", "data_dir", "output_dir"):
+        return Path(raw).expanduser()
+    if name == "log_level":
+        if raw.lower() not in LOG_LEVELS:
+            raise ConfigError(f"{label} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+        return raw.lower()
+    return raw
+
+
+def load_settings(overrides: Mapping[str, str | None] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from explicit options, then PERSONA_* variables, then defaults."""
+    env = os.environ if env is None else env
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for spec in fields(Settings):
+        raw = overrides.get(spec.name)
+        if raw is None:
+            raw = env.get(ENV_VARS[spec.name])
+        if raw is not None:
+            values[spec.name] = parse_setting(spec.name, str(raw))
+    return Settings(**values)
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """The variables that reproduce these settings in another process."""
+    env = {}
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        env[ENV_VARS[spec.name]] = ",".join(value) if spec.name == "auth_tokens" else str(value)
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+ERROR_CODES = {
+    400: "invalid_input",
+    401: "unauthorised",
+    404: "not_found",
+    405: "invalid_input",
+    409: "invalid_input",
+    413: "invalid_input",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "internal_error",
+}
+
+
+class APIError(Exception):
+    """Any refusal; the HTTP layer turns it into the reference's error envelope."""
+
+    def __init__(
+        self, status: int, message: str, details: JSON | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = ERROR_CODES.get(status, "invalid_input")
+        self.message = message
+        self.details = details or {}
+        self.headers = dict(headers or {})
+
+
+class GenerationError(Exception):
+    """A job that cannot finish; its message becomes the job's `error` as it stands."""
+
+
+class JobCancelled(Exception):
+    """The job was cancelled or taken over while this process worked on it."""
+
+
+def error_envelope(code: str, message: str, details: JSON | None = None) -> JSON:
+    return {"success": False, "error": code, "message": message, "details": details or {}}
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+# Request bodies are checked against small JSON Schema documents. The same
+# documents describe the API, so what is documented is what is enforced.
+
+PROVIDER_NAMES = ("anthropic", "openai", "gemini", "ollama", "local")
+WEBHOOK_EVENTS = ("generation.completed", "generation.failed")
+JOB_STATUSES = ("pending", "running", "completed", "failed")
+
+HTTP_URL_SCHEMA: JSON = {"type": "string", "format": "http-url", "maxLength": 2048}
+
+GENERATE_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["data"],
+    "additionalProperties": False,
+    "properties": {
+        "data": {
+            "oneOf": [
+                {"type": "string", "minLength": 1, "maxLength": 4096},
+                {"type": "array", "minItems": 1, "items": {"type": ["string", "object"]}},
+            ],
+            "description": "a path inside the data directory, an http(s) URL, or an array of records",
+        },
+        "count": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3},
+        "provider": {"type": "string", "enum": list(PROVIDER_NAMES)},
+        "model": {"type": "string", "minLength": 1, "maxLength": 200},
+        "config": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "experiment": {"type": "string", "minLength": 1, "maxLength": 200},
+                "complexity": {"type": "string", "enum": ["simple", "moderate", "complex"]},
+                "detail_level": {"type": "string", "enum": ["minimal", "standard", "detailed"]},
+            },
+        },
+        "webhook_url": HTTP_URL_SCHEMA,
+    },
+}
+
+WEBHOOK_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["url"],
+    "additionalProperties": False,
+    "properties": {
+        "url": HTTP_URL_SCHEMA,
+        "events": {
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+        },
+        "secret": {"type": "string", "minLength": 1, "maxLength": 256},
+    },
+}
+
+JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+              "object": "an object", "array": "an array"}
+
+
+def validate(value: Any, schema: JSON, path: str = "") -> dict[str, str]:
+    """Every problem with `value` under `schema`, as {field path: message}."""
+    if "oneOf" in schema:
+        if any(not validate(value, option, path) for option in schema["oneOf"]):
+            return {}
+        return {path: f"must be {schema['description']}"}
+    expected = schema.get("type")
+    if expected is not None:
+        kinds = expected if isinstance(expected, list) else [expected]
+        if not any(JSON_TYPES[kind](value) for kind in kinds):
+            return {path: "must be " + " or ".join(TYPE_WORDS[kind] for kind in kinds)}
+    if "enum" in schema and value not in schema["enum"]:
+        return {path: "must be one of: " + ", ".join(map(str, schema["enum"]))}
+    if isinstance(value, str):
+        return validate_string(value, schema, path)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return validate_number(value, schema, path)
+    if isinstance(value, list):
+        return validate_array(value, schema, path)
+    if isinstance(value, dict):
+        return validate_object(value, schema, path)
+    return {}
+
+
+def validate_string(value: str, schema: JSON, path: str) -> dict[str, str]:
+    problem = text_problem(value)
+    if problem:
+        return {path: problem}
+    if len(value) < schema.get("minLength", 0):
+        return {path: "must not be empty" if schema["minLength"] == 1 else f"must be at least {schema['minLength']} characters"}
+    if len(value) > schema.get("maxLength", math.inf):
+        return {path: f"must be at most {schema['maxLength']} characters"}
+    if schema.get("format") == "http-url":
+        problem = http_url_problem(value)
+        if problem:
+            return {path: problem}
+    return {}
+
+
+def text_problem(value: str) -> str | None:
+    """Text that SQLite, files and logs cannot hold faithfully is refused up front."""
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (it contains a lone surrogate)"
+    return None
+
+
+def http_url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "must be an absolute http(s) URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http(s) URL, such as https://example.com/hook"
+    if parts.username is not None or parts.password is not None:
+        return "must not contain credentials; use a webhook secret instead"
+    if any(ch in url for ch in "\r\n\t ") or any(ord(ch) < 32 for ch in url):
+        return "must not contain spaces or control characters"
+    return None
+
+
+def validate_number(value: float, schema: JSON, path: str) -> dict[str, str]:
+    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+    if not low <= value <= high:
+        return {path: f"must be between {low} and {high}"}
+    return {}
+
+
+def validate_array(value: list[Any], schema: JSON, path: str) -> dict[str, str]:
+    if len(value) < schema.get("minItems", 0):
+        return {path: f"must have at least {schema['minItems']} item(s)"}
+    if schema.get("uniqueItems") and len({json.dumps(item, sort_keys=True) for item in value}) != len(value):
+        return {path: "must not repeat items"}
+    problems: dict[str, str] = {}
+    for index, item in enumerate(value):
+        problems.update(validate(item, schema.get("items", {}), f"{path}[{index}]"))
+    return problems
+
+
+def validate_object(value: JSON, schema: JSON, path: str) -> dict[str, str]:
+    properties = schema.get("properties")
+    if properties is None:
+        return nested_text_problems(value, path)
+    problems: dict[str, str] = {}
+    prefix = f"{path}." if path else ""
+    for name in schema.get("required", []):
+        if value.get(name) is None:
+            problems[prefix + name] = "is required"
+    for name, item in value.items():
+        if name not in properties:
+            if schema.get("additionalProperties", True) is False:
+                problems[prefix + name] = "is not a known field; known fields: " + ", ".join(properties)
+        elif item is not None:
+            problems.update(validate(item, properties[name], prefix + name))
+    return problems
+
+
+def nested_text_problems(value: Any, path: str) -> dict[str, str]:
+    """Free-form objects (inline records) still must hold storable text."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        return {path: problem} if problem else {}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    problems: dict[str, str] = {}
+    for key, item in items:
+        if isinstance(key, str) and text_problem(key):
+            problems[f"{path}.{key!r}"] = "keys " + text_problem(key)
+        problems.update(nested_text_problems(item, f"{path}[{key!r}]" if isinstance(key, int) else f"{path}.{key}"))
+    return problems
+
+
+def validated(body: JSON, schema: JSON) -> JSON:
+    """The body with null optional fields dropped, or a 422 naming every bad field."""
+    problems = validate(body, schema)
+    if problems:
+        summary = "; ".join(f"{name or 'body'} {message}" for name, message in problems.items())
+        raise APIError(422, f"Request validation failed: {summary}", problems)
+    return {name: value for name, value in body.items() if value is not None}
+
+
+# ---------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+SCHEMA = """\
+-- Persona's SQLite schema. persona.py carries this same text and applies it;
+-- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
+-- text; times used only for arithmetic (leases, windows) are epoch seconds.
+
+CREATE TABLE IF NOT EXISTS jobs (
+    seq           INTEGER PRIMARY KEY,
+    job_id        TEXT NOT NULL UNIQUE,
+    owner         TEXT NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'running', 'completed', 'failed')),
+    progress      INTEGER NOT NULL DEFAULT 0,
+    request       TEXT NOT NULL,
+    experiment_id TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    started_at    TEXT,
+    completed_at  TEXT,
+    error         TEXT,
+    result        TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    claimed_by    TEXT,
+    heartbeat_at  REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_active_by_owner ON jobs (owner)
+    WHERE status IN ('pending', 'running');
+
+CREATE TABLE IF NOT EXISTS experiments (
+    name          TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL UNIQUE,
+    created_at    TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    body_hash  TEXT NOT NULL,
+    job_id     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    seq        INTEGER PRIMARY KEY,
+    webhook_id TEXT NOT NULL UNIQUE,
+    url        TEXT NOT NULL,
+    events     TEXT NOT NULL,
+    secret     TEXT,
+    created_at TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS rate_limits (
+    client       TEXT PRIMARY KEY,
+    window_start REAL NOT NULL,
+    hits         INTEGER NOT NULL
+);
+"""
+
+JOB_COLUMNS = "job_id, status, progress, created_at, started_at, completed_at, error"
+
+SQL_GET_JOB = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id = ?"
+SQL_LIST_JOBS = f"""
+SELECT {JOB_COLUMNS},
+       (SELECT COUNT(*) FROM jobs WHERE :status IS NULL OR status = :status) AS total
+FROM jobs WHERE :status IS NULL OR status = :status
+ORDER BY seq LIMIT :limit OFFSET :offset"""
+SQL_COUNT_JOBS = "SELECT COUNT(*) FROM jobs WHERE :status IS NULL OR status = :status"
+SQL_FIND_IDEMPOTENT = "SELECT body_hash, job_id FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at > ?"
+SQL_COUNT_ACTIVE = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('pending', 'running')"
+SQL_ADD_EXPERIMENT = "INSERT INTO experiments (name, experiment_id, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
+SQL_GET_EXPERIMENT = "SELECT experiment_id FROM experiments WHERE name = ?"
+SQL_INSERT_JOB = "INSERT INTO jobs (job_id, owner, request, experiment_id, created_at) VALUES (?, ?, ?, ?, ?)"
+SQL_SAVE_IDEMPOTENT = """
+INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
+                                       created_at = excluded.created_at"""
+SQL_PURGE_IDEMPOTENT = "DELETE FROM idempotency_keys WHERE created_at <= ?"
+SQL_CLAIM_JOB = """
+UPDATE jobs SET status = 'running', claimed_by = :worker, attempts = attempts + 1,
+                started_at = COALESCE(started_at, :now), heartbeat_at = :clock
+WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1) AND status = 'pending'
+RETURNING job_id, request, experiment_id, attempts"""
+SQL_SET_PROGRESS = """
+UPDATE jobs SET progress = MAX(progress, ?), heartbeat_at = ?
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+SQL_COMPLETE_JOB = """
+UPDATE jobs SET status = 'completed', progress = 100, result = ?, completed_at = ?, claimed_by = NULL
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+SQL_FAIL_JOB = """
+UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, claimed_by = NULL
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+SQL_CANCEL_JOB = """
+UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = ?, claimed_by = NULL
+WHERE job_id = ? AND status IN ('pending', 'running')"""
+SQL_HEARTBEAT = "UPDATE jobs SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'running'"
+SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, heartbeat_at FROM jobs WHERE status = 'running'"
+SQL_REQUEUE_JOB = """
+UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending' END,
+                error = CASE WHEN attempts >= :max THEN :error END,
+                completed_at = CASE WHEN attempts >= :max THEN :now END,
+                claimed_by = NULL
+WHERE job_id = :job_id AND claimed_by = :claimed_by AND status = 'running'"""
+SQL_RELEASE_JOB = """
+UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = attempts - 1
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+SQL_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES (?, ?, ?, ?, ?)"
+SQL_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = ?"
+SQL_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
+SQL_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = ?"
+SQL_RATE_HIT = """
+INSERT INTO rate_limits (client, window_start, hits) VALUES (:client, :now, 1)
+ON CONFLICT (client) DO UPDATE SET
+    hits = CASE WHEN window_start + :window <= :now THEN 1 ELSE hits + 1 END,
+    window_start = CASE WHEN window_start + :window <= :now THEN :now ELSE window_start END
+RETURNING window_start, hits"""
+SQL_PURGE_RATE = "DELETE FROM rate_limits WHERE window_start + ? <= ?"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class Store:
+    """This process's handle on the database: one connection reads, one writes.
+
+    WAL lets reads go on beside a write. Writes from this process queue on a lock,
+    so a transaction never interleaves with another coroutine's statements; other
+    processes wait on SQLite's busy timeout.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reader: aiosqlite.Connection | None = None
+        self.writer: aiosqlite.Connection | None = None
+        self.write_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = await self._connect()
+        await self.writer.execute("PRAGMA journal_mode = WAL")
+        await self._apply_schema()
+        self.reader = await self._connect()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    async def _apply_schema(self) -> None:
+        """Create or upgrade the schema; the version bump commits with the change."""
+        async with self.write_lock:
+            version = (await self._fetch(self.writer, "PRAGMA user_version"))[0][0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} was written by a newer Persona (schema {version}, this one knows {SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                await self.writer.executescript(
+                    f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+                )
+
+    async def close(self) -> None:
+        for conn in (self.reader, self.writer):
+            if conn is not None:
+                await conn.close()
+
+    @staticmethod
+    async def _fetch(conn: aiosqlite.Connection | None, sql: str, params: Any = ()) -> list[Any]:
+        assert conn is not None, "Store.open() was not awaited"
+        return list(await conn.execute_fetchall(sql, params))
+
+    async def read(self, sql: str, params: Any = ()) -> list[Any]:
+        return await self._fetch(self.reader, sql, params)
+
+    async def write(self, sql: str, params: Any = ()) -> list[Any]:
+        """One statement in its own transaction; returns RETURNING rows, if any."""
+        async with self.write_lock:
+            return await self._fetch(self.writer, sql, params)
+
+    async def write_count(self, sql: str, params: Any = ()) -> int:
+        """One statement; returns how many rows it changed."""
+        async with self.write_lock:
+            assert self.writer is not None
+            cursor = await self.writer.execute(sql, params)
+            return cursor.rowcount
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Callable[[str, Any], Awaitable[list[Any]]]]:
+        """Several statements that commit together; yields a function that runs one."""
+        async with self.write_lock:
+            conn = self.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield lambda sql, params=(): self._fetch(conn, sql, params)
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    # -- jobs ---------------------------------------------------------------
+
+    async def create_job(
+        self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None
+    ) -> tuple[str, bool]:
+        """Insert a job, or find the one an Idempotency-Key already made.
+
+        Returns (job_id, replayed). The concurrency check and the insert share one
+        transaction, so workers sharing the database cannot overshoot the limit.
+        """
+        now, clock = utc_now(), time.time()
+        async with self.transaction() as run:
+            if idempotency is not None:
+                key, body_hash = idempotency
+                found = await run(SQL_FIND_IDEMPOTENT, (owner, key, clock - IDEMPOTENCY_TTL_S))
+                if found:
+                    if found[0][0] != body_hash:
+                        raise APIError(
+                            422,
+                            "This Idempotency-Key was already used with a different request body; "
+                            "use a new key for a different request",
+                            {"idempotency_key": key},
+                        )
+                    return found[0][1], True
+            active = (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0]
+            if active >= limit:
+                raise APIError(
+                    429,
+                    f"Too many concurrent jobs: {active} are pending or running for this API key "
+                    f"and the limit is {limit}. Wait for one to finish or cancel one.",
+                    {"limit": limit, "active": active},
+                )
+            experiment_id = await self._experiment_for(run, request.get("config", {}).get("experiment"), now)
+            job_id = new_id("job")
+            await run(SQL_INSERT_JOB, (job_id, owner, json.dumps(request), experiment_id, now))
+            if idempotency is not None:
+                await run(SQL_SAVE_IDEMPOTENT, (owner, idempotency[0], idempotency[1], job_id, clock))
+        return job_id, False
+
+    @staticmethod
+    async def _experiment_for(run: Callable[..., Awaitable[list[Any]]], name: str | None, now: str) -> str:
+        if name is None:
+            return new_id("exp")
+        await run(SQL_ADD_EXPERIMENT, (name, new_id("exp"), now))
+        return (await run(SQL_GET_EXPERIMENT, (name,)))[0][0]
+
+    async def get_job(self, job_id: str) -> JSON | None:
+        rows = await self.read(SQL_GET_JOB, (job_id,))
+        return job_from_row(rows[0], with_result=True) if rows else None
+
+    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
+        params = {"status": status, "limit": limit, "offset": offset}
+        rows = await self.read(SQL_LIST_JOBS, params)
+        if rows:
+            return [job_from_row(row) for row in rows], rows[0][7]
+        return [], (await self.read(SQL_COUNT_JOBS, params))[0][0]
+
+    async def cancel_job(self, job_id: str) -> bool:
+        return await self.write_count(SQL_CANCEL_JOB, (utc_now(), job_id)) > 0
+
+    async def purge_expired(self) -> None:
+        clock = time.time()
+        await self.write(SQL_PURGE_IDEMPOTENT, (clock - IDEMPOTENCY_TTL_S,))
+        await self.write(SQL_PURGE_RATE, (RATE_WINDOW_S, clock))
+
+    # -- webhooks -----------------------------------------------------------
+
+    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON:
+        webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
+        await self.write(SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"]))
+        return webhook
+
+    async def get_webhook(self, webhook_id: str) -> JSON | None:
+        rows = await self.read(SQL_GET_WEBHOOK, (webhook_id,))
+        return webhook_from_row(rows[0]) if rows else None
+
+    async def list_webhooks(self) -> list[JSON]:
+        return [webhook_from_row(row) for row in await self.read(SQL_LIST_WEBHOOKS)]
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        return await self.write_count(SQL_DELETE_WEBHOOK, (webhook_id,)) > 0
+
+
+def job_from_row(row: Any, with_result: bool = False) -> JSON:
+    job = {
+        "job_id": row[0],
+        "status": row[1],
+        "progress": row[2],
+        "created_at": row[3],
+        "started_at": row[4],
+        "completed_at": row[5],
+        "error": row[6],
+    }
+    if with_result:
+        job["result"] = json.loads(row[7]) if row[7] else None
+    return job
+
+
+def webhook_from_row(row: Any) -> JSON:
+    return {"webhook_id": row[0], "url": row[1], "events": json.loads(row[2]), "created_at": row[3]}
+
+
+# ---------------------------------------------------------------------------
+# Data loading
+# ---------------------------------------------------------------------------
+
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".txt": "text",
+    ".md": "text",
+    ".markdown": "text",
+}
+# Column names that identify a participant, best first.
+ID_COLUMNS = (
+    "participant_id", "participant", "respondent_id", "respondent", "interviewee_id", "interviewee",
+    "user_id", "user", "customer_id", "subject_id", "person_id", "pid", "uid", "id", "response_id",
+)
+RECORD_LIST_KEYS = ("responses", "participants", "records", "data", "entries", "items", "results", "interviews")
+INTERVIEWER_LABELS = ("interviewer", "moderator", "researcher", "facilitator", "q", "question", "i")
+SPEAKER_LINE = re.compile(r"^\s*([A-Za-z][\w .'-]{0,24}?)\s*:\s+(.*\S)\s*$")
+HEADER_LINE = re.compile(r"^\s*([A-Za-z][\w -]{0,24}?)\s*:\s*(\S.{0,40}?)\s*$")
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+|\n+")
+
+
+@dataclass
+class Participant:
+    id: str
+    texts: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    participants: list[Participant]
+    source: JSON
+    warnings: list[str] = field(default_factory=list)
+
+
+def classify_data(data: str | list[Any]) -> str:
+    """'inline', 'url' or 'path'; other URL schemes are refused here."""
+    if isinstance(data, list):
+        return "inline"
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", data)
+    if scheme is None:
+        return "path"
+    if scheme.group(1).lower() in ("http", "https"):
+        if http_url_problem(data):
+            raise APIError(400, f"data URL {data!r} is not a valid http(s) URL")
+        return "url"
+    raise APIError(400, f"data URL scheme {scheme.group(1)!r} is not supported; use a path, http or https")
+
+
+def resolve_data_path(data: str, data_dir: Path) -> Path:
+    """The real path of a data source, refused unless it lies inside the data directory."""
+    root = data_dir.resolve()
+    candidate = Path(data)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise APIError(400, f"data path {data!r} lies outside the data directory; give a path inside it")
+    if not resolved.exists():
+        raise APIError(400, f"data source {data!r} does not exist in the data directory")
+    if resolved.is_dir():
+        if not any(True for _ in data_files(resolved, root)):
+            raise APIError(400, f"data folder {data!r} holds no supported files ({', '.join(FORMATS)})")
+        return resolved
+    if not resolved.is_file():
+        raise APIError(400, f"data source {data!r} is not a regular file")
+    if resolved.suffix.lower() not in FORMATS:
+        raise APIError(
+            400, f"data source {data!r} has an unsupported format {resolved.suffix or '(none)'!r}; "
+            f"supported: {', '.join(FORMATS)}"
+        )
+    return resolved
+
+
+def data_files(folder: Path, root: Path) -> Iterable[Path]:
+    """Supported regular files below `folder`, sorted, skipping hidden ones and links out of `root`."""
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix.lower() not in FORMATS or not path.is_file():
+            continue
+        if not path.resolve().is_relative_to(root):
+            continue
+        yield path
+
+
+def check_data_source(data: str | list[Any], data_dir: Path) -> None:
+    """Refuse at submission what can be known to fail: a missing or escaping path."""
+    if classify_data(data) == "path":
+        resolve_data_path(data, data_dir)
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GenerationError(f"{name} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    return text.replace("\x00", "")
+
+
+def sniff_delimiter(text: str, fmt: str) -> str:
+    """The header line's most frequent separator; TSV files are always tab."""
+    if fmt == "tsv":
+        return "\t"
+    header = text.split("\n", 1)[0]
+    return max(",;\t|", key=header.count)
+
+
+def records_from_csv(text: str, fmt: str, name: str) -> list[JSON]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text, fmt))
+    try:
+        rows = [{(key or "").strip(): (value or "") for key, value in row.items()} for row in reader]
+    except csv.Error as exc:
+        raise GenerationError(f"{name} is not valid CSV: {exc}") from None
+    if not rows:
+        raise GenerationError(f"{name} has a header but no rows")
+    return rows
+
+
+def records_from_json(text: str, name: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise GenerationError(f"{name} is not valid JSON: {exc}") from None
+    return record_list(value, name)
+
+
+def record_list(value: Any, name: str) -> list[Any]:
+    """An array of records, or the one array a survey export holds."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        arrays = {key: item for key, item in value.items() if isinstance(item, list) and item}
+        for key in RECORD_LIST_KEYS:
+            if key in arrays:
+                return arrays[key]
+        if arrays:
+            return next(iter(arrays.values()))
+    raise GenerationError(f"{name} holds no array of responses (expected a list, or an object with one)")
+
+
+def records_from_jsonl(text: str, name: str) -> list[Any]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise GenerationError(f"{name} line {number} is not valid JSON: {exc}") from None
+    return records
+
+
+def flatten_record(record: Any) -> dict[str, Any]:
+    """One level of nesting becomes dotted keys; lists of strings stay lists."""
+    if isinstance(record, str):
+        return {"text": record}
+    if not isinstance(record, dict):
+        return {"value": record}
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                flat[f"{key}.{inner}"] = item
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def normalise_key(key: str) -> str:
+    return re.sub(r"[\s\-]+", "_", key.strip().lower())
+
+
+def is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def cell_texts(value: Any) -> list[str]:
+    if value is None or isinstance(value, bool):
+        return []
+    if isinstance(value, list):
+        return [text for item in value for text in cell_texts(item)]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in cell_texts(item)]
+    text = str(value).strip()
+    return [text] if text else []
+
+
+def text_columns(records: list[dict[str, Any]], columns: list[str]) -> set[str]:
+    """Columns of long answers (what people said) rather than short attributes.
+
+    Where no column is long, the one with the longest answers is still speech:
+    a survey of one-line answers has something to say too.
+    """
+    chosen, lengths = set(), {}
+    for column in columns:
+        values = [text for record in records for text in cell_texts(record.get(column))]
+        if not values or all(is_number(value) for value in values):
+            continue
+        nested = any(isinstance(record.get(column), (list, dict)) for record in records)
+        lengths[column] = sum(map(len, values)) / len(values)
+        if nested or lengths[column] >= 30 or max(len(value.split()) for value in values) >= 12:
+            chosen.add(column)
+    if not chosen and lengths:
+        chosen.add(max(lengths, key=lengths.__getitem__))
+    return chosen
+
+
+def id_column(columns: list[str]) -> str | None:
+    by_name = {normalise_key(column): column for column in columns}
+    return next((by_name[name] for name in ID_COLUMNS if name in by_name), None)
+
+
+def participants_from_records(records: list[Any], name: str) -> list[Participant]:
+    """Group records by participant id; long columns are speech, short ones attributes."""
+    flat = [flatten_record(record) for record in records]
+    columns = list(dict.fromkeys(key for record in flat for key in record))
+    id_key = id_column(columns)
+    texts = text_columns(flat, [column for column in columns if column != id_key])
+    people: dict[str, Participant] = {}
+    for number, record in enumerate(flat, 1):
+        raw_id = cell_texts(record.get(id_key)) if id_key else []
+        pid = raw_id[0] if raw_id else f"{Path(name).stem}-{number:03d}"
+        person = people.setdefault(pid, Participant(pid))
+        for column in columns:
+            if column == id_key:
+                continue
+            values = cell_texts(record.get(column))
+            if column in texts:
+                person.texts.extend(values)
+            elif values and normalise_key(column) not in person.attributes:
+                person.attributes[normalise_key(column)] = values[0]
+    return [person for person in people.values() if person.texts]
+
+
+def participant_from_transcript(text: str, pid: str) -> Participant | None:
+    """A transcript: a leading `Key: value` block are attributes, interviewer lines are dropped."""
+    lines = text.splitlines()
+    person = Participant(pid)
+    header_end = next((index for index, line in enumerate(lines) if not line.strip()), 0)
+    header = [HEADER_LINE.match(line) for line in lines[:header_end]]
+    if header and all(header) and header_end < len(lines):
+        for match in header:
+            if match.group(1).strip().lower() not in INTERVIEWER_LABELS:
+                person.attributes[normalise_key(match.group(1))] = match.group(2)
+        lines = lines[header_end:]
+    spoken = []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        speaker = SPEAKER_LINE.match(line)
+        if speaker and speaker.group(1).strip().lower() in INTERVIEWER_LABELS:
+            continue
+        spoken.append(speaker.group(2) if speaker else line.strip())
+    person.texts = [" ".join(spoken)] if spoken else []
+    return person if person.texts else None
+
+
+def participants_from_bytes(raw: bytes, fmt: str, name: str, pid: str) -> list[Participant]:
+    text = decode_text(raw, name)
+    if not text.strip():
+        raise GenerationError(f"{name} is empty")
+    if fmt in ("csv", "tsv"):
+        return participants_from_records(records_from_csv(text, fmt, name), name)
+    if fmt == "json":
+        return participants_from_records(records_from_json(text, name), name)
+    if fmt == "jsonl":
+        return participants_from_records(records_from_jsonl(text, name), name)
+    person = participant_from_transcript(text, pid)
+    return [person] if person else []
+
+
+def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]:
+    """The same id in several files is one participant who spoke in each."""
+    merged: dict[str, Participant] = {}
+    for group in groups:
+        for person in group:
+            if person.id in merged:
+                merged[person.id].texts.extend(person.texts)
+                for key, value in person.attributes.items():
+                    merged[person.id].attributes.setdefault(key, value)
+            else:
+                merged[person.id] = person
+    return list(merged.values())
+
+
+def load_path(data: str, data_dir: Path) -> Dataset:
+    """Read a file or folder inside the data directory (blocking: run it in a thread)."""
+    try:
+        path = resolve_data_path(data, data_dir)
+    except APIError as exc:
+        raise GenerationError(exc.message) from None
+    root = data_dir.resolve()
+    files = list(data_files(path, root)) if path.is_dir() else [path]
+    digests, groups = [], []
+    for file in files:
+        raw = file.read_bytes()
+        relative = file.relative_to(root).as_posix()
+        digests.append(f"{relative}\0{hashlib.sha256(raw).hexdigest()}")
+        pid = file.relative_to(path).with_suffix("").as_posix() if path.is_dir() else file.stem
+        groups.append(participants_from_bytes(raw, FORMATS[file.suffix.lower()], relative, pid))
+    sha = hashlib.sha256(raw).hexdigest() if len(files) == 1 and not path.is_dir() else (
+        hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    )
+    source = {"kind": "path", "location": data, "sha256": sha, "files": len(files)}
+    return finish_dataset(merge_participants(groups), source, data)
+
+
+def load_inline(records: list[Any]) -> Dataset:
+    canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    source = {"kind": "inline", "location": f"{len(records)} inline records", "sha256": hashlib.sha256(canonical).hexdigest()}
+    return finish_dataset(participants_from_records(records, "inline"), source, "the inline data")
+
+
+async def fetch_url(url: str) -> tuple[bytes, str]:
+    """Download a data URL with a size cap; returns the body and its content type."""
+    import httpx
+
+    chunks, size = [], 0
+    try:
+        async with httpx.AsyncClient(timeout=URL_TIMEOUT_S, follow_redirects=False) as client:
+            async with client.stream("GET", url, headers={"User-Agent": f"Persona/{__version__}"}) as response:
+                if response.status_code != 200:
+                    raise GenerationError(f"fetching {url} answered HTTP {response.status_code}")
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_URL_BYTES:
+                        raise GenerationError(f"{url} is larger than {MAX_URL_BYTES // (1024 * 1024)} MiB")
+                    chunks.append(chunk)
+                return b"".join(chunks), response.headers.get("content-type", "")
+    except httpx.HTTPError as exc:
+        raise GenerationError(f"fetching {url} failed: {type(exc).__name__}") from None
+
+
+def url_format(url: str, content_type: str) -> str:
+    suffix = Path(urlsplit(url).path).suffix.lower()
+    if suffix in FORMATS:
+        return FORMATS[suffix]
+    kind = content_type.split(";")[0].strip().lower()
+    by_type = {"text/csv": "csv", "text/tab-separated-values": "tsv", "application/json": "json",
+               "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "text/plain": "text",
+               "text/markdown": "text"}
+    if kind not in by_type:
+        raise GenerationError(f"{url} has an unsupported format (Content-Type {kind or 'missing'!r})")
+    return by_type[kind]
+
+
+async def load_url(url: str) -> Dataset:
+    raw, content_type = await fetch_url(url)
+    fmt = url_format(url, content_type)
+    stem = Path(urlsplit(url).path).stem or "document"
+    people = await asyncio.to_thread(participants_from_bytes, raw, fmt, url, stem)
+    source = {"kind": "url", "location": url, "sha256": hashlib.sha256(raw).hexdigest()}
+    return finish_dataset(people, source, url)
+
+
+def finish_dataset(people: list[Participant], source: JSON, name: str) -> Dataset:
+    if not people:
+        raise GenerationError(f"{name} holds no participants with anything to say")
+    source["participants"] = len(people)
+    return Dataset(people, source)
+
+
+async def load_data(data: str | list[Any], data_dir: Path) -> Dataset:
+    kind = classify_data(data)
+    if kind == "url":
+        return await load_url(data)
+    if kind == "inline":
+        return await asyncio.to_thread(load_inline, data)
+    return await asyncio.to_thread(load_path, data, data_dir)
+
+
+# ---------------------------------------------------------------------------
+# Offline engine: TF-IDF vectors, seeded k-means++, personas from the text
+# ---------------------------------------------------------------------------
+
+STOPWORDS = frozenset("""
+a about above actually after again against all also always am an and any anything are around as at
+back be because been before being below between both but by can cannot could couple did do does doing
+don done down during each either else enough especially even ever every everything few for from
+further get gets getting go goes going gone got gotten had has have having he her here hers herself
+him himself his how however i if in into is isn it its itself just kind know let like lot lots made
+make makes many may me might mine more most much must my myself need needs never no nor not nothing
+now of off often ok okay on once one only or other our ours ourselves out over own per probably
+quite rather re really right said same say says see seem seems she should since so some something
+sometimes sort still such sure take than that the their theirs them themselves then there these they
+thing things think this those though through thus to too toward under until up upon us use used
+uses using usually very want wants was way we well were what whatever when where whether which while
+who whom whose why will with within without would yeah yes yet you your yours yourself ll ve
+""".split())
+WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
+ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
+MAX_FEATURES = 5000
+
+CUES = {
+    "pain_points": re.compile(
+        r"\b(frustrat\w*|annoy\w*|difficult|hard to|problem\w*|struggl\w*|hate|confus\w*|waste\w*|"
+        r"can't|cannot|can not|doesn't work|don't work|too (many|much|long|slow)|pain\w*|crash\w*|"
+        r"lose|losing|lost|stuck|worr\w*|stress\w*|tedious|clunky|broken|fail\w*|slow|painful|"
+        r"nightmare|impossible|never works|complain\w*)\b",
+        re.IGNORECASE,
+    ),
+    "goals": re.compile(
+        r"\b(i want|i'd like|i would like|i need|we need|i wish|i hope|my goal|our goal|i'm trying to|"
+        r"i am trying to|it would be (great|nice|good)|ideally|i'd love|i would love|looking for|"
+        r"so that i can|so i can|i'd rather|what matters|important to me|the goal)\b",
+        re.IGNORECASE,
+    ),
+    "behaviours": re.compile(
+        r"\b(i usually|i always|i often|i normally|i typically|every (day|morning|evening|week|night)|"
+        r"i use|i check|i keep|i tend to|typically|most days|each (week|day|morning)|i spend|i rely|"
+        r"i start|i open|i print|i write|i track|i log|i plan|i schedule|i share|i ask|i go to|"
+        r"i switch|i read|i review|i set up|on weekends|at night|in the morning)\b",
+        re.IGNORECASE,
+    ),
+}
+LIST_LENGTHS = {"minimal": 2, "standard": 3, "detailed": 5}
+QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
+THEME_COUNTS = {"simple": 2, "moderate": 3, "complex": 5}
+PERSONA_NAMES = (
+    "Sarah Chen", "Marcus Johnson", "Priya Patel", "Diego Hernández", "Aisha Okafor", "Tomasz Nowak",
+    "Mei Tanaka", "Olivia Brown", "Kwame Mensah", "Sofia Rossi", "Arjun Mehta", "Hannah Schmidt",
+    "Lucas Oliveira", "Fatima Al-Sayed", "Noah Williams", "Yuki Sato", "Amara Nwosu", "Elena Petrova",
+    "Mateo García", "Grace Kim", "Ibrahim Diallo", "Chloe Martin", "Ravi Shankar", "Ingrid Larsen",
+    "Samuel Cohen", "Leila Haddad", "Jonas Weber", "Zara Ahmed", "Daniel Murphy", "Ana Costa",
+    "Kenji Watanabe", "Nadia Kowalski", "Oscar Lindqvist", "Maya Goldberg", "Tariq Hassan",
+    "Lucía Fernández", "Ethan Clarke", "Aylin Demir", "Benedict Osei", "Camille Dubois",
+    "Rahul Verma", "Freya Jensen", "Hugo Moreau", "Imani Brooks", "Joon-ho Park", "Valentina Ricci",
+    "Wei Zhang", "Esther Adeyemi",
+)
+
+
+def stem(word: str) -> str:
+    word = word.replace("’", "'")
+    if word.endswith("'s"):
+        word = word[:-2]
+    if len(word) > 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    return word
+
+
+def content_words(text: str) -> list[tuple[str, str]]:
+    """(stem, surface form) of the words that carry meaning, in order."""
+    words = []
+    for surface in WORD.findall(text.lower()):
+        token = stem(surface)
+        if len(token) > 2 and token not in STOPWORDS and not token.isdigit():
+            words.append((token, surface.replace("’", "'")))
+    return words
+
+
+def split_sentences(text: str) -> list[str]:
+    return [part.strip() for part in SENTENCE_END.split(text) if part and len(part.split()) >= 3]
+
+
+def term_counts(text: str, surfaces: Counter[tuple[str, str]] | None = None) -> Counter[str]:
+    """Unigrams and adjacent-word bigrams, counted; notes surface forms for display."""
+    counts: Counter[str] = Counter()
+    for sentence in split_sentences(text) or [text]:
+        words = content_words(sentence)
+        for index, (token, surface) in enumerate(words):
+            counts[token] += 1
+            if surfaces is not None:
+                surfaces[(token, surface)] += 1
+            if index + 1 < len(words):
+                pair = f"{token} {words[index + 1][0]}"
+                counts[pair] += 1
+                if surfaces is not None:
+                    surfaces[(pair, f"{surface} {words[index + 1][1]}")] += 1
+    return counts
+
+
+@dataclass
+class Corpus:
+    """The dataset as TF-IDF vectors: what the clustering and the ranking read."""
+
+    people: list[Participant]
+    vocabulary: dict[str, int]
+    idf: list[float]
+    vectors: list[dict[int, float]]
+    is_attribute: list[bool]
+    display: dict[str, str]
+
+
+def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
+    """`role=charge nurse`, plus one term per word so that "Nurse" and "Charge Nurse" are alike."""
+    terms = set()
+    for key, value in attributes.items():
+        if not is_number(value):
+            terms.add(f"{key}={value.strip().lower()}")
+            terms.update(f"{key}={word}" for word, _ in content_words(value))
+    return terms
+
+
+def build_corpus(people: list[Participant]) -> Corpus:
+    surfaces: Counter[tuple[str, str]] = Counter()
+    counts = [term_counts(" ".join(person.texts), surfaces) for person in people]
+    for person, count in zip(people, counts):
+        count.update(attribute_terms(person.attributes))
+    df: Counter[str] = Counter(term for count in counts for term in count)
+    min_df = 2 if len(people) >= 4 else 1
+    kept = [term for term, freq in df.most_common() if freq >= min_df][:MAX_FEATURES]
+    vocabulary = {term: index for index, term in enumerate(sorted(kept))}
+    n = len(people)
+    idf = [0.0] * len(vocabulary)
+    for term, index in vocabulary.items():
+        idf[index] = math.log((1 + n) / (1 + df[term])) + 1
+    is_attribute = [False] * len(vocabulary)
+    for term, index in vocabulary.items():
+        is_attribute[index] = "=" in term
+    vectors = [tfidf_vector(count, vocabulary, idf, is_attribute) for count in counts]
+    display: dict[str, str] = {}
+    for (token, surface), _ in surfaces.most_common():
+        display.setdefault(token, surface)
+    return Corpus(people, vocabulary, idf, vectors, is_attribute, display)
+
+
+def tfidf_vector(count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float],
+                 is_attribute: list[bool] | None = None) -> dict[int, float]:
+    vector: dict[int, float] = {}
+    for term, freq in count.items():
+        index = vocabulary.get(term)
+        if index is not None:
+            weight = (1 + math.log(freq)) * idf[index]
+            vector[index] = weight * ATTRIBUTE_WEIGHT if is_attribute and is_attribute[index] else weight
+    return normalised(vector)
+
+
+def normalised(vector: dict[int, float]) -> dict[int, float]:
+    norm = math.sqrt(sum(weight * weight for weight in vector.values()))
+    return {index: weight / norm for index, weight in vector.items()} if norm else vector
+
+
+def similarity(vector: Mapping[int, float], centroid: Mapping[int, float]) -> float:
+    return sum(weight * centroid.get(index, 0.0) for index, weight in vector.items())
+
+
+def centroid_of(vectors: Iterable[dict[int, float]]) -> dict[int, float]:
+    total: dict[int, float] = {}
+    for vector in vectors:
+        for index, weight in vector.items():
+            total[index] = total.get(index, 0.0) + weight
+    return normalised(total)
+
+
+def kmeans_plus_plus(vectors: list[dict[int, float]], k: int, rng: random.Random) -> list[dict[int, float]]:
+    """Seeds spread out in proportion to squared distance from the nearest seed."""
+    centres = [vectors[rng.randrange(len(vectors))]]
+    distance = [max(0.0, 1.0 - similarity(vector, centres[0])) for vector in vectors]
+    while len(centres) < k:
+        weights = [d * d for d in distance]
+        total = sum(weights)
+        if total <= 0:
+            pick = rng.randrange(len(vectors))
+        else:
+            target, running, pick = rng.random() * total, 0.0, len(vectors) - 1
+            for index, weight in enumerate(weights):
+                running += weight
+                if running >= target:
+                    pick = index
+                    break
+        centres.append(vectors[pick])
+        distance = [min(d, max(0.0, 1.0 - similarity(vector, vectors[pick]))) for d, vector in zip(distance, vectors)]
+    return centres
+
+
+def assign(vectors: list[dict[int, float]], centres: list[dict[int, float]]) -> tuple[list[int], float]:
+    labels, score = [], 0.0
+    for vector in vectors:
+        sims = [similarity(vector, centre) for centre in centres]
+        best = max(range(len(centres)), key=sims.__getitem__)
+        labels.append(best)
+        score += sims[best]
+    return labels, score
+
+
+def fill_empty_clusters(vectors: list[dict[int, float]], labels: list[int], centres: list[dict[int, float]]) -> None:
+    """An empty cluster takes the member that fits its own cluster worst."""
+    for cluster in range(len(centres)):
+        if cluster in labels:
+            continue
+        sizes = Counter(labels)
+        movable = [i for i, label in enumerate(labels) if sizes[label] > 1]
+        worst = min(movable, key=lambda i: similarity(vectors[i], centres[labels[i]]))
+        labels[worst] = cluster
+        centres[cluster] = vectors[worst]
+
+
+def kmeans(vectors: list[dict[int, float]], k: int, seed: int, max_rounds: int = 50) -> tuple[list[int], float]:
+    rng = random.Random(seed)
+    centres = kmeans_plus_plus(vectors, k, rng)
+    labels: list[int] = []
+    score = 0.0
+    for _ in range(max_rounds):
+        new_labels, score = assign(vectors, centres)
+        fill_empty_clusters(vectors, new_labels, centres)
+        if new_labels == labels:
+            break
+        labels = new_labels
+        centres = [centroid_of(vectors[i] for i, label in enumerate(labels) if label == cluster) for cluster in range(k)]
+    return labels, score
+
+
+def cluster_participants(corpus: Corpus, k: int, seed: int) -> list[list[int]]:
+    """Segments as lists of participant indexes, largest first; deterministic for a seed."""
+    restarts = 5 if len(corpus.vectors) <= 1000 else 3 if len(corpus.vectors) <= 10000 else 1
+    best_labels, best_score = None, -math.inf
+    for attempt in range(restarts):
+        labels, score = kmeans(corpus.vectors, k, seed + attempt)
+        if score > best_score + 1e-12:
+            best_labels, best_score = labels, score
+    segments = [[i for i, label in enumerate(best_labels) if label == cluster] for cluster in range(k)]
+    return sorted(segments, key=lambda members: (-len(members), members[0]))
+
+
+@dataclass
+class Sentence:
+    participant: str
+    text: str
+    score: float
+
+
+def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, float]) -> list[Sentence]:
+    """The segment's sentences, most central first; exact repeats dropped."""
+    seen, sentences = set(), []
+    for index in members:
+        person = corpus.people[index]
+        for text in person.texts:
+            for sentence in split_sentences(text):
+                key = re.sub(r"\W+", " ", sentence.lower()).strip()
+                if key in seen:
+                    continue
+                seen.add(key)
+                vector = tfidf_vector(term_counts(sentence), corpus.vocabulary, corpus.idf)
+                sentences.append(Sentence(person.id, sentence, similarity(vector, centre)))
+    return sorted(sentences, key=lambda s: (-s.score, s.participant, s.text))
+
+
+def pick_spread(candidates: list[Sentence], count: int) -> list[Sentence]:
+    """The best `count`, one per participant first so a single voice does not dominate."""
+    chosen, voices = [], set()
+    for candidate in candidates:
+        if len(chosen) < count and candidate.participant not in voices:
+            chosen.append(candidate)
+            voices.add(candidate.participant)
+    for candidate in candidates:
+        if len(chosen) < count and candidate not in chosen:
+            chosen.append(candidate)
+    return chosen
+
+
+def categorise(sentences: list[Sentence], length: int) -> dict[str, list[Sentence]]:
+    """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only."""
+    buckets: dict[str, list[Sentence]] = {name: [] for name in CUES}
+    for sentence in sentences:
+        for name, cue in CUES.items():
+            if cue.search(sentence.text):
+                buckets[name].append(sentence)
+                break
+    return {name: pick_spread(found, length) for name, found in buckets.items()}
+
+
+def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[Sentence]:
+    speakable = [s for s in sentences if 6 <= len(s.text.split()) <= 45]
+    first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
+    fresh = [s for s in (first_person or speakable) if s.text not in used]
+    return pick_spread(fresh or first_person or speakable or sentences, count)
+
+
+def distinctive_terms(corpus: Corpus, members: list[int], overall: dict[int, float], count: int) -> list[str]:
+    """Words this segment uses more than the others, for titles and themes."""
+    segment = centroid_of(corpus.vectors[i] for i in members)
+    terms = {index: term for term, index in corpus.vocabulary.items()}
+    scores = sorted(
+        ((segment.get(i, 0.0) - overall.get(i, 0.0), terms[i]) for i in segment if not corpus.is_attribute[i]),
+        key=lambda pair: (-pair[0], pair[1]),
+    )
+    chosen: list[str] = []
+    for _, term in scores:
+        if any(term in other or other in term for other in chosen):
+            continue
+        chosen.append(corpus.display.get(term, term))
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def frequent_words(people: list[Participant], count: int) -> list[str]:
+    """Themes for a segment too small to stand out in the shared vocabulary."""
+    words: Counter[str] = Counter()
+    for person in people:
+        words.update(surface for _, surface in content_words(" ".join(person.texts)))
+    return [word for word, _ in words.most_common(count)]
+
+
+def summarise_attributes(people: list[Participant], total: int) -> JSON:
+    """Most common value of each attribute, or a range for numeric ones, plus the share."""
+    keys = list(dict.fromkeys(key for person in people for key in person.attributes))
+    demographics: JSON = {}
+    for key in keys:
+        values = [person.attributes[key] for person in people if key in person.attributes]
+        if all(is_number(value) for value in values):
+            numbers = sorted(float(value) for value in values)
+            low, high = (f"{n:g}" for n in (numbers[0], numbers[-1]))
+            demographics[f"{key}_range"] = low if low == high else f"{low}-{high}"
+        else:
+            demographics[key] = Counter(values).most_common(1)[0][0]
+    demographics["participants"] = len(people)
+    demographics["share"] = round(len(people) / total, 4)
+    return demographics
+
+
+def persona_name(ids: list[str], taken: set[str]) -> str:
+    start = int(hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(), 16) % len(PERSONA_NAMES)
+    for step in range(len(PERSONA_NAMES)):
+        name = PERSONA_NAMES[(start + step) % len(PERSONA_NAMES)]
+        if name not in taken:
+            return name
+    return f"{PERSONA_NAMES[start]} {len(taken) + 1}"
+
+
+def headline(text: str) -> str:
+    """Capitalise each word without str.title()'s "Shift'S"."""
+    return " ".join(word[:1].upper() + word[1:] for word in text.split())
+
+
+def persona_title(themes: list[str], demographics: JSON, taken: set[str]) -> str:
+    role = demographics.get("role") or demographics.get("occupation") or demographics.get("job_title")
+    for theme in themes:
+        title = f"The {headline(role)} Focused on {headline(theme)}" if role else f"The {headline(theme)}-Focused User"
+        if title not in taken:
+            return title
+    return f"The {headline(themes[0]) if themes else 'Distinct'} Segment {len(taken) + 1}"
+
+
+def persona_summary(demographics: JSON, total: int, themes: list[str], goals: list[Sentence]) -> str:
+    count = demographics["participants"]
+    who = f", most often {demographics['role']}" if "role" in demographics else ""
+    text = f"Stands for {count} of {total} participants ({demographics['share']:.0%}){who}."
+    if themes:
+        text += " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
+    if goals:
+        text += f' A goal in their words: "{goals[0].text}"'
+    return text
+
+
+def build_persona(corpus: Corpus, members: list[int], overall: dict[int, float], config: JSON,
+                  number: int, taken: dict[str, set[str]]) -> tuple[JSON, list[str]]:
+    detail = config.get("detail_level", "standard")
+    people = [corpus.people[i] for i in members]
+    ids = [person.id for person in people]
+    centre = centroid_of(corpus.vectors[i] for i in members)
+    sentences = segment_sentences(corpus, members, centre)
+    lists = categorise(sentences, LIST_LENGTHS[detail])
+    used = {s.text for found in lists.values() for s in found}
+    quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail])
+    theme_count = THEME_COUNTS[config.get("complexity", "moderate")]
+    themes = distinctive_terms(corpus, members, overall, theme_count) or frequent_words(people, theme_count)
+    demographics = summarise_attributes(people, len(corpus.people))
+    name = persona_name(ids, taken["names"])
+    title = persona_title(themes, demographics, taken["titles"])
+    taken["names"].add(name)
+    taken["titles"].add(title)
+    persona_id = f"persona-{number:03d}"
+    warnings = [f"{persona_id}: no sentence in its segment reads as {label.replace('_', ' ')}"
+                for label, found in lists.items() if not found]
+    persona = {
+        "id": persona_id,
+        "name": name,
+        "title": title,
+        "summary": persona_summary(demographics, len(corpus.people), themes, lists["goals"]),
+        "demographics": demographics,
+        "goals": [s.text for s in lists["goals"]],
+        "pain_points": [s.text for s in lists["pain_points"]],
+        "behaviours": [s.text for s in lists["behaviours"]],
+        "quotes": [s.text for s in quotes],
+        "themes": themes,
+        "evidence": {"participants": ids, "share": demographics["share"]},
+    }
+    return persona, warnings
+
+
+def offline_personas(dataset: Dataset, count: int, config: JSON, seed: int = 0) -> tuple[list[JSON], list[str]]:
+    """The offline engine from participants to personas (blocking: run it in a thread)."""
+    people = dataset.participants
+    if len(people) < count:
+        raise GenerationError(
+            f"the data has {len(people)} participant(s), fewer than the {count} personas asked for; "
+            f"ask for at most {len(people)}"
+        )
+    corpus = build_corpus(people)
+    segments = cluster_participants(corpus, count, seed)
+    overall = centroid_of(corpus.vectors)
+    taken: dict[str, set[str]] = {"names": set(), "titles": set()}
+    personas, warnings = [], []
+    for number, members in enumerate(segments, 1):
+        persona, notes = build_persona(corpus, members, overall, config, number, taken)
+        personas.append(persona)
+        warnings.extend(notes)
+    return personas, warnings
+
+
+# ---------------------------------------------------------------------------
+# Generation: one job from request to output folder
+# ---------------------------------------------------------------------------
+
+ProgressReport = Callable[[int, str], Awaitable[None]]
+
+
+def persona_card(persona: JSON) -> str:
+    """A persona as a Markdown card a researcher can read or paste."""
+    details = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in persona["demographics"].items())
+    lines = [f"# {persona['name']}: {persona['title']}", "", persona.get("summary", ""), "", f"**Demographics**: {details}", ""]
+    for key, heading in (("goals", "Goals"), ("pain_points", "Pain points"), ("behaviours", "Behaviours")):
+        lines += [f"## {heading}", ""] + [f"- {item}" for item in persona[key]] + [""]
+    lines += ["## Quotes", ""] + [f"> {quote}" for quote in persona["quotes"]] + [""]
+    evidence = persona["evidence"]
+    lines += ["## Evidence", "", f"Participants ({evidence['share']:.0%}): {', '.join(evidence['participants'])}", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata: JSON) -> str:
+    """Write the job's folder atomically (a rename), so a crash never leaves half of one."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+    folder = output_dir / f"{stamp}_{job_id}"
+    staging = output_dir / f".{stamp}_{job_id}.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "personas.json").write_text(json.dumps({"personas": personas}, indent=2, ensure_ascii=False), "utf-8")
+    (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
+    for persona in personas:
+        (staging / f"{persona['id']}.md").write_text(persona_card(persona), "utf-8")
+    staging.rename(folder)
+    return f"{folder.as_posix()}/"
+
+
+def pick_provider(request: JSON) -> str:
+    return request.get("provider") or os.environ.get("PERSONA_PROVIDER") or "local"
+
+
+def check_provider(request: JSON) -> None:
+    """Refuse at submission a provider that cannot run here, saying what to do."""
+    provider = pick_provider(request)
+    if provider not in PROVIDER_NAMES:
+        raise APIError(422, f"provider {provider!r} is unknown", {"provider": "must be one of: " + ", ".join(PROVIDER_NAMES)})
+    if provider != "local":
+        raise APIError(400, f"provider {provider!r} is not available on this server; use provider 'local'")
+    if request.get("model") not in (None, LOCAL_MODEL):
+        raise APIError(422, f"the local engine has one model, {LOCAL_MODEL!r}", {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
+
+
+async def generate(job_id: str, request: JSON, experiment_id: str, data_dir: Path, output_dir: Path,
+                   report: ProgressReport) -> JSON:
+    """Run one job: load, cluster, build personas, write outputs. Returns the job's result."""
+    started = time.perf_counter()
+    count = request.get("count", 3)
+    config = request.get("config", {})
+    await report(5, "loading data")
+    dataset = await load_data(request["data"], data_dir)
+    loaded = time.perf_counter()
+    await report(30, f"loaded {len(dataset.participants)} participants")
+    personas, warnings = await asyncio.to_thread(offline_personas, dataset, count, config)
+    built = time.perf_counter()
+    await report(85, "personas built")
+    metadata = {
+        "job_id": job_id,
+        "provider": "local",
+        "model": LOCAL_MODEL,
+        "engine": {
+            "name": "tfidf-kmeans",
+            "seed": 0,
+            "count": count,
+            "complexity": config.get("complexity", "moderate"),
+            "detail_level": config.get("detail_level", "standard"),
+        },
+        "source": dataset.source,
+        "experiment_id": experiment_id,
+        "version": __version__,
+        "created_at": utc_now(),
+        "timings": {"load_s": round(loaded - started, 4), "generate_s": round(built - loaded, 4)},
+        "warnings": dataset.warnings + warnings,
+    }
+    output_path = await asyncio.to_thread(write_outputs, output_dir, job_id, personas, metadata)
+    metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
+    await report(95, "outputs written")
+    return {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claimer_is_gone(claimed_by: str, heartbeat_at: float | None, now: float) -> bool:
+    """A job's claimer is gone when its lease lapsed, or, on this host, its process died."""
+    if heartbeat_at is None or now - heartbeat_at > LEASE_S:
+        return True
+    host, _, rest = claimed_by.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
+class JobRunner:
+    """Claims pending jobs from the shared database and runs them in this process."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.wakeup = asyncio.Event()
+        self.loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.loop_task = asyncio.create_task(self._loop(), name="persona-job-runner")
+
+    def alive(self) -> bool:
+        return self.loop_task is not None and not self.loop_task.done()
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def cancel_local(self, job_id: str) -> None:
+        task = self.tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    async def stop(self) -> None:
+        """Stop claiming, and hand running jobs back so a restart picks them up at once."""
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            await asyncio.gather(self.loop_task, return_exceptions=True)
+        running = list(self.tasks)
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for job_id in running:
+            await self.store.write(SQL_RELEASE_JOB, (job_id, self.worker_id))
+
+    async def _loop(self) -> None:
+        last_upkeep = 0.0
+        while True:
+            self.wakeup.clear()
+            try:
+                if time.monotonic() - last_upkeep >= HEARTBEAT_S:
+                    await self._upkeep()
+                    last_upkeep = time.monotonic()
+                await self._claim_available()
+            except Exception:
+                log.exception("job runner: database trouble; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), POLL_S)
+
+    async def _upkeep(self) -> None:
+        now = time.time()
+        await self.store.write(SQL_HEARTBEAT, (now, self.worker_id))
+        for job_id, claimed_by, heartbeat_at in await self.store.read(SQL_RUNNING_JOBS):
+            if claimed_by != self.worker_id and claimer_is_gone(claimed_by, heartbeat_at, now):
+                await self._requeue(job_id, claimed_by)
+        await self.store.purge_expired()
+
+    async def _requeue(self, job_id: str, claimed_by: str) -> None:
+        error = f"interrupted {MAX_ATTEMPTS} times (the server stopped while the job ran); not retried again"
+        params = {"max": MAX_ATTEMPTS, "error": error, "now": utc_now(), "job_id": job_id, "claimed_by": claimed_by}
+        if await self.store.write_count(SQL_REQUEUE_JOB, params):
+            log.warning("job %s was interrupted by a stopped server; requeued", job_id)
+
+    async def _claim_available(self) -> None:
+        while len(self.tasks) < JOBS_PER_PROCESS:
+            rows = await self.store.write(SQL_CLAIM_JOB, {"worker": self.worker_id, "now": utc_now(), "clock": time.time()})
+            if not rows:
+                return
+            job_id, request, experiment_id, attempts = rows[0]
+            task = asyncio.create_task(self._execute(job_id, json.loads(request), experiment_id))
+            self.tasks[job_id] = task
+            task.add_done_callback(lambda _, job_id=job_id: self._finished(job_id))
+
+    def _finished(self, job_id: str) -> None:
+        self.tasks.pop(job_id, None)
+        self.wake()
+
+    async def _report(self, job_id: str, progress: int, stage: str) -> None:
+        changed = await self.store.write_count(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id))
+        if not changed:
+            raise JobCancelled(job_id)
+        log.debug("job %s: %d%% %s", job_id, progress, stage)
+
+    async def _execute(self, job_id: str, request: JSON, experiment_id: str) -> None:
+        async def report(progress: int, stage: str) -> None:
+            await self._report(job_id, progress, stage)
+
+        try:
+            result = await generate(job_id, request, experiment_id, self.settings.data_dir, self.settings.output_dir, report)
+        except JobCancelled:
+            return
+        except GenerationError as exc:
+            await self.store.write(SQL_FAIL_JOB, (str(exc), utc_now(), job_id, self.worker_id))
+            return
+        except Exception:
+            log.exception("job %s failed unexpectedly", job_id)
+            await self.store.write(
+                SQL_FAIL_JOB, ("internal error while generating personas; see the server log", utc_now(), job_id, self.worker_id)
+            )
+            return
+        await self.store.write(SQL_COMPLETE_JOB, (json.dumps(result, ensure_ascii=False), utc_now(), job_id, self.worker_id))
+
+
+# ---------------------------------------------------------------------------
+# HTTP layer: limits and middleware
+# ---------------------------------------------------------------------------
+
+UNLIMITED_PATHS = frozenset({"/api/v1/health"})
+JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
+WEBHOOK_ID = re.compile(r"^webhook-[0-9a-f]{12}$")
+
+
+class MemoryRateLimiter:
+    """Fixed one-minute windows per client, in this process (one worker serves all)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.windows: dict[str, tuple[float, int]] = {}
+
+    async def hit(self, client: str) -> tuple[int, float]:
+        """Count one request; returns (requests in this window, when the window resets)."""
+        now = time.time()
+        start, hits = self.windows.get(client, (now, 0))
+        if start + RATE_WINDOW_S <= now:
+            start, hits = now, 0
+        if len(self.windows) > 10000:
+            self.windows = {key: value for key, value in self.windows.items() if value[0] + RATE_WINDOW_S > now}
+        self.windows[client] = (start, hits + 1)
+        return hits + 1, start + RATE_WINDOW_S
+
+
+class SharedRateLimiter:
+    """The same windows kept in the database, so that several workers share one limit."""
+
+    def __init__(self, limit: int, store: Store) -> None:
+        self.limit = limit
+        self.store = store
+
+    async def hit(self, client: str) -> tuple[int, float]:
+        rows = await self.store.write(SQL_RATE_HIT, {"client": client, "now": time.time(), "window": RATE_WINDOW_S})
+        start, hits = rows[0]
+        return hits, start + RATE_WINDOW_S
+
+
+def client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class RateLimitMiddleware:
+    """Per-IP request limit with the reference's headers; plain ASGI, no per-request task."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limiter = scope["app"].state.limiter if scope["type"] == "http" else None
+        if limiter is None or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        hits, reset = await limiter.hit(client_ip(scope))
+        headers = [
+            (b"x-ratelimit-limit", str(limiter.limit).encode()),
+            (b"x-ratelimit-remaining", str(max(0, limiter.limit - hits)).encode()),
+            (b"x-ratelimit-reset", str(math.ceil(reset)).encode()),
+        ]
+        if hits > limiter.limit:
+            await self._refuse(send, headers, max(1, math.ceil(reset - time.time())))
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _refuse(send: Send, headers: list[tuple[bytes, bytes]], retry_after: int) -> None:
+        body = json_bytes(error_envelope(
+            "rate_limited", f"Rate limit exceeded. Retry after {retry_after} seconds.", {"retry_after": retry_after}
+        ))
+        headers = [*headers, (b"retry-after", str(retry_after).encode()), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------
+# HTTP layer: request helpers
+# ---------------------------------------------------------------------------
+
+
+def state(request: Request) -> Any:
+    return request.app.state
+
+
+async def read_json(request: Request) -> JSON:
+    """The body as a JSON object; refuses oversized bodies before reading them whole."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(400, f"Content-Type must be application/json, got {content_type or 'none'!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise body_too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise body_too_large()
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply to be read") from None
+    except ValueError as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def body_too_large() -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB; send larger data by path or URL",
+        {"max_bytes": MAX_BODY_BYTES},
+    )
+
+
+def authenticate(request: Request) -> str:
+    """Who is asking, for per-key limits: a token's fingerprint, or the client IP with auth off.
+
+    Every configured token is compared, each in constant time, so timing tells nothing.
+    """
+    digests: tuple[bytes, ...] = state(request).token_digests
+    if not digests:
+        return f"ip:{client_ip(request.scope)}"
+    header = request.headers.get("authorization", "")
+    if not header.startswith("Bearer ") or not header[7:]:
+        raise APIError(401, "Authentication required: send 'Authorization: Bearer <token>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    given = hashlib.sha256(header[7:].encode("utf-8", "surrogatepass")).digest()
+    match = None
+    for digest in digests:
+        if hmac.compare_digest(given, digest):
+            match = digest
+    if match is None:
+        raise APIError(401, "Invalid API token", headers={"WWW-Authenticate": "Bearer"})
+    return f"key:{match.hex()[:16]}"
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,9}", raw) or not low <= int(raw) <= high:
+        raise APIError(422, f"Query parameter {name} must be an integer from {low} to {high}",
+                       {name: f"must be an integer from {low} to {high}"})
+    return int(raw)
+
+
+def idempotency_key(request: Request, body: JSON) -> tuple[str, str] | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise APIError(422, "Idempotency-Key must be 1 to 255 printable characters",
+                       {"Idempotency-Key": "must be 1 to 255 printable characters"})
+    return key, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# HTTP layer: handlers
+# ---------------------------------------------------------------------------
+
+
+async def root(request: Request) -> JSONResponse:
+    return JSONResponse({"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"})
+
+
+async def health(request: Request) -> JSONResponse:
+    """Healthy only when the database answers and the job runner lives."""
+    app_state = state(request)
+    reason = None
+    try:
+        await app_state.store.read("SELECT 1")
+    except Exception as exc:
+        reason = f"database unavailable: {type(exc).__name__}"
+    if reason is None and not app_state.runner.alive():
+        reason = "job runner stopped"
+    body = {"status": "healthy" if reason is None else "unhealthy", "version": __version__, "timestamp": utc_now()}
+    if reason is None:
+        return JSONResponse(body)
+    return JSONResponse({**body, "reason": reason, **error_envelope("internal_error", reason)}, status_code=503)
+
+
+async def create_generation(request: Request) -> JSONResponse:
+    app_state = state(request)
+    owner = authenticate(request)
+    body = await read_json(request)
+    job_request = validated(body, GENERATE_SCHEMA)
+    if "config" in job_request:
+        job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
+    check_provider(job_request)
+    check_data_source(job_request["data"], app_state.settings.data_dir)
+    job_id, replayed = await app_state.store.create_job(
+        owner, job_request, app_state.settings.max_concurrent_jobs, idempotency_key(request, body)
+    )
+    app_state.runner.wake()
+    status = "pending"
+    if replayed:
+        job = await app_state.store.get_job(job_id)
+        status = job["status"] if job else status
+    return JSONResponse(
+        {"job_id": job_id, "status": status, "message": "Generation job created successfully",
+         "status_url": f"/api/v1/generate/{job_id}"},
+        headers={"Idempotent-Replayed": "true"} if replayed else None,
+    )
+
+
+async def find_job(request: Request) -> JSON:
+    job_id = request.path_params["job_id"]
+    job = await state(request).store.get_job(job_id) if JOB_ID.match(job_id) else None
+    if job is None:
+        raise APIError(404, f"Job {job_id} not found")
+    return job
+
+
+async def get_generation(request: Request) -> JSONResponse:
+    return JSONResponse(await find_job(request))
+
+
+async def cancel_generation(request: Request) -> JSONResponse:
+    authenticate(request)
+    job = await find_job(request)
+    if not await state(request).store.cancel_job(job["job_id"]):
+        job = await find_job(request)
+        raise APIError(409, f"Job {job['job_id']} is already {job['status']}; only pending or running jobs can be cancelled",
+                       {"status": job["status"]})
+    state(request).runner.cancel_local(job["job_id"])
+    return JSONResponse(await find_job(request))
+
+
+async def list_generations(request: Request) -> JSONResponse:
+    status = request.query_params.get("status")
+    if status is not None and status not in JOB_STATUSES:
+        raise APIError(422, f"Query parameter status must be one of: {', '.join(JOB_STATUSES)}",
+                       {"status": "must be one of: " + ", ".join(JOB_STATUSES)})
+    limit = query_int(request, "limit", 100, 1, 1000)
+    offset = query_int(request, "offset", 0, 0, 10**9)
+    jobs, total = await state(request).store.list_jobs(status, limit, offset)
+    headers = {"X-Total-Count": str(total)}
+    if offset + len(jobs) < total:
+        query = {"status": status} if status else {}
+        query.update(limit=limit, offset=offset + limit)
+        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+    return JSONResponse(jobs, headers=headers)
+
+
+async def create_webhook(request: Request) -> JSONResponse:
+    authenticate(request)
+    body = validated(await read_json(request), WEBHOOK_SCHEMA)
+    webhook = await state(request).store.create_webhook(body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"))
+    return JSONResponse(webhook)
+
+
+async def find_webhook(request: Request) -> JSON:
+    webhook_id = request.path_params["webhook_id"]
+    webhook = await state(request).store.get_webhook(webhook_id) if WEBHOOK_ID.match(webhook_id) else None
+    if webhook is None:
+        raise APIError(404, f"Webhook {webhook_id} not found")
+    return webhook
+
+
+async def get_webhook(request: Request) -> JSONResponse:
+    return JSONResponse(await find_webhook(request))
+
+
+async def delete_webhook(request: Request) -> JSONResponse:
+    authenticate(request)
+    webhook = await find_webhook(request)
+    await state(request).store.delete_webhook(webhook["webhook_id"])
+    return JSONResponse({"success": True, "message": f"Webhook {webhook['webhook_id']} deleted successfully"})
+
+
+async def list_webhooks(request: Request) -> JSONResponse:
+    return JSONResponse(await state(request).store.list_webhooks())
+
+
+# ---------------------------------------------------------------------------
+# HTTP layer: errors, routes, app
+# ---------------------------------------------------------------------------
+
+
+async def api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(error_envelope(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own 404 and 405, in the reference's envelope."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"No endpoint at {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', '')}"
+    else:
+        message = str(exc.detail)
+    code = ERROR_CODES.get(exc.status_code, "invalid_input")
+    return JSONResponse(error_envelope(code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    """Last resort: a 500 without a traceback; the server still logs the error."""
+    if isinstance(exc, aiosqlite.OperationalError) or isinstance(exc, OSError):
+        message = f"The server cannot use its database or files right now ({type(exc).__name__}); try again shortly"
+        return JSONResponse(error_envelope("internal_error", message), status_code=503)
+    return JSONResponse(error_envelope("internal_error", "Internal server error; see the server log"), status_code=500)
+
+
+def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """One route per path serving several methods, so a 405 lists every allowed one."""
+
+    async def dispatch(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return dispatch
+
+
+ROUTES = [
+    Route("/", root, methods=["GET"]),
+    Route("/api/v1/health", health, methods=["GET"]),
+    Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
+    Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
+    Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
+    Route("/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]),
+]
+
+
+def describe_startup(settings: Settings) -> str:
+    auth = f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})" if settings.auth_tokens else "off"
+    return (
+        f"Persona {__version__} listening on http://{settings.host}:{settings.port}; database {settings.db.resolve()}; "
+        f"data dir {settings.data_dir.resolve()}; output dir {settings.output_dir.resolve()}; auth {auth}; "
+        f"rate limit {settings.rate_limit or 'off'}/min"
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The ASGI app; `uvicorn persona:create_app --factory` builds it from PERSONA_* variables."""
+    settings = settings or load_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = Store(settings.db)
+        await store.open()
+        app.state.store = store
+        if settings.rate_limit:
+            app.state.limiter = (
+                SharedRateLimiter(settings.rate_limit, store) if settings.workers > 1 else MemoryRateLimiter(settings.rate_limit)
+            )
+        app.state.runner = JobRunner(store, settings)
+        app.state.runner.start()
+        log.info(describe_startup(settings))
+        try:
+            yield
+        finally:
+            await app.state.runner.stop()
+            await store.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        middleware=[Middleware(RateLimitMiddleware)],
+        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.limiter = None
+    app.state.token_digests = tuple(hashlib.sha256(token.encode()).digest() for token in settings.auth_tokens)
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+SERVE_OPTIONS = (
+    # (flags, setting, help)
+    (("--host", "-h"), "host", "address to listen on (default 127.0.0.1)"),
+    (("--port", "-p"), "port", "port to listen on (default 8000)"),
+    (("--workers", "-w"), "workers", "worker processes (default 1)"),
+    (("--auth-token",), "auth_tokens", "API token for write endpoints; a comma-separated list gives several"),
+    (("--log-level",), "log_level", "logging level: " + ", ".join(LOG_LEVELS) + " (default info)"),
+    (("--db",), "db", "SQLite database file (default persona.db)"),
+    (("--data-dir",), "data_dir", "where data paths are resolved; nothing outside it is read (default .)"),
+    (("--output-dir",), "output_dir", "where each job writes its folder (default ./output)"),
+    (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default 100)"),
+    (("--max-concurrent-jobs",), "max_concurrent_jobs", "pending plus running jobs per API key (default 10)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona", description="User personas grounded in qualitative research.")
+    parser.add_argument("--version", action="version", version=f"persona {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", add_help=False, help="run the REST API server",
+                                description="Run the REST API server. Every option also reads a PERSONA_* variable.")
+    serve.add_argument("--help", action="help", help="show this help and exit")
+    for flags, name, text in SERVE_OPTIONS:
+        serve.add_argument(*flags, dest=name, default=None, metavar="VALUE",
+                           help=f"{text} [env {ENV_VARS[name]}]")
+    serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
+
+    generate_cmd = commands.add_parser("generate", help="generate personas from a data file or folder, without a server")
+    generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
+    generate_cmd.add_argument("--count", "-n", type=int, default=3, help="number of personas, 1 to 20 (default 3)")
+    generate_cmd.add_argument("--provider", default=None, help="persona engine (default local)")
+    generate_cmd.add_argument("--model", default=None, help="model identifier")
+    generate_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                              help="generation setting such as detail_level=detailed; repeatable")
+    generate_cmd.add_argument("--output-dir", default="output", help="where the output folder goes (default ./output)")
+    generate_cmd.add_argument("--json", action="store_true", help="print the job result as JSON on stdout")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    numeric = 5 if level == "trace" else getattr(logging, level.upper())
+    logging.basicConfig(level=numeric, format="%(levelname)s:     %(message)s")
+    log.setLevel(numeric)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    overrides = {name: getattr(args, name) for _, name, _ in SERVE_OPTIONS}
+    settings = load_settings(overrides)
+    configure_logging(settings.log_level)
+    if settings.workers > 1 or args.reload:
+        # Worker processes import the app afresh; the variables carry every option to them.
+        os.environ.update(settings_to_env(settings))
+        target: Any = "persona:create_app"
+    else:
+        target = create_app(settings)
+    uvicorn.run(
+        target,
+        factory=isinstance(target, str),
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers if not args.reload else None,
+        reload=args.reload,
+        log_level=settings.log_level,
+        proxy_headers=False,
+        server_header=False,
+    )
+    return 0
+
+
+def parse_config_pairs(pairs: list[str]) -> JSON:
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config takes KEY=VALUE, got {pair!r}")
+        config[key.strip()] = value.strip()
+    return config
+
+
+def print_summary(result: JSON) -> None:
+    for persona in result["personas"]:
+        share = persona.get("evidence", {}).get("share")
+        print(f"{persona['name']}: {persona['title']}" + (f" ({share:.0%} of participants)" if share is not None else ""))
+        for label, key in (("goal", "goals"), ("pain point", "pain_points")):
+            for item in persona[key][:2]:
+                print(f"  {label}: {item}")
+        if persona["quotes"]:
+            print(f'  quote: "{persona["quotes"][0]}"')
+        print()
+    print(f"Output: {result['output_path']}")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    body: JSON = {"data": args.data, "count": args.count, "provider": args.provider, "model": args.model}
+    if args.config:
+        body["config"] = parse_config_pairs(args.config)
+    path = Path(args.data).resolve()
+    try:
+        request = validated(body, GENERATE_SCHEMA)
+        check_provider(request)
+        request["data"] = path.name if path.is_file() else "."
+        data_dir = path.parent if path.is_file() else path
+        check_data_source(request["data"], data_dir)
+    except APIError as exc:
+        print(f"persona: {exc.message}", file=sys.stderr)
+        return 2
+
+    async def report(progress: int, stage: str) -> None:
+        print(f"[{progress:3d}%] {stage}", file=sys.stderr)
+
+    try:
+        result = asyncio.run(generate(new_id("job"), request, new_id("exp"), data_dir, Path(args.output_dir), report))
+    except GenerationError as exc:
+        print(f"persona: generation failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print_summary(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_server(args)
+        return run_generate(args)
+    except ConfigError as exc:
+        print(f"persona: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

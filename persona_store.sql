@@ -1,0 +1,55 @@
+-- Persona's SQLite schema. persona.py carries this same text and applies it;
+-- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
+-- text; times used only for arithmetic (leases, windows) are epoch seconds.
+
+CREATE TABLE IF NOT EXISTS jobs (
+    seq           INTEGER PRIMARY KEY,
+    job_id        TEXT NOT NULL UNIQUE,
+    owner         TEXT NOT NULL,
+    status        TEXT NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'running', 'completed', 'failed')),
+    progress      INTEGER NOT NULL DEFAULT 0,
+    request       TEXT NOT NULL,
+    experiment_id TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    started_at    TEXT,
+    completed_at  TEXT,
+    error         TEXT,
+    result        TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    claimed_by    TEXT,
+    heartbeat_at  REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_active_by_owner ON jobs (owner)
+    WHERE status IN ('pending', 'running');
+
+CREATE TABLE IF NOT EXISTS experiments (
+    name          TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL UNIQUE,
+    created_at    TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    body_hash  TEXT NOT NULL,
+    job_id     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    seq        INTEGER PRIMARY KEY,
+    webhook_id TEXT NOT NULL UNIQUE,
+    url        TEXT NOT NULL,
+    events     TEXT NOT NULL,
+    secret     TEXT,
+    created_at TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS rate_limits (
+    client       TEXT PRIMARY KEY,
+    window_start REAL NOT NULL,
+    hits         INTEGER NOT NULL
+);

@@ -1,0 +1,189 @@
+"""Shared fixtures: real server processes on loopback, temporary directories, data servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TERMINAL = ("completed", "failed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until `condition()` is truthy and return its value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Server:
+    """`python -m persona serve` as a child process on a free loopback port."""
+
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        self.env = env
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Server:
+        command = [sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        wait_for(self._healthy, timeout, what=f"server on port {self.port} to answer health")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown code runs, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> Server:
+        """A new process on the same port, database and directories."""
+        self.stop()
+        return self.start()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A working directory whose data folder holds the bundled examples."""
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    return tmp_path
+
+
+@pytest.fixture
+def start_server(workdir: Path) -> Iterator[Callable[..., Server]]:
+    """Start servers with a temporary database, data and output directory; all stop at teardown."""
+    servers: list[Server] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, db: str = "persona.db") -> Server:
+        base = ["--db", str(workdir / db), "--data-dir", str(workdir / "data"), "--output-dir", str(workdir / "output")]
+        server = Server(workdir, [*base, *args], env or {})
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    return start_server("--rate-limit", "0")
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def wait_job(http: httpx.Client, job_id: str, timeout: float = 30.0, until: tuple[str, ...] = TERMINAL) -> dict[str, Any]:
+    def status() -> dict[str, Any] | None:
+        job = http.get(f"/api/v1/generate/{job_id}").json()
+        return job if job["status"] in until else None
+
+    return wait_for(status, timeout, interval=0.05, what=f"job {job_id} to reach {until}")
+
+
+def submit(http: httpx.Client, **body: Any) -> str:
+    response = http.post("/api/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["job_id"]
+
+
+class GatedDataServer:
+    """An HTTP data source on loopback that holds every answer until it is opened.
+
+    A job reading from it stays `running` for as long as the test needs, with no
+    sleeps: the test opens the gate when it wants the job to go on.
+    """
+
+    def __init__(self, body: bytes, content_type: str = "text/csv") -> None:
+        self.gate = threading.Event()
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                outer.requests += 1
+                outer.gate.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/interviews.csv"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def gated_data() -> Iterator[GatedDataServer]:
+    server = GatedDataServer((EXAMPLES / "interviews.csv").read_bytes())
+    yield server
+    server.close()
