@@ -532,8 +532,12 @@ class Store:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = await self._connect()
-        await self.writer.execute("PRAGMA journal_mode = WAL")
-        await self._apply_schema()
+        try:
+            await self.writer.execute("PRAGMA journal_mode = WAL")
+            await self._apply_schema()
+        except BaseException:
+            await self.writer.close()
+            raise
         self.reader = await self._connect()
 
     async def _connect(self) -> aiosqlite.Connection:

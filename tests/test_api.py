@@ -524,3 +524,53 @@ def test_the_output_folder_holds_json_metadata_and_a_card_per_persona(client: ht
     assert re.match(r"^\d{8}_\d{6}_job-[0-9a-f]{12}$", folder.name)
     assert {p.name for p in folder.iterdir()} == {"personas.json", "metadata.json", "persona-001.md",
                                                   "persona-002.md", "persona-003.md"}
+
+
+# -- failures inside the server ------------------------------------------------------
+
+
+@pytest.fixture
+def app_client(tmp_path: Path):
+    """The app in process, for failures no outside request can cause."""
+    from starlette.testclient import TestClient
+
+    import persona
+
+    settings = persona.Settings(db=tmp_path / "p.db", data_dir=tmp_path, output_dir=tmp_path / "out", rate_limit=0)
+    with TestClient(persona.create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def test_an_unexpected_error_is_a_500_envelope_without_a_traceback(app_client, monkeypatch) -> None:
+    async def explode() -> list:
+        raise RuntimeError("secret internals at line 42")
+
+    monkeypatch.setattr(app_client.app.state.store, "list_webhooks", explode)
+    response = app_client.get("/api/v1/webhooks")
+    body = assert_envelope(response, 500, "internal_error")
+    assert "secret internals" not in response.text and "Traceback" not in response.text
+    assert body["message"]
+
+
+def test_health_is_503_with_a_reason_when_the_job_runner_stopped(app_client) -> None:
+    import asyncio
+
+    runner = app_client.app.state.runner
+
+    async def stop_runner() -> None:
+        runner.loop_task.cancel()
+        await asyncio.gather(runner.loop_task, return_exceptions=True)
+
+    app_client.portal.call(stop_runner)
+    response = app_client.get("/api/v1/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy" and "job runner" in body["reason"]
+
+
+def test_health_is_503_with_a_reason_when_the_database_cannot_answer(app_client) -> None:
+    store = app_client.app.state.store
+    app_client.portal.call(store.reader.close)
+    response = app_client.get("/api/v1/health")
+    assert response.status_code == 503
+    assert "database" in response.json()["reason"]

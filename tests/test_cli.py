@@ -1,0 +1,143 @@
+"""The command line: `persona serve` options and variables, `persona generate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, Server, free_port, wait_for
+
+import persona
+
+
+def run_persona(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "persona", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_serve_help_works_although_h_means_host() -> None:
+    result = run_persona("serve", "--help")
+    assert result.returncode == 0
+    for flag in ("--host", "-h", "--port", "-p", "--workers", "-w", "--reload", "--auth-token", "--log-level",
+                 "--db", "--data-dir", "--output-dir", "--rate-limit", "--max-concurrent-jobs"):
+        assert flag in result.stdout
+
+
+def test_short_options_set_host_and_port(start_server) -> None:
+    server = start_server("-h", "127.0.0.1", "-w", "1")
+    assert httpx.get(f"http://127.0.0.1:{server.port}/api/v1/health").status_code == 200
+    assert f"http://127.0.0.1:{server.port}" in server.log()
+
+
+def test_settings_come_from_options_then_variables_then_defaults() -> None:
+    env = {"PERSONA_RATE_LIMIT": "7", "PERSONA_DB": "/tmp/x.db", "PERSONA_API_AUTH_TOKEN": "a, b,,c"}
+    settings = persona.load_settings({"rate_limit": "9", "port": None}, env)
+    assert settings.rate_limit == 9
+    assert settings.db == Path("/tmp/x.db")
+    assert settings.auth_tokens == ("a", "b", "c")
+    assert settings.port == 8000 and settings.max_concurrent_jobs == 10 and settings.host == "127.0.0.1"
+
+
+def test_settings_survive_the_trip_through_variables_to_a_worker() -> None:
+    settings = persona.load_settings({"port": "9001", "auth_tokens": "x,y", "workers": "3"}, {})
+    assert persona.load_settings({}, persona.settings_to_env(settings)) == settings
+
+
+@pytest.mark.parametrize(("args", "fragment"), [(["--port", "http"], "--port"), (["--rate-limit", "-5"], "--rate-limit"),
+                                                 (["--log-level", "loud"], "--log-level")])
+def test_a_bad_option_exits_2_with_a_message_naming_it(args: list[str], fragment: str) -> None:
+    result = run_persona("serve", *args)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+
+
+def test_a_variable_configures_the_server_when_no_option_is_given(start_server) -> None:
+    server = start_server(env={"PERSONA_RATE_LIMIT": "3"})
+    with server.client() as http:
+        assert http.get("/").headers["X-RateLimit-Limit"] == "3"
+
+
+def test_an_explicit_option_wins_over_its_variable(start_server) -> None:
+    server = start_server("--rate-limit", "4", env={"PERSONA_RATE_LIMIT": "3"})
+    with server.client() as http:
+        assert http.get("/").headers["X-RateLimit-Limit"] == "4"
+
+
+def test_startup_logs_address_database_directories_and_auth_but_no_token(start_server, workdir: Path) -> None:
+    server = start_server("--auth-token", "hunter2-very-secret")
+    log = server.log()
+    line = next(line for line in log.splitlines() if "listening on" in line)
+    assert f"127.0.0.1:{server.port}" in line
+    assert str(workdir / "persona.db") in line and str(workdir / "data") in line and str(workdir / "output") in line
+    assert "auth on" in line
+    assert "hunter2" not in log
+
+
+def test_uvicorn_can_build_the_app_from_the_factory_and_variables(workdir: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PERSONA_DB": str(workdir / "f.db"),
+           "PERSONA_DATA_DIR": str(workdir / "data"), "PERSONA_RATE_LIMIT": "6"}
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "persona:create_app", "--factory", "--port", str(port)],
+                               cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def answered() -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/")
+            except httpx.HTTPError:
+                return None
+
+        response = wait_for(answered, what="uvicorn to serve the factory app")
+        assert response.headers["X-RateLimit-Limit"] == "6"
+        assert (workdir / "f.db").exists()
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_every_option_reaches_every_worker(start_server) -> None:
+    server: Server = start_server("--workers", "2", "--rate-limit", "1000", "--auth-token", "wtoken")
+    with server.client() as anonymous, server.client("wtoken") as authorised:
+        for _ in range(10):
+            response = anonymous.post("/api/v1/webhooks", json={"url": "https://example.com/h"})
+            assert response.status_code == 401
+            assert response.headers["X-RateLimit-Limit"] == "1000"
+        assert authorised.post("/api/v1/webhooks", json={"url": "https://example.com/h"}).status_code == 200
+
+
+def test_version_prints_the_version() -> None:
+    result = run_persona("--version")
+    assert result.stdout.strip() == f"persona {persona.__version__}"
+
+
+def test_generate_prints_each_persona_and_the_output_folder(tmp_path: Path) -> None:
+    result = run_persona("generate", str(ROOT / "examples" / "interviews.csv"), "--count", "4",
+                         "--output-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("quote:") == 4
+    assert f"Output: {tmp_path}" in result.stdout
+    assert "loading data" in result.stderr
+
+
+def test_generate_json_prints_the_job_result(tmp_path: Path) -> None:
+    result = run_persona("generate", str(ROOT / "examples" / "transcripts"), "-n", "3", "--json",
+                         "--config", "detail_level=minimal", "--output-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert len(body["personas"]) == 3
+    assert Path(body["output_path"]).is_dir()
+
+
+def test_generate_exits_1_when_generation_fails_and_2_on_bad_usage(tmp_path: Path) -> None:
+    (tmp_path / "two.csv").write_text("id,response\n1,I want offline maps for my delivery rounds.\n2,I need faster payslips.\n")
+    failed = run_persona("generate", str(tmp_path / "two.csv"), "--count", "3", cwd=tmp_path)
+    assert failed.returncode == 1
+    reason = failed.stderr.strip().splitlines()[-1]
+    assert reason.startswith("persona: generation failed:") and "2 participant" in reason
+    assert run_persona("generate", str(tmp_path / "missing.csv"), cwd=tmp_path).returncode == 2
+    assert run_persona("generate", str(tmp_path / "two.csv"), "--count", "30", cwd=tmp_path).returncode == 2
+    assert run_persona("generate", str(tmp_path / "two.csv"), "--config", "colour=red", cwd=tmp_path).returncode == 2

@@ -1,0 +1,120 @@
+"""The offline engine: personas grounded in the data, distinct, and the same every time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import persona
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+# The four groups the example interviews were written around.
+GROUPS = {f"P{i:02d}": group for group, ids in
+          (("nurses", range(1, 5)), ("managers", range(5, 9)), ("drivers", range(9, 13)), ("payroll", range(13, 17)))
+          for i in ids}
+
+
+def personas_for(data: str, count: int, config: dict | None = None) -> tuple[list[dict], persona.Dataset]:
+    dataset = persona.load_path(data, EXAMPLES)
+    personas, _ = persona.offline_personas(dataset, count, config or {})
+    return personas, dataset
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+@pytest.mark.parametrize(("data", "count"), [("interviews.csv", 4), ("survey.json", 3), ("transcripts", 3)])
+def test_every_sentence_in_a_persona_is_verbatim_from_its_own_participants(data: str, count: int) -> None:
+    personas, dataset = personas_for(data, count)
+    said = {p.id: squash(" ".join(p.texts)) for p in dataset.participants}
+    for item in personas:
+        own = " ".join(said[pid] for pid in item["evidence"]["participants"])
+        for key in ("goals", "pain_points", "behaviours", "quotes"):
+            for sentence in item[key]:
+                assert squash(sentence) in own, (item["id"], key, sentence)
+        assert item["quotes"], item["id"]
+
+
+@pytest.mark.parametrize(("data", "count"), [("interviews.csv", 4), ("interviews.csv", 5), ("survey.json", 3)])
+def test_evidence_partitions_the_participants_and_shares_add_up(data: str, count: int) -> None:
+    personas, dataset = personas_for(data, count)
+    ids = [pid for item in personas for pid in item["evidence"]["participants"]]
+    assert sorted(ids) == sorted(p.id for p in dataset.participants)
+    assert abs(sum(item["evidence"]["share"] for item in personas) - 1) < 0.01
+    assert [item["id"] for item in personas] == [f"persona-{n:03d}" for n in range(1, count + 1)]
+
+
+def test_names_and_titles_are_distinct_within_a_result() -> None:
+    personas, _ = personas_for("interviews.csv", 5)
+    assert len({item["name"] for item in personas}) == 5
+    assert len({item["title"] for item in personas}) == 5
+    assert all(item["title"].startswith("The ") for item in personas)
+
+
+def test_the_four_groups_in_the_example_interviews_are_found() -> None:
+    personas, _ = personas_for("interviews.csv", 4)
+    majority = sum(Counter(GROUPS[pid] for pid in item["evidence"]["participants"]).most_common(1)[0][1]
+                   for item in personas)
+    assert majority / len(GROUPS) >= 0.85
+    assert {Counter(GROUPS[pid] for pid in item["evidence"]["participants"]).most_common(1)[0][0]
+            for item in personas} == set(GROUPS.values())
+
+
+def test_demographics_summarise_roles_ranges_and_share() -> None:
+    personas, _ = personas_for("interviews.csv", 4)
+    for item in personas:
+        demographics = item["demographics"]
+        assert demographics["role"]
+        assert re.match(r"^\d+(-\d+)?$", demographics["age_range"])
+        assert demographics["participants"] == len(item["evidence"]["participants"])
+        assert demographics["share"] == item["evidence"]["share"]
+
+
+def test_the_same_data_count_and_config_give_the_same_personas() -> None:
+    first, _ = personas_for("interviews.csv", 4, {"detail_level": "detailed"})
+    second, _ = personas_for("interviews.csv", 4, {"detail_level": "detailed"})
+    assert first == second
+
+
+def test_detail_level_and_complexity_change_how_much_each_persona_says() -> None:
+    minimal, _ = personas_for("interviews.csv", 4, {"detail_level": "minimal", "complexity": "simple"})
+    detailed, _ = personas_for("interviews.csv", 4, {"detail_level": "detailed", "complexity": "complex"})
+    assert max(len(p["quotes"]) for p in minimal) == 1
+    assert max(len(p["quotes"]) for p in detailed) > 1
+    assert max(len(p["themes"]) for p in minimal) <= 2 < max(len(p["themes"]) for p in detailed)
+
+
+def test_asking_for_more_personas_than_participants_fails_saying_how_many() -> None:
+    dataset = persona.load_path("interviews.csv", EXAMPLES)
+    with pytest.raises(persona.GenerationError, match="16 participant"):
+        persona.offline_personas(dataset, 17, {})
+
+
+def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path) -> None:
+    stages: list[tuple[int, str]] = []
+
+    async def report(progress: int, stage: str) -> None:
+        stages.append((progress, stage))
+
+    request = {"data": "interviews.csv", "count": 3, "config": {"experiment": "pilot"}}
+    result = asyncio.run(persona.generate("job-0123456789ab", request, "exp-0123456789ab", EXAMPLES, tmp_path, report))
+    folder = Path(result["output_path"])
+    assert re.match(r"^\d{8}_\d{6}_job-0123456789ab$", folder.name)
+    assert json.loads((folder / "personas.json").read_text())["personas"] == result["personas"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["provider"] == "local" and metadata["source"]["participants"] == 16
+    assert len(metadata["source"]["sha256"]) == 64
+    assert {"load_s", "generate_s"} <= set(metadata["timings"])
+    cards = sorted(folder.glob("persona-*.md"))
+    assert len(cards) == 3
+    assert result["personas"][0]["name"] in cards[0].read_text()
+    progress = [p for p, _ in stages]
+    assert progress == sorted(progress) and progress[0] < progress[-1]
+    assert not list(tmp_path.glob(".*partial"))
