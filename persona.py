@@ -12,11 +12,13 @@ __version__ = "1.9.6"
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import csv
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -58,6 +60,9 @@ MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
 LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
 HEARTBEAT_S = 5.0  # how often a process renews the lease on its jobs
 POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
+MAX_WEBHOOKS = 1000  # registered webhooks; each finished job fans out to all of them
+DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
+DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
 LOCAL_MODEL = "persona-offline-1"  # the offline engine's name as a model
 
 
@@ -82,6 +87,17 @@ class Settings:
     output_dir: Path = Path("output")
     rate_limit: int = 100
     max_concurrent_jobs: int = 10
+    allow_private_urls: bool | None = None  # None: allowed when listening on loopback
+    webhook_secret: str | None = None
+    webhook_retry_schedule: tuple[float, ...] = (5, 60, 300, 1800, 7200, 21600, 43200)
+    webhook_timeout: float = 10.0
+
+    @property
+    def private_urls_allowed(self) -> bool:
+        """On a laptop (loopback) webhooks to localhost are the point; elsewhere they are a risk."""
+        if self.allow_private_urls is not None:
+            return self.allow_private_urls
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 # Every setting has a variable, so that worker processes started by uvicorn see
@@ -97,6 +113,10 @@ ENV_VARS = {
     "output_dir": "PERSONA_OUTPUT_DIR",
     "rate_limit": "PERSONA_RATE_LIMIT",
     "max_concurrent_jobs": "PERSONA_MAX_CONCURRENT_JOBS",
+    "allow_private_urls": "PERSONA_ALLOW_PRIVATE_URLS",
+    "webhook_secret": "PERSONA_WEBHOOK_SECRET",
+    "webhook_retry_schedule": "PERSONA_WEBHOOK_RETRY_SCHEDULE",
+    "webhook_timeout": "PERSONA_WEBHOOK_TIMEOUT",
 }
 INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6)}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -116,6 +136,17 @@ def parse_setting(name: str, raw: str) -> Any:
         return value
     if name == "auth_tokens":
         return tuple(token.strip() for token in raw.split(",") if token.strip())
+    if name == "allow_private_urls":
+        return parse_switch(label, raw)
+    if name == "webhook_retry_schedule":
+        return tuple(parse_seconds(label, part) for part in raw.split(",") if part.strip())
+    if name == "webhook_timeout":
+        value = parse_seconds(label, raw)
+        if not 0 < value <= 300:
+            raise ConfigError(f"{label} must be more than 0 and at most 300 seconds, got {raw!r}")
+        return value
+    if name == "webhook_secret":
+        return raw or None
     if name in ("db", "data_dir", "output_dir"):
         return Path(raw).expanduser()
     if name == "log_level":
@@ -123,6 +154,27 @@ def parse_setting(name: str, raw: str) -> Any:
             raise ConfigError(f"{label} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
         return raw.lower()
     return raw
+
+
+def parse_switch(label: str, raw: str) -> bool | None:
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    if word in ("", "auto"):
+        return None
+    raise ConfigError(f"{label} must be 1 or 0 (true or false), got {raw!r}")
+
+
+def parse_seconds(label: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{label} takes seconds as numbers, got {raw!r}") from None
+    if not 0 <= value < math.inf:
+        raise ConfigError(f"{label} takes seconds from 0 up, got {raw!r}")
+    return value
 
 
 def load_settings(overrides: Mapping[str, str | None] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -144,7 +196,12 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     env = {}
     for spec in fields(Settings):
         value = getattr(settings, spec.name)
-        env[ENV_VARS[spec.name]] = ",".join(value) if spec.name == "auth_tokens" else str(value)
+        if isinstance(value, tuple):
+            env[ENV_VARS[spec.name]] = ",".join(map(str, value))
+        elif value is None:
+            env[ENV_VARS[spec.name]] = ""
+        else:
+            env[ENV_VARS[spec.name]] = str(int(value) if isinstance(value, bool) else value)
     return env
 
 
@@ -388,7 +445,7 @@ def validated(body: JSON, schema: JSON) -> JSON:
 # Store
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # every step so far only adds tables, so the whole script upgrades
 SCHEMA = """\
 -- Persona's SQLite schema. persona.py carries this same text and applies it;
 -- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
@@ -445,6 +502,35 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     window_start REAL NOT NULL,
     hits         INTEGER NOT NULL
 );
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             INTEGER PRIMARY KEY,
+    delivery_id     TEXT NOT NULL UNIQUE,
+    webhook_id      TEXT,
+    job_id          TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    secret          TEXT,
+    payload         TEXT NOT NULL,
+    status          TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'delivering', 'delivered', 'failed', 'cancelled')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    claimed_by      TEXT,
+    claimed_at      REAL,
+    created_at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, seq);
+
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    delivery_id  TEXT NOT NULL,
+    attempted_at TEXT NOT NULL,
+    http_status  INTEGER,
+    error        TEXT,
+    duration_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
 """
 
 JOB_COLUMNS = "job_id, status, progress, created_at, started_at, completed_at, error"
@@ -476,13 +562,16 @@ UPDATE jobs SET progress = MAX(progress, ?), heartbeat_at = ?
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
 SQL_COMPLETE_JOB = """
 UPDATE jobs SET status = 'completed', progress = 100, result = ?, completed_at = ?, claimed_by = NULL
-WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'
+RETURNING job_id"""
 SQL_FAIL_JOB = """
 UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, claimed_by = NULL
-WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'
+RETURNING job_id"""
 SQL_CANCEL_JOB = """
 UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = ?, claimed_by = NULL
-WHERE job_id = ? AND status IN ('pending', 'running')"""
+WHERE job_id = ? AND status IN ('pending', 'running')
+RETURNING job_id"""
 SQL_HEARTBEAT = "UPDATE jobs SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'running'"
 SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, heartbeat_at FROM jobs WHERE status = 'running'"
 SQL_REQUEUE_JOB = """
@@ -490,14 +579,55 @@ UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending'
                 error = CASE WHEN attempts >= :max THEN :error END,
                 completed_at = CASE WHEN attempts >= :max THEN :now END,
                 claimed_by = NULL
-WHERE job_id = :job_id AND claimed_by = :claimed_by AND status = 'running'"""
+WHERE job_id = :job_id AND claimed_by = :claimed_by AND status = 'running'
+RETURNING status"""
 SQL_RELEASE_JOB = """
 UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = attempts - 1
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
 SQL_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES (?, ?, ?, ?, ?)"
 SQL_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = ?"
 SQL_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
-SQL_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = ?"
+SQL_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = ? RETURNING webhook_id"
+SQL_COUNT_WEBHOOKS = "SELECT COUNT(*) FROM webhooks"
+SQL_CANCEL_WEBHOOK_DELIVERIES = """
+UPDATE deliveries SET status = 'cancelled', claimed_by = NULL
+WHERE webhook_id = ? AND status IN ('pending', 'delivering')"""
+# The outbox: deliveries are written in the transaction that finishes the job.
+SQL_ENQUEUE_WEBHOOKS = """
+INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
+SELECT 'delivery-' || lower(hex(randomblob(6))), webhook_id, :job_id, :event, url, secret, :payload, :clock, :now
+FROM webhooks WHERE EXISTS (SELECT 1 FROM json_each(webhooks.events) WHERE value = :event)
+ORDER BY seq"""
+SQL_ENQUEUE_JOB_URL = """
+INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
+SELECT 'delivery-' || lower(hex(randomblob(6))), NULL, job_id, :event, json_extract(request, '$.webhook_url'),
+       :secret, :payload, :clock, :now
+FROM jobs WHERE job_id = :job_id AND json_extract(request, '$.webhook_url') IS NOT NULL"""
+SQL_CLAIM_DELIVERIES = """
+UPDATE deliveries SET status = 'delivering', claimed_by = :worker, claimed_at = :clock
+WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND next_attempt_at <= :clock
+              ORDER BY next_attempt_at, seq LIMIT :limit)
+RETURNING delivery_id, event, url, secret, payload, attempts"""
+SQL_RECORD_ATTEMPT = """
+INSERT INTO delivery_attempts (delivery_id, attempted_at, http_status, error, duration_ms) VALUES (?, ?, ?, ?, ?)"""
+SQL_SETTLE_DELIVERY = """
+UPDATE deliveries SET status = :status, attempts = attempts + 1, next_attempt_at = :next, claimed_by = NULL
+WHERE delivery_id = :delivery_id AND claimed_by = :worker AND status = 'delivering'"""
+SQL_DELIVERING = "SELECT delivery_id, claimed_by, claimed_at FROM deliveries WHERE status = 'delivering'"
+SQL_RELEASE_DELIVERY = """
+UPDATE deliveries SET status = 'pending', claimed_by = NULL
+WHERE delivery_id = ? AND claimed_by = ? AND status = 'delivering'"""
+SQL_LIST_DELIVERIES = """
+SELECT d.delivery_id, d.event, d.job_id, d.status, d.next_attempt_at, d.created_at,
+       (SELECT json_group_array(json_object('attempted_at', a.attempted_at, 'http_status', a.http_status,
+                                            'error', a.error, 'duration_ms', a.duration_ms))
+        FROM (SELECT * FROM delivery_attempts WHERE delivery_id = d.delivery_id ORDER BY rowid) AS a)
+FROM deliveries AS d WHERE d.webhook_id = ? ORDER BY d.seq DESC LIMIT ?"""
+SQL_RETRY_DELIVERY = """
+UPDATE deliveries SET status = 'pending', next_attempt_at = :clock, attempts = :attempts
+WHERE delivery_id = :delivery_id AND webhook_id = :webhook_id AND status = 'failed'
+RETURNING delivery_id"""
+SQL_DELIVERY_STATUS = "SELECT status FROM deliveries WHERE delivery_id = ? AND webhook_id = ?"
 SQL_RATE_HIT = """
 INSERT INTO rate_limits (client, window_start, hits) VALUES (:client, :now, 1)
 ON CONFLICT (client) DO UPDATE SET
@@ -523,8 +653,9 @@ class Store:
     processes wait on SQLite's busy timeout.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, job_webhook_secret: str | None = None) -> None:
         self.path = path
+        self.job_webhook_secret = job_webhook_secret  # signs each job's own webhook_url
         self.reader: aiosqlite.Connection | None = None
         self.writer: aiosqlite.Connection | None = None
         self.write_lock = asyncio.Lock()
@@ -655,7 +786,43 @@ class Store:
         return [], (await self.read(SQL_COUNT_JOBS, params))[0][0]
 
     async def cancel_job(self, job_id: str) -> bool:
-        return await self.write_count(SQL_CANCEL_JOB, (utc_now(), job_id)) > 0
+        return await self._finish(job_id, SQL_CANCEL_JOB, (utc_now(), job_id), "generation.failed", {"error": "cancelled"})
+
+    async def complete_job(self, job_id: str, worker: str, result: JSON) -> bool:
+        data = {"personas_count": len(result["personas"]), "experiment_id": result["experiment_id"],
+                "output_path": result["output_path"]}
+        params = (json.dumps(result, ensure_ascii=False), utc_now(), job_id, worker)
+        return await self._finish(job_id, SQL_COMPLETE_JOB, params, "generation.completed", data)
+
+    async def fail_job(self, job_id: str, worker: str, error: str) -> bool:
+        return await self._finish(job_id, SQL_FAIL_JOB, (error, utc_now(), job_id, worker), "generation.failed", {"error": error})
+
+    async def requeue_job(self, job_id: str, claimed_by: str) -> str | None:
+        """Put an orphaned job back in the queue, or fail it once it used up its attempts."""
+        error = f"interrupted {MAX_ATTEMPTS} times (the server stopped while the job ran); not retried again"
+        params = {"max": MAX_ATTEMPTS, "error": error, "now": utc_now(), "job_id": job_id, "claimed_by": claimed_by}
+        async with self.transaction() as run:
+            rows = await run(SQL_REQUEUE_JOB, params)
+            if rows and rows[0][0] == "failed":
+                await self._enqueue(run, job_id, "generation.failed", {"error": error})
+        return rows[0][0] if rows else None
+
+    async def _finish(self, job_id: str, sql: str, params: Any, event: str, data: JSON) -> bool:
+        """End a job and queue its webhook deliveries in one transaction (the outbox)."""
+        async with self.transaction() as run:
+            changed = bool(await run(sql, params))
+            if changed:
+                await self._enqueue(run, job_id, event, data)
+        return changed
+
+    async def _enqueue(self, run: Callable[..., Awaitable[list[Any]]], job_id: str, event: str, data: JSON) -> None:
+        now = utc_now()
+        payload = json.dumps({"event": event, "timestamp": now, "data": {"job_id": job_id, **data}},
+                             ensure_ascii=False, separators=(",", ":"))
+        params = {"job_id": job_id, "event": event, "payload": payload, "clock": time.time(), "now": now,
+                  "secret": self.job_webhook_secret}
+        await run(SQL_ENQUEUE_WEBHOOKS, params)
+        await run(SQL_ENQUEUE_JOB_URL, params)
 
     async def purge_expired(self) -> None:
         clock = time.time()
@@ -666,7 +833,11 @@ class Store:
 
     async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON:
         webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
-        await self.write(SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"]))
+        async with self.transaction() as run:
+            if (await run(SQL_COUNT_WEBHOOKS))[0][0] >= MAX_WEBHOOKS:
+                raise APIError(400, f"At most {MAX_WEBHOOKS} webhooks can be registered; delete one first",
+                               {"max_webhooks": MAX_WEBHOOKS})
+            await run(SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"]))
         return webhook
 
     async def get_webhook(self, webhook_id: str) -> JSON | None:
@@ -677,7 +848,34 @@ class Store:
         return [webhook_from_row(row) for row in await self.read(SQL_LIST_WEBHOOKS)]
 
     async def delete_webhook(self, webhook_id: str) -> bool:
-        return await self.write_count(SQL_DELETE_WEBHOOK, (webhook_id,)) > 0
+        """Delete a webhook and stop its deliveries that are still due."""
+        async with self.transaction() as run:
+            deleted = bool(await run(SQL_DELETE_WEBHOOK, (webhook_id,)))
+            await run(SQL_CANCEL_WEBHOOK_DELIVERIES, (webhook_id,))
+        return deleted
+
+    # -- deliveries -----------------------------------------------------------
+
+    async def claim_deliveries(self, worker: str, limit: int) -> list[Any]:
+        return await self.write(SQL_CLAIM_DELIVERIES, {"worker": worker, "clock": time.time(), "limit": limit})
+
+    async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, next_at: float) -> None:
+        """Log one attempt and set what happens next, together."""
+        async with self.transaction() as run:
+            await run(SQL_RECORD_ATTEMPT, (delivery_id, attempt["attempted_at"], attempt["http_status"],
+                                           attempt["error"], attempt["duration_ms"]))
+            await run(SQL_SETTLE_DELIVERY, {"status": status, "next": next_at, "delivery_id": delivery_id, "worker": worker})
+
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[JSON]:
+        return [delivery_from_row(row) for row in await self.read(SQL_LIST_DELIVERIES, (webhook_id, limit))]
+
+    async def retry_delivery(self, webhook_id: str, delivery_id: str, attempts: int) -> str | None:
+        """Send a failed delivery once more; returns None, or the status that forbids it."""
+        params = {"clock": time.time(), "attempts": attempts, "delivery_id": delivery_id, "webhook_id": webhook_id}
+        if await self.write(SQL_RETRY_DELIVERY, params):
+            return None
+        rows = await self.read(SQL_DELIVERY_STATUS, (delivery_id, webhook_id))
+        return rows[0][0] if rows else "missing"
 
 
 def job_from_row(row: Any, with_result: bool = False) -> JSON:
@@ -695,8 +893,96 @@ def job_from_row(row: Any, with_result: bool = False) -> JSON:
     return job
 
 
+def epoch_to_iso(clock: float) -> str:
+    return datetime.fromtimestamp(clock, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def delivery_from_row(row: Any) -> JSON:
+    delivery_id, event, job_id, status, next_at, created_at, attempts = row
+    return {
+        "delivery_id": delivery_id,
+        "event": event,
+        "job_id": job_id,
+        "status": status,
+        "created_at": created_at,
+        "next_retry_at": epoch_to_iso(next_at) if status == "pending" else None,
+        "attempts": json.loads(attempts) if attempts else [],
+    }
+
+
 def webhook_from_row(row: Any) -> JSON:
     return {"webhook_id": row[0], "url": row[1], "events": json.loads(row[2]), "created_at": row[3]}
+
+
+# ---------------------------------------------------------------------------
+# Outbound requests: data URLs and webhooks go only where they are allowed
+# ---------------------------------------------------------------------------
+
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7",
+))
+NEVER_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
+    "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "240.0.0.0/4",
+))
+
+
+class OutboundRefused(Exception):
+    """A URL whose host is, or resolves to, an address this server must not reach."""
+
+
+def address_refusal(address: str, private_allowed: bool) -> str | None:
+    """Why this address may not be reached, or None. Link-local (cloud metadata) never may."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in NEVER_NETWORKS):
+        return f"{ip} is a link-local, multicast or unspecified address, which is never allowed"
+    if not private_allowed and any(ip in net for net in PRIVATE_NETWORKS):
+        return f"{ip} is a loopback or private address; allow it with --allow-private-urls"
+    return None
+
+
+def literal_address(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
+def url_refusal(url: str, private_allowed: bool) -> str | None:
+    """What can be known without a lookup: a literal address that may not be reached."""
+    address = literal_address(urlsplit(url).hostname or "")
+    return address_refusal(address, private_allowed) if address else None
+
+
+async def checked_target(url: str, private_allowed: bool) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Resolve the host once, check every address, and aim the request at a checked one.
+
+    Returns the URL with the address in place of the host, the Host header, and the TLS
+    server name, so no second lookup (DNS rebinding) can send the request elsewhere.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = literal_address(host)
+    if address is None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise OutboundRefused(f"{host} could not be resolved ({exc.strerror})") from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    else:
+        addresses = [address]
+    for candidate in addresses:
+        reason = address_refusal(candidate, private_allowed)
+        if reason:
+            raise OutboundRefused(f"{host} resolves to {candidate}: {reason}" if address is None else reason)
+    chosen = addresses[0]
+    netloc = f"[{chosen}]:{port}" if ":" in chosen else f"{chosen}:{port}"
+    target = parts._replace(netloc=netloc).geturl()
+    host_header = parts.netloc.rpartition("@")[2]
+    extensions = {"sni_hostname": host} if parts.scheme == "https" and address is None else {}
+    return target, {"Host": host_header}, extensions
 
 
 # ---------------------------------------------------------------------------
@@ -1020,14 +1306,19 @@ def load_inline(records: list[Any]) -> Dataset:
     return finish_dataset(participants_from_records(records, "inline"), source, "the inline data")
 
 
-async def fetch_url(url: str) -> tuple[bytes, str]:
+async def fetch_url(url: str, private_allowed: bool) -> tuple[bytes, str]:
     """Download a data URL with a size cap; returns the body and its content type."""
     import httpx
 
     chunks, size = [], 0
     try:
+        target, headers, extensions = await checked_target(url, private_allowed)
+    except OutboundRefused as exc:
+        raise GenerationError(f"data URL refused: {exc}") from None
+    try:
         async with httpx.AsyncClient(timeout=URL_TIMEOUT_S, follow_redirects=False) as client:
-            async with client.stream("GET", url, headers={"User-Agent": f"Persona/{__version__}"}) as response:
+            headers["User-Agent"] = f"Persona/{__version__}"
+            async with client.stream("GET", target, headers=headers, extensions=extensions) as response:
                 if response.status_code != 200:
                     raise GenerationError(f"fetching {url} answered HTTP {response.status_code}")
                 async for chunk in response.aiter_bytes():
@@ -1053,8 +1344,8 @@ def url_format(url: str, content_type: str) -> str:
     return by_type[kind]
 
 
-async def load_url(url: str) -> Dataset:
-    raw, content_type = await fetch_url(url)
+async def load_url(url: str, private_allowed: bool) -> Dataset:
+    raw, content_type = await fetch_url(url, private_allowed)
     fmt = url_format(url, content_type)
     stem = Path(urlsplit(url).path).stem or "document"
     people = await asyncio.to_thread(participants_from_bytes, raw, fmt, url, stem)
@@ -1069,10 +1360,10 @@ def finish_dataset(people: list[Participant], source: JSON, name: str) -> Datase
     return Dataset(people, source)
 
 
-async def load_data(data: str | list[Any], data_dir: Path) -> Dataset:
+async def load_data(data: str | list[Any], data_dir: Path, private_allowed: bool) -> Dataset:
     kind = classify_data(data)
     if kind == "url":
-        return await load_url(data)
+        return await load_url(data, private_allowed)
     if kind == "inline":
         return await asyncio.to_thread(load_inline, data)
     return await asyncio.to_thread(load_path, data, data_dir)
@@ -1556,14 +1847,13 @@ def check_provider(request: JSON) -> None:
         raise APIError(422, f"the local engine has one model, {LOCAL_MODEL!r}", {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
 
 
-async def generate(job_id: str, request: JSON, experiment_id: str, data_dir: Path, output_dir: Path,
-                   report: ProgressReport) -> JSON:
+async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport) -> JSON:
     """Run one job: load, cluster, build personas, write outputs. Returns the job's result."""
     started = time.perf_counter()
     count = request.get("count", 3)
     config = request.get("config", {})
     await report(5, "loading data")
-    dataset = await load_data(request["data"], data_dir)
+    dataset = await load_data(request["data"], settings.data_dir, settings.private_urls_allowed)
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
     personas, warnings = await asyncio.to_thread(offline_personas, dataset, count, config)
@@ -1587,7 +1877,7 @@ async def generate(job_id: str, request: JSON, experiment_id: str, data_dir: Pat
         "timings": {"load_s": round(loaded - started, 4), "generate_s": round(built - loaded, 4)},
         "warnings": dataset.warnings + warnings,
     }
-    output_path = await asyncio.to_thread(write_outputs, output_dir, job_id, personas, metadata)
+    output_path = await asyncio.to_thread(write_outputs, settings.output_dir, job_id, personas, metadata)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
     await report(95, "outputs written")
     return {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
@@ -1603,9 +1893,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def claimer_is_gone(claimed_by: str, heartbeat_at: float | None, now: float) -> bool:
-    """A job's claimer is gone when its lease lapsed, or, on this host, its process died."""
-    if heartbeat_at is None or now - heartbeat_at > LEASE_S:
+def worker_identity() -> str:
+    """host:pid:nonce, so a claim names a process that can be checked for life."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def claimer_is_gone(claimed_by: str, heartbeat_at: float | None, now: float, lease: float = LEASE_S) -> bool:
+    """A claimer is gone when its lease lapsed, or, on this host, its process died."""
+    if heartbeat_at is None or now - heartbeat_at > lease:
         return True
     host, _, rest = claimed_by.partition(":")
     pid = rest.partition(":")[0]
@@ -1615,10 +1910,11 @@ def claimer_is_gone(claimed_by: str, heartbeat_at: float | None, now: float) -> 
 class JobRunner:
     """Claims pending jobs from the shared database and runs them in this process."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, on_finished: Callable[[], None]) -> None:
         self.store = store
         self.settings = settings
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.on_finished = on_finished  # a finished job has deliveries to send
+        self.worker_id = worker_identity()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
@@ -1672,10 +1968,9 @@ class JobRunner:
         await self.store.purge_expired()
 
     async def _requeue(self, job_id: str, claimed_by: str) -> None:
-        error = f"interrupted {MAX_ATTEMPTS} times (the server stopped while the job ran); not retried again"
-        params = {"max": MAX_ATTEMPTS, "error": error, "now": utc_now(), "job_id": job_id, "claimed_by": claimed_by}
-        if await self.store.write_count(SQL_REQUEUE_JOB, params):
-            log.warning("job %s was interrupted by a stopped server; requeued", job_id)
+        status = await self.store.requeue_job(job_id, claimed_by)
+        if status is not None:
+            log.warning("job %s was interrupted by a stopped server; now %s", job_id, status)
 
     async def _claim_available(self) -> None:
         while len(self.tasks) < JOBS_PER_PROCESS:
@@ -1702,19 +1997,198 @@ class JobRunner:
             await self._report(job_id, progress, stage)
 
         try:
-            result = await generate(job_id, request, experiment_id, self.settings.data_dir, self.settings.output_dir, report)
+            result = await generate(job_id, request, experiment_id, self.settings, report)
         except JobCancelled:
             return
         except GenerationError as exc:
-            await self.store.write(SQL_FAIL_JOB, (str(exc), utc_now(), job_id, self.worker_id))
-            return
+            await self.store.fail_job(job_id, self.worker_id, str(exc))
         except Exception:
             log.exception("job %s failed unexpectedly", job_id)
-            await self.store.write(
-                SQL_FAIL_JOB, ("internal error while generating personas; see the server log", utc_now(), job_id, self.worker_id)
-            )
+            await self.store.fail_job(job_id, self.worker_id, "internal error while generating personas; see the server log")
+        else:
+            await self.store.complete_job(job_id, self.worker_id, result)
+        self.on_finished()
+
+
+# ---------------------------------------------------------------------------
+# Webhooks: signed deliveries from the outbox, retried with backoff
+# ---------------------------------------------------------------------------
+
+RETRY_AFTER_CAP_S = 24 * 3600  # a receiver's Retry-After is honoured up to a day
+
+
+def persona_signature(secret: str, body: bytes) -> str:
+    """The reference's X-Persona-Signature: hex HMAC-SHA256 of the raw body."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def standard_signature(secret: str, delivery_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks' `v1,<base64 HMAC of id.timestamp.body>`.
+
+    A `whsec_` secret is base64 as that scheme defines; any other secret is used as its
+    UTF-8 bytes (a receiver's library takes it as base64 of those bytes).
+    """
+    key = base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode()
+    mac = hmac.new(key, f"{delivery_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def delivery_headers(delivery_id: str, event: str, secret: str | None, body: bytes, timestamp: int) -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"Persona-Webhooks/{__version__}",
+        "X-Persona-Event": event,
+        "X-Persona-Delivery": delivery_id,
+        "X-Persona-Timestamp": str(timestamp),
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(timestamp),
+    }
+    if secret:
+        headers["X-Persona-Signature"] = persona_signature(secret, body)
+        headers["webhook-signature"] = standard_signature(secret, delivery_id, timestamp, body)
+    return headers
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header, either form, or None."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return min(float(value), RETRY_AFTER_CAP_S)
+    with contextlib.suppress(TypeError, ValueError):
+        from email.utils import parsedate_to_datetime
+
+        return min(max(0.0, parsedate_to_datetime(value).timestamp() - time.time()), RETRY_AFTER_CAP_S)
+    return None
+
+
+def retry_delay(schedule: tuple[float, ...], attempts_done: int, retry_after: float | None) -> float | None:
+    """Seconds until the next attempt (the schedule with ±10% jitter), or None when it is spent."""
+    if attempts_done > len(schedule):
+        return None
+    delay = schedule[attempts_done - 1] * random.uniform(0.9, 1.1)
+    return max(delay, retry_after) if retry_after is not None else delay
+
+
+class WebhookDispatcher:
+    """Sends due deliveries from the outbox, a bounded number at a time.
+
+    A receiver that hangs holds one slot until its timeout, never the others, and
+    never the API.
+    """
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.worker_id = worker_identity()
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.wakeup = asyncio.Event()
+        self.loop_task: asyncio.Task[None] | None = None
+        self.client: Any = None
+
+    def start(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False)
+        self.loop_task = asyncio.create_task(self._loop(), name="persona-webhooks")
+
+    def alive(self) -> bool:
+        return self.loop_task is not None and not self.loop_task.done()
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    async def stop(self) -> None:
+        """Stop sending; deliveries cut short go back to the outbox for the next start."""
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            await asyncio.gather(self.loop_task, return_exceptions=True)
+        cut_short = list(self.in_flight)
+        for task in self.in_flight.values():
+            task.cancel()
+        await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
+        for delivery_id in cut_short:
+            await self.store.write(SQL_RELEASE_DELIVERY, (delivery_id, self.worker_id))
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def _loop(self) -> None:
+        last_upkeep = 0.0
+        while True:
+            self.wakeup.clear()
+            try:
+                if time.monotonic() - last_upkeep >= HEARTBEAT_S:
+                    await self._recover_orphans()
+                    last_upkeep = time.monotonic()
+                await self._claim_due()
+            except Exception:
+                log.exception("webhooks: database trouble; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), POLL_S)
+
+    async def _recover_orphans(self) -> None:
+        now, lease = time.time(), max(LEASE_S, self.settings.webhook_timeout + HEARTBEAT_S)
+        for delivery_id, claimed_by, claimed_at in await self.store.read(SQL_DELIVERING):
+            if claimed_by != self.worker_id and claimer_is_gone(claimed_by, claimed_at, now, lease):
+                await self.store.write(SQL_RELEASE_DELIVERY, (delivery_id, claimed_by))
+
+    async def _claim_due(self) -> None:
+        free = DELIVERIES_AT_ONCE - len(self.in_flight)
+        if free <= 0:
             return
-        await self.store.write(SQL_COMPLETE_JOB, (json.dumps(result, ensure_ascii=False), utc_now(), job_id, self.worker_id))
+        for row in await self.store.claim_deliveries(self.worker_id, free):
+            task = asyncio.create_task(self._deliver(*row))
+            self.in_flight[row[0]] = task
+            task.add_done_callback(lambda _, delivery_id=row[0]: self._done(delivery_id))
+
+    def _done(self, delivery_id: str) -> None:
+        self.in_flight.pop(delivery_id, None)
+        self.wake()
+
+    async def _deliver(self, delivery_id: str, event: str, url: str, secret: str | None, payload: str,
+                       attempts: int) -> None:
+        body = payload.encode("utf-8")
+        attempt = {"attempted_at": utc_now(), "http_status": None, "error": None, "duration_ms": 0}
+        started = time.perf_counter()
+        retry_after, final = None, False
+        try:
+            target, headers, extensions = await checked_target(url, self.settings.private_urls_allowed)
+            headers.update(delivery_headers(delivery_id, event, secret, body, int(time.time())))
+            async with self.client.stream("POST", target, content=body, headers=headers, extensions=extensions) as response:
+                attempt["http_status"] = response.status_code
+                if response.status_code in (429, 503):
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+        except OutboundRefused as exc:
+            attempt["error"], final = f"refused: {exc}", True
+        except Exception as exc:  # a receiver's failure is recorded, never raised
+            attempt["error"] = describe_send_error(exc, self.settings.webhook_timeout)
+        attempt["duration_ms"] = round((time.perf_counter() - started) * 1000)
+        status, next_at = self._outcome(attempt, attempts + 1, retry_after, final)
+        await self.store.settle_delivery(delivery_id, self.worker_id, attempt, status, next_at)
+
+    def _outcome(self, attempt: JSON, attempts_done: int, retry_after: float | None, final: bool) -> tuple[str, float]:
+        code = attempt["http_status"]
+        if code is not None and 200 <= code < 300:
+            return "delivered", 0.0
+        if code == 410:
+            attempt["error"] = "the receiver answered 410 Gone; not retried"
+            final = True
+        elif code is not None:
+            attempt["error"] = f"the receiver answered HTTP {code}"
+        delay = None if final else retry_delay(self.settings.webhook_retry_schedule, attempts_done, retry_after)
+        if delay is None:
+            return "failed", 0.0
+        return "pending", time.time() + delay
+
+
+def describe_send_error(exc: Exception, timeout: float) -> str:
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect"
+    return f"request failed ({type(exc).__name__})"
 
 
 # ---------------------------------------------------------------------------
@@ -1908,6 +2382,8 @@ async def health(request: Request) -> JSONResponse:
         reason = f"database unavailable: {type(exc).__name__}"
     if reason is None and not app_state.runner.alive():
         reason = "job runner stopped"
+    if reason is None and not app_state.dispatcher.alive():
+        reason = "webhook dispatcher stopped"
     body = {"status": "healthy" if reason is None else "unhealthy", "version": __version__, "timestamp": utc_now()}
     if reason is None:
         return JSONResponse(body)
@@ -1922,6 +2398,7 @@ async def create_generation(request: Request) -> JSONResponse:
     if "config" in job_request:
         job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
     check_provider(job_request)
+    check_destination(job_request.get("webhook_url"), "webhook_url", app_state.settings)
     check_data_source(job_request["data"], app_state.settings.data_dir)
     job_id, replayed = await app_state.store.create_job(
         owner, job_request, app_state.settings.max_concurrent_jobs, idempotency_key(request, body)
@@ -1936,6 +2413,13 @@ async def create_generation(request: Request) -> JSONResponse:
          "status_url": f"/api/v1/generate/{job_id}"},
         headers={"Idempotent-Replayed": "true"} if replayed else None,
     )
+
+
+def check_destination(url: str | None, field_name: str, settings: Settings) -> None:
+    """A webhook URL whose literal address may never be reached is refused when registered."""
+    reason = url_refusal(url, settings.private_urls_allowed) if url else None
+    if reason:
+        raise APIError(422, f"Request validation failed: {field_name} {reason}", {field_name: reason})
 
 
 async def find_job(request: Request) -> JSON:
@@ -1958,6 +2442,7 @@ async def cancel_generation(request: Request) -> JSONResponse:
         raise APIError(409, f"Job {job['job_id']} is already {job['status']}; only pending or running jobs can be cancelled",
                        {"status": job["status"]})
     state(request).runner.cancel_local(job["job_id"])
+    state(request).dispatcher.wake()
     return JSONResponse(await find_job(request))
 
 
@@ -1980,6 +2465,7 @@ async def list_generations(request: Request) -> JSONResponse:
 async def create_webhook(request: Request) -> JSONResponse:
     authenticate(request)
     body = validated(await read_json(request), WEBHOOK_SCHEMA)
+    check_destination(body["url"], "url", state(request).settings)
     webhook = await state(request).store.create_webhook(body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"))
     return JSONResponse(webhook)
 
@@ -2005,6 +2491,27 @@ async def delete_webhook(request: Request) -> JSONResponse:
 
 async def list_webhooks(request: Request) -> JSONResponse:
     return JSONResponse(await state(request).store.list_webhooks())
+
+
+async def list_deliveries(request: Request) -> JSONResponse:
+    webhook = await find_webhook(request)
+    return JSONResponse(await state(request).store.list_deliveries(webhook["webhook_id"], DELIVERY_LOG_LIMIT))
+
+
+async def retry_delivery(request: Request) -> JSONResponse:
+    authenticate(request)
+    webhook = await find_webhook(request)
+    delivery_id = request.path_params["delivery_id"]
+    schedule = state(request).settings.webhook_retry_schedule
+    refusal = await state(request).store.retry_delivery(webhook["webhook_id"], delivery_id, len(schedule))
+    if refusal == "missing":
+        raise APIError(404, f"Delivery {delivery_id} of webhook {webhook['webhook_id']} not found")
+    if refusal is not None:
+        raise APIError(409, f"Delivery {delivery_id} is {refusal}; only failed deliveries can be sent again",
+                       {"status": refusal})
+    state(request).dispatcher.wake()
+    return JSONResponse({"success": True, "message": f"Delivery {delivery_id} will be sent again",
+                         "delivery_id": delivery_id})
 
 
 # ---------------------------------------------------------------------------
@@ -2054,6 +2561,8 @@ ROUTES = [
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
     Route("/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]),
+    Route("/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, methods=["GET"]),
+    Route("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
 ]
 
 
@@ -2062,7 +2571,7 @@ def describe_startup(settings: Settings) -> str:
     return (
         f"Persona {__version__} listening on http://{settings.host}:{settings.port}; database {settings.db.resolve()}; "
         f"data dir {settings.data_dir.resolve()}; output dir {settings.output_dir.resolve()}; auth {auth}; "
-        f"rate limit {settings.rate_limit or 'off'}/min"
+        f"rate limit {settings.rate_limit or 'off'}/min; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}"
     )
 
 
@@ -2072,20 +2581,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.db)
+        store = Store(settings.db, settings.webhook_secret)
         await store.open()
         app.state.store = store
         if settings.rate_limit:
             app.state.limiter = (
                 SharedRateLimiter(settings.rate_limit, store) if settings.workers > 1 else MemoryRateLimiter(settings.rate_limit)
             )
-        app.state.runner = JobRunner(store, settings)
+        app.state.dispatcher = WebhookDispatcher(store, settings)
+        app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
+        app.state.dispatcher.start()
         app.state.runner.start()
         log.info(describe_startup(settings))
         try:
             yield
         finally:
             await app.state.runner.stop()
+            await app.state.dispatcher.stop()
             await store.close()
 
     app = Starlette(
@@ -2116,6 +2628,9 @@ SERVE_OPTIONS = (
     (("--output-dir",), "output_dir", "where each job writes its folder (default ./output)"),
     (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default 100)"),
     (("--max-concurrent-jobs",), "max_concurrent_jobs", "pending plus running jobs per API key (default 10)"),
+    (("--webhook-retry-schedule",), "webhook_retry_schedule",
+     "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)"),
+    (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default 10)"),
 )
 
 
@@ -2131,6 +2646,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(*flags, dest=name, default=None, metavar="VALUE",
                            help=f"{text} [env {ENV_VARS[name]}]")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
+    serve.add_argument("--allow-private-urls", action=argparse.BooleanOptionalAction, default=None,
+                       help="let webhooks and data URLs reach loopback and private addresses "
+                            "(default: allowed when listening on loopback) [env PERSONA_ALLOW_PRIVATE_URLS]")
 
     generate_cmd = commands.add_parser("generate", help="generate personas from a data file or folder, without a server")
     generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
@@ -2154,6 +2672,8 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     overrides = {name: getattr(args, name) for _, name, _ in SERVE_OPTIONS}
+    if args.allow_private_urls is not None:
+        overrides["allow_private_urls"] = "1" if args.allow_private_urls else "0"
     settings = load_settings(overrides)
     configure_logging(settings.log_level)
     if settings.workers > 1 or args.reload:
@@ -2218,7 +2738,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"[{progress:3d}%] {stage}", file=sys.stderr)
 
     try:
-        result = asyncio.run(generate(new_id("job"), request, new_id("exp"), data_dir, Path(args.output_dir), report))
+        settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True)
+        result = asyncio.run(generate(new_id("job"), request, new_id("exp"), settings, report))
     except GenerationError as exc:
         print(f"persona: generation failed: {exc}", file=sys.stderr)
         return 1

@@ -53,3 +53,32 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     window_start REAL NOT NULL,
     hits         INTEGER NOT NULL
 );
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             INTEGER PRIMARY KEY,
+    delivery_id     TEXT NOT NULL UNIQUE,
+    webhook_id      TEXT,
+    job_id          TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    secret          TEXT,
+    payload         TEXT NOT NULL,
+    status          TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'delivering', 'delivered', 'failed', 'cancelled')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    claimed_by      TEXT,
+    claimed_at      REAL,
+    created_at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, seq);
+
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    delivery_id  TEXT NOT NULL,
+    attempted_at TEXT NOT NULL,
+    http_status  INTEGER,
+    error        TEXT,
+    duration_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id);

@@ -187,3 +187,64 @@ def gated_data() -> Iterator[GatedDataServer]:
     server = GatedDataServer((EXAMPLES / "interviews.csv").read_bytes())
     yield server
     server.close()
+
+
+class Receiver:
+    """A webhook receiver on loopback that records every request and answers as told.
+
+    `answers` is consumed one status per request (the last one repeats); a status of
+    None holds the request until `release` is set.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.answers: list[int | None] = [200]
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer.lock:
+                    outer.requests.append({"headers": dict(self.headers.items()), "body": body, "path": self.path})
+                    answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
+                if answer is None:
+                    outer.release.wait(60)
+                    answer = 200
+                self.send_response(answer)
+                if answer in (429, 503):
+                    self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[[], Receiver]]:
+    made: list[Receiver] = []
+
+    def make() -> Receiver:
+        made.append(Receiver())
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture
+def receiver(receivers: Callable[[], Receiver]) -> Receiver:
+    return receivers()

@@ -104,7 +104,8 @@ def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path
         stages.append((progress, stage))
 
     request = {"data": "interviews.csv", "count": 3, "config": {"experiment": "pilot"}}
-    result = asyncio.run(persona.generate("job-0123456789ab", request, "exp-0123456789ab", EXAMPLES, tmp_path, report))
+    settings = persona.Settings(data_dir=EXAMPLES, output_dir=tmp_path)
+    result = asyncio.run(persona.generate("job-0123456789ab", request, "exp-0123456789ab", settings, report))
     folder = Path(result["output_path"])
     assert re.match(r"^\d{8}_\d{6}_job-0123456789ab$", folder.name)
     assert json.loads((folder / "personas.json").read_text())["personas"] == result["personas"]

@@ -70,7 +70,7 @@ async def test_each_pending_job_is_claimed_by_exactly_one_of_several_stores(tmp_
 async def test_an_interrupted_job_is_requeued_then_failed_after_three_attempts(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "p.db")
     job_id, _ = await store.create_job("ip:x", {"data": "a.csv"}, 10, None)
-    runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db"))
+    runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db"), lambda: None)
     for attempt in range(1, 4):
         rows = await store.write(persona.SQL_CLAIM_JOB, {"worker": "gone-host:1:dead", "now": persona.utc_now(), "clock": 0.0})
         assert rows and rows[0][3] == attempt
