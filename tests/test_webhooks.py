@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from standardwebhooks import Webhook
 from conftest import GatedDataServer, Receiver, submit, wait_for, wait_job
 
 import persona
@@ -70,6 +71,7 @@ def test_a_completed_job_is_posted_with_the_reference_payload_and_signatures(sta
     assert verify_signature(body, headers["X-Persona-Signature"], "webhook-secret-123")
     assert not verify_signature(body, headers["X-Persona-Signature"], "another-secret")
     assert verify_standard_webhook(headers, body, "webhook-secret-123")
+    assert Webhook(base64.b64encode(b"webhook-secret-123").decode()).verify(body, headers) == payload
     assert headers["webhook-id"] == headers["X-Persona-Delivery"]
     assert headers["webhook-timestamp"] == headers["X-Persona-Timestamp"]
     assert headers["User-Agent"].startswith("Persona-Webhooks/")
