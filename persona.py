@@ -283,6 +283,10 @@ GENERATE_SCHEMA: JSON = {
                 "experiment": {"type": "string", "minLength": 1, "maxLength": 200},
                 "complexity": {"type": "string", "enum": ["simple", "moderate", "complex"]},
                 "detail_level": {"type": "string", "enum": ["minimal", "standard", "detailed"]},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "max_tokens": {"type": "integer", "minimum": 1, "maximum": 200000},
+                "strategy": {"type": "string", "enum": ["auto", "holistic", "segmented"]},
+                "max_input_tokens": {"type": "integer", "minimum": 1000, "maximum": 10000000},
             },
         },
         "webhook_url": HTTP_URL_SCHEMA,
@@ -1800,6 +1804,432 @@ def offline_personas(dataset: Dataset, count: int, config: JSON, seed: int = 0) 
 
 
 # ---------------------------------------------------------------------------
+# LLM providers: official SDKs, structured output, validation and repair
+# ---------------------------------------------------------------------------
+
+PROVIDER_CALL_TIMEOUT_S = 120.0  # one request to a provider
+PROVIDER_RETRIES = 2  # the SDKs' own retries on 429, 5xx and timeouts (3 attempts in all)
+PROVIDER_JOB_TIMEOUT_S = 900.0  # all provider work of one job
+SEGMENT_CALLS_AT_ONCE = 4  # concurrent provider calls within one job
+DEFAULT_MAX_INPUT_TOKENS = 100_000
+PERSONA_FIELDS = ("name", "title", "demographics", "goals", "pain_points", "behaviours", "quotes")
+
+LLM_PERSONA_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "title": {"type": "string", "description": "'The ...', naming the persona's defining theme"},
+        "summary": {"type": "string"},
+        "demographics": {
+            "type": "object",
+            "properties": {"role": {"type": "string"}, "age_range": {"type": "string"}, "context": {"type": "string"}},
+        },
+        "goals": {"type": "array", "items": {"type": "string"}},
+        "pain_points": {"type": "array", "items": {"type": "string"}},
+        "behaviours": {"type": "array", "items": {"type": "string"}},
+        "quotes": {"type": "array", "items": {"type": "string"}, "description": "sentences copied verbatim from the data"},
+        "participants": {"type": "array", "items": {"type": "string"}, "description": "ids of the participants it stands for"},
+    },
+    "required": ["name", "title", "summary", "demographics", "goals", "pain_points", "behaviours", "quotes", "participants"],
+}
+LLM_RESULT_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {"personas": {"type": "array", "items": LLM_PERSONA_SCHEMA}},
+    "required": ["personas"],
+}
+FINDINGS_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {
+        "findings": {"type": "array", "items": {"type": "string"}},
+        "quotes": {"type": "array", "items": {"type": "string"}, "description": "sentences copied verbatim from the data"},
+    },
+    "required": ["findings", "quotes"],
+}
+SYSTEM_PROMPT = (
+    "You are an experienced UX researcher. You build user personas strictly from the research data you are "
+    "given: every goal, pain point and behaviour must be supported by what participants said, and every quote "
+    "must be a sentence copied exactly, word for word, from the data. Answer only through the structured output."
+)
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    name: str
+    key_variables: tuple[str, ...]
+    model_variable: str
+    default_model: str
+
+
+PROVIDER_SPECS = {
+    "anthropic": ProviderSpec("anthropic", ("ANTHROPIC_API_KEY",), "PERSONA_ANTHROPIC_MODEL", "claude-sonnet-4-5"),
+    "openai": ProviderSpec("openai", ("OPENAI_API_KEY",), "PERSONA_OPENAI_MODEL", "gpt-4.1"),
+    "gemini": ProviderSpec("gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "PERSONA_GEMINI_MODEL", "gemini-2.5-flash"),
+    "ollama": ProviderSpec("ollama", (), "PERSONA_OLLAMA_MODEL", "llama3.1"),
+}
+
+
+def provider_key(spec: ProviderSpec) -> str | None:
+    return next((os.environ[name] for name in spec.key_variables if os.environ.get(name)), None)
+
+
+def default_model(provider: str) -> str:
+    if provider == "local":
+        return LOCAL_MODEL
+    spec = PROVIDER_SPECS[provider]
+    return os.environ.get(spec.model_variable) or spec.default_model
+
+
+def provider_status() -> list[JSON]:
+    """What GET /api/v1/providers shows: never a key, only whether one is set."""
+    listing = [{"name": "local", "configured": True, "default_model": LOCAL_MODEL, "key_variables": []}]
+    for spec in PROVIDER_SPECS.values():
+        configured = spec.name == "ollama" or provider_key(spec) is not None
+        listing.append({"name": spec.name, "configured": configured, "default_model": default_model(spec.name),
+                        "key_variables": list(spec.key_variables)})
+    return listing
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    calls: int = 0
+
+    def add(self, input_tokens: int | None, output_tokens: int | None) -> None:
+        self.input_tokens += input_tokens or 0
+        self.output_tokens += output_tokens or 0
+        self.calls += 1
+
+
+class ProviderError(GenerationError):
+    """A provider that kept failing; the message is safe to show (no key, no body)."""
+
+
+def describe_provider_failure(provider: str, exc: Exception) -> str:
+    """One line for the job's error, from any SDK's exception."""
+    attempts = PROVIDER_RETRIES + 1
+    status = getattr(exc, "status_code", None) or getattr(exc, "code", None)
+    name = type(exc).__name__
+    if status == 429:
+        return f"{provider}: rate limited (429) after {attempts} attempts"
+    if isinstance(status, int) and status >= 500:
+        return f"{provider}: server error ({status}) after {attempts} attempts"
+    if isinstance(status, int) and status in (401, 403):
+        return f"{provider}: the API key was refused ({status}); check {' or '.join(PROVIDER_SPECS[provider].key_variables)}"
+    if isinstance(status, int):
+        return f"{provider}: request refused ({status})"
+    if "Timeout" in name:
+        return f"{provider}: no answer within {PROVIDER_CALL_TIMEOUT_S:g} s after {attempts} attempts"
+    if "Connection" in name:
+        return f"{provider}: could not connect after {attempts} attempts"
+    return f"{provider}: request failed ({name})"
+
+
+class AnthropicProvider:
+    """Messages API; the structured answer comes as a forced tool call."""
+
+    def __init__(self, model: str, config: JSON) -> None:
+        import anthropic
+
+        self.client = anthropic.AsyncAnthropic(api_key=provider_key(PROVIDER_SPECS["anthropic"]),
+                                               max_retries=PROVIDER_RETRIES, timeout=PROVIDER_CALL_TIMEOUT_S)
+        self.model, self.config = model, config
+
+    async def complete(self, prompt: str, schema: JSON, usage: Usage) -> str:
+        extra = {"temperature": self.config["temperature"]} if "temperature" in self.config else None
+        message = await self.client.messages.create(
+            model=self.model, max_tokens=self.config.get("max_tokens", 8192), system=SYSTEM_PROMPT,
+            messages=[{"role": "user", "content": prompt}],
+            tools=[{"name": "submit", "description": "Submit the answer.", "input_schema": schema}],
+            tool_choice={"type": "tool", "name": "submit"}, extra_body=extra,
+        )
+        usage.add(message.usage.input_tokens, message.usage.output_tokens)
+        for block in message.content:
+            if block.type == "tool_use":
+                return json.dumps(block.input)
+        return "".join(getattr(block, "text", "") for block in message.content)
+
+
+class OpenAIProvider:
+    """Chat Completions with a JSON-schema response format; also any OpenAI-compatible server."""
+
+    def __init__(self, model: str, config: JSON, base_url: str | None = None, api_key: str | None = None) -> None:
+        import openai
+
+        self.client = openai.AsyncOpenAI(api_key=api_key or provider_key(PROVIDER_SPECS["openai"]), base_url=base_url,
+                                         max_retries=PROVIDER_RETRIES, timeout=PROVIDER_CALL_TIMEOUT_S)
+        self.model, self.config = model, config
+
+    async def complete(self, prompt: str, schema: JSON, usage: Usage) -> str:
+        options: JSON = {}
+        if "temperature" in self.config:
+            options["temperature"] = self.config["temperature"]
+        if "max_tokens" in self.config:
+            options["max_completion_tokens"] = self.config["max_tokens"]
+        response = await self.client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            **options,
+        )
+        if response.usage is not None:
+            usage.add(response.usage.prompt_tokens, response.usage.completion_tokens)
+        else:
+            usage.add(0, 0)
+        return response.choices[0].message.content or ""
+
+
+def ollama_provider(model: str, config: JSON) -> OpenAIProvider:
+    """Ollama, vLLM, llama.cpp or LM Studio: the OpenAI wire format at OLLAMA_HOST."""
+    host = os.environ.get("OLLAMA_HOST", "http://localhost:11434")
+    if "://" not in host:
+        host = f"http://{host}"
+    return OpenAIProvider(model, config, base_url=host.rstrip("/") + "/v1", api_key="ollama")
+
+
+class GeminiProvider:
+    """generateContent with a response JSON schema."""
+
+    def __init__(self, model: str, config: JSON) -> None:
+        from google import genai
+        from google.genai import types
+
+        self.types = types
+        retry = types.HttpRetryOptions(attempts=PROVIDER_RETRIES + 1, initial_delay=0.5, max_delay=8.0,
+                                       http_status_codes=[429, 500, 502, 503, 504])
+        options = types.HttpOptions(timeout=int(PROVIDER_CALL_TIMEOUT_S * 1000), retry_options=retry)
+        self.client = genai.Client(api_key=provider_key(PROVIDER_SPECS["gemini"]), http_options=options)
+        self.model, self.config = model, config
+
+    async def complete(self, prompt: str, schema: JSON, usage: Usage) -> str:
+        config = self.types.GenerateContentConfig(
+            system_instruction=SYSTEM_PROMPT, response_mime_type="application/json", response_json_schema=schema,
+            temperature=self.config.get("temperature"), max_output_tokens=self.config.get("max_tokens"),
+        )
+        response = await self.client.aio.models.generate_content(model=self.model, contents=prompt, config=config)
+        meta = response.usage_metadata
+        usage.add(meta.prompt_token_count if meta else 0, meta.candidates_token_count if meta else 0)
+        return response.text or ""
+
+
+PROVIDERS: dict[str, Callable[[str, JSON], Any]] = {
+    "anthropic": AnthropicProvider,
+    "openai": OpenAIProvider,
+    "gemini": GeminiProvider,
+    "ollama": ollama_provider,
+}
+
+
+def normalise_quote(text: str) -> str:
+    """Case, spacing, punctuation and curly quotes do not decide whether a quote is real."""
+    text = text.lower().replace("’", "'").replace("‘", "'").replace("“", '"').replace("”", '"')
+    return re.sub(r"[^\w']+", " ", text).strip()
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def render_participants(people: list[Participant]) -> str:
+    """The data as the model reads it: one block per participant, id and attributes first."""
+    blocks = []
+    for person in people:
+        attributes = "; ".join(f"{key}: {value}" for key, value in person.attributes.items())
+        head = f"[{person.id}]" + (f" ({attributes})" if attributes else "")
+        blocks.append(head + "\n" + "\n".join(person.texts))
+    return "\n\n".join(blocks)
+
+
+def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None = None) -> str:
+    detail = LIST_LENGTHS[config.get("detail_level", "standard")]
+    lines = [
+        f"Create exactly {count} distinct persona{'s' if count != 1 else ''} from the research data below.",
+        f"Give each persona about {detail} goals, pain points and behaviours, and {QUOTE_COUNTS[config.get('detail_level', 'standard')]} "
+        "quotes. Quotes must be whole sentences copied exactly from the data.",
+        "In `participants`, list the ids (shown in brackets) of the participants each persona stands for.",
+        f"Complexity: {config.get('complexity', 'moderate')}.",
+    ]
+    if others:
+        lines.append("Other segments already have their own personas; keep this one distinct from them:")
+        lines += [f"- {summary}" for summary in others]
+    return "\n".join(lines) + f"\n\n<data>\n{data}\n</data>"
+
+
+def persona_problems(answer: Any, count: int) -> list[str]:
+    """What is wrong with a model's answer, against the schema and the request."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("personas"), list):
+        return ["the answer must be an object with a `personas` array"]
+    personas = answer["personas"]
+    problems = [] if len(personas) == count else [f"expected exactly {count} personas, got {len(personas)}"]
+    for number, item in enumerate(personas, 1):
+        if not isinstance(item, dict):
+            problems.append(f"persona {number} is not an object")
+            continue
+        for name in PERSONA_FIELDS:
+            value = item.get(name)
+            if not value or (name == "demographics" and not isinstance(value, dict)) or (
+                    name in ("goals", "pain_points", "behaviours", "quotes")
+                    and not (isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value))):
+                problems.append(f"persona {number}: `{name}` is missing, empty or of the wrong type")
+    return problems
+
+
+def findings_problems(answer: Any, _: int) -> list[str]:
+    if not isinstance(answer, dict) or not isinstance(answer.get("findings"), list) or not isinstance(answer.get("quotes"), list):
+        return ["the answer must be an object with `findings` and `quotes` arrays"]
+    return []
+
+
+class ModelSession:
+    """One job's conversation with a provider: calls, repairs, usage and the audit trail."""
+
+    def __init__(self, provider_name: str, model: str, config: JSON) -> None:
+        self.name = provider_name
+        self.provider = PROVIDERS[provider_name](model, config)
+        self.usage = Usage()
+        self.exchanges: list[JSON] = []
+        self.calls = asyncio.Semaphore(SEGMENT_CALLS_AT_ONCE)
+
+    async def ask(self, purpose: str, prompt: str, schema: JSON, check: Callable[[Any, int], list[str]], count: int) -> Any:
+        """Ask once; on an invalid answer, ask once more showing what was wrong."""
+        answer_text = await self._call(purpose, prompt, schema)
+        answer, problems = parse_answer(answer_text, check, count)
+        if not problems:
+            return answer
+        repair = (f"{prompt}\n\nYour previous answer was:\n{answer_text[:20000]}\n\nIt was invalid: "
+                  + "; ".join(problems) + ". Answer again, correcting every problem.")
+        answer_text = await self._call(f"{purpose} (repair)", repair, schema)
+        answer, problems = parse_answer(answer_text, check, count)
+        if problems:
+            raise GenerationError(f"{self.name}: the model's answer was invalid after one repair: " + "; ".join(problems[:5]))
+        return answer
+
+    async def _call(self, purpose: str, prompt: str, schema: JSON) -> str:
+        async with self.calls:
+            try:
+                text = await self.provider.complete(prompt, schema, self.usage)
+            except GenerationError:
+                raise
+            except Exception as exc:
+                raise ProviderError(describe_provider_failure(self.name, exc)) from None
+        self.exchanges.append({"purpose": purpose, "system": SYSTEM_PROMPT, "prompt": prompt, "answer": text})
+        return text
+
+
+def parse_answer(text: str, check: Callable[[Any, int], list[str]], count: int) -> tuple[Any, list[str]]:
+    try:
+        answer = json.loads(text)
+    except ValueError as exc:
+        return None, [f"the answer is not valid JSON ({exc.msg} at character {exc.pos})"]
+    return answer, check(answer, count)
+
+
+def grounded_persona(item: JSON, number: int, source: str, known: dict[str, Participant], segment: list[str] | None,
+                     total: int) -> tuple[JSON, int]:
+    """Keep verbatim quotes, move the rest to `unverified_quotes`; evidence names real participants."""
+    verified, unverified = [], []
+    for quote in item["quotes"]:
+        (verified if normalise_quote(quote) and normalise_quote(quote) in source else unverified).append(quote)
+    named = [str(pid) for pid in item.get("participants") or [] if str(pid) in known]
+    ids = segment if segment is not None else list(dict.fromkeys(named))
+    persona = {
+        "id": f"persona-{number:03d}",
+        **{name: item[name] for name in PERSONA_FIELDS if name != "quotes"},
+        "quotes": verified,
+        "summary": item.get("summary", ""),
+        "evidence": {"participants": ids, "share": round(len(ids) / total, 4)},
+    }
+    if unverified:
+        persona["unverified_quotes"] = unverified
+    return persona, len(unverified)
+
+
+async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: ProgressReport) -> tuple[list[JSON], JSON]:
+    """Personas from an LLM, holistic or per segment; returns them with metadata to merge."""
+    config = request.get("config", {})
+    count = request.get("count", 3)
+    people = dataset.participants
+    if len(people) < count:
+        raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
+    budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
+    strategy = config.get("strategy", "auto")
+    rendered = render_participants(people)
+    if strategy == "auto":
+        strategy = "holistic" if estimate_tokens(rendered) <= budget else "segmented"
+    session = ModelSession(provider, request.get("model") or default_model(provider), config)
+    known = {person.id: person for person in people}
+    async with asyncio.timeout(PROVIDER_JOB_TIMEOUT_S):
+        if strategy == "holistic":
+            if estimate_tokens(rendered) > budget:
+                raise GenerationError(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens "
+                                      f"{budget}; use strategy 'segmented' or 'auto'")
+            answer = await session.ask("personas", persona_prompt(count, rendered, config), LLM_RESULT_SCHEMA,
+                                       persona_problems, count)
+            await report(80, "personas validated")
+            items = [(item, None) for item in answer["personas"]]
+        else:
+            items = await segmented_items(session, people, count, config, budget, report)
+    source = normalise_quote(rendered)
+    personas, unverified = [], 0
+    for number, (item, segment) in enumerate(items, 1):
+        persona, missing = grounded_persona(item, number, source, known, segment, len(people))
+        personas.append(persona)
+        unverified += missing
+    warnings = [f"{unverified} quote(s) not found verbatim in the data moved to unverified_quotes"] if unverified else []
+    usage = {"input_tokens": session.usage.input_tokens, "output_tokens": session.usage.output_tokens,
+             "calls": session.usage.calls}
+    return personas, {"strategy": strategy, "usage": usage, "warnings": warnings, "exchanges": session.exchanges,
+                      "model": session.provider.model}
+
+
+async def segmented_items(session: ModelSession, people: list[Participant], count: int, config: JSON, budget: int,
+                          report: ProgressReport) -> list[tuple[JSON, list[str]]]:
+    """Cluster offline, then one persona per segment, concurrently, each from its own data."""
+    corpus = await asyncio.to_thread(build_corpus, people)
+    segments = await asyncio.to_thread(cluster_participants, corpus, count, 0)
+    overall = centroid_of(corpus.vectors)
+    summaries = [", ".join(distinctive_terms(corpus, members, overall, 4)) for members in segments]
+    done = 0
+
+    async def one(index: int, members: list[int]) -> tuple[JSON, list[str]]:
+        nonlocal done
+        group = [people[i] for i in members]
+        data = render_participants(group)
+        if estimate_tokens(data) > budget:
+            data = await condense(session, group, budget)
+        others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
+        answer = await session.ask(f"persona for segment {index + 1}", persona_prompt(1, data, config, others),
+                                   LLM_RESULT_SCHEMA, persona_problems, 1)
+        done += 1
+        await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
+        return answer["personas"][0], [person.id for person in group]
+
+    return list(await asyncio.gather(*(one(i, members) for i, members in enumerate(segments))))
+
+
+async def condense(session: ModelSession, group: list[Participant], budget: int) -> str:
+    """The map step: findings and verbatim quotes per chunk, so nothing is cut off unread."""
+    chunks, current = [], []
+    for person in group:
+        if current and estimate_tokens(render_participants(current + [person])) > budget * 0.8:
+            chunks.append(current)
+            current = []
+        current.append(person)
+    chunks.append(current)
+    lines = []
+    for number, chunk in enumerate(chunks, 1):
+        text = render_participants(chunk)
+        prompt = ("Extract the key findings (goals, pain points, behaviours) and the most telling quotes from "
+                  f"this part of the research data. Quotes must be copied exactly.\n\n<data>\n{text}\n</data>")
+        answer = await session.ask(f"findings, chunk {number} of {len(chunks)}", prompt, FINDINGS_SCHEMA,
+                                   findings_problems, 0)
+        lines += [f"- {finding}" for finding in answer["findings"]]
+        lines += [f'"{quote}"' for quote in answer["quotes"] if normalise_quote(quote) in normalise_quote(text)]
+    ids = ", ".join(person.id for person in group)
+    return f"Findings from participants {ids}:\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
 # Generation: one job from request to output folder
 # ---------------------------------------------------------------------------
 
@@ -1813,12 +2243,14 @@ def persona_card(persona: JSON) -> str:
     for key, heading in (("goals", "Goals"), ("pain_points", "Pain points"), ("behaviours", "Behaviours")):
         lines += [f"## {heading}", ""] + [f"- {item}" for item in persona[key]] + [""]
     lines += ["## Quotes", ""] + [f"> {quote}" for quote in persona["quotes"]] + [""]
+    if persona.get("unverified_quotes"):
+        lines += ["## Unverified quotes (not found in the data)", ""] + [f"> {q}" for q in persona["unverified_quotes"]] + [""]
     evidence = persona["evidence"]
     lines += ["## Evidence", "", f"Participants ({evidence['share']:.0%}): {', '.join(evidence['participants'])}", ""]
     return "\n".join(lines)
 
 
-def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata: JSON) -> str:
+def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata: JSON, exchanges: list[JSON]) -> str:
     """Write the job's folder atomically (a rename), so a crash never leaves half of one."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     folder = output_dir / f"{stamp}_{job_id}"
@@ -1828,23 +2260,37 @@ def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata:
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
     for persona in personas:
         (staging / f"{persona['id']}.md").write_text(persona_card(persona), "utf-8")
+    if exchanges:  # the prompts sent and the raw answers, for auditing an LLM run
+        (staging / "exchanges.json").write_text(json.dumps(exchanges, indent=2, ensure_ascii=False), "utf-8")
     staging.rename(folder)
     return f"{folder.as_posix()}/"
 
 
 def pick_provider(request: JSON) -> str:
-    return request.get("provider") or os.environ.get("PERSONA_PROVIDER") or "local"
+    """The request's provider, else PERSONA_PROVIDER, else the first with a key, else local."""
+    if request.get("provider"):
+        return request["provider"]
+    if os.environ.get("PERSONA_PROVIDER"):
+        return os.environ["PERSONA_PROVIDER"].strip().lower()
+    keyed = (name for name in ("anthropic", "openai", "gemini") if provider_key(PROVIDER_SPECS[name]))
+    return next(keyed, "local")
 
 
-def check_provider(request: JSON) -> None:
+def resolve_provider(request: JSON) -> str:
     """Refuse at submission a provider that cannot run here, saying what to do."""
     provider = pick_provider(request)
     if provider not in PROVIDER_NAMES:
-        raise APIError(422, f"provider {provider!r} is unknown", {"provider": "must be one of: " + ", ".join(PROVIDER_NAMES)})
-    if provider != "local":
-        raise APIError(400, f"provider {provider!r} is not available on this server; use provider 'local'")
-    if request.get("model") not in (None, LOCAL_MODEL):
-        raise APIError(422, f"the local engine has one model, {LOCAL_MODEL!r}", {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
+        raise APIError(400, f"PERSONA_PROVIDER names an unknown provider {provider!r}; use one of: {', '.join(PROVIDER_NAMES)}")
+    if provider == "local":
+        if request.get("model") not in (None, LOCAL_MODEL):
+            raise APIError(422, f"Request validation failed: model must be {LOCAL_MODEL!r} for provider 'local'",
+                           {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
+        return provider
+    spec = PROVIDER_SPECS[provider]
+    if spec.key_variables and provider_key(spec) is None:
+        raise APIError(400, f"provider {provider!r} needs an API key: set {' or '.join(spec.key_variables)} "
+                            "in the server's environment", {"provider": provider})
+    return provider
 
 
 async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport) -> JSON:
@@ -1852,32 +2298,39 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
     started = time.perf_counter()
     count = request.get("count", 3)
     config = request.get("config", {})
+    provider = request.get("provider") or pick_provider(request)
     await report(5, "loading data")
     dataset = await load_data(request["data"], settings.data_dir, settings.private_urls_allowed)
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
-    personas, warnings = await asyncio.to_thread(offline_personas, dataset, count, config)
+    engine: JSON = {"count": count, "complexity": config.get("complexity", "moderate"),
+                    "detail_level": config.get("detail_level", "standard")}
+    exchanges: list[JSON] = []
+    if provider == "local":
+        personas, warnings = await asyncio.to_thread(offline_personas, dataset, count, config)
+        model, usage = LOCAL_MODEL, {"input_tokens": 0, "output_tokens": 0, "calls": 0}
+        engine.update(name="tfidf-kmeans", seed=0)
+    else:
+        personas, details = await llm_personas(dataset, request, provider, report)
+        warnings, usage, exchanges, model = details["warnings"], details["usage"], details["exchanges"], details["model"]
+        engine.update(name="llm", strategy=details["strategy"],
+                      **{key: config[key] for key in ("temperature", "max_tokens", "max_input_tokens") if key in config})
     built = time.perf_counter()
     await report(85, "personas built")
     metadata = {
         "job_id": job_id,
-        "provider": "local",
-        "model": LOCAL_MODEL,
-        "engine": {
-            "name": "tfidf-kmeans",
-            "seed": 0,
-            "count": count,
-            "complexity": config.get("complexity", "moderate"),
-            "detail_level": config.get("detail_level", "standard"),
-        },
+        "provider": provider,
+        "model": model,
+        "engine": engine,
         "source": dataset.source,
         "experiment_id": experiment_id,
         "version": __version__,
         "created_at": utc_now(),
         "timings": {"load_s": round(loaded - started, 4), "generate_s": round(built - loaded, 4)},
+        "usage": usage,
         "warnings": dataset.warnings + warnings,
     }
-    output_path = await asyncio.to_thread(write_outputs, settings.output_dir, job_id, personas, metadata)
+    output_path = await asyncio.to_thread(write_outputs, settings.output_dir, job_id, personas, metadata, exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
     await report(95, "outputs written")
     return {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
@@ -2397,7 +2850,7 @@ async def create_generation(request: Request) -> JSONResponse:
     job_request = validated(body, GENERATE_SCHEMA)
     if "config" in job_request:
         job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
-    check_provider(job_request)
+    job_request["provider"] = resolve_provider(job_request)
     check_destination(job_request.get("webhook_url"), "webhook_url", app_state.settings)
     check_data_source(job_request["data"], app_state.settings.data_dir)
     job_id, replayed = await app_state.store.create_job(
@@ -2493,6 +2946,10 @@ async def list_webhooks(request: Request) -> JSONResponse:
     return JSONResponse(await state(request).store.list_webhooks())
 
 
+async def list_providers(request: Request) -> JSONResponse:
+    return JSONResponse(provider_status())
+
+
 async def list_deliveries(request: Request) -> JSONResponse:
     webhook = await find_webhook(request)
     return JSONResponse(await state(request).store.list_deliveries(webhook["webhook_id"], DELIVERY_LOG_LIMIT))
@@ -2557,6 +3014,7 @@ def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable
 ROUTES = [
     Route("/", root, methods=["GET"]),
     Route("/api/v1/health", health, methods=["GET"]),
+    Route("/api/v1/providers", list_providers, methods=["GET"]),
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
@@ -2653,7 +3111,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd = commands.add_parser("generate", help="generate personas from a data file or folder, without a server")
     generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
     generate_cmd.add_argument("--count", "-n", type=int, default=3, help="number of personas, 1 to 20 (default 3)")
-    generate_cmd.add_argument("--provider", default=None, help="persona engine (default local)")
+    generate_cmd.add_argument("--provider", default=None, choices=PROVIDER_NAMES,
+                              help="anthropic, openai, gemini, ollama or local (default: as the server chooses)")
     generate_cmd.add_argument("--model", default=None, help="model identifier")
     generate_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                               help="generation setting such as detail_level=detailed; repeatable")
@@ -2726,7 +3185,7 @@ def run_generate(args: argparse.Namespace) -> int:
     path = Path(args.data).resolve()
     try:
         request = validated(body, GENERATE_SCHEMA)
-        check_provider(request)
+        request["provider"] = resolve_provider(request)
         request["data"] = path.name if path.is_file() else "."
         data_dir = path.parent if path.is_file() else path
         check_data_source(request["data"], data_dir)

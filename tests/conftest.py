@@ -23,6 +23,16 @@ EXAMPLES = ROOT / "examples"
 TERMINAL = ("completed", "failed")
 
 
+PROVIDER_VARIABLES = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "PERSONA_PROVIDER",
+                      "ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL", "OLLAMA_HOST")
+
+
+def clean_environment() -> dict[str, str]:
+    """This environment without provider keys or PERSONA_* settings, so tests choose their own."""
+    return {key: value for key, value in os.environ.items()
+            if key not in PROVIDER_VARIABLES and not key.startswith("PERSONA_")}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,7 +65,7 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> Server:
         command = [sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        env = {**clean_environment(), "PYTHONPATH": str(ROOT), **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
