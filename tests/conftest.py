@@ -209,6 +209,7 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.answers: list[int | None] = [200]
+        self.redirect_to = ""
         self.release = threading.Event()
         self.lock = threading.Lock()
         outer = self
@@ -225,6 +226,8 @@ class Receiver:
                 self.send_response(answer)
                 if answer in (429, 503):
                     self.send_header("Retry-After", "1")
+                if 300 <= answer < 400:
+                    self.send_header("Location", outer.redirect_to)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

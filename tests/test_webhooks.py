@@ -304,3 +304,35 @@ def test_a_data_url_on_a_private_address_fails_its_job_with_the_reason(guarded, 
     assert job["status"] == "failed"
     assert "refused" in job["error"] and "127.0.0.1" in job["error"]
     assert gated_data.requests == 0
+
+
+def test_retry_after_is_honoured_in_both_forms_and_capped() -> None:
+    from email.utils import formatdate
+    import time
+
+    assert persona.parse_retry_after("30") == 30
+    assert 55 <= persona.parse_retry_after(formatdate(time.time() + 60, usegmt=True)) <= 60
+    assert persona.parse_retry_after("999999999") == persona.RETRY_AFTER_CAP_S
+    assert persona.parse_retry_after("soon") is None
+    assert persona.retry_delay((0.1,), 1, 30.0) == 30.0
+
+
+def test_the_schedule_backs_off_with_jitter_and_ends() -> None:
+    schedule = (5.0, 60.0)
+    assert 4.5 <= persona.retry_delay(schedule, 1, None) <= 5.5
+    assert 54 <= persona.retry_delay(schedule, 2, None) <= 66
+    assert persona.retry_delay(schedule, 3, None) is None
+
+
+def test_a_redirect_is_not_followed_but_retried(start_server, receivers) -> None:
+    target = receivers()
+    redirecting = receivers()
+    redirecting.answers = [307, 200]
+    redirecting.redirect_to = target.url
+    server = start_server("--rate-limit", "0", *FAST_RETRIES)
+    with server.client() as http:
+        webhook_id = register(http, redirecting.url)
+        wait_job(http, submit(http, data="interviews.csv"))
+        [delivery] = settled(http, webhook_id)
+    assert [a["http_status"] for a in delivery["attempts"]] == [307, 200]
+    assert not target.requests
