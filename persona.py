@@ -17,6 +17,7 @@ import contextlib
 import csv
 import hashlib
 import hmac
+import html
 import io
 import ipaddress
 import json
@@ -42,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,6 +64,7 @@ POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
 MAX_WEBHOOKS = 1000  # registered webhooks; each finished job fans out to all of them
 DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
 DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
+JOBS_PAGE_SIZE = 200  # jobs on the /jobs page
 LOCAL_MODEL = "persona-offline-1"  # the offline engine's name as a model
 
 
@@ -545,6 +547,7 @@ SELECT {JOB_COLUMNS},
        (SELECT COUNT(*) FROM jobs WHERE :status IS NULL OR status = :status) AS total
 FROM jobs WHERE :status IS NULL OR status = :status
 ORDER BY seq LIMIT :limit OFFSET :offset"""
+SQL_LIST_JOBS_NEWEST = SQL_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
 SQL_COUNT_JOBS = "SELECT COUNT(*) FROM jobs WHERE :status IS NULL OR status = :status"
 SQL_FIND_IDEMPOTENT = "SELECT body_hash, job_id FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at > ?"
 SQL_COUNT_ACTIVE = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('pending', 'running')"
@@ -782,9 +785,9 @@ class Store:
         rows = await self.read(SQL_GET_JOB, (job_id,))
         return job_from_row(rows[0], with_result=True) if rows else None
 
-    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
+    async def list_jobs(self, status: str | None, limit: int, offset: int, newest_first: bool = False) -> tuple[list[JSON], int]:
         params = {"status": status, "limit": limit, "offset": offset}
-        rows = await self.read(SQL_LIST_JOBS, params)
+        rows = await self.read(SQL_LIST_JOBS_NEWEST if newest_first else SQL_LIST_JOBS, params)
         if rows:
             return [job_from_row(row) for row in rows], rows[0][7]
         return [], (await self.read(SQL_COUNT_JOBS, params))[0][0]
@@ -2250,6 +2253,68 @@ def persona_card(persona: JSON) -> str:
     return "\n".join(lines)
 
 
+PAGE_STYLE = """
+body{font:16px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{padding:1.5rem 2rem;background:#1d2330;color:#fff}header h1{margin:0;font-size:1.4rem}
+header p{margin:.25rem 0 0;opacity:.8}main{display:grid;gap:1.25rem;padding:1.5rem 2rem;
+grid-template-columns:repeat(auto-fill,minmax(22rem,1fr))}
+.card{background:#fff;border-radius:12px;padding:1.25rem 1.5rem;box-shadow:0 1px 3px rgba(0,0,0,.12);break-inside:avoid}
+.card h2{margin:0;font-size:1.25rem}.title{margin:.1rem 0 .75rem;color:#4b5565;font-style:italic}
+.share{float:right;background:#e8eefc;color:#2848a8;border-radius:999px;padding:.1rem .6rem;font-size:.85rem}
+h3{font-size:.8rem;text-transform:uppercase;letter-spacing:.06em;color:#6b7280;margin:1rem 0 .3rem}
+ul{margin:0;padding-left:1.2rem}blockquote{margin:.4rem 0;padding-left:.8rem;border-left:3px solid #2848a8}
+.unverified{border-left-color:#c2410c;color:#7c2d12}.unverified::after{content:" (unverified)";font-size:.8rem}
+dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .75rem;margin:0}dt{color:#6b7280}dd{margin:0}
+.ids{font-size:.85rem;color:#4b5565}table{border-collapse:collapse;width:100%;background:#fff}
+td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
+@media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
+border:1px solid #ccc;margin-bottom:1rem}}
+"""
+
+
+def escape(value: Any) -> str:
+    """Everything from data is escaped: interview text may hold HTML."""
+    return html.escape(str(value), quote=True)
+
+
+def html_page(title: str, subtitle: str, body: str) -> str:
+    """A self-contained page: inline CSS, no scripts, no external assets."""
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title><style>{PAGE_STYLE}</style>'
+            f'</head><body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>{body}</body></html>')
+
+
+def html_list(heading: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    return f"<h3>{escape(heading)}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+
+
+def persona_html_card(persona: JSON) -> str:
+    evidence = persona.get("evidence", {})
+    share = f'<span class="share">{evidence["share"]:.0%} of participants</span>' if "share" in evidence else ""
+    demographics = "".join(f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
+                           for key, value in persona.get("demographics", {}).items())
+    quotes = "".join(f"<blockquote>{escape(q)}</blockquote>" for q in persona.get("quotes", []))
+    quotes += "".join(f'<blockquote class="unverified">{escape(q)}</blockquote>' for q in persona.get("unverified_quotes", []))
+    return (
+        f'<article class="card" id="{escape(persona.get("id", ""))}">{share}<h2>{escape(persona["name"])}</h2>'
+        f'<p class="title">{escape(persona["title"])}</p>'
+        + (f"<p>{escape(persona['summary'])}</p>" if persona.get("summary") else "")
+        + (f"<h3>Demographics</h3><dl>{demographics}</dl>" if demographics else "")
+        + html_list("Goals", persona.get("goals", [])) + html_list("Pain points", persona.get("pain_points", []))
+        + html_list("Behaviours", persona.get("behaviours", []))
+        + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
+        + (f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
+           if evidence.get("participants") else "")
+        + "</article>"
+    )
+
+
+def personas_page(personas: list[JSON], subtitle: str) -> str:
+    return html_page("Personas", subtitle, "<main>" + "".join(map(persona_html_card, personas)) + "</main>")
+
+
 def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata: JSON, exchanges: list[JSON]) -> str:
     """Write the job's folder atomically (a rename), so a crash never leaves half of one."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
@@ -2260,6 +2325,8 @@ def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata:
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
     for persona in personas:
         (staging / f"{persona['id']}.md").write_text(persona_card(persona), "utf-8")
+    subtitle = f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {job_id}"
+    (staging / "personas.html").write_text(personas_page(personas, subtitle), "utf-8")
     if exchanges:  # the prompts sent and the raw answers, for auditing an LLM run
         (staging / "exchanges.json").write_text(json.dumps(exchanges, indent=2, ensure_ascii=False), "utf-8")
     staging.rename(folder)
@@ -2950,6 +3017,30 @@ async def list_providers(request: Request) -> JSONResponse:
     return JSONResponse(provider_status())
 
 
+async def jobs_page(request: Request) -> HTMLResponse:
+    """The newest jobs with status, progress and links to their cards."""
+    jobs, total = await state(request).store.list_jobs(None, JOBS_PAGE_SIZE, 0, newest_first=True)
+    rows = "".join(
+        f'<tr><td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a></td><td>{escape(job["status"])}</td>'
+        f'<td>{escape(job["progress"])}%</td><td>{escape(job["created_at"])}</td><td>{escape(job["error"] or "")}</td></tr>'
+        for job in jobs
+    )
+    table = ("<main style=\"display:block\"><table><tr><th>Job</th><th>Status</th><th>Progress</th><th>Created</th>"
+             f"<th>Error</th></tr>{rows}</table></main>")
+    return HTMLResponse(html_page("Persona jobs", f"{total} jobs, newest first", table))
+
+
+async def job_page(request: Request) -> HTMLResponse:
+    job = await find_job(request)
+    if job["status"] == "completed":
+        result = job["result"]
+        subtitle = f"{len(result['personas'])} personas · {job['job_id']} · {result['output_path']}"
+        return HTMLResponse(personas_page(result["personas"], subtitle))
+    detail = f"<p>Error: {escape(job['error'])}</p>" if job["error"] else "<p>Reload this page to see it progress.</p>"
+    return HTMLResponse(html_page(f"Job {job['job_id']}", f"{job['status']} · {job['progress']}%",
+                                  f'<main style="display:block">{detail}</main>'))
+
+
 async def list_deliveries(request: Request) -> JSONResponse:
     webhook = await find_webhook(request)
     return JSONResponse(await state(request).store.list_deliveries(webhook["webhook_id"], DELIVERY_LOG_LIMIT))
@@ -3015,6 +3106,8 @@ ROUTES = [
     Route("/", root, methods=["GET"]),
     Route("/api/v1/health", health, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
+    Route("/jobs", jobs_page, methods=["GET"]),
+    Route("/jobs/{job_id}", job_page, methods=["GET"]),
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
