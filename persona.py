@@ -3164,6 +3164,103 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 # ---------------------------------------------------------------------------
+# Python client
+# ---------------------------------------------------------------------------
+
+CLIENT_RETRY_AFTER_CAP_S = 60.0  # the longest a client waits on one 429 before trying again
+
+
+class PersonaAPIError(Exception):
+    """An error answer from a Persona server, with the envelope's fields."""
+
+    def __init__(self, status_code: int, error: str, message: str, details: JSON | None = None) -> None:
+        super().__init__(f"{status_code} {error}: {message}")
+        self.status_code = status_code
+        self.error = error
+        self.message = message
+        self.details = details or {}
+
+
+class PersonaClient:
+    """The REST API from Python: `PersonaClient().generate("interviews.csv")`.
+
+    A 429 is retried after its Retry-After, at most `max_retries` times; any other
+    error answer raises PersonaAPIError.
+    """
+
+    def __init__(self, base_url: str = "http://localhost:8000", token: str | None = None, timeout: float = 30.0,
+                 max_retries: int = 3) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.max_retries = max_retries
+
+    def __enter__(self) -> PersonaClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        for attempt in range(self.max_retries + 1):
+            response = self.http.request(method, path, **kwargs)
+            if response.status_code != 429 or attempt == self.max_retries:
+                break
+            time.sleep(min(parse_retry_after(response.headers.get("retry-after")) or 1.0, CLIENT_RETRY_AFTER_CAP_S))
+        if response.is_success:
+            return response.json()
+        try:
+            body = response.json()
+            raise PersonaAPIError(response.status_code, body["error"], body["message"], body.get("details"))
+        except (ValueError, KeyError, TypeError):
+            raise PersonaAPIError(response.status_code, "http_error", response.text[:200] or response.reason_phrase) from None
+
+    def generate(self, data: str | list[Any], count: int = 3, idempotency_key: str | None = None, **kwargs: Any) -> JSON:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._request("POST", "/api/v1/generate", json={"data": data, "count": count, **kwargs}, headers=headers)
+
+    def get_job(self, job_id: str) -> JSON:
+        return self._request("GET", f"/api/v1/generate/{job_id}")
+
+    def wait_for_job(self, job_id: str, timeout: float = 300, interval: float = 2.0,
+                     on_progress: Callable[[JSON], None] | None = None) -> JSON:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in ("completed", "failed"):
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Job {job_id} did not complete within {timeout}s")
+            time.sleep(interval)
+
+    def list_jobs(self, status: str | None = None, limit: int | None = None, offset: int | None = None) -> list[JSON]:
+        params = {key: value for key, value in (("status", status), ("limit", limit), ("offset", offset)) if value is not None}
+        return self._request("GET", "/api/v1/generate", params=params)
+
+    def cancel_job(self, job_id: str) -> JSON:
+        return self._request("DELETE", f"/api/v1/generate/{job_id}")
+
+    def create_webhook(self, url: str, events: list[str] | None = None, secret: str | None = None) -> JSON:
+        body = {key: value for key, value in (("url", url), ("events", events), ("secret", secret)) if value is not None}
+        return self._request("POST", "/api/v1/webhooks", json=body)
+
+    def get_webhook(self, webhook_id: str) -> JSON:
+        return self._request("GET", f"/api/v1/webhooks/{webhook_id}")
+
+    def list_webhooks(self) -> list[JSON]:
+        return self._request("GET", "/api/v1/webhooks")
+
+    def delete_webhook(self, webhook_id: str) -> JSON:
+        return self._request("DELETE", f"/api/v1/webhooks/{webhook_id}")
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -3211,6 +3308,15 @@ def build_parser() -> argparse.ArgumentParser:
                               help="generation setting such as detail_level=detailed; repeatable")
     generate_cmd.add_argument("--output-dir", default="output", help="where the output folder goes (default ./output)")
     generate_cmd.add_argument("--json", action="store_true", help="print the job result as JSON on stdout")
+    generate_cmd.add_argument("--server", metavar="URL", help="submit to a running server instead of generating here")
+    generate_cmd.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
+                              help="API token for --server [env PERSONA_API_AUTH_TOKEN]")
+
+    jobs_cmd = commands.add_parser("jobs", help="list a server's jobs")
+    jobs_cmd.add_argument("--server", metavar="URL", default="http://localhost:8000", help="the server (default http://localhost:8000)")
+    jobs_cmd.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"), help="API token")
+    jobs_cmd.add_argument("--status", choices=JOB_STATUSES, help="only jobs in this status")
+    jobs_cmd.add_argument("--limit", type=int, default=100, help="how many (default 100)")
     return parser
 
 
@@ -3271,34 +3377,124 @@ def print_summary(result: JSON) -> None:
     print(f"Output: {result['output_path']}")
 
 
-def run_generate(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """A command line that cannot work as given; exit status 2."""
+
+
+class ProgressDisplay:
+    """Progress on stderr: a live bar on a terminal, a plain line per change otherwise."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.last: tuple[int, str] | None = None
+
+    def update(self, progress: int, stage: str) -> None:
+        if (progress, stage) == self.last:
+            return
+        self.last = (progress, stage)
+        if self.live:
+            filled = progress * 30 // 100
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {progress:3d}% {stage[:40]:<40}")
+        else:
+            self.stream.write(f"[{progress:3d}%] {stage}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live and self.last is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def generation_body(args: argparse.Namespace) -> JSON:
     body: JSON = {"data": args.data, "count": args.count, "provider": args.provider, "model": args.model}
     if args.config:
         body["config"] = parse_config_pairs(args.config)
-    path = Path(args.data).resolve()
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def typed_config(config: JSON) -> JSON:
+    """`--config temperature=0.4` gives text; numbers become numbers so validation can judge them."""
+    typed = {}
+    for key, value in config.items():
+        with contextlib.suppress(ValueError):
+            value = json.loads(value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else value
+        typed[key] = value
+    return typed
+
+
+def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
+    """The server's pipeline in this process: the data path is the user's own file or folder."""
+    body = generation_body(args)
+    if "config" in body:
+        body["config"] = typed_config(body["config"])
     try:
         request = validated(body, GENERATE_SCHEMA)
         request["provider"] = resolve_provider(request)
-        request["data"] = path.name if path.is_file() else "."
-        data_dir = path.parent if path.is_file() else path
-        check_data_source(request["data"], data_dir)
+        data_dir = Path.cwd()
+        if classify_data(args.data) == "path":
+            path = Path(args.data).resolve()
+            request["data"], data_dir = (path.name, path.parent) if path.is_file() else (".", path)
+            check_data_source(request["data"], data_dir)
     except APIError as exc:
-        print(f"persona: {exc.message}", file=sys.stderr)
-        return 2
+        raise UsageError(exc.message) from None
 
     async def report(progress: int, stage: str) -> None:
-        print(f"[{progress:3d}%] {stage}", file=sys.stderr)
+        display.update(progress, stage)
 
+    settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True)
+    result = asyncio.run(generate(new_id("job"), request, new_id("exp"), settings, report))
+    display.update(100, "done")
+    return result
+
+
+def generate_remotely(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
+    """Submit to a running server and follow the job with the same progress display."""
+    body = generation_body(args)
+    if "config" in body:
+        body["config"] = typed_config(body["config"])
+    with PersonaClient(args.server, args.auth_token) as client:
+        try:
+            job_id = client.generate(**body)["job_id"]
+        except PersonaAPIError as exc:
+            raise UsageError(exc.message) from None
+        job = client.wait_for_job(job_id, timeout=24 * 3600, interval=0.5,
+                                  on_progress=lambda job: display.update(job["progress"], job["status"]))
+    if job["status"] == "failed":
+        raise GenerationError(job["error"])
+    return job["result"]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    display = ProgressDisplay()
     try:
-        settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True)
-        result = asyncio.run(generate(new_id("job"), request, new_id("exp"), settings, report))
-    except GenerationError as exc:
+        result = generate_remotely(args, display) if args.server else generate_locally(args, display)
+    except UsageError as exc:
+        display.close()
+        print(f"persona: {exc}", file=sys.stderr)
+        return 2
+    except (GenerationError, PersonaAPIError, OSError) as exc:
+        display.close()
         print(f"persona: generation failed: {exc}", file=sys.stderr)
         return 1
+    display.close()
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print_summary(result)
+    return 0
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    with PersonaClient(args.server, args.auth_token) as client:
+        try:
+            jobs = client.list_jobs(status=args.status, limit=args.limit)
+        except PersonaAPIError as exc:
+            print(f"persona: {exc.message}", file=sys.stderr)
+            return 2
+    print(f"{'JOB':<18} {'STATUS':<10} {'PROGRESS':>8}  {'CREATED':<20}  ERROR")
+    for job in jobs:
+        print(f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {job['created_at']:<20}  {job['error'] or ''}")
     return 0
 
 
@@ -3307,6 +3503,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return run_server(args)
+        if args.command == "jobs":
+            return run_jobs(args)
         return run_generate(args)
     except ConfigError as exc:
         print(f"persona: {exc}", file=sys.stderr)
