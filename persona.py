@@ -17,6 +17,7 @@ import contextlib
 import csv
 import hashlib
 import hmac
+import importlib.util
 import html
 import io
 import ipaddress
@@ -43,7 +44,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -261,7 +262,17 @@ PROVIDER_NAMES = ("anthropic", "openai", "gemini", "ollama", "local")
 WEBHOOK_EVENTS = ("generation.completed", "generation.failed")
 JOB_STATUSES = ("pending", "running", "completed", "failed")
 
-HTTP_URL_SCHEMA: JSON = {"type": "string", "format": "http-url", "maxLength": 2048}
+TEXT_PATTERN = "^[^\x00]*$"  # no NUL: SQLite, files and logs cannot hold it faithfully
+HTTP_URL_SCHEMA: JSON = {"type": "string", "format": "uri", "pattern": "^https?://[^\x00]*$", "maxLength": 2048}
+
+
+def nullable(schema: JSON) -> JSON:
+    """An optional field may also be sent as null, which means "not given"."""
+    widened = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in schema:
+        widened["enum"] = [*schema["enum"], None]
+    return widened
+
 
 GENERATE_SCHEMA: JSON = {
     "type": "object",
@@ -270,28 +281,28 @@ GENERATE_SCHEMA: JSON = {
     "properties": {
         "data": {
             "oneOf": [
-                {"type": "string", "minLength": 1, "maxLength": 4096},
+                {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": TEXT_PATTERN},
                 {"type": "array", "minItems": 1, "items": {"type": ["string", "object"]}},
             ],
             "description": "a path inside the data directory, an http(s) URL, or an array of records",
         },
-        "count": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3},
-        "provider": {"type": "string", "enum": list(PROVIDER_NAMES)},
-        "model": {"type": "string", "minLength": 1, "maxLength": 200},
-        "config": {
+        "count": nullable({"type": "integer", "minimum": 1, "maximum": 20, "default": 3}),
+        "provider": nullable({"type": "string", "enum": list(PROVIDER_NAMES)}),
+        "model": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}),
+        "config": nullable({
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "experiment": {"type": "string", "minLength": 1, "maxLength": 200},
-                "complexity": {"type": "string", "enum": ["simple", "moderate", "complex"]},
-                "detail_level": {"type": "string", "enum": ["minimal", "standard", "detailed"]},
-                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-                "max_tokens": {"type": "integer", "minimum": 1, "maximum": 200000},
-                "strategy": {"type": "string", "enum": ["auto", "holistic", "segmented"]},
-                "max_input_tokens": {"type": "integer", "minimum": 1000, "maximum": 10000000},
+                "experiment": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}),
+                "complexity": nullable({"type": "string", "enum": ["simple", "moderate", "complex"]}),
+                "detail_level": nullable({"type": "string", "enum": ["minimal", "standard", "detailed"]}),
+                "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+                "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 200000}),
+                "strategy": nullable({"type": "string", "enum": ["auto", "holistic", "segmented"]}),
+                "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
             },
-        },
-        "webhook_url": HTTP_URL_SCHEMA,
+        }),
+        "webhook_url": nullable(HTTP_URL_SCHEMA),
     },
 }
 
@@ -301,13 +312,13 @@ WEBHOOK_SCHEMA: JSON = {
     "additionalProperties": False,
     "properties": {
         "url": HTTP_URL_SCHEMA,
-        "events": {
+        "events": nullable({
             "type": "array",
             "minItems": 1,
             "uniqueItems": True,
             "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-        },
-        "secret": {"type": "string", "minLength": 1, "maxLength": 256},
+        }),
+        "secret": nullable({"type": "string", "minLength": 1, "maxLength": 256, "pattern": TEXT_PATTERN}),
     },
 }
 
@@ -318,9 +329,10 @@ JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "boolean": lambda v: isinstance(v, bool),
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
+    "null": lambda v: v is None,
 }
 TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
-              "object": "an object", "array": "an array"}
+              "object": "an object", "array": "an array", "null": "null"}
 
 
 def validate(value: Any, schema: JSON, path: str = "") -> dict[str, str]:
@@ -355,7 +367,9 @@ def validate_string(value: str, schema: JSON, path: str) -> dict[str, str]:
         return {path: "must not be empty" if schema["minLength"] == 1 else f"must be at least {schema['minLength']} characters"}
     if len(value) > schema.get("maxLength", math.inf):
         return {path: f"must be at most {schema['maxLength']} characters"}
-    if schema.get("format") == "http-url":
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return {path: f"must match {schema['pattern']}"}
+    if schema.get("format") == "uri":
         problem = http_url_problem(value)
         if problem:
             return {path: problem}
@@ -366,6 +380,10 @@ def text_problem(value: str) -> str | None:
     """Text that SQLite, files and logs cannot hold faithfully is refused up front."""
     if "\x00" in value:
         return "must not contain NUL characters"
+    return surrogate_problem(value)
+
+
+def surrogate_problem(value: str) -> str | None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -381,6 +399,11 @@ def http_url_problem(url: str) -> str | None:
         return "must be an absolute http(s) URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an absolute http(s) URL, such as https://example.com/hook"
+    if not url.isascii():
+        return "must be plain ASCII (write an international domain name in its xn-- form)"
+    if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", parts.netloc.rpartition("@")[2].rsplit(":", 1)[0]
+                        if not parts.netloc.endswith("]") else parts.netloc.rpartition("@")[2]):
+        return "must have a valid host name"
     if parts.username is not None or parts.password is not None:
         return "must not contain credentials; use a webhook secret instead"
     if any(ch in url for ch in "\r\n\t ") or any(ord(ch) < 32 for ch in url):
@@ -425,15 +448,15 @@ def validate_object(value: JSON, schema: JSON, path: str) -> dict[str, str]:
 
 
 def nested_text_problems(value: Any, path: str) -> dict[str, str]:
-    """Free-form objects (inline records) still must hold storable text."""
+    """Free-form objects (inline records) must hold storable text; NUL is dropped on loading."""
     if isinstance(value, str):
-        problem = text_problem(value)
+        problem = surrogate_problem(value)
         return {path: problem} if problem else {}
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     problems: dict[str, str] = {}
     for key, item in items:
-        if isinstance(key, str) and text_problem(key):
-            problems[f"{path}.{key!r}"] = "keys " + text_problem(key)
+        if isinstance(key, str) and surrogate_problem(key):
+            problems[f"{path}.{key!r}"] = "keys " + surrogate_problem(key)
         problems.update(nested_text_problems(item, f"{path}[{key!r}]" if isinstance(key, int) else f"{path}.{key}"))
     return problems
 
@@ -1048,6 +1071,13 @@ def classify_data(data: str | list[Any]) -> str:
 
 def resolve_data_path(data: str, data_dir: Path) -> Path:
     """The real path of a data source, refused unless it lies inside the data directory."""
+    try:
+        return checked_data_path(data, data_dir)
+    except OSError as exc:  # a name too long, a loop of links: a bad path, not a server fault
+        raise APIError(400, f"data path {data[:200]!r} cannot be used: {exc.strerror or type(exc).__name__}") from None
+
+
+def checked_data_path(data: str, data_dir: Path) -> Path:
     root = data_dir.resolve()
     candidate = Path(data)
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
@@ -1149,18 +1179,19 @@ def records_from_jsonl(text: str, name: str) -> list[Any]:
 
 
 def flatten_record(record: Any) -> dict[str, Any]:
-    """One level of nesting becomes dotted keys; lists of strings stay lists."""
+    """One level of nesting becomes dotted keys; lists of strings stay lists; NUL goes."""
     if isinstance(record, str):
         return {"text": record}
     if not isinstance(record, dict):
         return {"value": record}
     flat: dict[str, Any] = {}
     for key, value in record.items():
+        key = str(key).replace("\x00", "")
         if isinstance(value, dict):
             for inner, item in value.items():
-                flat[f"{key}.{inner}"] = item
+                flat[f"{key}.{inner}".replace("\x00", "")] = item
         else:
-            flat[str(key)] = value
+            flat[key] = value
     return flat
 
 
@@ -1183,7 +1214,7 @@ def cell_texts(value: Any) -> list[str]:
         return [text for item in value for text in cell_texts(item)]
     if isinstance(value, dict):
         return [text for item in value.values() for text in cell_texts(item)]
-    text = str(value).strip()
+    text = str(value).replace("\x00", "").strip()
     return [text] if text else []
 
 
@@ -2867,7 +2898,7 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not re.fullmatch(r"\d{1,9}", raw) or not low <= int(raw) <= high:
+    if not re.fullmatch(r"\d{1,10}", raw) or not low <= int(raw) <= high:
         raise APIError(422, f"Query parameter {name} must be an integer from {low} to {high}",
                        {name: f"must be an integer from {low} to {high}"})
     return int(raw)
@@ -3063,6 +3094,294 @@ async def retry_delivery(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------
+# HTTP layer: the API description (OpenAPI 3.1) and offline docs
+# ---------------------------------------------------------------------------
+# Request bodies reference GENERATE_SCHEMA and WEBHOOK_SCHEMA, the very documents
+# the handlers validate with, so the description and the checks cannot drift apart.
+
+NULLABLE_TEXT: JSON = {"type": ["string", "null"]}
+TIMESTAMP: JSON = {"type": "string", "format": "date-time", "examples": ["2025-12-19T10:30:00Z"]}
+STRING_LIST: JSON = {"type": "array", "items": {"type": "string"}}
+ERROR_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["success", "error", "message", "details"],
+    "properties": {
+        "success": {"type": "boolean", "const": False},
+        "error": {"type": "string", "enum": sorted(set(ERROR_CODES.values()))},
+        "message": {"type": "string"},
+        "details": {"type": "object"},
+    },
+    "examples": [{"success": False, "error": "rate_limited", "message": "Rate limit exceeded. Retry after 60 seconds.",
+                  "details": {"retry_after": 60}}],
+}
+PERSONA_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["id", "name", "title", "demographics", "goals", "pain_points", "behaviours", "quotes"],
+    "properties": {
+        "id": {"type": "string", "examples": ["persona-001"]}, "name": {"type": "string"}, "title": {"type": "string"},
+        "summary": {"type": "string"}, "demographics": {"type": "object"}, "goals": STRING_LIST,
+        "pain_points": STRING_LIST, "behaviours": STRING_LIST, "quotes": STRING_LIST, "unverified_quotes": STRING_LIST,
+        "themes": STRING_LIST,
+        "evidence": {"type": "object", "properties": {"participants": STRING_LIST, "share": {"type": "number"}}},
+    },
+}
+JOB_FIELDS_SCHEMA: JSON = {
+    "job_id": {"type": "string", "pattern": "^job-[0-9a-f]{12}$"},
+    "status": {"type": "string", "enum": list(JOB_STATUSES)},
+    "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+    "created_at": TIMESTAMP, "started_at": NULLABLE_TEXT, "completed_at": NULLABLE_TEXT, "error": NULLABLE_TEXT,
+}
+JOB_SUMMARY_SCHEMA: JSON = {"type": "object", "required": list(JOB_FIELDS_SCHEMA), "properties": JOB_FIELDS_SCHEMA}
+JOB_SCHEMA: JSON = {
+    "type": "object",
+    "required": [*JOB_FIELDS_SCHEMA, "result"],
+    "properties": {
+        **JOB_FIELDS_SCHEMA,
+        "result": {"oneOf": [{"type": "null"}, {
+            "type": "object", "required": ["personas", "experiment_id", "output_path"],
+            "properties": {"personas": {"type": "array", "items": {"$ref": "#/components/schemas/Persona"}},
+                           "experiment_id": {"type": "string"}, "output_path": {"type": "string"},
+                           "metadata": {"type": "object"}}}]},
+    },
+}
+WEBHOOK_OUT_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["webhook_id", "url", "events", "created_at"],
+    "properties": {"webhook_id": {"type": "string"}, "url": {"type": "string"},
+                   "events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+                   "created_at": TIMESTAMP},
+}
+DELIVERY_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["delivery_id", "event", "job_id", "status", "created_at", "next_retry_at", "attempts"],
+    "properties": {
+        "delivery_id": {"type": "string"}, "event": {"type": "string"}, "job_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["pending", "delivering", "delivered", "failed", "cancelled"]},
+        "created_at": TIMESTAMP, "next_retry_at": NULLABLE_TEXT,
+        "attempts": {"type": "array", "items": {"type": "object", "properties": {
+            "attempted_at": {"type": "string"}, "http_status": {"type": ["integer", "null"]},
+            "error": NULLABLE_TEXT, "duration_ms": {"type": "integer"}}}},
+    },
+}
+SUCCESS_SCHEMA: JSON = {"type": "object", "required": ["success", "message"],
+                        "properties": {"success": {"type": "boolean"}, "message": {"type": "string"}}}
+REQUEST_EXAMPLES = {  # the reference's own examples
+    "GenerateRequest": {"data": "./interviews.csv", "count": 5, "provider": "anthropic",
+                        "model": "claude-sonnet-4-20250514",
+                        "config": {"complexity": "moderate", "detail_level": "standard"},
+                        "webhook_url": "https://example.com/webhook"},
+    "WebhookRequest": {"url": "https://example.com/webhook", "events": ["generation.completed", "generation.failed"],
+                       "secret": "webhook-secret-123"},
+}
+ERROR_TEXT = {400: "Invalid request", 401: "Authentication required", 404: "Not found", 405: "Method not allowed",
+              409: "Conflict with the resource's state", 413: "Request body too large", 422: "Validation error",
+              429: "Too many requests", 500: "Server error", 503: "Database or disk unavailable"}
+
+
+def json_response(description: str, schema: JSON, example: Any = None, headers: bool = True) -> JSON:
+    content: JSON = {"schema": schema}
+    if example is not None:
+        content["example"] = example
+    response: JSON = {"description": description, "content": {"application/json": content}}
+    if headers:
+        response["headers"] = {name: {"$ref": f"#/components/headers/{name}"}
+                               for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")}
+    return response
+
+
+def operation(summary: str, ok: JSON, errors: Iterable[int], write: bool = False, body: JSON | None = None,
+              parameters: list[JSON] | None = None) -> JSON:
+    codes = {*errors, 405, 429, 500, 503}
+    if write:
+        codes |= {401}
+    if body is not None:
+        codes |= {400, 413, 422}
+    responses: JSON = {"200": ok}
+    for code in sorted(codes):
+        error = json_response(ERROR_TEXT[code], {"$ref": "#/components/schemas/Error"})
+        if code == 429:
+            error["headers"]["Retry-After"] = {"schema": {"type": "integer"}, "description": "seconds to wait"}
+        if code == 401:
+            error["headers"]["WWW-Authenticate"] = {"schema": {"type": "string"}}
+        responses[str(code)] = error
+    spec: JSON = {"summary": summary, "responses": responses}
+    if write:
+        spec["security"] = [{"bearerAuth": []}]
+    if body is not None:
+        name = body["$ref"].rsplit("/", 1)[1]
+        spec["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": body, "example": REQUEST_EXAMPLES[name]}}}
+    if parameters:
+        spec["parameters"] = parameters
+    return spec
+
+
+def path_parameter(name: str, pattern: str) -> JSON:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": pattern}}
+
+
+def query_parameter(name: str, schema: JSON) -> JSON:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+OPERATION_IDS = {
+    ("/", "get"): "getInfo", ("/api/v1/health", "get"): "getHealth", ("/api/v1/providers", "get"): "listProviders",
+    ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
+    ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
+    ("/api/v1/webhooks", "post"): "createWebhook", ("/api/v1/webhooks", "get"): "listWebhooks",
+    ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook", ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
+    ("/api/v1/webhooks/{webhook_id}/deliveries", "get"): "listDeliveries",
+    ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"): "retryDelivery",
+}
+
+
+def name_operations(paths: JSON) -> None:
+    for path, methods in paths.items():
+        for method, spec in methods.items():
+            spec["operationId"] = OPERATION_IDS[(path, method)]
+
+
+def link(paths: JSON, path: str, method: str, targets: dict[str, str]) -> None:
+    """Say which later calls take an id this one returns (clients and testers follow these)."""
+    paths[path][method]["responses"]["200"]["links"] = {
+        target: {"operationId": target, "parameters": {field: f"$response.body#/{field}"}}
+        for target, field in targets.items()
+    }
+
+
+def openapi_document() -> JSON:
+    """The whole API as OpenAPI 3.1, built from the schemas the server enforces."""
+    job_id = path_parameter("job_id", JOB_ID.pattern)
+    webhook_id = path_parameter("webhook_id", WEBHOOK_ID.pattern)
+    delivery_id = path_parameter("delivery_id", r"^delivery-[0-9a-f]{12}$")
+    info_example = {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"}
+    health_schema = {"type": "object", "required": ["status", "version", "timestamp"],
+                     "properties": {"status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+                                    "version": {"type": "string"}, "timestamp": TIMESTAMP,
+                                    "reason": {"type": "string"}}}
+    accepted = {"type": "object", "required": ["job_id", "status", "message", "status_url"],
+                "properties": {"job_id": {"type": "string"}, "status": {"type": "string", "enum": list(JOB_STATUSES)},
+                               "message": {"type": "string"}, "status_url": {"type": "string"}}}
+    paths = {
+        "/": {"get": operation("API information", json_response("API information", {"type": "object"}, info_example), [])},
+        "/api/v1/health": {"get": {
+            "summary": "Health check: the database answers and the job runner lives",
+            "responses": {"200": json_response("Healthy", health_schema, headers=False),
+                          "405": json_response(ERROR_TEXT[405], {"$ref": "#/components/schemas/Error"}, headers=False),
+                          "503": json_response("Unhealthy, with the reason", health_schema, headers=False)}}},
+        "/api/v1/providers": {"get": operation("Persona engines and LLM providers, and whether each is configured",
+                                               json_response("Providers", {"type": "array", "items": {"type": "object"}}), [])},
+        "/api/v1/generate": {
+            "post": {**operation("Start a persona generation job",
+                                 json_response("Job created", accepted), [], write=True,
+                                 body={"$ref": "#/components/schemas/GenerateRequest"}),
+                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}}]},
+            "get": operation("List jobs, oldest first, without results",
+                             {**json_response("Jobs", {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}),
+                              "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
+                                          "Link": {"schema": {"type": "string"}}}},
+                             [422], parameters=[query_parameter("status", {"type": "string", "enum": list(JOB_STATUSES)}),
+                                                query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                                                query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9})]),
+        },
+        "/api/v1/generate/{job_id}": {
+            "get": operation("Job status and result", json_response("The job", {"$ref": "#/components/schemas/Job"}),
+                             [404], parameters=[job_id]),
+            "delete": operation("Cancel a pending or running job; it fails with error 'cancelled'",
+                                json_response("The cancelled job", {"$ref": "#/components/schemas/Job"}), [404, 409],
+                                write=True, parameters=[job_id]),
+        },
+        "/api/v1/webhooks": {
+            "post": operation("Register a webhook", json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
+                              [], write=True, body={"$ref": "#/components/schemas/WebhookRequest"}),
+            "get": operation("List webhooks", json_response("Webhooks", {"type": "array",
+                                                                         "items": {"$ref": "#/components/schemas/Webhook"}}), []),
+        },
+        "/api/v1/webhooks/{webhook_id}": {
+            "get": operation("Webhook details", json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
+                             [404], parameters=[webhook_id]),
+            "delete": operation("Delete a webhook", json_response("Deleted", SUCCESS_SCHEMA), [404], write=True,
+                                parameters=[webhook_id]),
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries": {
+            "get": operation("Recent deliveries to a webhook, newest first",
+                             json_response("Deliveries", {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}),
+                             [404], parameters=[webhook_id]),
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
+            "post": operation("Send a failed delivery again", json_response("Queued", SUCCESS_SCHEMA), [404, 409],
+                              write=True, parameters=[webhook_id, delivery_id]),
+        },
+    }
+    name_operations(paths)
+    link(paths, "/api/v1/generate", "post", {"getJob": "job_id"})
+    link(paths, "/api/v1/webhooks", "post", {"getWebhook": "webhook_id", "deleteWebhook": "webhook_id",
+                                              "listDeliveries": "webhook_id"})
+    rate_header = {"schema": {"type": "integer"}, "required": False}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Persona API", "version": __version__,
+                 "description": "User personas grounded in qualitative research data."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": {"GenerateRequest": GENERATE_SCHEMA, "WebhookRequest": WEBHOOK_SCHEMA, "Job": JOB_SCHEMA,
+                        "JobSummary": JOB_SUMMARY_SCHEMA, "Persona": PERSONA_SCHEMA, "Webhook": WEBHOOK_OUT_SCHEMA,
+                        "Delivery": DELIVERY_SCHEMA, "Error": ERROR_SCHEMA},
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                               "description": "Needed on write endpoints when the server has a token"}},
+            "headers": {"X-RateLimit-Limit": {**rate_header, "description": "requests allowed per minute"},
+                        "X-RateLimit-Remaining": {**rate_header, "description": "requests left in this minute"},
+                        "X-RateLimit-Reset": {**rate_header, "description": "when the window resets, epoch seconds"}},
+        },
+    }
+
+
+UI_ASSETS = {  # what /docs and /redoc load, from the drf-spectacular-sidecar package
+    "swagger-ui-bundle.js": "swagger-ui-dist/swagger-ui-bundle.js",
+    "swagger-ui.css": "swagger-ui-dist/swagger-ui.css",
+    "redoc.standalone.js": "redoc/bundles/redoc.standalone.js",
+}
+SWAGGER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Persona API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head><body><div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script></body></html>"""
+REDOC_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Persona API</title></head>
+<body><redoc spec-url="/openapi.json"></redoc><script src="/docs/assets/redoc.standalone.js"></script></body></html>"""
+
+
+def ui_asset_folder() -> Path | None:
+    """The package's static folder, found without importing it (it would import Django)."""
+    spec = importlib.util.find_spec("drf_spectacular_sidecar")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "static" / "drf_spectacular_sidecar"
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(state(request).openapi, media_type="application/json")
+
+
+def docs_page(page: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        if ui_asset_folder() is None:
+            raise APIError(503, "The interactive docs need the drf-spectacular-sidecar package; "
+                                "install it, or read /openapi.json")
+        return HTMLResponse(page)
+
+    return endpoint
+
+
+async def docs_asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    folder = ui_asset_folder()
+    if name not in UI_ASSETS or folder is None:
+        raise APIError(404, f"No docs asset {name}")
+    return FileResponse(folder / UI_ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
+
+
+# ---------------------------------------------------------------------------
 # HTTP layer: errors, routes, app
 # ---------------------------------------------------------------------------
 
@@ -3106,6 +3425,10 @@ ROUTES = [
     Route("/", root, methods=["GET"]),
     Route("/api/v1/health", health, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/docs", docs_page(SWAGGER_PAGE), methods=["GET"]),
+    Route("/redoc", docs_page(REDOC_PAGE), methods=["GET"]),
+    Route("/docs/assets/{name}", docs_asset, methods=["GET"]),
     Route("/jobs", jobs_page, methods=["GET"]),
     Route("/jobs/{job_id}", job_page, methods=["GET"]),
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
@@ -3158,6 +3481,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.openapi = json_bytes(openapi_document())
     app.state.limiter = None
     app.state.token_digests = tuple(hashlib.sha256(token.encode()).digest() for token in settings.auth_tokens)
     return app

@@ -574,3 +574,8 @@ def test_health_is_503_with_a_reason_when_the_database_cannot_answer(app_client)
     response = app_client.get("/api/v1/health")
     assert response.status_code == 503
     assert "database" in response.json()["reason"]
+
+
+@pytest.mark.parametrize("data", ["0" * 4000, "a/" * 2000 + "x.csv"])
+def test_a_path_the_filesystem_cannot_take_is_a_400_not_a_server_error(client: httpx.Client, data: str) -> None:
+    assert_envelope(client.post("/api/v1/generate", json={"data": data}), 400, "invalid_input")

@@ -88,7 +88,7 @@ def test_the_client_covers_jobs_and_webhooks(secured: Server) -> None:
         job = client.wait_for_job(created["job_id"], interval=0.1)
         assert job["status"] == "completed" and len(job["result"]["personas"]) == 3
         assert [j["job_id"] for j in client.list_jobs(status="completed")] == [created["job_id"]]
-        webhook = client.create_webhook("https://example.com/hook", events=["generation.failed"], secret="s")
+        webhook = client.create_webhook("http://127.0.0.1:9/hook", events=["generation.failed"], secret="s")
         assert client.get_webhook(webhook["webhook_id"]) == webhook
         assert client.list_webhooks() == [webhook]
         assert client.delete_webhook(webhook["webhook_id"])["success"] is True
