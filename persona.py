@@ -1424,6 +1424,8 @@ sometimes sort still such sure take than that the their theirs them themselves t
 thing things think this those though through thus to too toward under until up upon us use used
 uses using usually very want wants was way we well were what whatever when where whether which while
 who whom whose why will with within without would yeah yes yet you your yours yourself ll ve
+i'm i've i'd i'll it's don't can't doesn't didn't isn't won't that's there's we're they're you're we've
+they've let's wasn't aren't couldn't wouldn't shouldn't haven't hasn't what's he's she's
 """.split())
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering

@@ -1,0 +1,111 @@
+"""The API description, the offline docs pages, and the cards as a browser shows them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, Server, submit, wait_job
+from test_pages import hostile_records
+
+import persona
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+
+
+def chromium(*args: str, tmp_path: Path) -> str:
+    """Headless Chromium as the environment allows it: no sandbox, no background traffic."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_the_openapi_document_describes_every_route(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.1")
+    api_routes = {(route.path, method.lower()) for route in persona.ROUTES for method in route.methods or []
+                  if route.path.startswith("/api/") or route.path == "/"}
+    documented = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert {(p, m) for p, m in api_routes if m != "head"} == documented
+
+
+def test_request_schemas_are_the_ones_the_server_validates_with(client: httpx.Client) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    import json
+
+    assert schemas["GenerateRequest"] == json.loads(json.dumps(persona.GENERATE_SCHEMA))
+    assert schemas["WebhookRequest"] == json.loads(json.dumps(persona.WEBHOOK_SCHEMA))
+
+
+def test_write_endpoints_carry_bearer_security_and_every_error_uses_the_envelope(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": document["components"]["securitySchemes"]["bearerAuth"]["description"]}
+    writes = {("/api/v1/generate", "post"), ("/api/v1/generate/{job_id}", "delete"), ("/api/v1/webhooks", "post"),
+              ("/api/v1/webhooks/{webhook_id}", "delete"),
+              ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post")}
+    for path, item in document["paths"].items():
+        for method, spec in item.items():
+            assert (spec.get("security") == [{"bearerAuth": []}]) == ((path, method) in writes), (path, method)
+            for status, response in spec["responses"].items():
+                if int(status) >= 400 and path != "/api/v1/health":
+                    assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+            if "429" in spec["responses"]:
+                assert "Retry-After" in spec["responses"]["429"]["headers"]
+    generate = document["paths"]["/api/v1/generate"]["post"]
+    assert generate["requestBody"]["content"]["application/json"]["example"]["data"] == "./interviews.csv"
+    assert "X-RateLimit-Remaining" in generate["responses"]["200"]["headers"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_docs_pages_load_nothing_from_outside(client: httpx.Client, page: str) -> None:
+    html = client.get(page).text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sources and all(source.startswith("/docs/assets/") for source in sources)
+    for source in sources:
+        asset = client.get(source)
+        assert asset.status_code == 200 and len(asset.content) > 10000
+
+
+@needs_chromium
+@pytest.mark.parametrize(("page", "marker"), [("/docs", "opblock"), ("/redoc", "operation")])
+def test_the_docs_render_every_operation_in_a_browser(server: Server, tmp_path: Path, page: str, marker: str) -> None:
+    dom = chromium("--virtual-time-budget=20000", "--dump-dom", server.url + page, tmp_path=tmp_path)
+    assert marker in dom
+    for path in ("/api/v1/generate", "/api/v1/webhooks", "/api/v1/health"):
+        assert path in dom
+    assert "Start a persona generation job" in dom
+
+
+@needs_chromium
+def test_the_cards_page_renders_with_data_html_as_text(client: httpx.Client, server: Server, tmp_path: Path) -> None:
+    job = wait_job(client, submit(client, data=hostile_records(), count=2))
+    url = f"{server.url}/jobs/{job['job_id']}"
+    dom = chromium("--dump-dom", url, tmp_path=tmp_path)
+    assert dom.count('<article class="card"') == 2
+    assert "&lt;script&gt;alert('x')&lt;/script&gt;" in dom
+    assert "<script>" not in dom
+    shot = tmp_path / "cards.png"
+    chromium(f"--screenshot={shot}", "--window-size=1280,1400", url, tmp_path=tmp_path)
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1280, 1400)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+                    reason="needs root and unshare to run in its own network namespace (CI has both)")
+def test_schemathesis_finds_nothing_with_all_of_its_checks() -> None:
+    result = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "tests" / "run_schemathesis.py")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
