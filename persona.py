@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import csv
+import functools
 import hashlib
 import hmac
 import importlib.util
@@ -29,6 +30,7 @@ import random
 import re
 import secrets
 import socket
+import stat
 import sys
 import time
 from collections import Counter
@@ -474,7 +476,7 @@ def validated(body: JSON, schema: JSON) -> JSON:
 # Store
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2  # every step so far only adds tables, so the whole script upgrades
+SCHEMA_VERSION = 3  # every step so far only adds tables, so the whole script upgrades
 SCHEMA = """\
 -- Persona's SQLite schema. persona.py carries this same text and applies it;
 -- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
@@ -499,8 +501,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at  REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_active_by_owner ON jobs (owner)
-    WHERE status IN ('pending', 'running');
 
 CREATE TABLE IF NOT EXISTS experiments (
     name          TEXT PRIMARY KEY,
@@ -560,20 +560,49 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     duration_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
+
+-- Jobs per owner and status, kept by triggers, so that limits and totals never count rows.
+CREATE TABLE IF NOT EXISTS job_counts (
+    owner  TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (owner, status)
+);
+CREATE TRIGGER IF NOT EXISTS job_counts_on_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+    ON CONFLICT (owner, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS job_counts_on_status AFTER UPDATE OF status ON jobs
+WHEN OLD.status != NEW.status BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+    INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+    ON CONFLICT (owner, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS job_counts_on_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+END;
+-- A database from before the counters gets them from its jobs once, as it upgrades.
+INSERT INTO job_counts (owner, status, n)
+SELECT owner, status, COUNT(*) FROM jobs WHERE NOT EXISTS (SELECT 1 FROM job_counts) GROUP BY owner, status;
 """
 
 JOB_COLUMNS = "job_id, status, progress, created_at, started_at, completed_at, error"
 
 SQL_GET_JOB = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id = ?"
-SQL_LIST_JOBS = f"""
-SELECT {JOB_COLUMNS},
-       (SELECT COUNT(*) FROM jobs WHERE :status IS NULL OR status = :status) AS total
-FROM jobs WHERE :status IS NULL OR status = :status
-ORDER BY seq LIMIT :limit OFFSET :offset"""
+SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
+SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE :status IS NULL OR status = :status"
+# One query per listing: the page and, alongside, the total from the counters.
+SQL_LIST_JOBS = f"SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) FROM jobs ORDER BY seq LIMIT :limit OFFSET :offset"
 SQL_LIST_JOBS_NEWEST = SQL_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
-SQL_COUNT_JOBS = "SELECT COUNT(*) FROM jobs WHERE :status IS NULL OR status = :status"
+SQL_LIST_JOBS_BY_STATUS = f"""
+SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) FROM jobs WHERE status = :status ORDER BY seq LIMIT :limit OFFSET :offset"""
 SQL_FIND_IDEMPOTENT = "SELECT body_hash, job_id FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at > ?"
-SQL_COUNT_ACTIVE = "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('pending', 'running')"
+SQL_COUNT_ACTIVE = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE owner = ? AND status IN ('pending', 'running')"
+# The common submission in one statement: the limit check and the insert cannot interleave.
+SQL_INSERT_JOB_WITHIN_LIMIT = f"""
+INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
+SELECT :job_id, :owner, :request, :experiment_id, :now WHERE ({SQL_COUNT_ACTIVE.replace("?", ":owner")}) < :limit
+RETURNING job_id"""
 SQL_ADD_EXPERIMENT = "INSERT INTO experiments (name, experiment_id, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
 SQL_GET_EXPERIMENT = "SELECT experiment_id FROM experiments WHERE name = ?"
 SQL_INSERT_JOB = "INSERT INTO jobs (job_id, owner, request, experiment_id, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -667,12 +696,63 @@ RETURNING window_start, hits"""
 SQL_PURGE_RATE = "DELETE FROM rate_limits WHERE window_start + ? <= ?"
 
 
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class Coalescer:
+    """Calls made while one batch is in flight wait together for the next single batch.
+
+    Each trip to SQLite costs a thread round trip; under load this turns many trips
+    into one, and with no load a call goes at once, alone.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], Awaitable[dict[Any, Any]]]) -> None:
+        self.run_batch = run_batch
+        self.waiting: dict[Any, list[asyncio.Future[Any]]] = {}
+        self.busy = False
+
+    async def get(self, key: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(key, []).append(future)
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, {}
+                try:
+                    results = await self.run_batch(list(batch))
+                except Exception as exc:  # every caller in the batch gets the failure
+                    results = {key: exc for key in batch}
+                for key, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            outcome = results.get(key)
+                            if isinstance(outcome, Exception):
+                                future.set_exception(outcome)
+                            else:
+                                future.set_result(outcome)
+        finally:
+            self.busy = False
+
+
+@dataclass
+class NewJob:
+    owner: str
+    request: str
+    limit: int
 
 
 class Store:
@@ -689,6 +769,10 @@ class Store:
         self.reader: aiosqlite.Connection | None = None
         self.writer: aiosqlite.Connection | None = None
         self.write_lock = asyncio.Lock()
+        self.job_reads = Coalescer(self._read_jobs)
+        self.pings = Coalescer(self._ping)
+        self.new_jobs: dict[str, NewJob] = {}
+        self.job_inserts = Coalescer(self._insert_jobs)
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -769,6 +853,11 @@ class Store:
         transaction, so workers sharing the database cannot overshoot the limit.
         """
         now, clock = utc_now(), time.time()
+        experiment = request.get("config", {}).get("experiment")
+        if idempotency is None and experiment is None:
+            job_id = new_id("job")
+            self.new_jobs[job_id] = NewJob(owner, json.dumps(request), limit)
+            return await self.job_inserts.get(job_id), False
         async with self.transaction() as run:
             if idempotency is not None:
                 key, body_hash = idempotency
@@ -784,13 +873,8 @@ class Store:
                     return found[0][1], True
             active = (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0]
             if active >= limit:
-                raise APIError(
-                    429,
-                    f"Too many concurrent jobs: {active} are pending or running for this API key "
-                    f"and the limit is {limit}. Wait for one to finish or cancel one.",
-                    {"limit": limit, "active": active},
-                )
-            experiment_id = await self._experiment_for(run, request.get("config", {}).get("experiment"), now)
+                raise too_many_jobs(limit, active)
+            experiment_id = await self._experiment_for(run, experiment, now)
             job_id = new_id("job")
             await run(SQL_INSERT_JOB, (job_id, owner, json.dumps(request), experiment_id, now))
             if idempotency is not None:
@@ -804,13 +888,58 @@ class Store:
         await run(SQL_ADD_EXPERIMENT, (name, new_id("exp"), now))
         return (await run(SQL_GET_EXPERIMENT, (name,)))[0][0]
 
+    async def _insert_jobs(self, job_ids: list[str]) -> dict[str, Any]:
+        """Insert a batch of plain submissions in one transaction, each within its owner's limit."""
+        jobs = {job_id: self.new_jobs.pop(job_id) for job_id in job_ids}
+        now = utc_now()
+        if len(jobs) == 1:
+            [(job_id, job)] = jobs.items()
+            params = {"job_id": job_id, "owner": job.owner, "request": job.request, "experiment_id": new_id("exp"),
+                      "now": now, "limit": job.limit}
+            if await self.write(SQL_INSERT_JOB_WITHIN_LIMIT, params):
+                return {job_id: job_id}
+            return {job_id: too_many_jobs(job.limit, (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0])}
+        outcomes: dict[str, Any] = {}
+        async with self.transaction() as run:
+            active = {owner: (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0] for owner in {j.owner for j in jobs.values()}}
+            rows = []
+            for job_id, job in jobs.items():
+                if active[job.owner] >= job.limit:
+                    outcomes[job_id] = too_many_jobs(job.limit, active[job.owner])
+                    continue
+                active[job.owner] += 1
+                rows.append((job_id, job.owner, job.request, new_id("exp"), now))
+                outcomes[job_id] = job_id
+            await self.writer.executemany(SQL_INSERT_JOB, rows)
+        return outcomes
+
+    async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
+        return {row[0]: row for row in await self.read(SQL_GET_JOBS, (json.dumps(job_ids),))}
+
+    async def _ping(self, _: list[Any]) -> dict[Any, Any]:
+        await self.read("SELECT 1")
+        return {None: True}
+
+    async def ping(self) -> None:
+        """Prove the database answers; concurrent health checks share one query."""
+        await self.pings.get(None)
+
     async def get_job(self, job_id: str) -> JSON | None:
         rows = await self.read(SQL_GET_JOB, (job_id,))
         return job_from_row(rows[0], with_result=True) if rows else None
 
+    async def get_job_json(self, job_id: str) -> bytes | None:
+        """The job as response bytes, its stored result spliced in rather than parsed and re-encoded."""
+        row = await self.job_reads.get(job_id)
+        if row is None:
+            return None
+        head = json_bytes(job_from_row(row))
+        return head[:-1] + b',"result":' + (row[7].encode() if row[7] else b"null") + b"}"
+
     async def list_jobs(self, status: str | None, limit: int, offset: int, newest_first: bool = False) -> tuple[list[JSON], int]:
         params = {"status": status, "limit": limit, "offset": offset}
-        rows = await self.read(SQL_LIST_JOBS_NEWEST if newest_first else SQL_LIST_JOBS, params)
+        sql = SQL_LIST_JOBS_BY_STATUS if status else SQL_LIST_JOBS_NEWEST if newest_first else SQL_LIST_JOBS
+        rows = await self.read(sql, params)
         if rows:
             return [job_from_row(row) for row in rows], rows[0][7]
         return [], (await self.read(SQL_COUNT_JOBS, params))[0][0]
@@ -821,7 +950,7 @@ class Store:
     async def complete_job(self, job_id: str, worker: str, result: JSON) -> bool:
         data = {"personas_count": len(result["personas"]), "experiment_id": result["experiment_id"],
                 "output_path": result["output_path"]}
-        params = (json.dumps(result, ensure_ascii=False), utc_now(), job_id, worker)
+        params = (json_bytes(result).decode("utf-8"), utc_now(), job_id, worker)
         return await self._finish(job_id, SQL_COMPLETE_JOB, params, "generation.completed", data)
 
     async def fail_job(self, job_id: str, worker: str, error: str) -> bool:
@@ -906,6 +1035,15 @@ class Store:
             return None
         rows = await self.read(SQL_DELIVERY_STATUS, (delivery_id, webhook_id))
         return rows[0][0] if rows else "missing"
+
+
+def too_many_jobs(limit: int, active: int) -> APIError:
+    return APIError(
+        429,
+        f"Too many concurrent jobs: {active} are pending or running for this API key "
+        f"and the limit is {limit}. Wait for one to finish or cancel one.",
+        {"limit": limit, "active": active},
+    )
 
 
 def job_from_row(row: Any, with_result: bool = False) -> JSON:
@@ -1078,18 +1216,19 @@ def resolve_data_path(data: str, data_dir: Path) -> Path:
 
 
 def checked_data_path(data: str, data_dir: Path) -> Path:
-    root = data_dir.resolve()
-    candidate = Path(data)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    root = real_root(data_dir)
+    resolved = Path(os.path.realpath(root / data))
     if not resolved.is_relative_to(root):
         raise APIError(400, f"data path {data!r} lies outside the data directory; give a path inside it")
-    if not resolved.exists():
-        raise APIError(400, f"data source {data!r} does not exist in the data directory")
-    if resolved.is_dir():
+    try:
+        mode = resolved.stat().st_mode
+    except FileNotFoundError:
+        raise APIError(400, f"data source {data!r} does not exist in the data directory") from None
+    if stat.S_ISDIR(mode):
         if not any(True for _ in data_files(resolved, root)):
             raise APIError(400, f"data folder {data!r} holds no supported files ({', '.join(FORMATS)})")
         return resolved
-    if not resolved.is_file():
+    if not stat.S_ISREG(mode):
         raise APIError(400, f"data source {data!r} is not a regular file")
     if resolved.suffix.lower() not in FORMATS:
         raise APIError(
@@ -1097,6 +1236,12 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
             f"supported: {', '.join(FORMATS)}"
         )
     return resolved
+
+
+@functools.lru_cache(maxsize=16)
+def real_root(data_dir: Path) -> Path:
+    """The data directory's real path, worked out once: every submission checks against it."""
+    return data_dir.resolve()
 
 
 def data_files(folder: Path, root: Path) -> Iterable[Path]:
@@ -1322,7 +1467,7 @@ def load_path(data: str, data_dir: Path) -> Dataset:
         path = resolve_data_path(data, data_dir)
     except APIError as exc:
         raise GenerationError(exc.message) from None
-    root = data_dir.resolve()
+    root = real_root(data_dir)
     files = list(data_files(path, root)) if path.is_dir() else [path]
     digests, groups = [], []
     for file in files:
@@ -2790,10 +2935,6 @@ def client_ip(scope: Scope) -> str:
     return client[0] if client else "unknown"
 
 
-def json_bytes(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
 class RateLimitMiddleware:
     """Per-IP request limit with the reference's headers; plain ASGI, no per-request task."""
 
@@ -2930,7 +3071,7 @@ async def health(request: Request) -> JSONResponse:
     app_state = state(request)
     reason = None
     try:
-        await app_state.store.read("SELECT 1")
+        await app_state.store.ping()
     except Exception as exc:
         reason = f"database unavailable: {type(exc).__name__}"
     if reason is None and not app_state.runner.alive():
@@ -2983,8 +3124,12 @@ async def find_job(request: Request) -> JSON:
     return job
 
 
-async def get_generation(request: Request) -> JSONResponse:
-    return JSONResponse(await find_job(request))
+async def get_generation(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    body = await state(request).store.get_job_json(job_id) if JOB_ID.match(job_id) else None
+    if body is None:
+        raise APIError(404, f"Job {job_id} not found")
+    return Response(body, media_type="application/json")
 
 
 async def cancel_generation(request: Request) -> JSONResponse:

@@ -21,8 +21,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at  REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_active_by_owner ON jobs (owner)
-    WHERE status IN ('pending', 'running');
 
 CREATE TABLE IF NOT EXISTS experiments (
     name          TEXT PRIMARY KEY,
@@ -82,3 +80,27 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     duration_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
+
+-- Jobs per owner and status, kept by triggers, so that limits and totals never count rows.
+CREATE TABLE IF NOT EXISTS job_counts (
+    owner  TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (owner, status)
+);
+CREATE TRIGGER IF NOT EXISTS job_counts_on_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+    ON CONFLICT (owner, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS job_counts_on_status AFTER UPDATE OF status ON jobs
+WHEN OLD.status != NEW.status BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+    INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+    ON CONFLICT (owner, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS job_counts_on_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+END;
+-- A database from before the counters gets them from its jobs once, as it upgrades.
+INSERT INTO job_counts (owner, status, n)
+SELECT owner, status, COUNT(*) FROM jobs WHERE NOT EXISTS (SELECT 1 FROM job_counts) GROUP BY owner, status;

@@ -190,7 +190,7 @@ class Bench:
         port = free_port()
         command = [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", str(self.work / db),
                    "--data-dir", str(self.work / "data"), "--output-dir", str(self.work / "output"),
-                   "--auth-token", TOKEN, "--rate-limit", "1000000000", "--max-concurrent-jobs", "1000000000",
+                   "--auth-token", TOKEN, "--rate-limit", "1000000000", "--max-concurrent-jobs", "1000000",
                    "--log-level", "warning"]
         process = Process(command, self.env, self.work)
         url = f"http://127.0.0.1:{port}"
