@@ -324,15 +324,17 @@ WEBHOOK_SCHEMA: JSON = {
     },
 }
 
-JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "null": lambda v: v is None,
+JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
+    "array": (list,), "null": (type(None),),
 }
+
+
+def is_json_type(value: Any, kind: str) -> bool:
+    """JSON's types: true is no integer, and 3.0 no integer either."""
+    if isinstance(value, bool) and kind in ("integer", "number"):
+        return False
+    return isinstance(value, JSON_TYPES[kind])
 TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
               "object": "an object", "array": "an array", "null": "null"}
 
@@ -346,7 +348,7 @@ def validate(value: Any, schema: JSON, path: str = "") -> dict[str, str]:
     expected = schema.get("type")
     if expected is not None:
         kinds = expected if isinstance(expected, list) else [expected]
-        if not any(JSON_TYPES[kind](value) for kind in kinds):
+        if not any(is_json_type(value, kind) for kind in kinds):
             return {path: "must be " + " or ".join(TYPE_WORDS[kind] for kind in kinds)}
     if "enum" in schema and value not in schema["enum"]:
         return {path: "must be one of: " + ", ".join(map(str, schema["enum"]))}
@@ -598,10 +600,20 @@ SQL_LIST_JOBS_BY_STATUS = f"""
 SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) FROM jobs WHERE status = :status ORDER BY seq LIMIT :limit OFFSET :offset"""
 SQL_FIND_IDEMPOTENT = "SELECT body_hash, job_id FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at > ?"
 SQL_COUNT_ACTIVE = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE owner = ? AND status IN ('pending', 'running')"
-# The common submission in one statement: the limit check and the insert cannot interleave.
-SQL_INSERT_JOB_WITHIN_LIMIT = f"""
+# Plain submissions, a batch in one statement. Each row's place in the queue is its owner's
+# active jobs before the batch plus its rank among the owner's rows in the batch, computed
+# once from one snapshot (MATERIALIZED), so the batch can never overshoot a limit.
+SQL_INSERT_JOBS_WITHIN_LIMIT = """
+WITH batch AS MATERIALIZED (
+    SELECT new.value ->> 0 AS job_id, new.value ->> 1 AS owner, new.value ->> 2 AS request,
+           new.value ->> 3 AS experiment_id, new.value ->> 4 AS job_limit,
+           (SELECT COALESCE(SUM(n), 0) FROM job_counts
+            WHERE owner = new.value ->> 1 AND status IN ('pending', 'running'))
+           + ROW_NUMBER() OVER (PARTITION BY new.value ->> 1 ORDER BY new.key) AS place
+    FROM json_each(:rows) AS new
+)
 INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
-SELECT :job_id, :owner, :request, :experiment_id, :now WHERE ({SQL_COUNT_ACTIVE.replace("?", ":owner")}) < :limit
+SELECT job_id, owner, request, experiment_id, :now FROM batch WHERE place <= job_limit
 RETURNING job_id"""
 SQL_ADD_EXPERIMENT = "INSERT INTO experiments (name, experiment_id, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
 SQL_GET_EXPERIMENT = "SELECT experiment_id FROM experiments WHERE name = ?"
@@ -701,11 +713,23 @@ def json_bytes(value: Any) -> bytes:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO 8601 in UTC to the second, formatted once per second (it is on every write)."""
+    second = int(time.time())
+    if UTC_NOW_CACHE[0] != second:
+        UTC_NOW_CACHE[:] = [second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")]
+    return UTC_NOW_CACHE[1]
+
+
+UTC_NOW_CACHE: list[Any] = [0, ""]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def own_experiment(job_id: str) -> str:
+    """A job without an experiment name is an experiment of its own, named after it."""
+    return f"exp-{job_id[4:]}"
 
 
 class Coalescer:
@@ -770,6 +794,7 @@ class Store:
         self.writer: aiosqlite.Connection | None = None
         self.write_lock = asyncio.Lock()
         self.job_reads = Coalescer(self._read_jobs)
+        self.listings = Coalescer(self._list_jobs_json)
         self.pings = Coalescer(self._ping)
         self.new_jobs: dict[str, NewJob] = {}
         self.job_inserts = Coalescer(self._insert_jobs)
@@ -889,28 +914,14 @@ class Store:
         return (await run(SQL_GET_EXPERIMENT, (name,)))[0][0]
 
     async def _insert_jobs(self, job_ids: list[str]) -> dict[str, Any]:
-        """Insert a batch of plain submissions in one transaction, each within its owner's limit."""
+        """Insert a batch of plain submissions in one statement, each within its owner's limit."""
         jobs = {job_id: self.new_jobs.pop(job_id) for job_id in job_ids}
-        now = utc_now()
-        if len(jobs) == 1:
-            [(job_id, job)] = jobs.items()
-            params = {"job_id": job_id, "owner": job.owner, "request": job.request, "experiment_id": new_id("exp"),
-                      "now": now, "limit": job.limit}
-            if await self.write(SQL_INSERT_JOB_WITHIN_LIMIT, params):
-                return {job_id: job_id}
-            return {job_id: too_many_jobs(job.limit, (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0])}
-        outcomes: dict[str, Any] = {}
-        async with self.transaction() as run:
-            active = {owner: (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0] for owner in {j.owner for j in jobs.values()}}
-            rows = []
-            for job_id, job in jobs.items():
-                if active[job.owner] >= job.limit:
-                    outcomes[job_id] = too_many_jobs(job.limit, active[job.owner])
-                    continue
-                active[job.owner] += 1
-                rows.append((job_id, job.owner, job.request, new_id("exp"), now))
-                outcomes[job_id] = job_id
-            await self.writer.executemany(SQL_INSERT_JOB, rows)
+        rows = [[job_id, job.owner, job.request, own_experiment(job_id), job.limit] for job_id, job in jobs.items()]
+        inserted = {row[0] for row in await self.write(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})}
+        outcomes: dict[str, Any] = {job_id: job_id for job_id in inserted}
+        for job_id, job in jobs.items():
+            if job_id not in inserted:
+                outcomes[job_id] = too_many_jobs(job.limit, (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0])
         return outcomes
 
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
@@ -943,6 +954,20 @@ class Store:
         if rows:
             return [job_from_row(row) for row in rows], rows[0][7]
         return [], (await self.read(SQL_COUNT_JOBS, params))[0][0]
+
+    async def list_jobs_json(self, status: str | None, limit: int, offset: int) -> tuple[bytes, int, int]:
+        """A page of jobs as response bytes, with the total and the page's length.
+
+        Identical listings asked for at the same moment share one query and one encoding.
+        """
+        return await self.listings.get((status, limit, offset))
+
+    async def _list_jobs_json(self, keys: list[tuple[str | None, int, int]]) -> dict[Any, Any]:
+        pages = {}
+        for key in keys:
+            jobs, total = await self.list_jobs(*key)
+            pages[key] = (json_bytes(jobs), total, len(jobs))
+        return pages
 
     async def cancel_job(self, job_id: str) -> bool:
         return await self._finish(job_id, SQL_CANCEL_JOB, (utc_now(), job_id), "generation.failed", {"error": "cancelled"})
@@ -1258,9 +1283,24 @@ def data_files(folder: Path, root: Path) -> Iterable[Path]:
 
 
 def check_data_source(data: str | list[Any], data_dir: Path) -> None:
-    """Refuse at submission what can be known to fail: a missing or escaping path."""
-    if classify_data(data) == "path":
-        resolve_data_path(data, data_dir)
+    """Refuse at submission what can be known to fail: a missing or escaping path.
+
+    A path found good is trusted for a moment, so a burst of submissions naming one
+    file walks the filesystem once; the job checks it again, fully, when it reads it.
+    """
+    if classify_data(data) != "path":
+        return
+    key, now = (data_dir, data), time.monotonic()
+    if CHECKED_PATHS.get(key, 0.0) > now:
+        return
+    resolve_data_path(data, data_dir)
+    if len(CHECKED_PATHS) > 1000:
+        CHECKED_PATHS.clear()
+    CHECKED_PATHS[key] = now + CHECKED_PATH_TTL_S
+
+
+CHECKED_PATH_TTL_S = 2.0
+CHECKED_PATHS: dict[tuple[Path, str], float] = {}  # (data dir, path) -> trusted until (monotonic)
 
 
 def decode_text(raw: bytes, name: str) -> str:
@@ -2624,7 +2664,9 @@ class JobRunner:
         return self.loop_task is not None and not self.loop_task.done()
 
     def wake(self) -> None:
-        self.wakeup.set()
+        """A job is waiting; worth a look only with a free slot (a finished job frees one)."""
+        if len(self.tasks) < JOBS_PER_PROCESS:
+            self.wakeup.set()
 
     def cancel_local(self, job_id: str) -> None:
         task = self.tasks.get(job_id)
@@ -2682,7 +2724,7 @@ class JobRunner:
 
     def _finished(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
-        self.wake()
+        self.wakeup.set()
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
         changed = await self.store.write_count(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id))
@@ -3144,20 +3186,20 @@ async def cancel_generation(request: Request) -> JSONResponse:
     return JSONResponse(await find_job(request))
 
 
-async def list_generations(request: Request) -> JSONResponse:
+async def list_generations(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in JOB_STATUSES:
         raise APIError(422, f"Query parameter status must be one of: {', '.join(JOB_STATUSES)}",
                        {"status": "must be one of: " + ", ".join(JOB_STATUSES)})
     limit = query_int(request, "limit", 100, 1, 1000)
     offset = query_int(request, "offset", 0, 0, 10**9)
-    jobs, total = await state(request).store.list_jobs(status, limit, offset)
+    body, total, count = await state(request).store.list_jobs_json(status, limit, offset)
     headers = {"X-Total-Count": str(total)}
-    if offset + len(jobs) < total:
+    if offset + count < total:
         query = {"status": status} if status else {}
         query.update(limit=limit, offset=offset + limit)
         headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
-    return JSONResponse(jobs, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 async def create_webhook(request: Request) -> JSONResponse:

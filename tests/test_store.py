@@ -124,3 +124,56 @@ async def test_idempotency_keys_expire_after_a_day(tmp_path: Path) -> None:
     assert fresh != first and replayed is False
     assert json.loads((await store.read("SELECT request FROM jobs WHERE job_id = ?", (fresh,)))[0][0]) == {"data": "a.csv"}
     await store.close()
+
+
+async def test_a_burst_of_submissions_is_inserted_in_batches_within_each_owners_limit(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "p.db")
+    statements = []
+    original = store.write
+
+    async def counting_write(sql: str, params: object = ()) -> list:
+        statements.append(sql)
+        return await original(sql, params)
+
+    store.write = counting_write  # type: ignore[method-assign]
+
+    async def submit(owner: str) -> bool:
+        try:
+            await store.create_job(owner, {"data": "a.csv"}, 7, None)
+        except persona.APIError as exc:
+            assert exc.status == 429 and exc.details["limit"] == 7
+            return False
+        return True
+
+    owners = ["key:a", "key:b"] * 15
+    outcomes = await asyncio.gather(*(submit(owner) for owner in owners))
+    accepted = [owner for owner, ok in zip(owners, outcomes) if ok]
+    assert sorted(accepted) == ["key:a"] * 7 + ["key:b"] * 7
+    assert len(statements) < len(owners) / 2
+    await store.close()
+
+
+async def test_the_job_counters_follow_every_change_of_status(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "p.db")
+    jobs = [(await store.create_job(owner, {"data": "a.csv"}, 100, None))[0] for owner in ("key:a", "key:a", "key:b")]
+    await store.write(persona.SQL_CLAIM_JOB, {"worker": "w", "now": persona.utc_now(), "clock": 0.0})
+    await store.cancel_job(jobs[1])
+    await store.complete_job(jobs[0], "w", {"personas": [], "experiment_id": "exp-x", "output_path": "o/"})
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        counted = set(conn.execute("SELECT owner, status, n FROM job_counts WHERE n > 0"))
+        actual = set(conn.execute("SELECT owner, status, COUNT(*) FROM jobs GROUP BY owner, status"))
+    assert counted == actual == {("key:a", "completed", 1), ("key:a", "failed", 1), ("key:b", "pending", 1)}
+    await store.close()
+
+
+async def test_an_older_database_gets_its_counters_when_upgraded(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "p.db")
+    for _ in range(3):
+        await store.create_job("key:a", {"data": "a.csv"}, 100, None)
+    await store.close()
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        conn.execute("DELETE FROM job_counts")
+        conn.execute("PRAGMA user_version = 2")
+    store = await open_store(tmp_path / "p.db")
+    assert await store.read("SELECT owner, status, n FROM job_counts") == [("key:a", "pending", 3)]
+    await store.close()
