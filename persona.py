@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -34,6 +35,7 @@ import stat
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -59,7 +61,9 @@ MAX_URL_BYTES = 50 * 1024 * 1024  # a data source fetched over http(s)
 URL_TIMEOUT_S = 30.0  # connect and read timeout for a data URL
 RATE_WINDOW_S = 60  # the rate limit counts requests per minute
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
-JOBS_PER_PROCESS = 4  # jobs one server process runs at a time
+JOBS_PER_PROCESS = 32  # jobs one server process runs at once (most wait on a provider or a URL)
+ENGINE_WORKERS = 2  # offline-engine computations at once per server process
+ENGINE_PROCESS_FROM = 2000  # participants from which the engine runs in a separate process
 MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
 LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
 HEARTBEAT_S = 5.0  # how often a process renews the lease on its jobs
@@ -2406,8 +2410,8 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
 async def segmented_items(session: ModelSession, people: list[Participant], count: int, config: JSON, budget: int,
                           report: ProgressReport) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
-    corpus = await asyncio.to_thread(build_corpus, people)
-    segments = await asyncio.to_thread(cluster_participants, corpus, count, 0)
+    corpus = await run_engine(len(people), build_corpus, people)
+    segments = await run_engine(len(people), cluster_participants, corpus, count, 0)
     overall = centroid_of(corpus.vectors)
     summaries = [", ".join(distinctive_terms(corpus, members, overall, 4)) for members in segments]
     done = 0
@@ -2453,6 +2457,29 @@ async def condense(session: ModelSession, group: list[Participant], budget: int)
 # ---------------------------------------------------------------------------
 # Generation: one job from request to output folder
 # ---------------------------------------------------------------------------
+
+ENGINE_POOLS: dict[str, Any] = {}  # "thread" and "process" pools, made when first needed
+
+
+def engine_pool(kind: str) -> Any:
+    if kind not in ENGINE_POOLS:
+        if kind == "thread":
+            ENGINE_POOLS[kind] = ThreadPoolExecutor(ENGINE_WORKERS, thread_name_prefix="persona-engine")
+        else:
+            ENGINE_POOLS[kind] = ProcessPoolExecutor(ENGINE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+    return ENGINE_POOLS[kind]
+
+
+async def run_engine(participants: int, function: Callable[..., Any], *args: Any) -> Any:
+    """CPU-bound engine work off the event loop, in a small pool of its own.
+
+    Large data goes to worker processes: a thread computing for seconds would hold the
+    GIL against the event loop and slow every request. Small data stays in a thread,
+    where starting a process would cost more than the work.
+    """
+    kind = "process" if participants >= ENGINE_PROCESS_FROM else "thread"
+    call = functools.partial(function, *args)
+    return await asyncio.get_running_loop().run_in_executor(engine_pool(kind), call)
 
 ProgressReport = Callable[[int, str], Awaitable[None]]
 
@@ -2592,7 +2619,7 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
                     "detail_level": config.get("detail_level", "standard")}
     exchanges: list[JSON] = []
     if provider == "local":
-        personas, warnings = await asyncio.to_thread(offline_personas, dataset, count, config)
+        personas, warnings = await run_engine(len(dataset.participants), offline_personas, dataset, count, config)
         model, usage = LOCAL_MODEL, {"input_tokens": 0, "output_tokens": 0, "calls": 0}
         engine.update(name="tfidf-kmeans", seed=0)
     else:

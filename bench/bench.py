@@ -275,10 +275,10 @@ class Bench:
         server, url = self.persona("busy.db")
         headers = {"Authorization": f"Bearer {TOKEN}"}
         try:
-            for _ in range(100):
-                httpx.post(f"{url}/api/v1/generate", headers=headers, json={"data": "interviews.csv", "provider": "ollama"})
             engine_jobs = [httpx.post(f"{url}/api/v1/generate", headers=headers,
                                       json={"data": "big.csv", "count": 5}).json()["job_id"] for _ in range(4)]
+            for _ in range(100):
+                httpx.post(f"{url}/api/v1/generate", headers=headers, json={"data": "interviews.csv", "provider": "ollama"})
             result = wrk(f"{url}/api/v1/generate/{job_id}", self.seconds * 2, connections=10)
             statuses = [httpx.get(f"{url}/api/v1/generate/{j}").json()["status"] for j in engine_jobs]
         finally:

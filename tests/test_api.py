@@ -291,7 +291,9 @@ def test_cancelling_a_running_job_fails_it_as_cancelled(client: httpx.Client, ga
 
 
 def test_cancelling_a_pending_job_means_it_never_runs(client: httpx.Client, gated_data: GatedDataServer) -> None:
-    blockers = [submit(client, data=gated_data.url) for _ in range(4)]
+    import persona
+
+    blockers = [submit(client, data=gated_data.url) for _ in range(persona.JOBS_PER_PROCESS)]
     for job_id in blockers:
         wait_job(client, job_id, until=("running",))
     waiting = submit(client, data="interviews.csv")

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from conftest import GatedDataServer, submit, wait_for, wait_job
 
+import persona
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,7 +38,7 @@ def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(start_
 def test_pending_jobs_and_webhooks_survive_a_kill(start_server, gated_data: GatedDataServer) -> None:
     server = start_server("--rate-limit", "0")
     with server.client() as http:
-        blockers = [submit(http, data=gated_data.url) for _ in range(4)]
+        blockers = [submit(http, data=gated_data.url) for _ in range(persona.JOBS_PER_PROCESS)]
         for job_id in blockers:
             wait_job(http, job_id, until=("running",))
         queued = [submit(http, data="interviews.csv") for _ in range(3)]

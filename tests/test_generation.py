@@ -119,3 +119,41 @@ def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path
     progress = [p for p, _ in stages]
     assert progress == sorted(progress) and progress[0] < progress[-1]
     assert not list(tmp_path.glob(".*partial"))
+
+
+def write_many_participants(path: Path, count: int) -> None:
+    """Interview rows for `count` participants in three clearly different groups."""
+    groups = [("Nurse", "I need the night rota offline in the basement ward."),
+              ("Driver", "It's frustrating when overtime pay is missing from my payslip."),
+              ("Student", "I usually book a quiet study room before exam season.")]
+    lines = ["participant_id,role,response"]
+    for n in range(count):
+        role, said = groups[n % 3]
+        lines.append(f'P{n:05d},{role},"{said} Participant {n} adds that {role.lower()} work is tiring."')
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_large_data_is_computed_in_a_worker_process_by_the_server(client, server) -> None:
+    from conftest import submit, wait_job
+
+    write_many_participants(server.workdir / "data" / "many.csv", persona.ENGINE_PROCESS_FROM + 100)
+    job = wait_job(client, submit(client, data="many.csv", count=3), timeout=120)
+    assert job["status"] == "completed", job["error"]
+    shares = sorted(p["evidence"]["share"] for p in job["result"]["personas"])
+    assert abs(sum(shares) - 1) < 0.01 and shares[0] > 0.2
+
+
+@pytest.mark.slow
+def test_large_data_is_computed_in_a_worker_process_from_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import clean_environment
+
+    write_many_participants(tmp_path / "many.csv", persona.ENGINE_PROCESS_FROM + 100)
+    result = subprocess.run([sys.executable, "-m", "persona", "generate", str(tmp_path / "many.csv"), "-n", "3", "--json",
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=180,
+                            cwd=tmp_path, env={**clean_environment(), "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["personas"]) == 3
