@@ -290,9 +290,10 @@ def test_cancelling_a_running_job_fails_it_as_cancelled(client: httpx.Client, ga
     assert job["status"] == "failed" and job["error"] == "cancelled" and job["completed_at"]
 
 
-def test_cancelling_a_pending_job_means_it_never_runs(client: httpx.Client, gated_data: GatedDataServer) -> None:
+def test_cancelling_a_pending_job_means_it_never_runs(start_server, gated_data: GatedDataServer) -> None:
     import persona
 
+    client = start_server("--rate-limit", "0", "--max-concurrent-jobs", "100").client()
     blockers = [submit(client, data=gated_data.url) for _ in range(persona.JOBS_PER_PROCESS)]
     for job_id in blockers:
         wait_job(client, job_id, until=("running",))

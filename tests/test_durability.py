@@ -36,7 +36,7 @@ def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(start_
 
 
 def test_pending_jobs_and_webhooks_survive_a_kill(start_server, gated_data: GatedDataServer) -> None:
-    server = start_server("--rate-limit", "0")
+    server = start_server("--rate-limit", "0", "--max-concurrent-jobs", "100")
     with server.client() as http:
         blockers = [submit(http, data=gated_data.url) for _ in range(persona.JOBS_PER_PROCESS)]
         for job_id in blockers:
