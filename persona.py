@@ -846,13 +846,28 @@ class Store:
     async def read(self, sql: str, params: Any = ()) -> list[Any]:
         return await self._fetch(self.reader, sql, params)
 
+    def missing(self) -> str | None:
+        """Why the database cannot be trusted with writes, if its file is not where it was.
+
+        Moved or deleted under a running server, its open file would take writes that
+        no restart could find.
+        """
+        return None if self.path.exists() else f"the database file {self.path} is missing"
+
+    def check_present(self) -> None:
+        reason = self.missing()
+        if reason:
+            raise APIError(503, f"The database is unavailable: {reason}; try again when it is back")
+
     async def write(self, sql: str, params: Any = ()) -> list[Any]:
         """One statement in its own transaction; returns RETURNING rows, if any."""
+        self.check_present()
         async with self.write_lock:
             return await self._fetch(self.writer, sql, params)
 
     async def write_count(self, sql: str, params: Any = ()) -> int:
         """One statement; returns how many rows it changed."""
+        self.check_present()
         async with self.write_lock:
             assert self.writer is not None
             cursor = await self.writer.execute(sql, params)
@@ -861,6 +876,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Callable[[str, Any], Awaitable[list[Any]]]]:
         """Several statements that commit together; yields a function that runs one."""
+        self.check_present()
         async with self.write_lock:
             conn = self.writer
             await conn.execute("BEGIN IMMEDIATE")
@@ -3138,11 +3154,11 @@ async def root(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     """Healthy only when the database answers and the job runner lives."""
     app_state = state(request)
-    reason = None
+    reason = app_state.store.missing()
     try:
         await app_state.store.ping()
     except Exception as exc:
-        reason = f"database unavailable: {type(exc).__name__}"
+        reason = reason or f"database unavailable: {type(exc).__name__}"
     if reason is None and not app_state.runner.alive():
         reason = "job runner stopped"
     if reason is None and not app_state.dispatcher.alive():
@@ -3622,8 +3638,9 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     """Last resort: a 500 without a traceback; the server still logs the error."""
-    if isinstance(exc, aiosqlite.OperationalError) or isinstance(exc, OSError):
-        message = f"The server cannot use its database or files right now ({type(exc).__name__}); try again shortly"
+    if isinstance(exc, (aiosqlite.OperationalError, OSError)):
+        reason = str(exc) if isinstance(exc, aiosqlite.OperationalError) else exc.strerror or type(exc).__name__
+        message = f"The server cannot use its database or files right now ({reason}); try again shortly"
         return JSONResponse(error_envelope("internal_error", message), status_code=503)
     return JSONResponse(error_envelope("internal_error", "Internal server error; see the server log"), status_code=500)
 

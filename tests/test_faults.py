@@ -1,0 +1,148 @@
+"""Faults: crashes with work in flight, many workers at once, and clients that misbehave."""
+
+from __future__ import annotations
+
+import json
+import resource
+import os
+import socket
+import sqlite3
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import GatedDataServer, Receiver, Server, submit, wait_for, wait_job
+
+pytestmark = pytest.mark.slow
+
+
+def statuses(db: Path) -> Counter:
+    with sqlite3.connect(db) as conn:
+        return Counter(dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()))
+
+
+def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(start_server, workdir: Path,
+                                                                          gated_data: GatedDataServer,
+                                                                          receiver: Receiver) -> None:
+    receiver.answers = [503, 200]  # the first deliveries fail, so some are queued for retry at the kill
+    server = start_server("--rate-limit", "0", "--max-concurrent-jobs", "100", "--webhook-retry-schedule", "1,1,1")
+    with server.client() as http:
+        webhook_id = http.post("/api/v1/webhooks", json={"url": receiver.url}).json()["webhook_id"]
+        quick = [submit(http, data="interviews.csv") for _ in range(10)]
+        slow = [submit(http, data=gated_data.url) for _ in range(10)]
+        for job_id in quick:
+            wait_job(http, job_id)
+        wait_for(lambda: receiver.requests, what="a first delivery attempt")
+        wait_for(lambda: all(http.get(f"/api/v1/generate/{j}").json()["status"] == "running" for j in slow),
+                 what="the gated jobs to run")
+    server.kill()
+    gated_data.gate.set()
+    server.start()
+    with server.client() as http:
+        for job_id in quick + slow:
+            assert wait_job(http, job_id)["status"] == "completed"
+
+        def all_delivered() -> list | None:
+            log = http.get(f"/api/v1/webhooks/{webhook_id}/deliveries").json()
+            return log if len(log) == 20 and all(d["status"] == "delivered" for d in log) else None
+
+        log = wait_for(all_delivered, timeout=60, what="every delivery")
+    assert statuses(workdir / "persona.db") == Counter({"completed": 20})
+    delivered = {json.loads(r["body"])["data"]["job_id"] for r in receiver.requests}
+    assert delivered == set(quick + slow)
+    assert {d["job_id"] for d in log} == set(quick + slow)
+    with sqlite3.connect(workdir / "persona.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 20
+
+
+def test_four_workers_run_200_jobs_once_and_deliver_each_once(start_server, workdir: Path, receiver: Receiver) -> None:
+    server = start_server("--workers", "4", "--rate-limit", "0", "--max-concurrent-jobs", "1000")
+    with server.client() as http:
+        http.post("/api/v1/webhooks", json={"url": receiver.url})
+
+    def post(_: int) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            return http.post("/api/v1/generate", json={"data": "interviews.csv", "count": 3})
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(post, range(200)))
+    assert Counter(a.status_code for a in answers) == Counter({200: 200})
+    assert not any("locked" in a.text for a in answers)
+    job_ids = {a.json()["job_id"] for a in answers}
+    with server.client() as http:
+        for job_id in job_ids:
+            assert wait_job(http, job_id, timeout=180)["status"] == "completed"
+    wait_for(lambda: len(receiver.requests) >= 200, timeout=60, what="200 deliveries")
+    sent = Counter(json.loads(r["body"])["data"]["job_id"] for r in receiver.requests)
+    assert set(sent) == job_ids and set(sent.values()) == {1}
+    with sqlite3.connect(workdir / "persona.db") as conn:
+        assert conn.execute("SELECT MAX(attempts) FROM jobs").fetchone()[0] == 1
+    assert "database is locked" not in server.log()
+
+
+def raw_connection(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def test_a_client_that_disconnects_mid_request_changes_nothing(server: Server, workdir: Path) -> None:
+    for _ in range(20):
+        sock = raw_connection(server)
+        body = b'{"data": "interviews.csv", "count": 3}'
+        sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        sock.close()
+    with server.client() as http:
+        assert http.get("/api/v1/health").status_code == 200
+        assert http.get("/api/v1/generate").json() == []
+
+
+def test_a_body_that_trickles_in_holds_up_no_one_else(server: Server) -> None:
+    body = b'{"data": "interviews.csv", "count": 3}'
+    sock = raw_connection(server)
+    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body))
+    with server.client() as http:
+        for index, byte in enumerate(body):
+            sock.sendall(bytes([byte]))
+            if index % 8 == 0:
+                assert http.get("/api/v1/health").status_code == 200
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_a_thousand_idle_connections_leave_the_server_responsive(start_server) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    try:
+        server = start_server("--rate-limit", "0")
+        idle = [raw_connection(server) for _ in range(1000)]
+        try:
+            with server.client() as http:
+                for _ in range(20):
+                    assert http.get("/api/v1/health").status_code == 200
+                assert wait_job(http, submit(http, data="interviews.csv"))["status"] == "completed"
+        finally:
+            for sock in idle:
+                sock.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_vanished_database_path_is_reported_and_recovered_from(start_server, workdir: Path) -> None:
+    server = start_server("--rate-limit", "0", db="state/persona.db")
+    with server.client() as http:
+        job_id = wait_job(http, submit(http, data="interviews.csv"))["job_id"]
+        os.rename(workdir / "state", workdir / "state-away")
+        health = http.get("/api/v1/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "unhealthy" and "persona.db" in health.json()["reason"]
+        refused = http.post("/api/v1/generate", json={"data": "interviews.csv"})
+        assert refused.status_code == 503 and refused.json()["error"] == "internal_error"
+        assert "database" in refused.json()["message"]
+        os.rename(workdir / "state-away", workdir / "state")
+        assert http.get("/api/v1/health").status_code == 200
+        assert http.get(f"/api/v1/generate/{job_id}").json()["status"] == "completed"
+        assert wait_job(http, submit(http, data="interviews.csv"))["status"] == "completed"
