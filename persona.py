@@ -2688,23 +2688,82 @@ def claimer_is_gone(claimed_by: str, heartbeat_at: float | None, now: float, lea
     return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
-class JobRunner:
-    """Claims pending jobs from the shared database and runs them in this process."""
+class ClaimLoop:
+    """A loop that claims work from the shared database and runs each piece as a task.
 
-    def __init__(self, store: Store, settings: Settings, on_finished: Callable[[], None]) -> None:
+    Several processes may share the database; a claim is a single UPDATE, so each piece
+    of work goes to exactly one of them. Subclasses say what to claim, what upkeep to
+    do every few seconds, and how to hand back work cut short by a stop.
+    """
+
+    name = "claim-loop"
+    release_sql = ""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self.on_finished = on_finished  # a finished job has deliveries to send
         self.worker_id = worker_identity()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.loop_task = asyncio.create_task(self._loop(), name="persona-job-runner")
+        self.loop_task = asyncio.create_task(self._loop(), name=f"persona-{self.name}")
 
     def alive(self) -> bool:
         return self.loop_task is not None and not self.loop_task.done()
+
+    async def stop(self) -> None:
+        """Stop claiming, and hand back work cut short so a restart picks it up at once."""
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            await asyncio.gather(self.loop_task, return_exceptions=True)
+        cut_short = list(self.tasks)
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for key in cut_short:
+            await self.store.write(self.release_sql, (key, self.worker_id))
+
+    def track(self, key: str, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks[key] = task
+        task.add_done_callback(lambda _: self._done(key))
+
+    def _done(self, key: str) -> None:
+        self.tasks.pop(key, None)
+        self.wakeup.set()
+
+    async def _loop(self) -> None:
+        last_upkeep = 0.0
+        while True:
+            self.wakeup.clear()
+            try:
+                if time.monotonic() - last_upkeep >= HEARTBEAT_S:
+                    await self._upkeep()
+                    last_upkeep = time.monotonic()
+                await self._claim()
+            except Exception:
+                log.exception("%s: database trouble; trying again", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), POLL_S)
+
+    async def _upkeep(self) -> None:
+        raise NotImplementedError
+
+    async def _claim(self) -> None:
+        raise NotImplementedError
+
+
+class JobRunner(ClaimLoop):
+    """Claims pending jobs and runs them in this process."""
+
+    name = "job-runner"
+    release_sql = SQL_RELEASE_JOB
+
+    def __init__(self, store: Store, settings: Settings, on_finished: Callable[[], None]) -> None:
+        super().__init__(store, settings)
+        self.on_finished = on_finished  # a finished job has deliveries to send
 
     def wake(self) -> None:
         """A job is waiting; worth a look only with a free slot (a finished job frees one)."""
@@ -2715,32 +2774,6 @@ class JobRunner:
         task = self.tasks.get(job_id)
         if task is not None:
             task.cancel()
-
-    async def stop(self) -> None:
-        """Stop claiming, and hand running jobs back so a restart picks them up at once."""
-        if self.loop_task is not None:
-            self.loop_task.cancel()
-            await asyncio.gather(self.loop_task, return_exceptions=True)
-        running = list(self.tasks)
-        for task in self.tasks.values():
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        for job_id in running:
-            await self.store.write(SQL_RELEASE_JOB, (job_id, self.worker_id))
-
-    async def _loop(self) -> None:
-        last_upkeep = 0.0
-        while True:
-            self.wakeup.clear()
-            try:
-                if time.monotonic() - last_upkeep >= HEARTBEAT_S:
-                    await self._upkeep()
-                    last_upkeep = time.monotonic()
-                await self._claim_available()
-            except Exception:
-                log.exception("job runner: database trouble; trying again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), POLL_S)
 
     async def _upkeep(self) -> None:
         now = time.time()
@@ -2755,19 +2788,13 @@ class JobRunner:
         if status is not None:
             log.warning("job %s was interrupted by a stopped server; now %s", job_id, status)
 
-    async def _claim_available(self) -> None:
+    async def _claim(self) -> None:
         while len(self.tasks) < JOBS_PER_PROCESS:
             rows = await self.store.write(SQL_CLAIM_JOB, {"worker": self.worker_id, "now": utc_now(), "clock": time.time()})
             if not rows:
                 return
-            job_id, request, experiment_id, attempts = rows[0]
-            task = asyncio.create_task(self._execute(job_id, json.loads(request), experiment_id))
-            self.tasks[job_id] = task
-            task.add_done_callback(lambda _, job_id=job_id: self._finished(job_id))
-
-    def _finished(self, job_id: str) -> None:
-        self.tasks.pop(job_id, None)
-        self.wakeup.set()
+            job_id, request, experiment_id, _ = rows[0]
+            self.track(job_id, self._execute(job_id, json.loads(request), experiment_id))
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
         changed = await self.store.write_count(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id))
@@ -2853,80 +2880,47 @@ def retry_delay(schedule: tuple[float, ...], attempts_done: int, retry_after: fl
     return max(delay, retry_after) if retry_after is not None else delay
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(ClaimLoop):
     """Sends due deliveries from the outbox, a bounded number at a time.
 
     A receiver that hangs holds one slot until its timeout, never the others, and
     never the API.
     """
 
+    name = "webhooks"
+    release_sql = SQL_RELEASE_DELIVERY
+
     def __init__(self, store: Store, settings: Settings) -> None:
-        self.store = store
-        self.settings = settings
-        self.worker_id = worker_identity()
-        self.in_flight: dict[str, asyncio.Task[None]] = {}
-        self.wakeup = asyncio.Event()
-        self.loop_task: asyncio.Task[None] | None = None
+        super().__init__(store, settings)
         self.client: Any = None
 
     def start(self) -> None:
         import httpx
 
         self.client = httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False)
-        self.loop_task = asyncio.create_task(self._loop(), name="persona-webhooks")
-
-    def alive(self) -> bool:
-        return self.loop_task is not None and not self.loop_task.done()
+        super().start()
 
     def wake(self) -> None:
         self.wakeup.set()
 
     async def stop(self) -> None:
-        """Stop sending; deliveries cut short go back to the outbox for the next start."""
-        if self.loop_task is not None:
-            self.loop_task.cancel()
-            await asyncio.gather(self.loop_task, return_exceptions=True)
-        cut_short = list(self.in_flight)
-        for task in self.in_flight.values():
-            task.cancel()
-        await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
-        for delivery_id in cut_short:
-            await self.store.write(SQL_RELEASE_DELIVERY, (delivery_id, self.worker_id))
+        await super().stop()
         if self.client is not None:
             await self.client.aclose()
 
-    async def _loop(self) -> None:
-        last_upkeep = 0.0
-        while True:
-            self.wakeup.clear()
-            try:
-                if time.monotonic() - last_upkeep >= HEARTBEAT_S:
-                    await self._recover_orphans()
-                    last_upkeep = time.monotonic()
-                await self._claim_due()
-            except Exception:
-                log.exception("webhooks: database trouble; trying again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), POLL_S)
-
-    async def _recover_orphans(self) -> None:
+    async def _upkeep(self) -> None:
+        """Deliveries claimed by a process that died go back to the outbox."""
         now, lease = time.time(), max(LEASE_S, self.settings.webhook_timeout + HEARTBEAT_S)
         for delivery_id, claimed_by, claimed_at in await self.store.read(SQL_DELIVERING):
             if claimed_by != self.worker_id and claimer_is_gone(claimed_by, claimed_at, now, lease):
                 await self.store.write(SQL_RELEASE_DELIVERY, (delivery_id, claimed_by))
 
-    async def _claim_due(self) -> None:
-        free = DELIVERIES_AT_ONCE - len(self.in_flight)
+    async def _claim(self) -> None:
+        free = DELIVERIES_AT_ONCE - len(self.tasks)
         if free <= 0:
             return
         for row in await self.store.claim_deliveries(self.worker_id, free):
-            task = asyncio.create_task(self._deliver(*row))
-            self.in_flight[row[0]] = task
-            task.add_done_callback(lambda _, delivery_id=row[0]: self._done(delivery_id))
-
-    def _done(self, delivery_id: str) -> None:
-        self.in_flight.pop(delivery_id, None)
-        self.wake()
+            self.track(row[0], self._deliver(*row))
 
     async def _deliver(self, delivery_id: str, event: str, url: str, secret: str | None, payload: str,
                        attempts: int) -> None:

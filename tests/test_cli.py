@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, Server, free_port, wait_for
+from conftest import ROOT, Server, clean_environment, free_port, wait_for
 
 import persona
 
@@ -141,3 +141,21 @@ def test_generate_exits_1_when_generation_fails_and_2_on_bad_usage(tmp_path: Pat
     assert run_persona("generate", str(tmp_path / "missing.csv"), cwd=tmp_path).returncode == 2
     assert run_persona("generate", str(tmp_path / "two.csv"), "--count", "30", cwd=tmp_path).returncode == 2
     assert run_persona("generate", str(tmp_path / "two.csv"), "--config", "colour=red", cwd=tmp_path).returncode == 2
+
+
+def test_provider_sdks_are_not_imported_until_a_provider_is_used(tmp_path: Path) -> None:
+    code = (
+        "import sys, persona\n"
+        "from pathlib import Path\n"
+        "from starlette.testclient import TestClient\n"
+        f"settings = persona.Settings(db=Path({str(tmp_path / 'p.db')!r}), data_dir=Path({str(ROOT / 'examples')!r}),"
+        f" output_dir=Path({str(tmp_path / 'out')!r}))\n"
+        "with TestClient(persona.create_app(settings)) as client:\n"
+        "    assert client.get('/api/v1/health').status_code == 200\n"
+        "    job = client.post('/api/v1/generate', json={'data': 'interviews.csv'}).json()\n"
+        "print(sorted(m for m in ('anthropic', 'openai', 'google.genai') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**clean_environment(), "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
