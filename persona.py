@@ -73,6 +73,7 @@ DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
 DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
 JOBS_PAGE_SIZE = 200  # jobs on the /jobs page
 LOCAL_MODEL = "persona-offline-1"  # the offline engine's name as a model
+SQLITE_CACHE_KIB = 32 * 1024  # page cache per SQLite connection
 
 
 # ---------------------------------------------------------------------------
@@ -353,9 +354,9 @@ def validate(value: Any, schema: JSON, path: str = "") -> dict[str, str]:
     if expected is not None:
         kinds = expected if isinstance(expected, list) else [expected]
         if not any(is_json_type(value, kind) for kind in kinds):
-            return {path: "must be " + " or ".join(TYPE_WORDS[kind] for kind in kinds)}
+            return {path: "must be " + " or ".join(TYPE_WORDS[kind] for kind in kinds if kind != "null")}
     if "enum" in schema and value not in schema["enum"]:
-        return {path: "must be one of: " + ", ".join(map(str, schema["enum"]))}
+        return {path: "must be one of: " + ", ".join(str(item) for item in schema["enum"] if item is not None)}
     if isinstance(value, str):
         return validate_string(value, schema, path)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -375,12 +376,12 @@ def validate_string(value: str, schema: JSON, path: str) -> dict[str, str]:
         return {path: "must not be empty" if schema["minLength"] == 1 else f"must be at least {schema['minLength']} characters"}
     if len(value) > schema.get("maxLength", math.inf):
         return {path: f"must be at most {schema['maxLength']} characters"}
-    if "pattern" in schema and not re.search(schema["pattern"], value):
-        return {path: f"must match {schema['pattern']}"}
     if schema.get("format") == "uri":
         problem = http_url_problem(value)
         if problem:
             return {path: problem}
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return {path: f"must match {schema['pattern']}"}
     return {}
 
 
@@ -818,6 +819,9 @@ class Store:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute("PRAGMA busy_timeout = 10000")
         await conn.execute("PRAGMA synchronous = NORMAL")
+        # SQLite's default 2 MiB cache thrashes once jobs number in the hundreds of
+        # thousands (every insert touches the job_id index at random); this grows as used.
+        await conn.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         return conn
 
     async def _apply_schema(self) -> None:
@@ -1268,7 +1272,8 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
     try:
         mode = resolved.stat().st_mode
     except FileNotFoundError:
-        raise APIError(400, f"data source {data!r} does not exist in the data directory") from None
+        raise APIError(400, f"data source {data!r} does not exist in the server's data directory "
+                            "(paths are relative to it; the server's --data-dir sets it)", {"data": data}) from None
     if stat.S_ISDIR(mode):
         if not any(True for _ in data_files(resolved, root)):
             raise APIError(400, f"data folder {data!r} holds no supported files ({', '.join(FORMATS)})")
@@ -1631,6 +1636,7 @@ uses using usually very want wants was way we well were what whatever when where
 who whom whose why will with within without would yeah yes yet you your yours yourself ll ve
 i'm i've i'd i'll it's don't can't doesn't didn't isn't won't that's there's we're they're you're we've
 they've let's wasn't aren't couldn't wouldn't shouldn't haven't hasn't what's he's she's
+another frustrating annoying great good bad better worse easy easier hard harder nice love hate wish
 """.split())
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
@@ -3670,7 +3676,7 @@ ROUTES = [
 def describe_startup(settings: Settings) -> str:
     auth = f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})" if settings.auth_tokens else "off"
     return (
-        f"Persona {__version__} listening on http://{settings.host}:{settings.port}; database {settings.db.resolve()}; "
+        f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {settings.db.resolve()}; "
         f"data dir {settings.data_dir.resolve()}; output dir {settings.output_dir.resolve()}; auth {auth}; "
         f"rate limit {settings.rate_limit or 'off'}/min; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}"
     )
@@ -3884,6 +3890,8 @@ def run_server(args: argparse.Namespace) -> int:
     if args.allow_private_urls is not None:
         overrides["allow_private_urls"] = "1" if args.allow_private_urls else "0"
     settings = load_settings(overrides)
+    if not settings.data_dir.is_dir():
+        raise ConfigError(f"the data directory {settings.data_dir} does not exist (--data-dir / PERSONA_DATA_DIR)")
     configure_logging(settings.log_level)
     if settings.workers > 1 or args.reload:
         # Worker processes import the app afresh; the variables carry every option to them.
@@ -3976,6 +3984,8 @@ def typed_config(config: JSON) -> JSON:
 
 def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
     """The server's pipeline in this process: the data path is the user's own file or folder."""
+    if classify_data(args.data) == "path" and not Path(args.data).exists():
+        raise UsageError(f"{args.data} does not exist")
     body = generation_body(args)
     if "config" in body:
         body["config"] = typed_config(body["config"])
@@ -4004,7 +4014,7 @@ def generate_remotely(args: argparse.Namespace, display: ProgressDisplay) -> JSO
     body = generation_body(args)
     if "config" in body:
         body["config"] = typed_config(body["config"])
-    with PersonaClient(args.server, args.auth_token) as client:
+    with PersonaClient(server_url(args.server), args.auth_token) as client:
         try:
             job_id = client.generate(**body)["job_id"]
         except PersonaAPIError as exc:
@@ -4016,10 +4026,20 @@ def generate_remotely(args: argparse.Namespace, display: ProgressDisplay) -> JSO
     return job["result"]
 
 
+def server_url(url: str) -> str:
+    return url if "://" in url else f"http://{url}"
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    import httpx
+
     display = ProgressDisplay()
     try:
         result = generate_remotely(args, display) if args.server else generate_locally(args, display)
+    except httpx.HTTPError as exc:
+        display.close()
+        print(f"persona: cannot reach the server at {args.server} ({type(exc).__name__})", file=sys.stderr)
+        return 1
     except UsageError as exc:
         display.close()
         print(f"persona: {exc}", file=sys.stderr)
@@ -4037,12 +4057,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    with PersonaClient(args.server, args.auth_token) as client:
+    import httpx
+
+    with PersonaClient(server_url(args.server), args.auth_token) as client:
         try:
             jobs = client.list_jobs(status=args.status, limit=args.limit)
         except PersonaAPIError as exc:
             print(f"persona: {exc.message}", file=sys.stderr)
             return 2
+        except httpx.HTTPError as exc:
+            print(f"persona: cannot reach the server at {args.server} ({type(exc).__name__})", file=sys.stderr)
+            return 1
     print(f"{'JOB':<18} {'STATUS':<10} {'PROGRESS':>8}  {'CREATED':<20}  ERROR")
     for job in jobs:
         print(f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {job['created_at']:<20}  {job['error'] or ''}")

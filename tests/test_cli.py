@@ -71,7 +71,7 @@ def test_an_explicit_option_wins_over_its_variable(start_server) -> None:
 def test_startup_logs_address_database_directories_and_auth_but_no_token(start_server, workdir: Path) -> None:
     server = start_server("--auth-token", "hunter2-very-secret")
     log = server.log()
-    line = next(line for line in log.splitlines() if "listening on" in line)
+    line = next(line for line in log.splitlines() if "starting on" in line)
     assert f"127.0.0.1:{server.port}" in line
     assert str(workdir / "persona.db") in line and str(workdir / "data") in line and str(workdir / "output") in line
     assert "auth on" in line
@@ -159,3 +159,21 @@ def test_provider_sdks_are_not_imported_until_a_provider_is_used(tmp_path: Path)
                             env={**clean_environment(), "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_an_unreachable_server_is_one_line_not_a_traceback() -> None:
+    port = free_port()
+    for args in (["jobs", "--server", f"127.0.0.1:{port}"], ["generate", "x.csv", "--server", f"http://127.0.0.1:{port}"]):
+        result = run_persona(*args)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [f"persona: cannot reach the server at {args[-1]} (ConnectError)"]
+
+
+def test_a_missing_file_is_named_by_the_command_line(tmp_path: Path) -> None:
+    result = run_persona("generate", "nope.csv", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "persona: nope.csv does not exist"
+
+
+def test_serve_refuses_a_data_directory_that_does_not_exist(tmp_path: Path) -> None:
+    result = run_persona("serve", "--data-dir", str(tmp_path / "nope"), "--port", str(free_port()))
+    assert result.returncode == 2 and "does not exist" in result.stderr
