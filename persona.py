@@ -73,7 +73,6 @@ DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
 DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
 JOBS_PAGE_SIZE = 200  # jobs on the /jobs page
 LOCAL_MODEL = "persona-offline-1"  # the offline engine's name as a model
-SQLITE_CACHE_KIB = 32 * 1024  # page cache per SQLite connection
 
 
 # ---------------------------------------------------------------------------
@@ -819,9 +818,6 @@ class Store:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute("PRAGMA busy_timeout = 10000")
         await conn.execute("PRAGMA synchronous = NORMAL")
-        # SQLite's default 2 MiB cache thrashes once jobs number in the hundreds of
-        # thousands (every insert touches the job_id index at random); this grows as used.
-        await conn.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         return conn
 
     async def _apply_schema(self) -> None:
