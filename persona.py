@@ -3197,19 +3197,22 @@ def check_destination(url: str | None, field_name: str, settings: Settings) -> N
         raise APIError(422, f"Request validation failed: {field_name} {reason}", {field_name: reason})
 
 
+async def lookup(request: Request, param: str, pattern: re.Pattern[str], fetch: Callable[[str], Awaitable[Any]],
+                 label: str) -> Any:
+    """The resource a path names, or a 404; what does not look like an id is never queried."""
+    key = request.path_params[param]
+    found = await fetch(key) if pattern.match(key) else None
+    if found is None:
+        raise APIError(404, f"{label} {key} not found")
+    return found
+
+
 async def find_job(request: Request) -> JSON:
-    job_id = request.path_params["job_id"]
-    job = await state(request).store.get_job(job_id) if JOB_ID.match(job_id) else None
-    if job is None:
-        raise APIError(404, f"Job {job_id} not found")
-    return job
+    return await lookup(request, "job_id", JOB_ID, state(request).store.get_job, "Job")
 
 
 async def get_generation(request: Request) -> Response:
-    job_id = request.path_params["job_id"]
-    body = await state(request).store.get_job_json(job_id) if JOB_ID.match(job_id) else None
-    if body is None:
-        raise APIError(404, f"Job {job_id} not found")
+    body = await lookup(request, "job_id", JOB_ID, state(request).store.get_job_json, "Job")
     return Response(body, media_type="application/json")
 
 
@@ -3250,11 +3253,7 @@ async def create_webhook(request: Request) -> JSONResponse:
 
 
 async def find_webhook(request: Request) -> JSON:
-    webhook_id = request.path_params["webhook_id"]
-    webhook = await state(request).store.get_webhook(webhook_id) if WEBHOOK_ID.match(webhook_id) else None
-    if webhook is None:
-        raise APIError(404, f"Webhook {webhook_id} not found")
-    return webhook
+    return await lookup(request, "webhook_id", WEBHOOK_ID, state(request).store.get_webhook, "Webhook")
 
 
 async def get_webhook(request: Request) -> JSONResponse:
