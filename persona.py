@@ -3680,6 +3680,7 @@ def describe_startup(settings: Settings) -> str:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; `uvicorn persona:create_app --factory` builds it from PERSONA_* variables."""
     settings = settings or load_settings()
+    configure_logging(settings.log_level)  # worker and reload processes start with no logging set up
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

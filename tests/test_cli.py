@@ -177,3 +177,9 @@ def test_a_missing_file_is_named_by_the_command_line(tmp_path: Path) -> None:
 def test_serve_refuses_a_data_directory_that_does_not_exist(tmp_path: Path) -> None:
     result = run_persona("serve", "--data-dir", str(tmp_path / "nope"), "--port", str(free_port()))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_each_worker_process_logs_its_startup_line(start_server) -> None:
+    server = start_server("--workers", "2", "--auth-token", "never-logged-token")
+    wait_for(lambda: server.log().count("starting on") == 2, what="both workers' startup lines")
+    assert "never-logged-token" not in server.log()
