@@ -716,11 +716,15 @@ def json_bytes(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def epoch_to_iso(clock: float) -> str:
+    return datetime.fromtimestamp(clock, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def utc_now() -> str:
     """ISO 8601 in UTC to the second, formatted once per second (it is on every write)."""
     second = int(time.time())
     if UTC_NOW_CACHE[0] != second:
-        UTC_NOW_CACHE[:] = [second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")]
+        UTC_NOW_CACHE[:] = [second, epoch_to_iso(second)]
     return UTC_NOW_CACHE[1]
 
 
@@ -919,17 +923,17 @@ class Store:
             active = (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0]
             if active >= limit:
                 raise too_many_jobs(limit, active)
-            experiment_id = await self._experiment_for(run, experiment, now)
             job_id = new_id("job")
+            experiment_id = await self._experiment_for(run, experiment, job_id, now)
             await run(SQL_INSERT_JOB, (job_id, owner, json.dumps(request), experiment_id, now))
             if idempotency is not None:
                 await run(SQL_SAVE_IDEMPOTENT, (owner, idempotency[0], idempotency[1], job_id, clock))
         return job_id, False
 
     @staticmethod
-    async def _experiment_for(run: Callable[..., Awaitable[list[Any]]], name: str | None, now: str) -> str:
+    async def _experiment_for(run: Callable[..., Awaitable[list[Any]]], name: str | None, job_id: str, now: str) -> str:
         if name is None:
-            return new_id("exp")
+            return own_experiment(job_id)
         await run(SQL_ADD_EXPERIMENT, (name, new_id("exp"), now))
         return (await run(SQL_GET_EXPERIMENT, (name,)))[0][0]
 
@@ -1104,10 +1108,6 @@ def job_from_row(row: Any, with_result: bool = False) -> JSON:
     if with_result:
         job["result"] = json.loads(row[7]) if row[7] else None
     return job
-
-
-def epoch_to_iso(clock: float) -> str:
-    return datetime.fromtimestamp(clock, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def delivery_from_row(row: Any) -> JSON:
@@ -3910,12 +3910,14 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def parse_config_pairs(pairs: list[str]) -> JSON:
-    config = {}
+    """`--config temperature=0.4` gives text; numbers become numbers so validation can judge them."""
+    config: JSON = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--config takes KEY=VALUE, got {pair!r}")
-        config[key.strip()] = value.strip()
+        value = value.strip()
+        config[key.strip()] = json.loads(value) if re.fullmatch(r"-?(0|[1-9]\d*)(\.\d+)?", value) else value
     return config
 
 
@@ -3968,23 +3970,11 @@ def generation_body(args: argparse.Namespace) -> JSON:
     return {key: value for key, value in body.items() if value is not None}
 
 
-def typed_config(config: JSON) -> JSON:
-    """`--config temperature=0.4` gives text; numbers become numbers so validation can judge them."""
-    typed = {}
-    for key, value in config.items():
-        with contextlib.suppress(ValueError):
-            value = json.loads(value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else value
-        typed[key] = value
-    return typed
-
-
 def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
     """The server's pipeline in this process: the data path is the user's own file or folder."""
     if classify_data(args.data) == "path" and not Path(args.data).exists():
         raise UsageError(f"{args.data} does not exist")
     body = generation_body(args)
-    if "config" in body:
-        body["config"] = typed_config(body["config"])
     try:
         request = validated(body, GENERATE_SCHEMA)
         request["provider"] = resolve_provider(request)
@@ -4008,8 +3998,6 @@ def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON
 def generate_remotely(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
     """Submit to a running server and follow the job with the same progress display."""
     body = generation_body(args)
-    if "config" in body:
-        body["config"] = typed_config(body["config"])
     with PersonaClient(server_url(args.server), args.auth_token) as client:
         try:
             job_id = client.generate(**body)["job_id"]
