@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import serve_on_loopback
 
 PARTICIPANT = re.compile(r"^\[([^\]]+)\](?: \((.*)\))?$")
 
@@ -106,10 +108,7 @@ class FakeProvider:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve_on_loopback(Handler)
 
     def environment(self, provider: str, key: str = "test-key-not-secret") -> dict[str, str]:
         return {

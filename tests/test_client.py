@@ -6,13 +6,13 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT, Server, clean_environment
+from loopback import serve_on_loopback
 
 import persona
 
@@ -131,9 +131,7 @@ class Throttled:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve_on_loopback(Handler)
 
 
 def test_a_429_is_retried_after_retry_after_a_bounded_number_of_times() -> None:
