@@ -634,7 +634,8 @@ WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1)
 RETURNING job_id, request, experiment_id, attempts"""
 SQL_SET_PROGRESS = """
 UPDATE jobs SET progress = MAX(progress, ?), heartbeat_at = ?
-WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
+WHERE job_id = ? AND claimed_by = ? AND status = 'running'
+RETURNING job_id"""
 SQL_COMPLETE_JOB = """
 UPDATE jobs SET status = 'completed', progress = 100, result = ?, completed_at = ?, claimed_by = NULL
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'
@@ -868,14 +869,6 @@ class Store:
         self.check_present()
         async with self.write_lock:
             return await self._fetch(self.writer, sql, params)
-
-    async def write_count(self, sql: str, params: Any = ()) -> int:
-        """One statement; returns how many rows it changed."""
-        self.check_present()
-        async with self.write_lock:
-            assert self.writer is not None
-            cursor = await self.writer.execute(sql, params)
-            return cursor.rowcount
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Callable[[str, Any], Awaitable[list[Any]]]]:
@@ -2799,8 +2792,7 @@ class JobRunner(ClaimLoop):
             self.track(job_id, self._execute(job_id, json.loads(request), experiment_id))
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
-        changed = await self.store.write_count(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id))
-        if not changed:
+        if not await self.store.write(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id)):
             raise JobCancelled(job_id)
         log.debug("job %s: %d%% %s", job_id, progress, stage)
 
