@@ -68,6 +68,8 @@ MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
 LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
 HEARTBEAT_S = 5.0  # how often a process renews the lease on its jobs
 POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
+WRITE_CHECK_S = 1.0  # health trusts the last write's outcome for this long, then writes a probe
+SAVE_RETRY_MAX_S = 10.0  # longest wait between tries to save a finished job while writes fail
 MAX_WEBHOOKS = 1000  # registered webhooks; each finished job fans out to all of them
 DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
 DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
@@ -244,6 +246,15 @@ class APIError(Exception):
         self.message = message
         self.details = details or {}
         self.headers = dict(headers or {})
+
+
+class DatabaseUnavailable(APIError):
+    """The database refused a write (disk full, read-only, file gone); nothing was saved."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, f"The database cannot take writes right now ({reason}); nothing was saved; "
+                              "try again shortly", {"reason": reason})
+        self.reason = reason
 
 
 class GenerationError(Exception):
@@ -482,7 +493,7 @@ def validated(body: JSON, schema: JSON) -> JSON:
 # Store
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 3  # every step so far only adds tables, so the whole script upgrades
+SCHEMA_VERSION = 4  # every step so far only adds tables, so the whole script upgrades
 SCHEMA = """\
 -- Persona's SQLite schema. persona.py carries this same text and applies it;
 -- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
@@ -590,6 +601,12 @@ END;
 -- A database from before the counters gets them from its jobs once, as it upgrades.
 INSERT INTO job_counts (owner, status, n)
 SELECT owner, status, COUNT(*) FROM jobs WHERE NOT EXISTS (SELECT 1 FROM job_counts) GROUP BY owner, status;
+
+-- Health writes here when nothing else wrote lately: a write that succeeds proves the disk takes writes.
+CREATE TABLE IF NOT EXISTS write_probe (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    probed_at REAL NOT NULL
+);
 """
 
 JOB_COLUMNS = "job_id, status, progress, created_at, started_at, completed_at, error"
@@ -711,6 +728,7 @@ ON CONFLICT (client) DO UPDATE SET
     window_start = CASE WHEN window_start + :window <= :now THEN :now ELSE window_start END
 RETURNING window_start, hits"""
 SQL_PURGE_RATE = "DELETE FROM rate_limits WHERE window_start + ? <= ?"
+SQL_PROBE_WRITE = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"
 
 
 def json_bytes(value: Any) -> bytes:
@@ -807,6 +825,9 @@ class Store:
         self.pings = Coalescer(self._ping)
         self.new_jobs: dict[str, NewJob] = {}
         self.job_inserts = Coalescer(self._insert_jobs)
+        self.write_trouble: str | None = None  # why the last write failed, until one succeeds
+        self.write_seen_at = -WRITE_CHECK_S  # monotonic time of the last write's outcome
+        self.write_probes = Coalescer(self._probe_write)
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -859,30 +880,62 @@ class Store:
         """
         return None if self.path.exists() else f"the database file {self.path} is missing"
 
-    def check_present(self) -> None:
-        reason = self.missing()
-        if reason:
-            raise APIError(503, f"The database is unavailable: {reason}; try again when it is back")
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer connection, under the write lock.
+
+        A write SQLite refuses (disk full, read-only file, I/O error) comes out as
+        DatabaseUnavailable, and the reason is kept for health until a write that
+        changed rows succeeds (one that changed none wrote nothing to disk).
+        """
+        missing = self.missing()  # health checks for this itself, on every call
+        if missing:
+            raise DatabaseUnavailable(missing)
+        async with self.write_lock:
+            assert self.writer is not None, "Store.open() was not awaited"
+            changes = self.writer.total_changes
+            try:
+                yield self.writer
+            except aiosqlite.OperationalError as exc:
+                refused = str(exc)
+            else:
+                if self.writer.total_changes != changes:
+                    self._saw_write(None)
+                return
+        self._saw_write(refused)
+        raise DatabaseUnavailable(refused)
+
+    def _saw_write(self, trouble: str | None) -> None:
+        self.write_trouble, self.write_seen_at = trouble, time.monotonic()
 
     async def write(self, sql: str, params: Any = ()) -> list[Any]:
         """One statement in its own transaction; returns RETURNING rows, if any."""
-        self.check_present()
-        async with self.write_lock:
-            return await self._fetch(self.writer, sql, params)
+        async with self._writing() as conn:
+            return await self._fetch(conn, sql, params)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Callable[[str, Any], Awaitable[list[Any]]]]:
         """Several statements that commit together; yields a function that runs one."""
-        self.check_present()
-        async with self.write_lock:
-            conn = self.writer
+        async with self._writing() as conn:
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield lambda sql, params=(): self._fetch(conn, sql, params)
+                await conn.execute("COMMIT")
             except BaseException:
-                await conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already, as after a full disk
+                    await conn.execute("ROLLBACK")
                 raise
-            await conn.execute("COMMIT")
+
+    async def writes_fail(self) -> str | None:
+        """Why writes fail, if they do: the last write's outcome, or a probe write when that is old."""
+        if time.monotonic() - self.write_seen_at >= WRITE_CHECK_S:
+            await self.write_probes.get(None)
+        return self.write_trouble
+
+    async def _probe_write(self, _: list[Any]) -> dict[Any, Any]:
+        with contextlib.suppress(DatabaseUnavailable):
+            await self.write(SQL_PROBE_WRITE, (time.time(),))
+        return {None: None}
 
     # -- jobs ---------------------------------------------------------------
 
@@ -2738,6 +2791,8 @@ class ClaimLoop:
                     await self._upkeep()
                     last_upkeep = time.monotonic()
                 await self._claim()
+            except DatabaseUnavailable as exc:
+                log.warning("%s: %s; trying again", self.name, exc.reason)
             except Exception:
                 log.exception("%s: database trouble; trying again", self.name)
             with contextlib.suppress(TimeoutError):
@@ -2748,6 +2803,22 @@ class ClaimLoop:
 
     async def _claim(self) -> None:
         raise NotImplementedError
+
+    async def save(self, write: Callable[[], Awaitable[Any]], what: str) -> None:
+        """Write the outcome of a piece of work, waiting out a database that refuses writes.
+
+        Until written the outcome lives only here, so it is kept and tried again; if the
+        server stops meanwhile, its claim lapses and the work is done again elsewhere.
+        """
+        delay = 0.5
+        while True:
+            try:
+                await write()
+                return
+            except DatabaseUnavailable as exc:
+                log.warning("%s: cannot save %s yet (%s); trying again in %g s", self.name, what, exc.reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SAVE_RETRY_MAX_S)
 
 
 class JobRunner(ClaimLoop):
@@ -2792,9 +2863,14 @@ class JobRunner(ClaimLoop):
             self.track(job_id, self._execute(job_id, json.loads(request), experiment_id))
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
-        if not await self.store.write(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id)):
-            raise JobCancelled(job_id)
+        """Record progress; a write the database refuses only loses this step of it."""
         log.debug("job %s: %d%% %s", job_id, progress, stage)
+        try:
+            still_running = await self.store.write(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id))
+        except DatabaseUnavailable:
+            return
+        if not still_running:
+            raise JobCancelled(job_id)
 
     async def _execute(self, job_id: str, request: JSON, experiment_id: str) -> None:
         async def report(progress: int, stage: str) -> None:
@@ -2805,12 +2881,14 @@ class JobRunner(ClaimLoop):
         except JobCancelled:
             return
         except GenerationError as exc:
-            await self.store.fail_job(job_id, self.worker_id, str(exc))
+            finish = functools.partial(self.store.fail_job, job_id, self.worker_id, str(exc))
         except Exception:
             log.exception("job %s failed unexpectedly", job_id)
-            await self.store.fail_job(job_id, self.worker_id, "internal error while generating personas; see the server log")
+            error = "internal error while generating personas; see the server log"
+            finish = functools.partial(self.store.fail_job, job_id, self.worker_id, error)
         else:
-            await self.store.complete_job(job_id, self.worker_id, result)
+            finish = functools.partial(self.store.complete_job, job_id, self.worker_id, result)
+        await self.save(finish, f"job {job_id}")
         self.on_finished()
 
 
@@ -2935,7 +3013,8 @@ class WebhookDispatcher(ClaimLoop):
             attempt["error"] = describe_send_error(exc, self.settings.webhook_timeout)
         attempt["duration_ms"] = round((time.perf_counter() - started) * 1000)
         status, next_at = self._outcome(attempt, attempts + 1, retry_after, final)
-        await self.store.settle_delivery(delivery_id, self.worker_id, attempt, status, next_at)
+        await self.save(functools.partial(self.store.settle_delivery, delivery_id, self.worker_id, attempt, status, next_at),
+                        f"delivery {delivery_id}")
 
     def _outcome(self, attempt: JSON, attempts_done: int, retry_after: float | None, final: bool) -> tuple[str, float]:
         code = attempt["http_status"]
@@ -3140,13 +3219,16 @@ async def root(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Healthy only when the database answers and the job runner lives."""
+    """Healthy only when the database answers and takes writes, and the job runner lives."""
     app_state = state(request)
     reason = app_state.store.missing()
     try:
         await app_state.store.ping()
     except Exception as exc:
         reason = reason or f"database unavailable: {type(exc).__name__}"
+    if reason is None:
+        trouble = await app_state.store.writes_fail()
+        reason = f"the database cannot take writes: {trouble}" if trouble else None
     if reason is None and not app_state.runner.alive():
         reason = "job runner stopped"
     if reason is None and not app_state.dispatcher.alive():
@@ -3624,7 +3706,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
-    """Last resort: a 500 without a traceback; the server still logs the error."""
+    """Last resort: a 500 without a traceback; the server still logs the error.
+
+    Refusals raised in middleware, outside the routes' own handlers, arrive here too.
+    """
+    if isinstance(exc, APIError):
+        return await api_error(request, exc)
     if isinstance(exc, (aiosqlite.OperationalError, OSError)):
         reason = str(exc) if isinstance(exc, aiosqlite.OperationalError) else exc.strerror or type(exc).__name__
         message = f"The server cannot use its database or files right now ({reason}); try again shortly"

@@ -104,3 +104,9 @@ END;
 -- A database from before the counters gets them from its jobs once, as it upgrades.
 INSERT INTO job_counts (owner, status, n)
 SELECT owner, status, COUNT(*) FROM jobs WHERE NOT EXISTS (SELECT 1 FROM job_counts) GROUP BY owner, status;
+
+-- Health writes here when nothing else wrote lately: a write that succeeds proves the disk takes writes.
+CREATE TABLE IF NOT EXISTS write_probe (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    probed_at REAL NOT NULL
+);

@@ -55,8 +55,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: floa
 class Server:
     """`python -m persona serve` as a child process on a free loopback port."""
 
-    def __init__(self, workdir: Path, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str], prefix: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.prefix = prefix or []  # a command that runs the server, such as one giving it its own mounts
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
@@ -65,7 +66,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Server:
-        command = [sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
+        command = [*self.prefix, sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
         env = {**clean_environment(), "PYTHONPATH": str(ROOT), **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -122,9 +123,10 @@ def start_server(workdir: Path) -> Iterator[Callable[..., Server]]:
     """Start servers with a temporary database, data and output directory; all stop at teardown."""
     servers: list[Server] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, db: str = "persona.db") -> Server:
+    def start(*args: str, env: dict[str, str] | None = None, db: str = "persona.db",
+              prefix: list[str] | None = None) -> Server:
         base = ["--db", str(workdir / db), "--data-dir", str(workdir / "data"), "--output-dir", str(workdir / "output")]
-        server = Server(workdir, [*base, *args], env or {})
+        server = Server(workdir, [*base, *args], env or {}, prefix)
         servers.append(server)
         return server.start()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
-import resource
 import os
+import resource
+import shutil
 import socket
 import sqlite3
 from collections import Counter
@@ -145,4 +147,68 @@ def test_a_vanished_database_path_is_reported_and_recovered_from(start_server, w
         os.rename(workdir / "state-away", workdir / "state")
         assert http.get("/api/v1/health").status_code == 200
         assert http.get(f"/api/v1/generate/{job_id}").json()["status"] == "completed"
+        assert wait_job(http, submit(http, data="interviews.csv"))["status"] == "completed"
+
+
+needs_mount_namespace = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare to give the server a small disk of its own (CI has both)",
+)
+
+
+def on_small_disk(folder: Path, size: str = "8m") -> list[str]:
+    """A command prefix that runs the server with `folder` on a tmpfs of `size`, seen only by the server."""
+    script = 'mount -t tmpfs -o size="$1" persona-test "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", size, str(folder)]
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its filesystem has no room left."""
+    chunk = bytes(64 * 1024)
+    with open(path, "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def unhealthy(http: httpx.Client) -> dict | None:
+    response = http.get("/api/v1/health")
+    return response.json() if response.status_code == 503 else None
+
+
+@needs_mount_namespace
+def test_a_full_disk_is_reported_refuses_writes_and_loses_nothing_once_space_returns(
+        start_server, workdir: Path, gated_data: GatedDataServer, receiver: Receiver) -> None:
+    state = workdir / "state"
+    state.mkdir()
+    server = start_server("--rate-limit", "0", db="state/persona.db", prefix=on_small_disk(state))
+    assert server.process is not None
+    disk = Path(f"/proc/{server.process.pid}/root") / state.relative_to("/")  # the server's view of its tmpfs
+    assert (disk / "persona.db").exists() and not (state / "persona.db").exists()
+    with server.client() as http:
+        http.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["generation.completed"]}).raise_for_status()
+        finished = wait_job(http, submit(http, data="interviews.csv"))["job_id"]
+        running = submit(http, data=gated_data.url)
+        wait_job(http, running, until=("running",))
+
+        fill(disk / "filler")
+        health = wait_for(lambda: unhealthy(http), what="health to report the full disk")
+        assert health["status"] == "unhealthy" and "database or disk is full" in health["reason"]
+        refused = http.post("/api/v1/generate", json={"data": "interviews.csv"})
+        assert refused.status_code == 503 and refused.json()["error"] == "internal_error"
+        assert "database or disk is full" in refused.json()["message"] and "nothing was saved" in refused.json()["message"]
+        gated_data.gate.set()  # the running job finishes while its result cannot be written
+        wait_for(lambda: f"cannot save job {running}" in server.log(), what="the runner to hold the unsaved result")
+        assert http.get(f"/api/v1/generate/{running}").json()["status"] == "running"
+        assert http.get(f"/api/v1/generate/{finished}").json()["status"] == "completed"  # reads go on
+
+        (disk / "filler").unlink()
+        wait_for(lambda: http.get("/api/v1/health").status_code == 200, what="health to recover by itself")
+        assert wait_job(http, running)["status"] == "completed"
+        assert http.get("/api/v1/generate").headers["X-Total-Count"] == "2"  # the refused job never got in
+        wait_for(lambda: len(receiver.requests) >= 2, what="both completions to be delivered")
+        delivered = sorted(json.loads(request["body"])["data"]["job_id"] for request in receiver.requests)
+        assert delivered == sorted([finished, running])
         assert wait_job(http, submit(http, data="interviews.csv"))["status"] == "completed"
