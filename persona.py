@@ -22,6 +22,7 @@ import importlib.util
 import html
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ JOBS_PER_PROCESS = 32  # jobs one server process runs at once (most wait on a pr
 ENGINE_WORKERS = 2  # offline-engine computations at once per server process
 ENGINE_PROCESS_FROM = 2000  # participants from which the engine runs in a separate process
 MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
+JOB_ID_ATTEMPTS = 5  # inserts of a new job, each under a new id should the last be taken
 LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
 HEARTBEAT_S = 5.0  # how often a process renews the lease on its jobs
 POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
@@ -791,6 +793,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
+JOB_SERIALS = itertools.count(secrets.randbits(16))  # this process's run of job id endings, from a random start
+
+
+def new_job_id() -> str:
+    """A job id: 8 hex digits of milliseconds (wrapping every 49 days), then 4 of this process's serial.
+
+    Ids made close in time sit close in the job_id index, so a commit of many new jobs
+    rewrites a few index pages rather than one page per job; with random ids, inserts
+    slowed down as the table grew. One process never repeats an id; two processes may,
+    rarely, in the same millisecond, and the insert then retries under new ids.
+    """
+    return f"job-{int(time.time() * 1000) & 0xFFFFFFFF:08x}{next(JOB_SERIALS) & 0xFFFF:04x}"
+
+
 def own_experiment(job_id: str) -> str:
     """A job without an experiment name is an experiment of its own, named after it."""
     return f"exp-{job_id[4:]}"
@@ -984,12 +1000,19 @@ class Store:
         Returns (job_id, replayed). The concurrency check and the insert share one
         transaction, so workers sharing the database cannot overshoot the limit.
         """
-        now, clock = utc_now(), time.time()
         experiment = request.get("config", {}).get("experiment")
         if idempotency is None and experiment is None:
-            job_id = new_id("job")
-            self.new_jobs[job_id] = NewJob(owner, json.dumps(request), limit)
-            return await self.job_inserts.get(job_id), False
+            key = new_job_id()
+            self.new_jobs[key] = NewJob(owner, json.dumps(request), limit)
+            return await self.job_inserts.get(key), False
+        for _ in range(JOB_ID_ATTEMPTS - 1):
+            with contextlib.suppress(aiosqlite.IntegrityError):  # the new job's id was taken
+                return await self._create_job_alone(owner, request, limit, idempotency, experiment)
+        return await self._create_job_alone(owner, request, limit, idempotency, experiment)
+
+    async def _create_job_alone(self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None,
+                                experiment: str | None) -> tuple[str, bool]:
+        now, clock = utc_now(), time.time()
         async with self.transaction() as run:
             if idempotency is not None:
                 key, body_hash = idempotency
@@ -1006,7 +1029,7 @@ class Store:
             active = (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0]
             if active >= limit:
                 raise too_many_jobs(limit, active)
-            job_id = new_id("job")
+            job_id = new_job_id()
             experiment_id = await self._experiment_for(run, experiment, job_id, now)
             await run(SQL_INSERT_JOB, (job_id, owner, json.dumps(request), experiment_id, now))
             if idempotency is not None:
@@ -1020,15 +1043,30 @@ class Store:
         await run(SQL_ADD_EXPERIMENT, (name, new_id("exp"), now))
         return (await run(SQL_GET_EXPERIMENT, (name,)))[0][0]
 
-    async def _insert_jobs(self, job_ids: list[str]) -> dict[str, Any]:
-        """Insert a batch of plain submissions in one statement, each within its owner's limit."""
-        jobs = {job_id: self.new_jobs.pop(job_id) for job_id in job_ids}
-        rows = [[job_id, job.owner, job.request, own_experiment(job_id), job.limit] for job_id, job in jobs.items()]
-        inserted = {row[0] for row in await self.write(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})}
-        outcomes: dict[str, Any] = {job_id: job_id for job_id in inserted}
-        for job_id, job in jobs.items():
-            if job_id not in inserted:
-                outcomes[job_id] = too_many_jobs(job.limit, (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0])
+    async def _insert_jobs(self, keys: list[str]) -> dict[str, Any]:
+        """Insert a batch of plain submissions in one statement, each within its owner's limit.
+
+        Each job is queued under the id it was given; should one of them be taken, the
+        whole batch goes in under new ids.
+        """
+        jobs = {key: self.new_jobs.pop(key) for key in keys}
+        ids = {key: key for key in jobs}
+        for attempt in range(JOB_ID_ATTEMPTS):
+            rows = [[ids[key], job.owner, job.request, own_experiment(ids[key]), job.limit] for key, job in jobs.items()]
+            try:
+                returned = await self.write(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})
+                break
+            except aiosqlite.IntegrityError:
+                if attempt == JOB_ID_ATTEMPTS - 1:
+                    raise
+                ids = {key: new_job_id() for key in jobs}
+        inserted = {row[0] for row in returned}
+        outcomes: dict[str, Any] = {}
+        for key, job in jobs.items():
+            if ids[key] in inserted:
+                outcomes[key] = ids[key]
+            else:
+                outcomes[key] = too_many_jobs(job.limit, (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0])
         return outcomes
 
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
@@ -4133,7 +4171,7 @@ def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON
         display.update(progress, stage)
 
     settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True)
-    result = asyncio.run(generate(new_id("job"), request, new_id("exp"), settings, report))
+    result = asyncio.run(generate(new_job_id(), request, new_id("exp"), settings, report))
     display.update(100, "done")
     return result
 

@@ -153,6 +153,35 @@ async def test_a_burst_of_submissions_is_inserted_in_batches_within_each_owners_
     await store.close()
 
 
+def test_job_ids_made_later_sort_after_earlier_ones_and_still_look_like_job_ids() -> None:
+    first = persona.new_job_id()
+    later = wait_for_next_millisecond(first)
+    assert persona.JOB_ID.match(first) and persona.JOB_ID.match(later)
+    assert first[4:12] < later[4:12]
+
+
+def wait_for_next_millisecond(job_id: str) -> str:
+    later = persona.new_job_id()
+    while later[4:12] == job_id[4:12]:
+        later = persona.new_job_id()
+    return later
+
+
+@pytest.mark.parametrize("idempotency", [None, ("key-1", "h" * 64)], ids=["plain", "idempotent"])
+async def test_a_new_job_whose_id_is_taken_goes_in_under_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  idempotency: tuple[str, str] | None) -> None:
+    store = await open_store(tmp_path / "p.db")
+    taken, _ = await store.create_job("key:a", {"data": "a.csv"}, 10, None)
+    fresh = persona.new_job_id
+    handed_out = iter([taken, taken])
+    monkeypatch.setattr(persona, "new_job_id", lambda: next(handed_out, None) or fresh())
+    job_id, replayed = await store.create_job("key:a", {"data": "b.csv"}, 10, idempotency)
+    assert job_id != taken and persona.JOB_ID.match(job_id) and not replayed
+    rows = dict(await store.read("SELECT job_id, request FROM jobs"))
+    assert json.loads(rows[taken]) == {"data": "a.csv"} and json.loads(rows[job_id]) == {"data": "b.csv"}
+    await store.close()
+
+
 async def test_the_job_counters_follow_every_change_of_status(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "p.db")
     jobs = [(await store.create_job(owner, {"data": "a.csv"}, 100, None))[0] for owner in ("key:a", "key:a", "key:b")]
