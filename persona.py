@@ -65,6 +65,7 @@ IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
 JOBS_PER_PROCESS = 32  # jobs one server process runs at once (most wait on a provider or a URL)
 ENGINE_WORKERS = 2  # offline-engine computations at once per server process
 ENGINE_PROCESS_FROM = 2000  # participants from which the engine runs in a separate process
+ENGINE_NICENESS = 10  # engine processes yield the CPU to the API when both want it
 MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
 JOB_ID_ATTEMPTS = 5  # inserts of a new job, each under a new id should the last be taken
 LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
@@ -2631,7 +2632,8 @@ def engine_pool(kind: str) -> Any:
         if kind == "thread":
             ENGINE_POOLS[kind] = ThreadPoolExecutor(ENGINE_WORKERS, thread_name_prefix="persona-engine")
         else:
-            ENGINE_POOLS[kind] = ProcessPoolExecutor(ENGINE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            ENGINE_POOLS[kind] = ProcessPoolExecutor(ENGINE_WORKERS, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=os.nice, initargs=(ENGINE_NICENESS,))
     return ENGINE_POOLS[kind]
 
 
