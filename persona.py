@@ -648,7 +648,6 @@ CREATE TABLE IF NOT EXISTS write_probe (
 
 JOB_COLUMNS = "job_id, status, progress, created_at, started_at, completed_at, error"
 
-SQL_GET_JOB = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id = ?"
 SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
 SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE :status IS NULL OR status = :status"
 # One query per listing: the page and, alongside, the total from the counters.
@@ -1082,8 +1081,8 @@ class Store:
         await self.pings.get(None)
 
     async def get_job(self, job_id: str) -> JSON | None:
-        rows = await self.read(SQL_GET_JOB, (job_id,))
-        return job_from_row(rows[0], with_result=True) if rows else None
+        row = await self.job_reads.get(job_id)
+        return job_from_row(row, with_result=True) if row else None
 
     async def get_job_json(self, job_id: str) -> bytes | None:
         """The job as response bytes, its stored result spliced in rather than parsed and re-encoded."""
