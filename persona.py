@@ -2383,13 +2383,15 @@ class GeminiProvider:
         from google.genai import types
 
         self.types = types
-        retry = types.HttpRetryOptions(attempts=PROVIDER_RETRIES + 1, initial_delay=0.5, max_delay=8.0,
-                                       http_status_codes=[429, 500, 502, 503, 504])
-        options = types.HttpOptions(timeout=int(PROVIDER_CALL_TIMEOUT_S * 1000), retry_options=retry)
         key = provider_key(PROVIDER_SPECS["gemini"])
         self.client = shared_client(("gemini", key, os.environ.get("GOOGLE_GEMINI_BASE_URL")),
-                                    lambda: genai.Client(api_key=key, http_options=options))
+                                    lambda: genai.Client(api_key=key, http_options=self._http_options()))
         self.model, self.config = model, config
+
+    def _http_options(self) -> Any:
+        retry = self.types.HttpRetryOptions(attempts=PROVIDER_RETRIES + 1, initial_delay=0.5, max_delay=8.0,
+                                            http_status_codes=[429, 500, 502, 503, 504])
+        return self.types.HttpOptions(timeout=int(PROVIDER_CALL_TIMEOUT_S * 1000), retry_options=retry)
 
     async def complete(self, prompt: str, schema: JSON, usage: Usage) -> str:
         config = self.types.GenerateContentConfig(
