@@ -4156,14 +4156,14 @@ def generation_body(args: argparse.Namespace) -> JSON:
 
 def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
     """The server's pipeline in this process: the data path is the user's own file or folder."""
-    if classify_data(args.data) == "path" and not Path(args.data).exists():
-        raise UsageError(f"{args.data} does not exist")
-    body = generation_body(args)
     try:
-        request = validated(body, GENERATE_CHECK)
+        is_path = classify_data(args.data) == "path"
+        if is_path and not Path(args.data).exists():
+            raise UsageError(f"{args.data} does not exist")
+        request = validated(generation_body(args), GENERATE_CHECK)
         request["provider"] = resolve_provider(request)
         data_dir = Path.cwd()
-        if classify_data(args.data) == "path":
+        if is_path:
             path = Path(args.data).resolve()
             request["data"], data_dir = (path.name, path.parent) if path.is_file() else (".", path)
             check_data_source(request["data"], data_dir)

@@ -174,6 +174,12 @@ def test_a_missing_file_is_named_by_the_command_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip() == "persona: nope.csv does not exist"
 
 
+def test_an_unsupported_url_scheme_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run_persona("generate", "ftp://example.com/interviews.csv", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "persona: data URL scheme 'ftp' is not supported; use a path, http or https"
+
+
 def test_serve_refuses_a_data_directory_that_does_not_exist(tmp_path: Path) -> None:
     result = run_persona("serve", "--data-dir", str(tmp_path / "nope"), "--port", str(free_port()))
     assert result.returncode == 2 and "does not exist" in result.stderr
