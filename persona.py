@@ -1655,12 +1655,11 @@ def load_path(data: str, data_dir: Path) -> Dataset:
     for file in files:
         raw = file.read_bytes()
         relative = file.relative_to(root).as_posix()
-        digests.append(f"{relative}\0{hashlib.sha256(raw).hexdigest()}")
+        digest = hashlib.sha256(raw).hexdigest()
+        digests.append(f"{relative}\0{digest}")
         pid = file.relative_to(path).with_suffix("").as_posix() if path.is_dir() else file.stem
         groups.append(participants_from_bytes(raw, FORMATS[file.suffix.lower()], relative, pid))
-    sha = hashlib.sha256(raw).hexdigest() if len(files) == 1 and not path.is_dir() else (
-        hashlib.sha256("\n".join(digests).encode()).hexdigest()
-    )
+    sha = digest if len(files) == 1 and not path.is_dir() else hashlib.sha256("\n".join(digests).encode()).hexdigest()
     source = {"kind": "path", "location": data, "sha256": sha, "files": len(files)}
     return finish_dataset(merge_participants(groups), source, data)
 
