@@ -48,7 +48,7 @@ import aiosqlite
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -3239,19 +3239,37 @@ def state(request: Request) -> Any:
     return request.app.state
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """A request header by its lowercase name; the first one if it is repeated.
+
+    The headers become a dict once per request: Starlette's lookup scans the list on
+    every call, and a submission asks for four.
+    """
+    headers = request.scope.get("persona.headers")
+    if headers is None:
+        headers = request.scope["persona.headers"] = dict(reversed(request.scope["headers"]))
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
 async def read_json(request: Request) -> JSON:
     """The body as a JSON object; refuses oversized bodies before reading them whole."""
-    content_type = request.headers.get("content-type", "")
+    content_type = header(request, b"content-type") or ""
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise APIError(400, f"Content-Type must be application/json, got {content_type or 'none'!r}")
-    declared = request.headers.get("content-length", "")
+    declared = header(request, b"content-length") or ""
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise body_too_large()
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    more_body = True
+    while more_body:  # the ASGI messages themselves: Starlette's stream() adds a generator per request
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
         if len(body) > MAX_BODY_BYTES:
             raise body_too_large()
+        more_body = message.get("more_body", False)
     try:
         value = json.loads(body)
     except RecursionError:
@@ -3279,14 +3297,14 @@ def authenticate(request: Request) -> str:
     digests: tuple[bytes, ...] = state(request).token_digests
     if not digests:
         return f"ip:{client_ip(request.scope)}"
-    header = request.headers.get("authorization", "")
-    if not header.startswith("Bearer ") or not header[7:]:
+    given = header(request, b"authorization") or ""
+    if not given.startswith("Bearer ") or not given[7:]:
         raise APIError(401, "Authentication required: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": "Bearer"})
-    given = hashlib.sha256(header[7:].encode("utf-8", "surrogatepass")).digest()
+    given_digest = hashlib.sha256(given[7:].encode("latin-1")).digest()
     match = None
     for digest in digests:
-        if hmac.compare_digest(given, digest):
+        if hmac.compare_digest(given_digest, digest):
             match = digest
     if match is None:
         raise APIError(401, "Invalid API token", headers={"WWW-Authenticate": "Bearer"})
@@ -3304,7 +3322,7 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 def idempotency_key(request: Request, body: JSON) -> tuple[str, str] | None:
-    key = request.headers.get("idempotency-key")
+    key = header(request, b"idempotency-key")
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable():
@@ -3832,9 +3850,11 @@ def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable
     return dispatch
 
 
-ROUTES = [
-    Route("/", root, methods=["GET"]),
+ROUTES = [  # the router tries each in turn, so the busiest come first
+    Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
+    Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/health", health, methods=["GET"]),
+    Route("/", root, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs_page(SWAGGER_PAGE), methods=["GET"]),
@@ -3842,8 +3862,6 @@ ROUTES = [
     Route("/docs/assets/{name}", docs_asset, methods=["GET"]),
     Route("/jobs", jobs_page, methods=["GET"]),
     Route("/jobs/{job_id}", job_page, methods=["GET"]),
-    Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
-    Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
     Route("/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]),
     Route("/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, methods=["GET"]),

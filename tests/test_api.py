@@ -419,6 +419,15 @@ def test_any_configured_token_opens_the_write_endpoints(secured: Server) -> None
             assert http.post("/api/v1/webhooks", json={"url": "https://example.com/h"}).status_code == 200
 
 
+def test_a_token_with_non_ascii_characters_works_when_sent_as_utf8(start_server) -> None:
+    server = start_server("--auth-token", "clé-secrète", "--rate-limit", "0")
+    url, body = server.url + "/api/v1/webhooks", {"url": "https://example.com/h"}
+    accepted = httpx.post(url, json=body, headers={"Authorization": "Bearer clé-secrète".encode()})
+    assert accepted.status_code == 200, accepted.text
+    refused = httpx.post(url, json=body, headers={"Authorization": "Bearer clé-secrète".encode("latin-1")})
+    assert_envelope(refused, 401, "unauthorised")
+
+
 def test_a_token_in_the_query_string_is_not_accepted(secured: Server) -> None:
     response = httpx.post(secured.url + "/api/v1/webhooks?token=first-token", json={"url": "https://example.com/h"})
     assert_envelope(response, 401, "unauthorised")
