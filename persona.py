@@ -1322,9 +1322,21 @@ async def checked_target(url: str, private_allowed: bool) -> tuple[str, dict[str
     return target, {"Host": host_header}, extensions
 
 
+def outbound_client(timeout: float) -> Any:
+    """An httpx client for one outbound request, to a target from `checked_target`.
+
+    Each request gets a connection of its own: a pool matches connections by address
+    alone, so a TLS session verified for one host name could carry a request meant
+    for another name served from the same address.
+    """
+    import httpx
+
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=outbound_tls())
+
+
 @functools.cache
 def outbound_tls() -> ssl.SSLContext:
-    """The TLS settings of every outbound client, made once: loading the CA bundle costs ~20 ms of CPU."""
+    """The TLS settings of every outbound client, made once: loading the CA bundle costs ~25 ms of CPU."""
     import httpx
 
     return httpx.create_ssl_context()
@@ -1691,17 +1703,19 @@ async def fetch_url(url: str, private_allowed: bool) -> tuple[bytes, str]:
     except OutboundRefused as exc:
         raise GenerationError(f"data URL refused: {exc}") from None
     try:
-        async with httpx.AsyncClient(timeout=URL_TIMEOUT_S, follow_redirects=False, verify=outbound_tls()) as client:
-            headers["User-Agent"] = f"Persona/{__version__}"
-            async with client.stream("GET", target, headers=headers, extensions=extensions) as response:
-                if response.status_code != 200:
-                    raise GenerationError(f"fetching {url} answered HTTP {response.status_code}")
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > MAX_URL_BYTES:
-                        raise GenerationError(f"{url} is larger than {MAX_URL_BYTES // (1024 * 1024)} MiB")
-                    chunks.append(chunk)
-                return b"".join(chunks), response.headers.get("content-type", "")
+        headers["User-Agent"] = f"Persona/{__version__}"
+        async with (
+            outbound_client(URL_TIMEOUT_S) as client,
+            client.stream("GET", target, headers=headers, extensions=extensions) as response,
+        ):
+            if response.status_code != 200:
+                raise GenerationError(f"fetching {url} answered HTTP {response.status_code}")
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_URL_BYTES:
+                    raise GenerationError(f"{url} is larger than {MAX_URL_BYTES // (1024 * 1024)} MiB")
+                chunks.append(chunk)
+            return b"".join(chunks), response.headers.get("content-type", "")
     except httpx.HTTPError as exc:
         raise GenerationError(f"fetching {url} failed: {type(exc).__name__}") from None
 
@@ -3077,23 +3091,8 @@ class WebhookDispatcher(ClaimLoop):
     name = "webhooks"
     release_sql = SQL_RELEASE_DELIVERY
 
-    def __init__(self, store: Store, settings: Settings) -> None:
-        super().__init__(store, settings)
-        self.client: Any = None
-
-    def start(self) -> None:
-        import httpx
-
-        self.client = httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False, verify=outbound_tls())
-        super().start()
-
     def wake(self) -> None:
         self.wakeup.set()
-
-    async def stop(self) -> None:
-        await super().stop()
-        if self.client is not None:
-            await self.client.aclose()
 
     async def _upkeep(self) -> None:
         """Deliveries claimed by a process that died go back to the outbox."""
@@ -3118,7 +3117,10 @@ class WebhookDispatcher(ClaimLoop):
         try:
             target, headers, extensions = await checked_target(url, self.settings.private_urls_allowed)
             headers.update(delivery_headers(delivery_id, event, secret, body, int(time.time())))
-            async with self.client.stream("POST", target, content=body, headers=headers, extensions=extensions) as response:
+            async with (
+                outbound_client(self.settings.webhook_timeout) as client,
+                client.stream("POST", target, content=body, headers=headers, extensions=extensions) as response,
+            ):
                 attempt["http_status"] = response.status_code
                 if response.status_code in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("retry-after"))

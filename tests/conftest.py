@@ -216,10 +216,13 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as most receivers do
+
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with outer.lock:
-                    outer.requests.append({"headers": dict(self.headers.items()), "body": body, "path": self.path})
+                    outer.requests.append({"headers": dict(self.headers.items()), "body": body, "path": self.path,
+                                           "peer": self.client_address})
                     answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
                 if answer is None:
                     outer.release.wait(60)

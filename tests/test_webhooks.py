@@ -105,6 +105,20 @@ def test_a_jobs_own_webhook_url_is_signed_with_the_server_secret(start_server, r
     assert "server-wide-secret" not in server.log()
 
 
+def test_each_delivery_has_a_connection_of_its_own(start_server, receiver: Receiver) -> None:
+    """Requests go to a checked address, and a pool matches connections by address alone:
+    a kept connection (a TLS session verified for one host name) would carry another name's requests."""
+    server = start_server("--rate-limit", "0")
+    other_name = receiver.url.replace("127.0.0.1", "127.1")  # another host name for the same address
+    with server.client() as http:
+        for count, url in enumerate((receiver.url, other_name), start=1):
+            wait_job(http, submit(http, data="interviews.csv", webhook_url=url))
+            wait_for(lambda: len(receiver.requests) == count, what=f"delivery {count}")
+    first, second = receiver.requests
+    assert first["headers"]["Host"] != second["headers"]["Host"]
+    assert first["peer"] != second["peer"]
+
+
 def test_a_cancelled_job_notifies_as_failed(start_server, receiver: Receiver, gated_data: GatedDataServer) -> None:
     server = start_server("--rate-limit", "0")
     with server.client() as http:
@@ -222,7 +236,7 @@ def test_a_delivery_pending_when_the_server_is_killed_is_sent_once_after_restart
     with server.client() as http:
         webhook_id = register(http, receiver.url)
         wait_job(http, submit(http, data="interviews.csv"))
-        wait_for(lambda: receiver.requests, what="a first attempt")
+        wait_for(lambda: deliveries(http, webhook_id)[0]["attempts"], what="a first attempt, recorded")
         server.kill()
     server.start()
     with server.client() as http:
