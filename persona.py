@@ -4108,6 +4108,7 @@ def configure_logging(level: str) -> None:
     numeric = 5 if level == "trace" else getattr(logging, level.upper())
     logging.basicConfig(level=numeric, format="%(levelname)s:     %(message)s")
     log.setLevel(numeric)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every URL, and a URL may hold a secret
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -119,6 +119,19 @@ def test_each_delivery_has_a_connection_of_its_own(start_server, receiver: Recei
     assert first["peer"] != second["peer"]
 
 
+def test_a_secret_in_a_webhook_or_data_url_never_reaches_the_server_log(start_server, receiver: Receiver,
+                                                                        gated_data: GatedDataServer) -> None:
+    server = start_server("--rate-limit", "0")
+    gated_data.gate.set()
+    with server.client() as http:
+        webhook_id = register(http, receiver.url + "?token=hook-secret-in-url")
+        wait_job(http, submit(http, data=gated_data.url + "?signature=data-secret-in-url"))
+        settled(http, webhook_id)
+    assert receiver.requests[0]["path"].endswith("hook-secret-in-url")
+    log = server.log()
+    assert "hook-secret-in-url" not in log and "data-secret-in-url" not in log
+
+
 def test_a_cancelled_job_notifies_as_failed(start_server, receiver: Receiver, gated_data: GatedDataServer) -> None:
     server = start_server("--rate-limit", "0")
     with server.client() as http:
