@@ -227,8 +227,8 @@ class Bench:
         persona_rps = statistics.median(r["rps"] for r in runs["persona"])
         row = {"benchmark": name, "ceiling_rps": round(ceiling_rps), "persona_rps": round(persona_rps),
                "ratio": round(persona_rps / ceiling_rps, 3), "target": target,
-               "persona_p50_ms": statistics.median(r["p50_ms"] for r in runs["persona"]),
-               "persona_p99_ms": statistics.median(r["p99_ms"] for r in runs["persona"]),
+               "persona_p50_ms": round(statistics.median(r["p50_ms"] for r in runs["persona"]), 2),
+               "persona_p99_ms": round(statistics.median(r["p99_ms"] for r in runs["persona"]), 2),
                "persona_non2xx": sum(r["non2xx"] for r in runs["persona"])}
         self.results.append(row)
         print(json.dumps(row), flush=True)
