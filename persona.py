@@ -39,7 +39,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1322,16 +1322,21 @@ async def checked_target(url: str, private_allowed: bool) -> tuple[str, dict[str
     return target, {"Host": host_header}, extensions
 
 
-def outbound_client(timeout: float) -> Any:
-    """An httpx client for one outbound request, to a target from `checked_target`.
+@contextlib.asynccontextmanager
+async def outbound_request(method: str, target: str, timeout: float, **options: Any) -> AsyncIterator[Any]:
+    """The streamed response to one request to a target from `checked_target`.
 
-    Each request gets a connection of its own: a pool matches connections by address
-    alone, so a TLS session verified for one host name could carry a request meant
-    for another name served from the same address.
+    Each request gets a client and connection of its own: a pool matches connections
+    by address alone, so a kept TLS session verified for one host name could carry a
+    request meant for another name served from the same address.
     """
     import httpx
 
-    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=outbound_tls())
+    async with (
+        httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=outbound_tls()) as client,
+        client.stream(method, target, **options) as response,
+    ):
+        yield response
 
 
 @functools.cache
@@ -1693,31 +1698,37 @@ def load_inline(records: list[Any]) -> Dataset:
     return finish_dataset(participants_from_records(records, "inline"), source, "the inline data")
 
 
+def shown_url(url: str) -> str:
+    """A data URL as jobs show it: no query, fragment or user info, where signatures and tokens live.
+
+    Anyone may read a job, so its error and its result's source name the URL this way.
+    """
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
+
+
 async def fetch_url(url: str, private_allowed: bool) -> tuple[bytes, str]:
     """Download a data URL with a size cap; returns the body and its content type."""
     import httpx
 
-    chunks, size = [], 0
+    chunks, size, shown = [], 0, shown_url(url)
     try:
         target, headers, extensions = await checked_target(url, private_allowed)
     except OutboundRefused as exc:
         raise GenerationError(f"data URL refused: {exc}") from None
     try:
         headers["User-Agent"] = f"Persona/{__version__}"
-        async with (
-            outbound_client(URL_TIMEOUT_S) as client,
-            client.stream("GET", target, headers=headers, extensions=extensions) as response,
-        ):
+        async with outbound_request("GET", target, URL_TIMEOUT_S, headers=headers, extensions=extensions) as response:
             if response.status_code != 200:
-                raise GenerationError(f"fetching {url} answered HTTP {response.status_code}")
+                raise GenerationError(f"fetching {shown} answered HTTP {response.status_code}")
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > MAX_URL_BYTES:
-                    raise GenerationError(f"{url} is larger than {MAX_URL_BYTES // (1024 * 1024)} MiB")
+                    raise GenerationError(f"{shown} is larger than {MAX_URL_BYTES // (1024 * 1024)} MiB")
                 chunks.append(chunk)
             return b"".join(chunks), response.headers.get("content-type", "")
     except httpx.HTTPError as exc:
-        raise GenerationError(f"fetching {url} failed: {type(exc).__name__}") from None
+        raise GenerationError(f"fetching {shown} failed: {type(exc).__name__}") from None
 
 
 def url_format(url: str, content_type: str) -> str:
@@ -1729,17 +1740,17 @@ def url_format(url: str, content_type: str) -> str:
                "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "text/plain": "text",
                "text/markdown": "text"}
     if kind not in by_type:
-        raise GenerationError(f"{url} has an unsupported format (Content-Type {kind or 'missing'!r})")
+        raise GenerationError(f"{shown_url(url)} has an unsupported format (Content-Type {kind or 'missing'!r})")
     return by_type[kind]
 
 
 async def load_url(url: str, private_allowed: bool) -> Dataset:
     raw, content_type = await fetch_url(url, private_allowed)
     fmt = url_format(url, content_type)
-    stem = Path(urlsplit(url).path).stem or "document"
-    people = await asyncio.to_thread(participants_from_bytes, raw, fmt, url, stem)
-    source = {"kind": "url", "location": url, "sha256": hashlib.sha256(raw).hexdigest()}
-    return finish_dataset(people, source, url)
+    stem, shown = Path(urlsplit(url).path).stem or "document", shown_url(url)
+    people = await asyncio.to_thread(participants_from_bytes, raw, fmt, shown, stem)
+    source = {"kind": "url", "location": shown, "sha256": hashlib.sha256(raw).hexdigest()}
+    return finish_dataset(people, source, shown)
 
 
 def finish_dataset(people: list[Participant], source: JSON, name: str) -> Dataset:
@@ -3117,10 +3128,8 @@ class WebhookDispatcher(ClaimLoop):
         try:
             target, headers, extensions = await checked_target(url, self.settings.private_urls_allowed)
             headers.update(delivery_headers(delivery_id, event, secret, body, int(time.time())))
-            async with (
-                outbound_client(self.settings.webhook_timeout) as client,
-                client.stream("POST", target, content=body, headers=headers, extensions=extensions) as response,
-            ):
+            async with outbound_request("POST", target, self.settings.webhook_timeout, content=body, headers=headers,
+                                        extensions=extensions) as response:
                 attempt["http_status"] = response.status_code
                 if response.status_code in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -3252,7 +3261,7 @@ def state(request: Request) -> Any:
     return request.app.state
 
 
-def header(request: Request, name: bytes) -> str | None:
+def request_header(request: Request, name: bytes) -> str | None:
     """A request header by its lowercase name; the first one if it is repeated.
 
     The headers become a dict once per request: Starlette's lookup scans the list on
@@ -3267,10 +3276,10 @@ def header(request: Request, name: bytes) -> str | None:
 
 async def read_json(request: Request) -> JSON:
     """The body as a JSON object; refuses oversized bodies before reading them whole."""
-    content_type = header(request, b"content-type") or ""
+    content_type = request_header(request, b"content-type") or ""
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise APIError(400, f"Content-Type must be application/json, got {content_type or 'none'!r}")
-    declared = header(request, b"content-length") or ""
+    declared = request_header(request, b"content-length") or ""
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise body_too_large()
     body = bytearray()
@@ -3310,7 +3319,7 @@ def authenticate(request: Request) -> str:
     digests: tuple[bytes, ...] = state(request).token_digests
     if not digests:
         return f"ip:{client_ip(request.scope)}"
-    given = header(request, b"authorization") or ""
+    given = request_header(request, b"authorization") or ""
     if not given.startswith("Bearer ") or not given[7:]:
         raise APIError(401, "Authentication required: send 'Authorization: Bearer <token>'",
                        headers={"WWW-Authenticate": "Bearer"})
@@ -3335,7 +3344,7 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 def idempotency_key(request: Request, body: JSON) -> tuple[str, str] | None:
-    key = header(request, b"idempotency-key")
+    key = request_header(request, b"idempotency-key")
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable():
@@ -3891,20 +3900,29 @@ def describe_startup(settings: Settings) -> str:
     )
 
 
-def keep_collector_off_the_request_path() -> None:
-    """Tune this server process's garbage collector for many short requests.
+@contextlib.contextmanager
+def collector_tuned_for_requests() -> Iterator[None]:
+    """The process's garbage collector tuned for many short requests while the app serves.
 
     A request holds a few dozen container objects while it waits on the database.
     At Python's default threshold a young collection runs every few requests, finds
     the in-flight requests' objects alive and promotes them; their count soon forces
     full collections, each walking every long-lived object. Under load that was 15%
-    of the CPU. The young generation now collects after GC_YOUNG_THRESHOLD net
+    of the CPU. The young generation collects after GC_YOUNG_THRESHOLD net
     allocations, more than a few hundred requests in flight hold, and what lives
-    after start-up (modules, settings, the app) is frozen out of collections.
+    after start-up (modules, settings, the app) is frozen out of collections. When
+    the app stops, the collector is as it was, for a process that goes on without it.
     """
+    thresholds, frozen_before = gc.get_threshold(), gc.get_freeze_count()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        if not frozen_before:  # a process that froze objects itself keeps them frozen
+            gc.unfreeze()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -3925,10 +3943,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
         app.state.dispatcher.start()
         app.state.runner.start()
-        keep_collector_off_the_request_path()
         log.info(describe_startup(settings))
         try:
-            yield
+            with collector_tuned_for_requests():
+                yield
         finally:
             await app.state.runner.stop()
             await app.state.dispatcher.stop()
@@ -3976,7 +3994,7 @@ class PersonaClient:
                  max_retries: int = 3) -> None:
         import httpx
 
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"Authorization": f"Bearer {token}".encode()} if token else {}  # UTF-8, as the server reads it
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self.max_retries = max_retries
 
@@ -4108,7 +4126,10 @@ def configure_logging(level: str) -> None:
     numeric = 5 if level == "trace" else getattr(logging, level.upper())
     logging.basicConfig(level=numeric, format="%(levelname)s:     %(message)s")
     log.setLevel(numeric)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every URL, and a URL may hold a secret
+    # These log every URL, and every SQL statement with its parameters, at INFO and DEBUG:
+    # a URL or a webhook secret may be among them.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -420,12 +420,16 @@ def test_any_configured_token_opens_the_write_endpoints(secured: Server) -> None
 
 
 def test_a_token_with_non_ascii_characters_works_when_sent_as_utf8(start_server) -> None:
+    from persona import PersonaClient
+
     server = start_server("--auth-token", "clé-secrète", "--rate-limit", "0")
     url, body = server.url + "/api/v1/webhooks", {"url": "https://example.com/h"}
     accepted = httpx.post(url, json=body, headers={"Authorization": "Bearer clé-secrète".encode()})
     assert accepted.status_code == 200, accepted.text
     refused = httpx.post(url, json=body, headers={"Authorization": "Bearer clé-secrète".encode("latin-1")})
     assert_envelope(refused, 401, "unauthorised")
+    with PersonaClient(server.url, token="clé-secrète") as client:
+        assert client.create_webhook("https://example.com/h2")["url"] == "https://example.com/h2"
 
 
 def test_a_token_in_the_query_string_is_not_accepted(secured: Server) -> None:
@@ -586,6 +590,20 @@ def test_health_is_503_with_a_reason_when_the_database_cannot_answer(app_client)
     response = app_client.get("/api/v1/health")
     assert response.status_code == 503
     assert "database" in response.json()["reason"]
+
+
+def test_the_garbage_collector_is_as_it_was_once_the_app_stops(tmp_path: Path) -> None:
+    import gc
+
+    from starlette.testclient import TestClient
+
+    import persona
+
+    before = gc.get_threshold(), gc.get_freeze_count()
+    settings = persona.Settings(db=tmp_path / "p.db", data_dir=tmp_path, output_dir=tmp_path / "out")
+    with TestClient(persona.create_app(settings)):
+        assert gc.get_threshold()[0] == persona.GC_YOUNG_THRESHOLD and gc.get_freeze_count() > 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
 
 
 def test_requests_in_flight_do_not_set_off_garbage_collections(app_client) -> None:

@@ -107,7 +107,10 @@ def test_a_jobs_own_webhook_url_is_signed_with_the_server_secret(start_server, r
 
 def test_each_delivery_has_a_connection_of_its_own(start_server, receiver: Receiver) -> None:
     """Requests go to a checked address, and a pool matches connections by address alone:
-    a kept connection (a TLS session verified for one host name) would carry another name's requests."""
+    a kept connection (a TLS session verified for one host name) would carry another name's requests.
+
+    A guard: a shared client reuses a connection once it reads response bodies.
+    """
     server = start_server("--rate-limit", "0")
     other_name = receiver.url.replace("127.0.0.1", "127.1")  # another host name for the same address
     with server.client() as http:
@@ -115,21 +118,34 @@ def test_each_delivery_has_a_connection_of_its_own(start_server, receiver: Recei
             wait_job(http, submit(http, data="interviews.csv", webhook_url=url))
             wait_for(lambda: len(receiver.requests) == count, what=f"delivery {count}")
     first, second = receiver.requests
-    assert first["headers"]["Host"] != second["headers"]["Host"]
     assert first["peer"] != second["peer"]
 
 
-def test_a_secret_in_a_webhook_or_data_url_never_reaches_the_server_log(start_server, receiver: Receiver,
-                                                                        gated_data: GatedDataServer) -> None:
-    server = start_server("--rate-limit", "0")
+def test_secrets_in_urls_and_webhook_secrets_never_reach_the_log_even_at_debug(start_server, receiver: Receiver,
+                                                                              gated_data: GatedDataServer) -> None:
+    server = start_server("--rate-limit", "0", "--log-level", "debug")
     gated_data.gate.set()
     with server.client() as http:
-        webhook_id = register(http, receiver.url + "?token=hook-secret-in-url")
-        wait_job(http, submit(http, data=gated_data.url + "?signature=data-secret-in-url"))
+        webhook_id = register(http, receiver.url + "?token=hook-secret-in-url", secret="signing-secret-123")
+        job = wait_job(http, submit(http, data=gated_data.url + "?signature=data-secret-in-url"))
         settled(http, webhook_id)
+    assert job["status"] == "completed", job
     assert receiver.requests[0]["path"].endswith("hook-secret-in-url")
     log = server.log()
-    assert "hook-secret-in-url" not in log and "data-secret-in-url" not in log
+    assert "debug" in log.lower()  # the level took effect, so a leak would show
+    for secret in ("hook-secret-in-url", "data-secret-in-url", "signing-secret-123"):
+        assert secret not in log
+
+
+def test_a_data_url_shows_no_query_in_the_jobs_anyone_can_read(client: httpx.Client, receiver: Receiver,
+                                                               gated_data: GatedDataServer) -> None:
+    """Signed URLs carry their signature in the query; reads need no token."""
+    gated_data.gate.set()
+    done = wait_job(client, submit(client, data=gated_data.url + "?signature=data-secret-in-url"))
+    assert done["result"]["metadata"]["source"]["location"] == gated_data.url
+    failed = wait_job(client, submit(client, data=receiver.url + "?signature=data-secret-in-url"))  # answers GET with 501
+    assert failed["status"] == "failed" and receiver.url in failed["error"]
+    assert "data-secret-in-url" not in json.dumps(done) + json.dumps(failed)
 
 
 def test_a_cancelled_job_notifies_as_failed(start_server, receiver: Receiver, gated_data: GatedDataServer) -> None:
