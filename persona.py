@@ -64,6 +64,7 @@ MAX_URL_BYTES = 50 * 1024 * 1024  # a data source fetched over http(s)
 URL_TIMEOUT_S = 30.0  # connect and read timeout for a data URL
 RATE_WINDOW_S = 60  # the rate limit counts requests per minute
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
+JOBS_RETRY_AFTER_S = 10  # Retry-After when a key's concurrent-jobs quota is full (no job's end is known)
 JOBS_PER_PROCESS = 32  # jobs one server process runs at once (most wait on a provider or a URL)
 ENGINE_WORKERS = 2  # offline-engine computations at once per server process
 ENGINE_PROCESS_FROM = 2000  # participants from which the engine runs in a separate process
@@ -1031,7 +1032,7 @@ class Store:
                     return found[0][1], True
             active = (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0]
             if active >= limit:
-                raise too_many_jobs(limit, active)
+                raise too_many_jobs(owner, limit, active)
             job_id = new_job_id()
             experiment_id = await self._experiment_for(run, experiment, job_id, now)
             await run(SQL_INSERT_JOB, (job_id, owner, json.dumps(request), experiment_id, now))
@@ -1069,7 +1070,8 @@ class Store:
             if ids[key] in inserted:
                 outcomes[key] = ids[key]
             else:
-                outcomes[key] = too_many_jobs(job.limit, (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0])
+                active = (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0]
+                outcomes[key] = too_many_jobs(job.owner, job.limit, active)
         return outcomes
 
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
@@ -1210,12 +1212,15 @@ class Store:
         return rows[0][0] if rows else "missing"
 
 
-def too_many_jobs(limit: int, active: int) -> APIError:
+def too_many_jobs(owner: str, limit: int, active: int) -> APIError:
+    """The reference's rate-limited answer, with Retry-After, for a full concurrent-jobs quota."""
+    who = "API key" if owner.startswith("key:") else "client address"
     return APIError(
         429,
-        f"Too many concurrent jobs: {active} are pending or running for this API key "
-        f"and the limit is {limit}. Wait for one to finish or cancel one.",
-        {"limit": limit, "active": active},
+        f"Too many concurrent jobs: {active} are pending or running for this {who} and the limit is {limit}. "
+        f"Retry after {JOBS_RETRY_AFTER_S} seconds, or cancel one.",
+        {"retry_after": JOBS_RETRY_AFTER_S, "limit": limit, "active": active},
+        headers={"Retry-After": str(JOBS_RETRY_AFTER_S)},
     )
 
 

@@ -484,7 +484,9 @@ def test_concurrent_jobs_are_limited_per_api_key(start_server, gated_data: Gated
         assert one.post("/api/v1/generate", json={"data": gated_data.url}).status_code == 200
         assert one.post("/api/v1/generate", json={"data": gated_data.url}).status_code == 200
         refused = one.post("/api/v1/generate", json={"data": gated_data.url})
-        assert "concurrent jobs" in assert_envelope(refused, 429, "rate_limited")["message"]
+        body = assert_envelope(refused, 429, "rate_limited")
+        assert "concurrent jobs" in body["message"] and "API key" in body["message"]
+        assert body["details"]["retry_after"] == int(refused.headers["Retry-After"]) > 0  # as the reference's 429
         assert two.post("/api/v1/generate", json={"data": "interviews.csv"}).status_code == 200
         gated_data.gate.set()
         for job in one.get("/api/v1/generate").json():
