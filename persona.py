@@ -1272,6 +1272,10 @@ class OutboundRefused(Exception):
     """A URL whose host is, or resolves to, an address this server must not reach."""
 
 
+class HostNotResolved(Exception):
+    """A host name that does not resolve now; unlike a refusal, it may resolve later."""
+
+
 def address_refusal(address: str, private_allowed: bool) -> str | None:
     """Why this address may not be reached, or None. Link-local (cloud metadata) never may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -1311,7 +1315,7 @@ async def checked_target(url: str, private_allowed: bool) -> tuple[str, dict[str
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise OutboundRefused(f"{host} could not be resolved ({exc.strerror})") from None
+            raise HostNotResolved(f"{host} could not be resolved ({exc.strerror})") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
     else:
         addresses = [address]
@@ -1721,6 +1725,8 @@ async def fetch_url(url: str, private_allowed: bool) -> tuple[bytes, str]:
         target, headers, extensions = await checked_target(url, private_allowed)
     except OutboundRefused as exc:
         raise GenerationError(f"data URL refused: {exc}") from None
+    except HostNotResolved as exc:
+        raise GenerationError(f"fetching {shown} failed: {exc}") from None
     try:
         headers["User-Agent"] = f"Persona/{__version__}"
         async with outbound_request("GET", target, URL_TIMEOUT_S, headers=headers, extensions=extensions) as response:
@@ -3169,6 +3175,8 @@ def describe_send_error(exc: Exception, timeout: float) -> str:
         return f"no answer within {timeout:g} s"
     if isinstance(exc, httpx.ConnectError):
         return "could not connect"
+    if isinstance(exc, HostNotResolved):
+        return str(exc)
     return f"request failed ({type(exc).__name__})"
 
 

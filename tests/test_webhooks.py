@@ -173,6 +173,17 @@ def test_a_receiver_failing_twice_gets_three_attempts_of_one_delivery(start_serv
     assert delivery["next_retry_at"] is None
 
 
+def test_a_host_that_does_not_resolve_is_retried_like_any_failure(start_server) -> None:
+    """DNS may be down for a moment; only an address that may never be reached is final."""
+    server = start_server("--rate-limit", "0", *FAST_RETRIES)
+    with server.client() as http:
+        webhook_id = register(http, "http://persona-test.invalid/hook")  # .invalid never resolves (RFC 6761)
+        wait_job(http, submit(http, data="interviews.csv"))
+        [delivery] = settled(http, webhook_id, status="failed")
+    assert len(delivery["attempts"]) == 4
+    assert all("persona-test.invalid could not be resolved" in a["error"] for a in delivery["attempts"])
+
+
 def test_410_gone_stops_retrying(start_server, receiver: Receiver) -> None:
     receiver.answers = [410, 200]
     server = start_server("--rate-limit", "0", *FAST_RETRIES)
