@@ -935,7 +935,8 @@ class Store:
         Moved or deleted under a running server, its open file would take writes that
         no restart could find.
         """
-        return None if self.path.exists() else f"the database file {self.path} is missing"
+        # By name only: health answers anyone, and the log's start-up line has the full path.
+        return None if self.path.exists() else f"the database file {self.path.name} is missing"
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -2815,7 +2816,7 @@ def resolve_provider(request: JSON) -> str:
     spec = PROVIDER_SPECS[provider]
     if spec.key_variables and provider_key(spec) is None:
         raise APIError(400, f"provider {provider!r} needs an API key: set {' or '.join(spec.key_variables)} "
-                            "in the server's environment", {"provider": provider})
+                            "in the environment Persona runs in", {"provider": provider})
     return provider
 
 
@@ -3278,13 +3279,14 @@ def request_header(request: Request, name: bytes) -> str | None:
     """A request header by its lowercase name; the first one if it is repeated.
 
     The headers become a dict once per request: Starlette's lookup scans the list on
-    every call, and a submission asks for four.
+    every call, and a submission asks for four. Surrounding spaces and tabs are no part
+    of a field's value (RFC 9110, section 5.5), though the parser may leave them.
     """
     headers = request.scope.get("persona.headers")
     if headers is None:
         headers = request.scope["persona.headers"] = dict(reversed(request.scope["headers"]))
     value = headers.get(name)
-    return None if value is None else value.decode("latin-1")
+    return None if value is None else value.decode("latin-1").strip(" \t")
 
 
 async def read_json(request: Request) -> JSON:
@@ -3306,7 +3308,7 @@ async def read_json(request: Request) -> JSON:
             raise body_too_large()
         more_body = message.get("more_body", False)
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_int=json_integer)
     except RecursionError:
         raise APIError(400, "The request body is nested too deeply to be read") from None
     except ValueError as exc:
@@ -3314,6 +3316,13 @@ async def read_json(request: Request) -> JSON:
     if not isinstance(value, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def json_integer(digits: str) -> int:
+    """An integer in a request body; one longer than Python reads is refused in plain words."""
+    if len(digits) > sys.get_int_max_str_digits() > 0:
+        raise APIError(400, f"The request body holds a number longer than {sys.get_int_max_str_digits()} digits")
+    return int(digits)
 
 
 def body_too_large() -> APIError:
@@ -3434,7 +3443,7 @@ async def lookup(request: Request, param: str, pattern: re.Pattern[str], fetch: 
     key = request.path_params[param]
     found = await fetch(key) if pattern.match(key) else None
     if found is None:
-        raise APIError(404, f"{label} {key} not found")
+        raise APIError(404, f"{label} {key if len(key) <= 64 else key[:64] + '…'} not found")
     return found
 
 
@@ -3906,10 +3915,11 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
 
 def describe_startup(settings: Settings) -> str:
     auth = f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})" if settings.auth_tokens else "off"
+    rate_limit = f"{settings.rate_limit}/min" if settings.rate_limit else "off"
     return (
         f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {settings.db.resolve()}; "
         f"data dir {settings.data_dir.resolve()}; output dir {settings.output_dir.resolve()}; auth {auth}; "
-        f"rate limit {settings.rate_limit or 'off'}/min; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}"
+        f"rate limit {rate_limit}; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}"
     )
 
 

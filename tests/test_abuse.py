@@ -65,6 +65,14 @@ def test_deeply_nested_json_is_refused(guarded, depth: int) -> None:
     refused(response, response.status_code)
 
 
+def test_a_number_too_long_to_read_is_a_plain_400(guarded) -> None:
+    http, _ = guarded
+    body = '{"data": "interviews.csv", "count": ' + "9" * 5000 + "}"
+    response = http.post("/api/v1/generate", content=body, headers={"Content-Type": "application/json"})
+    message = refused(response, 400)["message"]
+    assert "digits" in message and "sys." not in message
+
+
 GENERATE_FIELDS = {
     "data": [5, True, {"a": 1}, [], None],
     "count": ["3", 3.5, True, [3], {"n": 3}],
@@ -127,7 +135,7 @@ def test_right_to_left_marks_are_text_not_trouble(client: httpx.Client) -> None:
 ])
 def test_ids_that_are_not_ids_are_a_404(guarded, path: str) -> None:
     http, _ = guarded
-    refused(http.get(path), 404)
+    assert len(refused(http.get(path), 404)["message"]) < 200  # a long "id" is not echoed whole
 
 
 @pytest.mark.parametrize("url", ["https://hooks.example/h\r\nX-Injected: 1", "https://hooks.example/h\nX: 1",

@@ -432,6 +432,22 @@ def test_a_token_with_non_ascii_characters_works_when_sent_as_utf8(start_server)
         assert client.create_webhook("https://example.com/h2")["url"] == "https://example.com/h2"
 
 
+def test_spaces_around_the_authorization_value_are_not_part_of_it(secured: Server) -> None:
+    """RFC 9110 section 5.5; httpx will not send them, so the request is written by hand."""
+    import socket
+
+    body = b'{"url": "https://example.com/h"}'
+    request = (b"POST /api/v1/webhooks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer first-token \t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+               % (len(body), body))
+    with socket.create_connection(("127.0.0.1", secured.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
 def test_a_token_in_the_query_string_is_not_accepted(secured: Server) -> None:
     response = httpx.post(secured.url + "/api/v1/webhooks?token=first-token", json={"url": "https://example.com/h"})
     assert_envelope(response, 401, "unauthorised")

@@ -189,3 +189,8 @@ def test_each_worker_process_logs_its_startup_line(start_server) -> None:
     server = start_server("--workers", "2", "--auth-token", "never-logged-token")
     wait_for(lambda: server.log().count("starting on") == 2, what="both workers' startup lines")
     assert "never-logged-token" not in server.log()
+
+
+def test_the_startup_line_says_rate_limit_off_or_per_minute() -> None:
+    assert "; rate limit off;" in persona.describe_startup(persona.Settings(rate_limit=0))
+    assert "; rate limit 100/min;" in persona.describe_startup(persona.Settings(rate_limit=100))

@@ -141,6 +141,7 @@ def test_a_vanished_database_path_is_reported_and_recovered_from(start_server, w
         health = http.get("/api/v1/health")
         assert health.status_code == 503
         assert health.json()["status"] == "unhealthy" and "persona.db" in health.json()["reason"]
+        assert str(workdir) not in health.text  # health answers anyone: the file by name, not its path
         refused = http.post("/api/v1/generate", json={"data": "interviews.csv"})
         assert refused.status_code == 503 and refused.json()["error"] == "internal_error"
         assert "database" in refused.json()["message"]
