@@ -48,7 +48,8 @@ def main() -> int:
         server = subprocess.Popen(
             [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", str(work / "p.db"),
              "--data-dir", str(work / "data"), "--output-dir", str(work / "out"), "--auth-token", TOKEN,
-             "--rate-limit", "0", "--max-concurrent-jobs", "1000000", "--log-level", "warning"],
+             "--rate-limit", "0", "--max-concurrent-jobs", "1000000", "--log-level", "warning",
+             "--webhook-retry-schedule", "0.1"],  # deliveries fail soon, so their retry can be tried
             cwd=work, env=env)
         try:
             wait_healthy(url, server)
