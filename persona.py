@@ -1717,11 +1717,11 @@ def shown_url(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
-async def fetch_url(url: str, private_allowed: bool) -> tuple[bytes, str]:
-    """Download a data URL with a size cap; returns the body and its content type."""
+async def fetch_url(url: str, shown: str, private_allowed: bool) -> tuple[bytes, str]:
+    """Download a data URL with a size cap; returns the body and its content type. Errors name it as `shown`."""
     import httpx
 
-    chunks, size, shown = [], 0, shown_url(url)
+    chunks, size = [], 0
     try:
         target, headers, extensions = await checked_target(url, private_allowed)
     except OutboundRefused as exc:
@@ -1744,6 +1744,7 @@ async def fetch_url(url: str, private_allowed: bool) -> tuple[bytes, str]:
 
 
 def url_format(url: str, content_type: str) -> str:
+    """A data URL's format: by its path's suffix, else by its Content-Type."""
     suffix = Path(urlsplit(url).path).suffix.lower()
     if suffix in FORMATS:
         return FORMATS[suffix]
@@ -1752,14 +1753,15 @@ def url_format(url: str, content_type: str) -> str:
                "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "text/plain": "text",
                "text/markdown": "text"}
     if kind not in by_type:
-        raise GenerationError(f"{shown_url(url)} has an unsupported format (Content-Type {kind or 'missing'!r})")
+        raise GenerationError(f"{url} has an unsupported format (Content-Type {kind or 'missing'!r})")
     return by_type[kind]
 
 
 async def load_url(url: str, private_allowed: bool) -> Dataset:
-    raw, content_type = await fetch_url(url, private_allowed)
-    fmt = url_format(url, content_type)
-    stem, shown = Path(urlsplit(url).path).stem or "document", shown_url(url)
+    shown = shown_url(url)
+    raw, content_type = await fetch_url(url, shown, private_allowed)
+    fmt = url_format(shown, content_type)
+    stem = Path(urlsplit(url).path).stem or "document"
     people = await asyncio.to_thread(participants_from_bytes, raw, fmt, shown, stem)
     source = {"kind": "url", "location": shown, "sha256": hashlib.sha256(raw).hexdigest()}
     return finish_dataset(people, source, shown)
