@@ -1364,29 +1364,26 @@ def outbound_tls() -> ssl.SSLContext:
 FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
+    ".xlsx": "xlsx",
     ".json": "json",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".txt": "text",
     ".md": "text",
     ".markdown": "text",
+    ".docx": "docx",
+    ".vtt": "vtt",
+    ".srt": "srt",
 }
-# Column names that identify a participant, best first.
-ID_COLUMNS = (
-    "participant_id", "participant", "respondent_id", "respondent", "interviewee_id", "interviewee",
-    "user_id", "user", "customer_id", "subject_id", "person_id", "pid", "uid", "id", "response_id",
-)
 RECORD_LIST_KEYS = ("responses", "participants", "records", "data", "entries", "items", "results", "interviews")
-INTERVIEWER_LABELS = ("interviewer", "moderator", "researcher", "facilitator", "q", "question", "i")
-SPEAKER_LINE = re.compile(r"^\s*([A-Za-z][\w .'-]{0,24}?)\s*:\s+(.*\S)\s*$")
-HEADER_LINE = re.compile(r"^\s*([A-Za-z][\w -]{0,24}?)\s*:\s*(\S.{0,40}?)\s*$")
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+|\n+")
+MAX_ARCHIVE_BYTES = 200 * 1024 * 1024  # what one .docx or .xlsx may unpack to
+MAX_NAMES_SHOWN = 12  # files or columns named in one warning
 
 
 @dataclass
 class Participant:
     id: str
-    texts: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # each a unit of its own: a turn, an answer, a review
     attributes: dict[str, str] = field(default_factory=dict)
 
 
@@ -1395,6 +1392,7 @@ class Dataset:
     participants: list[Participant]
     source: JSON
     warnings: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # attribute -> the question it answers, for coded columns
 
 
 def classify_data(data: str | list[Any]) -> str:
@@ -1430,7 +1428,7 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
         raise APIError(400, f"data source {data!r} does not exist in the server's data directory "
                             "(paths are relative to it; the server's --data-dir sets it)", {"data": data}) from None
     if stat.S_ISDIR(mode):
-        if not any(True for _ in data_files(resolved, root)):
+        if not folder_files(resolved, root)[0]:
             raise APIError(400, f"data folder {data!r} holds no supported files ({', '.join(FORMATS)})")
         return resolved
     if not stat.S_ISREG(mode):
@@ -1449,17 +1447,23 @@ def real_root(data_dir: Path) -> Path:
     return data_dir.resolve()
 
 
-def data_files(folder: Path, root: Path) -> Iterable[Path]:
-    """Supported regular files below `folder`, sorted, skipping hidden ones and links out of `root`."""
+def folder_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
+    """The supported regular files below `folder`, sorted, and the names of the others.
+
+    Hidden files and links out of `root` are neither read nor named.
+    """
+    read, skipped = [], []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        if path.suffix.lower() not in FORMATS or not path.is_file():
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
             continue
         if not path.resolve().is_relative_to(root):
             continue
-        yield path
+        if path.suffix.lower() in FORMATS:
+            read.append(path)
+        else:
+            skipped.append(relative.as_posix())
+    return read, skipped
 
 
 def check_data_source(data: str | list[Any], data_dir: Path) -> None:
@@ -1491,23 +1495,264 @@ def decode_text(raw: bytes, name: str) -> str:
     return text.replace("\x00", "")
 
 
+def named_list(names: Iterable[str]) -> str:
+    """Names for a warning: quoted, at most a dozen, the rest counted."""
+    names = list(names)
+    shown = ", ".join(repr(name[:60]) for name in names[:MAX_NAMES_SHOWN])
+    return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
+
+
+# Office files: a .docx or .xlsx is a zip of XML parts, read with the standard library.
+
+WORD_NS = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+SHEET_NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+RELS_NS = "{http://schemas.openxmlformats.org/package/2006/relationships}"
+DOC_RELS_NS = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
+
+
+def archive_parts(raw: bytes, name: str, kind: str) -> Any:
+    """The zip inside an Office file, refused if it is not one or would unpack too large."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except zipfile.BadZipFile:
+        raise GenerationError(f"{name} is not a {kind} file (not a zip archive)") from None
+    if sum(info.file_size for info in archive.infolist()) > MAX_ARCHIVE_BYTES:
+        raise GenerationError(f"{name} unpacks to more than {MAX_ARCHIVE_BYTES // (1024 * 1024)} MiB")
+    return archive
+
+
+def archive_xml(archive: Any, part: str, name: str) -> Any:
+    """One XML part of an Office file, parsed; None if the part is absent."""
+    from xml.etree import ElementTree
+
+    try:
+        data = archive.read(part)
+    except KeyError:
+        return None
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise GenerationError(f"{name} has a broken part {part}: {exc}") from None
+
+
+def docx_text(raw: bytes, name: str) -> str:
+    """A Word document's paragraphs as lines: tabs and line breaks kept."""
+    document = archive_xml(archive_parts(raw, name, ".docx"), "word/document.xml", name)
+    if document is None:
+        raise GenerationError(f"{name} is not a Word document (it has no word/document.xml)")
+    lines = []
+    for paragraph in document.iter(f"{WORD_NS}p"):
+        pieces = []
+        for node in paragraph.iter():
+            if node.tag == f"{WORD_NS}t":
+                pieces.append(node.text or "")
+            elif node.tag == f"{WORD_NS}tab":
+                pieces.append("\t")
+            elif node.tag in (f"{WORD_NS}br", f"{WORD_NS}cr"):
+                pieces.append("\n")
+        lines.append("".join(pieces))
+    return "\n".join(lines).replace("\x00", "")
+
+
+def xlsx_rows(raw: bytes, name: str) -> list[list[str]]:
+    """The first sheet of a workbook as rows of cell text, gaps filled with empty cells."""
+    archive = archive_parts(raw, name, ".xlsx")
+    shared = archive_xml(archive, "xl/sharedStrings.xml", name)
+    strings = ["".join(t.text or "" for t in item.iter(f"{SHEET_NS}t")) for item in shared] if shared is not None else []
+    sheet = archive_xml(archive, first_sheet_part(archive, name), name)
+    if sheet is None:
+        raise GenerationError(f"{name} is not an Excel workbook (it has no worksheet)")
+    rows = []
+    for row in sheet.iter(f"{SHEET_NS}row"):
+        cells: dict[int, str] = {}
+        for position, cell in enumerate(row.iter(f"{SHEET_NS}c")):
+            cells[cell_column(cell.get("r"), position)] = xlsx_cell_text(cell, strings)
+        rows.append([cells.get(index, "") for index in range(max(cells, default=-1) + 1)])
+    return rows
+
+
+def first_sheet_part(archive: Any, name: str) -> str:
+    """The part holding the workbook's first sheet, through the workbook's relationships."""
+    workbook = archive_xml(archive, "xl/workbook.xml", name)
+    rels = archive_xml(archive, "xl/_rels/workbook.xml.rels", name)
+    sheet = workbook.find(f"{SHEET_NS}sheets/{SHEET_NS}sheet") if workbook is not None else None
+    if sheet is None or rels is None:
+        return "xl/worksheets/sheet1.xml"
+    wanted = sheet.get(f"{DOC_RELS_NS}id")
+    for rel in rels.iter(f"{RELS_NS}Relationship"):
+        if rel.get("Id") == wanted:
+            target = rel.get("Target", "")
+            return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+    return "xl/worksheets/sheet1.xml"
+
+
+def cell_column(reference: str | None, position: int) -> int:
+    """`C7` -> 2; a cell without a reference sits after the one before it."""
+    letters = re.match(r"[A-Z]{1,3}", reference or "")
+    if not letters:
+        return position
+    return functools.reduce(lambda total, letter: total * 26 + ord(letter) - 64, letters.group(), 0) - 1
+
+
+def xlsx_cell_text(cell: Any, strings: list[str]) -> str:
+    kind, value = cell.get("t"), cell.find(f"{SHEET_NS}v")
+    if kind == "inlineStr":
+        return "".join(t.text or "" for t in cell.iter(f"{SHEET_NS}t"))
+    text = value.text if value is not None and value.text else ""
+    if kind == "s" and text.isdigit() and int(text) < len(strings):
+        return strings[int(text)]
+    if kind == "b":
+        return "TRUE" if text == "1" else "FALSE"
+    if re.fullmatch(r"-?\d+\.0", text):
+        return text[:-2]
+    return text
+
+
+# Tables: survey, feedback and review exports, one row a response.
+
+# Column names, squashed to letters and digits, that identify a participant, best first.
+ID_COLUMNS = (
+    "participantid", "participant", "respondentid", "respondent", "intervieweeid", "interviewee", "responseid",
+    "reviewid", "userid", "customerid", "subjectid", "personid", "recordid", "submissionid", "pid", "uid", "id",
+    "#", "token", "uuid",
+)
+METADATA_COLUMNS = frozenset("""
+startdate enddate status ipaddress ip progress durationinseconds duration finished recordeddate
+externalreference externaldatareference locationlatitude locationlongitude latitude longitude
+distributionchannel userlanguage language timestamp submittedat submitdate submitdateutc startdateutc
+networkid collectorid tags useragent browser operatingsystem os device devicetype screenresolution
+date time datetime createdat updatedat at repliedat userimage avatar reviewcreatedversion appversion
+version url link thumbsupcount helpfulcount responsetype qualtricssurveyid surveyid
+""".split())
+PERSONAL_COLUMNS = frozenset("""
+name username fullname firstname lastname author authorname reviewer reviewername nickname email
+emailaddress phone phonenumber mobile contact recipientname recipientfirstname recipientlastname
+recipientemail respondentname participantname customername
+""".split())
+REPLY_COLUMNS = frozenset("developerresponse responsefromdeveloper companyresponse responsefromcompany".split())
+TIMESTAMP_VALUE = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[ T]\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+    r"|\d{1,2}/\d{1,2}/\d{2,4}(?:,? \d{1,2}:\d{2}(?::\d{2})?(?: ?[AaPp][Mm])?)?"
+)
+IP_VALUE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]{2,39}:[0-9a-fA-F]{1,4}")
+TOKEN_VALUE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
+                         r"(?=[A-Za-z_:-]*\d)[\w:-]{16,}")
+EMAIL_VALUE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,24}")
+PIPED_TEXT = re.compile(r"\[QID\d+[^\]]{0,80}\]|\$\{[^}]{0,120}\}")
+IMPORT_ID_CELL = re.compile(r'\s*\{\s*"ImportId"')
+SECOND_HEADER_CELLS = frozenset(("response", "open-ended response", "open ended response"))
+
+
+def squash(name: str) -> str:
+    """A column name reduced to lower-case letters, digits and '#': `Response ID` = `responseId`."""
+    return re.sub(r"[^a-z0-9#]", "", name.lower())
+
+
+def normalise_key(key: str) -> str:
+    return re.sub(r"[\s\-]+", "_", key.strip().lower())
+
+
+def is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def cell_texts(value: Any) -> list[str]:
+    if value is None or isinstance(value, bool):
+        return []
+    if isinstance(value, list):
+        return [text for item in value for text in cell_texts(item)]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in cell_texts(item)]
+    text = PIPED_TEXT.sub("", str(value).replace("\x00", "")).strip()
+    return [text] if text else []
+
+
 def sniff_delimiter(text: str, fmt: str) -> str:
     """The header line's most frequent separator; TSV files are always tab."""
     if fmt == "tsv":
         return "\t"
-    header = text.split("\n", 1)[0]
+    header = text[:65536].split("\n", 1)[0]
     return max(",;\t|", key=header.count)
 
 
-def records_from_csv(text: str, fmt: str, name: str) -> list[JSON]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text, fmt))
+def table_rows(raw: bytes, fmt: str, name: str) -> list[list[str]]:
+    if fmt == "xlsx":
+        return xlsx_rows(raw, name)
+    text = decode_text(raw, name)
     try:
-        rows = [{(key or "").strip(): (value or "") for key, value in row.items()} for row in reader]
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text, fmt)))
     except csv.Error as exc:
         raise GenerationError(f"{name} is not valid CSV: {exc}") from None
+
+
+def records_from_rows(rows: list[list[str]], name: str) -> tuple[list[JSON], dict[str, str], list[str]]:
+    """Records from a table, its export rows taken out: returns records, question labels, warnings.
+
+    Qualtrics puts each question's text in the row under the header and, in newer
+    exports, an `ImportId` row under that; SurveyMonkey puts a second header row
+    (`Response`, `Open-Ended Response`, or each choice) under the questions.
+    """
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
     if not rows:
+        raise GenerationError(f"{name} is empty")
+    header, body, warnings = unique_headers(rows[0]), rows[1:], []
+    labels: dict[str, str] = {}
+    if body and is_second_header(header, body[0]):
+        header, body = merged_headers(header, body[0]), body[1:]
+        warnings.append(f"{name}: read its second header row as the answer labels (a SurveyMonkey export)")
+    while body and (is_import_id_row(body[0]) or is_question_row(header, body[0])):
+        if not is_import_id_row(body[0]):
+            labels = {column: PIPED_TEXT.sub("", text).strip() for column, text in zip(header, body[0])
+                      if text.strip() and squash(text) != squash(column)}
+            warnings.append(f"{name}: read the row under the header as question text, not as a participant")
+        body = body[1:]
+    if not body:
         raise GenerationError(f"{name} has a header but no rows")
-    return rows
+    records = [{column: cell for column, cell in zip(header, row)} for row in body]
+    return records, labels, warnings
+
+
+def unique_headers(row: list[str]) -> list[str]:
+    """Header cells stripped, blank ones named by position and repeats numbered."""
+    seen: Counter[str] = Counter()
+    header = []
+    for index, cell in enumerate(row):
+        column = cell.strip().lstrip("\ufeff") or f"column_{index + 1}"
+        seen[column] += 1
+        header.append(column if seen[column] == 1 else f"{column}_{seen[column]}")
+    return header
+
+
+def is_import_id_row(row: list[str]) -> bool:
+    return sum(bool(IMPORT_ID_CELL.match(cell)) for cell in row) >= max(1, len(row) // 2)
+
+
+def is_question_row(header: list[str], row: list[str]) -> bool:
+    """A row that restates the header in words (`StartDate` -> `Start Date`) is question text."""
+    same = sum(1 for column, cell in zip(header, row) if cell.strip() and squash(cell) == squash(column))
+    return same >= 2 or (same >= 1 and len(header) <= 3)
+
+
+def is_second_header(header: list[str], row: list[str]) -> bool:
+    blanks = sum(column.startswith("column_") for column in header)
+    return blanks > 0 and any(cell.strip().lower() in SECOND_HEADER_CELLS for cell in row)
+
+
+def merged_headers(header: list[str], second: list[str]) -> list[str]:
+    """A question over several columns, each named `question - choice` (blank header cells carry on)."""
+    merged, question = [], ""
+    for column, sub in itertools.zip_longest(header, second, fillvalue=""):
+        if not column.startswith("column_"):
+            question = column
+        sub = sub.strip()
+        merged.append(question if not sub or sub.lower() in SECOND_HEADER_CELLS else f"{question} - {sub}")
+    return unique_headers(merged)
 
 
 def records_from_json(text: str, name: str) -> list[Any]:
@@ -1560,111 +1805,434 @@ def flatten_record(record: Any) -> dict[str, Any]:
     return flat
 
 
-def normalise_key(key: str) -> str:
-    return re.sub(r"[\s\-]+", "_", key.strip().lower())
+@dataclass
+class Columns:
+    """What each column of a table is: the id, speech, attributes, or dropped for a reason."""
+
+    id: str | None
+    speech: list[str]
+    attributes: list[str]
+    dropped: dict[str, list[str]]
 
 
-def is_number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
-def cell_texts(value: Any) -> list[str]:
-    if value is None or isinstance(value, bool):
-        return []
-    if isinstance(value, list):
-        return [text for item in value for text in cell_texts(item)]
-    if isinstance(value, dict):
-        return [text for item in value.values() for text in cell_texts(item)]
-    text = str(value).replace("\x00", "").strip()
-    return [text] if text else []
-
-
-def text_columns(records: list[dict[str, Any]], columns: list[str]) -> set[str]:
-    """Columns of long answers (what people said) rather than short attributes.
-
-    Where no column is long, the one with the longest answers is still speech:
-    a survey of one-line answers has something to say too.
-    """
-    chosen, lengths = set(), {}
+def id_column(columns: list[str], records: list[dict[str, Any]]) -> str | None:
+    """The participant id column: by name, else a column of unique UUID-like values."""
+    by_name = {squash(column.rpartition(".")[2]): column for column in reversed(columns)}
+    named = next((by_name[name] for name in ID_COLUMNS if name in by_name), None)
+    if named is not None:
+        return named
     for column in columns:
         values = [text for record in records for text in cell_texts(record.get(column))]
-        if not values or all(is_number(value) for value in values):
+        if len(values) == len(records) > 1 and len(set(values)) == len(values) and \
+                all(TOKEN_VALUE.fullmatch(value) for value in values):
+            return column
+    return None
+
+
+def dropped_reason(column: str, values: list[str], label: str, rows: int) -> str | None:
+    """Why a column is neither speech nor an attribute, or None when it is one of them."""
+    key, words = squash(column.rpartition(".")[2]), f"{column} {label}".lower()
+    if key in PERSONAL_COLUMNS or "email" in key or (values and all(EMAIL_VALUE.fullmatch(v) for v in values)):
+        return "personal data"
+    if key in REPLY_COLUMNS or "reply" in key or "replied" in key:
+        return "replies to the participant"
+    if key in METADATA_COLUMNS or key.startswith(("recipient", "customdata", "embeddeddata")):
+        return "metadata"
+    if values and all(TIMESTAMP_VALUE.fullmatch(v) or IP_VALUE.fullmatch(v) or v.startswith(("http://", "https://"))
+                      for v in values):
+        return "metadata"
+    if "consent" in words or "agree to participate" in words:
+        return "consent"
+    if values and all(TOKEN_VALUE.fullmatch(v) for v in values):
+        return "metadata"
+    if rows >= 3 and len(values) >= 2 and len(set(values)) == 1:
+        return "one value for everyone"
+    return None
+
+
+def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> bool:
+    """Long, varied answers are what people said; few repeated choices are an attribute."""
+    if not values or all(is_number(value) for value in values):
+        return False
+    if any(isinstance(record.get(column), (list, dict)) for record in records):
+        return True
+    choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
+    if len(choices) <= 12 and len(values) >= 3 * len(choices) and max(map(len, choices)) <= 60:
+        return False
+    return sum(map(len, values)) / len(values) >= 30 or max(len(value.split()) for value in values) >= 12
+
+
+def classify_columns(records: list[dict[str, Any]], labels: dict[str, str]) -> Columns:
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    id_key = id_column(columns, records)
+    result = Columns(id_key, [], [], {})
+    lengths: dict[str, float] = {}
+    for column in columns:
+        if column == id_key:
             continue
-        nested = any(isinstance(record.get(column), (list, dict)) for record in records)
-        lengths[column] = sum(map(len, values)) / len(values)
-        if nested or lengths[column] >= 30 or max(len(value.split()) for value in values) >= 12:
-            chosen.add(column)
-    if not chosen and lengths:
-        chosen.add(max(lengths, key=lengths.__getitem__))
-    return chosen
+        values = [text for record in records for text in cell_texts(record.get(column))]
+        if not values:
+            continue
+        reason = dropped_reason(column, values, labels.get(column, ""), len(records))
+        if reason:
+            result.dropped.setdefault(reason, []).append(column)
+        elif is_speech(records, column, values):
+            result.speech.append(column)
+        else:
+            result.attributes.append(column)
+            if not all(is_number(value) for value in values):
+                lengths[column] = sum(map(len, values)) / len(values)
+    if not result.speech and lengths:  # a survey of one-line answers still has something to say
+        longest = max(lengths, key=lengths.__getitem__)
+        result.speech.append(longest)
+        result.attributes.remove(longest)
+    return result
 
 
-def id_column(columns: list[str]) -> str | None:
-    by_name = {normalise_key(column): column for column in columns}
-    return next((by_name[name] for name in ID_COLUMNS if name in by_name), None)
-
-
-def participants_from_records(records: list[Any], name: str) -> list[Participant]:
-    """Group records by participant id; long columns are speech, short ones attributes."""
+def participants_from_records(records: list[Any], name: str, labels: dict[str, str] | None = None
+                              ) -> tuple[list[Participant], list[str]]:
+    """Group records by participant id: speech columns give units, the others attributes."""
     flat = [flatten_record(record) for record in records]
-    columns = list(dict.fromkeys(key for record in flat for key in record))
-    id_key = id_column(columns)
-    texts = text_columns(flat, [column for column in columns if column != id_key])
+    columns = classify_columns(flat, labels or {})
     people: dict[str, Participant] = {}
     for number, record in enumerate(flat, 1):
-        raw_id = cell_texts(record.get(id_key)) if id_key else []
+        raw_id = cell_texts(record.get(columns.id)) if columns.id else []
         pid = raw_id[0] if raw_id else f"{Path(name).stem}-{number:03d}"
         person = people.setdefault(pid, Participant(pid))
-        for column in columns:
-            if column == id_key:
-                continue
+        for column in columns.speech:
+            person.texts.extend(cell_texts(record.get(column)))
+        for column in columns.attributes:
             values = cell_texts(record.get(column))
-            if column in texts:
-                person.texts.extend(values)
-            elif values and normalise_key(column) not in person.attributes:
-                person.attributes[normalise_key(column)] = values[0]
-    return [person for person in people.values() if person.texts]
+            if values and normalise_key(column) not in person.attributes:
+                person.attributes[normalise_key(column)] = "; ".join(values)
+    return [person for person in people.values() if person.texts], column_warnings(columns, name, len(flat))
 
 
-def participant_from_transcript(text: str, pid: str) -> Participant | None:
-    """A transcript: a leading `Key: value` block are attributes, interviewer lines are dropped."""
-    lines = text.splitlines()
-    person = Participant(pid)
-    header_end = next((index for index, line in enumerate(lines) if not line.strip()), 0)
-    header = [HEADER_LINE.match(line) for line in lines[:header_end]]
-    if header and all(header) and header_end < len(lines):
-        for match in header:
-            if match.group(1).strip().lower() not in INTERVIEWER_LABELS:
-                person.attributes[normalise_key(match.group(1))] = match.group(2)
-        lines = lines[header_end:]
-    spoken = []
-    for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        speaker = SPEAKER_LINE.match(line)
-        if speaker and speaker.group(1).strip().lower() in INTERVIEWER_LABELS:
-            continue
-        spoken.append(speaker.group(2) if speaker else line.strip())
-    person.texts = [" ".join(spoken)] if spoken else []
-    return person if person.texts else None
+def column_warnings(columns: Columns, name: str, rows: int) -> list[str]:
+    warnings = []
+    if columns.id is None and rows > 1:
+        warnings.append(f"{name}: no participant id column (such as participant_id or ResponseId); "
+                        "each row was read as one participant")
+    for reason, dropped in columns.dropped.items():
+        warnings.append(f"{name}: left out {len(dropped)} column(s) as {reason}: {named_list(dropped)}")
+    return warnings
 
 
-def participants_from_bytes(raw: bytes, fmt: str, name: str, pid: str) -> list[Participant]:
+# Transcripts: interviews as turns, the interviewer told from the participant.
+
+INTERVIEWER_ROLES = frozenset((
+    "interviewer", "moderator", "facilitator", "researcher", "host", "int", "iv", "i", "q", "question",
+    "ux researcher", "user researcher", "research lead", "note taker", "notetaker",
+))
+PARTICIPANT_ROLES = frozenset((
+    "participant", "respondent", "interviewee", "r", "a", "answer", "p", "user", "customer", "subject",
+    "candidate", "guest",
+))
+HEADER_SKIPPED = frozenset("""
+date time duration length interviewer interviewers moderator facilitator researcher transcriber transcript
+recording file filename session study project notes note id participant participantid interview interviewid
+""".split())
+TIME = r"\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d{1,3})?"
+LABEL = r"(?:\*\*|__)?\[?(?P<label>[A-Za-z][\w.'’-]{0,30}(?: [\w.'’-]{1,30}){0,3}?)\]?(?:\*\*|__)?"
+# Each pattern sees at most a line's first LABEL_SCAN characters: no line can make it backtrack for long.
+LABEL_SCAN = 120
+LEADING_TIME = re.compile(rf"\s*[\[(]?{TIME}[\])]?\s+")
+SPEAKER_TURN = re.compile(rf"{LABEL}(?:\s*[\[(]?{TIME}[\])]?)?\s*(?:\*\*|__)?:(?:\*\*|__)?(?=\s|$)")
+SPEAKER_HEADING = re.compile(rf"{LABEL}\s+[\[(]?{TIME}[\])]?\s*")
+CUE_TIMING = re.compile(rf"\s*{TIME}\s*-->\s*{TIME}")
+VOICE_TAG = re.compile(r"<v(?:\.[\w.-]{0,40})?\s+([^>]{1,60})>")
+MARKUP_TAG = re.compile(r"</?[A-Za-z][^<>]{0,100}>")
+NON_SPEECH = re.compile(r"[\[(](?:laugh\w*|inaudible|crosstalk|pause\w*|silence|music|unclear|applause|"
+                        r"indistinct|background noise|coughs?|sighs?|overlapping)[^\])]{0,30}[\])]", re.IGNORECASE)
+NOTICE = re.compile(r"\b(?:(?:is|are|being|been) (?:being )?recorded|recording (?:has )?(?:started|stopped|in progress)|"
+                    r"(?:started|stopped) (?:the )?(?:recording|transcription)|transcription (?:has )?(?:started|stopped)|"
+                    r"consent to (?:be )?record\w*|meeting (?:has )?(?:started|ended))\b", re.IGNORECASE)
+SMALL_TALK = re.compile(r"(?:hi|hello|hey|good (?:morning|afternoon|evening)|thanks?|thank you|nice to (?:meet|see)|"
+                        r"bye|goodbye|see you|can you hear me|you(?:'re| are) (?:on )?mute\w*|how are you|"
+                        r"(?:i'm|i am) (?:good|fine|well))\b", re.IGNORECASE)
+TURN_SPLIT = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+")
+
+
+@dataclass
+class Transcript:
+    """One file of conversation: its header attributes and its turns, (speaker key or None, text)."""
+
+    pid: str
+    name: str
+    attributes: dict[str, str]
+    turns: list[tuple[str | None, str]]
+
+
+def transcript_text(raw: bytes, fmt: str, name: str) -> str:
+    """Plain lines of `Speaker: words`, whatever the file: captions and Word files become such lines."""
+    if fmt == "docx":
+        return docx_text(raw, name)
     text = decode_text(raw, name)
-    if not text.strip():
-        raise GenerationError(f"{name} is empty")
-    if fmt in ("csv", "tsv"):
-        return participants_from_records(records_from_csv(text, fmt, name), name)
-    if fmt == "json":
-        return participants_from_records(records_from_json(text, name), name)
-    if fmt == "jsonl":
-        return participants_from_records(records_from_jsonl(text, name), name)
-    person = participant_from_transcript(text, pid)
-    return [person] if person else []
+    return caption_lines(text) if fmt in ("vtt", "srt") else text
+
+
+def caption_lines(text: str) -> str:
+    """WebVTT and SubRip cues as lines: timings, numbers and notes go, voice tags become labels.
+
+    Cues cut sentences anywhere, so a cue without a speaker continues the speaker before it.
+    """
+    lines, speaker = [], None
+    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n").replace("\r", "\n")):
+        cue = block.strip().split("\n")
+        if not cue or cue[0].startswith(("WEBVTT", "NOTE", "STYLE", "REGION")):
+            continue
+        words = []
+        for line in cue:
+            if CUE_TIMING.match(line) or line.strip().isdigit():
+                continue
+            voice = VOICE_TAG.search(line[:LABEL_SCAN])
+            if voice:
+                speaker = voice.group(1).strip()
+            words.append(MARKUP_TAG.sub("", line).strip())
+        said = " ".join(word for word in words if word)
+        if not said:
+            continue
+        labelled = SPEAKER_TURN.match(said[:LABEL_SCAN])
+        if labelled:
+            speaker = labelled.group("label")
+        lines.append(said if labelled or speaker is None else f"{speaker}: {said}")
+    return "\n".join(merge_caption_lines(lines))
+
+
+def merge_caption_lines(lines: list[str]) -> list[str]:
+    """Consecutive cues of one speaker as one turn."""
+    merged: list[str] = []
+    for line in lines:
+        label = SPEAKER_TURN.match(line[:LABEL_SCAN])
+        previous = SPEAKER_TURN.match(merged[-1][:LABEL_SCAN]) if merged else None
+        if label and previous and label.group("label") == previous.group("label"):
+            merged[-1] += " " + line[label.end():].strip()
+        elif not label and merged:
+            merged[-1] += " " + line
+        else:
+            merged.append(line)
+    return merged
+
+
+def speaker_key(label: str) -> str:
+    return " ".join(label.replace("’", "'").lower().split())
+
+
+def speaker_role(key: str) -> str | None:
+    """'interviewer', 'participant', or None for a name: `Interviewer 2` is an interviewer."""
+    base = re.sub(r"[\s_-]*\d+$", "", key)
+    if base in INTERVIEWER_ROLES:
+        return "interviewer"
+    if base in PARTICIPANT_ROLES:
+        return "participant"
+    return None
+
+
+def read_line(line: str) -> tuple[str, str | None, str]:
+    """('turn', label, rest), ('heading', label, '') or ('text', None, line) for one stripped line."""
+    head = line[:LABEL_SCAN]
+    timed = LEADING_TIME.match(head)
+    start = timed.end() if timed else 0
+    heading = SPEAKER_HEADING.fullmatch(line) if len(line) <= LABEL_SCAN else None
+    if heading:
+        return "heading", heading.group("label"), ""
+    turn = SPEAKER_TURN.match(head, start)
+    if turn:
+        return "turn", turn.group("label"), line[turn.end():].strip().lstrip("*_").strip()
+    return "text", None, line
+
+
+def header_block(lines: list[str], labels: Counter[str]) -> tuple[dict[str, str], int]:
+    """A leading `Key: value` block, when it is one: short keys and values, then a blank line.
+
+    A first sentence that happens to hold a colon, or a speaker's first turn, is no header.
+    """
+    end = next((index for index, line in enumerate(lines) if not line.strip()), len(lines))
+    if end == 0 or end == len(lines) or end > 20:
+        return {}, 0
+    found = {}
+    for line in lines[:end]:
+        key, colon, value = line.strip().partition(":")
+        key, value = key.strip().strip("*_ ").strip(), value.strip().strip("*_ ").strip()
+        if not colon or not re.fullmatch(r"[A-Za-z][\w ()/-]{0,30}", key) or len(key.split()) > 4:
+            return {}, 0
+        if not value or len(value) > 60 or len(value.split()) > 8 or value.endswith("?") or \
+                (value.endswith((".", "!")) and len(value.split()) > 2):
+            return {}, 0
+        if speaker_key(key) in labels or speaker_role(speaker_key(key)):
+            return {}, 0
+        found[key] = value
+    return found, end
+
+
+def header_attributes(found: dict[str, str]) -> dict[str, str]:
+    """Header fields that describe the participant: dates, names and the interviewer's own are not."""
+    attributes = {}
+    for key, value in found.items():
+        squashed = squash(key)
+        if squashed in HEADER_SKIPPED or squashed in PERSONAL_COLUMNS or squashed in METADATA_COLUMNS:
+            continue
+        if TIMESTAMP_VALUE.fullmatch(value) or EMAIL_VALUE.fullmatch(value):
+            continue
+        attributes[normalise_key(key)] = value
+    return attributes
+
+
+def parse_transcript(text: str, pid: str, name: str) -> Transcript:
+    """Turns by speaker label; a label counts when it is a role or speaks more than once."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    read = [read_line(re.sub(r"^(?:>|[-•] )\s*", "", line.strip())) for line in lines]
+    said: Counter[str] = Counter(speaker_key(label) for kind, label, _ in read if label)
+    accepted = {key for key, times in said.items() if times >= 2 or speaker_role(key)}
+    found, start = header_block(lines, Counter(accepted))
+    turns: list[tuple[str | None, str]] = []
+    current: tuple[str | None, list[str]] | None = None
+    for (kind, label, rest), line in zip(read[start:], lines[start:]):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "---")):
+            if current and current[1] and current[1][-1] != "\n":
+                current[1].append("\n")
+            continue
+        if label and speaker_key(label) in accepted:
+            if current:
+                turns.append((current[0], joined(current[1])))
+            current = (speaker_key(label), [rest] if rest else [])
+        elif current is not None:
+            current[1].append(stripped)
+        elif not accepted:
+            current = (None, [stripped])
+    if current:
+        turns.append((current[0], joined(current[1])))
+    cleaned = [(speaker, clean_turn(words)) for speaker, words in turns]
+    return Transcript(pid, name, header_attributes(found), [(s, words) for s, words in cleaned if words])
+
+
+def joined(parts: list[str]) -> str:
+    """A turn's lines: wrapped lines join with a space, paragraphs with a line break."""
+    return re.sub(r" ?\n ?", "\n", " ".join(parts)).strip()
+
+
+def clean_turn(text: str) -> str:
+    """A turn without non-speech cues, recording notices or small talk; paragraphs stay apart."""
+    paragraphs = []
+    for paragraph in NON_SPEECH.sub("", text).split("\n"):
+        kept = [s.strip() for s in TURN_SPLIT.split(paragraph) if s.strip() and not NOTICE.search(s) and not is_small_talk(s)]
+        if kept:
+            paragraphs.append(" ".join(kept))
+    return "\n".join(paragraphs)
+
+
+def is_small_talk(sentence: str) -> bool:
+    """Greetings, thanks and `can you hear me`: a short sentence with nothing else in it."""
+    words = sentence.split()
+    return len(words) <= 8 and SMALL_TALK.match(sentence.strip(" -–—\"'")) is not None and \
+        len(content_words(SMALL_TALK.sub("", sentence))) <= 1
+
+
+def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files: int) -> tuple[set[str], str]:
+    """Who interviews in this file, and how that was told.
+
+    By label first (`Interviewer`, `Q`, `Moderator 2`); when every speaker is a name,
+    by who appears across most files of a study, else by who asks the questions.
+    """
+    speakers = list(dict.fromkeys(speaker for speaker, _ in transcript.turns if speaker))
+    roles = {speaker: speaker_role(speaker) for speaker in speakers}
+    named = [speaker for speaker in speakers if roles[speaker] is None]
+    if any(role == "interviewer" for role in roles.values()):
+        return {s for s in speakers if roles[s] == "interviewer"}, "by its label"
+    if len(speakers) < 2:
+        return set(), ""
+    if any(role == "participant" for role in roles.values()):
+        return set(named), "beside a participant label"
+    if files >= 3:
+        recurring = {s for s in speakers if files_with[s] >= max(2, files / 2)}
+        if recurring and len(recurring) < len(speakers):
+            return recurring, "appears across the study's files"
+    asks = {s: question_share(transcript, s) for s in speakers}
+    best = max(speakers, key=lambda s: (asks[s], -words_of(transcript, s)))
+    if asks[best] > 0 and all(asks[best] > asks[s] for s in speakers if s != best):
+        return {best}, "asks the questions"
+    return set(), ""
+
+
+def question_share(transcript: Transcript, speaker: str) -> float:
+    turns = [words for s, words in transcript.turns if s == speaker]
+    return sum("?" in words for words in turns) / len(turns)
+
+
+def words_of(transcript: Transcript, speaker: str) -> int:
+    return sum(len(words.split()) for s, words in transcript.turns if s == speaker)
+
+
+def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[Participant], list[str]]:
+    """One participant per file: everything but the interviewer's turns, each turn a unit."""
+    files_with: Counter[str] = Counter(s for t in transcripts for s in {s for s, _ in t.turns if s})
+    taken: dict[tuple[str, str], list[str]] = {}
+    unsure: list[str] = []
+    people = []
+    for transcript in transcripts:
+        interviewers, how = interviewer_speakers(transcript, files_with, len(transcripts))
+        for speaker in sorted(interviewers):
+            taken.setdefault((speaker, how), []).append(transcript.name)
+        if not interviewers and len({s for s, _ in transcript.turns if s}) >= 2:
+            unsure.append(transcript.name)
+        texts = [words for speaker, words in transcript.turns if speaker not in interviewers]
+        if texts:
+            people.append(Participant(transcript.pid, texts, transcript.attributes))
+    warnings = [f"took {speaker!r} as the interviewer ({how}) in {len(names)} file(s); "
+                "the interviewer's words are context, never persona content" for (speaker, how), names in taken.items()]
+    if unsure:
+        warnings.append(f"could not tell the interviewer from the participant in {named_list(unsure)}; "
+                        "every speaker there was read as the participant")
+    return people, warnings
+
+
+# Reading a source: files to participants, with what was skipped or assumed.
+
+TABLE_FORMATS = ("csv", "tsv", "xlsx")
+TRANSCRIPT_FORMATS = ("text", "docx", "vtt", "srt")
+
+
+class SourceReader:
+    """Reads a source's files one at a time, then makes its participants.
+
+    Transcripts are kept as turns until the last file is read: telling the interviewer
+    by who appears across a study's files needs all of them.
+    """
+
+    def __init__(self) -> None:
+        self.groups: list[list[Participant]] = []
+        self.transcripts: list[Transcript] = []
+        self.warnings: list[str] = []
+        self.labels: dict[str, str] = {}
+
+    def add(self, raw: bytes, fmt: str, name: str, pid: str) -> None:
+        if fmt in TRANSCRIPT_FORMATS:
+            text = transcript_text(raw, fmt, name)
+            if not text.strip():
+                raise GenerationError(f"{name} is empty")
+            self.transcripts.append(parse_transcript(text, pid, name))
+            return
+        if fmt in TABLE_FORMATS:
+            records, labels, export_notes = records_from_rows(table_rows(raw, fmt, name), name)
+        else:
+            text = decode_text(raw, name)
+            if not text.strip():
+                raise GenerationError(f"{name} is empty")
+            records = records_from_json(text, name) if fmt == "json" else records_from_jsonl(text, name)
+            labels, export_notes = {}, []
+        people, notes = participants_from_records(records, name, labels)
+        self.groups.append(people)
+        self.warnings += export_notes + notes
+        self.labels.update((normalise_key(column), label) for column, label in labels.items())
+
+    def participants(self) -> list[Participant]:
+        if self.transcripts:
+            people, notes = participants_from_transcripts(self.transcripts)
+            self.groups.append(people)
+            self.warnings += notes
+            self.transcripts = []
+        return merge_participants(self.groups)
 
 
 def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]:
@@ -1688,24 +2256,30 @@ def load_path(data: str, data_dir: Path) -> Dataset:
     except APIError as exc:
         raise GenerationError(exc.message) from None
     root = real_root(data_dir)
-    files = list(data_files(path, root)) if path.is_dir() else [path]
-    digests, groups = [], []
+    files, skipped = folder_files(path, root) if path.is_dir() else ([path], [])
+    reader, digests = SourceReader(), []
     for file in files:
         raw = file.read_bytes()
         relative = file.relative_to(root).as_posix()
         digest = hashlib.sha256(raw).hexdigest()
         digests.append(f"{relative}\0{digest}")
         pid = file.relative_to(path).with_suffix("").as_posix() if path.is_dir() else file.stem
-        groups.append(participants_from_bytes(raw, FORMATS[file.suffix.lower()], relative, pid))
+        reader.add(raw, FORMATS[file.suffix.lower()], relative, pid)
     sha = digest if len(files) == 1 and not path.is_dir() else hashlib.sha256("\n".join(digests).encode()).hexdigest()
     source = {"kind": "path", "location": data, "sha256": sha, "files": len(files)}
-    return finish_dataset(merge_participants(groups), source, data)
+    if skipped:
+        reader.warnings.insert(0, f"{data}: did not read {len(skipped)} file(s) of an unsupported format: "
+                                  f"{named_list(skipped)}")
+    return finish_dataset(reader, source, data)
 
 
 def load_inline(records: list[Any]) -> Dataset:
     canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
     source = {"kind": "inline", "location": f"{len(records)} inline records", "sha256": hashlib.sha256(canonical).hexdigest()}
-    return finish_dataset(participants_from_records(records, "inline"), source, "the inline data")
+    reader = SourceReader()
+    people, reader.warnings = participants_from_records(records, "inline")
+    reader.groups.append(people)
+    return finish_dataset(reader, source, "the inline data")
 
 
 def shown_url(url: str) -> str:
@@ -1751,7 +2325,9 @@ def url_format(url: str, content_type: str) -> str:
     kind = content_type.split(";")[0].strip().lower()
     by_type = {"text/csv": "csv", "text/tab-separated-values": "tsv", "application/json": "json",
                "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "text/plain": "text",
-               "text/markdown": "text"}
+               "text/markdown": "text", "text/vtt": "vtt", "application/x-subrip": "srt",
+               "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+               "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx"}
     if kind not in by_type:
         raise GenerationError(f"{url} has an unsupported format (Content-Type {kind or 'missing'!r})")
     return by_type[kind]
@@ -1762,16 +2338,18 @@ async def load_url(url: str, private_allowed: bool) -> Dataset:
     raw, content_type = await fetch_url(url, shown, private_allowed)
     fmt = url_format(shown, content_type)
     stem = Path(urlsplit(url).path).stem or "document"
-    people = await asyncio.to_thread(participants_from_bytes, raw, fmt, shown, stem)
+    reader = SourceReader()
+    await asyncio.to_thread(reader.add, raw, fmt, shown, stem)
     source = {"kind": "url", "location": shown, "sha256": hashlib.sha256(raw).hexdigest()}
-    return finish_dataset(people, source, shown)
+    return await asyncio.to_thread(finish_dataset, reader, source, shown)
 
 
-def finish_dataset(people: list[Participant], source: JSON, name: str) -> Dataset:
+def finish_dataset(reader: SourceReader, source: JSON, name: str) -> Dataset:
+    people = reader.participants()
     if not people:
         raise GenerationError(f"{name} holds no participants with anything to say")
     source["participants"] = len(people)
-    return Dataset(people, source)
+    return Dataset(people, source, reader.warnings, reader.labels)
 
 
 async def load_data(data: str | list[Any], data_dir: Path, private_allowed: bool) -> Dataset:
@@ -1803,36 +2381,67 @@ who whom whose why will with within without would yeah yes yet you your yours yo
 i'm i've i'd i'll it's don't can't doesn't didn't isn't won't that's there's we're they're you're we've
 they've let's wasn't aren't couldn't wouldn't shouldn't haven't hasn't what's he's she's
 another frustrating annoying great good bad better worse easy easier hard harder nice love hate wish
+uh um umm uhm hmm hm er erm ah oh eh mm mhm uh-huh cuz cos cause gonna wanna gotta kinda sorta super
+perhaps maybe basically literally honestly totally definitely pretty stuff guess mean yep yup nope lol
+anyway anyways whatever etc also bit little lot thank thanks please hello hi hey wow cool awesome
+app apps
+de des du la le les et est un une que qui pour dans pas sur avec ce cette il elle je nous vous ils au aux
+ne se sa ses mais ou donc très y el los las por para es una uno del al lo su sus como pero muy
+der das und ist nicht zu mit von ein eine auf dem sich auch ich sie wir o os um não com mais di che è
+della il gli
 """.split())
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
+SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+|\n+")
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
 MAX_FEATURES = 5000
+MAX_SPAN_WORDS = 6  # a title phrase's words, with those between its two content words
+# Words that may stand between a title phrase's two words: `locked out of the account`, not `client wants a different`.
+GLUE_WORDS = frozenset("of the a an my our their your his her its out in on for to with at from up off into by and".split())
 
 CUES = {
     "pain_points": re.compile(
-        r"\b(frustrat\w*|annoy\w*|difficult|hard to|problem\w*|struggl\w*|hate|confus\w*|waste\w*|"
-        r"can't|cannot|can not|doesn't work|don't work|too (many|much|long|slow)|pain\w*|crash\w*|"
-        r"lose|losing|lost|stuck|worr\w*|stress\w*|tedious|clunky|broken|fail\w*|slow|painful|"
-        r"nightmare|impossible|never works|complain\w*)\b",
+        r"\b(?:frustrat\w*|annoy\w*|irritat\w*|infuriat\w*|(?:difficult|hard|impossible|confusing) to|"
+        r"struggl\w*|(?:the|a|my|our|biggest|main|real) (?:problem|issue|pain|hassle|nightmare|complaint)s?|"
+        r"(?:problem|issue)s? (?:is|are|was|with)|(?:keeps?|kept) (?:crashing|freezing|failing|closing|logging)|"
+        r"(?:doesn't|does not|didn't|did not|won't|will not|isn't|is not|wasn't|not|never) "
+        r"(?:work\w*|load\w*|open\w*|sync\w*|sav\w*|let me|show\w*|respond\w*)|"
+        r"(?:i|we) (?:can't|cannot|can not|couldn't|could not|am unable to|was unable to|wasn't able to) "
+        r"(?:log|sign|find|get|open|see|access|use|login|download|upload|pay|reach|save|tell|figure)|"
+        r"(?:too|so|very|really|extremely|incredibly|painfully) (?:slow|expensive|complicated|confusing|buggy|long|"
+        r"many|much|hard|difficult|stressful)|"
+        r"waste of (?:time|money)|wasted|crash\w*|locked out|error\w*|bugs?|buggy|broken|glitch\w*|tedious|clunky|"
+        r"(?:i|we) (?:worry|hate|dread)|worried|stressful|stressed|painful|time-consuming|"
+        r"fails? to|failed|lost (?:my|all|the|our)|(?:lose|losing) (?:my|all|the|our)|stuck|"
+        r"(?:too many|full of|constant|so many) (?:ads|adverts|notifications|pop-?ups))\b",
         re.IGNORECASE,
     ),
     "goals": re.compile(
-        r"\b(i want|i'd like|i would like|i need|we need|i wish|i hope|my goal|our goal|i'm trying to|"
-        r"i am trying to|it would be (great|nice|good)|ideally|i'd love|i would love|looking for|"
-        r"so that i can|so i can|i'd rather|what matters|important to me|the goal)\b",
+        r"\b(?:i want to|i want (?:a|an|the|more|it)|i'd like|i would like|i need (?:to|a|an|the|more|it)|we need|"
+        r"i wish|i hope|my goal|our goal|i'm trying to|i am trying to|"
+        r"it would be (?:great|nice|good|helpful|useful|better) (?:if|to)|ideally|i'd love|i would love|"
+        r"i'm looking for|i am looking for|so that i can|so i can|i'd rather|what matters|important to me|"
+        r"i just want|please (?:add|make|bring|fix|let|allow|give|consider)|"
+        r"(?:should|could|needs to|need to) (?:add|have|allow|let|include|offer|support|be able)|"
+        r"it would help|would help (?:me|us)|i'd prefer|i prefer|i'm hoping|i am hoping)\b",
         re.IGNORECASE,
     ),
     "behaviours": re.compile(
-        r"\b(i usually|i always|i often|i normally|i typically|every (day|morning|evening|week|night)|"
-        r"i use|i check|i keep|i tend to|typically|most days|each (week|day|morning)|i spend|i rely|"
-        r"i start|i open|i print|i write|i track|i log|i plan|i schedule|i share|i ask|i go to|"
-        r"i switch|i read|i review|i set up|on weekends|at night|in the morning)\b",
+        r"\b(?:i (?:usually|always|often|normally|typically|regularly|mostly|generally|sometimes|still)|"
+        r"every (?:day|morning|evening|week|night|time)|i (?:use|used|have used|'ve used) (?:it|this|the|my|a|an)|"
+        r"i've been using|i have been using|i tend to|most days|each (?:week|day|morning)|i spend|i rely on|"
+        r"i start (?:my|each|every|by)|i check|i keep (?:a|my|track)|i track|i log|i plan|i schedule|i print|"
+        r"i switch\w*|i set up|on weekends|at night|in the morning|daily|weekly|for (?:years|months)|"
+        r"we (?:usually|always|often|use))\b",
         re.IGNORECASE,
     ),
 }
+OPINION = re.compile(r"^\s*(?:i (?:think|believe|trust|feel that|guess|suppose)|in my opinion)\b", re.IGNORECASE)
+FILLER = re.compile(r",?\s*\b(?:u+m+|u+h+|e+r+m+|h+m+|uh-huh|you know|i mean)\b,?", re.IGNORECASE)
+STUTTER = re.compile(r"\b(\w+)(?:,? \1\b)+", re.IGNORECASE)
 LIST_LENGTHS = {"minimal": 2, "standard": 3, "detailed": 5}
 QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
 THEME_COUNTS = {"simple": 2, "moderate": 3, "complex": 5}
+MAX_DEMOGRAPHICS = 10  # attributes summarised per persona
 PERSONA_NAMES = (
     "Sarah Chen", "Marcus Johnson", "Priya Patel", "Diego Hernández", "Aisha Okafor", "Tomasz Nowak",
     "Mei Tanaka", "Olivia Brown", "Kwame Mensah", "Sofia Rossi", "Arjun Mehta", "Hannah Schmidt",
@@ -1855,13 +2464,23 @@ def stem(word: str) -> str:
     return word
 
 
+def is_word_token(token: str) -> bool:
+    """A word worth counting: no stop word, filler, digit or id fragment."""
+    return len(token) > 2 and token not in STOPWORDS and not any(char.isdigit() for char in token)
+
+
 def content_words(text: str) -> list[tuple[str, str]]:
     """(stem, surface form) of the words that carry meaning, in order."""
+    return [(token, surface) for token, surface, _, _ in content_spans(text)]
+
+
+def content_spans(text: str) -> list[tuple[str, str, int, int]]:
+    """(stem, surface, start, end) of the words that carry meaning; offsets into `text`."""
     words = []
-    for surface in WORD.findall(text.lower()):
-        token = stem(surface)
-        if len(token) > 2 and token not in STOPWORDS and not token.isdigit():
-            words.append((token, surface.replace("’", "'")))
+    for match in WORD.finditer(text.lower()):
+        token = stem(match.group())
+        if is_word_token(token):
+            words.append((token, match.group().replace("’", "'"), match.start(), match.end()))
     return words
 
 
@@ -1869,20 +2488,34 @@ def split_sentences(text: str) -> list[str]:
     return [part.strip() for part in SENTENCE_END.split(text) if part and len(part.split()) >= 3]
 
 
-def term_counts(text: str, surfaces: Counter[tuple[str, str]] | None = None) -> Counter[str]:
-    """Unigrams and adjacent-word bigrams, counted; notes surface forms for display."""
+def shown_span(sentence: str, start: int, end: int) -> str:
+    """A phrase as written, lower-cased except acronyms: `locked out of the account`, `PDF export`."""
+    return " ".join(word if word.isupper() and len(word) > 1 else word.lower()
+                    for word in re.sub(r"[^\w'’ -]", " ", sentence[start:end]).split())
+
+
+def is_phrase(gap: str) -> bool:
+    """Whether two words with `gap` between them read as one phrase."""
+    words = re.sub(r"[^\w'’ -]", " ", gap).lower().split()
+    return len(words) <= MAX_SPAN_WORDS - 2 and all(word in GLUE_WORDS for word in words) and not re.search(r"[.,;:!?]", gap)
+
+
+def term_counts(texts: Iterable[str], surfaces: Counter[tuple[str, str]] | None = None) -> Counter[str]:
+    """Unigrams and adjacent-word bigrams of each unit's sentences; notes surface forms for display."""
     counts: Counter[str] = Counter()
-    for sentence in split_sentences(text) or [text]:
-        words = content_words(sentence)
-        for index, (token, surface) in enumerate(words):
-            counts[token] += 1
-            if surfaces is not None:
-                surfaces[(token, surface)] += 1
-            if index + 1 < len(words):
-                pair = f"{token} {words[index + 1][0]}"
-                counts[pair] += 1
+    for text in texts:
+        for sentence in split_sentences(text) or [text]:
+            words = content_spans(sentence)
+            for index, (token, surface, start, end) in enumerate(words):
+                counts[token] += 1
                 if surfaces is not None:
-                    surfaces[(pair, f"{surface} {words[index + 1][1]}")] += 1
+                    surfaces[(token, surface)] += 1
+                if index + 1 < len(words):
+                    following = words[index + 1]
+                    pair = f"{token} {following[0]}"
+                    counts[pair] += 1
+                    if surfaces is not None and is_phrase(sentence[end:following[2]]):
+                        surfaces[(pair, shown_span(sentence, start, following[3]))] += 1
     return counts
 
 
@@ -1896,6 +2529,7 @@ class Corpus:
     vectors: list[dict[int, float]]
     is_attribute: list[bool]
     display: dict[str, str]
+    users: list[set[int]]  # per participant, the non-attribute terms they used
 
 
 def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
@@ -1910,7 +2544,7 @@ def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
 
 def build_corpus(people: list[Participant]) -> Corpus:
     surfaces: Counter[tuple[str, str]] = Counter()
-    counts = [term_counts(" ".join(person.texts), surfaces) for person in people]
+    counts = [term_counts(person.texts, surfaces) for person in people]
     for person, count in zip(people, counts):
         count.update(attribute_terms(person.attributes))
     df: Counter[str] = Counter(term for count in counts for term in count)
@@ -1925,10 +2559,11 @@ def build_corpus(people: list[Participant]) -> Corpus:
     for term, index in vocabulary.items():
         is_attribute[index] = "=" in term
     vectors = [tfidf_vector(count, vocabulary, idf, is_attribute) for count in counts]
+    users = [{vocabulary[t] for t in count if t in vocabulary and "=" not in t} for count in counts]
     display: dict[str, str] = {}
     for (token, surface), _ in surfaces.most_common():
         display.setdefault(token, surface)
-    return Corpus(people, vocabulary, idf, vectors, is_attribute, display)
+    return Corpus(people, vocabulary, idf, vectors, is_attribute, display, users)
 
 
 def tfidf_vector(count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float],
@@ -2013,8 +2648,78 @@ def kmeans(vectors: list[dict[int, float]], k: int, seed: int, max_rounds: int =
         if new_labels == labels:
             break
         labels = new_labels
-        centres = [centroid_of(vectors[i] for i, label in enumerate(labels) if label == cluster) for cluster in range(k)]
+        centres = cluster_centres(vectors, labels, k)
     return labels, score
+
+
+def cluster_centres(vectors: list[dict[int, float]], labels: list[int], k: int) -> list[dict[int, float]]:
+    members: list[list[dict[int, float]]] = [[] for _ in range(k)]
+    for vector, label in zip(vectors, labels):
+        members[label].append(vector)
+    return [centroid_of(group) for group in members]
+
+
+def size_limits(n: int, k: int) -> tuple[int, int]:
+    """The smallest and largest segment a persona may stand for.
+
+    No segment holds more than half the participants when there are three or more, and
+    none fewer than two participants or 2% of them, whichever is more (as far as `n` allows).
+    """
+    smallest = max(2, math.ceil(0.02 * n))
+    if smallest * k > n:
+        smallest = max(1, n // k)
+    largest = max(n // 2, smallest) if k >= 3 else n - smallest * (k - 1)
+    return smallest, largest
+
+
+def balance(vectors: list[dict[int, float]], labels: list[int], k: int, rounds: int = 20) -> list[int]:
+    """Move the members that fit worst until every segment's size is within its limits.
+
+    A member leaves an oversized segment for the one it fits next best; an undersized
+    segment takes the members of larger ones that fit it best. Deterministic.
+    """
+    smallest, largest = size_limits(len(vectors), k)
+    labels = list(labels)
+    for _ in range(rounds):
+        sizes = Counter(labels)
+        over = [c for c in range(k) if sizes[c] > largest]
+        under = [c for c in range(k) if sizes[c] < smallest]
+        if not over and not under:
+            break
+        centres = cluster_centres(vectors, labels, k)
+        sims = [[similarity(vector, centre) for centre in centres] for vector in vectors]
+        for cluster in over:
+            shed_members(labels, sims, cluster, sizes, largest)
+        for cluster in under:
+            gather_members(labels, sims, cluster, sizes, smallest)
+    return labels
+
+
+def shed_members(labels: list[int], sims: list[list[float]], cluster: int, sizes: Counter[int], largest: int) -> None:
+    def best_other(i: int) -> int:
+        return max((c for c in range(len(sims[i])) if c != cluster and sizes[c] < largest), key=sims[i].__getitem__,
+                   default=-1)
+
+    members = sorted((i for i, label in enumerate(labels) if label == cluster),
+                     key=lambda i: (sims[i][cluster] - max((s for c, s in enumerate(sims[i]) if c != cluster),
+                                                          default=0.0), i))
+    for i in members:
+        if sizes[cluster] <= largest:
+            break
+        target = best_other(i)
+        if target >= 0:
+            labels[i], sizes[cluster], sizes[target] = target, sizes[cluster] - 1, sizes[target] + 1
+
+
+def gather_members(labels: list[int], sims: list[list[float]], cluster: int, sizes: Counter[int], smallest: int) -> None:
+    candidates = sorted((i for i, label in enumerate(labels) if label != cluster),
+                        key=lambda i: (sims[i][labels[i]] - sims[i][cluster], i))
+    for i in candidates:
+        if sizes[cluster] >= smallest:
+            break
+        if sizes[labels[i]] > smallest:
+            sizes[labels[i]] -= 1
+            labels[i], sizes[cluster] = cluster, sizes[cluster] + 1
 
 
 def cluster_participants(corpus: Corpus, k: int, seed: int) -> list[list[int]]:
@@ -2025,8 +2730,63 @@ def cluster_participants(corpus: Corpus, k: int, seed: int) -> list[list[int]]:
         labels, score = kmeans(corpus.vectors, k, seed + attempt)
         if score > best_score + 1e-12:
             best_labels, best_score = labels, score
+    best_labels = balance(corpus.vectors, best_labels, k)
     segments = [[i for i, label in enumerate(best_labels) if label == cluster] for cluster in range(k)]
-    return sorted(segments, key=lambda members: (-len(members), members[0]))
+    return sorted((members for members in segments if members), key=lambda members: (-len(members), members[0]))
+
+
+@dataclass
+class Segment:
+    """Participants (indexes into the corpus) one persona stands for; `name` when the researcher named it."""
+
+    members: list[int]
+    name: str | None = None
+
+
+def attribute_value(person: Participant, wanted: str) -> str | None:
+    return person.attributes.get(normalise_key(wanted))
+
+
+def segments_for(corpus: Corpus, count: int, config: JSON, seed: int = 0) -> list[Segment]:
+    """The researcher's grouping when `config` gives one (`groups`, `group_by`), else clustering."""
+    people = corpus.people
+    if "groups" in config:
+        return named_groups(people, config["groups"])
+    if "group_by" in config:
+        return attribute_groups(people, config["group_by"], count)
+    if len(people) < count:
+        raise GenerationError(
+            f"the data has {len(people)} participant(s), fewer than the {count} personas asked for; "
+            f"ask for at most {len(people)}"
+        )
+    return [Segment(members) for members in cluster_participants(corpus, count, seed)]
+
+
+def named_groups(people: list[Participant], groups: Mapping[str, list[str]]) -> list[Segment]:
+    index = {person.id: i for i, person in enumerate(people)}
+    unknown = [pid for ids in groups.values() for pid in ids if pid not in index]
+    if unknown:
+        raise GenerationError(f"config.groups names participant id(s) the data does not have: {named_list(unknown)}; "
+                              f"its ids include {named_list([p.id for p in people[:5]])}")
+    segments = [Segment(list(dict.fromkeys(index[pid] for pid in ids)), name) for name, ids in groups.items()]
+    empty = [segment.name for segment in segments if not segment.members]
+    if empty:
+        raise GenerationError(f"config.groups has empty group(s): {named_list(empty)}")
+    return segments
+
+
+def attribute_groups(people: list[Participant], attribute: str, count: int) -> list[Segment]:
+    by_value: dict[str, list[int]] = {}
+    for i, person in enumerate(people):
+        value = attribute_value(person, attribute)
+        if value is not None:
+            by_value.setdefault(value, []).append(i)
+    if not by_value:
+        have = sorted({key for person in people for key in person.attributes})
+        raise GenerationError(f"config.group_by names {attribute!r}, an attribute the data does not have; "
+                              f"its attributes: {', '.join(have) if have else '(none)'}")
+    largest = sorted(by_value.items(), key=lambda item: (-len(item[1]), item[0]))[:count]
+    return [Segment(members) for _, members in largest]
 
 
 @dataclass
@@ -2037,7 +2797,7 @@ class Sentence:
 
 
 def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, float]) -> list[Sentence]:
-    """The segment's sentences, most central first; exact repeats dropped."""
+    """The segment's sentences, most central first; exact repeats dropped. None crosses a unit."""
     seen, sentences = set(), []
     for index in members:
         person = corpus.people[index]
@@ -2047,7 +2807,7 @@ def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, floa
                 if key in seen:
                     continue
                 seen.add(key)
-                vector = tfidf_vector(term_counts(sentence), corpus.vocabulary, corpus.idf)
+                vector = tfidf_vector(term_counts([sentence]), corpus.vocabulary, corpus.idf)
                 sentences.append(Sentence(person.id, sentence, similarity(vector, centre)))
     return sorted(sentences, key=lambda s: (-s.score, s.participant, s.text))
 
@@ -2065,37 +2825,66 @@ def pick_spread(candidates: list[Sentence], count: int) -> list[Sentence]:
     return chosen
 
 
+def list_kind(sentence: str) -> str | None:
+    """Which list a sentence belongs to, by cues in context; questions and opinions belong to none."""
+    if sentence.rstrip().endswith("?") or len(sentence.split()) > 60:
+        return None
+    for name, cue in CUES.items():
+        if cue.search(sentence) and not (name == "pain_points" and OPINION.match(sentence)):
+            return name
+    return None
+
+
 def categorise(sentences: list[Sentence], length: int) -> dict[str, list[Sentence]]:
     """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only."""
     buckets: dict[str, list[Sentence]] = {name: [] for name in CUES}
     for sentence in sentences:
-        for name, cue in CUES.items():
-            if cue.search(sentence.text):
-                buckets[name].append(sentence)
-                break
+        kind = list_kind(sentence.text)
+        if kind:
+            buckets[kind].append(sentence)
     return {name: pick_spread(found, length) for name, found in buckets.items()}
 
 
+def tidy_spoken(sentence: str) -> str:
+    """A list item in clean words: fillers (um, you know) and stutters (the, the) go; nothing else changes."""
+    text = STUTTER.sub(r"\1", FILLER.sub("", sentence))
+    text = re.sub(r"\s+([,.!?;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
+    return text[:1].upper() + text[1:] if text else sentence
+
+
 def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[Sentence]:
-    speakable = [s for s in sentences if 6 <= len(s.text.split()) <= 45]
+    speakable = [s for s in sentences if 6 <= len(s.text.split()) <= 45 and not s.text.rstrip().endswith("?")]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
     fresh = [s for s in (first_person or speakable) if s.text not in used]
     return pick_spread(fresh or first_person or speakable or sentences, count)
 
 
-def distinctive_terms(corpus: Corpus, members: list[int], overall: dict[int, float], count: int) -> list[str]:
-    """Words this segment uses more than the others, for titles and themes."""
-    segment = centroid_of(corpus.vectors[i] for i in members)
+def term_shares(corpus: Corpus, members: list[int]) -> tuple[dict[int, float], dict[int, float]]:
+    """For each word or pair: the share of the segment that uses it, and of everyone else."""
+    inside: Counter[int] = Counter(t for i in members for t in corpus.users[i])
+    everyone: Counter[int] = Counter(t for used in corpus.users for t in used)
+    rest = max(1, len(corpus.people) - len(members))
+    return ({t: c / len(members) for t, c in inside.items()},
+            {t: (everyone[t] - inside[t]) / rest for t in inside})
+
+
+def distinctive_terms(corpus: Corpus, members: list[int], count: int, pairs_only: bool = False) -> list[str]:
+    """Words and pairs this segment says more than the others, said by a good share of it.
+
+    A pair counts only where it reads as a phrase (it has a surface form to show).
+    """
+    inside, outside = term_shares(corpus, members)
     terms = {index: term for term, index in corpus.vocabulary.items()}
-    scores = sorted(
-        ((segment.get(i, 0.0) - overall.get(i, 0.0), terms[i]) for i in segment if not corpus.is_attribute[i]),
-        key=lambda pair: (-pair[0], pair[1]),
-    )
+    floor = min(0.25, 2 / len(members)) if len(members) > 1 else 1.0
+    scored = sorted(((inside[t] - outside[t] + (0.05 if " " in terms[t] else 0.0), terms[t]) for t in inside
+                     if inside[t] >= floor and (" " not in terms[t] or terms[t] in corpus.display)
+                     and (" " in terms[t] or not pairs_only)),
+                    key=lambda pair: (-pair[0], pair[1]))
     chosen: list[str] = []
-    for _, term in scores:
-        if any(term in other or other in term for other in chosen):
+    for _, term in scored:
+        if any(set(term.split()) & set(other.split()) for other in chosen):
             continue
-        chosen.append(corpus.display.get(term, term))
+        chosen.append(term)
         if len(chosen) == count:
             break
     return chosen
@@ -2105,25 +2894,96 @@ def frequent_words(people: list[Participant], count: int) -> list[str]:
     """Themes for a segment too small to stand out in the shared vocabulary."""
     words: Counter[str] = Counter()
     for person in people:
-        words.update(surface for _, surface in content_words(" ".join(person.texts)))
+        words.update(surface for text in person.texts for _, surface in content_words(text))
     return [word for word, _ in words.most_common(count)]
 
 
-def summarise_attributes(people: list[Participant], total: int) -> JSON:
-    """Most common value of each attribute, or a range for numeric ones, plus the share."""
+def distinguishing_attribute(people: list[Participant], everyone: list[Participant]) -> tuple[str, str] | None:
+    """The attribute value most of the segment shares and few others have: (key, value)."""
+    best, best_lift = None, 0.3
+    rest = [person for person in everyone if person not in people]
+    for key in dict.fromkeys(k for person in people for k in person.attributes):
+        values = Counter(person.attributes[key] for person in people if key in person.attributes)
+        value, times = min(values.items(), key=lambda item: (-item[1], item[0]))
+        if is_number(value) or len(value.split()) > 5:
+            continue
+        share = times / len(people)
+        lift = share - (sum(p.attributes.get(key) == value for p in rest) / len(rest) if rest else 0.0)
+        if share >= 0.6 and lift > best_lift:
+            best, best_lift = (key, value), lift
+    return best
+
+
+def pair_with(corpus: Corpus, members: list[int], word: str) -> str | None:
+    """The phrase around a distinctive word that most of the segment says: `swap` -> `swap shifts`."""
+    inside, _ = term_shares(corpus, members)
+    terms = {index: term for term, index in corpus.vocabulary.items()}
+    pairs = [(share, terms[t]) for t, share in inside.items()
+             if " " in terms[t] and word in terms[t].split() and terms[t] in corpus.display]
+    return min(pairs, key=lambda pair: (-pair[0], pair[1]))[1] if pairs else None
+
+
+def sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def persona_title(corpus: Corpus, members: list[int], attribute: tuple[str, str] | None, taken: set[str]) -> str:
+    """What sets the segment apart: a phrase its participants use, led by a shared attribute value.
+
+    `Nurse: swap shifts`, `Locked out of the account`; never a lone stop word or an id.
+    """
+    singles = [term for term in distinctive_terms(corpus, members, 4) if " " not in term]
+    pairs = distinctive_terms(corpus, members, 4, pairs_only=True) + [p for p in map(
+        functools.partial(pair_with, corpus, members), singles) if p]
+    words = [corpus.display.get(t, t) for t in singles]
+    candidates = [corpus.display[t] for t in dict.fromkeys(pairs)] + [f"{a} and {b}" for a, b in zip(words, words[1:])] + words
+    lead = f"{sentence_case(attribute[1])}: " if attribute else ""
+    for phrase in candidates:
+        title = lead + (phrase if lead else sentence_case(phrase))
+        if title not in taken:
+            return title
+    if lead and lead[:-2] not in taken:
+        return lead[:-2]
+    return f"{lead or 'Segment'} {len(taken) + 1}".strip()
+
+
+def summarise_attributes(people: list[Participant], total: int, labels: Mapping[str, str]) -> JSON:
+    """The most informative attributes: each value's most common choice with its share, numbers as median and range.
+
+    Attributes that read as sentences, or that only some have, come last or not at all.
+    """
     keys = list(dict.fromkeys(key for person in people for key in person.attributes))
-    demographics: JSON = {}
+    ranked = []
     for key in keys:
         values = [person.attributes[key] for person in people if key in person.attributes]
-        if all(is_number(value) for value in values):
-            numbers = sorted(float(value) for value in values)
-            low, high = (f"{n:g}" for n in (numbers[0], numbers[-1]))
-            demographics[f"{key}_range"] = low if low == high else f"{low}-{high}"
-        else:
-            demographics[key] = Counter(values).most_common(1)[0][0]
+        if max(len(value.split()) for value in values) > 8:
+            continue
+        ranked.append((-len(values), keys.index(key), key, values))
+    demographics: JSON = {}
+    for _, _, key, values in sorted(ranked)[:MAX_DEMOGRAPHICS]:
+        demographics[shown_label(key, labels)] = summarise_values(values, len(people))
     demographics["participants"] = len(people)
     demographics["share"] = round(len(people) / total, 4)
     return demographics
+
+
+def shown_label(key: str, labels: Mapping[str, str]) -> str:
+    """An attribute's name for a reader: the question's words where the column was a code (Q12)."""
+    label = labels.get(key)
+    if not label:
+        return key
+    return label if len(label) <= 80 else label[:77].rsplit(" ", 1)[0] + "…"
+
+
+def summarise_values(values: list[str], people: int) -> str:
+    if all(is_number(value) for value in values):
+        numbers = sorted(float(value) for value in values)
+        median = numbers[len(numbers) // 2] if len(numbers) % 2 else (numbers[len(numbers) // 2 - 1] + numbers[len(numbers) // 2]) / 2
+        low, high = numbers[0], numbers[-1]
+        return f"{low:g}" if low == high else f"median {median:g}, range {low:g}–{high:g}"
+    choices = Counter(part.strip() for value in values for part in value.split(";") if part.strip())
+    value, times = min(choices.items(), key=lambda item: (-item[1], item[0]))
+    return f"{value} ({times / people:.0%})"
 
 
 def persona_name(ids: list[str], taken: set[str]) -> str:
@@ -2135,34 +2995,19 @@ def persona_name(ids: list[str], taken: set[str]) -> str:
     return f"{PERSONA_NAMES[start]} {len(taken) + 1}"
 
 
-def headline(text: str) -> str:
-    """Capitalise each word without str.title()'s "Shift'S"."""
-    return " ".join(word[:1].upper() + word[1:] for word in text.split())
-
-
-def persona_title(themes: list[str], demographics: JSON, taken: set[str]) -> str:
-    role = demographics.get("role") or demographics.get("occupation") or demographics.get("job_title")
-    for theme in themes:
-        title = f"The {headline(role)} Focused on {headline(theme)}" if role else f"The {headline(theme)}-Focused User"
-        if title not in taken:
-            return title
-    return f"The {headline(themes[0]) if themes else 'Distinct'} Segment {len(taken) + 1}"
-
-
-def persona_summary(demographics: JSON, total: int, themes: list[str], goals: list[Sentence]) -> str:
-    count = demographics["participants"]
-    who = f", most often {demographics['role']}" if "role" in demographics else ""
-    text = f"Stands for {count} of {total} participants ({demographics['share']:.0%}){who}."
+def persona_summary(count: int, total: int, themes: list[str], goals: list[str]) -> str:
+    text = f"Stands for {count} of {total} participants ({count / total:.0%})."
     if themes:
         text += " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
     if goals:
-        text += f' A goal in their words: "{goals[0].text}"'
+        text += f' A goal in their words: "{goals[0]}"'
     return text
 
 
-def build_persona(corpus: Corpus, members: list[int], overall: dict[int, float], config: JSON,
-                  number: int, taken: dict[str, set[str]]) -> tuple[JSON, list[str]]:
+def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, taken: dict[str, set[str]],
+                  labels: Mapping[str, str]) -> tuple[JSON, list[str]]:
     detail = config.get("detail_level", "standard")
+    members = segment.members
     people = [corpus.people[i] for i in members]
     ids = [person.id for person in people]
     centre = centroid_of(corpus.vectors[i] for i in members)
@@ -2171,24 +3016,27 @@ def build_persona(corpus: Corpus, members: list[int], overall: dict[int, float],
     used = {s.text for found in lists.values() for s in found}
     quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail])
     theme_count = THEME_COUNTS[config.get("complexity", "moderate")]
-    themes = distinctive_terms(corpus, members, overall, theme_count) or frequent_words(people, theme_count)
-    demographics = summarise_attributes(people, len(corpus.people))
+    themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, members, theme_count)] or \
+        frequent_words(people, theme_count)
+    demographics = summarise_attributes(people, len(corpus.people), labels)
     name = persona_name(ids, taken["names"])
-    title = persona_title(themes, demographics, taken["titles"])
+    attribute = distinguishing_attribute(people, corpus.people)
+    title = segment.name or persona_title(corpus, members, attribute, taken["titles"])
     taken["names"].add(name)
     taken["titles"].add(title)
     persona_id = f"persona-{number:03d}"
     warnings = [f"{persona_id}: no sentence in its segment reads as {label.replace('_', ' ')}"
                 for label, found in lists.items() if not found]
+    goals = [tidy_spoken(s.text) for s in lists["goals"]]
     persona = {
         "id": persona_id,
         "name": name,
         "title": title,
-        "summary": persona_summary(demographics, len(corpus.people), themes, lists["goals"]),
+        "summary": persona_summary(len(people), len(corpus.people), themes, goals),
         "demographics": demographics,
-        "goals": [s.text for s in lists["goals"]],
-        "pain_points": [s.text for s in lists["pain_points"]],
-        "behaviours": [s.text for s in lists["behaviours"]],
+        "goals": goals,
+        "pain_points": [tidy_spoken(s.text) for s in lists["pain_points"]],
+        "behaviours": [tidy_spoken(s.text) for s in lists["behaviours"]],
         "quotes": [s.text for s in quotes],
         "themes": themes,
         "evidence": {"participants": ids, "share": demographics["share"]},
@@ -2198,21 +3046,16 @@ def build_persona(corpus: Corpus, members: list[int], overall: dict[int, float],
 
 def offline_personas(dataset: Dataset, count: int, config: JSON, seed: int = 0) -> tuple[list[JSON], list[str]]:
     """The offline engine from participants to personas (blocking: run it in a thread)."""
-    people = dataset.participants
-    if len(people) < count:
-        raise GenerationError(
-            f"the data has {len(people)} participant(s), fewer than the {count} personas asked for; "
-            f"ask for at most {len(people)}"
-        )
-    corpus = build_corpus(people)
-    segments = cluster_participants(corpus, count, seed)
-    overall = centroid_of(corpus.vectors)
+    corpus = build_corpus(dataset.participants)
+    segments = segments_for(corpus, count, config, seed)
     taken: dict[str, set[str]] = {"names": set(), "titles": set()}
     personas, warnings = [], []
-    for number, members in enumerate(segments, 1):
-        persona, notes = build_persona(corpus, members, overall, config, number, taken)
+    for number, segment in enumerate(segments, 1):
+        persona, notes = build_persona(corpus, segment, config, number, taken, dataset.labels)
         personas.append(persona)
         warnings.extend(notes)
+    if len(segments) < count:
+        warnings.append(f"the grouping gives {len(segments)} group(s), fewer than the {count} personas asked for")
     return personas, warnings
 
 
@@ -2627,9 +3470,8 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
                           report: ProgressReport) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
     corpus = await run_engine(len(people), build_corpus, people)
-    segments = await run_engine(len(people), cluster_participants, corpus, count, 0)
-    overall = centroid_of(corpus.vectors)
-    summaries = [", ".join(distinctive_terms(corpus, members, overall, 4)) for members in segments]
+    segments = [segment.members for segment in await run_engine(len(people), segments_for, corpus, count, config)]
+    summaries = [", ".join(corpus.display.get(t, t) for t in distinctive_terms(corpus, members, 4)) for members in segments]
     done = 0
 
     async def one(index: int, members: list[int]) -> tuple[JSON, list[str]]:
