@@ -324,7 +324,16 @@ GENERATE_SCHEMA: JSON = {
                 "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 200000}),
                 "strategy": nullable({"type": "string", "enum": ["auto", "holistic", "segmented"]}),
                 "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
+                "group_by": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN,
+                                      "description": "an attribute: one persona per value, the `count` largest groups"}),
+                "groups": nullable({
+                    "type": "object", "minProperties": 1, "maxProperties": 20,
+                    "description": "group name -> participant ids: one persona per group, named after it",
+                    "additionalProperties": {"type": "array", "minItems": 1,
+                                             "items": {"type": "string", "minLength": 1, "maxLength": 500}},
+                }),
             },
+            "not": {"required": ["group_by", "groups"]},
         }),
         "webhook_url": nullable(HTTP_URL_SCHEMA),
     },
@@ -479,11 +488,14 @@ def array_check(schema: JSON) -> Check:
 
 
 def object_check(schema: JSON) -> Check:
+    if isinstance(schema.get("additionalProperties"), dict):
+        return map_check(schema)
     if "properties" not in schema:
         return nested_text_problems
     properties = {name: compile_check(item) for name, item in schema["properties"].items()}
     required, closed = schema.get("required", []), schema.get("additionalProperties", True) is False
     unknown = "is not a known field; known fields: " + ", ".join(properties)
+    exclusive = schema.get("not", {}).get("required", [])
 
     def check(value: JSON, path: str) -> dict[str, str]:
         problems: dict[str, str] = {}
@@ -498,6 +510,27 @@ def object_check(schema: JSON) -> Check:
                     problems[prefix + name] = unknown
             elif item is not None:
                 problems.update(item_check(item, prefix + name))
+        if exclusive and all(value.get(name) is not None for name in exclusive):
+            problems[prefix + exclusive[-1]] = f"cannot be given with {', '.join(exclusive[:-1])}; give one of them"
+        return problems
+
+    return check
+
+
+def map_check(schema: JSON) -> Check:
+    """An object of free keys whose values share one schema, such as `groups`."""
+    value_check = compile_check(schema["additionalProperties"])
+    fewest, most = schema.get("minProperties", 0), schema.get("maxProperties", math.inf)
+
+    def check(value: JSON, path: str) -> dict[str, str]:
+        if not fewest <= len(value) <= most:
+            return {path: f"must have {fewest} to {most} entries"}
+        problems: dict[str, str] = {}
+        for key, item in value.items():
+            problem = text_problem(key) or (None if key.strip() else "keys must not be blank")
+            if problem:
+                return {path: problem}
+            problems.update(value_check(item, f"{path}.{key}"))
         return problems
 
     return check
@@ -1836,7 +1869,8 @@ def dropped_reason(column: str, values: list[str], label: str, rows: int) -> str
         return "personal data"
     if key in REPLY_COLUMNS or "reply" in key or "replied" in key:
         return "replies to the participant"
-    if key in METADATA_COLUMNS or key.startswith(("recipient", "customdata", "embeddeddata")):
+    if key in METADATA_COLUMNS or key.startswith(("recipient", "customdata", "embeddeddata")) or \
+            re.search(r"(?:^|[_ .-])id$|[a-z]Id$|sentiment", column.strip(), re.IGNORECASE):
         return "metadata"
     if values and all(TIMESTAMP_VALUE.fullmatch(v) or IP_VALUE.fullmatch(v) or v.startswith(("http://", "https://"))
                       for v in values):
@@ -1905,7 +1939,19 @@ def participants_from_records(records: list[Any], name: str, labels: dict[str, s
             values = cell_texts(record.get(column))
             if values and normalise_key(column) not in person.attributes:
                 person.attributes[normalise_key(column)] = "; ".join(values)
-    return [person for person in people.values() if person.texts], column_warnings(columns, name, len(flat))
+    speaking = [person for person in people.values() if person.texts]
+    warnings = column_warnings(columns, name, len(flat))
+    if len(speaking) < len(people):
+        warnings.append(f"{name}: left out {len(people) - len(speaking)} participant(s) with no answer in a "
+                        "free-text column")
+    return speaking, warnings
+
+
+def column_labels(records: list[Any], questions: dict[str, str]) -> dict[str, str]:
+    """How to name each column to a reader: its question where it is a code (Q12), else its header as written."""
+    columns = dict.fromkeys(key for record in records if isinstance(record, dict) for key in record)
+    return {column: questions.get(column) or column for column in columns
+            if questions.get(column) or normalise_key(column) != column}
 
 
 def column_warnings(columns: Columns, name: str, rows: int) -> list[str]:
@@ -2224,7 +2270,7 @@ class SourceReader:
         people, notes = participants_from_records(records, name, labels)
         self.groups.append(people)
         self.warnings += export_notes + notes
-        self.labels.update((normalise_key(column), label) for column, label in labels.items())
+        self.labels.update((normalise_key(column), label) for column, label in column_labels(records, labels).items())
 
     def participants(self) -> list[Participant]:
         if self.transcripts:
@@ -2442,6 +2488,7 @@ LIST_LENGTHS = {"minimal": 2, "standard": 3, "detailed": 5}
 QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
 THEME_COUNTS = {"simple": 2, "moderate": 3, "complex": 5}
 MAX_DEMOGRAPHICS = 10  # attributes summarised per persona
+PLACEHOLDER_VALUES = frozenset("other others none na nan null unknown notapplicable nothing".split())
 PERSONA_NAMES = (
     "Sarah Chen", "Marcus Johnson", "Priya Patel", "Diego Hernández", "Aisha Okafor", "Tomasz Nowak",
     "Mei Tanaka", "Olivia Brown", "Kwame Mensah", "Sofia Rossi", "Arjun Mehta", "Hannah Schmidt",
@@ -2750,9 +2797,9 @@ def attribute_value(person: Participant, wanted: str) -> str | None:
 def segments_for(corpus: Corpus, count: int, config: JSON, seed: int = 0) -> list[Segment]:
     """The researcher's grouping when `config` gives one (`groups`, `group_by`), else clustering."""
     people = corpus.people
-    if "groups" in config:
+    if config.get("groups") is not None:
         return named_groups(people, config["groups"])
-    if "group_by" in config:
+    if config.get("group_by") is not None:
         return attribute_groups(people, config["group_by"], count)
     if len(people) < count:
         raise GenerationError(
@@ -2905,7 +2952,7 @@ def distinguishing_attribute(people: list[Participant], everyone: list[Participa
     for key in dict.fromkeys(k for person in people for k in person.attributes):
         values = Counter(person.attributes[key] for person in people if key in person.attributes)
         value, times = min(values.items(), key=lambda item: (-item[1], item[0]))
-        if is_number(value) or len(value.split()) > 5:
+        if is_number(value) or len(value.split()) > 5 or squash(value) in PLACEHOLDER_VALUES:
             continue
         share = times / len(people)
         lift = share - (sum(p.attributes.get(key) == value for p in rest) / len(rest) if rest else 0.0)
@@ -3054,7 +3101,7 @@ def offline_personas(dataset: Dataset, count: int, config: JSON, seed: int = 0) 
         persona, notes = build_persona(corpus, segment, config, number, taken, dataset.labels)
         personas.append(persona)
         warnings.extend(notes)
-    if len(segments) < count:
+    if len(segments) < count and config.get("groups") is None:
         warnings.append(f"the grouping gives {len(segments)} group(s), fewer than the {count} personas asked for")
     return personas, warnings
 
@@ -3433,10 +3480,11 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     config = request.get("config", {})
     count = request.get("count", 3)
     people = dataset.participants
-    if len(people) < count:
+    grouped = config.get("group_by") is not None or config.get("groups") is not None
+    if len(people) < count and not grouped:
         raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
     budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
-    strategy = config.get("strategy", "auto")
+    strategy = "segmented" if grouped else config.get("strategy", "auto")
     rendered = render_participants(people)
     if strategy == "auto":
         strategy = "holistic" if estimate_tokens(rendered) <= budget else "segmented"
@@ -3470,13 +3518,14 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
                           report: ProgressReport) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
     corpus = await run_engine(len(people), build_corpus, people)
-    segments = [segment.members for segment in await run_engine(len(people), segments_for, corpus, count, config)]
-    summaries = [", ".join(corpus.display.get(t, t) for t in distinctive_terms(corpus, members, 4)) for members in segments]
+    segments = await run_engine(len(people), segments_for, corpus, count, config)
+    summaries = [segment.name or ", ".join(corpus.display.get(t, t) for t in distinctive_terms(corpus, segment.members, 4))
+                 for segment in segments]
     done = 0
 
-    async def one(index: int, members: list[int]) -> tuple[JSON, list[str]]:
+    async def one(index: int, segment: Segment) -> tuple[JSON, list[str]]:
         nonlocal done
-        group = [people[i] for i in members]
+        group = [people[i] for i in segment.members]
         data = render_participants(group)
         if estimate_tokens(data) > budget:
             data = await condense(session, group, budget)
@@ -3485,9 +3534,10 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
                                    LLM_RESULT_SCHEMA, persona_problems, 1)
         done += 1
         await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
-        return answer["personas"][0], [person.id for person in group]
+        item = answer["personas"][0]
+        return ({**item, "title": segment.name} if segment.name else item), [person.id for person in group]
 
-    return list(await asyncio.gather(*(one(i, members) for i, members in enumerate(segments))))
+    return list(await asyncio.gather(*(one(i, segment) for i, segment in enumerate(segments))))
 
 
 async def condense(session: ModelSession, group: list[Participant], budget: int) -> str:
@@ -3510,6 +3560,59 @@ async def condense(session: ModelSession, group: list[Participant], budget: int)
         lines += [f'"{quote}"' for quote in answer["quotes"] if normalise_quote(quote) in normalise_quote(text)]
     ids = ", ".join(person.id for person in group)
     return f"Findings from participants {ids}:\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Quality: how well the personas stand for the data, whichever engine made them
+# ---------------------------------------------------------------------------
+
+PERSONA_LISTS = ("goals", "pain_points", "behaviours")
+
+
+def quality_report(people: list[Participant], personas: list[JSON]) -> JSON:
+    """Coverage of the participants, and per persona its size, support and overlap (deterministic).
+
+    Support is the share of a persona's goals, pain points and behaviours whose content
+    words all occur in one sentence of its own participants: how much of it the data backs.
+    Overlap is its highest word similarity to another persona: near-duplicates show.
+    """
+    known = {person.id: person for person in people}
+    members = [[known[pid] for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
+               for persona in personas]
+    covered = {person.id for group in members for person in group}
+    vectors = [normalised_counts(persona_words(persona)) for persona in personas]
+    report = []
+    for index, (persona, group) in enumerate(zip(personas, members)):
+        overlap = max((sum(w * vectors[other].get(t, 0.0) for t, w in vectors[index].items())
+                       for other in range(len(personas)) if other != index), default=0.0)
+        report.append({"id": persona.get("id"), "participants": len(group), "support": support(persona, group),
+                       "overlap": round(overlap, 4)})
+    return {"coverage": round(len(covered) / len(people), 4) if people else 0.0,
+            "unrepresented": [person.id for person in people if person.id not in covered], "personas": report}
+
+
+def word_set(text: str) -> frozenset[str]:
+    return frozenset(token for token, _ in content_words(text))
+
+
+def support(persona: JSON, group: list[Participant]) -> float:
+    items = [word_set(item) for key in PERSONA_LISTS for item in persona.get(key, [])]
+    if not items:
+        return 0.0
+    sentences = {word_set(sentence) for person in group for text in person.texts for sentence in split_sentences(text)}
+    backed = sum(1 for words in items if any(words <= sentence for sentence in sentences))
+    return round(backed / len(items), 4)
+
+
+def persona_words(persona: JSON) -> Counter[str]:
+    texts = [persona.get("title", "")] + persona.get("themes", []) + persona.get("quotes", [])
+    texts += [item for key in PERSONA_LISTS for item in persona.get(key, [])]
+    return Counter(token for text in texts if isinstance(text, str) for token, _ in content_words(text))
+
+
+def normalised_counts(counts: Counter[str]) -> dict[str, float]:
+    norm = math.sqrt(sum(value * value for value in counts.values()))
+    return {term: value / norm for term, value in counts.items()} if norm else {}
 
 
 # ---------------------------------------------------------------------------
@@ -3543,12 +3646,37 @@ async def run_engine(participants: int, function: Callable[..., Any], *args: Any
 ProgressReport = Callable[[int, str], Awaitable[None]]
 
 
-def persona_card(persona: JSON) -> str:
+LIST_HEADINGS = {"goals": "Goals", "pain_points": "Pain points", "behaviours": "Behaviours"}
+
+
+def nothing_found(key: str) -> str:
+    return f"Nothing in this persona's data reads as a {LIST_HEADINGS[key].lower().rstrip('s')}."
+
+
+def quality_line(quality: JSON | None) -> str:
+    """One persona's quality in words, for its card."""
+    if not quality:
+        return ""
+    return (f"Quality: stands for {quality['participants']} participant(s); {quality['support']:.0%} of its goals, "
+            f"pain points and behaviours backed by one sentence of theirs; overlap with the closest other persona "
+            f"{quality['overlap']:.2f}")
+
+
+def coverage_line(quality: JSON | None) -> str:
+    if not quality:
+        return ""
+    missing = len(quality["unrepresented"])
+    return f"coverage {quality['coverage']:.0%}" + (f" ({missing} participant(s) in no persona)" if missing else "")
+
+
+def persona_card(persona: JSON, quality: JSON | None = None) -> str:
     """A persona as a Markdown card a researcher can read or paste."""
     details = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in persona["demographics"].items())
     lines = [f"# {persona['name']}: {persona['title']}", "", persona.get("summary", ""), "", f"**Demographics**: {details}", ""]
-    for key, heading in (("goals", "Goals"), ("pain_points", "Pain points"), ("behaviours", "Behaviours")):
-        lines += [f"## {heading}", ""] + [f"- {item}" for item in persona[key]] + [""]
+    if quality:
+        lines += [f"*{quality_line(quality)}*", ""]
+    for key, heading in LIST_HEADINGS.items():
+        lines += [f"## {heading}", ""] + ([f"- {item}" for item in persona[key]] or [f"*{nothing_found(key)}*"]) + [""]
     lines += ["## Quotes", ""] + [f"> {quote}" for quote in persona["quotes"]] + [""]
     if persona.get("unverified_quotes"):
         lines += ["## Unverified quotes (not found in the data)", ""] + [f"> {q}" for q in persona["unverified_quotes"]] + [""]
@@ -3569,7 +3697,8 @@ h3{font-size:.8rem;text-transform:uppercase;letter-spacing:.06em;color:#6b7280;m
 ul{margin:0;padding-left:1.2rem}blockquote{margin:.4rem 0;padding-left:.8rem;border-left:3px solid #2848a8}
 .unverified{border-left-color:#c2410c;color:#7c2d12}.unverified::after{content:" (unverified)";font-size:.8rem}
 dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .75rem;margin:0}dt{color:#6b7280}dd{margin:0}
-.ids{font-size:.85rem;color:#4b5565}table{border-collapse:collapse;width:100%;background:#fff}
+.ids{font-size:.85rem;color:#4b5565}.none{color:#6b7280;font-style:italic;margin:0}
+.quality{font-size:.85rem;color:#4b5565;background:#f4f5f7;border-radius:6px;padding:.3rem .6rem}table{border-collapse:collapse;width:100%;background:#fff}
 td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
 @media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
 border:1px solid #ccc;margin-bottom:1rem}}
@@ -3588,13 +3717,13 @@ def html_page(title: str, subtitle: str, body: str) -> str:
             f'</head><body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>{body}</body></html>')
 
 
-def html_list(heading: str, items: list[str]) -> str:
+def html_list(key: str, items: list[str]) -> str:
     if not items:
-        return ""
-    return f"<h3>{escape(heading)}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+        return f'<h3>{escape(LIST_HEADINGS[key])}</h3><p class="none">{escape(nothing_found(key))}</p>'
+    return f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
-def persona_html_card(persona: JSON) -> str:
+def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
     evidence = persona.get("evidence", {})
     share = f'<span class="share">{evidence["share"]:.0%} of participants</span>' if "share" in evidence else ""
     demographics = "".join(f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
@@ -3606,8 +3735,8 @@ def persona_html_card(persona: JSON) -> str:
         f'<p class="title">{escape(persona["title"])}</p>'
         + (f"<p>{escape(persona['summary'])}</p>" if persona.get("summary") else "")
         + (f"<h3>Demographics</h3><dl>{demographics}</dl>" if demographics else "")
-        + html_list("Goals", persona.get("goals", [])) + html_list("Pain points", persona.get("pain_points", []))
-        + html_list("Behaviours", persona.get("behaviours", []))
+        + (f'<p class="quality">{escape(quality_line(quality))}</p>' if quality else "")
+        + "".join(html_list(key, persona.get(key, [])) for key in LIST_HEADINGS)
         + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
         + (f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
            if evidence.get("participants") else "")
@@ -3615,8 +3744,10 @@ def persona_html_card(persona: JSON) -> str:
     )
 
 
-def personas_page(personas: list[JSON], subtitle: str) -> str:
-    return html_page("Personas", subtitle, "<main>" + "".join(map(persona_html_card, personas)) + "</main>")
+def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = None) -> str:
+    by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
+    cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in personas)
+    return html_page("Personas", subtitle + (f" · {coverage_line(quality)}" if quality else ""), f"<main>{cards}</main>")
 
 
 def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata: JSON, exchanges: list[JSON]) -> str:
@@ -3627,10 +3758,12 @@ def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "personas.json").write_text(json.dumps({"personas": personas}, indent=2, ensure_ascii=False), "utf-8")
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
+    quality = metadata.get("quality")
+    by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
     for persona in personas:
-        (staging / f"{persona['id']}.md").write_text(persona_card(persona), "utf-8")
+        (staging / f"{persona['id']}.md").write_text(persona_card(persona, by_id.get(persona["id"])), "utf-8")
     subtitle = f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {job_id}"
-    (staging / "personas.html").write_text(personas_page(personas, subtitle), "utf-8")
+    (staging / "personas.html").write_text(personas_page(personas, subtitle, quality), "utf-8")
     if exchanges:  # the prompts sent and the raw answers, for auditing an LLM run
         (staging / "exchanges.json").write_text(json.dumps(exchanges, indent=2, ensure_ascii=False), "utf-8")
     staging.rename(folder)
@@ -3700,6 +3833,7 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
         "timings": {"load_s": round(loaded - started, 4), "generate_s": round(built - loaded, 4)},
         "usage": usage,
         "warnings": dataset.warnings + warnings,
+        "quality": await run_engine(len(dataset.participants), quality_report, dataset.participants, personas),
     }
     output_path = await asyncio.to_thread(write_outputs, settings.output_dir, job_id, personas, metadata, exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
@@ -4380,7 +4514,7 @@ async def job_page(request: Request) -> HTMLResponse:
     if job["status"] == "completed":
         result = job["result"]
         subtitle = f"{len(result['personas'])} personas · {job['job_id']} · {result['output_path']}"
-        return HTMLResponse(personas_page(result["personas"], subtitle))
+        return HTMLResponse(personas_page(result["personas"], subtitle, result.get("metadata", {}).get("quality")))
     detail = f"<p>Error: {escape(job['error'])}</p>" if job["error"] else "<p>Reload this page to see it progress.</p>"
     return HTMLResponse(html_page(f"Job {job['job_id']}", f"{job['status']} · {job['progress']}%",
                                   f'<main style="display:block">{detail}</main>'))
@@ -4978,6 +5112,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--model", default=None, help="model identifier")
     generate_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                               help="generation setting such as detail_level=detailed; repeatable")
+    generate_cmd.add_argument("--groups", metavar="FILE",
+                              help='a JSON file {"Group name": ["participant id", ...]}: one persona per group')
     generate_cmd.add_argument("--output-dir", default="output", help="where the output folder goes (default ./output)")
     generate_cmd.add_argument("--json", action="store_true", help="print the job result as JSON on stdout")
     generate_cmd.add_argument("--server", metavar="URL", help="submit to a running server instead of generating here")
@@ -5045,6 +5181,12 @@ def parse_config_pairs(pairs: list[str]) -> JSON:
 
 
 def print_summary(result: JSON) -> None:
+    metadata = result.get("metadata", {})
+    for warning in metadata.get("warnings", []):
+        print(f"note: {warning}")
+    if metadata.get("warnings"):
+        print()
+    quality = {entry["id"]: entry for entry in metadata.get("quality", {}).get("personas", [])}
     for persona in result["personas"]:
         share = persona.get("evidence", {}).get("share")
         print(f"{persona['name']}: {persona['title']}" + (f" ({share:.0%} of participants)" if share is not None else ""))
@@ -5053,7 +5195,11 @@ def print_summary(result: JSON) -> None:
                 print(f"  {label}: {item}")
         if persona["quotes"]:
             print(f'  quote: "{persona["quotes"][0]}"')
+        if persona.get("id") in quality:
+            print(f"  {quality_line(quality[persona['id']]).lower()}")
         print()
+    if metadata.get("quality"):
+        print(coverage_line(metadata["quality"]).capitalize())
     print(f"Output: {result['output_path']}")
 
 
@@ -5090,7 +5236,19 @@ def generation_body(args: argparse.Namespace) -> JSON:
     body: JSON = {"data": args.data, "count": args.count, "provider": args.provider, "model": args.model}
     if args.config:
         body["config"] = parse_config_pairs(args.config)
+    if args.groups:
+        body.setdefault("config", {})["groups"] = read_groups_file(args.groups)
     return {key: value for key, value in body.items() if value is not None}
+
+
+def read_groups_file(name: str) -> Any:
+    """`--groups FILE`: the researcher's grouping, checked like any request when it is sent."""
+    try:
+        return json.loads(Path(name).read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--groups cannot read {name}: {exc.strerror or type(exc).__name__}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--groups {name} is not valid JSON: {exc}") from None
 
 
 def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
