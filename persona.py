@@ -2577,6 +2577,7 @@ class Corpus:
     is_attribute: list[bool]
     display: dict[str, str]
     users: list[set[int]]  # per participant, the non-attribute terms they used
+    speakers: Counter[int]  # per term, how many participants used it
 
 
 def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
@@ -2610,7 +2611,8 @@ def build_corpus(people: list[Participant]) -> Corpus:
     display: dict[str, str] = {}
     for (token, surface), _ in surfaces.most_common():
         display.setdefault(token, surface)
-    return Corpus(people, vocabulary, idf, vectors, is_attribute, display, users)
+    speakers: Counter[int] = Counter(t for used in users for t in used)
+    return Corpus(people, vocabulary, idf, vectors, is_attribute, display, users, speakers)
 
 
 def tfidf_vector(count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float],
@@ -2909,10 +2911,9 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[S
 def term_shares(corpus: Corpus, members: list[int]) -> tuple[dict[int, float], dict[int, float]]:
     """For each word or pair: the share of the segment that uses it, and of everyone else."""
     inside: Counter[int] = Counter(t for i in members for t in corpus.users[i])
-    everyone: Counter[int] = Counter(t for used in corpus.users for t in used)
     rest = max(1, len(corpus.people) - len(members))
     return ({t: c / len(members) for t, c in inside.items()},
-            {t: (everyone[t] - inside[t]) / rest for t in inside})
+            {t: (corpus.speakers[t] - inside[t]) / rest for t in inside})
 
 
 def distinctive_terms(corpus: Corpus, members: list[int], count: int, pairs_only: bool = False) -> list[str]:
@@ -2948,14 +2949,15 @@ def frequent_words(people: list[Participant], count: int) -> list[str]:
 def distinguishing_attribute(people: list[Participant], everyone: list[Participant]) -> tuple[str, str] | None:
     """The attribute value most of the segment shares and few others have: (key, value)."""
     best, best_lift = None, 0.3
-    rest = [person for person in everyone if person not in people]
+    rest = len(everyone) - len(people)
     for key in dict.fromkeys(k for person in people for k in person.attributes):
         values = Counter(person.attributes[key] for person in people if key in person.attributes)
         value, times = min(values.items(), key=lambda item: (-item[1], item[0]))
         if is_number(value) or len(value.split()) > 5 or squash(value) in PLACEHOLDER_VALUES:
             continue
         share = times / len(people)
-        lift = share - (sum(p.attributes.get(key) == value for p in rest) / len(rest) if rest else 0.0)
+        elsewhere = sum(person.attributes.get(key) == value for person in everyone) - times
+        lift = share - (elsewhere / rest if rest else 0.0)
         if share >= 0.6 and lift > best_lift:
             best, best_lift = (key, value), lift
     return best
