@@ -333,7 +333,9 @@ GENERATE_SCHEMA: JSON = {
                                              "items": {"type": "string", "minLength": 1, "maxLength": 500}},
                 }),
             },
-            "not": {"required": ["group_by", "groups"]},
+            # both given (not null) is refused
+            "not": {"required": ["group_by", "groups"],
+                    "properties": {"group_by": {"type": "string"}, "groups": {"type": "object"}}},
         }),
         "webhook_url": nullable(HTTP_URL_SCHEMA),
     },
