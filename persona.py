@@ -1705,7 +1705,16 @@ def cell_texts(value: Any) -> list[str]:
     if isinstance(value, dict):
         return [text for item in value.values() for text in cell_texts(item)]
     text = PIPED_TEXT.sub("", str(value).replace("\x00", "")).strip()
-    return [text] if text else []
+    return list_literal(text) if text.startswith("[") and text.endswith("]") else [text] if text else []
+
+
+def list_literal(text: str) -> list[str]:
+    """A cell that an export wrote as a list (`['Fees', 'Login']`, `[]`) is its items; other text stays whole."""
+    items = re.findall(r"'([^'\n]{0,200})'|\"([^\"\n]{0,200})\"", text[1:-1]) if len(text) < 4000 else []
+    rest = re.sub(r"'[^'\n]{0,200}'|\"[^\"\n]{0,200}\"", "", text[1:-1]) if len(text) < 4000 else text
+    if rest.replace(",", "").strip():
+        return [text]
+    return [single or double for single, double in items if (single or double).strip()]
 
 
 def sniff_delimiter(text: str, fmt: str) -> str:
@@ -1990,8 +1999,9 @@ SPEAKER_HEADING = re.compile(rf"{LABEL}\s+[\[(]?{TIME}[\])]?\s*")
 CUE_TIMING = re.compile(rf"\s*{TIME}\s*-->\s*{TIME}")
 VOICE_TAG = re.compile(r"<v(?:\.[\w.-]{0,40})?\s+([^>]{1,60})>")
 MARKUP_TAG = re.compile(r"</?[A-Za-z][^<>]{0,100}>")
-NON_SPEECH = re.compile(r"[\[(](?:laugh\w*|inaudible|crosstalk|pause\w*|silence|music|unclear|applause|"
-                        r"indistinct|background noise|coughs?|sighs?|overlapping)[^\])]{0,30}[\])]", re.IGNORECASE)
+NON_SPEECH = re.compile(r"\\?[\[(](?:laugh\w*|inaudible|crosstalk|pause\w*|silence|music|unclear|applause|"
+                        r"indistinct|background noise|coughs?|sighs?|overlapping)[^\])]{0,30}\\?[\])]|"
+                        rf"\\?[\[(]{TIME}\\?[\])]", re.IGNORECASE)
 NOTICE = re.compile(r"\b(?:(?:is|are|being|been) (?:being )?recorded|recording (?:has )?(?:started|stopped|in progress)|"
                     r"(?:started|stopped) (?:the )?(?:recording|transcription)|transcription (?:has )?(?:started|stopped)|"
                     r"consent to (?:be )?record\w*|meeting (?:has )?(?:started|ended))\b", re.IGNORECASE)
@@ -2432,6 +2442,7 @@ another frustrating annoying great good bad better worse easy easier hard harder
 uh um umm uhm hmm hm er erm ah oh eh mm mhm uh-huh cuz cos cause gonna wanna gotta kinda sorta super
 perhaps maybe basically literally honestly totally definitely pretty stuff guess mean yep yup nope lol
 anyway anyways whatever etc also bit little lot thank thanks please hello hi hey wow cool awesome
+bunch whole tons plenty
 app apps
 de des du la le les et est un une que qui pour dans pas sur avec ce cette il elle je nous vous ils au aux
 ne se sa ses mais ou donc très y el los las por para es una uno del al lo su sus como pero muy
@@ -2449,14 +2460,16 @@ GLUE_WORDS = frozenset("of the a an my our their your his her its out in on for 
 CUES = {
     "pain_points": re.compile(
         r"\b(?:frustrat\w*|annoy\w*|irritat\w*|infuriat\w*|(?:difficult|hard|impossible|confusing) to|"
-        r"struggl\w*|(?:the|a|my|our|biggest|main|real) (?:problem|issue|pain|hassle|nightmare|complaint)s?|"
-        r"(?:problem|issue)s? (?:is|are|was|with)|(?:keeps?|kept) (?:crashing|freezing|failing|closing|logging)|"
+        r"struggl\w*|(?:a|my|our|biggest|main|real|big|huge|major|the (?:main|biggest|real|only)) "
+        r"(?:problem|issue|pain|hassle|nightmare|complaint|frustration)s?|"
+        r"(?:problem|issue)s? (?:is|are|was|were|with)|(?:keeps?|kept) (?:crashing|freezing|failing|closing|logging)|"
         r"(?:doesn't|does not|didn't|did not|won't|will not|isn't|is not|wasn't|not|never) "
         r"(?:work\w*|load\w*|open\w*|sync\w*|sav\w*|let me|show\w*|respond\w*)|"
         r"(?:i|we) (?:can't|cannot|can not|couldn't|could not|am unable to|was unable to|wasn't able to) "
         r"(?:log|sign|find|get|open|see|access|use|login|download|upload|pay|reach|save|tell|figure)|"
-        r"(?:too|so|very|really|extremely|incredibly|painfully) (?:slow|expensive|complicated|confusing|buggy|long|"
-        r"many|much|hard|difficult|stressful)|"
+        r"(?:too|so|very|really|extremely|incredibly|painfully) (?:slow|expensive|complicated|confusing|buggy|"
+        r"hard|difficult|stressful)|takes? (?:too|so) long|(?:too|so) long to|worst|terrible|awful|horrible|"
+        r"useless|unusable|"
         r"waste of (?:time|money)|wasted|crash\w*|locked out|error\w*|bugs?|buggy|broken|glitch\w*|tedious|clunky|"
         r"(?:i|we) (?:worry|hate|dread)|worried|stressful|stressed|painful|time-consuming|"
         r"fails? to|failed|lost (?:my|all|the|our)|(?:lose|losing) (?:my|all|the|our)|stuck|"
@@ -2490,6 +2503,11 @@ LIST_LENGTHS = {"minimal": 2, "standard": 3, "detailed": 5}
 QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
 THEME_COUNTS = {"simple": 2, "moderate": 3, "complex": 5}
 MAX_DEMOGRAPHICS = 10  # attributes summarised per persona
+MAX_ITEM_WORDS = 40  # a longer sentence is no goal, pain point or behaviour: a reader cannot take it in
+NUMBER_WORDS = frozenset("""
+two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand
+million first second third couple half dozen
+""".split())
 PLACEHOLDER_VALUES = frozenset("other others none na nan null unknown notapplicable nothing".split())
 PERSONA_NAMES = (
     "Sarah Chen", "Marcus Johnson", "Priya Patel", "Diego Hernández", "Aisha Okafor", "Tomasz Nowak",
@@ -2528,7 +2546,7 @@ def content_spans(text: str) -> list[tuple[str, str, int, int]]:
     words = []
     for match in WORD.finditer(text.lower()):
         token = stem(match.group())
-        if is_word_token(token):
+        if is_word_token(token) and match.group() not in STOPWORDS:
             words.append((token, match.group().replace("’", "'"), match.start(), match.end()))
     return words
 
@@ -2538,9 +2556,11 @@ def split_sentences(text: str) -> list[str]:
 
 
 def shown_span(sentence: str, start: int, end: int) -> str:
-    """A phrase as written, lower-cased except acronyms: `locked out of the account`, `PDF export`."""
-    return " ".join(word if word.isupper() and len(word) > 1 else word.lower()
-                    for word in re.sub(r"[^\w'’ -]", " ", sentence[start:end]).split())
+    """A phrase as written (`Google Colab`, `PDF export`); a sentence's first word loses its capital."""
+    words = re.sub(r"[^\w'’ -]", " ", sentence[start:end]).split()
+    if words and start == 0 and not words[0].isupper():
+        words[0] = words[0].lower()
+    return " ".join(words)
 
 
 def is_phrase(gap: str) -> bool:
@@ -2878,7 +2898,7 @@ def pick_spread(candidates: list[Sentence], count: int) -> list[Sentence]:
 
 def list_kind(sentence: str) -> str | None:
     """Which list a sentence belongs to, by cues in context; questions and opinions belong to none."""
-    if sentence.rstrip().endswith("?") or len(sentence.split()) > 60:
+    if sentence.rstrip().endswith("?") or len(sentence.split()) > MAX_ITEM_WORDS:
         return None
     for name, cue in CUES.items():
         if cue.search(sentence) and not (name == "pain_points" and OPINION.match(sentence)):
@@ -2904,7 +2924,8 @@ def tidy_spoken(sentence: str) -> str:
 
 
 def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[Sentence]:
-    speakable = [s for s in sentences if 6 <= len(s.text.split()) <= 45 and not s.text.rstrip().endswith("?")]
+    speakable = [s for s in sentences if 6 <= len(s.text.split()) <= 45 and not s.text.rstrip().endswith("?")
+                 and len(content_words(s.text)) >= 3]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
     fresh = [s for s in (first_person or speakable) if s.text not in used]
     return pick_spread(fresh or first_person or speakable or sentences, count)
@@ -2987,9 +3008,14 @@ def persona_title(corpus: Corpus, members: list[int], attribute: tuple[str, str]
     pairs = distinctive_terms(corpus, members, 4, pairs_only=True) + [p for p in map(
         functools.partial(pair_with, corpus, members), singles) if p]
     words = [corpus.display.get(t, t) for t in singles]
-    candidates = [corpus.display[t] for t in dict.fromkeys(pairs)] + [f"{a} and {b}" for a, b in zip(words, words[1:])] + words
     lead = f"{sentence_case(attribute[1])}: " if attribute else ""
+    candidates = [corpus.display[t] for t in dict.fromkeys(pairs)]
+    if not lead:  # without a shared attribute to lead, two words say more than one
+        candidates += [f"{a} and {b}" for a, b in zip(words, words[1:])] + words
+    lead_words = word_set(attribute[1]) if attribute else frozenset()
     for phrase in candidates:
+        if lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()):
+            continue
         title = lead + (phrase if lead else sentence_case(phrase))
         if title not in taken:
             return title
