@@ -56,6 +56,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("persona")
+QUIET_LOGGERS = ("httpx", "httpcore", "aiosqlite", "anthropic", "openai", "google_genai", "google.genai", "urllib3")
 
 JSON = dict[str, Any]
 
@@ -1747,18 +1748,20 @@ def records_from_rows(rows: list[list[str]], name: str) -> tuple[list[JSON], dic
         raise GenerationError(f"{name} is empty")
     header, body, warnings = unique_headers(rows[0]), rows[1:], []
     labels: dict[str, str] = {}
+    choices: dict[str, tuple[str, str]] = {}
     if body and is_second_header(header, body[0]):
-        header, body = merged_headers(header, body[0]), body[1:]
+        header, choices, body = *merged_headers(header, body[0]), body[1:]
         warnings.append(f"{name}: read its second header row as the answer labels (a SurveyMonkey export)")
-    while body and (is_import_id_row(body[0]) or is_question_row(header, body[0])):
-        if not is_import_id_row(body[0]):
-            labels = {column: PIPED_TEXT.sub("", text).strip() for column, text in zip(header, body[0])
-                      if text.strip() and squash(text) != squash(column)}
-            warnings.append(f"{name}: read the row under the header as question text, not as a participant")
+    if body and (is_question_row(header, body[0]) or (len(body) > 1 and is_import_id_row(body[1]))):
+        labels = {column: PIPED_TEXT.sub("", text).strip() for column, text in zip(header, body[0])
+                  if text.strip() and squash(text) != squash(column)}
+        warnings.append(f"{name}: read the row under the header as question text, not as a participant")
+        body = body[1:]
+    while body and is_import_id_row(body[0]):  # Qualtrics: each column's ImportId, under the questions
         body = body[1:]
     if not body:
         raise GenerationError(f"{name} has a header but no rows")
-    records = [{column: cell for column, cell in zip(header, row)} for row in body]
+    records = [merge_choices({column: cell for column, cell in zip(header, row)}, choices) for row in body]
     return records, labels, warnings
 
 
@@ -1788,15 +1791,37 @@ def is_second_header(header: list[str], row: list[str]) -> bool:
     return blanks > 0 and any(cell.strip().lower() in SECOND_HEADER_CELLS for cell in row)
 
 
-def merged_headers(header: list[str], second: list[str]) -> list[str]:
-    """A question over several columns, each named `question - choice` (blank header cells carry on)."""
-    merged, question = [], ""
+def merged_headers(header: list[str], second: list[str]) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """A question over several columns, each named `question - choice` (blank header cells carry on).
+
+    Also returns, for each such column, its (question, choice): a ticked box holds its choice.
+    """
+    merged, parts, question = [], [], ""
     for column, sub in itertools.zip_longest(header, second, fillvalue=""):
         if not column.startswith("column_"):
             question = column
         sub = sub.strip()
-        merged.append(question if not sub or sub.lower() in SECOND_HEADER_CELLS else f"{question} - {sub}")
-    return unique_headers(merged)
+        plain = not sub or sub.lower() in SECOND_HEADER_CELLS
+        merged.append(question if plain else f"{question} - {sub}")
+        parts.append(None if plain else (question, sub))
+    names = unique_headers(merged)
+    return names, {name: part for name, part in zip(names, parts) if part}
+
+
+def merge_choices(record: dict[str, str], choices: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Tick-box columns (`Features - Reports` holding `Reports`) become one answer: `Reports; Exports`."""
+    if not choices:
+        return record
+    merged: dict[str, str] = {}
+    for column, cell in record.items():
+        part = choices.get(column)
+        if part and cell.strip() == part[1]:
+            merged[part[0]] = f"{merged[part[0]]}; {cell.strip()}" if merged.get(part[0]) else cell.strip()
+        elif part and not cell.strip():
+            merged.setdefault(part[0], "")
+        elif cell.strip() or column not in merged:  # a blank cell never hides the ticked choices
+            merged[column] = cell
+    return merged
 
 
 def records_from_json(text: str, name: str) -> list[Any]:
@@ -1902,7 +1927,7 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
     if any(isinstance(record.get(column), (list, dict)) for record in records):
         return True
     choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
-    if len(choices) <= 12 and len(values) >= 3 * len(choices) and max(map(len, choices)) <= 60:
+    if len(choices) <= 12 and len(values) >= 2 * len(choices) and max(map(len, choices)) <= 60:
         return False
     return sum(map(len, values)) / len(values) >= 30 or max(len(value.split()) for value in values) >= 12
 
@@ -2039,9 +2064,10 @@ def caption_lines(text: str) -> str:
         cue = block.strip().split("\n")
         if not cue or cue[0].startswith(("WEBVTT", "NOTE", "STYLE", "REGION")):
             continue
+        timing = next((index for index, line in enumerate(cue) if CUE_TIMING.match(line)), -1)
         words = []
-        for line in cue:
-            if CUE_TIMING.match(line) or line.strip().isdigit():
+        for line in cue[timing + 1:]:  # a cue's identifier comes before its timing: `12`, `8e0b…/20-0`
+            if line.strip().isdigit() and timing < 0:
                 continue
             voice = VOICE_TAG.search(line[:LABEL_SCAN])
             if voice:
@@ -2947,7 +2973,7 @@ def distinctive_terms(corpus: Corpus, members: list[int], count: int, pairs_only
     inside, outside = term_shares(corpus, members)
     terms = {index: term for term, index in corpus.vocabulary.items()}
     floor = min(0.25, 2 / len(members)) if len(members) > 1 else 1.0
-    scored = sorted(((inside[t] - outside[t] + (0.05 if " " in terms[t] else 0.0), terms[t]) for t in inside
+    scored = sorted((((inside[t] ** 2) / (inside[t] + outside[t]) + (0.05 if " " in terms[t] else 0.0), terms[t]) for t in inside
                      if inside[t] >= floor and (" " not in terms[t] or terms[t] in corpus.display)
                      and (" " in terms[t] or not pairs_only)),
                     key=lambda pair: (-pair[0], pair[1]))
@@ -3011,7 +3037,8 @@ def persona_title(corpus: Corpus, members: list[int], attribute: tuple[str, str]
     lead = f"{sentence_case(attribute[1])}: " if attribute else ""
     candidates = [corpus.display[t] for t in dict.fromkeys(pairs)]
     if not lead:  # without a shared attribute to lead, two words say more than one
-        candidates += [f"{a} and {b}" for a, b in zip(words, words[1:])] + words
+        candidates += [f"{a} and {b}" for a, b in zip(words, words[1:])]
+    candidates += words
     lead_words = word_set(attribute[1]) if attribute else frozenset()
     for phrase in candidates:
         if lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()):
@@ -4231,8 +4258,19 @@ class SharedRateLimiter:
 
 
 def client_ip(scope: Scope) -> str:
+    """The client's address as limits count it: an IPv6 client by its /64, which one host is usually given."""
     client = scope.get("client")
-    return client[0] if client else "unknown"
+    if not client:
+        return "unknown"
+    if ":" not in client[0]:
+        return client[0]
+    try:
+        ip = ipaddress.IPv6Address(client[0].split("%", 1)[0])
+    except ValueError:
+        return client[0]
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class RateLimitMiddleware:
@@ -4507,8 +4545,24 @@ async def find_webhook(request: Request) -> JSON:
     return await lookup(request, "webhook_id", WEBHOOK_ID, state(request).store.get_webhook, "Webhook")
 
 
+def token_presented(request: Request) -> bool:
+    """Whether the request carries a valid token (never true with auth off: there is none to carry)."""
+    if not state(request).token_digests:
+        return False
+    try:
+        authenticate(request)
+    except APIError:
+        return False
+    return True
+
+
+def webhook_for_reader(webhook: JSON, whole: bool) -> JSON:
+    """Anyone may read webhooks; a URL's query and user info, where tokens live, only with a valid token."""
+    return webhook if whole else {**webhook, "url": shown_url(webhook["url"])}
+
+
 async def get_webhook(request: Request) -> JSONResponse:
-    return JSONResponse(await find_webhook(request))
+    return JSONResponse(webhook_for_reader(await find_webhook(request), token_presented(request)))
 
 
 async def delete_webhook(request: Request) -> JSONResponse:
@@ -4519,7 +4573,8 @@ async def delete_webhook(request: Request) -> JSONResponse:
 
 
 async def list_webhooks(request: Request) -> JSONResponse:
-    return JSONResponse(await state(request).store.list_webhooks())
+    whole = token_presented(request)
+    return JSONResponse([webhook_for_reader(webhook, whole) for webhook in await state(request).store.list_webhooks()])
 
 
 async def list_providers(request: Request) -> JSONResponse:
@@ -4992,6 +5047,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would echo the request's Host header; 404 in the envelope
     app.state.settings = settings
     app.state.openapi = json_bytes(openapi_document())
     app.state.limiter = None
@@ -5164,8 +5220,8 @@ def configure_logging(level: str) -> None:
     log.setLevel(numeric)
     # These log every URL, and every SQL statement with its parameters, at INFO and DEBUG:
     # a URL or a webhook secret may be among them.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    for name in QUIET_LOGGERS:  # they log whole requests at DEBUG: URLs with tokens, SQL with secrets, interview text
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_server(args: argparse.Namespace) -> int:
