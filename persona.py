@@ -62,7 +62,7 @@ JSON = dict[str, Any]
 
 MAX_BODY_BYTES = 1024 * 1024  # request bodies; larger data goes by path or URL
 MAX_URL_BYTES = 50 * 1024 * 1024  # a data source fetched over http(s)
-URL_TIMEOUT_S = 30.0  # connect and read timeout for a data URL
+URL_TIMEOUT_S = 30.0  # the whole fetch of a data URL, connecting included
 RATE_WINDOW_S = 60  # the rate limit counts requests per minute
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
 JOBS_RETRY_AFTER_S = 10  # Retry-After when a key's concurrent-jobs quota is full (no job's end is known)
@@ -110,6 +110,7 @@ class Settings:
     webhook_secret: str | None = None
     webhook_retry_schedule: tuple[float, ...] = (5, 60, 300, 1800, 7200, 21600, 43200)
     webhook_timeout: float = 10.0
+    max_source_mb: int = 50
 
     @property
     def private_urls_allowed(self) -> bool:
@@ -136,8 +137,10 @@ ENV_VARS = {
     "webhook_secret": "PERSONA_WEBHOOK_SECRET",
     "webhook_retry_schedule": "PERSONA_WEBHOOK_RETRY_SCHEDULE",
     "webhook_timeout": "PERSONA_WEBHOOK_TIMEOUT",
+    "max_source_mb": "PERSONA_MAX_SOURCE_MB",
 }
-INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6)}
+INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6),
+              "max_source_mb": (1, 10**6)}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -386,7 +389,11 @@ def compile_check(schema: JSON) -> Check:
     python_types = tuple(kind_type for kind in kinds for kind_type in JSON_TYPES[kind])
     bool_allowed = "boolean" in kinds  # true is an int to Python, but no integer to JSON
 
+    integral_allowed = "integer" in kinds and "number" not in kinds  # JSON Schema: 18.0 is the integer 18
+
     def check(value: Any, path: str) -> dict[str, str]:
+        if integral_allowed and isinstance(value, float) and value.is_integer():
+            value = int(value)
         if not isinstance(value, python_types) or (isinstance(value, bool) and not bool_allowed):
             return {path: "must be " + " or ".join(TYPE_WORDS[kind] for kind in kinds if kind != "null")}
         if enum is not None and value not in enum:
@@ -499,6 +506,7 @@ def object_check(schema: JSON) -> Check:
     required, closed = schema.get("required", []), schema.get("additionalProperties", True) is False
     unknown = "is not a known field; known fields: " + ", ".join(properties)
     exclusive = schema.get("not", {}).get("required", [])
+    integers = {name for name, item in schema["properties"].items() if "integer" in item.get("type", ())}
 
     def check(value: JSON, path: str) -> dict[str, str]:
         problems: dict[str, str] = {}
@@ -513,6 +521,8 @@ def object_check(schema: JSON) -> Check:
                     problems[prefix + name] = unknown
             elif item is not None:
                 problems.update(item_check(item, prefix + name))
+                if name in integers and isinstance(item, float) and item.is_integer():
+                    value[name] = int(item)  # checked as the integer it is; the job sees an int
         if exclusive and all(value.get(name) is not None for name in exclusive):
             problems[prefix + exclusive[-1]] = f"cannot be given with {', '.join(exclusive[:-1])}; give one of them"
         return problems
@@ -1033,6 +1043,12 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------
 
+    async def check_quota(self, owner: str, limit: int) -> None:
+        """Refuse early, before costly checks, a submitter whose concurrent-jobs quota is full."""
+        active = (await self.read(SQL_COUNT_ACTIVE, (owner,)))[0][0]
+        if active >= limit:
+            raise too_many_jobs(owner, limit, active)
+
     async def create_job(
         self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None
     ) -> tuple[str, bool]:
@@ -1297,12 +1313,13 @@ def webhook_from_row(row: Any) -> JSON:
 # Outbound requests: data URLs and webhooks go only where they are allowed
 # ---------------------------------------------------------------------------
 
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
-    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "::1/128", "fc00::/7",
-))
+# Not globally reachable, though Python's `is_global` says they are: site-local, and local-use NAT64.
+NOT_GLOBAL_NETWORKS = tuple(ipaddress.ip_network(net) for net in ("fec0::/10", "64:ff9b:1::/48"))
 NEVER_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
     "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "240.0.0.0/4",
 ))
+NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
 class OutboundRefused(Exception):
@@ -1314,15 +1331,36 @@ class HostNotResolved(Exception):
 
 
 def address_refusal(address: str, private_allowed: bool) -> str | None:
-    """Why this address may not be reached, or None. Link-local (cloud metadata) never may."""
+    """Why this address may not be reached, or None. Link-local (cloud metadata) never may.
+
+    An IPv6 address that carries an IPv4 one (mapped, IPv4-compatible, NAT64, 6to4,
+    Teredo) is judged by the IPv4 address inside: `::ffff:127.0.0.1` is loopback.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in NEVER_NETWORKS):
+    inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    if any(candidate in net for candidate in (ip, inner) if candidate is not None for net in NEVER_NETWORKS
+           if candidate.version == net.version):
         return f"{ip} is a link-local, multicast or unspecified address, which is never allowed"
-    if not private_allowed and any(ip in net for net in PRIVATE_NETWORKS):
-        return f"{ip} is a loopback or private address; allow it with --allow-private-urls"
+    if private_allowed or is_globally_reachable(inner if inner is not None else ip):
+        return None
+    return (f"{ip} is not a globally reachable address (loopback, private, shared, reserved or documentation "
+            "range); allow such addresses with --allow-private-urls")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in NAT64_NETWORK or (ip in IPV4_COMPATIBLE and int(ip) >= 1 << 24):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
+
+
+def is_globally_reachable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not any(ip in net for net in NOT_GLOBAL_NETWORKS if ip.version == net.version)
 
 
 def literal_address(host: str) -> str | None:
@@ -1414,6 +1452,8 @@ FORMATS = {
 RECORD_LIST_KEYS = ("responses", "participants", "records", "data", "entries", "items", "results", "interviews")
 MAX_ARCHIVE_BYTES = 200 * 1024 * 1024  # what one .docx or .xlsx may unpack to
 MAX_NAMES_SHOWN = 12  # files or columns named in one warning
+MAX_SOURCE_FILES = 10_000  # files one data folder may hold
+MAX_DATA_DEPTH = 32  # how deeply a JSON data file or an inline record may nest
 
 
 @dataclass
@@ -1486,41 +1526,64 @@ def real_root(data_dir: Path) -> Path:
 def folder_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
     """The supported regular files below `folder`, sorted, and the names of the others.
 
-    Hidden files and links out of `root` are neither read nor named.
+    Hidden files and links out of `root` are neither read nor named; links to folders are
+    not followed. The walk keeps its own stack, so no depth of folders can exhaust
+    Python's, and it stops past MAX_SOURCE_FILES files: a source that large is refused.
     """
-    read, skipped = [], []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+    read: list[Path] = []
+    skipped: list[str] = []
+    stack = [folder]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:  # unreadable, or a path too long for the system
             continue
-        if not path.resolve().is_relative_to(root):
-            continue
-        if path.suffix.lower() in FORMATS:
-            read.append(path)
-        else:
-            skipped.append(relative.as_posix())
-    return read, skipped
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file() and Path(os.path.realpath(entry.path)).is_relative_to(root):
+                path = Path(entry.path)
+                if path.suffix.lower() in FORMATS:
+                    read.append(path)
+                else:
+                    skipped.append(path.relative_to(folder).as_posix())
+            if len(read) + len(skipped) > MAX_SOURCE_FILES:
+                raise APIError(400, f"data folder {folder.relative_to(root).as_posix() or '.'!r} holds more than "
+                                    f"{MAX_SOURCE_FILES:,} files; give a smaller folder")
+    return sorted(read), sorted(skipped)
 
 
-def check_data_source(data: str | list[Any], data_dir: Path) -> None:
+async def check_data_source(data: str | list[Any], data_dir: Path,
+                            before_walking: Callable[[], Awaitable[None]] | None = None) -> None:
     """Refuse at submission what can be known to fail: a missing or escaping path.
 
-    A path found good is trusted for a moment, so a burst of submissions naming one
-    file walks the filesystem once; the job checks it again, fully, when it reads it.
+    A path found good is trusted for a moment under its normal form (`many/.` is `many`),
+    so a burst of submissions naming one folder walks it once, off the event loop, and
+    submissions arriving during the walk wait for that one; `before_walking` (the
+    submitter's quota) is checked first. The job checks the path again when it reads it.
     """
     if classify_data(data) != "path":
         return
-    key, now = (data_dir, data), time.monotonic()
+    key, now = (data_dir, os.path.normpath(data)), time.monotonic()
     if CHECKED_PATHS.get(key, 0.0) > now:
         return
-    resolve_data_path(data, data_dir)
+    if before_walking is not None:
+        await before_walking()
+    walk = PATH_CHECKS.get(key)
+    if walk is None:
+        walk = PATH_CHECKS[key] = asyncio.ensure_future(asyncio.to_thread(resolve_data_path, data, data_dir))
+        walk.add_done_callback(lambda _: PATH_CHECKS.pop(key, None))
+    await asyncio.shield(walk)
     if len(CHECKED_PATHS) > 1000:
         CHECKED_PATHS.clear()
-    CHECKED_PATHS[key] = now + CHECKED_PATH_TTL_S
+    CHECKED_PATHS[key] = time.monotonic() + CHECKED_PATH_TTL_S
 
 
 CHECKED_PATH_TTL_S = 2.0
-CHECKED_PATHS: dict[tuple[Path, str], float] = {}  # (data dir, path) -> trusted until (monotonic)
+CHECKED_PATHS: dict[tuple[Path, str], float] = {}  # (data dir, normal path) -> trusted until (monotonic)
+PATH_CHECKS: dict[tuple[Path, str], asyncio.Future[Path]] = {}  # walks under way, shared by their waiters
 
 
 def decode_text(raw: bytes, name: str) -> str:
@@ -1529,6 +1592,18 @@ def decode_text(raw: bytes, name: str) -> str:
     except UnicodeDecodeError as exc:
         raise GenerationError(f"{name} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     return text.replace("\x00", "")
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest deeper than `limit`; its own stack, so any depth is safe to ask about."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def named_list(names: Iterable[str]) -> str:
@@ -2304,6 +2379,9 @@ class SourceReader:
             if not text.strip():
                 raise GenerationError(f"{name} is empty")
             records = records_from_json(text, name) if fmt == "json" else records_from_jsonl(text, name)
+            if nests_deeper(records, MAX_DATA_DEPTH):
+                raise GenerationError(f"{name} nests deeper than {MAX_DATA_DEPTH} levels; Persona reads records "
+                                      "of answers, not trees")
             labels, export_notes = {}, []
         people, notes = participants_from_records(records, name, labels)
         self.groups.append(people)
@@ -2333,7 +2411,7 @@ def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]
     return list(merged.values())
 
 
-def load_path(data: str, data_dir: Path) -> Dataset:
+def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -> Dataset:
     """Read a file or folder inside the data directory (blocking: run it in a thread)."""
     try:
         path = resolve_data_path(data, data_dir)
@@ -2341,6 +2419,7 @@ def load_path(data: str, data_dir: Path) -> Dataset:
         raise GenerationError(exc.message) from None
     root = real_root(data_dir)
     files, skipped = folder_files(path, root) if path.is_dir() else ([path], [])
+    check_source_size(data, files, max_mb)
     reader, digests = SourceReader(), []
     for file in files:
         raw = file.read_bytes()
@@ -2355,6 +2434,14 @@ def load_path(data: str, data_dir: Path) -> Dataset:
         reader.warnings.insert(0, f"{data}: did not read {len(skipped)} file(s) of an unsupported format: "
                                   f"{named_list(skipped)}")
     return finish_dataset(reader, source, data)
+
+
+def check_source_size(data: str, files: list[Path], max_mb: int) -> None:
+    """Refuse a local source over the cap before reading it: memory per job stays bounded."""
+    size = sum(file.stat().st_size for file in files)
+    if size > max_mb * 1024 * 1024:
+        raise GenerationError(f"data source {data!r} is {size / (1024 * 1024):.1f} MiB, over the {max_mb} MiB cap "
+                              "for a local source (set by --max-source-mb / PERSONA_MAX_SOURCE_MB)")
 
 
 def load_inline(records: list[Any]) -> Dataset:
@@ -2388,7 +2475,10 @@ async def fetch_url(url: str, shown: str, private_allowed: bool) -> tuple[bytes,
         raise GenerationError(f"fetching {shown} failed: {exc}") from None
     try:
         headers["User-Agent"] = f"Persona/{__version__}"
-        async with outbound_request("GET", target, URL_TIMEOUT_S, headers=headers, extensions=extensions) as response:
+        async with (  # the deadline bounds the whole fetch: a server sending a byte at a time cannot hold a job
+            asyncio.timeout(URL_TIMEOUT_S),
+            outbound_request("GET", target, URL_TIMEOUT_S, headers=headers, extensions=extensions) as response,
+        ):
             if response.status_code != 200:
                 raise GenerationError(f"fetching {shown} answered HTTP {response.status_code}")
             async for chunk in response.aiter_bytes():
@@ -2397,6 +2487,8 @@ async def fetch_url(url: str, shown: str, private_allowed: bool) -> tuple[bytes,
                     raise GenerationError(f"{shown} is larger than {MAX_URL_BYTES // (1024 * 1024)} MiB")
                 chunks.append(chunk)
             return b"".join(chunks), response.headers.get("content-type", "")
+    except TimeoutError:
+        raise GenerationError(f"fetching {shown} took longer than {URL_TIMEOUT_S:g} s, the limit for a data URL") from None
     except httpx.HTTPError as exc:
         raise GenerationError(f"fetching {shown} failed: {type(exc).__name__}") from None
 
@@ -2436,13 +2528,13 @@ def finish_dataset(reader: SourceReader, source: JSON, name: str) -> Dataset:
     return Dataset(people, source, reader.warnings, reader.labels)
 
 
-async def load_data(data: str | list[Any], data_dir: Path, private_allowed: bool) -> Dataset:
+async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
     kind = classify_data(data)
     if kind == "url":
-        return await load_url(data, private_allowed)
+        return await load_url(data, settings.private_urls_allowed)
     if kind == "inline":
         return await asyncio.to_thread(load_inline, data)
-    return await asyncio.to_thread(load_path, data, data_dir)
+    return await asyncio.to_thread(load_path, data, settings.data_dir, settings.max_source_mb)
 
 
 # ---------------------------------------------------------------------------
@@ -3727,18 +3819,23 @@ def coverage_line(quality: JSON | None) -> str:
 
 
 def persona_card(persona: JSON, quality: JSON | None = None) -> str:
-    """A persona as a Markdown card a researcher can read or paste."""
-    details = ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in persona["demographics"].items())
-    lines = [f"# {persona['name']}: {persona['title']}", "", persona.get("summary", ""), "", f"**Demographics**: {details}", ""]
+    """A persona as a Markdown card a researcher can read or paste.
+
+    Markdown passes HTML through, so everything from the data is escaped as on the HTML cards.
+    """
+    e = escape
+    details = ", ".join(f"{e(str(key).replace('_', ' '))}: {e(value)}" for key, value in persona["demographics"].items())
+    lines = [f"# {e(persona['name'])}: {e(persona['title'])}", "", e(persona.get("summary", "")), "",
+             f"**Demographics**: {details}", ""]
     if quality:
         lines += [f"*{quality_line(quality)}*", ""]
     for key, heading in LIST_HEADINGS.items():
-        lines += [f"## {heading}", ""] + ([f"- {item}" for item in persona[key]] or [f"*{nothing_found(key)}*"]) + [""]
-    lines += ["## Quotes", ""] + [f"> {quote}" for quote in persona["quotes"]] + [""]
+        lines += [f"## {heading}", ""] + ([f"- {e(item)}" for item in persona[key]] or [f"*{nothing_found(key)}*"]) + [""]
+    lines += ["## Quotes", ""] + [f"> {e(quote)}" for quote in persona["quotes"]] + [""]
     if persona.get("unverified_quotes"):
-        lines += ["## Unverified quotes (not found in the data)", ""] + [f"> {q}" for q in persona["unverified_quotes"]] + [""]
+        lines += ["## Unverified quotes (not found in the data)", ""] + [f"> {e(q)}" for q in persona["unverified_quotes"]] + [""]
     evidence = persona["evidence"]
-    lines += ["## Evidence", "", f"Participants ({evidence['share']:.0%}): {', '.join(evidence['participants'])}", ""]
+    lines += ["## Evidence", "", f"Participants ({evidence['share']:.0%}): {e(', '.join(evidence['participants']))}", ""]
     return "\n".join(lines)
 
 
@@ -3861,7 +3958,7 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
     config = request.get("config", {})
     provider = request.get("provider") or pick_provider(request)
     await report(5, "loading data")
-    dataset = await load_data(request["data"], settings.data_dir, settings.private_urls_allowed)
+    dataset = await load_data(request["data"], settings)
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
     engine: JSON = {"count": count, "complexity": config.get("complexity", "moderate"),
@@ -4175,13 +4272,18 @@ class WebhookDispatcher(ClaimLoop):
         try:
             target, headers, extensions = await checked_target(url, self.settings.private_urls_allowed)
             headers.update(delivery_headers(delivery_id, event, secret, body, int(time.time())))
-            async with outbound_request("POST", target, self.settings.webhook_timeout, content=body, headers=headers,
-                                        extensions=extensions) as response:
+            async with (  # the timeout bounds the whole attempt: a receiver trickling its answer fails it
+                asyncio.timeout(self.settings.webhook_timeout),
+                outbound_request("POST", target, self.settings.webhook_timeout, content=body, headers=headers,
+                                 extensions=extensions) as response,
+            ):
                 attempt["http_status"] = response.status_code
                 if response.status_code in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
         except OutboundRefused as exc:
             attempt["error"], final = f"refused: {exc}", True
+        except TimeoutError:  # past the timeout an attempt has failed, whatever came before
+            attempt["http_status"], attempt["error"] = None, f"no answer within {self.settings.webhook_timeout:g} s"
         except Exception as exc:  # a receiver's failure is recorded, never raised
             attempt["error"] = describe_send_error(exc, self.settings.webhook_timeout)
         attempt["duration_ms"] = round((time.perf_counter() - started) * 1000)
@@ -4371,6 +4473,8 @@ async def read_json(request: Request) -> JSON:
         raise APIError(400, f"The request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(value).__name__}")
+    if nests_deeper(value, MAX_DATA_DEPTH):
+        raise APIError(400, f"The request body nests deeper than {MAX_DATA_DEPTH} levels; flatten the data")
     return value
 
 
@@ -4463,7 +4567,8 @@ async def create_generation(request: Request) -> Response:
         job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
     job_request["provider"] = resolve_provider(job_request)
     check_destination(job_request.get("webhook_url"), "webhook_url", app_state.settings)
-    check_data_source(job_request["data"], app_state.settings.data_dir)
+    await check_data_source(job_request["data"], app_state.settings.data_dir,
+                            functools.partial(app_state.store.check_quota, owner, app_state.settings.max_concurrent_jobs))
     job_id, replayed = await app_state.store.create_job(
         owner, job_request, app_state.settings.max_concurrent_jobs, idempotency_key(request, body)
     )
@@ -4698,13 +4803,29 @@ DELIVERY_SCHEMA: JSON = {
 }
 SUCCESS_SCHEMA: JSON = {"type": "object", "required": ["success", "message"],
                         "properties": {"success": {"type": "boolean"}, "message": {"type": "string"}}}
-REQUEST_EXAMPLES = {  # the reference's own examples
-    "GenerateRequest": {"data": "./interviews.csv", "count": 5, "provider": "anthropic",
-                        "model": "claude-sonnet-4-20250514",
-                        "config": {"complexity": "moderate", "detail_level": "standard"},
-                        "webhook_url": "https://example.com/webhook"},
-    "WebhookRequest": {"url": "https://example.com/webhook", "events": ["generation.completed", "generation.failed"],
-                       "secret": "webhook-secret-123"},
+OFFLINE_EXAMPLE_DATA = [
+    {"participant_id": "P01", "role": "Nurse", "response": "I need to swap night shifts quickly when my kids get sick."},
+    {"participant_id": "P02", "role": "Nurse", "response": "It's frustrating when the rota changes and nobody tells me."},
+    {"participant_id": "P03", "role": "Driver", "response": "I want my overtime to be paid correctly every single week."},
+    {"participant_id": "P04", "role": "Driver", "response": "I usually keep my own notes of my start and finish times."},
+]
+# The first of each is what "Try it out" sends: the offline engine on inline data works on any fresh install.
+REQUEST_EXAMPLES = {
+    "GenerateRequest": {
+        "offline": {"summary": "The offline engine on inline data (no API key, no webhook)",
+                    "value": {"data": OFFLINE_EXAMPLE_DATA, "count": 2, "provider": "local",
+                              "config": {"complexity": "moderate", "detail_level": "standard"}}},
+        "reference": {"summary": "The reference's example: Anthropic, with a completion webhook",
+                      "value": {"data": "./interviews.csv", "count": 5, "provider": "anthropic",
+                                "model": "claude-sonnet-4-20250514",
+                                "config": {"complexity": "moderate", "detail_level": "standard"},
+                                "webhook_url": "https://example.com/webhook"}},
+    },
+    "WebhookRequest": {
+        "reference": {"summary": "The reference's example",
+                      "value": {"url": "https://example.com/webhook", "events": ["generation.completed", "generation.failed"],
+                                "secret": "webhook-secret-123"}},
+    },
 }
 ERROR_TEXT = {400: "Invalid request", 401: "Authentication required", 404: "Not found", 405: "Method not allowed",
               409: "Conflict with the resource's state", 413: "Request body too large", 422: "Validation error",
@@ -4743,7 +4864,7 @@ def operation(summary: str, ok: JSON, errors: Iterable[int], write: bool = False
     if body is not None:
         name = body["$ref"].rsplit("/", 1)[1]
         spec["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": body, "example": REQUEST_EXAMPLES[name]}}}
+            "schema": body, "examples": REQUEST_EXAMPLES[name]}}}
     if parameters:
         spec["parameters"] = parameters
     return spec
@@ -5171,6 +5292,8 @@ SERVE_OPTIONS = (
     (("--webhook-retry-schedule",), "webhook_retry_schedule",
      "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)"),
     (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default 10)"),
+    (("--max-source-mb",), "max_source_mb", "largest local data source (a file, or a folder's files together) "
+                                            "in MiB (default 50)"),
 )
 
 
@@ -5349,7 +5472,7 @@ def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON
         if is_path:
             path = Path(args.data).resolve()
             request["data"], data_dir = (path.name, path.parent) if path.is_file() else (".", path)
-            check_data_source(request["data"], data_dir)
+            resolve_data_path(request["data"], data_dir)
     except APIError as exc:
         raise UsageError(exc.message) from None
 

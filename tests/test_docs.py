@@ -61,8 +61,19 @@ def test_write_endpoints_carry_bearer_security_and_every_error_uses_the_envelope
             if "429" in spec["responses"]:
                 assert "Retry-After" in spec["responses"]["429"]["headers"]
     generate = document["paths"]["/api/v1/generate"]["post"]
-    assert generate["requestBody"]["content"]["application/json"]["example"]["data"] == "./interviews.csv"
+    examples = generate["requestBody"]["content"]["application/json"]["examples"]
+    assert list(examples) == ["offline", "reference"]
+    assert examples["reference"]["value"]["data"] == "./interviews.csv"
     assert "X-RateLimit-Remaining" in generate["responses"]["200"]["headers"]
+
+
+def test_the_request_that_try_it_out_prefills_completes_on_a_fresh_server(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    media = document["paths"]["/api/v1/generate"]["post"]["requestBody"]["content"]["application/json"]
+    first = next(iter(media["examples"].values()))["value"]
+    assert "webhook_url" not in first
+    job = wait_job(client, client.post("/api/v1/generate", json=first).json()["job_id"])
+    assert job["status"] == "completed", job["error"]
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
