@@ -32,13 +32,14 @@ import os
 import random
 import re
 import secrets
+import shutil
 import socket
 import ssl
 import stat
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -56,7 +57,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("persona")
-QUIET_LOGGERS = ("httpx", "httpcore", "aiosqlite", "anthropic", "openai", "google_genai", "google.genai", "urllib3")
+QUIET_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "aiosqlite", "anthropic", "openai", "google_genai",
+                 "google.genai", "urllib3")
 
 JSON = dict[str, Any]
 
@@ -64,11 +66,14 @@ MAX_BODY_BYTES = 1024 * 1024  # request bodies; larger data goes by path or URL
 MAX_URL_BYTES = 50 * 1024 * 1024  # a data source fetched over http(s)
 URL_TIMEOUT_S = 30.0  # the whole fetch of a data URL, connecting included
 RATE_WINDOW_S = 60  # the rate limit counts requests per minute
+PEER_CHECK_S = 1.0  # once other processes share the database, how long before a server looks again
+FLOCK_LAYOUT = "hhqqi"  # struct flock on Linux (type, whence, start, len, pid), for F_GETLK
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
 JOBS_RETRY_AFTER_S = 10  # Retry-After when a key's concurrent-jobs quota is full (no job's end is known)
 JOBS_PER_PROCESS = 32  # jobs one server process runs at once (most wait on a provider or a URL)
 ENGINE_WORKERS = 2  # offline-engine computations at once per server process
 ENGINE_PROCESS_FROM = 2000  # participants from which the engine runs in a separate process
+ENGINE_PROCESS_FROM_CHARS = 2_000_000  # or characters of text, whichever comes first
 ENGINE_NICENESS = 10  # engine processes yield the CPU to the API when both want it
 GC_YOUNG_THRESHOLD = 20_000  # net allocations between young collections; Python's default is 700
 MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
@@ -79,6 +84,8 @@ POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
 WRITE_CHECK_S = 1.0  # health trusts the last write's outcome for this long, then writes a probe
 SAVE_RETRY_MAX_S = 10.0  # longest wait between tries to save a finished job while writes fail
 MAX_WEBHOOKS = 1000  # registered webhooks; each finished job fans out to all of them
+RETENTION_EVERY_S = 60.0  # how often the background loop applies the retention settings
+RETENTION_BATCH = 500  # expired jobs deleted per transaction
 DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
 DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
 JOBS_PAGE_SIZE = 200  # jobs on the /jobs page
@@ -111,6 +118,8 @@ class Settings:
     webhook_retry_schedule: tuple[float, ...] = (5, 60, 300, 1800, 7200, 21600, 43200)
     webhook_timeout: float = 10.0
     max_source_mb: int = 50
+    retention_days: float = 0.0  # 0: finished jobs are kept for ever
+    attempts_kept: int = 20
 
     @property
     def private_urls_allowed(self) -> bool:
@@ -138,9 +147,11 @@ ENV_VARS = {
     "webhook_retry_schedule": "PERSONA_WEBHOOK_RETRY_SCHEDULE",
     "webhook_timeout": "PERSONA_WEBHOOK_TIMEOUT",
     "max_source_mb": "PERSONA_MAX_SOURCE_MB",
+    "retention_days": "PERSONA_RETENTION_DAYS",
+    "attempts_kept": "PERSONA_ATTEMPTS_KEPT",
 }
 INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6),
-              "max_source_mb": (1, 10**6)}
+              "max_source_mb": (1, 10**6), "attempts_kept": (1, 10**6)}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -169,6 +180,14 @@ def parse_setting(name: str, raw: str) -> Any:
         return value
     if name == "webhook_secret":
         return raw or None
+    if name == "retention_days":
+        try:
+            days = float(raw)
+        except ValueError:
+            raise ConfigError(f"{label} takes days as a number (0 keeps jobs for ever), got {raw!r}") from None
+        if not 0 <= days < math.inf:
+            raise ConfigError(f"{label} takes days from 0 up (0 keeps jobs for ever), got {raw!r}")
+        return days
     if name in ("db", "data_dir", "output_dir"):
         return Path(raw).expanduser()
     if name == "log_level":
@@ -580,7 +599,7 @@ WEBHOOK_CHECK = compile_check(WEBHOOK_SCHEMA)
 # Store
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 4  # every step so far only adds tables, so the whole script upgrades
+SCHEMA_VERSION = 5  # every step so far only adds tables and indexes, so the whole script upgrades
 SCHEMA = """\
 -- Persona's SQLite schema. persona.py carries this same text and applies it;
 -- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
@@ -664,6 +683,7 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     duration_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id);
 
 -- Jobs per owner and status, kept by triggers, so that limits and totals never count rows.
 CREATE TABLE IF NOT EXISTS job_counts (
@@ -731,10 +751,12 @@ ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = 
                                        created_at = excluded.created_at"""
 SQL_PURGE_IDEMPOTENT = "DELETE FROM idempotency_keys WHERE created_at <= ?"
 SQL_CLAIM_JOB = """
-UPDATE jobs SET status = 'running', claimed_by = :worker, attempts = attempts + 1,
-                started_at = COALESCE(started_at, :now), heartbeat_at = :clock
+UPDATE jobs SET status = 'running', claimed_by = :worker, started_at = COALESCE(started_at, :now), heartbeat_at = :clock
 WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1) AND status = 'pending'
-RETURNING job_id, request, experiment_id, attempts"""
+RETURNING job_id, request, experiment_id, created_at"""
+SQL_BEGIN_ATTEMPT = """
+UPDATE jobs SET attempts = attempts + 1 WHERE job_id = ? AND claimed_by = ? AND status = 'running'
+RETURNING job_id"""
 SQL_SET_PROGRESS = """
 UPDATE jobs SET progress = MAX(progress, ?), heartbeat_at = ?
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'
@@ -751,7 +773,7 @@ SQL_CANCEL_JOB = """
 UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = ?, claimed_by = NULL
 WHERE job_id = ? AND status IN ('pending', 'running')
 RETURNING job_id"""
-SQL_HEARTBEAT = "UPDATE jobs SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'running'"
+SQL_HEARTBEAT = "UPDATE jobs SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'running' RETURNING job_id"
 SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, heartbeat_at FROM jobs WHERE status = 'running'"
 SQL_REQUEUE_JOB = """
 UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending' END,
@@ -761,7 +783,7 @@ UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending'
 WHERE job_id = :job_id AND claimed_by = :claimed_by AND status = 'running'
 RETURNING status"""
 SQL_RELEASE_JOB = """
-UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = attempts - 1
+UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = MAX(attempts - ?, 0)
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
 SQL_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES (?, ?, ?, ?, ?)"
 SQL_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = ?"
@@ -814,6 +836,24 @@ ON CONFLICT (client) DO UPDATE SET
     window_start = CASE WHEN window_start + :window <= :now THEN :now ELSE window_start END
 RETURNING window_start, hits"""
 SQL_PURGE_RATE = "DELETE FROM rate_limits WHERE window_start + ? <= ?"
+# Retention: finished jobs older than the cut-off whose deliveries are all settled, a batch at a time.
+SQL_EXPIRED_JOBS = """
+SELECT job_id, result ->> '$.output_path' FROM jobs
+WHERE status IN ('completed', 'failed') AND completed_at < ?
+  AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.job_id = jobs.job_id
+                  AND deliveries.status IN ('pending', 'delivering'))
+ORDER BY seq LIMIT ?"""
+SQL_PURGE_JOB_ATTEMPTS = """
+DELETE FROM delivery_attempts WHERE delivery_id IN (
+    SELECT delivery_id FROM deliveries WHERE job_id IN (SELECT value FROM json_each(?)))"""
+SQL_PURGE_JOB_DELIVERIES = "DELETE FROM deliveries WHERE job_id IN (SELECT value FROM json_each(?))"
+SQL_PURGE_JOBS = "DELETE FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
+SQL_TRIM_ATTEMPTS = """
+DELETE FROM delivery_attempts WHERE rowid IN (
+    SELECT rowid FROM (
+        SELECT rowid, ROW_NUMBER() OVER (PARTITION BY delivery_id ORDER BY rowid DESC) AS newer
+        FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE attempts > :kept))
+    WHERE newer > :kept)"""
 SQL_PROBE_WRITE = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"
 
 
@@ -1215,6 +1255,24 @@ class Store:
         clock = time.time()
         await self.write(SQL_PURGE_IDEMPOTENT, (clock - IDEMPOTENCY_TTL_S,))
         await self.write(SQL_PURGE_RATE, (RATE_WINDOW_S, clock))
+
+    async def purge_finished_jobs(self, before: str, batch: int = RETENTION_BATCH) -> list[str]:
+        """Delete finished jobs completed before `before`, with their deliveries and attempts.
+
+        Returns the output paths of the jobs deleted, for their folders to go too.
+        """
+        async with self.transaction() as run:
+            rows = await run(SQL_EXPIRED_JOBS, (before, batch))
+            ids = json.dumps([row[0] for row in rows])
+            if rows:
+                await run(SQL_PURGE_JOB_ATTEMPTS, (ids,))
+                await run(SQL_PURGE_JOB_DELIVERIES, (ids,))
+                await run(SQL_PURGE_JOBS, (ids,))
+        return [row[1] for row in rows if row[1]]
+
+    async def trim_attempts(self, kept: int) -> None:
+        """Keep the last `kept` attempts of each delivery."""
+        await self.write(SQL_TRIM_ATTEMPTS, {"kept": kept})
 
     # -- webhooks -----------------------------------------------------------
 
@@ -3604,14 +3662,33 @@ def parse_answer(text: str, check: Callable[[Any, int], list[str]], count: int) 
     return answer, check(answer, count)
 
 
-def grounded_persona(item: JSON, number: int, source: str, known: dict[str, Participant], segment: list[str] | None,
+def evidence_ids(item: JSON, said: Mapping[str, str]) -> list[str]:
+    """The participants a model's persona stands for: those it names, and those whose words it quotes."""
+    named = [str(pid) for pid in item.get("participants") or [] if str(pid) in said]
+    quotes = [normalise_quote(quote) for quote in item.get("quotes") or [] if isinstance(quote, str)]
+    quoted = [pid for quote in quotes if quote for pid, text in said.items() if quote in text]
+    return list(dict.fromkeys(named + quoted))
+
+
+def evidence_problems(said: Mapping[str, str], answer: Any, count: int) -> list[str]:
+    """The answer's problems, and a persona that stands for nobody in the data: it goes back for repair."""
+    problems = persona_problems(answer, count)
+    if problems:
+        return problems
+    return [f"persona {number} names no participant id of the data in `participants` and quotes none verbatim"
+            for number, item in enumerate(answer["personas"], 1) if not evidence_ids(item, said)]
+
+
+def grounded_persona(item: JSON, number: int, source: str, said: Mapping[str, str], segment: list[str] | None,
                      total: int) -> tuple[JSON, int]:
-    """Keep verbatim quotes, move the rest to `unverified_quotes`; evidence names real participants."""
+    """Keep verbatim quotes, move the rest to `unverified_quotes`; evidence names real participants.
+
+    Every persona names at least the participants whose words its verified quotes are.
+    """
     verified, unverified = [], []
     for quote in item["quotes"]:
         (verified if normalise_quote(quote) and normalise_quote(quote) in source else unverified).append(quote)
-    named = [str(pid) for pid in item.get("participants") or [] if str(pid) in known]
-    ids = segment if segment is not None else list(dict.fromkeys(named))
+    ids = segment if segment is not None else evidence_ids({**item, "quotes": verified}, said)
     persona = {
         "id": f"persona-{number:03d}",
         **{name: item[name] for name in PERSONA_FIELDS if name != "quotes"},
@@ -3638,14 +3715,14 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     if strategy == "auto":
         strategy = "holistic" if estimate_tokens(rendered) <= budget else "segmented"
     session = ModelSession(provider, request.get("model") or default_model(provider), config)
-    known = {person.id: person for person in people}
+    said = {person.id: normalise_quote("\n".join(person.texts)) for person in people}
     async with asyncio.timeout(PROVIDER_JOB_TIMEOUT_S):
         if strategy == "holistic":
             if estimate_tokens(rendered) > budget:
                 raise GenerationError(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens "
                                       f"{budget}; use strategy 'segmented' or 'auto'")
             answer = await session.ask("personas", persona_prompt(count, rendered, config), LLM_RESULT_SCHEMA,
-                                       persona_problems, count)
+                                       functools.partial(evidence_problems, said), count)
             await report(80, "personas validated")
             items = [(item, None) for item in answer["personas"]]
         else:
@@ -3653,7 +3730,7 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     source = normalise_quote(rendered)
     personas, unverified = [], 0
     for number, (item, segment) in enumerate(items, 1):
-        persona, missing = grounded_persona(item, number, source, known, segment, len(people))
+        persona, missing = grounded_persona(item, number, source, said, segment, len(people))
         personas.append(persona)
         unverified += missing
     warnings = [f"{unverified} quote(s) not found verbatim in the data moved to unverified_quotes"] if unverified else []
@@ -3666,8 +3743,9 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
 async def segmented_items(session: ModelSession, people: list[Participant], count: int, config: JSON, budget: int,
                           report: ProgressReport) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
-    corpus = await run_engine(len(people), build_corpus, people)
-    segments = await run_engine(len(people), segments_for, corpus, count, config)
+    async with engine_slot():
+        corpus = await run_engine(people, build_corpus, people)
+        segments = await run_engine(people, segments_for, corpus, count, config)
     summaries = [segment.name or ", ".join(corpus.display.get(t, t) for t in distinctive_terms(corpus, segment.members, 4))
                  for segment in segments]
     done = 0
@@ -3768,29 +3846,106 @@ def normalised_counts(counts: Counter[str]) -> dict[str, float]:
 # Generation: one job from request to output folder
 # ---------------------------------------------------------------------------
 
-ENGINE_POOLS: dict[str, Any] = {}  # "thread" and "process" pools, made when first needed
+ENGINE_THREADS: list[ThreadPoolExecutor] = []  # one small pool for small data, made when first needed
+ENGINE_SLOTS: dict[int, asyncio.Semaphore] = {}  # per event loop: engine computations at once
 
 
-def engine_pool(kind: str) -> Any:
-    if kind not in ENGINE_POOLS:
-        if kind == "thread":
-            ENGINE_POOLS[kind] = ThreadPoolExecutor(ENGINE_WORKERS, thread_name_prefix="persona-engine")
-        else:
-            ENGINE_POOLS[kind] = ProcessPoolExecutor(ENGINE_WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=os.nice, initargs=(ENGINE_NICENESS,))
-    return ENGINE_POOLS[kind]
+def engine_threads() -> ThreadPoolExecutor:
+    if not ENGINE_THREADS:
+        ENGINE_THREADS.append(ThreadPoolExecutor(ENGINE_WORKERS, thread_name_prefix="persona-engine"))
+    return ENGINE_THREADS[0]
 
 
-async def run_engine(participants: int, function: Callable[..., Any], *args: Any) -> Any:
-    """CPU-bound engine work off the event loop, in a small pool of its own.
+def engine_slot() -> asyncio.Semaphore:
+    """This process's engine computations at once: ENGINE_WORKERS, so memory and CPU stay bounded."""
+    loop_id = id(asyncio.get_running_loop())
+    if loop_id not in ENGINE_SLOTS:
+        ENGINE_SLOTS[loop_id] = asyncio.Semaphore(ENGINE_WORKERS)
+    return ENGINE_SLOTS[loop_id]
 
-    Large data goes to worker processes: a thread computing for seconds would hold the
-    GIL against the event loop and slow every request. Small data stays in a thread,
-    where starting a process would cost more than the work.
+
+def is_large(people: list[Participant]) -> bool:
+    """Whether the work is large enough for a process of its own: many participants, or much text."""
+    if len(people) >= ENGINE_PROCESS_FROM:
+        return True
+    chars = 0
+    for person in people:
+        chars += sum(map(len, person.texts))
+        if chars >= ENGINE_PROCESS_FROM_CHARS:
+            return True
+    return False
+
+
+async def run_engine(people: list[Participant], function: Callable[..., Any], *args: Any) -> Any:
+    """CPU-bound engine work off the event loop; its callers hold an engine slot (`engine_slot`).
+
+    Large work runs in a child process of its own: a thread computing for seconds would
+    hold the GIL against the event loop and slow every request, and a child can be
+    stopped, so cancelling a job or stopping the server stops its computation. Small
+    work stays in a thread, where starting a process would cost more than the work.
     """
-    kind = "process" if participants >= ENGINE_PROCESS_FROM else "thread"
-    call = functools.partial(function, *args)
-    return await asyncio.get_running_loop().run_in_executor(engine_pool(kind), call)
+    if is_large(people):
+        return await run_in_child(function, *args)
+    return await asyncio.get_running_loop().run_in_executor(engine_threads(), functools.partial(function, *args))
+
+
+async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in a spawned child process, killed if the caller is cancelled.
+
+    The child dies with its parent too (PR_SET_PDEATHSIG), so no server, however it
+    stops, leaves computations behind.
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=child_main, args=(sender, function, args, os.getpid()), daemon=True,
+                            name="persona-engine")
+    try:
+        await asyncio.to_thread(child.start)  # pickling large data would hold the event loop
+        sender.close()
+        ok, value = await asyncio.to_thread(receive_or_eof, receiver)
+    finally:  # also when cancelled: the child's end closes as it dies, which ends the read
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+        receiver.close()
+    if ok:
+        return value
+    if isinstance(value, BaseException):
+        raise value
+    raise GenerationError(f"the engine's process ended without an answer (exit code {child.exitcode})")
+
+
+def receive_or_eof(receiver: Any) -> tuple[bool, Any]:
+    try:
+        return receiver.recv()
+    except (EOFError, OSError):
+        return False, None
+
+
+def child_main(sender: Any, function: Callable[..., Any], args: tuple[Any, ...], parent: int) -> None:
+    """The engine child: niced, bound to its parent's life, sends back (ok, result or exception)."""
+    die_with_parent(parent)
+    os.nice(ENGINE_NICENESS)
+    try:
+        outcome: tuple[bool, Any] = (True, function(*args))
+    except Exception as exc:  # handed to the parent, which raises it as its own
+        outcome = (False, exc)
+    sender.send(outcome)
+    sender.close()
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to end this process when its parent ends; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent was already gone before the request took effect
+        os._exit(1)
+
 
 ProgressReport = Callable[[int, str], Awaitable[None]]
 
@@ -3904,24 +4059,61 @@ def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = No
     return html_page("Personas", subtitle + (f" · {coverage_line(quality)}" if quality else ""), f"<main>{cards}</main>")
 
 
-def write_outputs(output_dir: Path, job_id: str, personas: list[JSON], metadata: JSON, exchanges: list[JSON]) -> str:
-    """Write the job's folder atomically (a rename), so a crash never leaves half of one."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
-    folder = output_dir / f"{stamp}_{job_id}"
-    staging = output_dir / f".{stamp}_{job_id}.partial"
-    staging.mkdir(parents=True, exist_ok=True)
+def output_folder(output_dir: Path, job_id: str, created_at: str | None) -> Path:
+    """A job's folder, named from the job alone (its creation time and id): every run of it writes the same one."""
+    stamp = (created_at or utc_now()).replace("-", "").replace(":", "").replace("T", "_").rstrip("Z")[:15]
+    return output_dir / f"{stamp}_{job_id}"
+
+
+def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges: list[JSON]) -> str:
+    """Write the job's folder atomically (a rename), so a crash never leaves half of one.
+
+    A folder already there is a complete one from an earlier run of the job that a crash
+    or a stop cut off before it was recorded: this run's replaces it, so exactly one stays.
+    """
+    staging = folder.with_name(f".{folder.name}~{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}.partial")
+    staging.mkdir(parents=True)
     (staging / "personas.json").write_text(json.dumps({"personas": personas}, indent=2, ensure_ascii=False), "utf-8")
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
     quality = metadata.get("quality")
     by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
     for persona in personas:
         (staging / f"{persona['id']}.md").write_text(persona_card(persona, by_id.get(persona["id"])), "utf-8")
-    subtitle = f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {job_id}"
+    subtitle = f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {metadata['job_id']}"
     (staging / "personas.html").write_text(personas_page(personas, subtitle, quality), "utf-8")
     if exchanges:  # the prompts sent and the raw answers, for auditing an LLM run
         (staging / "exchanges.json").write_text(json.dumps(exchanges, indent=2, ensure_ascii=False), "utf-8")
-    staging.rename(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    try:
+        staging.rename(folder)
+    except OSError:  # another run of the job put its complete folder there meanwhile: keep that one
+        shutil.rmtree(staging, ignore_errors=True)
     return f"{folder.as_posix()}/"
+
+
+def remove_output_folders(output_dir: Path, paths: list[str]) -> None:
+    """Delete the folders of deleted jobs: only folders inside the output directory, never anything else."""
+    root = output_dir.resolve()
+    for path in paths:
+        folder = Path(path).resolve()
+        if folder != root and folder.is_relative_to(root) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_partial_folders(output_dir: Path) -> int:
+    """Folders that a crashed process of this host left half written; none is a job's result.
+
+    A folder a live process (another server on the same output folder) is writing stays.
+    """
+    removed = 0
+    with contextlib.suppress(OSError):
+        for path in output_dir.glob(".*~*~*~*.partial"):
+            _, host, pid, _ = path.name.rsplit("~", 3)
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def pick_provider(request: JSON) -> str:
@@ -3951,12 +4143,30 @@ def resolve_provider(request: JSON) -> str:
     return provider
 
 
-async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport) -> JSON:
-    """Run one job: load, cluster, build personas, write outputs. Returns the job's result."""
+async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport,
+                   begin: Callable[[], Awaitable[None]] | None = None, created_at: str | None = None) -> JSON:
+    """Run one job: load, cluster, build personas, write outputs. Returns the job's result.
+
+    An offline job holds one of the process's engine slots from loading to its quality
+    report, so waiting jobs hold no data; `begin` is told when the work really starts
+    (a crash before then spends none of the job's attempts).
+    """
+    provider = request.get("provider") or pick_provider(request)
+    if provider != "local":
+        if begin is not None:
+            await begin()
+        return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at)
+    async with engine_slot():
+        if begin is not None:
+            await begin()
+        return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at)
+
+
+async def generate_with(provider: str, job_id: str, request: JSON, experiment_id: str, settings: Settings,
+                        report: ProgressReport, created_at: str | None) -> JSON:
     started = time.perf_counter()
     count = request.get("count", 3)
     config = request.get("config", {})
-    provider = request.get("provider") or pick_provider(request)
     await report(5, "loading data")
     dataset = await load_data(request["data"], settings)
     loaded = time.perf_counter()
@@ -3965,14 +4175,17 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
                     "detail_level": config.get("detail_level", "standard")}
     exchanges: list[JSON] = []
     if provider == "local":
-        personas, warnings = await run_engine(len(dataset.participants), offline_personas, dataset, count, config)
+        personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
         model, usage = LOCAL_MODEL, {"input_tokens": 0, "output_tokens": 0, "calls": 0}
         engine.update(name="tfidf-kmeans", seed=0)
+        quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
     else:
         personas, details = await llm_personas(dataset, request, provider, report)
         warnings, usage, exchanges, model = details["warnings"], details["usage"], details["exchanges"], details["model"]
         engine.update(name="llm", strategy=details["strategy"],
                       **{key: config[key] for key in ("temperature", "max_tokens", "max_input_tokens") if key in config})
+        async with engine_slot():
+            quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
     built = time.perf_counter()
     await report(85, "personas built")
     metadata = {
@@ -3987,9 +4200,10 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
         "timings": {"load_s": round(loaded - started, 4), "generate_s": round(built - loaded, 4)},
         "usage": usage,
         "warnings": dataset.warnings + warnings,
-        "quality": await run_engine(len(dataset.participants), quality_report, dataset.participants, personas),
+        "quality": quality,
     }
-    output_path = await asyncio.to_thread(write_outputs, settings.output_dir, job_id, personas, metadata, exchanges)
+    folder = output_folder(settings.output_dir, job_id, created_at)
+    output_path = await asyncio.to_thread(write_outputs, folder, personas, metadata, exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
     await report(95, "outputs written")
     return {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
@@ -4035,6 +4249,7 @@ class ClaimLoop:
         self.settings = settings
         self.worker_id = worker_identity()
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.stopping = False
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task[None] | None = None
 
@@ -4046,6 +4261,7 @@ class ClaimLoop:
 
     async def stop(self) -> None:
         """Stop claiming, and hand back work cut short so a restart picks it up at once."""
+        self.stopping = True
         if self.loop_task is not None:
             self.loop_task.cancel()
             await asyncio.gather(self.loop_task, return_exceptions=True)
@@ -4054,7 +4270,11 @@ class ClaimLoop:
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         for key in cut_short:
-            await self.store.write(self.release_sql, (key, self.worker_id))
+            await self.release(key)
+
+    async def release(self, key: str) -> None:
+        """Hand back one piece of work that a stop cut short."""
+        await self.store.write(self.release_sql, (key, self.worker_id))
 
     def track(self, key: str, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -4114,6 +4334,13 @@ class JobRunner(ClaimLoop):
     def __init__(self, store: Store, settings: Settings, on_finished: Callable[[], None]) -> None:
         super().__init__(store, settings)
         self.on_finished = on_finished  # a finished job has deliveries to send
+        self.begun: set[str] = set()  # jobs whose work began here: their attempt is counted
+        self.retained_at = -math.inf  # when the retention settings were last applied (monotonic)
+
+    async def release(self, key: str) -> None:
+        """A stop is not the job's fault: the attempt it was on, if it began, is given back."""
+        await self.store.write(SQL_RELEASE_JOB, (1 if key in self.begun else 0, key, self.worker_id))
+        self.begun.discard(key)
 
     def wake(self) -> None:
         """A job is waiting; worth a look only with a free slot (a finished job frees one)."""
@@ -4127,11 +4354,27 @@ class JobRunner(ClaimLoop):
 
     async def _upkeep(self) -> None:
         now = time.time()
-        await self.store.write(SQL_HEARTBEAT, (now, self.worker_id))
+        still_mine = {row[0] for row in await self.store.write(SQL_HEARTBEAT, (now, self.worker_id))}
+        for job_id in [job_id for job_id in self.tasks if job_id not in still_mine]:
+            self.cancel_local(job_id)  # cancelled through another process: its computation stops here too
         for job_id, claimed_by, heartbeat_at in await self.store.read(SQL_RUNNING_JOBS):
             if claimed_by != self.worker_id and claimer_is_gone(claimed_by, heartbeat_at, now):
                 await self._requeue(job_id, claimed_by)
         await self.store.purge_expired()
+        if time.monotonic() - self.retained_at >= RETENTION_EVERY_S:
+            self.retained_at = time.monotonic()
+            await self.apply_retention()
+
+    async def apply_retention(self) -> None:
+        """The retention settings: old finished jobs go with their deliveries and folders; old attempts go."""
+        await self.store.trim_attempts(self.settings.attempts_kept)
+        if not self.settings.retention_days:
+            return
+        cutoff = epoch_to_iso(time.time() - self.settings.retention_days * 86400)
+        while paths := await self.store.purge_finished_jobs(cutoff):
+            await asyncio.to_thread(remove_output_folders, self.settings.output_dir, paths)
+            if len(paths) < RETENTION_BATCH:
+                break
 
     async def _requeue(self, job_id: str, claimed_by: str) -> None:
         status = await self.store.requeue_job(job_id, claimed_by)
@@ -4143,8 +4386,8 @@ class JobRunner(ClaimLoop):
             rows = await self.store.write(SQL_CLAIM_JOB, {"worker": self.worker_id, "now": utc_now(), "clock": time.time()})
             if not rows:
                 return
-            job_id, request, experiment_id, _ = rows[0]
-            self.track(job_id, self._execute(job_id, json.loads(request), experiment_id))
+            job_id, request, experiment_id, created_at = rows[0]
+            self.track(job_id, self._execute(job_id, json.loads(request), experiment_id, created_at))
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
         """Record progress; a write the database refuses only loses this step of it."""
@@ -4156,14 +4399,26 @@ class JobRunner(ClaimLoop):
         if not still_running:
             raise JobCancelled(job_id)
 
-    async def _execute(self, job_id: str, request: JSON, experiment_id: str) -> None:
+    async def _begin(self, job_id: str) -> None:
+        """The job's work starts now: count the attempt (claimed jobs waiting for a slot spend none)."""
+        if not await self.store.write(SQL_BEGIN_ATTEMPT, (job_id, self.worker_id)):
+            raise JobCancelled(job_id)
+        self.begun.add(job_id)
+
+    async def _execute(self, job_id: str, request: JSON, experiment_id: str, created_at: str) -> None:
         async def report(progress: int, stage: str) -> None:
             await self._report(job_id, progress, stage)
 
         try:
-            result = await generate(job_id, request, experiment_id, self.settings, report)
+            result = await generate(job_id, request, experiment_id, self.settings, report,
+                                    functools.partial(self._begin, job_id), created_at)
         except JobCancelled:
+            self.begun.discard(job_id)
             return
+        except asyncio.CancelledError:  # a stop releases the job (and needs to know it began); a cancel does not
+            if not self.stopping:
+                self.begun.discard(job_id)
+            raise
         except GenerationError as exc:
             finish = functools.partial(self.store.fail_job, job_id, self.worker_id, str(exc))
         except Exception:
@@ -4173,6 +4428,7 @@ class JobRunner(ClaimLoop):
         else:
             finish = functools.partial(self.store.complete_job, job_id, self.worker_id, result)
         await self.save(finish, f"job {job_id}")
+        self.begun.discard(job_id)
         self.on_finished()
 
 
@@ -4346,6 +4602,62 @@ class MemoryRateLimiter:
         return hits + 1, start + RATE_WINDOW_S
 
 
+class PeerWatch:
+    """Whether other server processes use this database, so that limits must be counted in it.
+
+    Each server process holds a lock on one byte of `<db>-servers.lock` for as long as it
+    runs; a byte another process holds cannot be locked. The kernel drops a process's
+    locks when it ends, however it ends.
+    """
+
+    SLOTS = 128
+
+    def __init__(self, db: Path) -> None:
+        self.fd: int | None = None
+        self.slot = -1
+        self.checked_at, self.shared = 0.0, False
+        with contextlib.suppress(OSError):
+            self.fd = os.open(f"{db}-servers.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self.slot = next((slot for slot in range(self.SLOTS) if self._lock(slot)), -1)
+
+    def _lock(self, slot: int) -> bool:
+        import fcntl
+
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+        except OSError:
+            return False
+        return True
+
+    def others(self) -> bool:
+        """Whether another process holds a slot: one F_GETLK over all of them, cheap enough for every request.
+
+        Once others were seen, that answer stands for a second before it is looked at again.
+        """
+        now = time.monotonic()
+        if self.fd is None or (self.shared and now - self.checked_at < PEER_CHECK_S):
+            return self.shared
+        self.checked_at, self.shared = now, self._locked_elsewhere()
+        return self.shared
+
+    def _locked_elsewhere(self) -> bool:
+        import fcntl
+        import struct
+
+        query = struct.pack(FLOCK_LAYOUT, fcntl.F_WRLCK, os.SEEK_SET, 0, self.SLOTS, 0)
+        try:
+            answer = fcntl.fcntl(self.fd, fcntl.F_GETLK, query)
+        except OSError:
+            return False
+        return struct.unpack(FLOCK_LAYOUT, answer)[0] != fcntl.F_UNLCK
+
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class SharedRateLimiter:
     """The same windows kept in the database, so that several workers share one limit."""
 
@@ -4357,6 +4669,20 @@ class SharedRateLimiter:
         rows = await self.store.write(SQL_RATE_HIT, {"client": client, "now": time.time(), "window": RATE_WINDOW_S})
         start, hits = rows[0]
         return hits, start + RATE_WINDOW_S
+
+
+class RateLimiter:
+    """Counts in this process while it is its database's only server, in the database once others share it.
+
+    Workers of one server and separate servers on one database alike then share one count.
+    """
+
+    def __init__(self, limit: int, store: Store, peers: PeerWatch) -> None:
+        self.limit = limit
+        self.alone, self.together, self.peers = MemoryRateLimiter(limit), SharedRateLimiter(limit, store), peers
+
+    async def hit(self, client: str) -> tuple[int, float]:
+        return await (self.together if self.peers.others() else self.alone).hit(client)
 
 
 def client_ip(scope: Scope) -> str:
@@ -5144,11 +5470,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.db, settings.webhook_secret)
         await store.open()
+        removed = await asyncio.to_thread(remove_partial_folders, settings.output_dir)
+        if removed:
+            log.warning("removed %d half-written output folder(s) left by a crash", removed)
         app.state.store = store
+        peers = PeerWatch(settings.db)
         if settings.rate_limit:
-            app.state.limiter = (
-                SharedRateLimiter(settings.rate_limit, store) if settings.workers > 1 else MemoryRateLimiter(settings.rate_limit)
-            )
+            app.state.limiter = RateLimiter(settings.rate_limit, store, peers)
         app.state.dispatcher = WebhookDispatcher(store, settings)
         app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
         app.state.dispatcher.start()
@@ -5161,6 +5489,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await app.state.runner.stop()
             await app.state.dispatcher.stop()
             await store.close()
+            peers.close()
 
     app = Starlette(
         routes=ROUTES,
@@ -5292,6 +5621,9 @@ SERVE_OPTIONS = (
     (("--webhook-retry-schedule",), "webhook_retry_schedule",
      "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)"),
     (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default 10)"),
+    (("--retention-days",), "retention_days", "delete finished jobs, their deliveries and output folders this many "
+                                              "days after they finished (default 0: keep them)"),
+    (("--attempts-kept",), "attempts_kept", "delivery attempts kept per delivery, the newest (default 20)"),
     (("--max-source-mb",), "max_source_mb", "largest local data source (a file, or a folder's files together) "
                                             "in MiB (default 50)"),
 )

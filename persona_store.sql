@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     duration_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id);
 
 -- Jobs per owner and status, kept by triggers, so that limits and totals never count rows.
 CREATE TABLE IF NOT EXISTS job_counts (

@@ -67,17 +67,31 @@ async def test_each_pending_job_is_claimed_by_exactly_one_of_several_stores(tmp_
         await store.close()
 
 
-async def test_an_interrupted_job_is_requeued_then_failed_after_three_attempts(tmp_path: Path) -> None:
+async def test_an_interrupted_job_is_requeued_then_failed_after_three_attempts_that_began(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "p.db")
     job_id, _ = await store.create_job("ip:x", {"data": "a.csv"}, 10, None)
     runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db"), lambda: None)
-    for attempt in range(1, 4):
+    for _ in range(3):
         rows = await store.write(persona.SQL_CLAIM_JOB, {"worker": "gone-host:1:dead", "now": persona.utc_now(), "clock": 0.0})
-        assert rows and rows[0][3] == attempt
+        assert rows and rows[0][0] == job_id
+        assert await store.write(persona.SQL_BEGIN_ATTEMPT, (job_id, "gone-host:1:dead"))
         await runner._requeue(job_id, "gone-host:1:dead")
     job = await store.get_job(job_id)
     assert job["status"] == "failed"
     assert "interrupted 3 times" in job["error"]
+    await store.close()
+
+
+async def test_a_job_claimed_but_never_begun_spends_no_attempt_when_its_server_dies(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "p.db")
+    job_id, _ = await store.create_job("ip:x", {"data": "a.csv"}, 10, None)
+    runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db"), lambda: None)
+    for _ in range(5):  # claimed, waiting for an engine slot, and the server dies: five times over
+        rows = await store.write(persona.SQL_CLAIM_JOB, {"worker": "gone-host:1:dead", "now": persona.utc_now(), "clock": 0.0})
+        assert rows and rows[0][0] == job_id
+        await runner._requeue(job_id, "gone-host:1:dead")
+    assert (await store.get_job(job_id))["status"] == "pending"
+    assert (await store.read("SELECT attempts FROM jobs WHERE job_id = ?", (job_id,)))[0][0] == 0
     await store.close()
 
 
