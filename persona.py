@@ -2059,6 +2059,8 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
         return False
     if any(isinstance(record.get(column), (list, dict)) for record in records):
         return True
+    if len(values) >= 10 and len(set(values)) >= 0.9 * len(values) and sum(len(v.split()) for v in values) >= 2 * len(values):
+        return True  # nearly every answer its own words: a review's title, a one-line comment
     choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
     if len(choices) <= 12 and len(values) >= 2 * len(choices) and max(map(len, choices)) <= 60:
         return False
@@ -3824,8 +3826,8 @@ def word_set(text: str) -> frozenset[str]:
 
 def support(persona: JSON, group: list[Participant]) -> float:
     items = [word_set(item) for key in PERSONA_LISTS for item in persona.get(key, [])]
-    if not items:
-        return 0.0
+    if not items:  # nothing claimed, nothing unbacked; its cards say that the lists are empty
+        return 1.0
     sentences = {word_set(sentence) for person in group for text in person.texts for sentence in split_sentences(text)}
     backed = sum(1 for words in items if any(words <= sentence for sentence in sentences))
     return round(backed / len(items), 4)
