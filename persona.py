@@ -37,6 +37,7 @@ import socket
 import ssl
 import stat
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -3897,6 +3898,11 @@ async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
     The child dies with its parent too (PR_SET_PDEATHSIG), so no server, however it
     stops, leaves computations behind.
     """
+    async with host_engine_slot():
+        return await child_result(function, *args)
+
+
+async def child_result(function: Callable[..., Any], *args: Any) -> Any:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=child_main, args=(sender, function, args, os.getpid()), daemon=True,
@@ -3915,6 +3921,55 @@ async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
     if isinstance(value, BaseException):
         raise value
     raise GenerationError(f"the engine's process ended without an answer (exit code {child.exitcode})")
+
+
+@contextlib.asynccontextmanager
+async def host_engine_slot() -> AsyncIterator[None]:
+    """One of ENGINE_WORKERS engine children at once on this host, across every Persona process.
+
+    A slot is a lock on one byte of a file in the temporary folder; the kernel frees it
+    when its process ends, however it ends. Without the file, the process's own slots bound it.
+    """
+    import fcntl
+
+    fd = host_slot_file()
+    if fd is None:
+        yield
+        return
+    slot, delay = None, 0.02
+    try:
+        while slot is None:
+            for candidate in range(ENGINE_WORKERS):
+                if candidate in HOST_SLOTS_HELD:  # this process's own locks would not stop it
+                    continue
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, candidate)
+                except OSError:
+                    continue
+                slot = candidate
+                HOST_SLOTS_HELD.add(slot)
+                break
+            else:
+                await asyncio.sleep(delay)  # held by other processes: look again soon
+                delay = min(delay * 2, 0.5)
+        yield
+    finally:
+        if slot is not None:
+            HOST_SLOTS_HELD.discard(slot)
+            with contextlib.suppress(OSError):
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+
+
+@functools.cache
+def host_slot_file() -> int | None:
+    """The slots' file, opened once: closing any descriptor of it would drop all of this process's locks."""
+    try:
+        return os.open(Path(tempfile.gettempdir()) / f"persona-engine-{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+
+
+HOST_SLOTS_HELD: set[int] = set()  # the host-wide engine slots this process holds
 
 
 def receive_or_eof(receiver: Any) -> tuple[bool, Any]:
