@@ -182,13 +182,7 @@ def parse_setting(name: str, raw: str) -> Any:
     if name == "webhook_secret":
         return raw or None
     if name == "retention_days":
-        try:
-            days = float(raw)
-        except ValueError:
-            raise ConfigError(f"{label} takes days as a number (0 keeps jobs for ever), got {raw!r}") from None
-        if not 0 <= days < math.inf:
-            raise ConfigError(f"{label} takes days from 0 up (0 keeps jobs for ever), got {raw!r}")
-        return days
+        return parse_seconds(label, raw, unit="days (0 keeps jobs for ever)")
     if name in ("db", "data_dir", "output_dir"):
         return Path(raw).expanduser()
     if name == "log_level":
@@ -209,13 +203,14 @@ def parse_switch(label: str, raw: str) -> bool | None:
     raise ConfigError(f"{label} must be 1 or 0 (true or false), got {raw!r}")
 
 
-def parse_seconds(label: str, raw: str) -> float:
+def parse_seconds(label: str, raw: str, unit: str = "seconds") -> float:
+    """A finite amount from 0 up: seconds, or days as `unit` says."""
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{label} takes seconds as numbers, got {raw!r}") from None
+        raise ConfigError(f"{label} takes {unit} as numbers, got {raw!r}") from None
     if not 0 <= value < math.inf:
-        raise ConfigError(f"{label} takes seconds from 0 up, got {raw!r}")
+        raise ConfigError(f"{label} takes {unit} from 0 up, got {raw!r}")
     return value
 
 
