@@ -1807,6 +1807,10 @@ TOKEN_VALUE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA
 EMAIL_VALUE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,24}")
 PIPED_TEXT = re.compile(r"\[QID\d+[^\]]{0,80}\]|\$\{[^}]{0,120}\}")
 IMPORT_ID_CELL = re.compile(r'\s*\{\s*"ImportId"')
+# Answers that say there is nothing to say: not speech, and no reason to count a respondent.
+NON_ANSWER = re.compile(r"\W*(?:none|n\s*/?\s*a|na|no|nope|nothing|nil|null|not really|not sure|no comments?|"
+                        r"idk|i don'?t know|none so far|nothing (?:else|more|to add)|no thanks?|-+|\.+|\?+)\W*",
+                        re.IGNORECASE)
 SECOND_HEADER_CELLS = frozenset(("response", "open-ended response", "open ended response"))
 
 
@@ -2101,7 +2105,7 @@ def participants_from_records(records: list[Any], name: str, labels: dict[str, s
         pid = raw_id[0] if raw_id else f"{Path(name).stem}-{number:03d}"
         person = people.setdefault(pid, Participant(pid))
         for column in columns.speech:
-            person.texts.extend(cell_texts(record.get(column)))
+            person.texts.extend(text for text in cell_texts(record.get(column)) if not NON_ANSWER.fullmatch(text))
         for column in columns.attributes:
             values = cell_texts(record.get(column))
             if values and normalise_key(column) not in person.attributes:
@@ -2616,7 +2620,7 @@ another frustrating annoying great good bad better worse easy easier hard harder
 uh um umm uhm hmm hm er erm ah oh eh mm mhm uh-huh cuz cos cause gonna wanna gotta kinda sorta super
 perhaps maybe basically literally honestly totally definitely pretty stuff guess mean yep yup nope lol
 anyway anyways whatever etc also bit little lot thank thanks please hello hi hey wow cool awesome
-bunch whole tons plenty
+bunch whole tons plenty none
 app apps
 de des du la le les et est un une que qui pour dans pas sur avec ce cette il elle je nous vous ils au aux
 ne se sa ses mais ou donc très y el los las por para es una uno del al lo su sus como pero muy
