@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -60,11 +61,12 @@ class FakeProvider:
 
     `script` is consumed one behaviour per request (then "ok"): "ok", "wrong_count",
     "missing_field", "invalid_json", "invent_quote", "429", "500" or "hold" (wait for
-    `release`, then answer).
+    `release`, then answer); or a function, called with the prompt and the answer "ok"
+    would give, that returns the answer to send instead.
     """
 
     def __init__(self) -> None:
-        self.script: list[str] = []
+        self.script: list[str | Callable[[str, Any], Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -90,6 +92,8 @@ class FakeProvider:
                     answer: Any = findings_answer(prompt)
                 else:
                     answer = personas_answer(prompt, behaviour == "invent_quote", 1 if behaviour == "wrong_count" else 0)
+                if callable(behaviour):
+                    answer = behaviour(prompt, answer)
                 if behaviour == "missing_field":
                     del answer["personas"][0]["goals"]
                 text = "this is { not json" if behaviour == "invalid_json" else json.dumps(answer)
