@@ -39,6 +39,7 @@ import stat
 import sys
 import tempfile
 import time
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -1252,10 +1253,10 @@ class Store:
         await self.write(SQL_PURGE_IDEMPOTENT, (clock - IDEMPOTENCY_TTL_S,))
         await self.write(SQL_PURGE_RATE, (RATE_WINDOW_S, clock))
 
-    async def purge_finished_jobs(self, before: str, batch: int = RETENTION_BATCH) -> list[str]:
+    async def purge_finished_jobs(self, before: str, batch: int) -> tuple[int, list[str]]:
         """Delete finished jobs completed before `before`, with their deliveries and attempts.
 
-        Returns the output paths of the jobs deleted, for their folders to go too.
+        Returns how many went and their output paths, for their folders to go too.
         """
         async with self.transaction() as run:
             rows = await run(SQL_EXPIRED_JOBS, (before, batch))
@@ -1264,7 +1265,7 @@ class Store:
                 await run(SQL_PURGE_JOB_ATTEMPTS, (ids,))
                 await run(SQL_PURGE_JOB_DELIVERIES, (ids,))
                 await run(SQL_PURGE_JOBS, (ids,))
-        return [row[1] for row in rows if row[1]]
+        return len(rows), [row[1] for row in rows if row[1]]
 
     async def trim_attempts(self, kept: int) -> None:
         """Keep the last `kept` attempts of each delivery."""
@@ -1368,7 +1369,11 @@ def webhook_from_row(row: Any) -> JSON:
 # ---------------------------------------------------------------------------
 
 # Not globally reachable, though Python's `is_global` says they are: site-local, and local-use NAT64.
-NOT_GLOBAL_NETWORKS = tuple(ipaddress.ip_network(net) for net in ("fec0::/10", "64:ff9b:1::/48"))
+NOT_GLOBAL_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
+    "fec0::/10", "64:ff9b:1::/48", "2001:db8::/32",  # and those whose `is_global` changed between Python releases:
+    "192.0.0.0/24", "198.18.0.0/15", "100.64.0.0/10", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
+))
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 NEVER_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
     "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "240.0.0.0/4",
 ))
@@ -1408,7 +1413,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in NAT64_NETWORK or (ip in IPV4_COMPATIBLE and int(ip) >= 1 << 24):
+    if ip in NAT64_NETWORK or ip in IPV4_TRANSLATED or (ip in IPV4_COMPATIBLE and int(ip) >= 1 << 24):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -1504,7 +1509,8 @@ FORMATS = {
     ".srt": "srt",
 }
 RECORD_LIST_KEYS = ("responses", "participants", "records", "data", "entries", "items", "results", "interviews")
-MAX_ARCHIVE_BYTES = 200 * 1024 * 1024  # what one .docx or .xlsx may unpack to
+MAX_ARCHIVE_BYTES = 100 * 1024 * 1024  # what one .docx or .xlsx may unpack to
+MAX_SHEET_COLUMNS = 1000  # columns read from a sheet; a survey has far fewer
 MAX_NAMES_SHOWN = 12  # files or columns named in one warning
 MAX_SOURCE_FILES = 10_000  # files one data folder may hold
 MAX_DATA_DEPTH = 32  # how deeply a JSON data file or an inline record may nest
@@ -1681,7 +1687,7 @@ def archive_parts(raw: bytes, name: str, kind: str) -> Any:
 
     try:
         archive = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, EOFError):
         raise GenerationError(f"{name} is not a {kind} file (not a zip archive)") from None
     if sum(info.file_size for info in archive.infolist()) > MAX_ARCHIVE_BYTES:
         raise GenerationError(f"{name} unpacks to more than {MAX_ARCHIVE_BYTES // (1024 * 1024)} MiB")
@@ -1692,10 +1698,15 @@ def archive_xml(archive: Any, part: str, name: str) -> Any:
     """One XML part of an Office file, parsed; None if the part is absent."""
     from xml.etree import ElementTree
 
+    import zipfile
+    import zlib
+
     try:
         data = archive.read(part)
     except KeyError:
         return None
+    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, ValueError) as exc:
+        raise GenerationError(f"{name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
     try:
         return ElementTree.fromstring(data)
     except ElementTree.ParseError as exc:
@@ -1729,11 +1740,16 @@ def xlsx_rows(raw: bytes, name: str) -> list[list[str]]:
     sheet = archive_xml(archive, first_sheet_part(archive, name), name)
     if sheet is None:
         raise GenerationError(f"{name} is not an Excel workbook (it has no worksheet)")
-    rows = []
+    rows: list[list[str]] = []
+    width = MAX_SHEET_COLUMNS
     for row in sheet.iter(f"{SHEET_NS}row"):
         cells: dict[int, str] = {}
         for position, cell in enumerate(row.iter(f"{SHEET_NS}c")):
-            cells[cell_column(cell.get("r"), position)] = xlsx_cell_text(cell, strings)
+            column = cell_column(cell.get("r"), position)
+            if column < width:  # a stray cell far to the right cannot widen every row
+                cells[column] = xlsx_cell_text(cell, strings)
+        if not rows and cells:
+            width = max(cells) + 1  # the header row sets the table's width
         rows.append([cells.get(index, "") for index in range(max(cells, default=-1) + 1)])
     return rows
 
@@ -1985,7 +2001,7 @@ def records_from_jsonl(text: str, name: str) -> list[Any]:
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise GenerationError(f"{name} line {number} is not valid JSON: {exc}") from None
     return records
 
@@ -2033,13 +2049,15 @@ def id_column(columns: list[str], records: list[dict[str, Any]]) -> str | None:
 
 def dropped_reason(column: str, values: list[str], label: str, rows: int) -> str | None:
     """Why a column is neither speech nor an attribute, or None when it is one of them."""
-    key, words = squash(column.rpartition(".")[2]), f"{column} {label}".lower()
-    if key in PERSONAL_COLUMNS or "email" in key or (values and all(EMAIL_VALUE.fullmatch(v) for v in values)):
+    name = column.rpartition(".")[2].strip()
+    key, words = squash(name), f"{column} {label}".lower()
+    short = len(re.findall(r"[A-Za-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", name))) <= 3  # a name, not a question
+    if key in PERSONAL_COLUMNS or (short and "email" in key) or (values and all(EMAIL_VALUE.fullmatch(v) for v in values)):
         return "personal data"
-    if key in REPLY_COLUMNS or "reply" in key or "replied" in key:
+    if key in REPLY_COLUMNS or (short and ("reply" in key or "replied" in key)):
         return "replies to the participant"
     if key in METADATA_COLUMNS or key.startswith(("recipient", "customdata", "embeddeddata")) or \
-            re.search(r"(?:^|[_ .-])id$|[a-z]Id$|sentiment", column.strip(), re.IGNORECASE):
+            re.search(r"(?:^|[_ .-])(?:id|ID|Id)$|[a-z]Id$", name) or (short and "sentiment" in key):
         return "metadata"
     if values and all(TIMESTAMP_VALUE.fullmatch(v) or IP_VALUE.fullmatch(v) or v.startswith(("http://", "https://"))
                       for v in values):
@@ -2062,6 +2080,8 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
     if len(values) >= 10 and len(set(values)) >= 0.9 * len(values) and sum(len(v.split()) for v in values) >= 2 * len(values):
         return True  # nearly every answer its own words: a review's title, a one-line comment
     choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
+    if not choices:  # nothing but separators: nothing said
+        return False
     if len(choices) <= 12 and len(values) >= 2 * len(choices) and max(map(len, choices)) <= 60:
         return False
     return sum(map(len, values)) / len(values) >= 30 or max(len(value.split()) for value in values) >= 12
@@ -2219,18 +2239,19 @@ def caption_lines(text: str) -> str:
 
 
 def merge_caption_lines(lines: list[str]) -> list[str]:
-    """Consecutive cues of one speaker as one turn."""
-    merged: list[str] = []
+    """Consecutive cues of one speaker as one turn (pieces joined once, so long captions stay linear)."""
+    merged: list[list[str]] = []
+    speaker: str | None = None
     for line in lines:
         label = SPEAKER_TURN.match(line[:LABEL_SCAN])
-        previous = SPEAKER_TURN.match(merged[-1][:LABEL_SCAN]) if merged else None
-        if label and previous and label.group("label") == previous.group("label"):
-            merged[-1] += " " + line[label.end():].strip()
+        if label and merged and label.group("label") == speaker:
+            merged[-1].append(line[label.end():].strip())
         elif not label and merged:
-            merged[-1] += " " + line
+            merged[-1].append(line)
         else:
-            merged.append(line)
-    return merged
+            merged.append([line])
+            speaker = label.group("label") if label else None
+    return [" ".join(parts) for parts in merged]
 
 
 def speaker_key(label: str) -> str:
@@ -2367,20 +2388,24 @@ def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files
         recurring = {s for s in speakers if files_with[s] >= max(2, files / 2)}
         if recurring and len(recurring) < len(speakers):
             return recurring, "appears across the study's files"
-    asks = {s: question_share(transcript, s) for s in speakers}
-    best = max(speakers, key=lambda s: (asks[s], -words_of(transcript, s)))
+    asks, words = question_shares(transcript)
+    best = max(speakers, key=lambda s: (asks[s], -words[s]))
     if asks[best] > 0 and all(asks[best] > asks[s] for s in speakers if s != best):
         return {best}, "asks the questions"
     return set(), ""
 
 
-def question_share(transcript: Transcript, speaker: str) -> float:
-    turns = [words for s, words in transcript.turns if s == speaker]
-    return sum("?" in words for words in turns) / len(turns)
-
-
-def words_of(transcript: Transcript, speaker: str) -> int:
-    return sum(len(words.split()) for s, words in transcript.turns if s == speaker)
+def question_shares(transcript: Transcript) -> tuple[dict[str, float], Counter[str]]:
+    """Per speaker, the share of their turns that ask something, and how many words they said; one pass."""
+    turns: Counter[str] = Counter()
+    questions: Counter[str] = Counter()
+    words: Counter[str] = Counter()
+    for speaker, said in transcript.turns:
+        if speaker:
+            turns[speaker] += 1
+            questions[speaker] += "?" in said
+            words[speaker] += len(said.split())
+    return {speaker: questions[speaker] / turns[speaker] for speaker in turns}, words
 
 
 def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[Participant], list[str]]:
@@ -2478,11 +2503,20 @@ def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -
     except APIError as exc:
         raise GenerationError(exc.message) from None
     root = real_root(data_dir)
-    files, skipped = folder_files(path, root) if path.is_dir() else ([path], [])
-    check_source_size(data, files, max_mb)
+    try:  # the folder may have changed since it was checked at submission
+        files, skipped = folder_files(path, root) if path.is_dir() else ([path], [])
+        check_source_size(data, files, max_mb)
+    except APIError as exc:
+        raise GenerationError(exc.message) from None
+    except OSError as exc:
+        raise GenerationError(f"data source {data!r} cannot be read: {exc.strerror or type(exc).__name__}") from None
     reader, digests = SourceReader(), []
     for file in files:
-        raw = file.read_bytes()
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise GenerationError(f"{file.relative_to(root).as_posix()} cannot be read: "
+                                  f"{exc.strerror or type(exc).__name__}") from None
         relative = file.relative_to(root).as_posix()
         digest = hashlib.sha256(raw).hexdigest()
         digests.append(f"{relative}\0{digest}")
@@ -3200,7 +3234,7 @@ def persona_title(corpus: Corpus, members: list[int], attribute: tuple[str, str]
             return title
     if lead and lead[:-2] not in taken:
         return lead[:-2]
-    return f"{lead or 'Segment'} {len(taken) + 1}".strip()
+    return f"{lead[:-2] if lead else 'Segment'} {len(taken) + 1}"
 
 
 def summarise_attributes(people: list[Participant], total: int, labels: Mapping[str, str]) -> JSON:
@@ -3237,7 +3271,7 @@ def summarise_values(values: list[str], people: int) -> str:
         median = numbers[len(numbers) // 2] if len(numbers) % 2 else (numbers[len(numbers) // 2 - 1] + numbers[len(numbers) // 2]) / 2
         low, high = numbers[0], numbers[-1]
         return f"{low:g}" if low == high else f"median {median:g}, range {low:g}–{high:g}"
-    choices = Counter(part.strip() for value in values for part in value.split(";") if part.strip())
+    choices = Counter(part.strip() for value in values for part in value.split(";") if part.strip()) or Counter(values)
     value, times = min(choices.items(), key=lambda item: (-item[1], item[0]))
     return f"{value} ({times / people:.0%})"
 
@@ -3849,7 +3883,7 @@ def normalised_counts(counts: Counter[str]) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 ENGINE_THREADS: list[ThreadPoolExecutor] = []  # one small pool for small data, made when first needed
-ENGINE_SLOTS: dict[int, asyncio.Semaphore] = {}  # per event loop: engine computations at once
+ENGINE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 def engine_threads() -> ThreadPoolExecutor:
@@ -3860,10 +3894,10 @@ def engine_threads() -> ThreadPoolExecutor:
 
 def engine_slot() -> asyncio.Semaphore:
     """This process's engine computations at once: ENGINE_WORKERS, so memory and CPU stay bounded."""
-    loop_id = id(asyncio.get_running_loop())
-    if loop_id not in ENGINE_SLOTS:
-        ENGINE_SLOTS[loop_id] = asyncio.Semaphore(ENGINE_WORKERS)
-    return ENGINE_SLOTS[loop_id]
+    loop = asyncio.get_running_loop()
+    if loop not in ENGINE_SLOTS:
+        ENGINE_SLOTS[loop] = asyncio.Semaphore(ENGINE_WORKERS)
+    return ENGINE_SLOTS[loop]
 
 
 def is_large(people: list[Participant]) -> bool:
@@ -3906,14 +3940,19 @@ async def child_result(function: Callable[..., Any], *args: Any) -> Any:
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=child_main, args=(sender, function, args, os.getpid()), daemon=True,
                             name="persona-engine")
+    starting = asyncio.ensure_future(asyncio.to_thread(child.start))  # pickling large data would hold the loop
     try:
-        await asyncio.to_thread(child.start)  # pickling large data would hold the event loop
+        await asyncio.shield(starting)
         sender.close()
         ok, value = await asyncio.to_thread(receive_or_eof, receiver)
     finally:  # also when cancelled: the child's end closes as it dies, which ends the read
-        if child.is_alive():
-            child.kill()
-        child.join(5)
+        if not starting.done():  # cancelled while starting: let the start finish, so the child can be killed
+            with contextlib.suppress(BaseException):
+                await starting
+        if child.pid is not None:
+            if child.is_alive():
+                child.kill()
+            child.join(5)
         receiver.close()
     if ok:
         return value
@@ -4166,7 +4205,9 @@ def remove_partial_folders(output_dir: Path) -> int:
     with contextlib.suppress(OSError):
         for path in output_dir.glob(".*~*~*~*.partial"):
             _, host, pid, _ = path.name.rsplit("~", 3)
-            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+            # at start-up this process has written nothing yet: a folder under its pid is a dead namesake's
+            # (a container's server is PID 1 on every start)
+            if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
     return removed
@@ -4427,9 +4468,10 @@ class JobRunner(ClaimLoop):
         if not self.settings.retention_days:
             return
         cutoff = epoch_to_iso(time.time() - self.settings.retention_days * 86400)
-        while paths := await self.store.purge_finished_jobs(cutoff):
+        while True:
+            deleted, paths = await self.store.purge_finished_jobs(cutoff, RETENTION_BATCH)
             await asyncio.to_thread(remove_output_folders, self.settings.output_dir, paths)
-            if len(paths) < RETENTION_BATCH:
+            if deleted < RETENTION_BATCH:
                 break
 
     async def _requeue(self, job_id: str, claimed_by: str) -> None:
@@ -4637,6 +4679,8 @@ def describe_send_error(exc: Exception, timeout: float) -> str:
 UNLIMITED_PATHS = frozenset({"/api/v1/health"})
 JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
 WEBHOOK_ID = re.compile(r"^webhook-[0-9a-f]{12}$")
+# A path segment that reads as a token: long, or of letters and digits together.
+SECRET_SEGMENT = re.compile(r"[A-Za-z0-9_-]{24,}|(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_-]{16,}")
 
 
 class MemoryRateLimiter:
@@ -5044,8 +5088,16 @@ def token_presented(request: Request) -> bool:
 
 
 def webhook_for_reader(webhook: JSON, whole: bool) -> JSON:
-    """Anyone may read webhooks; a URL's query and user info, where tokens live, only with a valid token."""
-    return webhook if whole else {**webhook, "url": shown_url(webhook["url"])}
+    """Anyone may read webhooks; a URL's secrets only with a valid token.
+
+    Tokens live in the query and the user info, and in path segments such as Slack's and
+    Discord's (`/services/T…/B…/<secret>`): long segments of letters and digits are hidden too.
+    """
+    if whole:
+        return webhook
+    parts = urlsplit(shown_url(webhook["url"]))
+    path = "/".join("…" if SECRET_SEGMENT.fullmatch(segment) else segment for segment in parts.path.split("/"))
+    return {**webhook, "url": parts._replace(path=path).geturl()}
 
 
 async def get_webhook(request: Request) -> JSONResponse:

@@ -148,7 +148,8 @@ def test_at_debug_the_log_holds_no_participants_words_and_no_webhook_secret(star
 
 @pytest.mark.parametrize("address", [
     "::7f00:1", "64:ff9b::7f00:1", "2002:7f00:1::", "2002:c0a8:101::", "fec0::1",
-    "192.0.0.1", "198.18.0.1", "192.0.2.1", "198.51.100.1", "203.0.113.1",
+    "192.0.0.1", "192.0.0.8", "198.18.0.1", "192.0.2.1", "198.51.100.1", "203.0.113.1", "::ffff:0:7f00:1",
+    "2001:db8::1",
 ])
 def test_an_address_that_is_not_globally_reachable_is_refused_however_it_is_written(address: str) -> None:
     reason = persona.address_refusal(address, private_allowed=False)
@@ -495,3 +496,96 @@ def test_a_line_of_spaces_after_a_colon_leaves_health_answering_fast(server: Ser
         job = wait_for(ended, timeout=30, what="the job to end")
     assert max(latencies) < 1.0, latencies
     assert job["status"] == "completed" or (job["error"] and "internal" not in job["error"].lower())
+
+
+# -- from review: odd input never becomes a traceback, secrets in paths stay hidden ---------------
+
+
+@pytest.mark.parametrize("url", [
+    "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+    "https://discord.com/api/webhooks/123456789012345678/abcDEF123_ghiJKL456-mnoPQR789stuVWX",
+])
+def test_a_webhook_secret_in_the_path_is_hidden_from_readers_without_a_token(url: str) -> None:
+    shown = persona.webhook_for_reader({"url": url}, whole=False)["url"]
+    assert url.rsplit("/", 1)[1] not in shown and shown.endswith("/…")
+    assert persona.webhook_for_reader({"url": url}, whole=True)["url"] == url
+
+
+def test_attributes_of_nothing_but_separators_neither_crash_loading_nor_the_demographics() -> None:
+    records = [{"participant_id": f"P{i}", "answer": f"I keep my own notes of shift number {i} because the app loses them.",
+                "role": role} for i, role in enumerate([",", ";", ";", "Nurse", "Nurse", ",;"])]
+    dataset = persona.load_inline(records)
+    personas, _ = persona.offline_personas(dataset, 1, {"group_by": "role"})
+    assert personas and all(isinstance(value, (str, int, float)) for value in personas[0]["demographics"].values())
+
+
+def test_json_lines_nested_too_deeply_fail_the_file_not_the_server(tmp_path: Path) -> None:
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(persona.GenerationError, match="deep.jsonl line 1"):
+        persona.load_path("deep.jsonl", tmp_path)
+
+
+def test_a_damaged_word_file_fails_naming_it(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("word/document.xml", "<w:document>" + "Interviewer: how? " * 2000 + "</w:document>")
+    raw = bytearray(buffer.getvalue())
+    raw[120:124] = b"\xff\xff\xff\xff"  # inside the compressed part
+    (tmp_path / "broken.docx").write_bytes(bytes(raw))
+    with pytest.raises(persona.GenerationError, match="broken.docx"):
+        persona.load_path("broken.docx", tmp_path)
+
+
+@pytest.mark.parametrize("question", [
+    "Tell us about the last time you got paid", "How quickly did support reply to you?",
+    "Did our emails help? Tell us why", "What went wrong with Android",
+])
+def test_a_question_that_merely_contains_id_reply_or_email_is_still_what_people_said(question: str) -> None:
+    answers = ["The payment arrived two weeks late and nobody told me why it was delayed.",
+               "I had to phone three times before anyone looked at my ticket properly.",
+               "The reminder emails were useful but they arrived after the deadline had passed.",
+               "The Android app crashed every time I opened the attachments from my manager.",
+               "Support answered within an hour and fixed the problem with my account quickly.",
+               "I could not find the export button until a colleague showed me the menu."]
+    records = [{"participant_id": f"P{i}", "plan": "Free" if i % 2 else "Pro", question: answer}
+               for i, answer in enumerate(answers)]
+    dataset = persona.load_inline(records)
+    assert [person.texts for person in dataset.participants] == [[answer] for answer in answers]
+
+
+def test_a_huge_column_reference_in_a_sheet_does_not_widen_every_row(tmp_path: Path) -> None:
+    import zipfile
+
+    ns = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    rows = "".join(f'<row r="{n}"><c r="A{n}" t="inlineStr"><is><t>P{n}</t></is></c>'
+                   f'<c r="B{n}" t="inlineStr"><is><t>I keep notes of every shift I work, row {n}.</t></is></c>'
+                   f'<c r="XFD{n}" t="inlineStr"><is><t>x</t></is></c></row>' for n in range(2, 400))
+    header = ('<row r="1"><c r="A1" t="inlineStr"><is><t>participant_id</t></is></c>'
+              '<c r="B1" t="inlineStr"><is><t>comment</t></is></c></row>')
+    with zipfile.ZipFile(tmp_path / "wide.xlsx", "w") as archive:
+        archive.writestr("xl/worksheets/sheet1.xml", f'<worksheet xmlns="{ns}"><sheetData>{header}{rows}</sheetData></worksheet>')
+    table = persona.xlsx_rows((tmp_path / "wide.xlsx").read_bytes(), "wide.xlsx")
+    assert max(map(len, table)) == 2
+    assert len(persona.load_path("wide.xlsx", tmp_path).participants) == 398
+
+
+async def test_retention_goes_on_past_a_batch_of_failed_jobs_without_folders(tmp_path: Path) -> None:
+    store = persona.Store(tmp_path / "p.db")
+    await store.open()
+    for _ in range(5):
+        job_id, _ = await store.create_job("ip:x", {"data": "a.csv"}, 100, None)
+        await store.write(persona.SQL_CANCEL_JOB, ("2020-01-01T00:00:00Z", job_id))
+    runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db", retention_days=1,
+                                                       output_dir=tmp_path / "out"), lambda: None)
+    original = persona.RETENTION_BATCH
+    persona.RETENTION_BATCH = 2  # failed jobs have no folder: the loop must count jobs, not folders
+    try:
+        await runner.apply_retention()
+    finally:
+        persona.RETENTION_BATCH = original
+    jobs, total = await store.list_jobs(None, 100, 0)
+    assert jobs == [] and total == 0
+    await store.close()
