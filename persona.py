@@ -5919,7 +5919,9 @@ def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON
     async def report(progress: int, stage: str) -> None:
         display.update(progress, stage)
 
-    settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True)
+    cap = os.environ.get(ENV_VARS["max_source_mb"])  # the one server setting that applies here too
+    settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True,
+                        max_source_mb=parse_setting("max_source_mb", cap) if cap else Settings.max_source_mb)
     result = asyncio.run(generate(new_job_id(), request, new_id("exp"), settings, report))
     display.update(100, "done")
     return result

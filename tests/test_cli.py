@@ -194,3 +194,11 @@ def test_each_worker_process_logs_its_startup_line(start_server) -> None:
 def test_the_startup_line_says_rate_limit_off_or_per_minute() -> None:
     assert "; rate limit off;" in persona.describe_startup(persona.Settings(rate_limit=0))
     assert "; rate limit 100/min;" in persona.describe_startup(persona.Settings(rate_limit=100))
+
+
+def test_generate_caps_a_local_source_by_the_variable_the_server_reads(tmp_path: Path) -> None:
+    rows = "".join(f"P{n},I keep my own notes of every shift because the app loses them, number {n}.\n" for n in range(30000))
+    (tmp_path / "big.csv").write_text("participant_id,response\n" + rows)
+    result = run_persona("generate", str(tmp_path / "big.csv"), cwd=tmp_path, env={"PERSONA_MAX_SOURCE_MB": "1"})
+    assert result.returncode == 1
+    assert "over the 1 MiB cap" in result.stderr and "PERSONA_MAX_SOURCE_MB" in result.stderr
