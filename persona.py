@@ -2689,7 +2689,8 @@ CUES = {
         re.IGNORECASE,
     ),
     "goals": re.compile(
-        r"\b(?:i want to|i want (?:a|an|the|more|it)|i'd like|i would like|i need (?:to|a|an|the|more|it)|we need|"
+        r"\b(?:i want to|i want (?:a|an|the|more|it|my|our|this|that|them)|i'd like|i would like|"
+        r"i need (?:to|a|an|the|more|it|my|our|this|that)|we need|"
         r"i wish|i hope|my goal|our goal|i'm trying to|i am trying to|"
         r"it would be (?:great|nice|good|helpful|useful|better) (?:if|to)|ideally|i'd love|i would love|"
         r"i'm looking for|i am looking for|so that i can|so i can|i'd rather|what matters|important to me|"
