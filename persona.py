@@ -2188,7 +2188,7 @@ NOTICE = re.compile(r"\b(?:(?:is|are|being|been) (?:being )?recorded|recording (
 SMALL_TALK = re.compile(r"(?:hi|hello|hey|good (?:morning|afternoon|evening)|thanks?|thank you|nice to (?:meet|see)|"
                         r"bye|goodbye|see you|can you hear me|you(?:'re| are) (?:on )?mute\w*|how are you|"
                         r"(?:i'm|i am) (?:good|fine|well))\b", re.IGNORECASE)
-TURN_SPLIT = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+")
+SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+|\n+")  # how turns, answers and reviews split into sentences
 
 
 @dataclass
@@ -2356,7 +2356,7 @@ def clean_turn(text: str) -> str:
     """A turn without non-speech cues, recording notices or small talk; paragraphs stay apart."""
     paragraphs = []
     for paragraph in NON_SPEECH.sub("", text).split("\n"):
-        kept = [s.strip() for s in TURN_SPLIT.split(paragraph) if s.strip() and not NOTICE.search(s) and not is_small_talk(s)]
+        kept = [s.strip() for s in SENTENCE_END.split(paragraph) if s.strip() and not NOTICE.search(s) and not is_small_talk(s)]
         if kept:
             paragraphs.append(" ".join(kept))
     return "\n".join(paragraphs)
@@ -2662,7 +2662,6 @@ der das und ist nicht zu mit von ein eine auf dem sich auch ich sie wir o os um 
 della il gli
 """.split())
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
-SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+|\n+")
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
 MAX_FEATURES = 5000
 MAX_SPAN_WORDS = 6  # a title phrase's words, with those between its two content words
@@ -2861,12 +2860,12 @@ def tfidf_vector(count: Mapping[str, int], vocabulary: dict[str, int], idf: list
     return normalised(vector)
 
 
-def normalised(vector: dict[int, float]) -> dict[int, float]:
+def normalised(vector: dict[Any, float]) -> dict[Any, float]:
     norm = math.sqrt(sum(weight * weight for weight in vector.values()))
     return {index: weight / norm for index, weight in vector.items()} if norm else vector
 
 
-def similarity(vector: Mapping[int, float], centroid: Mapping[int, float]) -> float:
+def similarity(vector: Mapping[Any, float], centroid: Mapping[Any, float]) -> float:
     return sum(weight * centroid.get(index, 0.0) for index, weight in vector.items())
 
 
@@ -3133,7 +3132,7 @@ def tidy_spoken(sentence: str) -> str:
     """A list item in clean words: fillers (um, you know) and stutters (the, the) go; nothing else changes."""
     text = STUTTER.sub(r"\1", FILLER.sub("", sentence))
     text = re.sub(r"\s+([,.!?;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
-    return text[:1].upper() + text[1:] if text else sentence
+    return sentence_case(text) if text else sentence
 
 
 def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[Sentence]:
@@ -3844,11 +3843,11 @@ def quality_report(people: list[Participant], personas: list[JSON]) -> JSON:
     members = [[known[pid] for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
                for persona in personas]
     covered = {person.id for group in members for person in group}
-    vectors = [normalised_counts(persona_words(persona)) for persona in personas]
+    vectors = [normalised(dict(persona_words(persona))) for persona in personas]
     report = []
     for index, (persona, group) in enumerate(zip(personas, members)):
-        overlap = max((sum(w * vectors[other].get(t, 0.0) for t, w in vectors[index].items())
-                       for other in range(len(personas)) if other != index), default=0.0)
+        overlap = max((similarity(vectors[index], vectors[other]) for other in range(len(personas)) if other != index),
+                      default=0.0)
         report.append({"id": persona.get("id"), "participants": len(group), "support": support(persona, group),
                        "overlap": round(overlap, 4)})
     return {"coverage": round(len(covered) / len(people), 4) if people else 0.0,
@@ -3872,11 +3871,6 @@ def persona_words(persona: JSON) -> Counter[str]:
     texts = [persona.get("title", "")] + persona.get("themes", []) + persona.get("quotes", [])
     texts += [item for key in PERSONA_LISTS for item in persona.get(key, [])]
     return Counter(token for text in texts if isinstance(text, str) for token, _ in content_words(text))
-
-
-def normalised_counts(counts: Counter[str]) -> dict[str, float]:
-    norm = math.sqrt(sum(value * value for value in counts.values()))
-    return {term: value / norm for term, value in counts.items()} if norm else {}
 
 
 # ---------------------------------------------------------------------------
@@ -4250,11 +4244,7 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
     (a crash before then spends none of the job's attempts).
     """
     provider = request.get("provider") or pick_provider(request)
-    if provider != "local":
-        if begin is not None:
-            await begin()
-        return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at)
-    async with engine_slot():
+    async with engine_slot() if provider == "local" else contextlib.nullcontext():
         if begin is not None:
             await begin()
         return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at)
@@ -4427,7 +4417,6 @@ class JobRunner(ClaimLoop):
     """Claims pending jobs and runs them in this process."""
 
     name = "job-runner"
-    release_sql = SQL_RELEASE_JOB
 
     def __init__(self, store: Store, settings: Settings, on_finished: Callable[[], None]) -> None:
         super().__init__(store, settings)
