@@ -3143,25 +3143,33 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[S
     return pick_spread(fresh or first_person or speakable or sentences, count)
 
 
-def term_shares(corpus: Corpus, members: list[int]) -> tuple[dict[int, float], dict[int, float]]:
-    """For each word or pair: the share of the segment that uses it, and of everyone else."""
-    inside: Counter[int] = Counter(t for i in members for t in corpus.users[i])
+@dataclass
+class SegmentTerms:
+    """What a segment says, counted once for its title and themes: per word or pair, the
+    share of its participants who use it (`inside`) and of everyone else (`outside`)."""
+
+    size: int
+    inside: dict[str, float]
+    outside: dict[str, float]
+
+
+def term_shares(corpus: Corpus, members: list[int]) -> SegmentTerms:
+    used: Counter[int] = Counter(t for i in members for t in corpus.users[i])
+    terms = {index: term for term, index in corpus.vocabulary.items()}
     rest = max(1, len(corpus.people) - len(members))
-    return ({t: c / len(members) for t, c in inside.items()},
-            {t: (corpus.speakers[t] - inside[t]) / rest for t in inside})
+    return SegmentTerms(len(members), {terms[t]: times / len(members) for t, times in used.items()},
+                        {terms[t]: (corpus.speakers[t] - times) / rest for t, times in used.items()})
 
 
-def distinctive_terms(corpus: Corpus, members: list[int], count: int, pairs_only: bool = False) -> list[str]:
+def distinctive_terms(corpus: Corpus, shares: SegmentTerms, count: int, pairs_only: bool = False) -> list[str]:
     """Words and pairs this segment says more than the others, said by a good share of it.
 
     A pair counts only where it reads as a phrase (it has a surface form to show).
     """
-    inside, outside = term_shares(corpus, members)
-    terms = {index: term for term, index in corpus.vocabulary.items()}
-    floor = min(0.25, 2 / len(members)) if len(members) > 1 else 1.0
-    scored = sorted((((inside[t] ** 2) / (inside[t] + outside[t]) + (0.05 if " " in terms[t] else 0.0), terms[t]) for t in inside
-                     if inside[t] >= floor and (" " not in terms[t] or terms[t] in corpus.display)
-                     and (" " in terms[t] or not pairs_only)),
+    inside, outside = shares.inside, shares.outside
+    floor = min(0.25, 2 / shares.size) if shares.size > 1 else 1.0
+    scored = sorted((((inside[t] ** 2) / (inside[t] + outside[t]) + (0.05 if " " in t else 0.0), t) for t in inside
+                     if inside[t] >= floor and (" " not in t or t in corpus.display) and (" " in t or not pairs_only)),
                     key=lambda pair: (-pair[0], pair[1]))
     chosen: list[str] = []
     for _, term in scored:
@@ -3198,12 +3206,10 @@ def distinguishing_attribute(people: list[Participant], everyone: list[Participa
     return best
 
 
-def pair_with(corpus: Corpus, members: list[int], word: str) -> str | None:
+def pair_with(corpus: Corpus, shares: SegmentTerms, word: str) -> str | None:
     """The phrase around a distinctive word that most of the segment says: `swap` -> `swap shifts`."""
-    inside, _ = term_shares(corpus, members)
-    terms = {index: term for term, index in corpus.vocabulary.items()}
-    pairs = [(share, terms[t]) for t, share in inside.items()
-             if " " in terms[t] and word in terms[t].split() and terms[t] in corpus.display]
+    pairs = [(share, term) for term, share in shares.inside.items()
+             if " " in term and word in term.split() and term in corpus.display]
     return min(pairs, key=lambda pair: (-pair[0], pair[1]))[1] if pairs else None
 
 
@@ -3211,14 +3217,14 @@ def sentence_case(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def persona_title(corpus: Corpus, members: list[int], attribute: tuple[str, str] | None, taken: set[str]) -> str:
+def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, str] | None, taken: set[str]) -> str:
     """What sets the segment apart: a phrase its participants use, led by a shared attribute value.
 
     `Nurse: swap shifts`, `Locked out of the account`; never a lone stop word or an id.
     """
-    singles = [term for term in distinctive_terms(corpus, members, 4) if " " not in term]
-    pairs = distinctive_terms(corpus, members, 4, pairs_only=True) + [p for p in map(
-        functools.partial(pair_with, corpus, members), singles) if p]
+    singles = [term for term in distinctive_terms(corpus, shares, 4) if " " not in term]
+    pairs = distinctive_terms(corpus, shares, 4, pairs_only=True) + [p for p in map(
+        functools.partial(pair_with, corpus, shares), singles) if p]
     words = [corpus.display.get(t, t) for t in singles]
     lead = f"{sentence_case(attribute[1])}: " if attribute else ""
     candidates = [corpus.display[t] for t in dict.fromkeys(pairs)]
@@ -3306,12 +3312,13 @@ def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, t
     used = {s.text for found in lists.values() for s in found}
     quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail])
     theme_count = THEME_COUNTS[config.get("complexity", "moderate")]
-    themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, members, theme_count)] or \
+    shares = term_shares(corpus, members)
+    themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or \
         frequent_words(people, theme_count)
     demographics = summarise_attributes(people, len(corpus.people), labels)
     name = persona_name(ids, taken["names"])
     attribute = distinguishing_attribute(people, corpus.people)
-    title = segment.name or persona_title(corpus, members, attribute, taken["titles"])
+    title = segment.name or persona_title(corpus, shares, attribute, taken["titles"])
     taken["names"].add(name)
     taken["titles"].add(title)
     persona_id = f"persona-{number:03d}"
@@ -3782,7 +3789,8 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
     async with engine_slot():
         corpus = await run_engine(people, build_corpus, people)
         segments = await run_engine(people, segments_for, corpus, count, config)
-    summaries = [segment.name or ", ".join(corpus.display.get(t, t) for t in distinctive_terms(corpus, segment.members, 4))
+    summaries = [segment.name or ", ".join(corpus.display.get(t, t) for t in
+                                           distinctive_terms(corpus, term_shares(corpus, segment.members), 4))
                  for segment in segments]
     done = 0
 
