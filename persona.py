@@ -4772,7 +4772,8 @@ class SharedRateLimiter:
 class RateLimiter:
     """Counts in this process while it is its database's only server, in the database once others share it.
 
-    Workers of one server and separate servers on one database alike then share one count.
+    Separate servers on one database then share one count. Workers of one server count in
+    the database from the start: each knows the others are coming before they have joined.
     """
 
     def __init__(self, limit: int, store: Store, peers: PeerWatch) -> None:
@@ -5582,7 +5583,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.store = store
         peers = PeerWatch(settings.db)
         if settings.rate_limit:
-            app.state.limiter = RateLimiter(settings.rate_limit, store, peers)
+            app.state.limiter = (SharedRateLimiter(settings.rate_limit, store) if settings.workers > 1
+                                 else RateLimiter(settings.rate_limit, store, peers))
         app.state.dispatcher = WebhookDispatcher(store, settings)
         app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
         app.state.dispatcher.start()
