@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiosqlite
 from starlette.applications import Starlette
@@ -110,7 +110,7 @@ class Settings:
     workers: int = 1
     log_level: str = "info"
     auth_tokens: tuple[str, ...] = ()
-    db: Path = Path("persona.db")
+    db: Path | str = Path("persona.db")  # a SQLite file, or a postgresql:// URL
     data_dir: Path = Path(".")
     output_dir: Path = Path("output")
     rate_limit: int = 100
@@ -184,6 +184,8 @@ def parse_setting(name: str, raw: str) -> Any:
         return raw or None
     if name == "retention_days":
         return parse_seconds(label, raw, unit="days (0 keeps jobs for ever)")
+    if name == "db" and is_postgres_url(raw):
+        return raw
     if name in ("db", "data_dir", "output_dir"):
         return Path(raw).expanduser()
     if name == "log_level":
@@ -191,6 +193,22 @@ def parse_setting(name: str, raw: str) -> Any:
             raise ConfigError(f"{label} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
         return raw.lower()
     return raw
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+def shown_db(db: Path | str) -> str:
+    """The database as logs and messages show it: a URL without its password."""
+    if isinstance(db, Path):
+        return str(db.resolve())
+    parts = urlsplit(db)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = urlencode([(key, "***" if key == "password" else value) for key, value in parse_qsl(parts.query)], safe="/")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def parse_switch(label: str, raw: str) -> bool | None:
@@ -275,12 +293,15 @@ class APIError(Exception):
         self.headers = dict(headers or {})
 
 
-class DatabaseUnavailable(APIError):
-    """The database refused a write (disk full, read-only, file gone); nothing was saved."""
+class StorageUnavailable(Exception):
+    """The database cannot be used right now (it refused a write, or cannot be reached); nothing was saved.
+
+    The only error a store lets out: the HTTP layer answers it with a 503, and the
+    background loops wait it out.
+    """
 
     def __init__(self, reason: str) -> None:
-        super().__init__(503, f"The database cannot take writes right now ({reason}); nothing was saved; "
-                              "try again shortly", {"reason": reason})
+        super().__init__(reason)
         self.reason = reason
 
 
@@ -593,7 +614,344 @@ WEBHOOK_CHECK = compile_check(WEBHOOK_SCHEMA)
 
 
 # ---------------------------------------------------------------------------
-# Store
+# Store: what both databases share
+# ---------------------------------------------------------------------------
+
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: dumps() makes one per call
+
+
+def json_bytes(value: Any) -> bytes:
+    return JSON_ENCODER.encode(value).encode("utf-8")
+
+
+def epoch_to_iso(clock: float) -> str:
+    return datetime.fromtimestamp(clock, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utc_now() -> str:
+    """ISO 8601 in UTC to the second, formatted once per second (it is on every write)."""
+    second = int(time.time())
+    if UTC_NOW_CACHE[0] != second:
+        UTC_NOW_CACHE[:] = [second, epoch_to_iso(second)]
+    return UTC_NOW_CACHE[1]
+
+
+UTC_NOW_CACHE: list[Any] = [0, ""]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+JOB_SERIALS = itertools.count(secrets.randbits(16))  # this process's run of job id endings, from a random start
+
+
+def new_job_id() -> str:
+    """A job id: 8 hex digits of milliseconds (wrapping every 49 days), then 4 of this process's serial.
+
+    Ids made close in time sit close in the job_id index, so a commit of many new jobs
+    rewrites a few index pages rather than one page per job; with random ids, inserts
+    slowed down as the table grew. One process never repeats an id; two processes may,
+    rarely, in the same millisecond, and the insert then retries under new ids.
+    """
+    return f"job-{int(time.time() * 1000) & 0xFFFFFFFF:08x}{next(JOB_SERIALS) & 0xFFFF:04x}"
+
+
+def own_experiment(job_id: str) -> str:
+    """A job without an experiment name is an experiment of its own, named after it."""
+    return f"exp-{job_id[4:]}"
+
+
+class Coalescer:
+    """Calls made while one batch is in flight wait together for the next single batch.
+
+    Each trip to the database costs a round trip; under load this turns many trips
+    into one, and with no load a call goes at once, alone.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], Awaitable[dict[Any, Any]]]) -> None:
+        self.run_batch = run_batch
+        self.waiting: dict[Any, list[asyncio.Future[Any]]] = {}
+        self.busy = False
+
+    async def get(self, key: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(key, []).append(future)
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, {}
+                try:
+                    results = await self.run_batch(list(batch))
+                except Exception as exc:  # every caller in the batch gets the failure
+                    results = {key: exc for key in batch}
+                for key, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            outcome = results.get(key)
+                            if isinstance(outcome, Exception):
+                                future.set_exception(outcome)
+                            else:
+                                future.set_result(outcome)
+        finally:
+            self.busy = False
+
+
+@dataclass
+class NewJob:
+    """A submission waiting for the next batch of inserts."""
+
+    owner: str
+    request: str  # as JSON text
+    limit: int  # the owner's concurrent-jobs quota
+    experiment: str | None  # config.experiment
+    idempotency: tuple[str, str] | None  # (Idempotency-Key, hash of the body)
+
+
+@dataclass
+class Admission:
+    """What became of a submission: its job, or why it has none."""
+
+    job_id: str | None = None
+    replayed: bool = False  # an Idempotency-Key found the job an earlier request made
+    conflict: bool = False  # the Idempotency-Key came before with another body
+    active: int = 0  # refused for the quota: the owner's jobs pending or running
+
+
+class IdTaken(Exception):
+    """A new job's id was already in the database; the batch goes in again under new ids."""
+
+
+@dataclass
+class AdmissionPlan:
+    """A batch of submissions sorted out before its insert: replays, conflicts and jobs to insert.
+
+    Within one batch, a second submission with an earlier one's Idempotency-Key
+    follows it: it gets the earlier one's job, or its refusal.
+    """
+
+    decided: dict[str, Admission]
+    inserts: dict[str, NewJob]
+    follows: dict[str, str]
+
+    @classmethod
+    def of(cls, jobs: dict[str, NewJob], stored: Mapping[tuple[str, str], tuple[str, str]]) -> AdmissionPlan:
+        """`stored` maps (owner, key) to (body hash, job id) for the keys the database holds."""
+        plan, first = cls({}, {}, {}), {}
+        for key, job in jobs.items():
+            if job.idempotency is None:
+                plan.inserts[key] = job
+                continue
+            owner_key, body_hash = (job.owner, job.idempotency[0]), job.idempotency[1]
+            if owner_key in stored:
+                stored_hash, job_id = stored[owner_key]
+                plan.decided[key] = Admission(job_id, replayed=True) if stored_hash == body_hash else Admission(conflict=True)
+            elif owner_key in first:
+                plan.follows[key] = first[owner_key]
+            else:
+                first[owner_key] = key
+                plan.inserts[key] = job
+        return plan
+
+    def kept_keys(self, ids: dict[str, str], inserted: set[str]) -> list[tuple[str, ...]]:
+        """(owner, key, body hash, job id) for each new job whose Idempotency-Key is to be kept."""
+        return [(job.owner, *job.idempotency, ids[key]) for key, job in self.inserts.items()
+                if job.idempotency and ids[key] in inserted]
+
+    def refused_owners(self, ids: dict[str, str], inserted: set[str]) -> set[str]:
+        """Owners of jobs the insert left out: their quota was full."""
+        return {job.owner for key, job in self.inserts.items() if ids[key] not in inserted}
+
+    def settle(self, jobs: dict[str, NewJob], ids: dict[str, str], inserted: set[str],
+               active: Mapping[str, int]) -> dict[str, Admission]:
+        """Every submission's outcome, once the insert is done; `active` counts each refused owner's jobs."""
+        outcomes = {**self.decided}
+        for key, job in self.inserts.items():
+            outcomes[key] = Admission(ids[key]) if ids[key] in inserted else Admission(active=active[job.owner])
+        for key, leader in self.follows.items():
+            found = outcomes[leader]
+            same_body = jobs[key].idempotency == jobs[leader].idempotency
+            if found.job_id is None or not same_body:
+                outcomes[key] = found if same_body else Admission(conflict=True)
+            else:
+                outcomes[key] = Admission(found.job_id, replayed=True)
+        return outcomes
+
+
+def event_payload(job_id: str, event: str, data: JSON, now: str) -> str:
+    """A webhook delivery's body, as its receivers get it."""
+    return json.dumps({"event": event, "timestamp": now, "data": {"job_id": job_id, **data}},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def completed_data(result: JSON) -> JSON:
+    return {"personas_count": len(result["personas"]), "experiment_id": result["experiment_id"],
+            "output_path": result["output_path"]}
+
+
+def requeue_error() -> str:
+    return f"interrupted {MAX_ATTEMPTS} times (the server stopped while the job ran); not retried again"
+
+
+JOB_FIELDS = ("job_id", "status", "progress", "created_at", "started_at", "completed_at", "error")
+
+
+def job_from_row(row: Any, with_result: bool = False) -> JSON:
+    job = {name: row[name] for name in JOB_FIELDS}
+    if with_result:
+        job["result"] = json.loads(row["result"]) if row["result"] else None
+    return job
+
+
+def job_json_from_row(row: Any) -> bytes:
+    """The job as response bytes, its stored result spliced in rather than parsed and re-encoded."""
+    head = json_bytes(job_from_row(row))
+    return head[:-1] + b',"result":' + (row["result"].encode() if row["result"] else b"null") + b"}"
+
+
+def delivery_from_row(row: Any) -> JSON:
+    status = row["status"]
+    return {
+        "delivery_id": row["delivery_id"],
+        "event": row["event"],
+        "job_id": row["job_id"],
+        "status": status,
+        "created_at": row["created_at"],
+        "next_retry_at": epoch_to_iso(row["next_attempt_at"]) if status == "pending" else None,
+        "attempts": json.loads(row["attempts"]) if row["attempts"] else [],
+    }
+
+
+def claimed_delivery(row: Any) -> JSON:
+    return {name: row[name] for name in ("delivery_id", "event", "url", "secret", "payload", "attempts")}
+
+
+def webhook_from_row(row: Any) -> JSON:
+    return {"webhook_id": row["webhook_id"], "url": row["url"], "events": json.loads(row["events"]),
+            "created_at": row["created_at"]}
+
+
+Gone = Callable[[str, float | None], bool]  # whether a claimer is gone, from its id and seconds since it was heard
+
+
+class Store:
+    """What both stores share: batching of reads and submissions, and what health knows of writes.
+
+    The subclasses hold the SQL; every other part of the module goes through their
+    methods, and only StorageUnavailable leaves them.
+    """
+
+    def __init__(self, job_webhook_secret: str | None) -> None:
+        self.job_webhook_secret = job_webhook_secret  # signs each job's own webhook_url
+        self.job_reads = Coalescer(self._read_jobs)
+        self.listings = Coalescer(self._list_jobs_json)
+        self.pings = Coalescer(self._ping)
+        self.new_jobs: dict[str, NewJob] = {}
+        self.job_inserts = Coalescer(self._admit)
+        self.write_trouble: str | None = None  # why the last write failed, until one succeeds
+        self.write_seen_at = -WRITE_CHECK_S  # monotonic time of the last write's outcome
+        self.write_probes = Coalescer(self._probe)
+
+    async def create_job(self, owner: str, request: JSON, limit: int,
+                         idempotency: tuple[str, str] | None) -> Admission:
+        """Queue a job within its owner's quota, or find the one an Idempotency-Key already made.
+
+        Submissions made together go in together: one transaction for the batch, in
+        which each owner's quota is checked, so no number of processes can overshoot it.
+        """
+        key = new_job_id()
+        experiment = request.get("config", {}).get("experiment")
+        self.new_jobs[key] = NewJob(owner, json.dumps(request), limit, experiment, idempotency)
+        return await self.job_inserts.get(key)
+
+    async def _admit(self, keys: list[str]) -> dict[str, Admission]:
+        """Insert a batch; each job goes in under the id it was given, or, should one be taken, all under new ones."""
+        jobs = {key: self.new_jobs.pop(key) for key in keys}
+        ids = {key: key for key in jobs}
+        for _ in range(JOB_ID_ATTEMPTS):
+            with contextlib.suppress(IdTaken):
+                return await self._admit_batch(jobs, ids)
+            ids = {key: new_job_id() for key in jobs}
+        raise StorageUnavailable(f"no free job id after {JOB_ID_ATTEMPTS} tries")
+
+    async def get_job(self, job_id: str) -> JSON | None:
+        row = await self.job_reads.get(job_id)
+        return job_from_row(row, with_result=True) if row else None
+
+    async def get_job_json(self, job_id: str) -> bytes | None:
+        row = await self.job_reads.get(job_id)
+        return job_json_from_row(row) if row else None
+
+    async def list_jobs_json(self, status: str | None, limit: int, offset: int) -> tuple[bytes, int, int]:
+        """A page of jobs as response bytes, with the total and the page's length.
+
+        Identical listings asked for at the same moment share one query and one encoding.
+        """
+        return await self.listings.get((status, limit, offset))
+
+    async def _list_jobs_json(self, keys: list[tuple[str | None, int, int]]) -> dict[Any, Any]:
+        pages = {}
+        for key in keys:
+            jobs, total = await self.list_jobs(*key)
+            pages[key] = (json_bytes(jobs), total, len(jobs))
+        return pages
+
+    async def ping(self) -> None:
+        """Prove the database answers; concurrent health checks share one query."""
+        await self.pings.get(None)
+
+    async def _ping(self, _: list[Any]) -> dict[Any, Any]:
+        await self._read("SELECT 1")
+        return {None: True}
+
+    async def writes_fail(self) -> str | None:
+        """Why writes fail, if they do: the last write's outcome, or a probe write when that is old."""
+        if time.monotonic() - self.write_seen_at >= WRITE_CHECK_S:
+            await self.write_probes.get(None)
+        return self.write_trouble
+
+    async def _probe(self, _: list[Any]) -> dict[Any, Any]:
+        with contextlib.suppress(StorageUnavailable):
+            await self._probe_write()
+        return {None: None}
+
+    def _saw_write(self, trouble: str | None) -> None:
+        self.write_trouble, self.write_seen_at = trouble, time.monotonic()
+
+    async def complete_job(self, job_id: str, worker: str, result: JSON) -> bool:
+        return await self._finish(job_id, worker, "completed", json_bytes(result).decode("utf-8"),
+                                  "generation.completed", completed_data(result))
+
+    async def fail_job(self, job_id: str, worker: str, error: str) -> bool:
+        return await self._finish(job_id, worker, "failed", error, "generation.failed", {"error": error})
+
+    async def requeue_orphans(self, worker: str, gone: Gone) -> list[tuple[str, str]]:
+        """Requeue running jobs whose claimer is gone, or fail those out of attempts: (job id, new status).
+
+        Each update names the claim it ends, so an orphan is requeued once, by whichever
+        process notices first.
+        """
+        changed = []
+        for row in await self._running_claims(worker):
+            if gone(row["claimed_by"], row["idle"]):
+                status = await self._requeue(row["job_id"], row["claimed_by"])
+                if status:
+                    changed.append((row["job_id"], status))
+        return changed
+
+    async def release_orphan_deliveries(self, worker: str, gone: Gone) -> None:
+        """Deliveries claimed by a claimer that is gone go back to the outbox."""
+        for row in await self._delivering(worker):
+            if gone(row["claimed_by"], row["idle"]):
+                await self.release_delivery(row["delivery_id"], row["claimed_by"])
+
+# ---------------------------------------------------------------------------
+# Store: SQLite, the default (one file; the servers that share it share one host)
 # ---------------------------------------------------------------------------
 
 SCHEMA_VERSION = 5  # every step so far only adds tables and indexes, so the whole script upgrades
@@ -713,20 +1071,30 @@ CREATE TABLE IF NOT EXISTS write_probe (
 );
 """
 
-JOB_COLUMNS = "job_id, status, progress, created_at, started_at, completed_at, error"
+JOB_COLUMNS = ", ".join(JOB_FIELDS)
 
 SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
-SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE :status IS NULL OR status = :status"
+SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) AS total FROM job_counts WHERE :status IS NULL OR status = :status"
 # One query per listing: the page and, alongside, the total from the counters.
-SQL_LIST_JOBS = f"SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) FROM jobs ORDER BY seq LIMIT :limit OFFSET :offset"
+SQL_LIST_JOBS = f"SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs ORDER BY seq LIMIT :limit OFFSET :offset"
 SQL_LIST_JOBS_NEWEST = SQL_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
 SQL_LIST_JOBS_BY_STATUS = f"""
-SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) FROM jobs WHERE status = :status ORDER BY seq LIMIT :limit OFFSET :offset"""
-SQL_FIND_IDEMPOTENT = "SELECT body_hash, job_id FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at > ?"
-SQL_COUNT_ACTIVE = "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE owner = ? AND status IN ('pending', 'running')"
-# Plain submissions, a batch in one statement. Each row's place in the queue is its owner's
-# active jobs before the batch plus its rank among the owner's rows in the batch, computed
-# once from one snapshot (MATERIALIZED), so the batch can never overshoot a limit.
+SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs WHERE status = :status
+ORDER BY seq LIMIT :limit OFFSET :offset"""
+SQL_COUNT_ACTIVE = """
+SELECT COALESCE(SUM(n), 0) AS active FROM job_counts WHERE owner = ? AND status IN ('pending', 'running')"""
+SQL_FIND_IDEMPOTENT = """
+SELECT i.owner, i.key, i.body_hash, i.job_id FROM json_each(:keys) AS k
+JOIN idempotency_keys AS i ON i.owner = k.value ->> 0 AND i.key = k.value ->> 1
+WHERE i.created_at > :since"""
+SQL_ADD_EXPERIMENTS = """
+INSERT INTO experiments (name, experiment_id, created_at)
+SELECT value ->> 0, value ->> 1, :now FROM json_each(:names) WHERE true
+ON CONFLICT (name) DO NOTHING"""
+SQL_GET_EXPERIMENTS = "SELECT name, experiment_id FROM experiments WHERE name IN (SELECT value ->> 0 FROM json_each(?))"
+# A batch in one statement. Each row's place in the queue is its owner's active jobs before
+# the batch plus its rank among the owner's rows in the batch, computed once from one
+# snapshot (MATERIALIZED), so the batch can never overshoot a limit.
 SQL_INSERT_JOBS_WITHIN_LIMIT = """
 WITH batch AS MATERIALIZED (
     SELECT new.value ->> 0 AS job_id, new.value ->> 1 AS owner, new.value ->> 2 AS request,
@@ -739,11 +1107,9 @@ WITH batch AS MATERIALIZED (
 INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
 SELECT job_id, owner, request, experiment_id, :now FROM batch WHERE place <= job_limit
 RETURNING job_id"""
-SQL_ADD_EXPERIMENT = "INSERT INTO experiments (name, experiment_id, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING"
-SQL_GET_EXPERIMENT = "SELECT experiment_id FROM experiments WHERE name = ?"
-SQL_INSERT_JOB = "INSERT INTO jobs (job_id, owner, request, experiment_id, created_at) VALUES (?, ?, ?, ?, ?)"
 SQL_SAVE_IDEMPOTENT = """
-INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at) VALUES (?, ?, ?, ?, ?)
+INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, :clock FROM json_each(:rows) WHERE true
 ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
                                        created_at = excluded.created_at"""
 SQL_PURGE_IDEMPOTENT = "DELETE FROM idempotency_keys WHERE created_at <= ?"
@@ -759,19 +1125,19 @@ UPDATE jobs SET progress = MAX(progress, ?), heartbeat_at = ?
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'
 RETURNING job_id"""
 SQL_COMPLETE_JOB = """
-UPDATE jobs SET status = 'completed', progress = 100, result = ?, completed_at = ?, claimed_by = NULL
-WHERE job_id = ? AND claimed_by = ? AND status = 'running'
+UPDATE jobs SET status = 'completed', progress = 100, result = :outcome, completed_at = :now, claimed_by = NULL
+WHERE job_id = :job_id AND claimed_by = :worker AND status = 'running'
 RETURNING job_id"""
 SQL_FAIL_JOB = """
-UPDATE jobs SET status = 'failed', error = ?, completed_at = ?, claimed_by = NULL
-WHERE job_id = ? AND claimed_by = ? AND status = 'running'
+UPDATE jobs SET status = 'failed', error = :outcome, completed_at = :now, claimed_by = NULL
+WHERE job_id = :job_id AND claimed_by = :worker AND status = 'running'
 RETURNING job_id"""
 SQL_CANCEL_JOB = """
 UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = ?, claimed_by = NULL
 WHERE job_id = ? AND status IN ('pending', 'running')
 RETURNING job_id"""
 SQL_HEARTBEAT = "UPDATE jobs SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'running' RETURNING job_id"
-SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, heartbeat_at FROM jobs WHERE status = 'running'"
+SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, ? - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != ?"
 SQL_REQUEUE_JOB = """
 UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending' END,
                 error = CASE WHEN attempts >= :max THEN :error END,
@@ -786,7 +1152,7 @@ SQL_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, cre
 SQL_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = ?"
 SQL_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
 SQL_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = ? RETURNING webhook_id"
-SQL_COUNT_WEBHOOKS = "SELECT COUNT(*) FROM webhooks"
+SQL_COUNT_WEBHOOKS = "SELECT COUNT(*) AS webhooks FROM webhooks"
 SQL_CANCEL_WEBHOOK_DELIVERIES = """
 UPDATE deliveries SET status = 'cancelled', claimed_by = NULL
 WHERE webhook_id = ? AND status IN ('pending', 'delivering')"""
@@ -811,7 +1177,8 @@ INSERT INTO delivery_attempts (delivery_id, attempted_at, http_status, error, du
 SQL_SETTLE_DELIVERY = """
 UPDATE deliveries SET status = :status, attempts = attempts + 1, next_attempt_at = :next, claimed_by = NULL
 WHERE delivery_id = :delivery_id AND claimed_by = :worker AND status = 'delivering'"""
-SQL_DELIVERING = "SELECT delivery_id, claimed_by, claimed_at FROM deliveries WHERE status = 'delivering'"
+SQL_DELIVERING = """
+SELECT delivery_id, claimed_by, ? - claimed_at AS idle FROM deliveries WHERE status = 'delivering' AND claimed_by != ?"""
 SQL_RELEASE_DELIVERY = """
 UPDATE deliveries SET status = 'pending', claimed_by = NULL
 WHERE delivery_id = ? AND claimed_by = ? AND status = 'delivering'"""
@@ -819,7 +1186,7 @@ SQL_LIST_DELIVERIES = """
 SELECT d.delivery_id, d.event, d.job_id, d.status, d.next_attempt_at, d.created_at,
        (SELECT json_group_array(json_object('attempted_at', a.attempted_at, 'http_status', a.http_status,
                                             'error', a.error, 'duration_ms', a.duration_ms))
-        FROM (SELECT * FROM delivery_attempts WHERE delivery_id = d.delivery_id ORDER BY rowid) AS a)
+        FROM (SELECT * FROM delivery_attempts WHERE delivery_id = d.delivery_id ORDER BY rowid) AS a) AS attempts
 FROM deliveries AS d WHERE d.webhook_id = ? ORDER BY d.seq DESC LIMIT ?"""
 SQL_RETRY_DELIVERY = """
 UPDATE deliveries SET status = 'pending', next_attempt_at = :clock, attempts = :attempts
@@ -835,7 +1202,7 @@ RETURNING window_start, hits"""
 SQL_PURGE_RATE = "DELETE FROM rate_limits WHERE window_start + ? <= ?"
 # Retention: finished jobs older than the cut-off whose deliveries are all settled, a batch at a time.
 SQL_EXPIRED_JOBS = """
-SELECT job_id, result ->> '$.output_path' FROM jobs
+SELECT job_id, result ->> '$.output_path' AS output_path FROM jobs
 WHERE status IN ('completed', 'failed') AND completed_at < ?
   AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.job_id = jobs.job_id
                   AND deliveries.status IN ('pending', 'delivering'))
@@ -853,101 +1220,11 @@ DELETE FROM delivery_attempts WHERE rowid IN (
     WHERE newer > :kept)"""
 SQL_PROBE_WRITE = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"
 
-
-JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: dumps() makes one per call
-
-
-def json_bytes(value: Any) -> bytes:
-    return JSON_ENCODER.encode(value).encode("utf-8")
+Run = Callable[..., Awaitable[list[Any]]]  # runs one statement of a transaction
 
 
-def epoch_to_iso(clock: float) -> str:
-    return datetime.fromtimestamp(clock, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def utc_now() -> str:
-    """ISO 8601 in UTC to the second, formatted once per second (it is on every write)."""
-    second = int(time.time())
-    if UTC_NOW_CACHE[0] != second:
-        UTC_NOW_CACHE[:] = [second, epoch_to_iso(second)]
-    return UTC_NOW_CACHE[1]
-
-
-UTC_NOW_CACHE: list[Any] = [0, ""]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(6)}"
-
-
-JOB_SERIALS = itertools.count(secrets.randbits(16))  # this process's run of job id endings, from a random start
-
-
-def new_job_id() -> str:
-    """A job id: 8 hex digits of milliseconds (wrapping every 49 days), then 4 of this process's serial.
-
-    Ids made close in time sit close in the job_id index, so a commit of many new jobs
-    rewrites a few index pages rather than one page per job; with random ids, inserts
-    slowed down as the table grew. One process never repeats an id; two processes may,
-    rarely, in the same millisecond, and the insert then retries under new ids.
-    """
-    return f"job-{int(time.time() * 1000) & 0xFFFFFFFF:08x}{next(JOB_SERIALS) & 0xFFFF:04x}"
-
-
-def own_experiment(job_id: str) -> str:
-    """A job without an experiment name is an experiment of its own, named after it."""
-    return f"exp-{job_id[4:]}"
-
-
-class Coalescer:
-    """Calls made while one batch is in flight wait together for the next single batch.
-
-    Each trip to SQLite costs a thread round trip; under load this turns many trips
-    into one, and with no load a call goes at once, alone.
-    """
-
-    def __init__(self, run_batch: Callable[[list[Any]], Awaitable[dict[Any, Any]]]) -> None:
-        self.run_batch = run_batch
-        self.waiting: dict[Any, list[asyncio.Future[Any]]] = {}
-        self.busy = False
-
-    async def get(self, key: Any) -> Any:
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(key, []).append(future)
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self.waiting:
-                batch, self.waiting = self.waiting, {}
-                try:
-                    results = await self.run_batch(list(batch))
-                except Exception as exc:  # every caller in the batch gets the failure
-                    results = {key: exc for key in batch}
-                for key, futures in batch.items():
-                    for future in futures:
-                        if not future.done():
-                            outcome = results.get(key)
-                            if isinstance(outcome, Exception):
-                                future.set_exception(outcome)
-                            else:
-                                future.set_result(outcome)
-        finally:
-            self.busy = False
-
-
-@dataclass
-class NewJob:
-    owner: str
-    request: str
-    limit: int
-
-
-class Store:
-    """This process's handle on the database: one connection reads, one writes.
+class SQLiteStore(Store):
+    """This process's handle on a SQLite database: one connection reads, one writes.
 
     WAL lets reads go on beside a write. Writes from this process queue on a lock,
     so a transaction never interleaves with another coroutine's statements; other
@@ -955,19 +1232,14 @@ class Store:
     """
 
     def __init__(self, path: Path, job_webhook_secret: str | None = None) -> None:
+        super().__init__(job_webhook_secret)
         self.path = path
-        self.job_webhook_secret = job_webhook_secret  # signs each job's own webhook_url
         self.reader: aiosqlite.Connection | None = None
         self.writer: aiosqlite.Connection | None = None
         self.write_lock = asyncio.Lock()
-        self.job_reads = Coalescer(self._read_jobs)
-        self.listings = Coalescer(self._list_jobs_json)
-        self.pings = Coalescer(self._ping)
-        self.new_jobs: dict[str, NewJob] = {}
-        self.job_inserts = Coalescer(self._insert_jobs)
-        self.write_trouble: str | None = None  # why the last write failed, until one succeeds
-        self.write_seen_at = -WRITE_CHECK_S  # monotonic time of the last write's outcome
-        self.write_probes = Coalescer(self._probe_write)
+
+    def describe(self) -> str:
+        return str(self.path.resolve())
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -982,6 +1254,7 @@ class Store:
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA busy_timeout = 10000")
         await conn.execute("PRAGMA synchronous = NORMAL")
         return conn
@@ -999,6 +1272,9 @@ class Store:
                     f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
                 )
 
+    def listen(self, on_news: Callable[[str], None]) -> None:
+        """Other processes' news reaches this one by polling alone: every POLL_S, the claim loops look."""
+
     async def close(self) -> None:
         for conn in (self.reader, self.writer):
             if conn is not None:
@@ -1006,11 +1282,14 @@ class Store:
 
     @staticmethod
     async def _fetch(conn: aiosqlite.Connection | None, sql: str, params: Any = ()) -> list[Any]:
-        assert conn is not None, "Store.open() was not awaited"
+        assert conn is not None, "SQLiteStore.open() was not awaited"
         return list(await conn.execute_fetchall(sql, params))
 
-    async def read(self, sql: str, params: Any = ()) -> list[Any]:
-        return await self._fetch(self.reader, sql, params)
+    async def _read(self, sql: str, params: Any = ()) -> list[Any]:
+        try:
+            return await self._fetch(self.reader, sql, params)
+        except aiosqlite.OperationalError as exc:
+            raise StorageUnavailable(str(exc)) from exc
 
     def missing(self) -> str | None:
         """Why the database cannot be trusted with writes, if its file is not where it was.
@@ -1026,14 +1305,14 @@ class Store:
         """The writer connection, under the write lock.
 
         A write SQLite refuses (disk full, read-only file, I/O error) comes out as
-        DatabaseUnavailable, and the reason is kept for health until a write that
+        StorageUnavailable, and the reason is kept for health until a write that
         changed rows succeeds (one that changed none wrote nothing to disk).
         """
         missing = self.missing()  # health checks for this itself, on every call
         if missing:
-            raise DatabaseUnavailable(missing)
+            raise StorageUnavailable(missing)
         async with self.write_lock:
-            assert self.writer is not None, "Store.open() was not awaited"
+            assert self.writer is not None, "SQLiteStore.open() was not awaited"
             changes = self.writer.total_changes
             try:
                 yield self.writer
@@ -1044,20 +1323,23 @@ class Store:
                     self._saw_write(None)
                 return
         self._saw_write(refused)
-        raise DatabaseUnavailable(refused)
+        raise StorageUnavailable(refused)
 
-    def _saw_write(self, trouble: str | None) -> None:
-        self.write_trouble, self.write_seen_at = trouble, time.monotonic()
-
-    async def write(self, sql: str, params: Any = ()) -> list[Any]:
+    async def _write(self, sql: str, params: Any = ()) -> list[Any]:
         """One statement in its own transaction; returns RETURNING rows, if any."""
         async with self._writing() as conn:
             return await self._fetch(conn, sql, params)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Callable[[str, Any], Awaitable[list[Any]]]]:
-        """Several statements that commit together; yields a function that runs one."""
+    async def _transaction(self, atomic: bool = True) -> AsyncIterator[Run]:
+        """Statements that commit together; yields a function that runs one.
+
+        With `atomic` false, for a single statement, each commits on its own.
+        """
         async with self._writing() as conn:
+            if not atomic:
+                yield lambda sql, params=(): self._fetch(conn, sql, params)
+                return
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield lambda sql, params=(): self._fetch(conn, sql, params)
@@ -1067,301 +1349,851 @@ class Store:
                     await conn.execute("ROLLBACK")
                 raise
 
-    async def writes_fail(self) -> str | None:
-        """Why writes fail, if they do: the last write's outcome, or a probe write when that is old."""
-        if time.monotonic() - self.write_seen_at >= WRITE_CHECK_S:
-            await self.write_probes.get(None)
-        return self.write_trouble
-
-    async def _probe_write(self, _: list[Any]) -> dict[Any, Any]:
-        with contextlib.suppress(DatabaseUnavailable):
-            await self.write(SQL_PROBE_WRITE, (time.time(),))
-        return {None: None}
+    async def _probe_write(self) -> None:
+        await self._write(SQL_PROBE_WRITE, (time.time(),))
 
     # -- jobs ---------------------------------------------------------------
 
-    async def check_quota(self, owner: str, limit: int) -> None:
-        """Refuse early, before costly checks, a submitter whose concurrent-jobs quota is full."""
-        active = (await self.read(SQL_COUNT_ACTIVE, (owner,)))[0][0]
-        if active >= limit:
-            raise too_many_jobs(owner, limit, active)
+    async def active_jobs(self, owner: str) -> int:
+        return (await self._read(SQL_COUNT_ACTIVE, (owner,)))[0]["active"]
 
-    async def create_job(
-        self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None
-    ) -> tuple[str, bool]:
-        """Insert a job, or find the one an Idempotency-Key already made.
+    async def _admit_batch(self, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
+        """The batch in one transaction: replays found, experiments named, jobs inserted within quotas, keys kept.
 
-        Returns (job_id, replayed). The concurrency check and the insert share one
-        transaction, so workers sharing the database cannot overshoot the limit.
+        A batch of plain submissions, the common case, is the one insert alone.
         """
-        experiment = request.get("config", {}).get("experiment")
-        if idempotency is None and experiment is None:
-            key = new_job_id()
-            self.new_jobs[key] = NewJob(owner, json.dumps(request), limit)
-            return await self.job_inserts.get(key), False
-        for _ in range(JOB_ID_ATTEMPTS - 1):
-            with contextlib.suppress(aiosqlite.IntegrityError):  # the new job's id was taken
-                return await self._create_job_alone(owner, request, limit, idempotency, experiment)
-        return await self._create_job_alone(owner, request, limit, idempotency, experiment)
+        plain = all(job.idempotency is None and job.experiment is None for job in jobs.values())
+        try:
+            async with self._transaction(atomic=not plain) as run:
+                return await self._admit_in(run, jobs, ids)
+        except aiosqlite.IntegrityError as exc:  # the only unique value the batch does not check is a new job id
+            raise IdTaken from exc
 
-    async def _create_job_alone(self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None,
-                                experiment: str | None) -> tuple[str, bool]:
-        now, clock = utc_now(), time.time()
-        async with self.transaction() as run:
-            if idempotency is not None:
-                key, body_hash = idempotency
-                found = await run(SQL_FIND_IDEMPOTENT, (owner, key, clock - IDEMPOTENCY_TTL_S))
-                if found:
-                    if found[0][0] != body_hash:
-                        raise APIError(
-                            422,
-                            "This Idempotency-Key was already used with a different request body; "
-                            "use a new key for a different request",
-                            {"idempotency_key": key},
-                        )
-                    return found[0][1], True
-            active = (await run(SQL_COUNT_ACTIVE, (owner,)))[0][0]
-            if active >= limit:
-                raise too_many_jobs(owner, limit, active)
-            job_id = new_job_id()
-            experiment_id = await self._experiment_for(run, experiment, job_id, now)
-            await run(SQL_INSERT_JOB, (job_id, owner, json.dumps(request), experiment_id, now))
-            if idempotency is not None:
-                await run(SQL_SAVE_IDEMPOTENT, (owner, idempotency[0], idempotency[1], job_id, clock))
-        return job_id, False
+    async def _admit_in(self, run: Run, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
+        keyed = [[job.owner, job.idempotency[0]] for job in jobs.values() if job.idempotency]
+        stored = {}
+        if keyed:
+            rows = await run(SQL_FIND_IDEMPOTENT, {"keys": json.dumps(keyed), "since": time.time() - IDEMPOTENCY_TTL_S})
+            stored = {(row["owner"], row["key"]): (row["body_hash"], row["job_id"]) for row in rows}
+        plan = AdmissionPlan.of(jobs, stored)
+        experiments = await self._experiments(run, {job.experiment for job in plan.inserts.values() if job.experiment})
+        rows = [[ids[key], job.owner, job.request, experiments.get(job.experiment) or own_experiment(ids[key]), job.limit]
+                for key, job in plan.inserts.items()]
+        inserted = {row["job_id"] for row in await run(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})}
+        kept = plan.kept_keys(ids, inserted)
+        if kept:
+            await run(SQL_SAVE_IDEMPOTENT, {"rows": json.dumps(kept), "clock": time.time()})
+        active = {owner: (await run(SQL_COUNT_ACTIVE, (owner,)))[0]["active"]
+                  for owner in plan.refused_owners(ids, inserted)}
+        return plan.settle(jobs, ids, inserted, active)
 
     @staticmethod
-    async def _experiment_for(run: Callable[..., Awaitable[list[Any]]], name: str | None, job_id: str, now: str) -> str:
-        if name is None:
-            return own_experiment(job_id)
-        await run(SQL_ADD_EXPERIMENT, (name, new_id("exp"), now))
-        return (await run(SQL_GET_EXPERIMENT, (name,)))[0][0]
-
-    async def _insert_jobs(self, keys: list[str]) -> dict[str, Any]:
-        """Insert a batch of plain submissions in one statement, each within its owner's limit.
-
-        Each job is queued under the id it was given; should one of them be taken, the
-        whole batch goes in under new ids.
-        """
-        jobs = {key: self.new_jobs.pop(key) for key in keys}
-        ids = {key: key for key in jobs}
-        for attempt in range(JOB_ID_ATTEMPTS):
-            rows = [[ids[key], job.owner, job.request, own_experiment(ids[key]), job.limit] for key, job in jobs.items()]
-            try:
-                returned = await self.write(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})
-                break
-            except aiosqlite.IntegrityError:
-                if attempt == JOB_ID_ATTEMPTS - 1:
-                    raise
-                ids = {key: new_job_id() for key in jobs}
-        inserted = {row[0] for row in returned}
-        outcomes: dict[str, Any] = {}
-        for key, job in jobs.items():
-            if ids[key] in inserted:
-                outcomes[key] = ids[key]
-            else:
-                active = (await self.read(SQL_COUNT_ACTIVE, (job.owner,)))[0][0]
-                outcomes[key] = too_many_jobs(job.owner, job.limit, active)
-        return outcomes
+    async def _experiments(run: Run, names: set[str]) -> dict[str, str]:
+        if not names:
+            return {}
+        await run(SQL_ADD_EXPERIMENTS, {"names": json.dumps([[name, new_id("exp")] for name in names]), "now": utc_now()})
+        rows = await run(SQL_GET_EXPERIMENTS, (json.dumps([[name] for name in names]),))
+        return {row["name"]: row["experiment_id"] for row in rows}
 
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
-        return {row[0]: row for row in await self.read(SQL_GET_JOBS, (json.dumps(job_ids),))}
-
-    async def _ping(self, _: list[Any]) -> dict[Any, Any]:
-        await self.read("SELECT 1")
-        return {None: True}
-
-    async def ping(self) -> None:
-        """Prove the database answers; concurrent health checks share one query."""
-        await self.pings.get(None)
-
-    async def get_job(self, job_id: str) -> JSON | None:
-        row = await self.job_reads.get(job_id)
-        return job_from_row(row, with_result=True) if row else None
-
-    async def get_job_json(self, job_id: str) -> bytes | None:
-        """The job as response bytes, its stored result spliced in rather than parsed and re-encoded."""
-        row = await self.job_reads.get(job_id)
-        if row is None:
-            return None
-        head = json_bytes(job_from_row(row))
-        return head[:-1] + b',"result":' + (row[7].encode() if row[7] else b"null") + b"}"
+        return {row["job_id"]: row for row in await self._read(SQL_GET_JOBS, (json.dumps(job_ids),))}
 
     async def list_jobs(self, status: str | None, limit: int, offset: int, newest_first: bool = False) -> tuple[list[JSON], int]:
         params = {"status": status, "limit": limit, "offset": offset}
         sql = SQL_LIST_JOBS_BY_STATUS if status else SQL_LIST_JOBS_NEWEST if newest_first else SQL_LIST_JOBS
-        rows = await self.read(sql, params)
+        rows = await self._read(sql, params)
         if rows:
-            return [job_from_row(row) for row in rows], rows[0][7]
-        return [], (await self.read(SQL_COUNT_JOBS, params))[0][0]
+            return [job_from_row(row) for row in rows], rows[0]["total"]
+        return [], (await self._read(SQL_COUNT_JOBS, params))[0]["total"]
 
-    async def list_jobs_json(self, status: str | None, limit: int, offset: int) -> tuple[bytes, int, int]:
-        """A page of jobs as response bytes, with the total and the page's length.
+    async def claim_job(self, worker: str) -> JSON | None:
+        """The oldest pending job, now running here; None when none is pending."""
+        rows = await self._write(SQL_CLAIM_JOB, {"worker": worker, "now": utc_now(), "clock": time.time()})
+        if not rows:
+            return None
+        return {**dict(rows[0]), "request": json.loads(rows[0]["request"])}
 
-        Identical listings asked for at the same moment share one query and one encoding.
-        """
-        return await self.listings.get((status, limit, offset))
+    async def begin_attempt(self, job_id: str, worker: str) -> bool:
+        """Count an attempt of a job this worker still holds."""
+        return bool(await self._write(SQL_BEGIN_ATTEMPT, (job_id, worker)))
 
-    async def _list_jobs_json(self, keys: list[tuple[str | None, int, int]]) -> dict[Any, Any]:
-        pages = {}
-        for key in keys:
-            jobs, total = await self.list_jobs(*key)
-            pages[key] = (json_bytes(jobs), total, len(jobs))
-        return pages
+    async def set_progress(self, job_id: str, worker: str, progress: int) -> bool:
+        """Record progress (and renew the lease); False once the job is no longer this worker's."""
+        return bool(await self._write(SQL_SET_PROGRESS, (progress, time.time(), job_id, worker)))
+
+    async def heartbeat(self, worker: str) -> set[str]:
+        """Renew the lease on this worker's running jobs; returns those it still holds."""
+        return {row["job_id"] for row in await self._write(SQL_HEARTBEAT, (time.time(), worker))}
+
+    async def _running_claims(self, worker: str) -> list[Any]:
+        return await self._read(SQL_RUNNING_JOBS, (time.time(), worker))
+
+    async def _requeue(self, job_id: str, claimed_by: str) -> str | None:
+        params = {"max": MAX_ATTEMPTS, "error": requeue_error(), "now": utc_now(), "job_id": job_id,
+                  "claimed_by": claimed_by}
+        async with self._transaction() as run:
+            rows = await run(SQL_REQUEUE_JOB, params)
+            if rows and rows[0]["status"] == "failed":
+                await self._enqueue(run, job_id, "generation.failed", {"error": requeue_error()})
+        return rows[0]["status"] if rows else None
+
+    async def release_job(self, job_id: str, worker: str, attempt_begun: bool) -> None:
+        """Hand back a job a stop cut short; an attempt that began is given back with it."""
+        await self._write(SQL_RELEASE_JOB, (1 if attempt_begun else 0, job_id, worker))
 
     async def cancel_job(self, job_id: str) -> bool:
-        return await self._finish(job_id, SQL_CANCEL_JOB, (utc_now(), job_id), "generation.failed", {"error": "cancelled"})
+        async with self._transaction() as run:
+            changed = bool(await run(SQL_CANCEL_JOB, (utc_now(), job_id)))
+            if changed:
+                await self._enqueue(run, job_id, "generation.failed", {"error": "cancelled"})
+        return changed
 
-    async def complete_job(self, job_id: str, worker: str, result: JSON) -> bool:
-        data = {"personas_count": len(result["personas"]), "experiment_id": result["experiment_id"],
-                "output_path": result["output_path"]}
-        params = (json_bytes(result).decode("utf-8"), utc_now(), job_id, worker)
-        return await self._finish(job_id, SQL_COMPLETE_JOB, params, "generation.completed", data)
-
-    async def fail_job(self, job_id: str, worker: str, error: str) -> bool:
-        return await self._finish(job_id, SQL_FAIL_JOB, (error, utc_now(), job_id, worker), "generation.failed", {"error": error})
-
-    async def requeue_job(self, job_id: str, claimed_by: str) -> str | None:
-        """Put an orphaned job back in the queue, or fail it once it used up its attempts."""
-        error = f"interrupted {MAX_ATTEMPTS} times (the server stopped while the job ran); not retried again"
-        params = {"max": MAX_ATTEMPTS, "error": error, "now": utc_now(), "job_id": job_id, "claimed_by": claimed_by}
-        async with self.transaction() as run:
-            rows = await run(SQL_REQUEUE_JOB, params)
-            if rows and rows[0][0] == "failed":
-                await self._enqueue(run, job_id, "generation.failed", {"error": error})
-        return rows[0][0] if rows else None
-
-    async def _finish(self, job_id: str, sql: str, params: Any, event: str, data: JSON) -> bool:
+    async def _finish(self, job_id: str, worker: str, status: str, outcome: str, event: str, data: JSON) -> bool:
         """End a job and queue its webhook deliveries in one transaction (the outbox)."""
-        async with self.transaction() as run:
-            changed = bool(await run(sql, params))
+        sql = SQL_COMPLETE_JOB if status == "completed" else SQL_FAIL_JOB
+        async with self._transaction() as run:
+            changed = bool(await run(sql, {"outcome": outcome, "now": utc_now(), "job_id": job_id, "worker": worker}))
             if changed:
                 await self._enqueue(run, job_id, event, data)
         return changed
 
-    async def _enqueue(self, run: Callable[..., Awaitable[list[Any]]], job_id: str, event: str, data: JSON) -> None:
+    async def _enqueue(self, run: Run, job_id: str, event: str, data: JSON) -> None:
         now = utc_now()
-        payload = json.dumps({"event": event, "timestamp": now, "data": {"job_id": job_id, **data}},
-                             ensure_ascii=False, separators=(",", ":"))
-        params = {"job_id": job_id, "event": event, "payload": payload, "clock": time.time(), "now": now,
-                  "secret": self.job_webhook_secret}
+        params = {"job_id": job_id, "event": event, "payload": event_payload(job_id, event, data, now),
+                  "clock": time.time(), "now": now, "secret": self.job_webhook_secret}
         await run(SQL_ENQUEUE_WEBHOOKS, params)
         await run(SQL_ENQUEUE_JOB_URL, params)
 
     async def purge_expired(self) -> None:
         clock = time.time()
-        await self.write(SQL_PURGE_IDEMPOTENT, (clock - IDEMPOTENCY_TTL_S,))
-        await self.write(SQL_PURGE_RATE, (RATE_WINDOW_S, clock))
+        await self._write(SQL_PURGE_IDEMPOTENT, (clock - IDEMPOTENCY_TTL_S,))
+        await self._write(SQL_PURGE_RATE, (RATE_WINDOW_S, clock))
 
     async def purge_finished_jobs(self, before: str, batch: int) -> tuple[int, list[str]]:
         """Delete finished jobs completed before `before`, with their deliveries and attempts.
 
         Returns how many went and their output paths, for their folders to go too.
         """
-        async with self.transaction() as run:
+        async with self._transaction() as run:
             rows = await run(SQL_EXPIRED_JOBS, (before, batch))
-            ids = json.dumps([row[0] for row in rows])
+            ids = json.dumps([row["job_id"] for row in rows])
             if rows:
                 await run(SQL_PURGE_JOB_ATTEMPTS, (ids,))
                 await run(SQL_PURGE_JOB_DELIVERIES, (ids,))
                 await run(SQL_PURGE_JOBS, (ids,))
-        return len(rows), [row[1] for row in rows if row[1]]
+        return len(rows), [row["output_path"] for row in rows if row["output_path"]]
 
     async def trim_attempts(self, kept: int) -> None:
         """Keep the last `kept` attempts of each delivery."""
-        await self.write(SQL_TRIM_ATTEMPTS, {"kept": kept})
+        await self._write(SQL_TRIM_ATTEMPTS, {"kept": kept})
 
     # -- webhooks -----------------------------------------------------------
 
-    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON:
+    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
+        """Register a webhook; None when MAX_WEBHOOKS are registered already."""
         webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
-        async with self.transaction() as run:
-            if (await run(SQL_COUNT_WEBHOOKS))[0][0] >= MAX_WEBHOOKS:
-                raise APIError(400, f"At most {MAX_WEBHOOKS} webhooks can be registered; delete one first",
-                               {"max_webhooks": MAX_WEBHOOKS})
+        async with self._transaction() as run:
+            if (await run(SQL_COUNT_WEBHOOKS))[0]["webhooks"] >= MAX_WEBHOOKS:
+                return None
             await run(SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"]))
         return webhook
 
     async def get_webhook(self, webhook_id: str) -> JSON | None:
-        rows = await self.read(SQL_GET_WEBHOOK, (webhook_id,))
+        rows = await self._read(SQL_GET_WEBHOOK, (webhook_id,))
         return webhook_from_row(rows[0]) if rows else None
 
     async def list_webhooks(self) -> list[JSON]:
-        return [webhook_from_row(row) for row in await self.read(SQL_LIST_WEBHOOKS)]
+        return [webhook_from_row(row) for row in await self._read(SQL_LIST_WEBHOOKS)]
 
     async def delete_webhook(self, webhook_id: str) -> bool:
         """Delete a webhook and stop its deliveries that are still due."""
-        async with self.transaction() as run:
+        async with self._transaction() as run:
             deleted = bool(await run(SQL_DELETE_WEBHOOK, (webhook_id,)))
             await run(SQL_CANCEL_WEBHOOK_DELIVERIES, (webhook_id,))
         return deleted
 
     # -- deliveries -----------------------------------------------------------
 
-    async def claim_deliveries(self, worker: str, limit: int) -> list[Any]:
-        return await self.write(SQL_CLAIM_DELIVERIES, {"worker": worker, "clock": time.time(), "limit": limit})
+    async def claim_deliveries(self, worker: str, limit: int) -> list[JSON]:
+        rows = await self._write(SQL_CLAIM_DELIVERIES, {"worker": worker, "clock": time.time(), "limit": limit})
+        return [claimed_delivery(row) for row in rows]
 
-    async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, next_at: float) -> None:
-        """Log one attempt and set what happens next, together."""
-        async with self.transaction() as run:
+    async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, delay: float) -> None:
+        """Log one attempt and set what happens next, together: `status`, and the next try in `delay` seconds."""
+        async with self._transaction() as run:
             await run(SQL_RECORD_ATTEMPT, (delivery_id, attempt["attempted_at"], attempt["http_status"],
                                            attempt["error"], attempt["duration_ms"]))
-            await run(SQL_SETTLE_DELIVERY, {"status": status, "next": next_at, "delivery_id": delivery_id, "worker": worker})
+            await run(SQL_SETTLE_DELIVERY, {"status": status, "next": time.time() + delay, "delivery_id": delivery_id,
+                                            "worker": worker})
+
+    async def release_delivery(self, delivery_id: str, worker: str) -> None:
+        await self._write(SQL_RELEASE_DELIVERY, (delivery_id, worker))
+
+    async def _delivering(self, worker: str) -> list[Any]:
+        return await self._read(SQL_DELIVERING, (time.time(), worker))
 
     async def list_deliveries(self, webhook_id: str, limit: int) -> list[JSON]:
-        return [delivery_from_row(row) for row in await self.read(SQL_LIST_DELIVERIES, (webhook_id, limit))]
+        return [delivery_from_row(row) for row in await self._read(SQL_LIST_DELIVERIES, (webhook_id, limit))]
 
     async def retry_delivery(self, webhook_id: str, delivery_id: str, attempts: int) -> str | None:
         """Send a failed delivery once more; returns None, or the status that forbids it."""
         params = {"clock": time.time(), "attempts": attempts, "delivery_id": delivery_id, "webhook_id": webhook_id}
-        if await self.write(SQL_RETRY_DELIVERY, params):
+        if await self._write(SQL_RETRY_DELIVERY, params):
             return None
-        rows = await self.read(SQL_DELIVERY_STATUS, (delivery_id, webhook_id))
-        return rows[0][0] if rows else "missing"
+        rows = await self._read(SQL_DELIVERY_STATUS, (delivery_id, webhook_id))
+        return rows[0]["status"] if rows else "missing"
+
+    # -- rate limits ----------------------------------------------------------
+
+    async def rate_hit(self, client: str) -> tuple[int, float]:
+        """Count one request of a client: (requests in its window, when the window resets)."""
+        rows = await self._write(SQL_RATE_HIT, {"client": client, "now": time.time(), "window": RATE_WINDOW_S})
+        return rows[0]["hits"], rows[0]["window_start"] + RATE_WINDOW_S
 
 
-def too_many_jobs(owner: str, limit: int, active: int) -> APIError:
-    """The reference's rate-limited answer, with Retry-After, for a full concurrent-jobs quota."""
-    who = "API key" if owner.startswith("key:") else "client address"
-    return APIError(
-        429,
-        f"Too many concurrent jobs: {active} are pending or running for this {who} and the limit is {limit}. "
-        f"Retry after {JOBS_RETRY_AFTER_S} seconds, or cancel one.",
-        {"retry_after": JOBS_RETRY_AFTER_S, "limit": limit, "active": active},
-        headers={"Retry-After": str(JOBS_RETRY_AFTER_S)},
-    )
+# ---------------------------------------------------------------------------
+# Store: PostgreSQL, for servers on several hosts (`--db postgresql://...`)
+# ---------------------------------------------------------------------------
+
+PG_SCHEMA_VERSION = 1
+PG_SCHEMA = """\
+-- Persona's PostgreSQL schema. persona.py carries this same text and applies it
+-- in one transaction under an advisory lock; a test keeps the two equal.
+-- Timestamps shown to clients are ISO 8601 UTC text, as in the SQLite schema;
+-- times used for leases, windows and retries are epoch seconds of the
+-- database's clock, which every host shares.
+
+CREATE TABLE IF NOT EXISTS persona_schema (
+    version integer NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    seq           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id        text NOT NULL UNIQUE,
+    owner         text NOT NULL,
+    status        text NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'running', 'completed', 'failed')),
+    progress      integer NOT NULL DEFAULT 0,
+    request       text NOT NULL,
+    experiment_id text NOT NULL,
+    created_at    text NOT NULL,
+    started_at    text,
+    completed_at  text,
+    error         text,
+    result        text,
+    attempts      integer NOT NULL DEFAULT 0,
+    claimed_by    text,
+    heartbeat_at  double precision
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+
+CREATE TABLE IF NOT EXISTS experiments (
+    name          text PRIMARY KEY,
+    experiment_id text NOT NULL UNIQUE,
+    created_at    text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner      text NOT NULL,
+    key        text NOT NULL,
+    body_hash  text NOT NULL,
+    job_id     text NOT NULL,
+    created_at double precision NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    webhook_id text NOT NULL UNIQUE,
+    url        text NOT NULL,
+    events     text NOT NULL,
+    secret     text,
+    created_at text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS rate_limits (
+    client       text PRIMARY KEY,
+    window_start double precision NOT NULL,
+    hits         integer NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id     text NOT NULL UNIQUE,
+    webhook_id      text,
+    job_id          text NOT NULL,
+    event           text NOT NULL,
+    url             text NOT NULL,
+    secret          text,
+    payload         text NOT NULL,
+    status          text NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'delivering', 'delivered', 'failed', 'cancelled')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision NOT NULL,
+    claimed_by      text,
+    claimed_at      double precision,
+    created_at      text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, seq);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id);
+
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id  text NOT NULL,
+    attempted_at text NOT NULL,
+    http_status  integer,
+    error        text,
+    duration_ms  integer NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id, seq);
+
+-- Jobs per owner and status, kept by triggers, so that limits and totals never count rows.
+CREATE TABLE IF NOT EXISTS job_counts (
+    owner  text NOT NULL,
+    status text NOT NULL,
+    n      integer NOT NULL,
+    PRIMARY KEY (owner, status)
+);
+CREATE OR REPLACE FUNCTION persona_count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+        ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS job_counts_on_insert_or_delete ON jobs;
+CREATE TRIGGER job_counts_on_insert_or_delete AFTER INSERT OR DELETE ON jobs
+FOR EACH ROW EXECUTE FUNCTION persona_count_jobs();
+DROP TRIGGER IF EXISTS job_counts_on_status ON jobs;
+CREATE TRIGGER job_counts_on_status AFTER UPDATE OF status ON jobs
+FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION persona_count_jobs();
+
+-- Health writes here when nothing else wrote lately: a write that succeeds proves the database takes writes.
+CREATE TABLE IF NOT EXISTS write_probe (
+    id        integer PRIMARY KEY CHECK (id = 1),
+    probed_at double precision NOT NULL
+);
+"""
+
+PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
+PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtextextended('persona:schema', 0))"
+PG_SCHEMA_FOUND = "SELECT to_regclass('persona_schema') IS NOT NULL AS found"
+PG_GET_VERSION = "SELECT max(version) AS version FROM persona_schema"
+PG_SET_VERSION = "DELETE FROM persona_schema; INSERT INTO persona_schema (version) VALUES ({version})"
+PG_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id = ANY($1::text[])"
+PG_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0)::bigint AS total FROM job_counts WHERE $1::text IS NULL OR status = $1"
+PG_LIST_JOBS = f"""
+SELECT {JOB_COLUMNS}, ({PG_COUNT_JOBS}) AS total FROM jobs
+WHERE $1::text IS NULL OR status = $1 ORDER BY seq LIMIT $2 OFFSET $3"""
+PG_LIST_JOBS_NEWEST = PG_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
+PG_COUNT_ACTIVE = """
+SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
+# Every invariant that SQLite's single writer kept needs a lock here: a batch takes one
+# transaction-level advisory lock per owner (the quota) and per Idempotency-Key, in one
+# order, so batches from several hosts queue for each other and never deadlock.
+PG_LOCK_NAMES = """
+SELECT pg_advisory_xact_lock(hashtextextended(name, 0)) FROM (SELECT DISTINCT unnest($1::text[]) AS name) AS names
+ORDER BY name"""
+PG_FIND_IDEMPOTENT = """
+SELECT i.owner, i.key, i.body_hash, i.job_id FROM unnest($1::text[], $2::text[]) AS k (owner, key)
+JOIN idempotency_keys AS i ON i.owner = k.owner AND i.key = k.key
+WHERE i.created_at > """ + PG_CLOCK + " - $3"
+PG_ADD_EXPERIMENTS = """
+INSERT INTO experiments (name, experiment_id, created_at)
+SELECT name, experiment_id, $3 FROM unnest($1::text[], $2::text[]) AS e (name, experiment_id)
+ON CONFLICT (name) DO NOTHING"""
+PG_GET_EXPERIMENTS = "SELECT name, experiment_id FROM experiments WHERE name = ANY($1::text[])"
+PG_INSERT_JOBS_WITHIN_LIMIT = """
+WITH batch AS MATERIALIZED (
+    SELECT new.job_id, new.owner, new.request, new.experiment_id, new.job_limit,
+           (SELECT COALESCE(SUM(n), 0) FROM job_counts
+            WHERE job_counts.owner = new.owner AND status IN ('pending', 'running'))
+           + ROW_NUMBER() OVER (PARTITION BY new.owner ORDER BY new.place) AS place
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
+         WITH ORDINALITY AS new (job_id, owner, request, experiment_id, job_limit, place)
+)
+INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
+SELECT job_id, owner, request, experiment_id, $6 FROM batch WHERE place <= job_limit ORDER BY place
+RETURNING job_id"""
+PG_SAVE_IDEMPOTENT = f"""
+INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
+SELECT owner, key, body_hash, job_id, {PG_CLOCK} FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    AS k (owner, key, body_hash, job_id)
+ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
+                                       created_at = excluded.created_at"""
+PG_PURGE_IDEMPOTENT = f"DELETE FROM idempotency_keys WHERE created_at <= {PG_CLOCK} - $1"
+# A claim skips rows another host is claiming this instant, rather than waiting for them; the
+# outer status check makes sure that a row is claimed only while it is still pending.
+PG_CLAIM_JOB = f"""
+UPDATE jobs SET status = 'running', claimed_by = $1, started_at = COALESCE(started_at, $2), heartbeat_at = {PG_CLOCK}
+WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+  AND status = 'pending'
+RETURNING job_id, request, experiment_id, created_at"""
+PG_BEGIN_ATTEMPT = """
+UPDATE jobs SET attempts = attempts + 1 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
+RETURNING job_id"""
+PG_SET_PROGRESS = f"""
+UPDATE jobs SET progress = GREATEST(progress, $3), heartbeat_at = {PG_CLOCK}
+WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
+RETURNING job_id"""
+PG_COMPLETE_JOB = """
+UPDATE jobs SET status = 'completed', progress = 100, result = $3, completed_at = $4, claimed_by = NULL
+WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
+RETURNING job_id"""
+PG_FAIL_JOB = """
+UPDATE jobs SET status = 'failed', error = $3, completed_at = $4, claimed_by = NULL
+WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
+RETURNING job_id"""
+PG_CANCEL_JOB = """
+UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = $2, claimed_by = NULL
+WHERE job_id = $1 AND status IN ('pending', 'running')
+RETURNING job_id"""
+PG_HEARTBEAT = f"UPDATE jobs SET heartbeat_at = {PG_CLOCK} WHERE claimed_by = $1 AND status = 'running' RETURNING job_id"
+PG_RUNNING_JOBS = f"""
+SELECT job_id, claimed_by, {PG_CLOCK} - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != $1"""
+PG_REQUEUE_JOB = """
+UPDATE jobs SET status = CASE WHEN attempts >= $3 THEN 'failed' ELSE 'pending' END,
+                error = CASE WHEN attempts >= $3 THEN $4 END,
+                completed_at = CASE WHEN attempts >= $3 THEN $5 END,
+                claimed_by = NULL
+WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
+RETURNING status"""
+PG_RELEASE_JOB = """
+UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = GREATEST(attempts - $3, 0)
+WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'"""
+PG_LOCK_WEBHOOKS = "SELECT pg_advisory_xact_lock(hashtextextended('persona:webhooks', 0))"
+PG_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES ($1, $2, $3, $4, $5)"
+PG_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = $1"
+PG_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
+PG_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = $1 RETURNING webhook_id"
+PG_COUNT_WEBHOOKS = "SELECT COUNT(*) AS webhooks FROM webhooks"
+PG_CANCEL_WEBHOOK_DELIVERIES = """
+UPDATE deliveries SET status = 'cancelled', claimed_by = NULL
+WHERE webhook_id = $1 AND status IN ('pending', 'delivering')"""
+PG_DELIVERY_ID = "'delivery-' || lpad(to_hex((random() * 281474976710655)::bigint), 12, '0')"
+# The outbox: deliveries are written in the transaction that finishes the job.
+PG_ENQUEUE_WEBHOOKS = f"""
+INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
+SELECT {PG_DELIVERY_ID}, webhook_id, $1, $2, url, secret, $3, {PG_CLOCK}, $4
+FROM webhooks WHERE events::jsonb ? $2 ORDER BY seq"""
+PG_ENQUEUE_JOB_URL = f"""
+INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
+SELECT {PG_DELIVERY_ID}, NULL, job_id, $2, request::jsonb ->> 'webhook_url', $5, $3, {PG_CLOCK}, $4
+FROM jobs WHERE job_id = $1 AND request::jsonb ->> 'webhook_url' IS NOT NULL"""
+PG_NOTIFY = "SELECT pg_notify('persona', $1)"
+PG_CLAIM_DELIVERIES = f"""
+WITH due AS MATERIALIZED (
+    SELECT seq FROM deliveries WHERE status = 'pending' AND next_attempt_at <= {PG_CLOCK}
+    ORDER BY next_attempt_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries SET status = 'delivering', claimed_by = $1, claimed_at = {PG_CLOCK}
+FROM due WHERE deliveries.seq = due.seq AND deliveries.status = 'pending'
+RETURNING delivery_id, event, url, secret, payload, attempts"""
+PG_RECORD_ATTEMPT = """
+INSERT INTO delivery_attempts (delivery_id, attempted_at, http_status, error, duration_ms) VALUES ($1, $2, $3, $4, $5)"""
+PG_SETTLE_DELIVERY = f"""
+UPDATE deliveries SET status = $3, attempts = attempts + 1, next_attempt_at = {PG_CLOCK} + $4, claimed_by = NULL
+WHERE delivery_id = $1 AND claimed_by = $2 AND status = 'delivering'"""
+PG_DELIVERING = f"""
+SELECT delivery_id, claimed_by, {PG_CLOCK} - claimed_at AS idle FROM deliveries
+WHERE status = 'delivering' AND claimed_by != $1"""
+PG_RELEASE_DELIVERY = """
+UPDATE deliveries SET status = 'pending', claimed_by = NULL
+WHERE delivery_id = $1 AND claimed_by = $2 AND status = 'delivering'"""
+PG_LIST_DELIVERIES = """
+SELECT d.delivery_id, d.event, d.job_id, d.status, d.next_attempt_at, d.created_at,
+       (SELECT json_agg(json_build_object('attempted_at', a.attempted_at, 'http_status', a.http_status,
+                                          'error', a.error, 'duration_ms', a.duration_ms) ORDER BY a.seq)
+        FROM delivery_attempts AS a WHERE a.delivery_id = d.delivery_id)::text AS attempts
+FROM deliveries AS d WHERE d.webhook_id = $1 ORDER BY d.seq DESC LIMIT $2"""
+PG_RETRY_DELIVERY = f"""
+UPDATE deliveries SET status = 'pending', next_attempt_at = {PG_CLOCK}, attempts = $3
+WHERE delivery_id = $1 AND webhook_id = $2 AND status = 'failed'
+RETURNING delivery_id"""
+PG_DELIVERY_STATUS = "SELECT status FROM deliveries WHERE delivery_id = $1 AND webhook_id = $2"
+PG_RATE_HIT = f"""
+INSERT INTO rate_limits AS r (client, window_start, hits) VALUES ($1, {PG_CLOCK}, 1)
+ON CONFLICT (client) DO UPDATE SET
+    hits = CASE WHEN r.window_start + $2 <= excluded.window_start THEN 1 ELSE r.hits + 1 END,
+    window_start = CASE WHEN r.window_start + $2 <= excluded.window_start THEN excluded.window_start
+                        ELSE r.window_start END
+RETURNING window_start, hits"""
+PG_PURGE_RATE = f"DELETE FROM rate_limits WHERE window_start + $1 <= {PG_CLOCK}"
+PG_EXPIRED_JOBS = """
+SELECT job_id, result::jsonb ->> 'output_path' AS output_path FROM jobs
+WHERE status IN ('completed', 'failed') AND completed_at < $1
+  AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.job_id = jobs.job_id
+                  AND deliveries.status IN ('pending', 'delivering'))
+ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED"""
+PG_PURGE_JOB_ATTEMPTS = """
+DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE job_id = ANY($1::text[]))"""
+PG_PURGE_JOB_DELIVERIES = "DELETE FROM deliveries WHERE job_id = ANY($1::text[])"
+PG_PURGE_JOBS = "DELETE FROM jobs WHERE job_id = ANY($1::text[])"
+PG_TRIM_ATTEMPTS = """
+DELETE FROM delivery_attempts WHERE seq IN (
+    SELECT seq FROM (
+        SELECT seq, ROW_NUMBER() OVER (PARTITION BY delivery_id ORDER BY seq DESC) AS newer
+        FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE attempts > $1)) AS ranked
+    WHERE newer > $1)"""
+PG_PROBE_WRITE = f"""
+INSERT INTO write_probe (id, probed_at) VALUES (1, {PG_CLOCK}) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"""
+# Errors that say the database cannot be used for now, not that a statement is wrong: by SQLSTATE class.
+PG_UNAVAILABLE_CLASSES = ("08", "25", "40", "53", "57", "58")
+PG_POOL_SIZE = 10  # connections per server process; a listener connection comes on top
+PG_CONNECT_TIMEOUT_S = 5.0  # a database host that does not answer fails a request (503), not holds it
 
 
-def job_from_row(row: Any, with_result: bool = False) -> JSON:
-    job = {
-        "job_id": row[0],
-        "status": row[1],
-        "progress": row[2],
-        "created_at": row[3],
-        "started_at": row[4],
-        "completed_at": row[5],
-        "error": row[6],
-    }
-    if with_result:
-        job["result"] = json.loads(row[7]) if row[7] else None
-    return job
+def asyncpg_module() -> Any:
+    """asyncpg, imported only when a PostgreSQL URL is used, so that SQLite needs nothing new."""
+    try:
+        import asyncpg
+    except ImportError:
+        raise ConfigError("--db names a PostgreSQL database, which needs the asyncpg driver: "
+                          "pip install 'persona[postgres]'") from None
+    return asyncpg
 
 
-def delivery_from_row(row: Any) -> JSON:
-    delivery_id, event, job_id, status, next_at, created_at, attempts = row
-    return {
-        "delivery_id": delivery_id,
-        "event": event,
-        "job_id": job_id,
-        "status": status,
-        "created_at": created_at,
-        "next_retry_at": epoch_to_iso(next_at) if status == "pending" else None,
-        "attempts": json.loads(attempts) if attempts else [],
-    }
+@functools.cache
+def pooled_connection_class(asyncpg: Any) -> type:
+    """Pooled connections that skip asyncpg's reset round trip on each release.
+
+    Persona leaves no session state on them to reset: its advisory locks end with their
+    transactions, and LISTEN has a connection of its own. The reset doubled the round
+    trips of every query.
+    """
+    class PooledConnection(asyncpg.Connection):  # type: ignore[misc, name-defined]
+        def get_reset_query(self) -> str:
+            return ""
+
+    return PooledConnection
 
 
-def webhook_from_row(row: Any) -> JSON:
-    return {"webhook_id": row[0], "url": row[1], "events": json.loads(row[2]), "created_at": row[3]}
+def pg_trouble(exc: BaseException) -> str | None:
+    """Why the database cannot be used, if this error says so (and not that a statement was wrong)."""
+    if isinstance(exc, (OSError, TimeoutError)):
+        return f"cannot reach PostgreSQL: {exc.strerror or type(exc).__name__}" if isinstance(exc, OSError) \
+            else "PostgreSQL did not answer in time"
+    state = getattr(exc, "sqlstate", None) or ""
+    if state[:2] in PG_UNAVAILABLE_CLASSES:
+        return f"PostgreSQL: {type(exc).__name__} ({state})"
+    if type(exc).__name__ in ("InterfaceError", "ConnectionDoesNotExistError", "InternalClientError"):
+        return f"PostgreSQL connection lost: {type(exc).__name__}"
+    return None
+
+
+class PostgresStore(Store):
+    """This process's handle on a PostgreSQL database that servers on several hosts share.
+
+    Row locks and advisory locks do what SQLite's single writer did; leases run on
+    the database's clock. A dedicated connection listens for other hosts' news.
+    """
+
+    def __init__(self, url: str, job_webhook_secret: str | None = None) -> None:
+        super().__init__(job_webhook_secret)
+        self.url = url
+        self.asyncpg = asyncpg_module()
+        self.pool: Any = None
+        self.listener_task: asyncio.Task[None] | None = None
+
+    def describe(self) -> str:
+        return shown_db(self.url)
+
+    async def open(self) -> None:
+        try:
+            self.pool = await self.asyncpg.create_pool(self.url, min_size=0, max_size=PG_POOL_SIZE,
+                                                       timeout=PG_CONNECT_TIMEOUT_S, command_timeout=60,
+                                                       connection_class=pooled_connection_class(self.asyncpg))
+        except Exception as exc:
+            raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {exc}") from None
+        try:
+            await self._apply_schema()
+        except BaseException:
+            await self.pool.close()
+            raise
+
+    async def _apply_schema(self) -> None:
+        """Create or upgrade the schema in one transaction, under a lock that other hosts starting wait on."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(PG_LOCK_SCHEMA)
+            found = (await conn.fetchrow(PG_SCHEMA_FOUND))["found"]
+            version = (await conn.fetchrow(PG_GET_VERSION))["version"] if found else 0
+            if version and version > PG_SCHEMA_VERSION:
+                raise ConfigError(f"{shown_db(self.url)} was written by a newer Persona "
+                                  f"(schema {version}, this one knows {PG_SCHEMA_VERSION})")
+            if (version or 0) < PG_SCHEMA_VERSION:
+                await conn.execute(PG_SCHEMA)
+                await conn.execute(PG_SET_VERSION.format(version=int(PG_SCHEMA_VERSION)))
+
+    def listen(self, on_news: Callable[[str], None]) -> None:
+        """Hear other hosts' news (a job queued, a job cancelled, a delivery due) as it happens.
+
+        Only a hint: the claim loops poll as well, so news lost while the listener
+        reconnects costs at most a poll's delay.
+        """
+        self.listener_task = asyncio.get_running_loop().create_task(self._listen(on_news), name="persona-listener")
+
+    async def _listen(self, on_news: Callable[[str], None]) -> None:
+        while True:
+            closed = asyncio.Event()
+            try:
+                conn = await self.asyncpg.connect(self.url, timeout=PG_CONNECT_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("PostgreSQL listener cannot connect (%s); trying again", pg_trouble(exc) or type(exc).__name__)
+            else:
+                conn.add_termination_listener(lambda _: closed.set())
+                try:
+                    await conn.add_listener("persona", lambda _conn, _pid, _channel, payload: on_news(payload))
+                    await closed.wait()
+                except Exception as exc:
+                    log.warning("PostgreSQL listener lost (%s); reconnecting", pg_trouble(exc) or type(exc).__name__)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=1)
+            await asyncio.sleep(POLL_S)  # a backoff before reconnecting, not a wait for an event
+
+    async def close(self) -> None:
+        if self.listener_task is not None:
+            self.listener_task.cancel()
+            await asyncio.gather(self.listener_task, return_exceptions=True)
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), 5)
+
+    def missing(self) -> str | None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, writing: bool) -> AsyncIterator[Any]:
+        """A pooled connection; failures that mean the database is unusable come out as StorageUnavailable."""
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except Exception as exc:
+            trouble = pg_trouble(exc)
+            if trouble is None:
+                raise
+            if writing:
+                self._saw_write(trouble)
+            raise StorageUnavailable(trouble) from exc
+        if writing:
+            self._saw_write(None)
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        async with self._connection(writing=False) as conn:
+            return await conn.fetch(sql, *args)
+
+    async def _write(self, sql: str, *args: Any) -> list[Any]:
+        async with self._connection(writing=True) as conn:
+            return await conn.fetch(sql, *args)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        async with self._connection(writing=True) as conn, conn.transaction():
+            yield conn
+
+    async def _probe_write(self) -> None:
+        await self._write(PG_PROBE_WRITE)
+
+    # -- jobs ---------------------------------------------------------------
+
+    async def active_jobs(self, owner: str) -> int:
+        return (await self._read(PG_COUNT_ACTIVE, owner))[0]["active"]
+
+    async def _admit_batch(self, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
+        try:
+            async with self._transaction() as conn:
+                return await self._admit_in(conn, jobs, ids)
+        except self.asyncpg.UniqueViolationError as exc:  # the only unique value the batch does not check
+            raise IdTaken from exc
+
+    async def _admit_in(self, conn: Any, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
+        names = [f"persona:owner:{job.owner}" for job in jobs.values()]
+        names += [f"persona:key:{job.owner}:{job.idempotency[0]}" for job in jobs.values() if job.idempotency]
+        await conn.execute(PG_LOCK_NAMES, names)
+        keyed = [job for job in jobs.values() if job.idempotency]
+        stored = {}
+        if keyed:
+            rows = await conn.fetch(PG_FIND_IDEMPOTENT, [job.owner for job in keyed],
+                                    [job.idempotency[0] for job in keyed], IDEMPOTENCY_TTL_S)
+            stored = {(row["owner"], row["key"]): (row["body_hash"], row["job_id"]) for row in rows}
+        plan = AdmissionPlan.of(jobs, stored)
+        experiments = await self._experiments(conn, {job.experiment for job in plan.inserts.values() if job.experiment})
+        keys = list(plan.inserts)
+        columns = ([ids[key] for key in keys], [plan.inserts[key].owner for key in keys],
+                   [plan.inserts[key].request for key in keys],
+                   [experiments.get(plan.inserts[key].experiment) or own_experiment(ids[key]) for key in keys],
+                   [plan.inserts[key].limit for key in keys])
+        inserted = {row["job_id"] for row in await conn.fetch(PG_INSERT_JOBS_WITHIN_LIMIT, *columns, utc_now())}
+        if inserted:
+            await conn.execute(PG_NOTIFY, "jobs")  # sent as the batch commits
+        kept = plan.kept_keys(ids, inserted)
+        if kept:
+            await conn.execute(PG_SAVE_IDEMPOTENT, *map(list, zip(*kept)))
+        active = {owner: (await conn.fetchrow(PG_COUNT_ACTIVE, owner))["active"]
+                  for owner in plan.refused_owners(ids, inserted)}
+        return plan.settle(jobs, ids, inserted, active)
+
+    @staticmethod
+    async def _experiments(conn: Any, names: set[str]) -> dict[str, str]:
+        if not names:
+            return {}
+        ordered = sorted(names)
+        await conn.execute(PG_ADD_EXPERIMENTS, ordered, [new_id("exp") for _ in ordered], utc_now())
+        return {row["name"]: row["experiment_id"] for row in await conn.fetch(PG_GET_EXPERIMENTS, ordered)}
+
+    async def _notify(self, news: str) -> None:
+        """Tell the other hosts; losing this only costs them a poll's delay."""
+        with contextlib.suppress(StorageUnavailable):
+            await self._write(PG_NOTIFY, news)
+
+    async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
+        return {row["job_id"]: row for row in await self._read(PG_GET_JOBS, job_ids)}
+
+    async def list_jobs(self, status: str | None, limit: int, offset: int, newest_first: bool = False) -> tuple[list[JSON], int]:
+        rows = await self._read(PG_LIST_JOBS_NEWEST if newest_first else PG_LIST_JOBS, status, limit, offset)
+        if rows:
+            return [job_from_row(row) for row in rows], rows[0]["total"]
+        return [], (await self._read(PG_COUNT_JOBS, status))[0]["total"]
+
+    async def claim_job(self, worker: str) -> JSON | None:
+        rows = await self._write(PG_CLAIM_JOB, worker, utc_now())
+        if not rows:
+            return None
+        return {**dict(rows[0]), "request": json.loads(rows[0]["request"])}
+
+    async def begin_attempt(self, job_id: str, worker: str) -> bool:
+        return bool(await self._write(PG_BEGIN_ATTEMPT, job_id, worker))
+
+    async def set_progress(self, job_id: str, worker: str, progress: int) -> bool:
+        return bool(await self._write(PG_SET_PROGRESS, job_id, worker, progress))
+
+    async def heartbeat(self, worker: str) -> set[str]:
+        return {row["job_id"] for row in await self._write(PG_HEARTBEAT, worker)}
+
+    async def _running_claims(self, worker: str) -> list[Any]:
+        return await self._read(PG_RUNNING_JOBS, worker)
+
+    async def _requeue(self, job_id: str, claimed_by: str) -> str | None:
+        async with self._transaction() as conn:
+            rows = await conn.fetch(PG_REQUEUE_JOB, job_id, claimed_by, MAX_ATTEMPTS, requeue_error(), utc_now())
+            if rows and rows[0]["status"] == "failed":
+                await self._enqueue(conn, job_id, "generation.failed", {"error": requeue_error()})
+            elif rows:
+                await conn.execute(PG_NOTIFY, "jobs")
+        return rows[0]["status"] if rows else None
+
+    async def release_job(self, job_id: str, worker: str, attempt_begun: bool) -> None:
+        await self._write(PG_RELEASE_JOB, job_id, worker, 1 if attempt_begun else 0)
+
+    async def cancel_job(self, job_id: str) -> bool:
+        async with self._transaction() as conn:
+            changed = bool(await conn.fetch(PG_CANCEL_JOB, job_id, utc_now()))
+            if changed:
+                await self._enqueue(conn, job_id, "generation.failed", {"error": "cancelled"})
+                await conn.execute(PG_NOTIFY, f"cancel:{job_id}")
+        return changed
+
+    async def _finish(self, job_id: str, worker: str, status: str, outcome: str, event: str, data: JSON) -> bool:
+        sql = PG_COMPLETE_JOB if status == "completed" else PG_FAIL_JOB
+        async with self._transaction() as conn:
+            changed = bool(await conn.fetch(sql, job_id, worker, outcome, utc_now()))
+            if changed:
+                await self._enqueue(conn, job_id, event, data)
+        return changed
+
+    async def _enqueue(self, conn: Any, job_id: str, event: str, data: JSON) -> None:
+        now = utc_now()
+        payload = event_payload(job_id, event, data, now)
+        await conn.execute(PG_ENQUEUE_WEBHOOKS, job_id, event, payload, now)
+        await conn.execute(PG_ENQUEUE_JOB_URL, job_id, event, payload, now, self.job_webhook_secret)
+        await conn.execute(PG_NOTIFY, "deliveries")
+
+    async def purge_expired(self) -> None:
+        await self._write(PG_PURGE_IDEMPOTENT, IDEMPOTENCY_TTL_S)
+        await self._write(PG_PURGE_RATE, RATE_WINDOW_S)
+
+    async def purge_finished_jobs(self, before: str, batch: int) -> tuple[int, list[str]]:
+        async with self._transaction() as conn:
+            rows = await conn.fetch(PG_EXPIRED_JOBS, before, batch)
+            ids = [row["job_id"] for row in rows]
+            if rows:
+                await conn.execute(PG_PURGE_JOB_ATTEMPTS, ids)
+                await conn.execute(PG_PURGE_JOB_DELIVERIES, ids)
+                await conn.execute(PG_PURGE_JOBS, ids)
+        return len(rows), [row["output_path"] for row in rows if row["output_path"]]
+
+    async def trim_attempts(self, kept: int) -> None:
+        await self._write(PG_TRIM_ATTEMPTS, kept)
+
+    # -- webhooks -----------------------------------------------------------
+
+    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
+        webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
+        async with self._transaction() as conn:
+            await conn.execute(PG_LOCK_WEBHOOKS)  # the cap holds for hosts registering at once
+            if (await conn.fetchrow(PG_COUNT_WEBHOOKS))["webhooks"] >= MAX_WEBHOOKS:
+                return None
+            await conn.execute(PG_INSERT_WEBHOOK, webhook["webhook_id"], url, json.dumps(events), secret,
+                               webhook["created_at"])
+        return webhook
+
+    async def get_webhook(self, webhook_id: str) -> JSON | None:
+        rows = await self._read(PG_GET_WEBHOOK, webhook_id)
+        return webhook_from_row(rows[0]) if rows else None
+
+    async def list_webhooks(self) -> list[JSON]:
+        return [webhook_from_row(row) for row in await self._read(PG_LIST_WEBHOOKS)]
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        async with self._transaction() as conn:
+            deleted = bool(await conn.fetch(PG_DELETE_WEBHOOK, webhook_id))
+            await conn.execute(PG_CANCEL_WEBHOOK_DELIVERIES, webhook_id)
+        return deleted
+
+    # -- deliveries -----------------------------------------------------------
+
+    async def claim_deliveries(self, worker: str, limit: int) -> list[JSON]:
+        return [claimed_delivery(row) for row in await self._write(PG_CLAIM_DELIVERIES, worker, limit)]
+
+    async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, delay: float) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(PG_RECORD_ATTEMPT, delivery_id, attempt["attempted_at"], attempt["http_status"],
+                               attempt["error"], attempt["duration_ms"])
+            await conn.execute(PG_SETTLE_DELIVERY, delivery_id, worker, status, delay)
+
+    async def release_delivery(self, delivery_id: str, worker: str) -> None:
+        await self._write(PG_RELEASE_DELIVERY, delivery_id, worker)
+
+    async def _delivering(self, worker: str) -> list[Any]:
+        return await self._read(PG_DELIVERING, worker)
+
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[JSON]:
+        return [delivery_from_row(row) for row in await self._read(PG_LIST_DELIVERIES, webhook_id, limit)]
+
+    async def retry_delivery(self, webhook_id: str, delivery_id: str, attempts: int) -> str | None:
+        if await self._write(PG_RETRY_DELIVERY, delivery_id, webhook_id, attempts):
+            await self._notify("deliveries")
+            return None
+        rows = await self._read(PG_DELIVERY_STATUS, delivery_id, webhook_id)
+        return rows[0]["status"] if rows else "missing"
+
+    # -- rate limits ----------------------------------------------------------
+
+    async def rate_hit(self, client: str) -> tuple[int, float]:
+        rows = await self._write(PG_RATE_HIT, client, RATE_WINDOW_S)
+        return rows[0]["hits"], rows[0]["window_start"] + RATE_WINDOW_S
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings name: SQLite for a path, PostgreSQL for a postgresql:// URL."""
+    if isinstance(settings.db, str):
+        return PostgresStore(settings.db, settings.webhook_secret)
+    return SQLiteStore(settings.db, settings.webhook_secret)
 
 
 # ---------------------------------------------------------------------------
@@ -2501,7 +3333,7 @@ def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -
     try:
         path = resolve_data_path(data, data_dir)
     except APIError as exc:
-        raise GenerationError(exc.message) from None
+        raise GenerationError(exc.message + missing_here(exc)) from None
     root = real_root(data_dir)
     try:  # the folder may have changed since it was checked at submission
         files, skipped = folder_files(path, root) if path.is_dir() else ([path], [])
@@ -2528,6 +3360,14 @@ def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -
         reader.warnings.insert(0, f"{data}: did not read {len(skipped)} file(s) of an unsupported format: "
                                   f"{named_list(skipped)}")
     return finish_dataset(reader, source, data)
+
+
+def missing_here(exc: APIError) -> str:
+    """For a source that is not there when its job runs: which host looked, and what servers on several hosts need."""
+    if "data" not in exc.details:
+        return ""
+    return (f" on {socket.gethostname()}, the host that ran the job; servers that share a database need the same "
+            "data directory (shared storage), or data given by URL or inline")
 
 
 def check_source_size(data: str, files: list[Path], max_mb: int) -> None:
@@ -4320,9 +5160,9 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def claimer_is_gone(claimed_by: str, heartbeat_at: float | None, now: float, lease: float = LEASE_S) -> bool:
-    """A claimer is gone when its lease lapsed, or, on this host, its process died."""
-    if heartbeat_at is None or now - heartbeat_at > lease:
+def claimer_is_gone(claimed_by: str, idle: float | None, lease: float = LEASE_S) -> bool:
+    """A claimer is gone when its lease lapsed (`idle` seconds since it was last heard), or, on this host, its process died."""
+    if idle is None or idle > lease:
         return True
     host, _, rest = claimed_by.partition(":")
     pid = rest.partition(":")[0]
@@ -4338,7 +5178,6 @@ class ClaimLoop:
     """
 
     name = "claim-loop"
-    release_sql = ""
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -4370,7 +5209,7 @@ class ClaimLoop:
 
     async def release(self, key: str) -> None:
         """Hand back one piece of work that a stop cut short."""
-        await self.store.write(self.release_sql, (key, self.worker_id))
+        raise NotImplementedError
 
     def track(self, key: str, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -4390,7 +5229,7 @@ class ClaimLoop:
                     await self._upkeep()
                     last_upkeep = time.monotonic()
                 await self._claim()
-            except DatabaseUnavailable as exc:
+            except StorageUnavailable as exc:
                 log.warning("%s: %s; trying again", self.name, exc.reason)
             except Exception:
                 log.exception("%s: database trouble; trying again", self.name)
@@ -4415,7 +5254,7 @@ class ClaimLoop:
             try:
                 await write()
                 return
-            except DatabaseUnavailable as exc:
+            except StorageUnavailable as exc:
                 log.warning("%s: cannot save %s yet (%s); trying again in %g s", self.name, what, exc.reason, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, SAVE_RETRY_MAX_S)
@@ -4434,7 +5273,7 @@ class JobRunner(ClaimLoop):
 
     async def release(self, key: str) -> None:
         """A stop is not the job's fault: the attempt it was on, if it began, is given back."""
-        await self.store.write(SQL_RELEASE_JOB, (1 if key in self.begun else 0, key, self.worker_id))
+        await self.store.release_job(key, self.worker_id, key in self.begun)
         self.begun.discard(key)
 
     def wake(self) -> None:
@@ -4448,13 +5287,11 @@ class JobRunner(ClaimLoop):
             task.cancel()
 
     async def _upkeep(self) -> None:
-        now = time.time()
-        still_mine = {row[0] for row in await self.store.write(SQL_HEARTBEAT, (now, self.worker_id))}
+        still_mine = await self.store.heartbeat(self.worker_id)
         for job_id in [job_id for job_id in self.tasks if job_id not in still_mine]:
             self.cancel_local(job_id)  # cancelled through another process: its computation stops here too
-        for job_id, claimed_by, heartbeat_at in await self.store.read(SQL_RUNNING_JOBS):
-            if claimed_by != self.worker_id and claimer_is_gone(claimed_by, heartbeat_at, now):
-                await self._requeue(job_id, claimed_by)
+        for job_id, status in await self.store.requeue_orphans(self.worker_id, claimer_is_gone):
+            log.warning("job %s was interrupted by a stopped server; now %s", job_id, status)
         await self.store.purge_expired()
         if time.monotonic() - self.retained_at >= RETENTION_EVERY_S:
             self.retained_at = time.monotonic()
@@ -4472,32 +5309,26 @@ class JobRunner(ClaimLoop):
             if deleted < RETENTION_BATCH:
                 break
 
-    async def _requeue(self, job_id: str, claimed_by: str) -> None:
-        status = await self.store.requeue_job(job_id, claimed_by)
-        if status is not None:
-            log.warning("job %s was interrupted by a stopped server; now %s", job_id, status)
-
     async def _claim(self) -> None:
         while len(self.tasks) < JOBS_PER_PROCESS:
-            rows = await self.store.write(SQL_CLAIM_JOB, {"worker": self.worker_id, "now": utc_now(), "clock": time.time()})
-            if not rows:
+            job = await self.store.claim_job(self.worker_id)
+            if job is None:
                 return
-            job_id, request, experiment_id, created_at = rows[0]
-            self.track(job_id, self._execute(job_id, json.loads(request), experiment_id, created_at))
+            self.track(job["job_id"], self._execute(job["job_id"], job["request"], job["experiment_id"], job["created_at"]))
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
         """Record progress; a write the database refuses only loses this step of it."""
         log.debug("job %s: %d%% %s", job_id, progress, stage)
         try:
-            still_running = await self.store.write(SQL_SET_PROGRESS, (progress, time.time(), job_id, self.worker_id))
-        except DatabaseUnavailable:
+            still_running = await self.store.set_progress(job_id, self.worker_id, progress)
+        except StorageUnavailable:
             return
         if not still_running:
             raise JobCancelled(job_id)
 
     async def _begin(self, job_id: str) -> None:
         """The job's work starts now: count the attempt (claimed jobs waiting for a slot spend none)."""
-        if not await self.store.write(SQL_BEGIN_ATTEMPT, (job_id, self.worker_id)):
+        if not await self.store.begin_attempt(job_id, self.worker_id):
             raise JobCancelled(job_id)
         self.begun.add(job_id)
 
@@ -4596,24 +5427,24 @@ class WebhookDispatcher(ClaimLoop):
     """
 
     name = "webhooks"
-    release_sql = SQL_RELEASE_DELIVERY
 
     def wake(self) -> None:
         self.wakeup.set()
 
+    async def release(self, key: str) -> None:
+        await self.store.release_delivery(key, self.worker_id)
+
     async def _upkeep(self) -> None:
         """Deliveries claimed by a process that died go back to the outbox."""
-        now, lease = time.time(), max(LEASE_S, self.settings.webhook_timeout + HEARTBEAT_S)
-        for delivery_id, claimed_by, claimed_at in await self.store.read(SQL_DELIVERING):
-            if claimed_by != self.worker_id and claimer_is_gone(claimed_by, claimed_at, now, lease):
-                await self.store.write(SQL_RELEASE_DELIVERY, (delivery_id, claimed_by))
+        lease = max(LEASE_S, self.settings.webhook_timeout + HEARTBEAT_S)
+        await self.store.release_orphan_deliveries(self.worker_id, functools.partial(claimer_is_gone, lease=lease))
 
     async def _claim(self) -> None:
         free = DELIVERIES_AT_ONCE - len(self.tasks)
         if free <= 0:
             return
-        for row in await self.store.claim_deliveries(self.worker_id, free):
-            self.track(row[0], self._deliver(*row))
+        for delivery in await self.store.claim_deliveries(self.worker_id, free):
+            self.track(delivery["delivery_id"], self._deliver(**delivery))
 
     async def _deliver(self, delivery_id: str, event: str, url: str, secret: str | None, payload: str,
                        attempts: int) -> None:
@@ -4639,8 +5470,8 @@ class WebhookDispatcher(ClaimLoop):
         except Exception as exc:  # a receiver's failure is recorded, never raised
             attempt["error"] = describe_send_error(exc, self.settings.webhook_timeout)
         attempt["duration_ms"] = round((time.perf_counter() - started) * 1000)
-        status, next_at = self._outcome(attempt, attempts + 1, retry_after, final)
-        await self.save(functools.partial(self.store.settle_delivery, delivery_id, self.worker_id, attempt, status, next_at),
+        status, delay = self._outcome(attempt, attempts + 1, retry_after, final)
+        await self.save(functools.partial(self.store.settle_delivery, delivery_id, self.worker_id, attempt, status, delay),
                         f"delivery {delivery_id}")
 
     def _outcome(self, attempt: JSON, attempts_done: int, retry_after: float | None, final: bool) -> tuple[str, float]:
@@ -4655,7 +5486,7 @@ class WebhookDispatcher(ClaimLoop):
         delay = None if final else retry_delay(self.settings.webhook_retry_schedule, attempts_done, retry_after)
         if delay is None:
             return "failed", 0.0
-        return "pending", time.time() + delay
+        return "pending", delay
 
 
 def describe_send_error(exc: Exception, timeout: float) -> str:
@@ -4764,9 +5595,7 @@ class SharedRateLimiter:
         self.store = store
 
     async def hit(self, client: str) -> tuple[int, float]:
-        rows = await self.store.write(SQL_RATE_HIT, {"client": client, "now": time.time(), "window": RATE_WINDOW_S})
-        start, hits = rows[0]
-        return hits, start + RATE_WINDOW_S
+        return await self.store.rate_hit(client)
 
 
 class RateLimiter:
@@ -4911,6 +5740,25 @@ def body_too_large() -> APIError:
     )
 
 
+def too_many_jobs(owner: str, limit: int, active: int) -> APIError:
+    """The reference's rate-limited answer, with Retry-After, for a full concurrent-jobs quota."""
+    who = "API key" if owner.startswith("key:") else "client address"
+    return APIError(
+        429,
+        f"Too many concurrent jobs: {active} are pending or running for this {who} and the limit is {limit}. "
+        f"Retry after {JOBS_RETRY_AFTER_S} seconds, or cancel one.",
+        {"retry_after": JOBS_RETRY_AFTER_S, "limit": limit, "active": active},
+        headers={"Retry-After": str(JOBS_RETRY_AFTER_S)},
+    )
+
+
+async def check_quota(store: Store, owner: str, limit: int) -> None:
+    """Refuse early, before costly checks, a submitter whose concurrent-jobs quota is full."""
+    active = await store.active_jobs(owner)
+    if active >= limit:
+        raise too_many_jobs(owner, limit, active)
+
+
 def authenticate(request: Request) -> str:
     """Who is asking, for per-key limits: a token's fingerprint, or the client IP with auth off.
 
@@ -4968,6 +5816,8 @@ async def health(request: Request) -> JSONResponse:
     reason = app_state.store.missing()
     try:
         await app_state.store.ping()
+    except StorageUnavailable as exc:
+        reason = reason or f"database unavailable: {exc.reason}"
     except Exception as exc:
         reason = reason or f"database unavailable: {type(exc).__name__}"
     if reason is None:
@@ -4992,11 +5842,17 @@ async def create_generation(request: Request) -> Response:
         job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
     job_request["provider"] = resolve_provider(job_request)
     check_destination(job_request.get("webhook_url"), "webhook_url", app_state.settings)
+    limit = app_state.settings.max_concurrent_jobs
     await check_data_source(job_request["data"], app_state.settings.data_dir,
-                            functools.partial(app_state.store.check_quota, owner, app_state.settings.max_concurrent_jobs))
-    job_id, replayed = await app_state.store.create_job(
-        owner, job_request, app_state.settings.max_concurrent_jobs, idempotency_key(request, body)
-    )
+                            functools.partial(check_quota, app_state.store, owner, limit))
+    idempotency = idempotency_key(request, body)
+    admission = await app_state.store.create_job(owner, job_request, limit, idempotency)
+    if admission.conflict:
+        raise APIError(422, "This Idempotency-Key was already used with a different request body; "
+                            "use a new key for a different request", {"idempotency_key": idempotency[0]})
+    if admission.job_id is None:
+        raise too_many_jobs(owner, limit, admission.active)
+    job_id, replayed = admission.job_id, admission.replayed
     app_state.runner.wake()
     status = "pending"
     if replayed:
@@ -5068,6 +5924,9 @@ async def create_webhook(request: Request) -> JSONResponse:
     body = validated(await read_json(request), WEBHOOK_CHECK)
     check_destination(body["url"], "url", state(request).settings)
     webhook = await state(request).store.create_webhook(body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"))
+    if webhook is None:
+        raise APIError(400, f"At most {MAX_WEBHOOKS} webhooks can be registered; delete one first",
+                       {"max_webhooks": MAX_WEBHOOKS})
     return JSONResponse(webhook)
 
 
@@ -5473,6 +6332,13 @@ async def docs_asset(request: Request) -> Response:
 # ---------------------------------------------------------------------------
 
 
+async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+    """The database cannot be used: a 503, as the reference answers a server that cannot serve for now."""
+    assert isinstance(exc, StorageUnavailable)
+    message = f"The database cannot be used right now ({exc.reason}); nothing was saved; try again shortly"
+    return JSONResponse(error_envelope("internal_error", message, {"reason": exc.reason}), status_code=503)
+
+
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return JSONResponse(error_envelope(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers)
@@ -5498,9 +6364,10 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     """
     if isinstance(exc, APIError):
         return await api_error(request, exc)
-    if isinstance(exc, (aiosqlite.OperationalError, OSError)):
-        reason = str(exc) if isinstance(exc, aiosqlite.OperationalError) else exc.strerror or type(exc).__name__
-        message = f"The server cannot use its database or files right now ({reason}); try again shortly"
+    if isinstance(exc, StorageUnavailable):
+        return await storage_error(request, exc)
+    if isinstance(exc, OSError):
+        message = f"The server cannot use its files right now ({exc.strerror or type(exc).__name__}); try again shortly"
         return JSONResponse(error_envelope("internal_error", message), status_code=503)
     return JSONResponse(error_envelope("internal_error", "Internal server error; see the server log"), status_code=500)
 
@@ -5537,7 +6404,7 @@ def describe_startup(settings: Settings) -> str:
     auth = f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})" if settings.auth_tokens else "off"
     rate_limit = f"{settings.rate_limit}/min" if settings.rate_limit else "off"
     return (
-        f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {settings.db.resolve()}; "
+        f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {shown_db(settings.db)}; "
         f"data dir {settings.data_dir.resolve()}; output dir {settings.output_dir.resolve()}; auth {auth}; "
         f"rate limit {rate_limit}; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}"
     )
@@ -5568,6 +6435,16 @@ def collector_tuned_for_requests() -> Iterator[None]:
             gc.unfreeze()
 
 
+def hear_news(app_state: Any, news: str) -> None:
+    """Another host's news, heard through the store: start a queued job, stop a cancelled one, send a delivery."""
+    if news == "jobs":
+        app_state.runner.wake()
+    elif news == "deliveries":
+        app_state.dispatcher.wake()
+    elif news.startswith("cancel:"):
+        app_state.runner.cancel_local(news.removeprefix("cancel:"))
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; `uvicorn persona:create_app --factory` builds it from PERSONA_* variables."""
     settings = settings or load_settings()
@@ -5575,20 +6452,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.db, settings.webhook_secret)
+        store = open_store(settings)
         await store.open()
         removed = await asyncio.to_thread(remove_partial_folders, settings.output_dir)
         if removed:
             log.warning("removed %d half-written output folder(s) left by a crash", removed)
         app.state.store = store
-        peers = PeerWatch(settings.db)
+        peers = PeerWatch(settings.db) if isinstance(store, SQLiteStore) else None
         if settings.rate_limit:
-            app.state.limiter = (SharedRateLimiter(settings.rate_limit, store) if settings.workers > 1
-                                 else RateLimiter(settings.rate_limit, store, peers))
+            app.state.limiter = (RateLimiter(settings.rate_limit, store, peers) if peers and settings.workers == 1
+                                 else SharedRateLimiter(settings.rate_limit, store))
         app.state.dispatcher = WebhookDispatcher(store, settings)
         app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
         app.state.dispatcher.start()
         app.state.runner.start()
+        store.listen(functools.partial(hear_news, app.state))
         log.info(describe_startup(settings))
         try:
             with collector_tuned_for_requests():
@@ -5597,12 +6475,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await app.state.runner.stop()
             await app.state.dispatcher.stop()
             await store.close()
-            peers.close()
+            if peers is not None:
+                peers.close()
 
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(RateLimitMiddleware)],
-        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={APIError: api_error, StorageUnavailable: storage_error, HTTPException: http_error,
+                            Exception: server_error},
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # a redirect would echo the request's Host header; 404 in the envelope
@@ -5721,7 +6601,7 @@ SERVE_OPTIONS = (
     (("--workers", "-w"), "workers", "worker processes (default 1)"),
     (("--auth-token",), "auth_tokens", "API token for write endpoints; a comma-separated list gives several"),
     (("--log-level",), "log_level", "logging level: " + ", ".join(LOG_LEVELS) + " (default info)"),
-    (("--db",), "db", "SQLite database file (default persona.db)"),
+    (("--db",), "db", "SQLite database file (default persona.db), or a postgresql:// URL"),
     (("--data-dir",), "data_dir", "where data paths are resolved; nothing outside it is read (default .)"),
     (("--output-dir",), "output_dir", "where each job writes its folder (default ./output)"),
     (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default 100)"),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
+import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pg_cluster
 import pytest
 from loopback import serve_on_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("sqlite", "postgresql")
 EXAMPLES = ROOT / "examples"
 TERMINAL = ("completed", "failed")
 
@@ -52,6 +58,16 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: floa
         time.sleep(interval)
 
 
+async def postgres_query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
 class Server:
     """`python -m persona serve` as a child process on a free loopback port."""
 
@@ -64,6 +80,7 @@ class Server:
         self.env = env
         self.log_path = workdir / f"server-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.db = args[args.index("--db") + 1] if "--db" in args else str(workdir / "persona.db")
 
     def start(self, timeout: float = 20.0) -> Server:
         command = [*self.prefix, sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
@@ -105,6 +122,13 @@ class Server:
         self.stop()
         return self.start()
 
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """A statement on the server's database, through a connection of the test's own."""
+        if not self.db.startswith("postgresql://"):
+            with sqlite3.connect(self.db) as conn:
+                return [tuple(row) for row in conn.execute(sql)]
+        return asyncio.run(postgres_query(self.db, sql))
+
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=10)
@@ -118,14 +142,52 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that starts a server runs on both stores, unless it is about one of them."""
+    if "backend" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker
+        backends = BACKENDS[:1] if marker("sqlite_only") else BACKENDS[1:] if marker("postgres_only") else BACKENDS
+        metafunc.parametrize("backend", backends)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg_cluster.Cluster]:
+    """One throwaway PostgreSQL cluster for the session; each test gets databases of its own in it.
+
+    Without PostgreSQL installed the tests that need it skip, except under CI, where they must run.
+    """
+    if not pg_cluster.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed, and CI must test both stores")
+        pytest.skip("PostgreSQL is not installed here (Debian: apt-get install postgresql)")
+    with pg_cluster.Cluster() as cluster:
+        yield cluster
+
+
 @pytest.fixture
-def start_server(workdir: Path) -> Iterator[Callable[..., Server]]:
+def database(request: pytest.FixtureRequest, backend: str, workdir: Path) -> Callable[[str], str]:
+    """The --db value for a name: a SQLite file in the working directory, or a fresh PostgreSQL database."""
+    if backend == "sqlite":
+        return lambda name="persona.db": str(workdir / name)
+    cluster = request.getfixturevalue("postgres")
+    made: dict[str, str] = {}
+
+    def url(name: str = "persona.db") -> str:
+        if name not in made:
+            made[name] = cluster.create_database(f"t_{secrets.token_hex(6)}")
+        return made[name]
+
+    return url
+
+
+@pytest.fixture
+def start_server(workdir: Path, database: Callable[[str], str]) -> Iterator[Callable[..., Server]]:
     """Start servers with a temporary database, data and output directory; all stop at teardown."""
     servers: list[Server] = []
 
     def start(*args: str, env: dict[str, str] | None = None, db: str = "persona.db",
               prefix: list[str] | None = None) -> Server:
-        base = ["--db", str(workdir / db), "--data-dir", str(workdir / "data"), "--output-dir", str(workdir / "output")]
+        base = ["--db", database(db), "--data-dir", str(workdir / "data"), "--output-dir", str(workdir / "output")]
         server = Server(workdir, [*base, *args], env or {}, prefix)
         servers.append(server)
         return server.start()
@@ -160,6 +222,12 @@ def submit(http: httpx.Client, **body: Any) -> str:
     return response.json()["job_id"]
 
 
+def hung_up(connection: socket.socket) -> bool:
+    """Whether the peer closed this connection: readable, with nothing to read."""
+    readable, _, _ = select.select([connection], [], [], 0)
+    return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+
+
 class GatedDataServer:
     """An HTTP data source on loopback that holds every answer until it is opened.
 
@@ -170,12 +238,17 @@ class GatedDataServer:
     def __init__(self, body: bytes, content_type: str = "text/csv") -> None:
         self.gate = threading.Event()
         self.requests = 0
+        self.abandoned = 0  # requests whose client hung up while held
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 outer.requests += 1
-                outer.gate.wait(60)
+                deadline = time.monotonic() + 60
+                while not outer.gate.wait(0.05) and time.monotonic() < deadline:
+                    if hung_up(self.connection):
+                        outer.abandoned += 1
+                        return
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))

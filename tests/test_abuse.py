@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,19 +13,18 @@ from conftest import Receiver, Server, submit, wait_job
 import persona
 
 
-def table_counts(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
-        return {table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
-                for table in ("jobs", "webhooks", "experiments", "idempotency_keys", "deliveries")}
+def table_counts(server: Server) -> dict[str, int]:
+    return {table: server.query(f"SELECT COUNT(*) FROM {table}")[0][0]  # noqa: S608 - fixed names
+            for table in ("jobs", "webhooks", "experiments", "idempotency_keys", "deliveries")}
 
 
 @pytest.fixture
 def guarded(server: Server) -> Iterator[tuple[httpx.Client, Server]]:
     """A client, and a check at the end that the database did not change."""
-    before = table_counts(server.workdir / "persona.db")
+    before = table_counts(server)
     with server.client() as http:
         yield http, server
-    assert table_counts(server.workdir / "persona.db") == before
+    assert table_counts(server) == before
 
 
 def refused(response: httpx.Response, status: int) -> dict:
@@ -163,7 +160,7 @@ def test_webhook_registrations_are_capped_with_a_clear_error(server: Server) -> 
     with server.client() as http:
         for n in range(persona.MAX_WEBHOOKS):
             assert http.post("/api/v1/webhooks", json={"url": f"https://hooks.example/{n}"}).status_code == 200
-        before = table_counts(server.workdir / "persona.db")
+        before = table_counts(server)
         body = refused(http.post("/api/v1/webhooks", json={"url": "https://hooks.example/one-more"}), 400)
         assert str(persona.MAX_WEBHOOKS) in body["message"] and "delete" in body["message"]
-        assert table_counts(server.workdir / "persona.db") == before
+        assert table_counts(server) == before

@@ -14,6 +14,10 @@ from conftest import ROOT, Server, clean_environment, free_port, wait_for
 
 import persona
 
+# Its subject is not the store: it runs on SQLite alone (tests/test_store.py and the API,
+# webhook, durability and recovery tests run on both stores).
+pytestmark = pytest.mark.sqlite_only
+
 
 def run_persona(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "persona", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
@@ -73,7 +77,7 @@ def test_startup_logs_address_database_directories_and_auth_but_no_token(start_s
     log = server.log()
     line = next(line for line in log.splitlines() if "starting on" in line)
     assert f"127.0.0.1:{server.port}" in line
-    assert str(workdir / "persona.db") in line and str(workdir / "data") in line and str(workdir / "output") in line
+    assert server.db in line and str(workdir / "data") in line and str(workdir / "output") in line
     assert "auth on" in line
     assert "hunter2" not in log
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import GatedDataServer, submit, wait_for, wait_job
+from conftest import GatedDataServer, Server, submit, wait_for, wait_job
 
 import persona
 
 pytestmark = pytest.mark.slow
 
 
-def attempts(db: Path, job_id: str) -> int:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT attempts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()[0]
+def attempts(server: Server, job_id: str) -> int:
+    return server.query(f"SELECT attempts FROM jobs WHERE job_id = '{job_id}'")[0][0]
 
 
 def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(start_server, workdir: Path,
@@ -25,6 +23,7 @@ def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(start_
     with server.client() as http:
         job_id = submit(http, data=gated_data.url, count=4)
         wait_job(http, job_id, until=("running",))
+    wait_for(lambda: gated_data.requests, what="the job's work to begin (its attempt counted)")
     server.kill()
     gated_data.gate.set()
     server.start()
@@ -32,7 +31,7 @@ def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(start_
         job = wait_job(http, job_id)
     assert job["status"] == "completed", job["error"]
     assert len(job["result"]["personas"]) == 4
-    assert attempts(workdir / "persona.db", job_id) == 2
+    assert attempts(server, job_id) == 2
 
 
 def test_pending_jobs_and_webhooks_survive_a_kill(start_server, gated_data: GatedDataServer) -> None:
@@ -59,7 +58,7 @@ def test_a_job_interrupted_three_times_fails_saying_so(start_server, workdir: Pa
         job_id = submit(http, data=gated_data.url)
     for attempt in range(1, 4):
         with server.client() as http:
-            wait_for(lambda: attempts(workdir / "persona.db", job_id) == attempt, what=f"attempt {attempt}")
+            wait_for(lambda: attempts(server, job_id) == attempt, what=f"attempt {attempt}")
             wait_job(http, job_id, until=("running",))
         server.kill()
         server.start()
@@ -76,8 +75,7 @@ def test_a_graceful_stop_hands_running_jobs_back_without_spending_an_attempt(sta
         job_id = submit(http, data=gated_data.url)
         wait_job(http, job_id, until=("running",))
     server.stop()
-    with sqlite3.connect(workdir / "persona.db") as conn:
-        assert conn.execute("SELECT status, attempts FROM jobs WHERE job_id = ?", (job_id,)).fetchone() == ("pending", 0)
+    assert server.query(f"SELECT status, attempts FROM jobs WHERE job_id = '{job_id}'") == [("pending", 0)]
     gated_data.gate.set()
     server.start()
     with server.client() as http:
@@ -91,9 +89,7 @@ def test_two_workers_share_one_database_and_run_each_job_once(start_server, work
         for job_id in job_ids:
             assert wait_job(http, job_id, timeout=60)["status"] == "completed"
         assert http.get("/api/v1/generate").headers["X-Total-Count"] == "24"
-    with sqlite3.connect(workdir / "persona.db") as conn:
-        rows = conn.execute("SELECT attempts, COUNT(*) FROM jobs GROUP BY attempts").fetchall()
-    assert rows == [(1, 24)]
+    assert server.query("SELECT attempts, COUNT(*) FROM jobs GROUP BY attempts") == [(1, 24)]
     assert len(list((workdir / "output").iterdir())) == 24
 
 

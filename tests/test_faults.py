@@ -8,7 +8,6 @@ import os
 import resource
 import shutil
 import socket
-import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,9 +19,8 @@ from conftest import GatedDataServer, Receiver, Server, submit, wait_for, wait_j
 pytestmark = pytest.mark.slow
 
 
-def statuses(db: Path) -> Counter:
-    with sqlite3.connect(db) as conn:
-        return Counter(dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()))
+def statuses(server: Server) -> Counter:
+    return Counter(dict(server.query("SELECT status, COUNT(*) FROM jobs GROUP BY status")))
 
 
 def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(start_server, workdir: Path,
@@ -51,12 +49,11 @@ def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(start
             return log if len(log) == 20 and all(d["status"] == "delivered" for d in log) else None
 
         log = wait_for(all_delivered, timeout=60, what="every delivery")
-    assert statuses(workdir / "persona.db") == Counter({"completed": 20})
+    assert statuses(server) == Counter({"completed": 20})
     delivered = {json.loads(r["body"])["data"]["job_id"] for r in receiver.requests}
     assert delivered == set(quick + slow)
     assert {d["job_id"] for d in log} == set(quick + slow)
-    with sqlite3.connect(workdir / "persona.db") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 20
+    assert server.query("SELECT COUNT(*) FROM deliveries") == [(20,)]
 
 
 def test_four_workers_run_200_jobs_once_and_deliver_each_once(start_server, workdir: Path, receiver: Receiver) -> None:
@@ -79,8 +76,7 @@ def test_four_workers_run_200_jobs_once_and_deliver_each_once(start_server, work
     wait_for(lambda: len(receiver.requests) >= 200, timeout=60, what="200 deliveries")
     sent = Counter(json.loads(r["body"])["data"]["job_id"] for r in receiver.requests)
     assert set(sent) == job_ids and set(sent.values()) == {1}
-    with sqlite3.connect(workdir / "persona.db") as conn:
-        assert conn.execute("SELECT MAX(attempts) FROM jobs").fetchone()[0] == 1
+    assert server.query("SELECT MAX(attempts) FROM jobs") == [(1,)]
     assert "database is locked" not in server.log()
 
 
@@ -133,6 +129,7 @@ def test_a_thousand_idle_connections_leave_the_server_responsive(start_server) -
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.sqlite_only
 def test_a_vanished_database_path_is_reported_and_recovered_from(start_server, workdir: Path) -> None:
     server = start_server("--rate-limit", "0", db="state/persona.db")
     with server.client() as http:
@@ -180,6 +177,7 @@ def unhealthy(http: httpx.Client) -> dict | None:
 
 
 @needs_mount_namespace
+@pytest.mark.sqlite_only
 def test_a_full_disk_is_reported_refuses_writes_and_loses_nothing_once_space_returns(
         start_server, workdir: Path, gated_data: GatedDataServer, receiver: Receiver) -> None:
     state = workdir / "state"

@@ -12,6 +12,11 @@ import pytest
 
 import persona
 
+# Its subject is not the store: it runs on SQLite alone (tests/test_store.py and the API,
+# webhook, durability and recovery tests run on both stores).
+pytestmark = pytest.mark.sqlite_only
+
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 # The four groups the example interviews were written around.

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,11 @@ from fake_providers import FakeProvider
 from loopback import serve_on_loopback
 
 import persona
+
+# Its subject is not the store: it runs on SQLite alone (tests/test_store.py and the API,
+# webhook, durability and recovery tests run on both stores).
+pytestmark = pytest.mark.sqlite_only
+
 
 TOKEN = "hardening-token-1"
 
@@ -573,11 +579,13 @@ def test_a_huge_column_reference_in_a_sheet_does_not_widen_every_row(tmp_path: P
 
 
 async def test_retention_goes_on_past_a_batch_of_failed_jobs_without_folders(tmp_path: Path) -> None:
-    store = persona.Store(tmp_path / "p.db")
+    store = persona.SQLiteStore(tmp_path / "p.db")
     await store.open()
     for _ in range(5):
-        job_id, _ = await store.create_job("ip:x", {"data": "a.csv"}, 100, None)
-        await store.write(persona.SQL_CANCEL_JOB, ("2020-01-01T00:00:00Z", job_id))
+        job_id = (await store.create_job("ip:x", {"data": "a.csv"}, 100, None)).job_id
+        await store.cancel_job(job_id)
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        conn.execute("UPDATE jobs SET completed_at = '2020-01-01T00:00:00Z'")
     runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db", retention_days=1,
                                                        output_dir=tmp_path / "out"), lambda: None)
     original = persona.RETENTION_BATCH

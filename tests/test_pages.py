@@ -6,7 +6,13 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import Server, submit, wait_job
+
+# Its subject is not the store: it runs on SQLite alone (tests/test_store.py and the API,
+# webhook, durability and recovery tests run on both stores).
+pytestmark = pytest.mark.sqlite_only
+
 
 HOSTILE = "<script>alert('x')</script>"
 

@@ -12,6 +12,11 @@ import pytest
 from conftest import Server, submit, wait_for, wait_job
 from fake_providers import FakeProvider
 
+# Its subject is not the store: it runs on SQLite alone (tests/test_store.py and the API,
+# webhook, durability and recovery tests run on both stores).
+pytestmark = pytest.mark.sqlite_only
+
+
 SECRET_KEY = "sk-test-DO-NOT-LEAK-4242"
 
 
@@ -55,8 +60,8 @@ def test_each_provider_generates_grounded_personas_end_to_end(start_server, fake
 
 
 def test_anthropic_is_asked_for_a_forced_tool_call_and_openai_for_a_json_schema(start_server, fake: FakeProvider) -> None:
-    for provider in ("anthropic", "openai"):
-        server = serve_with(start_server, fake, provider)
+    for provider in ("anthropic", "openai"):  # each server a database of its own: its keys are its own
+        server = start_server("--rate-limit", "0", env=fake.environment(provider, SECRET_KEY), db=f"{provider}.db")
         with server.client() as http:
             assert wait_job(http, submit(http, data="interviews.csv", provider=provider))["status"] == "completed"
     anthropic_body, openai_body = fake.requests[0]["body"], fake.requests[1]["body"]

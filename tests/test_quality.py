@@ -15,6 +15,11 @@ from conftest import ROOT, Server, clean_environment, submit, wait_job
 
 import persona
 
+# Its subject is not the store: it runs on SQLite alone (tests/test_store.py and the API,
+# webhook, durability and recovery tests run on both stores).
+pytestmark = pytest.mark.sqlite_only
+
+
 EXAMPLES = ROOT / "examples"
 LISTS = ("goals", "pain_points", "behaviours")
 

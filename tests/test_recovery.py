@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -102,13 +102,13 @@ def folders_of(output: Path, job_id: str) -> list[Path]:
     return sorted(path for path in output.iterdir() if job_id in path.name)
 
 
-def new_job(db: Path, request: dict[str, Any]) -> tuple[str, str]:
+def new_job(db: str, request: dict[str, Any]) -> tuple[str, str]:
     """A pending job put in the database in-process, as an earlier server would have: (job id, created_at)."""
     async def create() -> tuple[str, str]:
-        store = persona.Store(db)
+        store = persona.open_store(persona.Settings(db=persona.parse_setting("db", db)))
         await store.open()
         try:
-            job_id, _ = await store.create_job("ip:127.0.0.1", request, 10, None)
+            job_id = (await store.create_job("ip:127.0.0.1", request, 10, None)).job_id
             return job_id, (await store.get_job(job_id))["created_at"]
         finally:
             await store.close()
@@ -120,8 +120,8 @@ def new_job(db: Path, request: dict[str, Any]) -> tuple[str, str]:
 
 
 def test_a_complete_folder_left_by_a_crash_before_the_result_was_recorded_is_replaced_by_the_rerun(
-        start_server, workdir: Path) -> None:
-    job_id, created_at = new_job(workdir / "persona.db", {"data": "interviews.csv", "count": 3})
+        start_server, workdir: Path, database: Callable[..., str]) -> None:
+    job_id, created_at = new_job(database(), {"data": "interviews.csv", "count": 3})
     output = workdir / "output"
     folder = persona.output_folder(output, job_id, created_at)
     folder.mkdir(parents=True)  # renamed into place, then the crash: the database still says pending
@@ -239,30 +239,6 @@ def test_finished_jobs_past_the_retention_go_with_their_deliveries_and_folders(s
         assert http.get(f"/api/v1/webhooks/{webhook_id}").status_code == 200  # the webhook itself stays
     assert not folder.exists()
     assert folders_of(workdir / "output", job["job_id"]) == []
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[persona.Store]:
-    opened = persona.Store(tmp_path / "p.db")
-    await opened.open()
-    yield opened
-    await opened.close()
-
-
-async def test_trimming_attempts_keeps_the_newest_of_each_delivery(store: persona.Store) -> None:
-    webhook = await store.create_webhook("http://127.0.0.1:9/hook", ["generation.completed"], None)
-    job_id, _ = await store.create_job("ip:x", {"data": "a.csv"}, 10, None)
-    await store.write(persona.SQL_CLAIM_JOB, {"worker": "w", "now": persona.utc_now(), "clock": 0.0})
-    await store.complete_job(job_id, "w", {"personas": [], "experiment_id": "exp-x", "output_path": "o/"})
-    for n in range(30):
-        [(delivery_id, *_)] = await store.claim_deliveries("w", 1)
-        attempt = {"attempted_at": f"2026-01-01T00:00:{n:02d}Z", "http_status": 503, "error": None, "duration_ms": n}
-        await store.settle_delivery(delivery_id, "w", attempt, "pending", 0.0)
-    [before] = await store.list_deliveries(webhook["webhook_id"], 10)
-    assert len(before["attempts"]) == 30
-    await store.trim_attempts(5)
-    [after] = await store.list_deliveries(webhook["webhook_id"], 10)
-    assert [a["duration_ms"] for a in after["attempts"]] == [25, 26, 27, 28, 29]
 
 
 # -- limits across servers ---------------------------------------------------

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import json
-import sqlite3
 from pathlib import Path
 
 import httpx
@@ -235,11 +234,8 @@ def test_deleting_a_webhook_stops_its_pending_deliveries(start_server, workdir: 
         wait_job(http, submit(http, data="interviews.csv"))
         wait_for(lambda: receiver.requests, what="a first attempt")
         http.delete(f"/api/v1/webhooks/{webhook_id}")
-    with sqlite3.connect(workdir / "persona.db") as conn:
-        statuses = wait_for(lambda: conn.execute("SELECT status FROM deliveries").fetchall()
-                            if conn.execute("SELECT status FROM deliveries").fetchall() == [("cancelled",)] else None,
-                            what="the delivery to be cancelled")
-    assert statuses == [("cancelled",)]
+    wait_for(lambda: server.query("SELECT status FROM deliveries") == [("cancelled",)],
+             what="the delivery to be cancelled")
 
 
 def test_a_hanging_receiver_delays_neither_other_receivers_nor_the_api(start_server, receivers) -> None:

@@ -1,0 +1,121 @@
+-- Persona's PostgreSQL schema. persona.py carries this same text and applies it
+-- in one transaction under an advisory lock; a test keeps the two equal.
+-- Timestamps shown to clients are ISO 8601 UTC text, as in the SQLite schema;
+-- times used for leases, windows and retries are epoch seconds of the
+-- database's clock, which every host shares.
+
+CREATE TABLE IF NOT EXISTS persona_schema (
+    version integer NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    seq           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id        text NOT NULL UNIQUE,
+    owner         text NOT NULL,
+    status        text NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'running', 'completed', 'failed')),
+    progress      integer NOT NULL DEFAULT 0,
+    request       text NOT NULL,
+    experiment_id text NOT NULL,
+    created_at    text NOT NULL,
+    started_at    text,
+    completed_at  text,
+    error         text,
+    result        text,
+    attempts      integer NOT NULL DEFAULT 0,
+    claimed_by    text,
+    heartbeat_at  double precision
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+
+CREATE TABLE IF NOT EXISTS experiments (
+    name          text PRIMARY KEY,
+    experiment_id text NOT NULL UNIQUE,
+    created_at    text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner      text NOT NULL,
+    key        text NOT NULL,
+    body_hash  text NOT NULL,
+    job_id     text NOT NULL,
+    created_at double precision NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    webhook_id text NOT NULL UNIQUE,
+    url        text NOT NULL,
+    events     text NOT NULL,
+    secret     text,
+    created_at text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS rate_limits (
+    client       text PRIMARY KEY,
+    window_start double precision NOT NULL,
+    hits         integer NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id     text NOT NULL UNIQUE,
+    webhook_id      text,
+    job_id          text NOT NULL,
+    event           text NOT NULL,
+    url             text NOT NULL,
+    secret          text,
+    payload         text NOT NULL,
+    status          text NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'delivering', 'delivered', 'failed', 'cancelled')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision NOT NULL,
+    claimed_by      text,
+    claimed_at      double precision,
+    created_at      text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_webhook ON deliveries (webhook_id, seq);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id);
+
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id  text NOT NULL,
+    attempted_at text NOT NULL,
+    http_status  integer,
+    error        text,
+    duration_ms  integer NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (delivery_id, seq);
+
+-- Jobs per owner and status, kept by triggers, so that limits and totals never count rows.
+CREATE TABLE IF NOT EXISTS job_counts (
+    owner  text NOT NULL,
+    status text NOT NULL,
+    n      integer NOT NULL,
+    PRIMARY KEY (owner, status)
+);
+CREATE OR REPLACE FUNCTION persona_count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+        ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS job_counts_on_insert_or_delete ON jobs;
+CREATE TRIGGER job_counts_on_insert_or_delete AFTER INSERT OR DELETE ON jobs
+FOR EACH ROW EXECUTE FUNCTION persona_count_jobs();
+DROP TRIGGER IF EXISTS job_counts_on_status ON jobs;
+CREATE TRIGGER job_counts_on_status AFTER UPDATE OF status ON jobs
+FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION persona_count_jobs();
+
+-- Health writes here when nothing else wrote lately: a write that succeeds proves the database takes writes.
+CREATE TABLE IF NOT EXISTS write_probe (
+    id        integer PRIMARY KEY CHECK (id = 1),
+    probed_at double precision NOT NULL
+);
