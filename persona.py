@@ -702,6 +702,32 @@ class Coalescer:
             self.busy = False
 
 
+class RateHits:
+    """Requests counted in the database, those of one client arriving together in one write.
+
+    Each request still gets its own exact count: a batch of n adds n, and its requests
+    take the counts that lead up to the total, in the order they came.
+    """
+
+    def __init__(self, count: Callable[[str, int], Awaitable[Any]]) -> None:
+        self.count = count  # adds hits to a client's window; returns the row (hits, window_start)
+        self.hits = Coalescer(self._count_batch)
+        self.waiting: Counter[str] = Counter()
+
+    async def hit(self, client: str) -> tuple[int, float]:
+        self.waiting[client] += 1
+        total, window_start, place = await self.hits.get(client)
+        return total - place.pop(), window_start + RATE_WINDOW_S
+
+    async def _count_batch(self, clients: list[str]) -> dict[str, Any]:
+        batch = {client: self.waiting.pop(client) for client in clients}  # before any await: later hits wait
+        counted = {}
+        for client, hits in batch.items():
+            row = await self.count(client, hits)
+            counted[client] = (row["hits"], row["window_start"], list(range(hits)))
+        return counted
+
+
 @dataclass
 class NewJob:
     """A submission waiting for the next batch of inserts."""
@@ -856,6 +882,7 @@ class Store:
         self.write_trouble: str | None = None  # why the last write failed, until one succeeds
         self.write_seen_at = -WRITE_CHECK_S  # monotonic time of the last write's outcome
         self.write_probes = Coalescer(self._probe)
+        self.rate_hits = RateHits(self._count_hits)
 
     async def create_job(self, owner: str, request: JSON, limit: int,
                          idempotency: tuple[str, str] | None) -> Admission:
@@ -922,6 +949,10 @@ class Store:
 
     def _saw_write(self, trouble: str | None) -> None:
         self.write_trouble, self.write_seen_at = trouble, time.monotonic()
+
+    async def rate_hit(self, client: str) -> tuple[int, float]:
+        """Count one request of a client: (requests in its window, when the window resets)."""
+        return await self.rate_hits.hit(client)
 
     async def complete_job(self, job_id: str, worker: str, result: JSON) -> bool:
         return await self._finish(job_id, worker, "completed", json_bytes(result).decode("utf-8"),
@@ -1194,9 +1225,9 @@ WHERE delivery_id = :delivery_id AND webhook_id = :webhook_id AND status = 'fail
 RETURNING delivery_id"""
 SQL_DELIVERY_STATUS = "SELECT status FROM deliveries WHERE delivery_id = ? AND webhook_id = ?"
 SQL_RATE_HIT = """
-INSERT INTO rate_limits (client, window_start, hits) VALUES (:client, :now, 1)
+INSERT INTO rate_limits (client, window_start, hits) VALUES (:client, :now, :hits)
 ON CONFLICT (client) DO UPDATE SET
-    hits = CASE WHEN window_start + :window <= :now THEN 1 ELSE hits + 1 END,
+    hits = CASE WHEN window_start + :window <= :now THEN :hits ELSE hits + :hits END,
     window_start = CASE WHEN window_start + :window <= :now THEN :now ELSE window_start END
 RETURNING window_start, hits"""
 SQL_PURGE_RATE = "DELETE FROM rate_limits WHERE window_start + ? <= ?"
@@ -1223,6 +1254,62 @@ SQL_PROBE_WRITE = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) ON CONF
 Run = Callable[..., Awaitable[list[Any]]]  # runs one statement of a transaction
 
 
+class PeerWatch:
+    """Whether other server processes use this database, so that limits must be counted in it.
+
+    Each server process holds a lock on one byte of `<db>-servers.lock` for as long as it
+    runs; a byte another process holds cannot be locked. The kernel drops a process's
+    locks when it ends, however it ends.
+    """
+
+    SLOTS = 128
+
+    def __init__(self, db: Path) -> None:
+        self.fd: int | None = None
+        self.slot = -1
+        self.checked_at, self.shared = 0.0, False
+        with contextlib.suppress(OSError):
+            self.fd = os.open(f"{db}-servers.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self.slot = next((slot for slot in range(self.SLOTS) if self._lock(slot)), -1)
+
+    def _lock(self, slot: int) -> bool:
+        import fcntl
+
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+        except OSError:
+            return False
+        return True
+
+    def others(self) -> bool:
+        """Whether another process holds a slot: one F_GETLK over all of them, cheap enough for every request.
+
+        Once others were seen, that answer stands for a second before it is looked at again.
+        """
+        now = time.monotonic()
+        if self.fd is None or (self.shared and now - self.checked_at < PEER_CHECK_S):
+            return self.shared
+        self.checked_at, self.shared = now, self._locked_elsewhere()
+        return self.shared
+
+    def _locked_elsewhere(self) -> bool:
+        import fcntl
+        import struct
+
+        query = struct.pack(FLOCK_LAYOUT, fcntl.F_WRLCK, os.SEEK_SET, 0, self.SLOTS, 0)
+        try:
+            answer = fcntl.fcntl(self.fd, fcntl.F_GETLK, query)
+        except OSError:
+            return False
+        return struct.unpack(FLOCK_LAYOUT, answer)[0] != fcntl.F_UNLCK
+
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class SQLiteStore(Store):
     """This process's handle on a SQLite database: one connection reads, one writes.
 
@@ -1237,6 +1324,7 @@ class SQLiteStore(Store):
         self.reader: aiosqlite.Connection | None = None
         self.writer: aiosqlite.Connection | None = None
         self.write_lock = asyncio.Lock()
+        self.peers: PeerWatch | None = None
 
     def describe(self) -> str:
         return str(self.path.resolve())
@@ -1251,6 +1339,7 @@ class SQLiteStore(Store):
             await self.writer.close()
             raise
         self.reader = await self._connect()
+        self.peers = PeerWatch(self.path)
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -1275,10 +1364,16 @@ class SQLiteStore(Store):
     def listen(self, on_news: Callable[[str], None]) -> None:
         """Other processes' news reaches this one by polling alone: every POLL_S, the claim loops look."""
 
+    def others(self) -> bool:
+        """Whether other server processes use this database now."""
+        return self.peers is not None and self.peers.others()
+
     async def close(self) -> None:
         for conn in (self.reader, self.writer):
             if conn is not None:
                 await conn.close()
+        if self.peers is not None:
+            self.peers.close()
 
     @staticmethod
     async def _fetch(conn: aiosqlite.Connection | None, sql: str, params: Any = ()) -> list[Any]:
@@ -1545,10 +1640,9 @@ class SQLiteStore(Store):
 
     # -- rate limits ----------------------------------------------------------
 
-    async def rate_hit(self, client: str) -> tuple[int, float]:
-        """Count one request of a client: (requests in its window, when the window resets)."""
-        rows = await self._write(SQL_RATE_HIT, {"client": client, "now": time.time(), "window": RATE_WINDOW_S})
-        return rows[0]["hits"], rows[0]["window_start"] + RATE_WINDOW_S
+    async def _count_hits(self, client: str, hits: int) -> Any:
+        params = {"client": client, "now": time.time(), "window": RATE_WINDOW_S, "hits": hits}
+        return (await self._write(SQL_RATE_HIT, params))[0]
 
 
 # ---------------------------------------------------------------------------
@@ -1655,23 +1749,38 @@ CREATE TABLE IF NOT EXISTS job_counts (
     n      integer NOT NULL,
     PRIMARY KEY (owner, status)
 );
-CREATE OR REPLACE FUNCTION persona_count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+-- New and deleted jobs are counted once per statement (a batch of submissions, a batch of
+-- expired jobs), a change of status once per row.
+CREATE OR REPLACE FUNCTION persona_count_new_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
-        ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
-    END IF;
+    INSERT INTO job_counts (owner, status, n)
+    SELECT owner, status, count(*) FROM new_jobs GROUP BY owner, status
+    ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + excluded.n;
     RETURN NULL;
 END $$;
-DROP TRIGGER IF EXISTS job_counts_on_insert_or_delete ON jobs;
-CREATE TRIGGER job_counts_on_insert_or_delete AFTER INSERT OR DELETE ON jobs
-FOR EACH ROW EXECUTE FUNCTION persona_count_jobs();
+CREATE OR REPLACE FUNCTION persona_count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE job_counts SET n = job_counts.n - gone.n
+    FROM (SELECT owner, status, count(*) AS n FROM old_jobs GROUP BY owner, status) AS gone
+    WHERE job_counts.owner = gone.owner AND job_counts.status = gone.status;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION persona_count_status_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+    INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+    ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS job_counts_on_insert ON jobs;
+CREATE TRIGGER job_counts_on_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_jobs
+FOR EACH STATEMENT EXECUTE FUNCTION persona_count_new_jobs();
+DROP TRIGGER IF EXISTS job_counts_on_delete ON jobs;
+CREATE TRIGGER job_counts_on_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_jobs
+FOR EACH STATEMENT EXECUTE FUNCTION persona_count_deleted_jobs();
 DROP TRIGGER IF EXISTS job_counts_on_status ON jobs;
 CREATE TRIGGER job_counts_on_status AFTER UPDATE OF status ON jobs
-FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION persona_count_jobs();
+FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION persona_count_status_change();
 
 -- Health writes here when nothing else wrote lately: a write that succeeds proves the database takes writes.
 CREATE TABLE IF NOT EXISTS write_probe (
@@ -1716,10 +1825,14 @@ WITH batch AS MATERIALIZED (
            + ROW_NUMBER() OVER (PARTITION BY new.owner ORDER BY new.place) AS place
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
          WITH ORDINALITY AS new (job_id, owner, request, experiment_id, job_limit, place)
+), inserted AS (
+    INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
+    SELECT job_id, owner, request, experiment_id, $6 FROM batch WHERE place <= job_limit ORDER BY place
+    RETURNING job_id
+), told AS (  -- the other hosts hear of new jobs as the batch commits, with no round trip of its own
+    SELECT pg_notify('persona', 'jobs') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_job
 )
-INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
-SELECT job_id, owner, request, experiment_id, $6 FROM batch WHERE place <= job_limit ORDER BY place
-RETURNING job_id"""
+SELECT job_id FROM inserted, (SELECT count(*) FROM told) AS sent"""
 PG_SAVE_IDEMPOTENT = f"""
 INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
 SELECT owner, key, body_hash, job_id, {PG_CLOCK} FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
@@ -1786,6 +1899,9 @@ INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, pay
 SELECT {PG_DELIVERY_ID}, NULL, job_id, $2, request::jsonb ->> 'webhook_url', $5, $3, {PG_CLOCK}, $4
 FROM jobs WHERE job_id = $1 AND request::jsonb ->> 'webhook_url' IS NOT NULL"""
 PG_NOTIFY = "SELECT pg_notify('persona', $1)"
+PG_OTHER_SERVERS = """
+SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name LIKE 'persona:%' AND application_name <> $1) AS others"""
 PG_CLAIM_DELIVERIES = f"""
 WITH due AS MATERIALIZED (
     SELECT seq FROM deliveries WHERE status = 'pending' AND next_attempt_at <= {PG_CLOCK}
@@ -1816,10 +1932,13 @@ UPDATE deliveries SET status = 'pending', next_attempt_at = {PG_CLOCK}, attempts
 WHERE delivery_id = $1 AND webhook_id = $2 AND status = 'failed'
 RETURNING delivery_id"""
 PG_DELIVERY_STATUS = "SELECT status FROM deliveries WHERE delivery_id = $1 AND webhook_id = $2"
+# A count lost in a database crash costs nothing, so this commit does not wait for the disk:
+# the statement's own source turns synchronous_commit off for its transaction.
 PG_RATE_HIT = f"""
-INSERT INTO rate_limits AS r (client, window_start, hits) VALUES ($1, {PG_CLOCK}, 1)
+INSERT INTO rate_limits AS r (client, window_start, hits)
+SELECT $1, {PG_CLOCK}, $3 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
 ON CONFLICT (client) DO UPDATE SET
-    hits = CASE WHEN r.window_start + $2 <= excluded.window_start THEN 1 ELSE r.hits + 1 END,
+    hits = CASE WHEN r.window_start + $2 <= excluded.window_start THEN $3 ELSE r.hits + $3 END,
     window_start = CASE WHEN r.window_start + $2 <= excluded.window_start THEN excluded.window_start
                         ELSE r.window_start END
 RETURNING window_start, hits"""
@@ -1899,6 +2018,9 @@ class PostgresStore(Store):
         self.asyncpg = asyncpg_module()
         self.pool: Any = None
         self.listener_task: asyncio.Task[None] | None = None
+        self.session_name = f"persona:{secrets.token_hex(6)}"  # every connection of this process bears it
+        self.shared = False  # whether other server processes use this database, as last seen
+        self.peer_task: asyncio.Task[None] | None = None
 
     def describe(self) -> str:
         return shown_db(self.url)
@@ -1907,7 +2029,8 @@ class PostgresStore(Store):
         try:
             self.pool = await self.asyncpg.create_pool(self.url, min_size=0, max_size=PG_POOL_SIZE,
                                                        timeout=PG_CONNECT_TIMEOUT_S, command_timeout=60,
-                                                       connection_class=pooled_connection_class(self.asyncpg))
+                                                       connection_class=pooled_connection_class(self.asyncpg),
+                                                       server_settings={"application_name": self.session_name})
         except Exception as exc:
             raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {exc}") from None
         try:
@@ -1915,6 +2038,9 @@ class PostgresStore(Store):
         except BaseException:
             await self.pool.close()
             raise
+        self.shared = await self._others_now()
+        await self._notify(f"hello:{self.session_name}")  # the servers already here count in the database from now
+        self.peer_task = asyncio.get_running_loop().create_task(self._watch_peers(), name="persona-peers")
 
     async def _apply_schema(self) -> None:
         """Create or upgrade the schema in one transaction, under a lock that other hosts starting wait on."""
@@ -1941,13 +2067,14 @@ class PostgresStore(Store):
         while True:
             closed = asyncio.Event()
             try:
-                conn = await self.asyncpg.connect(self.url, timeout=PG_CONNECT_TIMEOUT_S)
+                conn = await self.asyncpg.connect(self.url, timeout=PG_CONNECT_TIMEOUT_S,
+                                                  server_settings={"application_name": self.session_name})
             except Exception as exc:
                 log.warning("PostgreSQL listener cannot connect (%s); trying again", pg_trouble(exc) or type(exc).__name__)
             else:
                 conn.add_termination_listener(lambda _: closed.set())
                 try:
-                    await conn.add_listener("persona", lambda _conn, _pid, _channel, payload: on_news(payload))
+                    await conn.add_listener("persona", lambda _conn, _pid, _channel, payload: self._hear(payload, on_news))
                     await closed.wait()
                 except Exception as exc:
                     log.warning("PostgreSQL listener lost (%s); reconnecting", pg_trouble(exc) or type(exc).__name__)
@@ -1956,10 +2083,33 @@ class PostgresStore(Store):
                         await conn.close(timeout=1)
             await asyncio.sleep(POLL_S)  # a backoff before reconnecting, not a wait for an event
 
+    def others(self) -> bool:
+        """Whether other server processes use this database, as seen within the last PEER_CHECK_S."""
+        return self.shared
+
+    async def _watch_peers(self) -> None:
+        """Look for other Persona processes' sessions on this database, so that limits are counted in it
+        while there are any; a host that dies takes its sessions with it."""
+        while True:
+            await asyncio.sleep(PEER_CHECK_S)  # the period of the watch, not a wait for an event
+            with contextlib.suppress(StorageUnavailable):
+                self.shared = await self._others_now()
+
+    async def _others_now(self) -> bool:
+        return bool((await self._read(PG_OTHER_SERVERS, self.session_name))[0]["others"])
+
+    def _hear(self, payload: str, on_news: Callable[[str], None]) -> None:
+        """A server that joins says hello: from then on this one counts limits in the database."""
+        if payload.startswith("hello:"):
+            self.shared = self.shared or payload != f"hello:{self.session_name}"
+        else:
+            on_news(payload)
+
     async def close(self) -> None:
-        if self.listener_task is not None:
-            self.listener_task.cancel()
-            await asyncio.gather(self.listener_task, return_exceptions=True)
+        for task in (self.listener_task, self.peer_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pool.close(), 5)
@@ -2029,8 +2179,6 @@ class PostgresStore(Store):
                    [experiments.get(plan.inserts[key].experiment) or own_experiment(ids[key]) for key in keys],
                    [plan.inserts[key].limit for key in keys])
         inserted = {row["job_id"] for row in await conn.fetch(PG_INSERT_JOBS_WITHIN_LIMIT, *columns, utc_now())}
-        if inserted:
-            await conn.execute(PG_NOTIFY, "jobs")  # sent as the batch commits
         kept = plan.kept_keys(ids, inserted)
         if kept:
             await conn.execute(PG_SAVE_IDEMPOTENT, *map(list, zip(*kept)))
@@ -2184,9 +2332,8 @@ class PostgresStore(Store):
 
     # -- rate limits ----------------------------------------------------------
 
-    async def rate_hit(self, client: str) -> tuple[int, float]:
-        rows = await self._write(PG_RATE_HIT, client, RATE_WINDOW_S)
-        return rows[0]["hits"], rows[0]["window_start"] + RATE_WINDOW_S
+    async def _count_hits(self, client: str, hits: int) -> Any:
+        return (await self._write(PG_RATE_HIT, client, RATE_WINDOW_S, hits))[0]
 
 
 def open_store(settings: Settings) -> Store:
@@ -5531,62 +5678,6 @@ class MemoryRateLimiter:
         return hits + 1, start + RATE_WINDOW_S
 
 
-class PeerWatch:
-    """Whether other server processes use this database, so that limits must be counted in it.
-
-    Each server process holds a lock on one byte of `<db>-servers.lock` for as long as it
-    runs; a byte another process holds cannot be locked. The kernel drops a process's
-    locks when it ends, however it ends.
-    """
-
-    SLOTS = 128
-
-    def __init__(self, db: Path) -> None:
-        self.fd: int | None = None
-        self.slot = -1
-        self.checked_at, self.shared = 0.0, False
-        with contextlib.suppress(OSError):
-            self.fd = os.open(f"{db}-servers.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            self.slot = next((slot for slot in range(self.SLOTS) if self._lock(slot)), -1)
-
-    def _lock(self, slot: int) -> bool:
-        import fcntl
-
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
-        except OSError:
-            return False
-        return True
-
-    def others(self) -> bool:
-        """Whether another process holds a slot: one F_GETLK over all of them, cheap enough for every request.
-
-        Once others were seen, that answer stands for a second before it is looked at again.
-        """
-        now = time.monotonic()
-        if self.fd is None or (self.shared and now - self.checked_at < PEER_CHECK_S):
-            return self.shared
-        self.checked_at, self.shared = now, self._locked_elsewhere()
-        return self.shared
-
-    def _locked_elsewhere(self) -> bool:
-        import fcntl
-        import struct
-
-        query = struct.pack(FLOCK_LAYOUT, fcntl.F_WRLCK, os.SEEK_SET, 0, self.SLOTS, 0)
-        try:
-            answer = fcntl.fcntl(self.fd, fcntl.F_GETLK, query)
-        except OSError:
-            return False
-        return struct.unpack(FLOCK_LAYOUT, answer)[0] != fcntl.F_UNLCK
-
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 class SharedRateLimiter:
     """The same windows kept in the database, so that several workers share one limit."""
 
@@ -5605,12 +5696,12 @@ class RateLimiter:
     the database from the start: each knows the others are coming before they have joined.
     """
 
-    def __init__(self, limit: int, store: Store, peers: PeerWatch) -> None:
+    def __init__(self, limit: int, store: Store) -> None:
         self.limit = limit
-        self.alone, self.together, self.peers = MemoryRateLimiter(limit), SharedRateLimiter(limit, store), peers
+        self.alone, self.together, self.store = MemoryRateLimiter(limit), SharedRateLimiter(limit, store), store
 
     async def hit(self, client: str) -> tuple[int, float]:
-        return await (self.together if self.peers.others() else self.alone).hit(client)
+        return await (self.together if self.store.others() else self.alone).hit(client)
 
 
 def client_ip(scope: Scope) -> str:
@@ -6458,9 +6549,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if removed:
             log.warning("removed %d half-written output folder(s) left by a crash", removed)
         app.state.store = store
-        peers = PeerWatch(settings.db) if isinstance(store, SQLiteStore) else None
         if settings.rate_limit:
-            app.state.limiter = (RateLimiter(settings.rate_limit, store, peers) if peers and settings.workers == 1
+            app.state.limiter = (RateLimiter(settings.rate_limit, store) if settings.workers == 1
                                  else SharedRateLimiter(settings.rate_limit, store))
         app.state.dispatcher = WebhookDispatcher(store, settings)
         app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
@@ -6475,8 +6565,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await app.state.runner.stop()
             await app.state.dispatcher.stop()
             await store.close()
-            if peers is not None:
-                peers.close()
 
     app = Starlette(
         routes=ROUTES,

@@ -96,23 +96,38 @@ CREATE TABLE IF NOT EXISTS job_counts (
     n      integer NOT NULL,
     PRIMARY KEY (owner, status)
 );
-CREATE OR REPLACE FUNCTION persona_count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+-- New and deleted jobs are counted once per statement (a batch of submissions, a batch of
+-- expired jobs), a change of status once per row.
+CREATE OR REPLACE FUNCTION persona_count_new_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
-        ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
-    END IF;
+    INSERT INTO job_counts (owner, status, n)
+    SELECT owner, status, count(*) FROM new_jobs GROUP BY owner, status
+    ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + excluded.n;
     RETURN NULL;
 END $$;
-DROP TRIGGER IF EXISTS job_counts_on_insert_or_delete ON jobs;
-CREATE TRIGGER job_counts_on_insert_or_delete AFTER INSERT OR DELETE ON jobs
-FOR EACH ROW EXECUTE FUNCTION persona_count_jobs();
+CREATE OR REPLACE FUNCTION persona_count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE job_counts SET n = job_counts.n - gone.n
+    FROM (SELECT owner, status, count(*) AS n FROM old_jobs GROUP BY owner, status) AS gone
+    WHERE job_counts.owner = gone.owner AND job_counts.status = gone.status;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION persona_count_status_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
+    INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
+    ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS job_counts_on_insert ON jobs;
+CREATE TRIGGER job_counts_on_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_jobs
+FOR EACH STATEMENT EXECUTE FUNCTION persona_count_new_jobs();
+DROP TRIGGER IF EXISTS job_counts_on_delete ON jobs;
+CREATE TRIGGER job_counts_on_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_jobs
+FOR EACH STATEMENT EXECUTE FUNCTION persona_count_deleted_jobs();
 DROP TRIGGER IF EXISTS job_counts_on_status ON jobs;
 CREATE TRIGGER job_counts_on_status AFTER UPDATE OF status ON jobs
-FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION persona_count_jobs();
+FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION persona_count_status_change();
 
 -- Health writes here when nothing else wrote lately: a write that succeeds proves the database takes writes.
 CREATE TABLE IF NOT EXISTS write_probe (

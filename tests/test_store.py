@@ -352,3 +352,10 @@ def test_a_source_missing_on_the_host_that_runs_its_job_fails_naming_that_host(t
     message = str(caught.value)
     assert "only-on-another-host.csv" in message and socket.gethostname() in message
     assert "same data directory" in message and "by URL or inline" in message
+
+
+async def test_requests_counted_together_each_get_their_own_count(open_store: OpenStore, backend: str) -> None:
+    stores = [await open_store() for _ in range(2)]
+    counts = await asyncio.gather(*(stores[n % 2].rate_hit("ip:3") for n in range(40)))
+    assert sorted(count for count, _ in counts) == list(range(1, 41))
+    assert (await stores[0].rate_hit("ip:3"))[0] == 41
