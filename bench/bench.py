@@ -1,22 +1,32 @@
 """Persona's benchmark: Persona against the fastest its stack can go, side by side.
 
-    python bench/bench.py            # everything, about six minutes
-    python bench/bench.py --quick    # shorter rounds, for a first look
+    python bench/bench.py                              # everything, about ten minutes
+    python bench/bench.py --quick                      # shorter rounds, for a first look
+    python bench/bench.py --db postgresql://u@host/db  # http and throughput on that PostgreSQL server
+    python bench/bench.py --db pg                      # the same on a private throwaway cluster
+    python bench/bench.py --only throughput --jobs 60  # end-to-end jobs/s with 1, 2 and 4 processes
 
 Server on core 0, load generator (wrk) on core 1. For each endpoint the ceiling (a bare
 Starlette app under the same uvicorn settings, returning from memory the same bytes
 Persona returns) and Persona run alternately for several rounds; the report gives
 medians and the ratio. wrk comes from Debian: `apt-get install wrk`.
+
+With --db the http part runs on PostgreSQL: each SQLite file it would use becomes a fresh
+database on that server (its user needs CREATE DATABASE), dropped at the end. The
+throughput part runs on SQLite and on PostgreSQL (the --db server, else a private cluster
+when PostgreSQL is installed here), and its servers share both cores with the load.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -27,19 +37,29 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections import Counter
+from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from threading import Thread
+from threading import Condition, Thread
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import pg_cluster  # noqa: E402
+from fake_providers import FakeProvider  # noqa: E402
+from loopback import serve_on_loopback  # noqa: E402
+
 import persona  # noqa: E402
 
 TOKEN = "bench-token"
 SERVER_CORE, LOAD_CORE = "0", "1"
+JOB_COLUMNS = ["job_id", "owner", "request", "experiment_id", "created_at", "status", "progress"]
+THROUGHPUT_JOB = {"data": "interviews.csv", "count": 3, "provider": "openai"}
 
 CEILING_APP = textwrap.dedent('''
     import os
@@ -77,8 +97,8 @@ def wait_until_up(url: str, timeout: float = 30.0) -> float:
 
 
 class Process:
-    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.popen = subprocess.Popen(["taskset", "-c", SERVER_CORE, *command], env=env, cwd=cwd,
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path, cores: str = SERVER_CORE) -> None:
+        self.popen = subprocess.Popen(["taskset", "-c", cores, *command], env=env, cwd=cwd,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def rss_mb(self) -> float:
@@ -124,6 +144,80 @@ class SlowProvider:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+class Receiver:
+    """A webhook endpoint that answers 200 and notes each delivery's job, event and arrival time."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, str, str]] = []  # (perf_counter, job_id, event), in arrival order
+        self.arrived = Condition()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with outer.arrived:
+                    outer.arrivals.append((time.perf_counter(), payload["data"]["job_id"], payload["event"]))
+                    outer.arrived.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd, self.url = serve_on_loopback(Handler)
+
+    def wait_for(self, count: int, timeout: float) -> float:
+        """When the count-th delivery arrived: jobs queue their delivery as they finish, so all were done by then."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: len(self.arrivals) >= count, timeout):
+                raise SystemExit(f"only {len(self.arrivals)} of {count} webhook deliveries arrived in {timeout:.0f} s")
+            return self.arrivals[count - 1][0]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def on_postgres(url: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    """One asyncpg connection method on a connection of its own: the bench's few statements need no pool."""
+    async def call() -> Any:
+        conn = await asyncpg.connect(url)
+        try:
+            return await getattr(conn, method)(*args, **kwargs)
+        finally:
+            await conn.close()
+
+    return asyncio.run(call())
+
+
+class Postgres:
+    """A PostgreSQL server that hands out fresh databases, so no run sees another's rows; drop_all() removes them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.created: list[str] = []
+
+    def create(self, file_name: str) -> str:
+        """A new database standing for the SQLite file `file_name`; returns its URL."""
+        stem = re.sub(r"\W", "_", Path(file_name).stem)  # names go into SQL unquoted
+        name = f"bench_{stem}_{secrets.token_hex(4)}"
+        on_postgres(self.url, "execute", f"CREATE DATABASE {name}")
+        self.created.append(name)
+        return urlsplit(self.url)._replace(path=f"/{name}").geturl()
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            on_postgres(self.url, "execute", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.created.clear()
+
+
+def store_of(db: str) -> str:
+    return "postgresql" if persona.is_postgres_url(db) else "sqlite"
 
 
 def wrk(url: str, seconds: int, connections: int = 50, script: Path | None = None) -> dict[str, float]:
@@ -177,8 +271,9 @@ def interviews(path: Path, participants: int, seed: int = 7) -> None:
 
 
 class Bench:
-    def __init__(self, seconds: int, rounds: int) -> None:
+    def __init__(self, seconds: int, rounds: int, postgres: Postgres | None, http_on_postgres: bool) -> None:
         self.seconds, self.rounds = seconds, rounds
+        self.postgres, self.http_on_postgres = postgres, http_on_postgres
         self.work = Path(tempfile.mkdtemp(prefix="persona-bench-"))
         (self.work / "data").mkdir()
         shutil.copy(ROOT / "examples" / "interviews.csv", self.work / "data" / "interviews.csv")
@@ -186,13 +281,16 @@ class Bench:
         self.results: list[dict[str, Any]] = []
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "OLLAMA_HOST": self.slow.url}
 
-    def persona(self, db: str) -> tuple[Process, str]:
+    def persona(self, db: str, *options: str, rate_limit: int = 1_000_000_000, env: dict[str, str] | None = None,
+                cores: str = SERVER_CORE) -> tuple[Process, str]:
+        """A `persona serve` on `db`: a SQLite file name in the work folder, or a postgresql:// URL."""
         port = free_port()
-        command = [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", str(self.work / db),
+        location = db if persona.is_postgres_url(db) else str(self.work / db)
+        command = [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", location,
                    "--data-dir", str(self.work / "data"), "--output-dir", str(self.work / "output"),
-                   "--auth-token", TOKEN, "--rate-limit", "1000000000", "--max-concurrent-jobs", "1000000",
-                   "--log-level", "warning"]
-        process = Process(command, self.env, self.work)
+                   "--auth-token", TOKEN, "--rate-limit", str(rate_limit), "--max-concurrent-jobs", "1000000",
+                   "--log-level", "warning", *options]
+        process = Process(command, env or self.env, self.work, cores)
         url = f"http://127.0.0.1:{port}"
         wait_until_up(f"{url}/api/v1/health")
         return process, url
@@ -225,7 +323,7 @@ class Bench:
             ceiling.stop()
         ceiling_rps = statistics.median(r["rps"] for r in runs["ceiling"])
         persona_rps = statistics.median(r["rps"] for r in runs["persona"])
-        row = {"benchmark": name, "ceiling_rps": round(ceiling_rps), "persona_rps": round(persona_rps),
+        row = {"benchmark": name, "db": store_of(db), "ceiling_rps": round(ceiling_rps), "persona_rps": round(persona_rps),
                "ratio": round(persona_rps / ceiling_rps, 3), "target": target,
                "persona_p50_ms": round(statistics.median(r["p50_ms"] for r in runs["persona"]), 2),
                "persona_p99_ms": round(statistics.median(r["p99_ms"] for r in runs["persona"]), 2),
@@ -251,22 +349,101 @@ class Bench:
         server.stop()
         rows = [(persona.new_id("job"), "key:bench", json.dumps({"data": "interviews.csv"}), "exp-000000000000",
                  "2026-01-01T00:00:00Z", "completed", 100) for _ in range(count)]
+        if persona.is_postgres_url(db):  # the job_counts triggers fire for COPY too, so the counts stay right
+            on_postgres(db, "copy_records_to_table", "jobs", records=rows, columns=JOB_COLUMNS)
+            return
         with sqlite3.connect(self.work / db) as conn:
-            conn.executemany("INSERT INTO jobs (job_id, owner, request, experiment_id, created_at, status, progress) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def http_db(self, file_name: str) -> str:
+        """The database the http part uses for `file_name`: that SQLite file, or a fresh PostgreSQL database."""
+        return self.postgres.create(file_name) if self.http_on_postgres else file_name
 
     def run_http(self) -> None:
-        job_id = self.completed_job("reads.db")
-        self.compare("GET /api/v1/generate/{job_id} (completed, 5 personas)", "reads.db", f"/api/v1/generate/{job_id}", 0.50)
-        self.compare("GET /api/v1/health", "reads.db", "/api/v1/health", 0.50)
-        self.fill_jobs("many.db", 100_000)
-        self.compare("GET /api/v1/generate?limit=100 (100,000 jobs)", "many.db", "/api/v1/generate?limit=100", 0.20)
+        reads, many, writes = (self.http_db(name) for name in ("reads.db", "many.db", "writes.db"))
+        job_id = self.completed_job(reads)
+        self.compare("GET /api/v1/generate/{job_id} (completed, 5 personas)", reads, f"/api/v1/generate/{job_id}", 0.50)
+        self.compare("GET /api/v1/health", reads, "/api/v1/health", 0.50)
+        self.fill_jobs(many, 100_000)
+        self.compare("GET /api/v1/generate?limit=100 (100,000 jobs)", many, "/api/v1/generate?limit=100", 0.20)
         body = {"data": "interviews.csv", "count": 3, "provider": "ollama"}
         accepted = json.dumps({"job_id": "job-000000000000", "status": "pending",
                                "message": "Generation job created successfully",
                                "status_url": "/api/v1/generate/job-000000000000"}, separators=(",", ":")).encode()
-        self.compare("POST /api/v1/generate (jobs wait on a slow provider)", "writes.db", "/api/v1/generate", 0.30,
+        self.compare("POST /api/v1/generate (jobs wait on a slow provider)", writes, "/api/v1/generate", 0.30,
                      script=post_script(self.work, body), body=accepted)
+
+    def run_throughput(self, jobs: int) -> None:
+        """End-to-end jobs/s on each store with 1, 2 and 4 processes, and the speed-up over 1 process."""
+        stores = ["sqlite", "postgresql"]
+        if self.postgres is None:
+            print("throughput: no --db and no PostgreSQL server binaries for a private cluster; SQLite only",
+                  file=sys.stderr, flush=True)
+            stores = ["sqlite"]
+        provider = FakeProvider()
+        try:
+            for store in stores:
+                one_process = 0.0
+                for processes in (1, 2, 4):
+                    row = self.throughput(store, processes, jobs, provider)
+                    one_process = one_process or row["jobs_per_s"]
+                    row["speedup_vs_1_process"] = round(row["jobs_per_s"] / one_process, 2)
+                    self.results.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            provider.close()
+
+    def throughput(self, store: str, processes: int, jobs: int, provider: FakeProvider) -> dict[str, Any]:
+        """From the first submission until every job is completed and its webhook delivered, on a fresh database."""
+        name = f"throughput-{processes}.db"
+        db = self.postgres.create(name) if store == "postgresql" else name
+        env = {**self.env, **provider.environment("openai", "sk-bench")}
+        receiver = Receiver()
+        servers: list[Process] = []
+        try:
+            urls: list[str] = []
+            for _ in range(processes):  # not pinned to the server core: the processes and the load share both
+                server, url = self.persona(db, "--allow-private-urls", rate_limit=0, env=env,
+                                           cores=f"{SERVER_CORE},{LOAD_CORE}")
+                servers.append(server)
+                urls.append(url)
+            httpx.post(f"{urls[0]}/api/v1/webhooks", headers={"Authorization": f"Bearer {TOKEN}"},
+                       json={"url": receiver.url}).raise_for_status()
+            wal_before = self.wal_position(db)
+            started = time.perf_counter()
+            job_ids = submit_jobs(urls, jobs)
+            finished = receiver.wait_for(jobs, timeout=60 + jobs)
+            wal_growth = self.wal_position(db) - wal_before
+            completed = int(httpx.get(f"{urls[0]}/api/v1/generate", params={"status": "completed", "limit": 1})
+                            .headers["X-Total-Count"])
+        finally:
+            for server in servers:
+                server.stop()
+            receiver.close()
+        # Checked with every server stopped, so that no late duplicate can still arrive.
+        delivered = Counter(job_id for _, job_id, event in receiver.arrivals if event == "generation.completed")
+        row = {"benchmark": f"job throughput end to end ({jobs} jobs, fake OpenAI provider, 1 webhook)", "db": store,
+               "processes": processes, "seconds": round(finished - started, 2),
+               "jobs_per_s": round(jobs / (finished - started), 1), "completed": completed,
+               "deliveries": len(receiver.arrivals),
+               "exactly_once": completed == jobs and len(receiver.arrivals) == jobs and delivered == Counter(job_ids)}
+        if store == "postgresql":
+            row["wal_bytes_per_1000_jobs"] = round(wal_growth * 1000 / jobs)
+            row["dead_tuples_per_1000_jobs"] = round(dead_tuples(db) * 1000 / jobs)
+        else:  # the -wal file's growth, the nearest SQLite has to WAL bytes; see wal_position
+            row["wal_file_growth_bytes_per_1000_jobs"] = round(wal_growth * 1000 / jobs)
+        return row
+
+    def wal_position(self, db: str) -> int:
+        """PostgreSQL: bytes of WAL written so far. SQLite: the size of the -wal file beside the database.
+
+        Not the same measure: SQLite writes its WAL file again from the start after each checkpoint, so the
+        file's growth counts only what went past its previous size, and stays flat once it reached it.
+        """
+        if persona.is_postgres_url(db):
+            return int(on_postgres(db, "fetchval", "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+        wal = self.work / f"{db}-wal"
+        return wal.stat().st_size if wal.exists() else 0
 
     def run_responsiveness(self) -> None:
         """p99 of a job read while 100 jobs wait on a slow provider and 4 engine jobs compute."""
@@ -325,23 +502,100 @@ class Bench:
         print(json.dumps(row), flush=True)
 
 
+def submit_jobs(urls: list[str], jobs: int, threads: int = 8) -> list[str]:
+    """Submit the jobs round-robin over the servers from plain threads, as independent clients would."""
+    job_ids = [""] * jobs
+    errors: list[Exception] = []
+
+    def send(first: int) -> None:
+        try:
+            with ExitStack() as stack:
+                clients = [stack.enter_context(httpx.Client(base_url=url, timeout=30,
+                                                            headers={"Authorization": f"Bearer {TOKEN}"}))
+                           for url in urls]
+                for n in range(first, jobs, threads):
+                    response = clients[n % len(urls)].post("/api/v1/generate", json=THROUGHPUT_JOB)
+                    response.raise_for_status()
+                    job_ids[n] = response.json()["job_id"]
+        except (httpx.HTTPError, KeyError, ValueError) as error:  # reported by the caller, after join
+            errors.append(error)
+
+    workers = [Thread(target=send, args=(first,)) for first in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise SystemExit(f"submitting jobs failed: {errors[0]!r}")
+    return job_ids
+
+
+def dead_tuples(db: str) -> int:
+    """Dead rows in the database's tables, read once its servers' sessions have ended and so flushed their statistics."""
+    async def count() -> int:
+        conn = await asyncpg.connect(db)
+        try:
+            deadline = time.monotonic() + 15
+            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the servers' PostgreSQL sessions did not end")
+                await asyncio.sleep(0.05)
+            if await conn.fetchval("SELECT to_regproc('pg_stat_force_next_flush') IS NOT NULL"):  # PostgreSQL 15+
+                await conn.execute("SELECT pg_stat_force_next_flush()")
+            return await conn.fetchval("SELECT COALESCE(sum(n_dead_tup), 0) FROM pg_stat_user_tables")
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 s instead of 5 rounds of 5 s")
-    parser.add_argument("--only", choices=["http", "responsiveness", "engine", "startup"], help="one part only")
+    parser.add_argument("--only", choices=["http", "throughput", "responsiveness", "engine", "startup"],
+                        help="one part only")
     parser.add_argument("--sizes", default="1000,10000,50000", help="participant counts for the engine")
+    parser.add_argument("--db", metavar="URL", help="run http and throughput on this PostgreSQL server "
+                        "(postgresql://..., its user may CREATE DATABASE), or 'pg' for a private throwaway cluster")
+    parser.add_argument("--jobs", type=int, default=400, help="jobs per throughput run (default 400)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
         return 2
-    bench = Bench(seconds=3 if args.quick else 5, rounds=2 if args.quick else 5)
-    parts = {"startup": bench.run_startup, "http": bench.run_http, "responsiveness": bench.run_responsiveness,
-             "engine": lambda: bench.run_engine([int(s) for s in args.sizes.split(",")])}
-    for name, part in parts.items():
-        if args.only in (None, name):
-            part()
-    (ROOT / "bench" / "results.json").write_text(json.dumps(bench.results, indent=2) + "\n")
-    shutil.rmtree(bench.work, ignore_errors=True)
+    if args.db is not None and args.db != "pg" and not persona.is_postgres_url(args.db):
+        parser.error("--db takes a postgresql:// URL or 'pg'")
+    if args.db == "pg" and not pg_cluster.available():
+        print("--db pg needs the PostgreSQL server binaries (apt-get install postgresql)", file=sys.stderr)
+        return 2
+    if args.db is None:  # throughput still measures PostgreSQL when a private cluster can be had here
+        private = args.only in (None, "throughput") and pg_cluster.available()
+    else:
+        private = args.db == "pg" and args.only in (None, "http", "throughput")
+    # Durable, as a real deployment runs it (the tests' clusters are not): every commit reaches the disk.
+    cluster = pg_cluster.Cluster(fsync="on", full_page_writes="on", synchronous_commit="on") if private else None
+    postgres: Postgres | None = None
+    try:
+        if cluster is not None:
+            cluster.start()
+            postgres = Postgres(cluster.url("postgres"))
+        elif args.db not in (None, "pg"):
+            postgres = Postgres(args.db)
+        bench = Bench(seconds=3 if args.quick else 5, rounds=2 if args.quick else 5, postgres=postgres,
+                      http_on_postgres=args.db is not None)
+        parts = {"startup": bench.run_startup, "http": bench.run_http,
+                 "throughput": lambda: bench.run_throughput(args.jobs), "responsiveness": bench.run_responsiveness,
+                 "engine": lambda: bench.run_engine([int(s) for s in args.sizes.split(",")])}
+        for name, part in parts.items():
+            if args.only in (None, name):
+                part()
+        (ROOT / "bench" / "results.json").write_text(json.dumps(bench.results, indent=2) + "\n")
+        shutil.rmtree(bench.work, ignore_errors=True)
+    finally:
+        if postgres is not None:
+            postgres.drop_all()
+        if cluster is not None:
+            cluster.stop()
     return 0
 
 
