@@ -200,15 +200,22 @@ def is_postgres_url(value: str) -> bool:
 
 
 def shown_db(db: Path | str) -> str:
-    """The database as logs and messages show it: a URL without its password."""
+    """The database as logs and messages show it: a URL without its password.
+
+    Masked on the raw text, up to the last @, so that a password holding an unescaped
+    /, ? or # is masked too; so is any query parameter whose name says password.
+    """
     if isinstance(db, Path):
         return str(db.resolve())
-    parts = urlsplit(db)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    query = urlencode([(key, "***" if key == "password" else value) for key, value in parse_qsl(parts.query)], safe="/")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    scheme, _, rest = db.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{host}"
+    address, mark, query = rest.partition("?")
+    if mark:
+        pairs = [(key, "***" if "password" in key.lower() else value) for key, value in parse_qsl(query)]
+        address += "?" + urlencode(pairs, safe="/*")
+    return f"{scheme}://{address}"
 
 
 def parse_switch(label: str, raw: str) -> bool | None:
@@ -1167,7 +1174,10 @@ SQL_CANCEL_JOB = """
 UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = ?, claimed_by = NULL
 WHERE job_id = ? AND status IN ('pending', 'running')
 RETURNING job_id"""
-SQL_HEARTBEAT = "UPDATE jobs SET heartbeat_at = ? WHERE claimed_by = ? AND status = 'running' RETURNING job_id"
+SQL_HEARTBEAT = """
+UPDATE jobs SET heartbeat_at = ?
+WHERE claimed_by = ? AND status = 'running' AND job_id IN (SELECT value FROM json_each(?))
+RETURNING job_id"""
 SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, ? - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != ?"
 SQL_REQUEUE_JOB = """
 UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending' END,
@@ -1516,9 +1526,13 @@ class SQLiteStore(Store):
         """Record progress (and renew the lease); False once the job is no longer this worker's."""
         return bool(await self._write(SQL_SET_PROGRESS, (progress, time.time(), job_id, worker)))
 
-    async def heartbeat(self, worker: str) -> set[str]:
-        """Renew the lease on this worker's running jobs; returns those it still holds."""
-        return {row["job_id"] for row in await self._write(SQL_HEARTBEAT, (time.time(), worker))}
+    async def heartbeat(self, worker: str, job_ids: Iterable[str]) -> set[str]:
+        """Renew the lease on these jobs, which this worker runs; returns those it still holds.
+
+        Only jobs whose work is alive here are renewed: one whose task died lets its claim
+        lapse, and is run again.
+        """
+        return {row["job_id"] for row in await self._write(SQL_HEARTBEAT, (time.time(), worker, json.dumps(list(job_ids))))}
 
     async def _running_claims(self, worker: str) -> list[Any]:
         return await self._read(SQL_RUNNING_JOBS, (time.time(), worker))
@@ -1754,12 +1768,14 @@ CREATE TABLE IF NOT EXISTS job_counts (
 CREATE OR REPLACE FUNCTION persona_count_new_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO job_counts (owner, status, n)
-    SELECT owner, status, count(*) FROM new_jobs GROUP BY owner, status
+    SELECT owner, status, count(*) FROM new_jobs GROUP BY owner, status ORDER BY owner, status
     ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + excluded.n;
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION persona_count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM 1 FROM job_counts JOIN (SELECT DISTINCT owner, status FROM old_jobs) AS gone USING (owner, status)
+    ORDER BY owner, status FOR UPDATE OF job_counts;
     UPDATE job_counts SET n = job_counts.n - gone.n
     FROM (SELECT owner, status, count(*) AS n FROM old_jobs GROUP BY owner, status) AS gone
     WHERE job_counts.owner = gone.owner AND job_counts.status = gone.status;
@@ -1767,6 +1783,9 @@ BEGIN
 END $$;
 CREATE OR REPLACE FUNCTION persona_count_status_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Both counters are locked in one order, so that changes in opposite directions never deadlock.
+    PERFORM 1 FROM job_counts WHERE owner = OLD.owner AND status IN (OLD.status, NEW.status)
+    ORDER BY status FOR UPDATE;
     UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
     INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
     ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;
@@ -1857,16 +1876,18 @@ RETURNING job_id"""
 PG_COMPLETE_JOB = """
 UPDATE jobs SET status = 'completed', progress = 100, result = $3, completed_at = $4, claimed_by = NULL
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
-RETURNING job_id"""
+RETURNING request"""
 PG_FAIL_JOB = """
 UPDATE jobs SET status = 'failed', error = $3, completed_at = $4, claimed_by = NULL
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
-RETURNING job_id"""
+RETURNING request"""
 PG_CANCEL_JOB = """
 UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = $2, claimed_by = NULL
 WHERE job_id = $1 AND status IN ('pending', 'running')
+RETURNING request"""
+PG_HEARTBEAT = f"""
+UPDATE jobs SET heartbeat_at = {PG_CLOCK} WHERE claimed_by = $1 AND status = 'running' AND job_id = ANY($2::text[])
 RETURNING job_id"""
-PG_HEARTBEAT = f"UPDATE jobs SET heartbeat_at = {PG_CLOCK} WHERE claimed_by = $1 AND status = 'running' RETURNING job_id"
 PG_RUNNING_JOBS = f"""
 SELECT job_id, claimed_by, {PG_CLOCK} - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != $1"""
 PG_REQUEUE_JOB = """
@@ -1875,7 +1896,7 @@ UPDATE jobs SET status = CASE WHEN attempts >= $3 THEN 'failed' ELSE 'pending' E
                 completed_at = CASE WHEN attempts >= $3 THEN $5 END,
                 claimed_by = NULL
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
-RETURNING status"""
+RETURNING status, request"""
 PG_RELEASE_JOB = """
 UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = GREATEST(attempts - $3, 0)
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'"""
@@ -1889,15 +1910,16 @@ PG_CANCEL_WEBHOOK_DELIVERIES = """
 UPDATE deliveries SET status = 'cancelled', claimed_by = NULL
 WHERE webhook_id = $1 AND status IN ('pending', 'delivering')"""
 PG_DELIVERY_ID = "'delivery-' || lpad(to_hex((random() * 281474976710655)::bigint), 12, '0')"
-# The outbox: deliveries are written in the transaction that finishes the job.
+# The outbox: deliveries are written in the transaction that finishes the job. A job's stored
+# request and result are never parsed here: PostgreSQL's JSON refuses the \u0000 that
+# participants' words may hold, so they are read in Python.
 PG_ENQUEUE_WEBHOOKS = f"""
 INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
 SELECT {PG_DELIVERY_ID}, webhook_id, $1, $2, url, secret, $3, {PG_CLOCK}, $4
 FROM webhooks WHERE events::jsonb ? $2 ORDER BY seq"""
 PG_ENQUEUE_JOB_URL = f"""
 INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
-SELECT {PG_DELIVERY_ID}, NULL, job_id, $2, request::jsonb ->> 'webhook_url', $5, $3, {PG_CLOCK}, $4
-FROM jobs WHERE job_id = $1 AND request::jsonb ->> 'webhook_url' IS NOT NULL"""
+VALUES ({PG_DELIVERY_ID}, NULL, $1, $2, $6, $5, $3, {PG_CLOCK}, $4)"""
 PG_NOTIFY = "SELECT pg_notify('persona', $1)"
 PG_OTHER_SERVERS = """
 SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
@@ -1944,7 +1966,7 @@ ON CONFLICT (client) DO UPDATE SET
 RETURNING window_start, hits"""
 PG_PURGE_RATE = f"DELETE FROM rate_limits WHERE window_start + $1 <= {PG_CLOCK}"
 PG_EXPIRED_JOBS = """
-SELECT job_id, result::jsonb ->> 'output_path' AS output_path FROM jobs
+SELECT job_id, result FROM jobs
 WHERE status IN ('completed', 'failed') AND completed_at < $1
   AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.job_id = jobs.job_id
                   AND deliveries.status IN ('pending', 'delivering'))
@@ -1962,7 +1984,7 @@ DELETE FROM delivery_attempts WHERE seq IN (
 PG_PROBE_WRITE = f"""
 INSERT INTO write_probe (id, probed_at) VALUES (1, {PG_CLOCK}) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"""
 # Errors that say the database cannot be used for now, not that a statement is wrong: by SQLSTATE class.
-PG_UNAVAILABLE_CLASSES = ("08", "25", "40", "53", "57", "58")
+PG_UNAVAILABLE_CLASSES = ("08", "25", "28", "40", "53", "55", "57", "58")
 PG_POOL_SIZE = 10  # connections per server process; a listener connection comes on top
 PG_CONNECT_TIMEOUT_S = 5.0  # a database host that does not answer fails a request (503), not holds it
 
@@ -2032,12 +2054,15 @@ class PostgresStore(Store):
                                                        connection_class=pooled_connection_class(self.asyncpg),
                                                        server_settings={"application_name": self.session_name})
         except Exception as exc:
-            raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {exc}") from None
+            raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {self._why(exc)}") from None
         try:
             await self._apply_schema()
-        except BaseException:
+        except ConfigError:
             await self.pool.close()
             raise
+        except Exception as exc:
+            await self.pool.close()
+            raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {self._why(exc)}") from None
         self.shared = await self._others_now()
         await self._notify(f"hello:{self.session_name}")  # the servers already here count in the database from now
         self.peer_task = asyncio.get_running_loop().create_task(self._watch_peers(), name="persona-peers")
@@ -2054,6 +2079,12 @@ class PostgresStore(Store):
             if (version or 0) < PG_SCHEMA_VERSION:
                 await conn.execute(PG_SCHEMA)
                 await conn.execute(PG_SET_VERSION.format(version=int(PG_SCHEMA_VERSION)))
+
+    def _why(self, exc: Exception) -> str:
+        """Why the database could not be opened, in words that cannot hold the URL's password."""
+        if isinstance(exc, self.asyncpg.PostgresError):
+            return str(exc)  # the server's own message: it names the user, never the password
+        return pg_trouble(exc) or type(exc).__name__
 
     def listen(self, on_news: Callable[[str], None]) -> None:
         """Hear other hosts' news (a job queued, a job cancelled, a delivery due) as it happens.
@@ -2220,8 +2251,8 @@ class PostgresStore(Store):
     async def set_progress(self, job_id: str, worker: str, progress: int) -> bool:
         return bool(await self._write(PG_SET_PROGRESS, job_id, worker, progress))
 
-    async def heartbeat(self, worker: str) -> set[str]:
-        return {row["job_id"] for row in await self._write(PG_HEARTBEAT, worker)}
+    async def heartbeat(self, worker: str, job_ids: Iterable[str]) -> set[str]:
+        return {row["job_id"] for row in await self._write(PG_HEARTBEAT, worker, list(job_ids))}
 
     async def _running_claims(self, worker: str) -> list[Any]:
         return await self._read(PG_RUNNING_JOBS, worker)
@@ -2230,7 +2261,7 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             rows = await conn.fetch(PG_REQUEUE_JOB, job_id, claimed_by, MAX_ATTEMPTS, requeue_error(), utc_now())
             if rows and rows[0]["status"] == "failed":
-                await self._enqueue(conn, job_id, "generation.failed", {"error": requeue_error()})
+                await self._enqueue(conn, job_id, rows[0]["request"], "generation.failed", {"error": requeue_error()})
             elif rows:
                 await conn.execute(PG_NOTIFY, "jobs")
         return rows[0]["status"] if rows else None
@@ -2240,25 +2271,27 @@ class PostgresStore(Store):
 
     async def cancel_job(self, job_id: str) -> bool:
         async with self._transaction() as conn:
-            changed = bool(await conn.fetch(PG_CANCEL_JOB, job_id, utc_now()))
-            if changed:
-                await self._enqueue(conn, job_id, "generation.failed", {"error": "cancelled"})
+            ended = await conn.fetch(PG_CANCEL_JOB, job_id, utc_now())
+            if ended:
+                await self._enqueue(conn, job_id, ended[0]["request"], "generation.failed", {"error": "cancelled"})
                 await conn.execute(PG_NOTIFY, f"cancel:{job_id}")
-        return changed
+        return bool(ended)
 
     async def _finish(self, job_id: str, worker: str, status: str, outcome: str, event: str, data: JSON) -> bool:
         sql = PG_COMPLETE_JOB if status == "completed" else PG_FAIL_JOB
         async with self._transaction() as conn:
-            changed = bool(await conn.fetch(sql, job_id, worker, outcome, utc_now()))
-            if changed:
-                await self._enqueue(conn, job_id, event, data)
-        return changed
+            ended = await conn.fetch(sql, job_id, worker, outcome, utc_now())
+            if ended:
+                await self._enqueue(conn, job_id, ended[0]["request"], event, data)
+        return bool(ended)
 
-    async def _enqueue(self, conn: Any, job_id: str, event: str, data: JSON) -> None:
+    async def _enqueue(self, conn: Any, job_id: str, request: str, event: str, data: JSON) -> None:
         now = utc_now()
         payload = event_payload(job_id, event, data, now)
         await conn.execute(PG_ENQUEUE_WEBHOOKS, job_id, event, payload, now)
-        await conn.execute(PG_ENQUEUE_JOB_URL, job_id, event, payload, now, self.job_webhook_secret)
+        own_url = json.loads(request).get("webhook_url")
+        if own_url:
+            await conn.execute(PG_ENQUEUE_JOB_URL, job_id, event, payload, now, self.job_webhook_secret, own_url)
         await conn.execute(PG_NOTIFY, "deliveries")
 
     async def purge_expired(self) -> None:
@@ -2273,7 +2306,8 @@ class PostgresStore(Store):
                 await conn.execute(PG_PURGE_JOB_ATTEMPTS, ids)
                 await conn.execute(PG_PURGE_JOB_DELIVERIES, ids)
                 await conn.execute(PG_PURGE_JOBS, ids)
-        return len(rows), [row["output_path"] for row in rows if row["output_path"]]
+        paths = [json.loads(row["result"]).get("output_path") for row in rows if row["result"]]
+        return len(rows), [path for path in paths if path]
 
     async def trim_attempts(self, kept: int) -> None:
         await self._write(PG_TRIM_ATTEMPTS, kept)
@@ -5304,7 +5338,18 @@ def pid_alive(pid: int) -> bool:
 
 def worker_identity() -> str:
     """host:pid:nonce, so a claim names a process that can be checked for life."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{this_host()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@functools.cache
+def this_host() -> str:
+    """The host name and the process namespace: containers that share a host name (host networking)
+    do not share process ids, so only a claimer with both the same can be checked by its pid."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}~{namespace}"
 
 
 def claimer_is_gone(claimed_by: str, idle: float | None, lease: float = LEASE_S) -> bool:
@@ -5313,7 +5358,7 @@ def claimer_is_gone(claimed_by: str, idle: float | None, lease: float = LEASE_S)
         return True
     host, _, rest = claimed_by.partition(":")
     pid = rest.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+    return host == this_host() and pid.isdigit() and not pid_alive(int(pid))
 
 
 class ClaimLoop:
@@ -5352,7 +5397,11 @@ class ClaimLoop:
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         for key in cut_short:
-            await self.release(key)
+            try:
+                await self.release(key)
+            except Exception as exc:  # the claim lapses instead, and the work is done again
+                log.warning("%s: could not hand back %s (%s); its claim will lapse", self.name, key,
+                            getattr(exc, "reason", type(exc).__name__))
 
     async def release(self, key: str) -> None:
         """Hand back one piece of work that a stop cut short."""
@@ -5403,6 +5452,9 @@ class ClaimLoop:
                 return
             except StorageUnavailable as exc:
                 log.warning("%s: cannot save %s yet (%s); trying again in %g s", self.name, what, exc.reason, delay)
+            except Exception:  # not a passing trouble: the claim lapses and the work is done again
+                log.exception("%s: cannot save %s; its claim is left to lapse", self.name, what)
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, SAVE_RETRY_MAX_S)
 
@@ -5434,7 +5486,7 @@ class JobRunner(ClaimLoop):
             task.cancel()
 
     async def _upkeep(self) -> None:
-        still_mine = await self.store.heartbeat(self.worker_id)
+        still_mine = await self.store.heartbeat(self.worker_id, list(self.tasks))
         for job_id in [job_id for job_id in self.tasks if job_id not in still_mine]:
             self.cancel_local(job_id)  # cancelled through another process: its computation stops here too
         for job_id, status in await self.store.requeue_orphans(self.worker_id, claimer_is_gone):
@@ -6562,9 +6614,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             with collector_tuned_for_requests():
                 yield
         finally:
-            await app.state.runner.stop()
-            await app.state.dispatcher.stop()
-            await store.close()
+            try:
+                await app.state.runner.stop()
+                await app.state.dispatcher.stop()
+            finally:
+                await store.close()
 
     app = Starlette(
         routes=ROUTES,

@@ -101,12 +101,14 @@ CREATE TABLE IF NOT EXISTS job_counts (
 CREATE OR REPLACE FUNCTION persona_count_new_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO job_counts (owner, status, n)
-    SELECT owner, status, count(*) FROM new_jobs GROUP BY owner, status
+    SELECT owner, status, count(*) FROM new_jobs GROUP BY owner, status ORDER BY owner, status
     ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + excluded.n;
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION persona_count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM 1 FROM job_counts JOIN (SELECT DISTINCT owner, status FROM old_jobs) AS gone USING (owner, status)
+    ORDER BY owner, status FOR UPDATE OF job_counts;
     UPDATE job_counts SET n = job_counts.n - gone.n
     FROM (SELECT owner, status, count(*) AS n FROM old_jobs GROUP BY owner, status) AS gone
     WHERE job_counts.owner = gone.owner AND job_counts.status = gone.status;
@@ -114,6 +116,9 @@ BEGIN
 END $$;
 CREATE OR REPLACE FUNCTION persona_count_status_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Both counters are locked in one order, so that changes in opposite directions never deadlock.
+    PERFORM 1 FROM job_counts WHERE owner = OLD.owner AND status IN (OLD.status, NEW.status)
+    ORDER BY status FOR UPDATE;
     UPDATE job_counts SET n = n - 1 WHERE owner = OLD.owner AND status = OLD.status;
     INSERT INTO job_counts (owner, status, n) VALUES (NEW.owner, NEW.status, 1)
     ON CONFLICT (owner, status) DO UPDATE SET n = job_counts.n + 1;

@@ -44,7 +44,7 @@ def claimers(server: Server, job_ids: list[str]) -> dict[str, str]:
     """Which host runs each of these jobs, from the claims in the database."""
     listed = ", ".join(f"'{job_id}'" for job_id in job_ids)
     rows = server.query(f"SELECT job_id, claimed_by FROM jobs WHERE job_id IN ({listed}) AND claimed_by IS NOT NULL")
-    return {job_id: claimed_by.split(":")[0] for job_id, claimed_by in rows}
+    return {job_id: claimed_by.split(":")[0].split("~")[0] for job_id, claimed_by in rows}
 
 
 def attempts_of(server: Server, job_ids: list[str]) -> dict[str, int]:

@@ -104,6 +104,9 @@ def test_a_database_url_is_shown_without_its_password() -> None:
     shown = persona.shown_db("postgresql://persona:s3cret-pw@db.internal:5432/persona")
     assert "s3cret-pw" not in shown and shown == "postgresql://persona:***@db.internal:5432/persona"
     assert "s3cret-pw" not in persona.shown_db("postgresql://persona@db/persona?sslmode=require&password=s3cret-pw")
+    for written in ("postgresql://bob:s3cr#t-pw@db.example/persona", "postgresql://bob:a/b?s3cr@db.example/persona",
+                    "postgresql://bob@db/persona?sslpassword=s3cret-pw"):
+        assert "s3cr" not in persona.shown_db(written), written
 
 
 def test_a_postgresql_url_without_its_driver_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,18 +165,34 @@ async def test_orphans_are_told_apart_by_the_time_since_their_claimer_was_heard(
     heard: list[float | None] = []
     assert await store.requeue_orphans("here:2:y", lambda claimed_by, idle: heard.append(idle) or False) == []
     assert len(heard) == 1 and heard[0] is not None and 0 <= heard[0] < persona.LEASE_S
-    assert await store.heartbeat("elsewhere:1:x") == {job_id}
-    assert await store.heartbeat("here:2:y") == set()
+    assert await store.heartbeat("elsewhere:1:x", [job_id]) == {job_id}
+    assert await store.heartbeat("here:2:y", [job_id]) == set()
+
+
+async def test_a_heartbeat_renews_only_the_jobs_whose_work_still_runs(open_store: OpenStore, backend: str) -> None:
+    store = await open_store()
+    running, dead = await create(store), await create(store)
+    await store.claim_job("w:1:x")
+    await store.claim_job("w:1:x")
+    assert await store.heartbeat("w:1:x", [running]) == {running}
+    idle = {}
+    await store.requeue_orphans("v:2:y", lambda claimed_by, seconds: idle.setdefault(claimed_by, []).append(seconds))
+    assert len(idle["w:1:x"]) == 2
 
 
 def test_a_claimer_is_gone_when_its_lease_lapsed_or_its_local_process_died() -> None:
-    host = socket.gethostname()
+    host = persona.this_host()
     assert persona.claimer_is_gone(f"{host}:{os.getpid()}:x", persona.LEASE_S + 1)
     assert persona.claimer_is_gone(f"{host}:{os.getpid()}:x", None)
     assert not persona.claimer_is_gone(f"{host}:{os.getpid()}:x", 1.0)
     assert not persona.claimer_is_gone(f"elsewhere:{os.getpid()}:x", 1.0)
-    dead = max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 100000
-    assert persona.claimer_is_gone(f"{host}:{dead}:x", 1.0)
+    # The same host name in another process namespace (a container on the host's network) is another host.
+    assert not persona.claimer_is_gone(f"{socket.gethostname()}~1:{dead_pid()}:x", 1.0)
+    assert persona.claimer_is_gone(f"{host}:{dead_pid()}:x", 1.0)
+
+
+def dead_pid() -> int:
+    return max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 100000
 
 
 # -- submissions -------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from standardwebhooks import Webhook
-from conftest import GatedDataServer, Receiver, submit, wait_for, wait_job
+from conftest import GatedDataServer, Receiver, Server, submit, wait_for, wait_job
 
 import persona
 
@@ -386,3 +386,14 @@ def test_a_redirect_is_not_followed_but_retried(start_server, receivers) -> None
         [delivery] = settled(http, webhook_id)
     assert [a["http_status"] for a in delivery["attempts"]] == [307, 200]
     assert not target.requests
+
+
+def test_participants_words_holding_a_nul_still_finish_their_job_and_its_webhook(server: Server,
+                                                                             receiver: Receiver) -> None:
+    records = [{"id": f"p{n}", "text": f"I plan every shift\u0000 around the rota, week {n}, and keep notes."}
+               for n in range(6)]
+    with server.client() as http:
+        job = wait_job(http, submit(http, data=records, count=2, webhook_url=receiver.url))
+    assert job["status"] == "completed", job["error"]
+    wait_for(lambda: receiver.requests, what="the job's own webhook")
+    assert json.loads(receiver.requests[0]["body"])["data"]["job_id"] == job["job_id"]
