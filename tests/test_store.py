@@ -174,10 +174,10 @@ async def test_a_heartbeat_renews_only_the_jobs_whose_work_still_runs(open_store
     running, dead = await create(store), await create(store)
     await store.claim_job("w:1:x")
     await store.claim_job("w:1:x")
-    assert await store.heartbeat("w:1:x", [running]) == {running}
-    idle = {}
-    await store.requeue_orphans("v:2:y", lambda claimed_by, seconds: idle.setdefault(claimed_by, []).append(seconds))
-    assert len(idle["w:1:x"]) == 2
+    await execute(store, "UPDATE jobs SET heartbeat_at = heartbeat_at - 100")  # both last heard 100 s ago
+    assert await store.heartbeat("w:1:x", [running]) == {running}  # the other's task has died
+    requeued = await store.requeue_orphans("v:2:y", lambda claimed_by, idle: idle > 50)
+    assert requeued == [(dead, "pending")]
 
 
 def test_a_claimer_is_gone_when_its_lease_lapsed_or_its_local_process_died() -> None:
