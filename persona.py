@@ -6818,6 +6818,8 @@ def run_server(args: argparse.Namespace) -> int:
     settings = load_settings(overrides)
     if not settings.data_dir.is_dir():
         raise ConfigError(f"the data directory {settings.data_dir} does not exist (--data-dir / PERSONA_DATA_DIR)")
+    if isinstance(settings.db, str):
+        asyncpg_module()  # a missing driver is said before serving, in one line
     configure_logging(settings.log_level)
     if settings.workers > 1 or args.reload:
         # Worker processes import the app afresh; the variables carry every option to them.

@@ -206,3 +206,16 @@ def test_generate_caps_a_local_source_by_the_variable_the_server_reads(tmp_path:
     result = run_persona("generate", str(tmp_path / "big.csv"), cwd=tmp_path, env={"PERSONA_MAX_SOURCE_MB": "1"})
     assert result.returncode == 1
     assert "over the 1 MiB cap" in result.stderr and "PERSONA_MAX_SOURCE_MB" in result.stderr
+
+
+def test_serving_postgresql_without_its_driver_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow" / "asyncpg"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('asyncpg is not installed')\n")
+    env = {**clean_environment(), "PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"}
+    done = subprocess.run([sys.executable, "-m", "persona", "serve", "--db", "postgresql://bob:hunter2@localhost/db",
+                           "--data-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'persona[postgres]'" in lines[0], done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
