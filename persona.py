@@ -4442,6 +4442,11 @@ PROVIDER_SPECS = {
 }
 
 
+# Each provider's SDK. Importing one takes seconds the first time; done on the event loop,
+# that stalled every request the server was answering meanwhile.
+SDK_MODULES = {"anthropic": "anthropic", "openai": "openai", "ollama": "openai", "gemini": "google.genai"}
+
+
 def provider_key(spec: ProviderSpec) -> str | None:
     return next((os.environ[name] for name in spec.key_variables if os.environ.get(name)), None)
 
@@ -4778,6 +4783,7 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     rendered = render_participants(people)
     if strategy == "auto":
         strategy = "holistic" if estimate_tokens(rendered) <= budget else "segmented"
+    await asyncio.to_thread(importlib.import_module, SDK_MODULES[provider])  # seconds, the first time: not on the loop
     session = ModelSession(provider, request.get("model") or default_model(provider), config)
     said = {person.id: normalise_quote("\n".join(person.texts)) for person in people}
     async with asyncio.timeout(PROVIDER_JOB_TIMEOUT_S):

@@ -221,3 +221,13 @@ def test_providers_endpoint_lists_configuration_but_never_a_key(start_server, fa
     assert listing["gemini"]["configured"] is True and listing["anthropic"]["configured"] is False
     assert listing["anthropic"]["default_model"]
     assert SECRET_KEY not in text
+
+
+def test_every_provider_names_the_sdk_imported_for_it_off_the_event_loop() -> None:
+    import importlib
+
+    import persona
+
+    assert set(persona.SDK_MODULES) == set(persona.PROVIDER_NAMES) - {"local"}
+    for module in set(persona.SDK_MODULES.values()):
+        assert importlib.util.find_spec(module) is not None, module
