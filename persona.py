@@ -860,6 +860,11 @@ def delivery_from_row(row: Any) -> JSON:
     }
 
 
+def claimed_job(rows: list[Any]) -> JSON | None:
+    """The job a claim returned, its request parsed; None when nothing was pending."""
+    return {**dict(rows[0]), "request": json.loads(rows[0]["request"])} if rows else None
+
+
 def claimed_delivery(row: Any) -> JSON:
     return {name: row[name] for name in ("delivery_id", "event", "url", "secret", "payload", "attempts")}
 
@@ -987,6 +992,7 @@ class Store:
         for row in await self._delivering(worker):
             if gone(row["claimed_by"], row["idle"]):
                 await self.release_delivery(row["delivery_id"], row["claimed_by"])
+
 
 # ---------------------------------------------------------------------------
 # Store: SQLite, the default (one file; the servers that share it share one host)
@@ -1513,10 +1519,7 @@ class SQLiteStore(Store):
 
     async def claim_job(self, worker: str) -> JSON | None:
         """The oldest pending job, now running here; None when none is pending."""
-        rows = await self._write(SQL_CLAIM_JOB, {"worker": worker, "now": utc_now(), "clock": time.time()})
-        if not rows:
-            return None
-        return {**dict(rows[0]), "request": json.loads(rows[0]["request"])}
+        return claimed_job(await self._write(SQL_CLAIM_JOB, {"worker": worker, "now": utc_now(), "clock": time.time()}))
 
     async def begin_attempt(self, job_id: str, worker: str) -> bool:
         """Count an attempt of a job this worker still holds."""
@@ -2240,10 +2243,7 @@ class PostgresStore(Store):
         return [], (await self._read(PG_COUNT_JOBS, status))[0]["total"]
 
     async def claim_job(self, worker: str) -> JSON | None:
-        rows = await self._write(PG_CLAIM_JOB, worker, utc_now())
-        if not rows:
-            return None
-        return {**dict(rows[0]), "request": json.loads(rows[0]["request"])}
+        return claimed_job(await self._write(PG_CLAIM_JOB, worker, utc_now()))
 
     async def begin_attempt(self, job_id: str, worker: str) -> bool:
         return bool(await self._write(PG_BEGIN_ATTEMPT, job_id, worker))
