@@ -998,7 +998,7 @@ class Store:
 # Store: SQLite, the default (one file; the servers that share it share one host)
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 5  # every step so far only adds tables and indexes, so the whole script upgrades
+SCHEMA_VERSION = 6  # every step so far only adds tables and indexes, so the whole script upgrades
 SCHEMA = """\
 -- Persona's SQLite schema. persona.py carries this same text and applies it;
 -- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
@@ -1023,6 +1023,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at  REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq);
 
 CREATE TABLE IF NOT EXISTS experiments (
     name          TEXT PRIMARY KEY,
@@ -1127,6 +1128,17 @@ SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs WHERE status = :stat
 ORDER BY seq LIMIT :limit OFFSET :offset"""
 SQL_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0) AS active FROM job_counts WHERE owner = ? AND status IN ('pending', 'running')"""
+# An experiment is its jobs: it is as old as its first and was last updated when its latest job changed.
+SQL_LIST_EXPERIMENTS = """
+SELECT j.experiment_id, e.name, j.jobs, j.created_at, j.updated_at FROM (
+    SELECT experiment_id, COUNT(*) AS jobs, MIN(seq) AS first, MIN(created_at) AS created_at,
+           MAX(COALESCE(completed_at, started_at, created_at)) AS updated_at
+    FROM jobs GROUP BY experiment_id) AS j
+LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
+ORDER BY j.first DESC LIMIT :limit OFFSET :offset"""
+SQL_GET_EXPERIMENT = SQL_LIST_EXPERIMENTS.replace("FROM jobs GROUP BY", "FROM jobs WHERE experiment_id = :experiment_id GROUP BY")
+SQL_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
+SQL_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = ? ORDER BY seq"
 SQL_FIND_IDEMPOTENT = """
 SELECT i.owner, i.key, i.body_hash, i.job_id FROM json_each(:keys) AS k
 JOIN idempotency_keys AS i ON i.owner = k.value ->> 0 AND i.key = k.value ->> 1
@@ -1517,6 +1529,19 @@ class SQLiteStore(Store):
             return [job_from_row(row) for row in rows], rows[0]["total"]
         return [], (await self._read(SQL_COUNT_JOBS, params))[0]["total"]
 
+    async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
+        """A page of experiments, newest first, with how many there are."""
+        rows = await self._read(SQL_LIST_EXPERIMENTS, {"limit": limit, "offset": offset})
+        return [dict(row) for row in rows], (await self._read(SQL_COUNT_EXPERIMENTS))[0]["total"]
+
+    async def get_experiment(self, experiment_id: str) -> JSON | None:
+        """An experiment with its jobs, oldest first, as the job list shows them; None if it has none."""
+        found = await self._read(SQL_GET_EXPERIMENT, {"experiment_id": experiment_id, "limit": 1, "offset": 0})
+        if not found:
+            return None
+        jobs = await self._read(SQL_EXPERIMENT_JOBS, (experiment_id,))
+        return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
+
     async def claim_job(self, worker: str) -> JSON | None:
         """The oldest pending job, now running here; None when none is pending."""
         return claimed_job(await self._write(SQL_CLAIM_JOB, {"worker": worker, "now": utc_now(), "clock": time.time()}))
@@ -1666,7 +1691,10 @@ class SQLiteStore(Store):
 # Store: PostgreSQL, for servers on several hosts (`--db postgresql://...`)
 # ---------------------------------------------------------------------------
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
+PG_MIGRATIONS = {  # version: what brings a database of the version before to it (a new one gets PG_SCHEMA whole)
+    2: "CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq)",
+}
 PG_SCHEMA = """\
 -- Persona's PostgreSQL schema. persona.py carries this same text and applies it
 -- in one transaction under an advisory lock; a test keeps the two equal.
@@ -1697,6 +1725,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at  double precision
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq);
 
 CREATE TABLE IF NOT EXISTS experiments (
     name          text PRIMARY KEY,
@@ -1822,6 +1851,16 @@ PG_LIST_JOBS = f"""
 SELECT {JOB_COLUMNS}, ({PG_COUNT_JOBS}) AS total FROM jobs
 WHERE $1::text IS NULL OR status = $1 ORDER BY seq LIMIT $2 OFFSET $3"""
 PG_LIST_JOBS_NEWEST = PG_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
+PG_LIST_EXPERIMENTS = """
+SELECT j.experiment_id, e.name, j.jobs, j.created_at, j.updated_at FROM (
+    SELECT experiment_id, COUNT(*) AS jobs, MIN(seq) AS first, MIN(created_at) AS created_at,
+           MAX(COALESCE(completed_at, started_at, created_at)) AS updated_at
+    FROM jobs GROUP BY experiment_id) AS j
+LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
+ORDER BY j.first DESC LIMIT $1 OFFSET $2"""
+PG_GET_EXPERIMENT = PG_LIST_EXPERIMENTS.replace("FROM jobs GROUP BY", "FROM jobs WHERE experiment_id = $3 GROUP BY")
+PG_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
+PG_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = $1 ORDER BY seq"
 PG_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
 # Every invariant that SQLite's single writer kept needs a lock here: a batch takes one
@@ -2079,8 +2118,11 @@ class PostgresStore(Store):
             if version and version > PG_SCHEMA_VERSION:
                 raise ConfigError(f"{shown_db(self.url)} was written by a newer Persona "
                                   f"(schema {version}, this one knows {PG_SCHEMA_VERSION})")
-            if (version or 0) < PG_SCHEMA_VERSION:
+            if not version:
                 await conn.execute(PG_SCHEMA)
+            for step in range((version or PG_SCHEMA_VERSION) + 1, PG_SCHEMA_VERSION + 1):
+                await conn.execute(PG_MIGRATIONS[step])
+            if (version or 0) < PG_SCHEMA_VERSION:
                 await conn.execute(PG_SET_VERSION.format(version=int(PG_SCHEMA_VERSION)))
 
     def _why(self, exc: Exception) -> str:
@@ -2241,6 +2283,17 @@ class PostgresStore(Store):
         if rows:
             return [job_from_row(row) for row in rows], rows[0]["total"]
         return [], (await self._read(PG_COUNT_JOBS, status))[0]["total"]
+
+    async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
+        rows = await self._read(PG_LIST_EXPERIMENTS, limit, offset)
+        return [dict(row) for row in rows], (await self._read(PG_COUNT_EXPERIMENTS))[0]["total"]
+
+    async def get_experiment(self, experiment_id: str) -> JSON | None:
+        found = await self._read(PG_GET_EXPERIMENT, 1, 0, experiment_id)
+        if not found:
+            return None
+        jobs = await self._read(PG_EXPERIMENT_JOBS, experiment_id)
+        return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
 
     async def claim_job(self, worker: str) -> JSON | None:
         return claimed_job(await self._write(PG_CLAIM_JOB, worker, utc_now()))
@@ -5098,24 +5151,27 @@ def coverage_line(quality: JSON | None) -> str:
     return f"coverage {quality['coverage']:.0%}" + (f" ({missing} participant(s) in no persona)" if missing else "")
 
 
-def persona_card(persona: JSON, quality: JSON | None = None) -> str:
-    """A persona as a Markdown card a researcher can read or paste.
+def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> str:
+    """A persona as a Markdown card a researcher can read or paste; `depth` is its heading's level.
 
     Markdown passes HTML through, so everything from the data is escaped as on the HTML cards.
     """
-    e = escape
+    e, h = escape, "#" * depth
     details = ", ".join(f"{e(str(key).replace('_', ' '))}: {e(value)}" for key, value in persona["demographics"].items())
-    lines = [f"# {e(persona['name'])}: {e(persona['title'])}", "", e(persona.get("summary", "")), "",
+    lines = [f"{h} {e(persona['name'])}: {e(persona['title'])}", "", e(persona.get("summary", "")), "",
              f"**Demographics**: {details}", ""]
     if quality:
         lines += [f"*{quality_line(quality)}*", ""]
     for key, heading in LIST_HEADINGS.items():
-        lines += [f"## {heading}", ""] + ([f"- {e(item)}" for item in persona[key]] or [f"*{nothing_found(key)}*"]) + [""]
-    lines += ["## Quotes", ""] + [f"> {e(quote)}" for quote in persona["quotes"]] + [""]
+        lines += [f"{h}# {heading}", ""] + ([f"- {e(item)}" for item in persona[key]] or [f"*{nothing_found(key)}*"]) + [""]
+    for key, value in custom_fields(persona).items():
+        items = value if isinstance(value, list) else [value]
+        lines += [f"{h}# {e(field_heading(key))}", ""] + [f"- {e(item)}" for item in items] + [""]
+    lines += [f"{h}# Quotes", ""] + [f"> {e(quote)}" for quote in persona["quotes"]] + [""]
     if persona.get("unverified_quotes"):
-        lines += ["## Unverified quotes (not found in the data)", ""] + [f"> {e(q)}" for q in persona["unverified_quotes"]] + [""]
+        lines += [f"{h}# Unverified quotes (not found in the data)", ""] + [f"> {e(q)}" for q in persona["unverified_quotes"]] + [""]
     evidence = persona["evidence"]
-    lines += ["## Evidence", "", f"Participants ({evidence['share']:.0%}): {e(', '.join(evidence['participants']))}", ""]
+    lines += [f"{h}# Evidence", "", f"Participants ({evidence['share']:.0%}): {e(', '.join(evidence['participants']))}", ""]
     return "\n".join(lines)
 
 
@@ -5157,6 +5213,13 @@ def html_list(key: str, items: list[str]) -> str:
     return f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
+def html_field(key: str, value: str | list[str]) -> str:
+    """A custom field (config.fields) on a card: a paragraph, or a list."""
+    if isinstance(value, list):
+        return f"<h3>{escape(field_heading(key))}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in value) + "</ul>"
+    return f"<h3>{escape(field_heading(key))}</h3><p>{escape(value)}</p>"
+
+
 def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
     evidence = persona.get("evidence", {})
     share = f'<span class="share">{evidence["share"]:.0%} of participants</span>' if "share" in evidence else ""
@@ -5171,6 +5234,7 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         + (f"<h3>Demographics</h3><dl>{demographics}</dl>" if demographics else "")
         + (f'<p class="quality">{escape(quality_line(quality))}</p>' if quality else "")
         + "".join(html_list(key, persona.get(key, [])) for key in LIST_HEADINGS)
+        + "".join(html_field(key, value) for key, value in custom_fields(persona).items())
         + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
         + (f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
            if evidence.get("participants") else "")
@@ -5182,6 +5246,82 @@ def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = No
     by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
     cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in personas)
     return html_page("Personas", subtitle + (f" · {coverage_line(quality)}" if quality else ""), f"<main>{cards}</main>")
+
+
+STANDARD_KEYS = frozenset({*PERSONA_FIELDS, "id", "summary", "evidence", "unverified_quotes", "themes"})
+
+
+def custom_fields(persona: JSON) -> JSON:
+    """The fields a request's config.fields added, in their order; every other key is a standard one."""
+    return {key: value for key, value in persona.items() if key not in STANDARD_KEYS}
+
+
+def field_heading(key: str) -> str:
+    return key.replace("_", " ").capitalize()
+
+
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: Any) -> str:
+    """A cell a spreadsheet shows as text: a participant's words starting with `=` or `+` never run as a formula."""
+    text = "\n".join(map(str, value)) if isinstance(value, list) else "" if value is None else str(value)
+    return "'" + text if text.startswith(CSV_FORMULA_START) else text
+
+
+def personas_csv(personas: list[JSON]) -> str:
+    """One row per persona, list fields joined by line breaks, a column per demographic key.
+
+    It starts with a byte order mark: Excel reads a CSV without one in the machine's legacy code page.
+    """
+    demographics = list(dict.fromkeys(key for persona in personas for key in persona.get("demographics", {})))
+    extra = list(dict.fromkeys(key for persona in personas for key in custom_fields(persona)))
+    lists = ["goals", "pain_points", "behaviours", "quotes"]
+    named = {"id", "name", "title", "summary", *lists, *extra, "participants", "share"}
+    columns = ["id", "name", "title", "summary", *(f"demographics.{key}" if key in named else key for key in demographics),
+               *lists, *extra, "participants", "share"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for persona in personas:
+        evidence = persona.get("evidence", {})
+        row = [persona.get(key) for key in ("id", "name", "title", "summary")]
+        row += [persona.get("demographics", {}).get(key) for key in demographics]
+        row += [persona.get(key, []) for key in lists] + [persona.get(key) for key in extra]
+        row += [evidence.get("participants", []), evidence.get("share")]
+        writer.writerow([spreadsheet_cell(value) for value in row])
+    return "\ufeff" + out.getvalue()
+
+
+def personas_markdown(personas: list[JSON], subtitle: str, quality: JSON | None) -> str:
+    by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
+    cards = [persona_card(persona, by_id.get(persona["id"]), depth=2) for persona in personas]
+    head = f"# Personas\n\n{escape(subtitle)}" + (f" · {coverage_line(quality)}" if quality else "") + "\n\n"
+    return head + "\n---\n\n".join(cards)
+
+
+def personas_subtitle(personas: list[JSON], metadata: JSON) -> str:
+    return f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {metadata['job_id']}"
+
+
+EXPORT_FORMATS = {  # format: (media type, file name's ending)
+    "csv": ("text/csv; charset=utf-8", "csv"),
+    "json": ("application/json", "json"),
+    "markdown": ("text/markdown; charset=utf-8", "md"),
+    "html": ("text/html; charset=utf-8", "html"),
+}
+
+
+def personas_document(form: str, personas: list[JSON], metadata: JSON) -> str:
+    """A job's personas as one document in one of EXPORT_FORMATS: its folder holds these, the export sends them."""
+    quality = metadata.get("quality")
+    if form == "csv":
+        return personas_csv(personas)
+    if form == "json":
+        return json.dumps({"personas": personas}, indent=2, ensure_ascii=False)
+    if form == "markdown":
+        return personas_markdown(personas, personas_subtitle(personas, metadata), quality)
+    return personas_page(personas, personas_subtitle(personas, metadata), quality)
 
 
 def output_folder(output_dir: Path, job_id: str, created_at: str | None) -> Path:
@@ -5198,14 +5338,12 @@ def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges:
     """
     staging = folder.with_name(f".{folder.name}~{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}.partial")
     staging.mkdir(parents=True)
-    (staging / "personas.json").write_text(json.dumps({"personas": personas}, indent=2, ensure_ascii=False), "utf-8")
+    for form in ("json", "csv", "html"):
+        (staging / f"personas.{EXPORT_FORMATS[form][1]}").write_text(personas_document(form, personas, metadata), "utf-8")
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
-    quality = metadata.get("quality")
-    by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
+    by_id = {entry["id"]: entry for entry in (metadata.get("quality") or {}).get("personas", [])}
     for persona in personas:
         (staging / f"{persona['id']}.md").write_text(persona_card(persona, by_id.get(persona["id"])), "utf-8")
-    subtitle = f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {metadata['job_id']}"
-    (staging / "personas.html").write_text(personas_page(personas, subtitle, quality), "utf-8")
     if exchanges:  # the prompts sent and the raw answers, for auditing an LLM run
         (staging / "exchanges.json").write_text(json.dumps(exchanges, indent=2, ensure_ascii=False), "utf-8")
     if folder.exists():
@@ -5713,6 +5851,7 @@ def describe_send_error(exc: Exception, timeout: float) -> str:
 UNLIMITED_PATHS = frozenset({"/api/v1/health"})
 JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
 WEBHOOK_ID = re.compile(r"^webhook-[0-9a-f]{12}$")
+EXPERIMENT_ID = re.compile(r"^exp-[0-9a-f]{12}$")
 # A path segment that reads as a token: long, or of letters and digits together.
 SECRET_SEGMENT = re.compile(r"[A-Za-z0-9_-]{24,}|(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_-]{16,}")
 
@@ -6040,6 +6179,28 @@ async def get_generation(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
+def completed_result(job: JSON, action: str) -> JSON:
+    """A job's result, for what only a completed job allows (export, refine, compare); else a 409."""
+    if job["status"] != "completed":
+        raise APIError(409, f"Job {job['job_id']} is {job['status']}; only a completed job can be {action}",
+                       {"status": job["status"]})
+    return job["result"]
+
+
+async def export_generation(request: Request) -> Response:
+    """A completed job's personas as a download, in the format asked for."""
+    job = await find_job(request)
+    form = request.query_params.get("format", "json")
+    if form not in EXPORT_FORMATS:
+        formats = ", ".join(EXPORT_FORMATS)
+        raise APIError(422, f"Query parameter format must be one of: {formats}", {"format": f"must be one of: {formats}"})
+    result = completed_result(job, "exported")
+    media_type, ending = EXPORT_FORMATS[form]
+    document = personas_document(form, result["personas"], result["metadata"])
+    return Response(document.encode("utf-8"), media_type=media_type, headers={
+        "Content-Disposition": f'attachment; filename="personas-{job["job_id"]}.{ending}"'})
+
+
 async def cancel_generation(request: Request) -> JSONResponse:
     authenticate(request)
     job = await find_job(request)
@@ -6057,15 +6218,34 @@ async def list_generations(request: Request) -> Response:
     if status is not None and status not in JOB_STATUSES:
         raise APIError(422, f"Query parameter status must be one of: {', '.join(JOB_STATUSES)}",
                        {"status": "must be one of: " + ", ".join(JOB_STATUSES)})
-    limit = query_int(request, "limit", 100, 1, 1000)
-    offset = query_int(request, "offset", 0, 0, 10**9)
+    limit, offset = page_of(request)
     body, total, count = await state(request).store.list_jobs_json(status, limit, offset)
+    headers = page_headers(request, {"status": status} if status else {}, limit, offset, count, total)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def page_of(request: Request) -> tuple[int, int]:
+    """The page a listing asks for: (limit, offset)."""
+    return query_int(request, "limit", 100, 1, 1000), query_int(request, "offset", 0, 0, 10**9)
+
+
+def page_headers(request: Request, query: dict[str, str], limit: int, offset: int, count: int, total: int) -> dict[str, str]:
+    """A listing's X-Total-Count, and a Link to the next page when there is one."""
     headers = {"X-Total-Count": str(total)}
     if offset + count < total:
-        query = {"status": status} if status else {}
-        query.update(limit=limit, offset=offset + limit)
-        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
-    return Response(body, media_type="application/json", headers=headers)
+        headers["Link"] = f'<{request.url.path}?{urlencode({**query, "limit": limit, "offset": offset + limit})}>; rel="next"'
+    return headers
+
+
+async def list_experiments(request: Request) -> JSONResponse:
+    limit, offset = page_of(request)
+    experiments, total = await state(request).store.list_experiments(limit, offset)
+    return JSONResponse(experiments, headers=page_headers(request, {}, limit, offset, len(experiments), total))
+
+
+async def get_experiment(request: Request) -> JSONResponse:
+    return JSONResponse(await lookup(request, "experiment_id", EXPERIMENT_ID, state(request).store.get_experiment,
+                                     "Experiment"))
 
 
 async def create_webhook(request: Request) -> JSONResponse:
@@ -6223,6 +6403,20 @@ JOB_SCHEMA: JSON = {
                            "metadata": {"type": "object"}}}]},
     },
 }
+EXPERIMENT_FIELDS_SCHEMA: JSON = {
+    "experiment_id": {"type": "string", "pattern": "^exp-[0-9a-f]{12}$"},
+    "name": {"type": ["string", "null"], "description": "config.experiment; null for a job's own experiment"},
+    "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
+}
+EXPERIMENT_SCHEMA: JSON = {
+    "type": "object", "required": [*EXPERIMENT_FIELDS_SCHEMA, "jobs"],
+    "properties": {**EXPERIMENT_FIELDS_SCHEMA, "jobs": {"type": "integer", "minimum": 1, "description": "how many jobs"}},
+}
+EXPERIMENT_DETAIL_SCHEMA: JSON = {
+    "type": "object", "required": [*EXPERIMENT_FIELDS_SCHEMA, "jobs"],
+    "properties": {**EXPERIMENT_FIELDS_SCHEMA,
+                   "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}},
+}
 WEBHOOK_OUT_SCHEMA: JSON = {
     "type": "object",
     "required": ["webhook_id", "url", "events", "created_at"],
@@ -6284,6 +6478,14 @@ def json_response(description: str, schema: JSON, example: Any = None, headers: 
     return response
 
 
+def export_response() -> JSON:
+    """The export's 200: one media type per format, each an attachment."""
+    content = {media_type.split(";")[0]: {"schema": {"type": "object"} if ending == "json" else {"type": "string"}}
+               for media_type, ending in EXPORT_FORMATS.values()}
+    return {"description": "The personas as a file (Content-Disposition: attachment)", "content": content,
+            "headers": {"Content-Disposition": {"schema": {"type": "string"}}}}
+
+
 def operation(summary: str, ok: JSON, errors: Iterable[int], write: bool = False, body: JSON | None = None,
               parameters: list[JSON] | None = None) -> JSON:
     codes = {*errors, 405, 429, 500, 503}
@@ -6323,6 +6525,8 @@ OPERATION_IDS = {
     ("/", "get"): "getInfo", ("/api/v1/health", "get"): "getHealth", ("/api/v1/providers", "get"): "listProviders",
     ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
     ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
+    ("/api/v1/generate/{job_id}/export", "get"): "exportJob",
+    ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
     ("/api/v1/webhooks", "post"): "createWebhook", ("/api/v1/webhooks", "get"): "listWebhooks",
     ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook", ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
     ("/api/v1/webhooks/{webhook_id}/deliveries", "get"): "listDeliveries",
@@ -6349,6 +6553,8 @@ def openapi_document() -> JSON:
     job_id = path_parameter("job_id", JOB_ID.pattern)
     webhook_id = path_parameter("webhook_id", WEBHOOK_ID.pattern)
     delivery_id = path_parameter("delivery_id", r"^delivery-[0-9a-f]{12}$")
+    page_parameters = [query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                       query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9})]
     info_example = {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"}
     health_schema = {"type": "object", "required": ["status", "version", "timestamp"],
                      "properties": {"status": {"type": "string", "enum": ["healthy", "unhealthy"]},
@@ -6377,8 +6583,7 @@ def openapi_document() -> JSON:
                               "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
                                           "Link": {"schema": {"type": "string"}}}},
                              [422], parameters=[query_parameter("status", {"type": "string", "enum": list(JOB_STATUSES)}),
-                                                query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                                                query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9})]),
+                                                *page_parameters]),
         },
         "/api/v1/generate/{job_id}": {
             "get": operation("Job status and result", json_response("The job", {"$ref": "#/components/schemas/Job"}),
@@ -6386,6 +6591,23 @@ def openapi_document() -> JSON:
             "delete": operation("Cancel a pending or running job; it fails with error 'cancelled'",
                                 json_response("The cancelled job", {"$ref": "#/components/schemas/Job"}), [404, 409],
                                 write=True, parameters=[job_id]),
+        },
+        "/api/v1/generate/{job_id}/export": {
+            "get": operation("A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
+                             export_response(), [404, 409, 422], parameters=[job_id, query_parameter(
+                                 "format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"})]),
+        },
+        "/api/v1/experiments": {
+            "get": operation("List experiments, newest first; a job without config.experiment is one of its own",
+                             {**json_response("Experiments", {"type": "array", "items": {"$ref": "#/components/schemas/Experiment"}}),
+                              "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
+                                          "Link": {"schema": {"type": "string"}}}},
+                             [422], parameters=page_parameters),
+        },
+        "/api/v1/experiments/{experiment_id}": {
+            "get": operation("An experiment with its jobs, oldest first",
+                             json_response("The experiment", EXPERIMENT_DETAIL_SCHEMA), [404],
+                             parameters=[path_parameter("experiment_id", EXPERIMENT_ID.pattern)]),
         },
         "/api/v1/webhooks": {
             "post": operation("Register a webhook", json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
@@ -6422,7 +6644,7 @@ def openapi_document() -> JSON:
         "paths": paths,
         "components": {
             "schemas": {"GenerateRequest": GENERATE_SCHEMA, "WebhookRequest": WEBHOOK_SCHEMA, "Job": JOB_SCHEMA,
-                        "JobSummary": JOB_SUMMARY_SCHEMA, "Persona": PERSONA_SCHEMA, "Webhook": WEBHOOK_OUT_SCHEMA,
+                        "JobSummary": JOB_SUMMARY_SCHEMA, "Experiment": EXPERIMENT_SCHEMA, "Persona": PERSONA_SCHEMA, "Webhook": WEBHOOK_OUT_SCHEMA,
                         "Delivery": DELIVERY_SCHEMA, "Error": ERROR_SCHEMA},
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
                                                "description": "Needed on write endpoints when the server has a token"}},
@@ -6533,6 +6755,9 @@ def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable
 ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
+    Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
+    Route("/api/v1/experiments", list_experiments, methods=["GET"]),
+    Route("/api/v1/experiments/{experiment_id}", get_experiment, methods=["GET"]),
     Route("/api/v1/health", health, methods=["GET"]),
     Route("/", root, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
@@ -6684,13 +6909,17 @@ class PersonaClient:
         self.http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The successful response, after waiting out 429s; any other error answer raises PersonaAPIError."""
         for attempt in range(self.max_retries + 1):
             response = self.http.request(method, path, **kwargs)
             if response.status_code != 429 or attempt == self.max_retries:
                 break
             time.sleep(min(parse_retry_after(response.headers.get("retry-after")) or 1.0, CLIENT_RETRY_AFTER_CAP_S))
         if response.is_success:
-            return response.json()
+            return response
         try:
             body = response.json()
             raise PersonaAPIError(response.status_code, body["error"], body["message"], body.get("details"))
@@ -6723,6 +6952,17 @@ class PersonaClient:
 
     def cancel_job(self, job_id: str) -> JSON:
         return self._request("DELETE", f"/api/v1/generate/{job_id}")
+
+    def list_experiments(self, limit: int | None = None, offset: int | None = None) -> list[JSON]:
+        params = {key: value for key, value in (("limit", limit), ("offset", offset)) if value is not None}
+        return self._request("GET", "/api/v1/experiments", params=params)
+
+    def get_experiment(self, experiment_id: str) -> JSON:
+        return self._request("GET", f"/api/v1/experiments/{experiment_id}")
+
+    def export(self, job_id: str, format: str = "csv") -> bytes:
+        """A completed job's personas as the file's bytes: csv, json, markdown or html."""
+        return self._send("GET", f"/api/v1/generate/{job_id}/export", params={"format": format}).content
 
     def create_webhook(self, url: str, events: list[str] | None = None, secret: str | None = None) -> JSON:
         body = {key: value for key, value in (("url", url), ("events", events), ("secret", secret)) if value is not None}
@@ -6797,12 +7037,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
                               help="API token for --server [env PERSONA_API_AUTH_TOKEN]")
 
-    jobs_cmd = commands.add_parser("jobs", help="list a server's jobs")
-    jobs_cmd.add_argument("--server", metavar="URL", default="http://localhost:8000", help="the server (default http://localhost:8000)")
-    jobs_cmd.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"), help="API token")
+    jobs_cmd = server_command(commands, "jobs", "list a server's jobs")
     jobs_cmd.add_argument("--status", choices=JOB_STATUSES, help="only jobs in this status")
     jobs_cmd.add_argument("--limit", type=int, default=100, help="how many (default 100)")
+
+    experiments_cmd = server_command(commands, "experiments", "list a server's experiments, or one with its jobs")
+    experiments_cmd.add_argument("experiment_id", nargs="?", help="show this experiment's jobs")
+    experiments_cmd.add_argument("--limit", type=int, default=100, help="how many (default 100)")
+
+    export_cmd = server_command(commands, "export", "download a completed job's personas as CSV, JSON, Markdown or HTML")
+    export_cmd.add_argument("job_id", help="the job")
+    export_cmd.add_argument("--format", "-f", choices=list(EXPORT_FORMATS), default="csv", help="the file's format (default csv)")
+    export_cmd.add_argument("--output", "-o", metavar="FILE", help="where to write it (default: standard output)")
     return parser
+
+
+def server_command(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A command that talks to a running server: --server and --auth-token."""
+    command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    command.add_argument("--server", metavar="URL", default="http://localhost:8000", help="the server (default http://localhost:8000)")
+    command.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
+                         help="API token [env PERSONA_API_AUTH_TOKEN]")
+    return command
 
 
 def configure_logging(level: str) -> None:
@@ -7002,35 +7258,73 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_jobs(args: argparse.Namespace) -> int:
+class ServerUnreachable(Exception):
+    """The --server did not answer; exit status 1."""
+
+
+def ask_server(args: argparse.Namespace, call: Callable[[PersonaClient], Any]) -> Any:
+    """One conversation with the --server: its refusals are usage errors, silence is ServerUnreachable."""
     import httpx
 
     with PersonaClient(server_url(args.server), args.auth_token) as client:
         try:
-            jobs = client.list_jobs(status=args.status, limit=args.limit)
+            return call(client)
         except PersonaAPIError as exc:
-            print(f"persona: {exc.message}", file=sys.stderr)
-            return 2
+            raise UsageError(exc.message) from None
         except httpx.HTTPError as exc:
-            print(f"persona: cannot reach the server at {args.server} ({type(exc).__name__})", file=sys.stderr)
-            return 1
+            raise ServerUnreachable(f"cannot reach the server at {args.server} ({type(exc).__name__})") from None
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    print_jobs(ask_server(args, lambda client: client.list_jobs(status=args.status, limit=args.limit)))
+    return 0
+
+
+def print_jobs(jobs: list[JSON]) -> None:
     print(f"{'JOB':<18} {'STATUS':<10} {'PROGRESS':>8}  {'CREATED':<20}  ERROR")
     for job in jobs:
         print(f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {job['created_at']:<20}  {job['error'] or ''}")
+
+
+def run_experiments(args: argparse.Namespace) -> int:
+    if args.experiment_id:
+        experiment = ask_server(args, lambda client: client.get_experiment(args.experiment_id))
+        print(f"{experiment['experiment_id']}  {experiment['name'] or '(unnamed)'}  created {experiment['created_at']}  "
+              f"updated {experiment['updated_at']}\n")
+        print_jobs(experiment["jobs"])
+        return 0
+    experiments = ask_server(args, lambda client: client.list_experiments(limit=args.limit))
+    print(f"{'EXPERIMENT':<17} {'JOBS':>5}  {'UPDATED':<20}  NAME")
+    for experiment in experiments:
+        print(f"{experiment['experiment_id']:<17} {experiment['jobs']:>5}  {experiment['updated_at']:<20}  {experiment['name'] or ''}")
     return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    document = ask_server(args, lambda client: client.export(args.job_id, args.format))
+    if args.output:
+        Path(args.output).write_bytes(document)
+    else:
+        sys.stdout.buffer.write(document)
+        sys.stdout.flush()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": run_server, "generate": run_generate, "jobs": run_jobs, "experiments": run_experiments, "export": run_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":
-            return run_server(args)
-        if args.command == "jobs":
-            return run_jobs(args)
-        return run_generate(args)
-    except ConfigError as exc:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UsageError) as exc:
         print(f"persona: {exc}", file=sys.stderr)
         return 2
+    except ServerUnreachable as exc:
+        print(f"persona: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

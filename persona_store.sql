@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at  REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq);
 
 CREATE TABLE IF NOT EXISTS experiments (
     name          TEXT PRIMARY KEY,

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at  double precision
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq);
 
 CREATE TABLE IF NOT EXISTS experiments (
     name          text PRIMARY KEY,

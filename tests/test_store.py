@@ -95,6 +95,21 @@ async def test_a_database_from_a_newer_persona_is_refused(open_store: OpenStore,
         await open_store()
 
 
+async def test_a_database_of_the_version_before_is_upgraded_keeping_its_jobs(open_store: OpenStore, backend: str) -> None:
+    store = await open_store()
+    job_id = await create(store)
+    await execute(store, "DROP INDEX jobs_by_experiment")
+    if backend == "sqlite":
+        await execute(store, f"PRAGMA user_version = {persona.SCHEMA_VERSION - 1}")
+        indexes = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'jobs_by_experiment'"
+    else:
+        await execute(store, f"UPDATE persona_schema SET version = {persona.PG_SCHEMA_VERSION - 1}")
+        indexes = "SELECT indexname FROM pg_indexes WHERE indexname = 'jobs_by_experiment'"
+    upgraded = await open_store()
+    assert await execute(upgraded, indexes) == [("jobs_by_experiment",)]
+    assert (await upgraded.get_job(job_id))["status"] == "pending"
+
+
 async def test_opening_twice_keeps_the_data(open_store: OpenStore, backend: str) -> None:
     job_id = await create(await open_store())
     assert (await (await open_store()).get_job(job_id))["status"] == "pending"
