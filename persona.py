@@ -334,6 +334,8 @@ PROVIDER_NAMES = ("anthropic", "openai", "gemini", "ollama", "local")
 WEBHOOK_EVENTS = ("generation.completed", "generation.failed")
 JOB_STATUSES = ("pending", "running", "completed", "failed")
 
+MAX_CUSTOM_FIELDS = 10
+FIELD_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"  # an identifier: a column, a key, a word in a prompt
 TEXT_PATTERN = "^[^\x00]*$"  # no NUL: SQLite, files and logs cannot hold it faithfully
 HTTP_URL_SCHEMA: JSON = {"type": "string", "format": "uri", "pattern": "^https?://[^\x00]*$", "maxLength": 2048}
 
@@ -374,6 +376,20 @@ GENERATE_SCHEMA: JSON = {
                 "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
                 "group_by": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN,
                                       "description": "an attribute: one persona per value, the `count` largest groups"}),
+                "instruction": nullable({"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
+                                         "description": "free text added to the prompt (LLM providers)"}),
+                "fields": nullable({
+                    "type": "array", "minItems": 1, "maxItems": MAX_CUSTOM_FIELDS,
+                    "description": "extra persona fields the model fills (LLM providers)",
+                    "items": {
+                        "type": "object", "required": ["name", "description"], "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": FIELD_NAME_PATTERN},
+                            "description": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": TEXT_PATTERN},
+                            "type": nullable({"type": "string", "enum": ["string", "list"], "default": "string"}),
+                        },
+                    },
+                }),
                 "groups": nullable({
                     "type": "object", "minProperties": 1, "maxProperties": 20,
                     "description": "group name -> participant ids: one persona per group, named after it",
@@ -525,12 +541,14 @@ def number_check(schema: JSON) -> Check:
 
 
 def array_check(schema: JSON) -> Check:
-    fewest, unique = schema.get("minItems", 0), schema.get("uniqueItems", False)
+    fewest, most, unique = schema.get("minItems", 0), schema.get("maxItems", math.inf), schema.get("uniqueItems", False)
     item_check = compile_check(schema["items"])
 
     def check(value: list[Any], path: str) -> dict[str, str]:
         if len(value) < fewest:
             return {path: f"must have at least {fewest} item(s)"}
+        if len(value) > most:
+            return {path: f"must have at most {most} item(s)"}
         if unique and len({json.dumps(item, sort_keys=True) for item in value}) != len(value):
             return {path: "must not repeat items"}
         problems: dict[str, str] = {}
@@ -4464,6 +4482,19 @@ LLM_RESULT_SCHEMA: JSON = {
     "properties": {"personas": {"type": "array", "items": LLM_PERSONA_SCHEMA}},
     "required": ["personas"],
 }
+
+
+def result_schema(config: JSON) -> JSON:
+    """The structured output asked for: the standard persona, plus the request's custom fields, all required."""
+    fields = config.get("fields")
+    if not fields:
+        return LLM_RESULT_SCHEMA
+    persona = {**LLM_PERSONA_SCHEMA, "properties": {**LLM_PERSONA_SCHEMA["properties"]},
+               "required": [*LLM_PERSONA_SCHEMA["required"], *(item["name"] for item in fields)]}
+    for item in fields:
+        kind = {"type": "array", "items": {"type": "string"}} if item.get("type") == "list" else {"type": "string"}
+        persona["properties"][item["name"]] = {**kind, "description": item["description"]}
+    return {**LLM_RESULT_SCHEMA, "properties": {"personas": {"type": "array", "items": persona}}}
 FINDINGS_SCHEMA: JSON = {
     "type": "object",
     "properties": {
@@ -4709,14 +4740,19 @@ def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None
         "In `participants`, list the ids (shown in brackets) of the participants each persona stands for.",
         f"Complexity: {config.get('complexity', 'moderate')}.",
     ]
+    for item in config.get("fields", []):
+        kind = "a list of short items" if item.get("type") == "list" else "a short text"
+        lines.append(f"Also fill `{item['name']}` ({kind}): {item['description']}")
     if others:
         lines.append("Other segments already have their own personas; keep this one distinct from them:")
         lines += [f"- {summary}" for summary in others]
+    if config.get("instruction"):
+        lines.append(f"The researcher's instruction: {config['instruction']}")
     return "\n".join(lines) + f"\n\n<data>\n{data}\n</data>"
 
 
-def persona_problems(answer: Any, count: int) -> list[str]:
-    """What is wrong with a model's answer, against the schema and the request."""
+def persona_problems(answer: Any, count: int, fields: Iterable[JSON] = ()) -> list[str]:
+    """What is wrong with a model's answer, against the schema and the request's custom fields."""
     if not isinstance(answer, dict) or not isinstance(answer.get("personas"), list):
         return ["the answer must be an object with a `personas` array"]
     personas = answer["personas"]
@@ -4731,6 +4767,11 @@ def persona_problems(answer: Any, count: int) -> list[str]:
                     name in ("goals", "pain_points", "behaviours", "quotes")
                     and not (isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value))):
                 problems.append(f"persona {number}: `{name}` is missing, empty or of the wrong type")
+        for field_spec in fields:
+            value = item.get(field_spec["name"])
+            if not (isinstance(value, str) and value.strip() if field_spec.get("type") != "list" else
+                    isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)):
+                problems.append(f"persona {number}: `{field_spec['name']}` is missing, empty or of the wrong type")
     return problems
 
 
@@ -4792,9 +4833,9 @@ def evidence_ids(item: JSON, said: Mapping[str, str]) -> list[str]:
     return list(dict.fromkeys(named + quoted))
 
 
-def evidence_problems(said: Mapping[str, str], answer: Any, count: int) -> list[str]:
+def evidence_problems(said: Mapping[str, str], fields: list[JSON], answer: Any, count: int) -> list[str]:
     """The answer's problems, and a persona that stands for nobody in the data: it goes back for repair."""
-    problems = persona_problems(answer, count)
+    problems = persona_problems(answer, count, fields)
     if problems:
         return problems
     return [f"persona {number} names no participant id of the data in `participants` and quotes none verbatim"
@@ -4802,7 +4843,7 @@ def evidence_problems(said: Mapping[str, str], answer: Any, count: int) -> list[
 
 
 def grounded_persona(item: JSON, number: int, source: str, said: Mapping[str, str], segment: list[str] | None,
-                     total: int) -> tuple[JSON, int]:
+                     total: int, fields: list[JSON]) -> tuple[JSON, int]:
     """Keep verbatim quotes, move the rest to `unverified_quotes`; evidence names real participants.
 
     Every persona names at least the participants whose words its verified quotes are.
@@ -4816,6 +4857,7 @@ def grounded_persona(item: JSON, number: int, source: str, said: Mapping[str, st
         **{name: item[name] for name in PERSONA_FIELDS if name != "quotes"},
         "quotes": verified,
         "summary": item.get("summary", ""),
+        **{spec["name"]: item[spec["name"]] for spec in fields},
         "evidence": {"participants": ids, "share": round(len(ids) / total, 4)},
     }
     if unverified:
@@ -4828,14 +4870,10 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     config = request.get("config", {})
     count = request.get("count", 3)
     people = dataset.participants
-    grouped = config.get("group_by") is not None or config.get("groups") is not None
-    if len(people) < count and not grouped:
+    if len(people) < count and not is_grouped(config):
         raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
     budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
-    strategy = "segmented" if grouped else config.get("strategy", "auto")
-    rendered = render_participants(people)
-    if strategy == "auto":
-        strategy = "holistic" if estimate_tokens(rendered) <= budget else "segmented"
+    strategy, rendered = llm_strategy(people, config)
     await asyncio.to_thread(importlib.import_module, SDK_MODULES[provider])  # seconds, the first time: not on the loop
     session = ModelSession(provider, request.get("model") or default_model(provider), config)
     said = {person.id: normalise_quote("\n".join(person.texts)) for person in people}
@@ -4844,8 +4882,8 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
             if estimate_tokens(rendered) > budget:
                 raise GenerationError(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens "
                                       f"{budget}; use strategy 'segmented' or 'auto'")
-            answer = await session.ask("personas", persona_prompt(count, rendered, config), LLM_RESULT_SCHEMA,
-                                       functools.partial(evidence_problems, said), count)
+            answer = await session.ask("personas", persona_prompt(count, rendered, config), result_schema(config),
+                                       functools.partial(evidence_problems, said, config.get("fields", [])), count)
             await report(80, "personas validated")
             items = [(item, None) for item in answer["personas"]]
         else:
@@ -4853,7 +4891,7 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     source = normalise_quote(rendered)
     personas, unverified = [], 0
     for number, (item, segment) in enumerate(items, 1):
-        persona, missing = grounded_persona(item, number, source, said, segment, len(people))
+        persona, missing = grounded_persona(item, number, source, said, segment, len(people), config.get("fields", []))
         personas.append(persona)
         unverified += missing
     warnings = [f"{unverified} quote(s) not found verbatim in the data moved to unverified_quotes"] if unverified else []
@@ -4863,15 +4901,37 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
                       "model": session.provider.model}
 
 
+def is_grouped(config: JSON) -> bool:
+    """Whether the researcher set the grouping (a persona per group), rather than the engine."""
+    return config.get("group_by") is not None or config.get("groups") is not None
+
+
+def llm_strategy(people: list[Participant], config: JSON) -> tuple[str, str]:
+    """Holistic (one call on all the data) or segmented (one per segment), with the data as the model reads it.
+
+    Grouping asks for segments; `auto` sends the data whole while it fits max_input_tokens.
+    """
+    strategy = "segmented" if is_grouped(config) else config.get("strategy", "auto")
+    rendered = render_participants(people)
+    if strategy == "auto":
+        strategy = "holistic" if estimate_tokens(rendered) <= config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS) else "segmented"
+    return strategy, rendered
+
+
+def segment_summaries(corpus: Corpus, segments: list[Segment]) -> list[str]:
+    """A few words per segment, shown to the model writing each other segment's persona so it stays distinct."""
+    return [segment.name or ", ".join(corpus.display.get(t, t) for t in
+                                      distinctive_terms(corpus, term_shares(corpus, segment.members), 4))
+            for segment in segments]
+
+
 async def segmented_items(session: ModelSession, people: list[Participant], count: int, config: JSON, budget: int,
                           report: ProgressReport) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
     async with engine_slot():
         corpus = await run_engine(people, build_corpus, people)
         segments = await run_engine(people, segments_for, corpus, count, config)
-    summaries = [segment.name or ", ".join(corpus.display.get(t, t) for t in
-                                           distinctive_terms(corpus, term_shares(corpus, segment.members), 4))
-                 for segment in segments]
+    summaries = segment_summaries(corpus, segments)
     done = 0
 
     async def one(index: int, segment: Segment) -> tuple[JSON, list[str]]:
@@ -4882,7 +4942,7 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
             data = await condense(session, group, budget)
         others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
         answer = await session.ask(f"persona for segment {index + 1}", persona_prompt(1, data, config, others),
-                                   LLM_RESULT_SCHEMA, persona_problems, 1)
+                                   result_schema(config), functools.partial(persona_problems, fields=config.get("fields", [])), 1)
         done += 1
         await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
         item = answer["personas"][0]
@@ -4891,26 +4951,143 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
     return list(await asyncio.gather(*(one(i, segment) for i, segment in enumerate(segments))))
 
 
+def condense_chunks(group: list[Participant], budget: int) -> list[list[Participant]]:
+    """A segment too large for one call, in chunks of whole participants that each fit in 80% of the budget."""
+    chunks, current, size = [], [], 0
+    for person in group:
+        tokens = estimate_tokens(render_participants([person]))
+        if current and size + tokens > budget * 0.8:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(person)
+        size += tokens
+    chunks.append(current)
+    return chunks
+
+
+def findings_prompt(text: str) -> str:
+    return ("Extract the key findings (goals, pain points, behaviours) and the most telling quotes from "
+            f"this part of the research data. Quotes must be copied exactly.\n\n<data>\n{text}\n</data>")
+
+
 async def condense(session: ModelSession, group: list[Participant], budget: int) -> str:
     """The map step: findings and verbatim quotes per chunk, so nothing is cut off unread."""
-    chunks, current = [], []
-    for person in group:
-        if current and estimate_tokens(render_participants(current + [person])) > budget * 0.8:
-            chunks.append(current)
-            current = []
-        current.append(person)
-    chunks.append(current)
+    chunks = condense_chunks(group, budget)
     lines = []
     for number, chunk in enumerate(chunks, 1):
         text = render_participants(chunk)
-        prompt = ("Extract the key findings (goals, pain points, behaviours) and the most telling quotes from "
-                  f"this part of the research data. Quotes must be copied exactly.\n\n<data>\n{text}\n</data>")
-        answer = await session.ask(f"findings, chunk {number} of {len(chunks)}", prompt, FINDINGS_SCHEMA,
+        answer = await session.ask(f"findings, chunk {number} of {len(chunks)}", findings_prompt(text), FINDINGS_SCHEMA,
                                    findings_problems, 0)
         lines += [f"- {finding}" for finding in answer["findings"]]
         lines += [f'"{quote}"' for quote in answer["quotes"] if normalise_quote(quote) in normalise_quote(text)]
     ids = ", ".join(person.id for person in group)
     return f"Findings from participants {ids}:\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Estimates: what a job would send to its provider, and what that would cost
+# ---------------------------------------------------------------------------
+# Prices in US dollars per million input and output tokens, from the providers' price
+# pages (December 2026). A model not listed has no price here: its cost is unknown, never guessed.
+MODEL_PRICES = {
+    "claude-opus-4-5": (5.0, 25.0), "claude-opus-4-1": (15.0, 75.0), "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4-5": (3.0, 15.0), "claude-sonnet-4": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0),
+    "claude-3-5-haiku": (0.8, 4.0),
+    "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-5-nano": (0.05, 0.4),
+    "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6), "gpt-4.1-nano": (0.1, 0.4),
+    "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
+    "gemini-2.5-pro": (1.25, 10.0), "gemini-2.5-flash": (0.3, 2.5), "gemini-2.5-flash-lite": (0.1, 0.4),
+    "gemini-2.0-flash": (0.1, 0.4),
+}
+MODEL_SNAPSHOT = re.compile(r"-(\d{8}|\d{4}-\d\d-\d\d|latest)$")  # claude-sonnet-4-20250514, gpt-4o-2024-08-06
+OUTPUT_TOKENS_PER_PERSONA = {"minimal": 350, "standard": 600, "detailed": 1000}  # what answers here have run to
+FINDINGS_OUTPUT_TOKENS = 800  # one chunk's findings and quotes
+
+
+def model_price(provider: str, model: str) -> tuple[float, float] | None:
+    """A known model's price; a model served by Ollama or any other server has none known."""
+    if provider == "ollama":
+        return None
+    return MODEL_PRICES.get(MODEL_SNAPSHOT.sub("", model))
+
+
+@dataclass
+class CallPlan:
+    """The calls a job would make: how many, their tokens in and out, and what would go wrong."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, prompt_tokens: int, schema: JSON, output_tokens: int) -> None:
+        """One call: the system prompt, the prompt and the structured-output schema go in."""
+        self.calls += 1
+        self.input_tokens += estimate_tokens(SYSTEM_PROMPT) + prompt_tokens + estimate_tokens(json.dumps(schema))
+        self.output_tokens += output_tokens
+
+
+def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str, CallPlan]:
+    """The strategy and calls llm_personas would make for this data, without making them.
+
+    A segment too large for one call is condensed first; its persona call then reads the
+    findings, counted at what findings answers run to.
+    """
+    strategy, rendered = llm_strategy(people, config)
+    per_persona = OUTPUT_TOKENS_PER_PERSONA[config.get("detail_level", "standard")]
+    budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
+    plan = CallPlan()
+    if strategy == "holistic":
+        if estimate_tokens(rendered) > budget:
+            plan.warnings.append(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens {budget}: "
+                                 "the job would fail; use strategy 'segmented' or 'auto'")
+        plan.add(estimate_tokens(persona_prompt(count, rendered, config)), result_schema(config), per_persona * count)
+        return strategy, plan
+    corpus = build_corpus(people)
+    segments = segments_for(corpus, count, config)
+    summaries = segment_summaries(corpus, segments)
+    for index, segment in enumerate(segments):
+        group = [people[i] for i in segment.members]
+        data = render_participants(group)
+        others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
+        if estimate_tokens(data) <= budget:
+            plan.add(estimate_tokens(persona_prompt(1, data, config, others)), result_schema(config), per_persona)
+            continue
+        chunks = condense_chunks(group, budget)
+        for chunk in chunks:
+            plan.add(estimate_tokens(findings_prompt(render_participants(chunk))), FINDINGS_SCHEMA, FINDINGS_OUTPUT_TOKENS)
+        findings = FINDINGS_OUTPUT_TOKENS * len(chunks)  # the persona call reads the findings instead of the data
+        plan.add(estimate_tokens(persona_prompt(1, "", config, others)) + findings, result_schema(config), per_persona)
+    return strategy, plan
+
+
+async def estimate_job(request: JSON, settings: Settings) -> JSON:
+    """What a job with this request would send and cost; nothing is created and no provider is called.
+
+    It reads the data as the job would, holding an engine slot so that estimates cannot
+    crowd out the jobs.
+    """
+    provider, count, config = request["provider"], request.get("count", 3), request.get("config", {})
+    model = request.get("model") or default_model(provider)
+    async with engine_slot():
+        dataset = await load_data(request["data"], settings)
+        people = dataset.participants
+        too_few = len(people) < count and not is_grouped(config)
+        if provider == "local" or too_few:
+            strategy, plan = "offline" if provider == "local" else llm_strategy(people, config)[0], CallPlan()
+        else:
+            strategy, plan = await run_engine(people, plan_calls, people, count, config)
+    warnings = dataset.warnings + plan.warnings
+    if too_few:
+        warnings.append(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for: "
+                        "the job would fail")
+    price = (0.0, 0.0) if provider == "local" else model_price(provider, model)
+    if price is None:
+        warnings.append(f"no price is known for model {model!r}, so cost_usd is null")
+    cost = None if price is None else round((plan.input_tokens * price[0] + plan.output_tokens * price[1]) / 1e6, 6)
+    return {"participants": len(people), "provider": provider, "model": model, "strategy": strategy,
+            "calls": plan.calls, "input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens,
+            "cost_usd": cost, "warnings": warnings}
 
 
 # ---------------------------------------------------------------------------
@@ -5249,6 +5426,7 @@ def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = No
 
 
 STANDARD_KEYS = frozenset({*PERSONA_FIELDS, "id", "summary", "evidence", "unverified_quotes", "themes"})
+RESERVED_FIELD_NAMES = STANDARD_KEYS | {"participants"}  # `participants` is the model's evidence
 
 
 def custom_fields(persona: JSON) -> JSON:
@@ -5391,8 +5569,8 @@ def pick_provider(request: JSON) -> str:
     return next(keyed, "local")
 
 
-def resolve_provider(request: JSON) -> str:
-    """Refuse at submission a provider that cannot run here, saying what to do."""
+def resolve_provider(request: JSON, need_key: bool = True) -> str:
+    """Refuse at submission a provider that cannot run here, saying what to do (an estimate needs no key)."""
     provider = pick_provider(request)
     if provider not in PROVIDER_NAMES:
         raise APIError(400, f"PERSONA_PROVIDER names an unknown provider {provider!r}; use one of: {', '.join(PROVIDER_NAMES)}")
@@ -5402,10 +5580,33 @@ def resolve_provider(request: JSON) -> str:
                            {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
         return provider
     spec = PROVIDER_SPECS[provider]
-    if spec.key_variables and provider_key(spec) is None:
+    if need_key and spec.key_variables and provider_key(spec) is None:
         raise APIError(400, f"provider {provider!r} needs an API key: set {' or '.join(spec.key_variables)} "
                             "in the environment Persona runs in", {"provider": provider})
     return provider
+
+
+def check_llm_options(request: JSON) -> None:
+    """config.instruction and config.fields ask a model for something; the offline engine refuses them, by name.
+
+    A custom field may not take a standard field's name, nor be given twice.
+    """
+    config = request.get("config", {})
+    problems = {}
+    if request["provider"] == "local":
+        problems = {f"config.{key}": "needs an LLM provider; the offline engine builds personas from the data alone"
+                    for key in ("instruction", "fields") if key in config}
+    seen: set[str] = set()
+    for index, item in enumerate(config.get("fields", [])):
+        name = item["name"]
+        if name in RESERVED_FIELD_NAMES:
+            problems[f"config.fields[{index}].name"] = f"{name!r} is a standard persona field; choose another name"
+        elif name in seen:
+            problems[f"config.fields[{index}].name"] = f"{name!r} is given twice"
+        seen.add(name)
+    if problems:
+        summary = "; ".join(f"{path} {message}" for path, message in problems.items())
+        raise APIError(422, f"Request validation failed: {summary}", problems)
 
 
 async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport,
@@ -5444,7 +5645,8 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         personas, details = await llm_personas(dataset, request, provider, report)
         warnings, usage, exchanges, model = details["warnings"], details["usage"], details["exchanges"], details["model"]
         engine.update(name="llm", strategy=details["strategy"],
-                      **{key: config[key] for key in ("temperature", "max_tokens", "max_input_tokens") if key in config})
+                      **{key: config[key] for key in ("temperature", "max_tokens", "max_input_tokens", "instruction", "fields")
+                         if key in config})
         async with engine_slot():
             quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
     built = time.perf_counter()
@@ -6121,15 +6323,22 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({**body, "reason": reason, **error_envelope("internal_error", reason)}, status_code=503)
 
 
+def generation_request(body: JSON, settings: Settings, need_key: bool = True) -> JSON:
+    """A generation request checked as far as it can be before its data is read; nulls in config are unset keys."""
+    job_request = validated(body, GENERATE_CHECK)
+    if "config" in job_request:
+        job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
+    job_request["provider"] = resolve_provider(job_request, need_key)
+    check_llm_options(job_request)
+    check_destination(job_request.get("webhook_url"), "webhook_url", settings)
+    return job_request
+
+
 async def create_generation(request: Request) -> Response:
     app_state = state(request)
     owner = authenticate(request)
     body = await read_json(request)
-    job_request = validated(body, GENERATE_CHECK)
-    if "config" in job_request:
-        job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
-    job_request["provider"] = resolve_provider(job_request)
-    check_destination(job_request.get("webhook_url"), "webhook_url", app_state.settings)
+    job_request = generation_request(body, app_state.settings)
     limit = app_state.settings.max_concurrent_jobs
     await check_data_source(job_request["data"], app_state.settings.data_dir,
                             functools.partial(check_quota, app_state.store, owner, limit))
@@ -6151,6 +6360,18 @@ async def create_generation(request: Request) -> Response:
                     "status_url": f"/api/v1/generate/{job_id}"}),
         media_type="application/json", headers={"Idempotent-Replayed": "true"} if replayed else None,
     )
+
+
+async def estimate_generation(request: Request) -> JSONResponse:
+    """What POST /api/v1/generate with this body would send and cost; creates nothing."""
+    authenticate(request)
+    settings = state(request).settings
+    job_request = generation_request(await read_json(request), settings, need_key=False)
+    await check_data_source(job_request["data"], settings.data_dir)
+    try:
+        return JSONResponse(await estimate_job(job_request, settings))
+    except GenerationError as exc:
+        raise APIError(422, f"The data cannot be estimated: {exc}", {"data": str(exc)}) from None
 
 
 def check_destination(url: str | None, field_name: str, settings: Settings) -> None:
@@ -6403,6 +6624,18 @@ JOB_SCHEMA: JSON = {
                            "metadata": {"type": "object"}}}]},
     },
 }
+ESTIMATE_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["participants", "provider", "model", "strategy", "calls", "input_tokens", "output_tokens", "cost_usd",
+                 "warnings"],
+    "properties": {
+        "participants": {"type": "integer"}, "provider": {"type": "string"}, "model": {"type": "string"},
+        "strategy": {"type": "string", "enum": ["offline", "holistic", "segmented"]},
+        "calls": {"type": "integer"}, "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"},
+        "cost_usd": {"type": ["number", "null"], "description": "null when the model's price is not known"},
+        "warnings": STRING_LIST,
+    },
+}
 EXPERIMENT_FIELDS_SCHEMA: JSON = {
     "experiment_id": {"type": "string", "pattern": "^exp-[0-9a-f]{12}$"},
     "name": {"type": ["string", "null"], "description": "config.experiment; null for a job's own experiment"},
@@ -6526,7 +6759,7 @@ OPERATION_IDS = {
     ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
     ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
     ("/api/v1/generate/{job_id}/export", "get"): "exportJob",
-    ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
+    ("/api/v1/estimate", "post"): "estimateJob", ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
     ("/api/v1/webhooks", "post"): "createWebhook", ("/api/v1/webhooks", "get"): "listWebhooks",
     ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook", ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
     ("/api/v1/webhooks/{webhook_id}/deliveries", "get"): "listDeliveries",
@@ -6596,6 +6829,11 @@ def openapi_document() -> JSON:
             "get": operation("A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
                              export_response(), [404, 409, 422], parameters=[job_id, query_parameter(
                                  "format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"})]),
+        },
+        "/api/v1/estimate": {
+            "post": operation("What a generation request would send to its provider and cost; creates nothing",
+                              json_response("The estimate", ESTIMATE_SCHEMA), [], write=True,
+                              body={"$ref": "#/components/schemas/GenerateRequest"}),
         },
         "/api/v1/experiments": {
             "get": operation("List experiments, newest first; a job without config.experiment is one of its own",
@@ -6756,6 +6994,7 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
+    Route("/api/v1/estimate", estimate_generation, methods=["POST"]),
     Route("/api/v1/experiments", list_experiments, methods=["GET"]),
     Route("/api/v1/experiments/{experiment_id}", get_experiment, methods=["GET"]),
     Route("/api/v1/health", health, methods=["GET"]),
@@ -6930,6 +7169,10 @@ class PersonaClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._request("POST", "/api/v1/generate", json={"data": data, "count": count, **kwargs}, headers=headers)
 
+    def estimate(self, data: str | list[Any], count: int = 3, **kwargs: Any) -> JSON:
+        """What generate() with the same arguments would send and cost; creates nothing."""
+        return self._request("POST", "/api/v1/estimate", json={"data": data, "count": count, **kwargs})
+
     def get_job(self, job_id: str) -> JSON:
         return self._request("GET", f"/api/v1/generate/{job_id}")
 
@@ -7033,6 +7276,8 @@ def build_parser() -> argparse.ArgumentParser:
                               help='a JSON file {"Group name": ["participant id", ...]}: one persona per group')
     generate_cmd.add_argument("--output-dir", default="output", help="where the output folder goes (default ./output)")
     generate_cmd.add_argument("--json", action="store_true", help="print the job result as JSON on stdout")
+    generate_cmd.add_argument("--estimate", action="store_true",
+                              help="print what the job would send to its provider and cost, and generate nothing")
     generate_cmd.add_argument("--server", metavar="URL", help="submit to a running server instead of generating here")
     generate_cmd.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
                               help="API token for --server [env PERSONA_API_AUTH_TOKEN]")
@@ -7186,14 +7431,15 @@ def read_groups_file(name: str) -> Any:
         raise ConfigError(f"--groups {name} is not valid JSON: {exc}") from None
 
 
-def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
-    """The server's pipeline in this process: the data path is the user's own file or folder."""
+def local_job(args: argparse.Namespace, need_key: bool = True) -> tuple[JSON, Settings]:
+    """The request and settings for running the server's pipeline here, on the user's own file or folder."""
     try:
         is_path = classify_data(args.data) == "path"
         if is_path and not Path(args.data).exists():
             raise UsageError(f"{args.data} does not exist")
         request = validated(generation_body(args), GENERATE_CHECK)
-        request["provider"] = resolve_provider(request)
+        request["provider"] = resolve_provider(request, need_key)
+        check_llm_options(request)
         data_dir = Path.cwd()
         if is_path:
             path = Path(args.data).resolve()
@@ -7201,13 +7447,17 @@ def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON
             resolve_data_path(request["data"], data_dir)
     except APIError as exc:
         raise UsageError(exc.message) from None
+    cap = os.environ.get(ENV_VARS["max_source_mb"])  # the one server setting that applies here too
+    return request, Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True,
+                             max_source_mb=parse_setting("max_source_mb", cap) if cap else Settings.max_source_mb)
+
+
+def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
+    request, settings = local_job(args)
 
     async def report(progress: int, stage: str) -> None:
         display.update(progress, stage)
 
-    cap = os.environ.get(ENV_VARS["max_source_mb"])  # the one server setting that applies here too
-    settings = Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True,
-                        max_source_mb=parse_setting("max_source_mb", cap) if cap else Settings.max_source_mb)
     result = asyncio.run(generate(new_job_id(), request, new_id("exp"), settings, report))
     display.update(100, "done")
     return result
@@ -7232,9 +7482,42 @@ def server_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def estimate_here_or_there(args: argparse.Namespace) -> JSON:
+    if args.server:
+        return ask_server(args, lambda client: client.estimate(**generation_body(args)))
+    request, settings = local_job(args, need_key=False)
+    return asyncio.run(estimate_job(request, settings))
+
+
+def print_estimate(estimate: JSON) -> None:
+    cost = "unknown" if estimate["cost_usd"] is None else f"${estimate['cost_usd']:.4f}"
+    for label, value in (("participants", estimate["participants"]), ("provider", estimate["provider"]),
+                         ("model", estimate["model"]), ("strategy", estimate["strategy"]), ("calls", estimate["calls"]),
+                         ("input tokens", f"{estimate['input_tokens']:,}"),
+                         ("output tokens", f"{estimate['output_tokens']:,}"), ("cost (USD)", cost)):
+        print(f"{label:<14} {value}")
+    for warning in estimate["warnings"]:
+        print(f"note: {warning}")
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    try:
+        estimate = estimate_here_or_there(args)
+    except GenerationError as exc:
+        print(f"persona: the data cannot be estimated: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(estimate, indent=2, ensure_ascii=False))
+    else:
+        print_estimate(estimate)
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import httpx
 
+    if args.estimate:
+        return run_estimate(args)
     display = ProgressDisplay()
     try:
         result = generate_remotely(args, display) if args.server else generate_locally(args, display)

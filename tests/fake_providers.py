@@ -92,6 +92,7 @@ class FakeProvider:
                     answer: Any = findings_answer(prompt)
                 else:
                     answer = personas_answer(prompt, behaviour == "invent_quote", 1 if behaviour == "wrong_count" else 0)
+                fill_custom_fields(answer, schema_of(self.path, body))
                 if callable(behaviour):
                     answer = behaviour(prompt, answer)
                 if behaviour == "missing_field":
@@ -126,6 +127,28 @@ class FakeProvider:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def schema_of(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The structured-output schema the request asks for, where each provider's wire format carries it."""
+    if path.endswith("/messages"):
+        return body["tools"][0]["input_schema"]
+    if path.endswith("/chat/completions"):
+        return body["response_format"]["json_schema"]["schema"]
+    config = body.get("generationConfig", {})
+    return config.get("responseJsonSchema") or config.get("response_json_schema") or {}
+
+
+STANDARD = {"name", "title", "summary", "demographics", "goals", "pain_points", "behaviours", "quotes", "participants"}
+
+
+def fill_custom_fields(answer: dict[str, Any], schema: dict[str, Any]) -> None:
+    """As a model would: every field the schema requires beyond the standard ones gets a value of its type."""
+    persona = schema.get("properties", {}).get("personas", {}).get("items", {})
+    for name in set(persona.get("required", [])) - STANDARD:
+        kind = persona["properties"][name]["type"]
+        for number, item in enumerate(answer.get("personas", []), 1):
+            item[name] = [f"{name} item of persona {number}"] if kind == "array" else f"{name} of persona {number}"
 
 
 def prompt_of(path: str, body: dict[str, Any]) -> str:

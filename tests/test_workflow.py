@@ -8,13 +8,22 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import ROOT, GatedDataServer, Server, submit, wait_job
+from fake_providers import FakeProvider
 
 import persona
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    server = FakeProvider()
+    yield server
+    server.close()
 
 
 def run_persona(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -187,3 +196,146 @@ def test_the_command_line_and_the_client_list_experiments(client: httpx.Client, 
     with persona.PersonaClient(server.url) as api:
         assert [e["experiment_id"] for e in api.list_experiments()] == [experiment_id]
         assert api.get_experiment(experiment_id)["jobs"][0]["job_id"] == job["job_id"]
+
+
+# -- estimate ----------------------------------------------------------------
+
+
+def test_an_offline_estimate_costs_nothing_and_creates_nothing(client: httpx.Client) -> None:
+    response = client.post("/api/v1/estimate", json={"data": "./interviews.csv", "count": 4, "provider": "local"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"participants": 16, "provider": "local", "model": persona.LOCAL_MODEL,
+                               "strategy": "offline", "calls": 0, "input_tokens": 0, "output_tokens": 0,
+                               "cost_usd": 0.0, "warnings": []}
+    assert client.get("/api/v1/generate").headers["x-total-count"] == "0"
+    assert client.get("/api/v1/experiments").json() == []
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("config", [{}, {"strategy": "segmented", "max_input_tokens": 1000}],
+                         ids=["holistic", "segmented and condensed"])
+def test_an_estimate_counts_the_calls_the_job_then_makes(start_server, fake: FakeProvider, config: dict) -> None:
+    server = start_server("--rate-limit", "0", env=fake.environment("openai"))
+    body = {"data": "interviews.csv", "count": 2, "provider": "openai", "model": "gpt-4.1-mini", "config": config}
+    with server.client() as http:
+        estimate = http.post("/api/v1/estimate", json=body).json()
+        assert fake.requests == []  # an estimate asks no provider
+        job = wait_job(http, submit(http, **body))
+    assert job["status"] == "completed", job["error"]
+    assert estimate["strategy"] == job["result"]["metadata"]["engine"]["strategy"]
+    assert estimate["calls"] == len(fake.requests) == job["result"]["metadata"]["usage"]["calls"]
+    sent = sum(len(json.dumps(request["body"], ensure_ascii=False)) // 4 for request in fake.requests)
+    assert 0.6 < estimate["input_tokens"] / sent < 1.5
+    assert estimate["cost_usd"] == round((estimate["input_tokens"] * 0.4 + estimate["output_tokens"] * 1.6) / 1e6, 6)
+
+
+def test_an_unknown_model_has_no_price_and_says_so(client: httpx.Client) -> None:
+    body = {"data": "./interviews.csv", "count": 3, "provider": "ollama", "model": "llama3.1"}
+    estimate = client.post("/api/v1/estimate", json=body).json()
+    assert estimate["calls"] == 1 and estimate["input_tokens"] > 0
+    assert estimate["cost_usd"] is None
+    assert any("no price is known for model 'llama3.1'" in warning for warning in estimate["warnings"])
+
+
+def test_a_dated_model_snapshot_is_priced_as_its_model() -> None:
+    assert persona.model_price("anthropic", "claude-sonnet-4-20250514") == persona.MODEL_PRICES["claude-sonnet-4"]
+    assert persona.model_price("openai", "gpt-4o-2024-08-06") == persona.MODEL_PRICES["gpt-4o"]
+    assert persona.model_price("openai", "gpt-4o-audio-preview") is None
+
+
+def test_an_estimate_checks_its_body_as_a_generation_does(start_server) -> None:
+    server = start_server("--rate-limit", "0", "--auth-token", "t0ken")
+    with server.client() as anonymous:
+        assert anonymous.post("/api/v1/estimate", json={"data": "./interviews.csv"}).status_code == 401
+    with server.client("t0ken") as http:
+        assert http.post("/api/v1/estimate", json={"data": "./interviews.csv", "count": 0}).status_code == 422
+        missing = http.post("/api/v1/estimate", json={"data": "./nowhere.csv"})
+        assert missing.status_code == 400 and "nowhere.csv" in missing.json()["message"]
+        few = http.post("/api/v1/estimate", json={"data": ["I want my rota a week ahead."], "count": 3}).json()
+        assert any("fewer than the 3 personas" in warning for warning in few["warnings"])
+
+
+@pytest.mark.sqlite_only
+def test_generate_estimate_prints_the_estimate_here_or_from_a_server(server: Server) -> None:
+    here = run_persona("generate", str(ROOT / "examples" / "interviews.csv"), "--estimate", "--provider", "openai",
+                       "--model", "gpt-4.1", "--json")
+    assert here.returncode == 0, here.stderr
+    estimate = json.loads(here.stdout)
+    assert (estimate["participants"], estimate["calls"], estimate["strategy"]) == (16, 1, "holistic")
+    there = run_persona("generate", "interviews.csv", "--estimate", "--server", server.url, "--provider", "local")
+    assert there.returncode == 0, there.stderr
+    assert "participants   16" in there.stdout and "cost (USD)     $0.0000" in there.stdout
+    with persona.PersonaClient(server.url) as api:
+        assert api.estimate("interviews.csv", count=2, provider="local")["participants"] == 16
+
+
+# -- custom fields and an instruction ----------------------------------------
+
+FIELDS = [{"name": "tech_savviness", "description": "How at ease they are with software, in a phrase"},
+          {"name": "assistive_tools", "description": "The assistive technology they use", "type": "list"}]
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("provider", ["anthropic", "openai", "gemini"])
+def test_custom_fields_and_an_instruction_reach_the_model_and_the_personas(start_server, fake: FakeProvider,
+                                                                           provider: str) -> None:
+    server = start_server("--rate-limit", "0", env=fake.environment(provider))
+    config = {"fields": FIELDS, "instruction": "Focus on accessibility needs."}
+    with server.client() as http:
+        job = wait_job(http, submit(http, data="interviews.csv", count=2, provider=provider, config=config))
+        assert job["status"] == "completed", job["error"]
+        exported = csv_rows(http.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "csv"}).content)
+        page = http.get(f"/jobs/{job['job_id']}").text
+    prompt = json.dumps(fake.requests[0]["body"])
+    assert "Focus on accessibility needs." in prompt and "tech_savviness" in prompt
+    for number, persona_ in enumerate(job["result"]["personas"], 1):
+        assert persona_["tech_savviness"] == f"tech_savviness of persona {number}"
+        assert persona_["assistive_tools"] == [f"assistive_tools item of persona {number}"]
+    assert [row["tech_savviness"] for row in exported] == ["tech_savviness of persona 1", "tech_savviness of persona 2"]
+    assert "Tech savviness" in page and "assistive_tools item of persona 2" in page
+    assert job["result"]["metadata"]["engine"]["instruction"] == "Focus on accessibility needs."
+
+
+@pytest.mark.sqlite_only
+def test_a_custom_field_the_model_leaves_out_is_asked_for_again(start_server, fake: FakeProvider) -> None:
+    def drop_field(prompt: str, answer: dict) -> dict:
+        del answer["personas"][0]["tech_savviness"]
+        return answer
+
+    fake.script = [drop_field]
+    server = start_server("--rate-limit", "0", env=fake.environment("openai"))
+    with server.client() as http:
+        job = wait_job(http, submit(http, data="interviews.csv", count=2, provider="openai", config={"fields": FIELDS}))
+    assert job["status"] == "completed", job["error"]
+    assert "`tech_savviness` is missing" in fake.requests[1]["body"]["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize(("config", "path"), [
+    ({"instruction": "Focus on accessibility needs."}, "config.instruction"),
+    ({"fields": FIELDS}, "config.fields"),
+])
+def test_the_offline_engine_refuses_an_instruction_or_custom_fields_by_name(client: httpx.Client, config: dict,
+                                                                             path: str) -> None:
+    response = client.post("/api/v1/generate", json={"data": "./interviews.csv", "provider": "local", "config": config})
+    assert response.status_code == 422
+    assert path in response.json()["details"] and "LLM provider" in response.json()["message"]
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize(("fields", "path"), [
+    ([{"name": "goals", "description": "x"}], "config.fields[0].name"),
+    ([{"name": "participants", "description": "x"}], "config.fields[0].name"),
+    ([{"name": "tech savviness", "description": "x"}], "config.fields[0].name"),
+    ([{"name": "mood", "description": "x"}, {"name": "mood", "description": "y"}], "config.fields[1].name"),
+    ([{"name": f"field_{n}", "description": "x"} for n in range(11)], "config.fields"),
+    ([{"name": "mood", "description": "x", "type": "number"}], "config.fields[0].type"),
+])
+def test_custom_fields_that_clash_or_are_not_identifiers_are_refused(start_server, fake: FakeProvider, fields: list,
+                                                                     path: str) -> None:
+    server = start_server("--rate-limit", "0", env=fake.environment("anthropic"))
+    with server.client() as http:
+        response = http.post("/api/v1/generate", json={"data": "./interviews.csv", "provider": "anthropic",
+                                                       "config": {"fields": fields}})
+    assert response.status_code == 422, response.text
+    assert path in response.json()["details"]
+    assert fake.requests == []
