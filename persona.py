@@ -5139,6 +5139,86 @@ def persona_words(persona: JSON) -> Counter[str]:
 
 
 # ---------------------------------------------------------------------------
+# Comparison: two runs' personas paired, and what each pair shares field by field
+# ---------------------------------------------------------------------------
+
+COMPARED_FIELDS = ("name", "title", "summary", "demographics", "goals", "pain_points", "behaviours", "quotes")
+MIN_CONTENT_SIMILARITY = 0.1  # personas sharing no participant pair on their words only above this
+
+
+def persona_participants(persona: JSON) -> set[str]:
+    return set(persona.get("evidence", {}).get("participants", []))
+
+
+def persona_pairs(left: list[JSON], right: list[JSON]) -> list[tuple[int, int, float]]:
+    """(left index, right index, similarity) for each pair, each persona in one pair at most.
+
+    Pairs form greedily, the closest first: personas that stand for the same participants
+    before personas that only read alike. Similarity is the participants' overlap
+    (Jaccard) when they share any, their words' cosine similarity otherwise.
+    """
+    vectors = [[normalised(dict(persona_words(persona))) for persona in side] for side in (left, right)]
+    candidates = []
+    for i, a in enumerate(left):
+        for j, b in enumerate(right):
+            ours, theirs = persona_participants(a), persona_participants(b)
+            shared = len(ours & theirs) / len(ours | theirs) if ours & theirs else 0.0
+            content = similarity(vectors[0][i], vectors[1][j])
+            if shared or content >= MIN_CONTENT_SIMILARITY:
+                candidates.append((shared > 0, shared or content, content, i, j))
+    pairs, used_left, used_right = [], set(), set()
+    for _, score, _, i, j in sorted(candidates, key=lambda c: (-c[0], -c[1], -c[2], c[3], c[4])):
+        if i not in used_left and j not in used_right:
+            used_left.add(i)
+            used_right.add(j)
+            pairs.append((i, j, round(min(score, 1.0), 4)))
+    return sorted(pairs)
+
+
+def field_items(persona: JSON, key: str) -> list[str]:
+    """A field as a list of items to compare: a list as it is, a text as one item, demographics as `key: value`."""
+    value = persona.get(key)
+    if key == "demographics":
+        return [f"{name}: {item}" for name, item in (value or {}).items()]
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    return [str(value)] if value not in (None, "") else []
+
+
+def split_items(ours: list[str], theirs: list[str]) -> JSON:
+    """What two lists share and what only one holds; case, spacing and punctuation do not count."""
+    their_keys = {normalise_quote(item) for item in theirs}
+    our_keys = {normalise_quote(item) for item in ours}
+    return {"shared": [item for item in ours if normalise_quote(item) in their_keys],
+            "only_a": [item for item in ours if normalise_quote(item) not in their_keys],
+            "only_b": [item for item in theirs if normalise_quote(item) not in our_keys]}
+
+
+def persona_differences(a: JSON, b: JSON) -> JSON:
+    """Per field (the standard ones, the custom ones of either, and the participants): shared, only_a, only_b."""
+    keys = [*COMPARED_FIELDS, *dict.fromkeys([*custom_fields(a), *custom_fields(b)])]
+    fields = {key: split_items(field_items(a, key), field_items(b, key)) for key in keys}
+    fields["participants"] = split_items(sorted(persona_participants(a)), sorted(persona_participants(b)))
+    return fields
+
+
+def persona_label(persona: JSON) -> JSON:
+    return {"id": persona.get("id"), "name": persona.get("name"), "title": persona.get("title")}
+
+
+def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
+    """The pairs of two persona sets with their differences, and the personas of either left unpaired."""
+    pairs = persona_pairs(left, right)
+    paired_left, paired_right = {i for i, _, _ in pairs}, {j for _, j, _ in pairs}
+    return {
+        "pairs": [{"a": persona_label(left[i]), "b": persona_label(right[j]), "similarity": score,
+                   "fields": persona_differences(left[i], right[j])} for i, j, score in pairs],
+        "unpaired": {"a": [persona_label(p) for i, p in enumerate(left) if i not in paired_left],
+                     "b": [persona_label(p) for j, p in enumerate(right) if j not in paired_right]},
+    }
+
+
+# ---------------------------------------------------------------------------
 # Generation: one job from request to output folder
 # ---------------------------------------------------------------------------
 
@@ -6422,6 +6502,22 @@ async def export_generation(request: Request) -> Response:
         "Content-Disposition": f'attachment; filename="personas-{job["job_id"]}.{ending}"'})
 
 
+async def compare_generations(request: Request) -> JSONResponse:
+    """Two completed jobs' personas, paired, with what each pair shares and what only one side has."""
+    results = {}
+    for side in ("a", "b"):
+        job_id = request.query_params.get(side)
+        if not job_id:
+            raise APIError(422, f"Query parameter {side} is required: the id of a completed job",
+                           {side: "is required"})
+        job = await state(request).store.get_job(job_id) if JOB_ID.match(job_id) else None
+        if job is None:
+            raise APIError(404, f"Job {job_id if len(job_id) <= 64 else job_id[:64] + '…'} not found", {side: "not found"})
+        results[side] = completed_result(job, "compared")
+    comparison = compare_personas(results["a"]["personas"], results["b"]["personas"])
+    return JSONResponse({"a": request.query_params["a"], "b": request.query_params["b"], **comparison})
+
+
 async def cancel_generation(request: Request) -> JSONResponse:
     authenticate(request)
     job = await find_job(request)
@@ -6624,6 +6720,24 @@ JOB_SCHEMA: JSON = {
                            "metadata": {"type": "object"}}}]},
     },
 }
+PERSONA_LABEL_SCHEMA: JSON = {"type": "object", "required": ["id", "name", "title"],
+                              "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "title": {"type": "string"}}}
+SPLIT_SCHEMA: JSON = {"type": "object", "required": ["shared", "only_a", "only_b"],
+                      "properties": {"shared": STRING_LIST, "only_a": STRING_LIST, "only_b": STRING_LIST}}
+COMPARISON_SCHEMA: JSON = {
+    "type": "object", "required": ["a", "b", "pairs", "unpaired"],
+    "properties": {
+        "a": {"type": "string"}, "b": {"type": "string"},
+        "pairs": {"type": "array", "items": {
+            "type": "object", "required": ["a", "b", "similarity", "fields"],
+            "properties": {"a": PERSONA_LABEL_SCHEMA, "b": PERSONA_LABEL_SCHEMA,
+                           "similarity": {"type": "number", "minimum": 0, "maximum": 1},
+                           "fields": {"type": "object", "additionalProperties": SPLIT_SCHEMA}}}},
+        "unpaired": {"type": "object", "required": ["a", "b"],
+                     "properties": {"a": {"type": "array", "items": PERSONA_LABEL_SCHEMA},
+                                    "b": {"type": "array", "items": PERSONA_LABEL_SCHEMA}}},
+    },
+}
 ESTIMATE_SCHEMA: JSON = {
     "type": "object",
     "required": ["participants", "provider", "model", "strategy", "calls", "input_tokens", "output_tokens", "cost_usd",
@@ -6759,7 +6873,7 @@ OPERATION_IDS = {
     ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
     ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
     ("/api/v1/generate/{job_id}/export", "get"): "exportJob",
-    ("/api/v1/estimate", "post"): "estimateJob", ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
+    ("/api/v1/estimate", "post"): "estimateJob", ("/api/v1/compare", "get"): "compareJobs", ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
     ("/api/v1/webhooks", "post"): "createWebhook", ("/api/v1/webhooks", "get"): "listWebhooks",
     ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook", ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
     ("/api/v1/webhooks/{webhook_id}/deliveries", "get"): "listDeliveries",
@@ -6834,6 +6948,12 @@ def openapi_document() -> JSON:
             "post": operation("What a generation request would send to its provider and cost; creates nothing",
                               json_response("The estimate", ESTIMATE_SCHEMA), [], write=True,
                               body={"$ref": "#/components/schemas/GenerateRequest"}),
+        },
+        "/api/v1/compare": {
+            "get": operation("Pair two completed jobs' personas and show, per field, what each pair shares",
+                             json_response("The comparison", COMPARISON_SCHEMA), [404, 409, 422],
+                             parameters=[{**query_parameter("a", {"type": "string", "pattern": JOB_ID.pattern}), "required": True},
+                                         {**query_parameter("b", {"type": "string", "pattern": JOB_ID.pattern}), "required": True}]),
         },
         "/api/v1/experiments": {
             "get": operation("List experiments, newest first; a job without config.experiment is one of its own",
@@ -6995,6 +7115,7 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
     Route("/api/v1/estimate", estimate_generation, methods=["POST"]),
+    Route("/api/v1/compare", compare_generations, methods=["GET"]),
     Route("/api/v1/experiments", list_experiments, methods=["GET"]),
     Route("/api/v1/experiments/{experiment_id}", get_experiment, methods=["GET"]),
     Route("/api/v1/health", health, methods=["GET"]),
@@ -7203,6 +7324,10 @@ class PersonaClient:
     def get_experiment(self, experiment_id: str) -> JSON:
         return self._request("GET", f"/api/v1/experiments/{experiment_id}")
 
+    def compare(self, a: str, b: str) -> JSON:
+        """Two completed jobs' personas, paired, with what each pair shares field by field."""
+        return self._request("GET", "/api/v1/compare", params={"a": a, "b": b})
+
     def export(self, job_id: str, format: str = "csv") -> bytes:
         """A completed job's personas as the file's bytes: csv, json, markdown or html."""
         return self._send("GET", f"/api/v1/generate/{job_id}/export", params={"format": format}).content
@@ -7289,6 +7414,11 @@ def build_parser() -> argparse.ArgumentParser:
     experiments_cmd = server_command(commands, "experiments", "list a server's experiments, or one with its jobs")
     experiments_cmd.add_argument("experiment_id", nargs="?", help="show this experiment's jobs")
     experiments_cmd.add_argument("--limit", type=int, default=100, help="how many (default 100)")
+
+    compare_cmd = server_command(commands, "compare", "pair two runs' personas and show what each pair shares")
+    compare_cmd.add_argument("a", help="a job id (on --server), or an output folder")
+    compare_cmd.add_argument("b", help="another job id, or another output folder")
+    compare_cmd.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     export_cmd = server_command(commands, "export", "download a completed job's personas as CSV, JSON, Markdown or HTML")
     export_cmd.add_argument("job_id", help="the job")
@@ -7583,6 +7713,41 @@ def run_experiments(args: argparse.Namespace) -> int:
     return 0
 
 
+def folder_personas(folder: str) -> list[JSON]:
+    """The personas an output folder holds, for comparing runs without a server."""
+    try:
+        return json.loads((Path(folder) / "personas.json").read_text("utf-8"))["personas"]
+    except OSError as exc:
+        raise UsageError(f"{folder} holds no readable personas.json ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{folder}/personas.json is not a Persona output") from None
+
+
+def print_comparison(comparison: JSON) -> None:
+    for pair in comparison["pairs"]:
+        a, b = pair["a"], pair["b"]
+        print(f"{a['name']} ({a['id']}) ~ {b['name']} ({b['id']}): similarity {pair['similarity']:.2f}")
+        for key, split in pair["fields"].items():
+            if split["only_a"] or split["only_b"]:
+                print(f"  {key.replace('_', ' ')}: {len(split['shared'])} shared, {len(split['only_a'])} only in a, "
+                      f"{len(split['only_b'])} only in b")
+    for side in ("a", "b"):
+        for label in comparison["unpaired"][side]:
+            print(f"only in {side}: {label['name']} ({label['id']}): {label['title']}")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    if Path(args.a).is_dir() and Path(args.b).is_dir():
+        comparison = {"a": args.a, "b": args.b, **compare_personas(folder_personas(args.a), folder_personas(args.b))}
+    else:
+        comparison = ask_server(args, lambda client: client.compare(args.a, args.b))
+    if args.json:
+        print(json.dumps(comparison, indent=2, ensure_ascii=False))
+    else:
+        print_comparison(comparison)
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     document = ask_server(args, lambda client: client.export(args.job_id, args.format))
     if args.output:
@@ -7594,7 +7759,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": run_server, "generate": run_generate, "jobs": run_jobs, "experiments": run_experiments, "export": run_export,
+    "serve": run_server, "generate": run_generate, "jobs": run_jobs, "experiments": run_experiments, "compare": run_compare,
+    "export": run_export,
 }
 
 

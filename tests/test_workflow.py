@@ -339,3 +339,79 @@ def test_custom_fields_that_clash_or_are_not_identifiers_are_refused(start_serve
     assert response.status_code == 422, response.text
     assert path in response.json()["details"]
     assert fake.requests == []
+
+
+# -- compare -----------------------------------------------------------------
+
+
+def test_a_job_compared_with_itself_pairs_each_persona_with_itself(client: httpx.Client) -> None:
+    job = completed_job(client)
+    response = client.get("/api/v1/compare", params={"a": job["job_id"], "b": job["job_id"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["a"], body["b"], body["unpaired"]) == (job["job_id"], job["job_id"], {"a": [], "b": []})
+    assert [(pair["a"]["id"], pair["b"]["id"], pair["similarity"]) for pair in body["pairs"]] == [
+        (p["id"], p["id"], 1.0) for p in job["result"]["personas"]]
+    for pair in body["pairs"]:
+        assert all(not split["only_a"] and not split["only_b"] for split in pair["fields"].values())
+
+
+@pytest.mark.sqlite_only
+def test_runs_of_different_sizes_pair_by_shared_participants_and_list_the_rest(client: httpx.Client) -> None:
+    three, four = completed_job(client, count=3), completed_job(client, count=4)
+    body = client.get("/api/v1/compare", params={"a": three["job_id"], "b": four["job_id"]}).json()
+    assert len(body["pairs"]) == 3 and len(body["unpaired"]["b"]) == 1 and body["unpaired"]["a"] == []
+    by_id = {side: {p["id"]: p for p in job["result"]["personas"]} for side, job in (("a", three), ("b", four))}
+    for pair in body["pairs"]:
+        ours = set(by_id["a"][pair["a"]["id"]]["evidence"]["participants"])
+        theirs = set(by_id["b"][pair["b"]["id"]]["evidence"]["participants"])
+        assert pair["similarity"] == round(len(ours & theirs) / len(ours | theirs), 4) > 0
+        assert pair["fields"]["participants"] == {"shared": sorted(ours & theirs), "only_a": sorted(ours - theirs),
+                                                  "only_b": sorted(theirs - ours)}
+        goals = pair["fields"]["goals"]
+        assert sorted(goals["shared"] + goals["only_a"]) == sorted(by_id["a"][pair["a"]["id"]]["goals"])
+        assert sorted(goals["shared"] + goals["only_b"]) == sorted(by_id["b"][pair["b"]["id"]]["goals"])
+
+
+def test_personas_sharing_no_participant_pair_on_their_words_only_when_alike() -> None:
+    def one(pid: str, name: str, goal: str) -> dict:
+        return {"id": f"persona-{pid}", "name": name, "title": name, "goals": [goal], "pain_points": [], "behaviours": [],
+                "quotes": [], "demographics": {}, "evidence": {"participants": [pid], "share": 1.0}}
+
+    left = [one("A1", "Night nurse", "Swap night shifts quickly when the children are sick")]
+    right = [one("B1", "Warehouse picker", "Scanner batteries die before the end of the shift in the cold store"),
+             one("B2", "Ward nurse", "Swap night shifts quickly when my children are sick")]
+    comparison = persona.compare_personas(left, right)
+    assert [(pair["a"]["id"], pair["b"]["id"]) for pair in comparison["pairs"]] == [("persona-A1", "persona-B2")]
+    assert 0.5 < comparison["pairs"][0]["similarity"] < 1
+    assert comparison["unpaired"] == {"a": [], "b": [{"id": "persona-B1", "name": "Warehouse picker",
+                                                      "title": "Warehouse picker"}]}
+
+
+def test_comparing_needs_two_completed_jobs(client: httpx.Client, gated_data: GatedDataServer) -> None:
+    job = completed_job(client)
+    missing = client.get("/api/v1/compare", params={"a": job["job_id"]})
+    assert missing.status_code == 422 and "b" in missing.json()["details"]
+    unknown = client.get("/api/v1/compare", params={"a": job["job_id"], "b": "job-000000000000"})
+    assert unknown.status_code == 404 and "job-000000000000" in unknown.json()["message"]
+    running = submit(client, data=gated_data.url)
+    busy = client.get("/api/v1/compare", params={"a": job["job_id"], "b": running})
+    assert busy.status_code == 409 and running in busy.json()["message"]
+    gated_data.gate.set()
+
+
+@pytest.mark.sqlite_only
+def test_the_command_line_compares_two_output_folders_or_two_jobs_and_the_client_two_jobs(
+        client: httpx.Client, server: Server) -> None:
+    three, four = completed_job(client, count=3), completed_job(client, count=4)
+    folders = [job["result"]["output_path"] for job in (three, four)]
+    offline = run_persona("compare", *folders, "--json")
+    assert offline.returncode == 0, offline.stderr
+    online = run_persona("compare", three["job_id"], four["job_id"], "--server", server.url, "--json")
+    assert online.returncode == 0, online.stderr
+    ours, theirs = json.loads(offline.stdout), json.loads(online.stdout)
+    assert ours["pairs"] == theirs["pairs"] and ours["unpaired"] == theirs["unpaired"]
+    readable = run_persona("compare", three["job_id"], four["job_id"], "--server", server.url)
+    assert "similarity" in readable.stdout and "only in b:" in readable.stdout
+    with persona.PersonaClient(server.url) as api:
+        assert api.compare(three["job_id"], four["job_id"])["pairs"] == theirs["pairs"]
