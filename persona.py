@@ -405,6 +405,18 @@ GENERATE_SCHEMA: JSON = {
     },
 }
 
+REFINE_SCHEMA: JSON = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "at least one of data and instruction; count, provider, model and config default to the parent job's",
+    "properties": {
+        "data": GENERATE_SCHEMA["properties"]["data"],
+        "instruction": nullable({"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
+                                 "description": "what to change, for an LLM provider"}),
+        **{key: GENERATE_SCHEMA["properties"][key] for key in ("count", "provider", "model", "config", "webhook_url")},
+    },
+}
+
 WEBHOOK_SCHEMA: JSON = {
     "type": "object",
     "required": ["url"],
@@ -636,6 +648,7 @@ def validated(body: JSON, check: Check) -> JSON:
 
 GENERATE_CHECK = compile_check(GENERATE_SCHEMA)
 WEBHOOK_CHECK = compile_check(WEBHOOK_SCHEMA)
+REFINE_CHECK = compile_check(REFINE_SCHEMA)
 
 
 # ---------------------------------------------------------------------------
@@ -685,6 +698,11 @@ def new_job_id() -> str:
 def own_experiment(job_id: str) -> str:
     """A job without an experiment name is an experiment of its own, named after it."""
     return f"exp-{job_id[4:]}"
+
+
+def job_experiment(job: NewJob, named: Mapping[str, str], job_id: str) -> str:
+    """A new job's experiment: its parent's, the one its name found in `named`, or its own."""
+    return job.experiment_id or named.get(job.experiment or "") or own_experiment(job_id)
 
 
 class Coalescer:
@@ -762,6 +780,7 @@ class NewJob:
     limit: int  # the owner's concurrent-jobs quota
     experiment: str | None  # config.experiment
     idempotency: tuple[str, str] | None  # (Idempotency-Key, hash of the body)
+    experiment_id: str | None = None  # a refinement joins its parent's experiment
 
 
 @dataclass
@@ -914,8 +933,8 @@ class Store:
         self.write_probes = Coalescer(self._probe)
         self.rate_hits = RateHits(self._count_hits)
 
-    async def create_job(self, owner: str, request: JSON, limit: int,
-                         idempotency: tuple[str, str] | None) -> Admission:
+    async def create_job(self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None,
+                         experiment_id: str | None = None) -> Admission:
         """Queue a job within its owner's quota, or find the one an Idempotency-Key already made.
 
         Submissions made together go in together: one transaction for the batch, in
@@ -923,7 +942,7 @@ class Store:
         """
         key = new_job_id()
         experiment = request.get("config", {}).get("experiment")
-        self.new_jobs[key] = NewJob(owner, json.dumps(request), limit, experiment, idempotency)
+        self.new_jobs[key] = NewJob(owner, json.dumps(request), limit, experiment, idempotency, experiment_id)
         return await self.job_inserts.get(key)
 
     async def _admit(self, keys: list[str]) -> dict[str, Admission]:
@@ -1157,6 +1176,7 @@ ORDER BY j.first DESC LIMIT :limit OFFSET :offset"""
 SQL_GET_EXPERIMENT = SQL_LIST_EXPERIMENTS.replace("FROM jobs GROUP BY", "FROM jobs WHERE experiment_id = :experiment_id GROUP BY")
 SQL_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
 SQL_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = ? ORDER BY seq"
+SQL_GET_REQUEST = "SELECT request, experiment_id FROM jobs WHERE job_id = ?"
 SQL_FIND_IDEMPOTENT = """
 SELECT i.owner, i.key, i.body_hash, i.job_id FROM json_each(:keys) AS k
 JOIN idempotency_keys AS i ON i.owner = k.value ->> 0 AND i.key = k.value ->> 1
@@ -1518,7 +1538,7 @@ class SQLiteStore(Store):
             stored = {(row["owner"], row["key"]): (row["body_hash"], row["job_id"]) for row in rows}
         plan = AdmissionPlan.of(jobs, stored)
         experiments = await self._experiments(run, {job.experiment for job in plan.inserts.values() if job.experiment})
-        rows = [[ids[key], job.owner, job.request, experiments.get(job.experiment) or own_experiment(ids[key]), job.limit]
+        rows = [[ids[key], job.owner, job.request, job_experiment(job, experiments, ids[key]), job.limit]
                 for key, job in plan.inserts.items()]
         inserted = {row["job_id"] for row in await run(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})}
         kept = plan.kept_keys(ids, inserted)
@@ -1559,6 +1579,11 @@ class SQLiteStore(Store):
             return None
         jobs = await self._read(SQL_EXPERIMENT_JOBS, (experiment_id,))
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
+
+    async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
+        """The request a job was made with, and its experiment; a refinement starts from them."""
+        rows = await self._read(SQL_GET_REQUEST, (job_id,))
+        return (json.loads(rows[0]["request"]), rows[0]["experiment_id"]) if rows else None
 
     async def claim_job(self, worker: str) -> JSON | None:
         """The oldest pending job, now running here; None when none is pending."""
@@ -1879,6 +1904,7 @@ ORDER BY j.first DESC LIMIT $1 OFFSET $2"""
 PG_GET_EXPERIMENT = PG_LIST_EXPERIMENTS.replace("FROM jobs GROUP BY", "FROM jobs WHERE experiment_id = $3 GROUP BY")
 PG_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
 PG_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = $1 ORDER BY seq"
+PG_GET_REQUEST = "SELECT request, experiment_id FROM jobs WHERE job_id = $1"
 PG_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
 # Every invariant that SQLite's single writer kept needs a lock here: a batch takes one
@@ -2270,7 +2296,7 @@ class PostgresStore(Store):
         keys = list(plan.inserts)
         columns = ([ids[key] for key in keys], [plan.inserts[key].owner for key in keys],
                    [plan.inserts[key].request for key in keys],
-                   [experiments.get(plan.inserts[key].experiment) or own_experiment(ids[key]) for key in keys],
+                   [job_experiment(plan.inserts[key], experiments, ids[key]) for key in keys],
                    [plan.inserts[key].limit for key in keys])
         inserted = {row["job_id"] for row in await conn.fetch(PG_INSERT_JOBS_WITHIN_LIMIT, *columns, utc_now())}
         kept = plan.kept_keys(ids, inserted)
@@ -2312,6 +2338,10 @@ class PostgresStore(Store):
             return None
         jobs = await self._read(PG_EXPERIMENT_JOBS, experiment_id)
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
+
+    async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
+        rows = await self._read(PG_GET_REQUEST, job_id)
+        return (json.loads(rows[0]["request"]), rows[0]["experiment_id"]) if rows else None
 
     async def claim_job(self, worker: str) -> JSON | None:
         return claimed_job(await self._write(PG_CLAIM_JOB, worker, utc_now()))
@@ -4731,7 +4761,11 @@ def render_participants(people: list[Participant]) -> str:
     return "\n\n".join(blocks)
 
 
-def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None = None) -> str:
+Refining = tuple[list[JSON], str]  # the personas to refine, as the model reads them, and the researcher's instruction
+
+
+def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None = None,
+                   refining: Refining | None = None) -> str:
     detail = LIST_LENGTHS[config.get("detail_level", "standard")]
     lines = [
         f"Create exactly {count} distinct persona{'s' if count != 1 else ''} from the research data below.",
@@ -4748,7 +4782,13 @@ def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None
         lines += [f"- {summary}" for summary in others]
     if config.get("instruction"):
         lines.append(f"The researcher's instruction: {config['instruction']}")
-    return "\n".join(lines) + f"\n\n<data>\n{data}\n</data>"
+    earlier = ""
+    if refining is not None:
+        lines += ["Personas made earlier from this data are in <personas> below. Refine them, rather than starting "
+                  "afresh, following this instruction of the researcher's: " + refining[1],
+                  "Keep a persona's name while it stands for the same participants."]
+        earlier = f"\n\n<personas>\n{json.dumps(refining[0], ensure_ascii=False, indent=1)}\n</personas>"
+    return "\n".join(lines) + earlier + f"\n\n<data>\n{data}\n</data>"
 
 
 def persona_problems(answer: Any, count: int, fields: Iterable[JSON] = ()) -> list[str]:
@@ -4874,6 +4914,7 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
         raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
     budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
     strategy, rendered = llm_strategy(people, config)
+    refining = refining_asked(request)
     await asyncio.to_thread(importlib.import_module, SDK_MODULES[provider])  # seconds, the first time: not on the loop
     session = ModelSession(provider, request.get("model") or default_model(provider), config)
     said = {person.id: normalise_quote("\n".join(person.texts)) for person in people}
@@ -4882,12 +4923,12 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
             if estimate_tokens(rendered) > budget:
                 raise GenerationError(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens "
                                       f"{budget}; use strategy 'segmented' or 'auto'")
-            answer = await session.ask("personas", persona_prompt(count, rendered, config), result_schema(config),
+            answer = await session.ask("personas", persona_prompt(count, rendered, config, refining=refining), result_schema(config),
                                        functools.partial(evidence_problems, said, config.get("fields", [])), count)
             await report(80, "personas validated")
             items = [(item, None) for item in answer["personas"]]
         else:
-            items = await segmented_items(session, people, count, config, budget, report)
+            items = await segmented_items(session, people, count, config, budget, report, refining)
     source = normalise_quote(rendered)
     personas, unverified = [], 0
     for number, (item, segment) in enumerate(items, 1):
@@ -4899,6 +4940,16 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
              "calls": session.usage.calls}
     return personas, {"strategy": strategy, "usage": usage, "warnings": warnings, "exchanges": session.exchanges,
                       "model": session.provider.model}
+
+
+def refining_asked(request: JSON) -> Refining | None:
+    """A refinement with an instruction shows the model its parent's personas; one with data alone starts afresh."""
+    refine = request.get("refine") or {}
+    if not refine.get("instruction"):
+        return None
+    shown = [{**{key: value for key, value in persona.items() if key not in ("id", "evidence", "themes", "unverified_quotes")},
+              "participants": persona.get("evidence", {}).get("participants", [])} for persona in refine["parent_personas"]]
+    return shown, refine["instruction"]
 
 
 def is_grouped(config: JSON) -> bool:
@@ -4926,7 +4977,7 @@ def segment_summaries(corpus: Corpus, segments: list[Segment]) -> list[str]:
 
 
 async def segmented_items(session: ModelSession, people: list[Participant], count: int, config: JSON, budget: int,
-                          report: ProgressReport) -> list[tuple[JSON, list[str]]]:
+                          report: ProgressReport, refining: Refining | None = None) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
     async with engine_slot():
         corpus = await run_engine(people, build_corpus, people)
@@ -4941,7 +4992,7 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
         if estimate_tokens(data) > budget:
             data = await condense(session, group, budget)
         others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
-        answer = await session.ask(f"persona for segment {index + 1}", persona_prompt(1, data, config, others),
+        answer = await session.ask(f"persona for segment {index + 1}", persona_prompt(1, data, config, others, refining),
                                    result_schema(config), functools.partial(persona_problems, fields=config.get("fields", [])), 1)
         done += 1
         await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
@@ -5216,6 +5267,61 @@ def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
         "unpaired": {"a": [persona_label(p) for i, p in enumerate(left) if i not in paired_left],
                      "b": [persona_label(p) for j, p in enumerate(right) if j not in paired_right]},
     }
+
+
+# ---------------------------------------------------------------------------
+# Refinement: a job's personas again, with more data or an instruction
+# ---------------------------------------------------------------------------
+
+
+def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
+    """The parent's data and the data a refinement adds: a participant in both (the same id) is one, with all their texts."""
+    people = {person.id: Participant(person.id, list(person.texts), dict(person.attributes)) for person in first.participants}
+    for person in more.participants:
+        known = people.get(person.id)
+        if known is None:
+            people[person.id] = Participant(person.id, list(person.texts), dict(person.attributes))
+        else:
+            known.texts += [text for text in person.texts if text not in known.texts]
+            known.attributes = {**person.attributes, **known.attributes}
+    source = {"kind": "refined", "location": f"{first.source['location']} + {more.source['location']}",
+              "sources": [first.source, more.source], "participants": len(people)}
+    return Dataset(list(people.values()), source, first.warnings + more.warnings, {**more.labels, **first.labels})
+
+
+def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: bool) -> list[JSON]:
+    """Each new persona that continues a parent's (they share participants) takes its id, and with new data its name.
+
+    The continued ones come first, in the parent's order; the others follow under new ids.
+    """
+    pairs = [(i, j) for i, j, _ in persona_pairs(parent, personas)
+             if persona_participants(parent[i]) & persona_participants(personas[j])]
+    continues = {j: parent[i] for i, j in pairs}
+    number = max((int(p["id"].rsplit("-", 1)[1]) for p in parent if re.fullmatch(r"persona-\d+", p["id"])), default=0)
+    kept, fresh = [], []
+    for j, persona in enumerate(personas):
+        before = continues.get(j)
+        if before is not None:
+            kept.append((parent.index(before), {**persona, "id": before["id"], "name": before["name"] if keep_names else persona["name"]}))
+        else:
+            number += 1
+            fresh.append({**persona, "id": f"persona-{number:03d}"})
+    return [persona for _, persona in sorted(kept, key=lambda entry: entry[0])] + fresh
+
+
+def persona_changes(parent: list[JSON], personas: list[JSON]) -> JSON:
+    """Per continued persona, what each field gained and lost; and the personas new or gone."""
+    before = {persona["id"]: persona for persona in parent}
+    changed = []
+    for persona in personas:
+        if persona["id"] in before:
+            fields = {key: {"added": split["only_b"], "removed": split["only_a"]}
+                      for key, split in persona_differences(before[persona["id"]], persona).items()
+                      if split["only_a"] or split["only_b"]}
+            changed.append({"id": persona["id"], "name": persona["name"], "fields": fields})
+    now = {persona["id"] for persona in personas}
+    return {"personas": changed, "new": [persona_label(p) for p in personas if p["id"] not in before],
+            "gone": [persona_label(p) for p in parent if p["id"] not in now]}
 
 
 # ---------------------------------------------------------------------------
@@ -5711,6 +5817,9 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
     config = request.get("config", {})
     await report(5, "loading data")
     dataset = await load_data(request["data"], settings)
+    refine = request.get("refine")
+    if refine and "data" in refine:
+        dataset = merged_datasets(dataset, await load_data(refine["data"], settings))
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
     engine: JSON = {"count": count, "complexity": config.get("complexity", "moderate"),
@@ -5720,15 +5829,16 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
         model, usage = LOCAL_MODEL, {"input_tokens": 0, "output_tokens": 0, "calls": 0}
         engine.update(name="tfidf-kmeans", seed=0)
-        quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
     else:
         personas, details = await llm_personas(dataset, request, provider, report)
         warnings, usage, exchanges, model = details["warnings"], details["usage"], details["exchanges"], details["model"]
         engine.update(name="llm", strategy=details["strategy"],
                       **{key: config[key] for key in ("temperature", "max_tokens", "max_input_tokens", "instruction", "fields")
                          if key in config})
-        async with engine_slot():
-            quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
+    if refine:
+        personas = continued_personas(refine["parent_personas"], personas, keep_names="instruction" not in refine)
+    async with engine_slot() if provider != "local" else contextlib.nullcontext():  # an offline job holds its slot
+        quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
     built = time.perf_counter()
     await report(85, "personas built")
     metadata = {
@@ -5749,7 +5859,10 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
     output_path = await asyncio.to_thread(write_outputs, folder, personas, metadata, exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
     await report(95, "outputs written")
-    return {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
+    result = {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
+    if refine:
+        result.update(parent_job_id=refine["parent_job_id"], changes=persona_changes(refine["parent_personas"], personas))
+    return result
 
 
 def pid_alive(pid: int) -> bool:
@@ -6415,15 +6528,57 @@ def generation_request(body: JSON, settings: Settings, need_key: bool = True) ->
 
 
 async def create_generation(request: Request) -> Response:
-    app_state = state(request)
     owner = authenticate(request)
     body = await read_json(request)
-    job_request = generation_request(body, app_state.settings)
+    job_request = generation_request(body, state(request).settings)
+    return await admit_job(request, owner, job_request, job_request["data"], idempotency_key(request, body))
+
+
+async def refine_generation(request: Request) -> Response:
+    """A new job in the parent's experiment: its personas again, with more data, an instruction, or both."""
+    owner = authenticate(request)
+    body = await read_json(request)
+    asked = validated(body, REFINE_CHECK)
+    if "data" not in asked and "instruction" not in asked:
+        raise APIError(422, "Request validation failed: give data, an instruction, or both",
+                       {"data": "give data, an instruction, or both"})
+    parent = await find_job(request)
+    result = completed_result(parent, "refined")
+    stored = await state(request).store.job_request(parent["job_id"])
+    if stored is None:  # deleted by retention since it was read
+        raise APIError(404, f"Job {parent['job_id']} not found")
+    job_request = generation_request(refined_body(stored[0], asked), state(request).settings)
+    if "instruction" in asked and job_request["provider"] == "local":
+        raise APIError(422, "Request validation failed: instruction needs an LLM provider; the offline engine can "
+                            "refine with more data only", {"instruction": "needs an LLM provider"})
+    job_request["refine"] = {"parent_job_id": parent["job_id"], "parent_personas": result["personas"],
+                             **{key: asked[key] for key in ("data", "instruction") if key in asked}}
+    idempotency = idempotency_key(request, {"refine": parent["job_id"], **body})
+    return await admit_job(request, owner, job_request, asked.get("data"), idempotency, experiment_id=stored[1])
+
+
+def refined_body(parent: JSON, asked: JSON) -> JSON:
+    """A refinement's request: the parent's data, and its count, provider, model and config unless asked otherwise.
+
+    A model is the parent's only with the parent's provider; the experiment is the parent's, whatever the config says.
+    """
+    provider = asked.get("provider", parent.get("provider"))
+    model = asked.get("model", parent.get("model") if provider == parent.get("provider") else None)
+    config = {key: value for key, value in asked.get("config", parent.get("config", {})).items() if key != "experiment"}
+    body = {"data": parent["data"], "count": asked.get("count", parent.get("count")), "provider": provider, "model": model,
+            "config": config, "webhook_url": asked.get("webhook_url")}
+    return {key: value for key, value in body.items() if value is not None}
+
+
+async def admit_job(request: Request, owner: str, job_request: JSON, data: str | list[Any] | None,
+                    idempotency: tuple[str, str] | None, experiment_id: str | None = None) -> Response:
+    """Queue a checked request within its owner's quota, once its data source checks out, and answer as the reference does."""
+    app_state = state(request)
     limit = app_state.settings.max_concurrent_jobs
-    await check_data_source(job_request["data"], app_state.settings.data_dir,
-                            functools.partial(check_quota, app_state.store, owner, limit))
-    idempotency = idempotency_key(request, body)
-    admission = await app_state.store.create_job(owner, job_request, limit, idempotency)
+    if data is not None:
+        await check_data_source(data, app_state.settings.data_dir,
+                                functools.partial(check_quota, app_state.store, owner, limit))
+    admission = await app_state.store.create_job(owner, job_request, limit, idempotency, experiment_id)
     if admission.conflict:
         raise APIError(422, "This Idempotency-Key was already used with a different request body; "
                             "use a new key for a different request", {"idempotency_key": idempotency[0]})
@@ -6717,7 +6872,9 @@ JOB_SCHEMA: JSON = {
             "type": "object", "required": ["personas", "experiment_id", "output_path"],
             "properties": {"personas": {"type": "array", "items": {"$ref": "#/components/schemas/Persona"}},
                            "experiment_id": {"type": "string"}, "output_path": {"type": "string"},
-                           "metadata": {"type": "object"}}}]},
+                           "metadata": {"type": "object"},
+                           "parent_job_id": {"type": "string", "description": "the job a refinement refined"},
+                           "changes": {"type": "object", "description": "a refinement's changes to its parent's personas"}}}]},
     },
 }
 PERSONA_LABEL_SCHEMA: JSON = {"type": "object", "required": ["id", "name", "title"],
@@ -6803,6 +6960,12 @@ REQUEST_EXAMPLES = {
                                 "config": {"complexity": "moderate", "detail_level": "standard"},
                                 "webhook_url": "https://example.com/webhook"}},
     },
+    "RefineRequest": {
+        "data": {"summary": "More interviews, the offline engine (no API key)",
+                 "value": {"data": OFFLINE_EXAMPLE_DATA[:2]}},
+        "instruction": {"summary": "An instruction, for an LLM provider",
+                        "value": {"instruction": "Focus on accessibility needs.", "provider": "anthropic"}},
+    },
     "WebhookRequest": {
         "reference": {"summary": "The reference's example",
                       "value": {"url": "https://example.com/webhook", "events": ["generation.completed", "generation.failed"],
@@ -6872,7 +7035,7 @@ OPERATION_IDS = {
     ("/", "get"): "getInfo", ("/api/v1/health", "get"): "getHealth", ("/api/v1/providers", "get"): "listProviders",
     ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
     ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
-    ("/api/v1/generate/{job_id}/export", "get"): "exportJob",
+    ("/api/v1/generate/{job_id}/export", "get"): "exportJob", ("/api/v1/generate/{job_id}/refine", "post"): "refineJob",
     ("/api/v1/estimate", "post"): "estimateJob", ("/api/v1/compare", "get"): "compareJobs", ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
     ("/api/v1/webhooks", "post"): "createWebhook", ("/api/v1/webhooks", "get"): "listWebhooks",
     ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook", ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
@@ -6900,6 +7063,8 @@ def openapi_document() -> JSON:
     job_id = path_parameter("job_id", JOB_ID.pattern)
     webhook_id = path_parameter("webhook_id", WEBHOOK_ID.pattern)
     delivery_id = path_parameter("delivery_id", r"^delivery-[0-9a-f]{12}$")
+    idempotency_header = {"name": "Idempotency-Key", "in": "header", "required": False,
+                          "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}}
     page_parameters = [query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                        query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9})]
     info_example = {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"}
@@ -6923,8 +7088,7 @@ def openapi_document() -> JSON:
             "post": {**operation("Start a persona generation job",
                                  json_response("Job created", accepted), [], write=True,
                                  body={"$ref": "#/components/schemas/GenerateRequest"}),
-                     "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}}]},
+                     "parameters": [idempotency_header]},
             "get": operation("List jobs, oldest first, without results",
                              {**json_response("Jobs", {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}),
                               "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
@@ -6948,6 +7112,12 @@ def openapi_document() -> JSON:
             "post": operation("What a generation request would send to its provider and cost; creates nothing",
                               json_response("The estimate", ESTIMATE_SCHEMA), [], write=True,
                               body={"$ref": "#/components/schemas/GenerateRequest"}),
+        },
+        "/api/v1/generate/{job_id}/refine": {
+            "post": {**operation("Refine a completed job's personas with more data or an instruction: a new job in its "
+                                 "experiment", json_response("Job created", accepted), [404, 409], write=True,
+                                 body={"$ref": "#/components/schemas/RefineRequest"}),
+                     "parameters": [job_id, idempotency_header]},
         },
         "/api/v1/compare": {
             "get": operation("Pair two completed jobs' personas and show, per field, what each pair shares",
@@ -7001,7 +7171,7 @@ def openapi_document() -> JSON:
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {
-            "schemas": {"GenerateRequest": GENERATE_SCHEMA, "WebhookRequest": WEBHOOK_SCHEMA, "Job": JOB_SCHEMA,
+            "schemas": {"GenerateRequest": GENERATE_SCHEMA, "RefineRequest": REFINE_SCHEMA, "WebhookRequest": WEBHOOK_SCHEMA, "Job": JOB_SCHEMA,
                         "JobSummary": JOB_SUMMARY_SCHEMA, "Experiment": EXPERIMENT_SCHEMA, "Persona": PERSONA_SCHEMA, "Webhook": WEBHOOK_OUT_SCHEMA,
                         "Delivery": DELIVERY_SCHEMA, "Error": ERROR_SCHEMA},
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
@@ -7114,6 +7284,7 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
     Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
+    Route("/api/v1/generate/{job_id}/refine", refine_generation, methods=["POST"]),
     Route("/api/v1/estimate", estimate_generation, methods=["POST"]),
     Route("/api/v1/compare", compare_generations, methods=["GET"]),
     Route("/api/v1/experiments", list_experiments, methods=["GET"]),
@@ -7324,6 +7495,12 @@ class PersonaClient:
     def get_experiment(self, experiment_id: str) -> JSON:
         return self._request("GET", f"/api/v1/experiments/{experiment_id}")
 
+    def refine(self, job_id: str, data: str | list[Any] | None = None, instruction: str | None = None,
+               **kwargs: Any) -> JSON:
+        """A new job refining a completed one with more data, an instruction or both."""
+        body = {key: value for key, value in (("data", data), ("instruction", instruction)) if value is not None}
+        return self._request("POST", f"/api/v1/generate/{job_id}/refine", json={**body, **kwargs})
+
     def compare(self, a: str, b: str) -> JSON:
         """Two completed jobs' personas, paired, with what each pair shares field by field."""
         return self._request("GET", "/api/v1/compare", params={"a": a, "b": b})
@@ -7414,6 +7591,17 @@ def build_parser() -> argparse.ArgumentParser:
     experiments_cmd = server_command(commands, "experiments", "list a server's experiments, or one with its jobs")
     experiments_cmd.add_argument("experiment_id", nargs="?", help="show this experiment's jobs")
     experiments_cmd.add_argument("--limit", type=int, default=100, help="how many (default 100)")
+
+    refine_cmd = server_command(commands, "refine", "refine a completed job's personas with more data or an instruction")
+    refine_cmd.add_argument("job_id", help="the completed job to refine")
+    refine_cmd.add_argument("--data", help="more data: a path in the server's data directory, or a URL")
+    refine_cmd.add_argument("--instruction", help="what to change (an LLM provider only)")
+    refine_cmd.add_argument("--count", "-n", type=int, help="number of personas (default: the job's)")
+    refine_cmd.add_argument("--provider", choices=PROVIDER_NAMES, help="provider (default: the job's)")
+    refine_cmd.add_argument("--model", help="model (default: the job's, with its provider)")
+    refine_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                            help="generation setting, replacing the job's; repeatable")
+    refine_cmd.add_argument("--json", action="store_true", help="print the new job's result as JSON")
 
     compare_cmd = server_command(commands, "compare", "pair two runs' personas and show what each pair shares")
     compare_cmd.add_argument("a", help="a job id (on --server), or an output folder")
@@ -7595,10 +7783,14 @@ def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON
 
 def generate_remotely(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
     """Submit to a running server and follow the job with the same progress display."""
-    body = generation_body(args)
+    return submit_and_follow(args, display, lambda client: client.generate(**generation_body(args)))
+
+
+def submit_and_follow(args: argparse.Namespace, display: ProgressDisplay, submit: Callable[[PersonaClient], JSON]) -> JSON:
+    """A job made on the --server, followed to its end; its result, or its error as a GenerationError."""
     with PersonaClient(server_url(args.server), args.auth_token) as client:
         try:
-            job_id = client.generate(**body)["job_id"]
+            job_id = submit(client)["job_id"]
         except PersonaAPIError as exc:
             raise UsageError(exc.message) from None
         job = client.wait_for_job(job_id, timeout=24 * 3600, interval=0.5,
@@ -7644,13 +7836,36 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import httpx
-
     if args.estimate:
         return run_estimate(args)
+    return run_job(args, lambda display: generate_remotely(args, display) if args.server else generate_locally(args, display))
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    body: JSON = {"data": args.data, "instruction": args.instruction, "count": args.count, "provider": args.provider,
+                  "model": args.model, "config": parse_config_pairs(args.config) if args.config else None}
+    asked = {key: value for key, value in body.items() if value is not None}
+    return run_job(args, lambda display: submit_and_follow(args, display, lambda client: client.refine(args.job_id, **asked)))
+
+
+def print_changes(changes: JSON) -> None:
+    for persona in changes["personas"]:
+        counts = ", ".join(f"{key.replace('_', ' ')} +{len(change['added'])} -{len(change['removed'])}"
+                           for key, change in persona["fields"].items())
+        print(f"changed {persona['name']} ({persona['id']}): {counts or 'nothing'}")
+    for label in changes["new"]:
+        print(f"new {label['name']} ({label['id']}): {label['title']}")
+    for label in changes["gone"]:
+        print(f"gone {label['name']} ({label['id']}): {label['title']}")
+
+
+def run_job(args: argparse.Namespace, make: Callable[[ProgressDisplay], JSON]) -> int:
+    """Make a job's result with a progress display, then print it; exit 1 when it fails."""
+    import httpx
+
     display = ProgressDisplay()
     try:
-        result = generate_remotely(args, display) if args.server else generate_locally(args, display)
+        result = make(display)
     except httpx.HTTPError as exc:
         display.close()
         print(f"persona: cannot reach the server at {args.server} ({type(exc).__name__})", file=sys.stderr)
@@ -7666,8 +7881,11 @@ def run_generate(args: argparse.Namespace) -> int:
     display.close()
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print_summary(result)
+        return 0
+    print_summary(result)
+    if "changes" in result:
+        print()
+        print_changes(result["changes"])
     return 0
 
 
@@ -7759,7 +7977,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": run_server, "generate": run_generate, "jobs": run_jobs, "experiments": run_experiments, "compare": run_compare,
+    "serve": run_server, "generate": run_generate, "jobs": run_jobs, "experiments": run_experiments, "refine": run_refine, "compare": run_compare,
     "export": run_export,
 }
 

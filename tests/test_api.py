@@ -556,7 +556,7 @@ def test_the_output_folder_holds_json_metadata_and_a_card_per_persona(client: ht
     output = Path(job["result"]["output_path"])
     folder = output if output.is_absolute() else server.workdir / output
     assert re.match(r"^\d{8}_\d{6}_job-[0-9a-f]{12}$", folder.name)
-    assert {p.name for p in folder.iterdir()} == {"personas.json", "metadata.json", "personas.html", "persona-001.md",
+    assert {p.name for p in folder.iterdir()} == {"personas.json", "personas.csv", "metadata.json", "personas.html", "persona-001.md",
                                                   "persona-002.md", "persona-003.md"}
 
 

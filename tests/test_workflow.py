@@ -415,3 +415,121 @@ def test_the_command_line_compares_two_output_folders_or_two_jobs_and_the_client
     assert "similarity" in readable.stdout and "only in b:" in readable.stdout
     with persona.PersonaClient(server.url) as api:
         assert api.compare(three["job_id"], four["job_id"])["pairs"] == theirs["pairs"]
+
+
+# -- refine ------------------------------------------------------------------
+
+MORE_INTERVIEWS = [
+    {"participant_id": "P17", "role": "Nurse", "response": "I need to swap night shifts from my phone when my son is ill."},
+    {"participant_id": "P17", "role": "Nurse", "response": "It's frustrating when the rota is changed without telling me."},
+    {"participant_id": "P18", "role": "Driver", "response": "I want my overtime hours counted right on every payslip."},
+    {"participant_id": "P18", "role": "Driver", "response": "I keep my own log of start and finish times in a notebook."},
+    {"participant_id": "P01", "role": "Nurse", "response": "I always check the rota app before I leave the ward at night."},
+]
+
+
+def refine(client: httpx.Client, job_id: str, **body: object) -> httpx.Response:
+    return client.post(f"/api/v1/generate/{job_id}/refine", json=body)
+
+
+def test_refining_with_more_data_continues_the_parents_personas(client: httpx.Client) -> None:
+    parent = completed_job(client, count=3, config={"experiment": "Shift workers"})
+    response = refine(client, parent["job_id"], data=MORE_INTERVIEWS)
+    assert response.status_code == 200, response.text
+    assert set(response.json()) == {"job_id", "status", "message", "status_url"}
+    child = wait_job(client, response.json()["job_id"])
+    assert child["status"] == "completed", child["error"]
+    result = child["result"]
+    assert result["parent_job_id"] == parent["job_id"]
+    assert result["experiment_id"] == parent["result"]["experiment_id"]
+    before = {p["id"]: p for p in parent["result"]["personas"]}
+    everyone = {pid for p in result["personas"] for pid in p["evidence"]["participants"]}
+    assert {"P17", "P18", "P01"} <= everyone
+    continued = [p for p in result["personas"] if p["id"] in before]
+    assert continued, "a persona standing for the same participants continues its parent's"
+    for persona_ in continued:
+        assert persona_["name"] == before[persona_["id"]]["name"]
+        assert set(persona_["evidence"]["participants"]) & set(before[persona_["id"]]["evidence"]["participants"])
+    changes = result["changes"]
+    assert [c["id"] for c in changes["personas"]] == [p["id"] for p in continued]
+    for change in changes["personas"]:
+        now = next(p for p in result["personas"] if p["id"] == change["id"])
+        added = set(now["evidence"]["participants"]) - set(before[change["id"]]["evidence"]["participants"])
+        assert set(change["fields"].get("participants", {"added": []})["added"]) == added
+        for key in ("goals", "quotes"):
+            if key in change["fields"]:
+                assert set(change["fields"][key]["added"]) == set(now[key]) - set(before[change["id"]][key])
+                assert set(change["fields"][key]["removed"]) == set(before[change["id"]][key]) - set(now[key])
+    assert {c["id"] for c in changes["new"]} == {p["id"] for p in result["personas"]} - set(before)
+    assert {c["id"] for c in changes["gone"]} == set(before) - {p["id"] for p in result["personas"]}
+    experiment = client.get(f"/api/v1/experiments/{parent['result']['experiment_id']}").json()
+    assert [job["job_id"] for job in experiment["jobs"]] == [parent["job_id"], child["job_id"]]
+
+
+def test_a_refinement_of_a_job_in_its_own_experiment_joins_that_experiment(client: httpx.Client) -> None:
+    parent = completed_job(client)
+    child = wait_job(client, refine(client, parent["job_id"], data=MORE_INTERVIEWS, count=2).json()["job_id"])
+    assert child["status"] == "completed", child["error"]
+    assert child["result"]["experiment_id"] == parent["result"]["experiment_id"]
+    assert len(child["result"]["personas"]) == 2
+    listed = client.get("/api/v1/experiments").json()
+    assert [(e["experiment_id"], e["jobs"]) for e in listed] == [(parent["result"]["experiment_id"], 2)]
+
+
+def test_refining_needs_a_completed_job_and_something_to_refine_with(client: httpx.Client,
+                                                                     gated_data: GatedDataServer) -> None:
+    parent = completed_job(client)
+    empty = refine(client, parent["job_id"])
+    assert empty.status_code == 422 and "data, an instruction, or both" in empty.json()["message"]
+    offline = refine(client, parent["job_id"], instruction="Focus on accessibility needs.")
+    assert offline.status_code == 422 and "instruction" in offline.json()["details"]
+    assert "LLM provider" in offline.json()["message"]
+    assert refine(client, "job-000000000000", data=MORE_INTERVIEWS).status_code == 404
+    running = submit(client, data=gated_data.url)
+    busy = refine(client, running, data=MORE_INTERVIEWS)
+    assert busy.status_code == 409 and busy.json()["details"]["status"] in ("pending", "running")
+    gated_data.gate.set()
+    failed = wait_job(client, submit(client, data=["I only said one thing here."], count=3))
+    assert failed["status"] == "failed"
+    assert refine(client, failed["job_id"], data=MORE_INTERVIEWS).status_code == 409
+    missing = refine(client, parent["job_id"], data="./nowhere.csv")
+    assert missing.status_code == 400 and "nowhere.csv" in missing.json()["message"]
+
+
+def test_refining_is_a_write_endpoint(start_server) -> None:
+    server = start_server("--rate-limit", "0", "--auth-token", "t0ken")
+    with server.client("t0ken") as http:
+        parent = completed_job(http)
+    with server.client() as anonymous:
+        response = refine(anonymous, parent["job_id"], data=MORE_INTERVIEWS)
+    assert response.status_code == 401 and response.json()["error"] == "unauthorised"
+
+
+@pytest.mark.sqlite_only
+def test_refining_with_an_instruction_shows_the_model_the_personas_and_the_instruction(start_server,
+                                                                                        fake: FakeProvider) -> None:
+    server = start_server("--rate-limit", "0", env=fake.environment("anthropic"))
+    with server.client() as http:
+        parent = completed_job(http, count=2, provider="anthropic")
+        calls = len(fake.requests)
+        child = wait_job(http, refine(http, parent["job_id"], instruction="Split the nurses from the drivers.").json()["job_id"])
+    assert child["status"] == "completed", child["error"]
+    prompt = fake.requests[calls]["body"]["messages"][-1]["content"]
+    assert "Split the nurses from the drivers." in prompt and "<personas>" in prompt
+    for persona_ in parent["result"]["personas"]:
+        assert persona_["name"] in prompt
+    assert child["result"]["parent_job_id"] == parent["job_id"]
+    assert [p["id"] for p in child["result"]["personas"]] == [p["id"] for p in parent["result"]["personas"]]
+    assert all(p["quotes"] for p in child["result"]["personas"])  # grounded as any generation
+
+
+@pytest.mark.sqlite_only
+def test_the_command_line_and_the_client_refine_a_job(client: httpx.Client, server: Server) -> None:
+    parent = completed_job(client)
+    (server.workdir / "data" / "more.json").write_text(json.dumps(MORE_INTERVIEWS))
+    result = run_persona("refine", parent["job_id"], "--data", "more.json", "--server", server.url)
+    assert result.returncode == 0, result.stderr
+    assert "changed " in result.stdout and "Output:" in result.stdout
+    with persona.PersonaClient(server.url) as api:
+        job = api.wait_for_job(api.refine(parent["job_id"], data="more.json", count=2)["job_id"], interval=0.1)
+    assert job["status"] == "completed" and job["result"]["parent_job_id"] == parent["job_id"]
