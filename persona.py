@@ -122,6 +122,7 @@ class Settings:
     max_source_mb: int = 50
     retention_days: float = 0.0  # 0: finished jobs are kept for ever
     attempts_kept: int = 20
+    redact: bool = False  # jobs replace personal data with placeholders unless config.redact says otherwise
 
     @property
     def private_urls_allowed(self) -> bool:
@@ -151,6 +152,7 @@ ENV_VARS = {
     "max_source_mb": "PERSONA_MAX_SOURCE_MB",
     "retention_days": "PERSONA_RETENTION_DAYS",
     "attempts_kept": "PERSONA_ATTEMPTS_KEPT",
+    "redact": "PERSONA_REDACT",
 }
 INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6),
               "max_source_mb": (1, 10**6), "attempts_kept": (1, 10**6)}
@@ -173,6 +175,8 @@ def parse_setting(name: str, raw: str) -> Any:
         return tuple(token.strip() for token in raw.split(",") if token.strip())
     if name == "allow_private_urls":
         return parse_switch(label, raw)
+    if name == "redact":
+        return bool(parse_switch(label, raw))
     if name == "webhook_retry_schedule":
         return tuple(parse_seconds(label, part) for part in raw.split(",") if part.strip())
     if name == "webhook_timeout":
@@ -378,6 +382,8 @@ GENERATE_SCHEMA: JSON = {
                                       "description": "an attribute: one persona per value, the `count` largest groups"}),
                 "instruction": nullable({"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
                                          "description": "free text added to the prompt (LLM providers)"}),
+                "redact": nullable({"type": "boolean", "description": "replace personal data with placeholders "
+                                                                    "(default: the server's PERSONA_REDACT)"}),
                 "fields": nullable({
                     "type": "array", "minItems": 1, "maxItems": MAX_CUSTOM_FIELDS,
                     "description": "extra persona fields the model fills (LLM providers)",
@@ -409,10 +415,11 @@ REFINE_SCHEMA: JSON = {
     "type": "object",
     "additionalProperties": False,
     "description": "at least one of data and instruction; count, provider, model and config default to the parent job's",
+    "anyOf": [{"required": ["data"]}, {"required": ["instruction"]}],
     "properties": {
         "data": GENERATE_SCHEMA["properties"]["data"],
-        "instruction": nullable({"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
-                                 "description": "what to change, for an LLM provider"}),
+        "instruction": {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
+                        "description": "what to change, for an LLM provider"},
         **{key: GENERATE_SCHEMA["properties"][key] for key in ("count", "provider", "model", "config", "webhook_url")},
     },
 }
@@ -580,6 +587,7 @@ def object_check(schema: JSON) -> Check:
     required, closed = schema.get("required", []), schema.get("additionalProperties", True) is False
     unknown = "is not a known field; known fields: " + ", ".join(properties)
     exclusive = schema.get("not", {}).get("required", [])
+    alternatives = [option["required"] for option in schema.get("anyOf", [])]  # at least one of these sets of fields
     integers = {name for name, item in schema["properties"].items() if "integer" in item.get("type", ())}
 
     def check(value: JSON, path: str) -> dict[str, str]:
@@ -599,6 +607,9 @@ def object_check(schema: JSON) -> Check:
                     value[name] = int(item)  # checked as the integer it is; the job sees an int
         if exclusive and all(value.get(name) is not None for name in exclusive):
             problems[prefix + exclusive[-1]] = f"cannot be given with {', '.join(exclusive[:-1])}; give one of them"
+        if alternatives and not any(all(value.get(name) is not None for name in names) for names in alternatives):
+            others = " or ".join(", ".join(names) for names in alternatives[1:])
+            problems[prefix + alternatives[0][0]] = f"is required unless {others} is given"
         return problems
 
     return check
@@ -2643,6 +2654,7 @@ class Dataset:
     source: JSON
     warnings: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # attribute -> the question it answers, for coded columns
+    names: set[str] = field(default_factory=set)  # what the data marks as people's names: name columns, speaker labels
 
 
 def classify_data(data: str | list[Any]) -> str:
@@ -3563,6 +3575,7 @@ class SourceReader:
         self.transcripts: list[Transcript] = []
         self.warnings: list[str] = []
         self.labels: dict[str, str] = {}
+        self.names: set[str] = set()
 
     def add(self, raw: bytes, fmt: str, name: str, pid: str) -> None:
         if fmt in TRANSCRIPT_FORMATS:
@@ -3584,6 +3597,7 @@ class SourceReader:
             labels, export_notes = {}, []
         people, notes = participants_from_records(records, name, labels)
         self.groups.append(people)
+        self.names |= marked_names(records)
         self.warnings += export_notes + notes
         self.labels.update((normalise_key(column), label) for column, label in column_labels(records, labels).items())
 
@@ -3591,6 +3605,7 @@ class SourceReader:
         if self.transcripts:
             people, notes = participants_from_transcripts(self.transcripts)
             self.groups.append(people)
+            self.names |= {s for t in self.transcripts for s, _ in t.turns if s and speaker_role(s) is None}
             self.warnings += notes
             self.transcripts = []
         return merge_participants(self.groups)
@@ -3666,6 +3681,7 @@ def load_inline(records: list[Any]) -> Dataset:
     reader = SourceReader()
     people, reader.warnings = participants_from_records(records, "inline")
     reader.groups.append(people)
+    reader.names |= marked_names(records)
     return finish_dataset(reader, source, "the inline data")
 
 
@@ -3741,7 +3757,7 @@ def finish_dataset(reader: SourceReader, source: JSON, name: str) -> Dataset:
     if not people:
         raise GenerationError(f"{name} holds no participants with anything to say")
     source["participants"] = len(people)
-    return Dataset(people, source, reader.warnings, reader.labels)
+    return Dataset(people, source, reader.warnings, reader.labels, reader.names)
 
 
 async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
@@ -3751,6 +3767,126 @@ async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
     if kind == "inline":
         return await asyncio.to_thread(load_inline, data)
     return await asyncio.to_thread(load_path, data, settings.data_dir, settings.max_source_mb)
+
+
+# ---------------------------------------------------------------------------
+# Redaction: personal data replaced by placeholders before the data leaves the machine
+# ---------------------------------------------------------------------------
+
+NAME_COLUMNS = frozenset("""
+name username fullname firstname lastname givenname surname familyname author authorname reviewer reviewername
+nickname displayname recipientname recipientfirstname recipientlastname respondentname participantname
+customername intervieweename speaker speakername
+""".split())
+ANONYMOUS_NAMES = frozenset({"a google user", "amazon customer", "kindle customer", "anonymous", "anon", "guest",
+                             "user", "customer", "n/a", "unknown"})
+REDACTED_KINDS = ("email", "url", "card", "postal_code", "phone", "name")
+REDACTION_PATTERNS = (  # in this order: e-mail addresses and URLs hold digits and names, ZIP+4 codes look like phones
+    ("email", re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
+    ("url", re.compile(r"\b(?:https?://|www\.)[^\s<>\"]+[^\s<>\".,;:!?)\]']")),
+    ("card", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")),
+    ("postal_code", re.compile(
+        r"\b(?:[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}"  # United Kingdom
+        r"|[A-Z]\d[A-Z] ?\d[A-Z]\d"  # Canada
+        r"|\d{5}-\d{4}"  # United States, ZIP+4
+        r"|(?<=[A-Z]{2} )\d{5}"  # a US state's code, then its ZIP code
+        r"|(?i:(?<=zip )|(?<=zip code )|(?<=postcode )|(?<=postal code )|(?<=plz ))\d{4,6})\b")),
+    ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w-])")),
+)
+NAME_WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
+DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+
+
+def marked_names(records: list[Any]) -> set[str]:
+    """The values of name-like columns (`name`, `userName`, `author`, ...): the people a table names."""
+    names = set()
+    for record in records:
+        for column, value in flatten_record(record).items():
+            if squash(column.rpartition(".")[2]) in NAME_COLUMNS:
+                names.update(text for text in cell_texts(value) if text.strip().lower() not in ANONYMOUS_NAMES)
+    return names
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for place, digit in enumerate(int(d) for d in reversed(digits)):
+        total += digit if place % 2 == 0 else (digit * 2 - 9 if digit > 4 else digit * 2)
+    return total % 10 == 0
+
+
+def looks_like(kind: str, found: str) -> bool:
+    """Whether a pattern's match is what it names: card numbers pass Luhn's check, phone numbers have 9 to 15 digits."""
+    digits = re.sub(r"\D", "", found)
+    if kind == "card":
+        return luhn_valid(digits)
+    if kind == "phone":
+        return 9 <= len(digits) <= 15 and not DATE_LIKE.fullmatch(found) and (
+            found.startswith(("+", "(")) or len(digits) >= 10 or bool(re.search(r"[ .-]", found)))
+    return True
+
+
+class Redactor:
+    """One job's placeholders: each value always gets the same one (`[email-1]`), and every replacement is counted.
+
+    Names are those the data marks as names (name columns' values, speakers' labels), and
+    each word of them: "Sarah Jones" makes "Sarah" and "Jones" placeholders too, unless the
+    word is a common one. The values themselves are kept only in memory, for the job.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.placeholders: dict[tuple[str, str], str] = {}
+        self.numbers: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter({kind: 0 for kind in REDACTED_KINDS})
+        self.name_words: dict[str, str] = {}  # a name's word, lower-cased -> the whole name it belongs to
+        for name in sorted(names, key=lambda n: (-len(n), n)):
+            for word in NAME_WORD.findall(name):
+                key = word.lower()
+                if len(key) >= 2 and key not in STOPWORDS:
+                    self.name_words.setdefault(key, name.lower())
+
+    def placeholder(self, kind: str, value: str) -> str:
+        key = (kind, value.lower())
+        if key not in self.placeholders:
+            self.numbers[kind] += 1
+            self.placeholders[key] = f"[{kind}-{self.numbers[kind]}]"
+        self.counts[kind] += 1
+        return self.placeholders[key]
+
+    def text(self, text: str) -> str:
+        for kind, pattern in REDACTION_PATTERNS:
+            text = pattern.sub(lambda m, kind=kind: self.placeholder(kind, m.group()) if looks_like(kind, m.group())
+                               else m.group(), text)
+        return self._names(text) if self.name_words else text
+
+    def _names(self, text: str) -> str:
+        """Each word of a name replaced; the words of one whole name ("Sarah Jones") become one placeholder."""
+        pieces, done, last = [], 0, None
+        for match in NAME_WORD.finditer(text):
+            name = self.name_words.get(match.group().lower())
+            if name is None:
+                continue
+            between = text[done:match.start()]
+            if not (name == last and pieces and between.isspace()):
+                pieces += [between, self.placeholder("name", name)]
+            done, last = match.end(), name
+        return "".join(pieces) + text[done:]
+
+    def dataset(self, dataset: Dataset) -> Dataset:
+        """The data with every id, attribute value and text redacted, participant by participant, in order."""
+        people = [Participant(self.text(person.id), [self.text(text) for text in person.texts],
+                              {key: self.text(value) for key, value in person.attributes.items()})
+                  for person in dataset.participants]
+        return Dataset(people, dataset.source, dataset.warnings, dataset.labels)
+
+    def value(self, value: Any) -> Any:
+        """Any JSON value with its texts redacted: a refinement's parent personas, before a model reads them."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self.value(item) for key, item in value.items()}
+        return value
 
 
 # ---------------------------------------------------------------------------
@@ -5286,7 +5422,8 @@ def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
             known.attributes = {**person.attributes, **known.attributes}
     source = {"kind": "refined", "location": f"{first.source['location']} + {more.source['location']}",
               "sources": [first.source, more.source], "participants": len(people)}
-    return Dataset(list(people.values()), source, first.warnings + more.warnings, {**more.labels, **first.labels})
+    return Dataset(list(people.values()), source, first.warnings + more.warnings, {**more.labels, **first.labels},
+                   first.names | more.names)
 
 
 def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: bool) -> list[JSON]:
@@ -5772,6 +5909,12 @@ def resolve_provider(request: JSON, need_key: bool = True) -> str:
     return provider
 
 
+def redact_by_default(request: JSON, default: bool) -> None:
+    """PERSONA_REDACT applies to a request that does not say; decided at submission, wherever the job runs."""
+    if default and "redact" not in request.get("config", {}):
+        request["config"] = {**request.get("config", {}), "redact": True}
+
+
 def check_llm_options(request: JSON) -> None:
     """config.instruction and config.fields ask a model for something; the offline engine refuses them, by name.
 
@@ -5820,6 +5963,12 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
     refine = request.get("refine")
     if refine and "data" in refine:
         dataset = merged_datasets(dataset, await load_data(refine["data"], settings))
+    redactor = Redactor(dataset.names) if config.get("redact") else None
+    if redactor is not None:  # before any provider sees the data, and so in every output
+        dataset = await asyncio.to_thread(redactor.dataset, dataset)
+        if refine:
+            refine = {**refine, "parent_personas": redactor.value(refine["parent_personas"])}
+            request = {**request, "refine": refine}
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
     engine: JSON = {"count": count, "complexity": config.get("complexity", "moderate"),
@@ -5855,6 +6004,8 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         "warnings": dataset.warnings + warnings,
         "quality": quality,
     }
+    if redactor is not None:
+        metadata["redaction"] = dict(redactor.counts)
     folder = output_folder(settings.output_dir, job_id, created_at)
     output_path = await asyncio.to_thread(write_outputs, folder, personas, metadata, exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
@@ -6523,6 +6674,7 @@ def generation_request(body: JSON, settings: Settings, need_key: bool = True) ->
         job_request["config"] = {key: value for key, value in job_request["config"].items() if value is not None}
     job_request["provider"] = resolve_provider(job_request, need_key)
     check_llm_options(job_request)
+    redact_by_default(job_request, settings.redact)
     check_destination(job_request.get("webhook_url"), "webhook_url", settings)
     return job_request
 
@@ -6539,9 +6691,6 @@ async def refine_generation(request: Request) -> Response:
     owner = authenticate(request)
     body = await read_json(request)
     asked = validated(body, REFINE_CHECK)
-    if "data" not in asked and "instruction" not in asked:
-        raise APIError(422, "Request validation failed: give data, an instruction, or both",
-                       {"data": "give data, an instruction, or both"})
     parent = await find_job(request)
     result = completed_result(parent, "refined")
     stored = await state(request).store.job_request(parent["job_id"])
@@ -7562,6 +7711,10 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(*flags, dest=name, default=None, metavar="VALUE",
                            help=f"{text} [env {ENV_VARS[name]}]")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
+    serve.add_argument("--redact", action=argparse.BooleanOptionalAction, default=None,
+                       help="replace e-mail addresses, phone numbers, URLs, postal codes, card numbers and names with "
+                            "placeholders before any provider sees the data, unless a request's config.redact is false "
+                            "(default off) [env PERSONA_REDACT]")
     serve.add_argument("--allow-private-urls", action=argparse.BooleanOptionalAction, default=None,
                        help="let webhooks and data URLs reach loopback and private addresses "
                             "(default: allowed when listening on loopback) [env PERSONA_ALLOW_PRIVATE_URLS]")
@@ -7640,6 +7793,8 @@ def run_server(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for _, name, _ in SERVE_OPTIONS}
     if args.allow_private_urls is not None:
         overrides["allow_private_urls"] = "1" if args.allow_private_urls else "0"
+    if args.redact is not None:
+        overrides["redact"] = "1" if args.redact else "0"
     settings = load_settings(overrides)
     if not settings.data_dir.is_dir():
         raise ConfigError(f"the data directory {settings.data_dir} does not exist (--data-dir / PERSONA_DATA_DIR)")
@@ -7667,14 +7822,15 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def parse_config_pairs(pairs: list[str]) -> JSON:
-    """`--config temperature=0.4` gives text; numbers become numbers so validation can judge them."""
+    """`--config temperature=0.4` gives text; numbers and true/false become JSON's, so validation can judge them."""
     config: JSON = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--config takes KEY=VALUE, got {pair!r}")
         value = value.strip()
-        config[key.strip()] = json.loads(value) if re.fullmatch(r"-?(0|[1-9]\d*)(\.\d+)?", value) else value
+        is_json = re.fullmatch(r"-?(0|[1-9]\d*)(\.\d+)?|true|false", value)
+        config[key.strip()] = json.loads(value) if is_json else value
     return config
 
 
@@ -7758,6 +7914,7 @@ def local_job(args: argparse.Namespace, need_key: bool = True) -> tuple[JSON, Se
         request = validated(generation_body(args), GENERATE_CHECK)
         request["provider"] = resolve_provider(request, need_key)
         check_llm_options(request)
+        redact_by_default(request, bool(parse_setting("redact", os.environ.get(ENV_VARS["redact"], "0"))))
         data_dir = Path.cwd()
         if is_path:
             path = Path(args.data).resolve()

@@ -56,7 +56,8 @@ def test_write_endpoints_carry_bearer_security_and_every_error_uses_the_envelope
         "type": "http", "scheme": "bearer", "description": document["components"]["securitySchemes"]["bearerAuth"]["description"]}
     writes = {("/api/v1/generate", "post"), ("/api/v1/generate/{job_id}", "delete"), ("/api/v1/webhooks", "post"),
               ("/api/v1/webhooks/{webhook_id}", "delete"),
-              ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"), ("/api/v1/estimate", "post")}
+              ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"), ("/api/v1/estimate", "post"),
+              ("/api/v1/generate/{job_id}/refine", "post")}
     for path, item in document["paths"].items():
         for method, spec in item.items():
             assert (spec.get("security") == [{"bearerAuth": []}]) == ((path, method) in writes), (path, method)
@@ -130,7 +131,13 @@ def test_schemathesis_finds_nothing_with_all_of_its_checks() -> None:
 
 def only_missing_test_data(output: str) -> bool:
     """Coverage warnings, not findings: under load, a stateful run may reach a job's cancel or a delivery's
-    retry before the ids it needs exist, and says "missing test data". Every other warning still fails."""
+    retry before the ids it needs exist, and says "missing test data". A refinement of the offline jobs the
+    stateful run makes is mostly refused for their state (an instruction needs an LLM provider), which it
+    calls a "schema validation mismatch": accepted for that operation alone. Every other warning still fails."""
     warnings = output.partition("WARNINGS")[2].partition("SUMMARY")[0]
     kinds = set(re.findall(r"^([A-Z][A-Za-z ]+): \d+ operations?", warnings, re.MULTILINE))
-    return kinds == {"Missing test data"}
+    mismatched = re.findall(r"^  - (.+)$", warnings.partition("Schema validation mismatch")[2].partition("💡")[0],
+                            re.MULTILINE)
+    refine_only = mismatched == ["POST /api/v1/generate/{job_id}/refine"]
+    return kinds <= {"Missing test data", "Schema validation mismatch"} and (
+        "Schema validation mismatch" not in kinds or refine_only)

@@ -480,7 +480,7 @@ def test_refining_needs_a_completed_job_and_something_to_refine_with(client: htt
                                                                      gated_data: GatedDataServer) -> None:
     parent = completed_job(client)
     empty = refine(client, parent["job_id"])
-    assert empty.status_code == 422 and "data, an instruction, or both" in empty.json()["message"]
+    assert empty.status_code == 422 and "data is required unless instruction is given" in empty.json()["message"]
     offline = refine(client, parent["job_id"], instruction="Focus on accessibility needs.")
     assert offline.status_code == 422 and "instruction" in offline.json()["details"]
     assert "LLM provider" in offline.json()["message"]
@@ -533,3 +533,102 @@ def test_the_command_line_and_the_client_refine_a_job(client: httpx.Client, serv
     with persona.PersonaClient(server.url) as api:
         job = api.wait_for_job(api.refine(parent["job_id"], data="more.json", count=2)["job_id"], interval=0.1)
     assert job["status"] == "completed" and job["result"]["parent_job_id"] == parent["job_id"]
+
+
+# -- redaction ---------------------------------------------------------------
+
+PLANTED = ("jo.bloggs@example.org", "07700 900461", "Joanna", "Bloggs", "https://intranet.example.com/rota?user=jb",
+           "M60 1NW", "4539 1488 0343 6467", "Priyanka", "Oduya")
+
+
+def planted_survey(workdir: Path) -> str:
+    """A survey export whose answers hold an e-mail address, a phone number, a URL, a postcode, a card number and names."""
+    rows = [["participant_id", "Name", "role", "response"]]
+    for number in range(1, 9):
+        name = "Joanna Bloggs" if number % 2 else "Priyanka Oduya"
+        rows.append([f"R{number:02d}", name, "Nurse" if number % 2 else "Driver",
+                     f"I need my rota a week ahead, Joanna here. Write to jo.bloggs@example.org or ring 07700 900461. "
+                     f"The old rota lives at https://intranet.example.com/rota?user=jb and my payslip goes to M60 1NW. "
+                     f"I once paid the parking with card 4539 1488 0343 6467. Priyanka and I swap shifts {number} times."])
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    (workdir / "data" / "planted.csv").write_text(out.getvalue())
+    return "planted.csv"
+
+
+@pytest.mark.sqlite_only
+def test_redaction_keeps_planted_personal_data_from_the_provider_and_every_output(start_server, fake: FakeProvider,
+                                                                                   workdir: Path) -> None:
+    source = planted_survey(workdir)
+    server = start_server("--rate-limit", "0", env=fake.environment("openai"))
+    with server.client() as http:
+        job = wait_job(http, submit(http, data=source, count=2, provider="openai", config={"redact": True}))
+    assert job["status"] == "completed", job["error"]
+    sent = json.dumps([request["body"] for request in fake.requests], ensure_ascii=False)
+    for value in PLANTED:
+        assert value not in sent, value
+    assert "[email-1]" in sent and "[phone-1]" in sent and "[name-1]" in sent and "[url-1]" in sent
+    folder = Path(job["result"]["output_path"])
+    everything = json.dumps(job["result"], ensure_ascii=False) + "".join(p.read_text() for p in folder.iterdir())
+    for value in PLANTED:
+        assert value not in everything, value
+    counts = job["result"]["metadata"]["redaction"]
+    assert {kind: counts[kind] > 0 for kind in ("email", "phone", "url", "postal_code", "card", "name")} == dict.fromkeys(
+        ("email", "phone", "url", "postal_code", "card", "name"), True)
+    quotes = [quote for p in job["result"]["personas"] for quote in p["quotes"]]
+    assert quotes and not any("unverified_quotes" in p for p in job["result"]["personas"])  # checked on the redacted text
+
+
+@pytest.mark.sqlite_only
+def test_the_server_default_redacts_unless_a_request_says_otherwise(start_server, fake: FakeProvider,
+                                                                    workdir: Path) -> None:
+    source = planted_survey(workdir)
+    server = start_server("--rate-limit", "0", env={**fake.environment("anthropic"), "PERSONA_REDACT": "1"})
+    with server.client() as http:
+        assert wait_job(http, submit(http, data=source, count=2, provider="anthropic"))["status"] == "completed"
+        redacted = json.dumps([request["body"] for request in fake.requests])
+        calls = len(fake.requests)
+        plain = wait_job(http, submit(http, data=source, count=2, provider="anthropic", config={"redact": False}))
+    assert "jo.bloggs@example.org" not in redacted and "Joanna" not in redacted
+    assert "jo.bloggs@example.org" in json.dumps([request["body"] for request in fake.requests[calls:]])
+    assert "redaction" not in plain["result"]["metadata"]
+
+
+@pytest.mark.sqlite_only
+def test_speaker_names_in_transcripts_are_redacted(start_server, fake: FakeProvider, workdir: Path) -> None:
+    folder = workdir / "data" / "calls"
+    folder.mkdir()
+    for number, (speaker, said) in enumerate([("Marguerite", "I book my shifts on the bus every Sunday night."),
+                                              ("Tobiah", "The payslip app logs me out every single time I open it."),
+                                              ("Marguerite", "My manager texts me the rota, which I then lose.")], 1):
+        (folder / f"call-{number}.txt").write_text(
+            f"Interviewer: How do you plan your week?\n{speaker}: {said} Ask {speaker} again next week.\n"
+            f"Interviewer: Anything else?\n{speaker}: Call me on +44 161 496 0{number}21, thanks.\n")
+    server = start_server("--rate-limit", "0", env=fake.environment("gemini"))
+    with server.client() as http:
+        job = wait_job(http, submit(http, data="calls", count=2, provider="gemini", config={"redact": True}))
+    assert job["status"] == "completed", job["error"]
+    sent = json.dumps([request["body"] for request in fake.requests])
+    for planted in ("Marguerite", "Tobiah", "marguerite", "496 0121"):
+        assert planted not in sent, planted
+    assert job["result"]["metadata"]["redaction"]["name"] == 3  # "Ask <speaker> again": labels are not text
+
+
+def test_redaction_replaces_each_value_with_one_stable_placeholder() -> None:
+    redactor = persona.Redactor({"Sarah Jones"})
+    first = redactor.text("Sarah Jones wrote from sarah@example.com; Sarah said sarah@example.com is best.")
+    assert first == "[name-1] wrote from [email-1]; [name-1] said [email-1] is best."
+    assert redactor.text("Email other@example.com, not sarah@example.com.") == "Email [email-2], not [email-1]."
+    assert redactor.counts["email"] == 4 and redactor.counts["name"] == 2
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("On 2024-01-15 we had 10000 users.", True),
+    ("The 1999 model ran from 1999 to 2004.", True),
+    ("Ring 0161 496 0000 after six.", False),
+    ("Card 4111 1111 1111 1111 was declined.", False),
+    ("Order 4111 1111 1111 1112 was late.", True),  # not a card number: it fails Luhn's check (nor is it a phone)
+    ("Send it to SW1A 1AA today.", False),
+])
+def test_numbers_that_are_not_personal_data_are_kept(text: str, kept: bool) -> None:
+    assert (persona.Redactor(()).text(text) == text) is kept
