@@ -3778,8 +3778,8 @@ name username fullname firstname lastname givenname surname familyname author au
 nickname displayname recipientname recipientfirstname recipientlastname respondentname participantname
 customername intervieweename speaker speakername
 """.split())
-ANONYMOUS_NAMES = frozenset({"a google user", "amazon customer", "kindle customer", "anonymous", "anon", "guest",
-                             "user", "customer", "n/a", "unknown"})
+ANONYMOUS_NAMES = frozenset({"a google user", "amazon customer", "kindle customer", "verified buyer", "verified purchaser",
+                             "anonymous", "anon", "guest", "user", "customer", "speaker", "unknown", "n/a", "none"})
 REDACTED_KINDS = ("email", "url", "card", "postal_code", "phone", "name")
 REDACTION_PATTERNS = (  # in this order: e-mail addresses and URLs hold digits and names, ZIP+4 codes look like phones
     ("email", re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
@@ -3794,6 +3794,7 @@ REDACTION_PATTERNS = (  # in this order: e-mail addresses and URLs hold digits a
     ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w-])")),
 )
 NAME_WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
+GENERIC_LABEL = re.compile(r"[^\W\d_]+[\s_-]*\d+", re.IGNORECASE)  # "Speaker 2", "user_17": a role and a number
 DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
 
@@ -3828,21 +3829,27 @@ def looks_like(kind: str, found: str) -> bool:
 class Redactor:
     """One job's placeholders: each value always gets the same one (`[email-1]`), and every replacement is counted.
 
-    Names are those the data marks as names (name columns' values, speakers' labels), and
-    each word of them: "Sarah Jones" makes "Sarah" and "Jones" placeholders too, unless the
-    word is a common one. The values themselves are kept only in memory, for the job.
+    Names are those the data marks as names (name columns' values, speakers' labels). A
+    whole name ("Sarah Jones") is one placeholder; each of its words alone ("Sarah") is
+    that name's placeholder too, unless the data uses the word in lower case as often as
+    capitalised ("Nurse Manager" is no reason to hide every "nurse"), or the label is a
+    role with a number ("Speaker 2"). The values themselves stay in memory, for the job.
     """
 
     def __init__(self, names: Iterable[str]) -> None:
         self.placeholders: dict[tuple[str, str], str] = {}
         self.numbers: Counter[str] = Counter()
         self.counts: Counter[str] = Counter({kind: 0 for kind in REDACTED_KINDS})
-        self.name_words: dict[str, str] = {}  # a name's word, lower-cased -> the whole name it belongs to
-        for name in sorted(names, key=lambda n: (-len(n), n)):
-            for word in NAME_WORD.findall(name):
-                key = word.lower()
-                if len(key) >= 2 and key not in STOPWORDS:
-                    self.name_words.setdefault(key, name.lower())
+        marked = {name.strip().lower() for name in names if name.strip() and not GENERIC_LABEL.fullmatch(name.strip())}
+        self.whole: dict[str, list[tuple[str, ...]]] = {}  # a name's first word -> its names' words, longest first
+        self.words: dict[str, str] = {}  # one word -> the name it stands for: a one-word name itself, else the longest
+        for name in sorted(marked, key=lambda n: (-len(n), n)):
+            words = tuple(NAME_WORD.findall(name))
+            if words:
+                self.whole.setdefault(words[0], []).append(words)
+                self.words.update({word: " ".join(words) for word in words if word not in self.words
+                                   and len(word) >= 2 and word not in STOPWORDS})
+        self.words.update({words[0]: words[0] for names in self.whole.values() for words in names if len(words) == 1})
 
     def placeholder(self, kind: str, value: str) -> str:
         key = (kind, value.lower())
@@ -3852,34 +3859,71 @@ class Redactor:
         self.counts[kind] += 1
         return self.placeholders[key]
 
+    def keep_common_words(self, texts: Iterable[str]) -> None:
+        """Words of names that the data writes in lower case as often as capitalised are words, not names."""
+        lower: Counter[str] = Counter()
+        capital: Counter[str] = Counter()
+        for text in texts:
+            for word in NAME_WORD.findall(text):
+                key = word.lower()
+                if key in self.words:
+                    (lower if word == key else capital)[key] += 1
+        for word in [w for w in self.words if lower[w] and lower[w] >= capital[w] and (w,) not in self.whole.get(w, [])]:
+            del self.words[word]
+
     def text(self, text: str) -> str:
         for kind, pattern in REDACTION_PATTERNS:
             text = pattern.sub(lambda m, kind=kind: self.placeholder(kind, m.group()) if looks_like(kind, m.group())
                                else m.group(), text)
-        return self._names(text) if self.name_words else text
+        return self._names(text) if self.words or self.whole else text
 
     def _names(self, text: str) -> str:
-        """Each word of a name replaced; the words of one whole name ("Sarah Jones") become one placeholder."""
-        pieces, done, last = [], 0, None
-        for match in NAME_WORD.finditer(text):
-            name = self.name_words.get(match.group().lower())
+        """Whole names first, then single words of them, each replaced by its name's placeholder."""
+        found = list(NAME_WORD.finditer(text))
+        pieces, done, index = [], 0, 0
+        while index < len(found):
+            word = found[index].group().lower()
+            length = self._whole_name_at(text, found, index)
+            name = " ".join(w.group().lower() for w in found[index:index + length]) if length else self.words.get(word)
             if name is None:
+                index += 1
                 continue
-            between = text[done:match.start()]
-            if not (name == last and pieces and between.isspace()):
-                pieces += [between, self.placeholder("name", name)]
-            done, last = match.end(), name
+            pieces += [text[done:found[index].start()], self.placeholder("name", self._canonical(name))]
+            done = found[index + max(length, 1) - 1].end()
+            index += max(length, 1)
         return "".join(pieces) + text[done:]
 
+    def _whole_name_at(self, text: str, found: list[re.Match[str]], index: int) -> int:
+        """How many words from `index` spell a whole marked name, separated by spaces only; 0 for none."""
+        for words in self.whole.get(found[index].group().lower(), []):
+            end = index + len(words)
+            if end <= len(found) and all(found[index + k].group().lower() == words[k] for k in range(len(words))) and \
+                    all(text[found[k].end():found[k + 1].start()].isspace() for k in range(index, end - 1)):
+                return len(words)
+        return 0
+
+    def _canonical(self, name: str) -> str:
+        """The marked name a run of words is: "sarah  jones" is "sarah jones"."""
+        return " ".join(NAME_WORD.findall(name))
+
     def dataset(self, dataset: Dataset) -> Dataset:
-        """The data with every id, attribute value and text redacted, participant by participant, in order."""
-        people = [Participant(self.text(person.id), [self.text(text) for text in person.texts],
-                              {key: self.text(value) for key, value in person.attributes.items()})
-                  for person in dataset.participants]
-        return Dataset(people, dataset.source, dataset.warnings, dataset.labels)
+        """The data with every id, attribute value, text and warning redacted, participant by participant, in order.
+
+        Two participants whose ids redact alike stay two: the second gets a suffix.
+        """
+        self.keep_common_words(text for person in dataset.participants for text in person.texts)
+        people, taken = [], set()
+        for person in dataset.participants:
+            pid = self.text(person.id)
+            while pid in taken:
+                pid += "'"
+            taken.add(pid)
+            people.append(Participant(pid, [self.text(text) for text in person.texts],
+                                      {key: self.text(value) for key, value in person.attributes.items()}))
+        return Dataset(people, self.value(dataset.source), [self.text(w) for w in dataset.warnings], dataset.labels)
 
     def value(self, value: Any) -> Any:
-        """Any JSON value with its texts redacted: a refinement's parent personas, before a model reads them."""
+        """Any JSON value with its texts redacted: a source's names, a refinement's parent personas."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, list):
@@ -5078,6 +5122,15 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
                       "model": session.provider.model}
 
 
+def refining_for(refining: Refining | None, group: list[Participant]) -> Refining | None:
+    """A segment's persona refines the parent personas standing for some of its participants, if any do."""
+    if refining is None:
+        return None
+    ids = {person.id for person in group}
+    overlapping = [persona for persona in refining[0] if ids & set(persona["participants"])]
+    return (overlapping, refining[1]) if overlapping else None
+
+
 def refining_asked(request: JSON) -> Refining | None:
     """A refinement with an instruction shows the model its parent's personas; one with data alone starts afresh."""
     refine = request.get("refine") or {}
@@ -5128,7 +5181,8 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
         if estimate_tokens(data) > budget:
             data = await condense(session, group, budget)
         others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
-        answer = await session.ask(f"persona for segment {index + 1}", persona_prompt(1, data, config, others, refining),
+        answer = await session.ask(f"persona for segment {index + 1}",
+                                   persona_prompt(1, data, config, others, refining_for(refining, group)),
                                    result_schema(config), functools.partial(persona_problems, fields=config.get("fields", [])), 1)
         done += 1
         await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
@@ -5226,8 +5280,8 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
     plan = CallPlan()
     if strategy == "holistic":
         if estimate_tokens(rendered) > budget:
-            plan.warnings.append(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens {budget}: "
-                                 "the job would fail; use strategy 'segmented' or 'auto'")
+            plan.warnings.append(f"the job would fail: the data is about {estimate_tokens(rendered)} tokens, over "
+                                 f"max_input_tokens {budget}; use strategy 'segmented' or 'auto'")
         plan.add(estimate_tokens(persona_prompt(count, rendered, config)), result_schema(config), per_persona * count)
         return strategy, plan
     corpus = build_corpus(people)
@@ -5251,26 +5305,29 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
 async def estimate_job(request: JSON, settings: Settings) -> JSON:
     """What a job with this request would send and cost; nothing is created and no provider is called.
 
-    It reads the data as the job would, holding an engine slot so that estimates cannot
-    crowd out the jobs.
+    It reads the data as the job would; segmenting it holds an engine slot, as a job does.
+    Data the job could not read or segment is no error here: the estimate says the job would
+    fail, and why, at no cost.
     """
     provider, count, config = request["provider"], request.get("count", 3), request.get("config", {})
     model = request.get("model") or default_model(provider)
-    async with engine_slot():
+    people: list[Participant] = []
+    strategy, plan, warnings = "offline" if provider == "local" else config.get("strategy", "auto"), CallPlan(), []
+    try:
         dataset = await load_data(request["data"], settings)
-        people = dataset.participants
-        too_few = len(people) < count and not is_grouped(config)
-        if provider == "local" or too_few:
-            strategy, plan = "offline" if provider == "local" else llm_strategy(people, config)[0], CallPlan()
-        else:
-            strategy, plan = await run_engine(people, plan_calls, people, count, config)
-    warnings = dataset.warnings + plan.warnings
-    if too_few:
-        warnings.append(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for: "
-                        "the job would fail")
+        people, warnings = dataset.participants, list(dataset.warnings)
+        if len(people) < count and not is_grouped(config):
+            raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
+        if provider != "local":
+            async with engine_slot():
+                strategy, plan = await run_engine(people, plan_calls, people, count, config)
+    except GenerationError as exc:
+        warnings.append(f"the job would fail: {exc}")
+    warnings += plan.warnings
     price = (0.0, 0.0) if provider == "local" else model_price(provider, model)
     if price is None:
-        warnings.append(f"no price is known for model {model!r}, so cost_usd is null")
+        warnings.append(f"no price is known for model {model!r}, so cost_usd is null" +
+                        (" (Ollama's models cost what the machine running them costs)" if provider == "ollama" else ""))
     cost = None if price is None else round((plan.input_tokens * price[0] + plan.output_tokens * price[1]) / 1e6, 6)
     return {"participants": len(people), "provider": provider, "model": model, "strategy": strategy,
             "calls": plan.calls, "input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens,
@@ -5439,11 +5496,16 @@ def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: boo
     for j, persona in enumerate(personas):
         before = continues.get(j)
         if before is not None:
-            kept.append((parent.index(before), {**persona, "id": before["id"], "name": before["name"] if keep_names else persona["name"]}))
+            kept.append((parent.index(before), {**persona, "id": before["id"], **(named_as(persona, before["name"]) if keep_names else {})}))
         else:
             number += 1
             fresh.append({**persona, "id": f"persona-{number:03d}"})
     return [persona for _, persona in sorted(kept, key=lambda entry: entry[0])] + fresh
+
+
+def named_as(persona: JSON, name: str) -> JSON:
+    """A persona's name, and its summary's mentions of the name it had, as the name it continues."""
+    return {"name": name, "summary": persona.get("summary", "").replace(persona["name"], name)}
 
 
 def persona_changes(parent: list[JSON], personas: list[JSON]) -> JSON:
@@ -5656,7 +5718,7 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
 
     Markdown passes HTML through, so everything from the data is escaped as on the HTML cards.
     """
-    e, h = escape, "#" * depth
+    e, h = markdown_escape, "#" * depth
     details = ", ".join(f"{e(str(key).replace('_', ' '))}: {e(value)}" for key, value in persona["demographics"].items())
     lines = [f"{h} {e(persona['name'])}: {e(persona['title'])}", "", e(persona.get("summary", "")), "",
              f"**Demographics**: {details}", ""]
@@ -5667,9 +5729,10 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
     for key, value in custom_fields(persona).items():
         items = value if isinstance(value, list) else [value]
         lines += [f"{h}# {e(field_heading(key))}", ""] + [f"- {e(item)}" for item in items] + [""]
-    lines += [f"{h}# Quotes", ""] + [f"> {e(quote)}" for quote in persona["quotes"]] + [""]
+    lines += [f"{h}# Quotes", ""] + [line for quote in persona["quotes"] for line in (f"> {e(quote)}", "")]
     if persona.get("unverified_quotes"):
-        lines += [f"{h}# Unverified quotes (not found in the data)", ""] + [f"> {e(q)}" for q in persona["unverified_quotes"]] + [""]
+        lines += [f"{h}# Unverified quotes (not found in the data)", ""]
+        lines += [line for quote in persona["unverified_quotes"] for line in (f"> {e(quote)}", "")]
     evidence = persona["evidence"]
     lines += [f"{h}# Evidence", "", f"Participants ({evidence['share']:.0%}): {e(', '.join(evidence['participants']))}", ""]
     return "\n".join(lines)
@@ -5693,6 +5756,11 @@ td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
 @media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
 border:1px solid #ccc;margin-bottom:1rem}}
 """
+
+
+def markdown_escape(value: Any) -> str:
+    """Markdown passes HTML through: its tags and entities are escaped, quotation marks need not be."""
+    return html.escape(str(value), quote=False)
 
 
 def escape(value: Any) -> str:
@@ -5749,7 +5817,7 @@ def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = No
 
 
 STANDARD_KEYS = frozenset({*PERSONA_FIELDS, "id", "summary", "evidence", "unverified_quotes", "themes"})
-RESERVED_FIELD_NAMES = STANDARD_KEYS | {"participants"}  # `participants` is the model's evidence
+RESERVED_FIELD_NAMES = STANDARD_KEYS | {"participants", "share"}  # the model's evidence, and a CSV column
 
 
 def custom_fields(persona: JSON) -> JSON:
@@ -5778,7 +5846,8 @@ def personas_csv(personas: list[JSON]) -> str:
     demographics = list(dict.fromkeys(key for persona in personas for key in persona.get("demographics", {})))
     extra = list(dict.fromkeys(key for persona in personas for key in custom_fields(persona)))
     lists = ["goals", "pain_points", "behaviours", "quotes"]
-    named = {"id", "name", "title", "summary", *lists, *extra, "participants", "share"}
+    named = {"id", "name", "title", "summary", *lists, *extra}
+    demographics = [key for key in demographics if key not in ("participants", "share")]  # the evidence columns say them
     columns = ["id", "name", "title", "summary", *(f"demographics.{key}" if key in named else key for key in demographics),
                *lists, *extra, "participants", "share"]
     out = io.StringIO()
@@ -5797,7 +5866,7 @@ def personas_csv(personas: list[JSON]) -> str:
 def personas_markdown(personas: list[JSON], subtitle: str, quality: JSON | None) -> str:
     by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
     cards = [persona_card(persona, by_id.get(persona["id"]), depth=2) for persona in personas]
-    head = f"# Personas\n\n{escape(subtitle)}" + (f" · {coverage_line(quality)}" if quality else "") + "\n\n"
+    head = f"# Personas\n\n{markdown_escape(subtitle)}" + (f" · {coverage_line(quality)}" if quality else "") + "\n\n"
     return head + "\n---\n\n".join(cards)
 
 
@@ -5938,6 +6007,21 @@ def check_llm_options(request: JSON) -> None:
         raise APIError(422, f"Request validation failed: {summary}", problems)
 
 
+async def job_dataset(request: JSON, settings: Settings) -> tuple[Dataset, Redactor | None]:
+    """A job's data: its source, then each source its refinements added, read together; and its redactor, if asked.
+
+    Each source is redacted in turn, before they are merged, so that a refinement numbers
+    its parent's values as its parent did.
+    """
+    sources = [request["data"], *request.get("refine", {}).get("more_data", [])]
+    datasets = [await load_data(source, settings) for source in sources]
+    redactor = None
+    if request.get("config", {}).get("redact"):  # before any provider sees the data, and so in every output
+        redactor = Redactor(set().union(*(dataset.names for dataset in datasets)))
+        datasets = [await asyncio.to_thread(redactor.dataset, dataset) for dataset in datasets]
+    return functools.reduce(merged_datasets, datasets), redactor
+
+
 async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport,
                    begin: Callable[[], Awaitable[None]] | None = None, created_at: str | None = None) -> JSON:
     """Run one job: load, cluster, build personas, write outputs. Returns the job's result.
@@ -5959,16 +6043,14 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
     count = request.get("count", 3)
     config = request.get("config", {})
     await report(5, "loading data")
-    dataset = await load_data(request["data"], settings)
     refine = request.get("refine")
-    if refine and "data" in refine:
-        dataset = merged_datasets(dataset, await load_data(refine["data"], settings))
-    redactor = Redactor(dataset.names) if config.get("redact") else None
-    if redactor is not None:  # before any provider sees the data, and so in every output
-        dataset = await asyncio.to_thread(redactor.dataset, dataset)
+    dataset, redactor = await job_dataset(request, settings)
+    if redactor is not None:  # what else the model reads, from the researcher, is redacted alike
         if refine:
             refine = {**refine, "parent_personas": redactor.value(refine["parent_personas"])}
-            request = {**request, "refine": refine}
+        if "groups" in config:
+            config = {**config, "groups": {name: [redactor.text(pid) for pid in ids] for name, ids in config["groups"].items()}}
+        request = {**request, "config": config, **({"refine": refine} if refine else {})}
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
     engine: JSON = {"count": count, "complexity": config.get("complexity", "moderate"),
@@ -6700,8 +6782,9 @@ async def refine_generation(request: Request) -> Response:
     if "instruction" in asked and job_request["provider"] == "local":
         raise APIError(422, "Request validation failed: instruction needs an LLM provider; the offline engine can "
                             "refine with more data only", {"instruction": "needs an LLM provider"})
+    more_data = stored[0].get("refine", {}).get("more_data", []) + ([asked["data"]] if "data" in asked else [])
     job_request["refine"] = {"parent_job_id": parent["job_id"], "parent_personas": result["personas"],
-                             **{key: asked[key] for key in ("data", "instruction") if key in asked}}
+                             "more_data": more_data, **({"instruction": asked["instruction"]} if "instruction" in asked else {})}
     idempotency = idempotency_key(request, {"refine": parent["job_id"], **body})
     return await admit_job(request, owner, job_request, asked.get("data"), idempotency, experiment_id=stored[1])
 
@@ -6709,11 +6792,14 @@ async def refine_generation(request: Request) -> Response:
 def refined_body(parent: JSON, asked: JSON) -> JSON:
     """A refinement's request: the parent's data, and its count, provider, model and config unless asked otherwise.
 
-    A model is the parent's only with the parent's provider; the experiment is the parent's, whatever the config says.
+    A model is the parent's only with the parent's provider; the experiment is the parent's, whatever the config says;
+    a redacted parent's refinements are redacted unless their config says otherwise.
     """
     provider = asked.get("provider", parent.get("provider"))
     model = asked.get("model", parent.get("model") if provider == parent.get("provider") else None)
     config = {key: value for key, value in asked.get("config", parent.get("config", {})).items() if key != "experiment"}
+    if parent.get("config", {}).get("redact") and "redact" not in config:
+        config["redact"] = True
     body = {"data": parent["data"], "count": asked.get("count", parent.get("count")), "provider": provider, "model": model,
             "config": config, "webhook_url": asked.get("webhook_url")}
     return {key: value for key, value in body.items() if value is not None}
@@ -6752,10 +6838,7 @@ async def estimate_generation(request: Request) -> JSONResponse:
     settings = state(request).settings
     job_request = generation_request(await read_json(request), settings, need_key=False)
     await check_data_source(job_request["data"], settings.data_dir)
-    try:
-        return JSONResponse(await estimate_job(job_request, settings))
-    except GenerationError as exc:
-        raise APIError(422, f"The data cannot be estimated: {exc}", {"data": str(exc)}) from None
+    return JSONResponse(await estimate_job(job_request, settings))
 
 
 def check_destination(url: str | None, field_name: str, settings: Settings) -> None:
@@ -6787,7 +6870,7 @@ async def get_generation(request: Request) -> Response:
 def completed_result(job: JSON, action: str) -> JSON:
     """A job's result, for what only a completed job allows (export, refine, compare); else a 409."""
     if job["status"] != "completed":
-        raise APIError(409, f"Job {job['job_id']} is {job['status']}; only a completed job can be {action}",
+        raise APIError(409, f"Job {job['job_id']} has status {job['status']}; only a completed job can be {action}",
                        {"status": job["status"]})
     return job["result"]
 
@@ -6795,7 +6878,7 @@ def completed_result(job: JSON, action: str) -> JSON:
 async def export_generation(request: Request) -> Response:
     """A completed job's personas as a download, in the format asked for."""
     job = await find_job(request)
-    form = request.query_params.get("format", "json")
+    form = request.query_params.get("format", "json").lower()
     if form not in EXPORT_FORMATS:
         formats = ", ".join(EXPORT_FORMATS)
         raise APIError(422, f"Query parameter format must be one of: {formats}", {"format": f"must be one of: {formats}"})
@@ -6810,13 +6893,13 @@ async def compare_generations(request: Request) -> JSONResponse:
     """Two completed jobs' personas, paired, with what each pair shares and what only one side has."""
     results = {}
     for side in ("a", "b"):
-        job_id = request.query_params.get(side)
-        if not job_id:
-            raise APIError(422, f"Query parameter {side} is required: the id of a completed job",
-                           {side: "is required"})
-        job = await state(request).store.get_job(job_id) if JOB_ID.match(job_id) else None
+        job_id = request.query_params.get(side, "")
+        if not JOB_ID.match(job_id):
+            problem = "must be the id of a completed job, such as job-1651089e0c13"
+            raise APIError(422, f"Query parameter {side} {problem}", {side: problem})
+        job = await state(request).store.get_job(job_id)
         if job is None:
-            raise APIError(404, f"Job {job_id if len(job_id) <= 64 else job_id[:64] + '…'} not found", {side: "not found"})
+            raise APIError(404, f"Job {job_id} not found", {side: "not found"})
         results[side] = completed_result(job, "compared")
     comparison = compare_personas(results["a"]["personas"], results["b"]["personas"])
     return JSONResponse({"a": request.query_params["a"], "b": request.query_params["b"], **comparison})
@@ -7050,7 +7133,8 @@ ESTIMATE_SCHEMA: JSON = {
                  "warnings"],
     "properties": {
         "participants": {"type": "integer"}, "provider": {"type": "string"}, "model": {"type": "string"},
-        "strategy": {"type": "string", "enum": ["offline", "holistic", "segmented"]},
+        "strategy": {"type": "string", "enum": ["offline", "holistic", "segmented", "auto"],
+                     "description": "auto: not chosen, as the job would fail first (see warnings)"},
         "calls": {"type": "integer"}, "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"},
         "cost_usd": {"type": ["number", "null"], "description": "null when the model's price is not known"},
         "warnings": STRING_LIST,
@@ -7645,10 +7729,11 @@ class PersonaClient:
         return self._request("GET", f"/api/v1/experiments/{experiment_id}")
 
     def refine(self, job_id: str, data: str | list[Any] | None = None, instruction: str | None = None,
-               **kwargs: Any) -> JSON:
+               idempotency_key: str | None = None, **kwargs: Any) -> JSON:
         """A new job refining a completed one with more data, an instruction or both."""
         body = {key: value for key, value in (("data", data), ("instruction", instruction)) if value is not None}
-        return self._request("POST", f"/api/v1/generate/{job_id}/refine", json={**body, **kwargs})
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._request("POST", f"/api/v1/generate/{job_id}/refine", json={**body, **kwargs}, headers=headers)
 
     def compare(self, a: str, b: str) -> JSON:
         """Two completed jobs' personas, paired, with what each pair shares field by field."""
@@ -7854,6 +7939,7 @@ def print_summary(result: JSON) -> None:
         print()
     if metadata.get("quality"):
         print(coverage_line(metadata["quality"]).capitalize())
+    print(f"Job: {metadata['job_id']}")
     print(f"Output: {result['output_path']}")
 
 
@@ -7980,11 +8066,7 @@ def print_estimate(estimate: JSON) -> None:
 
 
 def run_estimate(args: argparse.Namespace) -> int:
-    try:
-        estimate = estimate_here_or_there(args)
-    except GenerationError as exc:
-        print(f"persona: the data cannot be estimated: {exc}", file=sys.stderr)
-        return 1
+    estimate = estimate_here_or_there(args)
     if args.json:
         print(json.dumps(estimate, indent=2, ensure_ascii=False))
     else:
@@ -8009,7 +8091,8 @@ def print_changes(changes: JSON) -> None:
     for persona in changes["personas"]:
         counts = ", ".join(f"{key.replace('_', ' ')} +{len(change['added'])} -{len(change['removed'])}"
                            for key, change in persona["fields"].items())
-        print(f"changed {persona['name']} ({persona['id']}): {counts or 'nothing'}")
+        print(f"changed {persona['name']} ({persona['id']}): {counts}" if counts else
+              f"unchanged {persona['name']} ({persona['id']})")
     for label in changes["new"]:
         print(f"new {label['name']} ({label['id']}): {label['title']}")
     for label in changes["gone"]:
@@ -8099,21 +8182,29 @@ def folder_personas(folder: str) -> list[JSON]:
 
 
 def print_comparison(comparison: JSON) -> None:
+    """Each pair, then per field what only one side has (what both share is counted)."""
     for pair in comparison["pairs"]:
         a, b = pair["a"], pair["b"]
         print(f"{a['name']} ({a['id']}) ~ {b['name']} ({b['id']}): similarity {pair['similarity']:.2f}")
         for key, split in pair["fields"].items():
             if split["only_a"] or split["only_b"]:
-                print(f"  {key.replace('_', ' ')}: {len(split['shared'])} shared, {len(split['only_a'])} only in a, "
-                      f"{len(split['only_b'])} only in b")
+                print(f"  {key.replace('_', ' ')} ({len(split['shared'])} shared):")
+                print("".join(f"    a: {item}\n" for item in split["only_a"]) +
+                      "".join(f"    b: {item}\n" for item in split["only_b"]), end="")
     for side in ("a", "b"):
         for label in comparison["unpaired"][side]:
             print(f"only in {side}: {label['name']} ({label['id']}): {label['title']}")
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    if Path(args.a).is_dir() and Path(args.b).is_dir():
+    folders = [Path(args.a).is_dir(), Path(args.b).is_dir()]
+    for given, is_folder in zip((args.a, args.b), folders):
+        if not is_folder and not JOB_ID.match(given):
+            raise UsageError(f"{given} is neither an output folder nor a job id (such as job-1651089e0c13)")
+    if all(folders):
         comparison = {"a": args.a, "b": args.b, **compare_personas(folder_personas(args.a), folder_personas(args.b))}
+    elif any(folders):
+        raise UsageError("compare two output folders, or two job ids on --server, not one of each")
     else:
         comparison = ask_server(args, lambda client: client.compare(args.a, args.b))
     if args.json:

@@ -546,10 +546,10 @@ def planted_survey(workdir: Path) -> str:
     rows = [["participant_id", "Name", "role", "response"]]
     for number in range(1, 9):
         name = "Joanna Bloggs" if number % 2 else "Priyanka Oduya"
-        rows.append([f"R{number:02d}", name, "Nurse" if number % 2 else "Driver",
-                     f"I need my rota a week ahead, Joanna here. Write to jo.bloggs@example.org or ring 07700 900461. "
-                     f"The old rota lives at https://intranet.example.com/rota?user=jb and my payslip goes to M60 1NW. "
-                     f"I once paid the parking with card 4539 1488 0343 6467. Priyanka and I swap shifts {number} times."])
+        answer = ("I need my rota a week ahead, Joanna here. Write to jo.bloggs@example.org or ring 07700 900461. "
+                  "The old rota lives at https://intranet.example.com/rota?user=jb and my payslip goes to M60 1NW. "
+                  f"I once paid the parking with card 4539 1488 0343 6467. Priyanka and I swap shifts {number} times.")
+        rows.append([f"R{number:02d}", name, "Nurse" if number % 2 else "Driver", answer])
     out = io.StringIO()
     csv.writer(out).writerows(rows)
     (workdir / "data" / "planted.csv").write_text(out.getvalue())
@@ -632,3 +632,89 @@ def test_redaction_replaces_each_value_with_one_stable_placeholder() -> None:
 ])
 def test_numbers_that_are_not_personal_data_are_kept(text: str, kept: bool) -> None:
     assert (persona.Redactor(()).text(text) == text) is kept
+
+
+def test_a_refinement_of_a_refinement_keeps_the_data_each_one_added(client: httpx.Client) -> None:
+    parent = completed_job(client)
+    first = wait_job(client, refine(client, parent["job_id"], data=MORE_INTERVIEWS[:2]).json()["job_id"])
+    second = wait_job(client, refine(client, first["job_id"], data=MORE_INTERVIEWS[2:4]).json()["job_id"])
+    assert second["status"] == "completed", second["error"]
+    everyone = {pid for p in second["result"]["personas"] for pid in p["evidence"]["participants"]}
+    assert {"P17", "P18"} <= everyone
+    assert second["result"]["metadata"]["source"]["participants"] == 18
+    gone = {pid for change in second["result"]["changes"]["personas"]
+            for pid in change["fields"].get("participants", {"removed": []})["removed"]}
+    assert "P17" not in gone
+
+
+@pytest.mark.sqlite_only
+def test_a_refinement_of_a_redacted_job_stays_redacted_whatever_config_it_sends(client: httpx.Client,
+                                                                                 workdir: Path) -> None:
+    source = planted_survey(workdir)
+    parent = completed_job(client, data=source, count=2, config={"redact": True})
+    child = wait_job(client, refine(client, parent["job_id"], data=MORE_INTERVIEWS,
+                                    config={"complexity": "simple"}).json()["job_id"])
+    assert child["status"] == "completed", child["error"]
+    assert "redaction" in child["result"]["metadata"]
+    everything = json.dumps(child["result"], ensure_ascii=False)
+    for value in PLANTED:
+        assert value not in everything, value
+
+
+def test_redaction_covers_warnings_and_the_source_and_keeps_participants_apart(tmp_path: Path) -> None:
+    (tmp_path / "Interview_Sarah_Jones.txt").write_text(
+        "Interviewer: How do you plan?\nSarah Jones: I plan on Sundays with a paper diary.\n"
+        "Interviewer: And then?\nSarah Jones: Then I copy it into the app, which is slow.\n")
+    dataset = persona.load_path("Interview_Sarah_Jones.txt", tmp_path)
+    redacted = persona.Redactor(dataset.names).dataset(dataset)
+    shown = json.dumps([redacted.source, redacted.warnings, [p.id for p in redacted.participants]])
+    assert "sarah" not in shown.lower() and "jones" not in shown.lower()
+    twins = persona.Redactor({"Sarah"}).dataset(persona.Dataset(
+        [persona.Participant("Sarah", ["I plan on Sundays."]), persona.Participant("sarah", ["I plan on Mondays."])],
+        {"location": "inline"}))
+    assert len({p.id for p in twins.participants}) == 2
+
+
+def test_words_the_data_uses_as_words_and_numbered_speakers_are_not_names() -> None:
+    redactor = persona.Redactor({"Nurse Manager", "Speaker 2", "Maya Patel"})
+    dataset = persona.Dataset([persona.Participant("P1", ["As a nurse I check the rota.", "Maya says the nurse app is slow.",
+                                                          "Speaker 2 agrees with the Nurse Manager."])], {"location": "x"})
+    texts = redactor.dataset(dataset).participants[0].texts
+    assert texts == ["As a nurse I check the rota.", "[name-1] says the nurse app is slow.",
+                     "Speaker 2 agrees with the [name-2]."]
+
+
+@pytest.mark.sqlite_only
+def test_groups_name_participants_as_the_redacted_data_does(client: httpx.Client, workdir: Path) -> None:
+    names = ["Ada Lovelace", "Alan Turing", "Grace Hopper"]
+    rows = [["participant", "reviewer", "review"]] + [[name, name, f"The rota app is slow, says {name}, on day {n}."]
+                                                      for n, name in enumerate(names, 1)]
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    (workdir / "data" / "reviews.csv").write_text(out.getvalue())
+    job = completed_job(client, data="reviews.csv", count=2,
+                        config={"redact": True, "groups": {"First": names[:1], "Others": names[1:]}})
+    assert [p["title"] for p in job["result"]["personas"]] == ["First", "Others"]
+    assert [p["evidence"]["participants"] for p in job["result"]["personas"]] == [["[name-1]"], ["[name-2]", "[name-3]"]]
+    assert "Lovelace" not in json.dumps(job["result"])
+
+
+@pytest.mark.sqlite_only
+def test_the_command_line_shows_what_differs_and_refuses_what_is_neither_folder_nor_job(client: httpx.Client,
+                                                                                       server: Server) -> None:
+    three, four = completed_job(client, count=3), completed_job(client, count=4)
+    shown = run_persona("compare", three["result"]["output_path"], four["result"]["output_path"])
+    assert shown.returncode == 0, shown.stderr
+    assert "    a: " in shown.stdout and "    b: " in shown.stdout
+    wrong = run_persona("compare", "out/nope/", three["job_id"])
+    assert wrong.returncode == 2 and "out/nope/ is neither an output folder nor a job id" in wrong.stderr
+    malformed = client.get("/api/v1/compare", params={"a": "nope", "b": three["job_id"]})
+    assert malformed.status_code == 422 and "a" in malformed.json()["details"]
+
+
+def test_an_estimate_of_data_that_cannot_be_read_says_the_job_would_fail(client: httpx.Client) -> None:
+    response = client.post("/api/v1/estimate", json={"data": ["", " "], "provider": "openai"})
+    assert response.status_code == 200, response.text
+    estimate = response.json()
+    assert (estimate["participants"], estimate["calls"], estimate["input_tokens"]) == (0, 0, 0)
+    assert any(warning.startswith("the job would fail: ") for warning in estimate["warnings"])
