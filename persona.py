@@ -344,6 +344,9 @@ TEXT_PATTERN = "^[^\x00]*$"  # no NUL: SQLite, files and logs cannot hold it fai
 HTTP_URL_SCHEMA: JSON = {"type": "string", "format": "uri", "pattern": "^https?://[^\x00]*$", "maxLength": 2048}
 
 
+INSTRUCTION_SCHEMA: JSON = {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN}
+
+
 def nullable(schema: JSON) -> JSON:
     """An optional field may also be sent as null, which means "not given"."""
     widened = {**schema, "type": [schema["type"], "null"]}
@@ -380,8 +383,7 @@ GENERATE_SCHEMA: JSON = {
                 "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
                 "group_by": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN,
                                       "description": "an attribute: one persona per value, the `count` largest groups"}),
-                "instruction": nullable({"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
-                                         "description": "free text added to the prompt (LLM providers)"}),
+                "instruction": nullable({**INSTRUCTION_SCHEMA, "description": "free text added to the prompt (LLM providers)"}),
                 "redact": nullable({"type": "boolean", "description": "replace personal data with placeholders "
                                                                     "(default: the server's PERSONA_REDACT)"}),
                 "fields": nullable({
@@ -418,8 +420,7 @@ REFINE_SCHEMA: JSON = {
     "anyOf": [{"required": ["data"]}, {"required": ["instruction"]}],
     "properties": {
         "data": GENERATE_SCHEMA["properties"]["data"],
-        "instruction": {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": TEXT_PATTERN,
-                        "description": "what to change, for an LLM provider"},
+        "instruction": {**INSTRUCTION_SCHEMA, "description": "what to change, for an LLM provider"},
         **{key: GENERATE_SCHEMA["properties"][key] for key in ("count", "provider", "model", "config", "webhook_url")},
     },
 }
@@ -1184,7 +1185,11 @@ SELECT j.experiment_id, e.name, j.jobs, j.created_at, j.updated_at FROM (
     FROM jobs GROUP BY experiment_id) AS j
 LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
 ORDER BY j.first DESC LIMIT :limit OFFSET :offset"""
-SQL_GET_EXPERIMENT = SQL_LIST_EXPERIMENTS.replace("FROM jobs GROUP BY", "FROM jobs WHERE experiment_id = :experiment_id GROUP BY")
+SQL_GET_EXPERIMENT = """
+SELECT j.experiment_id, e.name, COUNT(*) AS jobs, MIN(j.created_at) AS created_at,
+       MAX(COALESCE(j.completed_at, j.started_at, j.created_at)) AS updated_at
+FROM jobs AS j LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
+WHERE j.experiment_id = ? GROUP BY j.experiment_id, e.name"""
 SQL_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
 SQL_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = ? ORDER BY seq"
 SQL_GET_REQUEST = "SELECT request, experiment_id FROM jobs WHERE job_id = ?"
@@ -1585,7 +1590,7 @@ class SQLiteStore(Store):
 
     async def get_experiment(self, experiment_id: str) -> JSON | None:
         """An experiment with its jobs, oldest first, as the job list shows them; None if it has none."""
-        found = await self._read(SQL_GET_EXPERIMENT, {"experiment_id": experiment_id, "limit": 1, "offset": 0})
+        found = await self._read(SQL_GET_EXPERIMENT, (experiment_id,))
         if not found:
             return None
         jobs = await self._read(SQL_EXPERIMENT_JOBS, (experiment_id,))
@@ -1905,17 +1910,10 @@ PG_LIST_JOBS = f"""
 SELECT {JOB_COLUMNS}, ({PG_COUNT_JOBS}) AS total FROM jobs
 WHERE $1::text IS NULL OR status = $1 ORDER BY seq LIMIT $2 OFFSET $3"""
 PG_LIST_JOBS_NEWEST = PG_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
-PG_LIST_EXPERIMENTS = """
-SELECT j.experiment_id, e.name, j.jobs, j.created_at, j.updated_at FROM (
-    SELECT experiment_id, COUNT(*) AS jobs, MIN(seq) AS first, MIN(created_at) AS created_at,
-           MAX(COALESCE(completed_at, started_at, created_at)) AS updated_at
-    FROM jobs GROUP BY experiment_id) AS j
-LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
-ORDER BY j.first DESC LIMIT $1 OFFSET $2"""
-PG_GET_EXPERIMENT = PG_LIST_EXPERIMENTS.replace("FROM jobs GROUP BY", "FROM jobs WHERE experiment_id = $3 GROUP BY")
-PG_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
-PG_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = $1 ORDER BY seq"
-PG_GET_REQUEST = "SELECT request, experiment_id FROM jobs WHERE job_id = $1"
+PG_LIST_EXPERIMENTS = SQL_LIST_EXPERIMENTS.replace(":limit", "$1").replace(":offset", "$2")
+PG_GET_EXPERIMENT = SQL_GET_EXPERIMENT.replace("?", "$1")  # the same statement, in PostgreSQL's parameters
+PG_EXPERIMENT_JOBS = SQL_EXPERIMENT_JOBS.replace("?", "$1")
+PG_GET_REQUEST = SQL_GET_REQUEST.replace("?", "$1")
 PG_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
 # Every invariant that SQLite's single writer kept needs a lock here: a batch takes one
@@ -2341,10 +2339,10 @@ class PostgresStore(Store):
 
     async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
         rows = await self._read(PG_LIST_EXPERIMENTS, limit, offset)
-        return [dict(row) for row in rows], (await self._read(PG_COUNT_EXPERIMENTS))[0]["total"]
+        return [dict(row) for row in rows], (await self._read(SQL_COUNT_EXPERIMENTS))[0]["total"]
 
     async def get_experiment(self, experiment_id: str) -> JSON | None:
-        found = await self._read(PG_GET_EXPERIMENT, 1, 0, experiment_id)
+        found = await self._read(PG_GET_EXPERIMENT, experiment_id)
         if not found:
             return None
         jobs = await self._read(PG_EXPERIMENT_JOBS, experiment_id)
