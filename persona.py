@@ -3768,6 +3768,88 @@ async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
 
 
 # ---------------------------------------------------------------------------
+# Data directory: the sources it holds, and files uploaded into it
+# ---------------------------------------------------------------------------
+
+UPLOADS = "uploads"  # the data directory's folder for uploaded files
+ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to name their attributes
+UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+ATTRIBUTE_CACHE: dict[tuple[str, int, int], list[str] | None] = {}  # (path, size, mtime) -> the table's attributes
+
+
+def data_sources(data_dir: Path) -> list[JSON]:
+    """Every file a job can read in the data directory, and every folder holding some, sorted by name.
+
+    A table small enough is read, to name its attributes (what `group_by` can take); reading
+    is remembered by the file's size and time, so a listing reads only what changed.
+    """
+    root = real_root(data_dir)
+    files, _ = folder_files(root, root)
+    folders: Counter[str] = Counter()
+    sources = []
+    for file in files:
+        relative = file.relative_to(root)
+        for parent in list(relative.parents)[:-1]:
+            folders[parent.as_posix()] += 1
+        info = file.stat()
+        fmt = FORMATS[file.suffix.lower()]
+        sources.append({"name": relative.as_posix(), "kind": "file", "format": fmt, "size": info.st_size,
+                        "attributes": table_attributes(file, root, info) if fmt in ("csv", "tsv", "xlsx", "json",
+                                                                                      "jsonl") else None})
+    sources += [{"name": name, "kind": "folder", "format": "folder", "files": count, "attributes": None}
+                for name, count in folders.items()]
+    return sorted(sources, key=lambda source: source["name"])
+
+
+def table_attributes(file: Path, root: Path, info: os.stat_result) -> list[str] | None:
+    """A table's attributes, most common first; None when it is too large to read here or cannot be read."""
+    key = (str(file), info.st_size, info.st_mtime_ns)
+    if key not in ATTRIBUTE_CACHE:
+        if len(ATTRIBUTE_CACHE) > 1000:
+            ATTRIBUTE_CACHE.clear()
+        found = None
+        if info.st_size <= ATTRIBUTE_SCAN_BYTES:
+            with contextlib.suppress(GenerationError, OSError, ValueError):
+                people = load_path(file.relative_to(root).as_posix(), root).participants
+                found = [key for key, _ in Counter(k for person in people for k in person.attributes).most_common()]
+        ATTRIBUTE_CACHE[key] = found
+    return ATTRIBUTE_CACHE[key]
+
+
+def upload_name(name: str) -> str:
+    """A safe file name from the one a browser sent: letters, digits, dots, dashes and underscores, a known format."""
+    cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100]
+    if Path(cleaned).suffix.lower() not in FORMATS or not Path(cleaned).stem:
+        raise APIError(422, f"An upload must be named as a supported format ({', '.join(FORMATS)}), got {name[:100]!r}",
+                       {"name": f"must end in one of: {', '.join(FORMATS)}"})
+    return cleaned
+
+
+def store_upload(data_dir: Path, name: str, body: bytes) -> JSON:
+    """Write an upload under uploads/, never over another file: a taken name gets `-2`, `-3`, ... before its suffix.
+
+    The file is written aside and then linked into place, which fails rather than replace
+    a file that exists, so two uploads of one name keep both.
+    """
+    folder = real_root(data_dir) / UPLOADS
+    folder.mkdir(exist_ok=True)
+    if folder.is_symlink() or not folder.resolve().is_relative_to(real_root(data_dir)):
+        raise APIError(400, f"{UPLOADS}/ in the data directory is not a plain folder; uploads need one")
+    stem, suffix = Path(name).stem, Path(name).suffix
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".upload-", delete=False) as staged:
+        staged.write(body)
+    try:
+        for number in itertools.count(1):
+            target = folder / (name if number == 1 else f"{stem}-{number}{suffix}")
+            with contextlib.suppress(FileExistsError):
+                os.link(staged.name, target)
+                break
+    finally:
+        os.unlink(staged.name)
+    return {"name": f"{UPLOADS}/{target.name}", "format": FORMATS[suffix.lower()], "size": len(body)}
+
+
+# ---------------------------------------------------------------------------
 # Redaction: personal data replaced by placeholders before the data leaves the machine
 # ---------------------------------------------------------------------------
 
@@ -7005,6 +7087,37 @@ async def list_webhooks(request: Request) -> JSONResponse:
     return JSONResponse([webhook_for_reader(webhook, whole) for webhook in await state(request).store.list_webhooks()])
 
 
+async def list_data(request: Request) -> JSONResponse:
+    """The sources in the data directory; file names can be sensitive, so with auth on this needs a token."""
+    authenticate(request)
+    return JSONResponse(await asyncio.to_thread(data_sources, state(request).settings.data_dir))
+
+
+async def upload_data(request: Request) -> JSONResponse:
+    """A file from the researcher's computer, stored under uploads/ in the data directory (body = its bytes)."""
+    authenticate(request)
+    settings = state(request).settings
+    name = upload_name(request.path_params["name"])
+    cap = settings.max_source_mb * 1024 * 1024
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise upload_too_large(settings.max_source_mb)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise upload_too_large(settings.max_source_mb)
+    if not body:
+        raise APIError(422, "The upload is empty; send the file's bytes as the request body", {"body": "is empty"})
+    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body))
+    return JSONResponse(stored, status_code=201, headers={"Location": "/api/v1/data"})
+
+
+def upload_too_large(max_mb: int) -> APIError:
+    return APIError(413, f"The upload is larger than the {max_mb} MiB a local source may be "
+                         "(set by --max-source-mb / PERSONA_MAX_SOURCE_MB)", {"max_bytes": max_mb * 1024 * 1024})
+
+
 async def list_providers(request: Request) -> JSONResponse:
     return JSONResponse(provider_status())
 
@@ -7125,6 +7238,17 @@ COMPARISON_SCHEMA: JSON = {
                                     "b": {"type": "array", "items": PERSONA_LABEL_SCHEMA}}},
     },
 }
+DATA_SOURCE_SCHEMA: JSON = {
+    "type": "object", "required": ["name", "kind", "format", "attributes"],
+    "properties": {"name": {"type": "string", "description": "the path to give as `data`"},
+                   "kind": {"type": "string", "enum": ["file", "folder"]}, "format": {"type": "string"},
+                   "size": {"type": "integer"}, "files": {"type": "integer"},
+                   "attributes": {"type": ["array", "null"], "items": {"type": "string"},
+                                  "description": "a table's attributes, what config.group_by can take"}},
+}
+UPLOADED_SCHEMA: JSON = {"type": "object", "required": ["name", "format", "size"],
+                         "properties": {"name": {"type": "string"}, "format": {"type": "string"}, "size": {"type": "integer"}}}
+UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
 ESTIMATE_SCHEMA: JSON = {
     "type": "object",
     "required": ["participants", "provider", "model", "strategy", "calls", "input_tokens", "output_tokens", "cost_usd",
@@ -7264,6 +7388,7 @@ def query_parameter(name: str, schema: JSON) -> JSON:
 
 OPERATION_IDS = {
     ("/", "get"): "getInfo", ("/api/v1/health", "get"): "getHealth", ("/api/v1/providers", "get"): "listProviders",
+    ("/api/v1/data", "get"): "listData", ("/api/v1/data/{name}", "put"): "uploadData",
     ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
     ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
     ("/api/v1/generate/{job_id}/export", "get"): "exportJob", ("/api/v1/generate/{job_id}/refine", "post"): "refineJob",
@@ -7315,6 +7440,18 @@ def openapi_document() -> JSON:
                           "503": json_response("Unhealthy, with the reason", health_schema, headers=False)}}},
         "/api/v1/providers": {"get": operation("Persona engines and LLM providers, and whether each is configured",
                                                json_response("Providers", {"type": "array", "items": {"type": "object"}}), [])},
+        "/api/v1/data": {
+            "get": {**operation("The sources in the data directory: files with their format and a table's attributes, "
+                                "and folders", json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}),
+                                [], write=True)},
+        },
+        "/api/v1/data/{name}": {
+            "put": {**operation("Upload a file into uploads/ in the data directory; a name already taken gets -2, -3, ...",
+                                json_response("Stored", UPLOADED_SCHEMA), [400, 404, 413, 422], write=True,
+                                parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)]),
+                    "requestBody": {"required": True, "content": {"application/octet-stream": {
+                        "schema": {"type": "string", "format": "binary", "minLength": 1}}}}},
+        },
         "/api/v1/generate": {
             "post": {**operation("Start a persona generation job",
                                  json_response("Job created", accepted), [], write=True,
@@ -7391,6 +7528,8 @@ def openapi_document() -> JSON:
         },
     }
     name_operations(paths)
+    upload = paths["/api/v1/data/{name}"]["put"]["responses"]
+    upload["201"] = upload.pop("200")  # an upload is created
     link(paths, "/api/v1/generate", "post", {"getJob": "job_id"})
     link(paths, "/api/v1/webhooks", "post", {"getWebhook": "webhook_id", "deleteWebhook": "webhook_id",
                                               "listDeliveries": "webhook_id"})
@@ -7523,6 +7662,8 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/health", health, methods=["GET"]),
     Route("/", root, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
+    Route("/api/v1/data", list_data, methods=["GET"]),
+    Route("/api/v1/data/{name}", upload_data, methods=["PUT"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs_page(SWAGGER_PAGE), methods=["GET"]),
     Route("/redoc", docs_page(REDOC_PAGE), methods=["GET"]),
@@ -7691,6 +7832,15 @@ class PersonaClient:
     def generate(self, data: str | list[Any], count: int = 3, idempotency_key: str | None = None, **kwargs: Any) -> JSON:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._request("POST", "/api/v1/generate", json={"data": data, "count": count, **kwargs}, headers=headers)
+
+    def list_data(self) -> list[JSON]:
+        """The sources in the server's data directory."""
+        return self._request("GET", "/api/v1/data")
+
+    def upload(self, name: str, content: bytes) -> JSON:
+        """Store a file in the server's data directory, under uploads/; returns its `name` to give as `data`."""
+        return self._request("PUT", f"/api/v1/data/{name}", content=content,
+                             headers={"Content-Type": "application/octet-stream"})
 
     def estimate(self, data: str | list[Any], count: int = 3, **kwargs: Any) -> JSON:
         """What generate() with the same arguments would send and cost; creates nothing."""
