@@ -90,7 +90,6 @@ RETENTION_EVERY_S = 60.0  # how often the background loop applies the retention 
 RETENTION_BATCH = 500  # expired jobs deleted per transaction
 DELIVERIES_AT_ONCE = 16  # webhook requests in flight from one process
 DELIVERY_LOG_LIMIT = 100  # deliveries shown per webhook, newest first
-JOBS_PAGE_SIZE = 200  # jobs on the /jobs page
 LOCAL_MODEL = "persona-offline-1"  # the offline engine's name as a model
 
 
@@ -890,6 +889,10 @@ def job_from_row(row: Any, with_result: bool = False) -> JSON:
     return job
 
 
+def job_with_request(row: Any) -> JSON:
+    return {**job_from_row(row, with_result=True), "request": json.loads(row["request"])}
+
+
 def job_json_from_row(row: Any) -> bytes:
     """The job as response bytes, its stored result spliced in rather than parsed and re-encoded."""
     head = json_bytes(job_from_row(row))
@@ -1193,6 +1196,7 @@ WHERE j.experiment_id = ? GROUP BY j.experiment_id, e.name"""
 SQL_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
 SQL_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = ? ORDER BY seq"
 SQL_GET_REQUEST = "SELECT request, experiment_id FROM jobs WHERE job_id = ?"
+SQL_RECENT_JOBS = f"SELECT {JOB_COLUMNS}, request, result FROM jobs ORDER BY seq DESC LIMIT ?"
 SQL_FIND_IDEMPOTENT = """
 SELECT i.owner, i.key, i.body_hash, i.job_id FROM json_each(:keys) AS k
 JOIN idempotency_keys AS i ON i.owner = k.value ->> 0 AND i.key = k.value ->> 1
@@ -1596,6 +1600,10 @@ class SQLiteStore(Store):
         jobs = await self._read(SQL_EXPERIMENT_JOBS, (experiment_id,))
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
 
+    async def recent_jobs(self, limit: int) -> list[JSON]:
+        """The newest jobs with their requests and results, for the workbench's list."""
+        return [job_with_request(row) for row in await self._read(SQL_RECENT_JOBS, (limit,))]
+
     async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
         """The request a job was made with, and its experiment; a refinement starts from them."""
         rows = await self._read(SQL_GET_REQUEST, (job_id,))
@@ -1914,6 +1922,7 @@ PG_LIST_EXPERIMENTS = SQL_LIST_EXPERIMENTS.replace(":limit", "$1").replace(":off
 PG_GET_EXPERIMENT = SQL_GET_EXPERIMENT.replace("?", "$1")  # the same statement, in PostgreSQL's parameters
 PG_EXPERIMENT_JOBS = SQL_EXPERIMENT_JOBS.replace("?", "$1")
 PG_GET_REQUEST = SQL_GET_REQUEST.replace("?", "$1")
+PG_RECENT_JOBS = SQL_RECENT_JOBS.replace("?", "$1")
 PG_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
 # Every invariant that SQLite's single writer kept needs a lock here: a batch takes one
@@ -2347,6 +2356,9 @@ class PostgresStore(Store):
             return None
         jobs = await self._read(PG_EXPERIMENT_JOBS, experiment_id)
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
+
+    async def recent_jobs(self, limit: int) -> list[JSON]:
+        return [job_with_request(row) for row in await self._read(PG_RECENT_JOBS, limit)]
 
     async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
         rows = await self._read(PG_GET_REQUEST, job_id)
@@ -7122,30 +7134,6 @@ async def list_providers(request: Request) -> JSONResponse:
     return JSONResponse(provider_status())
 
 
-async def jobs_page(request: Request) -> HTMLResponse:
-    """The newest jobs with status, progress and links to their cards."""
-    jobs, total = await state(request).store.list_jobs(None, JOBS_PAGE_SIZE, 0, newest_first=True)
-    rows = "".join(
-        f'<tr><td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a></td><td>{escape(job["status"])}</td>'
-        f'<td>{escape(job["progress"])}%</td><td>{escape(job["created_at"])}</td><td>{escape(job["error"] or "")}</td></tr>'
-        for job in jobs
-    )
-    table = ("<main style=\"display:block\"><table><tr><th>Job</th><th>Status</th><th>Progress</th><th>Created</th>"
-             f"<th>Error</th></tr>{rows}</table></main>")
-    return HTMLResponse(html_page("Persona jobs", f"{total} jobs, newest first", table))
-
-
-async def job_page(request: Request) -> HTMLResponse:
-    job = await find_job(request)
-    if job["status"] == "completed":
-        result = job["result"]
-        subtitle = f"{len(result['personas'])} personas · {job['job_id']} · {result['output_path']}"
-        return HTMLResponse(personas_page(result["personas"], subtitle, result.get("metadata", {}).get("quality")))
-    detail = f"<p>Error: {escape(job['error'])}</p>" if job["error"] else "<p>Reload this page to see it progress.</p>"
-    return HTMLResponse(html_page(f"Job {job['job_id']}", f"{job['status']} · {job['progress']}%",
-                                  f'<main style="display:block">{detail}</main>'))
-
-
 async def list_deliveries(request: Request) -> JSONResponse:
     webhook = await find_webhook(request)
     return JSONResponse(await state(request).store.list_deliveries(webhook["webhook_id"], DELIVERY_LOG_LIMIT))
@@ -7165,6 +7153,358 @@ async def retry_delivery(request: Request) -> JSONResponse:
     state(request).dispatcher.wake()
     return JSONResponse({"success": True, "message": f"Delivery {delivery_id} will be sent again",
                          "delivery_id": delivery_id})
+
+
+# ---------------------------------------------------------------------------
+# HTTP layer: the workbench pages (/jobs, /jobs/{id}, /compare) and their script
+# ---------------------------------------------------------------------------
+# Plain HTML rendered here, everything from the data escaped, and one small script served
+# from /assets: the Content-Security-Policy lets no other script, style or connection in.
+
+WORKBENCH_LIST_SIZE = 50  # jobs on /jobs, newest first
+WORKBENCH_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+                 "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+STAGES = ((95, "saving the outputs"), (85, "writing the outputs"), (35, "building the personas"),
+          (30, "reading the participants"), (5, "loading the data"), (0, "starting"))
+WORKBENCH_STYLE = PAGE_STYLE + """
+header{overflow-wrap:anywhere}header a{color:#fff}nav{margin:0 0 1rem}nav a{margin-right:1rem}
+.page{display:block;padding:1.5rem 2rem;max-width:90rem}.page>section{margin-bottom:2rem}
+.cards{display:grid;gap:1.25rem;grid-template-columns:repeat(auto-fill,minmax(22rem,1fr))}
+form.panel{display:grid;gap:.75rem;grid-template-columns:repeat(auto-fill,minmax(14rem,1fr));align-items:end;
+background:#fff;border-radius:12px;padding:1rem 1.25rem;box-shadow:0 1px 3px rgba(0,0,0,.12)}
+label{display:grid;gap:.25rem;font-size:.9rem;color:#4b5565}input,select,textarea,button{font:inherit;padding:.4rem .5rem;
+border:1px solid #c7ccd6;border-radius:6px;background:#fff;color:#1d2330;min-width:0}
+button{background:#2848a8;color:#fff;border-color:#2848a8;cursor:pointer}button:focus,a:focus,input:focus,select:focus,
+textarea:focus{outline:3px solid #f59e0b;outline-offset:1px}progress{width:100%;max-width:30rem;height:1.1rem}
+.alert{color:#b91c1c}.muted{color:#6b7280}.table{overflow-x:auto}.actions a{margin-right:1rem}
+.sides{display:grid;gap:1rem;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr))}.pair{margin-bottom:2rem}
+.differs td{vertical-align:top}dialog{border:1px solid #c7ccd6;border-radius:12px}
+@media (max-width:600px){header,.page{padding:1rem}.cards{grid-template-columns:1fr}.card{padding:1rem}
+form.panel{grid-template-columns:1fr}td,th{padding:.4rem}}
+@media print{nav,form,.actions,dialog{display:none}.page{padding:0}}
+"""
+
+
+def workbench_page(title: str, subtitle: str, body: str, status: int = 200, auth: bool = False) -> HTMLResponse:
+    """A workbench page: its style and script from /assets, nothing inline, under a strict policy."""
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
+            f'<link rel="stylesheet" href="/assets/workbench.css"><script src="/assets/workbench.js" defer></script>'
+            f'</head><body data-auth="{"on" if auth else "off"}"><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p>'
+            f'</header>{body}{TOKEN_DIALOG if auth else ""}</body></html>')
+    return HTMLResponse(page, status_code=status, headers={"Content-Security-Policy": WORKBENCH_CSP})
+
+
+TOKEN_DIALOG = ('<dialog id="token-dialog"><form method="dialog"><label>API token <input id="token" type="password" '
+                'autocomplete="off" required></label> <button>Use token</button></form></dialog>')
+
+
+def stage_words(job: JSON) -> str:
+    """The job's stage in words, from its progress: what each stage reports as it begins."""
+    if job["status"] == "completed":
+        return "done"
+    if job["status"] == "failed":
+        return "failed"
+    if job["status"] == "pending":
+        return "waiting for a free worker"
+    return next(words for start, words in STAGES if job["progress"] >= start)
+
+
+def job_source(job: JSON) -> str:
+    data = job["request"]["data"]
+    return f"{len(data)} inline records" if isinstance(data, list) else shown_url(data) if "://" in data else data
+
+
+def job_row(job: JSON) -> str:
+    result = job["result"] or {}
+    titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
+    request = job["request"]
+    return (f'<tr data-status="{escape(job["status"])}"><td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
+            f'</td><td>{escape(job_source(job))}</td><td>{escape(request.get("provider", ""))}</td>'
+            f'<td>{escape(request.get("count", 3))}</td><td>{escape(job["status"])}</td>'
+            f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
+            f'<td>{escape(titles or job["error"] or "")}</td><td>{escape(job["created_at"])}</td></tr>')
+
+
+def jobs_table(jobs: list[JSON]) -> str:
+    rows = "".join(job_row(job) for job in jobs)
+    return (f'<section id="jobs" class="table"><h2>Jobs</h2><table><tr><th>Job</th><th>Source</th><th>Provider</th>'
+            f'<th>Personas</th><th>Status</th><th>Progress</th><th>Personas made</th><th>Created</th></tr>{rows}'
+            f'</table></section>')
+
+
+def provider_options() -> str:
+    """The providers that can run here, the offline engine first."""
+    return "".join(f'<option value="{escape(p["name"])}">{escape("offline engine" if p["name"] == "local" else p["name"])}'
+                   "</option>" for p in provider_status() if p["configured"])
+
+
+NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="panel">
+<label>Data <select id="data" name="data" required><option value="">Choose a file or folder…</option></select></label>
+<label>Upload <input id="upload" type="file"></label>
+<label>Personas <input id="count" name="count" type="number" min="1" max="20" value="3" required></label>
+<label>Provider <select id="provider" name="provider">{providers}</select></label>
+<label>Model <input id="model" name="model" placeholder="the provider's default"></label>
+<label>Group by <select id="group-by" name="group_by"><option value="">No grouping</option></select></label>
+<button type="submit">Generate personas</button><p id="new-job-error" class="alert" role="alert"></p>
+</form></section>"""
+
+
+async def jobs_page(request: Request) -> HTMLResponse:
+    """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
+    jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
+    body = (f'<main class="page">{NEW_PERSONAS_FORM.format(providers=provider_options())}{jobs_table(jobs)}</main>')
+    return workbench_page("Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body,
+                          auth=bool(state(request).token_digests))
+
+
+def not_found_page(request: Request, what: str) -> HTMLResponse:
+    body = f'<main class="page"><nav><a href="/jobs">All jobs</a></nav><p>{escape(what)} was not found.</p></main>'
+    return workbench_page("Not found", what, body, status=404, auth=bool(state(request).token_digests))
+
+
+async def job_page(request: Request) -> HTMLResponse:
+    """A job followed live (the script fetches this page again until the job ends), then its cards and what comes next."""
+    key = request.path_params["job_id"]
+    job = await state(request).store.get_job(key) if JOB_ID.match(key) else None
+    if job is None:
+        return not_found_page(request, f"Job {key[:64]}")
+    parts = [f'<nav><a href="/jobs">All jobs</a></nav><section id="status"><progress id="progress" max="100" '
+             f'value="{job["progress"]}">{job["progress"]}%</progress> <span id="stage">{escape(stage_words(job))}</span>'
+             "</section>"]
+    subtitle = f"{job['status']} · {job['progress']}%"
+    if job["error"]:
+        parts.append(f'<p class="alert">Error: {escape(job["error"])}</p>')
+    if job["status"] == "completed":
+        parts.append(await completed_job_parts(request, job))
+        subtitle = f"{len(job['result']['personas'])} personas · {job['result']['output_path']}"
+    body = f'<main class="page" data-status="{escape(job["status"])}">{"".join(parts)}</main>'
+    return workbench_page(f"Job {job['job_id']}", subtitle, body, auth=bool(state(request).token_digests))
+
+
+async def completed_job_parts(request: Request, job: JSON) -> str:
+    """Quality, warnings, exports, refine and compare forms, the experiment's other jobs, and the cards."""
+    result, job_id = job["result"], job["job_id"]
+    metadata = result.get("metadata", {})
+    quality = metadata.get("quality")
+    by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
+    warnings = "".join(f"<li>{escape(warning)}</li>" for warning in metadata.get("warnings", []))
+    exports = "".join(f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
+                      for form, label in (("csv", "CSV"), ("markdown", "Markdown"), ("json", "JSON")))
+    parent = result.get("parent_job_id")
+    others = await state(request).store.get_experiment(result["experiment_id"])
+    siblings = [other for other in (others or {}).get("jobs", []) if other["job_id"] != job_id]
+    completed = [other for other in await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
+                 if other["status"] == "completed" and other["job_id"] != job_id]
+    compare_options = "".join(f'<option value="{escape(o["job_id"])}">{escape(o["job_id"])} · {escape(job_source(o))}</option>'
+                              for o in completed)
+    cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in result["personas"])
+    return (
+        f'<section><p class="quality">{escape(coverage_line(quality).capitalize())}</p>'
+        + (f'<p>Refined from <a href="/jobs/{escape(parent)}">{escape(parent)}</a></p>' if parent else "")
+        + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
+        + f'</section><section class="actions"><h2>Next</h2><p>{exports}</p>'
+        f'<form id="refine" class="panel" data-job="{escape(job_id)}"><label>Data <select id="refine-data" '
+        f'name="data"><option value="">No more data</option></select></label><label>Instruction <textarea '
+        f'id="instruction" name="instruction" rows="2" placeholder="for an LLM provider"></textarea></label>'
+        f'<button type="submit">Refine</button><p id="refine-error" class="alert" role="alert"></p></form>'
+        f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
+        f'<label>Compare with <select name="b" id="compare-with" required>{compare_options}</select></label>'
+        f'<button type="submit">Compare</button></form>'
+        + (f"<h2>This experiment's other jobs</h2><ul>" + "".join(
+            f'<li><a href="/jobs/{escape(o["job_id"])}">{escape(o["job_id"])}</a> {escape(o["status"])}</li>'
+            for o in siblings) + "</ul>" if siblings else "")
+        + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section>'
+    )
+
+
+async def compare_page(request: Request) -> HTMLResponse:
+    """Two jobs' personas side by side, each pair with what it shares and what differs."""
+    jobs = {}
+    for side in ("a", "b"):
+        key = request.query_params.get(side, "")
+        job = await state(request).store.get_job(key) if JOB_ID.match(key) else None
+        if job is None or job["status"] != "completed":
+            return not_found_page(request, f"A completed job {key[:64]}")
+        jobs[side] = job
+    personas = {side: {p["id"]: p for p in job["result"]["personas"]} for side, job in jobs.items()}
+    comparison = compare_personas(jobs["a"]["result"]["personas"], jobs["b"]["result"]["personas"])
+    sections = []
+    for pair in comparison["pairs"]:
+        rows = "".join(f'<tr><th>{escape(field_heading(key))}</th><td>{html_items(split["shared"])}</td>'
+                       f'<td>{html_items(split["only_a"])}</td><td>{html_items(split["only_b"])}</td></tr>'
+                       for key, split in pair["fields"].items() if split["only_a"] or split["only_b"])
+        sections.append(
+            f'<section class="pair"><h2>{escape(pair["a"]["name"])} and {escape(pair["b"]["name"])} · similarity '
+            f'{pair["similarity"]:.2f}</h2><div class="sides">{persona_html_card(personas["a"][pair["a"]["id"]])}'
+            f'{persona_html_card(personas["b"][pair["b"]["id"]])}</div><div class="table"><table class="differs"><tr>'
+            f'<th>Field</th><th>Shared</th><th>Only in A</th><th>Only in B</th></tr>{rows}</table></div></section>')
+    for side, label in (("a", "A"), ("b", "B")):
+        alone = [personas[side][entry["id"]] for entry in comparison["unpaired"][side]]
+        if alone:
+            sections.append(f'<section><h2>Only in {label}</h2><div class="cards">'
+                            + "".join(persona_html_card(p) for p in alone) + "</div></section>")
+    a, b = jobs["a"]["job_id"], jobs["b"]["job_id"]
+    body = (f'<main class="page"><nav><a href="/jobs">All jobs</a><a href="/jobs/{escape(a)}">A: {escape(a)}</a>'
+            f'<a href="/jobs/{escape(b)}">B: {escape(b)}</a></nav>{"".join(sections)}</main>')
+    return workbench_page("Compare", f"A {a} · B {b}", body, auth=bool(state(request).token_digests))
+
+
+def html_items(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>" if items else ""
+
+
+async def workbench_asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name == "workbench.js":
+        return Response(WORKBENCH_JS, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "no-cache"})
+    if name == "workbench.css":
+        return Response(WORKBENCH_STYLE, media_type="text/css; charset=utf-8", headers={"Cache-Control": "no-cache"})
+    raise APIError(404, f"No asset {name[:64]}")
+
+
+WORKBENCH_JS = r"""
+"use strict";
+const auth = document.body.dataset.auth === "on";
+
+function token() {
+  // Asked once, kept for this tab only; sent as a bearer token on what needs one.
+  const kept = sessionStorage.getItem("persona-token");
+  if (kept || !auth) return Promise.resolve(kept);
+  const dialog = document.getElementById("token-dialog");
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      const given = document.getElementById("token").value;
+      sessionStorage.setItem("persona-token", given);
+      resolve(given);
+    }, {once: true});
+    dialog.showModal();
+  });
+}
+
+async function api(method, path, body, raw) {
+  const headers = {};
+  const bearer = await token();
+  if (bearer) headers["Authorization"] = "Bearer " + bearer;
+  if (body !== undefined && !raw) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {method, headers, body: raw ? body : JSON.stringify(body)});
+  const answer = await response.json();
+  if (response.status === 401) sessionStorage.removeItem("persona-token");
+  if (!response.ok) throw new Error(answer.message || response.statusText);
+  return answer;
+}
+
+function option(select, value, label) {
+  const item = document.createElement("option");
+  item.value = value;
+  item.textContent = label;
+  select.append(item);
+  return item;
+}
+
+let sources = [];
+
+async function loadSources(selects, chosen) {
+  sources = await api("GET", "/api/v1/data");
+  for (const select of selects) {
+    select.length = 1;
+    for (const source of sources) option(select, source.name, source.kind === "folder" ? source.name + "/" : source.name);
+    if (chosen) select.value = chosen;
+  }
+}
+
+function fillGroupBy() {
+  const select = document.getElementById("group-by");
+  const source = sources.find((s) => s.name === document.getElementById("data").value);
+  select.length = 1;
+  for (const attribute of (source && source.attributes) || []) option(select, attribute, attribute);
+}
+
+function showError(id, error) {
+  document.getElementById(id).textContent = error.message;
+}
+
+async function swapFromServer(selector) {
+  // The server renders the page again; only this part of it is replaced, so forms keep what was typed.
+  const response = await fetch(location.pathname + location.search, {headers: {Accept: "text/html"}});
+  const page = new DOMParser().parseFromString(await response.text(), "text/html");
+  const fresh = page.querySelector(selector);
+  const here = document.querySelector(selector);
+  if (fresh && here) here.replaceWith(document.adoptNode(fresh));
+  document.title = page.title;
+  document.querySelector("header").replaceWith(document.adoptNode(page.querySelector("header")));
+  return document.querySelector(selector);
+}
+
+function running(root) {
+  return root.querySelector("[data-status=pending], [data-status=running]") !== null ||
+    ["pending", "running"].includes(root.dataset.status);
+}
+
+function follow(selector, every) {
+  const tick = async () => {
+    const part = await swapFromServer(selector);
+    if (running(part)) setTimeout(tick, every);
+    else if (part.matches("main")) setUp(part);
+  };
+  if (running(document.querySelector(selector))) setTimeout(tick, every);
+}
+
+function setUpNewJob(form) {
+  const data = document.getElementById("data");
+  loadSources([data]).catch((error) => showError("new-job-error", error));
+  data.addEventListener("change", fillGroupBy);
+  document.getElementById("upload").addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    if (!file) return;
+    try {
+      const stored = await api("PUT", "/api/v1/data/" + encodeURIComponent(file.name), file, true);
+      await loadSources([data], stored.name);
+      fillGroupBy();
+    } catch (error) { showError("new-job-error", error); }
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = {data: data.value, count: Number(document.getElementById("count").value),
+                  provider: document.getElementById("provider").value};
+    const model = document.getElementById("model").value.trim();
+    const groupBy = document.getElementById("group-by").value;
+    if (model) body.model = model;
+    if (groupBy) body.config = {group_by: groupBy};
+    try {
+      const job = await api("POST", "/api/v1/generate", body);
+      location.assign("/jobs/" + job.job_id);
+    } catch (error) { showError("new-job-error", error); }
+  });
+}
+
+function setUpRefine(form) {
+  const data = document.getElementById("refine-data");
+  loadSources([data]).catch((error) => showError("refine-error", error));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = {};
+    const instruction = document.getElementById("instruction").value.trim();
+    if (data.value) body.data = data.value;
+    if (instruction) body.instruction = instruction;
+    try {
+      const job = await api("POST", "/api/v1/generate/" + form.dataset.job + "/refine", body);
+      location.assign("/jobs/" + job.job_id);
+    } catch (error) { showError("refine-error", error); }
+  });
+}
+
+function setUp(root) {
+  const newJob = root.querySelector("#new-job");
+  if (newJob) setUpNewJob(newJob);
+  const refine = root.querySelector("#refine");
+  if (refine) setUpRefine(refine);
+}
+
+setUp(document);
+if (document.getElementById("jobs")) follow("#jobs", 2000);
+else if (document.querySelector("main[data-status]")) follow("main", 1000);
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -7670,6 +8010,8 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/docs/assets/{name}", docs_asset, methods=["GET"]),
     Route("/jobs", jobs_page, methods=["GET"]),
     Route("/jobs/{job_id}", job_page, methods=["GET"]),
+    Route("/compare", compare_page, methods=["GET"]),
+    Route("/assets/{name}", workbench_asset, methods=["GET"]),
     Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
     Route("/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]),
     Route("/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, methods=["GET"]),

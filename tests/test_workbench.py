@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import re
+from pathlib import Path
+
 import httpx
 import pytest
-from conftest import Server, submit, wait_job
+from conftest import ROOT, GatedDataServer, Server, submit, wait_job
+from playwright.sync_api import expect
 
 import persona
 
@@ -70,3 +76,100 @@ def test_with_auth_on_listing_and_uploading_need_a_token(start_server) -> None:
     with persona.PersonaClient(server.url, token="t0ken") as api:
         assert api.upload("a.csv", SURVEY)["name"] == "uploads/a.csv"
         assert "uploads/a.csv" in {source["name"] for source in api.list_data()}
+
+
+# -- in a real browser -------------------------------------------------------
+
+
+def test_a_researcher_uploads_a_csv_generates_and_reads_the_cards(server: Server, page, tmp_path: Path) -> None:
+    survey = tmp_path / "shift survey.csv"
+    survey.write_text((ROOT / "examples" / "interviews.csv").read_text())
+    page.goto(f"{server.url}/jobs")
+    page.get_by_label("Upload").set_input_files(survey)
+    expect(page.get_by_label("Data")).to_have_value("uploads/shift-survey.csv")
+    page.get_by_label("Group by").select_option("role")
+    page.get_by_label("Personas").fill("2")
+    expect(page.get_by_label("Provider")).to_have_value("local")
+    page.get_by_role("button", name="Generate personas").click()
+    page.wait_for_url(re.compile(r"/jobs/job-[0-9a-f]{12}$"))
+    expect(page.locator("article.card")).to_have_count(2)
+    expect(page.locator("#progress")).to_have_attribute("value", "100")
+    expect(page.locator("#stage")).to_have_text("done")
+
+
+def test_a_running_job_is_followed_to_the_end_without_a_reload(server: Server, client: httpx.Client, page,
+                                                               gated_data: GatedDataServer) -> None:
+    job_id = submit(client, data=gated_data.url, count=3)
+    page.goto(f"{server.url}/jobs/{job_id}")
+    expect(page.locator("#stage")).not_to_have_text("done")
+    page.evaluate("window.sameDocument = true")
+    gated_data.gate.set()
+    expect(page.locator("#progress")).to_have_attribute("value", "100")
+    expect(page.locator("article.card")).to_have_count(3)
+    assert page.evaluate("window.sameDocument") is True  # the page changed under it, it did not load again
+    page.goto(f"{server.url}/jobs")
+    expect(page.locator(f'#jobs a[href="/jobs/{job_id}"]')).to_be_visible()
+
+
+def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: httpx.Client, page,
+                                                    tmp_path: Path) -> None:
+    (server.workdir / "data" / "more.csv").write_bytes(SURVEY)
+    parent = wait_job(client, submit(client, data="interviews.csv", count=3))
+    page.goto(f"{server.url}/jobs/{parent['job_id']}")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export CSV").click()
+    saved = tmp_path / "exported.csv"
+    download.value.save_as(saved)
+    rows = list(csv.DictReader(io.StringIO(saved.read_text("utf-8-sig"))))
+    assert [row["name"] for row in rows] == [p["name"] for p in parent["result"]["personas"]]
+    page.locator("#refine").get_by_label("Data").select_option("more.csv")
+    page.get_by_role("button", name="Refine").click()
+    page.wait_for_url(re.compile(r"/jobs/job-[0-9a-f]{12}$"))
+    expect(page.get_by_text("Refined from")).to_be_visible()
+    expect(page.locator("article.card")).to_have_count(3)
+    child_id = page.url.rsplit("/", 1)[1]
+    assert child_id != parent["job_id"]
+    expect(page.get_by_role("link", name=parent["job_id"]).first).to_be_visible()  # the experiment's other job
+    page.get_by_label("Compare with").select_option(parent["job_id"])
+    page.get_by_role("button", name="Compare").click()
+    page.wait_for_url(re.compile(r"/compare\?"))
+    expect(page.locator("section.pair").first).to_contain_text("similarity")
+    assert page.locator("section.pair article.card").count() >= 2
+
+
+def test_with_auth_on_the_page_asks_for_a_token_once_and_reads_stay_open(start_server, page) -> None:
+    server = start_server("--rate-limit", "0", "--auth-token", "t0ken")
+    with server.client("t0ken") as http:
+        done = wait_job(http, submit(http, data="interviews.csv", count=2))
+    page.goto(f"{server.url}/jobs/{done['job_id']}")  # reading needs no token
+    expect(page.locator("article.card")).to_have_count(2)
+    page.goto(f"{server.url}/jobs")
+    page.get_by_label("API token").fill("t0ken")
+    page.get_by_role("button", name="Use token").click()
+    page.get_by_label("Data").select_option("interviews.csv")
+    page.get_by_role("button", name="Generate personas").click()
+    page.wait_for_url(re.compile(r"/jobs/job-[0-9a-f]{12}$"))
+    expect(page.locator("article.card")).to_have_count(3)
+    page.goto(f"{server.url}/jobs")
+    expect(page.get_by_label("Data")).to_contain_text("interviews.csv")  # no second prompt in this tab
+    expect(page.locator("#token-dialog")).not_to_be_visible()
+
+
+def test_an_unknown_job_is_a_readable_page_not_json(server: Server, page) -> None:
+    response = page.goto(f"{server.url}/jobs/job-000000000000")
+    assert response.status == 404 and response.headers["content-type"].startswith("text/html")
+    expect(page.get_by_text("Job job-000000000000 was not found.")).to_be_visible()
+    expect(page.get_by_role("link", name="All jobs")).to_be_visible()
+
+
+def test_the_pages_fit_400_pixels_and_run_no_script_of_the_datas(server: Server, client: httpx.Client, page) -> None:
+    job = wait_job(client, submit(client, data=[{"id": "x1", "text": "I want <script>window.ran=1</script> offline rotas."},
+                                                {"id": "x2", "text": "The rota app <img src=x onerror=window.ran=1> is slow."}],
+                                  count=2))
+    page.set_viewport_size({"width": 400, "height": 900})
+    for path in ("/jobs", f"/jobs/{job['job_id']}", f"/compare?a={job['job_id']}&b={job['job_id']}"):
+        response = page.goto(server.url + path)
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400, path
+        assert page.evaluate("window.ran") is None
+    assert "<script>" not in client.get(f"/jobs/{job['job_id']}").text
