@@ -7311,7 +7311,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
         f'<label>Compare with <select name="b" id="compare-with" required>{compare_options}</select></label>'
         f'<button type="submit">Compare</button></form>'
-        + (f"<h2>This experiment's other jobs</h2><ul>" + "".join(
+        + ("<h2>This experiment's other jobs</h2><ul>" + "".join(
             f'<li><a href="/jobs/{escape(o["job_id"])}">{escape(o["job_id"])}</a> {escape(o["status"])}</li>'
             for o in siblings) + "</ul>" if siblings else "")
         + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section>'
