@@ -3806,8 +3806,7 @@ def data_sources(data_dir: Path) -> list[JSON]:
         info = file.stat()
         fmt = FORMATS[file.suffix.lower()]
         sources.append({"name": relative.as_posix(), "kind": "file", "format": fmt, "size": info.st_size,
-                        "attributes": table_attributes(file, root, info) if fmt in ("csv", "tsv", "xlsx", "json",
-                                                                                      "jsonl") else None})
+                        "attributes": None if fmt in TRANSCRIPT_FORMATS else table_attributes(file, root, info)})
     sources += [{"name": name, "kind": "folder", "format": "folder", "files": count, "attributes": None}
                 for name, count in folders.items()]
     return sorted(sources, key=lambda source: source["name"])
@@ -3823,7 +3822,7 @@ def table_attributes(file: Path, root: Path, info: os.stat_result) -> list[str] 
         if info.st_size <= ATTRIBUTE_SCAN_BYTES:
             with contextlib.suppress(GenerationError, OSError, ValueError):
                 people = load_path(file.relative_to(root).as_posix(), root).participants
-                found = [key for key, _ in Counter(k for person in people for k in person.attributes).most_common()]
+                found = [name for name, _ in Counter(k for person in people for k in person.attributes).most_common()]
         ATTRIBUTE_CACHE[key] = found
     return ATTRIBUTE_CACHE[key]
 
@@ -3980,7 +3979,7 @@ class Redactor:
             if name is None:
                 index += 1
                 continue
-            pieces += [text[done:found[index].start()], self.placeholder("name", self._canonical(name))]
+            pieces += [text[done:found[index].start()], self.placeholder("name", name)]
             done = found[index + max(length, 1) - 1].end()
             index += max(length, 1)
         return "".join(pieces) + text[done:]
@@ -3993,10 +3992,6 @@ class Redactor:
                     all(text[found[k].end():found[k + 1].start()].isspace() for k in range(index, end - 1)):
                 return len(words)
         return 0
-
-    def _canonical(self, name: str) -> str:
-        """The marked name a run of words is: "sarah  jones" is "sarah jones"."""
-        return " ".join(NAME_WORD.findall(name))
 
     def dataset(self, dataset: Dataset) -> Dataset:
         """The data with every id, attribute value, text and warning redacted, participant by participant, in order.
@@ -5873,11 +5868,14 @@ def html_list(key: str, items: list[str]) -> str:
     return f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
+def html_items(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>" if items else ""
+
+
 def html_field(key: str, value: str | list[str]) -> str:
-    """A custom field (config.fields) on a card: a paragraph, or a list."""
-    if isinstance(value, list):
-        return f"<h3>{escape(field_heading(key))}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in value) + "</ul>"
-    return f"<h3>{escape(field_heading(key))}</h3><p>{escape(value)}</p>"
+    """A custom field (config.fields) on a card: a paragraph, or a list (never empty: the answer was checked)."""
+    shown = html_items(value) if isinstance(value, list) else f"<p>{escape(value)}</p>"
+    return f"<h3>{escape(field_heading(key))}</h3>{shown}"
 
 
 def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
@@ -6950,6 +6948,11 @@ async def lookup(request: Request, param: str, pattern: re.Pattern[str], fetch: 
     return found
 
 
+async def job_named(request: Request, key: str) -> JSON | None:
+    """The job a page or a query names, or None; what does not look like a job id is never queried."""
+    return await state(request).store.get_job(key) if JOB_ID.match(key) else None
+
+
 async def find_job(request: Request) -> JSON:
     return await lookup(request, "job_id", JOB_ID, state(request).store.get_job, "Job")
 
@@ -6989,7 +6992,7 @@ async def compare_generations(request: Request) -> JSONResponse:
         if not JOB_ID.match(job_id):
             problem = "must be the id of a completed job, such as job-1651089e0c13"
             raise APIError(422, f"Query parameter {side} {problem}", {side: problem})
-        job = await state(request).store.get_job(job_id)
+        job = await job_named(request, job_id)
         if job is None:
             raise APIError(404, f"Job {job_id} not found", {side: "not found"})
         results[side] = completed_result(job, "compared")
@@ -7185,8 +7188,12 @@ form.panel{grid-template-columns:1fr}td,th{padding:.4rem}}
 """
 
 
-def workbench_page(title: str, subtitle: str, body: str, status: int = 200, auth: bool = False) -> HTMLResponse:
-    """A workbench page: its style and script from /assets, nothing inline, under a strict policy."""
+def workbench_page(request: Request, title: str, subtitle: str, body: str, status: int = 200) -> HTMLResponse:
+    """A workbench page: its style and script from /assets, nothing inline, under a strict policy.
+
+    With auth on, the page carries the dialog that asks for the token.
+    """
+    auth = bool(state(request).token_digests)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
             f'<link rel="stylesheet" href="/assets/workbench.css"><script src="/assets/workbench.js" defer></script>'
@@ -7254,19 +7261,18 @@ async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
     jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
     body = (f'<main class="page">{NEW_PERSONAS_FORM.format(providers=provider_options())}{jobs_table(jobs)}</main>')
-    return workbench_page("Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body,
-                          auth=bool(state(request).token_digests))
+    return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
 
 
 def not_found_page(request: Request, what: str) -> HTMLResponse:
     body = f'<main class="page"><nav><a href="/jobs">All jobs</a></nav><p>{escape(what)} was not found.</p></main>'
-    return workbench_page("Not found", what, body, status=404, auth=bool(state(request).token_digests))
+    return workbench_page(request, "Not found", what, body, status=404)
 
 
 async def job_page(request: Request) -> HTMLResponse:
     """A job followed live (the script fetches this page again until the job ends), then its cards and what comes next."""
     key = request.path_params["job_id"]
-    job = await state(request).store.get_job(key) if JOB_ID.match(key) else None
+    job = await job_named(request, key)
     if job is None:
         return not_found_page(request, f"Job {key[:64]}")
     parts = [f'<nav><a href="/jobs">All jobs</a></nav><section id="status"><progress id="progress" max="100" '
@@ -7279,7 +7285,7 @@ async def job_page(request: Request) -> HTMLResponse:
         parts.append(await completed_job_parts(request, job))
         subtitle = f"{len(job['result']['personas'])} personas · {job['result']['output_path']}"
     body = f'<main class="page" data-status="{escape(job["status"])}">{"".join(parts)}</main>'
-    return workbench_page(f"Job {job['job_id']}", subtitle, body, auth=bool(state(request).token_digests))
+    return workbench_page(request, f"Job {job['job_id']}", subtitle, body)
 
 
 async def completed_job_parts(request: Request, job: JSON) -> str:
@@ -7323,7 +7329,7 @@ async def compare_page(request: Request) -> HTMLResponse:
     jobs = {}
     for side in ("a", "b"):
         key = request.query_params.get(side, "")
-        job = await state(request).store.get_job(key) if JOB_ID.match(key) else None
+        job = await job_named(request, key)
         if job is None or job["status"] != "completed":
             return not_found_page(request, f"A completed job {key[:64]}")
         jobs[side] = job
@@ -7347,11 +7353,7 @@ async def compare_page(request: Request) -> HTMLResponse:
     a, b = jobs["a"]["job_id"], jobs["b"]["job_id"]
     body = (f'<main class="page"><nav><a href="/jobs">All jobs</a><a href="/jobs/{escape(a)}">A: {escape(a)}</a>'
             f'<a href="/jobs/{escape(b)}">B: {escape(b)}</a></nav>{"".join(sections)}</main>')
-    return workbench_page("Compare", f"A {a} · B {b}", body, auth=bool(state(request).token_digests))
-
-
-def html_items(items: list[str]) -> str:
-    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>" if items else ""
+    return workbench_page(request, "Compare", f"A {a} · B {b}", body)
 
 
 async def workbench_asset(request: Request) -> Response:
@@ -7993,14 +7995,14 @@ def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable
 ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
     Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
+    Route("/api/v1/health", health, methods=["GET"]),
+    Route("/", root, methods=["GET"]),
     Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
     Route("/api/v1/generate/{job_id}/refine", refine_generation, methods=["POST"]),
     Route("/api/v1/estimate", estimate_generation, methods=["POST"]),
     Route("/api/v1/compare", compare_generations, methods=["GET"]),
     Route("/api/v1/experiments", list_experiments, methods=["GET"]),
     Route("/api/v1/experiments/{experiment_id}", get_experiment, methods=["GET"]),
-    Route("/api/v1/health", health, methods=["GET"]),
-    Route("/", root, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
     Route("/api/v1/data", list_data, methods=["GET"]),
     Route("/api/v1/data/{name}", upload_data, methods=["PUT"]),
