@@ -820,6 +820,19 @@ class AdmissionPlan:
     inserts: dict[str, NewJob]
     follows: dict[str, str]
 
+    @staticmethod
+    def looked_up(jobs: dict[str, NewJob]) -> dict[str, NewJob]:
+        """The submissions whose fate the database decides: each without a key, and the first with each key."""
+        seen: set[tuple[str, str]] = set()
+        firsts = {}
+        for key, job in jobs.items():
+            owner_key = job.idempotency and (job.owner, job.idempotency[0])
+            if owner_key not in seen:
+                firsts[key] = job
+            if owner_key:
+                seen.add(owner_key)
+        return firsts
+
     @classmethod
     def of(cls, jobs: dict[str, NewJob], stored: Mapping[tuple[str, str], tuple[str, str]]) -> AdmissionPlan:
         """`stored` maps (owner, key) to (body hash, job id) for the keys the database holds."""
@@ -1758,9 +1771,77 @@ class SQLiteStore(Store):
 # Store: PostgreSQL, for servers on several hosts (`--db postgresql://...`)
 # ---------------------------------------------------------------------------
 
-PG_SCHEMA_VERSION = 2
+PG_SCHEMA_VERSION = 3
+PG_ADMIT_FUNCTION = """\
+-- A batch of submissions admitted in one round trip, its commit included. Every statement in
+-- a function takes a fresh snapshot, so the quotas and Idempotency-Keys read after the locks
+-- include every batch that held them before, from any host. The caller passes one submission
+-- per Idempotency-Key (the batch's first); it gets back, per submission in order, whether its
+-- job went in, the job and body hash an earlier request's key holds, and, for one refused
+-- for its quota, its owner's jobs pending or running.
+CREATE OR REPLACE FUNCTION persona_admit(
+    lock_names text[], job_ids text[], owners text[], requests text[], named text[], fixed_experiments text[],
+    new_experiments text[], job_limits integer[], idempotency_keys text[], body_hashes text[],
+    key_ttl double precision, created text)
+RETURNS TABLE (admitted boolean, known_hash text, known_job text, owner_active bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    found_hashes text[];
+    found_jobs text[];
+    added_ids text[];
+BEGIN
+    -- One lock per owner (its quota) and per Idempotency-Key, taken in one order, so that
+    -- batches from several hosts queue for each other and never deadlock.
+    PERFORM pg_advisory_xact_lock(hashtextextended(name, 0))
+    FROM (SELECT DISTINCT unnest(lock_names) AS name) AS names ORDER BY name;
+    SELECT array_agg(i.body_hash ORDER BY b.n), array_agg(i.job_id ORDER BY b.n) INTO found_hashes, found_jobs
+    FROM unnest(owners, idempotency_keys) WITH ORDINALITY AS b (owner, key, n)
+    LEFT JOIN idempotency_keys AS i ON i.owner = b.owner AND i.key = b.key
+                                   AND i.created_at > extract(epoch FROM clock_timestamp()) - key_ttl;
+    INSERT INTO experiments (name, experiment_id, created_at)
+    SELECT DISTINCT ON (e.name) e.name, e.candidate, created
+    FROM unnest(named, new_experiments, found_jobs) AS e (name, candidate, found)
+    WHERE e.name IS NOT NULL AND e.found IS NULL ORDER BY e.name
+    ON CONFLICT (name) DO NOTHING;
+    WITH batch AS MATERIALIZED (
+        SELECT b.n, b.job_id, b.owner, b.request, b.job_limit, b.key, b.body_hash,
+               COALESCE(b.fixed, x.experiment_id) AS experiment_id,
+               (SELECT COALESCE(SUM(c.n), 0) FROM job_counts AS c
+                WHERE c.owner = b.owner AND c.status IN ('pending', 'running'))
+               + ROW_NUMBER() OVER (PARTITION BY b.owner ORDER BY b.n) AS place
+        FROM unnest(job_ids, owners, requests, fixed_experiments, named, job_limits, idempotency_keys,
+                    body_hashes, found_jobs)
+             WITH ORDINALITY AS b (job_id, owner, request, fixed, name, job_limit, key, body_hash, found, n)
+        LEFT JOIN experiments AS x ON x.name = b.name
+        WHERE b.found IS NULL
+    ), added AS (
+        INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
+        SELECT job_id, owner, request, experiment_id, created FROM batch WHERE place <= job_limit ORDER BY n
+        RETURNING job_id
+    ), kept AS (
+        INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
+        SELECT batch.owner, batch.key, batch.body_hash, batch.job_id, extract(epoch FROM clock_timestamp())
+        FROM batch JOIN added USING (job_id) WHERE batch.key IS NOT NULL
+        ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
+                                               created_at = excluded.created_at
+    )
+    SELECT array_agg(job_id) INTO added_ids FROM added;
+    IF added_ids IS NOT NULL THEN  -- the other hosts hear of new jobs as the batch commits
+        PERFORM pg_notify('persona', 'jobs');
+    END IF;
+    RETURN QUERY
+    SELECT b.job_id = ANY(COALESCE(added_ids, '{}')), b.hash, b.found,
+           CASE WHEN b.found IS NULL AND NOT b.job_id = ANY(COALESCE(added_ids, '{}')) THEN
+               (SELECT COALESCE(SUM(c.n), 0)::bigint FROM job_counts AS c
+                WHERE c.owner = b.owner AND c.status IN ('pending', 'running')) END
+    FROM unnest(job_ids, owners, found_hashes, found_jobs) WITH ORDINALITY AS b (job_id, owner, hash, found, n)
+    ORDER BY b.n;
+END $$;
+"""
 PG_MIGRATIONS = {  # version: what brings a database of the version before to it (a new one gets PG_SCHEMA whole)
     2: "CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq)",
+    3: PG_ADMIT_FUNCTION,
 }
 PG_SCHEMA = """\
 -- Persona's PostgreSQL schema. persona.py carries this same text and applies it
@@ -1905,7 +1986,8 @@ CREATE TABLE IF NOT EXISTS write_probe (
     id        integer PRIMARY KEY CHECK (id = 1),
     probed_at double precision NOT NULL
 );
-"""
+
+""" + PG_ADMIT_FUNCTION
 
 PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
 PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtextextended('persona:schema', 0))"
@@ -1925,43 +2007,11 @@ PG_GET_REQUEST = SQL_GET_REQUEST.replace("?", "$1")
 PG_RECENT_JOBS = SQL_RECENT_JOBS.replace("?", "$1")
 PG_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
-# Every invariant that SQLite's single writer kept needs a lock here: a batch takes one
-# transaction-level advisory lock per owner (the quota) and per Idempotency-Key, in one
-# order, so batches from several hosts queue for each other and never deadlock.
-PG_LOCK_NAMES = """
-SELECT pg_advisory_xact_lock(hashtextextended(name, 0)) FROM (SELECT DISTINCT unnest($1::text[]) AS name) AS names
-ORDER BY name"""
-PG_FIND_IDEMPOTENT = """
-SELECT i.owner, i.key, i.body_hash, i.job_id FROM unnest($1::text[], $2::text[]) AS k (owner, key)
-JOIN idempotency_keys AS i ON i.owner = k.owner AND i.key = k.key
-WHERE i.created_at > """ + PG_CLOCK + " - $3"
-PG_ADD_EXPERIMENTS = """
-INSERT INTO experiments (name, experiment_id, created_at)
-SELECT name, experiment_id, $3 FROM unnest($1::text[], $2::text[]) AS e (name, experiment_id)
-ON CONFLICT (name) DO NOTHING"""
-PG_GET_EXPERIMENTS = "SELECT name, experiment_id FROM experiments WHERE name = ANY($1::text[])"
-PG_INSERT_JOBS_WITHIN_LIMIT = """
-WITH batch AS MATERIALIZED (
-    SELECT new.job_id, new.owner, new.request, new.experiment_id, new.job_limit,
-           (SELECT COALESCE(SUM(n), 0) FROM job_counts
-            WHERE job_counts.owner = new.owner AND status IN ('pending', 'running'))
-           + ROW_NUMBER() OVER (PARTITION BY new.owner ORDER BY new.place) AS place
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
-         WITH ORDINALITY AS new (job_id, owner, request, experiment_id, job_limit, place)
-), inserted AS (
-    INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
-    SELECT job_id, owner, request, experiment_id, $6 FROM batch WHERE place <= job_limit ORDER BY place
-    RETURNING job_id
-), told AS (  -- the other hosts hear of new jobs as the batch commits, with no round trip of its own
-    SELECT pg_notify('persona', 'jobs') FROM (SELECT 1 FROM inserted LIMIT 1) AS any_job
-)
-SELECT job_id FROM inserted, (SELECT count(*) FROM told) AS sent"""
-PG_SAVE_IDEMPOTENT = f"""
-INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
-SELECT owner, key, body_hash, job_id, {PG_CLOCK} FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-    AS k (owner, key, body_hash, job_id)
-ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
-                                       created_at = excluded.created_at"""
+# Every invariant that SQLite's single writer kept needs a lock here: persona_admit takes them.
+PG_ADMIT = """
+SELECT admitted, known_hash, known_job, owner_active
+FROM persona_admit($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[],
+                   $9::text[], $10::text[], $11, $12)"""
 PG_PURGE_IDEMPOTENT = f"DELETE FROM idempotency_keys WHERE created_at <= {PG_CLOCK} - $1"
 # A claim skips rows another host is claiming this instant, rather than waiting for them; the
 # outer status check makes sure that a row is claimed only while it is still pending.
@@ -2293,44 +2343,28 @@ class PostgresStore(Store):
         return (await self._read(PG_COUNT_ACTIVE, owner))[0]["active"]
 
     async def _admit_batch(self, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
+        """The batch in one call of persona_admit: one round trip, as a plain batch is on SQLite."""
+        looked_up = AdmissionPlan.looked_up(jobs)
+        news = looked_up.values()
+        locks = [f"persona:owner:{job.owner}" for job in news]
+        locks += [f"persona:key:{job.owner}:{job.idempotency[0]}" for job in news if job.idempotency]
         try:
-            async with self._transaction() as conn:
-                return await self._admit_in(conn, jobs, ids)
+            rows = await self._write(
+                PG_ADMIT, locks, [ids[key] for key in looked_up], [job.owner for job in news],
+                [job.request for job in news], [job.experiment for job in news],
+                [job.experiment_id or (None if job.experiment else own_experiment(ids[key]))
+                 for key, job in looked_up.items()],
+                [new_id("exp") for _ in news], [job.limit for job in news],
+                [job.idempotency and job.idempotency[0] for job in news],
+                [job.idempotency and job.idempotency[1] for job in news], IDEMPOTENCY_TTL_S, utc_now())
         except self.asyncpg.UniqueViolationError as exc:  # the only unique value the batch does not check
             raise IdTaken from exc
-
-    async def _admit_in(self, conn: Any, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
-        names = [f"persona:owner:{job.owner}" for job in jobs.values()]
-        names += [f"persona:key:{job.owner}:{job.idempotency[0]}" for job in jobs.values() if job.idempotency]
-        await conn.execute(PG_LOCK_NAMES, names)
-        keyed = [job for job in jobs.values() if job.idempotency]
-        stored = {}
-        if keyed:
-            rows = await conn.fetch(PG_FIND_IDEMPOTENT, [job.owner for job in keyed],
-                                    [job.idempotency[0] for job in keyed], IDEMPOTENCY_TTL_S)
-            stored = {(row["owner"], row["key"]): (row["body_hash"], row["job_id"]) for row in rows}
-        plan = AdmissionPlan.of(jobs, stored)
-        experiments = await self._experiments(conn, {job.experiment for job in plan.inserts.values() if job.experiment})
-        keys = list(plan.inserts)
-        columns = ([ids[key] for key in keys], [plan.inserts[key].owner for key in keys],
-                   [plan.inserts[key].request for key in keys],
-                   [job_experiment(plan.inserts[key], experiments, ids[key]) for key in keys],
-                   [plan.inserts[key].limit for key in keys])
-        inserted = {row["job_id"] for row in await conn.fetch(PG_INSERT_JOBS_WITHIN_LIMIT, *columns, utc_now())}
-        kept = plan.kept_keys(ids, inserted)
-        if kept:
-            await conn.execute(PG_SAVE_IDEMPOTENT, *map(list, zip(*kept)))
-        active = {owner: (await conn.fetchrow(PG_COUNT_ACTIVE, owner))["active"]
-                  for owner in plan.refused_owners(ids, inserted)}
-        return plan.settle(jobs, ids, inserted, active)
-
-    @staticmethod
-    async def _experiments(conn: Any, names: set[str]) -> dict[str, str]:
-        if not names:
-            return {}
-        ordered = sorted(names)
-        await conn.execute(PG_ADD_EXPERIMENTS, ordered, [new_id("exp") for _ in ordered], utc_now())
-        return {row["name"]: row["experiment_id"] for row in await conn.fetch(PG_GET_EXPERIMENTS, ordered)}
+        found = dict(zip(looked_up, rows))
+        stored = {(job.owner, job.idempotency[0]): (found[key]["known_hash"], found[key]["known_job"])
+                  for key, job in looked_up.items() if found[key]["known_job"]}
+        inserted = {ids[key] for key, row in found.items() if row["admitted"]}
+        active = {looked_up[key].owner: row["owner_active"] for key, row in found.items() if row["owner_active"] is not None}
+        return AdmissionPlan.of(jobs, stored).settle(jobs, ids, inserted, active)
 
     async def _notify(self, news: str) -> None:
         """Tell the other hosts; losing this only costs them a poll's delay."""

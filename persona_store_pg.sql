@@ -140,3 +140,69 @@ CREATE TABLE IF NOT EXISTS write_probe (
     id        integer PRIMARY KEY CHECK (id = 1),
     probed_at double precision NOT NULL
 );
+
+-- A batch of submissions admitted in one round trip, its commit included. Every statement in
+-- a function takes a fresh snapshot, so the quotas and Idempotency-Keys read after the locks
+-- include every batch that held them before, from any host. The caller passes one submission
+-- per Idempotency-Key (the batch's first); it gets back, per submission in order, whether its
+-- job went in, the job and body hash an earlier request's key holds, and, for one refused
+-- for its quota, its owner's jobs pending or running.
+CREATE OR REPLACE FUNCTION persona_admit(
+    lock_names text[], job_ids text[], owners text[], requests text[], named text[], fixed_experiments text[],
+    new_experiments text[], job_limits integer[], idempotency_keys text[], body_hashes text[],
+    key_ttl double precision, created text)
+RETURNS TABLE (admitted boolean, known_hash text, known_job text, owner_active bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    found_hashes text[];
+    found_jobs text[];
+    added_ids text[];
+BEGIN
+    -- One lock per owner (its quota) and per Idempotency-Key, taken in one order, so that
+    -- batches from several hosts queue for each other and never deadlock.
+    PERFORM pg_advisory_xact_lock(hashtextextended(name, 0))
+    FROM (SELECT DISTINCT unnest(lock_names) AS name) AS names ORDER BY name;
+    SELECT array_agg(i.body_hash ORDER BY b.n), array_agg(i.job_id ORDER BY b.n) INTO found_hashes, found_jobs
+    FROM unnest(owners, idempotency_keys) WITH ORDINALITY AS b (owner, key, n)
+    LEFT JOIN idempotency_keys AS i ON i.owner = b.owner AND i.key = b.key
+                                   AND i.created_at > extract(epoch FROM clock_timestamp()) - key_ttl;
+    INSERT INTO experiments (name, experiment_id, created_at)
+    SELECT DISTINCT ON (e.name) e.name, e.candidate, created
+    FROM unnest(named, new_experiments, found_jobs) AS e (name, candidate, found)
+    WHERE e.name IS NOT NULL AND e.found IS NULL ORDER BY e.name
+    ON CONFLICT (name) DO NOTHING;
+    WITH batch AS MATERIALIZED (
+        SELECT b.n, b.job_id, b.owner, b.request, b.job_limit, b.key, b.body_hash,
+               COALESCE(b.fixed, x.experiment_id) AS experiment_id,
+               (SELECT COALESCE(SUM(c.n), 0) FROM job_counts AS c
+                WHERE c.owner = b.owner AND c.status IN ('pending', 'running'))
+               + ROW_NUMBER() OVER (PARTITION BY b.owner ORDER BY b.n) AS place
+        FROM unnest(job_ids, owners, requests, fixed_experiments, named, job_limits, idempotency_keys,
+                    body_hashes, found_jobs)
+             WITH ORDINALITY AS b (job_id, owner, request, fixed, name, job_limit, key, body_hash, found, n)
+        LEFT JOIN experiments AS x ON x.name = b.name
+        WHERE b.found IS NULL
+    ), added AS (
+        INSERT INTO jobs (job_id, owner, request, experiment_id, created_at)
+        SELECT job_id, owner, request, experiment_id, created FROM batch WHERE place <= job_limit ORDER BY n
+        RETURNING job_id
+    ), kept AS (
+        INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
+        SELECT batch.owner, batch.key, batch.body_hash, batch.job_id, extract(epoch FROM clock_timestamp())
+        FROM batch JOIN added USING (job_id) WHERE batch.key IS NOT NULL
+        ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
+                                               created_at = excluded.created_at
+    )
+    SELECT array_agg(job_id) INTO added_ids FROM added;
+    IF added_ids IS NOT NULL THEN  -- the other hosts hear of new jobs as the batch commits
+        PERFORM pg_notify('persona', 'jobs');
+    END IF;
+    RETURN QUERY
+    SELECT b.job_id = ANY(COALESCE(added_ids, '{}')), b.hash, b.found,
+           CASE WHEN b.found IS NULL AND NOT b.job_id = ANY(COALESCE(added_ids, '{}')) THEN
+               (SELECT COALESCE(SUM(c.n), 0)::bigint FROM job_counts AS c
+                WHERE c.owner = b.owner AND c.status IN ('pending', 'running')) END
+    FROM unnest(job_ids, owners, found_hashes, found_jobs) WITH ORDINALITY AS b (job_id, owner, hash, found, n)
+    ORDER BY b.n;
+END $$;

@@ -98,16 +98,18 @@ async def test_a_database_from_a_newer_persona_is_refused(open_store: OpenStore,
 async def test_a_database_of_the_version_before_is_upgraded_keeping_its_jobs(open_store: OpenStore, backend: str) -> None:
     store = await open_store()
     job_id = await create(store)
-    await execute(store, "DROP INDEX jobs_by_experiment")
-    if backend == "sqlite":
+    if backend == "sqlite":  # version 6 added an index
+        await execute(store, "DROP INDEX jobs_by_experiment")
         await execute(store, f"PRAGMA user_version = {persona.SCHEMA_VERSION - 1}")
-        indexes = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'jobs_by_experiment'"
-    else:
+        added = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'jobs_by_experiment'"
+    else:  # version 3 added the function that admits submissions
+        await execute(store, "DROP FUNCTION persona_admit")
         await execute(store, f"UPDATE persona_schema SET version = {persona.PG_SCHEMA_VERSION - 1}")
-        indexes = "SELECT indexname FROM pg_indexes WHERE indexname = 'jobs_by_experiment'"
+        added = "SELECT proname FROM pg_proc WHERE proname = 'persona_admit'"
     upgraded = await open_store()
-    assert await execute(upgraded, indexes) == [("jobs_by_experiment",)]
+    assert len(await execute(upgraded, added)) == 1
     assert (await upgraded.get_job(job_id))["status"] == "pending"
+    assert (await upgraded.create_job("ip:x", {"data": "b.csv"}, 100, None)).job_id
 
 
 async def test_opening_twice_keeps_the_data(open_store: OpenStore, backend: str) -> None:
