@@ -81,6 +81,7 @@ GC_YOUNG_THRESHOLD = 20_000  # net allocations between young collections; Python
 MAX_ATTEMPTS = 3  # runs of one job, counting those a crash interrupted
 JOB_ID_ATTEMPTS = 5  # inserts of a new job, each under a new id should the last be taken
 LEASE_S = 30.0  # a running job whose heartbeat is older than this is orphaned
+PARTIAL_MAX_AGE_S = 3600.0  # a half-written output folder this old has no writer left (its files go in one go)
 HEARTBEAT_S = 5.0  # how often a process renews the lease on its jobs
 POLL_S = 0.5  # how often the runner looks for jobs other processes accepted
 WRITE_CHECK_S = 1.0  # health trusts the last write's outcome for this long, then writes a probe
@@ -1778,23 +1779,28 @@ PG_ADMIT_FUNCTION = """\
 -- include every batch that held them before, from any host. The caller passes one submission
 -- per Idempotency-Key (the batch's first); it gets back, per submission in order, whether its
 -- job went in, the job and body hash an earlier request's key holds, and, for one refused
--- for its quota, its owner's jobs pending or running.
+-- for its quota, its owner's jobs pending or running. The lock names start with
+-- 'persona:admission', which every batch takes: jobs are numbered in the order their
+-- batches commit, so a listing paged by offset gains new jobs only at its end.
 CREATE OR REPLACE FUNCTION persona_admit(
     lock_names text[], job_ids text[], owners text[], requests text[], named text[], fixed_experiments text[],
     new_experiments text[], job_limits integer[], idempotency_keys text[], body_hashes text[],
-    key_ttl double precision, created text)
+    key_ttl double precision)
 RETURNS TABLE (admitted boolean, known_hash text, known_job text, owner_active bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    created text;
     found_hashes text[];
     found_jobs text[];
     added_ids text[];
 BEGIN
-    -- One lock per owner (its quota) and per Idempotency-Key, taken in one order, so that
-    -- batches from several hosts queue for each other and never deadlock.
+    -- The locks, taken in one order so that batches never deadlock: 'persona:admission', which
+    -- every batch takes, so that batches from all hosts commit one after another; and one per
+    -- owner (its quota) and per Idempotency-Key, which a server of schema 2 takes alone.
     PERFORM pg_advisory_xact_lock(hashtextextended(name, 0))
     FROM (SELECT DISTINCT unnest(lock_names) AS name) AS names ORDER BY name;
+    created := to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');  -- in seq order
     SELECT array_agg(i.body_hash ORDER BY b.n), array_agg(i.job_id ORDER BY b.n) INTO found_hashes, found_jobs
     FROM unnest(owners, idempotency_keys) WITH ORDINALITY AS b (owner, key, n)
     LEFT JOIN idempotency_keys AS i ON i.owner = b.owner AND i.key = b.key
@@ -1990,6 +1996,7 @@ CREATE TABLE IF NOT EXISTS write_probe (
 """ + PG_ADMIT_FUNCTION
 
 PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
+PG_NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""  # the same, as clients see it
 PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtextextended('persona:schema', 0))"
 PG_SCHEMA_FOUND = "SELECT to_regclass('persona_schema') IS NOT NULL AS found"
 PG_GET_VERSION = "SELECT max(version) AS version FROM persona_schema"
@@ -2011,12 +2018,12 @@ SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AN
 PG_ADMIT = """
 SELECT admitted, known_hash, known_job, owner_active
 FROM persona_admit($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[],
-                   $9::text[], $10::text[], $11, $12)"""
+                   $9::text[], $10::text[], $11)"""
 PG_PURGE_IDEMPOTENT = f"DELETE FROM idempotency_keys WHERE created_at <= {PG_CLOCK} - $1"
 # A claim skips rows another host is claiming this instant, rather than waiting for them; the
 # outer status check makes sure that a row is claimed only while it is still pending.
 PG_CLAIM_JOB = f"""
-UPDATE jobs SET status = 'running', claimed_by = $1, started_at = COALESCE(started_at, $2), heartbeat_at = {PG_CLOCK}
+UPDATE jobs SET status = 'running', claimed_by = $1, started_at = COALESCE(started_at, {PG_NOW}), heartbeat_at = {PG_CLOCK}
 WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
   AND status = 'pending'
 RETURNING job_id, request, experiment_id, created_at"""
@@ -2027,35 +2034,37 @@ PG_SET_PROGRESS = f"""
 UPDATE jobs SET progress = GREATEST(progress, $3), heartbeat_at = {PG_CLOCK}
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
 RETURNING job_id"""
-PG_COMPLETE_JOB = """
-UPDATE jobs SET status = 'completed', progress = 100, result = $3, completed_at = $4, claimed_by = NULL
+PG_COMPLETE_JOB = f"""
+UPDATE jobs SET status = 'completed', progress = 100, result = $3, completed_at = {PG_NOW}, claimed_by = NULL
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
-RETURNING request"""
-PG_FAIL_JOB = """
-UPDATE jobs SET status = 'failed', error = $3, completed_at = $4, claimed_by = NULL
+RETURNING request, completed_at"""
+PG_FAIL_JOB = f"""
+UPDATE jobs SET status = 'failed', error = $3, completed_at = {PG_NOW}, claimed_by = NULL
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
-RETURNING request"""
-PG_CANCEL_JOB = """
-UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = $2, claimed_by = NULL
+RETURNING request, completed_at"""
+PG_CANCEL_JOB = f"""
+UPDATE jobs SET status = 'failed', error = 'cancelled', completed_at = {PG_NOW}, claimed_by = NULL
 WHERE job_id = $1 AND status IN ('pending', 'running')
-RETURNING request"""
+RETURNING request, completed_at"""
 PG_HEARTBEAT = f"""
 UPDATE jobs SET heartbeat_at = {PG_CLOCK} WHERE claimed_by = $1 AND status = 'running' AND job_id = ANY($2::text[])
 RETURNING job_id"""
 PG_RUNNING_JOBS = f"""
 SELECT job_id, claimed_by, {PG_CLOCK} - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != $1"""
-PG_REQUEUE_JOB = """
+PG_REQUEUE_JOB = f"""
 UPDATE jobs SET status = CASE WHEN attempts >= $3 THEN 'failed' ELSE 'pending' END,
                 error = CASE WHEN attempts >= $3 THEN $4 END,
-                completed_at = CASE WHEN attempts >= $3 THEN $5 END,
+                completed_at = CASE WHEN attempts >= $3 THEN {PG_NOW} END,
                 claimed_by = NULL
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'
-RETURNING status, request"""
+RETURNING status, request, completed_at"""
 PG_RELEASE_JOB = """
 UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = GREATEST(attempts - $3, 0)
 WHERE job_id = $1 AND claimed_by = $2 AND status = 'running'"""
 PG_LOCK_WEBHOOKS = "SELECT pg_advisory_xact_lock(hashtextextended('persona:webhooks', 0))"
-PG_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES ($1, $2, $3, $4, $5)"
+PG_INSERT_WEBHOOK = f"""
+INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES ($1, $2, $3, $4, {PG_NOW})
+RETURNING created_at"""
 PG_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = $1"
 PG_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
 PG_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = $1 RETURNING webhook_id"
@@ -2125,6 +2134,11 @@ WHERE status IN ('completed', 'failed') AND completed_at < $1
   AND NOT EXISTS (SELECT 1 FROM deliveries WHERE deliveries.job_id = jobs.job_id
                   AND deliveries.status IN ('pending', 'delivering'))
 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED"""
+# A retry may have made one of these jobs' deliveries pending since they were chosen: their
+# deliveries are locked, read again at their latest, and the jobs with work left are kept.
+PG_LOCK_JOB_DELIVERIES = """
+WITH locked AS (SELECT job_id, status FROM deliveries WHERE job_id = ANY($1::text[]) FOR UPDATE)
+SELECT DISTINCT job_id FROM locked WHERE status IN ('pending', 'delivering')"""
 PG_PURGE_JOB_ATTEMPTS = """
 DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE job_id = ANY($1::text[]))"""
 PG_PURGE_JOB_DELIVERIES = "DELETE FROM deliveries WHERE job_id = ANY($1::text[])"
@@ -2201,12 +2215,17 @@ class PostgresStore(Store):
     def describe(self) -> str:
         return shown_db(self.url)
 
+    def _session_settings(self) -> dict[str, str]:
+        """Every connection names this process, and reads at read committed whatever the database's default:
+        persona_admit and retention rely on each statement seeing what committed before it."""
+        return {"application_name": self.session_name, "default_transaction_isolation": "read committed"}
+
     async def open(self) -> None:
         try:
             self.pool = await self.asyncpg.create_pool(self.url, min_size=0, max_size=PG_POOL_SIZE,
                                                        timeout=PG_CONNECT_TIMEOUT_S, command_timeout=60,
                                                        connection_class=pooled_connection_class(self.asyncpg),
-                                                       server_settings={"application_name": self.session_name})
+                                                       server_settings=self._session_settings())
         except Exception as exc:
             raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {self._why(exc)}") from None
         try:
@@ -2256,7 +2275,7 @@ class PostgresStore(Store):
             closed = asyncio.Event()
             try:
                 conn = await self.asyncpg.connect(self.url, timeout=PG_CONNECT_TIMEOUT_S,
-                                                  server_settings={"application_name": self.session_name})
+                                                  server_settings=self._session_settings())
             except Exception as exc:
                 log.warning("PostgreSQL listener cannot connect (%s); trying again", pg_trouble(exc) or type(exc).__name__)
             else:
@@ -2346,7 +2365,7 @@ class PostgresStore(Store):
         """The batch in one call of persona_admit: one round trip, as a plain batch is on SQLite."""
         looked_up = AdmissionPlan.looked_up(jobs)
         news = looked_up.values()
-        locks = [f"persona:owner:{job.owner}" for job in news]
+        locks = ["persona:admission"] + [f"persona:owner:{job.owner}" for job in news]
         locks += [f"persona:key:{job.owner}:{job.idempotency[0]}" for job in news if job.idempotency]
         try:
             rows = await self._write(
@@ -2356,7 +2375,7 @@ class PostgresStore(Store):
                  for key, job in looked_up.items()],
                 [new_id("exp") for _ in news], [job.limit for job in news],
                 [job.idempotency and job.idempotency[0] for job in news],
-                [job.idempotency and job.idempotency[1] for job in news], IDEMPOTENCY_TTL_S, utc_now())
+                [job.idempotency and job.idempotency[1] for job in news], IDEMPOTENCY_TTL_S)
         except self.asyncpg.UniqueViolationError as exc:  # the only unique value the batch does not check
             raise IdTaken from exc
         found = dict(zip(looked_up, rows))
@@ -2399,7 +2418,7 @@ class PostgresStore(Store):
         return (json.loads(rows[0]["request"]), rows[0]["experiment_id"]) if rows else None
 
     async def claim_job(self, worker: str) -> JSON | None:
-        return claimed_job(await self._write(PG_CLAIM_JOB, worker, utc_now()))
+        return claimed_job(await self._write(PG_CLAIM_JOB, worker))
 
     async def begin_attempt(self, job_id: str, worker: str) -> bool:
         return bool(await self._write(PG_BEGIN_ATTEMPT, job_id, worker))
@@ -2415,9 +2434,9 @@ class PostgresStore(Store):
 
     async def _requeue(self, job_id: str, claimed_by: str) -> str | None:
         async with self._transaction() as conn:
-            rows = await conn.fetch(PG_REQUEUE_JOB, job_id, claimed_by, MAX_ATTEMPTS, requeue_error(), utc_now())
+            rows = await conn.fetch(PG_REQUEUE_JOB, job_id, claimed_by, MAX_ATTEMPTS, requeue_error())
             if rows and rows[0]["status"] == "failed":
-                await self._enqueue(conn, job_id, rows[0]["request"], "generation.failed", {"error": requeue_error()})
+                await self._enqueue(conn, job_id, rows[0], "generation.failed", {"error": requeue_error()})
             elif rows:
                 await conn.execute(PG_NOTIFY, "jobs")
         return rows[0]["status"] if rows else None
@@ -2427,25 +2446,26 @@ class PostgresStore(Store):
 
     async def cancel_job(self, job_id: str) -> bool:
         async with self._transaction() as conn:
-            ended = await conn.fetch(PG_CANCEL_JOB, job_id, utc_now())
+            ended = await conn.fetch(PG_CANCEL_JOB, job_id)
             if ended:
-                await self._enqueue(conn, job_id, ended[0]["request"], "generation.failed", {"error": "cancelled"})
+                await self._enqueue(conn, job_id, ended[0], "generation.failed", {"error": "cancelled"})
                 await conn.execute(PG_NOTIFY, f"cancel:{job_id}")
         return bool(ended)
 
     async def _finish(self, job_id: str, worker: str, status: str, outcome: str, event: str, data: JSON) -> bool:
         sql = PG_COMPLETE_JOB if status == "completed" else PG_FAIL_JOB
         async with self._transaction() as conn:
-            ended = await conn.fetch(sql, job_id, worker, outcome, utc_now())
+            ended = await conn.fetch(sql, job_id, worker, outcome)
             if ended:
-                await self._enqueue(conn, job_id, ended[0]["request"], event, data)
+                await self._enqueue(conn, job_id, ended[0], event, data)
         return bool(ended)
 
-    async def _enqueue(self, conn: Any, job_id: str, request: str, event: str, data: JSON) -> None:
-        now = utc_now()
+    async def _enqueue(self, conn: Any, job_id: str, ended: Any, event: str, data: JSON) -> None:
+        """The outbox's deliveries for a job that has just ended (`ended`: its request and completed_at)."""
+        now = ended["completed_at"]
         payload = event_payload(job_id, event, data, now)
         await conn.execute(PG_ENQUEUE_WEBHOOKS, job_id, event, payload, now)
-        own_url = json.loads(request).get("webhook_url")
+        own_url = json.loads(ended["request"]).get("webhook_url")
         if own_url:
             await conn.execute(PG_ENQUEUE_JOB_URL, job_id, event, payload, now, self.job_webhook_secret, own_url)
         await conn.execute(PG_NOTIFY, "deliveries")
@@ -2457,6 +2477,9 @@ class PostgresStore(Store):
     async def purge_finished_jobs(self, before: str, batch: int) -> tuple[int, list[str]]:
         async with self._transaction() as conn:
             rows = await conn.fetch(PG_EXPIRED_JOBS, before, batch)
+            if rows:
+                busy = {row["job_id"] for row in await conn.fetch(PG_LOCK_JOB_DELIVERIES, [row["job_id"] for row in rows])}
+                rows = [row for row in rows if row["job_id"] not in busy]
             ids = [row["job_id"] for row in rows]
             if rows:
                 await conn.execute(PG_PURGE_JOB_ATTEMPTS, ids)
@@ -2471,14 +2494,13 @@ class PostgresStore(Store):
     # -- webhooks -----------------------------------------------------------
 
     async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
-        webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
+        webhook_id = new_id("webhook")
         async with self._transaction() as conn:
             await conn.execute(PG_LOCK_WEBHOOKS)  # the cap holds for hosts registering at once
             if (await conn.fetchrow(PG_COUNT_WEBHOOKS))["webhooks"] >= MAX_WEBHOOKS:
                 return None
-            await conn.execute(PG_INSERT_WEBHOOK, webhook["webhook_id"], url, json.dumps(events), secret,
-                               webhook["created_at"])
-        return webhook
+            created = await conn.fetchrow(PG_INSERT_WEBHOOK, webhook_id, url, json.dumps(events), secret)
+        return {"webhook_id": webhook_id, "url": url, "events": events, "created_at": created["created_at"]}
 
     async def get_webhook(self, webhook_id: str) -> JSON | None:
         rows = await self._read(PG_GET_WEBHOOK, webhook_id)
@@ -6030,7 +6052,7 @@ def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges:
     A folder already there is a complete one from an earlier run of the job that a crash
     or a stop cut off before it was recorded: this run's replaces it, so exactly one stays.
     """
-    staging = folder.with_name(f".{folder.name}~{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}.partial")
+    staging = folder.with_name(f".{folder.name}~{this_host()}~{os.getpid()}~{secrets.token_hex(4)}.partial")
     staging.mkdir(parents=True)
     for form in ("json", "csv", "html"):
         (staging / f"personas.{EXPORT_FORMATS[form][1]}").write_text(personas_document(form, personas, metadata), "utf-8")
@@ -6059,18 +6081,22 @@ def remove_output_folders(output_dir: Path, paths: list[str]) -> None:
 
 
 def remove_partial_folders(output_dir: Path) -> int:
-    """Folders that a crashed process of this host left half written; none is a job's result.
+    """Folders that crashed processes left half written; none is a job's result.
 
-    A folder a live process (another server on the same output folder) is writing stays.
+    A folder whose writer ran on this host, in this process namespace, goes at once if
+    that process is gone. Whether a writer on another host, or in another container with
+    the same host name, lives cannot be told from here: its folder goes once it is
+    PARTIAL_MAX_AGE_S old. A folder a live process is writing stays.
     """
     removed = 0
-    with contextlib.suppress(OSError):
-        for path in output_dir.glob(".*~*~*~*.partial"):
-            _, host, pid, _ = path.name.rsplit("~", 3)
-            # at start-up this process has written nothing yet: a folder under its pid is a dead namesake's
-            # (a container's server is PID 1 on every start)
-            if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
-                shutil.rmtree(path, ignore_errors=True)
+    for path in output_dir.glob(".*~*~*~*.partial"):
+        writer, pid, _ = path.name.rsplit("~", 2)
+        # at start-up this process has written nothing yet: a folder under its pid is a dead namesake's
+        # (a container's server is PID 1 on every start)
+        gone = writer.endswith(f"~{this_host()}") and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
+        with contextlib.suppress(OSError):
+            if gone or time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                shutil.rmtree(path)
                 removed += 1
     return removed
 

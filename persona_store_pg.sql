@@ -146,23 +146,28 @@ CREATE TABLE IF NOT EXISTS write_probe (
 -- include every batch that held them before, from any host. The caller passes one submission
 -- per Idempotency-Key (the batch's first); it gets back, per submission in order, whether its
 -- job went in, the job and body hash an earlier request's key holds, and, for one refused
--- for its quota, its owner's jobs pending or running.
+-- for its quota, its owner's jobs pending or running. The lock names start with
+-- 'persona:admission', which every batch takes: jobs are numbered in the order their
+-- batches commit, so a listing paged by offset gains new jobs only at its end.
 CREATE OR REPLACE FUNCTION persona_admit(
     lock_names text[], job_ids text[], owners text[], requests text[], named text[], fixed_experiments text[],
     new_experiments text[], job_limits integer[], idempotency_keys text[], body_hashes text[],
-    key_ttl double precision, created text)
+    key_ttl double precision)
 RETURNS TABLE (admitted boolean, known_hash text, known_job text, owner_active bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    created text;
     found_hashes text[];
     found_jobs text[];
     added_ids text[];
 BEGIN
-    -- One lock per owner (its quota) and per Idempotency-Key, taken in one order, so that
-    -- batches from several hosts queue for each other and never deadlock.
+    -- The locks, taken in one order so that batches never deadlock: 'persona:admission', which
+    -- every batch takes, so that batches from all hosts commit one after another; and one per
+    -- owner (its quota) and per Idempotency-Key, which a server of schema 2 takes alone.
     PERFORM pg_advisory_xact_lock(hashtextextended(name, 0))
     FROM (SELECT DISTINCT unnest(lock_names) AS name) AS names ORDER BY name;
+    created := to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');  -- in seq order
     SELECT array_agg(i.body_hash ORDER BY b.n), array_agg(i.job_id ORDER BY b.n) INTO found_hashes, found_jobs
     FROM unnest(owners, idempotency_keys) WITH ORDINALITY AS b (owner, key, n)
     LEFT JOIN idempotency_keys AS i ON i.owner = b.owner AND i.key = b.key

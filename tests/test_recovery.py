@@ -138,17 +138,23 @@ def test_a_complete_folder_left_by_a_crash_before_the_result_was_recorded_is_rep
 
 def test_start_up_removes_half_written_folders_only_of_dead_processes_of_this_host(start_server, workdir: Path) -> None:
     output = workdir / "output"
-    host = socket.gethostname()
+    host = persona.this_host()  # the host name and the process namespace
     dead = output / f".20260101_000000_job-x~{host}~{dead_pid()}~abcd.partial"
     live = output / f".20260101_000000_job-y~{host}~{os.getpid()}~abcd.partial"
     elsewhere = output / f".20260101_000000_job-z~not-{host}~{dead_pid()}~abcd.partial"
-    for folder in (dead, live, elsewhere):
+    other_container = output / f".20260101_000000_job-v~{socket.gethostname()}~1~{dead_pid()}~abcd.partial"
+    long_left = output / f".20260101_000000_job-w~not-{host}~{dead_pid()}~abcd.partial"
+    for folder in (dead, live, elsewhere, other_container, long_left):
         folder.mkdir(parents=True)
         (folder / "personas.json").write_text("{}")
+    two_hours_ago = time.time() - 2 * persona.PARTIAL_MAX_AGE_S
+    os.utime(long_left, (two_hours_ago, two_hours_ago))
     start_server("--rate-limit", "0")
     wait_for(lambda: not dead.exists(), timeout=5, what="the dead process's half-written folder to go")
+    wait_for(lambda: not long_left.exists(), timeout=5, what="a folder no writer has touched for hours to go")
     assert (live / "personas.json").exists()  # a live process may still be writing it
     assert (elsewhere / "personas.json").exists()  # whether that host's process lives cannot be told here
+    assert (other_container / "personas.json").exists()  # nor a process in another container of this name
 
 
 # -- engine processes --------------------------------------------------------

@@ -395,3 +395,99 @@ async def test_requests_counted_together_each_get_their_own_count(open_store: Op
     counts = await asyncio.gather(*(stores[n % 2].rate_hit("ip:3") for n in range(40)))
     assert sorted(count for count, _ in counts) == list(range(1, 41))
     assert (await stores[0].rate_hit("ip:3"))[0] == 41
+
+
+# -- several hosts on one PostgreSQL ---------------------------------------------
+
+
+async def side_transaction(store: persona.Store, statement: str) -> Any:
+    """A connection of the test's own, in a transaction that has run `statement` and is left open."""
+    import asyncpg
+
+    conn = await asyncpg.connect(store.url)
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.execute(statement)
+    return conn, transaction
+
+
+async def until_a_session_waits_on_a_lock(store: persona.Store, kind: str) -> None:
+    """Until one of the store's own sessions waits on a lock of this kind."""
+    deadline = asyncio.get_running_loop().time() + 20
+    waiting = f"""SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)
+                  WHERE NOT granted AND locktype = '{kind}' AND application_name = '{store.session_name}'"""
+    while not (await execute(store, waiting))[0][0]:
+        assert asyncio.get_running_loop().time() < deadline, f"no session came to wait on a lock of kind {kind}"
+        await asyncio.sleep(0.02)  # polling the condition, with a deadline
+
+
+@pytest.mark.postgres_only
+async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(open_store: OpenStore, backend: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await open_store()
+    monkeypatch.setattr(persona, "utc_now", lambda: "2001-01-01T00:00:00Z")  # a host whose clock is far off
+    webhook = await store.create_webhook("http://127.0.0.1:9/hook", ["generation.completed"], None)
+    job_id = await create(store)
+    await store.claim_job("w")
+    await store.complete_job(job_id, "w", {"personas": [], "experiment_id": "exp-x", "output_path": "o/"})
+    job = await store.get_job(job_id)
+    [(delivered_at, payload)] = await execute(store, "SELECT created_at, payload FROM deliveries")
+    [(database_now,)] = await execute(store, "SELECT extract(epoch FROM now())::float8")
+    times = [job["created_at"], job["started_at"], job["completed_at"], webhook["created_at"], delivered_at,
+             json.loads(payload)["timestamp"]]
+    for shown in times:
+        clock = persona.datetime.strptime(shown, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=persona.timezone.utc).timestamp()
+        assert abs(clock - database_now) < 60, times
+    assert job["created_at"] <= job["started_at"] <= job["completed_at"]
+
+
+@pytest.mark.postgres_only
+async def test_retention_keeps_a_job_whose_delivery_a_retry_makes_pending_meanwhile(open_store: OpenStore,
+                                                                                      backend: str) -> None:
+    store = await open_store()
+    await store.create_webhook("http://127.0.0.1:9/hook", ["generation.completed"], None)
+    job_id = await create(store)
+    await store.claim_job("w")
+    await store.complete_job(job_id, "w", {"personas": [], "experiment_id": "exp-x", "output_path": "o/"})
+    [delivery] = await store.claim_deliveries("w", 1)
+    attempt = {"attempted_at": "2026-01-01T00:00:00Z", "http_status": 500, "error": None, "duration_ms": 1}
+    await store.settle_delivery(delivery["delivery_id"], "w", attempt, "failed", 0.0)
+    conn, retry = await side_transaction(
+        store, f"UPDATE deliveries SET status = 'pending' WHERE delivery_id = '{delivery['delivery_id']}'")
+    try:
+        purge = asyncio.create_task(store.purge_finished_jobs("9999-12-31T00:00:00Z", 100))
+        await until_a_session_waits_on_a_lock(store, "transactionid")
+        await retry.commit()
+    finally:
+        await conn.close()
+    assert await purge == (0, [])
+    assert (await store.get_job(job_id))["status"] == "completed"
+    assert await execute(store, "SELECT status FROM deliveries") == [("pending",)]
+
+
+@pytest.mark.postgres_only
+async def test_a_submission_waits_for_another_hosts_admission_to_commit(open_store: OpenStore, backend: str) -> None:
+    """Every batch takes one shared lock, so jobs are numbered in the order they commit: a listing
+    paged by offset never has an earlier-numbered job appear behind a page already read."""
+    store = await open_store()
+    conn, other = await side_transaction(store, "SELECT pg_advisory_xact_lock(hashtextextended('persona:admission', 0))")
+    try:
+        submission = asyncio.create_task(store.create_job("ip:x", {"data": "a.csv"}, 100, None))
+        await until_a_session_waits_on_a_lock(store, "advisory")
+        assert not submission.done()
+        await other.commit()
+    finally:
+        await conn.close()
+    assert (await submission).job_id
+
+
+@pytest.mark.postgres_only
+async def test_the_stores_sessions_read_committed_whatever_the_databases_default(open_store: OpenStore,
+                                                                                 backend: str) -> None:
+    first = await open_store()
+    [(name,)] = await execute(first, "SELECT current_database()")
+    await execute(first, f'ALTER DATABASE "{name}" SET default_transaction_isolation = \'serializable\'')
+    assert await execute(first, "SHOW transaction_isolation") == [("serializable",)]  # a session of its own
+    store = await open_store()
+    assert [tuple(row) for row in await store._read("SHOW transaction_isolation")] == [("read committed",)]
+    assert (await store.create_job("ip:x", {"data": "a.csv"}, 100, None)).job_id
