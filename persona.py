@@ -1773,15 +1773,17 @@ class SQLiteStore(Store):
 # ---------------------------------------------------------------------------
 
 PG_SCHEMA_VERSION = 3
-PG_ADMIT_FUNCTION = """\
+PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
+PG_NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""  # the same, as clients see it
+PG_ADMIT_FUNCTION = f"""\
 -- A batch of submissions admitted in one round trip, its commit included. Every statement in
 -- a function takes a fresh snapshot, so the quotas and Idempotency-Keys read after the locks
 -- include every batch that held them before, from any host. The caller passes one submission
 -- per Idempotency-Key (the batch's first); it gets back, per submission in order, whether its
 -- job went in, the job and body hash an earlier request's key holds, and, for one refused
--- for its quota, its owner's jobs pending or running. The lock names start with
--- 'persona:admission', which every batch takes: jobs are numbered in the order their
--- batches commit, so a listing paged by offset gains new jobs only at its end.
+-- for its quota, its owner's jobs pending or running. As batches commit one after another,
+-- jobs are numbered in the order they commit: a listing paged by offset gains new jobs only
+-- at its end.
 CREATE OR REPLACE FUNCTION persona_admit(
     lock_names text[], job_ids text[], owners text[], requests text[], named text[], fixed_experiments text[],
     new_experiments text[], job_limits integer[], idempotency_keys text[], body_hashes text[],
@@ -1800,11 +1802,11 @@ BEGIN
     -- owner (its quota) and per Idempotency-Key, which a server of schema 2 takes alone.
     PERFORM pg_advisory_xact_lock(hashtextextended(name, 0))
     FROM (SELECT DISTINCT unnest(lock_names) AS name) AS names ORDER BY name;
-    created := to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');  -- in seq order
+    created := {PG_NOW};  -- in seq order
     SELECT array_agg(i.body_hash ORDER BY b.n), array_agg(i.job_id ORDER BY b.n) INTO found_hashes, found_jobs
     FROM unnest(owners, idempotency_keys) WITH ORDINALITY AS b (owner, key, n)
     LEFT JOIN idempotency_keys AS i ON i.owner = b.owner AND i.key = b.key
-                                   AND i.created_at > extract(epoch FROM clock_timestamp()) - key_ttl;
+                                   AND i.created_at > {PG_CLOCK} - key_ttl;
     INSERT INTO experiments (name, experiment_id, created_at)
     SELECT DISTINCT ON (e.name) e.name, e.candidate, created
     FROM unnest(named, new_experiments, found_jobs) AS e (name, candidate, found)
@@ -1827,7 +1829,7 @@ BEGIN
         RETURNING job_id
     ), kept AS (
         INSERT INTO idempotency_keys (owner, key, body_hash, job_id, created_at)
-        SELECT batch.owner, batch.key, batch.body_hash, batch.job_id, extract(epoch FROM clock_timestamp())
+        SELECT batch.owner, batch.key, batch.body_hash, batch.job_id, {PG_CLOCK}
         FROM batch JOIN added USING (job_id) WHERE batch.key IS NOT NULL
         ON CONFLICT (owner, key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id,
                                                created_at = excluded.created_at
@@ -1837,8 +1839,8 @@ BEGIN
         PERFORM pg_notify('persona', 'jobs');
     END IF;
     RETURN QUERY
-    SELECT b.job_id = ANY(COALESCE(added_ids, '{}')), b.hash, b.found,
-           CASE WHEN b.found IS NULL AND NOT b.job_id = ANY(COALESCE(added_ids, '{}')) THEN
+    SELECT b.job_id = ANY(COALESCE(added_ids, '{{}}')), b.hash, b.found,
+           CASE WHEN b.found IS NULL AND NOT b.job_id = ANY(COALESCE(added_ids, '{{}}')) THEN
                (SELECT COALESCE(SUM(c.n), 0)::bigint FROM job_counts AS c
                 WHERE c.owner = b.owner AND c.status IN ('pending', 'running')) END
     FROM unnest(job_ids, owners, found_hashes, found_jobs) WITH ORDINALITY AS b (job_id, owner, hash, found, n)
@@ -1995,8 +1997,6 @@ CREATE TABLE IF NOT EXISTS write_probe (
 
 """ + PG_ADMIT_FUNCTION
 
-PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
-PG_NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""  # the same, as clients see it
 PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtextextended('persona:schema', 0))"
 PG_SCHEMA_FOUND = "SELECT to_regclass('persona_schema') IS NOT NULL AS found"
 PG_GET_VERSION = "SELECT max(version) AS version FROM persona_schema"

@@ -146,9 +146,9 @@ CREATE TABLE IF NOT EXISTS write_probe (
 -- include every batch that held them before, from any host. The caller passes one submission
 -- per Idempotency-Key (the batch's first); it gets back, per submission in order, whether its
 -- job went in, the job and body hash an earlier request's key holds, and, for one refused
--- for its quota, its owner's jobs pending or running. The lock names start with
--- 'persona:admission', which every batch takes: jobs are numbered in the order their
--- batches commit, so a listing paged by offset gains new jobs only at its end.
+-- for its quota, its owner's jobs pending or running. As batches commit one after another,
+-- jobs are numbered in the order they commit: a listing paged by offset gains new jobs only
+-- at its end.
 CREATE OR REPLACE FUNCTION persona_admit(
     lock_names text[], job_ids text[], owners text[], requests text[], named text[], fixed_experiments text[],
     new_experiments text[], job_limits integer[], idempotency_keys text[], body_hashes text[],
