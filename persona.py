@@ -2682,6 +2682,131 @@ def outbound_tls() -> ssl.SSLContext:
 
 
 # ---------------------------------------------------------------------------
+# Child processes: heavy work that a cancel or a stop can kill
+# ---------------------------------------------------------------------------
+#
+# Reading Office files and the engine's large computations run in a spawned child:
+# a thread would hold the GIL against the event loop, and could not be stopped.
+
+
+async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in a spawned child process, killed if the caller is cancelled.
+
+    The child dies with its parent too (PR_SET_PDEATHSIG), so no server, however it
+    stops, leaves computations behind.
+    """
+    async with host_engine_slot():
+        return await child_result(function, *args)
+
+
+async def child_result(function: Callable[..., Any], *args: Any) -> Any:
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=child_main, args=(sender, function, args, os.getpid()), daemon=True,
+                            name="persona-engine")
+    starting = asyncio.ensure_future(asyncio.to_thread(child.start))  # pickling large data would hold the loop
+    try:
+        await asyncio.shield(starting)
+        sender.close()
+        ok, value = await asyncio.to_thread(receive_or_eof, receiver)
+    finally:  # also when cancelled: the child's end closes as it dies, which ends the read
+        if not starting.done():  # cancelled while starting: let the start finish, so the child can be killed
+            with contextlib.suppress(BaseException):
+                await starting
+        if child.pid is not None:
+            if child.is_alive():
+                child.kill()
+            child.join(5)
+        receiver.close()
+    if ok:
+        return value
+    if isinstance(value, BaseException):
+        raise value
+    raise GenerationError(f"the engine's process ended without an answer (exit code {child.exitcode})")
+
+
+@contextlib.asynccontextmanager
+async def host_engine_slot() -> AsyncIterator[None]:
+    """One of ENGINE_WORKERS engine children at once on this host, across every Persona process.
+
+    A slot is a lock on one byte of a file in the temporary folder; the kernel frees it
+    when its process ends, however it ends. Without the file, the process's own slots bound it.
+    """
+    import fcntl
+
+    fd = host_slot_file()
+    if fd is None:
+        yield
+        return
+    slot, delay = None, 0.02
+    try:
+        while slot is None:
+            for candidate in range(ENGINE_WORKERS):
+                if candidate in HOST_SLOTS_HELD:  # this process's own locks would not stop it
+                    continue
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, candidate)
+                except OSError:
+                    continue
+                slot = candidate
+                HOST_SLOTS_HELD.add(slot)
+                break
+            else:
+                await asyncio.sleep(delay)  # held by other processes: look again soon
+                delay = min(delay * 2, 0.5)
+        yield
+    finally:
+        if slot is not None:
+            HOST_SLOTS_HELD.discard(slot)
+            with contextlib.suppress(OSError):
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+
+
+@functools.cache
+def host_slot_file() -> int | None:
+    """The slots' file, opened once: closing any descriptor of it would drop all of this process's locks."""
+    try:
+        return os.open(Path(tempfile.gettempdir()) / f"persona-engine-{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+
+
+HOST_SLOTS_HELD: set[int] = set()  # the host-wide engine slots this process holds
+
+
+def receive_or_eof(receiver: Any) -> tuple[bool, Any]:
+    try:
+        return receiver.recv()
+    except (EOFError, OSError):
+        return False, None
+
+
+def child_main(sender: Any, function: Callable[..., Any], args: tuple[Any, ...], parent: int) -> None:
+    """The engine child: niced, bound to its parent's life, sends back (ok, result or exception)."""
+    die_with_parent(parent)
+    os.nice(ENGINE_NICENESS)
+    try:
+        outcome: tuple[bool, Any] = (True, function(*args))
+    except Exception as exc:  # handed to the parent, which raises it as its own
+        outcome = (False, exc)
+    sender.send(outcome)
+    sender.close()
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to end this process when its parent ends; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent was already gone before the request took effect
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------
 # Data loading
 # ---------------------------------------------------------------------------
 
@@ -2700,7 +2825,7 @@ FORMATS = {
     ".srt": "srt",
 }
 RECORD_LIST_KEYS = ("responses", "participants", "records", "data", "entries", "items", "results", "interviews")
-MAX_ARCHIVE_BYTES = 100 * 1024 * 1024  # what one .docx or .xlsx may unpack to
+MAX_ARCHIVE_BYTES = 100 * 1024 * 1024  # what one .docx or .xlsx may unpack to, counted as it unpacks
 MAX_SHEET_COLUMNS = 1000  # columns read from a sheet; a survey has far fewer
 MAX_NAMES_SHOWN = 12  # files or columns named in one warning
 MAX_SOURCE_FILES = 10_000  # files one data folder may hold
@@ -2866,15 +2991,45 @@ def named_list(names: Iterable[str]) -> str:
 
 
 # Office files: a .docx or .xlsx is a zip of XML parts, read with the standard library.
+#
+# Each part streams through expat a chunk at a time, so time and memory grow with the
+# file, never with what it claims: its unpacked bytes are counted as they come (a zip
+# may declare any size), a document type is refused (Office files have none, so no
+# entity can expand), and what the parts produce is counted too: characters, cells,
+# shared strings and depth. A wide sparse sheet costs the cells it holds.
 
-WORD_NS = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
-SHEET_NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
-RELS_NS = "{http://schemas.openxmlformats.org/package/2006/relationships}"
-DOC_RELS_NS = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
+WORD_NS = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "
+SHEET_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main "
+RELS_NS = "http://schemas.openxmlformats.org/package/2006/relationships "
+DOC_RELS_NS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships "
+OFFICE_FORMATS = ("docx", "xlsx")
+MAX_OFFICE_CHARS = 20_000_000  # characters of text one Office file may give
+MAX_SHEET_CELLS = 2_000_000  # cells one sheet may give, its empty columns left out
+MAX_XML_DEPTH = 256  # how deeply a part's elements may nest; real documents stay under 40
+XML_CHUNK_BYTES = 64 * 1024
 
 
-def archive_parts(raw: bytes, name: str, kind: str) -> Any:
-    """The zip inside an Office file, refused if it is not one or would unpack too large."""
+class OfficeBudget:
+    """What one Office file has given so far, each count under its cap; errors name the file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.unpacked = 0
+        self.chars = 0
+
+    def unpack(self, size: int) -> None:
+        self.unpacked += size
+        if self.unpacked > MAX_ARCHIVE_BYTES:
+            raise GenerationError(f"{self.name} unpacks to more than {MAX_ARCHIVE_BYTES // (1024 * 1024)} MiB")
+
+    def produce(self, size: int) -> None:
+        self.chars += size
+        if self.chars > MAX_OFFICE_CHARS:
+            raise GenerationError(f"{self.name} holds more than {MAX_OFFICE_CHARS:,} characters of text")
+
+
+def open_archive(raw: bytes, name: str, kind: str) -> Any:
+    """The zip inside an Office file, refused if it is not one or declares more than it may unpack to."""
     import zipfile
 
     try:
@@ -2886,79 +3041,221 @@ def archive_parts(raw: bytes, name: str, kind: str) -> Any:
     return archive
 
 
-def archive_xml(archive: Any, part: str, name: str) -> Any:
-    """One XML part of an Office file, parsed; None if the part is absent."""
-    from xml.etree import ElementTree
+XmlStart = Callable[[str, dict[str, str]], None]
+XmlEnd = Callable[[str], None]
+XmlText = Callable[[str], None]
 
+
+def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, end: XmlEnd, text: XmlText) -> bool:
+    """Stream one XML part through expat, calling `start`, `end` and `text` as it goes; False if it is absent."""
     import zipfile
     import zlib
+    from xml.parsers import expat
 
     try:
-        data = archive.read(part)
+        stream = archive.open(part)
     except KeyError:
-        return None
-    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, ValueError) as exc:
-        raise GenerationError(f"{name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
+        return False
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise GenerationError(f"{budget.name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
+    parser = expat.ParserCreate(namespace_separator=" ")
+    parser.buffer_text = True
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    depth = 0
+
+    def on_start(tag: str, attributes: dict[str, str]) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_XML_DEPTH:
+            raise GenerationError(f"{budget.name} nests the elements of {part} deeper than {MAX_XML_DEPTH} levels")
+        start(tag, attributes)
+
+    def on_end(tag: str) -> None:
+        nonlocal depth
+        depth -= 1
+        end(tag)
+
+    def refuse_doctype(*_: Any) -> None:
+        raise GenerationError(f"{budget.name} declares a document type in {part}; Office files have none, "
+                              "and Persona expands no entities")
+
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = on_start, on_end, text
+    parser.StartDoctypeDeclHandler = parser.EntityDeclHandler = refuse_doctype
     try:
-        return ElementTree.fromstring(data)
-    except ElementTree.ParseError as exc:
-        raise GenerationError(f"{name} has a broken part {part}: {exc}") from None
+        with stream:
+            while chunk := stream.read(XML_CHUNK_BYTES):
+                budget.unpack(len(chunk))
+                parser.Parse(chunk, False)
+            parser.Parse(b"", True)
+    except expat.ExpatError as exc:
+        raise GenerationError(f"{budget.name} has a broken part {part}: {exc}") from None
+    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, ValueError, LookupError) as exc:
+        raise GenerationError(f"{budget.name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
+    return True
 
 
 def docx_text(raw: bytes, name: str) -> str:
-    """A Word document's paragraphs as lines: tabs and line breaks kept."""
-    document = archive_xml(archive_parts(raw, name, ".docx"), "word/document.xml", name)
-    if document is None:
+    """A Word document's paragraphs as lines: tabs and line breaks kept.
+
+    A paragraph inside another (a text box) is a line of its own, so nesting costs nothing.
+    """
+    archive, budget = open_archive(raw, name, ".docx"), OfficeBudget(name)
+    lines: list[str] = []
+    paragraphs: list[list[str]] = []  # the paragraphs open around the parser, innermost last
+    in_text = False
+
+    def start(tag: str, _: dict[str, str]) -> None:
+        nonlocal in_text
+        if tag == f"{WORD_NS}p":
+            paragraphs.append([])
+        elif tag == f"{WORD_NS}t":
+            in_text = True
+        elif paragraphs and tag in (f"{WORD_NS}tab", f"{WORD_NS}br", f"{WORD_NS}cr"):
+            budget.produce(1)
+            paragraphs[-1].append("\t" if tag == f"{WORD_NS}tab" else "\n")
+
+    def end(tag: str) -> None:
+        nonlocal in_text
+        if tag == f"{WORD_NS}p":
+            lines.append("".join(paragraphs.pop()))
+        elif tag == f"{WORD_NS}t":
+            in_text = False
+
+    def text(data: str) -> None:
+        if in_text and paragraphs:
+            budget.produce(len(data))
+            paragraphs[-1].append(data)
+
+    if not stream_part(archive, "word/document.xml", budget, start, end, text):
         raise GenerationError(f"{name} is not a Word document (it has no word/document.xml)")
-    lines = []
-    for paragraph in document.iter(f"{WORD_NS}p"):
-        pieces = []
-        for node in paragraph.iter():
-            if node.tag == f"{WORD_NS}t":
-                pieces.append(node.text or "")
-            elif node.tag == f"{WORD_NS}tab":
-                pieces.append("\t")
-            elif node.tag in (f"{WORD_NS}br", f"{WORD_NS}cr"):
-                pieces.append("\n")
-        lines.append("".join(pieces))
     return "\n".join(lines).replace("\x00", "")
 
 
 def xlsx_rows(raw: bytes, name: str) -> list[list[str]]:
-    """The first sheet of a workbook as rows of cell text, gaps filled with empty cells."""
-    archive = archive_parts(raw, name, ".xlsx")
-    shared = archive_xml(archive, "xl/sharedStrings.xml", name)
-    strings = ["".join(t.text or "" for t in item.iter(f"{SHEET_NS}t")) for item in shared] if shared is not None else []
-    sheet = archive_xml(archive, first_sheet_part(archive, name), name)
-    if sheet is None:
+    """The first sheet of a workbook as rows of cell text, gaps filled with empty cells.
+
+    Columns empty in every row are left out and so are empty rows: a cell far to the
+    right, or a million blank rows, cost nothing.
+    """
+    archive, budget = open_archive(raw, name, ".xlsx"), OfficeBudget(name)
+    sheet = SheetReader(shared_strings(archive, budget), budget)
+    if not stream_part(archive, first_sheet_part(archive, budget), budget, sheet.start, sheet.end, sheet.text):
         raise GenerationError(f"{name} is not an Excel workbook (it has no worksheet)")
-    rows: list[list[str]] = []
-    width = MAX_SHEET_COLUMNS
-    for row in sheet.iter(f"{SHEET_NS}row"):
-        cells: dict[int, str] = {}
-        for position, cell in enumerate(row.iter(f"{SHEET_NS}c")):
-            column = cell_column(cell.get("r"), position)
-            if column < width:  # a stray cell far to the right cannot widen every row
-                cells[column] = xlsx_cell_text(cell, strings)
-        if not rows and cells:
-            width = max(cells) + 1  # the header row sets the table's width
-        rows.append([cells.get(index, "") for index in range(max(cells, default=-1) + 1)])
-    return rows
+    return sheet.table()
 
 
-def first_sheet_part(archive: Any, name: str) -> str:
+def shared_strings(archive: Any, budget: OfficeBudget) -> list[str]:
+    """The workbook's shared strings, each the text of its runs (phonetic guides left out)."""
+    strings: list[str] = []
+    pieces: list[str] = []
+    inside = {"t": False, "rPh": False}
+
+    def start(tag: str, _: dict[str, str]) -> None:
+        local = tag.removeprefix(SHEET_NS)
+        if local in inside:
+            inside[local] = True
+        elif local == "si":
+            pieces.clear()
+
+    def end(tag: str) -> None:
+        local = tag.removeprefix(SHEET_NS)
+        if local in inside:
+            inside[local] = False
+        elif local == "si":
+            if len(strings) >= MAX_SHEET_CELLS:
+                raise GenerationError(f"{budget.name} holds more than {MAX_SHEET_CELLS:,} shared strings")
+            strings.append("".join(pieces))
+
+    def text(data: str) -> None:
+        if inside["t"] and not inside["rPh"]:
+            budget.produce(len(data))
+            pieces.append(data)
+
+    stream_part(archive, "xl/sharedStrings.xml", budget, start, end, text)
+    return strings
+
+
+class SheetReader:
+    """A worksheet's cells as they stream by, each non-empty row kept as {column: text}."""
+
+    def __init__(self, strings: list[str], budget: OfficeBudget) -> None:
+        self.strings, self.budget = strings, budget
+        self.rows: list[dict[int, str]] = []
+        self.width = MAX_SHEET_COLUMNS  # the header row narrows it: a stray cell far right widens nothing
+        self.cells = 0
+        self.row: dict[int, str] = {}
+        self.column, self.kind, self.into = -1, None, ""  # the open cell; `into` is "v", "t" or ""
+        self.values: list[str] = []
+        self.inline: list[str] = []
+
+    def start(self, tag: str, attributes: dict[str, str]) -> None:
+        local = tag.removeprefix(SHEET_NS)
+        if local == "row":
+            self.row, self.column = {}, -1
+        elif local == "c":
+            self.column = cell_column(attributes.get("r"), self.column + 1)
+            self.kind, self.values, self.inline = attributes.get("t"), [], []
+        elif local in ("v", "t"):
+            self.into = local
+
+    def end(self, tag: str) -> None:
+        local = tag.removeprefix(SHEET_NS)
+        if local in ("v", "t"):
+            self.into = ""
+        elif local == "c":
+            value = cell_value(self.kind, "".join(self.values), "".join(self.inline), self.strings)
+            if value and self.column < self.width:
+                self.cells += 1
+                if self.cells > MAX_SHEET_CELLS:
+                    raise GenerationError(f"{self.budget.name} holds more than {MAX_SHEET_CELLS:,} cells")
+                self.row[self.column] = value
+        elif local == "row" and self.row:
+            if not self.rows:
+                self.width = max(self.row) + 1
+            self.rows.append(self.row)
+
+    def text(self, data: str) -> None:
+        if self.into:
+            self.budget.produce(len(data))
+            (self.values if self.into == "v" else self.inline).append(data)
+
+    def table(self) -> list[list[str]]:
+        """The rows as lists over the columns that hold something; trailing empty cells left off."""
+        used = sorted({column for row in self.rows for column in row})
+        if len(self.rows) * len(used) > MAX_SHEET_CELLS:
+            raise GenerationError(f"{self.budget.name} is a sheet of {len(self.rows):,} rows by {len(used):,} "
+                                  f"columns, more than {MAX_SHEET_CELLS:,} cells")
+        table = []
+        for row in self.rows:
+            cells = [row.get(column, "") for column in used]
+            while cells and not cells[-1]:
+                cells.pop()
+            table.append(cells)
+        return table
+
+
+def first_sheet_part(archive: Any, budget: OfficeBudget) -> str:
     """The part holding the workbook's first sheet, through the workbook's relationships."""
-    workbook = archive_xml(archive, "xl/workbook.xml", name)
-    rels = archive_xml(archive, "xl/_rels/workbook.xml.rels", name)
-    sheet = workbook.find(f"{SHEET_NS}sheets/{SHEET_NS}sheet") if workbook is not None else None
-    if sheet is None or rels is None:
+    wanted: list[str] = []
+    targets: dict[str, str] = {}
+
+    def in_workbook(tag: str, attributes: dict[str, str]) -> None:
+        if tag == f"{SHEET_NS}sheet" and not wanted:
+            wanted.append(attributes.get(f"{DOC_RELS_NS}id", ""))
+
+    def in_rels(tag: str, attributes: dict[str, str]) -> None:
+        if tag == f"{RELS_NS}Relationship":
+            targets.setdefault(attributes.get("Id", ""), attributes.get("Target", ""))
+
+    def nothing(*_: Any) -> None:
+        pass
+
+    stream_part(archive, "xl/workbook.xml", budget, in_workbook, nothing, nothing)
+    stream_part(archive, "xl/_rels/workbook.xml.rels", budget, in_rels, nothing, nothing)
+    target = targets.get(wanted[0]) if wanted else None
+    if not target:
         return "xl/worksheets/sheet1.xml"
-    wanted = sheet.get(f"{DOC_RELS_NS}id")
-    for rel in rels.iter(f"{RELS_NS}Relationship"):
-        if rel.get("Id") == wanted:
-            target = rel.get("Target", "")
-            return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
-    return "xl/worksheets/sheet1.xml"
+    return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
 
 
 def cell_column(reference: str | None, position: int) -> int:
@@ -2969,18 +3266,17 @@ def cell_column(reference: str | None, position: int) -> int:
     return functools.reduce(lambda total, letter: total * 26 + ord(letter) - 64, letters.group(), 0) - 1
 
 
-def xlsx_cell_text(cell: Any, strings: list[str]) -> str:
-    kind, value = cell.get("t"), cell.find(f"{SHEET_NS}v")
+def cell_value(kind: str | None, value: str, inline: str, strings: list[str]) -> str:
+    """A cell's text from its type, its `<v>` and its inline string."""
     if kind == "inlineStr":
-        return "".join(t.text or "" for t in cell.iter(f"{SHEET_NS}t"))
-    text = value.text if value is not None and value.text else ""
-    if kind == "s" and text.isdigit() and int(text) < len(strings):
-        return strings[int(text)]
+        return inline
+    if kind == "s" and value.isascii() and value.isdigit() and int(value) < len(strings):
+        return strings[int(value)]
     if kind == "b":
-        return "TRUE" if text == "1" else "FALSE"
-    if re.fullmatch(r"-?\d+\.0", text):
-        return text[:-2]
-    return text
+        return "TRUE" if value == "1" else "FALSE"
+    if re.fullmatch(r"-?\d+\.0", value):
+        return value[:-2]
+    return value
 
 
 # Tables: survey, feedback and review exports, one row a response.
@@ -3016,9 +3312,11 @@ EMAIL_VALUE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,24}")
 PIPED_TEXT = re.compile(r"\[QID\d+[^\]]{0,80}\]|\$\{[^}]{0,120}\}")
 IMPORT_ID_CELL = re.compile(r'\s*\{\s*"ImportId"')
 # Answers that say there is nothing to say: not speech, and no reason to count a respondent.
-NON_ANSWER = re.compile(r"\W*(?:none|n\s*/?\s*a|na|no|nope|nothing|nil|null|not really|not sure|no comments?|"
-                        r"idk|i don'?t know|none so far|nothing (?:else|more|to add)|no thanks?|-+|\.+|\?+)\W*",
-                        re.IGNORECASE)
+# Matched against the answer's words alone, its punctuation around them stripped in
+# linear time first: a pattern that took punctuation runs itself was cubic in them.
+NON_ANSWER_WORDS = re.compile(r"none|n\s*(?:/\s*)?a|na|no|nope|nothing|nil|null|not really|not sure|no comments?|"
+                              r"idk|i don'?t know|none so far|nothing (?:else|more|to add)|no thanks?", re.IGNORECASE)
+WORD_CHARACTER = re.compile(r"\w")
 SECOND_HEADER_CELLS = frozenset(("response", "open-ended response", "open ended response"))
 
 
@@ -3029,6 +3327,16 @@ def squash(name: str) -> str:
 
 def normalise_key(key: str) -> str:
     return re.sub(r"[\s\-]+", "_", key.strip().lower())
+
+
+def is_non_answer(text: str) -> bool:
+    """`n/a`, `Nothing.`, `--`, `???`: an answer that says there is nothing to say."""
+    first = WORD_CHARACTER.search(text)
+    if first is None:
+        return any(mark in text for mark in "-.?")
+    from_end = WORD_CHARACTER.search(text[::-1])
+    last = len(text) - (from_end.start() if from_end else 0)
+    return NON_ANSWER_WORDS.fullmatch(text, first.start(), last) is not None
 
 
 def is_number(value: str) -> bool:
@@ -3317,7 +3625,7 @@ def participants_from_records(records: list[Any], name: str, labels: dict[str, s
         pid = raw_id[0] if raw_id else f"{Path(name).stem}-{number:03d}"
         person = people.setdefault(pid, Participant(pid))
         for column in columns.speech:
-            person.texts.extend(text for text in cell_texts(record.get(column)) if not NON_ANSWER.fullmatch(text))
+            person.texts.extend(text for text in cell_texts(record.get(column)) if not is_non_answer(text))
         for column in columns.attributes:
             values = cell_texts(record.get(column))
             if values and normalise_key(column) not in person.attributes:
@@ -3452,7 +3760,7 @@ def speaker_key(label: str) -> str:
 
 def speaker_role(key: str) -> str | None:
     """'interviewer', 'participant', or None for a name: `Interviewer 2` is an interviewer."""
-    base = re.sub(r"[\s_-]*\d+$", "", key)
+    base = re.sub(r"(?<![\s_\d-])[\s_-]*\d+$", "", key)
     if base in INTERVIEWER_ROLES:
         return "interviewer"
     if base in PARTICIPANT_ROLES:
@@ -3812,8 +4120,8 @@ async def load_url(url: str, private_allowed: bool) -> Dataset:
     raw, content_type = await fetch_url(url, shown, private_allowed)
     fmt = url_format(shown, content_type)
     stem = Path(urlsplit(url).path).stem or "document"
-    reader = SourceReader()
-    await asyncio.to_thread(reader.add, raw, fmt, shown, stem)
+    reading = run_in_child if fmt in OFFICE_FORMATS else asyncio.to_thread
+    reader = await reading(read_alone, raw, fmt, shown, stem)
     source = {"kind": "url", "location": shown, "sha256": hashlib.sha256(raw).hexdigest()}
     return await asyncio.to_thread(finish_dataset, reader, source, shown)
 
@@ -3832,7 +4140,29 @@ async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
         return await load_url(data, settings.private_urls_allowed)
     if kind == "inline":
         return await asyncio.to_thread(load_inline, data)
-    return await asyncio.to_thread(load_path, data, settings.data_dir, settings.max_source_mb)
+    reading = run_in_child if await asyncio.to_thread(holds_office_files, data, settings.data_dir) else asyncio.to_thread
+    return await reading(load_path, data, settings.data_dir, settings.max_source_mb)
+
+
+def read_alone(raw: bytes, fmt: str, name: str, pid: str) -> SourceReader:
+    """A reader that has read one file."""
+    reader = SourceReader()
+    reader.add(raw, fmt, name, pid)
+    return reader
+
+
+def holds_office_files(data: str, data_dir: Path) -> bool:
+    """Whether a local source holds a .docx or .xlsx: those are read in a child process.
+
+    A child can be killed, so cancelling the job or stopping the server stops the
+    reading, and whatever a file makes of memory goes with it.
+    """
+    try:
+        path = resolve_data_path(data, data_dir)
+        files = folder_files(path, real_root(data_dir))[0] if path.is_dir() else [path]
+    except (APIError, OSError):
+        return False  # reading it fails the job, saying why
+    return any(FORMATS.get(file.suffix.lower()) in OFFICE_FORMATS for file in files)
 
 
 # ---------------------------------------------------------------------------
@@ -3842,45 +4172,80 @@ async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
 UPLOADS = "uploads"  # the data directory's folder for uploaded files
 ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to name their attributes
 UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
-ATTRIBUTE_CACHE: dict[tuple[str, int, int], list[str] | None] = {}  # (path, size, mtime) -> the table's attributes
+SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> the file's sha256
+ATTRIBUTES_BY_CONTENT: dict[str, list[str] | None] = {}  # sha256 -> the table's attributes
+LISTING_CACHE_SIZE = 10_000  # entries each of the two keeps, the least recently used going first
 
 
-def data_sources(data_dir: Path) -> list[JSON]:
+async def data_sources(data_dir: Path) -> list[JSON]:
     """Every file a job can read in the data directory, and every folder holding some, sorted by name.
 
-    A table small enough is read, to name its attributes (what `group_by` can take); reading
-    is remembered by the file's size and time, so a listing reads only what changed.
+    A table small enough is read, to name its attributes (what `group_by` can take).
+    What was read is remembered by content, so a listing reads only what is new, and a
+    file uploaded many times is read once; an Office file is read in a child process,
+    as a job reads it.
     """
+    sources, tables = await asyncio.to_thread(walk_sources, data_dir)
+    for source, file, info in tables:
+        source["attributes"] = await table_attributes(file, info)
+    return sources
+
+
+def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.stat_result]]]:
+    """The listing's entries, and the tables among them small enough to read for their attributes."""
     root = real_root(data_dir)
     files, _ = folder_files(root, root)
     folders: Counter[str] = Counter()
-    sources = []
+    sources, tables = [], []
     for file in files:
         relative = file.relative_to(root)
         for parent in list(relative.parents)[:-1]:
             folders[parent.as_posix()] += 1
         info = file.stat()
         fmt = FORMATS[file.suffix.lower()]
-        sources.append({"name": relative.as_posix(), "kind": "file", "format": fmt, "size": info.st_size,
-                        "attributes": None if fmt in TRANSCRIPT_FORMATS else table_attributes(file, root, info)})
+        source = {"name": relative.as_posix(), "kind": "file", "format": fmt, "size": info.st_size, "attributes": None}
+        sources.append(source)
+        if fmt not in TRANSCRIPT_FORMATS and info.st_size <= ATTRIBUTE_SCAN_BYTES:
+            tables.append((source, file, info))
     sources += [{"name": name, "kind": "folder", "format": "folder", "files": count, "attributes": None}
                 for name, count in folders.items()]
-    return sorted(sources, key=lambda source: source["name"])
+    return sorted(sources, key=lambda source: source["name"]), tables
 
 
-def table_attributes(file: Path, root: Path, info: os.stat_result) -> list[str] | None:
-    """A table's attributes, most common first; None when it is too large to read here or cannot be read."""
+async def table_attributes(file: Path, info: os.stat_result) -> list[str] | None:
+    """A table's attributes, most common first; None when it cannot be read."""
     key = (str(file), info.st_size, info.st_mtime_ns)
-    if key not in ATTRIBUTE_CACHE:
-        if len(ATTRIBUTE_CACHE) > 1000:
-            ATTRIBUTE_CACHE.clear()
-        found = None
-        if info.st_size <= ATTRIBUTE_SCAN_BYTES:
-            with contextlib.suppress(GenerationError, OSError, ValueError):
-                people = load_path(file.relative_to(root).as_posix(), root).participants
-                found = [name for name, _ in Counter(k for person in people for k in person.attributes).most_common()]
-        ATTRIBUTE_CACHE[key] = found
-    return ATTRIBUTE_CACHE[key]
+    digest = SOURCE_DIGESTS.get(key)
+    if digest is None or digest not in ATTRIBUTES_BY_CONTENT:
+        try:
+            raw = await asyncio.to_thread(file.read_bytes)
+        except OSError:
+            return None
+        digest = hashlib.sha256(raw).hexdigest()
+        remember(SOURCE_DIGESTS, key, digest)
+        if digest not in ATTRIBUTES_BY_CONTENT:
+            fmt = FORMATS[file.suffix.lower()]
+            reading = run_in_child if fmt in OFFICE_FORMATS else asyncio.to_thread
+            remember(ATTRIBUTES_BY_CONTENT, digest, await reading(attributes_of, raw, fmt, file.name))
+    remember(ATTRIBUTES_BY_CONTENT, digest, ATTRIBUTES_BY_CONTENT[digest])
+    return ATTRIBUTES_BY_CONTENT[digest]
+
+
+def attributes_of(raw: bytes, fmt: str, name: str) -> list[str] | None:
+    """The attributes a table's participants have, most common first; None if it cannot be read."""
+    try:
+        people = read_alone(raw, fmt, name, Path(name).stem).participants()
+    except (GenerationError, ValueError):
+        return None
+    return [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
+
+
+def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Keep `value` as the most recently used; past LISTING_CACHE_SIZE the least recently used goes."""
+    cache.pop(key, None)
+    cache[key] = value
+    if len(cache) > LISTING_CACHE_SIZE:
+        del cache[next(iter(cache))]
 
 
 def upload_name(name: str) -> str:
@@ -4154,7 +4519,7 @@ CUES = {
     ),
 }
 OPINION = re.compile(r"^\s*(?:i (?:think|believe|trust|feel that|guess|suppose)|in my opinion)\b", re.IGNORECASE)
-FILLER = re.compile(r",?\s*\b(?:u+m+|u+h+|e+r+m+|h+m+|uh-huh|you know|i mean)\b,?", re.IGNORECASE)
+FILLER = re.compile(r",?(?<!\s)\s*\b(?:u+m+|u+h+|e+r+m+|h+m+|uh-huh|you know|i mean)\b,?", re.IGNORECASE)
 STUTTER = re.compile(r"\b(\w+)(?:,? \1\b)+", re.IGNORECASE)
 LIST_LENGTHS = {"minimal": 2, "standard": 3, "detailed": 5}
 QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
@@ -4576,7 +4941,7 @@ def categorise(sentences: list[Sentence], length: int) -> dict[str, list[Sentenc
 def tidy_spoken(sentence: str) -> str:
     """A list item in clean words: fillers (um, you know) and stutters (the, the) go; nothing else changes."""
     text = STUTTER.sub(r"\1", FILLER.sub("", sentence))
-    text = re.sub(r"\s+([,.!?;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
+    text = re.sub(r"(?<!\s)\s+([,.!?;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
     return sentence_case(text) if text else sentence
 
 
@@ -5711,123 +6076,6 @@ async def run_engine(people: list[Participant], function: Callable[..., Any], *a
     if is_large(people):
         return await run_in_child(function, *args)
     return await asyncio.get_running_loop().run_in_executor(engine_threads(), functools.partial(function, *args))
-
-
-async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` in a spawned child process, killed if the caller is cancelled.
-
-    The child dies with its parent too (PR_SET_PDEATHSIG), so no server, however it
-    stops, leaves computations behind.
-    """
-    async with host_engine_slot():
-        return await child_result(function, *args)
-
-
-async def child_result(function: Callable[..., Any], *args: Any) -> Any:
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=child_main, args=(sender, function, args, os.getpid()), daemon=True,
-                            name="persona-engine")
-    starting = asyncio.ensure_future(asyncio.to_thread(child.start))  # pickling large data would hold the loop
-    try:
-        await asyncio.shield(starting)
-        sender.close()
-        ok, value = await asyncio.to_thread(receive_or_eof, receiver)
-    finally:  # also when cancelled: the child's end closes as it dies, which ends the read
-        if not starting.done():  # cancelled while starting: let the start finish, so the child can be killed
-            with contextlib.suppress(BaseException):
-                await starting
-        if child.pid is not None:
-            if child.is_alive():
-                child.kill()
-            child.join(5)
-        receiver.close()
-    if ok:
-        return value
-    if isinstance(value, BaseException):
-        raise value
-    raise GenerationError(f"the engine's process ended without an answer (exit code {child.exitcode})")
-
-
-@contextlib.asynccontextmanager
-async def host_engine_slot() -> AsyncIterator[None]:
-    """One of ENGINE_WORKERS engine children at once on this host, across every Persona process.
-
-    A slot is a lock on one byte of a file in the temporary folder; the kernel frees it
-    when its process ends, however it ends. Without the file, the process's own slots bound it.
-    """
-    import fcntl
-
-    fd = host_slot_file()
-    if fd is None:
-        yield
-        return
-    slot, delay = None, 0.02
-    try:
-        while slot is None:
-            for candidate in range(ENGINE_WORKERS):
-                if candidate in HOST_SLOTS_HELD:  # this process's own locks would not stop it
-                    continue
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, candidate)
-                except OSError:
-                    continue
-                slot = candidate
-                HOST_SLOTS_HELD.add(slot)
-                break
-            else:
-                await asyncio.sleep(delay)  # held by other processes: look again soon
-                delay = min(delay * 2, 0.5)
-        yield
-    finally:
-        if slot is not None:
-            HOST_SLOTS_HELD.discard(slot)
-            with contextlib.suppress(OSError):
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
-
-
-@functools.cache
-def host_slot_file() -> int | None:
-    """The slots' file, opened once: closing any descriptor of it would drop all of this process's locks."""
-    try:
-        return os.open(Path(tempfile.gettempdir()) / f"persona-engine-{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None
-
-
-HOST_SLOTS_HELD: set[int] = set()  # the host-wide engine slots this process holds
-
-
-def receive_or_eof(receiver: Any) -> tuple[bool, Any]:
-    try:
-        return receiver.recv()
-    except (EOFError, OSError):
-        return False, None
-
-
-def child_main(sender: Any, function: Callable[..., Any], args: tuple[Any, ...], parent: int) -> None:
-    """The engine child: niced, bound to its parent's life, sends back (ok, result or exception)."""
-    die_with_parent(parent)
-    os.nice(ENGINE_NICENESS)
-    try:
-        outcome: tuple[bool, Any] = (True, function(*args))
-    except Exception as exc:  # handed to the parent, which raises it as its own
-        outcome = (False, exc)
-    sender.send(outcome)
-    sender.close()
-
-
-def die_with_parent(parent: int) -> None:
-    """Ask Linux to end this process when its parent ends; elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent was already gone before the request took effect
-        os._exit(1)
 
 
 ProgressReport = Callable[[int, str], Awaitable[None]]
@@ -7165,7 +7413,7 @@ async def list_webhooks(request: Request) -> JSONResponse:
 async def list_data(request: Request) -> JSONResponse:
     """The sources in the data directory; file names can be sensitive, so with auth on this needs a token."""
     authenticate(request)
-    return JSONResponse(await asyncio.to_thread(data_sources, state(request).settings.data_dir))
+    return JSONResponse(await data_sources(state(request).settings.data_dir))
 
 
 async def upload_data(request: Request) -> JSONResponse:
