@@ -311,6 +311,104 @@ def evaluate(name: str, truth: dict[str, Any], count: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# The researcher's findings: segments recovered, respondents counted, lists, titles
+# ---------------------------------------------------------------------------
+#
+# researcher.json, beside a data set, holds the personas a researcher drew by reading the
+# raw data before the engine ever ran on it: `respondents` and `segments`, each with its
+# `members` by Persona's participant ids. bench/labels/sentences.jsonl holds real sentences
+# labelled goal, pain, behaviour or none by reading, split into `tune` and `heldout`.
+
+RECOVERED = 0.5  # a segment is recovered when some persona's participants have this Jaccard with it
+COUNTS = (3, 4, 5)  # the engine gets its best count of these, as a researcher would try them
+LABELS = Path("bench/labels/sentences.jsonl")
+LIST_OF_LABEL = {"goal": "goals", "pain": "pain_points", "behaviour": "behaviours"}
+BARE_VALUES = {"never", "rarely", "sometimes", "often", "always", "yes", "no", "daily", "weekly", "monthly",
+               "agree", "disagree", "strongly agree", "strongly disagree", "neutral", "other", "none"}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def recovery(personas: list[dict[str, Any]], segments: list[dict[str, Any]]) -> list[float]:
+    """Per researcher segment, the best Jaccard any persona's participants reach with its members."""
+    groups = [set(p["evidence"]["participants"]) for p in personas]
+    return [max((jaccard(set(segment["members"]), group) for group in groups), default=0.0) for segment in segments]
+
+
+def title_faults(personas: list[dict[str, Any]], dataset: Any) -> list[str]:
+    """Titles a researcher would not write: a placeholder, a bare answer value, or a phrase under a quarter of its members say."""
+    words = {person.id: " ".join(person.texts).lower() for person in dataset.participants}
+    faults = []
+    for p in personas:
+        title = p["title"]
+        lead = title.split(":")[0].strip().lower()
+        phrase = title.split(":", 1)[-1].strip().lower()
+        members = p["evidence"]["participants"]
+        said = sum(phrase in words.get(pid, "") for pid in members) / len(members) if members else 0.0
+        if re.fullmatch(r"segment \d+", title.lower()):
+            faults.append(f"placeholder: {title}")
+        elif ":" in title and lead in BARE_VALUES:
+            faults.append(f"bare answer: {title}")
+        elif ":" not in title and said < 0.25 and not any(a.get("answer") for a in p["evidence"].get("answers", [])):
+            faults.append(f"said by {said:.0%}: {title}")
+    return faults
+
+
+def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
+    """Respondents counted, the researcher's segments recovered at the best count, stability and titles."""
+    dataset = persona.load_path(researcher["data"], CORPUS)
+    row: dict[str, Any] = {"dataset": name, "respondents": researcher["respondents"],
+                           "participants": len(dataset.participants), "segments": len(researcher["segments"])}
+    best: tuple[int, float, int] | None = None
+    for count in COUNTS:
+        personas, _ = persona.offline_personas(dataset, count, CONFIG)
+        scores = recovery(personas, researcher["segments"])
+        found = sum(score >= RECOVERED for score in scores)
+        if best is None or (found, statistics.mean(scores)) > (best[0], best[1]):
+            best = (found, statistics.mean(scores), count)
+            row.update(recovered=found, best_count=count, jaccards=[round(x, 2) for x in scores],
+                       titles=[p["title"] for p in personas], title_faults=title_faults(personas, dataset))
+            quality = persona.quality_report(dataset.participants, personas)
+            row.update(coverage=quality.get("coverage"), stability=quality.get("stability"),
+                       covered_of=quality.get("respondents"))
+    return row
+
+
+def list_precision() -> dict[str, dict[str, dict[str, float | int]]]:
+    """Per split and list: how many sentences the engine puts in it, and the share the labels agree with."""
+    if not LABELS.exists():
+        return {}
+    table: dict[str, dict[str, dict[str, float | int]]] = {}
+    rows = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for split in ("tune", "heldout"):
+        part = [row for row in rows if row["split"] == split]
+        for label, name in LIST_OF_LABEL.items():
+            chosen = [row for row in part if persona.list_kind(row["text"]) == name]
+            relevant = [row for row in part if row["label"] == label]
+            right = sum(row["label"] == label for row in chosen)
+            table.setdefault(split, {})[name] = {
+                "chosen": len(chosen), "precision": round(right / len(chosen), 3) if chosen else 0.0,
+                "recall": round(right / len(relevant), 3) if relevant else 0.0}
+    return table
+
+
+def print_findings(rows: list[dict[str, Any]], precision: dict[str, dict[str, dict[str, float | int]]]) -> None:
+    print()
+    print("| dataset | respondents (covered) | read | segments recovered | best count | Jaccards | stability "
+          "| title faults |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['dataset']} | {row['respondents']} ({row.get('covered_of') or '-'}) | {row['participants']} "
+              f"| {row['recovered']} of {row['segments']} | {row['best_count']} | {row['jaccards']} "
+              f"| {number(row.get('stability'))} | {len(row['title_faults'])} |")
+    for split, lists in precision.items():
+        print(f"\n{split}: " + ", ".join(f"{name} precision {v['precision']:.2f} recall {v['recall']:.2f} "
+                                          f"({v['chosen']} chosen)" for name, v in lists.items()))
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -396,11 +494,17 @@ def main() -> None:
     os.chdir(ROOT)  # the corpus path is relative to the repository root, as a server's data dir would be
     rows = [evaluate(name, truth, args.count) for name, truth in load_truths(args.only)]
     print_table(rows)
+    researched = [findings(path.parent.name, json.loads(path.read_text(encoding="utf-8")))
+                  for path in sorted(CORPUS.glob("*/researcher.json")) if not args.only or path.parent.name in args.only]
+    print_findings(researched, list_precision())
     if args.verbose:
+        for row in researched:
+            print(f"\n{row['dataset']}: titles {row['titles']}; faults {row['title_faults']}")
         for row in rows:
             print_details(row)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"datasets": rows, "findings": researched, "lists": list_precision()},
+                                              indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
