@@ -36,13 +36,14 @@ import shutil
 import socket
 import ssl
 import stat
+import statistics
 import sys
 import tempfile
 import time
 import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -2846,6 +2847,12 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # attribute -> the question it answers, for coded columns
     names: set[str] = field(default_factory=set)  # what the data marks as people's names: name columns, speaker labels
+    silent: list[str] = field(default_factory=list)  # respondents who answered nothing at all: counted, not read
+
+    @property
+    def respondents(self) -> int:
+        """Every respondent of the source, read or not: what coverage is a share of."""
+        return len(self.participants) + len(self.silent)
 
 
 def classify_data(data: str | list[Any]) -> str:
@@ -3584,7 +3591,22 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
         return False
     if len(choices) <= 12 and len(values) >= 2 * len(choices) and max(map(len, choices)) <= 60:
         return False
+    if is_choice_column(values, choices):
+        return False
     return sum(map(len, values)) / len(values) >= 30 or max(len(value.split()) for value in values) >= 12
+
+
+def is_choice_column(values: list[str], choices: Counter[str]) -> bool:
+    """Answers that repeat (a school, a role, a country, options ticked together) are choices, however many.
+
+    Told by the values, not their length: few distinct options for many answers, and
+    hardly any answer a long sentence of its own.
+    """
+    if len(values) < 10 or len(choices) > 0.3 * len(values):
+        return False
+    times = Counter(values)
+    own_sentences = sum(1 for value in values if times[value] == 1 and len(value.split()) >= 8)
+    return own_sentences < 0.1 * len(values)
 
 
 def classify_columns(records: list[dict[str, Any]], labels: dict[str, str]) -> Columns:
@@ -3615,8 +3637,12 @@ def classify_columns(records: list[dict[str, Any]], labels: dict[str, str]) -> C
 
 
 def participants_from_records(records: list[Any], name: str, labels: dict[str, str] | None = None
-                              ) -> tuple[list[Participant], list[str]]:
-    """Group records by participant id: speech columns give units, the others attributes."""
+                              ) -> tuple[list[Participant], list[str], list[str]]:
+    """Group records by participant id: speech columns give units, the others attributes.
+
+    A respondent who answered only closed questions is a participant; one who answered
+    nothing at all is left out, and returned (third) so that coverage still counts them.
+    """
     flat = [flatten_record(record) for record in records]
     columns = classify_columns(flat, labels or {})
     people: dict[str, Participant] = {}
@@ -3630,12 +3656,12 @@ def participants_from_records(records: list[Any], name: str, labels: dict[str, s
             values = cell_texts(record.get(column))
             if values and normalise_key(column) not in person.attributes:
                 person.attributes[normalise_key(column)] = "; ".join(values)
-    speaking = [person for person in people.values() if person.texts]
+    answered = [person for person in people.values() if person.texts or person.attributes]
+    silent = [person.id for person in people.values() if not (person.texts or person.attributes)]
     warnings = column_warnings(columns, name, len(flat))
-    if len(speaking) < len(people):
-        warnings.append(f"{name}: left out {len(people) - len(speaking)} participant(s) with no answer in a "
-                        "free-text column")
-    return speaking, warnings
+    if silent:
+        warnings.append(f"{name}: left out {len(silent)} respondent(s) who answered nothing: {named_list(silent)}")
+    return answered, warnings, silent
 
 
 def column_labels(records: list[Any], questions: dict[str, str]) -> dict[str, str]:
@@ -3950,6 +3976,7 @@ class SourceReader:
         self.warnings: list[str] = []
         self.labels: dict[str, str] = {}
         self.names: set[str] = set()
+        self.silent: list[str] = []
 
     def add(self, raw: bytes, fmt: str, name: str, pid: str) -> None:
         if fmt in TRANSCRIPT_FORMATS:
@@ -3969,8 +3996,9 @@ class SourceReader:
                 raise GenerationError(f"{name} nests deeper than {MAX_DATA_DEPTH} levels; Persona reads records "
                                       "of answers, not trees")
             labels, export_notes = {}, []
-        people, notes = participants_from_records(records, name, labels)
+        people, notes, silent = participants_from_records(records, name, labels)
         self.groups.append(people)
+        self.silent += silent
         self.names |= marked_names(records)
         self.warnings += export_notes + notes
         self.labels.update((normalise_key(column), label) for column, label in column_labels(records, labels).items())
@@ -4053,7 +4081,7 @@ def load_inline(records: list[Any]) -> Dataset:
     canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
     source = {"kind": "inline", "location": f"{len(records)} inline records", "sha256": hashlib.sha256(canonical).hexdigest()}
     reader = SourceReader()
-    people, reader.warnings = participants_from_records(records, "inline")
+    people, reader.warnings, reader.silent = participants_from_records(records, "inline")
     reader.groups.append(people)
     reader.names |= marked_names(records)
     return finish_dataset(reader, source, "the inline data")
@@ -4131,7 +4159,9 @@ def finish_dataset(reader: SourceReader, source: JSON, name: str) -> Dataset:
     if not people:
         raise GenerationError(f"{name} holds no participants with anything to say")
     source["participants"] = len(people)
-    return Dataset(people, source, reader.warnings, reader.labels, reader.names)
+    read = {person.id for person in people}
+    silent = list(dict.fromkeys(pid for pid in reader.silent if pid not in read))  # one who spoke in another file spoke
+    return Dataset(people, source, reader.warnings, reader.labels, reader.names, silent)
 
 
 async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
@@ -4428,7 +4458,8 @@ class Redactor:
             taken.add(pid)
             people.append(Participant(pid, [self.text(text) for text in person.texts],
                                       {key: self.text(value) for key, value in person.attributes.items()}))
-        return Dataset(people, self.value(dataset.source), [self.text(w) for w in dataset.warnings], dataset.labels)
+        return Dataset(people, self.value(dataset.source), [self.text(w) for w in dataset.warnings], dataset.labels,
+                       silent=[self.text(pid) for pid in dataset.silent])
 
     def value(self, value: Any) -> Any:
         """Any JSON value with its texts redacted: a source's names, a refinement's parent personas."""
@@ -4624,13 +4655,34 @@ class Corpus:
     speakers: Counter[int]  # per term, how many participants used it
 
 
+ORDINAL_SCALES = (
+    ("never", "rarely", "sometimes", "often", "always"),
+    ("never", "rarely", "sometimes", "often", "very often"),
+    ("strongly disagree", "disagree", "neither agree nor disagree", "agree", "strongly agree"),
+    ("strongly disagree", "disagree", "neutral", "agree", "strongly agree"),
+    ("never", "a few times a year", "monthly", "weekly", "daily"),
+    ("never", "less than once a month", "monthly", "weekly", "daily"),
+    ("very dissatisfied", "dissatisfied", "neutral", "satisfied", "very satisfied"),
+    ("very unlikely", "unlikely", "neutral", "likely", "very likely"),
+    ("not at all", "slightly", "moderately", "very", "extremely"),
+    ("beginner", "intermediate", "advanced", "expert"),
+)
+SCALE_LEVELS = {value: index for scale in ORDINAL_SCALES for index, value in enumerate(scale)}
+
+
 def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
-    """`role=charge nurse`, plus one term per word so that "Nurse" and "Charge Nurse" are alike."""
+    """`role=charge nurse`, plus one term per word so that "Nurse" and "Charge Nurse" are alike.
+
+    An answer on an ordered scale also counts every level up to it (`often` is `>=1`,
+    `>=2`, `>=3`), so "often" and "always" are nearer each other than "never" is.
+    """
     terms = set()
     for key, value in attributes.items():
         if not is_number(value):
-            terms.add(f"{key}={value.strip().lower()}")
+            answer = value.strip().lower()
+            terms.add(f"{key}={answer}")
             terms.update(f"{key}={word}" for word, _ in content_words(value))
+            terms.update(f"{key}>={level}" for level in range(1, SCALE_LEVELS.get(answer, 0) + 1))
     return terms
 
 
@@ -5027,30 +5079,80 @@ def sentence_case(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, str] | None, taken: set[str]) -> str:
-    """What sets the segment apart: a phrase its participants use, led by a shared attribute value.
+TITLE_MIN_SHARE = 0.25  # a title phrase is said by at least this share of the segment's members
+TITLE_MIN_LIFT = 2.0  # and by at least twice the share of everyone else: the data set's own topic sets no one apart
+BARE_ANSWERS = frozenset(["yes", "no", "maybe", "other", *SCALE_LEVELS])
+QUESTION_LEAD = re.compile(
+    r"^(?:(?:how (?:often|many|much|long|well)|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
+    r"\b(?:do|does|did|are|is|was|were|have|has|would|will|can|could)\b\s*(?:you|your|they)?\b\s*|"
+    r"(?:do|does|did|are|is|have|has|would|will|can|could) (?:you|your)\b\s*)", re.IGNORECASE)
 
-    `Nurse: swap shifts`, `Locked out of the account`; never a lone stop word or an id.
+
+def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
+    """An answer with its question's meaning: `Re-run the build: often`, `Observe flaky tests: weekly`.
+
+    An answer that names a kind of person (`Nurse`, `Data scientist`) needs no question;
+    one that says nothing alone (`Yes`, `Never`, `Agree`) takes its question's topic.
     """
-    singles = [term for term in distinctive_terms(corpus, shares, 4) if " " not in term]
-    pairs = distinctive_terms(corpus, shares, 4, pairs_only=True) + [p for p in map(
-        functools.partial(pair_with, corpus, shares), singles) if p]
+    if value.strip().lower() not in BARE_ANSWERS:
+        return value
+    header = labels.get(key) or key.replace("_", " ")
+    grid = re.fullmatch(r"(.*?)\s*\[([^\[\]]+)\]\s*", header, re.DOTALL)
+    topic = (grid.group(2) if grid else header).split("(", 1)[0]
+    topic = QUESTION_LEAD.sub("", topic.strip()).strip(" ?:.…")
+    words = topic.split()
+    for position, word in enumerate(words[2:], 2):  # the topic ends where its circumstances begin
+        if word.lower() in ("in", "on", "at", "for", "during", "when", "while", "since") or word.endswith(","):
+            words = words[:position + (1 if word.endswith(",") else 0)]
+            break
+    shown = " ".join(words[:8]).rstrip(",") or header[:60]
+    return f"{sentence_case(shown)}: {value.strip().lower()}"
+
+
+def title_phrases(corpus: Corpus, shares: SegmentTerms, keep: Callable[[str], bool], lead: bool) -> list[str]:
+    """Phrases for a title, best first: the segment's distinctive pairs, then words (two at once when no lead)."""
+    singles = [term for term in distinctive_terms(corpus, shares, 4) if " " not in term and keep(term)]
+    pairs = [p for p in distinctive_terms(corpus, shares, 4, pairs_only=True) + [p for p in map(
+        functools.partial(pair_with, corpus, shares), singles) if p] if keep(p)]
     words = [corpus.display.get(t, t) for t in singles]
-    lead = f"{sentence_case(attribute[1])}: " if attribute else ""
-    candidates = [corpus.display[t] for t in dict.fromkeys(pairs)]
+    phrases = [corpus.display[t] for t in dict.fromkeys(pairs)]
     if not lead:  # without a shared attribute to lead, two words say more than one
-        candidates += [f"{a} and {b}" for a, b in zip(words, words[1:])]
-    candidates += words
-    lead_words = word_set(attribute[1]) if attribute else frozenset()
-    for phrase in candidates:
-        if lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()):
-            continue
-        title = lead + (phrase if lead else sentence_case(phrase))
-        if title not in taken:
-            return title
-    if lead and lead[:-2] not in taken:
-        return lead[:-2]
-    return f"{lead[:-2] if lead else 'Segment'} {len(taken) + 1}"
+        phrases += [f"{a} and {b}" for a, b in zip(words, words[1:])]
+    return phrases + (words if lead else [])
+
+
+def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, str] | None, taken: set[str],
+                  answers: list[JSON] | None = None, labels: Mapping[str, str] | None = None) -> str:
+    """What sets the segment apart: a phrase a quarter of its members say and others say far less,
+    led by a shared attribute value; or an answer with its question's meaning.
+
+    `Nurse: swap shifts`, `Locked out of the account`, `Re-run the build: often`; never a
+    bare answer (`Never:`), the data set's own topic while something else sets the segment
+    apart, or an id. Only when nothing does is a phrase they share the title.
+    """
+    labels = labels or {}
+
+    def apart(term: str) -> bool:
+        inside = shares.inside.get(term, 0.0)
+        return inside >= TITLE_MIN_SHARE and inside >= TITLE_MIN_LIFT * shares.outside.get(term, 0.0)
+
+    lead = answer_phrase(*attribute, labels) if attribute else ""
+    lead_words = word_set(lead)
+    titles = []
+    if ":" not in lead:  # a plain value leads a phrase; an answer with its question is a title of its own
+        titles += [f"{sentence_case(lead)}: {phrase}" if lead else sentence_case(phrase)
+                   for phrase in title_phrases(corpus, shares, apart, bool(lead))
+                   if not (lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()))]
+    titles += [lead] if lead else []
+    titles += [answer_phrase(key, answer["answer"], labels) for answer in answers or []
+               for key in [next((k for k in labels if question_text(k, labels) == answer["question"]), "")]]
+    shared = title_phrases(corpus, shares, lambda term: True, False)
+    titles += [sentence_case(phrase) for phrase in shared + [corpus.display.get(t, t) for t in distinctive_terms(
+        corpus, shares, 4) if " " not in t] if not NUMBER_WORDS & set(phrase.split())]
+    for title in titles:
+        if title and sentence_case(title) not in taken:
+            return sentence_case(title)
+    return f"{sentence_case(titles[0]) if titles else 'No shared answer sets them apart'} ({len(taken) + 1})"
 
 
 def summarise_attributes(people: list[Participant], total: int, labels: Mapping[str, str]) -> JSON:
@@ -5078,6 +5180,10 @@ def shown_label(key: str, labels: Mapping[str, str]) -> str:
     label = labels.get(key)
     if not label:
         return key
+    grid = re.fullmatch(r"(.*?)\s*\[([^\[\]]+)\]\s*", label, re.DOTALL)
+    if grid and len(label) > 80:  # a grid's item is what tells its rows apart: it stays whole
+        stem = grid.group(1)
+        return (stem if len(stem) <= 40 else stem[:40].rsplit(" ", 1)[0] + "…") + f" [{grid.group(2).strip()}]"
     return label if len(label) <= 80 else label[:77].rsplit(" ", 1)[0] + "…"
 
 
@@ -5110,6 +5216,38 @@ def persona_summary(count: int, total: int, themes: list[str], goals: list[str])
     return text
 
 
+MAX_ANSWERS = 8  # closed answers a persona carries as evidence
+ANSWER_MIN_SHARE = 0.3  # of the segment's members who answered the question
+ANSWER_MIN_LIFT = 0.15  # above the share of everyone else
+
+
+def question_text(key: str, labels: Mapping[str, str]) -> str:
+    """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence."""
+    header = labels.get(key) or key.replace("_", " ")
+    grid = re.fullmatch(r"(.*?)\s*\[([^\[\]]+)\]\s*", header, re.DOTALL)
+    return f"{grid.group(1).rstrip()} {grid.group(2).strip()}" if grid else header.strip()
+
+
+def closed_answers(members: list[Participant], everyone: list[Participant], labels: Mapping[str, str]) -> list[JSON]:
+    """The closed answers that set a segment apart most: each with its count among the members who
+    answered the question, and its share among everyone else who did."""
+    member_ids = {person.id for person in members}
+    others = [person for person in everyone if person.id not in member_ids]
+    found = []
+    for key in dict.fromkeys(key for person in members for key in person.attributes):
+        answered = [person.attributes[key] for person in members if key in person.attributes]
+        elsewhere = [person.attributes[key] for person in others if key in person.attributes]
+        for value, count in Counter(answered).items():
+            if count < 2 or is_number(value) or len(value.split()) > 8 or squash(value) in PLACEHOLDER_VALUES:
+                continue
+            share, outside = count / len(answered), (elsewhere.count(value) / len(elsewhere) if elsewhere else 0.0)
+            if share >= ANSWER_MIN_SHARE and share - outside >= ANSWER_MIN_LIFT:
+                found.append((share - outside, count, key, value, len(answered), outside))
+    found.sort(key=lambda item: (-item[0], -item[1], item[2], item[3]))
+    return [{"question": question_text(key, labels), "answer": value, "count": count, "of": of,
+             "share_elsewhere": round(outside, 4)} for _, count, key, value, of, outside in found[:MAX_ANSWERS]]
+
+
 def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, taken: dict[str, set[str]],
                   labels: Mapping[str, str]) -> tuple[JSON, list[str]]:
     detail = config.get("detail_level", "standard")
@@ -5128,7 +5266,8 @@ def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, t
     demographics = summarise_attributes(people, len(corpus.people), labels)
     name = persona_name(ids, taken["names"])
     attribute = distinguishing_attribute(people, corpus.people)
-    title = segment.name or persona_title(corpus, shares, attribute, taken["titles"])
+    answers = closed_answers(people, corpus.people, labels)
+    title = segment.name or persona_title(corpus, shares, attribute, taken["titles"], answers, labels)
     taken["names"].add(name)
     taken["titles"].add(title)
     persona_id = f"persona-{number:03d}"
@@ -5146,7 +5285,7 @@ def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, t
         "behaviours": [tidy_spoken(s.text) for s in lists["behaviours"]],
         "quotes": [s.text for s in quotes],
         "themes": themes,
-        "evidence": {"participants": ids, "share": demographics["share"]},
+        "evidence": {"participants": ids, "share": demographics["share"], "answers": answers},
     }
     return persona, warnings
 
@@ -5849,26 +5988,74 @@ async def estimate_job(request: JSON, settings: Settings) -> JSON:
 PERSONA_LISTS = ("goals", "pain_points", "behaviours")
 
 
-def quality_report(people: list[Participant], personas: list[JSON]) -> JSON:
-    """Coverage of the participants, and per persona its size, support and overlap (deterministic).
+def quality_report(people: list[Participant], personas: list[JSON], silent: Sequence[str] = ()) -> JSON:
+    """How well the personas stand for the data: coverage of every respondent, and per persona its
+    size, support, overlap, who says each item, and how distinct it is (deterministic).
 
+    `silent` are the respondents who answered nothing: read by no persona, still counted.
     Support is the share of a persona's goals, pain points and behaviours whose content
-    words all occur in one sentence of its own participants: how much of it the data backs.
+    words all occur in one sentence of its own participants. An item is said by a
+    participant when one sentence of theirs holds most of its content words; a copied
+    sentence is said by its author at least, so `said_by` is what tells one voice from many.
     Overlap is its highest word similarity to another persona: near-duplicates show.
     """
-    known = {person.id: person for person in people}
+    known = {person.id: index for index, person in enumerate(people)}
     members = [[known[pid] for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
                for persona in personas]
-    covered = {person.id for group in members for person in group}
+    covered = {index for group in members for index in group}
     vectors = [normalised(dict(persona_words(persona))) for persona in personas]
+    said = SaidIndex(people)
     report = []
     for index, (persona, group) in enumerate(zip(personas, members)):
         overlap = max((similarity(vectors[index], vectors[other]) for other in range(len(personas)) if other != index),
                       default=0.0)
-        report.append({"id": persona.get("id"), "participants": len(group), "support": support(persona, group),
-                       "overlap": round(overlap, 4)})
-    return {"coverage": round(len(covered) / len(people), 4) if people else 0.0,
-            "unrepresented": [person.id for person in people if person.id not in covered], "personas": report}
+        items, lifts = said.items(persona, set(group))
+        lifts += [answer["count"] / answer["of"] - answer["share_elsewhere"]
+                  for answer in persona.get("evidence", {}).get("answers", []) if answer.get("of")]
+        report.append({"id": persona.get("id"), "participants": len(group),
+                       "support": support(persona, [people[i] for i in group]), "overlap": round(overlap, 4),
+                       "items": items,
+                       "distinctiveness": round(max(0.0, statistics.fmean(lifts)), 4) if lifts else 0.0})
+    respondents = len(people) + len(silent)
+    return {"respondents": respondents, "coverage": round(len(covered) / respondents, 4) if respondents else 0.0,
+            "unrepresented": [person.id for index, person in enumerate(people) if index not in covered] + list(silent),
+            "personas": report, "stability": None}
+
+
+class SaidIndex:
+    """Every participant's sentences as word sets, indexed by word: who says something like an item."""
+
+    def __init__(self, people: list[Participant]) -> None:
+        self.people = len(people)
+        self.owner: list[int] = []
+        self.postings: dict[str, list[int]] = {}
+        for index, person in enumerate(people):
+            for text in person.texts:
+                for sentence in split_sentences(text):
+                    number = len(self.owner)
+                    self.owner.append(index)
+                    for word in word_set(sentence):
+                        self.postings.setdefault(word, []).append(number)
+
+    def speakers(self, item: str) -> set[int]:
+        """The participants with a sentence holding more than half of the item's content words."""
+        words = word_set(item)
+        hits = Counter(number for word in words for number in self.postings.get(word, ()))
+        return {self.owner[number] for number, shared in hits.items() if 2 * shared > len(words)}
+
+    def items(self, persona: JSON, group: set[int]) -> tuple[list[JSON], list[float]]:
+        """Per goal, pain point and behaviour, how many of the persona's participants say it; and per
+        item, how much more its participants say it than everyone else does."""
+        found, lifts = [], []
+        others = self.people - len(group)
+        for key in PERSONA_LISTS:
+            for position, item in enumerate(persona.get(key, [])):
+                speakers = self.speakers(item) if isinstance(item, str) else set()
+                inside = len(speakers & group)
+                found.append({"field": key, "index": position, "said_by": inside})
+                if group:
+                    lifts.append(inside / len(group) - (len(speakers - group) / others if others else 0.0))
+        return found, lifts
 
 
 def word_set(text: str) -> frozenset[str]:
@@ -5987,8 +6174,9 @@ def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
             known.attributes = {**person.attributes, **known.attributes}
     source = {"kind": "refined", "location": f"{first.source['location']} + {more.source['location']}",
               "sources": [first.source, more.source], "participants": len(people)}
+    silent = [pid for pid in dict.fromkeys(first.silent + more.silent) if pid not in people]
     return Dataset(list(people.values()), source, first.warnings + more.warnings, {**more.labels, **first.labels},
-                   first.names | more.names)
+                   first.names | more.names, silent)
 
 
 def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: bool) -> list[JSON]:
@@ -6089,19 +6277,39 @@ def nothing_found(key: str) -> str:
 
 
 def quality_line(quality: JSON | None) -> str:
-    """One persona's quality in words, for its card."""
+    """One persona's quality in words, for its card: what the counts say, not a share that copying fills."""
     if not quality:
         return ""
-    return (f"Quality: stands for {quality['participants']} participant(s); {quality['support']:.0%} of its goals, "
-            f"pain points and behaviours backed by one sentence of theirs; overlap with the closest other persona "
-            f"{quality['overlap']:.2f}")
+    size, said = quality["participants"], sorted(item["said_by"] for item in quality.get("items", []))
+    items = (f"its goals, pain points and behaviours are each said by {said[0]} to {said[-1]} of them" if said
+             else "no goal, pain point or behaviour to check")
+    return (f"Quality: stands for {size} participant(s); {items}; distinctiveness "
+            f"{quality.get('distinctiveness', 0.0):.2f}; overlap with the closest other persona {quality['overlap']:.2f}")
 
 
 def coverage_line(quality: JSON | None) -> str:
+    """What share of every respondent the personas stand for, counted, and how many no persona holds."""
     if not quality:
         return ""
-    missing = len(quality["unrepresented"])
-    return f"coverage {quality['coverage']:.0%}" + (f" ({missing} participant(s) in no persona)" if missing else "")
+    missing, total = len(quality["unrepresented"]), quality.get("respondents", 0)
+    line = f"personas cover {total - missing} of {total} respondents ({quality['coverage']:.0%})"
+    return line + (f"; {missing} in no persona" if missing else "")
+
+
+def said_by(quality: JSON | None, key: str, index: int) -> str:
+    """` (said by 7 of 12)` beside a list item, from the quality report."""
+    size = (quality or {}).get("participants")
+    for item in (quality or {}).get("items", []):
+        if item["field"] == key and item["index"] == index:
+            return f" (said by {item['said_by']} of {size})"
+    return ""
+
+
+def answer_finding(answer: JSON) -> str:
+    """A closed answer stated as a finding: `Re-run the build: often, 20 of 23 (87%), against 41% of everyone else.`"""
+    share = answer["count"] / answer["of"] if answer.get("of") else 0.0
+    return (f"{answer['question'].rstrip(' ?:.…')}: {answer['answer'].lower()}, {answer['count']} of {answer['of']} "
+            f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else.")
 
 
 def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> str:
@@ -6115,8 +6323,13 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
              f"**Demographics**: {details}", ""]
     if quality:
         lines += [f"*{quality_line(quality)}*", ""]
+    answers = persona.get("evidence", {}).get("answers", [])
+    if answers:
+        lines += [f"{h}# What sets them apart", ""] + [f"- {e(answer_finding(answer))}" for answer in answers] + [""]
     for key, heading in LIST_HEADINGS.items():
-        lines += [f"{h}# {heading}", ""] + ([f"- {e(item)}" for item in persona[key]] or [f"*{nothing_found(key)}*"]) + [""]
+        lines += [f"{h}# {heading}", ""] + ([f"- {e(item)}{said_by(quality, key, index)}"
+                                               for index, item in enumerate(persona[key])]
+                                              or [f"*{nothing_found(key)}*"]) + [""]
     for key, value in custom_fields(persona).items():
         items = value if isinstance(value, list) else [value]
         lines += [f"{h}# {e(field_heading(key))}", ""] + [f"- {e(item)}" for item in items] + [""]
@@ -6142,7 +6355,7 @@ ul{margin:0;padding-left:1.2rem}blockquote{margin:.4rem 0;padding-left:.8rem;bor
 .unverified{border-left-color:#c2410c;color:#7c2d12}.unverified::after{content:" (unverified)";font-size:.8rem}
 dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .75rem;margin:0}dt{color:#6b7280}dd{margin:0}
 .ids{font-size:.85rem;color:#4b5565}.none{color:#6b7280;font-style:italic;margin:0}
-.quality{font-size:.85rem;color:#4b5565;background:#f4f5f7;border-radius:6px;padding:.3rem .6rem}table{border-collapse:collapse;width:100%;background:#fff}
+.quality{font-size:.85rem;color:#4b5565;background:#f4f5f7;border-radius:6px;padding:.3rem .6rem}.said{color:#6b7280;font-size:.85rem}table{border-collapse:collapse;width:100%;background:#fff}
 td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
 @media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
 border:1px solid #ccc;margin-bottom:1rem}}
@@ -6166,10 +6379,12 @@ def html_page(title: str, subtitle: str, body: str) -> str:
             f'</head><body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>{body}</body></html>')
 
 
-def html_list(key: str, items: list[str]) -> str:
+def html_list(key: str, items: list[str], quality: JSON | None = None) -> str:
     if not items:
         return f'<h3>{escape(LIST_HEADINGS[key])}</h3><p class="none">{escape(nothing_found(key))}</p>'
-    return f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+    return f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>" + "".join(
+        f"<li>{escape(item)}<span class=\"said\">{escape(said_by(quality, key, index))}</span></li>"
+        for index, item in enumerate(items)) + "</ul>"
 
 
 def html_items(items: list[str]) -> str:
@@ -6195,7 +6410,9 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         + (f"<p>{escape(persona['summary'])}</p>" if persona.get("summary") else "")
         + (f"<h3>Demographics</h3><dl>{demographics}</dl>" if demographics else "")
         + (f'<p class="quality">{escape(quality_line(quality))}</p>' if quality else "")
-        + "".join(html_list(key, persona.get(key, [])) for key in LIST_HEADINGS)
+        + (f"<h3>What sets them apart</h3>{html_items([answer_finding(a) for a in evidence['answers']])}"
+           if evidence.get("answers") else "")
+        + "".join(html_list(key, persona.get(key, []), quality) for key in LIST_HEADINGS)
         + "".join(html_field(key, value) for key, value in custom_fields(persona).items())
         + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
         + (f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
@@ -6405,6 +6622,17 @@ def check_llm_options(request: JSON) -> None:
         raise APIError(422, f"Request validation failed: {summary}", problems)
 
 
+def with_answers(personas: list[JSON], dataset: Dataset) -> list[JSON]:
+    """Every persona carries the closed answers that set its participants apart, whichever engine made it."""
+    known = {person.id: person for person in dataset.participants}
+    for persona in personas:
+        evidence = persona.setdefault("evidence", {})
+        if "answers" not in evidence:
+            members = [known[pid] for pid in dict.fromkeys(evidence.get("participants", [])) if pid in known]
+            evidence["answers"] = closed_answers(members, dataset.participants, dataset.labels)
+    return personas
+
+
 async def job_dataset(request: JSON, settings: Settings) -> tuple[Dataset, Redactor | None]:
     """A job's data: its source, then each source its refinements added, read together; and its redactor, if asked.
 
@@ -6466,8 +6694,9 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
                          if key in config})
     if refine:
         personas = continued_personas(refine["parent_personas"], personas, keep_names="instruction" not in refine)
+    personas = with_answers(personas, dataset)
     async with engine_slot() if provider != "local" else contextlib.nullcontext():  # an offline job holds its slot
-        quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas)
+        quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas, dataset.silent)
     built = time.perf_counter()
     await report(85, "personas built")
     metadata = {
@@ -7846,7 +8075,11 @@ PERSONA_SCHEMA: JSON = {
         "summary": {"type": "string"}, "demographics": {"type": "object"}, "goals": STRING_LIST,
         "pain_points": STRING_LIST, "behaviours": STRING_LIST, "quotes": STRING_LIST, "unverified_quotes": STRING_LIST,
         "themes": STRING_LIST,
-        "evidence": {"type": "object", "properties": {"participants": STRING_LIST, "share": {"type": "number"}}},
+        "evidence": {"type": "object", "properties": {
+            "participants": STRING_LIST, "share": {"type": "number"},
+            "answers": {"type": "array", "items": {"type": "object", "properties": {
+                "question": {"type": "string"}, "answer": {"type": "string"}, "count": {"type": "integer"},
+                "of": {"type": "integer"}, "share_elsewhere": {"type": "number"}}}}}},
     },
 }
 JOB_FIELDS_SCHEMA: JSON = {

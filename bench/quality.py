@@ -370,7 +370,7 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
             best = (found, statistics.mean(scores), count)
             row.update(recovered=found, best_count=count, jaccards=[round(x, 2) for x in scores],
                        titles=[p["title"] for p in personas], title_faults=title_faults(personas, dataset))
-            quality = persona.quality_report(dataset.participants, personas)
+            quality = persona.quality_report(dataset.participants, personas, getattr(dataset, "silent", ()))
             row.update(coverage=quality.get("coverage"), stability=quality.get("stability"),
                        covered_of=quality.get("respondents"))
     return row

@@ -266,7 +266,7 @@ def test_a_grouped_job_reports_its_quality_in_the_result_page_and_cards(client: 
     assert [entry["id"] for entry in quality["personas"]] == [item["id"] for item in job["result"]["personas"]]
     folder = output_folder(server, job)
     page = (folder / "personas.html").read_text()
-    assert "coverage" in page
+    assert f"personas cover {16 - len(quality['unrepresented'])} of 16 respondents" in page
     for entry in quality["personas"]:
         line = persona.quality_line(entry)
         assert persona.escape(line) in page
@@ -300,7 +300,7 @@ def test_the_command_line_groups_by_an_attribute_and_prints_notes_and_coverage(t
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("note: ") and "fewer than the 10 personas" in line for line in lines), result.stdout
-    assert "Coverage 100%" in lines, result.stdout
+    assert "Personas cover 16 of 16 respondents (100%)" in lines, result.stdout
     assert result.stdout.count("quality: stands for") == 8
 
 
@@ -311,7 +311,7 @@ def test_the_command_line_reads_named_groups_from_a_file(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     titles = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if re.match(r"^\S.*: .*\(\d+% of", line)]
     assert [re.sub(r" \(\d+% of participants\)$", "", title) for title in titles] == ["Night nurses", "Drivers"]
-    assert "Coverage 25% (12 participant(s) in no persona)" in result.stdout.splitlines()
+    assert "Personas cover 4 of 16 respondents (25%); 12 in no persona" in result.stdout.splitlines()
     assert not any(line.startswith("note:") for line in result.stdout.splitlines())
 
 
