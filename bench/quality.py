@@ -371,7 +371,9 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
             row.update(recovered=found, best_count=count, jaccards=[round(x, 2) for x in scores],
                        titles=[p["title"] for p in personas], title_faults=title_faults(personas, dataset))
             quality = persona.quality_report(dataset.participants, personas, getattr(dataset, "silent", ()))
-            row.update(coverage=quality.get("coverage"), stability=quality.get("stability"),
+            stability = persona.grouping_stability(dataset.participants, count, CONFIG) \
+                if hasattr(persona, "grouping_stability") else None
+            row.update(coverage=quality.get("coverage"), stability=stability,
                        covered_of=quality.get("respondents"))
     return row
 

@@ -28,7 +28,7 @@ SCANNING = {"search", "sub", "subn", "findall", "finditer", "split"}
 CHARACTERS = list(" \t\na1-.?,'\"/:@_[(<=é#*\\|!{$%&)]>;}~`+^\u00a0")
 RUNS = CHARACTERS + [c + " " for c in CHARACTERS] + ["a" + c for c in CHARACTERS] + ["1" + c for c in CHARACTERS] + [
     "no ", "um ", "uh ", "n ", "a.", "1.", "A. ", "P1: ", "Q1_", "http://a", "[a]", "(a)", "- ", "a@", "\n\n", " \n",
-    "<v a>", "**a:** ", "Speaker 1: ", "00:01 ",
+    "<v a>", "**a:** ", "Speaker 1: ", "00:01 ", "what ", "how often ", "i ", "no problem ", "the ", "[a] ", "please ",
 ]
 LENGTHS = (200, 600, 2_000, 20_000)
 LIMIT_S = 0.25  # a linear pattern takes a few milliseconds on 20,000 characters; a quadratic one, seconds

@@ -1,0 +1,213 @@
+"""What the personas find, checked on real exports: every respondent counted, closed answers as findings,
+titles a researcher would write, and a quality report that can tell good from bad."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import submit, wait_job
+
+import persona
+
+pytestmark = pytest.mark.sqlite_only  # the engine is the subject, not the store
+
+CORPUS = Path(__file__).resolve().parent.parent / "bench" / "corpus"
+FLAKY = "flaky-tests-2021/responses.tsv"  # Google Forms, Likert grids, half the respondents closed answers only
+
+
+@pytest.fixture(scope="module")
+def flaky() -> persona.Dataset:
+    return persona.load_path(FLAKY, CORPUS)
+
+
+@pytest.fixture(scope="module")
+def flaky_personas(flaky: persona.Dataset) -> list[dict]:
+    return persona.offline_personas(flaky, 4, {})[0]
+
+
+# -- every respondent counts ---------------------------------------------------------
+
+
+def test_a_respondent_who_answered_only_closed_questions_is_a_participant(flaky: persona.Dataset) -> None:
+    closed_only = [person for person in flaky.participants if not person.texts]
+    assert len(flaky.participants) == 170 and len(closed_only) >= 80
+    assert all(len(person.attributes) >= 10 for person in closed_only)
+
+
+def test_a_respondent_with_nothing_at_all_is_counted_and_named(flaky: persona.Dataset) -> None:
+    assert flaky.silent == ["responses-130"] and flaky.respondents == 171
+    assert any("left out 1 respondent(s) who answered nothing: 'responses-130'" in w for w in flaky.warnings)
+
+
+def test_coverage_counts_every_respondent_read_or_not(flaky: persona.Dataset, flaky_personas: list[dict]) -> None:
+    report = persona.quality_report(flaky.participants, flaky_personas, flaky.silent)
+    assert report["respondents"] == 171 and "responses-130" in report["unrepresented"]
+    assert report["coverage"] == round((171 - len(report["unrepresented"])) / 171, 4)
+    assert persona.coverage_line(report).startswith(f"personas cover {171 - len(report['unrepresented'])} of 171")
+
+
+# -- closed answers are findings -----------------------------------------------------------
+
+
+def test_a_column_whose_values_repeat_is_an_attribute_however_many_values_it_has() -> None:
+    schools = [f"School of {name}" for name in "Business Law Medicine Arts Science Nursing Music Design Education "
+               "Engineering Dentistry Pharmacy Architecture".split()]
+    records = [{"id": f"R{n}", "school": schools[n % 13],
+                "comment": f"I grade {n} notebooks by hand each week and it takes the whole weekend."}
+               for n in range(60)]
+    dataset = persona.load_inline(records)
+    assert dataset.participants[0].attributes["school"] == "School of Business"
+    assert all("School" not in text for person in dataset.participants for text in person.texts)
+
+
+def test_answers_that_are_nearly_all_unique_are_speech() -> None:
+    records = [{"id": f"R{n}", "why": f"Because reason number {n} matters to my team in its own particular way."}
+               for n in range(30)]
+    assert persona.load_inline(records).participants[5].texts
+
+
+def test_a_grid_item_is_shown_with_its_item_in_full(flaky: persona.Dataset) -> None:
+    key = next(k for k in flaky.participants[0].attributes if k.endswith("[re_run_the_build.]"))
+    assert persona.shown_label(key, flaky.labels).endswith("[Re-run the build.]")
+    assert persona.question_text(key, flaky.labels) == "After identifying a flaky test, how often do you… Re-run the build."
+
+
+def test_ordered_answers_are_nearer_each_other_than_far_ones() -> None:
+    often, always, never = (persona.attribute_terms({"q": value}) for value in ("Often", "Always", "Never"))
+    assert len(often & always) > len(often & never)
+
+
+def test_every_persona_carries_the_closed_answers_that_set_it_apart(flaky_personas: list[dict]) -> None:
+    for item in flaky_personas:
+        answers = item["evidence"]["answers"]
+        assert 1 <= len(answers) <= persona.MAX_ANSWERS
+        for answer in answers:
+            assert set(answer) == {"question", "answer", "count", "of", "share_elsewhere"}
+            assert 2 <= answer["count"] <= answer["of"] <= len(item["evidence"]["participants"])
+            assert answer["count"] / answer["of"] - answer["share_elsewhere"] >= persona.ANSWER_MIN_LIFT
+            assert "_" not in answer["question"]
+
+
+def test_an_answer_is_stated_as_a_finding_on_the_cards(flaky_personas: list[dict]) -> None:
+    answer = {"question": "After identifying a flaky test, how often do you… Re-run the build.", "answer": "Often",
+              "count": 20, "of": 23, "share_elsewhere": 0.41}
+    assert persona.answer_finding(answer) == ("After identifying a flaky test, how often do you… Re-run the build: "
+                                              "often, 20 of 23 (87%), against 41% of everyone else.")
+    card = persona.persona_card(flaky_personas[0])
+    assert "What sets them apart" in card and "of everyone else." in card
+
+
+def test_an_llm_persona_gets_its_closed_answers_too(flaky: persona.Dataset) -> None:
+    members = [person.id for person in flaky.participants if person.attributes.get(
+        "how_often_do_you_observe_flaky_tests_in_the_projects_you’re_currently_working_on?") == "Daily"]
+    (item,) = persona.with_answers([{"id": "persona-001", "evidence": {"participants": members}}], flaky)
+    assert any(answer["answer"] == "Daily" and answer["count"] == len(members) for answer in item["evidence"]["answers"])
+
+
+# -- titles ----------------------------------------------------------------------------
+
+
+def test_titles_are_never_a_bare_answer_a_placeholder_or_the_data_set_s_topic(flaky_personas: list[dict]) -> None:
+    for item in flaky_personas:
+        title = item["title"]
+        assert not re.match(r"(?i)(never|rarely|sometimes|often|always|yes|no|daily|weekly|agree)\b", title), title
+        assert not re.search(r"(?i)segment \d", title) and "flaky tests" != title.lower()
+
+
+def test_a_bare_answer_takes_its_question_s_topic() -> None:
+    labels = {"q": "After identifying a flaky test, how often do you… [Re-run the build.]"}
+    assert persona.answer_phrase("q", "Often", labels) == "Re-run the build: often"
+    assert persona.answer_phrase("role", "Charge nurse", {}) == "Charge nurse"
+
+
+# -- a quality report that can fail ---------------------------------------------------------
+
+
+def speakers(texts: list[str]) -> list[persona.Participant]:
+    return [persona.Participant(f"P{n}", [text]) for n, text in enumerate(texts)]
+
+
+def test_said_by_tells_one_voice_from_many() -> None:
+    people = speakers(["The export to Excel keeps failing on large files."] * 5 + ["I plan my rota on Sundays."])
+    one_voice = {"id": "a", "pain_points": ["I plan my rota on Sundays."], "goals": [], "behaviours": [],
+                 "evidence": {"participants": [p.id for p in people]}}
+    many = {**one_voice, "id": "b", "pain_points": ["The export to Excel keeps failing on large files."]}
+    report = persona.quality_report(people, [one_voice, many])
+    assert [entry["items"][0]["said_by"] for entry in report["personas"]] == [1, 5]
+    assert report["personas"][0]["support"] == report["personas"][1]["support"] == 1.0  # support cannot tell them apart
+
+
+def test_distinctiveness_is_high_for_a_real_segment_and_low_for_a_mixed_one() -> None:
+    people = speakers(["The night rota changes at three in the morning without warning."] * 4
+                      + ["The fuel card is declined at the depot every Friday."] * 4)
+    real = {"id": "r", "pain_points": ["The night rota changes at three in the morning without warning."],
+            "goals": [], "behaviours": [], "evidence": {"participants": ["P0", "P1", "P2", "P3"]}}
+    mixed = {**real, "id": "m", "evidence": {"participants": ["P0", "P1", "P4", "P5"]}}
+    entries = persona.quality_report(people, [real, mixed])["personas"]
+    assert entries[0]["distinctiveness"] == 1.0 and entries[1]["distinctiveness"] == 0.0
+
+
+def test_stability_is_high_for_groups_the_data_holds_and_low_for_noise() -> None:
+    topics = ["night rota shift swap ward", "fuel card depot declined lorry", "invoice payment late supplier"]
+    clear = [persona.Participant(f"C{n}", [f"I always talk about {topics[n % 3]} because {topics[n % 3]} matters."])
+             for n in range(60)]
+    import random
+    rng = random.Random(7)
+    words = " ".join(topics).split()
+    noise = [persona.Participant(f"N{n}", [" ".join(rng.sample(words, 6)) + " again."]) for n in range(60)]
+    assert persona.grouping_stability(clear, 3, {}) >= 0.9
+    assert persona.grouping_stability(noise, 3, {}) < persona.grouping_stability(clear, 3, {})
+    assert persona.grouping_stability(clear, 3, {"group_by": "role"}) is None
+
+
+def test_the_adjusted_rand_index_is_one_for_the_same_grouping_and_near_zero_by_chance() -> None:
+    assert persona.adjusted_rand_index([0, 0, 1, 1, 2, 2], [5, 5, 3, 3, 9, 9]) == 1.0
+    assert persona.adjusted_rand_index([0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 0, 0, 1, 1]) < 0.1
+
+
+def test_a_card_says_who_says_each_item_not_a_backed_share(flaky: persona.Dataset, flaky_personas: list[dict]) -> None:
+    report = persona.quality_report(flaky.participants, flaky_personas, flaky.silent)
+    item = next(p for p in flaky_personas if p["goals"] or p["pain_points"])
+    entry = next(e for e in report["personas"] if e["id"] == item["id"])
+    card = persona.persona_card(item, entry)
+    assert re.search(r"\(said by \d+ of \d+\)", card) and "backed" not in card
+
+
+# -- sentences and steering -----------------------------------------------------------------
+
+
+def test_sentences_are_not_cut_at_abbreviations_or_inside_brackets() -> None:
+    text = ("Parallel builds vs. sequential ones interfere. Timing issues (e.g. waits. sleeps) are the worst. "
+            "It costs 3.5 hours a week, i.e. most of Friday.")
+    assert persona.split_sentences(text) == ["Parallel builds vs. sequential ones interfere.",
+                                             "Timing issues (e.g. waits. sleeps) are the worst.",
+                                             "It costs 3.5 hours a week, i.e. most of Friday."]
+
+
+@pytest.mark.parametrize("wanted", ["Re-run the build.", "After identifying a flaky test, how often do you… [Re-run the build.]"])
+def test_group_by_takes_a_question_s_text_or_a_grid_item(flaky: persona.Dataset, wanted: str) -> None:
+    key = persona.grouping_key(wanted, flaky)
+    assert persona.normalise_key(key).endswith("[re_run_the_build.]")
+    assert persona.grouping_warnings(key, flaky, 3) == ["4 groups, personas for the 3 largest; ask for 4 to see all"]
+    assert persona.grouping_warnings(key, flaky, 4) == []
+
+
+def test_a_job_reports_respondents_answers_items_and_stability(client: httpx.Client) -> None:
+    scale = ["Never", "Rarely", "Sometimes", "Often"]
+    records = [{"id": f"R{n:02d}", "team": ["Ward", "Depot", "Office"][n % 3], "How often do you swap shifts?": scale[n % 4],
+                **({"comment": f"I swap shifts with my colleague number {n} when the rota changes late."} if n % 2 else {})}
+               for n in range(40)] + [{"id": "R99"}]
+    job = wait_job(client, submit(client, data=records, count=3))
+    assert job["status"] == "completed", job["error"]
+    quality = job["result"]["metadata"]["quality"]
+    assert quality["respondents"] == 41 and "R99" in quality["unrepresented"]
+    assert isinstance(quality["stability"], float) and 0.0 <= quality["stability"] <= 1.0
+    assert all("distinctiveness" in entry and "items" in entry for entry in quality["personas"])
+    assert all(p["evidence"]["answers"] for p in job["result"]["personas"])
+    grouped = wait_job(client, submit(client, data=records, count=2, config={"group_by": "How often do you swap shifts?"}))
+    assert grouped["status"] == "completed", grouped["error"]
+    assert grouped["result"]["metadata"]["quality"]["stability"] is None
+    assert "4 groups, personas for the 2 largest; ask for 4 to see all" in grouped["result"]["metadata"]["warnings"]
