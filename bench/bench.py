@@ -467,7 +467,7 @@ class Bench:
         print(json.dumps(row), flush=True)
 
     def run_engine(self, sizes: list[int]) -> None:
-        """Time and peak memory of the offline engine, each size in a fresh process."""
+        """Time and peak memory of the offline engine with its quality report and stability, each size in a fresh process."""
         for size in sizes:
             data = self.work / "data" / f"engine-{size}.csv"
             interviews(data, size)
@@ -477,13 +477,15 @@ class Bench:
                 started = time.perf_counter()
                 dataset = persona.load_path("{data.name}", Path("{data.parent}"))
                 personas, _ = persona.offline_personas(dataset, 5, {{}})
-                print(json.dumps({{"seconds": round(time.perf_counter() - started, 2),
+                persona.quality_report(dataset.participants, personas, dataset.silent)
+                stability = persona.grouping_stability(dataset.participants, 5, {{}})
+                print(json.dumps({{"seconds": round(time.perf_counter() - started, 2), "stability": stability,
                                   "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                                   "personas": len(personas)}}))
             ''')
             out = subprocess.run(["taskset", "-c", SERVER_CORE, sys.executable, "-c", code], env=self.env,
                                  capture_output=True, text=True, check=True).stdout
-            row = {"benchmark": f"offline engine, {size:,} participants, 5 personas", **json.loads(out)}
+            row = {"benchmark": f"offline engine, {size:,} participants, 5 personas, quality and stability", **json.loads(out)}
             self.results.append(row)
             print(json.dumps(row), flush=True)
 

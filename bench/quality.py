@@ -370,7 +370,8 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
             best = (found, statistics.mean(scores), count)
             row.update(recovered=found, best_count=count, jaccards=[round(x, 2) for x in scores],
                        titles=[p["title"] for p in personas], title_faults=title_faults(personas, dataset))
-            quality = persona.quality_report(dataset.participants, personas, getattr(dataset, "silent", ()))
+            silent = getattr(dataset, "silent", None)  # older versions count only whom they read
+            quality = persona.quality_report(dataset.participants, personas, *([silent] if silent is not None else []))
             stability = persona.grouping_stability(dataset.participants, count, CONFIG) \
                 if hasattr(persona, "grouping_stability") else None
             row.update(coverage=quality.get("coverage"), stability=stability,
