@@ -2568,6 +2568,7 @@ NOT_GLOBAL_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
 IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 NEVER_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
     "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "240.0.0.0/4",
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): it may translate to any IPv4 address, the metadata one too
 ))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
@@ -2591,7 +2592,7 @@ def address_refusal(address: str, private_allowed: bool) -> str | None:
     inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
     if any(candidate in net for candidate in (ip, inner) if candidate is not None for net in NEVER_NETWORKS
            if candidate.version == net.version):
-        return f"{ip} is a link-local, multicast or unspecified address, which is never allowed"
+        return f"{ip} is a link-local, multicast, unspecified or local-use NAT64 address, which is never allowed"
     if private_allowed or is_globally_reachable(inner if inner is not None else ip):
         return None
     return (f"{ip} is not a globally reachable address (loopback, private, shared, reserved or documentation "
@@ -5422,12 +5423,16 @@ ANSWER_MIN_LIFT = 0.15  # above the share of everyone else
 
 
 def grid_parts(header: str) -> tuple[str, str] | None:
-    """A grid question's stem and item, `Question [item]` as Google Forms writes it; None for any other header."""
+    """A grid question's stem and item: `Question [item]` as Google Forms writes it, `Question - item` as
+    Qualtrics' question row and SurveyMonkey's second header row give it; None for any other header."""
     text = header.rstrip()
     opening = text.rfind("[")
-    if not text.endswith("]") or opening < 0 or "]" in text[opening:-1] or not text[opening + 1:-1].strip():
-        return None
-    return text[:opening].rstrip(), text[opening + 1:-1].strip()
+    if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1:-1].strip():
+        return text[:opening].rstrip(), text[opening + 1:-1].strip()
+    stem, dash, item = text.rpartition(" - ")
+    if dash and item.strip() and len(stem.split()) >= 3:
+        return stem.rstrip(), item.strip()
+    return None
 
 
 def question_text(key: str, labels: Mapping[str, str]) -> str:
@@ -6173,6 +6178,9 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
         data = render_participants(group)
         if estimate_tokens(data) > budget:
             data = await condense(session, group, budget)
+        findings = [answer_finding(answer) for answer in closed_answers(group, people, {})]
+        if findings:  # what the counts say, so the model need not count
+            data += "\n\nClosed answers that set this segment apart:\n" + "\n".join(f"- {line}" for line in findings)
         others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
         answer = await session.ask(f"persona for segment {index + 1}",
                                    persona_prompt(1, data, config, others, refining_for(refining, group)),
@@ -6756,8 +6764,12 @@ border:1px solid #ccc;margin-bottom:1rem}}
 
 
 def markdown_escape(value: Any) -> str:
-    """Markdown passes HTML through: its tags and entities are escaped, quotation marks need not be."""
-    return html.escape(str(value), quote=False)
+    """Markdown passes HTML through: its tags and entities are escaped, quotation marks need not be.
+
+    Brackets are escaped too, so no link or image from the data (`[x](javascript:…)`, a
+    remote image that reports who read the card) is ever one.
+    """
+    return html.escape(str(value), quote=False).replace("[", "\\[").replace("]", "\\]")
 
 
 def escape(value: Any) -> str:
@@ -6856,7 +6868,7 @@ def personas_csv(personas: list[JSON]) -> str:
                *lists, *extra, "participants", "share"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(columns)
+    writer.writerow([spreadsheet_cell(column) for column in columns])  # headers come from data and models too
     for persona in personas:
         evidence = persona.get("evidence", {})
         row = [persona.get(key) for key in ("id", "name", "title", "summary")]
@@ -7029,9 +7041,14 @@ def grouping_key(wanted: str, dataset: Dataset) -> str:
     return wanted
 
 
+def group_count(key: str, dataset: Dataset) -> int:
+    """How many groups `group_by` makes of the data."""
+    return len({value for person in dataset.participants if (value := attribute_value(person, key)) is not None})
+
+
 def grouping_warnings(key: str, dataset: Dataset, count: int) -> list[str]:
     """Say so when the grouping has more groups than personas asked for: the smallest are left out."""
-    groups = len({value for person in dataset.participants if (value := attribute_value(person, key)) is not None})
+    groups = group_count(key, dataset)
     if groups <= count:
         return []
     return [f"{groups} groups, personas for the {count} largest; ask for {min(groups, 20)} to see "
@@ -8884,12 +8901,26 @@ async def openapi_json(request: Request) -> Response:
     return Response(state(request).openapi, media_type="application/json")
 
 
+def docs_policy(page: str) -> str:
+    """The docs pages' Content-Security-Policy: their own assets and inline script only, never framed.
+
+    Swagger UI and ReDoc style elements inline and ReDoc searches in a worker it makes from a blob.
+    """
+    scripts = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+                       for script in re.findall(r"<script>(.*?)</script>", page, re.DOTALL))
+    return (f"default-src 'self'; script-src 'self' {scripts}; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
 def docs_page(page: str) -> Callable[[Request], Awaitable[Response]]:
+    headers = {"Content-Security-Policy": docs_policy(page), "X-Frame-Options": "DENY"}
+
     async def endpoint(request: Request) -> Response:
         if ui_asset_folder() is None:
             raise APIError(503, "The interactive docs need the drf-spectacular-sidecar package; "
                                 "install it, or read /openapi.json")
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=headers)
 
     return endpoint
 
@@ -9262,7 +9293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate_cmd = commands.add_parser("generate", help="generate personas from a data file or folder, without a server")
     generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
-    generate_cmd.add_argument("--count", "-n", type=int, default=3, help="number of personas, 1 to 20 (default 3)")
+    generate_cmd.add_argument("--count", "-n", type=int,
+                              help="number of personas, 1 to 20 (default 3; with group_by, one per group up to 20)")
     generate_cmd.add_argument("--provider", default=None, choices=PROVIDER_NAMES,
                               help="anthropic, openai, gemini, ollama or local (default: as the server chooses)")
     generate_cmd.add_argument("--model", default=None, help="model identifier")
@@ -9471,6 +9503,10 @@ def local_job(args: argparse.Namespace, need_key: bool = True) -> tuple[JSON, Se
 
 def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
     request, settings = local_job(args)
+    group_by = request.get("config", {}).get("group_by")
+    if args.count is None and group_by is not None:  # a researcher who groups wants a persona per group
+        dataset = asyncio.run(load_data(request["data"], settings))
+        request["count"] = max(1, min(20, group_count(grouping_key(group_by, dataset), dataset)))
 
     async def report(progress: int, stage: str) -> None:
         display.update(progress, stage)

@@ -142,3 +142,11 @@ def only_missing_test_data(output: str) -> bool:
     state_bound = {"POST /api/v1/generate/{job_id}/refine", "POST /api/v1/generate", "POST /api/v1/estimate"}
     return kinds <= {"Missing test data", "Schema validation mismatch"} and (
         "Schema validation mismatch" not in kinds or (bool(mismatched) and set(mismatched) <= state_bound))
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_docs_pages_carry_a_content_security_policy_and_cannot_be_framed(client: httpx.Client, page: str) -> None:
+    response = client.get(page)
+    policy = response.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy and "unsafe-eval" not in policy
+    assert response.headers["x-frame-options"] == "DENY"

@@ -606,3 +606,12 @@ TEAMS_VTT = """WEBVTT
 def test_teams_cue_identifiers_never_reach_the_text(tmp_path: Path) -> None:
     texts = load(tmp_path, "teams.vtt", TEAMS_VTT).participants[0].texts
     assert texts == ["I plan my week on Sunday evening with a paper diary.", "The calendar keeps crashing."]
+
+
+def test_a_markdown_card_makes_no_link_or_image_of_the_data() -> None:
+    card = persona.persona_card({"id": "persona-001", "name": "Ana", "title": "[click](javascript:alert(1))",
+                                 "summary": "![](https://beacon.test/p.png)", "demographics": {}, "goals": [],
+                                 "pain_points": [], "behaviours": [], "quotes": ["see [docs](http://x.test)"],
+                                 "evidence": {"participants": ["P1"], "share": 1.0}})
+    assert not re.search(r"(?<!\\)\]\(", card)  # every "](" that would close a link text is escaped
+    assert "\\[click\\](javascript:alert(1))" in card and "!\\[\\](https://beacon.test/p.png)" in card

@@ -211,3 +211,14 @@ def test_a_job_reports_respondents_answers_items_and_stability(client: httpx.Cli
     assert grouped["status"] == "completed", grouped["error"]
     assert grouped["result"]["metadata"]["quality"]["stability"] is None
     assert "4 groups, personas for the 2 largest; ask for 4 to see all" in grouped["result"]["metadata"]["warnings"]
+
+
+@pytest.mark.parametrize(("header", "item"), [
+    ("To what extent do you agree with the following statements: [Flaky tests hinder continuous integration.]",
+     "Flaky tests hinder continuous integration."),  # Google Forms
+    ("After identifying a flaky test, how often do you... - Quarantine the test", "Quarantine the test"),  # Qualtrics, SurveyMonkey
+])
+def test_a_grid_item_is_read_from_each_export_s_header(header: str, item: str) -> None:
+    assert persona.grid_parts(header)[1] == item
+    assert persona.answer_phrase("q5_3", "Often", {"q5_3": header}).endswith(": often")
+    assert persona.grid_parts("Self-rated - skill") is None and persona.grid_parts("role") is None

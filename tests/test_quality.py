@@ -304,6 +304,14 @@ def test_the_command_line_groups_by_an_attribute_and_prints_notes_and_coverage(t
     assert result.stdout.count("quality: stands for") == 8
 
 
+def test_the_command_line_makes_a_persona_per_group_when_grouping_without_a_count(tmp_path: Path) -> None:
+    result = run_persona("generate", str(EXAMPLES / "interviews.csv"), "--config", "group_by=role",
+                         "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("quality: stands for") == 8
+    assert not any(line.startswith("note: ") and "groups, personas for the" in line for line in result.stdout.splitlines())
+
+
 def test_the_command_line_reads_named_groups_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "groups.json").write_text(json.dumps({"Night nurses": ["P01", "P02"], "Drivers": ["P09", "P10"]}))
     result = run_persona("generate", str(EXAMPLES / "interviews.csv"), "--groups", str(tmp_path / "groups.json"),

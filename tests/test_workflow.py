@@ -120,6 +120,15 @@ def test_a_spreadsheet_never_runs_a_participants_words_as_a_formula() -> None:
     assert (row["name"], row["title"], row["goals"], row["quotes"]) == ("'=cmd|' /C calc'!A0", "'+1", "'-2+3", "'@SUM(A1)")
 
 
+def test_a_spreadsheet_never_runs_a_column_header_as_a_formula() -> None:
+    document = persona.personas_csv([{"id": "persona-001", "name": "Ana", "title": "t", "summary": "",
+                                      "demographics": {'=HYPERLINK("http://x.test","y")': "a (50%)"},
+                                      "goals": [], "pain_points": [], "behaviours": [], "quotes": [],
+                                      "evidence": {"participants": ["P1"], "share": 1.0}}])
+    header = next(csv.reader(io.StringIO(document.lstrip("\ufeff"))))
+    assert '\'=HYPERLINK("http://x.test","y")' in header and not any(cell.startswith("=") for cell in header)
+
+
 @pytest.mark.sqlite_only
 def test_the_command_line_and_the_client_export_a_job(client: httpx.Client, server: Server, tmp_path: Path) -> None:
     job = completed_job(client)
