@@ -2831,6 +2831,7 @@ MAX_ARCHIVE_BYTES = 100 * 1024 * 1024  # what one .docx or .xlsx may unpack to, 
 MAX_SHEET_COLUMNS = 1000  # columns read from a sheet; a survey has far fewer
 MAX_NAMES_SHOWN = 12  # files or columns named in one warning
 MAX_SOURCE_FILES = 10_000  # files one data folder may hold
+OUTPUT_MARKER = ".persona-output"  # marks Persona's output folder: never a data source, wherever it lies
 MAX_DATA_DEPTH = 32  # how deeply a JSON data file or an inline record may nest
 
 
@@ -2883,6 +2884,10 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
     resolved = Path(os.path.realpath(root / data))
     if not resolved.is_relative_to(root):
         raise APIError(400, f"data path {data!r} lies outside the data directory; give a path inside it")
+    if any(part.startswith(".") for part in resolved.relative_to(root).parts) or \
+            any((folder / OUTPUT_MARKER).exists() for folder in [resolved, *resolved.parents] if folder.is_relative_to(root)):
+        raise APIError(400, f"data path {data!r} is a hidden file or lies in Persona's output folder; "
+                            "neither is ever read as data")
     try:
         mode = resolved.stat().st_mode
     except FileNotFoundError:
@@ -2927,7 +2932,8 @@ def folder_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
+                if not os.path.exists(os.path.join(entry.path, OUTPUT_MARKER)):
+                    stack.append(Path(entry.path))
             elif entry.is_file() and Path(os.path.realpath(entry.path)).is_relative_to(root):
                 path = Path(entry.path)
                 if path.suffix.lower() in FORMATS:
@@ -6924,6 +6930,7 @@ def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges:
     """
     staging = folder.with_name(f".{folder.name}~{this_host()}~{os.getpid()}~{secrets.token_hex(4)}.partial")
     staging.mkdir(parents=True)
+    mark_output_folder(folder.parent)
     for form in ("json", "csv", "html"):
         (staging / f"personas.{EXPORT_FORMATS[form][1]}").write_text(personas_document(form, personas, metadata), "utf-8")
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
@@ -6939,6 +6946,13 @@ def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges:
     except OSError:  # another run of the job put its complete folder there meanwhile: keep that one
         shutil.rmtree(staging, ignore_errors=True)
     return f"{folder.as_posix()}/"
+
+
+def mark_output_folder(output_dir: Path) -> None:
+    """Mark the output folder, so that no data source ever takes in what Persona wrote (it may lie in the data directory)."""
+    with contextlib.suppress(OSError):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / OUTPUT_MARKER).touch(exist_ok=True)
 
 
 def remove_output_folders(output_dir: Path, paths: list[str]) -> None:
@@ -7548,7 +7562,7 @@ JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
 WEBHOOK_ID = re.compile(r"^webhook-[0-9a-f]{12}$")
 EXPERIMENT_ID = re.compile(r"^exp-[0-9a-f]{12}$")
 # A path segment that reads as a token: long, or of letters and digits together.
-SECRET_SEGMENT = re.compile(r"[A-Za-z0-9_-]{24,}|(?=[^/]*\d)(?=[^/]*[A-Za-z])[A-Za-z0-9_-]{16,}")
+SECRET_SEGMENT = re.compile(r"[\w.+=~%-]{24,}|(?=[^/]*\d)(?=[^/]*[A-Za-z])[\w.+=~%-]{16,}|[^/]*[;=][^/]*")
 
 
 class MemoryRateLimiter:
@@ -8054,7 +8068,8 @@ def webhook_for_reader(webhook: JSON, whole: bool) -> JSON:
     """Anyone may read webhooks; a URL's secrets only with a valid token.
 
     Tokens live in the query and the user info, and in path segments such as Slack's and
-    Discord's (`/services/T…/B…/<secret>`): long segments of letters and digits are hidden too.
+    Discord's (`/services/T…/B…/<secret>`): long segments of letters and digits (JWTs and
+    base64 too) are hidden, and so is any segment with parameters (`;token=…`).
     """
     if whole:
         return webhook
@@ -9070,6 +9085,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = open_store(settings)
         await store.open()
+        await asyncio.to_thread(mark_output_folder, settings.output_dir)
         removed = await asyncio.to_thread(remove_partial_folders, settings.output_dir)
         if removed:
             log.warning("removed %d half-written output folder(s) left by a crash", removed)

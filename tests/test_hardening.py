@@ -511,6 +511,9 @@ def test_a_line_of_spaces_after_a_colon_leaves_health_answering_fast(server: Ser
 @pytest.mark.parametrize("url", [
     "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
     "https://discord.com/api/webhooks/123456789012345678/abcDEF123_ghiJKL456-mnoPQR789stuVWX",
+    "https://hooks.example.com/in/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",  # a JWT
+    "https://hooks.example.com/in/session;token=s3cr3t",  # a path parameter
+    "https://hooks.example.com/in/dG9rZW4rd2l0aC9zbGFzaGVz+cGFk==",  # base64
 ])
 def test_a_webhook_secret_in_the_path_is_hidden_from_readers_without_a_token(url: str) -> None:
     shown = persona.webhook_for_reader({"url": url}, whole=False)["url"]
@@ -598,3 +601,17 @@ async def test_retention_goes_on_past_a_batch_of_failed_jobs_without_folders(tmp
     jobs, total = await store.list_jobs(None, 100, 0)
     assert jobs == [] and total == 0
     await store.close()
+
+
+def test_what_persona_wrote_and_hidden_files_are_never_data(tmp_path: Path) -> None:
+    (tmp_path / "survey.csv").write_text("id,comment\nP1,I plan my week on Sunday evening.\n")
+    (tmp_path / ".secret.md").write_text("Interviewer: hi\nDana: my password is hunter2.\n")
+    folder = persona.output_folder(tmp_path / "output", "job-0123456789ab", None)
+    persona.mark_output_folder(tmp_path / "output")  # as a server does when it starts, and every job's writing
+    folder.mkdir()
+    (folder / "personas.md").write_text("> I plan my week on Sunday evening.\n")
+    files, _ = persona.folder_files(tmp_path, tmp_path)
+    assert [file.name for file in files] == ["survey.csv"]
+    for data in (f"output/{folder.name}/personas.md", "output", ".secret.md"):
+        with pytest.raises(persona.APIError, match="hidden file or lies in Persona's output folder"):
+            persona.checked_data_path(data, tmp_path)
