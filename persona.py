@@ -4043,7 +4043,7 @@ def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -
     root = real_root(data_dir)
     try:  # the folder may have changed since it was checked at submission
         files, skipped = folder_files(path, root) if path.is_dir() else ([path], [])
-        check_source_size(data, files, max_mb)
+        check_source_size(f"data source {data!r}", files, max_mb)
     except APIError as exc:
         raise GenerationError(exc.message) from None
     except OSError as exc:
@@ -4076,11 +4076,24 @@ def missing_here(exc: APIError) -> str:
             "data directory (shared storage), or data given by URL or inline")
 
 
-def check_source_size(data: str, files: list[Path], max_mb: int) -> None:
+def check_sources_size(sources: list[Any], settings: Settings) -> None:
+    """Refuse a refinement whose local sources, read together, are over the cap one source has."""
+    root, files = real_root(settings.data_dir), []
+    for source in sources:
+        if isinstance(source, str) and classify_data(source) == "path":
+            with contextlib.suppress(APIError, OSError):  # one that cannot be read fails the job as it is read
+                path = resolve_data_path(source, settings.data_dir)
+                files += folder_files(path, root)[0] if path.is_dir() else [path]
+    with contextlib.suppress(OSError):
+        check_source_size("a refinement's data, its parent's sources and its own together", list(dict.fromkeys(files)),
+                          settings.max_source_mb)
+
+
+def check_source_size(what: str, files: list[Path], max_mb: int) -> None:
     """Refuse a local source over the cap before reading it: memory per job stays bounded."""
     size = sum(file.stat().st_size for file in files)
     if size > max_mb * 1024 * 1024:
-        raise GenerationError(f"data source {data!r} is {size / (1024 * 1024):.1f} MiB, over the {max_mb} MiB cap "
+        raise GenerationError(f"{what} is {size / (1024 * 1024):.1f} MiB, over the {max_mb} MiB cap "
                               "for a local source (set by --max-source-mb / PERSONA_MAX_SOURCE_MB)")
 
 
@@ -6312,7 +6325,8 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
 async def estimate_job(request: JSON, settings: Settings) -> JSON:
     """What a job with this request would send and cost; nothing is created and no provider is called.
 
-    It reads the data as the job would; segmenting it holds an engine slot, as a job does.
+    It reads and segments the data as the job would, holding an engine slot as a job does,
+    so many estimates of a large file wait their turn rather than read it all at once.
     Data the job could not read or segment is no error here: the estimate says the job would
     fail, and why, at no cost.
     """
@@ -6321,12 +6335,13 @@ async def estimate_job(request: JSON, settings: Settings) -> JSON:
     people: list[Participant] = []
     strategy, plan, warnings = "offline" if provider == "local" else config.get("strategy", "auto"), CallPlan(), []
     try:
-        dataset = await load_data(request["data"], settings)
-        people, warnings = dataset.participants, list(dataset.warnings)
-        if len(people) < count and not is_grouped(config):
-            raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
-        if provider != "local":
-            async with engine_slot():
+        async with engine_slot():  # reading and segmenting are a job's work: estimates take their turn as jobs do
+            dataset = await load_data(request["data"], settings)
+            people, warnings = dataset.participants, list(dataset.warnings)
+            if len(people) < count and not is_grouped(config):
+                raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas "
+                                      "asked for")
+            if provider != "local":
                 strategy, plan = await run_engine(people, plan_calls, people, count, config)
     except GenerationError as exc:
         warnings.append(f"the job would fail: {exc}")
@@ -7087,6 +7102,8 @@ async def job_dataset(request: JSON, settings: Settings) -> tuple[Dataset, Redac
     its parent's values as its parent did.
     """
     sources = [request["data"], *request.get("refine", {}).get("more_data", [])]
+    if len(sources) > 1:  # a chain of refinements reads every source again: together they stay under the cap
+        await asyncio.to_thread(check_sources_size, sources, settings)
     datasets = [await load_data(source, settings) for source in sources]
     redactor = None
     if request.get("config", {}).get("redact"):  # before any provider sees the data, and so in every output

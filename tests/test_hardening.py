@@ -615,3 +615,32 @@ def test_what_persona_wrote_and_hidden_files_are_never_data(tmp_path: Path) -> N
     for data in (f"output/{folder.name}/personas.md", "output", ".secret.md"):
         with pytest.raises(persona.APIError, match="hidden file or lies in Persona's output folder"):
             persona.checked_data_path(data, tmp_path)
+
+
+async def test_a_chain_of_refinements_reads_no_more_than_one_source_may_hold(tmp_path: Path) -> None:
+    rows = "".join(f"P{n},I plan week {n} on Sunday evening with a paper diary and a pencil.\n" for n in range(8000))
+    for name in ("a.csv", "b.csv", "c.csv"):  # 0.6 MiB each
+        (tmp_path / name).write_text(f"id,comment\n{rows}")
+    settings = persona.Settings(data_dir=tmp_path, max_source_mb=1)
+    request = {"data": "a.csv", "refine": {"more_data": ["b.csv", "c.csv"]}}
+    with pytest.raises(persona.GenerationError, match="its parent's sources and its own together is 1.7 MiB, over the 1 MiB cap"):
+        await persona.job_dataset(request, settings)
+    dataset, _ = await persona.job_dataset({"data": "a.csv"}, settings)
+    assert len(dataset.participants) == 8000
+
+
+async def test_an_estimate_reads_its_data_holding_an_engine_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "survey.csv").write_text("id,comment\n" + "".join(
+        f"P{n},I plan week {n} on Sunday evening with a paper diary.\n" for n in range(6)))
+    monkeypatch.setattr(persona, "ENGINE_WORKERS", 1)
+    held: list[bool] = []
+    real_load = persona.load_data
+
+    async def watched(data, settings):  # type: ignore[no-untyped-def]
+        held.append(persona.engine_slot().locked())
+        return await real_load(data, settings)
+
+    monkeypatch.setattr(persona, "load_data", watched)
+    estimate = await persona.estimate_job({"data": "survey.csv", "provider": "local", "count": 2},
+                                          persona.Settings(data_dir=tmp_path))
+    assert held == [True] and estimate["calls"] == 0
