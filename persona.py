@@ -4163,9 +4163,19 @@ def url_format(url: str, content_type: str) -> str:
     return by_type[kind]
 
 
-async def load_url(url: str, private_allowed: bool) -> Dataset:
+Fetched = dict[str, tuple[bytes, str]]  # data URL -> its body and content type, downloaded ahead of reading
+
+
+async def fetch_sources(sources: list[Any], settings: Settings) -> Fetched:
+    """Download a job's data URLs, so that the job takes an engine slot only once its data is here:
+    a slow server delays its own job, never the jobs waiting for a slot."""
+    return {source: await fetch_url(source, shown_url(source), settings.private_urls_allowed)
+            for source in dict.fromkeys(s for s in sources if isinstance(s, str) and classify_data(s) == "url")}
+
+
+async def load_url(url: str, raw: bytes, content_type: str) -> Dataset:
+    """A fetched data URL read as a source; Office files in a child process, as from the data directory."""
     shown = shown_url(url)
-    raw, content_type = await fetch_url(url, shown, private_allowed)
     fmt = url_format(shown, content_type)
     stem = Path(urlsplit(url).path).stem or "document"
     reading = run_in_child if fmt in OFFICE_FORMATS else asyncio.to_thread
@@ -4184,10 +4194,12 @@ def finish_dataset(reader: SourceReader, source: JSON, name: str) -> Dataset:
     return Dataset(people, source, reader.warnings, reader.labels, reader.names, silent)
 
 
-async def load_data(data: str | list[Any], settings: Settings) -> Dataset:
+async def load_data(data: str | list[Any], settings: Settings, fetched: Fetched | None = None) -> Dataset:
     kind = classify_data(data)
     if kind == "url":
-        return await load_url(data, settings.private_urls_allowed)
+        assert isinstance(data, str)
+        raw, content_type = (fetched or {}).get(data) or await fetch_url(data, shown_url(data), settings.private_urls_allowed)
+        return await load_url(data, raw, content_type)
     if kind == "inline":
         return await asyncio.to_thread(load_inline, data)
     reading = run_in_child if await asyncio.to_thread(holds_office_files, data, settings.data_dir) else asyncio.to_thread
@@ -7095,7 +7107,7 @@ def with_answers(personas: list[JSON], dataset: Dataset) -> list[JSON]:
     return personas
 
 
-async def job_dataset(request: JSON, settings: Settings) -> tuple[Dataset, Redactor | None]:
+async def job_dataset(request: JSON, settings: Settings, fetched: Fetched | None = None) -> tuple[Dataset, Redactor | None]:
     """A job's data: its source, then each source its refinements added, read together; and its redactor, if asked.
 
     Each source is redacted in turn, before they are merged, so that a refinement numbers
@@ -7104,7 +7116,7 @@ async def job_dataset(request: JSON, settings: Settings) -> tuple[Dataset, Redac
     sources = [request["data"], *request.get("refine", {}).get("more_data", [])]
     if len(sources) > 1:  # a chain of refinements reads every source again: together they stay under the cap
         await asyncio.to_thread(check_sources_size, sources, settings)
-    datasets = [await load_data(source, settings) for source in sources]
+    datasets = [await load_data(source, settings, fetched) for source in sources]
     redactor = None
     if request.get("config", {}).get("redact"):  # before any provider sees the data, and so in every output
         redactor = Redactor(set().union(*(dataset.names for dataset in datasets)))
@@ -7116,25 +7128,27 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
                    begin: Callable[[], Awaitable[None]] | None = None, created_at: str | None = None) -> JSON:
     """Run one job: load, cluster, build personas, write outputs. Returns the job's result.
 
-    An offline job holds one of the process's engine slots from loading to its quality
-    report, so waiting jobs hold no data; `begin` is told when the work really starts
-    (a crash before then spends none of the job's attempts).
+    Its data URLs are fetched first; then an offline job holds one of the process's engine
+    slots from reading to its quality report, so a slow data server delays only its own
+    job. `begin` is told when the work really starts (a crash before then spends none of
+    the job's attempts).
     """
     provider = request.get("provider") or pick_provider(request)
+    fetched = await fetch_sources([request["data"], *request.get("refine", {}).get("more_data", [])], settings)
     async with engine_slot() if provider == "local" else contextlib.nullcontext():
         if begin is not None:
             await begin()
-        return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at)
+        return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at, fetched)
 
 
 async def generate_with(provider: str, job_id: str, request: JSON, experiment_id: str, settings: Settings,
-                        report: ProgressReport, created_at: str | None) -> JSON:
+                        report: ProgressReport, created_at: str | None, fetched: Fetched | None = None) -> JSON:
     started = time.perf_counter()
     count = request.get("count", 3)
     config = request.get("config", {})
     await report(5, "loading data")
     refine = request.get("refine")
-    dataset, redactor = await job_dataset(request, settings)
+    dataset, redactor = await job_dataset(request, settings, fetched)
     if redactor is not None:  # what else the model reads, from the researcher, is redacted alike
         if refine:
             refine = {**refine, "parent_personas": redactor.value(refine["parent_personas"])}

@@ -644,3 +644,22 @@ async def test_an_estimate_reads_its_data_holding_an_engine_slot(tmp_path: Path,
     estimate = await persona.estimate_job({"data": "survey.csv", "provider": "local", "count": 2},
                                           persona.Settings(data_dir=tmp_path))
     assert held == [True] and estimate["calls"] == 0
+
+
+async def test_an_offline_job_fetching_its_url_holds_no_engine_slot(gated_data, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(persona, "ENGINE_WORKERS", 1)
+    settings = persona.Settings(data_dir=tmp_path, output_dir=tmp_path / "out", allow_private_urls=True)
+
+    async def report(progress: int, stage: str) -> None:
+        pass
+
+    slow = asyncio.create_task(persona.generate("job-00000000000a", {"data": gated_data.url, "provider": "local", "count": 1},
+                                                "exp-1", settings, report))
+    records = [{"id": f"P{n}", "comment": f"I swap night shift {n} with a colleague when the rota changes."}
+               for n in range(4)]
+    quick = await persona.generate("job-00000000000b", {"data": records, "provider": "local", "count": 2},
+                                   "exp-2", settings, report)
+    assert len(quick["personas"]) == 2 and not slow.done()  # the slot was free while the URL was held
+    gated_data.gate.set()
+    assert (await slow)["personas"]
