@@ -124,13 +124,18 @@ class Settings:
     retention_days: float = 0.0  # 0: finished jobs are kept for ever
     attempts_kept: int = 20
     redact: bool = False  # jobs replace personal data with placeholders unless config.redact says otherwise
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback server answers besides localhost, 127.0.0.1, [::1]
+
+    @property
+    def on_loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
     @property
     def private_urls_allowed(self) -> bool:
         """On a laptop (loopback) webhooks to localhost are the point; elsewhere they are a risk."""
         if self.allow_private_urls is not None:
             return self.allow_private_urls
-        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return self.on_loopback
 
 
 # Every setting has a variable, so that worker processes started by uvicorn see
@@ -154,6 +159,7 @@ ENV_VARS = {
     "retention_days": "PERSONA_RETENTION_DAYS",
     "attempts_kept": "PERSONA_ATTEMPTS_KEPT",
     "redact": "PERSONA_REDACT",
+    "allowed_hosts": "PERSONA_ALLOWED_HOSTS",
 }
 INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6),
               "max_source_mb": (1, 10**6), "attempts_kept": (1, 10**6)}
@@ -174,6 +180,8 @@ def parse_setting(name: str, raw: str) -> Any:
         return value
     if name == "auth_tokens":
         return tuple(token.strip() for token in raw.split(",") if token.strip())
+    if name == "allowed_hosts":
+        return tuple(host.strip().lower().strip("[]") for host in raw.split(",") if host.strip())
     if name == "allow_private_urls":
         return parse_switch(label, raw)
     if name == "redact":
@@ -7657,6 +7665,53 @@ def client_ip(scope: Scope) -> str:
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def request_host(scope: Scope) -> str | None:
+    """The Host header's name, without its port or brackets, lower-case; None when there is none."""
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):
+                return host[1:].partition("]")[0]
+            return host.rpartition(":")[0] if host.count(":") == 1 else host
+    return None
+
+
+def is_loopback_address(host: str) -> bool:
+    """`127.0.0.2` is; `127.0.0.1.nip.io`, a name that resolves there, is not."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HostCheckMiddleware:
+    """A server on loopback answers only its own names: a web page cannot reach it by DNS rebinding.
+
+    A rebinding page's requests carry its own host name, which no loopback name matches;
+    other names a loopback server should answer (a tunnel, a container name) are given
+    with --allowed-hosts. A server listening beyond loopback is reached by any name.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = scope["app"].state.settings if scope["type"] == "http" else None
+        host = request_host(scope) if settings is not None and settings.on_loopback else None
+        if host is None or host in LOOPBACK_NAMES or is_loopback_address(host) or host in settings.allowed_hosts:
+            await self.app(scope, receive, send)
+            return
+        body = json_bytes(error_envelope(ERROR_CODES[400], f"Host {host[:100]!r} is not a name this server answers: "
+                                         "a server on loopback answers localhost, 127.0.0.1 and [::1] (add others "
+                                         "with --allowed-hosts)", {"host": host[:100]}))
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class RateLimitMiddleware:
     """Per-IP request limit with the reference's headers; plain ASGI, no per-request task."""
 
@@ -9142,7 +9197,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RateLimitMiddleware)],
+        middleware=[Middleware(HostCheckMiddleware), Middleware(RateLimitMiddleware)],
         exception_handlers={APIError: api_error, StorageUnavailable: storage_error, HTTPException: http_error,
                             Exception: server_error},
         lifespan=lifespan,
@@ -9307,6 +9362,8 @@ SERVE_OPTIONS = (
     (("--output-dir",), "output_dir", "where each job writes its folder (default ./output)"),
     (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default 100)"),
     (("--max-concurrent-jobs",), "max_concurrent_jobs", "pending plus running jobs per API key (default 10)"),
+    (("--allowed-hosts",), "allowed_hosts", "Host names a server on loopback answers besides localhost, 127.0.0.1 "
+                                            "and [::1], comma-separated (default none)"),
     (("--webhook-retry-schedule",), "webhook_retry_schedule",
      "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)"),
     (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default 10)"),

@@ -88,7 +88,7 @@ def test_a_client_that_disconnects_mid_request_changes_nothing(server: Server, w
     for _ in range(20):
         sock = raw_connection(server)
         body = b'{"data": "interviews.csv", "count": 3}'
-        sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
         sock.close()
     with server.client() as http:
@@ -99,7 +99,7 @@ def test_a_client_that_disconnects_mid_request_changes_nothing(server: Server, w
 def test_a_body_that_trickles_in_holds_up_no_one_else(server: Server) -> None:
     body = b'{"data": "interviews.csv", "count": 3}'
     sock = raw_connection(server)
-    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body))
     with server.client() as http:
         for index, byte in enumerate(body):

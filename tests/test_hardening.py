@@ -96,10 +96,10 @@ def test_with_auth_off_a_webhook_url_never_shows_its_query(client: httpx.Client,
 @pytest.mark.parametrize("path", ["/api/v1/generate/", "/api/v1/health/"])
 def test_a_trailing_slash_is_a_404_envelope_never_a_redirect_to_the_host_header(client: httpx.Client,
                                                                                 path: str) -> None:
-    response = client.get(path, headers={"Host": "evil.example"})
+    response = client.get(path, headers={"Host": "localhost:9"})  # a name the loopback server answers, on another port
     refused(response, 404)
     assert "location" not in response.headers
-    assert "evil.example" not in response.text
+    assert "localhost:9" not in response.text
 
 
 # -- 3. IPv6 clients by /64 ---------------------------------------------------------------
@@ -663,3 +663,13 @@ async def test_an_offline_job_fetching_its_url_holds_no_engine_slot(gated_data, 
     assert len(quick["personas"]) == 2 and not slow.done()  # the slot was free while the URL was held
     gated_data.gate.set()
     assert (await slow)["personas"]
+
+
+def test_a_loopback_server_answers_only_its_own_host_names(start_server) -> None:
+    server = start_server("--allowed-hosts", "persona.internal")
+    port = server.url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "persona.internal", f"PERSONA.internal:{port}"):
+        assert httpx.get(f"{server.url}/api/v1/health", headers={"Host": host}).status_code == 200, host
+    for host in ("rebind.attacker.test", f"rebind.attacker.test:{port}", "127.0.0.1.nip.io"):
+        body = refused(httpx.get(f"{server.url}/api/v1/data", headers={"Host": host}), 400)
+        assert "--allowed-hosts" in body["message"] and body["details"]["host"] == host.split(":")[0]
