@@ -123,7 +123,7 @@ class Settings:
     max_source_mb: int = 50
     retention_days: float = 0.0  # 0: finished jobs are kept for ever
     attempts_kept: int = 20
-    redact: bool = False  # jobs replace personal data with placeholders unless config.redact says otherwise
+    redact: str = "off"  # "on": jobs redact unless config.redact is false; "required": every job redacts
     allowed_hosts: tuple[str, ...] = ()  # Host names a loopback server answers besides localhost, 127.0.0.1, [::1]
 
     @property
@@ -185,7 +185,9 @@ def parse_setting(name: str, raw: str) -> Any:
     if name == "allow_private_urls":
         return parse_switch(label, raw)
     if name == "redact":
-        return bool(parse_switch(label, raw))
+        if raw.strip().lower() == "required":
+            return "required"
+        return "on" if parse_switch(label.replace(" / ", " (or required) / ", 1), raw) else "off"
     if name == "webhook_retry_schedule":
         return tuple(parse_seconds(label, part) for part in raw.split(",") if part.strip())
     if name == "webhook_timeout":
@@ -7047,10 +7049,12 @@ def resolve_provider(request: JSON, need_key: bool = True) -> str:
     return provider
 
 
-def redact_by_default(request: JSON, default: bool) -> None:
-    """PERSONA_REDACT applies to a request that does not say; decided at submission, wherever the job runs."""
-    if default and "redact" not in request.get("config", {}):
-        request["config"] = {**request.get("config", {}), "redact": True}
+def redact_by_default(request: JSON, mode: str) -> None:
+    """PERSONA_REDACT applies at submission, wherever the job runs: `on` to a request that does not say,
+    `required` to every request, whatever its config.redact says."""
+    config = request.get("config", {})
+    if mode == "required" or (mode == "on" and "redact" not in config):
+        request["config"] = {**config, "redact": True}
 
 
 def check_llm_options(request: JSON) -> None:
@@ -7960,12 +7964,12 @@ def refined_body(parent: JSON, asked: JSON) -> JSON:
     """A refinement's request: the parent's data, and its count, provider, model and config unless asked otherwise.
 
     A model is the parent's only with the parent's provider; the experiment is the parent's, whatever the config says;
-    a redacted parent's refinements are redacted unless their config says otherwise.
+    a redacted parent's refinements are always redacted, whatever their config says.
     """
     provider = asked.get("provider", parent.get("provider"))
     model = asked.get("model", parent.get("model") if provider == parent.get("provider") else None)
     config = {key: value for key, value in asked.get("config", parent.get("config", {})).items() if key != "experiment"}
-    if parent.get("config", {}).get("redact") and "redact" not in config:
+    if parent.get("config", {}).get("redact"):
         config["redact"] = True
     body = {"data": parent["data"], "count": asked.get("count", parent.get("count")), "provider": provider, "model": model,
             "config": config, "webhook_url": asked.get("webhook_url")}
@@ -9387,10 +9391,12 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(*flags, dest=name, default=None, metavar="VALUE",
                            help=f"{text} [env {ENV_VARS[name]}]")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
-    serve.add_argument("--redact", action=argparse.BooleanOptionalAction, default=None,
+    serve.add_argument("--redact", nargs="?", const="on", choices=("on", "required"), default=None,
                        help="replace e-mail addresses, phone numbers, URLs, postal codes, card numbers and names with "
-                            "placeholders before any provider sees the data, unless a request's config.redact is false "
-                            "(default off) [env PERSONA_REDACT]")
+                            "placeholders before any provider sees the data, unless a request's config.redact is false; "
+                            "--redact=required: in every job, whatever a request says (default off) [env PERSONA_REDACT: "
+                            "1, 0 or required]")
+    serve.add_argument("--no-redact", dest="redact", action="store_const", const="off", help="no redaction by default")
     serve.add_argument("--allow-private-urls", action=argparse.BooleanOptionalAction, default=None,
                        help="let webhooks and data URLs reach loopback and private addresses "
                             "(default: allowed when listening on loopback) [env PERSONA_ALLOW_PRIVATE_URLS]")
@@ -9471,7 +9477,7 @@ def run_server(args: argparse.Namespace) -> int:
     if args.allow_private_urls is not None:
         overrides["allow_private_urls"] = "1" if args.allow_private_urls else "0"
     if args.redact is not None:
-        overrides["redact"] = "1" if args.redact else "0"
+        overrides["redact"] = {"on": "1", "off": "0"}.get(args.redact, args.redact)
     settings = load_settings(overrides)
     if not settings.data_dir.is_dir():
         raise ConfigError(f"the data directory {settings.data_dir} does not exist (--data-dir / PERSONA_DATA_DIR)")
@@ -9592,7 +9598,7 @@ def local_job(args: argparse.Namespace, need_key: bool = True) -> tuple[JSON, Se
         request = validated(generation_body(args), GENERATE_CHECK)
         request["provider"] = resolve_provider(request, need_key)
         check_llm_options(request)
-        redact_by_default(request, bool(parse_setting("redact", os.environ.get(ENV_VARS["redact"], "0"))))
+        redact_by_default(request, parse_setting("redact", os.environ.get(ENV_VARS["redact"], "0")))
         data_dir = Path.cwd()
         if is_path:
             path = Path(args.data).resolve()

@@ -657,12 +657,26 @@ def test_a_refinement_of_a_refinement_keeps_the_data_each_one_added(client: http
 
 
 @pytest.mark.sqlite_only
+@pytest.mark.parametrize("how", [("--redact=required",), ("--redact", "required")])
+def test_a_server_that_requires_redaction_redacts_whatever_a_request_says(start_server, fake: FakeProvider,
+                                                                         workdir: Path, how: tuple[str, ...]) -> None:
+    source = planted_survey(workdir)
+    server = start_server("--rate-limit", "0", *how, env=fake.environment("anthropic"))
+    with server.client() as http:
+        job = wait_job(http, submit(http, data=source, count=2, provider="anthropic", config={"redact": False}))
+    assert job["status"] == "completed", job["error"]
+    assert "redaction" in job["result"]["metadata"]
+    sent = json.dumps([request["body"] for request in fake.requests])
+    assert "jo.bloggs@example.org" not in sent and "Joanna" not in sent
+
+
+@pytest.mark.sqlite_only
 def test_a_refinement_of_a_redacted_job_stays_redacted_whatever_config_it_sends(client: httpx.Client,
                                                                                  workdir: Path) -> None:
     source = planted_survey(workdir)
     parent = completed_job(client, data=source, count=2, config={"redact": True})
     child = wait_job(client, refine(client, parent["job_id"], data=MORE_INTERVIEWS,
-                                    config={"complexity": "simple"}).json()["job_id"])
+                                    config={"complexity": "simple", "redact": False}).json()["job_id"])
     assert child["status"] == "completed", child["error"]
     assert "redaction" in child["result"]["metadata"]
     everything = json.dumps(child["result"], ensure_ascii=False)
