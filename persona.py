@@ -3322,7 +3322,8 @@ version url link thumbsupcount helpfulcount responsetype qualtricssurveyid surve
 PERSONAL_COLUMNS = frozenset("""
 name username fullname firstname lastname author authorname reviewer reviewername nickname email
 emailaddress phone phonenumber mobile contact recipientname recipientfirstname recipientlastname
-recipientemail respondentname participantname customername
+recipientemail respondentname participantname customername yourname yourfullname whatisyourname whatsyourname
+nameoptional yournameoptional fullnameoptional yourfirstname yourlastname
 """.split())
 REPLY_COLUMNS = frozenset("developerresponse responsefromdeveloper companyresponse responsefromcompany".split())
 TIMESTAMP_VALUE = re.compile(
@@ -4360,15 +4361,37 @@ def store_upload(data_dir: Path, name: str, body: bytes) -> JSON:
 NAME_COLUMNS = frozenset("""
 name username fullname firstname lastname givenname surname familyname author authorname reviewer reviewername
 nickname displayname recipientname recipientfirstname recipientlastname respondentname participantname
-customername intervieweename speaker speakername
+customername intervieweename speaker speakername yourname yourfullname whatisyourname whatsyourname nameoptional
+yournameoptional fullnameoptional yourfirstname yourlastname respondent
 """.split())
 ANONYMOUS_NAMES = frozenset({"a google user", "amazon customer", "kindle customer", "verified buyer", "verified purchaser",
                              "anonymous", "anon", "guest", "user", "customer", "speaker", "unknown", "n/a", "none"})
-REDACTED_KINDS = ("email", "url", "card", "postal_code", "phone", "name")
+REDACTED_KINDS = ("email", "url", "ip_address", "iban", "card", "id_number", "birth_date", "address", "postal_code",
+                  "phone", "handle", "name")
+WEB_SUFFIXES = "com|org|net|io|co|edu|gov|info|app|dev|me|de|uk|fr|nl|es|it|ca|au|ch|at|be|se|no|dk|eu|us|in|jp"
+STREET_TYPES = ("street|st|road|rd|avenue|ave|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|terrace|close|"
+                "crescent|square|sq|straße|strasse|str|weg|gasse|allee|platz|rue|calle|via")
+# A pattern's `value` group, where it has one, is what is replaced; the rest (`born on `) stays.
 REDACTION_PATTERNS = (  # in this order: e-mail addresses and URLs hold digits and names, ZIP+4 codes look like phones
-    ("email", re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
-    ("url", re.compile(r"\b(?:https?://|www\.)[^\s<>\"]+[^\s<>\".,;:!?)\]']")),
+    ("email", re.compile(r"(?<![\w.+-])[\w.+-]+@(?:[^\W_]|-)+(?:\.(?:[^\W_]|-)+)*\.[^\W\d_]{2,}")),
+    ("url", re.compile(r"\b(?:https?://|www\.)[^\s<>\"]+[^\s<>\".,;:!?)\]']"
+                       rf"|(?<![\w@.-])(?:[a-z0-9-]+\.)+(?:{WEB_SUFFIXES})/[^\s<>\"]*[^\s<>\".,;:!?)\]']"
+                       rf"|(?<![\w@.-])(?:[a-z0-9-]+\.)+(?:{WEB_SUFFIXES})\b(?![.-]?\w)", re.IGNORECASE)),
+    ("ip_address", re.compile(r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
+                              r"|(?<![\w:])(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}(?![\w:])"
+                              r"|(?<![\w:])(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4}:){0,5}[0-9a-f]{1,4}(?![\w:])",
+                              re.IGNORECASE)),
+    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")),
     ("card", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")),
+    ("id_number", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"  # a US social security number
+                             r"|\b[A-CEGHJ-PR-TW-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"  # a UK National Insurance number
+                             r"|(?i:\b(?:passport|national id|id card|identity card|licen[cs]e|ssn|social security|"
+                             r"insurance|tax id|personal id)(?: number| no\.?| nr\.?| #)?[: ]+)(?P<value>[A-Z0-9][A-Z0-9-]{4,14})\b")),
+    ("birth_date", re.compile(r"(?i:\b(?:born(?: on| in)?|dob|d\.o\.b\.|date of birth|birthday|birth date)[:,]? +)"
+                              r"(?P<value>\d{1,4}[-./ ]\d{1,2}[-./ ]\d{1,4}|\d{1,2}(?:st|nd|rd|th)? [A-Za-z]{3,9},? \d{4}|"
+                              r"[A-Za-z]{3,9} \d{1,2}(?:st|nd|rd|th)?,? \d{4})")),
+    ("address", re.compile(rf"\b\d{{1,5}}[A-Za-z]? (?:[A-Z][\w'’-]+ ){{1,3}}(?i:{STREET_TYPES})\b\.?"
+                           rf"|\b(?:[A-Z][\w'’-]+ ){{0,2}}[A-Z]\w*(?i:{STREET_TYPES}) \d{{1,5}}[a-z]?\b")),
     ("postal_code", re.compile(
         r"\b(?:[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}"  # United Kingdom
         r"|[A-Z]\d[A-Z] ?\d[A-Z]\d"  # Canada
@@ -4376,8 +4399,13 @@ REDACTION_PATTERNS = (  # in this order: e-mail addresses and URLs hold digits a
         r"|(?<=[A-Z]{2} )\d{5}"  # a US state's code, then its ZIP code
         r"|(?i:(?<=zip )|(?<=zip code )|(?<=postcode )|(?<=postal code )|(?<=plz ))\d{4,6})\b")),
     ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w-])")),
+    ("handle", re.compile(r"(?<![\w@.])@[A-Za-z0-9_](?:[A-Za-z0-9_.]{0,28}[A-Za-z0-9_])?\b")),
 )
 NAME_WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
+ID_WORDS = frozenset("""
+interview interviews transcript transcripts participant respondent session survey zoom teams meet call recording
+notes user test pilot study round wave group focus final draft copy export data audio video
+""".split())  # words of file names and ids that name the file, not a person
 GENERIC_LABEL = re.compile(r"[^\W\d_]+[\s_-]*\d+", re.IGNORECASE)  # "Speaker 2", "user_17": a role and a number
 DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
@@ -4399,11 +4427,23 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def iban_valid(text: str) -> bool:
+    """An IBAN's check digits: its country and check moved to the end, letters as numbers, mod 97 is 1."""
+    compact = text.replace(" ", "").upper()
+    moved = compact[4:] + compact[:4]
+    return 15 <= len(compact) <= 34 and int("".join(str(int(ch, 36)) for ch in moved)) % 97 == 1
+
+
 def looks_like(kind: str, found: str) -> bool:
-    """Whether a pattern's match is what it names: card numbers pass Luhn's check, phone numbers have 9 to 15 digits."""
+    """Whether a pattern's match is what it names: card numbers pass Luhn's check, IBANs theirs, phone numbers
+    have 9 to 15 digits, an id number holds a digit."""
     digits = re.sub(r"\D", "", found)
     if kind == "card":
         return luhn_valid(digits)
+    if kind == "iban":
+        return iban_valid(found)
+    if kind == "id_number":
+        return bool(digits)
     if kind == "phone":
         return 9 <= len(digits) <= 15 and not DATE_LIKE.fullmatch(found) and (
             found.startswith(("+", "(")) or len(digits) >= 10 or bool(re.search(r"[ .-]", found)))
@@ -4457,9 +4497,37 @@ class Redactor:
 
     def text(self, text: str) -> str:
         for kind, pattern in REDACTION_PATTERNS:
-            text = pattern.sub(lambda m, kind=kind: self.placeholder(kind, m.group()) if looks_like(kind, m.group())
-                               else m.group(), text)
+            text = pattern.sub(functools.partial(self._replaced, kind), text)
         return self._names(text) if self.words or self.whole else text
+
+    def _replaced(self, kind: str, match: re.Match[str]) -> str:
+        """A match with its value (the `value` group where there is one) replaced, if it is what its kind says."""
+        start, end = match.span("value") if "value" in match.re.groupindex else (-1, -1)
+        if start < 0:  # no `value` group, or one this alternative does not use: the whole match is the value
+            start, end = match.span()
+        value = match.string[start:end]
+        if not looks_like(kind, value):
+            return match.group()
+        return match.string[match.start():start] + self.placeholder(kind, value) + match.string[end:match.end()]
+
+    def learn_names_from_addresses(self, texts: Iterable[str]) -> None:
+        """A name written beside its e-mail address (`Sarah Jones <sarah.jones@x.org>`) is a name, though no
+        column marks it: the address's local part names the words, written capitalised in the same text."""
+        email = REDACTION_PATTERNS[0][1]
+        for text in texts:
+            for match in email.finditer(text):
+                parts = [part for part in re.split(r"[._+-]", match.group().partition("@")[0].lower())
+                         if len(part) >= 2 and part.isalpha() and part not in STOPWORDS]
+                said = [part for part in parts if re.search(rf"\b{re.escape(part.capitalize())}\b", text)]
+                if said:
+                    self.add_name(" ".join(said))
+
+    def add_name(self, name: str) -> None:
+        words = tuple(NAME_WORD.findall(name.lower()))
+        if words and words not in self.whole.get(words[0], []):
+            self.whole.setdefault(words[0], []).append(words)
+            self.whole[words[0]].sort(key=lambda w: -len(w))
+            self.words.update({word: " ".join(words) for word in words if word not in self.words and len(word) >= 2})
 
     def _names(self, text: str) -> str:
         """Whole names first, then single words of them, each replaced by its name's placeholder."""
@@ -4489,12 +4557,18 @@ class Redactor:
     def dataset(self, dataset: Dataset) -> Dataset:
         """The data with every id, attribute value, text and warning redacted, participant by participant, in order.
 
-        Two participants whose ids redact alike stay two: the second gets a suffix.
+        Two participants whose ids redact alike stay two: the second gets a suffix. Ids and file
+        names that hold a capitalised name (`zoom_Sarah_Jones`) have it redacted too.
         """
-        self.keep_common_words(text for person in dataset.participants for text in person.texts)
+        texts = [text for person in dataset.participants for text in person.texts]
+        self.learn_names_from_addresses(texts)
+        for person in dataset.participants:
+            self.learn_names_from_ids(person.id)
+        self.learn_names_from_ids(str(dataset.source.get("location", "")))
+        self.keep_common_words(REDACTION_PATTERNS[0][1].sub(" ", text) for text in texts)  # an address's words are no usage
         people, taken = [], set()
         for person in dataset.participants:
-            pid = self.text(person.id)
+            pid = self.text(self.spaced_id(person.id))
             while pid in taken:
                 pid += "'"
             taken.add(pid)
@@ -4502,6 +4576,24 @@ class Redactor:
                                       {key: self.text(value) for key, value in person.attributes.items()}))
         return Dataset(people, self.value(dataset.source), [self.text(w) for w in dataset.warnings], dataset.labels,
                        silent=[self.text(pid) for pid in dataset.silent])
+
+    def spaced_id(self, label: str) -> str:
+        """An id whose words hold a name, with its `_`, `-` and `.` as spaces, so the whole name is found."""
+        if any(word.lower() in self.words for word in re.split(r"[^A-Za-z]+", label)):
+            return re.sub(r"[_.-]+", " ", label)
+        return label
+
+    def learn_names_from_ids(self, label: str) -> None:
+        """Two or three capitalised words in an id or a file name (`zoom_Sarah_Jones`, `Interview-Ana-Lima.txt`)
+        are a person's name: ids and file names go wherever the data goes."""
+        run: list[str] = []
+        for word in [*re.split(r"[^A-Za-z]+", label), ""]:
+            if re.fullmatch(r"[A-Z][a-z]+", word) and word.lower() not in STOPWORDS and word.lower() not in ID_WORDS:
+                run.append(word)
+                continue
+            if 2 <= len(run) <= 3:
+                self.add_name(" ".join(run))
+            run = []
 
     def value(self, value: Any) -> Any:
         """Any JSON value with its texts redacted: a source's names, a refinement's parent personas."""

@@ -741,3 +741,35 @@ def test_an_estimate_of_data_that_cannot_be_read_says_the_job_would_fail(client:
     estimate = response.json()
     assert (estimate["participants"], estimate["calls"], estimate["input_tokens"]) == (0, 0, 0)
     assert any(warning.startswith("the job would fail: ") for warning in estimate["warnings"])
+
+
+@pytest.mark.parametrize(("kind", "said", "secret"), [
+    ("email", "Write to renée.dubois@exämple.de if the export breaks again.", "renée.dubois@exämple.de"),
+    ("ip_address", "The kiosk at 10.20.30.40 drops the connection every night.", "10.20.30.40"),
+    ("ip_address", "Our gateway 2001:db8:85a3::8a2e:370:7334 blocks the upload.", "2001:db8:85a3::8a2e:370:7334"),
+    ("iban", "Refunds go to GB82 WEST 1234 5698 7654 32 but arrive late.", "GB82 WEST 1234 5698 7654 32"),
+    ("id_number", "They asked for my passport number X1234567 twice.", "X1234567"),
+    ("id_number", "I typed my SSN 123-45-6789 into the form by mistake.", "123-45-6789"),
+    ("birth_date", "I was born on 12/03/1985 and the app thinks I am a child.", "12/03/1985"),
+    ("address", "Deliveries to 221B Baker Street always go to the wrong door.", "221B Baker Street"),
+    ("address", "The courier never finds Hauptstraße 5 in the evening.", "Hauptstraße 5"),
+    ("handle", "I complained to @acme_support on social media twice.", "@acme_support"),
+    ("url", "The help page at help.acme-bank.com/reset never loads.", "help.acme-bank.com/reset"),
+])
+def test_each_kind_of_personal_data_is_redacted(kind: str, said: str, secret: str) -> None:
+    redactor = persona.Redactor([])
+    shown = redactor.text(said)
+    assert secret not in shown and f"[{kind}-1]" in shown and redactor.counts[kind] == 1
+
+
+def test_names_are_found_beside_their_address_in_ids_and_in_a_your_name_column() -> None:
+    records = [{"participant": "zoom_Sarah_Jones", "Your name": "Priya Natarajan",
+                "comment": "Sarah Jones (sarah.jones@example.org) says the rota app loses her shifts. Priya agrees."},
+               {"participant": "Interview-Ana-Lima", "Your name": "Tom Becker",
+                "comment": "Ana keeps a paper diary because the rota app is slow to sync."}]
+    dataset = persona.load_inline(records)
+    redacted = persona.Redactor(dataset.names).dataset(dataset)
+    shown = json.dumps([[p.id, p.texts, p.attributes] for p in redacted.participants], ensure_ascii=False)
+    for secret in ("Sarah", "Jones", "sarah.jones", "Priya", "Natarajan", "Ana", "Lima", "Tom", "Becker"):
+        assert secret not in shown, secret
+    assert "your_name" not in {key for p in dataset.participants for key in p.attributes}  # nor shown on a persona
