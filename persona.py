@@ -7788,7 +7788,8 @@ class HostCheckMiddleware:
 
     A rebinding page's requests carry its own host name, which no loopback name matches;
     other names a loopback server should answer (a tunnel, a container name) are given
-    with --allowed-hosts. A server listening beyond loopback is reached by any name.
+    with --allowed-hosts. A server listening beyond loopback is reached by any name, and so
+    is an app served in process (a test client has no socket).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -7796,7 +7797,9 @@ class HostCheckMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = scope["app"].state.settings if scope["type"] == "http" else None
-        host = request_host(scope) if settings is not None and settings.on_loopback else None
+        local = (scope.get("server") or ("",))[0]  # the address the connection came in on
+        checked = settings is not None and settings.on_loopback and is_loopback_address(str(local))
+        host = request_host(scope) if checked else None
         if host is None or host in LOOPBACK_NAMES or is_loopback_address(host) or host in settings.allowed_hosts:
             await self.app(scope, receive, send)
             return
