@@ -4246,7 +4246,7 @@ UPLOADS = "uploads"  # the data directory's folder for uploaded files
 ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to name their attributes
 UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> the file's sha256
-ATTRIBUTES_BY_CONTENT: dict[str, list[str] | None] = {}  # sha256 -> the table's attributes
+ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # sha256 -> the table's attributes and their group counts
 LISTING_CACHE_SIZE = 10_000  # entries each of the two keeps, the least recently used going first
 
 
@@ -4260,7 +4260,9 @@ async def data_sources(data_dir: Path) -> list[JSON]:
     """
     sources, tables = await asyncio.to_thread(walk_sources, data_dir)
     for source, file, info in tables:
-        source["attributes"] = await table_attributes(file, info)
+        summary = await table_attributes(file, info)
+        if summary is not None:
+            source.update(summary)
     return sources
 
 
@@ -4285,8 +4287,8 @@ def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.
     return sorted(sources, key=lambda source: source["name"]), tables
 
 
-async def table_attributes(file: Path, info: os.stat_result) -> list[str] | None:
-    """A table's attributes, most common first; None when it cannot be read."""
+async def table_attributes(file: Path, info: os.stat_result) -> JSON | None:
+    """A table's attributes, most common first, and how many groups each makes; None when it cannot be read."""
     key = (str(file), info.st_size, info.st_mtime_ns)
     digest = SOURCE_DIGESTS.get(key)
     if digest is None or digest not in ATTRIBUTES_BY_CONTENT:
@@ -4304,13 +4306,16 @@ async def table_attributes(file: Path, info: os.stat_result) -> list[str] | None
     return ATTRIBUTES_BY_CONTENT[digest]
 
 
-def attributes_of(raw: bytes, fmt: str, name: str) -> list[str] | None:
-    """The attributes a table's participants have, most common first; None if it cannot be read."""
+def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
+    """The attributes a table's participants have, most common first, with the number of groups each
+    makes (what `group_by` would give); None if it cannot be read."""
     try:
         people = read_alone(raw, fmt, name, Path(name).stem).participants()
     except (GenerationError, ValueError):
         return None
-    return [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
+    keys = [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
+    groups = {key: len({person.attributes[key] for person in people if key in person.attributes}) for key in keys}
+    return {"attributes": keys, "groups": groups}
 
 
 def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -8599,6 +8604,13 @@ function fillGroupBy() {
   for (const attribute of (source && source.attributes) || []) option(select, attribute, attribute);
 }
 
+function countGroups() {
+  // A researcher who groups wants a persona per group: the count follows the grouping, up to 20.
+  const source = sources.find((s) => s.name === document.getElementById("data").value);
+  const groups = source && source.groups && source.groups[document.getElementById("group-by").value];
+  if (groups) document.getElementById("count").value = Math.min(20, groups);
+}
+
 function showError(id, error) {
   document.getElementById(id).textContent = error.message;
 }
@@ -8633,6 +8645,7 @@ function setUpNewJob(form) {
   const data = document.getElementById("data");
   loadSources([data]).catch((error) => showError("new-job-error", error));
   data.addEventListener("change", fillGroupBy);
+  document.getElementById("group-by").addEventListener("change", countGroups);
   document.getElementById("upload").addEventListener("change", async (event) => {
     const file = event.target.files[0];
     if (!file) return;
@@ -8767,7 +8780,9 @@ DATA_SOURCE_SCHEMA: JSON = {
                    "kind": {"type": "string", "enum": ["file", "folder"]}, "format": {"type": "string"},
                    "size": {"type": "integer"}, "files": {"type": "integer"},
                    "attributes": {"type": ["array", "null"], "items": {"type": "string"},
-                                  "description": "a table's attributes, what config.group_by can take"}},
+                                  "description": "a table's attributes, what config.group_by can take"},
+                   "groups": {"type": "object", "additionalProperties": {"type": "integer"},
+                              "description": "a table's attributes, each with how many groups group_by would make"}},
 }
 UPLOADED_SCHEMA: JSON = {"type": "object", "required": ["name", "format", "size"],
                          "properties": {"name": {"type": "string"}, "format": {"type": "string"}, "size": {"type": "integer"}}}

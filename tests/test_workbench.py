@@ -40,6 +40,7 @@ def test_an_upload_is_stored_under_uploads_and_becomes_a_source_a_job_can_read(c
     assert (server.workdir / "data" / "uploads" / "team-survey.csv").read_bytes() == SURVEY
     listed = {source["name"]: source for source in client.get("/api/v1/data").json()}
     assert listed["uploads/team-survey.csv"]["attributes"] == ["team"]
+    assert listed["uploads/team-survey.csv"]["groups"] == {"team": 2}
     job = wait_job(client, submit(client, data="uploads/team-survey.csv", count=2))
     assert job["status"] == "completed", job["error"]
 
@@ -88,6 +89,7 @@ def test_a_researcher_uploads_a_csv_generates_and_reads_the_cards(server: Server
     page.get_by_label("Upload").set_input_files(survey)
     expect(page.get_by_label("Data")).to_have_value("uploads/shift-survey.csv")
     page.get_by_label("Group by").select_option("role")
+    expect(page.get_by_label("Personas")).to_have_value("8")  # a persona per group, as the listing counts them
     page.get_by_label("Personas").fill("2")
     expect(page.get_by_label("Provider")).to_have_value("local")
     page.get_by_role("button", name="Generate personas").click()
