@@ -222,3 +222,18 @@ def test_a_grid_item_is_read_from_each_export_s_header(header: str, item: str) -
     assert persona.grid_parts(header)[1] == item
     assert persona.answer_phrase("q5_3", "Often", {"q5_3": header}).endswith(": often")
     assert persona.grid_parts("Self-rated - skill") is None and persona.grid_parts("role") is None
+
+
+@pytest.mark.parametrize(("data", "question"), [
+    ("r-community-2018/responses.tsv", "What industry do you work or participate in?"),
+    ("r-community-2018/responses.tsv", "What is the highest degree or level of school you have completed?"),
+    ("jupyter-education-2016/responses.csv", "What level of education is your course?"),
+    ("jupyter-education-2016/responses.csv", "How often is this course taught?"),
+])
+def test_a_real_export_s_choice_columns_are_attributes_not_speech(data: str, question: str) -> None:
+    dataset = persona.load_path(data, CORPUS)
+    key = next(k for k in dataset.labels if dataset.labels[k].startswith(question))
+    answered = [person.attributes[key] for person in dataset.participants if key in person.attributes]
+    assert len(answered) >= 0.8 * len(dataset.participants)
+    assert not any(value in text for person in dataset.participants for text in person.texts for value in set(answered)
+                   if len(value) > 25)  # none of its answers is read as something said
