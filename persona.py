@@ -1199,7 +1199,6 @@ SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id IN (SELECT 
 SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) AS total FROM job_counts WHERE :status IS NULL OR status = :status"
 # One query per listing: the page and, alongside, the total from the counters.
 SQL_LIST_JOBS = f"SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs ORDER BY seq LIMIT :limit OFFSET :offset"
-SQL_LIST_JOBS_NEWEST = SQL_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
 SQL_LIST_JOBS_BY_STATUS = f"""
 SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs WHERE status = :status
 ORDER BY seq LIMIT :limit OFFSET :offset"""
@@ -1437,9 +1436,6 @@ class SQLiteStore(Store):
         self.write_lock = asyncio.Lock()
         self.peers: PeerWatch | None = None
 
-    def describe(self) -> str:
-        return str(self.path.resolve())
-
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = await self._connect()
@@ -1604,9 +1600,9 @@ class SQLiteStore(Store):
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
         return {row["job_id"]: row for row in await self._read(SQL_GET_JOBS, (json.dumps(job_ids),))}
 
-    async def list_jobs(self, status: str | None, limit: int, offset: int, newest_first: bool = False) -> tuple[list[JSON], int]:
+    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
         params = {"status": status, "limit": limit, "offset": offset}
-        sql = SQL_LIST_JOBS_BY_STATUS if status else SQL_LIST_JOBS_NEWEST if newest_first else SQL_LIST_JOBS
+        sql = SQL_LIST_JOBS_BY_STATUS if status else SQL_LIST_JOBS
         rows = await self._read(sql, params)
         if rows:
             return [job_from_row(row) for row in rows], rows[0]["total"]
@@ -2017,7 +2013,6 @@ PG_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0)::bigint AS total FROM job_counts WHE
 PG_LIST_JOBS = f"""
 SELECT {JOB_COLUMNS}, ({PG_COUNT_JOBS}) AS total FROM jobs
 WHERE $1::text IS NULL OR status = $1 ORDER BY seq LIMIT $2 OFFSET $3"""
-PG_LIST_JOBS_NEWEST = PG_LIST_JOBS.replace("ORDER BY seq", "ORDER BY seq DESC")
 PG_LIST_EXPERIMENTS = SQL_LIST_EXPERIMENTS.replace(":limit", "$1").replace(":offset", "$2")
 PG_GET_EXPERIMENT = SQL_GET_EXPERIMENT.replace("?", "$1")  # the same statement, in PostgreSQL's parameters
 PG_EXPERIMENT_JOBS = SQL_EXPERIMENT_JOBS.replace("?", "$1")
@@ -2223,9 +2218,6 @@ class PostgresStore(Store):
         self.shared = False  # whether other server processes use this database, as last seen
         self.peer_task: asyncio.Task[None] | None = None
 
-    def describe(self) -> str:
-        return shown_db(self.url)
-
     def _session_settings(self) -> dict[str, str]:
         """Every connection names this process, and reads at read committed whatever the database's default:
         persona_admit and retention rely on each statement seeing what committed before it."""
@@ -2404,8 +2396,8 @@ class PostgresStore(Store):
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
         return {row["job_id"]: row for row in await self._read(PG_GET_JOBS, job_ids)}
 
-    async def list_jobs(self, status: str | None, limit: int, offset: int, newest_first: bool = False) -> tuple[list[JSON], int]:
-        rows = await self._read(PG_LIST_JOBS_NEWEST if newest_first else PG_LIST_JOBS, status, limit, offset)
+    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
+        rows = await self._read(PG_LIST_JOBS, status, limit, offset)
         if rows:
             return [job_from_row(row) for row in rows], rows[0]["total"]
         return [], (await self._read(PG_COUNT_JOBS, status))[0]["total"]
