@@ -4235,6 +4235,9 @@ def holds_office_files(data: str, data_dir: Path) -> bool:
 # ---------------------------------------------------------------------------
 
 UPLOADS = "uploads"  # the data directory's folder for uploaded files
+UPLOAD_OWNERS = ".owners"  # in uploads/: one file per upload naming who uploaded it (hidden: never data)
+MAX_UPLOADS_PER_OWNER = 200  # files one API key (or client IP with auth off) may keep in uploads/
+MAX_UPLOAD_MB_PER_OWNER = 1024  # and MiB, all its uploads together
 ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to name their attributes
 UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> the file's sha256
@@ -4327,16 +4330,77 @@ def upload_name(name: str) -> str:
     return cleaned
 
 
-def store_upload(data_dir: Path, name: str, body: bytes) -> JSON:
-    """Write an upload under uploads/, never over another file: a taken name gets `-2`, `-3`, ... before its suffix.
-
-    The file is written aside and then linked into place, which fails rather than replace
-    a file that exists, so two uploads of one name keep both.
-    """
+def uploads_folder(data_dir: Path) -> Path:
+    """uploads/ in the data directory, made if needed; refused if it is a link or lies elsewhere."""
     folder = real_root(data_dir) / UPLOADS
     folder.mkdir(exist_ok=True)
     if folder.is_symlink() or not folder.resolve().is_relative_to(real_root(data_dir)):
         raise APIError(400, f"{UPLOADS}/ in the data directory is not a plain folder; uploads need one")
+    (folder / UPLOAD_OWNERS).mkdir(exist_ok=True)
+    return folder
+
+
+def owned_uploads(folder: Path, owner: str) -> list[Path]:
+    """The uploads this owner made, by the owner files beside them."""
+    owned = []
+    for entry in os.scandir(folder / UPLOAD_OWNERS):
+        with contextlib.suppress(OSError):
+            if entry.is_file() and Path(entry.path).read_text("utf-8") == owner and (folder / entry.name).is_file():
+                owned.append(folder / entry.name)
+    return owned
+
+
+def check_upload_quota(folder: Path, owner: str, size: int) -> None:
+    """Refuse an upload past its owner's quota: one client cannot fill the data directory for everyone."""
+    owned = owned_uploads(folder, owner)
+    if len(owned) >= MAX_UPLOADS_PER_OWNER:
+        raise APIError(413, f"You keep {len(owned)} uploads, the most one client may; delete some with "
+                            "DELETE /api/v1/data/{name}", {"max_files": MAX_UPLOADS_PER_OWNER})
+    used = sum(path.stat().st_size for path in owned)
+    if used + size > MAX_UPLOAD_MB_PER_OWNER * 1024 * 1024:
+        raise APIError(413, f"Your uploads would take {(used + size) / 2**20:.1f} MiB, over the "
+                            f"{MAX_UPLOAD_MB_PER_OWNER} MiB one client may keep; delete some with DELETE /api/v1/data/{{name}}",
+                       {"max_bytes": MAX_UPLOAD_MB_PER_OWNER * 1024 * 1024})
+
+
+def delete_upload(data_dir: Path, name: str, owner: str) -> bool:
+    """Delete an upload its owner made (one with no owner file predates them: anyone allowed to write may);
+    False when there is none this owner may delete."""
+    folder = uploads_folder(data_dir)
+    target, marker = folder / name, folder / UPLOAD_OWNERS / name
+    if not target.is_file() or target.is_symlink():
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        if marker.read_text("utf-8") != owner:
+            return False
+    target.unlink(missing_ok=True)
+    marker.unlink(missing_ok=True)
+    return True
+
+
+def remove_old_uploads(data_dir: Path, days: float) -> int:
+    """Uploads older than the retention period go, with their owner files, as finished jobs do."""
+    folder = real_root(data_dir) / UPLOADS
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    cutoff, removed = time.time() - days * 86400, 0
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".") and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                (folder / UPLOAD_OWNERS / entry.name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def store_upload(data_dir: Path, name: str, body: bytes, owner: str) -> JSON:
+    """Write an upload under uploads/, never over another file: a taken name gets `-2`, `-3`, ... before its suffix.
+
+    The file is written aside and then linked into place, which fails rather than replace
+    a file that exists, so two uploads of one name keep both. Its owner is written beside it.
+    """
+    folder = uploads_folder(data_dir)
+    check_upload_quota(folder, owner, len(body))
     stem, suffix = Path(name).stem, Path(name).suffix
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".upload-", delete=False) as staged:
         staged.write(body)
@@ -4348,6 +4412,7 @@ def store_upload(data_dir: Path, name: str, body: bytes) -> JSON:
                 break
     finally:
         os.unlink(staged.name)
+    (folder / UPLOAD_OWNERS / target.name).write_text(owner, "utf-8")
     return {"name": f"{UPLOADS}/{target.name}", "format": FORMATS[suffix.lower()], "size": len(body)}
 
 
@@ -7486,6 +7551,7 @@ class JobRunner(ClaimLoop):
         await self.store.trim_attempts(self.settings.attempts_kept)
         if not self.settings.retention_days:
             return
+        await asyncio.to_thread(remove_old_uploads, self.settings.data_dir, self.settings.retention_days)
         cutoff = epoch_to_iso(time.time() - self.settings.retention_days * 86400)
         while True:
             deleted, paths = await self.store.purge_finished_jobs(cutoff, RETENTION_BATCH)
@@ -8284,7 +8350,7 @@ async def list_data(request: Request) -> JSONResponse:
 
 async def upload_data(request: Request) -> JSONResponse:
     """A file from the researcher's computer, stored under uploads/ in the data directory (body = its bytes)."""
-    authenticate(request)
+    owner = authenticate(request)
     settings = state(request).settings
     name = upload_name(request.path_params["name"])
     cap = settings.max_source_mb * 1024 * 1024
@@ -8298,8 +8364,18 @@ async def upload_data(request: Request) -> JSONResponse:
             raise upload_too_large(settings.max_source_mb)
     if not body:
         raise APIError(422, "The upload is empty; send the file's bytes as the request body", {"body": "is empty"})
-    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body))
+    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body), owner)
     return JSONResponse(stored, status_code=201, headers={"Location": "/api/v1/data"})
+
+
+async def delete_data(request: Request) -> Response:
+    """Delete one of the caller's uploads, named as PUT named it; another client's is a 404."""
+    owner = authenticate(request)
+    name = request.path_params["name"]
+    if not re.fullmatch(UPLOAD_NAME_PATTERN, name) or name.startswith(".") or \
+            not await asyncio.to_thread(delete_upload, state(request).settings.data_dir, name, owner):
+        raise APIError(404, f"No upload {UPLOADS}/{name} of yours to delete")
+    return Response(status_code=204)
 
 
 def upload_too_large(max_mb: int) -> APIError:
@@ -8919,6 +8995,7 @@ def query_parameter(name: str, schema: JSON) -> JSON:
 OPERATION_IDS = {
     ("/", "get"): "getInfo", ("/api/v1/health", "get"): "getHealth", ("/api/v1/providers", "get"): "listProviders",
     ("/api/v1/data", "get"): "listData", ("/api/v1/data/{name}", "put"): "uploadData",
+    ("/api/v1/data/{name}", "delete"): "deleteData",
     ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
     ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
     ("/api/v1/generate/{job_id}/export", "get"): "exportJob", ("/api/v1/generate/{job_id}/refine", "post"): "refineJob",
@@ -8981,6 +9058,9 @@ def openapi_document() -> JSON:
                                 parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)]),
                     "requestBody": {"required": True, "content": {"application/octet-stream": {
                         "schema": {"type": "string", "format": "binary", "minLength": 1}}}}},
+            "delete": operation("Delete one of your uploads, named as it was uploaded (uploads/ left out)",
+                                {"description": "Deleted"}, [404], write=True,
+                                parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)]),
         },
         "/api/v1/generate": {
             "post": {**operation("Start a persona generation job",
@@ -9058,8 +9138,9 @@ def openapi_document() -> JSON:
         },
     }
     name_operations(paths)
-    upload = paths["/api/v1/data/{name}"]["put"]["responses"]
+    upload, deleted = (paths["/api/v1/data/{name}"][method]["responses"] for method in ("put", "delete"))
     upload["201"] = upload.pop("200")  # an upload is created
+    deleted["204"] = deleted.pop("200")  # and deleted with nothing to say
     link(paths, "/api/v1/generate", "post", {"getJob": "job_id"})
     link(paths, "/api/v1/webhooks", "post", {"getWebhook": "webhook_id", "deleteWebhook": "webhook_id",
                                               "listDeliveries": "webhook_id"})
@@ -9207,7 +9288,7 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/experiments/{experiment_id}", get_experiment, methods=["GET"]),
     Route("/api/v1/providers", list_providers, methods=["GET"]),
     Route("/api/v1/data", list_data, methods=["GET"]),
-    Route("/api/v1/data/{name}", upload_data, methods=["PUT"]),
+    Route("/api/v1/data/{name}", by_method(PUT=upload_data, DELETE=delete_data), methods=["PUT", "DELETE"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs_page(SWAGGER_PAGE), methods=["GET"]),
     Route("/redoc", docs_page(REDOC_PAGE), methods=["GET"]),
@@ -9388,6 +9469,10 @@ class PersonaClient:
         """Store a file in the server's data directory, under uploads/; returns its `name` to give as `data`."""
         return self._request("PUT", f"/api/v1/data/{name}", content=content,
                              headers={"Content-Type": "application/octet-stream"})
+
+    def delete_upload(self, name: str) -> None:
+        """Delete one of your uploads, named as upload() named it (with or without `uploads/`)."""
+        self._send("DELETE", f"/api/v1/data/{name.removeprefix('uploads/')}")
 
     def estimate(self, data: str | list[Any], count: int = 3, **kwargs: Any) -> JSON:
         """What generate() with the same arguments would send and cost; creates nothing."""

@@ -57,7 +57,8 @@ def test_write_endpoints_carry_bearer_security_and_every_error_uses_the_envelope
     writes = {("/api/v1/generate", "post"), ("/api/v1/generate/{job_id}", "delete"), ("/api/v1/webhooks", "post"),
               ("/api/v1/webhooks/{webhook_id}", "delete"),
               ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"), ("/api/v1/estimate", "post"),
-              ("/api/v1/generate/{job_id}/refine", "post"), ("/api/v1/data", "get"), ("/api/v1/data/{name}", "put")}
+              ("/api/v1/generate/{job_id}/refine", "post"), ("/api/v1/data", "get"), ("/api/v1/data/{name}", "put"),
+              ("/api/v1/data/{name}", "delete")}
     for path, item in document["paths"].items():
         for method, spec in item.items():
             assert (spec.get("security") == [{"bearerAuth": []}]) == ((path, method) in writes), (path, method)

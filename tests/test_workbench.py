@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from pathlib import Path
 
@@ -175,3 +176,34 @@ def test_the_pages_fit_400_pixels_and_run_no_script_of_the_datas(server: Server,
         assert page.evaluate("document.documentElement.scrollWidth") <= 400, path
         assert page.evaluate("window.ran") is None
     assert "<script>" not in client.get(f"/jobs/{job['job_id']}").text
+
+
+def test_an_upload_is_its_uploader_s_to_delete(start_server) -> None:
+    server = start_server("--auth-token", "tok-a,tok-b")
+    with server.client() as http:
+        a, b = ({"Authorization": f"Bearer {token}"} for token in ("tok-a", "tok-b"))
+        assert http.put("/api/v1/data/mine.csv", content=SURVEY, headers=a).status_code == 201
+        refused = http.delete("/api/v1/data/mine.csv", headers=b)
+        assert refused.status_code == 404 and refused.json()["error"] == "not_found"
+        assert (server.workdir / "data" / "uploads" / "mine.csv").exists()
+        with persona.PersonaClient(server.url, "tok-a") as client:
+            client.delete_upload("uploads/mine.csv")
+        assert not (server.workdir / "data" / "uploads" / "mine.csv").exists()
+        assert "uploads/mine.csv" not in {s["name"] for s in http.get("/api/v1/data", headers=a).json()}
+        assert http.delete("/api/v1/data/mine.csv", headers=a).status_code == 404
+        assert http.put("/api/v1/data/again.csv", content=SURVEY, headers=b).status_code == 201
+        assert http.delete("/api/v1/data/again.csv", headers=b).status_code == 204
+
+
+def test_one_client_s_uploads_stop_at_its_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(persona, "MAX_UPLOADS_PER_OWNER", 2)
+    (tmp_path / "data").mkdir()
+    for number in range(2):
+        persona.store_upload(tmp_path / "data", "survey.csv", SURVEY, "key:a")
+    with pytest.raises(persona.APIError, match="You keep 2 uploads, the most one client may"):
+        persona.store_upload(tmp_path / "data", "survey.csv", SURVEY, "key:a")
+    assert persona.store_upload(tmp_path / "data", "survey.csv", SURVEY, "key:b")["name"] == "uploads/survey-3.csv"
+    old = tmp_path / "data" / "uploads" / "survey.csv"
+    os.utime(old, (0, 0))
+    assert persona.remove_old_uploads(tmp_path / "data", 30) == 1 and not old.exists()
+    assert not (tmp_path / "data" / "uploads" / persona.UPLOAD_OWNERS / "survey.csv").exists()
