@@ -7296,11 +7296,15 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
 
     Its data URLs are fetched first; then an offline job holds one of the process's engine
     slots from reading to its quality report, so a slow data server delays only its own
-    job. `begin` is told when the work really starts (a crash before then spends none of
-    the job's attempts).
+    job. `begin` is told when the work really starts, fetching or reading (a crash before
+    then, while waiting for a slot, spends none of the job's attempts).
     """
     provider = request.get("provider") or pick_provider(request)
-    fetched = await fetch_sources([request["data"], *request.get("refine", {}).get("more_data", [])], settings)
+    sources = [request["data"], *request.get("refine", {}).get("more_data", [])]
+    if begin is not None and any(isinstance(s, str) and classify_data(s) == "url" for s in sources):
+        await begin()  # fetching is the job's work: it begins now, and begins once
+        begin = None
+    fetched = await fetch_sources(sources, settings)
     async with engine_slot() if provider == "local" else contextlib.nullcontext():
         if begin is not None:
             await begin()
