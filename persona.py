@@ -3200,7 +3200,8 @@ class SheetReader:
         self.width = MAX_SHEET_COLUMNS  # the header row narrows it: a stray cell far right widens nothing
         self.cells = 0
         self.row: dict[int, str] = {}
-        self.column, self.kind, self.into = -1, None, ""  # the open cell; `into` is "v", "t" or ""
+        self.column, self.into = -1, ""  # the open cell's column; `into` is "v", "t" or ""
+        self.kind: str | None = None  # the open cell's type
         self.values: list[str] = []
         self.inline: list[str] = []
 
@@ -4198,13 +4199,11 @@ def finish_dataset(reader: SourceReader, source: JSON, name: str) -> Dataset:
 
 
 async def load_data(data: str | list[Any], settings: Settings, fetched: Fetched | None = None) -> Dataset:
-    kind = classify_data(data)
-    if kind == "url":
-        assert isinstance(data, str)
+    if isinstance(data, list):
+        return await asyncio.to_thread(load_inline, data)
+    if classify_data(data) == "url":
         raw, content_type = (fetched or {}).get(data) or await fetch_url(data, shown_url(data), settings.private_urls_allowed)
         return await load_url(data, raw, content_type)
-    if kind == "inline":
-        return await asyncio.to_thread(load_inline, data)
     reading = run_in_child if await asyncio.to_thread(holds_office_files, data, settings.data_dir) else asyncio.to_thread
     return await reading(load_path, data, settings.data_dir, settings.max_source_mb)
 
@@ -7863,10 +7862,12 @@ class HostCheckMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = scope["app"].state.settings if scope["type"] == "http" else None
+        settings: Settings | None = scope["app"].state.settings if scope["type"] == "http" else None
         local = (scope.get("server") or ("",))[0]  # the address the connection came in on
-        checked = settings is not None and settings.on_loopback and is_loopback_address(str(local))
-        host = request_host(scope) if checked else None
+        if settings is None or not settings.on_loopback or not is_loopback_address(str(local)):
+            await self.app(scope, receive, send)
+            return
+        host = request_host(scope)
         if host is None or host in LOOPBACK_NAMES or is_loopback_address(host) or host in settings.allowed_hosts:
             await self.app(scope, receive, send)
             return
