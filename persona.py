@@ -5732,14 +5732,20 @@ def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, st
     return f"{sentence_case(titles[0]) if titles else 'No shared answer sets them apart'} ({len(taken) + 1})"
 
 
-def summarise_attributes(people: list[Participant], total: int, labels: Mapping[str, str]) -> JSON:
+NEAR_CONSTANT_SHARE = 0.9  # an attribute one answer holds for this share of everyone tells no one apart
+
+
+def summarise_attributes(people: list[Participant], everyone: list[Participant], labels: Mapping[str, str]) -> JSON:
     """The most informative attributes: each value's most common choice with its share, numbers as median and range.
 
-    Attributes that read as sentences, or that only some have, come last or not at all.
+    Attributes that read as sentences, or that only some have, come last or not at all; so
+    does one nearly everyone answers alike (a consent, "Yes, I agree"), whatever the segment.
     """
     keys = list(dict.fromkeys(key for person in people for key in person.attributes))
     ranked = []
     for key in keys:
+        if is_near_constant(key, everyone):
+            continue
         values = [person.attributes[key] for person in people if key in person.attributes]
         if max(len(value.split()) for value in values) > 8:
             continue
@@ -5748,8 +5754,14 @@ def summarise_attributes(people: list[Participant], total: int, labels: Mapping[
     for _, _, key, values in sorted(ranked)[:MAX_DEMOGRAPHICS]:
         demographics[shown_label(key, labels)] = summarise_values(values, len(people))
     demographics["participants"] = len(people)
-    demographics["share"] = round(len(people) / total, 4)
+    demographics["share"] = round(len(people) / len(everyone), 4)
     return demographics
+
+
+def is_near_constant(key: str, everyone: list[Participant]) -> bool:
+    values = Counter(person.attributes[key] for person in everyone if key in person.attributes)
+    answered = sum(values.values())
+    return answered >= 10 and values.most_common(1)[0][1] >= NEAR_CONSTANT_SHARE * answered
 
 
 def shown_label(key: str, labels: Mapping[str, str]) -> str:
@@ -5808,7 +5820,7 @@ def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, t
     shares = term_shares(corpus, members)
     themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or \
         frequent_words(people, theme_count)
-    demographics = summarise_attributes(people, len(corpus.people), labels)
+    demographics = summarise_attributes(people, corpus.people, labels)
     name = persona_name(ids, taken["names"])
     attribute = distinguishing_attribute(people, corpus.people)
     answers = closed_answers(people, corpus.people, labels)
