@@ -6890,7 +6890,8 @@ def quality_line(quality: JSON | None) -> str:
     if not quality:
         return ""
     size, said = quality["participants"], sorted(item["said_by"] for item in quality.get("items", []))
-    items = (f"its goals, pain points and behaviours are each said by {said[0]} to {said[-1]} of them" if said
+    spread = f"{said[0]}" if said and said[0] == said[-1] else f"{said[0]} to {said[-1]}" if said else ""
+    items = (f"its goals, pain points and behaviours are each said by {spread} of them" if said
              else "no goal, pain point or behaviour to check")
     return (f"Quality: stands for {size} participant(s); {items}; distinctiveness "
             f"{quality.get('distinctiveness', 0.0):.2f}; overlap with the closest other persona {quality['overlap']:.2f}")
