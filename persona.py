@@ -4080,14 +4080,20 @@ def missing_here(exc: APIError) -> str:
             "data directory (shared storage), or data given by URL or inline")
 
 
+def source_files(data: str, data_dir: Path) -> list[Path]:
+    """The files a local source names, for a look before it is read; none when it cannot be read
+    (reading it then fails the job, saying why)."""
+    try:
+        path = resolve_data_path(data, data_dir)
+        return folder_files(path, real_root(data_dir))[0] if path.is_dir() else [path]
+    except (APIError, OSError):
+        return []
+
+
 def check_sources_size(sources: list[Any], settings: Settings) -> None:
     """Refuse a refinement whose local sources, read together, are over the cap one source has."""
-    root, files = real_root(settings.data_dir), []
-    for source in sources:
-        if isinstance(source, str) and classify_data(source) == "path":
-            with contextlib.suppress(APIError, OSError):  # one that cannot be read fails the job as it is read
-                path = resolve_data_path(source, settings.data_dir)
-                files += folder_files(path, root)[0] if path.is_dir() else [path]
+    files = [file for source in sources if isinstance(source, str) and classify_data(source) == "path"
+             for file in source_files(source, settings.data_dir)]
     with contextlib.suppress(OSError):
         check_source_size("a refinement's data, its parent's sources and its own together", list(dict.fromkeys(files)),
                           settings.max_source_mb)
@@ -4221,12 +4227,7 @@ def holds_office_files(data: str, data_dir: Path) -> bool:
     A child can be killed, so cancelling the job or stopping the server stops the
     reading, and whatever a file makes of memory goes with it.
     """
-    try:
-        path = resolve_data_path(data, data_dir)
-        files = folder_files(path, real_root(data_dir))[0] if path.is_dir() else [path]
-    except (APIError, OSError):
-        return False  # reading it fails the job, saying why
-    return any(FORMATS.get(file.suffix.lower()) in OFFICE_FORMATS for file in files)
+    return any(FORMATS.get(file.suffix.lower()) in OFFICE_FORMATS for file in source_files(data, data_dir))
 
 
 # ---------------------------------------------------------------------------
@@ -7840,6 +7841,14 @@ def client_ip(scope: Scope) -> str:
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
+async def send_envelope(send: Send, status: int, envelope: JSON, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """An error in the reference's envelope, sent by a middleware before any route runs."""
+    body = json_bytes(envelope)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        *headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -7884,12 +7893,9 @@ class HostCheckMiddleware:
         if host is None or host in LOOPBACK_NAMES or is_loopback_address(host) or host in settings.allowed_hosts:
             await self.app(scope, receive, send)
             return
-        body = json_bytes(error_envelope(ERROR_CODES[400], f"Host {host[:100]!r} is not a name this server answers: "
-                                         "a server on loopback answers localhost, 127.0.0.1 and [::1] (add others "
-                                         "with --allowed-hosts)", {"host": host[:100]}))
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_envelope(send, 400, error_envelope(
+            ERROR_CODES[400], f"Host {host[:100]!r} is not a name this server answers: a server on loopback answers "
+            "localhost, 127.0.0.1 and [::1] (add others with --allowed-hosts)", {"host": host[:100]}))
 
 
 class RateLimitMiddleware:
@@ -7922,13 +7928,9 @@ class RateLimitMiddleware:
 
     @staticmethod
     async def _refuse(send: Send, headers: list[tuple[bytes, bytes]], retry_after: int) -> None:
-        body = json_bytes(error_envelope(
-            "rate_limited", f"Rate limit exceeded. Retry after {retry_after} seconds.", {"retry_after": retry_after}
-        ))
-        headers = [*headers, (b"retry-after", str(retry_after).encode()), (b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 429, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        envelope = error_envelope(
+            "rate_limited", f"Rate limit exceeded. Retry after {retry_after} seconds.", {"retry_after": retry_after})
+        await send_envelope(send, 429, envelope, [*headers, (b"retry-after", str(retry_after).encode())])
 
 
 # ---------------------------------------------------------------------------
