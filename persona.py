@@ -4722,6 +4722,17 @@ REPORTED = re.compile(
 )
 """A speech verb that introduces someone else's words ("Somebody else was like, 'it'd be cool ...'")."""
 
+DEFINITION = re.compile(
+    r"^\W*(?:(?:i|we) (?:would |'d )?(?:say|define|consider|call|describe) (?:that )?)?"
+    r"(?:a|an) [\w'-]+(?: [\w'-]+){0,2} "
+    r"(?:(?:is|are|means|refers to) (?:a|an|any|one|something)(?: [\w'-]+){0,3} (?:that|which|where|when|whose)|"
+    r"(?:is|are) (?:when|where))\b|"
+    r"\b(?:i|we) (?:would |'d )?define\b|\bdefined as\b|\b(?:my|the|by) definition\b",
+    re.IGNORECASE,
+)
+"""A sentence that says what a word means ("A flaky test is a test that ...", "I define it as ..."): an
+answer to a survey's definition question, no goal, pain point or behaviour of the speaker's."""
+
 OPINION = re.compile(
     r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b", re.IGNORECASE
 )
@@ -5482,7 +5493,7 @@ def opens_as_request(text: str) -> bool:
 def list_kind(sentence: str) -> str | None:
     """The list a sentence belongs to ("goals", "pain_points", "behaviours") or None.
 
-    Questions, sentences over MAX_ITEM_WORDS words and other people's quoted words are None. A wish
+    Questions, sentences over MAX_ITEM_WORDS words, definitions and other people's quoted words are None. A wish
     beats a problem (the speaker asks for the fix) and so does a sentence that opens as a request
     ("Better error messages"); a problem beats any other request or a practice (a complaint that
     mentions a feature or a habit is still a complaint)."""
@@ -5491,6 +5502,8 @@ def list_kind(sentence: str) -> str | None:
     if QUOTE.search(sentence) and REPORTED.search(sentence):
         return None
     text = blank_pseudo_cues(sentence)
+    if DEFINITION.search(text):
+        return None
     if WISH.search(text) or opens_as_request(text):
         return "goals"
     opinion = bool(OPINION.match(text))
@@ -5584,14 +5597,26 @@ def frequent_words(people: list[Participant], count: int) -> list[str]:
     return [word for word, _ in words.most_common(count)]
 
 
+ABSENT_ANSWERS = frozenset(["never", "no", "none", "not at all"])
+ANSWER_LEAD = re.compile(r"[a-z]+(?: [a-z]+)*")
+
+
+def says_absence(answer: str) -> bool:
+    """An answer that something does not happen: `Never`, `No`, `Never -- I don't use Shiny.`
+
+    It is a finding, but no title: a kind of person is named by what they do."""
+    lead = ANSWER_LEAD.match(answer.strip().lower())
+    return bool(lead) and lead.group() in ABSENT_ANSWERS
+
+
 def distinguishing_attribute(people: list[Participant], everyone: list[Participant]) -> tuple[str, str] | None:
-    """The attribute value most of the segment shares and few others have: (key, value)."""
+    """The attribute value most of the segment shares and few others have: (key, value); never an absence."""
     best, best_lift = None, 0.3
     rest = len(everyone) - len(people)
     for key in dict.fromkeys(k for person in people for k in person.attributes):
         values = Counter(person.attributes[key] for person in people if key in person.attributes)
         value, times = min(values.items(), key=lambda item: (-item[1], item[0]))
-        if is_number(value) or len(value.split()) > 5 or squash(value) in PLACEHOLDER_VALUES:
+        if is_number(value) or len(value.split()) > 5 or squash(value) in PLACEHOLDER_VALUES or says_absence(value):
             continue
         share = times / len(people)
         elsewhere = sum(person.attributes.get(key) == value for person in everyone) - times
@@ -5705,8 +5730,8 @@ def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, st
     led by a shared attribute value; or an answer with its question's meaning.
 
     `Nurse: swap shifts`, `Locked out of the account`, `Re-run the build: often`; never a
-    bare answer (`Never:`), the data set's own topic while something else sets the segment
-    apart, or an id. Only when nothing does is a phrase they share the title.
+    bare answer (`Never:`), an absence (`Floating point: never`), the data set's own topic while
+    something else sets the segment apart, or an id. Only when nothing does is a phrase they share the title.
     """
     labels = labels or {}
 
@@ -5722,8 +5747,9 @@ def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, st
                    for phrase in title_phrases(corpus, shares, apart, bool(lead))
                    if not (lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()))]
     titles += [lead] if lead else []
-    titles += [answer_phrase(key, answer["answer"], labels) for answer in answers or []
-               for key in [next((k for k in labels if question_text(k, labels) == answer["question"]), "")]]
+    key_of = {question_text(key, labels): key for key in labels}
+    titles += [answer_phrase(key_of.get(answer["question"], ""), answer["answer"], labels)
+               for answer in answers or [] if not says_absence(answer["answer"])]
     shared = title_phrases(corpus, shares, lambda term: True, False)
     titles += [sentence_case(phrase) for phrase in shared + [corpus.display.get(t, t) for t in distinctive_terms(
         corpus, shares, 4) if " " not in t] if not NUMBER_WORDS & set(phrase.split())]
@@ -5740,12 +5766,13 @@ def summarise_attributes(people: list[Participant], everyone: list[Participant],
     """The most informative attributes: each value's most common choice with its share, numbers as median and range.
 
     Attributes that read as sentences, or that only some have, come last or not at all; so
-    does one nearly everyone answers alike (a consent, "Yes, I agree"), whatever the segment.
+    does one nearly everyone answers alike (a consent, "Yes, I agree"), whatever the segment,
+    and a grid's item (`Agree with ... [statement]`): that is a finding, shown as one.
     """
     keys = list(dict.fromkeys(key for person in people for key in person.attributes))
     ranked = []
     for key in keys:
-        if is_near_constant(key, everyone):
+        if is_near_constant(key, everyone) or grid_parts(labels.get(key, "")):
             continue
         values = [person.attributes[key] for person in people if key in person.attributes]
         if max(len(value.split()) for value in values) > 8:

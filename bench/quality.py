@@ -351,6 +351,8 @@ def title_faults(personas: list[dict[str, Any]], dataset: Any) -> list[str]:
             faults.append(f"placeholder: {title}")
         elif ":" in title and lead in BARE_VALUES:
             faults.append(f"bare answer: {title}")
+        elif ":" in title and re.match(r"(?:never|no|none|not at all)\b", phrase):
+            faults.append(f"absence: {title}")
         elif ":" not in title and said < 0.25 and not any(a.get("answer") for a in p["evidence"].get("answers", [])):
             faults.append(f"said by {said:.0%}: {title}")
     return faults

@@ -117,6 +117,31 @@ def test_titles_are_never_a_bare_answer_a_placeholder_or_the_data_set_s_topic(fl
         assert not re.search(r"(?i)segment \d", title) and "flaky tests" != title.lower()
 
 
+def test_no_title_names_a_segment_by_what_its_members_never_do(flaky_personas: list[dict]) -> None:
+    assert not [item["title"] for item in flaky_personas if re.search(r"(?i):\s*(never|no|none|not at all)\b", item["title"])]
+
+
+def test_an_absence_answer_is_a_finding_but_never_a_title() -> None:
+    labels = {f"q{n}": f"How often do you see flaky tests caused by... [{cause}]"
+              for n, cause in enumerate(["Floating point", "Network", "Time zones"])}
+    people = [persona.Participant(f"P{n}", [], {"q0": "Never", "q1": "Often" if n < 6 else "Rarely",
+                                                "q2": "Never" if n < 8 else "Often"}) for n in range(12)]
+    members = people[:6]
+    answers = persona.closed_answers(members, people, labels)
+    assert any(answer["answer"] == "Often" for answer in answers)
+    corpus = persona.build_corpus(people)
+    title = persona.persona_title(corpus, persona.term_shares(corpus, list(range(6))),
+                                  persona.distinguishing_attribute(members, people), set(), answers, labels)
+    assert title == "Network: often"
+    assert persona.says_absence("Never -- I don't use Shiny.") and not persona.says_absence("Nearly every day")
+
+
+def test_a_grid_s_items_are_findings_not_demographics(flaky_personas: list[dict]) -> None:
+    shown = [key for item in flaky_personas for key in item["demographics"]]
+    assert shown and not [key for key in shown if key.endswith("]")]
+    assert any("years experience" in key for key in shown)
+
+
 def test_a_bare_answer_takes_its_question_s_topic() -> None:
     labels = {"q": "After identifying a flaky test, how often do you… [Re-run the build.]"}
     assert persona.answer_phrase("q", "Often", labels) == "Re-run the build: often"
@@ -185,6 +210,25 @@ def test_sentences_are_not_cut_at_abbreviations_or_inside_brackets() -> None:
     assert persona.split_sentences(text) == ["Parallel builds vs. sequential ones interfere.",
                                              "Timing issues (e.g. waits. sleeps) are the worst.",
                                              "It costs 3.5 hours a week, i.e. most of Friday."]
+
+
+@pytest.mark.parametrize("definition", [
+    "A flaky test is a test case that can both pass and fail without any changes to the code under test.",
+    "I would say that a flaky test is any test that changes from pass to fail in different environments.",
+    "A flaky test is when the result changes between runs.",
+    "I define flakiness as nondeterminism we did not ask for.",
+])
+def test_a_definition_is_no_goal_pain_point_or_behaviour(definition: str) -> None:
+    assert persona.list_kind(definition) is None
+
+
+def test_a_problem_stated_with_is_a_stays_a_pain_point() -> None:
+    assert persona.list_kind("A big problem is that the tests fail randomly.") == "pain_points"
+
+
+def test_flaky_personas_list_no_definition_of_a_flaky_test(flaky_personas: list[dict]) -> None:
+    items = [text for item in flaky_personas for key in ("goals", "pain_points", "behaviours") for text in item[key]]
+    assert items and not [text for text in items if re.match(r"(?i)a flaky test is (a|an|any|when)\b", text)]
 
 
 @pytest.mark.parametrize("wanted", ["Re-run the build.", "After identifying a flaky test, how often do you… [Re-run the build.]"])
