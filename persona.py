@@ -5824,12 +5824,17 @@ def persona_name(ids: list[str], taken: set[str]) -> str:
     return f"{PERSONA_NAMES[start]} {len(taken) + 1}"
 
 
+SUMMARY_GOAL_WORDS = 25  # a longer sentence with a wish in it is mostly a story: the summary quotes none
+
+
 def persona_summary(count: int, total: int, themes: list[str], goals: list[str]) -> str:
+    """Who the persona stands for, what they talk about, and their first goal short enough to state one."""
     text = f"Stands for {count} of {total} participants ({count / total:.0%})."
     if themes:
         text += " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
-    if goals:
-        text += f' A goal in their words: "{goals[0]}"'
+    goal = next((goal for goal in goals if len(goal.split()) <= SUMMARY_GOAL_WORDS), None)
+    if goal:
+        text += f' A goal in their words: "{goal}"'
     return text
 
 

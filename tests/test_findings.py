@@ -222,6 +222,14 @@ def test_a_definition_is_no_goal_pain_point_or_behaviour(definition: str) -> Non
     assert persona.list_kind(definition) is None
 
 
+def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
+    story = ("It started more like an experiment, but it gradually evolved into something that I want to open source "
+             "and maintain, and it turned out people were actually liking it.")
+    assert "A goal in their words" not in persona.persona_summary(3, 9, ["builds"], [story])
+    summary = persona.persona_summary(3, 9, ["builds"], [story, "Better error messages"])
+    assert summary.endswith('A goal in their words: "Better error messages"')
+
+
 def test_a_problem_stated_with_is_a_stays_a_pain_point() -> None:
     assert persona.list_kind("A big problem is that the tests fail randomly.") == "pain_points"
 
