@@ -6662,17 +6662,24 @@ STABILITY_SHARE = 0.9  # of the participants each rerun groups
 STABILITY_MAX_PARTICIPANTS = 2000  # a rerun groups at most this many: stability costs no more than a job
 
 
-def grouping_stability(people: list[Participant], count: int, config: JSON) -> float | None:
+def grouping_stability(people: list[Participant], count: int, config: JSON,
+                       personas: list[JSON] | None = None) -> float | None:
     """How far the engine's own grouping survives leaving participants out (0-1).
 
     The adjusted Rand index between the job's grouping and each of 5 reruns on a
     fixed-seed resample of 90% of the participants, on the participants both group,
     averaged; a chance-level agreement scores 0. None where the researcher chose the
     groups (`groups`, `group_by`), or where there are too few participants to resample.
+    The offline engine's `personas` are its grouping; without them it is computed again.
     """
     if config.get("groups") is not None or config.get("group_by") is not None or len(people) < max(10, 2 * count):
         return None
-    grouping = group_labels(cluster_participants(build_corpus(people), count, 0), len(people))
+    if personas is None:
+        groups = cluster_participants(build_corpus(people), count, 0)
+    else:
+        index = {person.id: i for i, person in enumerate(people)}
+        groups = [[index[pid] for pid in persona["evidence"]["participants"]] for persona in personas]
+    grouping = group_labels(groups, len(people))
     size = min(int(len(people) * STABILITY_SHARE), STABILITY_MAX_PARTICIPANTS)
     scores = []
     for run in range(STABILITY_RUNS):
@@ -7396,7 +7403,7 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas, dataset.silent)
         if engine.get("name") == "tfidf-kmeans" or engine.get("strategy") == "segmented":  # a grouping of its own
             quality["stability"] = await run_engine(dataset.participants, grouping_stability, dataset.participants,
-                                                    count, config)
+                                                    count, config, personas if provider == "local" else None)
     built = time.perf_counter()
     await report(85, "personas built")
     metadata = {

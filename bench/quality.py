@@ -374,7 +374,7 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
                        titles=[p["title"] for p in personas], title_faults=title_faults(personas, dataset))
             silent = getattr(dataset, "silent", None)  # older versions count only whom they read
             quality = persona.quality_report(dataset.participants, personas, *([silent] if silent is not None else []))
-            stability = persona.grouping_stability(dataset.participants, count, CONFIG) \
+            stability = persona.grouping_stability(dataset.participants, count, CONFIG, personas) \
                 if hasattr(persona, "grouping_stability") else None
             row.update(coverage=quality.get("coverage"), stability=stability,
                        covered_of=quality.get("respondents"))

@@ -186,6 +186,8 @@ def test_stability_is_high_for_groups_the_data_holds_and_low_for_noise() -> None
     assert persona.grouping_stability(clear, 3, {}) >= 0.9
     assert persona.grouping_stability(noise, 3, {}) < persona.grouping_stability(clear, 3, {})
     assert persona.grouping_stability(clear, 3, {"group_by": "role"}) is None
+    personas = persona.offline_personas(persona.Dataset(noise, source={}), 3, {})[0]  # the job's own grouping
+    assert persona.grouping_stability(noise, 3, {}, personas) == persona.grouping_stability(noise, 3, {})
 
 
 def test_the_adjusted_rand_index_is_one_for_the_same_grouping_and_near_zero_by_chance() -> None:
