@@ -51,8 +51,9 @@ LABEL_SET = ("goal", "pain", "behaviour", "none")
 
 HOSTS = {"Nadia Eghbal", "Mikeal Rogers", "Adam Stacoviak", "Break"}
 
-# data set -> (file, delimiter, participant column or None for the 1-based data row, free-text columns by index)
-FREE_TEXT: dict[str, tuple[str, str, int | None, list[int]]] = {
+# data set -> (file, delimiter, participant, free-text columns by index); the participant is a column
+# index, None for "row N" (the 1-based data row), or a format string filled with that row number
+FREE_TEXT: dict[str, tuple[str, str, int | str | None, list[int]]] = {
     # 4 hinders; 6-8 tools to integrate; 10 other way to run; 11-16 needs (not) addressed;
     # 17-22 pleasant / difficult aspects; 23-28 features and enhancements wanted; 31 role
     "jupyter-ux-2015": ("jupyter-ux-2015/responses.csv", ",", None,
@@ -67,8 +68,14 @@ FREE_TEXT: dict[str, tuple[str, str, int | None, list[int]]] = {
     "r-community-2018": ("r-community-2018/responses.tsv", "\t", None, [2, 22, 23, 28, 29, 31]),
     # review_text (participant = review_id)
     "ethiopian-bank-reviews": ("ethiopian-bank-reviews/reviews.csv", ",", 0, [2]),
+    # the four open questions: 3 own definition of a flaky test; 23 other causes; 32 other actions;
+    # 35 anything else (participant = responses-NNN, the 1-based data row, as the project names them)
+    "flaky-tests-2021": ("flaky-tests-2021/responses.tsv", "\t", "responses-{:03d}", [3, 23, 32, 35]),
 }
 TRANSCRIPTS = "rfc-transcripts"
+# order of the data sets in sentences.jsonl; data sets added later go last, so earlier lines stay put
+DATASETS = ["jupyter-ux-2015", "jupyter-education-2016", "jupyter-2020", "r-community-2018",
+            "ethiopian-bank-reviews", TRANSCRIPTS, "flaky-tests-2021"]
 
 SPEAKER = re.compile(r"^\*\*(?P<label>[^*]{1,60}):\*\*\s*(?P<text>.*)$")
 NOTE = re.compile(r"\\\[(?P<note>[^\]]*?)\\\]")
@@ -117,7 +124,10 @@ def survey_units(dataset: str) -> list[tuple[str, str, str]]:
     header, body = rows[0], rows[1:]
     units = []
     for number, row in enumerate(body, start=1):
-        who = row[id_col] if id_col is not None else f"row {number}"
+        if isinstance(id_col, int):
+            who = row[id_col]
+        else:
+            who = (id_col or "row {}").format(number)
         for col in cols:
             if col < len(row) and row[col].strip():
                 units.append((who, header[col].replace("\xa0", " ").strip(), row[col]))
@@ -177,7 +187,8 @@ def build() -> tuple[list[dict], dict[str, int]]:
             sid, label, also_text, text = line.split("\t", 3)
             labels[sid] = (label, [a for a in also_text.split(",") if a], text)
     records, pools = [], {}
-    for dataset in [*FREE_TEXT, TRANSCRIPTS]:
+    assert sorted(DATASETS) == sorted([*FREE_TEXT, TRANSCRIPTS])
+    for dataset in DATASETS:
         pool = candidates(dataset)
         pools[dataset] = len(pool)
         chosen = sorted(random.Random(f"{SEED}:{dataset}").sample(pool, PER_DATASET), key=lambda c: c["n"])
