@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __version__ = "1.9.6"
 
+import abc
 import argparse
 import asyncio
 import base64
@@ -191,10 +192,10 @@ def parse_setting(name: str, raw: str) -> Any:
     if name == "webhook_retry_schedule":
         return tuple(parse_seconds(label, part) for part in raw.split(",") if part.strip())
     if name == "webhook_timeout":
-        value = parse_seconds(label, raw)
-        if not 0 < value <= 300:
+        seconds = parse_seconds(label, raw)
+        if not 0 < seconds <= 300:
             raise ConfigError(f"{label} must be more than 0 and at most 300 seconds, got {raw!r}")
-        return value
+        return seconds
     if name == "webhook_secret":
         return raw or None
     if name == "retention_days":
@@ -654,8 +655,9 @@ def nested_text_problems(value: Any, path: str) -> dict[str, str]:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     problems: dict[str, str] = {}
     for key, item in items:
-        if isinstance(key, str) and surrogate_problem(key):
-            problems[f"{path}.{key!r}"] = "keys " + surrogate_problem(key)
+        key_problem = surrogate_problem(key) if isinstance(key, str) else None
+        if key_problem:
+            problems[f"{path}.{key!r}"] = "keys " + key_problem
         problems.update(nested_text_problems(item, f"{path}[{key!r}]" if isinstance(key, int) else f"{path}.{key}"))
     return problems
 
@@ -848,7 +850,8 @@ class AdmissionPlan:
     @classmethod
     def of(cls, jobs: dict[str, NewJob], stored: Mapping[tuple[str, str], tuple[str, str]]) -> AdmissionPlan:
         """`stored` maps (owner, key) to (body hash, job id) for the keys the database holds."""
-        plan, first = cls({}, {}, {}), {}
+        plan = cls({}, {}, {})
+        first: dict[tuple[str, str], str] = {}  # (owner, key) -> the batch's first submission with it
         for key, job in jobs.items():
             if job.idempotency is None:
                 plan.inserts[key] = job
@@ -954,7 +957,7 @@ def webhook_from_row(row: Any) -> JSON:
 Gone = Callable[[str, float | None], bool]  # whether a claimer is gone, from its id and seconds since it was heard
 
 
-class Store:
+class Store(abc.ABC):
     """What both stores share: batching of reads and submissions, and what health knows of writes.
 
     The subclasses hold the SQL; every other part of the module goes through their
@@ -1069,6 +1072,167 @@ class Store:
         for row in await self._delivering(worker):
             if gone(row["claimed_by"], row["idle"]):
                 await self.release_delivery(row["delivery_id"], row["claimed_by"])
+
+    # What each store does in its own SQL: every caller goes through these declarations.
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create or upgrade the schema; the store is usable once this returns."""
+
+    @abc.abstractmethod
+    def listen(self, on_news: Callable[[str], None]) -> None:
+        """Call `on_news` when another process has news (a job queued or cancelled, a delivery due); a hint only."""
+
+    @abc.abstractmethod
+    def others(self) -> bool:
+        """Whether other server processes use this database now."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the connections (and, on SQLite, the file that tells other processes this one uses it)."""
+
+    @abc.abstractmethod
+    async def _read(self, sql: str) -> list[Any]:
+        """Rows of one read-only statement."""
+
+    @abc.abstractmethod
+    def missing(self) -> str | None:
+        """Why the database cannot be trusted with writes now, if it cannot; None when it can."""
+
+    @abc.abstractmethod
+    async def _probe_write(self) -> None:
+        """Write one row, to learn whether writes succeed (health's probe)."""
+
+    @abc.abstractmethod
+    async def active_jobs(self, owner: str) -> int:
+        """How many pending or running jobs an owner has."""
+
+    @abc.abstractmethod
+    async def _admit_batch(self, jobs: dict[str, NewJob], ids: dict[str, str]) -> dict[str, Admission]:
+        """Insert a batch of submissions in one transaction: replays found, experiments named, jobs within quotas."""
+
+    @abc.abstractmethod
+    async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
+        """The rows of these jobs, by id (absent ids left out)."""
+
+    @abc.abstractmethod
+    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
+        """A page of jobs in the order they were submitted, optionally of one status, with how many there are."""
+
+    @abc.abstractmethod
+    async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
+        """A page of experiments, newest first, with how many there are."""
+
+    @abc.abstractmethod
+    async def get_experiment(self, experiment_id: str) -> JSON | None:
+        """An experiment with its jobs, oldest first, as the job list shows them; None if it has none."""
+
+    @abc.abstractmethod
+    async def recent_jobs(self, limit: int) -> list[JSON]:
+        """The newest jobs with their requests and results, for the workbench's list."""
+
+    @abc.abstractmethod
+    async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
+        """The request a job was made with, and its experiment; a refinement starts from them."""
+
+    @abc.abstractmethod
+    async def claim_job(self, worker: str) -> JSON | None:
+        """The oldest pending job, now running here; None when none is pending."""
+
+    @abc.abstractmethod
+    async def begin_attempt(self, job_id: str, worker: str) -> bool:
+        """Count an attempt of a job this worker still holds."""
+
+    @abc.abstractmethod
+    async def set_progress(self, job_id: str, worker: str, progress: int) -> bool:
+        """Record progress (and renew the lease); False once the job is no longer this worker's."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, worker: str, job_ids: Iterable[str]) -> set[str]:
+        """Renew the lease on these jobs, which this worker runs; returns those it still holds.
+
+        Only jobs whose work is alive here are renewed: one whose task died lets its claim
+        lapse, and is run again.
+        """
+
+    @abc.abstractmethod
+    async def _running_claims(self, worker: str) -> list[Any]:
+        """The running jobs not claimed by `worker`: their claimer and seconds since it was heard."""
+
+    @abc.abstractmethod
+    async def _requeue(self, job_id: str, claimed_by: str) -> str | None:
+        """Requeue a job `claimed_by` still holds, or fail it out of attempts: its new status, None if no longer held."""
+
+    @abc.abstractmethod
+    async def release_job(self, job_id: str, worker: str, attempt_begun: bool) -> None:
+        """Hand back a job a stop cut short; an attempt that began is given back with it."""
+
+    @abc.abstractmethod
+    async def cancel_job(self, job_id: str) -> bool:
+        """Cancel a pending or running job; False if it is not one."""
+
+    @abc.abstractmethod
+    async def _finish(self, job_id: str, worker: str, status: str, outcome: str, event: str, data: JSON) -> bool:
+        """End a job and queue its webhook deliveries in one transaction (the outbox)."""
+
+    @abc.abstractmethod
+    async def purge_expired(self) -> None:
+        """Delete idempotency keys and rate-limit windows that have expired."""
+
+    @abc.abstractmethod
+    async def purge_finished_jobs(self, before: str, batch: int) -> tuple[int, list[str]]:
+        """Delete finished jobs completed before `before`, with their deliveries and attempts.
+
+        Returns how many went and their output paths, for their folders to go too.
+        """
+
+    @abc.abstractmethod
+    async def trim_attempts(self, kept: int) -> None:
+        """Keep the last `kept` attempts of each delivery."""
+
+    @abc.abstractmethod
+    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
+        """Register a webhook; None when MAX_WEBHOOKS are registered already."""
+
+    @abc.abstractmethod
+    async def get_webhook(self, webhook_id: str) -> JSON | None:
+        """A registered webhook, without its secret; None if there is none."""
+
+    @abc.abstractmethod
+    async def list_webhooks(self) -> list[JSON]:
+        """Every registered webhook, oldest first, without secrets."""
+
+    @abc.abstractmethod
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Delete a webhook and stop its deliveries that are still due."""
+
+    @abc.abstractmethod
+    async def claim_deliveries(self, worker: str, limit: int) -> list[JSON]:
+        """Up to `limit` deliveries that are due, now being delivered by `worker`."""
+
+    @abc.abstractmethod
+    async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, delay: float) -> None:
+        """Log one attempt and set what happens next, together: `status`, and the next try in `delay` seconds."""
+
+    @abc.abstractmethod
+    async def release_delivery(self, delivery_id: str, worker: str) -> None:
+        """Hand back a delivery `worker` holds, due again at once."""
+
+    @abc.abstractmethod
+    async def _delivering(self, worker: str) -> list[Any]:
+        """Deliveries being delivered by others: their claimer and seconds since it claimed."""
+
+    @abc.abstractmethod
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[JSON]:
+        """A webhook's latest deliveries with their attempts, newest first."""
+
+    @abc.abstractmethod
+    async def retry_delivery(self, webhook_id: str, delivery_id: str, attempts: int) -> str | None:
+        """Send a failed delivery once more; returns None, or the status that forbids it."""
+
+    @abc.abstractmethod
+    async def _count_hits(self, client: str, hits: int) -> Any:
+        """Count `hits` requests of a client in its window, a new one if it ended: the window's start and its hits."""
 
 
 # ---------------------------------------------------------------------------
@@ -1379,14 +1543,15 @@ class PeerWatch:
         self.slot = -1
         self.checked_at, self.shared = 0.0, False
         with contextlib.suppress(OSError):
-            self.fd = os.open(f"{db}-servers.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            self.slot = next((slot for slot in range(self.SLOTS) if self._lock(slot)), -1)
+            self.fd = fd = os.open(f"{db}-servers.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self.slot = next((slot for slot in range(self.SLOTS) if self._lock(fd, slot)), -1)
 
-    def _lock(self, slot: int) -> bool:
+    @staticmethod
+    def _lock(fd: int, slot: int) -> bool:
         import fcntl
 
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
         except OSError:
             return False
         return True
@@ -1399,16 +1564,16 @@ class PeerWatch:
         now = time.monotonic()
         if self.fd is None or (self.shared and now - self.checked_at < PEER_CHECK_S):
             return self.shared
-        self.checked_at, self.shared = now, self._locked_elsewhere()
+        self.checked_at, self.shared = now, self._locked_elsewhere(self.fd)
         return self.shared
 
-    def _locked_elsewhere(self) -> bool:
+    def _locked_elsewhere(self, fd: int) -> bool:
         import fcntl
         import struct
 
         query = struct.pack(FLOCK_LAYOUT, fcntl.F_WRLCK, os.SEEK_SET, 0, self.SLOTS, 0)
         try:
-            answer = fcntl.fcntl(self.fd, fcntl.F_GETLK, query)
+            answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
         except OSError:
             return False
         return struct.unpack(FLOCK_LAYOUT, answer)[0] != fcntl.F_UNLCK
@@ -1457,6 +1622,7 @@ class SQLiteStore(Store):
 
     async def _apply_schema(self) -> None:
         """Create or upgrade the schema; the version bump commits with the change."""
+        assert self.writer is not None, "SQLiteStore.open() connects the writer first"
         async with self.write_lock:
             version = (await self._fetch(self.writer, "PRAGMA user_version"))[0][0]
             if version > SCHEMA_VERSION:
@@ -1609,12 +1775,10 @@ class SQLiteStore(Store):
         return [], (await self._read(SQL_COUNT_JOBS, params))[0]["total"]
 
     async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
-        """A page of experiments, newest first, with how many there are."""
         rows = await self._read(SQL_LIST_EXPERIMENTS, {"limit": limit, "offset": offset})
         return [dict(row) for row in rows], (await self._read(SQL_COUNT_EXPERIMENTS))[0]["total"]
 
     async def get_experiment(self, experiment_id: str) -> JSON | None:
-        """An experiment with its jobs, oldest first, as the job list shows them; None if it has none."""
         found = await self._read(SQL_GET_EXPERIMENT, (experiment_id,))
         if not found:
             return None
@@ -1622,32 +1786,22 @@ class SQLiteStore(Store):
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
 
     async def recent_jobs(self, limit: int) -> list[JSON]:
-        """The newest jobs with their requests and results, for the workbench's list."""
         return [job_with_request(row) for row in await self._read(SQL_RECENT_JOBS, (limit,))]
 
     async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
-        """The request a job was made with, and its experiment; a refinement starts from them."""
         rows = await self._read(SQL_GET_REQUEST, (job_id,))
         return (json.loads(rows[0]["request"]), rows[0]["experiment_id"]) if rows else None
 
     async def claim_job(self, worker: str) -> JSON | None:
-        """The oldest pending job, now running here; None when none is pending."""
         return claimed_job(await self._write(SQL_CLAIM_JOB, {"worker": worker, "now": utc_now(), "clock": time.time()}))
 
     async def begin_attempt(self, job_id: str, worker: str) -> bool:
-        """Count an attempt of a job this worker still holds."""
         return bool(await self._write(SQL_BEGIN_ATTEMPT, (job_id, worker)))
 
     async def set_progress(self, job_id: str, worker: str, progress: int) -> bool:
-        """Record progress (and renew the lease); False once the job is no longer this worker's."""
         return bool(await self._write(SQL_SET_PROGRESS, (progress, time.time(), job_id, worker)))
 
     async def heartbeat(self, worker: str, job_ids: Iterable[str]) -> set[str]:
-        """Renew the lease on these jobs, which this worker runs; returns those it still holds.
-
-        Only jobs whose work is alive here are renewed: one whose task died lets its claim
-        lapse, and is run again.
-        """
         return {row["job_id"] for row in await self._write(SQL_HEARTBEAT, (time.time(), worker, json.dumps(list(job_ids))))}
 
     async def _running_claims(self, worker: str) -> list[Any]:
@@ -1663,7 +1817,6 @@ class SQLiteStore(Store):
         return rows[0]["status"] if rows else None
 
     async def release_job(self, job_id: str, worker: str, attempt_begun: bool) -> None:
-        """Hand back a job a stop cut short; an attempt that began is given back with it."""
         await self._write(SQL_RELEASE_JOB, (1 if attempt_begun else 0, job_id, worker))
 
     async def cancel_job(self, job_id: str) -> bool:
@@ -1674,7 +1827,6 @@ class SQLiteStore(Store):
         return changed
 
     async def _finish(self, job_id: str, worker: str, status: str, outcome: str, event: str, data: JSON) -> bool:
-        """End a job and queue its webhook deliveries in one transaction (the outbox)."""
         sql = SQL_COMPLETE_JOB if status == "completed" else SQL_FAIL_JOB
         async with self._transaction() as run:
             changed = bool(await run(sql, {"outcome": outcome, "now": utc_now(), "job_id": job_id, "worker": worker}))
@@ -1695,10 +1847,6 @@ class SQLiteStore(Store):
         await self._write(SQL_PURGE_RATE, (RATE_WINDOW_S, clock))
 
     async def purge_finished_jobs(self, before: str, batch: int) -> tuple[int, list[str]]:
-        """Delete finished jobs completed before `before`, with their deliveries and attempts.
-
-        Returns how many went and their output paths, for their folders to go too.
-        """
         async with self._transaction() as run:
             rows = await run(SQL_EXPIRED_JOBS, (before, batch))
             ids = json.dumps([row["job_id"] for row in rows])
@@ -1709,13 +1857,11 @@ class SQLiteStore(Store):
         return len(rows), [row["output_path"] for row in rows if row["output_path"]]
 
     async def trim_attempts(self, kept: int) -> None:
-        """Keep the last `kept` attempts of each delivery."""
         await self._write(SQL_TRIM_ATTEMPTS, {"kept": kept})
 
     # -- webhooks -----------------------------------------------------------
 
     async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
-        """Register a webhook; None when MAX_WEBHOOKS are registered already."""
         webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
         async with self._transaction() as run:
             if (await run(SQL_COUNT_WEBHOOKS))[0]["webhooks"] >= MAX_WEBHOOKS:
@@ -1731,7 +1877,6 @@ class SQLiteStore(Store):
         return [webhook_from_row(row) for row in await self._read(SQL_LIST_WEBHOOKS)]
 
     async def delete_webhook(self, webhook_id: str) -> bool:
-        """Delete a webhook and stop its deliveries that are still due."""
         async with self._transaction() as run:
             deleted = bool(await run(SQL_DELETE_WEBHOOK, (webhook_id,)))
             await run(SQL_CANCEL_WEBHOOK_DELIVERIES, (webhook_id,))
@@ -1744,7 +1889,6 @@ class SQLiteStore(Store):
         return [claimed_delivery(row) for row in rows]
 
     async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, delay: float) -> None:
-        """Log one attempt and set what happens next, together: `status`, and the next try in `delay` seconds."""
         async with self._transaction() as run:
             await run(SQL_RECORD_ATTEMPT, (delivery_id, attempt["attempted_at"], attempt["http_status"],
                                            attempt["error"], attempt["duration_ms"]))
@@ -1761,7 +1905,6 @@ class SQLiteStore(Store):
         return [delivery_from_row(row) for row in await self._read(SQL_LIST_DELIVERIES, (webhook_id, limit))]
 
     async def retry_delivery(self, webhook_id: str, delivery_id: str, attempts: int) -> str | None:
-        """Send a failed delivery once more; returns None, or the status that forbids it."""
         params = {"clock": time.time(), "attempts": attempts, "delivery_id": delivery_id, "webhook_id": webhook_id}
         if await self._write(SQL_RETRY_DELIVERY, params):
             return None
@@ -2181,7 +2324,7 @@ def pooled_connection_class(asyncpg: Any) -> type:
     transactions, and LISTEN has a connection of its own. The reset doubled the round
     trips of every query.
     """
-    class PooledConnection(asyncpg.Connection):  # type: ignore[misc, name-defined]
+    class PooledConnection(asyncpg.Connection):
         def get_reset_query(self) -> str:
             return ""
 
@@ -2383,7 +2526,7 @@ class PostgresStore(Store):
             raise IdTaken from exc
         found = dict(zip(looked_up, rows))
         stored = {(job.owner, job.idempotency[0]): (found[key]["known_hash"], found[key]["known_job"])
-                  for key, job in looked_up.items() if found[key]["known_job"]}
+                  for key, job in looked_up.items() if job.idempotency and found[key]["known_job"]}
         inserted = {ids[key] for key, row in found.items() if row["admitted"]}
         active = {looked_up[key].owner: row["owner_active"] for key, row in found.items() if row["owner_active"] is not None}
         return AdmissionPlan.of(jobs, stored).settle(jobs, ids, inserted, active)
@@ -2645,7 +2788,7 @@ async def checked_target(url: str, private_allowed: bool) -> tuple[str, dict[str
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise HostNotResolved(f"{host} could not be resolved ({exc.strerror})") from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     else:
         addresses = [address]
     for candidate in addresses:
@@ -2957,7 +3100,7 @@ async def check_data_source(data: str | list[Any], data_dir: Path,
     submissions arriving during the walk wait for that one; `before_walking` (the
     submitter's quota) is checked first. The job checks the path again when it reads it.
     """
-    if classify_data(data) != "path":
+    if not isinstance(data, str) or classify_data(data) != "path":
         return
     key, now = (data_dir, os.path.normpath(data)), time.monotonic()
     if CHECKED_PATHS.get(key, 0.0) > now:
@@ -4474,7 +4617,7 @@ DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\
 
 def marked_names(records: list[Any]) -> set[str]:
     """The values of name-like columns (`name`, `userName`, `author`, ...): the people a table names."""
-    names = set()
+    names: set[str] = set()
     for record in records:
         for column, value in flatten_record(record).items():
             if squash(column.rpartition(".")[2]) in NAME_COLUMNS:
@@ -4888,7 +5031,7 @@ PAIN_PARTS = (
     r"unusable|waste of (?:time|money)|wasted|wasting|mess|messy|steep|learning curve|"
     r"(?:a|such a) (?:real |huge |big )?pain",
     # failures
-    r"crash\w*|freez\w*|hangs|bugs?|buggy|broken|glitch\w*|errors?|fails?|failed|failing|failure|stuck|"
+    r"crash\w*|freez\w*|hangs|bugs?|buggy|broken|glitch\w*|errors?|(?:fails?|failing) to|(?:is|are|was|were) failing|failed|failure|stuck|"
     r"locked out|delays?|delayed|lag|lags|lagging|laggy|slow|slower|slowness|long wait\w*|"
     r"takes? (?:forever|ages|too long|so long|a long time)|"
     r"stops? (?:at|working|responding)|stopped (?:at|working|responding)|keeps? (?:crashing|freezing|failing|closing|"
@@ -5375,7 +5518,8 @@ def gather_members(labels: list[int], sims: list[list[float]], cluster: int, siz
 def cluster_participants(corpus: Corpus, k: int, seed: int) -> list[list[int]]:
     """Segments as lists of participant indexes, largest first; deterministic for a seed."""
     restarts = 5 if len(corpus.vectors) <= 1000 else 3 if len(corpus.vectors) <= 10000 else 1
-    best_labels, best_score = None, -math.inf
+    best_labels: list[int] = []
+    best_score = -math.inf
     for attempt in range(restarts):
         labels, score = kmeans(corpus.vectors, k, seed + attempt)
         if score > best_score + 1e-12:
@@ -5419,7 +5563,7 @@ def named_groups(people: list[Participant], groups: Mapping[str, list[str]]) -> 
         raise GenerationError(f"config.groups names participant id(s) the data does not have: {named_list(unknown)}; "
                               f"its ids include {named_list([p.id for p in people[:5]])}")
     segments = [Segment(list(dict.fromkeys(index[pid] for pid in ids)), name) for name, ids in groups.items()]
-    empty = [segment.name for segment in segments if not segment.members]
+    empty = [name for name, segment in zip(groups, segments) if not segment.members]
     if empty:
         raise GenerationError(f"config.groups has empty group(s): {named_list(empty)}")
     return segments
@@ -5464,7 +5608,8 @@ def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, floa
 
 def pick_spread(candidates: list[Sentence], count: int) -> list[Sentence]:
     """The best `count`, one per participant first so a single voice does not dominate."""
-    chosen, voices = [], set()
+    chosen: list[Sentence] = []
+    voices: set[str] = set()
     for candidate in candidates:
         if len(chosen) < count and candidate.participant not in voices:
             chosen.append(candidate)
@@ -5606,7 +5751,7 @@ def says_absence(answer: str) -> bool:
 
     It is a finding, but no title: a kind of person is named by what they do."""
     lead = ANSWER_LEAD.match(answer.strip().lower())
-    return bool(lead) and lead.group() in ABSENT_ANSWERS
+    return lead is not None and lead.group() in ABSENT_ANSWERS
 
 
 def distinguishing_attribute(people: list[Participant], everyone: list[Participant]) -> tuple[str, str] | None:
@@ -6277,8 +6422,10 @@ class ModelSession:
 def parse_answer(text: str, check: Callable[[Any, int], list[str]], count: int) -> tuple[Any, list[str]]:
     try:
         answer = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return None, [f"the answer is not valid JSON ({exc.msg} at character {exc.pos})"]
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, or nesting too deep
+        return None, [f"the answer is not valid JSON ({exc})"]
     return answer, check(answer, count)
 
 
@@ -6305,7 +6452,8 @@ def grounded_persona(item: JSON, number: int, source: str, said: Mapping[str, st
 
     Every persona names at least the participants whose words its verified quotes are.
     """
-    verified, unverified = [], []
+    verified: list[str] = []
+    unverified: list[str] = []
     for quote in item["quotes"]:
         (verified if normalise_quote(quote) and normalise_quote(quote) in source else unverified).append(quote)
     ids = segment if segment is not None else evidence_ids({**item, "quotes": verified}, said)
@@ -6343,7 +6491,7 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
             answer = await session.ask("personas", persona_prompt(count, rendered, config, refining=refining), result_schema(config),
                                        functools.partial(evidence_problems, said, config.get("fields", [])), count)
             await report(80, "personas validated")
-            items = [(item, None) for item in answer["personas"]]
+            items: Sequence[tuple[JSON, list[str] | None]] = [(item, None) for item in answer["personas"]]
         else:
             items = await segmented_items(session, people, count, config, budget, report, refining)
     source = normalise_quote(rendered)
@@ -6434,7 +6582,9 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
 
 def condense_chunks(group: list[Participant], budget: int) -> list[list[Participant]]:
     """A segment too large for one call, in chunks of whole participants that each fit in 80% of the budget."""
-    chunks, current, size = [], [], 0
+    chunks: list[list[Participant]] = []
+    current: list[Participant] = []
+    size = 0
     for person in group:
         tokens = estimate_tokens(render_participants([person]))
         if current and size + tokens > budget * 0.8:
@@ -8185,7 +8335,7 @@ def refined_body(parent: JSON, asked: JSON) -> JSON:
     """
     provider = asked.get("provider", parent.get("provider"))
     model = asked.get("model", parent.get("model") if provider == parent.get("provider") else None)
-    config = {key: value for key, value in asked.get("config", parent.get("config", {})).items() if key != "experiment"}
+    config = {key: value for key, value in (asked.get("config", parent.get("config")) or {}).items() if key != "experiment"}
     if parent.get("config", {}).get("redact"):
         config["redact"] = True
     body = {"data": parent["data"], "count": asked.get("count", parent.get("count")), "provider": provider, "model": model,
@@ -8204,7 +8354,7 @@ async def admit_job(request: Request, owner: str, job_request: JSON, data: str |
     admission = await app_state.store.create_job(owner, job_request, limit, idempotency, experiment_id)
     if admission.conflict:
         raise APIError(422, "This Idempotency-Key was already used with a different request body; "
-                            "use a new key for a different request", {"idempotency_key": idempotency[0]})
+                            "use a new key for a different request", {"idempotency_key": idempotency and idempotency[0]})
     if admission.job_id is None:
         raise too_many_jobs(owner, limit, admission.active)
     job_id, replayed = admission.job_id, admission.replayed
@@ -9485,7 +9635,7 @@ class PersonaClient:
                  max_retries: int = 3) -> None:
         import httpx
 
-        headers = {"Authorization": f"Bearer {token}".encode()} if token else {}  # UTF-8, as the server reads it
+        headers = {b"Authorization": f"Bearer {token}".encode()} if token else {}  # UTF-8, as the server reads it
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self.max_retries = max_retries
 

@@ -232,6 +232,17 @@ def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
     assert summary.endswith('A goal in their words: "Better error messages"')
 
 
+@pytest.mark.parametrize(("sentence", "kind"), [
+    ("Reorder tests to fail faster", None),
+    ("Tests that pass on local machines fail on CI machines.", None),
+    ("The upload fails to finish every time.", "pain_points"),
+    ("The login is failing.", "pain_points"),
+    ("My payment failed twice.", "pain_points"),
+])
+def test_to_fail_is_a_pain_only_when_something_fails_the_speaker(sentence: str, kind: str | None) -> None:
+    assert persona.list_kind(sentence) == kind
+
+
 def test_a_problem_stated_with_is_a_stays_a_pain_point() -> None:
     assert persona.list_kind("A big problem is that the tests fail randomly.") == "pain_points"
 

@@ -69,8 +69,9 @@ def test_the_schema_files_are_the_schemas_the_module_applies() -> None:
     assert (ROOT / "persona_store_pg.sql").read_text() == persona.PG_SCHEMA
 
 
-def test_both_stores_offer_the_same_methods() -> None:
-    assert public_methods(persona.SQLiteStore) == public_methods(persona.PostgresStore)
+def test_both_stores_offer_the_methods_the_store_interface_declares() -> None:
+    assert public_methods(persona.SQLiteStore) == public_methods(persona.PostgresStore) == public_methods(persona.Store)
+    assert not persona.SQLiteStore.__abstractmethods__ and not persona.PostgresStore.__abstractmethods__
     assert {"claim_job", "requeue_orphans", "claim_deliveries", "rate_hit", "listen"} <= public_methods(persona.SQLiteStore)
 
 
