@@ -61,8 +61,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("persona")
-QUIET_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "aiosqlite", "anthropic", "openai", "google_genai",
-                 "google.genai", "urllib3")
+QUIET_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpx2",
+    "httpcore2",
+    "aiosqlite",
+    "anthropic",
+    "openai",
+    "google_genai",
+    "google.genai",
+    "urllib3",
+)
 
 JSON = dict[str, Any]
 
@@ -162,8 +172,14 @@ ENV_VARS = {
     "redact": "PERSONA_REDACT",
     "allowed_hosts": "PERSONA_ALLOWED_HOSTS",
 }
-INT_BOUNDS = {"port": (0, 65535), "workers": (1, 64), "rate_limit": (0, 10**9), "max_concurrent_jobs": (1, 10**6),
-              "max_source_mb": (1, 10**6), "attempts_kept": (1, 10**6)}
+INT_BOUNDS = {
+    "port": (0, 65535),
+    "workers": (1, 64),
+    "rate_limit": (0, 10**9),
+    "max_concurrent_jobs": (1, 10**6),
+    "max_source_mb": (1, 10**6),
+    "attempts_kept": (1, 10**6),
+}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -382,45 +398,90 @@ GENERATE_SCHEMA: JSON = {
         "count": nullable({"type": "integer", "minimum": 1, "maximum": 20, "default": 3}),
         "provider": nullable({"type": "string", "enum": list(PROVIDER_NAMES)}),
         "model": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}),
-        "config": nullable({
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "experiment": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}),
-                "complexity": nullable({"type": "string", "enum": ["simple", "moderate", "complex"]}),
-                "detail_level": nullable({"type": "string", "enum": ["minimal", "standard", "detailed"]}),
-                "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-                "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 200000}),
-                "strategy": nullable({"type": "string", "enum": ["auto", "holistic", "segmented"]}),
-                "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
-                "group_by": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN,
-                                      "description": "an attribute: one persona per value, the `count` largest groups"}),
-                "instruction": nullable({**INSTRUCTION_SCHEMA, "description": "free text added to the prompt (LLM providers)"}),
-                "redact": nullable({"type": "boolean", "description": "replace personal data with placeholders "
-                                                                    "(default: the server's PERSONA_REDACT)"}),
-                "fields": nullable({
-                    "type": "array", "minItems": 1, "maxItems": MAX_CUSTOM_FIELDS,
-                    "description": "extra persona fields the model fills (LLM providers)",
-                    "items": {
-                        "type": "object", "required": ["name", "description"], "additionalProperties": False,
-                        "properties": {
-                            "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": FIELD_NAME_PATTERN},
-                            "description": {"type": "string", "minLength": 1, "maxLength": 500, "pattern": TEXT_PATTERN},
-                            "type": nullable({"type": "string", "enum": ["string", "list"], "default": "string"}),
-                        },
-                    },
-                }),
-                "groups": nullable({
-                    "type": "object", "minProperties": 1, "maxProperties": 20,
-                    "description": "group name -> participant ids: one persona per group, named after it",
-                    "additionalProperties": {"type": "array", "minItems": 1,
-                                             "items": {"type": "string", "minLength": 1, "maxLength": 500}},
-                }),
-            },
-            # both given (not null) is refused
-            "not": {"required": ["group_by", "groups"],
-                    "properties": {"group_by": {"type": "string"}, "groups": {"type": "object"}}},
-        }),
+        "config": nullable(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "experiment": nullable(
+                        {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}
+                    ),
+                    "complexity": nullable({"type": "string", "enum": ["simple", "moderate", "complex"]}),
+                    "detail_level": nullable({"type": "string", "enum": ["minimal", "standard", "detailed"]}),
+                    "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+                    "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 200000}),
+                    "strategy": nullable({"type": "string", "enum": ["auto", "holistic", "segmented"]}),
+                    "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
+                    "group_by": nullable(
+                        {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 200,
+                            "pattern": TEXT_PATTERN,
+                            "description": "an attribute: one persona per value, the `count` largest groups",
+                        }
+                    ),
+                    "instruction": nullable(
+                        {**INSTRUCTION_SCHEMA, "description": "free text added to the prompt (LLM providers)"}
+                    ),
+                    "redact": nullable(
+                        {
+                            "type": "boolean",
+                            "description": "replace personal data with placeholders "
+                            "(default: the server's PERSONA_REDACT)",
+                        }
+                    ),
+                    "fields": nullable(
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_CUSTOM_FIELDS,
+                            "description": "extra persona fields the model fills (LLM providers)",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "description"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 64,
+                                        "pattern": FIELD_NAME_PATTERN,
+                                    },
+                                    "description": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 500,
+                                        "pattern": TEXT_PATTERN,
+                                    },
+                                    "type": nullable(
+                                        {"type": "string", "enum": ["string", "list"], "default": "string"}
+                                    ),
+                                },
+                            },
+                        }
+                    ),
+                    "groups": nullable(
+                        {
+                            "type": "object",
+                            "minProperties": 1,
+                            "maxProperties": 20,
+                            "description": "group name -> participant ids: one persona per group, named after it",
+                            "additionalProperties": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"type": "string", "minLength": 1, "maxLength": 500},
+                            },
+                        }
+                    ),
+                },
+                # both given (not null) is refused
+                "not": {
+                    "required": ["group_by", "groups"],
+                    "properties": {"group_by": {"type": "string"}, "groups": {"type": "object"}},
+                },
+            }
+        ),
         "webhook_url": nullable(HTTP_URL_SCHEMA),
     },
 }
@@ -443,22 +504,36 @@ WEBHOOK_SCHEMA: JSON = {
     "additionalProperties": False,
     "properties": {
         "url": HTTP_URL_SCHEMA,
-        "events": nullable({
-            "type": "array",
-            "minItems": 1,
-            "uniqueItems": True,
-            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-        }),
+        "events": nullable(
+            {
+                "type": "array",
+                "minItems": 1,
+                "uniqueItems": True,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+            }
+        ),
         "secret": nullable({"type": "string", "minLength": 1, "maxLength": 256, "pattern": TEXT_PATTERN}),
     },
 }
 
 JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
-    "array": (list,), "null": (type(None),),
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
 }
-TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
-              "object": "an object", "array": "an array", "null": "null"}
+TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
 
 Check = Callable[[Any, str], dict[str, str]]  # every problem with a value, as {field path: message}
 
@@ -553,8 +628,12 @@ def http_url_problem(url: str) -> str | None:
         return "must be an absolute http(s) URL, such as https://example.com/hook"
     if not url.isascii():
         return "must be plain ASCII (write an international domain name in its xn-- form)"
-    if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", parts.netloc.rpartition("@")[2].rsplit(":", 1)[0]
-                        if not parts.netloc.endswith("]") else parts.netloc.rpartition("@")[2]):
+    if not re.fullmatch(
+        r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]",
+        parts.netloc.rpartition("@")[2].rsplit(":", 1)[0]
+        if not parts.netloc.endswith("]")
+        else parts.netloc.rpartition("@")[2],
+    ):
         return "must have a valid host name"
     if parts.username is not None or parts.password is not None:
         return "must not contain credentials; use a webhook secret instead"
@@ -859,7 +938,9 @@ class AdmissionPlan:
             owner_key, body_hash = (job.owner, job.idempotency[0]), job.idempotency[1]
             if owner_key in stored:
                 stored_hash, job_id = stored[owner_key]
-                plan.decided[key] = Admission(job_id, replayed=True) if stored_hash == body_hash else Admission(conflict=True)
+                plan.decided[key] = (
+                    Admission(job_id, replayed=True) if stored_hash == body_hash else Admission(conflict=True)
+                )
             elif owner_key in first:
                 plan.follows[key] = first[owner_key]
             else:
@@ -869,15 +950,19 @@ class AdmissionPlan:
 
     def kept_keys(self, ids: dict[str, str], inserted: set[str]) -> list[tuple[str, ...]]:
         """(owner, key, body hash, job id) for each new job whose Idempotency-Key is to be kept."""
-        return [(job.owner, *job.idempotency, ids[key]) for key, job in self.inserts.items()
-                if job.idempotency and ids[key] in inserted]
+        return [
+            (job.owner, *job.idempotency, ids[key])
+            for key, job in self.inserts.items()
+            if job.idempotency and ids[key] in inserted
+        ]
 
     def refused_owners(self, ids: dict[str, str], inserted: set[str]) -> set[str]:
         """Owners of jobs the insert left out: their quota was full."""
         return {job.owner for key, job in self.inserts.items() if ids[key] not in inserted}
 
-    def settle(self, jobs: dict[str, NewJob], ids: dict[str, str], inserted: set[str],
-               active: Mapping[str, int]) -> dict[str, Admission]:
+    def settle(
+        self, jobs: dict[str, NewJob], ids: dict[str, str], inserted: set[str], active: Mapping[str, int]
+    ) -> dict[str, Admission]:
         """Every submission's outcome, once the insert is done; `active` counts each refused owner's jobs."""
         outcomes = {**self.decided}
         for key, job in self.inserts.items():
@@ -894,13 +979,19 @@ class AdmissionPlan:
 
 def event_payload(job_id: str, event: str, data: JSON, now: str) -> str:
     """A webhook delivery's body, as its receivers get it."""
-    return json.dumps({"event": event, "timestamp": now, "data": {"job_id": job_id, **data}},
-                      ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(
+        {"event": event, "timestamp": now, "data": {"job_id": job_id, **data}},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
 
 
 def completed_data(result: JSON) -> JSON:
-    return {"personas_count": len(result["personas"]), "experiment_id": result["experiment_id"],
-            "output_path": result["output_path"]}
+    return {
+        "personas_count": len(result["personas"]),
+        "experiment_id": result["experiment_id"],
+        "output_path": result["output_path"],
+    }
 
 
 def requeue_error() -> str:
@@ -950,8 +1041,12 @@ def claimed_delivery(row: Any) -> JSON:
 
 
 def webhook_from_row(row: Any) -> JSON:
-    return {"webhook_id": row["webhook_id"], "url": row["url"], "events": json.loads(row["events"]),
-            "created_at": row["created_at"]}
+    return {
+        "webhook_id": row["webhook_id"],
+        "url": row["url"],
+        "events": json.loads(row["events"]),
+        "created_at": row["created_at"],
+    }
 
 
 Gone = Callable[[str, float | None], bool]  # whether a claimer is gone, from its id and seconds since it was heard
@@ -976,8 +1071,14 @@ class Store(abc.ABC):
         self.write_probes = Coalescer(self._probe)
         self.rate_hits = RateHits(self._count_hits)
 
-    async def create_job(self, owner: str, request: JSON, limit: int, idempotency: tuple[str, str] | None,
-                         experiment_id: str | None = None) -> Admission:
+    async def create_job(
+        self,
+        owner: str,
+        request: JSON,
+        limit: int,
+        idempotency: tuple[str, str] | None,
+        experiment_id: str | None = None,
+    ) -> Admission:
         """Queue a job within its owner's quota, or find the one an Idempotency-Key already made.
 
         Submissions made together go in together: one transaction for the batch, in
@@ -1047,8 +1148,14 @@ class Store(abc.ABC):
         return await self.rate_hits.hit(client)
 
     async def complete_job(self, job_id: str, worker: str, result: JSON) -> bool:
-        return await self._finish(job_id, worker, "completed", json_bytes(result).decode("utf-8"),
-                                  "generation.completed", completed_data(result))
+        return await self._finish(
+            job_id,
+            worker,
+            "completed",
+            json_bytes(result).decode("utf-8"),
+            "generation.completed",
+            completed_data(result),
+        )
 
     async def fail_job(self, job_id: str, worker: str, error: str) -> bool:
         return await self._finish(job_id, worker, "failed", error, "generation.failed", {"error": error})
@@ -1442,7 +1549,9 @@ SQL_HEARTBEAT = """
 UPDATE jobs SET heartbeat_at = ?
 WHERE claimed_by = ? AND status = 'running' AND job_id IN (SELECT value FROM json_each(?))
 RETURNING job_id"""
-SQL_RUNNING_JOBS = "SELECT job_id, claimed_by, ? - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != ?"
+SQL_RUNNING_JOBS = (
+    "SELECT job_id, claimed_by, ? - heartbeat_at AS idle FROM jobs WHERE status = 'running' AND claimed_by != ?"
+)
 SQL_REQUEUE_JOB = """
 UPDATE jobs SET status = CASE WHEN attempts >= :max THEN 'failed' ELSE 'pending' END,
                 error = CASE WHEN attempts >= :max THEN :error END,
@@ -1577,7 +1686,6 @@ class PeerWatch:
         except OSError:
             return False
         return struct.unpack(FLOCK_LAYOUT, answer)[0] != fcntl.F_UNLCK
-
 
     def close(self) -> None:
         if self.fd is not None:
@@ -1745,21 +1853,29 @@ class SQLiteStore(Store):
             stored = {(row["owner"], row["key"]): (row["body_hash"], row["job_id"]) for row in rows}
         plan = AdmissionPlan.of(jobs, stored)
         experiments = await self._experiments(run, {job.experiment for job in plan.inserts.values() if job.experiment})
-        rows = [[ids[key], job.owner, job.request, job_experiment(job, experiments, ids[key]), job.limit]
-                for key, job in plan.inserts.items()]
-        inserted = {row["job_id"] for row in await run(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})}
+        rows = [
+            [ids[key], job.owner, job.request, job_experiment(job, experiments, ids[key]), job.limit]
+            for key, job in plan.inserts.items()
+        ]
+        inserted = {
+            row["job_id"]
+            for row in await run(SQL_INSERT_JOBS_WITHIN_LIMIT, {"rows": json.dumps(rows), "now": utc_now()})
+        }
         kept = plan.kept_keys(ids, inserted)
         if kept:
             await run(SQL_SAVE_IDEMPOTENT, {"rows": json.dumps(kept), "clock": time.time()})
-        active = {owner: (await run(SQL_COUNT_ACTIVE, (owner,)))[0]["active"]
-                  for owner in plan.refused_owners(ids, inserted)}
+        active = {
+            owner: (await run(SQL_COUNT_ACTIVE, (owner,)))[0]["active"] for owner in plan.refused_owners(ids, inserted)
+        }
         return plan.settle(jobs, ids, inserted, active)
 
     @staticmethod
     async def _experiments(run: Run, names: set[str]) -> dict[str, str]:
         if not names:
             return {}
-        await run(SQL_ADD_EXPERIMENTS, {"names": json.dumps([[name, new_id("exp")] for name in names]), "now": utc_now()})
+        await run(
+            SQL_ADD_EXPERIMENTS, {"names": json.dumps([[name, new_id("exp")] for name in names]), "now": utc_now()}
+        )
         rows = await run(SQL_GET_EXPERIMENTS, (json.dumps([[name] for name in names]),))
         return {row["name"]: row["experiment_id"] for row in rows}
 
@@ -1802,14 +1918,21 @@ class SQLiteStore(Store):
         return bool(await self._write(SQL_SET_PROGRESS, (progress, time.time(), job_id, worker)))
 
     async def heartbeat(self, worker: str, job_ids: Iterable[str]) -> set[str]:
-        return {row["job_id"] for row in await self._write(SQL_HEARTBEAT, (time.time(), worker, json.dumps(list(job_ids))))}
+        return {
+            row["job_id"] for row in await self._write(SQL_HEARTBEAT, (time.time(), worker, json.dumps(list(job_ids))))
+        }
 
     async def _running_claims(self, worker: str) -> list[Any]:
         return await self._read(SQL_RUNNING_JOBS, (time.time(), worker))
 
     async def _requeue(self, job_id: str, claimed_by: str) -> str | None:
-        params = {"max": MAX_ATTEMPTS, "error": requeue_error(), "now": utc_now(), "job_id": job_id,
-                  "claimed_by": claimed_by}
+        params = {
+            "max": MAX_ATTEMPTS,
+            "error": requeue_error(),
+            "now": utc_now(),
+            "job_id": job_id,
+            "claimed_by": claimed_by,
+        }
         async with self._transaction() as run:
             rows = await run(SQL_REQUEUE_JOB, params)
             if rows and rows[0]["status"] == "failed":
@@ -1836,8 +1959,14 @@ class SQLiteStore(Store):
 
     async def _enqueue(self, run: Run, job_id: str, event: str, data: JSON) -> None:
         now = utc_now()
-        params = {"job_id": job_id, "event": event, "payload": event_payload(job_id, event, data, now),
-                  "clock": time.time(), "now": now, "secret": self.job_webhook_secret}
+        params = {
+            "job_id": job_id,
+            "event": event,
+            "payload": event_payload(job_id, event, data, now),
+            "clock": time.time(),
+            "now": now,
+            "secret": self.job_webhook_secret,
+        }
         await run(SQL_ENQUEUE_WEBHOOKS, params)
         await run(SQL_ENQUEUE_JOB_URL, params)
 
@@ -1866,7 +1995,9 @@ class SQLiteStore(Store):
         async with self._transaction() as run:
             if (await run(SQL_COUNT_WEBHOOKS))[0]["webhooks"] >= MAX_WEBHOOKS:
                 return None
-            await run(SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"]))
+            await run(
+                SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"])
+            )
         return webhook
 
     async def get_webhook(self, webhook_id: str) -> JSON | None:
@@ -1890,10 +2021,20 @@ class SQLiteStore(Store):
 
     async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, delay: float) -> None:
         async with self._transaction() as run:
-            await run(SQL_RECORD_ATTEMPT, (delivery_id, attempt["attempted_at"], attempt["http_status"],
-                                           attempt["error"], attempt["duration_ms"]))
-            await run(SQL_SETTLE_DELIVERY, {"status": status, "next": time.time() + delay, "delivery_id": delivery_id,
-                                            "worker": worker})
+            await run(
+                SQL_RECORD_ATTEMPT,
+                (
+                    delivery_id,
+                    attempt["attempted_at"],
+                    attempt["http_status"],
+                    attempt["error"],
+                    attempt["duration_ms"],
+                ),
+            )
+            await run(
+                SQL_SETTLE_DELIVERY,
+                {"status": status, "next": time.time() + delay, "delivery_id": delivery_id, "worker": worker},
+            )
 
     async def release_delivery(self, delivery_id: str, worker: str) -> None:
         await self._write(SQL_RELEASE_DELIVERY, (delivery_id, worker))
@@ -1924,7 +2065,9 @@ class SQLiteStore(Store):
 
 PG_SCHEMA_VERSION = 3
 PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
-PG_NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""  # the same, as clients see it
+PG_NOW = (
+    """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""  # the same, as clients see it
+)
 PG_ADMIT_FUNCTION = f"""\
 -- A batch of submissions admitted in one round trip, its commit included. Every statement in
 -- a function takes a fresh snapshot, so the quotas and Idempotency-Keys read after the locks
@@ -2001,7 +2144,8 @@ PG_MIGRATIONS = {  # version: what brings a database of the version before to it
     2: "CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq)",
     3: PG_ADMIT_FUNCTION,
 }
-PG_SCHEMA = """\
+PG_SCHEMA = (
+    """\
 -- Persona's PostgreSQL schema. persona.py carries this same text and applies it
 -- in one transaction under an advisory lock; a test keeps the two equal.
 -- Timestamps shown to clients are ISO 8601 UTC text, as in the SQLite schema;
@@ -2145,7 +2289,9 @@ CREATE TABLE IF NOT EXISTS write_probe (
     probed_at double precision NOT NULL
 );
 
-""" + PG_ADMIT_FUNCTION
+"""
+    + PG_ADMIT_FUNCTION
+)
 
 PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtextextended('persona:schema', 0))"
 PG_SCHEMA_FOUND = "SELECT to_regclass('persona_schema') IS NOT NULL AS found"
@@ -2311,8 +2457,9 @@ def asyncpg_module() -> Any:
     try:
         import asyncpg
     except ImportError:
-        raise ConfigError("--db names a PostgreSQL database, which needs the asyncpg driver: "
-                          "pip install 'persona[postgres]'") from None
+        raise ConfigError(
+            "--db names a PostgreSQL database, which needs the asyncpg driver: pip install 'persona[postgres]'"
+        ) from None
     return asyncpg
 
 
@@ -2324,6 +2471,7 @@ def pooled_connection_class(asyncpg: Any) -> type:
     transactions, and LISTEN has a connection of its own. The reset doubled the round
     trips of every query.
     """
+
     class PooledConnection(asyncpg.Connection):
         def get_reset_query(self) -> str:
             return ""
@@ -2334,8 +2482,11 @@ def pooled_connection_class(asyncpg: Any) -> type:
 def pg_trouble(exc: BaseException) -> str | None:
     """Why the database cannot be used, if this error says so (and not that a statement was wrong)."""
     if isinstance(exc, (OSError, TimeoutError)):
-        return f"cannot reach PostgreSQL: {exc.strerror or type(exc).__name__}" if isinstance(exc, OSError) \
+        return (
+            f"cannot reach PostgreSQL: {exc.strerror or type(exc).__name__}"
+            if isinstance(exc, OSError)
             else "PostgreSQL did not answer in time"
+        )
     state = getattr(exc, "sqlstate", None) or ""
     if state[:2] in PG_UNAVAILABLE_CLASSES:
         return f"PostgreSQL: {type(exc).__name__} ({state})"
@@ -2368,10 +2519,15 @@ class PostgresStore(Store):
 
     async def open(self) -> None:
         try:
-            self.pool = await self.asyncpg.create_pool(self.url, min_size=0, max_size=PG_POOL_SIZE,
-                                                       timeout=PG_CONNECT_TIMEOUT_S, command_timeout=60,
-                                                       connection_class=pooled_connection_class(self.asyncpg),
-                                                       server_settings=self._session_settings())
+            self.pool = await self.asyncpg.create_pool(
+                self.url,
+                min_size=0,
+                max_size=PG_POOL_SIZE,
+                timeout=PG_CONNECT_TIMEOUT_S,
+                command_timeout=60,
+                connection_class=pooled_connection_class(self.asyncpg),
+                server_settings=self._session_settings(),
+            )
         except Exception as exc:
             raise ConfigError(f"cannot open the PostgreSQL database {shown_db(self.url)}: {self._why(exc)}") from None
         try:
@@ -2393,8 +2549,10 @@ class PostgresStore(Store):
             found = (await conn.fetchrow(PG_SCHEMA_FOUND))["found"]
             version = (await conn.fetchrow(PG_GET_VERSION))["version"] if found else 0
             if version and version > PG_SCHEMA_VERSION:
-                raise ConfigError(f"{shown_db(self.url)} was written by a newer Persona "
-                                  f"(schema {version}, this one knows {PG_SCHEMA_VERSION})")
+                raise ConfigError(
+                    f"{shown_db(self.url)} was written by a newer Persona "
+                    f"(schema {version}, this one knows {PG_SCHEMA_VERSION})"
+                )
             if not version:
                 await conn.execute(PG_SCHEMA)
             for step in range((version or PG_SCHEMA_VERSION) + 1, PG_SCHEMA_VERSION + 1):
@@ -2420,14 +2578,19 @@ class PostgresStore(Store):
         while True:
             closed = asyncio.Event()
             try:
-                conn = await self.asyncpg.connect(self.url, timeout=PG_CONNECT_TIMEOUT_S,
-                                                  server_settings=self._session_settings())
+                conn = await self.asyncpg.connect(
+                    self.url, timeout=PG_CONNECT_TIMEOUT_S, server_settings=self._session_settings()
+                )
             except Exception as exc:
-                log.warning("PostgreSQL listener cannot connect (%s); trying again", pg_trouble(exc) or type(exc).__name__)
+                log.warning(
+                    "PostgreSQL listener cannot connect (%s); trying again", pg_trouble(exc) or type(exc).__name__
+                )
             else:
                 conn.add_termination_listener(lambda _: closed.set())
                 try:
-                    await conn.add_listener("persona", lambda _conn, _pid, _channel, payload: self._hear(payload, on_news))
+                    await conn.add_listener(
+                        "persona", lambda _conn, _pid, _channel, payload: self._hear(payload, on_news)
+                    )
                     await closed.wait()
                 except Exception as exc:
                     log.warning("PostgreSQL listener lost (%s); reconnecting", pg_trouble(exc) or type(exc).__name__)
@@ -2515,20 +2678,34 @@ class PostgresStore(Store):
         locks += [f"persona:key:{job.owner}:{job.idempotency[0]}" for job in news if job.idempotency]
         try:
             rows = await self._write(
-                PG_ADMIT, locks, [ids[key] for key in looked_up], [job.owner for job in news],
-                [job.request for job in news], [job.experiment for job in news],
-                [job.experiment_id or (None if job.experiment else own_experiment(ids[key]))
-                 for key, job in looked_up.items()],
-                [new_id("exp") for _ in news], [job.limit for job in news],
+                PG_ADMIT,
+                locks,
+                [ids[key] for key in looked_up],
+                [job.owner for job in news],
+                [job.request for job in news],
+                [job.experiment for job in news],
+                [
+                    job.experiment_id or (None if job.experiment else own_experiment(ids[key]))
+                    for key, job in looked_up.items()
+                ],
+                [new_id("exp") for _ in news],
+                [job.limit for job in news],
                 [job.idempotency and job.idempotency[0] for job in news],
-                [job.idempotency and job.idempotency[1] for job in news], IDEMPOTENCY_TTL_S)
+                [job.idempotency and job.idempotency[1] for job in news],
+                IDEMPOTENCY_TTL_S,
+            )
         except self.asyncpg.UniqueViolationError as exc:  # the only unique value the batch does not check
             raise IdTaken from exc
         found = dict(zip(looked_up, rows))
-        stored = {(job.owner, job.idempotency[0]): (found[key]["known_hash"], found[key]["known_job"])
-                  for key, job in looked_up.items() if job.idempotency and found[key]["known_job"]}
+        stored = {
+            (job.owner, job.idempotency[0]): (found[key]["known_hash"], found[key]["known_job"])
+            for key, job in looked_up.items()
+            if job.idempotency and found[key]["known_job"]
+        }
         inserted = {ids[key] for key, row in found.items() if row["admitted"]}
-        active = {looked_up[key].owner: row["owner_active"] for key, row in found.items() if row["owner_active"] is not None}
+        active = {
+            looked_up[key].owner: row["owner_active"] for key, row in found.items() if row["owner_active"] is not None
+        }
         return AdmissionPlan.of(jobs, stored).settle(jobs, ids, inserted, active)
 
     async def _notify(self, news: str) -> None:
@@ -2624,7 +2801,9 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             rows = await conn.fetch(PG_EXPIRED_JOBS, before, batch)
             if rows:
-                busy = {row["job_id"] for row in await conn.fetch(PG_LOCK_JOB_DELIVERIES, [row["job_id"] for row in rows])}
+                busy = {
+                    row["job_id"] for row in await conn.fetch(PG_LOCK_JOB_DELIVERIES, [row["job_id"] for row in rows])
+                }
                 rows = [row for row in rows if row["job_id"] not in busy]
             ids = [row["job_id"] for row in rows]
             if rows:
@@ -2668,8 +2847,14 @@ class PostgresStore(Store):
 
     async def settle_delivery(self, delivery_id: str, worker: str, attempt: JSON, status: str, delay: float) -> None:
         async with self._transaction() as conn:
-            await conn.execute(PG_RECORD_ATTEMPT, delivery_id, attempt["attempted_at"], attempt["http_status"],
-                               attempt["error"], attempt["duration_ms"])
+            await conn.execute(
+                PG_RECORD_ATTEMPT,
+                delivery_id,
+                attempt["attempted_at"],
+                attempt["http_status"],
+                attempt["error"],
+                attempt["duration_ms"],
+            )
             await conn.execute(PG_SETTLE_DELIVERY, delivery_id, worker, status, delay)
 
     async def release_delivery(self, delivery_id: str, worker: str) -> None:
@@ -2706,15 +2891,34 @@ def open_store(settings: Settings) -> Store:
 # ---------------------------------------------------------------------------
 
 # Not globally reachable, though Python's `is_global` says they are: site-local, and local-use NAT64.
-NOT_GLOBAL_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
-    "fec0::/10", "64:ff9b:1::/48", "2001:db8::/32",  # and those whose `is_global` changed between Python releases:
-    "192.0.0.0/24", "198.18.0.0/15", "100.64.0.0/10", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
-))
+NOT_GLOBAL_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "fec0::/10",
+        "64:ff9b:1::/48",
+        "2001:db8::/32",  # and those whose `is_global` changed between Python releases:
+        "192.0.0.0/24",
+        "198.18.0.0/15",
+        "100.64.0.0/10",
+        "192.0.2.0/24",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+    )
+)
 IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
-NEVER_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
-    "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "240.0.0.0/4",
-    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): it may translate to any IPv4 address, the metadata one too
-))
+NEVER_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "169.254.0.0/16",
+        "fe80::/10",
+        "0.0.0.0/8",
+        "::/128",
+        "224.0.0.0/4",
+        "ff00::/8",
+        "240.0.0.0/4",
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): it may translate to any IPv4 address, the metadata one too
+    )
+)
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
@@ -2735,13 +2939,20 @@ def address_refusal(address: str, private_allowed: bool) -> str | None:
     """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
-    if any(candidate in net for candidate in (ip, inner) if candidate is not None for net in NEVER_NETWORKS
-           if candidate.version == net.version):
+    if any(
+        candidate in net
+        for candidate in (ip, inner)
+        if candidate is not None
+        for net in NEVER_NETWORKS
+        if candidate.version == net.version
+    ):
         return f"{ip} is a link-local, multicast, unspecified or local-use NAT64 address, which is never allowed"
     if private_allowed or is_globally_reachable(inner if inner is not None else ip):
         return None
-    return (f"{ip} is not a globally reachable address (loopback, private, shared, reserved or documentation "
-            "range); allow such addresses with --allow-private-urls")
+    return (
+        f"{ip} is not a globally reachable address (loopback, private, shared, reserved or documentation "
+        "range); allow such addresses with --allow-private-urls"
+    )
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -2849,8 +3060,9 @@ async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
 async def child_result(function: Callable[..., Any], *args: Any) -> Any:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=child_main, args=(sender, function, args, os.getpid()), daemon=True,
-                            name="persona-engine")
+    child = context.Process(
+        target=child_main, args=(sender, function, args, os.getpid()), daemon=True, name="persona-engine"
+    )
     starting = asyncio.ensure_future(asyncio.to_thread(child.start))  # pickling large data would hold the loop
     try:
         await asyncio.shield(starting)
@@ -2913,7 +3125,9 @@ async def host_engine_slot() -> AsyncIterator[None]:
 def host_slot_file() -> int | None:
     """The slots' file, opened once: closing any descriptor of it would drop all of this process's locks."""
     try:
-        return os.open(Path(tempfile.gettempdir()) / f"persona-engine-{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        return os.open(
+            Path(tempfile.gettempdir()) / f"persona-engine-{os.getuid()}.lock", os.O_RDWR | os.O_CREAT, 0o600
+        )
     except OSError:
         return None
 
@@ -3029,15 +3243,21 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
     resolved = Path(os.path.realpath(root / data))
     if not resolved.is_relative_to(root):
         raise APIError(400, f"data path {data!r} lies outside the data directory; give a path inside it")
-    if any(part.startswith(".") for part in resolved.relative_to(root).parts) or \
-            any((folder / OUTPUT_MARKER).exists() for folder in [resolved, *resolved.parents] if folder.is_relative_to(root)):
-        raise APIError(400, f"data path {data!r} is a hidden file or lies in Persona's output folder; "
-                            "neither is ever read as data")
+    if any(part.startswith(".") for part in resolved.relative_to(root).parts) or any(
+        (folder / OUTPUT_MARKER).exists() for folder in [resolved, *resolved.parents] if folder.is_relative_to(root)
+    ):
+        raise APIError(
+            400, f"data path {data!r} is a hidden file or lies in Persona's output folder; neither is ever read as data"
+        )
     try:
         mode = resolved.stat().st_mode
     except FileNotFoundError:
-        raise APIError(400, f"data source {data!r} does not exist in the server's data directory "
-                            "(paths are relative to it; the server's --data-dir sets it)", {"data": data}) from None
+        raise APIError(
+            400,
+            f"data source {data!r} does not exist in the server's data directory "
+            "(paths are relative to it; the server's --data-dir sets it)",
+            {"data": data},
+        ) from None
     if stat.S_ISDIR(mode):
         if not folder_files(resolved, root)[0]:
             raise APIError(400, f"data folder {data!r} holds no supported files ({', '.join(FORMATS)})")
@@ -3046,8 +3266,9 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
         raise APIError(400, f"data source {data!r} is not a regular file")
     if resolved.suffix.lower() not in FORMATS:
         raise APIError(
-            400, f"data source {data!r} has an unsupported format {resolved.suffix or '(none)'!r}; "
-            f"supported: {', '.join(FORMATS)}"
+            400,
+            f"data source {data!r} has an unsupported format {resolved.suffix or '(none)'!r}; "
+            f"supported: {', '.join(FORMATS)}",
         )
     return resolved
 
@@ -3086,13 +3307,17 @@ def folder_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
                 else:
                     skipped.append(path.relative_to(folder).as_posix())
             if len(read) + len(skipped) > MAX_SOURCE_FILES:
-                raise APIError(400, f"data folder {folder.relative_to(root).as_posix() or '.'!r} holds more than "
-                                    f"{MAX_SOURCE_FILES:,} files; give a smaller folder")
+                raise APIError(
+                    400,
+                    f"data folder {folder.relative_to(root).as_posix() or '.'!r} holds more than "
+                    f"{MAX_SOURCE_FILES:,} files; give a smaller folder",
+                )
     return sorted(read), sorted(skipped)
 
 
-async def check_data_source(data: str | list[Any], data_dir: Path,
-                            before_walking: Callable[[], Awaitable[None]] | None = None) -> None:
+async def check_data_source(
+    data: str | list[Any], data_dir: Path, before_walking: Callable[[], Awaitable[None]] | None = None
+) -> None:
     """Refuse at submission what can be known to fail: a missing or escaping path.
 
     A path found good is trusted for a moment under its normal form (`many/.` is `many`),
@@ -3235,8 +3460,9 @@ def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, 
         end(tag)
 
     def refuse_doctype(*_: Any) -> None:
-        raise GenerationError(f"{budget.name} declares a document type in {part}; Office files have none, "
-                              "and Persona expands no entities")
+        raise GenerationError(
+            f"{budget.name} declares a document type in {part}; Office files have none, and Persona expands no entities"
+        )
 
     parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = on_start, on_end, text
     parser.StartDoctypeDeclHandler = parser.EntityDeclHandler = refuse_doctype
@@ -3248,7 +3474,15 @@ def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, 
             parser.Parse(b"", True)
     except expat.ExpatError as exc:
         raise GenerationError(f"{budget.name} has a broken part {part}: {exc}") from None
-    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, ValueError, LookupError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        RuntimeError,
+        NotImplementedError,
+        EOFError,
+        ValueError,
+        LookupError,
+    ) as exc:
         raise GenerationError(f"{budget.name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
     return True
 
@@ -3383,8 +3617,10 @@ class SheetReader:
         """The rows as lists over the columns that hold something; trailing empty cells left off."""
         used = sorted({column for row in self.rows for column in row})
         if len(self.rows) * len(used) > MAX_SHEET_CELLS:
-            raise GenerationError(f"{self.budget.name} is a sheet of {len(self.rows):,} rows by {len(used):,} "
-                                  f"columns, more than {MAX_SHEET_CELLS:,} cells")
+            raise GenerationError(
+                f"{self.budget.name} is a sheet of {len(self.rows):,} rows by {len(used):,} "
+                f"columns, more than {MAX_SHEET_CELLS:,} cells"
+            )
         table = []
         for row in self.rows:
             cells = [row.get(column, "") for column in used]
@@ -3443,40 +3679,66 @@ def cell_value(kind: str | None, value: str, inline: str, strings: list[str]) ->
 
 # Column names, squashed to letters and digits, that identify a participant, best first.
 ID_COLUMNS = (
-    "participantid", "participant", "respondentid", "respondent", "intervieweeid", "interviewee", "responseid",
-    "reviewid", "userid", "customerid", "subjectid", "personid", "recordid", "submissionid", "pid", "uid", "id",
-    "#", "token", "uuid",
+    "participantid",
+    "participant",
+    "respondentid",
+    "respondent",
+    "intervieweeid",
+    "interviewee",
+    "responseid",
+    "reviewid",
+    "userid",
+    "customerid",
+    "subjectid",
+    "personid",
+    "recordid",
+    "submissionid",
+    "pid",
+    "uid",
+    "id",
+    "#",
+    "token",
+    "uuid",
 )
-METADATA_COLUMNS = frozenset("""
+METADATA_COLUMNS = frozenset(
+    """
 startdate enddate status ipaddress ip progress durationinseconds duration finished recordeddate
 externalreference externaldatareference locationlatitude locationlongitude latitude longitude
 distributionchannel userlanguage language timestamp submittedat submitdate submitdateutc startdateutc
 networkid collectorid tags useragent browser operatingsystem os device devicetype screenresolution
 date time datetime createdat updatedat at repliedat userimage avatar reviewcreatedversion appversion
 version url link thumbsupcount helpfulcount responsetype qualtricssurveyid surveyid
-""".split())
-PERSONAL_COLUMNS = frozenset("""
+""".split()
+)
+PERSONAL_COLUMNS = frozenset(
+    """
 name username fullname firstname lastname author authorname reviewer reviewername nickname email
 emailaddress phone phonenumber mobile contact recipientname recipientfirstname recipientlastname
 recipientemail respondentname participantname customername yourname yourfullname whatisyourname whatsyourname
 nameoptional yournameoptional fullnameoptional yourfirstname yourlastname
-""".split())
+""".split()
+)
 REPLY_COLUMNS = frozenset("developerresponse responsefromdeveloper companyresponse responsefromcompany".split())
 TIMESTAMP_VALUE = re.compile(
     r"\d{4}-\d{2}-\d{2}(?:[ T]\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)?"
     r"|\d{1,2}/\d{1,2}/\d{2,4}(?:,? \d{1,2}:\d{2}(?::\d{2})?(?: ?[AaPp][Mm])?)?"
 )
 IP_VALUE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]{2,39}:[0-9a-fA-F]{1,4}")
-TOKEN_VALUE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
-                         r"(?=[A-Za-z_:-]*\d)[\w:-]{16,}")
+TOKEN_VALUE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
+    r"(?=[A-Za-z_:-]*\d)[\w:-]{16,}"
+)
 EMAIL_VALUE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,24}")
 PIPED_TEXT = re.compile(r"\[QID\d+[^\]]{0,80}\]|\$\{[^}]{0,120}\}")
 IMPORT_ID_CELL = re.compile(r'\s*\{\s*"ImportId"')
 # Answers that say there is nothing to say: not speech, and no reason to count a respondent.
 # Matched against the answer's words alone, its punctuation around them stripped in
 # linear time first: a pattern that took punctuation runs itself was cubic in them.
-NON_ANSWER_WORDS = re.compile(r"none|n\s*(?:/\s*)?a|na|no|nope|nothing|nil|null|not really|not sure|no comments?|"
-                              r"idk|i don'?t know|none so far|nothing (?:else|more|to add)|no thanks?", re.IGNORECASE)
+NON_ANSWER_WORDS = re.compile(
+    r"none|n\s*(?:/\s*)?a|na|no|nope|nothing|nil|null|not really|not sure|no comments?|"
+    r"idk|i don'?t know|none so far|nothing (?:else|more|to add)|no thanks?",
+    re.IGNORECASE,
+)
 WORD_CHARACTER = re.compile(r"\w")
 SECOND_HEADER_CELLS = frozenset(("response", "open-ended response", "open ended response"))
 
@@ -3563,8 +3825,11 @@ def records_from_rows(rows: list[list[str]], name: str) -> tuple[list[JSON], dic
         header, choices, body = *merged_headers(header, body[0]), body[1:]
         warnings.append(f"{name}: read its second header row as the answer labels (a SurveyMonkey export)")
     if body and (is_question_row(header, body[0]) or (len(body) > 1 and is_import_id_row(body[1]))):
-        labels = {column: PIPED_TEXT.sub("", text).strip() for column, text in zip(header, body[0])
-                  if text.strip() and squash(text) != squash(column)}
+        labels = {
+            column: PIPED_TEXT.sub("", text).strip()
+            for column, text in zip(header, body[0])
+            if text.strip() and squash(text) != squash(column)
+        }
         warnings.append(f"{name}: read the row under the header as question text, not as a participant")
         body = body[1:]
     while body and is_import_id_row(body[0]):  # Qualtrics: each column's ImportId, under the questions
@@ -3702,8 +3967,11 @@ def id_column(columns: list[str], records: list[dict[str, Any]]) -> str | None:
         return named
     for column in columns:
         values = [text for record in records for text in cell_texts(record.get(column))]
-        if len(values) == len(records) > 1 and len(set(values)) == len(values) and \
-                all(TOKEN_VALUE.fullmatch(value) for value in values):
+        if (
+            len(values) == len(records) > 1
+            and len(set(values)) == len(values)
+            and all(TOKEN_VALUE.fullmatch(value) for value in values)
+        ):
             return column
     return None
 
@@ -3713,15 +3981,24 @@ def dropped_reason(column: str, values: list[str], label: str, rows: int) -> str
     name = column.rpartition(".")[2].strip()
     key, words = squash(name), f"{column} {label}".lower()
     short = len(re.findall(r"[A-Za-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", name))) <= 3  # a name, not a question
-    if key in PERSONAL_COLUMNS or (short and "email" in key) or (values and all(EMAIL_VALUE.fullmatch(v) for v in values)):
+    if (
+        key in PERSONAL_COLUMNS
+        or (short and "email" in key)
+        or (values and all(EMAIL_VALUE.fullmatch(v) for v in values))
+    ):
         return "personal data"
     if key in REPLY_COLUMNS or (short and ("reply" in key or "replied" in key)):
         return "replies to the participant"
-    if key in METADATA_COLUMNS or key.startswith(("recipient", "customdata", "embeddeddata")) or \
-            re.search(r"(?:^|[_ .-])(?:id|ID|Id)$|[a-z]Id$", name) or (short and "sentiment" in key):
+    if (
+        key in METADATA_COLUMNS
+        or key.startswith(("recipient", "customdata", "embeddeddata"))
+        or re.search(r"(?:^|[_ .-])(?:id|ID|Id)$|[a-z]Id$", name)
+        or (short and "sentiment" in key)
+    ):
         return "metadata"
-    if values and all(TIMESTAMP_VALUE.fullmatch(v) or IP_VALUE.fullmatch(v) or v.startswith(("http://", "https://"))
-                      for v in values):
+    if values and all(
+        TIMESTAMP_VALUE.fullmatch(v) or IP_VALUE.fullmatch(v) or v.startswith(("http://", "https://")) for v in values
+    ):
         return "metadata"
     if "consent" in words or "agree to participate" in words:
         return "consent"
@@ -3738,7 +4015,11 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
         return False
     if any(isinstance(record.get(column), (list, dict)) for record in records):
         return True
-    if len(values) >= 10 and len(set(values)) >= 0.9 * len(values) and sum(len(v.split()) for v in values) >= 2 * len(values):
+    if (
+        len(values) >= 10
+        and len(set(values)) >= 0.9 * len(values)
+        and sum(len(v.split()) for v in values) >= 2 * len(values)
+    ):
         return True  # nearly every answer its own words: a review's title, a one-line comment
     choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
     if not choices:  # nothing but separators: nothing said
@@ -3790,8 +4071,9 @@ def classify_columns(records: list[dict[str, Any]], labels: dict[str, str]) -> C
     return result
 
 
-def participants_from_records(records: list[Any], name: str, labels: dict[str, str] | None = None
-                              ) -> tuple[list[Participant], list[str], list[str]]:
+def participants_from_records(
+    records: list[Any], name: str, labels: dict[str, str] | None = None
+) -> tuple[list[Participant], list[str], list[str]]:
     """Group records by participant id: speech columns give units, the others attributes.
 
     A respondent who answered only closed questions is a participant; one who answered
@@ -3821,15 +4103,20 @@ def participants_from_records(records: list[Any], name: str, labels: dict[str, s
 def column_labels(records: list[Any], questions: dict[str, str]) -> dict[str, str]:
     """How to name each column to a reader: its question where it is a code (Q12), else its header as written."""
     columns = dict.fromkeys(key for record in records if isinstance(record, dict) for key in record)
-    return {column: questions.get(column) or column for column in columns
-            if questions.get(column) or normalise_key(column) != column}
+    return {
+        column: questions.get(column) or column
+        for column in columns
+        if questions.get(column) or normalise_key(column) != column
+    }
 
 
 def column_warnings(columns: Columns, name: str, rows: int) -> list[str]:
     warnings = []
     if columns.id is None and rows > 1:
-        warnings.append(f"{name}: no participant id column (such as participant_id or ResponseId); "
-                        "each row was read as one participant")
+        warnings.append(
+            f"{name}: no participant id column (such as participant_id or ResponseId); "
+            "each row was read as one participant"
+        )
     for reason, dropped in columns.dropped.items():
         warnings.append(f"{name}: left out {len(dropped)} column(s) as {reason}: {named_list(dropped)}")
     return warnings
@@ -3837,18 +4124,47 @@ def column_warnings(columns: Columns, name: str, rows: int) -> list[str]:
 
 # Transcripts: interviews as turns, the interviewer told from the participant.
 
-INTERVIEWER_ROLES = frozenset((
-    "interviewer", "moderator", "facilitator", "researcher", "host", "int", "iv", "i", "q", "question",
-    "ux researcher", "user researcher", "research lead", "note taker", "notetaker",
-))
-PARTICIPANT_ROLES = frozenset((
-    "participant", "respondent", "interviewee", "r", "a", "answer", "p", "user", "customer", "subject",
-    "candidate", "guest",
-))
-HEADER_SKIPPED = frozenset("""
+INTERVIEWER_ROLES = frozenset(
+    (
+        "interviewer",
+        "moderator",
+        "facilitator",
+        "researcher",
+        "host",
+        "int",
+        "iv",
+        "i",
+        "q",
+        "question",
+        "ux researcher",
+        "user researcher",
+        "research lead",
+        "note taker",
+        "notetaker",
+    )
+)
+PARTICIPANT_ROLES = frozenset(
+    (
+        "participant",
+        "respondent",
+        "interviewee",
+        "r",
+        "a",
+        "answer",
+        "p",
+        "user",
+        "customer",
+        "subject",
+        "candidate",
+        "guest",
+    )
+)
+HEADER_SKIPPED = frozenset(
+    """
 date time duration length interviewer interviewers moderator facilitator researcher transcriber transcript
 recording file filename session study project notes note id participant participantid interview interviewid
-""".split())
+""".split()
+)
 TIME = r"\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d{1,3})?"
 LABEL = r"(?:\*\*|__)?\[?(?P<label>[A-Za-z][\w.'’-]{0,30}(?: [\w.'’-]{1,30}){0,3}?)\]?(?:\*\*|__)?"
 # Each pattern sees at most a line's first LABEL_SCAN characters: no line can make it backtrack for long.
@@ -3859,15 +4175,24 @@ SPEAKER_HEADING = re.compile(rf"{LABEL}\s+[\[(]?{TIME}[\])]?\s*")
 CUE_TIMING = re.compile(rf"\s*{TIME}\s*-->\s*{TIME}")
 VOICE_TAG = re.compile(r"<v(?:\.[\w.-]{0,40})?\s+([^>]{1,60})>")
 MARKUP_TAG = re.compile(r"</?[A-Za-z][^<>]{0,100}>")
-NON_SPEECH = re.compile(r"\\?[\[(](?:laugh\w*|inaudible|crosstalk|pause\w*|silence|music|unclear|applause|"
-                        r"indistinct|background noise|coughs?|sighs?|overlapping)[^\])]{0,30}\\?[\])]|"
-                        rf"\\?[\[(]{TIME}\\?[\])]", re.IGNORECASE)
-NOTICE = re.compile(r"\b(?:(?:is|are|being|been) (?:being )?recorded|recording (?:has )?(?:started|stopped|in progress)|"
-                    r"(?:started|stopped) (?:the )?(?:recording|transcription)|transcription (?:has )?(?:started|stopped)|"
-                    r"consent to (?:be )?record\w*|meeting (?:has )?(?:started|ended))\b", re.IGNORECASE)
-SMALL_TALK = re.compile(r"(?:hi|hello|hey|good (?:morning|afternoon|evening)|thanks?|thank you|nice to (?:meet|see)|"
-                        r"bye|goodbye|see you|can you hear me|you(?:'re| are) (?:on )?mute\w*|how are you|"
-                        r"(?:i'm|i am) (?:good|fine|well))\b", re.IGNORECASE)
+NON_SPEECH = re.compile(
+    r"\\?[\[(](?:laugh\w*|inaudible|crosstalk|pause\w*|silence|music|unclear|applause|"
+    r"indistinct|background noise|coughs?|sighs?|overlapping)[^\])]{0,30}\\?[\])]|"
+    rf"\\?[\[(]{TIME}\\?[\])]",
+    re.IGNORECASE,
+)
+NOTICE = re.compile(
+    r"\b(?:(?:is|are|being|been) (?:being )?recorded|recording (?:has )?(?:started|stopped|in progress)|"
+    r"(?:started|stopped) (?:the )?(?:recording|transcription)|transcription (?:has )?(?:started|stopped)|"
+    r"consent to (?:be )?record\w*|meeting (?:has )?(?:started|ended))\b",
+    re.IGNORECASE,
+)
+SMALL_TALK = re.compile(
+    r"(?:hi|hello|hey|good (?:morning|afternoon|evening)|thanks?|thank you|nice to (?:meet|see)|"
+    r"bye|goodbye|see you|can you hear me|you(?:'re| are) (?:on )?mute\w*|how are you|"
+    r"(?:i'm|i am) (?:good|fine|well))\b",
+    re.IGNORECASE,
+)
 SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+|\n+")  # how turns, answers and reviews split into sentences
 
 
@@ -3901,7 +4226,7 @@ def caption_lines(text: str) -> str:
             continue
         timing = next((index for index, line in enumerate(cue) if CUE_TIMING.match(line)), -1)
         words = []
-        for line in cue[timing + 1:]:  # a cue's identifier comes before its timing: `12`, `8e0b…/20-0`
+        for line in cue[timing + 1 :]:  # a cue's identifier comes before its timing: `12`, `8e0b…/20-0`
             if line.strip().isdigit() and timing < 0:
                 continue
             voice = VOICE_TAG.search(line[:LABEL_SCAN])
@@ -3925,7 +4250,7 @@ def merge_caption_lines(lines: list[str]) -> list[str]:
     for line in lines:
         label = SPEAKER_TURN.match(line[:LABEL_SCAN])
         if label and merged and label.group("label") == speaker:
-            merged[-1].append(line[label.end():].strip())
+            merged[-1].append(line[label.end() :].strip())
         elif not label and merged:
             merged[-1].append(line)
         else:
@@ -3958,7 +4283,7 @@ def read_line(line: str) -> tuple[str, str | None, str]:
         return "heading", heading.group("label"), ""
     turn = SPEAKER_TURN.match(head, start)
     if turn:
-        return "turn", turn.group("label"), line[turn.end():].strip().lstrip("*_").strip()
+        return "turn", turn.group("label"), line[turn.end() :].strip().lstrip("*_").strip()
     return "text", None, line
 
 
@@ -3976,8 +4301,13 @@ def header_block(lines: list[str], labels: Counter[str]) -> tuple[dict[str, str]
         key, value = key.strip().strip("*_ ").strip(), value.strip().strip("*_ ").strip()
         if not colon or not re.fullmatch(r"[A-Za-z][\w ()/-]{0,30}", key) or len(key.split()) > 4:
             return {}, 0
-        if not value or len(value) > 60 or len(value.split()) > 8 or value.endswith("?") or \
-                (value.endswith((".", "!")) and len(value.split()) > 2):
+        if (
+            not value
+            or len(value) > 60
+            or len(value.split()) > 8
+            or value.endswith("?")
+            or (value.endswith((".", "!")) and len(value.split()) > 2)
+        ):
             return {}, 0
         if speaker_key(key) in labels or speaker_role(speaker_key(key)):
             return {}, 0
@@ -4036,7 +4366,11 @@ def clean_turn(text: str) -> str:
     """A turn without non-speech cues, recording notices or small talk; paragraphs stay apart."""
     paragraphs = []
     for paragraph in NON_SPEECH.sub("", text).split("\n"):
-        kept = [s.strip() for s in SENTENCE_END.split(paragraph) if s.strip() and not NOTICE.search(s) and not is_small_talk(s)]
+        kept = [
+            s.strip()
+            for s in SENTENCE_END.split(paragraph)
+            if s.strip() and not NOTICE.search(s) and not is_small_talk(s)
+        ]
         if kept:
             paragraphs.append(" ".join(kept))
     return "\n".join(paragraphs)
@@ -4045,8 +4379,11 @@ def clean_turn(text: str) -> str:
 def is_small_talk(sentence: str) -> bool:
     """Greetings, thanks and `can you hear me`: a short sentence with nothing else in it."""
     words = sentence.split()
-    return len(words) <= 8 and SMALL_TALK.match(sentence.strip(" -–—\"'")) is not None and \
-        len(content_words(SMALL_TALK.sub("", sentence))) <= 1
+    return (
+        len(words) <= 8
+        and SMALL_TALK.match(sentence.strip(" -–—\"'")) is not None
+        and len(content_words(SMALL_TALK.sub("", sentence))) <= 1
+    )
 
 
 def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files: int) -> tuple[set[str], str]:
@@ -4103,11 +4440,16 @@ def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[P
         texts = [words for speaker, words in transcript.turns if speaker not in interviewers]
         if texts:
             people.append(Participant(transcript.pid, texts, transcript.attributes))
-    warnings = [f"took {speaker!r} as the interviewer ({how}) in {len(names)} file(s); "
-                "the interviewer's words are context, never persona content" for (speaker, how), names in taken.items()]
+    warnings = [
+        f"took {speaker!r} as the interviewer ({how}) in {len(names)} file(s); "
+        "the interviewer's words are context, never persona content"
+        for (speaker, how), names in taken.items()
+    ]
     if unsure:
-        warnings.append(f"could not tell the interviewer from the participant in {named_list(unsure)}; "
-                        "every speaker there was read as the participant")
+        warnings.append(
+            f"could not tell the interviewer from the participant in {named_list(unsure)}; "
+            "every speaker there was read as the participant"
+        )
     return people, warnings
 
 
@@ -4147,8 +4489,9 @@ class SourceReader:
                 raise GenerationError(f"{name} is empty")
             records = records_from_json(text, name) if fmt == "json" else records_from_jsonl(text, name)
             if nests_deeper(records, MAX_DATA_DEPTH):
-                raise GenerationError(f"{name} nests deeper than {MAX_DATA_DEPTH} levels; Persona reads records "
-                                      "of answers, not trees")
+                raise GenerationError(
+                    f"{name} nests deeper than {MAX_DATA_DEPTH} levels; Persona reads records of answers, not trees"
+                )
             labels, export_notes = {}, []
         people, notes, silent = participants_from_records(records, name, labels)
         self.groups.append(people)
@@ -4200,8 +4543,9 @@ def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -
         try:
             raw = file.read_bytes()
         except OSError as exc:
-            raise GenerationError(f"{file.relative_to(root).as_posix()} cannot be read: "
-                                  f"{exc.strerror or type(exc).__name__}") from None
+            raise GenerationError(
+                f"{file.relative_to(root).as_posix()} cannot be read: {exc.strerror or type(exc).__name__}"
+            ) from None
         relative = file.relative_to(root).as_posix()
         digest = hashlib.sha256(raw).hexdigest()
         digests.append(f"{relative}\0{digest}")
@@ -4210,8 +4554,9 @@ def load_path(data: str, data_dir: Path, max_mb: int = Settings.max_source_mb) -
     sha = digest if len(files) == 1 and not path.is_dir() else hashlib.sha256("\n".join(digests).encode()).hexdigest()
     source = {"kind": "path", "location": data, "sha256": sha, "files": len(files)}
     if skipped:
-        reader.warnings.insert(0, f"{data}: did not read {len(skipped)} file(s) of an unsupported format: "
-                                  f"{named_list(skipped)}")
+        reader.warnings.insert(
+            0, f"{data}: did not read {len(skipped)} file(s) of an unsupported format: {named_list(skipped)}"
+        )
     return finish_dataset(reader, source, data)
 
 
@@ -4219,8 +4564,10 @@ def missing_here(exc: APIError) -> str:
     """For a source that is not there when its job runs: which host looked, and what servers on several hosts need."""
     if "data" not in exc.details:
         return ""
-    return (f" on {socket.gethostname()}, the host that ran the job; servers that share a database need the same "
-            "data directory (shared storage), or data given by URL or inline")
+    return (
+        f" on {socket.gethostname()}, the host that ran the job; servers that share a database need the same "
+        "data directory (shared storage), or data given by URL or inline"
+    )
 
 
 def source_files(data: str, data_dir: Path) -> list[Path]:
@@ -4235,24 +4582,37 @@ def source_files(data: str, data_dir: Path) -> list[Path]:
 
 def check_sources_size(sources: list[Any], settings: Settings) -> None:
     """Refuse a refinement whose local sources, read together, are over the cap one source has."""
-    files = [file for source in sources if isinstance(source, str) and classify_data(source) == "path"
-             for file in source_files(source, settings.data_dir)]
+    files = [
+        file
+        for source in sources
+        if isinstance(source, str) and classify_data(source) == "path"
+        for file in source_files(source, settings.data_dir)
+    ]
     with contextlib.suppress(OSError):
-        check_source_size("a refinement's data, its parent's sources and its own together", list(dict.fromkeys(files)),
-                          settings.max_source_mb)
+        check_source_size(
+            "a refinement's data, its parent's sources and its own together",
+            list(dict.fromkeys(files)),
+            settings.max_source_mb,
+        )
 
 
 def check_source_size(what: str, files: list[Path], max_mb: int) -> None:
     """Refuse a local source over the cap before reading it: memory per job stays bounded."""
     size = sum(file.stat().st_size for file in files)
     if size > max_mb * 1024 * 1024:
-        raise GenerationError(f"{what} is {size / (1024 * 1024):.1f} MiB, over the {max_mb} MiB cap "
-                              "for a local source (set by --max-source-mb / PERSONA_MAX_SOURCE_MB)")
+        raise GenerationError(
+            f"{what} is {size / (1024 * 1024):.1f} MiB, over the {max_mb} MiB cap "
+            "for a local source (set by --max-source-mb / PERSONA_MAX_SOURCE_MB)"
+        )
 
 
 def load_inline(records: list[Any]) -> Dataset:
     canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    source = {"kind": "inline", "location": f"{len(records)} inline records", "sha256": hashlib.sha256(canonical).hexdigest()}
+    source = {
+        "kind": "inline",
+        "location": f"{len(records)} inline records",
+        "sha256": hashlib.sha256(canonical).hexdigest(),
+    }
     reader = SourceReader()
     people, reader.warnings, reader.silent = participants_from_records(records, "inline")
     reader.groups.append(people)
@@ -4295,7 +4655,9 @@ async def fetch_url(url: str, shown: str, private_allowed: bool) -> tuple[bytes,
                 chunks.append(chunk)
             return b"".join(chunks), response.headers.get("content-type", "")
     except TimeoutError:
-        raise GenerationError(f"fetching {shown} took longer than {URL_TIMEOUT_S:g} s, the limit for a data URL") from None
+        raise GenerationError(
+            f"fetching {shown} took longer than {URL_TIMEOUT_S:g} s, the limit for a data URL"
+        ) from None
     except httpx.HTTPError as exc:
         raise GenerationError(f"fetching {shown} failed: {type(exc).__name__}") from None
 
@@ -4306,11 +4668,19 @@ def url_format(url: str, content_type: str) -> str:
     if suffix in FORMATS:
         return FORMATS[suffix]
     kind = content_type.split(";")[0].strip().lower()
-    by_type = {"text/csv": "csv", "text/tab-separated-values": "tsv", "application/json": "json",
-               "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "text/plain": "text",
-               "text/markdown": "text", "text/vtt": "vtt", "application/x-subrip": "srt",
-               "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
-               "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx"}
+    by_type = {
+        "text/csv": "csv",
+        "text/tab-separated-values": "tsv",
+        "application/json": "json",
+        "application/x-ndjson": "jsonl",
+        "application/jsonl": "jsonl",
+        "text/plain": "text",
+        "text/markdown": "text",
+        "text/vtt": "vtt",
+        "application/x-subrip": "srt",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+    }
     if kind not in by_type:
         raise GenerationError(f"{url} has an unsupported format (Content-Type {kind or 'missing'!r})")
     return by_type[kind]
@@ -4322,8 +4692,10 @@ Fetched = dict[str, tuple[bytes, str]]  # data URL -> its body and content type,
 async def fetch_sources(sources: list[Any], settings: Settings) -> Fetched:
     """Download a job's data URLs, so that the job takes an engine slot only once its data is here:
     a slow server delays its own job, never the jobs waiting for a slot."""
-    return {source: await fetch_url(source, shown_url(source), settings.private_urls_allowed)
-            for source in dict.fromkeys(s for s in sources if isinstance(s, str) and classify_data(s) == "url")}
+    return {
+        source: await fetch_url(source, shown_url(source), settings.private_urls_allowed)
+        for source in dict.fromkeys(s for s in sources if isinstance(s, str) and classify_data(s) == "url")
+    }
 
 
 async def load_url(url: str, raw: bytes, content_type: str) -> Dataset:
@@ -4351,9 +4723,13 @@ async def load_data(data: str | list[Any], settings: Settings, fetched: Fetched 
     if isinstance(data, list):
         return await asyncio.to_thread(load_inline, data)
     if classify_data(data) == "url":
-        raw, content_type = (fetched or {}).get(data) or await fetch_url(data, shown_url(data), settings.private_urls_allowed)
+        raw, content_type = (fetched or {}).get(data) or await fetch_url(
+            data, shown_url(data), settings.private_urls_allowed
+        )
         return await load_url(data, raw, content_type)
-    reading = run_in_child if await asyncio.to_thread(holds_office_files, data, settings.data_dir) else asyncio.to_thread
+    reading = (
+        run_in_child if await asyncio.to_thread(holds_office_files, data, settings.data_dir) else asyncio.to_thread
+    )
     return await reading(load_path, data, settings.data_dir, settings.max_source_mb)
 
 
@@ -4420,8 +4796,10 @@ def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.
         sources.append(source)
         if fmt not in TRANSCRIPT_FORMATS and info.st_size <= ATTRIBUTE_SCAN_BYTES:
             tables.append((source, file, info))
-    sources += [{"name": name, "kind": "folder", "format": "folder", "files": count, "attributes": None}
-                for name, count in folders.items()]
+    sources += [
+        {"name": name, "kind": "folder", "format": "folder", "files": count, "attributes": None}
+        for name, count in folders.items()
+    ]
     return sorted(sources, key=lambda source: source["name"]), tables
 
 
@@ -4468,8 +4846,11 @@ def upload_name(name: str) -> str:
     """A safe file name from the one a browser sent: letters, digits, dots, dashes and underscores, a known format."""
     cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100]
     if Path(cleaned).suffix.lower() not in FORMATS or not Path(cleaned).stem:
-        raise APIError(422, f"An upload must be named as a supported format ({', '.join(FORMATS)}), got {name[:100]!r}",
-                       {"name": f"must end in one of: {', '.join(FORMATS)}"})
+        raise APIError(
+            422,
+            f"An upload must be named as a supported format ({', '.join(FORMATS)}), got {name[:100]!r}",
+            {"name": f"must end in one of: {', '.join(FORMATS)}"},
+        )
     return cleaned
 
 
@@ -4497,13 +4878,19 @@ def check_upload_quota(folder: Path, owner: str, size: int) -> None:
     """Refuse an upload past its owner's quota: one client cannot fill the data directory for everyone."""
     owned = owned_uploads(folder, owner)
     if len(owned) >= MAX_UPLOADS_PER_OWNER:
-        raise APIError(413, f"You keep {len(owned)} uploads, the most one client may; delete some with "
-                            "DELETE /api/v1/data/{name}", {"max_files": MAX_UPLOADS_PER_OWNER})
+        raise APIError(
+            413,
+            f"You keep {len(owned)} uploads, the most one client may; delete some with DELETE /api/v1/data/{{name}}",
+            {"max_files": MAX_UPLOADS_PER_OWNER},
+        )
     used = sum(path.stat().st_size for path in owned)
     if used + size > MAX_UPLOAD_MB_PER_OWNER * 1024 * 1024:
-        raise APIError(413, f"Your uploads would take {(used + size) / 2**20:.1f} MiB, over the "
-                            f"{MAX_UPLOAD_MB_PER_OWNER} MiB one client may keep; delete some with DELETE /api/v1/data/{{name}}",
-                       {"max_bytes": MAX_UPLOAD_MB_PER_OWNER * 1024 * 1024})
+        raise APIError(
+            413,
+            f"Your uploads would take {(used + size) / 2**20:.1f} MiB, over the "
+            f"{MAX_UPLOAD_MB_PER_OWNER} MiB one client may keep; delete some with DELETE /api/v1/data/{{name}}",
+            {"max_bytes": MAX_UPLOAD_MB_PER_OWNER * 1024 * 1024},
+        )
 
 
 def delete_upload(data_dir: Path, name: str, owner: str) -> bool:
@@ -4529,7 +4916,11 @@ def remove_old_uploads(data_dir: Path, days: float) -> int:
     cutoff, removed = time.time() - days * 86400, 0
     for entry in os.scandir(folder):
         with contextlib.suppress(OSError):
-            if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".") and entry.stat().st_mtime < cutoff:
+            if (
+                entry.is_file(follow_symlinks=False)
+                and not entry.name.startswith(".")
+                and entry.stat().st_mtime < cutoff
+            ):
                 os.unlink(entry.path)
                 (folder / UPLOAD_OWNERS / entry.name).unlink(missing_ok=True)
                 removed += 1
@@ -4563,54 +4954,121 @@ def store_upload(data_dir: Path, name: str, body: bytes, owner: str) -> JSON:
 # Redaction: personal data replaced by placeholders before the data leaves the machine
 # ---------------------------------------------------------------------------
 
-NAME_COLUMNS = frozenset("""
+NAME_COLUMNS = frozenset(
+    """
 name username fullname firstname lastname givenname surname familyname author authorname reviewer reviewername
 nickname displayname recipientname recipientfirstname recipientlastname respondentname participantname
 customername intervieweename speaker speakername yourname yourfullname whatisyourname whatsyourname nameoptional
 yournameoptional fullnameoptional yourfirstname yourlastname respondent
-""".split())
-ANONYMOUS_NAMES = frozenset({"a google user", "amazon customer", "kindle customer", "verified buyer", "verified purchaser",
-                             "anonymous", "anon", "guest", "user", "customer", "speaker", "unknown", "n/a", "none"})
-REDACTED_KINDS = ("email", "url", "ip_address", "iban", "card", "id_number", "birth_date", "address", "postal_code",
-                  "phone", "handle", "name")
+""".split()
+)
+ANONYMOUS_NAMES = frozenset(
+    {
+        "a google user",
+        "amazon customer",
+        "kindle customer",
+        "verified buyer",
+        "verified purchaser",
+        "anonymous",
+        "anon",
+        "guest",
+        "user",
+        "customer",
+        "speaker",
+        "unknown",
+        "n/a",
+        "none",
+    }
+)
+REDACTED_KINDS = (
+    "email",
+    "url",
+    "ip_address",
+    "iban",
+    "card",
+    "id_number",
+    "birth_date",
+    "address",
+    "postal_code",
+    "phone",
+    "handle",
+    "name",
+)
 WEB_SUFFIXES = "com|org|net|io|co|edu|gov|info|app|dev|me|de|uk|fr|nl|es|it|ca|au|ch|at|be|se|no|dk|eu|us|in|jp"
-STREET_TYPES = ("street|st|road|rd|avenue|ave|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|terrace|close|"
-                "crescent|square|sq|straße|strasse|str|weg|gasse|allee|platz|rue|calle|via")
+STREET_TYPES = (
+    "street|st|road|rd|avenue|ave|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|terrace|close|"
+    "crescent|square|sq|straße|strasse|str|weg|gasse|allee|platz|rue|calle|via"
+)
 # A pattern's `value` group, where it has one, is what is replaced; the rest (`born on `) stays.
 REDACTION_PATTERNS = (  # in this order: e-mail addresses and URLs hold digits and names, ZIP+4 codes look like phones
     ("email", re.compile(r"(?<![\w.+-])[\w.+-]+@(?:[^\W_]|-)+(?:\.(?:[^\W_]|-)+)*\.[^\W\d_]{2,}")),
-    ("url", re.compile(r"\b(?:https?://|www\.)[^\s<>\"]+[^\s<>\".,;:!?)\]']"
-                       rf"|(?<![\w@.-])(?:[a-z0-9-]+\.)+(?:{WEB_SUFFIXES})/[^\s<>\"]*[^\s<>\".,;:!?)\]']"
-                       rf"|(?<![\w@.-])(?:[a-z0-9-]+\.)+(?:{WEB_SUFFIXES})\b(?![.-]?\w)", re.IGNORECASE)),
-    ("ip_address", re.compile(r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
-                              r"|(?<![\w:])(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}(?![\w:])"
-                              r"|(?<![\w:])(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4}:){0,5}[0-9a-f]{1,4}(?![\w:])",
-                              re.IGNORECASE)),
+    (
+        "url",
+        re.compile(
+            r"\b(?:https?://|www\.)[^\s<>\"]+[^\s<>\".,;:!?)\]']"
+            rf"|(?<![\w@.-])(?:[a-z0-9-]+\.)+(?:{WEB_SUFFIXES})/[^\s<>\"]*[^\s<>\".,;:!?)\]']"
+            rf"|(?<![\w@.-])(?:[a-z0-9-]+\.)+(?:{WEB_SUFFIXES})\b(?![.-]?\w)",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "ip_address",
+        re.compile(
+            r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
+            r"|(?<![\w:])(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}(?![\w:])"
+            r"|(?<![\w:])(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4}:){0,5}[0-9a-f]{1,4}(?![\w:])",
+            re.IGNORECASE,
+        ),
+    ),
     ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")),
     ("card", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")),
-    ("id_number", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"  # a US social security number
-                             r"|\b[A-CEGHJ-PR-TW-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"  # a UK National Insurance number
-                             r"|(?i:\b(?:passport|national id|id card|identity card|licen[cs]e|ssn|social security|"
-                             r"insurance|tax id|personal id)(?: number| no\.?| nr\.?| #)?[: ]+)(?P<value>[A-Z0-9][A-Z0-9-]{4,14})\b")),
-    ("birth_date", re.compile(r"(?i:\b(?:born(?: on| in)?|dob|d\.o\.b\.|date of birth|birthday|birth date)[:,]? +)"
-                              r"(?P<value>\d{1,4}[-./ ]\d{1,2}[-./ ]\d{1,4}|\d{1,2}(?:st|nd|rd|th)? [A-Za-z]{3,9},? \d{4}|"
-                              r"[A-Za-z]{3,9} \d{1,2}(?:st|nd|rd|th)?,? \d{4})")),
-    ("address", re.compile(rf"\b\d{{1,5}}[A-Za-z]? (?:[A-Z][\w'’-]+ ){{1,3}}(?i:{STREET_TYPES})\b\.?"
-                           rf"|\b(?:[A-Z][\w'’-]+ ){{0,2}}[A-Z]\w*(?i:{STREET_TYPES}) \d{{1,5}}[a-z]?\b")),
-    ("postal_code", re.compile(
-        r"\b(?:[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}"  # United Kingdom
-        r"|[A-Z]\d[A-Z] ?\d[A-Z]\d"  # Canada
-        r"|\d{5}-\d{4}"  # United States, ZIP+4
-        r"|(?<=[A-Z]{2} )\d{5}"  # a US state's code, then its ZIP code
-        r"|(?i:(?<=zip )|(?<=zip code )|(?<=postcode )|(?<=postal code )|(?<=plz ))\d{4,6})\b")),
-    ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w-])")),
+    (
+        "id_number",
+        re.compile(
+            r"\b\d{3}-\d{2}-\d{4}\b"  # a US social security number
+            r"|\b[A-CEGHJ-PR-TW-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"  # a UK National Insurance number
+            r"|(?i:\b(?:passport|national id|id card|identity card|licen[cs]e|ssn|social security|"
+            r"insurance|tax id|personal id)(?: number| no\.?| nr\.?| #)?[: ]+)(?P<value>[A-Z0-9][A-Z0-9-]{4,14})\b"
+        ),
+    ),
+    (
+        "birth_date",
+        re.compile(
+            r"(?i:\b(?:born(?: on| in)?|dob|d\.o\.b\.|date of birth|birthday|birth date)[:,]? +)"
+            r"(?P<value>\d{1,4}[-./ ]\d{1,2}[-./ ]\d{1,4}|\d{1,2}(?:st|nd|rd|th)? [A-Za-z]{3,9},? \d{4}|"
+            r"[A-Za-z]{3,9} \d{1,2}(?:st|nd|rd|th)?,? \d{4})"
+        ),
+    ),
+    (
+        "address",
+        re.compile(
+            rf"\b\d{{1,5}}[A-Za-z]? (?:[A-Z][\w'’-]+ ){{1,3}}(?i:{STREET_TYPES})\b\.?"
+            rf"|\b(?:[A-Z][\w'’-]+ ){{0,2}}[A-Z]\w*(?i:{STREET_TYPES}) \d{{1,5}}[a-z]?\b"
+        ),
+    ),
+    (
+        "postal_code",
+        re.compile(
+            r"\b(?:[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}"  # United Kingdom
+            r"|[A-Z]\d[A-Z] ?\d[A-Z]\d"  # Canada
+            r"|\d{5}-\d{4}"  # United States, ZIP+4
+            r"|(?<=[A-Z]{2} )\d{5}"  # a US state's code, then its ZIP code
+            r"|(?i:(?<=zip )|(?<=zip code )|(?<=postcode )|(?<=postal code )|(?<=plz ))\d{4,6})\b"
+        ),
+    ),
+    (
+        "phone",
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{2,5}(?:[ .-]?\d{2,5}){1,4}(?![\w-])"),
+    ),
     ("handle", re.compile(r"(?<![\w@.])@[A-Za-z0-9_](?:[A-Za-z0-9_.]{0,28}[A-Za-z0-9_])?\b")),
 )
 NAME_WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
-ID_WORDS = frozenset("""
+ID_WORDS = frozenset(
+    """
 interview interviews transcript transcripts participant respondent session survey zoom teams meet call recording
 notes user test pilot study round wave group focus final draft copy export data audio video
-""".split())  # words of file names and ids that name the file, not a person
+""".split()
+)  # words of file names and ids that name the file, not a person
 GENERIC_LABEL = re.compile(r"[^\W\d_]+[\s_-]*\d+", re.IGNORECASE)  # "Speaker 2", "user_17": a role and a number
 DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
@@ -4650,8 +5108,11 @@ def looks_like(kind: str, found: str) -> bool:
     if kind == "id_number":
         return bool(digits)
     if kind == "phone":
-        return 9 <= len(digits) <= 15 and not DATE_LIKE.fullmatch(found) and (
-            found.startswith(("+", "(")) or len(digits) >= 10 or bool(re.search(r"[ .-]", found)))
+        return (
+            9 <= len(digits) <= 15
+            and not DATE_LIKE.fullmatch(found)
+            and (found.startswith(("+", "(")) or len(digits) >= 10 or bool(re.search(r"[ .-]", found)))
+        )
     return True
 
 
@@ -4676,8 +5137,13 @@ class Redactor:
             words = tuple(NAME_WORD.findall(name))
             if words:
                 self.whole.setdefault(words[0], []).append(words)
-                self.words.update({word: " ".join(words) for word in words if word not in self.words
-                                   and len(word) >= 2 and word not in STOPWORDS})
+                self.words.update(
+                    {
+                        word: " ".join(words)
+                        for word in words
+                        if word not in self.words and len(word) >= 2 and word not in STOPWORDS
+                    }
+                )
         self.words.update({words[0]: words[0] for names in self.whole.values() for words in names if len(words) == 1})
 
     def placeholder(self, kind: str, value: str) -> str:
@@ -4697,7 +5163,9 @@ class Redactor:
                 key = word.lower()
                 if key in self.words:
                     (lower if word == key else capital)[key] += 1
-        for word in [w for w in self.words if lower[w] and lower[w] >= capital[w] and (w,) not in self.whole.get(w, [])]:
+        for word in [
+            w for w in self.words if lower[w] and lower[w] >= capital[w] and (w,) not in self.whole.get(w, [])
+        ]:
             del self.words[word]
 
     def text(self, text: str) -> str:
@@ -4713,7 +5181,7 @@ class Redactor:
         value = match.string[start:end]
         if not looks_like(kind, value):
             return match.group()
-        return match.string[match.start():start] + self.placeholder(kind, value) + match.string[end:match.end()]
+        return match.string[match.start() : start] + self.placeholder(kind, value) + match.string[end : match.end()]
 
     def learn_names_from_addresses(self, texts: Iterable[str]) -> None:
         """A name written beside its e-mail address (`Sarah Jones <sarah.jones@x.org>`) is a name, though no
@@ -4721,8 +5189,11 @@ class Redactor:
         email = REDACTION_PATTERNS[0][1]
         for text in texts:
             for match in email.finditer(text):
-                parts = [part for part in re.split(r"[._+-]", match.group().partition("@")[0].lower())
-                         if len(part) >= 2 and part.isalpha() and part not in STOPWORDS]
+                parts = [
+                    part
+                    for part in re.split(r"[._+-]", match.group().partition("@")[0].lower())
+                    if len(part) >= 2 and part.isalpha() and part not in STOPWORDS
+                ]
                 said = [part for part in parts if re.search(rf"\b{re.escape(part.capitalize())}\b", text)]
                 if said:
                     self.add_name(" ".join(said))
@@ -4741,11 +5212,13 @@ class Redactor:
         while index < len(found):
             word = found[index].group().lower()
             length = self._whole_name_at(text, found, index)
-            name = " ".join(w.group().lower() for w in found[index:index + length]) if length else self.words.get(word)
+            name = (
+                " ".join(w.group().lower() for w in found[index : index + length]) if length else self.words.get(word)
+            )
             if name is None:
                 index += 1
                 continue
-            pieces += [text[done:found[index].start()], self.placeholder("name", name)]
+            pieces += [text[done : found[index].start()], self.placeholder("name", name)]
             done = found[index + max(length, 1) - 1].end()
             index += max(length, 1)
         return "".join(pieces) + text[done:]
@@ -4754,8 +5227,11 @@ class Redactor:
         """How many words from `index` spell a whole marked name, separated by spaces only; 0 for none."""
         for words in self.whole.get(found[index].group().lower(), []):
             end = index + len(words)
-            if end <= len(found) and all(found[index + k].group().lower() == words[k] for k in range(len(words))) and \
-                    all(text[found[k].end():found[k + 1].start()].isspace() for k in range(index, end - 1)):
+            if (
+                end <= len(found)
+                and all(found[index + k].group().lower() == words[k] for k in range(len(words)))
+                and all(text[found[k].end() : found[k + 1].start()].isspace() for k in range(index, end - 1))
+            ):
                 return len(words)
         return 0
 
@@ -4770,17 +5246,29 @@ class Redactor:
         for person in dataset.participants:
             self.learn_names_from_ids(person.id)
         self.learn_names_from_ids(str(dataset.source.get("location", "")))
-        self.keep_common_words(REDACTION_PATTERNS[0][1].sub(" ", text) for text in texts)  # an address's words are no usage
+        self.keep_common_words(
+            REDACTION_PATTERNS[0][1].sub(" ", text) for text in texts
+        )  # an address's words are no usage
         people, taken = [], set()
         for person in dataset.participants:
             pid = self.text(self.spaced_id(person.id))
             while pid in taken:
                 pid += "'"
             taken.add(pid)
-            people.append(Participant(pid, [self.text(text) for text in person.texts],
-                                      {key: self.text(value) for key, value in person.attributes.items()}))
-        return Dataset(people, self.value(dataset.source), [self.text(w) for w in dataset.warnings], dataset.labels,
-                       silent=[self.text(pid) for pid in dataset.silent])
+            people.append(
+                Participant(
+                    pid,
+                    [self.text(text) for text in person.texts],
+                    {key: self.text(value) for key, value in person.attributes.items()},
+                )
+            )
+        return Dataset(
+            people,
+            self.value(dataset.source),
+            [self.text(w) for w in dataset.warnings],
+            dataset.labels,
+            silent=[self.text(pid) for pid in dataset.silent],
+        )
 
     def spaced_id(self, label: str) -> str:
         """An id whose words hold a name, with its `_`, `-` and `.` as spaces, so the whole name is found."""
@@ -4815,7 +5303,8 @@ class Redactor:
 # Offline engine: TF-IDF vectors, seeded k-means++, personas from the text
 # ---------------------------------------------------------------------------
 
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a about above actually after again against all also always am an and any anything are around as at
 back be because been before being below between both but by can cannot could couple did do does doing
 don done down during each either else enough especially even ever every everything few for from
@@ -4840,13 +5329,16 @@ de des du la le les et est un une que qui pour dans pas sur avec ce cette il ell
 ne se sa ses mais ou donc très y el los las por para es una uno del al lo su sus como pero muy
 der das und ist nicht zu mit von ein eine auf dem sich auch ich sie wir o os um não com mais di che è
 della il gli
-""".split())
+""".split()
+)
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
 MAX_FEATURES = 5000
 MAX_SPAN_WORDS = 6  # a title phrase's words, with those between its two content words
 # Words that may stand between a title phrase's two words: `locked out of the account`, not `client wants a different`.
-GLUE_WORDS = frozenset("of the a an my our their your his her its out in on for to with at from up off into by and".split())
+GLUE_WORDS = frozenset(
+    "of the a an my our their your his her its out in on for to with at from up off into by and".split()
+)
 
 # Which list a sentence belongs to: goals, pain points, behaviours, or none. The sentence
 # alone decides (never the question it answers); rules were fitted on the `tune` half of
@@ -4877,7 +5369,8 @@ DEFINITION = re.compile(
 answer to a survey's definition question, no goal, pain point or behaviour of the speaker's."""
 
 OPINION = re.compile(
-    r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b", re.IGNORECASE
+    r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b",
+    re.IGNORECASE,
 )
 """A sentence that opens as a general opinion is no pain point or behaviour of the speaker's (persona's rule)."""
 
@@ -5180,21 +5673,62 @@ QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
 THEME_COUNTS = {"simple": 2, "moderate": 3, "complex": 5}
 MAX_DEMOGRAPHICS = 10  # attributes summarised per persona
 MAX_ITEM_WORDS = 40  # a longer sentence is no goal, pain point or behaviour: a reader cannot take it in
-NUMBER_WORDS = frozenset("""
+NUMBER_WORDS = frozenset(
+    """
 two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand
 million first second third couple half dozen
-""".split())
+""".split()
+)
 PLACEHOLDER_VALUES = frozenset("other others none na nan null unknown notapplicable nothing".split())
 PERSONA_NAMES = (
-    "Sarah Chen", "Marcus Johnson", "Priya Patel", "Diego Hernández", "Aisha Okafor", "Tomasz Nowak",
-    "Mei Tanaka", "Olivia Brown", "Kwame Mensah", "Sofia Rossi", "Arjun Mehta", "Hannah Schmidt",
-    "Lucas Oliveira", "Fatima Al-Sayed", "Noah Williams", "Yuki Sato", "Amara Nwosu", "Elena Petrova",
-    "Mateo García", "Grace Kim", "Ibrahim Diallo", "Chloe Martin", "Ravi Shankar", "Ingrid Larsen",
-    "Samuel Cohen", "Leila Haddad", "Jonas Weber", "Zara Ahmed", "Daniel Murphy", "Ana Costa",
-    "Kenji Watanabe", "Nadia Kowalski", "Oscar Lindqvist", "Maya Goldberg", "Tariq Hassan",
-    "Lucía Fernández", "Ethan Clarke", "Aylin Demir", "Benedict Osei", "Camille Dubois",
-    "Rahul Verma", "Freya Jensen", "Hugo Moreau", "Imani Brooks", "Joon-ho Park", "Valentina Ricci",
-    "Wei Zhang", "Esther Adeyemi",
+    "Sarah Chen",
+    "Marcus Johnson",
+    "Priya Patel",
+    "Diego Hernández",
+    "Aisha Okafor",
+    "Tomasz Nowak",
+    "Mei Tanaka",
+    "Olivia Brown",
+    "Kwame Mensah",
+    "Sofia Rossi",
+    "Arjun Mehta",
+    "Hannah Schmidt",
+    "Lucas Oliveira",
+    "Fatima Al-Sayed",
+    "Noah Williams",
+    "Yuki Sato",
+    "Amara Nwosu",
+    "Elena Petrova",
+    "Mateo García",
+    "Grace Kim",
+    "Ibrahim Diallo",
+    "Chloe Martin",
+    "Ravi Shankar",
+    "Ingrid Larsen",
+    "Samuel Cohen",
+    "Leila Haddad",
+    "Jonas Weber",
+    "Zara Ahmed",
+    "Daniel Murphy",
+    "Ana Costa",
+    "Kenji Watanabe",
+    "Nadia Kowalski",
+    "Oscar Lindqvist",
+    "Maya Goldberg",
+    "Tariq Hassan",
+    "Lucía Fernández",
+    "Ethan Clarke",
+    "Aylin Demir",
+    "Benedict Osei",
+    "Camille Dubois",
+    "Rahul Verma",
+    "Freya Jensen",
+    "Hugo Moreau",
+    "Imani Brooks",
+    "Joon-ho Park",
+    "Valentina Ricci",
+    "Wei Zhang",
+    "Esther Adeyemi",
 )
 
 
@@ -5228,9 +5762,11 @@ def content_spans(text: str) -> list[tuple[str, str, int, int]]:
 
 
 MAX_JOINED_SENTENCE = 400  # characters a sentence joined across an abbreviation or brackets may reach
-ABBREVIATIONS = frozenset("""
+ABBREVIATIONS = frozenset(
+    """
 vs vs. i.e e.g etc cf approx dr mr mrs ms prof st no nos fig eg ie al inc ltd co jr sr dept est min max
-""".split())
+""".split()
+)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -5267,7 +5803,11 @@ def shown_span(sentence: str, start: int, end: int) -> str:
 def is_phrase(gap: str) -> bool:
     """Whether two words with `gap` between them read as one phrase."""
     words = re.sub(r"[^\w'’ -]", " ", gap).lower().split()
-    return len(words) <= MAX_SPAN_WORDS - 2 and all(word in GLUE_WORDS for word in words) and not re.search(r"[.,;:!?]", gap)
+    return (
+        len(words) <= MAX_SPAN_WORDS - 2
+        and all(word in GLUE_WORDS for word in words)
+        and not re.search(r"[.,;:!?]", gap)
+    )
 
 
 def term_counts(texts: Iterable[str], surfaces: Counter[tuple[str, str]] | None = None) -> Counter[str]:
@@ -5284,7 +5824,7 @@ def term_counts(texts: Iterable[str], surfaces: Counter[tuple[str, str]] | None 
                     following = words[index + 1]
                     pair = f"{token} {following[0]}"
                     counts[pair] += 1
-                    if surfaces is not None and is_phrase(sentence[end:following[2]]):
+                    if surfaces is not None and is_phrase(sentence[end : following[2]]):
                         surfaces[(pair, shown_span(sentence, start, following[3]))] += 1
     return counts
 
@@ -5359,8 +5899,9 @@ def build_corpus(people: list[Participant]) -> Corpus:
     return Corpus(people, vocabulary, idf, vectors, is_attribute, display, users, speakers)
 
 
-def tfidf_vector(count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float],
-                 is_attribute: list[bool] | None = None) -> dict[int, float]:
+def tfidf_vector(
+    count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float], is_attribute: list[bool] | None = None
+) -> dict[int, float]:
     vector: dict[int, float] = {}
     for term, freq in count.items():
         index = vocabulary.get(term)
@@ -5490,12 +6031,14 @@ def balance(vectors: list[dict[int, float]], labels: list[int], k: int, rounds: 
 
 def shed_members(labels: list[int], sims: list[list[float]], cluster: int, sizes: Counter[int], largest: int) -> None:
     def best_other(i: int) -> int:
-        return max((c for c in range(len(sims[i])) if c != cluster and sizes[c] < largest), key=sims[i].__getitem__,
-                   default=-1)
+        return max(
+            (c for c in range(len(sims[i])) if c != cluster and sizes[c] < largest), key=sims[i].__getitem__, default=-1
+        )
 
-    members = sorted((i for i, label in enumerate(labels) if label == cluster),
-                     key=lambda i: (sims[i][cluster] - max((s for c, s in enumerate(sims[i]) if c != cluster),
-                                                          default=0.0), i))
+    members = sorted(
+        (i for i, label in enumerate(labels) if label == cluster),
+        key=lambda i: (sims[i][cluster] - max((s for c, s in enumerate(sims[i]) if c != cluster), default=0.0), i),
+    )
     for i in members:
         if sizes[cluster] <= largest:
             break
@@ -5504,9 +6047,13 @@ def shed_members(labels: list[int], sims: list[list[float]], cluster: int, sizes
             labels[i], sizes[cluster], sizes[target] = target, sizes[cluster] - 1, sizes[target] + 1
 
 
-def gather_members(labels: list[int], sims: list[list[float]], cluster: int, sizes: Counter[int], smallest: int) -> None:
-    candidates = sorted((i for i, label in enumerate(labels) if label != cluster),
-                        key=lambda i: (sims[i][labels[i]] - sims[i][cluster], i))
+def gather_members(
+    labels: list[int], sims: list[list[float]], cluster: int, sizes: Counter[int], smallest: int
+) -> None:
+    candidates = sorted(
+        (i for i, label in enumerate(labels) if label != cluster),
+        key=lambda i: (sims[i][labels[i]] - sims[i][cluster], i),
+    )
     for i in candidates:
         if sizes[cluster] >= smallest:
             break
@@ -5560,8 +6107,10 @@ def named_groups(people: list[Participant], groups: Mapping[str, list[str]]) -> 
     index = {person.id: i for i, person in enumerate(people)}
     unknown = [pid for ids in groups.values() for pid in ids if pid not in index]
     if unknown:
-        raise GenerationError(f"config.groups names participant id(s) the data does not have: {named_list(unknown)}; "
-                              f"its ids include {named_list([p.id for p in people[:5]])}")
+        raise GenerationError(
+            f"config.groups names participant id(s) the data does not have: {named_list(unknown)}; "
+            f"its ids include {named_list([p.id for p in people[:5]])}"
+        )
     segments = [Segment(list(dict.fromkeys(index[pid] for pid in ids)), name) for name, ids in groups.items()]
     empty = [name for name, segment in zip(groups, segments) if not segment.members]
     if empty:
@@ -5577,8 +6126,10 @@ def attribute_groups(people: list[Participant], attribute: str, count: int) -> l
             by_value.setdefault(value, []).append(i)
     if not by_value:
         have = sorted({key for person in people for key in person.attributes})
-        raise GenerationError(f"config.group_by names {attribute!r}, an attribute the data does not have; "
-                              f"its attributes: {', '.join(have) if have else '(none)'}")
+        raise GenerationError(
+            f"config.group_by names {attribute!r}, an attribute the data does not have; "
+            f"its attributes: {', '.join(have) if have else '(none)'}"
+        )
     largest = sorted(by_value.items(), key=lambda item: (-len(item[1]), item[0]))[:count]
     return [Segment(members) for _, members in largest]
 
@@ -5689,8 +6240,11 @@ def tidy_spoken(sentence: str) -> str:
 
 
 def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[Sentence]:
-    speakable = [s for s in sentences if 6 <= len(s.text.split()) <= 45 and not s.text.rstrip().endswith("?")
-                 and len(content_words(s.text)) >= 3]
+    speakable = [
+        s
+        for s in sentences
+        if 6 <= len(s.text.split()) <= 45 and not s.text.rstrip().endswith("?") and len(content_words(s.text)) >= 3
+    ]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
     fresh = [s for s in (first_person or speakable) if s.text not in used]
     return pick_spread(fresh or first_person or speakable or sentences, count)
@@ -5710,8 +6264,11 @@ def term_shares(corpus: Corpus, members: list[int]) -> SegmentTerms:
     used: Counter[int] = Counter(t for i in members for t in corpus.users[i])
     terms = {index: term for term, index in corpus.vocabulary.items()}
     rest = max(1, len(corpus.people) - len(members))
-    return SegmentTerms(len(members), {terms[t]: times / len(members) for t, times in used.items()},
-                        {terms[t]: (corpus.speakers[t] - times) / rest for t, times in used.items()})
+    return SegmentTerms(
+        len(members),
+        {terms[t]: times / len(members) for t, times in used.items()},
+        {terms[t]: (corpus.speakers[t] - times) / rest for t, times in used.items()},
+    )
 
 
 def distinctive_terms(corpus: Corpus, shares: SegmentTerms, count: int, pairs_only: bool = False) -> list[str]:
@@ -5721,9 +6278,14 @@ def distinctive_terms(corpus: Corpus, shares: SegmentTerms, count: int, pairs_on
     """
     inside, outside = shares.inside, shares.outside
     floor = min(0.25, 2 / shares.size) if shares.size > 1 else 1.0
-    scored = sorted((((inside[t] ** 2) / (inside[t] + outside[t]) + (0.05 if " " in t else 0.0), t) for t in inside
-                     if inside[t] >= floor and (" " not in t or t in corpus.display) and (" " in t or not pairs_only)),
-                    key=lambda pair: (-pair[0], pair[1]))
+    scored = sorted(
+        (
+            ((inside[t] ** 2) / (inside[t] + outside[t]) + (0.05 if " " in t else 0.0), t)
+            for t in inside
+            if inside[t] >= floor and (" " not in t or t in corpus.display) and (" " in t or not pairs_only)
+        ),
+        key=lambda pair: (-pair[0], pair[1]),
+    )
     chosen: list[str] = []
     for _, term in scored:
         if any(set(term.split()) & set(other.split()) for other in chosen):
@@ -5773,8 +6335,11 @@ def distinguishing_attribute(people: list[Participant], everyone: list[Participa
 
 def pair_with(corpus: Corpus, shares: SegmentTerms, word: str) -> str | None:
     """The phrase around a distinctive word that most of the segment says: `swap` -> `swap shifts`."""
-    pairs = [(share, term) for term, share in shares.inside.items()
-             if " " in term and word in term.split() and term in corpus.display]
+    pairs = [
+        (share, term)
+        for term, share in shares.inside.items()
+        if " " in term and word in term.split() and term in corpus.display
+    ]
     return min(pairs, key=lambda pair: (-pair[0], pair[1]))[1] if pairs else None
 
 
@@ -5792,8 +6357,8 @@ def grid_parts(header: str) -> tuple[str, str] | None:
     Qualtrics' question row and SurveyMonkey's second header row give it; None for any other header."""
     text = header.rstrip()
     opening = text.rfind("[")
-    if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1:-1].strip():
-        return text[:opening].rstrip(), text[opening + 1:-1].strip()
+    if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1 : -1].strip():
+        return text[:opening].rstrip(), text[opening + 1 : -1].strip()
     stem, dash, item = text.rpartition(" - ")
     if dash and item.strip() and len(stem.split()) >= 3:
         return stem.rstrip(), item.strip()
@@ -5823,8 +6388,16 @@ def closed_answers(members: list[Participant], everyone: list[Participant], labe
             if share >= ANSWER_MIN_SHARE and share - outside >= ANSWER_MIN_LIFT:
                 found.append((share - outside, count, key, value, len(answered), outside))
     found.sort(key=lambda item: (-item[0], -item[1], item[2], item[3]))
-    return [{"question": question_text(key, labels), "answer": value, "count": count, "of": of,
-             "share_elsewhere": round(outside, 4)} for _, count, key, value, of, outside in found[:MAX_ANSWERS]]
+    return [
+        {
+            "question": question_text(key, labels),
+            "answer": value,
+            "count": count,
+            "of": of,
+            "share_elsewhere": round(outside, 4),
+        }
+        for _, count, key, value, of, outside in found[:MAX_ANSWERS]
+    ]
 
 
 TITLE_MIN_SHARE = 0.25  # a title phrase is said by at least this share of the segment's members
@@ -5833,7 +6406,9 @@ BARE_ANSWERS = frozenset(["yes", "no", "maybe", "other", *SCALE_LEVELS])
 QUESTION_LEAD = re.compile(
     r"^(?:(?:how (?:often|many|much|long|well)|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
     r"\b(?:do|does|did|are|is|was|were|have|has|would|will|can|could)\b\s*(?:you|your|they)?\b\s*|"
-    r"(?:do|does|did|are|is|have|has|would|will|can|could) (?:you|your)\b\s*)", re.IGNORECASE)
+    r"(?:do|does|did|are|is|have|has|would|will|can|could) (?:you|your)\b\s*)",
+    re.IGNORECASE,
+)
 
 
 def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
@@ -5851,7 +6426,7 @@ def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
     words = topic.split()
     for position, word in enumerate(words[2:], 2):  # the topic ends where its circumstances begin
         if word.lower() in ("in", "on", "at", "for", "during", "when", "while", "since") or word.endswith(","):
-            words = words[:position + (1 if word.endswith(",") else 0)]
+            words = words[: position + (1 if word.endswith(",") else 0)]
             break
     shown = " ".join(words[:8]).rstrip(",") or header[:60]
     return f"{sentence_case(shown)}: {value.strip().lower()}"
@@ -5860,8 +6435,12 @@ def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
 def title_phrases(corpus: Corpus, shares: SegmentTerms, keep: Callable[[str], bool], lead: bool) -> list[str]:
     """Phrases for a title, best first: the segment's distinctive pairs, then words (two at once when no lead)."""
     singles = [term for term in distinctive_terms(corpus, shares, 4) if " " not in term and keep(term)]
-    pairs = [p for p in distinctive_terms(corpus, shares, 4, pairs_only=True) + [p for p in map(
-        functools.partial(pair_with, corpus, shares), singles) if p] if keep(p)]
+    pairs = [
+        p
+        for p in distinctive_terms(corpus, shares, 4, pairs_only=True)
+        + [p for p in map(functools.partial(pair_with, corpus, shares), singles) if p]
+        if keep(p)
+    ]
     words = [corpus.display.get(t, t) for t in singles]
     phrases = [corpus.display[t] for t in dict.fromkeys(pairs)]
     if not lead:  # without a shared attribute to lead, two words say more than one
@@ -5869,8 +6448,14 @@ def title_phrases(corpus: Corpus, shares: SegmentTerms, keep: Callable[[str], bo
     return phrases + (words if lead else [])
 
 
-def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, str] | None, taken: set[str],
-                  answers: list[JSON] | None = None, labels: Mapping[str, str] | None = None) -> str:
+def persona_title(
+    corpus: Corpus,
+    shares: SegmentTerms,
+    attribute: tuple[str, str] | None,
+    taken: set[str],
+    answers: list[JSON] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """What sets the segment apart: a phrase a quarter of its members say and others say far less,
     led by a shared attribute value; or an answer with its question's meaning.
 
@@ -5888,16 +6473,24 @@ def persona_title(corpus: Corpus, shares: SegmentTerms, attribute: tuple[str, st
     lead_words = word_set(lead)
     titles = []
     if ":" not in lead:  # a plain value leads a phrase; an answer with its question is a title of its own
-        titles += [f"{sentence_case(lead)}: {phrase}" if lead else sentence_case(phrase)
-                   for phrase in title_phrases(corpus, shares, apart, bool(lead))
-                   if not (lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()))]
+        titles += [
+            f"{sentence_case(lead)}: {phrase}" if lead else sentence_case(phrase)
+            for phrase in title_phrases(corpus, shares, apart, bool(lead))
+            if not (lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()))
+        ]
     titles += [lead] if lead else []
     key_of = {question_text(key, labels): key for key in labels}
-    titles += [answer_phrase(key_of.get(answer["question"], ""), answer["answer"], labels)
-               for answer in answers or [] if not says_absence(answer["answer"])]
+    titles += [
+        answer_phrase(key_of.get(answer["question"], ""), answer["answer"], labels)
+        for answer in answers or []
+        if not says_absence(answer["answer"])
+    ]
     shared = title_phrases(corpus, shares, lambda term: True, False)
-    titles += [sentence_case(phrase) for phrase in shared + [corpus.display.get(t, t) for t in distinctive_terms(
-        corpus, shares, 4) if " " not in t] if not NUMBER_WORDS & set(phrase.split())]
+    titles += [
+        sentence_case(phrase)
+        for phrase in shared + [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, 4) if " " not in t]
+        if not NUMBER_WORDS & set(phrase.split())
+    ]
     for title in titles:
         if title and sentence_case(title) not in taken:
             return sentence_case(title)
@@ -5952,7 +6545,11 @@ def shown_label(key: str, labels: Mapping[str, str]) -> str:
 def summarise_values(values: list[str], people: int) -> str:
     if all(is_number(value) for value in values):
         numbers = sorted(float(value) for value in values)
-        median = numbers[len(numbers) // 2] if len(numbers) % 2 else (numbers[len(numbers) // 2 - 1] + numbers[len(numbers) // 2]) / 2
+        median = (
+            numbers[len(numbers) // 2]
+            if len(numbers) % 2
+            else (numbers[len(numbers) // 2 - 1] + numbers[len(numbers) // 2]) / 2
+        )
         low, high = numbers[0], numbers[-1]
         return f"{low:g}" if low == high else f"median {median:g}, range {low:g}–{high:g}"
     choices = Counter(part.strip() for value in values for part in value.split(";") if part.strip()) or Counter(values)
@@ -5976,15 +6573,18 @@ def persona_summary(count: int, total: int, themes: list[str], goals: list[str])
     """Who the persona stands for, what they talk about, and their first goal short enough to state one."""
     text = f"Stands for {count} of {total} participants ({count / total:.0%})."
     if themes:
-        text += " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
+        text += (
+            " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
+        )
     goal = next((goal for goal in goals if len(goal.split()) <= SUMMARY_GOAL_WORDS), None)
     if goal:
         text += f' A goal in their words: "{goal}"'
     return text
 
 
-def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, taken: dict[str, set[str]],
-                  labels: Mapping[str, str]) -> tuple[JSON, list[str]]:
+def build_persona(
+    corpus: Corpus, segment: Segment, config: JSON, number: int, taken: dict[str, set[str]], labels: Mapping[str, str]
+) -> tuple[JSON, list[str]]:
     detail = config.get("detail_level", "standard")
     members = segment.members
     people = [corpus.people[i] for i in members]
@@ -5996,8 +6596,9 @@ def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, t
     quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail])
     theme_count = THEME_COUNTS[config.get("complexity", "moderate")]
     shares = term_shares(corpus, members)
-    themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or \
-        frequent_words(people, theme_count)
+    themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or frequent_words(
+        people, theme_count
+    )
     demographics = summarise_attributes(people, corpus.people, labels)
     name = persona_name(ids, taken["names"])
     attribute = distinguishing_attribute(people, corpus.people)
@@ -6006,8 +6607,11 @@ def build_persona(corpus: Corpus, segment: Segment, config: JSON, number: int, t
     taken["names"].add(name)
     taken["titles"].add(title)
     persona_id = f"persona-{number:03d}"
-    warnings = [f"{persona_id}: no sentence in its segment reads as {label.replace('_', ' ')}"
-                for label, found in lists.items() if not found]
+    warnings = [
+        f"{persona_id}: no sentence in its segment reads as {label.replace('_', ' ')}"
+        for label, found in lists.items()
+        if not found
+    ]
     goals = [tidy_spoken(s.text) for s in lists["goals"]]
     persona = {
         "id": persona_id,
@@ -6064,10 +6668,28 @@ LLM_PERSONA_SCHEMA: JSON = {
         "goals": {"type": "array", "items": {"type": "string"}},
         "pain_points": {"type": "array", "items": {"type": "string"}},
         "behaviours": {"type": "array", "items": {"type": "string"}},
-        "quotes": {"type": "array", "items": {"type": "string"}, "description": "sentences copied verbatim from the data"},
-        "participants": {"type": "array", "items": {"type": "string"}, "description": "ids of the participants it stands for"},
+        "quotes": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "sentences copied verbatim from the data",
+        },
+        "participants": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "ids of the participants it stands for",
+        },
     },
-    "required": ["name", "title", "summary", "demographics", "goals", "pain_points", "behaviours", "quotes", "participants"],
+    "required": [
+        "name",
+        "title",
+        "summary",
+        "demographics",
+        "goals",
+        "pain_points",
+        "behaviours",
+        "quotes",
+        "participants",
+    ],
 }
 LLM_RESULT_SCHEMA: JSON = {
     "type": "object",
@@ -6081,17 +6703,26 @@ def result_schema(config: JSON) -> JSON:
     fields = config.get("fields")
     if not fields:
         return LLM_RESULT_SCHEMA
-    persona = {**LLM_PERSONA_SCHEMA, "properties": {**LLM_PERSONA_SCHEMA["properties"]},
-               "required": [*LLM_PERSONA_SCHEMA["required"], *(item["name"] for item in fields)]}
+    persona = {
+        **LLM_PERSONA_SCHEMA,
+        "properties": {**LLM_PERSONA_SCHEMA["properties"]},
+        "required": [*LLM_PERSONA_SCHEMA["required"], *(item["name"] for item in fields)],
+    }
     for item in fields:
         kind = {"type": "array", "items": {"type": "string"}} if item.get("type") == "list" else {"type": "string"}
         persona["properties"][item["name"]] = {**kind, "description": item["description"]}
     return {**LLM_RESULT_SCHEMA, "properties": {"personas": {"type": "array", "items": persona}}}
+
+
 FINDINGS_SCHEMA: JSON = {
     "type": "object",
     "properties": {
         "findings": {"type": "array", "items": {"type": "string"}},
-        "quotes": {"type": "array", "items": {"type": "string"}, "description": "sentences copied verbatim from the data"},
+        "quotes": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "sentences copied verbatim from the data",
+        },
     },
     "required": ["findings", "quotes"],
 }
@@ -6139,8 +6770,14 @@ def provider_status() -> list[JSON]:
     listing = [{"name": "local", "configured": True, "default_model": LOCAL_MODEL, "key_variables": []}]
     for spec in PROVIDER_SPECS.values():
         configured = spec.name == "ollama" or provider_key(spec) is not None
-        listing.append({"name": spec.name, "configured": configured, "default_model": default_model(spec.name),
-                        "key_variables": list(spec.key_variables)})
+        listing.append(
+            {
+                "name": spec.name,
+                "configured": configured,
+                "default_model": default_model(spec.name),
+                "key_variables": list(spec.key_variables),
+            }
+        )
     return listing
 
 
@@ -6206,17 +6843,22 @@ class AnthropicProvider:
         key = provider_key(PROVIDER_SPECS["anthropic"])
         self.client = shared_client(
             ("anthropic", key, os.environ.get("ANTHROPIC_BASE_URL")),
-            lambda: anthropic.AsyncAnthropic(api_key=key, max_retries=PROVIDER_RETRIES, timeout=PROVIDER_CALL_TIMEOUT_S),
+            lambda: anthropic.AsyncAnthropic(
+                api_key=key, max_retries=PROVIDER_RETRIES, timeout=PROVIDER_CALL_TIMEOUT_S
+            ),
         )
         self.model, self.config = model, config
 
     async def complete(self, prompt: str, schema: JSON, usage: Usage) -> str:
         extra = {"temperature": self.config["temperature"]} if "temperature" in self.config else None
         message = await self.client.messages.create(
-            model=self.model, max_tokens=self.config.get("max_tokens", 8192), system=SYSTEM_PROMPT,
+            model=self.model,
+            max_tokens=self.config.get("max_tokens", 8192),
+            system=SYSTEM_PROMPT,
             messages=[{"role": "user", "content": prompt}],
             tools=[{"name": "submit", "description": "Submit the answer.", "input_schema": schema}],
-            tool_choice={"type": "tool", "name": "submit"}, extra_body=extra,
+            tool_choice={"type": "tool", "name": "submit"},
+            extra_body=extra,
         )
         usage.add(message.usage.input_tokens, message.usage.output_tokens)
         for block in message.content:
@@ -6234,8 +6876,9 @@ class OpenAIProvider:
         key = api_key or provider_key(PROVIDER_SPECS["openai"])
         self.client = shared_client(
             ("openai", key, base_url or os.environ.get("OPENAI_BASE_URL")),
-            lambda: openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=PROVIDER_RETRIES,
-                                       timeout=PROVIDER_CALL_TIMEOUT_S),
+            lambda: openai.AsyncOpenAI(
+                api_key=key, base_url=base_url, max_retries=PROVIDER_RETRIES, timeout=PROVIDER_CALL_TIMEOUT_S
+            ),
         )
         self.model, self.config = model, config
 
@@ -6275,19 +6918,25 @@ class GeminiProvider:
 
         self.types = types
         key = provider_key(PROVIDER_SPECS["gemini"])
-        self.client = shared_client(("gemini", key, os.environ.get("GOOGLE_GEMINI_BASE_URL")),
-                                    lambda: genai.Client(api_key=key, http_options=self._http_options()))
+        self.client = shared_client(
+            ("gemini", key, os.environ.get("GOOGLE_GEMINI_BASE_URL")),
+            lambda: genai.Client(api_key=key, http_options=self._http_options()),
+        )
         self.model, self.config = model, config
 
     def _http_options(self) -> Any:
-        retry = self.types.HttpRetryOptions(attempts=PROVIDER_RETRIES + 1, initial_delay=0.5, max_delay=8.0,
-                                            http_status_codes=[429, 500, 502, 503, 504])
+        retry = self.types.HttpRetryOptions(
+            attempts=PROVIDER_RETRIES + 1, initial_delay=0.5, max_delay=8.0, http_status_codes=[429, 500, 502, 503, 504]
+        )
         return self.types.HttpOptions(timeout=int(PROVIDER_CALL_TIMEOUT_S * 1000), retry_options=retry)
 
     async def complete(self, prompt: str, schema: JSON, usage: Usage) -> str:
         config = self.types.GenerateContentConfig(
-            system_instruction=SYSTEM_PROMPT, response_mime_type="application/json", response_json_schema=schema,
-            temperature=self.config.get("temperature"), max_output_tokens=self.config.get("max_tokens"),
+            system_instruction=SYSTEM_PROMPT,
+            response_mime_type="application/json",
+            response_json_schema=schema,
+            temperature=self.config.get("temperature"),
+            max_output_tokens=self.config.get("max_tokens"),
         )
         response = await self.client.aio.models.generate_content(model=self.model, contents=prompt, config=config)
         meta = response.usage_metadata
@@ -6326,8 +6975,9 @@ def render_participants(people: list[Participant]) -> str:
 Refining = tuple[list[JSON], str]  # the personas to refine, as the model reads them, and the researcher's instruction
 
 
-def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None = None,
-                   refining: Refining | None = None) -> str:
+def persona_prompt(
+    count: int, data: str, config: JSON, others: list[str] | None = None, refining: Refining | None = None
+) -> str:
     detail = LIST_LENGTHS[config.get("detail_level", "standard")]
     lines = [
         f"Create exactly {count} distinct persona{'s' if count != 1 else ''} from the research data below.",
@@ -6346,9 +6996,11 @@ def persona_prompt(count: int, data: str, config: JSON, others: list[str] | None
         lines.append(f"The researcher's instruction: {config['instruction']}")
     earlier = ""
     if refining is not None:
-        lines += ["Personas made earlier from this data are in <personas> below. Refine them, rather than starting "
-                  "afresh, following this instruction of the researcher's: " + refining[1],
-                  "Keep a persona's name while it stands for the same participants."]
+        lines += [
+            "Personas made earlier from this data are in <personas> below. Refine them, rather than starting "
+            "afresh, following this instruction of the researcher's: " + refining[1],
+            "Keep a persona's name while it stands for the same participants.",
+        ]
         earlier = f"\n\n<personas>\n{json.dumps(refining[0], ensure_ascii=False, indent=1)}\n</personas>"
     return "\n".join(lines) + earlier + f"\n\n<data>\n{data}\n</data>"
 
@@ -6365,20 +7017,32 @@ def persona_problems(answer: Any, count: int, fields: Iterable[JSON] = ()) -> li
             continue
         for name in PERSONA_FIELDS:
             value = item.get(name)
-            if not value or (name == "demographics" and not isinstance(value, dict)) or (
+            if (
+                not value
+                or (name == "demographics" and not isinstance(value, dict))
+                or (
                     name in ("goals", "pain_points", "behaviours", "quotes")
-                    and not (isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value))):
+                    and not (isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value))
+                )
+            ):
                 problems.append(f"persona {number}: `{name}` is missing, empty or of the wrong type")
         for field_spec in fields:
             value = item.get(field_spec["name"])
-            if not (isinstance(value, str) and value.strip() if field_spec.get("type") != "list" else
-                    isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)):
+            if not (
+                isinstance(value, str) and value.strip()
+                if field_spec.get("type") != "list"
+                else isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+            ):
                 problems.append(f"persona {number}: `{field_spec['name']}` is missing, empty or of the wrong type")
     return problems
 
 
 def findings_problems(answer: Any, _: int) -> list[str]:
-    if not isinstance(answer, dict) or not isinstance(answer.get("findings"), list) or not isinstance(answer.get("quotes"), list):
+    if (
+        not isinstance(answer, dict)
+        or not isinstance(answer.get("findings"), list)
+        or not isinstance(answer.get("quotes"), list)
+    ):
         return ["the answer must be an object with `findings` and `quotes` arrays"]
     return []
 
@@ -6393,18 +7057,25 @@ class ModelSession:
         self.exchanges: list[JSON] = []
         self.calls = asyncio.Semaphore(SEGMENT_CALLS_AT_ONCE)
 
-    async def ask(self, purpose: str, prompt: str, schema: JSON, check: Callable[[Any, int], list[str]], count: int) -> Any:
+    async def ask(
+        self, purpose: str, prompt: str, schema: JSON, check: Callable[[Any, int], list[str]], count: int
+    ) -> Any:
         """Ask once; on an invalid answer, ask once more showing what was wrong."""
         answer_text = await self._call(purpose, prompt, schema)
         answer, problems = parse_answer(answer_text, check, count)
         if not problems:
             return answer
-        repair = (f"{prompt}\n\nYour previous answer was:\n{answer_text[:20000]}\n\nIt was invalid: "
-                  + "; ".join(problems) + ". Answer again, correcting every problem.")
+        repair = (
+            f"{prompt}\n\nYour previous answer was:\n{answer_text[:20000]}\n\nIt was invalid: "
+            + "; ".join(problems)
+            + ". Answer again, correcting every problem."
+        )
         answer_text = await self._call(f"{purpose} (repair)", repair, schema)
         answer, problems = parse_answer(answer_text, check, count)
         if problems:
-            raise GenerationError(f"{self.name}: the model's answer was invalid after one repair: " + "; ".join(problems[:5]))
+            raise GenerationError(
+                f"{self.name}: the model's answer was invalid after one repair: " + "; ".join(problems[:5])
+            )
         return answer
 
     async def _call(self, purpose: str, prompt: str, schema: JSON) -> str:
@@ -6442,12 +7113,22 @@ def evidence_problems(said: Mapping[str, str], fields: list[JSON], answer: Any, 
     problems = persona_problems(answer, count, fields)
     if problems:
         return problems
-    return [f"persona {number} names no participant id of the data in `participants` and quotes none verbatim"
-            for number, item in enumerate(answer["personas"], 1) if not evidence_ids(item, said)]
+    return [
+        f"persona {number} names no participant id of the data in `participants` and quotes none verbatim"
+        for number, item in enumerate(answer["personas"], 1)
+        if not evidence_ids(item, said)
+    ]
 
 
-def grounded_persona(item: JSON, number: int, source: str, said: Mapping[str, str], segment: list[str] | None,
-                     total: int, fields: list[JSON]) -> tuple[JSON, int]:
+def grounded_persona(
+    item: JSON,
+    number: int,
+    source: str,
+    said: Mapping[str, str],
+    segment: list[str] | None,
+    total: int,
+    fields: list[JSON],
+) -> tuple[JSON, int]:
     """Keep verbatim quotes, move the rest to `unverified_quotes`; evidence names real participants.
 
     Every persona names at least the participants whose words its verified quotes are.
@@ -6470,7 +7151,9 @@ def grounded_persona(item: JSON, number: int, source: str, said: Mapping[str, st
     return persona, len(unverified)
 
 
-async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: ProgressReport) -> tuple[list[JSON], JSON]:
+async def llm_personas(
+    dataset: Dataset, request: JSON, provider: str, report: ProgressReport
+) -> tuple[list[JSON], JSON]:
     """Personas from an LLM, holistic or per segment; returns them with metadata to merge."""
     config = request.get("config", {})
     count = request.get("count", 3)
@@ -6486,10 +7169,17 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
     async with asyncio.timeout(PROVIDER_JOB_TIMEOUT_S):
         if strategy == "holistic":
             if estimate_tokens(rendered) > budget:
-                raise GenerationError(f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens "
-                                      f"{budget}; use strategy 'segmented' or 'auto'")
-            answer = await session.ask("personas", persona_prompt(count, rendered, config, refining=refining), result_schema(config),
-                                       functools.partial(evidence_problems, said, config.get("fields", [])), count)
+                raise GenerationError(
+                    f"the data is about {estimate_tokens(rendered)} tokens, over max_input_tokens "
+                    f"{budget}; use strategy 'segmented' or 'auto'"
+                )
+            answer = await session.ask(
+                "personas",
+                persona_prompt(count, rendered, config, refining=refining),
+                result_schema(config),
+                functools.partial(evidence_problems, said, config.get("fields", [])),
+                count,
+            )
             await report(80, "personas validated")
             items: Sequence[tuple[JSON, list[str] | None]] = [(item, None) for item in answer["personas"]]
         else:
@@ -6500,11 +7190,21 @@ async def llm_personas(dataset: Dataset, request: JSON, provider: str, report: P
         persona, missing = grounded_persona(item, number, source, said, segment, len(people), config.get("fields", []))
         personas.append(persona)
         unverified += missing
-    warnings = [f"{unverified} quote(s) not found verbatim in the data moved to unverified_quotes"] if unverified else []
-    usage = {"input_tokens": session.usage.input_tokens, "output_tokens": session.usage.output_tokens,
-             "calls": session.usage.calls}
-    return personas, {"strategy": strategy, "usage": usage, "warnings": warnings, "exchanges": session.exchanges,
-                      "model": session.provider.model}
+    warnings = (
+        [f"{unverified} quote(s) not found verbatim in the data moved to unverified_quotes"] if unverified else []
+    )
+    usage = {
+        "input_tokens": session.usage.input_tokens,
+        "output_tokens": session.usage.output_tokens,
+        "calls": session.usage.calls,
+    }
+    return personas, {
+        "strategy": strategy,
+        "usage": usage,
+        "warnings": warnings,
+        "exchanges": session.exchanges,
+        "model": session.provider.model,
+    }
 
 
 def refining_for(refining: Refining | None, group: list[Participant]) -> Refining | None:
@@ -6521,8 +7221,17 @@ def refining_asked(request: JSON) -> Refining | None:
     refine = request.get("refine") or {}
     if not refine.get("instruction"):
         return None
-    shown = [{**{key: value for key, value in persona.items() if key not in ("id", "evidence", "themes", "unverified_quotes")},
-              "participants": persona.get("evidence", {}).get("participants", [])} for persona in refine["parent_personas"]]
+    shown = [
+        {
+            **{
+                key: value
+                for key, value in persona.items()
+                if key not in ("id", "evidence", "themes", "unverified_quotes")
+            },
+            "participants": persona.get("evidence", {}).get("participants", []),
+        }
+        for persona in refine["parent_personas"]
+    ]
     return shown, refine["instruction"]
 
 
@@ -6539,19 +7248,34 @@ def llm_strategy(people: list[Participant], config: JSON) -> tuple[str, str]:
     strategy = "segmented" if is_grouped(config) else config.get("strategy", "auto")
     rendered = render_participants(people)
     if strategy == "auto":
-        strategy = "holistic" if estimate_tokens(rendered) <= config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS) else "segmented"
+        strategy = (
+            "holistic"
+            if estimate_tokens(rendered) <= config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
+            else "segmented"
+        )
     return strategy, rendered
 
 
 def segment_summaries(corpus: Corpus, segments: list[Segment]) -> list[str]:
     """A few words per segment, shown to the model writing each other segment's persona so it stays distinct."""
-    return [segment.name or ", ".join(corpus.display.get(t, t) for t in
-                                      distinctive_terms(corpus, term_shares(corpus, segment.members), 4))
-            for segment in segments]
+    return [
+        segment.name
+        or ", ".join(
+            corpus.display.get(t, t) for t in distinctive_terms(corpus, term_shares(corpus, segment.members), 4)
+        )
+        for segment in segments
+    ]
 
 
-async def segmented_items(session: ModelSession, people: list[Participant], count: int, config: JSON, budget: int,
-                          report: ProgressReport, refining: Refining | None = None) -> list[tuple[JSON, list[str]]]:
+async def segmented_items(
+    session: ModelSession,
+    people: list[Participant],
+    count: int,
+    config: JSON,
+    budget: int,
+    report: ProgressReport,
+    refining: Refining | None = None,
+) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
     async with engine_slot():
         corpus = await run_engine(people, build_corpus, people)
@@ -6569,9 +7293,13 @@ async def segmented_items(session: ModelSession, people: list[Participant], coun
         if findings:  # what the counts say, so the model need not count
             data += "\n\nClosed answers that set this segment apart:\n" + "\n".join(f"- {line}" for line in findings)
         others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
-        answer = await session.ask(f"persona for segment {index + 1}",
-                                   persona_prompt(1, data, config, others, refining_for(refining, group)),
-                                   result_schema(config), functools.partial(persona_problems, fields=config.get("fields", [])), 1)
+        answer = await session.ask(
+            f"persona for segment {index + 1}",
+            persona_prompt(1, data, config, others, refining_for(refining, group)),
+            result_schema(config),
+            functools.partial(persona_problems, fields=config.get("fields", [])),
+            1,
+        )
         done += 1
         await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
         item = answer["personas"][0]
@@ -6597,8 +7325,10 @@ def condense_chunks(group: list[Participant], budget: int) -> list[list[Particip
 
 
 def findings_prompt(text: str) -> str:
-    return ("Extract the key findings (goals, pain points, behaviours) and the most telling quotes from "
-            f"this part of the research data. Quotes must be copied exactly.\n\n<data>\n{text}\n</data>")
+    return (
+        "Extract the key findings (goals, pain points, behaviours) and the most telling quotes from "
+        f"this part of the research data. Quotes must be copied exactly.\n\n<data>\n{text}\n</data>"
+    )
 
 
 async def condense(session: ModelSession, group: list[Participant], budget: int) -> str:
@@ -6607,8 +7337,9 @@ async def condense(session: ModelSession, group: list[Participant], budget: int)
     lines = []
     for number, chunk in enumerate(chunks, 1):
         text = render_participants(chunk)
-        answer = await session.ask(f"findings, chunk {number} of {len(chunks)}", findings_prompt(text), FINDINGS_SCHEMA,
-                                   findings_problems, 0)
+        answer = await session.ask(
+            f"findings, chunk {number} of {len(chunks)}", findings_prompt(text), FINDINGS_SCHEMA, findings_problems, 0
+        )
         lines += [f"- {finding}" for finding in answer["findings"]]
         lines += [f'"{quote}"' for quote in answer["quotes"] if normalise_quote(quote) in normalise_quote(text)]
     ids = ", ".join(person.id for person in group)
@@ -6621,13 +7352,24 @@ async def condense(session: ModelSession, group: list[Participant], budget: int)
 # Prices in US dollars per million input and output tokens, from the providers' price
 # pages (December 2026). A model not listed has no price here: its cost is unknown, never guessed.
 MODEL_PRICES = {
-    "claude-opus-4-5": (5.0, 25.0), "claude-opus-4-1": (15.0, 75.0), "claude-opus-4": (15.0, 75.0),
-    "claude-sonnet-4-5": (3.0, 15.0), "claude-sonnet-4": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0),
+    "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4-1": (15.0, 75.0),
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4-5": (1.0, 5.0),
     "claude-3-5-haiku": (0.8, 4.0),
-    "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-5-nano": (0.05, 0.4),
-    "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6), "gpt-4.1-nano": (0.1, 0.4),
-    "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6),
-    "gemini-2.5-pro": (1.25, 10.0), "gemini-2.5-flash": (0.3, 2.5), "gemini-2.5-flash-lite": (0.1, 0.4),
+    "gpt-5": (1.25, 10.0),
+    "gpt-5-mini": (0.25, 2.0),
+    "gpt-5-nano": (0.05, 0.4),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "gpt-4.1-nano": (0.1, 0.4),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gemini-2.5-pro": (1.25, 10.0),
+    "gemini-2.5-flash": (0.3, 2.5),
+    "gemini-2.5-flash-lite": (0.1, 0.4),
     "gemini-2.0-flash": (0.1, 0.4),
 }
 MODEL_SNAPSHOT = re.compile(r"-(\d{8}|\d{4}-\d\d-\d\d|latest)$")  # claude-sonnet-4-20250514, gpt-4o-2024-08-06
@@ -6670,8 +7412,10 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
     plan = CallPlan()
     if strategy == "holistic":
         if estimate_tokens(rendered) > budget:
-            plan.warnings.append(f"the job would fail: the data is about {estimate_tokens(rendered)} tokens, over "
-                                 f"max_input_tokens {budget}; use strategy 'segmented' or 'auto'")
+            plan.warnings.append(
+                f"the job would fail: the data is about {estimate_tokens(rendered)} tokens, over "
+                f"max_input_tokens {budget}; use strategy 'segmented' or 'auto'"
+            )
         plan.add(estimate_tokens(persona_prompt(count, rendered, config)), result_schema(config), per_persona * count)
         return strategy, plan
     corpus = build_corpus(people)
@@ -6686,7 +7430,9 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
             continue
         chunks = condense_chunks(group, budget)
         for chunk in chunks:
-            plan.add(estimate_tokens(findings_prompt(render_participants(chunk))), FINDINGS_SCHEMA, FINDINGS_OUTPUT_TOKENS)
+            plan.add(
+                estimate_tokens(findings_prompt(render_participants(chunk))), FINDINGS_SCHEMA, FINDINGS_OUTPUT_TOKENS
+            )
         findings = FINDINGS_OUTPUT_TOKENS * len(chunks)  # the persona call reads the findings instead of the data
         plan.add(estimate_tokens(persona_prompt(1, "", config, others)) + findings, result_schema(config), per_persona)
     return strategy, plan
@@ -6709,8 +7455,9 @@ async def estimate_job(request: JSON, settings: Settings) -> JSON:
             dataset = await load_data(request["data"], settings)
             people, warnings = dataset.participants, list(dataset.warnings)
             if len(people) < count and not is_grouped(config):
-                raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas "
-                                      "asked for")
+                raise GenerationError(
+                    f"the data has {len(people)} participant(s), fewer than the {count} personas asked for"
+                )
             if provider != "local":
                 strategy, plan = await run_engine(people, plan_calls, people, count, config)
     except GenerationError as exc:
@@ -6718,12 +7465,22 @@ async def estimate_job(request: JSON, settings: Settings) -> JSON:
     warnings += plan.warnings
     price = (0.0, 0.0) if provider == "local" else model_price(provider, model)
     if price is None:
-        warnings.append(f"no price is known for model {model!r}, so cost_usd is null" +
-                        (" (Ollama's models cost what the machine running them costs)" if provider == "ollama" else ""))
+        warnings.append(
+            f"no price is known for model {model!r}, so cost_usd is null"
+            + (" (Ollama's models cost what the machine running them costs)" if provider == "ollama" else "")
+        )
     cost = None if price is None else round((plan.input_tokens * price[0] + plan.output_tokens * price[1]) / 1e6, 6)
-    return {"participants": len(people), "provider": provider, "model": model, "strategy": strategy,
-            "calls": plan.calls, "input_tokens": plan.input_tokens, "output_tokens": plan.output_tokens,
-            "cost_usd": cost, "warnings": warnings}
+    return {
+        "participants": len(people),
+        "provider": provider,
+        "model": model,
+        "strategy": strategy,
+        "calls": plan.calls,
+        "input_tokens": plan.input_tokens,
+        "output_tokens": plan.output_tokens,
+        "cost_usd": cost,
+        "warnings": warnings,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -6745,26 +7502,43 @@ def quality_report(people: list[Participant], personas: list[JSON], silent: Sequ
     Overlap is its highest word similarity to another persona: near-duplicates show.
     """
     known = {person.id: index for index, person in enumerate(people)}
-    members = [[known[pid] for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
-               for persona in personas]
+    members = [
+        [known[pid] for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
+        for persona in personas
+    ]
     covered = {index for group in members for index in group}
     vectors = [normalised(dict(persona_words(persona))) for persona in personas]
     said = SaidIndex(people)
     report = []
     for index, (persona, group) in enumerate(zip(personas, members)):
-        overlap = max((similarity(vectors[index], vectors[other]) for other in range(len(personas)) if other != index),
-                      default=0.0)
+        overlap = max(
+            (similarity(vectors[index], vectors[other]) for other in range(len(personas)) if other != index),
+            default=0.0,
+        )
         items, lifts = said.items(persona, set(group))
-        lifts += [answer["count"] / answer["of"] - answer["share_elsewhere"]
-                  for answer in persona.get("evidence", {}).get("answers", []) if answer.get("of")]
-        report.append({"id": persona.get("id"), "participants": len(group),
-                       "support": support(persona, [people[i] for i in group]), "overlap": round(overlap, 4),
-                       "items": items,
-                       "distinctiveness": round(max(0.0, statistics.fmean(lifts)), 4) if lifts else 0.0})
+        lifts += [
+            answer["count"] / answer["of"] - answer["share_elsewhere"]
+            for answer in persona.get("evidence", {}).get("answers", [])
+            if answer.get("of")
+        ]
+        report.append(
+            {
+                "id": persona.get("id"),
+                "participants": len(group),
+                "support": support(persona, [people[i] for i in group]),
+                "overlap": round(overlap, 4),
+                "items": items,
+                "distinctiveness": round(max(0.0, statistics.fmean(lifts)), 4) if lifts else 0.0,
+            }
+        )
     respondents = len(people) + len(silent)
-    return {"respondents": respondents, "coverage": round(len(covered) / respondents, 4) if respondents else 0.0,
-            "unrepresented": [person.id for index, person in enumerate(people) if index not in covered] + list(silent),
-            "personas": report, "stability": None}
+    return {
+        "respondents": respondents,
+        "coverage": round(len(covered) / respondents, 4) if respondents else 0.0,
+        "unrepresented": [person.id for index, person in enumerate(people) if index not in covered] + list(silent),
+        "personas": report,
+        "stability": None,
+    }
 
 
 class SaidIndex:
@@ -6812,8 +7586,9 @@ STABILITY_SHARE = 0.9  # of the participants each rerun groups
 STABILITY_MAX_PARTICIPANTS = 2000  # a rerun groups at most this many: stability costs no more than a job
 
 
-def grouping_stability(people: list[Participant], count: int, config: JSON,
-                       personas: list[JSON] | None = None) -> float | None:
+def grouping_stability(
+    people: list[Participant], count: int, config: JSON, personas: list[JSON] | None = None
+) -> float | None:
     """How far the engine's own grouping survives leaving participants out (0-1).
 
     The adjusted Rand index between the job's grouping and each of 5 reruns on a
@@ -6850,6 +7625,7 @@ def group_labels(groups: list[list[int]], size: int) -> list[int]:
 
 def adjusted_rand_index(first: list[int], second: list[int]) -> float:
     """Agreement of two groupings of the same items, corrected for chance: 1 the same, about 0 at random."""
+
     def pairs(n: int) -> float:
         return n * (n - 1) / 2
 
@@ -6927,9 +7703,11 @@ def split_items(ours: list[str], theirs: list[str]) -> JSON:
     """What two lists share and what only one holds; case, spacing and punctuation do not count."""
     their_keys = {normalise_quote(item) for item in theirs}
     our_keys = {normalise_quote(item) for item in ours}
-    return {"shared": [item for item in ours if normalise_quote(item) in their_keys],
-            "only_a": [item for item in ours if normalise_quote(item) not in their_keys],
-            "only_b": [item for item in theirs if normalise_quote(item) not in our_keys]}
+    return {
+        "shared": [item for item in ours if normalise_quote(item) in their_keys],
+        "only_a": [item for item in ours if normalise_quote(item) not in their_keys],
+        "only_b": [item for item in theirs if normalise_quote(item) not in our_keys],
+    }
 
 
 def persona_differences(a: JSON, b: JSON) -> JSON:
@@ -6949,10 +7727,19 @@ def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
     pairs = persona_pairs(left, right)
     paired_left, paired_right = {i for i, _, _ in pairs}, {j for _, j, _ in pairs}
     return {
-        "pairs": [{"a": persona_label(left[i]), "b": persona_label(right[j]), "similarity": score,
-                   "fields": persona_differences(left[i], right[j])} for i, j, score in pairs],
-        "unpaired": {"a": [persona_label(p) for i, p in enumerate(left) if i not in paired_left],
-                     "b": [persona_label(p) for j, p in enumerate(right) if j not in paired_right]},
+        "pairs": [
+            {
+                "a": persona_label(left[i]),
+                "b": persona_label(right[j]),
+                "similarity": score,
+                "fields": persona_differences(left[i], right[j]),
+            }
+            for i, j, score in pairs
+        ],
+        "unpaired": {
+            "a": [persona_label(p) for i, p in enumerate(left) if i not in paired_left],
+            "b": [persona_label(p) for j, p in enumerate(right) if j not in paired_right],
+        },
     }
 
 
@@ -6963,7 +7750,9 @@ def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
 
 def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
     """The parent's data and the data a refinement adds: a participant in both (the same id) is one, with all their texts."""
-    people = {person.id: Participant(person.id, list(person.texts), dict(person.attributes)) for person in first.participants}
+    people = {
+        person.id: Participant(person.id, list(person.texts), dict(person.attributes)) for person in first.participants
+    }
     for person in more.participants:
         known = people.get(person.id)
         if known is None:
@@ -6971,11 +7760,21 @@ def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
         else:
             known.texts += [text for text in person.texts if text not in known.texts]
             known.attributes = {**person.attributes, **known.attributes}
-    source = {"kind": "refined", "location": f"{first.source['location']} + {more.source['location']}",
-              "sources": [first.source, more.source], "participants": len(people)}
+    source = {
+        "kind": "refined",
+        "location": f"{first.source['location']} + {more.source['location']}",
+        "sources": [first.source, more.source],
+        "participants": len(people),
+    }
     silent = [pid for pid in dict.fromkeys(first.silent + more.silent) if pid not in people]
-    return Dataset(list(people.values()), source, first.warnings + more.warnings, {**more.labels, **first.labels},
-                   first.names | more.names, silent)
+    return Dataset(
+        list(people.values()),
+        source,
+        first.warnings + more.warnings,
+        {**more.labels, **first.labels},
+        first.names | more.names,
+        silent,
+    )
 
 
 def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: bool) -> list[JSON]:
@@ -6983,15 +7782,23 @@ def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: boo
 
     The continued ones come first, in the parent's order; the others follow under new ids.
     """
-    pairs = [(i, j) for i, j, _ in persona_pairs(parent, personas)
-             if persona_participants(parent[i]) & persona_participants(personas[j])]
+    pairs = [
+        (i, j)
+        for i, j, _ in persona_pairs(parent, personas)
+        if persona_participants(parent[i]) & persona_participants(personas[j])
+    ]
     continues = {j: parent[i] for i, j in pairs}
     number = max((int(p["id"].rsplit("-", 1)[1]) for p in parent if re.fullmatch(r"persona-\d+", p["id"])), default=0)
     kept, fresh = [], []
     for j, persona in enumerate(personas):
         before = continues.get(j)
         if before is not None:
-            kept.append((parent.index(before), {**persona, "id": before["id"], **(named_as(persona, before["name"]) if keep_names else {})}))
+            kept.append(
+                (
+                    parent.index(before),
+                    {**persona, "id": before["id"], **(named_as(persona, before["name"]) if keep_names else {})},
+                )
+            )
         else:
             number += 1
             fresh.append({**persona, "id": f"persona-{number:03d}"})
@@ -7009,13 +7816,18 @@ def persona_changes(parent: list[JSON], personas: list[JSON]) -> JSON:
     changed = []
     for persona in personas:
         if persona["id"] in before:
-            fields = {key: {"added": split["only_b"], "removed": split["only_a"]}
-                      for key, split in persona_differences(before[persona["id"]], persona).items()
-                      if split["only_a"] or split["only_b"]}
+            fields = {
+                key: {"added": split["only_b"], "removed": split["only_a"]}
+                for key, split in persona_differences(before[persona["id"]], persona).items()
+                if split["only_a"] or split["only_b"]
+            }
             changed.append({"id": persona["id"], "name": persona["name"], "fields": fields})
     now = {persona["id"] for persona in personas}
-    return {"personas": changed, "new": [persona_label(p) for p in personas if p["id"] not in before],
-            "gone": [persona_label(p) for p in parent if p["id"] not in now]}
+    return {
+        "personas": changed,
+        "new": [persona_label(p) for p in personas if p["id"] not in before],
+        "gone": [persona_label(p) for p in parent if p["id"] not in now],
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -7081,10 +7893,15 @@ def quality_line(quality: JSON | None) -> str:
         return ""
     size, said = quality["participants"], sorted(item["said_by"] for item in quality.get("items", []))
     spread = f"{said[0]}" if said and said[0] == said[-1] else f"{said[0]} to {said[-1]}" if said else ""
-    items = (f"its goals, pain points and behaviours are each said by {spread} of them" if said
-             else "no goal, pain point or behaviour to check")
-    return (f"Quality: stands for {size} participant(s); {items}; distinctiveness "
-            f"{quality.get('distinctiveness', 0.0):.2f}; overlap with the closest other persona {quality['overlap']:.2f}")
+    items = (
+        f"its goals, pain points and behaviours are each said by {spread} of them"
+        if said
+        else "no goal, pain point or behaviour to check"
+    )
+    return (
+        f"Quality: stands for {size} participant(s); {items}; distinctiveness "
+        f"{quality.get('distinctiveness', 0.0):.2f}; overlap with the closest other persona {quality['overlap']:.2f}"
+    )
 
 
 def coverage_line(quality: JSON | None) -> str:
@@ -7108,8 +7925,10 @@ def said_by(quality: JSON | None, key: str, index: int) -> str:
 def answer_finding(answer: JSON) -> str:
     """A closed answer stated as a finding: `Re-run the build: often, 20 of 23 (87%), against 41% of everyone else.`"""
     share = answer["count"] / answer["of"] if answer.get("of") else 0.0
-    return (f"{answer['question'].rstrip(' ?:.…')}: {answer['answer'].lower()}, {answer['count']} of {answer['of']} "
-            f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else.")
+    return (
+        f"{answer['question'].rstrip(' ?:.…')}: {answer['answer'].lower()}, {answer['count']} of {answer['of']} "
+        f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else."
+    )
 
 
 def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> str:
@@ -7118,18 +7937,31 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
     Markdown passes HTML through, so everything from the data is escaped as on the HTML cards.
     """
     e, h = markdown_escape, "#" * depth
-    details = ", ".join(f"{e(str(key).replace('_', ' '))}: {e(value)}" for key, value in persona["demographics"].items())
-    lines = [f"{h} {e(persona['name'])}: {e(persona['title'])}", "", e(persona.get("summary", "")), "",
-             f"**Demographics**: {details}", ""]
+    details = ", ".join(
+        f"{e(str(key).replace('_', ' '))}: {e(value)}" for key, value in persona["demographics"].items()
+    )
+    lines = [
+        f"{h} {e(persona['name'])}: {e(persona['title'])}",
+        "",
+        e(persona.get("summary", "")),
+        "",
+        f"**Demographics**: {details}",
+        "",
+    ]
     if quality:
         lines += [f"*{quality_line(quality)}*", ""]
     answers = persona.get("evidence", {}).get("answers", [])
     if answers:
         lines += [f"{h}# What sets them apart", ""] + [f"- {e(answer_finding(answer))}" for answer in answers] + [""]
     for key, heading in LIST_HEADINGS.items():
-        lines += [f"{h}# {heading}", ""] + ([f"- {e(item)}{said_by(quality, key, index)}"
-                                               for index, item in enumerate(persona[key])]
-                                              or [f"*{nothing_found(key)}*"]) + [""]
+        lines += (
+            [f"{h}# {heading}", ""]
+            + (
+                [f"- {e(item)}{said_by(quality, key, index)}" for index, item in enumerate(persona[key])]
+                or [f"*{nothing_found(key)}*"]
+            )
+            + [""]
+        )
     for key, value in custom_fields(persona).items():
         items = value if isinstance(value, list) else [value]
         lines += [f"{h}# {e(field_heading(key))}", ""] + [f"- {e(item)}" for item in items] + [""]
@@ -7138,7 +7970,12 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
         lines += [f"{h}# Unverified quotes (not found in the data)", ""]
         lines += [line for quote in persona["unverified_quotes"] for line in (f"> {e(quote)}", "")]
     evidence = persona["evidence"]
-    lines += [f"{h}# Evidence", "", f"Participants ({evidence['share']:.0%}): {e(', '.join(evidence['participants']))}", ""]
+    lines += [
+        f"{h}# Evidence",
+        "",
+        f"Participants ({evidence['share']:.0%}): {e(', '.join(evidence['participants']))}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -7178,17 +8015,24 @@ def escape(value: Any) -> str:
 
 def html_page(title: str, subtitle: str, body: str) -> str:
     """A self-contained page: inline CSS, no scripts, no external assets."""
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title><style>{PAGE_STYLE}</style>'
-            f'</head><body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>{body}</body></html>')
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title><style>{PAGE_STYLE}</style>'
+        f"</head><body><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>{body}</body></html>"
+    )
 
 
 def html_list(key: str, items: list[str], quality: JSON | None = None) -> str:
     if not items:
         return f'<h3>{escape(LIST_HEADINGS[key])}</h3><p class="none">{escape(nothing_found(key))}</p>'
-    return f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>" + "".join(
-        f"<li>{escape(item)}<span class=\"said\">{escape(said_by(quality, key, index))}</span></li>"
-        for index, item in enumerate(items)) + "</ul>"
+    return (
+        f"<h3>{escape(LIST_HEADINGS[key])}</h3><ul>"
+        + "".join(
+            f'<li>{escape(item)}<span class="said">{escape(said_by(quality, key, index))}</span></li>'
+            for index, item in enumerate(items)
+        )
+        + "</ul>"
+    )
 
 
 def html_items(items: list[str]) -> str:
@@ -7204,23 +8048,33 @@ def html_field(key: str, value: str | list[str]) -> str:
 def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
     evidence = persona.get("evidence", {})
     share = f'<span class="share">{evidence["share"]:.0%} of participants</span>' if "share" in evidence else ""
-    demographics = "".join(f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
-                           for key, value in persona.get("demographics", {}).items())
+    demographics = "".join(
+        f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
+        for key, value in persona.get("demographics", {}).items()
+    )
     quotes = "".join(f"<blockquote>{escape(q)}</blockquote>" for q in persona.get("quotes", []))
-    quotes += "".join(f'<blockquote class="unverified">{escape(q)}</blockquote>' for q in persona.get("unverified_quotes", []))
+    quotes += "".join(
+        f'<blockquote class="unverified">{escape(q)}</blockquote>' for q in persona.get("unverified_quotes", [])
+    )
     return (
         f'<article class="card" id="{escape(persona.get("id", ""))}">{share}<h2>{escape(persona["name"])}</h2>'
         f'<p class="title">{escape(persona["title"])}</p>'
         + (f"<p>{escape(persona['summary'])}</p>" if persona.get("summary") else "")
         + (f"<h3>Demographics</h3><dl>{demographics}</dl>" if demographics else "")
         + (f'<p class="quality">{escape(quality_line(quality))}</p>' if quality else "")
-        + (f"<h3>What sets them apart</h3>{html_items([answer_finding(a) for a in evidence['answers']])}"
-           if evidence.get("answers") else "")
+        + (
+            f"<h3>What sets them apart</h3>{html_items([answer_finding(a) for a in evidence['answers']])}"
+            if evidence.get("answers")
+            else ""
+        )
         + "".join(html_list(key, persona.get(key, []), quality) for key in LIST_HEADINGS)
         + "".join(html_field(key, value) for key, value in custom_fields(persona).items())
         + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
-        + (f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
-           if evidence.get("participants") else "")
+        + (
+            f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
+            if evidence.get("participants")
+            else ""
+        )
         + "</article>"
     )
 
@@ -7228,7 +8082,9 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
 def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = None) -> str:
     by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
     cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in personas)
-    return html_page("Personas", subtitle + (f" · {coverage_line(quality)}" if quality else ""), f"<main>{cards}</main>")
+    return html_page(
+        "Personas", subtitle + (f" · {coverage_line(quality)}" if quality else ""), f"<main>{cards}</main>"
+    )
 
 
 STANDARD_KEYS = frozenset({*PERSONA_FIELDS, "id", "summary", "evidence", "unverified_quotes", "themes"})
@@ -7262,9 +8118,20 @@ def personas_csv(personas: list[JSON]) -> str:
     extra = list(dict.fromkeys(key for persona in personas for key in custom_fields(persona)))
     lists = ["goals", "pain_points", "behaviours", "quotes"]
     named = {"id", "name", "title", "summary", *lists, *extra}
-    demographics = [key for key in demographics if key not in ("participants", "share")]  # the evidence columns say them
-    columns = ["id", "name", "title", "summary", *(f"demographics.{key}" if key in named else key for key in demographics),
-               *lists, *extra, "participants", "share"]
+    demographics = [
+        key for key in demographics if key not in ("participants", "share")
+    ]  # the evidence columns say them
+    columns = [
+        "id",
+        "name",
+        "title",
+        "summary",
+        *(f"demographics.{key}" if key in named else key for key in demographics),
+        *lists,
+        *extra,
+        "participants",
+        "share",
+    ]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow([spreadsheet_cell(column) for column in columns])  # headers come from data and models too
@@ -7325,7 +8192,9 @@ def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges:
     staging.mkdir(parents=True)
     mark_output_folder(folder.parent)
     for form in ("json", "csv", "html"):
-        (staging / f"personas.{EXPORT_FORMATS[form][1]}").write_text(personas_document(form, personas, metadata), "utf-8")
+        (staging / f"personas.{EXPORT_FORMATS[form][1]}").write_text(
+            personas_document(form, personas, metadata), "utf-8"
+        )
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), "utf-8")
     by_id = {entry["id"]: entry for entry in (metadata.get("quality") or {}).get("personas", [])}
     for persona in personas:
@@ -7370,7 +8239,11 @@ def remove_partial_folders(output_dir: Path) -> int:
         writer, pid, _ = path.name.rsplit("~", 2)
         # at start-up this process has written nothing yet: a folder under its pid is a dead namesake's
         # (a container's server is PID 1 on every start)
-        gone = writer.endswith(f"~{this_host()}") and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
+        gone = (
+            writer.endswith(f"~{this_host()}")
+            and pid.isdigit()
+            and (int(pid) == os.getpid() or not pid_alive(int(pid)))
+        )
         with contextlib.suppress(OSError):
             if gone or time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
                 shutil.rmtree(path)
@@ -7392,16 +8265,25 @@ def resolve_provider(request: JSON, need_key: bool = True) -> str:
     """Refuse at submission a provider that cannot run here, saying what to do (an estimate needs no key)."""
     provider = pick_provider(request)
     if provider not in PROVIDER_NAMES:
-        raise APIError(400, f"PERSONA_PROVIDER names an unknown provider {provider!r}; use one of: {', '.join(PROVIDER_NAMES)}")
+        raise APIError(
+            400, f"PERSONA_PROVIDER names an unknown provider {provider!r}; use one of: {', '.join(PROVIDER_NAMES)}"
+        )
     if provider == "local":
         if request.get("model") not in (None, LOCAL_MODEL):
-            raise APIError(422, f"Request validation failed: model must be {LOCAL_MODEL!r} for provider 'local'",
-                           {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
+            raise APIError(
+                422,
+                f"Request validation failed: model must be {LOCAL_MODEL!r} for provider 'local'",
+                {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"},
+            )
         return provider
     spec = PROVIDER_SPECS[provider]
     if need_key and spec.key_variables and provider_key(spec) is None:
-        raise APIError(400, f"provider {provider!r} needs an API key: set {' or '.join(spec.key_variables)} "
-                            "in the environment Persona runs in", {"provider": provider})
+        raise APIError(
+            400,
+            f"provider {provider!r} needs an API key: set {' or '.join(spec.key_variables)} "
+            "in the environment Persona runs in",
+            {"provider": provider},
+        )
     return provider
 
 
@@ -7421,8 +8303,11 @@ def check_llm_options(request: JSON) -> None:
     config = request.get("config", {})
     problems = {}
     if request["provider"] == "local":
-        problems = {f"config.{key}": "needs an LLM provider; the offline engine builds personas from the data alone"
-                    for key in ("instruction", "fields") if key in config}
+        problems = {
+            f"config.{key}": "needs an LLM provider; the offline engine builds personas from the data alone"
+            for key in ("instruction", "fields")
+            if key in config
+        }
     seen: set[str] = set()
     for index, item in enumerate(config.get("fields", [])):
         name = item["name"]
@@ -7445,7 +8330,9 @@ def grouping_key(wanted: str, dataset: Dataset) -> str:
     for key in keys:
         label = dataset.labels.get(key, "")
         grid = grid_parts(label)
-        if squash(wanted) in {squash(name) for name in (label, question_text(key, dataset.labels), grid and grid[1]) if name}:
+        if squash(wanted) in {
+            squash(name) for name in (label, question_text(key, dataset.labels), grid and grid[1]) if name
+        }:
             return key
     return wanted
 
@@ -7460,8 +8347,10 @@ def grouping_warnings(key: str, dataset: Dataset, count: int) -> list[str]:
     groups = group_count(key, dataset)
     if groups <= count:
         return []
-    return [f"{groups} groups, personas for the {count} largest; ask for {min(groups, 20)} to see "
-            f"{'all' if groups <= 20 else 'the 20 largest'}"]
+    return [
+        f"{groups} groups, personas for the {count} largest; ask for {min(groups, 20)} to see "
+        f"{'all' if groups <= 20 else 'the 20 largest'}"
+    ]
 
 
 def with_answers(personas: list[JSON], dataset: Dataset) -> list[JSON]:
@@ -7475,7 +8364,9 @@ def with_answers(personas: list[JSON], dataset: Dataset) -> list[JSON]:
     return personas
 
 
-async def job_dataset(request: JSON, settings: Settings, fetched: Fetched | None = None) -> tuple[Dataset, Redactor | None]:
+async def job_dataset(
+    request: JSON, settings: Settings, fetched: Fetched | None = None
+) -> tuple[Dataset, Redactor | None]:
     """A job's data: its source, then each source its refinements added, read together; and its redactor, if asked.
 
     Each source is redacted in turn, before they are merged, so that a refinement numbers
@@ -7492,8 +8383,15 @@ async def job_dataset(request: JSON, settings: Settings, fetched: Fetched | None
     return functools.reduce(merged_datasets, datasets), redactor
 
 
-async def generate(job_id: str, request: JSON, experiment_id: str, settings: Settings, report: ProgressReport,
-                   begin: Callable[[], Awaitable[None]] | None = None, created_at: str | None = None) -> JSON:
+async def generate(
+    job_id: str,
+    request: JSON,
+    experiment_id: str,
+    settings: Settings,
+    report: ProgressReport,
+    begin: Callable[[], Awaitable[None]] | None = None,
+    created_at: str | None = None,
+) -> JSON:
     """Run one job: load, cluster, build personas, write outputs. Returns the job's result.
 
     Its data URLs are fetched first; then an offline job holds one of the process's engine
@@ -7513,8 +8411,16 @@ async def generate(job_id: str, request: JSON, experiment_id: str, settings: Set
         return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at, fetched)
 
 
-async def generate_with(provider: str, job_id: str, request: JSON, experiment_id: str, settings: Settings,
-                        report: ProgressReport, created_at: str | None, fetched: Fetched | None = None) -> JSON:
+async def generate_with(
+    provider: str,
+    job_id: str,
+    request: JSON,
+    experiment_id: str,
+    settings: Settings,
+    report: ProgressReport,
+    created_at: str | None,
+    fetched: Fetched | None = None,
+) -> JSON:
     started = time.perf_counter()
     count = request.get("count", 3)
     config = request.get("config", {})
@@ -7525,7 +8431,10 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         if refine:
             refine = {**refine, "parent_personas": redactor.value(refine["parent_personas"])}
         if "groups" in config:
-            config = {**config, "groups": {name: [redactor.text(pid) for pid in ids] for name, ids in config["groups"].items()}}
+            config = {
+                **config,
+                "groups": {name: [redactor.text(pid) for pid in ids] for name, ids in config["groups"].items()},
+            }
         request = {**request, "config": config, **({"refine": refine} if refine else {})}
     if config.get("group_by") is not None:
         config = {**config, "group_by": grouping_key(config["group_by"], dataset)}
@@ -7533,8 +8442,11 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         dataset.warnings += grouping_warnings(config["group_by"], dataset, count)
     loaded = time.perf_counter()
     await report(30, f"loaded {len(dataset.participants)} participants")
-    engine: JSON = {"count": count, "complexity": config.get("complexity", "moderate"),
-                    "detail_level": config.get("detail_level", "standard")}
+    engine: JSON = {
+        "count": count,
+        "complexity": config.get("complexity", "moderate"),
+        "detail_level": config.get("detail_level", "standard"),
+    }
     exchanges: list[JSON] = []
     if provider == "local":
         personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
@@ -7542,18 +8454,35 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
         engine.update(name="tfidf-kmeans", seed=0)
     else:
         personas, details = await llm_personas(dataset, request, provider, report)
-        warnings, usage, exchanges, model = details["warnings"], details["usage"], details["exchanges"], details["model"]
-        engine.update(name="llm", strategy=details["strategy"],
-                      **{key: config[key] for key in ("temperature", "max_tokens", "max_input_tokens", "instruction", "fields")
-                         if key in config})
+        warnings, usage, exchanges, model = (
+            details["warnings"],
+            details["usage"],
+            details["exchanges"],
+            details["model"],
+        )
+        engine.update(
+            name="llm",
+            strategy=details["strategy"],
+            **{
+                key: config[key]
+                for key in ("temperature", "max_tokens", "max_input_tokens", "instruction", "fields")
+                if key in config
+            },
+        )
     if refine:
         personas = continued_personas(refine["parent_personas"], personas, keep_names="instruction" not in refine)
     personas = with_answers(personas, dataset)
     async with engine_slot() if provider != "local" else contextlib.nullcontext():  # an offline job holds its slot
         quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas, dataset.silent)
         if engine.get("name") == "tfidf-kmeans" or engine.get("strategy") == "segmented":  # a grouping of its own
-            quality["stability"] = await run_engine(dataset.participants, grouping_stability, dataset.participants,
-                                                    count, config, personas if provider == "local" else None)
+            quality["stability"] = await run_engine(
+                dataset.participants,
+                grouping_stability,
+                dataset.participants,
+                count,
+                config,
+                personas if provider == "local" else None,
+            )
     built = time.perf_counter()
     await report(85, "personas built")
     metadata = {
@@ -7578,7 +8507,9 @@ async def generate_with(provider: str, job_id: str, request: JSON, experiment_id
     await report(95, "outputs written")
     result = {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
     if refine:
-        result.update(parent_job_id=refine["parent_job_id"], changes=persona_changes(refine["parent_personas"], personas))
+        result.update(
+            parent_job_id=refine["parent_job_id"], changes=persona_changes(refine["parent_personas"], personas)
+        )
     return result
 
 
@@ -7656,8 +8587,12 @@ class ClaimLoop:
             try:
                 await self.release(key)
             except Exception as exc:  # the claim lapses instead, and the work is done again
-                log.warning("%s: could not hand back %s (%s); its claim will lapse", self.name, key,
-                            getattr(exc, "reason", type(exc).__name__))
+                log.warning(
+                    "%s: could not hand back %s (%s); its claim will lapse",
+                    self.name,
+                    key,
+                    getattr(exc, "reason", type(exc).__name__),
+                )
 
     async def release(self, key: str) -> None:
         """Hand back one piece of work that a stop cut short."""
@@ -7770,7 +8705,9 @@ class JobRunner(ClaimLoop):
             job = await self.store.claim_job(self.worker_id)
             if job is None:
                 return
-            self.track(job["job_id"], self._execute(job["job_id"], job["request"], job["experiment_id"], job["created_at"]))
+            self.track(
+                job["job_id"], self._execute(job["job_id"], job["request"], job["experiment_id"], job["created_at"])
+            )
 
     async def _report(self, job_id: str, progress: int, stage: str) -> None:
         """Record progress; a write the database refuses only loses this step of it."""
@@ -7793,8 +8730,15 @@ class JobRunner(ClaimLoop):
             await self._report(job_id, progress, stage)
 
         try:
-            result = await generate(job_id, request, experiment_id, self.settings, report,
-                                    functools.partial(self._begin, job_id), created_at)
+            result = await generate(
+                job_id,
+                request,
+                experiment_id,
+                self.settings,
+                report,
+                functools.partial(self._begin, job_id),
+                created_at,
+            )
         except JobCancelled:
             self.begun.discard(job_id)
             return
@@ -7902,8 +8846,9 @@ class WebhookDispatcher(ClaimLoop):
         for delivery in await self.store.claim_deliveries(self.worker_id, free):
             self.track(delivery["delivery_id"], self._deliver(**delivery))
 
-    async def _deliver(self, delivery_id: str, event: str, url: str, secret: str | None, payload: str,
-                       attempts: int) -> None:
+    async def _deliver(
+        self, delivery_id: str, event: str, url: str, secret: str | None, payload: str, attempts: int
+    ) -> None:
         body = payload.encode("utf-8")
         attempt = {"attempted_at": utc_now(), "http_status": None, "error": None, "duration_ms": 0}
         started = time.perf_counter()
@@ -7913,8 +8858,9 @@ class WebhookDispatcher(ClaimLoop):
             headers.update(delivery_headers(delivery_id, event, secret, body, int(time.time())))
             async with (  # the timeout bounds the whole attempt: a receiver trickling its answer fails it
                 asyncio.timeout(self.settings.webhook_timeout),
-                outbound_request("POST", target, self.settings.webhook_timeout, content=body, headers=headers,
-                                 extensions=extensions) as response,
+                outbound_request(
+                    "POST", target, self.settings.webhook_timeout, content=body, headers=headers, extensions=extensions
+                ) as response,
             ):
                 attempt["http_status"] = response.status_code
                 if response.status_code in (429, 503):
@@ -7927,8 +8873,10 @@ class WebhookDispatcher(ClaimLoop):
             attempt["error"] = describe_send_error(exc, self.settings.webhook_timeout)
         attempt["duration_ms"] = round((time.perf_counter() - started) * 1000)
         status, delay = self._outcome(attempt, attempts + 1, retry_after, final)
-        await self.save(functools.partial(self.store.settle_delivery, delivery_id, self.worker_id, attempt, status, delay),
-                        f"delivery {delivery_id}")
+        await self.save(
+            functools.partial(self.store.settle_delivery, delivery_id, self.worker_id, attempt, status, delay),
+            f"delivery {delivery_id}",
+        )
 
     def _outcome(self, attempt: JSON, attempts_done: int, retry_after: float | None, final: bool) -> tuple[str, float]:
         code = attempt["http_status"]
@@ -8033,8 +8981,13 @@ def client_ip(scope: Scope) -> str:
 async def send_envelope(send: Send, status: int, envelope: JSON, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     """An error in the reference's envelope, sent by a middleware before any route runs."""
     body = json_bytes(envelope)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        *headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -8082,9 +9035,16 @@ class HostCheckMiddleware:
         if host is None or host in LOOPBACK_NAMES or is_loopback_address(host) or host in settings.allowed_hosts:
             await self.app(scope, receive, send)
             return
-        await send_envelope(send, 400, error_envelope(
-            ERROR_CODES[400], f"Host {host[:100]!r} is not a name this server answers: a server on loopback answers "
-            "localhost, 127.0.0.1 and [::1] (add others with --allowed-hosts)", {"host": host[:100]}))
+        await send_envelope(
+            send,
+            400,
+            error_envelope(
+                ERROR_CODES[400],
+                f"Host {host[:100]!r} is not a name this server answers: a server on loopback answers "
+                "localhost, 127.0.0.1 and [::1] (add others with --allowed-hosts)",
+                {"host": host[:100]},
+            ),
+        )
 
 
 class RateLimitMiddleware:
@@ -8118,7 +9078,8 @@ class RateLimitMiddleware:
     @staticmethod
     async def _refuse(send: Send, headers: list[tuple[bytes, bytes]], retry_after: int) -> None:
         envelope = error_envelope(
-            "rate_limited", f"Rate limit exceeded. Retry after {retry_after} seconds.", {"retry_after": retry_after})
+            "rate_limited", f"Rate limit exceeded. Retry after {retry_after} seconds.", {"retry_after": retry_after}
+        )
         await send_envelope(send, 429, envelope, [*headers, (b"retry-after", str(retry_after).encode())])
 
 
@@ -8223,8 +9184,9 @@ def authenticate(request: Request) -> str:
         return f"ip:{client_ip(request.scope)}"
     given = request_header(request, b"authorization") or ""
     if not given.startswith("Bearer ") or not given[7:]:
-        raise APIError(401, "Authentication required: send 'Authorization: Bearer <token>'",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401, "Authentication required: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     given_digest = hashlib.sha256(given[7:].encode("latin-1")).digest()
     match = None
     for digest in digests:
@@ -8240,8 +9202,11 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     if raw is None:
         return default
     if not re.fullmatch(r"\d{1,10}", raw) or not low <= int(raw) <= high:
-        raise APIError(422, f"Query parameter {name} must be an integer from {low} to {high}",
-                       {name: f"must be an integer from {low} to {high}"})
+        raise APIError(
+            422,
+            f"Query parameter {name} must be an integer from {low} to {high}",
+            {name: f"must be an integer from {low} to {high}"},
+        )
     return int(raw)
 
 
@@ -8250,8 +9215,11 @@ def idempotency_key(request: Request, body: JSON) -> tuple[str, str] | None:
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise APIError(422, "Idempotency-Key must be 1 to 255 printable characters",
-                       {"Idempotency-Key": "must be 1 to 255 printable characters"})
+        raise APIError(
+            422,
+            "Idempotency-Key must be 1 to 255 printable characters",
+            {"Idempotency-Key": "must be 1 to 255 printable characters"},
+        )
     return key, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -8318,11 +9286,19 @@ async def refine_generation(request: Request) -> Response:
         raise APIError(404, f"Job {parent['job_id']} not found")
     job_request = generation_request(refined_body(stored[0], asked), state(request).settings)
     if "instruction" in asked and job_request["provider"] == "local":
-        raise APIError(422, "Request validation failed: instruction needs an LLM provider; the offline engine can "
-                            "refine with more data only", {"instruction": "needs an LLM provider"})
+        raise APIError(
+            422,
+            "Request validation failed: instruction needs an LLM provider; the offline engine can "
+            "refine with more data only",
+            {"instruction": "needs an LLM provider"},
+        )
     more_data = stored[0].get("refine", {}).get("more_data", []) + ([asked["data"]] if "data" in asked else [])
-    job_request["refine"] = {"parent_job_id": parent["job_id"], "parent_personas": result["personas"],
-                             "more_data": more_data, **({"instruction": asked["instruction"]} if "instruction" in asked else {})}
+    job_request["refine"] = {
+        "parent_job_id": parent["job_id"],
+        "parent_personas": result["personas"],
+        "more_data": more_data,
+        **({"instruction": asked["instruction"]} if "instruction" in asked else {}),
+    }
     idempotency = idempotency_key(request, {"refine": parent["job_id"], **body})
     return await admit_job(request, owner, job_request, asked.get("data"), idempotency, experiment_id=stored[1])
 
@@ -8335,26 +9311,45 @@ def refined_body(parent: JSON, asked: JSON) -> JSON:
     """
     provider = asked.get("provider", parent.get("provider"))
     model = asked.get("model", parent.get("model") if provider == parent.get("provider") else None)
-    config = {key: value for key, value in (asked.get("config", parent.get("config")) or {}).items() if key != "experiment"}
+    config = {
+        key: value for key, value in (asked.get("config", parent.get("config")) or {}).items() if key != "experiment"
+    }
     if parent.get("config", {}).get("redact"):
         config["redact"] = True
-    body = {"data": parent["data"], "count": asked.get("count", parent.get("count")), "provider": provider, "model": model,
-            "config": config, "webhook_url": asked.get("webhook_url")}
+    body = {
+        "data": parent["data"],
+        "count": asked.get("count", parent.get("count")),
+        "provider": provider,
+        "model": model,
+        "config": config,
+        "webhook_url": asked.get("webhook_url"),
+    }
     return {key: value for key, value in body.items() if value is not None}
 
 
-async def admit_job(request: Request, owner: str, job_request: JSON, data: str | list[Any] | None,
-                    idempotency: tuple[str, str] | None, experiment_id: str | None = None) -> Response:
+async def admit_job(
+    request: Request,
+    owner: str,
+    job_request: JSON,
+    data: str | list[Any] | None,
+    idempotency: tuple[str, str] | None,
+    experiment_id: str | None = None,
+) -> Response:
     """Queue a checked request within its owner's quota, once its data source checks out, and answer as the reference does."""
     app_state = state(request)
     limit = app_state.settings.max_concurrent_jobs
     if data is not None:
-        await check_data_source(data, app_state.settings.data_dir,
-                                functools.partial(check_quota, app_state.store, owner, limit))
+        await check_data_source(
+            data, app_state.settings.data_dir, functools.partial(check_quota, app_state.store, owner, limit)
+        )
     admission = await app_state.store.create_job(owner, job_request, limit, idempotency, experiment_id)
     if admission.conflict:
-        raise APIError(422, "This Idempotency-Key was already used with a different request body; "
-                            "use a new key for a different request", {"idempotency_key": idempotency and idempotency[0]})
+        raise APIError(
+            422,
+            "This Idempotency-Key was already used with a different request body; "
+            "use a new key for a different request",
+            {"idempotency_key": idempotency and idempotency[0]},
+        )
     if admission.job_id is None:
         raise too_many_jobs(owner, limit, admission.active)
     job_id, replayed = admission.job_id, admission.replayed
@@ -8364,9 +9359,16 @@ async def admit_job(request: Request, owner: str, job_request: JSON, data: str |
         job = await app_state.store.get_job(job_id)
         status = job["status"] if job else status
     return Response(
-        json_bytes({"job_id": job_id, "status": status, "message": "Generation job created successfully",
-                    "status_url": f"/api/v1/generate/{job_id}"}),
-        media_type="application/json", headers={"Idempotent-Replayed": "true"} if replayed else None,
+        json_bytes(
+            {
+                "job_id": job_id,
+                "status": status,
+                "message": "Generation job created successfully",
+                "status_url": f"/api/v1/generate/{job_id}",
+            }
+        ),
+        media_type="application/json",
+        headers={"Idempotent-Replayed": "true"} if replayed else None,
     )
 
 
@@ -8386,8 +9388,9 @@ def check_destination(url: str | None, field_name: str, settings: Settings) -> N
         raise APIError(422, f"Request validation failed: {field_name} {reason}", {field_name: reason})
 
 
-async def lookup(request: Request, param: str, pattern: re.Pattern[str], fetch: Callable[[str], Awaitable[Any]],
-                 label: str) -> Any:
+async def lookup(
+    request: Request, param: str, pattern: re.Pattern[str], fetch: Callable[[str], Awaitable[Any]], label: str
+) -> Any:
     """The resource a path names, or a 404; what does not look like an id is never queried."""
     key = request.path_params[param]
     found = await fetch(key) if pattern.match(key) else None
@@ -8413,8 +9416,11 @@ async def get_generation(request: Request) -> Response:
 def completed_result(job: JSON, action: str) -> JSON:
     """A job's result, for what only a completed job allows (export, refine, compare); else a 409."""
     if job["status"] != "completed":
-        raise APIError(409, f"Job {job['job_id']} has status {job['status']}; only a completed job can be {action}",
-                       {"status": job["status"]})
+        raise APIError(
+            409,
+            f"Job {job['job_id']} has status {job['status']}; only a completed job can be {action}",
+            {"status": job["status"]},
+        )
     return job["result"]
 
 
@@ -8424,12 +9430,17 @@ async def export_generation(request: Request) -> Response:
     form = request.query_params.get("format", "json").lower()
     if form not in EXPORT_FORMATS:
         formats = ", ".join(EXPORT_FORMATS)
-        raise APIError(422, f"Query parameter format must be one of: {formats}", {"format": f"must be one of: {formats}"})
+        raise APIError(
+            422, f"Query parameter format must be one of: {formats}", {"format": f"must be one of: {formats}"}
+        )
     result = completed_result(job, "exported")
     media_type, ending = EXPORT_FORMATS[form]
     document = personas_document(form, result["personas"], result["metadata"])
-    return Response(document.encode("utf-8"), media_type=media_type, headers={
-        "Content-Disposition": f'attachment; filename="personas-{job["job_id"]}.{ending}"'})
+    return Response(
+        document.encode("utf-8"),
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="personas-{job["job_id"]}.{ending}"'},
+    )
 
 
 async def compare_generations(request: Request) -> JSONResponse:
@@ -8453,8 +9464,11 @@ async def cancel_generation(request: Request) -> JSONResponse:
     job = await find_job(request)
     if not await state(request).store.cancel_job(job["job_id"]):
         job = await find_job(request)
-        raise APIError(409, f"Job {job['job_id']} is already {job['status']}; only pending or running jobs can be cancelled",
-                       {"status": job["status"]})
+        raise APIError(
+            409,
+            f"Job {job['job_id']} is already {job['status']}; only pending or running jobs can be cancelled",
+            {"status": job["status"]},
+        )
     state(request).runner.cancel_local(job["job_id"])
     state(request).dispatcher.wake()
     return JSONResponse(await find_job(request))
@@ -8463,8 +9477,11 @@ async def cancel_generation(request: Request) -> JSONResponse:
 async def list_generations(request: Request) -> Response:
     status = request.query_params.get("status")
     if status is not None and status not in JOB_STATUSES:
-        raise APIError(422, f"Query parameter status must be one of: {', '.join(JOB_STATUSES)}",
-                       {"status": "must be one of: " + ", ".join(JOB_STATUSES)})
+        raise APIError(
+            422,
+            f"Query parameter status must be one of: {', '.join(JOB_STATUSES)}",
+            {"status": "must be one of: " + ", ".join(JOB_STATUSES)},
+        )
     limit, offset = page_of(request)
     body, total, count = await state(request).store.list_jobs_json(status, limit, offset)
     headers = page_headers(request, {"status": status} if status else {}, limit, offset, count, total)
@@ -8476,11 +9493,15 @@ def page_of(request: Request) -> tuple[int, int]:
     return query_int(request, "limit", 100, 1, 1000), query_int(request, "offset", 0, 0, 10**9)
 
 
-def page_headers(request: Request, query: dict[str, str], limit: int, offset: int, count: int, total: int) -> dict[str, str]:
+def page_headers(
+    request: Request, query: dict[str, str], limit: int, offset: int, count: int, total: int
+) -> dict[str, str]:
     """A listing's X-Total-Count, and a Link to the next page when there is one."""
     headers = {"X-Total-Count": str(total)}
     if offset + count < total:
-        headers["Link"] = f'<{request.url.path}?{urlencode({**query, "limit": limit, "offset": offset + limit})}>; rel="next"'
+        headers["Link"] = (
+            f'<{request.url.path}?{urlencode({**query, "limit": limit, "offset": offset + limit})}>; rel="next"'
+        )
     return headers
 
 
@@ -8491,18 +9512,22 @@ async def list_experiments(request: Request) -> JSONResponse:
 
 
 async def get_experiment(request: Request) -> JSONResponse:
-    return JSONResponse(await lookup(request, "experiment_id", EXPERIMENT_ID, state(request).store.get_experiment,
-                                     "Experiment"))
+    return JSONResponse(
+        await lookup(request, "experiment_id", EXPERIMENT_ID, state(request).store.get_experiment, "Experiment")
+    )
 
 
 async def create_webhook(request: Request) -> JSONResponse:
     authenticate(request)
     body = validated(await read_json(request), WEBHOOK_CHECK)
     check_destination(body["url"], "url", state(request).settings)
-    webhook = await state(request).store.create_webhook(body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"))
+    webhook = await state(request).store.create_webhook(
+        body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret")
+    )
     if webhook is None:
-        raise APIError(400, f"At most {MAX_WEBHOOKS} webhooks can be registered; delete one first",
-                       {"max_webhooks": MAX_WEBHOOKS})
+        raise APIError(
+            400, f"At most {MAX_WEBHOOKS} webhooks can be registered; delete one first", {"max_webhooks": MAX_WEBHOOKS}
+        )
     return JSONResponse(webhook)
 
 
@@ -8581,15 +9606,22 @@ async def delete_data(request: Request) -> Response:
     """Delete one of the caller's uploads, named as PUT named it; another client's is a 404."""
     owner = authenticate(request)
     name = request.path_params["name"]
-    if not re.fullmatch(UPLOAD_NAME_PATTERN, name) or name.startswith(".") or \
-            not await asyncio.to_thread(delete_upload, state(request).settings.data_dir, name, owner):
+    if (
+        not re.fullmatch(UPLOAD_NAME_PATTERN, name)
+        or name.startswith(".")
+        or not await asyncio.to_thread(delete_upload, state(request).settings.data_dir, name, owner)
+    ):
         raise APIError(404, f"No upload {UPLOADS}/{name} of yours to delete")
     return Response(status_code=204)
 
 
 def upload_too_large(max_mb: int) -> APIError:
-    return APIError(413, f"The upload is larger than the {max_mb} MiB a local source may be "
-                         "(set by --max-source-mb / PERSONA_MAX_SOURCE_MB)", {"max_bytes": max_mb * 1024 * 1024})
+    return APIError(
+        413,
+        f"The upload is larger than the {max_mb} MiB a local source may be "
+        "(set by --max-source-mb / PERSONA_MAX_SOURCE_MB)",
+        {"max_bytes": max_mb * 1024 * 1024},
+    )
 
 
 async def list_providers(request: Request) -> JSONResponse:
@@ -8610,11 +9642,13 @@ async def retry_delivery(request: Request) -> JSONResponse:
     if refusal == "missing":
         raise APIError(404, f"Delivery {delivery_id} of webhook {webhook['webhook_id']} not found")
     if refusal is not None:
-        raise APIError(409, f"Delivery {delivery_id} is {refusal}; only failed deliveries can be sent again",
-                       {"status": refusal})
+        raise APIError(
+            409, f"Delivery {delivery_id} is {refusal}; only failed deliveries can be sent again", {"status": refusal}
+        )
     state(request).dispatcher.wake()
-    return JSONResponse({"success": True, "message": f"Delivery {delivery_id} will be sent again",
-                         "delivery_id": delivery_id})
+    return JSONResponse(
+        {"success": True, "message": f"Delivery {delivery_id} will be sent again", "delivery_id": delivery_id}
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -8624,11 +9658,21 @@ async def retry_delivery(request: Request) -> JSONResponse:
 # from /assets: the Content-Security-Policy lets no other script, style or connection in.
 
 WORKBENCH_LIST_SIZE = 50  # jobs on /jobs, newest first
-WORKBENCH_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-                 "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
-STAGES = ((95, "saving the outputs"), (85, "writing the outputs"), (35, "building the personas"),
-          (30, "reading the participants"), (5, "loading the data"), (0, "starting"))
-WORKBENCH_STYLE = PAGE_STYLE + """
+WORKBENCH_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+STAGES = (
+    (95, "saving the outputs"),
+    (85, "writing the outputs"),
+    (35, "building the personas"),
+    (30, "reading the participants"),
+    (5, "loading the data"),
+    (0, "starting"),
+)
+WORKBENCH_STYLE = (
+    PAGE_STYLE
+    + """
 header{overflow-wrap:anywhere}header a{color:#fff}nav{margin:0 0 1rem}nav a{margin-right:1rem}
 .page{display:block;padding:1.5rem 2rem;max-width:90rem}.page>section{margin-bottom:2rem}
 .cards{display:grid;gap:1.25rem;grid-template-columns:repeat(auto-fill,minmax(22rem,1fr))}
@@ -8645,6 +9689,7 @@ textarea:focus{outline:3px solid #f59e0b;outline-offset:1px}progress{width:100%;
 form.panel{grid-template-columns:1fr}td,th{padding:.4rem}}
 @media print{nav,form,.actions,dialog{display:none}.page{padding:0}}
 """
+)
 
 
 def workbench_page(request: Request, title: str, subtitle: str, body: str, status: int = 200) -> HTMLResponse:
@@ -8653,16 +9698,20 @@ def workbench_page(request: Request, title: str, subtitle: str, body: str, statu
     With auth on, the page carries the dialog that asks for the token.
     """
     auth = bool(state(request).token_digests)
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
-            f'<link rel="stylesheet" href="/assets/workbench.css"><script src="/assets/workbench.js" defer></script>'
-            f'</head><body data-auth="{"on" if auth else "off"}"><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p>'
-            f'</header>{body}{TOKEN_DIALOG if auth else ""}</body></html>')
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
+        f'<link rel="stylesheet" href="/assets/workbench.css"><script src="/assets/workbench.js" defer></script>'
+        f'</head><body data-auth="{"on" if auth else "off"}"><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p>'
+        f"</header>{body}{TOKEN_DIALOG if auth else ''}</body></html>"
+    )
     return HTMLResponse(page, status_code=status, headers={"Content-Security-Policy": WORKBENCH_CSP})
 
 
-TOKEN_DIALOG = ('<dialog id="token-dialog"><form method="dialog"><label>API token <input id="token" type="password" '
-                'autocomplete="off" required></label> <button>Use token</button></form></dialog>')
+TOKEN_DIALOG = (
+    '<dialog id="token-dialog"><form method="dialog"><label>API token <input id="token" type="password" '
+    'autocomplete="off" required></label> <button>Use token</button></form></dialog>'
+)
 
 
 def stage_words(job: JSON) -> str:
@@ -8685,24 +9734,32 @@ def job_row(job: JSON) -> str:
     result = job["result"] or {}
     titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
     request = job["request"]
-    return (f'<tr data-status="{escape(job["status"])}"><td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
-            f'</td><td>{escape(job_source(job))}</td><td>{escape(request.get("provider", ""))}</td>'
-            f'<td>{escape(request.get("count", 3))}</td><td>{escape(job["status"])}</td>'
-            f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
-            f'<td>{escape(titles or job["error"] or "")}</td><td>{escape(job["created_at"])}</td></tr>')
+    return (
+        f'<tr data-status="{escape(job["status"])}"><td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
+        f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
+        f"<td>{escape(request.get('count', 3))}</td><td>{escape(job['status'])}</td>"
+        f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
+        f"<td>{escape(titles or job['error'] or '')}</td><td>{escape(job['created_at'])}</td></tr>"
+    )
 
 
 def jobs_table(jobs: list[JSON]) -> str:
     rows = "".join(job_row(job) for job in jobs)
-    return (f'<section id="jobs" class="table"><h2>Jobs</h2><table><tr><th>Job</th><th>Source</th><th>Provider</th>'
-            f'<th>Personas</th><th>Status</th><th>Progress</th><th>Personas made</th><th>Created</th></tr>{rows}'
-            f'</table></section>')
+    return (
+        f'<section id="jobs" class="table"><h2>Jobs</h2><table><tr><th>Job</th><th>Source</th><th>Provider</th>'
+        f"<th>Personas</th><th>Status</th><th>Progress</th><th>Personas made</th><th>Created</th></tr>{rows}"
+        f"</table></section>"
+    )
 
 
 def provider_options() -> str:
     """The providers that can run here, the offline engine first."""
-    return "".join(f'<option value="{escape(p["name"])}">{escape("offline engine" if p["name"] == "local" else p["name"])}'
-                   "</option>" for p in provider_status() if p["configured"])
+    return "".join(
+        f'<option value="{escape(p["name"])}">{escape("offline engine" if p["name"] == "local" else p["name"])}'
+        "</option>"
+        for p in provider_status()
+        if p["configured"]
+    )
 
 
 NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="panel">
@@ -8719,7 +9776,7 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
     jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
-    body = (f'<main class="page">{NEW_PERSONAS_FORM.format(providers=provider_options())}{jobs_table(jobs)}</main>')
+    body = f'<main class="page">{NEW_PERSONAS_FORM.format(providers=provider_options())}{jobs_table(jobs)}</main>'
     return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
 
 
@@ -8734,9 +9791,11 @@ async def job_page(request: Request) -> HTMLResponse:
     job = await job_named(request, key)
     if job is None:
         return not_found_page(request, f"Job {key[:64]}")
-    parts = [f'<nav><a href="/jobs">All jobs</a></nav><section id="status"><progress id="progress" max="100" '
-             f'value="{job["progress"]}">{job["progress"]}%</progress> <span id="stage">{escape(stage_words(job))}</span>'
-             "</section>"]
+    parts = [
+        f'<nav><a href="/jobs">All jobs</a></nav><section id="status"><progress id="progress" max="100" '
+        f'value="{job["progress"]}">{job["progress"]}%</progress> <span id="stage">{escape(stage_words(job))}</span>'
+        "</section>"
+    ]
     subtitle = f"{job['status']} · {job['progress']}%"
     if job["error"]:
         parts.append(f'<p class="alert">Error: {escape(job["error"])}</p>')
@@ -8754,15 +9813,22 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     quality = metadata.get("quality")
     by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
     warnings = "".join(f"<li>{escape(warning)}</li>" for warning in metadata.get("warnings", []))
-    exports = "".join(f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
-                      for form, label in (("csv", "CSV"), ("markdown", "Markdown"), ("json", "JSON")))
+    exports = "".join(
+        f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
+        for form, label in (("csv", "CSV"), ("markdown", "Markdown"), ("json", "JSON"))
+    )
     parent = result.get("parent_job_id")
     others = await state(request).store.get_experiment(result["experiment_id"])
     siblings = [other for other in (others or {}).get("jobs", []) if other["job_id"] != job_id]
-    completed = [other for other in await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
-                 if other["status"] == "completed" and other["job_id"] != job_id]
-    compare_options = "".join(f'<option value="{escape(o["job_id"])}">{escape(o["job_id"])} · {escape(job_source(o))}</option>'
-                              for o in completed)
+    completed = [
+        other
+        for other in await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
+        if other["status"] == "completed" and other["job_id"] != job_id
+    ]
+    compare_options = "".join(
+        f'<option value="{escape(o["job_id"])}">{escape(o["job_id"])} · {escape(job_source(o))}</option>'
+        for o in completed
+    )
     cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in result["personas"])
     return (
         f'<section><p class="quality">{escape(coverage_line(quality).capitalize())}</p>'
@@ -8776,9 +9842,16 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
         f'<label>Compare with <select name="b" id="compare-with" required>{compare_options}</select></label>'
         f'<button type="submit">Compare</button></form>'
-        + ("<h2>This experiment's other jobs</h2><ul>" + "".join(
-            f'<li><a href="/jobs/{escape(o["job_id"])}">{escape(o["job_id"])}</a> {escape(o["status"])}</li>'
-            for o in siblings) + "</ul>" if siblings else "")
+        + (
+            "<h2>This experiment's other jobs</h2><ul>"
+            + "".join(
+                f'<li><a href="/jobs/{escape(o["job_id"])}">{escape(o["job_id"])}</a> {escape(o["status"])}</li>'
+                for o in siblings
+            )
+            + "</ul>"
+            if siblings
+            else ""
+        )
         + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section>'
     )
 
@@ -8796,29 +9869,40 @@ async def compare_page(request: Request) -> HTMLResponse:
     comparison = compare_personas(jobs["a"]["result"]["personas"], jobs["b"]["result"]["personas"])
     sections = []
     for pair in comparison["pairs"]:
-        rows = "".join(f'<tr><th>{escape(field_heading(key))}</th><td>{html_items(split["shared"])}</td>'
-                       f'<td>{html_items(split["only_a"])}</td><td>{html_items(split["only_b"])}</td></tr>'
-                       for key, split in pair["fields"].items() if split["only_a"] or split["only_b"])
+        rows = "".join(
+            f"<tr><th>{escape(field_heading(key))}</th><td>{html_items(split['shared'])}</td>"
+            f"<td>{html_items(split['only_a'])}</td><td>{html_items(split['only_b'])}</td></tr>"
+            for key, split in pair["fields"].items()
+            if split["only_a"] or split["only_b"]
+        )
         sections.append(
             f'<section class="pair"><h2>{escape(pair["a"]["name"])} and {escape(pair["b"]["name"])} · similarity '
             f'{pair["similarity"]:.2f}</h2><div class="sides">{persona_html_card(personas["a"][pair["a"]["id"]])}'
             f'{persona_html_card(personas["b"][pair["b"]["id"]])}</div><div class="table"><table class="differs"><tr>'
-            f'<th>Field</th><th>Shared</th><th>Only in A</th><th>Only in B</th></tr>{rows}</table></div></section>')
+            f"<th>Field</th><th>Shared</th><th>Only in A</th><th>Only in B</th></tr>{rows}</table></div></section>"
+        )
     for side, label in (("a", "A"), ("b", "B")):
         alone = [personas[side][entry["id"]] for entry in comparison["unpaired"][side]]
         if alone:
-            sections.append(f'<section><h2>Only in {label}</h2><div class="cards">'
-                            + "".join(persona_html_card(p) for p in alone) + "</div></section>")
+            sections.append(
+                f'<section><h2>Only in {label}</h2><div class="cards">'
+                + "".join(persona_html_card(p) for p in alone)
+                + "</div></section>"
+            )
     a, b = jobs["a"]["job_id"], jobs["b"]["job_id"]
-    body = (f'<main class="page"><nav><a href="/jobs">All jobs</a><a href="/jobs/{escape(a)}">A: {escape(a)}</a>'
-            f'<a href="/jobs/{escape(b)}">B: {escape(b)}</a></nav>{"".join(sections)}</main>')
+    body = (
+        f'<main class="page"><nav><a href="/jobs">All jobs</a><a href="/jobs/{escape(a)}">A: {escape(a)}</a>'
+        f'<a href="/jobs/{escape(b)}">B: {escape(b)}</a></nav>{"".join(sections)}</main>'
+    )
     return workbench_page(request, "Compare", f"A {a} · B {b}", body)
 
 
 async def workbench_asset(request: Request) -> Response:
     name = request.path_params["name"]
     if name == "workbench.js":
-        return Response(WORKBENCH_JS, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "no-cache"})
+        return Response(
+            WORKBENCH_JS, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "no-cache"}
+        )
     if name == "workbench.css":
         return Response(WORKBENCH_STYLE, media_type="text/css; charset=utf-8", headers={"Cache-Control": "no-cache"})
     raise APIError(404, f"No asset {name[:64]}")
@@ -8994,29 +10078,60 @@ ERROR_SCHEMA: JSON = {
         "message": {"type": "string"},
         "details": {"type": "object"},
     },
-    "examples": [{"success": False, "error": "rate_limited", "message": "Rate limit exceeded. Retry after 60 seconds.",
-                  "details": {"retry_after": 60}}],
+    "examples": [
+        {
+            "success": False,
+            "error": "rate_limited",
+            "message": "Rate limit exceeded. Retry after 60 seconds.",
+            "details": {"retry_after": 60},
+        }
+    ],
 }
 PERSONA_SCHEMA: JSON = {
     "type": "object",
     "required": ["id", "name", "title", "demographics", "goals", "pain_points", "behaviours", "quotes"],
     "properties": {
-        "id": {"type": "string", "examples": ["persona-001"]}, "name": {"type": "string"}, "title": {"type": "string"},
-        "summary": {"type": "string"}, "demographics": {"type": "object"}, "goals": STRING_LIST,
-        "pain_points": STRING_LIST, "behaviours": STRING_LIST, "quotes": STRING_LIST, "unverified_quotes": STRING_LIST,
+        "id": {"type": "string", "examples": ["persona-001"]},
+        "name": {"type": "string"},
+        "title": {"type": "string"},
+        "summary": {"type": "string"},
+        "demographics": {"type": "object"},
+        "goals": STRING_LIST,
+        "pain_points": STRING_LIST,
+        "behaviours": STRING_LIST,
+        "quotes": STRING_LIST,
+        "unverified_quotes": STRING_LIST,
         "themes": STRING_LIST,
-        "evidence": {"type": "object", "properties": {
-            "participants": STRING_LIST, "share": {"type": "number"},
-            "answers": {"type": "array", "items": {"type": "object", "properties": {
-                "question": {"type": "string"}, "answer": {"type": "string"}, "count": {"type": "integer"},
-                "of": {"type": "integer"}, "share_elsewhere": {"type": "number"}}}}}},
+        "evidence": {
+            "type": "object",
+            "properties": {
+                "participants": STRING_LIST,
+                "share": {"type": "number"},
+                "answers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "question": {"type": "string"},
+                            "answer": {"type": "string"},
+                            "count": {"type": "integer"},
+                            "of": {"type": "integer"},
+                            "share_elsewhere": {"type": "number"},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 JOB_FIELDS_SCHEMA: JSON = {
     "job_id": {"type": "string", "pattern": "^job-[0-9a-f]{12}$"},
     "status": {"type": "string", "enum": list(JOB_STATUSES)},
     "progress": {"type": "integer", "minimum": 0, "maximum": 100},
-    "created_at": TIMESTAMP, "started_at": NULLABLE_TEXT, "completed_at": NULLABLE_TEXT, "error": NULLABLE_TEXT,
+    "created_at": TIMESTAMP,
+    "started_at": NULLABLE_TEXT,
+    "completed_at": NULLABLE_TEXT,
+    "error": NULLABLE_TEXT,
 }
 JOB_SUMMARY_SCHEMA: JSON = {"type": "object", "required": list(JOB_FIELDS_SCHEMA), "properties": JOB_FIELDS_SCHEMA}
 JOB_SCHEMA: JSON = {
@@ -9024,55 +10139,116 @@ JOB_SCHEMA: JSON = {
     "required": [*JOB_FIELDS_SCHEMA, "result"],
     "properties": {
         **JOB_FIELDS_SCHEMA,
-        "result": {"oneOf": [{"type": "null"}, {
-            "type": "object", "required": ["personas", "experiment_id", "output_path"],
-            "properties": {"personas": {"type": "array", "items": {"$ref": "#/components/schemas/Persona"}},
-                           "experiment_id": {"type": "string"}, "output_path": {"type": "string"},
-                           "metadata": {"type": "object"},
-                           "parent_job_id": {"type": "string", "description": "the job a refinement refined"},
-                           "changes": {"type": "object", "description": "a refinement's changes to its parent's personas"}}}]},
+        "result": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["personas", "experiment_id", "output_path"],
+                    "properties": {
+                        "personas": {"type": "array", "items": {"$ref": "#/components/schemas/Persona"}},
+                        "experiment_id": {"type": "string"},
+                        "output_path": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "parent_job_id": {"type": "string", "description": "the job a refinement refined"},
+                        "changes": {"type": "object", "description": "a refinement's changes to its parent's personas"},
+                    },
+                },
+            ]
+        },
     },
 }
-PERSONA_LABEL_SCHEMA: JSON = {"type": "object", "required": ["id", "name", "title"],
-                              "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "title": {"type": "string"}}}
-SPLIT_SCHEMA: JSON = {"type": "object", "required": ["shared", "only_a", "only_b"],
-                      "properties": {"shared": STRING_LIST, "only_a": STRING_LIST, "only_b": STRING_LIST}}
+PERSONA_LABEL_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["id", "name", "title"],
+    "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "title": {"type": "string"}},
+}
+SPLIT_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["shared", "only_a", "only_b"],
+    "properties": {"shared": STRING_LIST, "only_a": STRING_LIST, "only_b": STRING_LIST},
+}
 COMPARISON_SCHEMA: JSON = {
-    "type": "object", "required": ["a", "b", "pairs", "unpaired"],
+    "type": "object",
+    "required": ["a", "b", "pairs", "unpaired"],
     "properties": {
-        "a": {"type": "string"}, "b": {"type": "string"},
-        "pairs": {"type": "array", "items": {
-            "type": "object", "required": ["a", "b", "similarity", "fields"],
-            "properties": {"a": PERSONA_LABEL_SCHEMA, "b": PERSONA_LABEL_SCHEMA,
-                           "similarity": {"type": "number", "minimum": 0, "maximum": 1},
-                           "fields": {"type": "object", "additionalProperties": SPLIT_SCHEMA}}}},
-        "unpaired": {"type": "object", "required": ["a", "b"],
-                     "properties": {"a": {"type": "array", "items": PERSONA_LABEL_SCHEMA},
-                                    "b": {"type": "array", "items": PERSONA_LABEL_SCHEMA}}},
+        "a": {"type": "string"},
+        "b": {"type": "string"},
+        "pairs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["a", "b", "similarity", "fields"],
+                "properties": {
+                    "a": PERSONA_LABEL_SCHEMA,
+                    "b": PERSONA_LABEL_SCHEMA,
+                    "similarity": {"type": "number", "minimum": 0, "maximum": 1},
+                    "fields": {"type": "object", "additionalProperties": SPLIT_SCHEMA},
+                },
+            },
+        },
+        "unpaired": {
+            "type": "object",
+            "required": ["a", "b"],
+            "properties": {
+                "a": {"type": "array", "items": PERSONA_LABEL_SCHEMA},
+                "b": {"type": "array", "items": PERSONA_LABEL_SCHEMA},
+            },
+        },
     },
 }
 DATA_SOURCE_SCHEMA: JSON = {
-    "type": "object", "required": ["name", "kind", "format", "attributes"],
-    "properties": {"name": {"type": "string", "description": "the path to give as `data`"},
-                   "kind": {"type": "string", "enum": ["file", "folder"]}, "format": {"type": "string"},
-                   "size": {"type": "integer"}, "files": {"type": "integer"},
-                   "attributes": {"type": ["array", "null"], "items": {"type": "string"},
-                                  "description": "a table's attributes, what config.group_by can take"},
-                   "groups": {"type": "object", "additionalProperties": {"type": "integer"},
-                              "description": "a table's attributes, each with how many groups group_by would make"}},
+    "type": "object",
+    "required": ["name", "kind", "format", "attributes"],
+    "properties": {
+        "name": {"type": "string", "description": "the path to give as `data`"},
+        "kind": {"type": "string", "enum": ["file", "folder"]},
+        "format": {"type": "string"},
+        "size": {"type": "integer"},
+        "files": {"type": "integer"},
+        "attributes": {
+            "type": ["array", "null"],
+            "items": {"type": "string"},
+            "description": "a table's attributes, what config.group_by can take",
+        },
+        "groups": {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "description": "a table's attributes, each with how many groups group_by would make",
+        },
+    },
 }
-UPLOADED_SCHEMA: JSON = {"type": "object", "required": ["name", "format", "size"],
-                         "properties": {"name": {"type": "string"}, "format": {"type": "string"}, "size": {"type": "integer"}}}
+UPLOADED_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["name", "format", "size"],
+    "properties": {"name": {"type": "string"}, "format": {"type": "string"}, "size": {"type": "integer"}},
+}
 UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
 ESTIMATE_SCHEMA: JSON = {
     "type": "object",
-    "required": ["participants", "provider", "model", "strategy", "calls", "input_tokens", "output_tokens", "cost_usd",
-                 "warnings"],
+    "required": [
+        "participants",
+        "provider",
+        "model",
+        "strategy",
+        "calls",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "warnings",
+    ],
     "properties": {
-        "participants": {"type": "integer"}, "provider": {"type": "string"}, "model": {"type": "string"},
-        "strategy": {"type": "string", "enum": ["offline", "holistic", "segmented", "auto"],
-                     "description": "auto: not chosen, as the job would fail first (see warnings)"},
-        "calls": {"type": "integer"}, "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"},
+        "participants": {"type": "integer"},
+        "provider": {"type": "string"},
+        "model": {"type": "string"},
+        "strategy": {
+            "type": "string",
+            "enum": ["offline", "holistic", "segmented", "auto"],
+            "description": "auto: not chosen, as the job would fail first (see warnings)",
+        },
+        "calls": {"type": "integer"},
+        "input_tokens": {"type": "integer"},
+        "output_tokens": {"type": "integer"},
         "cost_usd": {"type": ["number", "null"], "description": "null when the model's price is not known"},
         "warnings": STRING_LIST,
     },
@@ -9080,71 +10256,143 @@ ESTIMATE_SCHEMA: JSON = {
 EXPERIMENT_FIELDS_SCHEMA: JSON = {
     "experiment_id": {"type": "string", "pattern": "^exp-[0-9a-f]{12}$"},
     "name": {"type": ["string", "null"], "description": "config.experiment; null for a job's own experiment"},
-    "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
+    "created_at": TIMESTAMP,
+    "updated_at": TIMESTAMP,
 }
 EXPERIMENT_SCHEMA: JSON = {
-    "type": "object", "required": [*EXPERIMENT_FIELDS_SCHEMA, "jobs"],
-    "properties": {**EXPERIMENT_FIELDS_SCHEMA, "jobs": {"type": "integer", "minimum": 1, "description": "how many jobs"}},
+    "type": "object",
+    "required": [*EXPERIMENT_FIELDS_SCHEMA, "jobs"],
+    "properties": {
+        **EXPERIMENT_FIELDS_SCHEMA,
+        "jobs": {"type": "integer", "minimum": 1, "description": "how many jobs"},
+    },
 }
 EXPERIMENT_DETAIL_SCHEMA: JSON = {
-    "type": "object", "required": [*EXPERIMENT_FIELDS_SCHEMA, "jobs"],
-    "properties": {**EXPERIMENT_FIELDS_SCHEMA,
-                   "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}},
+    "type": "object",
+    "required": [*EXPERIMENT_FIELDS_SCHEMA, "jobs"],
+    "properties": {
+        **EXPERIMENT_FIELDS_SCHEMA,
+        "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}},
+    },
 }
 WEBHOOK_OUT_SCHEMA: JSON = {
     "type": "object",
     "required": ["webhook_id", "url", "events", "created_at"],
-    "properties": {"webhook_id": {"type": "string"}, "url": {"type": "string"},
-                   "events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
-                   "created_at": TIMESTAMP},
+    "properties": {
+        "webhook_id": {"type": "string"},
+        "url": {"type": "string"},
+        "events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+        "created_at": TIMESTAMP,
+    },
 }
 DELIVERY_SCHEMA: JSON = {
     "type": "object",
     "required": ["delivery_id", "event", "job_id", "status", "created_at", "next_retry_at", "attempts"],
     "properties": {
-        "delivery_id": {"type": "string"}, "event": {"type": "string"}, "job_id": {"type": "string"},
+        "delivery_id": {"type": "string"},
+        "event": {"type": "string"},
+        "job_id": {"type": "string"},
         "status": {"type": "string", "enum": ["pending", "delivering", "delivered", "failed", "cancelled"]},
-        "created_at": TIMESTAMP, "next_retry_at": NULLABLE_TEXT,
-        "attempts": {"type": "array", "items": {"type": "object", "properties": {
-            "attempted_at": {"type": "string"}, "http_status": {"type": ["integer", "null"]},
-            "error": NULLABLE_TEXT, "duration_ms": {"type": "integer"}}}},
+        "created_at": TIMESTAMP,
+        "next_retry_at": NULLABLE_TEXT,
+        "attempts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "attempted_at": {"type": "string"},
+                    "http_status": {"type": ["integer", "null"]},
+                    "error": NULLABLE_TEXT,
+                    "duration_ms": {"type": "integer"},
+                },
+            },
+        },
     },
 }
-SUCCESS_SCHEMA: JSON = {"type": "object", "required": ["success", "message"],
-                        "properties": {"success": {"type": "boolean"}, "message": {"type": "string"}}}
+SUCCESS_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["success", "message"],
+    "properties": {"success": {"type": "boolean"}, "message": {"type": "string"}},
+}
 OFFLINE_EXAMPLE_DATA = [
-    {"participant_id": "P01", "role": "Nurse", "response": "I need to swap night shifts quickly when my kids get sick."},
-    {"participant_id": "P02", "role": "Nurse", "response": "It's frustrating when the rota changes and nobody tells me."},
-    {"participant_id": "P03", "role": "Driver", "response": "I want my overtime to be paid correctly every single week."},
-    {"participant_id": "P04", "role": "Driver", "response": "I usually keep my own notes of my start and finish times."},
+    {
+        "participant_id": "P01",
+        "role": "Nurse",
+        "response": "I need to swap night shifts quickly when my kids get sick.",
+    },
+    {
+        "participant_id": "P02",
+        "role": "Nurse",
+        "response": "It's frustrating when the rota changes and nobody tells me.",
+    },
+    {
+        "participant_id": "P03",
+        "role": "Driver",
+        "response": "I want my overtime to be paid correctly every single week.",
+    },
+    {
+        "participant_id": "P04",
+        "role": "Driver",
+        "response": "I usually keep my own notes of my start and finish times.",
+    },
 ]
 # The first of each is what "Try it out" sends: the offline engine on inline data works on any fresh install.
 REQUEST_EXAMPLES = {
     "GenerateRequest": {
-        "offline": {"summary": "The offline engine on inline data (no API key, no webhook)",
-                    "value": {"data": OFFLINE_EXAMPLE_DATA, "count": 2, "provider": "local",
-                              "config": {"complexity": "moderate", "detail_level": "standard"}}},
-        "reference": {"summary": "The reference's example: Anthropic, with a completion webhook",
-                      "value": {"data": "./interviews.csv", "count": 5, "provider": "anthropic",
-                                "model": "claude-sonnet-4-20250514",
-                                "config": {"complexity": "moderate", "detail_level": "standard"},
-                                "webhook_url": "https://example.com/webhook"}},
+        "offline": {
+            "summary": "The offline engine on inline data (no API key, no webhook)",
+            "value": {
+                "data": OFFLINE_EXAMPLE_DATA,
+                "count": 2,
+                "provider": "local",
+                "config": {"complexity": "moderate", "detail_level": "standard"},
+            },
+        },
+        "reference": {
+            "summary": "The reference's example: Anthropic, with a completion webhook",
+            "value": {
+                "data": "./interviews.csv",
+                "count": 5,
+                "provider": "anthropic",
+                "model": "claude-sonnet-4-20250514",
+                "config": {"complexity": "moderate", "detail_level": "standard"},
+                "webhook_url": "https://example.com/webhook",
+            },
+        },
     },
     "RefineRequest": {
-        "data": {"summary": "More interviews, the offline engine (no API key)",
-                 "value": {"data": OFFLINE_EXAMPLE_DATA[:2]}},
-        "instruction": {"summary": "An instruction, for an LLM provider",
-                        "value": {"instruction": "Focus on accessibility needs.", "provider": "anthropic"}},
+        "data": {
+            "summary": "More interviews, the offline engine (no API key)",
+            "value": {"data": OFFLINE_EXAMPLE_DATA[:2]},
+        },
+        "instruction": {
+            "summary": "An instruction, for an LLM provider",
+            "value": {"instruction": "Focus on accessibility needs.", "provider": "anthropic"},
+        },
     },
     "WebhookRequest": {
-        "reference": {"summary": "The reference's example",
-                      "value": {"url": "https://example.com/webhook", "events": ["generation.completed", "generation.failed"],
-                                "secret": "webhook-secret-123"}},
+        "reference": {
+            "summary": "The reference's example",
+            "value": {
+                "url": "https://example.com/webhook",
+                "events": ["generation.completed", "generation.failed"],
+                "secret": "webhook-secret-123",
+            },
+        },
     },
 }
-ERROR_TEXT = {400: "Invalid request", 401: "Authentication required", 404: "Not found", 405: "Method not allowed",
-              409: "Conflict with the resource's state", 413: "Request body too large", 422: "Validation error",
-              429: "Too many requests", 500: "Server error", 503: "Database or disk unavailable"}
+ERROR_TEXT = {
+    400: "Invalid request",
+    401: "Authentication required",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict with the resource's state",
+    413: "Request body too large",
+    422: "Validation error",
+    429: "Too many requests",
+    500: "Server error",
+    503: "Database or disk unavailable",
+}
 
 
 def json_response(description: str, schema: JSON, example: Any = None, headers: bool = True) -> JSON:
@@ -9153,21 +10401,34 @@ def json_response(description: str, schema: JSON, example: Any = None, headers: 
         content["example"] = example
     response: JSON = {"description": description, "content": {"application/json": content}}
     if headers:
-        response["headers"] = {name: {"$ref": f"#/components/headers/{name}"}
-                               for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")}
+        response["headers"] = {
+            name: {"$ref": f"#/components/headers/{name}"}
+            for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+        }
     return response
 
 
 def export_response() -> JSON:
     """The export's 200: one media type per format, each an attachment."""
-    content = {media_type.split(";")[0]: {"schema": {"type": "object"} if ending == "json" else {"type": "string"}}
-               for media_type, ending in EXPORT_FORMATS.values()}
-    return {"description": "The personas as a file (Content-Disposition: attachment)", "content": content,
-            "headers": {"Content-Disposition": {"schema": {"type": "string"}}}}
+    content = {
+        media_type.split(";")[0]: {"schema": {"type": "object"} if ending == "json" else {"type": "string"}}
+        for media_type, ending in EXPORT_FORMATS.values()
+    }
+    return {
+        "description": "The personas as a file (Content-Disposition: attachment)",
+        "content": content,
+        "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+    }
 
 
-def operation(summary: str, ok: JSON, errors: Iterable[int], write: bool = False, body: JSON | None = None,
-              parameters: list[JSON] | None = None) -> JSON:
+def operation(
+    summary: str,
+    ok: JSON,
+    errors: Iterable[int],
+    write: bool = False,
+    body: JSON | None = None,
+    parameters: list[JSON] | None = None,
+) -> JSON:
     codes = {*errors, 405, 429, 500, 503}
     if write:
         codes |= {401}
@@ -9186,8 +10447,10 @@ def operation(summary: str, ok: JSON, errors: Iterable[int], write: bool = False
         spec["security"] = [{"bearerAuth": []}]
     if body is not None:
         name = body["$ref"].rsplit("/", 1)[1]
-        spec["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": body, "examples": REQUEST_EXAMPLES[name]}}}
+        spec["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body, "examples": REQUEST_EXAMPLES[name]}},
+        }
     if parameters:
         spec["parameters"] = parameters
     return spec
@@ -9202,15 +10465,26 @@ def query_parameter(name: str, schema: JSON) -> JSON:
 
 
 OPERATION_IDS = {
-    ("/", "get"): "getInfo", ("/api/v1/health", "get"): "getHealth", ("/api/v1/providers", "get"): "listProviders",
-    ("/api/v1/data", "get"): "listData", ("/api/v1/data/{name}", "put"): "uploadData",
+    ("/", "get"): "getInfo",
+    ("/api/v1/health", "get"): "getHealth",
+    ("/api/v1/providers", "get"): "listProviders",
+    ("/api/v1/data", "get"): "listData",
+    ("/api/v1/data/{name}", "put"): "uploadData",
     ("/api/v1/data/{name}", "delete"): "deleteData",
-    ("/api/v1/generate", "post"): "createJob", ("/api/v1/generate", "get"): "listJobs",
-    ("/api/v1/generate/{job_id}", "get"): "getJob", ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
-    ("/api/v1/generate/{job_id}/export", "get"): "exportJob", ("/api/v1/generate/{job_id}/refine", "post"): "refineJob",
-    ("/api/v1/estimate", "post"): "estimateJob", ("/api/v1/compare", "get"): "compareJobs", ("/api/v1/experiments", "get"): "listExperiments", ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
-    ("/api/v1/webhooks", "post"): "createWebhook", ("/api/v1/webhooks", "get"): "listWebhooks",
-    ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook", ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
+    ("/api/v1/generate", "post"): "createJob",
+    ("/api/v1/generate", "get"): "listJobs",
+    ("/api/v1/generate/{job_id}", "get"): "getJob",
+    ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
+    ("/api/v1/generate/{job_id}/export", "get"): "exportJob",
+    ("/api/v1/generate/{job_id}/refine", "post"): "refineJob",
+    ("/api/v1/estimate", "post"): "estimateJob",
+    ("/api/v1/compare", "get"): "compareJobs",
+    ("/api/v1/experiments", "get"): "listExperiments",
+    ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
+    ("/api/v1/webhooks", "post"): "createWebhook",
+    ("/api/v1/webhooks", "get"): "listWebhooks",
+    ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook",
+    ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
     ("/api/v1/webhooks/{webhook_id}/deliveries", "get"): "listDeliveries",
     ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"): "retryDelivery",
 }
@@ -9235,115 +10509,242 @@ def openapi_document() -> JSON:
     job_id = path_parameter("job_id", JOB_ID.pattern)
     webhook_id = path_parameter("webhook_id", WEBHOOK_ID.pattern)
     delivery_id = path_parameter("delivery_id", r"^delivery-[0-9a-f]{12}$")
-    idempotency_header = {"name": "Idempotency-Key", "in": "header", "required": False,
-                          "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}}
-    page_parameters = [query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                       query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9})]
+    idempotency_header = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+    }
+    page_parameters = [
+        query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+        query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9}),
+    ]
     info_example = {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"}
-    health_schema = {"type": "object", "required": ["status", "version", "timestamp"],
-                     "properties": {"status": {"type": "string", "enum": ["healthy", "unhealthy"]},
-                                    "version": {"type": "string"}, "timestamp": TIMESTAMP,
-                                    "reason": {"type": "string"}}}
-    accepted = {"type": "object", "required": ["job_id", "status", "message", "status_url"],
-                "properties": {"job_id": {"type": "string"}, "status": {"type": "string", "enum": list(JOB_STATUSES)},
-                               "message": {"type": "string"}, "status_url": {"type": "string"}}}
+    health_schema = {
+        "type": "object",
+        "required": ["status", "version", "timestamp"],
+        "properties": {
+            "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+            "version": {"type": "string"},
+            "timestamp": TIMESTAMP,
+            "reason": {"type": "string"},
+        },
+    }
+    accepted = {
+        "type": "object",
+        "required": ["job_id", "status", "message", "status_url"],
+        "properties": {
+            "job_id": {"type": "string"},
+            "status": {"type": "string", "enum": list(JOB_STATUSES)},
+            "message": {"type": "string"},
+            "status_url": {"type": "string"},
+        },
+    }
     paths = {
-        "/": {"get": operation("API information", json_response("API information", {"type": "object"}, info_example), [])},
-        "/api/v1/health": {"get": {
-            "summary": "Health check: the database answers and the job runner lives",
-            "responses": {"200": json_response("Healthy", health_schema, headers=False),
-                          "405": json_response(ERROR_TEXT[405], {"$ref": "#/components/schemas/Error"}, headers=False),
-                          "503": json_response("Unhealthy, with the reason", health_schema, headers=False)}}},
-        "/api/v1/providers": {"get": operation("Persona engines and LLM providers, and whether each is configured",
-                                               json_response("Providers", {"type": "array", "items": {"type": "object"}}), [])},
+        "/": {
+            "get": operation("API information", json_response("API information", {"type": "object"}, info_example), [])
+        },
+        "/api/v1/health": {
+            "get": {
+                "summary": "Health check: the database answers and the job runner lives",
+                "responses": {
+                    "200": json_response("Healthy", health_schema, headers=False),
+                    "405": json_response(ERROR_TEXT[405], {"$ref": "#/components/schemas/Error"}, headers=False),
+                    "503": json_response("Unhealthy, with the reason", health_schema, headers=False),
+                },
+            }
+        },
+        "/api/v1/providers": {
+            "get": operation(
+                "Persona engines and LLM providers, and whether each is configured",
+                json_response("Providers", {"type": "array", "items": {"type": "object"}}),
+                [],
+            )
+        },
         "/api/v1/data": {
-            "get": {**operation("The sources in the data directory: files with their format and a table's attributes, "
-                                "and folders", json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}),
-                                [], write=True)},
+            "get": {
+                **operation(
+                    "The sources in the data directory: files with their format and a table's attributes, and folders",
+                    json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}),
+                    [],
+                    write=True,
+                )
+            },
         },
         "/api/v1/data/{name}": {
-            "put": {**operation("Upload a file into uploads/ in the data directory; a name already taken gets -2, -3, ...",
-                                json_response("Stored", UPLOADED_SCHEMA), [400, 404, 413, 422], write=True,
-                                parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)]),
-                    "requestBody": {"required": True, "content": {"application/octet-stream": {
-                        "schema": {"type": "string", "format": "binary", "minLength": 1}}}}},
-            "delete": operation("Delete one of your uploads, named as it was uploaded (uploads/ left out)",
-                                {"description": "Deleted"}, [404], write=True,
-                                parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)]),
+            "put": {
+                **operation(
+                    "Upload a file into uploads/ in the data directory; a name already taken gets -2, -3, ...",
+                    json_response("Stored", UPLOADED_SCHEMA),
+                    [400, 404, 413, 422],
+                    write=True,
+                    parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)],
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}
+                    },
+                },
+            },
+            "delete": operation(
+                "Delete one of your uploads, named as it was uploaded (uploads/ left out)",
+                {"description": "Deleted"},
+                [404],
+                write=True,
+                parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)],
+            ),
         },
         "/api/v1/generate": {
-            "post": {**operation("Start a persona generation job",
-                                 json_response("Job created", accepted), [], write=True,
-                                 body={"$ref": "#/components/schemas/GenerateRequest"}),
-                     "parameters": [idempotency_header]},
-            "get": operation("List jobs, oldest first, without results",
-                             {**json_response("Jobs", {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}),
-                              "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
-                                          "Link": {"schema": {"type": "string"}}}},
-                             [422], parameters=[query_parameter("status", {"type": "string", "enum": list(JOB_STATUSES)}),
-                                                *page_parameters]),
+            "post": {
+                **operation(
+                    "Start a persona generation job",
+                    json_response("Job created", accepted),
+                    [],
+                    write=True,
+                    body={"$ref": "#/components/schemas/GenerateRequest"},
+                ),
+                "parameters": [idempotency_header],
+            },
+            "get": operation(
+                "List jobs, oldest first, without results",
+                {
+                    **json_response("Jobs", {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}),
+                    "headers": {
+                        "X-Total-Count": {"schema": {"type": "integer"}},
+                        "Link": {"schema": {"type": "string"}},
+                    },
+                },
+                [422],
+                parameters=[
+                    query_parameter("status", {"type": "string", "enum": list(JOB_STATUSES)}),
+                    *page_parameters,
+                ],
+            ),
         },
         "/api/v1/generate/{job_id}": {
-            "get": operation("Job status and result", json_response("The job", {"$ref": "#/components/schemas/Job"}),
-                             [404], parameters=[job_id]),
-            "delete": operation("Cancel a pending or running job; it fails with error 'cancelled'",
-                                json_response("The cancelled job", {"$ref": "#/components/schemas/Job"}), [404, 409],
-                                write=True, parameters=[job_id]),
+            "get": operation(
+                "Job status and result",
+                json_response("The job", {"$ref": "#/components/schemas/Job"}),
+                [404],
+                parameters=[job_id],
+            ),
+            "delete": operation(
+                "Cancel a pending or running job; it fails with error 'cancelled'",
+                json_response("The cancelled job", {"$ref": "#/components/schemas/Job"}),
+                [404, 409],
+                write=True,
+                parameters=[job_id],
+            ),
         },
         "/api/v1/generate/{job_id}/export": {
-            "get": operation("A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
-                             export_response(), [404, 409, 422], parameters=[job_id, query_parameter(
-                                 "format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"})]),
+            "get": operation(
+                "A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
+                export_response(),
+                [404, 409, 422],
+                parameters=[
+                    job_id,
+                    query_parameter("format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"}),
+                ],
+            ),
         },
         "/api/v1/estimate": {
-            "post": operation("What a generation request would send to its provider and cost; creates nothing",
-                              json_response("The estimate", ESTIMATE_SCHEMA), [], write=True,
-                              body={"$ref": "#/components/schemas/GenerateRequest"}),
+            "post": operation(
+                "What a generation request would send to its provider and cost; creates nothing",
+                json_response("The estimate", ESTIMATE_SCHEMA),
+                [],
+                write=True,
+                body={"$ref": "#/components/schemas/GenerateRequest"},
+            ),
         },
         "/api/v1/generate/{job_id}/refine": {
-            "post": {**operation("Refine a completed job's personas with more data or an instruction: a new job in its "
-                                 "experiment", json_response("Job created", accepted), [404, 409], write=True,
-                                 body={"$ref": "#/components/schemas/RefineRequest"}),
-                     "parameters": [job_id, idempotency_header]},
+            "post": {
+                **operation(
+                    "Refine a completed job's personas with more data or an instruction: a new job in its experiment",
+                    json_response("Job created", accepted),
+                    [404, 409],
+                    write=True,
+                    body={"$ref": "#/components/schemas/RefineRequest"},
+                ),
+                "parameters": [job_id, idempotency_header],
+            },
         },
         "/api/v1/compare": {
-            "get": operation("Pair two completed jobs' personas and show, per field, what each pair shares",
-                             json_response("The comparison", COMPARISON_SCHEMA), [404, 409, 422],
-                             parameters=[{**query_parameter("a", {"type": "string", "pattern": JOB_ID.pattern}), "required": True},
-                                         {**query_parameter("b", {"type": "string", "pattern": JOB_ID.pattern}), "required": True}]),
+            "get": operation(
+                "Pair two completed jobs' personas and show, per field, what each pair shares",
+                json_response("The comparison", COMPARISON_SCHEMA),
+                [404, 409, 422],
+                parameters=[
+                    {**query_parameter("a", {"type": "string", "pattern": JOB_ID.pattern}), "required": True},
+                    {**query_parameter("b", {"type": "string", "pattern": JOB_ID.pattern}), "required": True},
+                ],
+            ),
         },
         "/api/v1/experiments": {
-            "get": operation("List experiments, newest first; a job without config.experiment is one of its own",
-                             {**json_response("Experiments", {"type": "array", "items": {"$ref": "#/components/schemas/Experiment"}}),
-                              "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
-                                          "Link": {"schema": {"type": "string"}}}},
-                             [422], parameters=page_parameters),
+            "get": operation(
+                "List experiments, newest first; a job without config.experiment is one of its own",
+                {
+                    **json_response(
+                        "Experiments", {"type": "array", "items": {"$ref": "#/components/schemas/Experiment"}}
+                    ),
+                    "headers": {
+                        "X-Total-Count": {"schema": {"type": "integer"}},
+                        "Link": {"schema": {"type": "string"}},
+                    },
+                },
+                [422],
+                parameters=page_parameters,
+            ),
         },
         "/api/v1/experiments/{experiment_id}": {
-            "get": operation("An experiment with its jobs, oldest first",
-                             json_response("The experiment", EXPERIMENT_DETAIL_SCHEMA), [404],
-                             parameters=[path_parameter("experiment_id", EXPERIMENT_ID.pattern)]),
+            "get": operation(
+                "An experiment with its jobs, oldest first",
+                json_response("The experiment", EXPERIMENT_DETAIL_SCHEMA),
+                [404],
+                parameters=[path_parameter("experiment_id", EXPERIMENT_ID.pattern)],
+            ),
         },
         "/api/v1/webhooks": {
-            "post": operation("Register a webhook", json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
-                              [], write=True, body={"$ref": "#/components/schemas/WebhookRequest"}),
-            "get": operation("List webhooks", json_response("Webhooks", {"type": "array",
-                                                                         "items": {"$ref": "#/components/schemas/Webhook"}}), []),
+            "post": operation(
+                "Register a webhook",
+                json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
+                [],
+                write=True,
+                body={"$ref": "#/components/schemas/WebhookRequest"},
+            ),
+            "get": operation(
+                "List webhooks",
+                json_response("Webhooks", {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}),
+                [],
+            ),
         },
         "/api/v1/webhooks/{webhook_id}": {
-            "get": operation("Webhook details", json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
-                             [404], parameters=[webhook_id]),
-            "delete": operation("Delete a webhook", json_response("Deleted", SUCCESS_SCHEMA), [404], write=True,
-                                parameters=[webhook_id]),
+            "get": operation(
+                "Webhook details",
+                json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
+                [404],
+                parameters=[webhook_id],
+            ),
+            "delete": operation(
+                "Delete a webhook", json_response("Deleted", SUCCESS_SCHEMA), [404], write=True, parameters=[webhook_id]
+            ),
         },
         "/api/v1/webhooks/{webhook_id}/deliveries": {
-            "get": operation("Recent deliveries to a webhook, newest first",
-                             json_response("Deliveries", {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}),
-                             [404], parameters=[webhook_id]),
+            "get": operation(
+                "Recent deliveries to a webhook, newest first",
+                json_response("Deliveries", {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}),
+                [404],
+                parameters=[webhook_id],
+            ),
         },
         "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
-            "post": operation("Send a failed delivery again", json_response("Queued", SUCCESS_SCHEMA), [404, 409],
-                              write=True, parameters=[webhook_id, delivery_id]),
+            "post": operation(
+                "Send a failed delivery again",
+                json_response("Queued", SUCCESS_SCHEMA),
+                [404, 409],
+                write=True,
+                parameters=[webhook_id, delivery_id],
+            ),
         },
     }
     name_operations(paths)
@@ -9351,24 +10752,47 @@ def openapi_document() -> JSON:
     upload["201"] = upload.pop("200")  # an upload is created
     deleted["204"] = deleted.pop("200")  # and deleted with nothing to say
     link(paths, "/api/v1/generate", "post", {"getJob": "job_id"})
-    link(paths, "/api/v1/webhooks", "post", {"getWebhook": "webhook_id", "deleteWebhook": "webhook_id",
-                                              "listDeliveries": "webhook_id"})
+    link(
+        paths,
+        "/api/v1/webhooks",
+        "post",
+        {"getWebhook": "webhook_id", "deleteWebhook": "webhook_id", "listDeliveries": "webhook_id"},
+    )
     rate_header = {"schema": {"type": "integer"}, "required": False}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Persona API", "version": __version__,
-                 "description": "User personas grounded in qualitative research data."},
+        "info": {
+            "title": "Persona API",
+            "version": __version__,
+            "description": "User personas grounded in qualitative research data.",
+        },
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {
-            "schemas": {"GenerateRequest": GENERATE_SCHEMA, "RefineRequest": REFINE_SCHEMA, "WebhookRequest": WEBHOOK_SCHEMA, "Job": JOB_SCHEMA,
-                        "JobSummary": JOB_SUMMARY_SCHEMA, "Experiment": EXPERIMENT_SCHEMA, "Persona": PERSONA_SCHEMA, "Webhook": WEBHOOK_OUT_SCHEMA,
-                        "Delivery": DELIVERY_SCHEMA, "Error": ERROR_SCHEMA},
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                               "description": "Needed on write endpoints when the server has a token"}},
-            "headers": {"X-RateLimit-Limit": {**rate_header, "description": "requests allowed per minute"},
-                        "X-RateLimit-Remaining": {**rate_header, "description": "requests left in this minute"},
-                        "X-RateLimit-Reset": {**rate_header, "description": "when the window resets, epoch seconds"}},
+            "schemas": {
+                "GenerateRequest": GENERATE_SCHEMA,
+                "RefineRequest": REFINE_SCHEMA,
+                "WebhookRequest": WEBHOOK_SCHEMA,
+                "Job": JOB_SCHEMA,
+                "JobSummary": JOB_SUMMARY_SCHEMA,
+                "Experiment": EXPERIMENT_SCHEMA,
+                "Persona": PERSONA_SCHEMA,
+                "Webhook": WEBHOOK_OUT_SCHEMA,
+                "Delivery": DELIVERY_SCHEMA,
+                "Error": ERROR_SCHEMA,
+            },
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Needed on write endpoints when the server has a token",
+                }
+            },
+            "headers": {
+                "X-RateLimit-Limit": {**rate_header, "description": "requests allowed per minute"},
+                "X-RateLimit-Remaining": {**rate_header, "description": "requests left in this minute"},
+                "X-RateLimit-Reset": {**rate_header, "description": "when the window resets, epoch seconds"},
+            },
         },
     }
 
@@ -9403,11 +10827,15 @@ def docs_policy(page: str) -> str:
 
     Swagger UI and ReDoc style elements inline and ReDoc searches in a worker it makes from a blob.
     """
-    scripts = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
-                       for script in re.findall(r"<script>(.*?)</script>", page, re.DOTALL))
-    return (f"default-src 'self'; script-src 'self' {scripts}; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+    scripts = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+        for script in re.findall(r"<script>(.*?)</script>", page, re.DOTALL)
+    )
+    return (
+        f"default-src 'self'; script-src 'self' {scripts}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
 
 
 def docs_page(page: str) -> Callable[[Request], Awaitable[Response]]:
@@ -9415,8 +10843,9 @@ def docs_page(page: str) -> Callable[[Request], Awaitable[Response]]:
 
     async def endpoint(request: Request) -> Response:
         if ui_asset_folder() is None:
-            raise APIError(503, "The interactive docs need the drf-spectacular-sidecar package; "
-                                "install it, or read /openapi.json")
+            raise APIError(
+                503, "The interactive docs need the drf-spectacular-sidecar package; install it, or read /openapi.json"
+            )
         return HTMLResponse(page, headers=headers)
 
     return endpoint
@@ -9486,7 +10915,9 @@ def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable
 
 ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
-    Route("/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]),
+    Route(
+        "/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]
+    ),
     Route("/api/v1/health", health, methods=["GET"]),
     Route("/", root, methods=["GET"]),
     Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
@@ -9507,14 +10938,20 @@ ROUTES = [  # the router tries each in turn, so the busiest come first
     Route("/compare", compare_page, methods=["GET"]),
     Route("/assets/{name}", workbench_asset, methods=["GET"]),
     Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
-    Route("/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]),
+    Route(
+        "/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]
+    ),
     Route("/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, methods=["GET"]),
     Route("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
 ]
 
 
 def describe_startup(settings: Settings) -> str:
-    auth = f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})" if settings.auth_tokens else "off"
+    auth = (
+        f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})"
+        if settings.auth_tokens
+        else "off"
+    )
     rate_limit = f"{settings.rate_limit}/min" if settings.rate_limit else "off"
     return (
         f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {shown_db(settings.db)}; "
@@ -9573,8 +11010,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.warning("removed %d half-written output folder(s) left by a crash", removed)
         app.state.store = store
         if settings.rate_limit:
-            app.state.limiter = (RateLimiter(settings.rate_limit, store) if settings.workers == 1
-                                 else SharedRateLimiter(settings.rate_limit, store))
+            app.state.limiter = (
+                RateLimiter(settings.rate_limit, store)
+                if settings.workers == 1
+                else SharedRateLimiter(settings.rate_limit, store)
+            )
         app.state.dispatcher = WebhookDispatcher(store, settings)
         app.state.runner = JobRunner(store, settings, app.state.dispatcher.wake)
         app.state.dispatcher.start()
@@ -9594,8 +11034,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(HostCheckMiddleware), Middleware(RateLimitMiddleware)],
-        exception_handlers={APIError: api_error, StorageUnavailable: storage_error, HTTPException: http_error,
-                            Exception: server_error},
+        exception_handlers={
+            APIError: api_error,
+            StorageUnavailable: storage_error,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # a redirect would echo the request's Host header; 404 in the envelope
@@ -9631,8 +11075,13 @@ class PersonaClient:
     error answer raises PersonaAPIError.
     """
 
-    def __init__(self, base_url: str = "http://localhost:8000", token: str | None = None, timeout: float = 30.0,
-                 max_retries: int = 3) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        token: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+    ) -> None:
         import httpx
 
         headers = {b"Authorization": f"Bearer {token}".encode()} if token else {}  # UTF-8, as the server reads it
@@ -9664,9 +11113,13 @@ class PersonaClient:
             body = response.json()
             raise PersonaAPIError(response.status_code, body["error"], body["message"], body.get("details"))
         except (ValueError, KeyError, TypeError):
-            raise PersonaAPIError(response.status_code, "http_error", response.text[:200] or response.reason_phrase) from None
+            raise PersonaAPIError(
+                response.status_code, "http_error", response.text[:200] or response.reason_phrase
+            ) from None
 
-    def generate(self, data: str | list[Any], count: int = 3, idempotency_key: str | None = None, **kwargs: Any) -> JSON:
+    def generate(
+        self, data: str | list[Any], count: int = 3, idempotency_key: str | None = None, **kwargs: Any
+    ) -> JSON:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._request("POST", "/api/v1/generate", json={"data": data, "count": count, **kwargs}, headers=headers)
 
@@ -9676,8 +11129,9 @@ class PersonaClient:
 
     def upload(self, name: str, content: bytes) -> JSON:
         """Store a file in the server's data directory, under uploads/; returns its `name` to give as `data`."""
-        return self._request("PUT", f"/api/v1/data/{name}", content=content,
-                             headers={"Content-Type": "application/octet-stream"})
+        return self._request(
+            "PUT", f"/api/v1/data/{name}", content=content, headers={"Content-Type": "application/octet-stream"}
+        )
 
     def delete_upload(self, name: str) -> None:
         """Delete one of your uploads, named as upload() named it (with or without `uploads/`)."""
@@ -9690,8 +11144,13 @@ class PersonaClient:
     def get_job(self, job_id: str) -> JSON:
         return self._request("GET", f"/api/v1/generate/{job_id}")
 
-    def wait_for_job(self, job_id: str, timeout: float = 300, interval: float = 2.0,
-                     on_progress: Callable[[JSON], None] | None = None) -> JSON:
+    def wait_for_job(
+        self,
+        job_id: str,
+        timeout: float = 300,
+        interval: float = 2.0,
+        on_progress: Callable[[JSON], None] | None = None,
+    ) -> JSON:
         deadline = time.monotonic() + timeout
         while True:
             job = self.get_job(job_id)
@@ -9704,7 +11163,9 @@ class PersonaClient:
             time.sleep(interval)
 
     def list_jobs(self, status: str | None = None, limit: int | None = None, offset: int | None = None) -> list[JSON]:
-        params = {key: value for key, value in (("status", status), ("limit", limit), ("offset", offset)) if value is not None}
+        params = {
+            key: value for key, value in (("status", status), ("limit", limit), ("offset", offset)) if value is not None
+        }
         return self._request("GET", "/api/v1/generate", params=params)
 
     def cancel_job(self, job_id: str) -> JSON:
@@ -9717,8 +11178,14 @@ class PersonaClient:
     def get_experiment(self, experiment_id: str) -> JSON:
         return self._request("GET", f"/api/v1/experiments/{experiment_id}")
 
-    def refine(self, job_id: str, data: str | list[Any] | None = None, instruction: str | None = None,
-               idempotency_key: str | None = None, **kwargs: Any) -> JSON:
+    def refine(
+        self,
+        job_id: str,
+        data: str | list[Any] | None = None,
+        instruction: str | None = None,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> JSON:
         """A new job refining a completed one with more data, an instruction or both."""
         body = {key: value for key, value in (("data", data), ("instruction", instruction)) if value is not None}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
@@ -9733,7 +11200,9 @@ class PersonaClient:
         return self._send("GET", f"/api/v1/generate/{job_id}/export", params={"format": format}).content
 
     def create_webhook(self, url: str, events: list[str] | None = None, secret: str | None = None) -> JSON:
-        body = {key: value for key, value in (("url", url), ("events", events), ("secret", secret)) if value is not None}
+        body = {
+            key: value for key, value in (("url", url), ("events", events), ("secret", secret)) if value is not None
+        }
         return self._request("POST", "/api/v1/webhooks", json=body)
 
     def get_webhook(self, webhook_id: str) -> JSON:
@@ -9762,16 +11231,30 @@ SERVE_OPTIONS = (
     (("--output-dir",), "output_dir", "where each job writes its folder (default ./output)"),
     (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default 100)"),
     (("--max-concurrent-jobs",), "max_concurrent_jobs", "pending plus running jobs per API key (default 10)"),
-    (("--allowed-hosts",), "allowed_hosts", "Host names a server on loopback answers besides localhost, 127.0.0.1 "
-                                            "and [::1], comma-separated (default none)"),
-    (("--webhook-retry-schedule",), "webhook_retry_schedule",
-     "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)"),
+    (
+        ("--allowed-hosts",),
+        "allowed_hosts",
+        "Host names a server on loopback answers besides localhost, 127.0.0.1 "
+        "and [::1], comma-separated (default none)",
+    ),
+    (
+        ("--webhook-retry-schedule",),
+        "webhook_retry_schedule",
+        "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)",
+    ),
     (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default 10)"),
-    (("--retention-days",), "retention_days", "delete finished jobs, their deliveries and output folders this many "
-                                              "days after they finished (default 0: keep them)"),
+    (
+        ("--retention-days",),
+        "retention_days",
+        "delete finished jobs, their deliveries and output folders this many "
+        "days after they finished (default 0: keep them)",
+    ),
     (("--attempts-kept",), "attempts_kept", "delivery attempts kept per delivery, the newest (default 20)"),
-    (("--max-source-mb",), "max_source_mb", "largest local data source (a file, or a folder's files together) "
-                                            "in MiB (default 50)"),
+    (
+        ("--max-source-mb",),
+        "max_source_mb",
+        "largest local data source (a file, or a folder's files together) in MiB (default 50)",
+    ),
 )
 
 
@@ -9780,41 +11263,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"persona {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", add_help=False, help="run the REST API server",
-                                description="Run the REST API server. Every option also reads a PERSONA_* variable.")
+    serve = commands.add_parser(
+        "serve",
+        add_help=False,
+        help="run the REST API server",
+        description="Run the REST API server. Every option also reads a PERSONA_* variable.",
+    )
     serve.add_argument("--help", action="help", help="show this help and exit")
     for flags, name, text in SERVE_OPTIONS:
-        serve.add_argument(*flags, dest=name, default=None, metavar="VALUE",
-                           help=f"{text} [env {ENV_VARS[name]}]")
+        serve.add_argument(*flags, dest=name, default=None, metavar="VALUE", help=f"{text} [env {ENV_VARS[name]}]")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
-    serve.add_argument("--redact", nargs="?", const="on", choices=("on", "required"), default=None,
-                       help="replace e-mail addresses, phone numbers, URLs, postal codes, card numbers and names with "
-                            "placeholders before any provider sees the data, unless a request's config.redact is false; "
-                            "--redact=required: in every job, whatever a request says (default off) [env PERSONA_REDACT: "
-                            "1, 0 or required]")
+    serve.add_argument(
+        "--redact",
+        nargs="?",
+        const="on",
+        choices=("on", "required"),
+        default=None,
+        help="replace e-mail addresses, phone numbers, URLs, postal codes, card numbers and names with "
+        "placeholders before any provider sees the data, unless a request's config.redact is false; "
+        "--redact=required: in every job, whatever a request says (default off) [env PERSONA_REDACT: "
+        "1, 0 or required]",
+    )
     serve.add_argument("--no-redact", dest="redact", action="store_const", const="off", help="no redaction by default")
-    serve.add_argument("--allow-private-urls", action=argparse.BooleanOptionalAction, default=None,
-                       help="let webhooks and data URLs reach loopback and private addresses "
-                            "(default: allowed when listening on loopback) [env PERSONA_ALLOW_PRIVATE_URLS]")
+    serve.add_argument(
+        "--allow-private-urls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let webhooks and data URLs reach loopback and private addresses "
+        "(default: allowed when listening on loopback) [env PERSONA_ALLOW_PRIVATE_URLS]",
+    )
 
-    generate_cmd = commands.add_parser("generate", help="generate personas from a data file or folder, without a server")
+    generate_cmd = commands.add_parser(
+        "generate", help="generate personas from a data file or folder, without a server"
+    )
     generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
-    generate_cmd.add_argument("--count", "-n", type=int,
-                              help="number of personas, 1 to 20 (default 3; with group_by, one per group up to 20)")
-    generate_cmd.add_argument("--provider", default=None, choices=PROVIDER_NAMES,
-                              help="anthropic, openai, gemini, ollama or local (default: as the server chooses)")
+    generate_cmd.add_argument(
+        "--count", "-n", type=int, help="number of personas, 1 to 20 (default 3; with group_by, one per group up to 20)"
+    )
+    generate_cmd.add_argument(
+        "--provider",
+        default=None,
+        choices=PROVIDER_NAMES,
+        help="anthropic, openai, gemini, ollama or local (default: as the server chooses)",
+    )
     generate_cmd.add_argument("--model", default=None, help="model identifier")
-    generate_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                              help="generation setting such as detail_level=detailed; repeatable")
-    generate_cmd.add_argument("--groups", metavar="FILE",
-                              help='a JSON file {"Group name": ["participant id", ...]}: one persona per group')
+    generate_cmd.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generation setting such as detail_level=detailed; repeatable",
+    )
+    generate_cmd.add_argument(
+        "--groups", metavar="FILE", help='a JSON file {"Group name": ["participant id", ...]}: one persona per group'
+    )
     generate_cmd.add_argument("--output-dir", default="output", help="where the output folder goes (default ./output)")
     generate_cmd.add_argument("--json", action="store_true", help="print the job result as JSON on stdout")
-    generate_cmd.add_argument("--estimate", action="store_true",
-                              help="print what the job would send to its provider and cost, and generate nothing")
+    generate_cmd.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print what the job would send to its provider and cost, and generate nothing",
+    )
     generate_cmd.add_argument("--server", metavar="URL", help="submit to a running server instead of generating here")
-    generate_cmd.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
-                              help="API token for --server [env PERSONA_API_AUTH_TOKEN]")
+    generate_cmd.add_argument(
+        "--auth-token",
+        default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
+        help="API token for --server [env PERSONA_API_AUTH_TOKEN]",
+    )
 
     jobs_cmd = server_command(commands, "jobs", "list a server's jobs")
     jobs_cmd.add_argument("--status", choices=JOB_STATUSES, help="only jobs in this status")
@@ -9824,15 +11339,22 @@ def build_parser() -> argparse.ArgumentParser:
     experiments_cmd.add_argument("experiment_id", nargs="?", help="show this experiment's jobs")
     experiments_cmd.add_argument("--limit", type=int, default=100, help="how many (default 100)")
 
-    refine_cmd = server_command(commands, "refine", "refine a completed job's personas with more data or an instruction")
+    refine_cmd = server_command(
+        commands, "refine", "refine a completed job's personas with more data or an instruction"
+    )
     refine_cmd.add_argument("job_id", help="the completed job to refine")
     refine_cmd.add_argument("--data", help="more data: a path in the server's data directory, or a URL")
     refine_cmd.add_argument("--instruction", help="what to change (an LLM provider only)")
     refine_cmd.add_argument("--count", "-n", type=int, help="number of personas (default: the job's)")
     refine_cmd.add_argument("--provider", choices=PROVIDER_NAMES, help="provider (default: the job's)")
     refine_cmd.add_argument("--model", help="model (default: the job's, with its provider)")
-    refine_cmd.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                            help="generation setting, replacing the job's; repeatable")
+    refine_cmd.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generation setting, replacing the job's; repeatable",
+    )
     refine_cmd.add_argument("--json", action="store_true", help="print the new job's result as JSON")
 
     compare_cmd = server_command(commands, "compare", "pair two runs' personas and show what each pair shares")
@@ -9840,9 +11362,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("b", help="another job id, or another output folder")
     compare_cmd.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
-    export_cmd = server_command(commands, "export", "download a completed job's personas as CSV, JSON, Markdown or HTML")
+    export_cmd = server_command(
+        commands, "export", "download a completed job's personas as CSV, JSON, Markdown or HTML"
+    )
     export_cmd.add_argument("job_id", help="the job")
-    export_cmd.add_argument("--format", "-f", choices=list(EXPORT_FORMATS), default="csv", help="the file's format (default csv)")
+    export_cmd.add_argument(
+        "--format", "-f", choices=list(EXPORT_FORMATS), default="csv", help="the file's format (default csv)"
+    )
     export_cmd.add_argument("--output", "-o", metavar="FILE", help="where to write it (default: standard output)")
     return parser
 
@@ -9850,9 +11376,12 @@ def build_parser() -> argparse.ArgumentParser:
 def server_command(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
     """A command that talks to a running server: --server and --auth-token."""
     command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-    command.add_argument("--server", metavar="URL", default="http://localhost:8000", help="the server (default http://localhost:8000)")
-    command.add_argument("--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"),
-                         help="API token [env PERSONA_API_AUTH_TOKEN]")
+    command.add_argument(
+        "--server", metavar="URL", default="http://localhost:8000", help="the server (default http://localhost:8000)"
+    )
+    command.add_argument(
+        "--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"), help="API token [env PERSONA_API_AUTH_TOKEN]"
+    )
     return command
 
 
@@ -9922,7 +11451,9 @@ def print_summary(result: JSON) -> None:
     quality = {entry["id"]: entry for entry in metadata.get("quality", {}).get("personas", [])}
     for persona in result["personas"]:
         share = persona.get("evidence", {}).get("share")
-        print(f"{persona['name']}: {persona['title']}" + (f" ({share:.0%} of participants)" if share is not None else ""))
+        print(
+            f"{persona['name']}: {persona['title']}" + (f" ({share:.0%} of participants)" if share is not None else "")
+        )
         for label, key in (("goal", "goals"), ("pain point", "pain_points")):
             for item in persona[key][:2]:
                 print(f"  {label}: {item}")
@@ -10003,8 +11534,12 @@ def local_job(args: argparse.Namespace, need_key: bool = True) -> tuple[JSON, Se
     except APIError as exc:
         raise UsageError(exc.message) from None
     cap = os.environ.get(ENV_VARS["max_source_mb"])  # the one server setting that applies here too
-    return request, Settings(data_dir=data_dir, output_dir=Path(args.output_dir), allow_private_urls=True,
-                             max_source_mb=parse_setting("max_source_mb", cap) if cap else Settings.max_source_mb)
+    return request, Settings(
+        data_dir=data_dir,
+        output_dir=Path(args.output_dir),
+        allow_private_urls=True,
+        max_source_mb=parse_setting("max_source_mb", cap) if cap else Settings.max_source_mb,
+    )
 
 
 def generate_locally(args: argparse.Namespace, display: ProgressDisplay) -> JSON:
@@ -10027,15 +11562,21 @@ def generate_remotely(args: argparse.Namespace, display: ProgressDisplay) -> JSO
     return submit_and_follow(args, display, lambda client: client.generate(**generation_body(args)))
 
 
-def submit_and_follow(args: argparse.Namespace, display: ProgressDisplay, submit: Callable[[PersonaClient], JSON]) -> JSON:
+def submit_and_follow(
+    args: argparse.Namespace, display: ProgressDisplay, submit: Callable[[PersonaClient], JSON]
+) -> JSON:
     """A job made on the --server, followed to its end; its result, or its error as a GenerationError."""
     with PersonaClient(server_url(args.server), args.auth_token) as client:
         try:
             job_id = submit(client)["job_id"]
         except PersonaAPIError as exc:
             raise UsageError(exc.message) from None
-        job = client.wait_for_job(job_id, timeout=24 * 3600, interval=0.5,
-                                  on_progress=lambda job: display.update(job["progress"], job["status"]))
+        job = client.wait_for_job(
+            job_id,
+            timeout=24 * 3600,
+            interval=0.5,
+            on_progress=lambda job: display.update(job["progress"], job["status"]),
+        )
     if job["status"] == "failed":
         raise GenerationError(job["error"])
     return job["result"]
@@ -10054,10 +11595,16 @@ def estimate_here_or_there(args: argparse.Namespace) -> JSON:
 
 def print_estimate(estimate: JSON) -> None:
     cost = "unknown" if estimate["cost_usd"] is None else f"${estimate['cost_usd']:.4f}"
-    for label, value in (("participants", estimate["participants"]), ("provider", estimate["provider"]),
-                         ("model", estimate["model"]), ("strategy", estimate["strategy"]), ("calls", estimate["calls"]),
-                         ("input tokens", f"{estimate['input_tokens']:,}"),
-                         ("output tokens", f"{estimate['output_tokens']:,}"), ("cost (USD)", cost)):
+    for label, value in (
+        ("participants", estimate["participants"]),
+        ("provider", estimate["provider"]),
+        ("model", estimate["model"]),
+        ("strategy", estimate["strategy"]),
+        ("calls", estimate["calls"]),
+        ("input tokens", f"{estimate['input_tokens']:,}"),
+        ("output tokens", f"{estimate['output_tokens']:,}"),
+        ("cost (USD)", cost),
+    ):
         print(f"{label:<14} {value}")
     for warning in estimate["warnings"]:
         print(f"note: {warning}")
@@ -10075,22 +11622,37 @@ def run_estimate(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     if args.estimate:
         return run_estimate(args)
-    return run_job(args, lambda display: generate_remotely(args, display) if args.server else generate_locally(args, display))
+    return run_job(
+        args, lambda display: generate_remotely(args, display) if args.server else generate_locally(args, display)
+    )
 
 
 def run_refine(args: argparse.Namespace) -> int:
-    body: JSON = {"data": args.data, "instruction": args.instruction, "count": args.count, "provider": args.provider,
-                  "model": args.model, "config": parse_config_pairs(args.config) if args.config else None}
+    body: JSON = {
+        "data": args.data,
+        "instruction": args.instruction,
+        "count": args.count,
+        "provider": args.provider,
+        "model": args.model,
+        "config": parse_config_pairs(args.config) if args.config else None,
+    }
     asked = {key: value for key, value in body.items() if value is not None}
-    return run_job(args, lambda display: submit_and_follow(args, display, lambda client: client.refine(args.job_id, **asked)))
+    return run_job(
+        args, lambda display: submit_and_follow(args, display, lambda client: client.refine(args.job_id, **asked))
+    )
 
 
 def print_changes(changes: JSON) -> None:
     for persona in changes["personas"]:
-        counts = ", ".join(f"{key.replace('_', ' ')} +{len(change['added'])} -{len(change['removed'])}"
-                           for key, change in persona["fields"].items())
-        print(f"changed {persona['name']} ({persona['id']}): {counts}" if counts else
-              f"unchanged {persona['name']} ({persona['id']})")
+        counts = ", ".join(
+            f"{key.replace('_', ' ')} +{len(change['added'])} -{len(change['removed'])}"
+            for key, change in persona["fields"].items()
+        )
+        print(
+            f"changed {persona['name']} ({persona['id']}): {counts}"
+            if counts
+            else f"unchanged {persona['name']} ({persona['id']})"
+        )
     for label in changes["new"]:
         print(f"new {label['name']} ({label['id']}): {label['title']}")
     for label in changes["gone"]:
@@ -10152,20 +11714,26 @@ def run_jobs(args: argparse.Namespace) -> int:
 def print_jobs(jobs: list[JSON]) -> None:
     print(f"{'JOB':<18} {'STATUS':<10} {'PROGRESS':>8}  {'CREATED':<20}  ERROR")
     for job in jobs:
-        print(f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {job['created_at']:<20}  {job['error'] or ''}")
+        print(
+            f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {job['created_at']:<20}  {job['error'] or ''}"
+        )
 
 
 def run_experiments(args: argparse.Namespace) -> int:
     if args.experiment_id:
         experiment = ask_server(args, lambda client: client.get_experiment(args.experiment_id))
-        print(f"{experiment['experiment_id']}  {experiment['name'] or '(unnamed)'}  created {experiment['created_at']}  "
-              f"updated {experiment['updated_at']}\n")
+        print(
+            f"{experiment['experiment_id']}  {experiment['name'] or '(unnamed)'}  created {experiment['created_at']}  "
+            f"updated {experiment['updated_at']}\n"
+        )
         print_jobs(experiment["jobs"])
         return 0
     experiments = ask_server(args, lambda client: client.list_experiments(limit=args.limit))
     print(f"{'EXPERIMENT':<17} {'JOBS':>5}  {'UPDATED':<20}  NAME")
     for experiment in experiments:
-        print(f"{experiment['experiment_id']:<17} {experiment['jobs']:>5}  {experiment['updated_at']:<20}  {experiment['name'] or ''}")
+        print(
+            f"{experiment['experiment_id']:<17} {experiment['jobs']:>5}  {experiment['updated_at']:<20}  {experiment['name'] or ''}"
+        )
     return 0
 
 
@@ -10187,8 +11755,11 @@ def print_comparison(comparison: JSON) -> None:
         for key, split in pair["fields"].items():
             if split["only_a"] or split["only_b"]:
                 print(f"  {key.replace('_', ' ')} ({len(split['shared'])} shared):")
-                print("".join(f"    a: {item}\n" for item in split["only_a"]) +
-                      "".join(f"    b: {item}\n" for item in split["only_b"]), end="")
+                print(
+                    "".join(f"    a: {item}\n" for item in split["only_a"])
+                    + "".join(f"    b: {item}\n" for item in split["only_b"]),
+                    end="",
+                )
     for side in ("a", "b"):
         for label in comparison["unpaired"][side]:
             print(f"only in {side}: {label['name']} ({label['id']}): {label['title']}")
@@ -10223,7 +11794,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": run_server, "generate": run_generate, "jobs": run_jobs, "experiments": run_experiments, "refine": run_refine, "compare": run_compare,
+    "serve": run_server,
+    "generate": run_generate,
+    "jobs": run_jobs,
+    "experiments": run_experiments,
+    "refine": run_refine,
+    "compare": run_compare,
     "export": run_export,
 }
 

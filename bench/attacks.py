@@ -39,24 +39,58 @@ def cell(ref: str, text: str) -> str:
 
 
 def attacks() -> dict[str, tuple[str, bytes]]:
-    header = f'<row>{cell("A1", "participant_id")}{cell("B1", "comment")}{cell("ALL1", "x")}</row>'
-    wide = header + f'<row>{cell("ALL2", "x")}</row>' * 300_000
-    laughs = ('<?xml version="1.0"?><!DOCTYPE w:document [<!ENTITY a "' + "lol " * 25 + '">'
-              + "".join(f'<!ENTITY {b} "{("&" + a + ";") * 10}">' for a, b in zip("abcde", "bcdef")) + "]>")
+    header = f"<row>{cell('A1', 'participant_id')}{cell('B1', 'comment')}{cell('ALL1', 'x')}</row>"
+    wide = header + f"<row>{cell('ALL2', 'x')}</row>" * 300_000
+    laughs = (
+        '<?xml version="1.0"?><!DOCTYPE w:document [<!ENTITY a "'
+        + "lol " * 25
+        + '">'
+        + "".join(f'<!ENTITY {b} "{("&" + a + ";") * 10}">' for a, b in zip("abcde", "bcdef"))
+        + "]>"
+    )
     strings = "<si><t>ab</t></si>" * 5_000_000
     return {
-        "wide sheet (a header cell at column ALL)": ("xlsx", zipped({"xl/worksheets/sheet1.xml": (
-            f'<worksheet xmlns="{S}"><sheetData>{wide}</sheetData></worksheet>')})),
-        "entities in a Word file": ("docx", zipped({"word/document.xml": (
-            f'{laughs}<w:document xmlns:w="{W}"><w:body><w:p><w:r><w:t>Dana: &f;</w:t></w:r></w:p></w:body></w:document>')})),
-        "paragraphs nested 16,000 deep": ("docx", zipped({"word/document.xml": (
-            f'<w:document xmlns:w="{W}"><w:body>' + "<w:p>" * 16_000 + "</w:p>" * 16_000 + "</w:body></w:document>")})),
-        "5 million shared strings": ("xlsx", zipped({
-            "xl/sharedStrings.xml": f'<sst xmlns="{S}">{strings}</sst>',
-            "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{S}"><sheetData>{header}</sheetData></worksheet>'})),
+        "wide sheet (a header cell at column ALL)": (
+            "xlsx",
+            zipped({"xl/worksheets/sheet1.xml": (f'<worksheet xmlns="{S}"><sheetData>{wide}</sheetData></worksheet>')}),
+        ),
+        "entities in a Word file": (
+            "docx",
+            zipped(
+                {
+                    "word/document.xml": (
+                        f'{laughs}<w:document xmlns:w="{W}"><w:body><w:p><w:r><w:t>Dana: &f;</w:t></w:r></w:p></w:body></w:document>'
+                    )
+                }
+            ),
+        ),
+        "paragraphs nested 16,000 deep": (
+            "docx",
+            zipped(
+                {
+                    "word/document.xml": (
+                        f'<w:document xmlns:w="{W}"><w:body>'
+                        + "<w:p>" * 16_000
+                        + "</w:p>" * 16_000
+                        + "</w:body></w:document>"
+                    )
+                }
+            ),
+        ),
+        "5 million shared strings": (
+            "xlsx",
+            zipped(
+                {
+                    "xl/sharedStrings.xml": f'<sst xmlns="{S}">{strings}</sst>',
+                    "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{S}"><sheetData>{header}</sheetData></worksheet>',
+                }
+            ),
+        ),
         "an answer of 2,400 dashes": ("csv", ("participant_id,answer\nP1," + "-" * 2400 + "x\n").encode()),
-        "30,000 spaces inside an answer": ("csv", ("participant_id,answer\nP1,I keep" + " " * 30_000
-                                                   + "notes and um I plan.\n").encode()),
+        "30,000 spaces inside an answer": (
+            "csv",
+            ("participant_id,answer\nP1,I keep" + " " * 30_000 + "notes and um I plan.\n").encode(),
+        ),
     }
 
 
@@ -91,8 +125,13 @@ def limit() -> None:
 def run(module: Path, fmt: str, raw: bytes) -> dict[str, object]:
     started = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", READ, str(module), fmt], input=raw, capture_output=True,
-                              timeout=DEADLINE_S, preexec_fn=limit)
+        done = subprocess.run(
+            [sys.executable, "-c", READ, str(module), fmt],
+            input=raw,
+            capture_output=True,
+            timeout=DEADLINE_S,
+            preexec_fn=limit,
+        )
     except subprocess.TimeoutExpired:
         return {"seconds": DEADLINE_S, "outcome": f"still reading after {DEADLINE_S} s", "peak_mb": None}
     fields = done.stdout.decode().strip().split("\t", 2)
@@ -111,7 +150,9 @@ def main() -> None:
     for name, (fmt, raw) in attacks().items():
         row = {"attack": name, "bytes": len(raw), **run(args.persona, fmt, raw)}
         rows.append(row)
-        print(f"{name:42} {len(raw):>9,} B  {row['seconds']:>7} s  peak {row['peak_mb']} MB  {row['outcome']}", flush=True)
+        print(
+            f"{name:42} {len(raw):>9,} B  {row['seconds']:>7} s  peak {row['peak_mb']} MB  {row['outcome']}", flush=True
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

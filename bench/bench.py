@@ -61,7 +61,7 @@ SERVER_CORE, LOAD_CORE = "0", "1"
 JOB_COLUMNS = ["job_id", "owner", "request", "experiment_id", "created_at", "status", "progress"]
 THROUGHPUT_JOB = {"data": "interviews.csv", "count": 3, "provider": "openai"}
 
-CEILING_APP = textwrap.dedent('''
+CEILING_APP = textwrap.dedent("""
     import os
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -76,7 +76,7 @@ CEILING_APP = textwrap.dedent('''
         return Response(BODY, media_type="application/json")
 
     app = Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST"])])
-''')
+""")
 
 
 def free_port() -> int:
@@ -98,8 +98,14 @@ def wait_until_up(url: str, timeout: float = 30.0) -> float:
 
 class Process:
     def __init__(self, command: list[str], env: dict[str, str], cwd: Path, cores: str = SERVER_CORE) -> None:
-        self.popen = subprocess.Popen(["taskset", "-c", cores, *command], env=env, cwd=cwd,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen(
+            ["taskset", "-c", cores, *command],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def rss_mb(self) -> float:
         total = 0
@@ -185,6 +191,7 @@ class Receiver:
 
 def on_postgres(url: str, method: str, *args: Any, **kwargs: Any) -> Any:
     """One asyncpg connection method on a connection of its own: the bench's few statements need no pool."""
+
     async def call() -> Any:
         conn = await asyncpg.connect(url)
         try:
@@ -228,8 +235,12 @@ def wrk(url: str, seconds: int, connections: int = 50, script: Path | None = Non
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     latency = {p: to_ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.MULTILINE)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": latency.get("50", 0.0), "p99_ms": latency.get("99", 0.0),
-            "non2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": rps,
+        "p50_ms": latency.get("50", 0.0),
+        "p99_ms": latency.get("99", 0.0),
+        "non2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
 def to_ms(value: str) -> float:
@@ -241,7 +252,7 @@ def post_script(folder: Path, body: dict[str, Any]) -> Path:
     script = folder / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f'wrk.body = {json.dumps(json.dumps(body))}\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {TOKEN}"\n'
     )
@@ -258,8 +269,12 @@ def interviews(path: Path, participants: int, seed: int = 7) -> None:
         ("Payroll Administrator", ["timesheet export", "audit trail", "approvals", "spreadsheets", "reports"]),
         ("Student", ["study rooms", "exam season", "e-book loans", "late opening", "quiet floors"]),
     ]
-    templates = ["I want {a} to work better, because {b} takes too long.", "It's frustrating when {a} breaks before {b}.",
-                 "I usually check {a} first thing, then {b}.", "I need {a} and {b} in one place."]
+    templates = [
+        "I want {a} to work better, because {b} takes too long.",
+        "It's frustrating when {a} breaks before {b}.",
+        "I usually check {a} first thing, then {b}.",
+        "I need {a} and {b} in one place.",
+    ]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["participant_id", "role", "age", "response"])
@@ -281,15 +296,40 @@ class Bench:
         self.results: list[dict[str, Any]] = []
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "OLLAMA_HOST": self.slow.url}
 
-    def persona(self, db: str, *options: str, rate_limit: int = 1_000_000_000, env: dict[str, str] | None = None,
-                cores: str = SERVER_CORE) -> tuple[Process, str]:
+    def persona(
+        self,
+        db: str,
+        *options: str,
+        rate_limit: int = 1_000_000_000,
+        env: dict[str, str] | None = None,
+        cores: str = SERVER_CORE,
+    ) -> tuple[Process, str]:
         """A `persona serve` on `db`: a SQLite file name in the work folder, or a postgresql:// URL."""
         port = free_port()
         location = db if persona.is_postgres_url(db) else str(self.work / db)
-        command = [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", location,
-                   "--data-dir", str(self.work / "data"), "--output-dir", str(self.work / "output"),
-                   "--auth-token", TOKEN, "--rate-limit", str(rate_limit), "--max-concurrent-jobs", "1000000",
-                   "--log-level", "warning", *options]
+        command = [
+            sys.executable,
+            "-m",
+            "persona",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            location,
+            "--data-dir",
+            str(self.work / "data"),
+            "--output-dir",
+            str(self.work / "output"),
+            "--auth-token",
+            TOKEN,
+            "--rate-limit",
+            str(rate_limit),
+            "--max-concurrent-jobs",
+            "1000000",
+            "--log-level",
+            "warning",
+            *options,
+        ]
         process = Process(command, env or self.env, self.work, cores)
         url = f"http://127.0.0.1:{port}"
         wait_until_up(f"{url}/api/v1/health")
@@ -305,8 +345,9 @@ class Bench:
         wait_until_up(url)
         return process, url
 
-    def compare(self, name: str, db: str, path: str, target: float, script: Path | None = None,
-                body: bytes | None = None) -> None:
+    def compare(
+        self, name: str, db: str, path: str, target: float, script: Path | None = None, body: bytes | None = None
+    ) -> None:
         """Alternate ceiling and Persona rounds; medians and their ratio."""
         server, url = self.persona(db)
         sample = httpx.get(url + path) if script is None else None
@@ -323,11 +364,17 @@ class Bench:
             ceiling.stop()
         ceiling_rps = statistics.median(r["rps"] for r in runs["ceiling"])
         persona_rps = statistics.median(r["rps"] for r in runs["persona"])
-        row = {"benchmark": name, "db": store_of(db), "ceiling_rps": round(ceiling_rps), "persona_rps": round(persona_rps),
-               "ratio": round(persona_rps / ceiling_rps, 3), "target": target,
-               "persona_p50_ms": round(statistics.median(r["p50_ms"] for r in runs["persona"]), 2),
-               "persona_p99_ms": round(statistics.median(r["p99_ms"] for r in runs["persona"]), 2),
-               "persona_non2xx": sum(r["non2xx"] for r in runs["persona"])}
+        row = {
+            "benchmark": name,
+            "db": store_of(db),
+            "ceiling_rps": round(ceiling_rps),
+            "persona_rps": round(persona_rps),
+            "ratio": round(persona_rps / ceiling_rps, 3),
+            "target": target,
+            "persona_p50_ms": round(statistics.median(r["p50_ms"] for r in runs["persona"]), 2),
+            "persona_p99_ms": round(statistics.median(r["p99_ms"] for r in runs["persona"]), 2),
+            "persona_non2xx": sum(r["non2xx"] for r in runs["persona"]),
+        }
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -335,8 +382,9 @@ class Bench:
         server, url = self.persona(db)
         try:
             headers = {"Authorization": f"Bearer {TOKEN}"}
-            job_id = httpx.post(f"{url}/api/v1/generate", headers=headers,
-                                json={"data": "interviews.csv", "count": 5}).json()["job_id"]
+            job_id = httpx.post(
+                f"{url}/api/v1/generate", headers=headers, json={"data": "interviews.csv", "count": 5}
+            ).json()["job_id"]
             while httpx.get(f"{url}/api/v1/generate/{job_id}").json()["status"] not in ("completed", "failed"):
                 time.sleep(0.05)
         finally:
@@ -347,8 +395,18 @@ class Bench:
         """100,000 finished jobs written straight into the database, as a long-lived server would have."""
         server, _ = self.persona(db)
         server.stop()
-        rows = [(persona.new_id("job"), "key:bench", json.dumps({"data": "interviews.csv"}), "exp-000000000000",
-                 "2026-01-01T00:00:00Z", "completed", 100) for _ in range(count)]
+        rows = [
+            (
+                persona.new_id("job"),
+                "key:bench",
+                json.dumps({"data": "interviews.csv"}),
+                "exp-000000000000",
+                "2026-01-01T00:00:00Z",
+                "completed",
+                100,
+            )
+            for _ in range(count)
+        ]
         if persona.is_postgres_url(db):  # the job_counts triggers fire for COPY too, so the counts stay right
             on_postgres(db, "copy_records_to_table", "jobs", records=rows, columns=JOB_COLUMNS)
             return
@@ -367,18 +425,33 @@ class Bench:
         self.fill_jobs(many, 100_000)
         self.compare("GET /api/v1/generate?limit=100 (100,000 jobs)", many, "/api/v1/generate?limit=100", 0.20)
         body = {"data": "interviews.csv", "count": 3, "provider": "ollama"}
-        accepted = json.dumps({"job_id": "job-000000000000", "status": "pending",
-                               "message": "Generation job created successfully",
-                               "status_url": "/api/v1/generate/job-000000000000"}, separators=(",", ":")).encode()
-        self.compare("POST /api/v1/generate (jobs wait on a slow provider)", writes, "/api/v1/generate", 0.30,
-                     script=post_script(self.work, body), body=accepted)
+        accepted = json.dumps(
+            {
+                "job_id": "job-000000000000",
+                "status": "pending",
+                "message": "Generation job created successfully",
+                "status_url": "/api/v1/generate/job-000000000000",
+            },
+            separators=(",", ":"),
+        ).encode()
+        self.compare(
+            "POST /api/v1/generate (jobs wait on a slow provider)",
+            writes,
+            "/api/v1/generate",
+            0.30,
+            script=post_script(self.work, body),
+            body=accepted,
+        )
 
     def run_throughput(self, jobs: int) -> None:
         """End-to-end jobs/s on each store with 1, 2 and 4 processes, and the speed-up over 1 process."""
         stores = ["sqlite", "postgresql"]
         if self.postgres is None:
-            print("throughput: no --db and no PostgreSQL server binaries for a private cluster; SQLite only",
-                  file=sys.stderr, flush=True)
+            print(
+                "throughput: no --db and no PostgreSQL server binaries for a private cluster; SQLite only",
+                file=sys.stderr,
+                flush=True,
+            )
             stores = ["sqlite"]
         provider = FakeProvider()
         try:
@@ -403,30 +476,40 @@ class Bench:
         try:
             urls: list[str] = []
             for _ in range(processes):  # not pinned to the server core: the processes and the load share both
-                server, url = self.persona(db, "--allow-private-urls", rate_limit=0, env=env,
-                                           cores=f"{SERVER_CORE},{LOAD_CORE}")
+                server, url = self.persona(
+                    db, "--allow-private-urls", rate_limit=0, env=env, cores=f"{SERVER_CORE},{LOAD_CORE}"
+                )
                 servers.append(server)
                 urls.append(url)
-            httpx.post(f"{urls[0]}/api/v1/webhooks", headers={"Authorization": f"Bearer {TOKEN}"},
-                       json={"url": receiver.url}).raise_for_status()
+            httpx.post(
+                f"{urls[0]}/api/v1/webhooks", headers={"Authorization": f"Bearer {TOKEN}"}, json={"url": receiver.url}
+            ).raise_for_status()
             wal_before = self.wal_position(db)
             started = time.perf_counter()
             job_ids = submit_jobs(urls, jobs)
             finished = receiver.wait_for(jobs, timeout=60 + jobs)
             wal_growth = self.wal_position(db) - wal_before
-            completed = int(httpx.get(f"{urls[0]}/api/v1/generate", params={"status": "completed", "limit": 1})
-                            .headers["X-Total-Count"])
+            completed = int(
+                httpx.get(f"{urls[0]}/api/v1/generate", params={"status": "completed", "limit": 1}).headers[
+                    "X-Total-Count"
+                ]
+            )
         finally:
             for server in servers:
                 server.stop()
             receiver.close()
         # Checked with every server stopped, so that no late duplicate can still arrive.
         delivered = Counter(job_id for _, job_id, event in receiver.arrivals if event == "generation.completed")
-        row = {"benchmark": f"job throughput end to end ({jobs} jobs, fake OpenAI provider, 1 webhook)", "db": store,
-               "processes": processes, "seconds": round(finished - started, 2),
-               "jobs_per_s": round(jobs / (finished - started), 1), "completed": completed,
-               "deliveries": len(receiver.arrivals),
-               "exactly_once": completed == jobs and len(receiver.arrivals) == jobs and delivered == Counter(job_ids)}
+        row = {
+            "benchmark": f"job throughput end to end ({jobs} jobs, fake OpenAI provider, 1 webhook)",
+            "db": store,
+            "processes": processes,
+            "seconds": round(finished - started, 2),
+            "jobs_per_s": round(jobs / (finished - started), 1),
+            "completed": completed,
+            "deliveries": len(receiver.arrivals),
+            "exactly_once": completed == jobs and len(receiver.arrivals) == jobs and delivered == Counter(job_ids),
+        }
         if store == "postgresql":
             row["wal_bytes_per_1000_jobs"] = round(wal_growth * 1000 / jobs)
             row["dead_tuples_per_1000_jobs"] = round(dead_tuples(db) * 1000 / jobs)
@@ -452,17 +535,28 @@ class Bench:
         server, url = self.persona("busy.db")
         headers = {"Authorization": f"Bearer {TOKEN}"}
         try:
-            engine_jobs = [httpx.post(f"{url}/api/v1/generate", headers=headers,
-                                      json={"data": "big.csv", "count": 5}).json()["job_id"] for _ in range(4)]
+            engine_jobs = [
+                httpx.post(f"{url}/api/v1/generate", headers=headers, json={"data": "big.csv", "count": 5}).json()[
+                    "job_id"
+                ]
+                for _ in range(4)
+            ]
             for _ in range(100):
-                httpx.post(f"{url}/api/v1/generate", headers=headers, json={"data": "interviews.csv", "provider": "ollama"})
+                httpx.post(
+                    f"{url}/api/v1/generate", headers=headers, json={"data": "interviews.csv", "provider": "ollama"}
+                )
             result = wrk(f"{url}/api/v1/generate/{job_id}", self.seconds * 2, connections=10)
             statuses = [httpx.get(f"{url}/api/v1/generate/{j}").json()["status"] for j in engine_jobs]
         finally:
             server.stop()
-        row = {"benchmark": "GET job while 100 jobs wait and 4 engine jobs run on 10,000 participants",
-               "persona_rps": round(result["rps"]), "persona_p50_ms": result["p50_ms"],
-               "persona_p99_ms": result["p99_ms"], "target_p99_ms": 50, "engine_jobs_during_load": statuses}
+        row = {
+            "benchmark": "GET job while 100 jobs wait and 4 engine jobs run on 10,000 participants",
+            "persona_rps": round(result["rps"]),
+            "persona_p50_ms": result["p50_ms"],
+            "persona_p99_ms": result["p99_ms"],
+            "target_p99_ms": 50,
+            "engine_jobs_during_load": statuses,
+        }
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -483,23 +577,48 @@ class Bench:
                                   "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                                   "personas": len(personas)}}))
             ''')
-            out = subprocess.run(["taskset", "-c", SERVER_CORE, sys.executable, "-c", code], env=self.env,
-                                 capture_output=True, text=True, check=True).stdout
-            row = {"benchmark": f"offline engine, {size:,} participants, 5 personas, quality and stability", **json.loads(out)}
+            out = subprocess.run(
+                ["taskset", "-c", SERVER_CORE, sys.executable, "-c", code],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            row = {
+                "benchmark": f"offline engine, {size:,} participants, 5 personas, quality and stability",
+                **json.loads(out),
+            }
             self.results.append(row)
             print(json.dumps(row), flush=True)
 
     def run_startup(self) -> None:
         port = free_port()
-        command = [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", str(self.work / "start.db"),
-                   "--data-dir", str(self.work / "data"), "--output-dir", str(self.work / "output"), "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "persona",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            str(self.work / "start.db"),
+            "--data-dir",
+            str(self.work / "data"),
+            "--output-dir",
+            str(self.work / "output"),
+            "--log-level",
+            "warning",
+        ]
         process = Process(command, self.env, self.work)
         seconds = wait_until_up(f"http://127.0.0.1:{port}/api/v1/health")
         time.sleep(2)  # let it settle before reading idle memory
         rss = process.rss_mb()
         process.stop()
-        row = {"benchmark": "start-up and idle footprint", "seconds_to_health": round(seconds, 3),
-               "idle_rss_mb": round(rss, 1)}
+        row = {
+            "benchmark": "start-up and idle footprint",
+            "seconds_to_health": round(seconds, 3),
+            "idle_rss_mb": round(rss, 1),
+        }
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -512,9 +631,12 @@ def submit_jobs(urls: list[str], jobs: int, threads: int = 8) -> list[str]:
     def send(first: int) -> None:
         try:
             with ExitStack() as stack:
-                clients = [stack.enter_context(httpx.Client(base_url=url, timeout=30,
-                                                            headers={"Authorization": f"Bearer {TOKEN}"}))
-                           for url in urls]
+                clients = [
+                    stack.enter_context(
+                        httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"})
+                    )
+                    for url in urls
+                ]
                 for n in range(first, jobs, threads):
                     response = clients[n % len(urls)].post("/api/v1/generate", json=THROUGHPUT_JOB)
                     response.raise_for_status()
@@ -534,12 +656,15 @@ def submit_jobs(urls: list[str], jobs: int, threads: int = 8) -> list[str]:
 
 def dead_tuples(db: str) -> int:
     """Dead rows in the database's tables, read once its servers' sessions have ended and so flushed their statistics."""
+
     async def count() -> int:
         conn = await asyncpg.connect(db)
         try:
             deadline = time.monotonic() + 15
-            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                      "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"):
+            while await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ):
                 if time.monotonic() > deadline:
                     raise SystemExit("the servers' PostgreSQL sessions did not end")
                 await asyncio.sleep(0.05)
@@ -555,11 +680,16 @@ def dead_tuples(db: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 s instead of 5 rounds of 5 s")
-    parser.add_argument("--only", choices=["http", "throughput", "responsiveness", "engine", "startup"],
-                        help="one part only")
+    parser.add_argument(
+        "--only", choices=["http", "throughput", "responsiveness", "engine", "startup"], help="one part only"
+    )
     parser.add_argument("--sizes", default="1000,10000,50000", help="participant counts for the engine")
-    parser.add_argument("--db", metavar="URL", help="run http and throughput on this PostgreSQL server "
-                        "(postgresql://..., its user may CREATE DATABASE), or 'pg' for a private throwaway cluster")
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="run http and throughput on this PostgreSQL server "
+        "(postgresql://..., its user may CREATE DATABASE), or 'pg' for a private throwaway cluster",
+    )
     parser.add_argument("--jobs", type=int, default=400, help="jobs per throughput run (default 400)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -583,11 +713,19 @@ def main() -> int:
             postgres = Postgres(cluster.url("postgres"))
         elif args.db not in (None, "pg"):
             postgres = Postgres(args.db)
-        bench = Bench(seconds=3 if args.quick else 5, rounds=2 if args.quick else 5, postgres=postgres,
-                      http_on_postgres=args.db is not None)
-        parts = {"startup": bench.run_startup, "http": bench.run_http,
-                 "throughput": lambda: bench.run_throughput(args.jobs), "responsiveness": bench.run_responsiveness,
-                 "engine": lambda: bench.run_engine([int(s) for s in args.sizes.split(",")])}
+        bench = Bench(
+            seconds=3 if args.quick else 5,
+            rounds=2 if args.quick else 5,
+            postgres=postgres,
+            http_on_postgres=args.db is not None,
+        )
+        parts = {
+            "startup": bench.run_startup,
+            "http": bench.run_http,
+            "throughput": lambda: bench.run_throughput(args.jobs),
+            "responsiveness": bench.run_responsiveness,
+            "engine": lambda: bench.run_engine([int(s) for s in args.sizes.split(",")]),
+        }
         for name, part in parts.items():
             if args.only in (None, name):
                 part()

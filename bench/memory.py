@@ -72,11 +72,28 @@ def main() -> int:
     (work / "data").mkdir()
     interviews(work / "data" / "large.csv", args.participants)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", str(work / "p.db"),
-                               "--data-dir", str(work / "data"), "--output-dir", str(work / "out"),
-                               "--rate-limit", "0"],  # only the polling here would meet the limit
-                              cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "persona",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            str(work / "p.db"),
+            "--data-dir",
+            str(work / "data"),
+            "--output-dir",
+            str(work / "out"),
+            "--rate-limit",
+            "0",
+        ],  # only the polling here would meet the limit
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -89,8 +106,10 @@ def main() -> int:
                     raise
             time.sleep(0.1)
         started = time.monotonic()
-        ids = [httpx.post(f"{url}/api/v1/generate", json={"data": "large.csv", "count": 5}).json()["job_id"]
-               for _ in range(args.jobs)]
+        ids = [
+            httpx.post(f"{url}/api/v1/generate", json={"data": "large.csv", "count": 5}).json()["job_id"]
+            for _ in range(args.jobs)
+        ]
         peak, children = 0.0, 0
         while True:
             pids = tree(server.pid)
@@ -100,10 +119,19 @@ def main() -> int:
             if all(status in ("completed", "failed") for status in statuses):
                 break
             time.sleep(0.2)
-        print(json.dumps({"jobs": args.jobs, "participants": args.participants,
-                          "csv_mb": round((work / "data" / "large.csv").stat().st_size / 2**20, 1),
-                          "peak_rss_mb": round(peak), "most_processes_below_server": children,
-                          "completed": statuses.count("completed"), "seconds": round(time.monotonic() - started, 1)}))
+        print(
+            json.dumps(
+                {
+                    "jobs": args.jobs,
+                    "participants": args.participants,
+                    "csv_mb": round((work / "data" / "large.csv").stat().st_size / 2**20, 1),
+                    "peak_rss_mb": round(peak),
+                    "most_processes_below_server": children,
+                    "completed": statuses.count("completed"),
+                    "seconds": round(time.monotonic() - started, 1),
+                }
+            )
+        )
     finally:
         server.terminate()
         server.wait(30)

@@ -69,8 +69,24 @@ CONFIG = {"complexity": "moderate", "detail_level": "standard"}
 ITEM_LISTS = ("goals", "pain_points", "behaviours", "quotes")
 MIN_SENTENCE_WORDS = 4  # "Yeah, exactly." is said by everyone; only longer sentences point at a speaker
 SENTENCE_WORDS = 8  # a demographics value longer than this is an answer, not an attribute
-TITLE_FILLER = {"the", "user", "users", "focused", "on", "of", "and", "a", "an", "with", "for", "in",
-                "to", "segment", "distinct", "persona"}
+TITLE_FILLER = {
+    "the",
+    "user",
+    "users",
+    "focused",
+    "on",
+    "of",
+    "and",
+    "a",
+    "an",
+    "with",
+    "for",
+    "in",
+    "to",
+    "segment",
+    "distinct",
+    "persona",
+}
 persona: ModuleType  # set by main(): the persona.py under test
 
 SPEAKER = re.compile(r"^\s*(?:\*\*)?(?P<label>[^*:\n]{1,40}?)(?::\*\*|\*\*:|:)\s*(?P<text>.*)$")
@@ -105,6 +121,7 @@ def column_key(name: str) -> str:
 # ---------------------------------------------------------------------------
 # Reading the raw data, independently of persona.py's parser
 # ---------------------------------------------------------------------------
+
 
 def read_transcripts(folder: Path, truth: dict[str, Any]) -> Source:
     """Turns start at a known label (`Name:` or `**Name:**`); other lines continue the turn."""
@@ -149,14 +166,20 @@ def read_records(folder: Path, truth: dict[str, Any]) -> Source:
     """Survey or review rows: each non-empty answer cell is one participant's answer."""
     source = Source()
     id_col = truth.get("id_column")
-    blocked = set(truth.get("metadata_columns", [])) | set(truth.get("name_columns", [])) | ({id_col} if id_col else set())
+    blocked = (
+        set(truth.get("metadata_columns", [])) | set(truth.get("name_columns", [])) | ({id_col} if id_col else set())
+    )
     replies = set(truth.get("reply_columns", []))
     source.blocked_columns = {column_key(column) for column in blocked}
     for relative in truth["files"]:
         path = folder / relative
-        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline=""),
-                               delimiter="\t" if path.suffix == ".tsv" else ","))
-        header, body = rows[0], rows[truth.get("header_rows", 1):]
+        rows = list(
+            csv.reader(
+                io.StringIO(path.read_text(encoding="utf-8-sig"), newline=""),
+                delimiter="\t" if path.suffix == ".tsv" else ",",
+            )
+        )
+        header, body = rows[0], rows[truth.get("header_rows", 1) :]
         source.not_participant.extend(cell for cell in header if cell.strip())  # headers are question texts
         if truth.get("question_row"):
             source.not_participant.extend(cell for cell in rows[truth["question_row"] - 1] if cell.strip())
@@ -184,12 +207,12 @@ def read_source(folder: Path, truth: dict[str, Any]) -> Source:
 # The checks
 # ---------------------------------------------------------------------------
 
+
 def sentences(text: str, labels: set[str]) -> list[str]:
     """Sentences of 4+ words; a speaker label carried into the text splits it like a full stop."""
     for label in sorted(labels, key=len, reverse=True):
         text = re.sub(rf"(?:\*\*)?{re.escape(label)}(?::\*\*|\*\*:|:)", ". ", text)
-    return [part.strip(". ") for part in SENTENCE_END.split(squash(text))
-            if len(part.split()) >= MIN_SENTENCE_WORDS]
+    return [part.strip(". ") for part in SENTENCE_END.split(squash(text)) if len(part.split()) >= MIN_SENTENCE_WORDS]
 
 
 def interviewer_items(personas: list[dict[str, Any]], answers: str, others: str, labels: set[str]) -> list[str]:
@@ -237,8 +260,11 @@ def bad_demographics(persona_: dict[str, Any], source: Source) -> list[str]:
             continue
         text = str(value)
         base = column_key(re.sub(r"_range$", "", key))
-        if base in source.blocked_columns or len(text.split()) > SENTENCE_WORDS \
-                or any(name and name in text for name in source.names):
+        if (
+            base in source.blocked_columns
+            or len(text.split()) > SENTENCE_WORDS
+            or any(name and name in text for name in source.names)
+        ):
             bad.append(f"{key}={text[:80]!r}")
     return bad
 
@@ -291,22 +317,28 @@ def evaluate(name: str, truth: dict[str, Any], count: int) -> dict[str, Any]:
     texts = participant_texts(dataset, source)
     shares = [share for share in (title_share(p, texts) for p in personas) if share is not None]
     coverage, support = quality_summary(dataset, personas)
-    row.update({
-        "interviewer_items": interviewer_items(personas, answers, others, source.labels),
-        "spliced_quotes": spliced,
-        "quotes": quotes,
-        "empty_lists": empty_lists(personas),
-        "segment_sizes": [len(p["evidence"]["participants"]) for p in personas],
-        "title_share": round(statistics.mean(shares), 3) if shares else None,
-        "demographics_per_persona": round(statistics.mean(
-            len([k for k in p["demographics"] if k not in ("participants", "share")]) for p in personas), 2),
-        "bad_demographics": [entry for p in personas for entry in bad_demographics(p, source)],
-        "name_leaks": [leak for p in personas for leak in name_leaks(p, source.names)],
-        "coverage": coverage,
-        "mean_support": support,
-        "titles": [p["title"] for p in personas],
-        "warnings": warnings,
-    })
+    row.update(
+        {
+            "interviewer_items": interviewer_items(personas, answers, others, source.labels),
+            "spliced_quotes": spliced,
+            "quotes": quotes,
+            "empty_lists": empty_lists(personas),
+            "segment_sizes": [len(p["evidence"]["participants"]) for p in personas],
+            "title_share": round(statistics.mean(shares), 3) if shares else None,
+            "demographics_per_persona": round(
+                statistics.mean(
+                    len([k for k in p["demographics"] if k not in ("participants", "share")]) for p in personas
+                ),
+                2,
+            ),
+            "bad_demographics": [entry for p in personas for entry in bad_demographics(p, source)],
+            "name_leaks": [leak for p in personas for leak in name_leaks(p, source.names)],
+            "coverage": coverage,
+            "mean_support": support,
+            "titles": [p["title"] for p in personas],
+            "warnings": warnings,
+        }
+    )
     return row
 
 
@@ -323,8 +355,25 @@ RECOVERED = 0.5  # a segment is recovered when some persona's participants have 
 COUNTS = (3, 4, 5)  # the engine gets its best count of these, as a researcher would try them
 LABELS = Path("bench/labels/sentences.jsonl")
 LIST_OF_LABEL = {"goal": "goals", "pain": "pain_points", "behaviour": "behaviours"}
-BARE_VALUES = {"never", "rarely", "sometimes", "often", "always", "yes", "no", "daily", "weekly", "monthly",
-               "agree", "disagree", "strongly agree", "strongly disagree", "neutral", "other", "none"}
+BARE_VALUES = {
+    "never",
+    "rarely",
+    "sometimes",
+    "often",
+    "always",
+    "yes",
+    "no",
+    "daily",
+    "weekly",
+    "monthly",
+    "agree",
+    "disagree",
+    "strongly agree",
+    "strongly disagree",
+    "neutral",
+    "other",
+    "none",
+}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -361,8 +410,12 @@ def title_faults(personas: list[dict[str, Any]], dataset: Any) -> list[str]:
 def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
     """Respondents counted, the researcher's segments recovered at the best count, stability and titles."""
     dataset = persona.load_path(researcher["data"], CORPUS)
-    row: dict[str, Any] = {"dataset": name, "respondents": researcher["respondents"],
-                           "participants": len(dataset.participants), "segments": len(researcher["segments"])}
+    row: dict[str, Any] = {
+        "dataset": name,
+        "respondents": researcher["respondents"],
+        "participants": len(dataset.participants),
+        "segments": len(researcher["segments"]),
+    }
     best: tuple[int, float, int] | None = None
     for count in COUNTS:
         personas, _ = persona.offline_personas(dataset, count, CONFIG)
@@ -370,14 +423,21 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
         found = sum(score >= RECOVERED for score in scores)
         if best is None or (found, statistics.mean(scores)) > (best[0], best[1]):
             best = (found, statistics.mean(scores), count)
-            row.update(recovered=found, best_count=count, jaccards=[round(x, 2) for x in scores],
-                       titles=[p["title"] for p in personas], title_faults=title_faults(personas, dataset))
+            row.update(
+                recovered=found,
+                best_count=count,
+                jaccards=[round(x, 2) for x in scores],
+                titles=[p["title"] for p in personas],
+                title_faults=title_faults(personas, dataset),
+            )
             silent = getattr(dataset, "silent", None)  # older versions count only whom they read
             quality = persona.quality_report(dataset.participants, personas, *([silent] if silent is not None else []))
-            stability = persona.grouping_stability(dataset.participants, count, CONFIG, personas) \
-                if hasattr(persona, "grouping_stability") else None
-            row.update(coverage=quality.get("coverage"), stability=stability,
-                       covered_of=quality.get("respondents"))
+            stability = (
+                persona.grouping_stability(dataset.participants, count, CONFIG, personas)
+                if hasattr(persona, "grouping_stability")
+                else None
+            )
+            row.update(coverage=quality.get("coverage"), stability=stability, covered_of=quality.get("respondents"))
     return row
 
 
@@ -394,31 +454,54 @@ def list_precision() -> dict[str, dict[str, dict[str, float | int]]]:
             relevant = [row for row in part if row["label"] == label]
             right = sum(row["label"] == label for row in chosen)
             table.setdefault(split, {})[name] = {
-                "chosen": len(chosen), "precision": round(right / len(chosen), 3) if chosen else 0.0,
-                "recall": round(right / len(relevant), 3) if relevant else 0.0}
+                "chosen": len(chosen),
+                "precision": round(right / len(chosen), 3) if chosen else 0.0,
+                "recall": round(right / len(relevant), 3) if relevant else 0.0,
+            }
     return table
 
 
 def print_findings(rows: list[dict[str, Any]], precision: dict[str, dict[str, dict[str, float | int]]]) -> None:
     print()
-    print("| dataset | respondents (covered) | read | segments recovered | best count | Jaccards | stability "
-          "| title faults |")
+    print(
+        "| dataset | respondents (covered) | read | segments recovered | best count | Jaccards | stability "
+        "| title faults |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['dataset']} | {row['respondents']} ({row.get('covered_of') or '-'}) | {row['participants']} "
-              f"| {row['recovered']} of {row['segments']} | {row['best_count']} | {row['jaccards']} "
-              f"| {number(row.get('stability'))} | {len(row['title_faults'])} |")
+        print(
+            f"| {row['dataset']} | {row['respondents']} ({row.get('covered_of') or '-'}) | {row['participants']} "
+            f"| {row['recovered']} of {row['segments']} | {row['best_count']} | {row['jaccards']} "
+            f"| {number(row.get('stability'))} | {len(row['title_faults'])} |"
+        )
     for split, lists in precision.items():
-        print(f"\n{split}: " + ", ".join(f"{name} precision {v['precision']:.2f} recall {v['recall']:.2f} "
-                                          f"({v['chosen']} chosen)" for name, v in lists.items()))
+        print(
+            f"\n{split}: "
+            + ", ".join(
+                f"{name} precision {v['precision']:.2f} recall {v['recall']:.2f} ({v['chosen']} chosen)"
+                for name, v in lists.items()
+            )
+        )
 
 
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
-COLUMNS = ("dataset", "read/truth", "intv", "spliced", "empty", "sizes", "title", "demo", "bad", "names",
-           "cover", "supp")
+COLUMNS = (
+    "dataset",
+    "read/truth",
+    "intv",
+    "spliced",
+    "empty",
+    "sizes",
+    "title",
+    "demo",
+    "bad",
+    "names",
+    "cover",
+    "supp",
+)
 
 
 def number(value: float | None, digits: int = 2) -> str:
@@ -430,18 +513,27 @@ def table_row(row: dict[str, Any]) -> list[str]:
         read = row.get("read_participants", "-")
         return [row["dataset"], f"{read}/{row['truth_participants']}", "load/run failed: " + row["error"][:90]]
     return [
-        row["dataset"], f"{row['read_participants']}/{row['truth_participants']}",
-        str(len(row["interviewer_items"])), f"{len(row['spliced_quotes'])}/{row['quotes']}",
-        str(row["empty_lists"]), ",".join(map(str, row["segment_sizes"])), number(row["title_share"]),
-        number(row["demographics_per_persona"], 1), str(len(row["bad_demographics"])), str(len(row["name_leaks"])),
-        number(row["coverage"]), number(row["mean_support"]),
+        row["dataset"],
+        f"{row['read_participants']}/{row['truth_participants']}",
+        str(len(row["interviewer_items"])),
+        f"{len(row['spliced_quotes'])}/{row['quotes']}",
+        str(row["empty_lists"]),
+        ",".join(map(str, row["segment_sizes"])),
+        number(row["title_share"]),
+        number(row["demographics_per_persona"], 1),
+        str(len(row["bad_demographics"])),
+        str(len(row["name_leaks"])),
+        number(row["coverage"]),
+        number(row["mean_support"]),
     ]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     cells = [list(COLUMNS)] + [table_row(row) for row in rows]
-    widths = [max(len(line[i]) for line in cells if i < len(line) and (i < 2 or len(line) == len(COLUMNS)))
-              for i in range(len(COLUMNS))]
+    widths = [
+        max(len(line[i]) for line in cells if i < len(line) and (i < 2 or len(line) == len(COLUMNS)))
+        for i in range(len(COLUMNS))
+    ]
     for line in cells:
         if len(line) == len(COLUMNS):
             print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -456,8 +548,12 @@ def print_details(row: dict[str, Any]) -> None:
     print(f"\n== {row['dataset']}")
     for title in row["titles"]:
         print(f"  title: {title}")
-    for label, items in (("interviewer words", row["interviewer_items"]), ("spliced quote", row["spliced_quotes"]),
-                         ("bad demographics", row["bad_demographics"]), ("name", row["name_leaks"])):
+    for label, items in (
+        ("interviewer words", row["interviewer_items"]),
+        ("spliced quote", row["spliced_quotes"]),
+        ("bad demographics", row["bad_demographics"]),
+        ("name", row["name_leaks"]),
+    ):
         for item in items:
             print(f"  {label}: {squash(item)[:160]}")
 
@@ -492,15 +588,23 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--only", nargs="*", metavar="NAME", help="only these data sets")
     parser.add_argument("--verbose", action="store_true", help="print titles and every offending item")
-    parser.add_argument("--persona", metavar="DIR", type=Path, default=ROOT,
-                        help="import persona.py from DIR instead of the repository root")
+    parser.add_argument(
+        "--persona",
+        metavar="DIR",
+        type=Path,
+        default=ROOT,
+        help="import persona.py from DIR instead of the repository root",
+    )
     args = parser.parse_args()
     persona = import_persona(args.persona.resolve())
     os.chdir(ROOT)  # the corpus path is relative to the repository root, as a server's data dir would be
     rows = [evaluate(name, truth, args.count) for name, truth in load_truths(args.only)]
     print_table(rows)
-    researched = [findings(path.parent.name, json.loads(path.read_text(encoding="utf-8")))
-                  for path in sorted(CORPUS.glob("*/researcher.json")) if not args.only or path.parent.name in args.only]
+    researched = [
+        findings(path.parent.name, json.loads(path.read_text(encoding="utf-8")))
+        for path in sorted(CORPUS.glob("*/researcher.json"))
+        if not args.only or path.parent.name in args.only
+    ]
     print_findings(researched, list_precision())
     if args.verbose:
         for row in researched:
@@ -508,8 +612,13 @@ def main() -> None:
         for row in rows:
             print_details(row)
     if args.json:
-        Path(args.json).write_text(json.dumps({"datasets": rows, "findings": researched, "lists": list_precision()},
-                                              indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(args.json).write_text(
+            json.dumps(
+                {"datasets": rows, "findings": researched, "lists": list_precision()}, indent=2, ensure_ascii=False
+            )
+            + "\n",
+            encoding="utf-8",
+        )
 
 
 if __name__ == "__main__":

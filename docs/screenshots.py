@@ -22,9 +22,25 @@ PORT = 8931
 
 def started(work: Path) -> subprocess.Popen[bytes]:
     shutil.copytree(ROOT / "examples", work / "data")
-    server = subprocess.Popen([sys.executable, "-m", "persona", "serve", "--port", str(PORT), "--db", str(work / "p.db"),
-                               "--data-dir", str(work / "data"), "--output-dir", str(work / "out"), "--log-level",
-                               "warning"], cwd=ROOT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "persona",
+            "serve",
+            "--port",
+            str(PORT),
+            "--db",
+            str(work / "p.db"),
+            "--data-dir",
+            str(work / "data"),
+            "--output-dir",
+            str(work / "out"),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -57,7 +73,9 @@ def main() -> None:
                     for name, path in pages.items():
                         tab.goto(f"http://127.0.0.1:{PORT}{path}")
                         tab.wait_for_load_state("networkidle")
-                        tab.screenshot(path=str(ROOT / "docs" / f"workbench-{name}-{width}.png"), full_page=name != "job")
+                        tab.screenshot(
+                            path=str(ROOT / "docs" / f"workbench-{name}-{width}.png"), full_page=name != "job"
+                        )
                     tab.close()
                 browser.close()
         finally:

@@ -30,14 +30,26 @@ EXAMPLES = ROOT / "examples"
 TERMINAL = ("completed", "failed")
 
 
-PROVIDER_VARIABLES = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "PERSONA_PROVIDER",
-                      "ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "GOOGLE_GEMINI_BASE_URL", "OLLAMA_HOST")
+PROVIDER_VARIABLES = (
+    "ANTHROPIC_API_KEY",
+    "OPENAI_API_KEY",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "PERSONA_PROVIDER",
+    "ANTHROPIC_BASE_URL",
+    "OPENAI_BASE_URL",
+    "GOOGLE_GEMINI_BASE_URL",
+    "OLLAMA_HOST",
+)
 
 
 def clean_environment() -> dict[str, str]:
     """This environment without provider keys or PERSONA_* settings, so tests choose their own."""
-    return {key: value for key, value in os.environ.items()
-            if key not in PROVIDER_VARIABLES and not key.startswith("PERSONA_")}
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in PROVIDER_VARIABLES and not key.startswith("PERSONA_")
+    }
 
 
 def free_port() -> int:
@@ -46,7 +58,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll until `condition()` is truthy and return its value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -86,8 +100,9 @@ class Server:
         command = [*self.prefix, sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
         env = {**clean_environment(), "PYTHONPATH": str(ROOT), **self.env}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         wait_for(self._healthy, timeout, what=f"server on port {self.port} to answer health")
         return self
 
@@ -185,8 +200,9 @@ def start_server(workdir: Path, database: Callable[[str], str]) -> Iterator[Call
     """Start servers with a temporary database, data and output directory; all stop at teardown."""
     servers: list[Server] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, db: str = "persona.db",
-              prefix: list[str] | None = None) -> Server:
+    def start(
+        *args: str, env: dict[str, str] | None = None, db: str = "persona.db", prefix: list[str] | None = None
+    ) -> Server:
         base = ["--db", database(db), "--data-dir", str(workdir / "data"), "--output-dir", str(workdir / "output")]
         server = Server(workdir, [*base, *args], env or {}, prefix)
         servers.append(server)
@@ -208,7 +224,9 @@ def client(server: Server) -> Iterator[httpx.Client]:
         yield http
 
 
-def wait_job(http: httpx.Client, job_id: str, timeout: float = 30.0, until: tuple[str, ...] = TERMINAL) -> dict[str, Any]:
+def wait_job(
+    http: httpx.Client, job_id: str, timeout: float = 30.0, until: tuple[str, ...] = TERMINAL
+) -> dict[str, Any]:
     def status() -> dict[str, Any] | None:
         job = http.get(f"/api/v1/generate/{job_id}").json()
         return job if job["status"] in until else None
@@ -294,8 +312,14 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with outer.lock:
-                    outer.requests.append({"headers": dict(self.headers.items()), "body": body, "path": self.path,
-                                           "peer": self.client_address})
+                    outer.requests.append(
+                        {
+                            "headers": dict(self.headers.items()),
+                            "body": body,
+                            "path": self.path,
+                            "peer": self.client_address,
+                        }
+                    )
                     answer = outer.answers.pop(0) if len(outer.answers) > 1 else outer.answers[0]
                 if answer is None:
                     outer.release.wait(60)

@@ -38,16 +38,23 @@ def personas_answer(prompt: str, invent_quote: bool = False, count_offset: int =
     size = max(1, len(people) // max(count, 1))
     personas = []
     for n in range(count):
-        group = people[n * size:(n + 1) * size] if n < count - 1 else people[n * size:]
+        group = people[n * size : (n + 1) * size] if n < count - 1 else people[n * size :]
         group = group or people[-1:]
         sentences = [s for _, said in group for s in said] or ["I need this to work."]
         quotes = sentences[:2] + (["I have never said anything like this sentence."] if invent_quote else [])
-        personas.append({
-            "name": f"Model Person {n + 1}", "title": f"The Segment {n + 1} User", "summary": "From the data.",
-            "demographics": {"role": "participant", "age_range": "20-60", "context": "study"},
-            "goals": sentences[:1], "pain_points": sentences[1:2] or sentences[:1], "behaviours": sentences[2:3] or sentences[:1],
-            "quotes": quotes, "participants": [pid for pid, _ in group],
-        })
+        personas.append(
+            {
+                "name": f"Model Person {n + 1}",
+                "title": f"The Segment {n + 1} User",
+                "summary": "From the data.",
+                "demographics": {"role": "participant", "age_range": "20-60", "context": "study"},
+                "goals": sentences[:1],
+                "pain_points": sentences[1:2] or sentences[:1],
+                "behaviours": sentences[2:3] or sentences[:1],
+                "quotes": quotes,
+                "participants": [pid for pid, _ in group],
+            }
+        )
     return {"personas": personas}
 
 
@@ -84,14 +91,19 @@ class FakeProvider:
                     outer.release.wait(60)
                     behaviour = "ok"
                 if behaviour in ("429", "500"):
-                    self.reply(int(behaviour), {"error": {"type": "fake", "message": "fake failure"}},
-                               {"retry-after-ms": "20", "retry-after": "0"})
+                    self.reply(
+                        int(behaviour),
+                        {"error": {"type": "fake", "message": "fake failure"}},
+                        {"retry-after-ms": "20", "retry-after": "0"},
+                    )
                     return
                 prompt = prompt_of(self.path, body)
                 if "Extract the key findings" in prompt:
                     answer: Any = findings_answer(prompt)
                 else:
-                    answer = personas_answer(prompt, behaviour == "invent_quote", 1 if behaviour == "wrong_count" else 0)
+                    answer = personas_answer(
+                        prompt, behaviour == "invent_quote", 1 if behaviour == "wrong_count" else 0
+                    )
                 fill_custom_fields(answer, schema_of(self.path, body))
                 if callable(behaviour):
                     answer = behaviour(prompt, answer)
@@ -161,13 +173,31 @@ def prompt_of(path: str, body: dict[str, Any]) -> str:
 
 def wire_answer(path: str, body: dict[str, Any], text: str, answer: Any, as_text: bool) -> dict[str, Any]:
     if path.endswith("/messages"):
-        block = {"type": "text", "text": text} if as_text else {
-            "type": "tool_use", "id": "toolu_fake", "name": body["tools"][0]["name"], "input": answer}
-        return {"id": "msg_fake", "type": "message", "role": "assistant", "model": body["model"], "content": [block],
-                "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 120, "output_tokens": 80}}
+        block = (
+            {"type": "text", "text": text}
+            if as_text
+            else {"type": "tool_use", "id": "toolu_fake", "name": body["tools"][0]["name"], "input": answer}
+        )
+        return {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [block],
+            "stop_reason": "tool_use",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 120, "output_tokens": 80},
+        }
     if path.endswith("/chat/completions"):
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200}}
-    return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
-            "usageMetadata": {"promptTokenCount": 120, "candidatesTokenCount": 80, "totalTokenCount": 200}}
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
+        }
+    return {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 120, "candidatesTokenCount": 80, "totalTokenCount": 200},
+    }

@@ -15,8 +15,13 @@ from urllib.parse import quote
 SUPERUSER = "postgres"
 NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # Only the socket in the cluster's folder, and no durability: a test database is thrown away anyway.
-SETTINGS = {"listen_addresses": "''", "fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
-            "max_connections": "200"}
+SETTINGS = {
+    "listen_addresses": "''",
+    "fsync": "off",
+    "full_page_writes": "off",
+    "synchronous_commit": "off",
+    "max_connections": "200",
+}
 
 
 class ClusterError(RuntimeError):
@@ -79,8 +84,9 @@ class Cluster:
         self.folder = Path(tempfile.mkdtemp(prefix="pg-"))
         if as_root():
             shutil.chown(self.folder, SUPERUSER, SUPERUSER)
-        self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C",
-                  "--no-sync")
+        self._run(
+            "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"
+        )
         settings = {**self.settings, "unix_socket_directories": f"'{self.folder}'"}
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
@@ -131,8 +137,9 @@ class Cluster:
             raise
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()
 
     @staticmethod
@@ -146,8 +153,22 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def _psql(self, sql: str) -> None:
-        self._run("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir), "-U", SUPERUSER,
-                  "-d", "postgres", "-c", sql, server=False)
+        self._run(
+            "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(self.socket_dir),
+            "-U",
+            SUPERUSER,
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+            server=False,
+        )
 
     def _run(self, program: str, *arguments: str, server: bool = True) -> None:
         """Run one of the cluster's programs, as the postgres user when root; fail with its output and the log tail."""
@@ -159,5 +180,7 @@ class Cluster:
         if done.returncode != 0:
             log = self.folder / "log" if self.folder else None
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log and log.exists() else ""
-            raise ClusterError(f"{program} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
-                               f"\n--- server log tail ---\n{tail}")
+            raise ClusterError(
+                f"{program} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+                f"\n--- server log tail ---\n{tail}"
+            )

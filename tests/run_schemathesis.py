@@ -40,23 +40,67 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "examples", work / "data")
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("PERSONA_", "ANTHROPIC", "OPENAI", "GEMINI", "GOOGLE"))}
-        env.update(PYTHONPATH=str(ROOT), ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=NOWHERE, OPENAI_API_KEY="k",
-                   OPENAI_BASE_URL=NOWHERE, GEMINI_API_KEY="k", GOOGLE_GEMINI_BASE_URL=NOWHERE, OLLAMA_HOST=NOWHERE)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("PERSONA_", "ANTHROPIC", "OPENAI", "GEMINI", "GOOGLE"))
+        }
+        env.update(
+            PYTHONPATH=str(ROOT),
+            ANTHROPIC_API_KEY="k",
+            ANTHROPIC_BASE_URL=NOWHERE,
+            OPENAI_API_KEY="k",
+            OPENAI_BASE_URL=NOWHERE,
+            GEMINI_API_KEY="k",
+            GOOGLE_GEMINI_BASE_URL=NOWHERE,
+            OLLAMA_HOST=NOWHERE,
+        )
         port = 8917
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "persona", "serve", "--port", str(port), "--db", str(work / "p.db"),
-             "--data-dir", str(work / "data"), "--output-dir", str(work / "out"), "--auth-token", TOKEN,
-             "--rate-limit", "0", "--max-concurrent-jobs", "1000000", "--log-level", "warning",
-             "--webhook-retry-schedule", "0.1"],  # deliveries fail soon, so their retry can be tried
-            cwd=work, env=env)
+            [
+                sys.executable,
+                "-m",
+                "persona",
+                "serve",
+                "--port",
+                str(port),
+                "--db",
+                str(work / "p.db"),
+                "--data-dir",
+                str(work / "data"),
+                "--output-dir",
+                str(work / "out"),
+                "--auth-token",
+                TOKEN,
+                "--rate-limit",
+                "0",
+                "--max-concurrent-jobs",
+                "1000000",
+                "--log-level",
+                "warning",
+                "--webhook-retry-schedule",
+                "0.1",
+            ],  # deliveries fail soon, so their retry can be tried
+            cwd=work,
+            env=env,
+        )
         try:
             wait_healthy(url, server)
             st = Path(sys.executable).parent / "st"
-            command = [str(st), "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "--no-color", "run",
-                       f"{url}/openapi.json", "-H", f"Authorization: Bearer {TOKEN}",
-                       "--max-examples", os.environ.get("ST_MAX_EXAMPLES", "50"), *sys.argv[1:]]
+            command = [
+                str(st),
+                "--config-file",
+                str(ROOT / "tests" / "schemathesis.toml"),
+                "--no-color",
+                "run",
+                f"{url}/openapi.json",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                "--max-examples",
+                os.environ.get("ST_MAX_EXAMPLES", "50"),
+                *sys.argv[1:],
+            ]
             return subprocess.run(command, cwd=work).returncode
         finally:
             server.terminate()

@@ -14,8 +14,10 @@ import persona
 
 
 def table_counts(server: Server) -> dict[str, int]:
-    return {table: server.query(f"SELECT COUNT(*) FROM {table}")[0][0]  # noqa: S608 - fixed names
-            for table in ("jobs", "webhooks", "experiments", "idempotency_keys", "deliveries")}
+    return {
+        table: server.query(f"SELECT COUNT(*) FROM {table}")[0][0]  # noqa: S608 - fixed names
+        for table in ("jobs", "webhooks", "experiments", "idempotency_keys", "deliveries")
+    }
 
 
 @pytest.fixture
@@ -35,11 +37,24 @@ def refused(response: httpx.Response, status: int) -> dict:
     return body
 
 
-@pytest.mark.parametrize("data", [
-    "../persona.db", "../../etc/passwd", "/etc/passwd", "/dev/null", "/dev/zero", "/proc/self/environ",
-    "transcripts/../../persona.db", "%2e%2e%2fpersona.db", "..%2fpersona.db", "..\\persona.db", "./.././persona.db",
-    "~/.ssh/id_rsa", "transcripts/../../../",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        "../persona.db",
+        "../../etc/passwd",
+        "/etc/passwd",
+        "/dev/null",
+        "/dev/zero",
+        "/proc/self/environ",
+        "transcripts/../../persona.db",
+        "%2e%2e%2fpersona.db",
+        "..%2fpersona.db",
+        "..\\persona.db",
+        "./.././persona.db",
+        "~/.ssh/id_rsa",
+        "transcripts/../../../",
+    ],
+)
 def test_path_traversal_in_data_is_refused(guarded, data: str) -> None:
     http, _ = guarded
     refused(http.post("/api/v1/generate", json={"data": data}), 400)
@@ -88,10 +103,19 @@ def test_a_wrong_type_in_any_generate_field_is_a_422_naming_it(guarded, field: s
     assert field in refused(response, 422)["details"]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("url", 1), ("url", ["https://x.example"]), ("events", "generation.completed"), ("events", [1]),
-    ("events", ["generation.completed", "generation.completed"]), ("secret", 1), ("secret", ["s"]), ("secret", ""),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("url", 1),
+        ("url", ["https://x.example"]),
+        ("events", "generation.completed"),
+        ("events", [1]),
+        ("events", ["generation.completed", "generation.completed"]),
+        ("secret", 1),
+        ("secret", ["s"]),
+        ("secret", ""),
+    ],
+)
 def test_a_wrong_type_in_any_webhook_field_is_a_422_naming_it(guarded, field: str, value: object) -> None:
     http, _ = guarded
     body = {"url": "https://hooks.example/h", field: value}
@@ -99,17 +123,21 @@ def test_a_wrong_type_in_any_webhook_field_is_a_422_naming_it(guarded, field: st
     assert any(key.startswith(field) for key in details)
 
 
-STRING_FIELDS = [("/api/v1/generate", {"data": "interviews.csv"}, "model"),
-                 ("/api/v1/generate", {"data": "interviews.csv"}, "data"),
-                 ("/api/v1/generate", {"data": "interviews.csv"}, "webhook_url"),
-                 ("/api/v1/generate", {"data": "interviews.csv", "config": {}}, "config.experiment"),
-                 ("/api/v1/webhooks", {"url": "https://hooks.example/h"}, "url"),
-                 ("/api/v1/webhooks", {"url": "https://hooks.example/h"}, "secret")]
+STRING_FIELDS = [
+    ("/api/v1/generate", {"data": "interviews.csv"}, "model"),
+    ("/api/v1/generate", {"data": "interviews.csv"}, "data"),
+    ("/api/v1/generate", {"data": "interviews.csv"}, "webhook_url"),
+    ("/api/v1/generate", {"data": "interviews.csv", "config": {}}, "config.experiment"),
+    ("/api/v1/webhooks", {"url": "https://hooks.example/h"}, "url"),
+    ("/api/v1/webhooks", {"url": "https://hooks.example/h"}, "secret"),
+]
 
 
 @pytest.mark.parametrize("bad", ["x\x00y", "x\ud800y", "\udfff"])
 @pytest.mark.parametrize(("path", "base", "field"), STRING_FIELDS)
-def test_nul_and_lone_surrogates_in_any_string_field_are_a_422(guarded, path: str, base: dict, field: str, bad: str) -> None:
+def test_nul_and_lone_surrogates_in_any_string_field_are_a_422(
+    guarded, path: str, base: dict, field: str, bad: str
+) -> None:
     http, _ = guarded
     body = json.loads(json.dumps(base))
     target, key = (body["config"], "experiment") if field == "config.experiment" else (body, field)
@@ -124,19 +152,35 @@ def test_right_to_left_marks_are_text_not_trouble(client: httpx.Client) -> None:
     refused(client.post("/api/v1/generate", json={"data": "\u202einterviews.csv"}), 400)
 
 
-@pytest.mark.parametrize("path", [
-    "/api/v1/generate/..%2F..%2Fetc%2Fpasswd", "/api/v1/generate/job-", "/api/v1/generate/JOB-0123456789AB",
-    "/api/v1/generate/job-0123456789abc", "/api/v1/generate/%00", "/api/v1/generate/" + "a" * 5000,
-    "/api/v1/webhooks/webhook-zzzzzzzzzzzz", "/api/v1/webhooks/job-0123456789ab", "/api/v1/webhooks/1 OR 1=1",
-    "/api/v1/webhooks/webhook-0123456789ab/deliveries",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/generate/..%2F..%2Fetc%2Fpasswd",
+        "/api/v1/generate/job-",
+        "/api/v1/generate/JOB-0123456789AB",
+        "/api/v1/generate/job-0123456789abc",
+        "/api/v1/generate/%00",
+        "/api/v1/generate/" + "a" * 5000,
+        "/api/v1/webhooks/webhook-zzzzzzzzzzzz",
+        "/api/v1/webhooks/job-0123456789ab",
+        "/api/v1/webhooks/1 OR 1=1",
+        "/api/v1/webhooks/webhook-0123456789ab/deliveries",
+    ],
+)
 def test_ids_that_are_not_ids_are_a_404(guarded, path: str) -> None:
     http, _ = guarded
     assert len(refused(http.get(path), 404)["message"]) < 200  # a long "id" is not echoed whole
 
 
-@pytest.mark.parametrize("url", ["https://hooks.example/h\r\nX-Injected: 1", "https://hooks.example/h\nX: 1",
-                                 "https://hooks.example\r\n/h", "https://hooks.example/h\t"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example/h\r\nX-Injected: 1",
+        "https://hooks.example/h\nX: 1",
+        "https://hooks.example\r\n/h",
+        "https://hooks.example/h\t",
+    ],
+)
 def test_header_injection_through_a_webhook_url_is_refused(guarded, url: str) -> None:
     http, _ = guarded
     refused(http.post("/api/v1/webhooks", json={"url": url}), 422)

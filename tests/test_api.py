@@ -178,7 +178,9 @@ def test_count_accepts_its_bounds(client: httpx.Client, count: int) -> None:
 
 
 def test_an_unknown_field_is_named_not_ignored(client: httpx.Client) -> None:
-    error = assert_envelope(client.post("/api/v1/generate", json={"data": "interviews.csv", "cout": 3}), 422, "validation_error")
+    error = assert_envelope(
+        client.post("/api/v1/generate", json={"data": "interviews.csv", "cout": 3}), 422, "validation_error"
+    )
     assert "cout" in error["details"]
     assert "cout" in error["message"]
 
@@ -191,8 +193,9 @@ def test_every_offending_field_is_named_in_details(client: httpx.Client) -> None
 
 @pytest.mark.parametrize("url", ["ftp://example.com/hook", "not a url", "http://", "https://user:pw@example.com/x"])
 def test_a_webhook_url_must_be_an_absolute_http_url(client: httpx.Client, url: str) -> None:
-    error = assert_envelope(client.post("/api/v1/generate", json={"data": "interviews.csv", "webhook_url": url}),
-                            422, "validation_error")
+    error = assert_envelope(
+        client.post("/api/v1/generate", json={"data": "interviews.csv", "webhook_url": url}), 422, "validation_error"
+    )
     assert "webhook_url" in error["details"]
 
 
@@ -205,7 +208,9 @@ def test_a_webhook_url_must_be_an_absolute_http_url(client: httpx.Client, url: s
         (b"[" * 100000 + b"]" * 100000, {"Content-Type": "application/json"}, "nested"),
     ],
 )
-def test_a_body_that_is_not_a_json_object_is_a_400(client: httpx.Client, content: bytes, headers: dict, fragment: str) -> None:
+def test_a_body_that_is_not_a_json_object_is_a_400(
+    client: httpx.Client, content: bytes, headers: dict, fragment: str
+) -> None:
     error = assert_envelope(client.post("/api/v1/generate", content=content, headers=headers), 400, "invalid_input")
     assert fragment in error["message"]
 
@@ -364,7 +369,9 @@ def test_a_webhook_is_registered_read_listed_and_deleted(client: httpx.Client) -
 
 
 def test_a_webhook_keeps_the_events_it_subscribed_to(client: httpx.Client) -> None:
-    webhook = client.post("/api/v1/webhooks", json={"url": "http://example.com/h", "events": ["generation.failed"]}).json()
+    webhook = client.post(
+        "/api/v1/webhooks", json={"url": "http://example.com/h", "events": ["generation.failed"]}
+    ).json()
     assert webhook["events"] == ["generation.failed"]
 
 
@@ -402,11 +409,20 @@ def secured(start_server) -> Server:
 )
 @pytest.mark.parametrize(
     "authorization",
-    [None, "", "Bearer", "Bearer wrong", "bearer first-token", "Bearer  first-token", "Basic Zmlyc3Q=",
-     "Bearer first-token,second-token"],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer wrong",
+        "bearer first-token",
+        "Bearer  first-token",
+        "Basic Zmlyc3Q=",
+        "Bearer first-token,second-token",
+    ],
 )
-def test_write_endpoints_refuse_a_missing_or_wrong_token(secured: Server, method: str, path: str, body: dict | None,
-                                                         authorization: str | None) -> None:
+def test_write_endpoints_refuse_a_missing_or_wrong_token(
+    secured: Server, method: str, path: str, body: dict | None, authorization: str | None
+) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     response = httpx.request(method, secured.url + path, json=body, headers=headers)
     assert_envelope(response, 401, "unauthorised")
@@ -437,9 +453,10 @@ def test_spaces_around_the_authorization_value_are_not_part_of_it(secured: Serve
     import socket
 
     body = b'{"url": "https://example.com/h"}'
-    request = (b"POST /api/v1/webhooks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Authorization: Bearer first-token \t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-               % (len(body), body))
+    request = (
+        b"POST /api/v1/webhooks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer first-token \t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
     with socket.create_connection(("127.0.0.1", secured.port), timeout=10) as sock:
         sock.sendall(request)
         answer = b""
@@ -524,12 +541,14 @@ def test_inline_records_generate_personas(client: httpx.Client) -> None:
     records = [
         {"id": f"u{i}", "role": role, "feedback": text}
         for i, (role, text) in enumerate(
-            [("admin", "I need bulk user import because adding people one by one takes hours."),
-             ("admin", "It's frustrating that permissions are hidden three menus deep."),
-             ("admin", "I usually export the audit log every Friday for compliance."),
-             ("viewer", "I want the dashboard to load faster on my phone during meetings."),
-             ("viewer", "The charts are too small to read on a phone screen."),
-             ("viewer", "I always check the dashboard on my commute in the morning.")]
+            [
+                ("admin", "I need bulk user import because adding people one by one takes hours."),
+                ("admin", "It's frustrating that permissions are hidden three menus deep."),
+                ("admin", "I usually export the audit log every Friday for compliance."),
+                ("viewer", "I want the dashboard to load faster on my phone during meetings."),
+                ("viewer", "The charts are too small to read on a phone screen."),
+                ("viewer", "I always check the dashboard on my commute in the morning."),
+            ]
         )
     ]
     job = wait_job(client, submit(client, data=records, count=2))
@@ -545,7 +564,9 @@ def test_a_data_url_is_fetched_and_used(client: httpx.Client, gated_data: GatedD
 
 
 def test_a_file_that_is_not_utf8_fails_its_job_naming_the_file(client: httpx.Client, server: Server) -> None:
-    (server.workdir / "data" / "latin1.csv").write_bytes("participant_id,response\n1,Caf\xe9 au lait\n".encode("latin-1"))
+    (server.workdir / "data" / "latin1.csv").write_bytes(
+        "participant_id,response\n1,Caf\xe9 au lait\n".encode("latin-1")
+    )
     job = wait_job(client, submit(client, data="latin1.csv", count=1))
     assert job["status"] == "failed"
     assert "latin1.csv" in job["error"] and "UTF-8" in job["error"]
@@ -556,8 +577,15 @@ def test_the_output_folder_holds_json_metadata_and_a_card_per_persona(client: ht
     output = Path(job["result"]["output_path"])
     folder = output if output.is_absolute() else server.workdir / output
     assert re.match(r"^\d{8}_\d{6}_job-[0-9a-f]{12}$", folder.name)
-    assert {p.name for p in folder.iterdir()} == {"personas.json", "personas.csv", "metadata.json", "personas.html", "persona-001.md",
-                                                  "persona-002.md", "persona-003.md"}
+    assert {p.name for p in folder.iterdir()} == {
+        "personas.json",
+        "personas.csv",
+        "metadata.json",
+        "personas.html",
+        "persona-001.md",
+        "persona-002.md",
+        "persona-003.md",
+    }
 
 
 # -- failures inside the server ------------------------------------------------------
@@ -638,6 +666,7 @@ def test_requests_in_flight_do_not_set_off_garbage_collections(app_client) -> No
     async def burst() -> list[int]:
         transport = httpx.ASGITransport(app=app_client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://persona") as http:
+
             async def reads(n: int) -> list[int]:
                 return [(await http.get("/api/v1/generate/job-000000000000")).status_code for _ in range(n)]
 

@@ -20,15 +20,35 @@ pytestmark = pytest.mark.sqlite_only
 
 
 def run_persona(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "persona", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "persona", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def test_serve_help_works_although_h_means_host() -> None:
     result = run_persona("serve", "--help")
     assert result.returncode == 0
-    for flag in ("--host", "-h", "--port", "-p", "--workers", "-w", "--reload", "--auth-token", "--log-level",
-                 "--db", "--data-dir", "--output-dir", "--rate-limit", "--max-concurrent-jobs"):
+    for flag in (
+        "--host",
+        "-h",
+        "--port",
+        "-p",
+        "--workers",
+        "-w",
+        "--reload",
+        "--auth-token",
+        "--log-level",
+        "--db",
+        "--data-dir",
+        "--output-dir",
+        "--rate-limit",
+        "--max-concurrent-jobs",
+    ):
         assert flag in result.stdout
 
 
@@ -52,8 +72,14 @@ def test_settings_survive_the_trip_through_variables_to_a_worker() -> None:
     assert persona.load_settings({}, persona.settings_to_env(settings)) == settings
 
 
-@pytest.mark.parametrize(("args", "fragment"), [(["--port", "http"], "--port"), (["--rate-limit", "-5"], "--rate-limit"),
-                                                 (["--log-level", "loud"], "--log-level")])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--port", "http"], "--port"),
+        (["--rate-limit", "-5"], "--rate-limit"),
+        (["--log-level", "loud"], "--log-level"),
+    ],
+)
 def test_a_bad_option_exits_2_with_a_message_naming_it(args: list[str], fragment: str) -> None:
     result = run_persona("serve", *args)
     assert result.returncode == 2
@@ -84,11 +110,22 @@ def test_startup_logs_address_database_directories_and_auth_but_no_token(start_s
 
 def test_uvicorn_can_build_the_app_from_the_factory_and_variables(workdir: Path) -> None:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PERSONA_DB": str(workdir / "f.db"),
-           "PERSONA_DATA_DIR": str(workdir / "data"), "PERSONA_RATE_LIMIT": "6"}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "persona:create_app", "--factory", "--port", str(port)],
-                               cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PERSONA_DB": str(workdir / "f.db"),
+        "PERSONA_DATA_DIR": str(workdir / "data"),
+        "PERSONA_RATE_LIMIT": "6",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "persona:create_app", "--factory", "--port", str(port)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def answered() -> httpx.Response | None:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/")
@@ -119,8 +156,15 @@ def test_version_prints_the_version() -> None:
 
 
 def test_generate_prints_each_persona_and_the_output_folder(tmp_path: Path) -> None:
-    result = run_persona("generate", str(ROOT / "examples" / "interviews.csv"), "--count", "4",
-                         "--output-dir", str(tmp_path), cwd=tmp_path)
+    result = run_persona(
+        "generate",
+        str(ROOT / "examples" / "interviews.csv"),
+        "--count",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("quote:") == 4
     assert f"Output: {tmp_path}" in result.stdout
@@ -128,8 +172,18 @@ def test_generate_prints_each_persona_and_the_output_folder(tmp_path: Path) -> N
 
 
 def test_generate_json_prints_the_job_result(tmp_path: Path) -> None:
-    result = run_persona("generate", str(ROOT / "examples" / "transcripts"), "-n", "3", "--json",
-                         "--config", "detail_level=minimal", "--output-dir", str(tmp_path), cwd=tmp_path)
+    result = run_persona(
+        "generate",
+        str(ROOT / "examples" / "transcripts"),
+        "-n",
+        "3",
+        "--json",
+        "--config",
+        "detail_level=minimal",
+        "--output-dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     assert len(body["personas"]) == 3
@@ -137,7 +191,9 @@ def test_generate_json_prints_the_job_result(tmp_path: Path) -> None:
 
 
 def test_generate_exits_1_when_generation_fails_and_2_on_bad_usage(tmp_path: Path) -> None:
-    (tmp_path / "two.csv").write_text("id,response\n1,I want offline maps for my delivery rounds.\n2,I need faster payslips.\n")
+    (tmp_path / "two.csv").write_text(
+        "id,response\n1,I want offline maps for my delivery rounds.\n2,I need faster payslips.\n"
+    )
     failed = run_persona("generate", str(tmp_path / "two.csv"), "--count", "3", cwd=tmp_path)
     assert failed.returncode == 1
     reason = failed.stderr.strip().splitlines()[-1]
@@ -159,15 +215,23 @@ def test_provider_sdks_are_not_imported_until_a_provider_is_used(tmp_path: Path)
         "    job = client.post('/api/v1/generate', json={'data': 'interviews.csv'}).json()\n"
         "print(sorted(m for m in ('anthropic', 'openai', 'google.genai') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**clean_environment(), "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean_environment(), "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
 def test_an_unreachable_server_is_one_line_not_a_traceback() -> None:
     port = free_port()
-    for args in (["jobs", "--server", f"127.0.0.1:{port}"], ["generate", "x.csv", "--server", f"http://127.0.0.1:{port}"]):
+    for args in (
+        ["jobs", "--server", f"127.0.0.1:{port}"],
+        ["generate", "x.csv", "--server", f"http://127.0.0.1:{port}"],
+    ):
         result = run_persona(*args)
         assert result.returncode == 1
         assert result.stderr.strip().splitlines() == [f"persona: cannot reach the server at {args[-1]} (ConnectError)"]
@@ -201,7 +265,9 @@ def test_the_startup_line_says_rate_limit_off_or_per_minute() -> None:
 
 
 def test_generate_caps_a_local_source_by_the_variable_the_server_reads(tmp_path: Path) -> None:
-    rows = "".join(f"P{n},I keep my own notes of every shift because the app loses them, number {n}.\n" for n in range(30000))
+    rows = "".join(
+        f"P{n},I keep my own notes of every shift because the app loses them, number {n}.\n" for n in range(30000)
+    )
     (tmp_path / "big.csv").write_text("participant_id,response\n" + rows)
     result = run_persona("generate", str(tmp_path / "big.csv"), cwd=tmp_path, env={"PERSONA_MAX_SOURCE_MB": "1"})
     assert result.returncode == 1
@@ -213,8 +279,22 @@ def test_serving_postgresql_without_its_driver_is_one_line_naming_the_extra(tmp_
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('asyncpg is not installed')\n")
     env = {**clean_environment(), "PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"}
-    done = subprocess.run([sys.executable, "-m", "persona", "serve", "--db", "postgresql://bob:hunter2@localhost/db",
-                           "--data-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persona",
+            "serve",
+            "--db",
+            "postgresql://bob:hunter2@localhost/db",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'persona[postgres]'" in lines[0], done.stderr

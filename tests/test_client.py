@@ -16,7 +16,7 @@ from loopback import serve_on_loopback
 
 import persona
 
-REFERENCE_CLIENT = '''
+REFERENCE_CLIENT = """
 import httpx
 
 class PersonaClient:
@@ -52,9 +52,9 @@ class PersonaClient:
                 return job
             time.sleep(2)
         raise TimeoutError(f"Job {job_id} did not complete within {timeout}s")
-'''
+"""
 
-REFERENCE_CURL = '''
+REFERENCE_CURL = """
 # Generate personas
 JOB=$(curl -s -X POST http://localhost:8000/api/v1/generate \\
   -H "Authorization: Bearer secret123" \\
@@ -73,7 +73,7 @@ done
 
 # Get results
 curl -s http://localhost:8000/api/v1/generate/$JOB | jq '.result.personas'
-'''
+"""
 
 
 @pytest.fixture
@@ -119,8 +119,16 @@ class Throttled:
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 outer.calls += 1
                 limited = outer.calls <= refusals
-                body = json.dumps({"success": False, "error": "rate_limited", "message": "Rate limit exceeded.",
-                                   "details": {"retry_after": 0}} if limited else []).encode()
+                body = json.dumps(
+                    {
+                        "success": False,
+                        "error": "rate_limited",
+                        "message": "Rate limit exceeded.",
+                        "details": {"retry_after": 0},
+                    }
+                    if limited
+                    else []
+                ).encode()
                 self.send_response(429 if limited else 200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Retry-After", "0")
@@ -155,19 +163,27 @@ def test_the_reference_client_snippet_runs_unchanged(secured: Server) -> None:
     assert len(job["result"]["personas"]) == 5
 
 
-@pytest.mark.skipif(shutil.which("jq") is None or shutil.which("curl") is None, reason="needs curl and jq (.ci/run installs them)")
+@pytest.mark.skipif(
+    shutil.which("jq") is None or shutil.which("curl") is None, reason="needs curl and jq (.ci/run installs them)"
+)
 def test_the_reference_curl_loop_runs_unchanged(secured: Server) -> None:
     script = REFERENCE_CURL.replace("http://localhost:8000", secured.url)
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Status: completed" in result.stdout
-    personas = json.loads(result.stdout[result.stdout.index("["):])
+    personas = json.loads(result.stdout[result.stdout.index("[") :])
     assert len(personas) == 3
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "persona", *args], capture_output=True, text=True, timeout=120,
-                          env={**clean_environment(), "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "persona", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean_environment(), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
 
 
 def test_the_cli_generates_on_a_server_and_lists_its_jobs(secured: Server) -> None:
@@ -188,8 +204,12 @@ def test_the_cli_reports_a_refused_submission_as_bad_usage(secured: Server) -> N
 
 
 def test_the_cli_exits_1_when_a_server_job_fails(secured: Server) -> None:
-    (secured.workdir / "data" / "two.csv").write_text("id,response\n1,I want offline maps.\n2,I need faster payslips.\n")
-    result = run_cli("generate", "two.csv", "--count", "3", "--server", secured.url, "--auth-token", "secret123", "--json")
+    (secured.workdir / "data" / "two.csv").write_text(
+        "id,response\n1,I want offline maps.\n2,I need faster payslips.\n"
+    )
+    result = run_cli(
+        "generate", "two.csv", "--count", "3", "--server", secured.url, "--auth-token", "secret123", "--json"
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("persona: generation failed: the data has 2 participant")
     assert result.stdout == ""

@@ -27,17 +27,31 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chr
 
 def chromium(*args: str, tmp_path: Path) -> str:
     """Headless Chromium as the environment allows it: no sandbox, no background traffic."""
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
 
 
 def test_the_openapi_document_describes_every_route(client: httpx.Client) -> None:
     document = client.get("/openapi.json").json()
     assert document["openapi"].startswith("3.1")
-    api_routes = {(route.path, method.lower()) for route in persona.ROUTES for method in route.methods or []
-                  if route.path.startswith("/api/") or route.path == "/"}
+    api_routes = {
+        (route.path, method.lower())
+        for route in persona.ROUTES
+        for method in route.methods or []
+        if route.path.startswith("/api/") or route.path == "/"
+    }
     documented = {(path, method) for path, item in document["paths"].items() for method in item}
     assert {(p, m) for p, m in api_routes if m != "head"} == documented
 
@@ -53,12 +67,22 @@ def test_request_schemas_are_the_ones_the_server_validates_with(client: httpx.Cl
 def test_write_endpoints_carry_bearer_security_and_every_error_uses_the_envelope(client: httpx.Client) -> None:
     document = client.get("/openapi.json").json()
     assert document["components"]["securitySchemes"]["bearerAuth"] == {
-        "type": "http", "scheme": "bearer", "description": document["components"]["securitySchemes"]["bearerAuth"]["description"]}
-    writes = {("/api/v1/generate", "post"), ("/api/v1/generate/{job_id}", "delete"), ("/api/v1/webhooks", "post"),
-              ("/api/v1/webhooks/{webhook_id}", "delete"),
-              ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"), ("/api/v1/estimate", "post"),
-              ("/api/v1/generate/{job_id}/refine", "post"), ("/api/v1/data", "get"), ("/api/v1/data/{name}", "put"),
-              ("/api/v1/data/{name}", "delete")}
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["bearerAuth"]["description"],
+    }
+    writes = {
+        ("/api/v1/generate", "post"),
+        ("/api/v1/generate/{job_id}", "delete"),
+        ("/api/v1/webhooks", "post"),
+        ("/api/v1/webhooks/{webhook_id}", "delete"),
+        ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"),
+        ("/api/v1/estimate", "post"),
+        ("/api/v1/generate/{job_id}/refine", "post"),
+        ("/api/v1/data", "get"),
+        ("/api/v1/data/{name}", "put"),
+        ("/api/v1/data/{name}", "delete"),
+    }
     for path, item in document["paths"].items():
         for method, spec in item.items():
             assert (spec.get("security") == [{"bearerAuth": []}]) == ((path, method) in writes), (path, method)
@@ -120,11 +144,17 @@ def test_the_cards_page_renders_with_data_html_as_text(client: httpx.Client, ser
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
-                    reason="needs root and unshare to run in its own network namespace (CI has both)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs root and unshare to run in its own network namespace (CI has both)",
+)
 def test_schemathesis_finds_nothing_with_all_of_its_checks() -> None:
-    result = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "tests" / "run_schemathesis.py")],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, str(ROOT / "tests" / "run_schemathesis.py")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "FAILURES" not in result.stdout
     assert "No issues found" in result.stdout or only_missing_test_data(result.stdout), result.stdout[-3000:]
@@ -138,11 +168,13 @@ def only_missing_test_data(output: str) -> bool:
     that a "schema validation mismatch", accepted for these three operations alone. Every other warning still fails."""
     warnings = output.partition("WARNINGS")[2].partition("SUMMARY")[0]
     kinds = set(re.findall(r"^([A-Z][A-Za-z ]+): \d+ operations?", warnings, re.MULTILINE))
-    mismatched = re.findall(r"^  - (.+)$", warnings.partition("Schema validation mismatch")[2].partition("💡")[0],
-                            re.MULTILINE)
+    mismatched = re.findall(
+        r"^  - (.+)$", warnings.partition("Schema validation mismatch")[2].partition("💡")[0], re.MULTILINE
+    )
     state_bound = {"POST /api/v1/generate/{job_id}/refine", "POST /api/v1/generate", "POST /api/v1/estimate"}
     return kinds <= {"Missing test data", "Schema validation mismatch"} and (
-        "Schema validation mismatch" not in kinds or (bool(mismatched) and set(mismatched) <= state_bound))
+        "Schema validation mismatch" not in kinds or (bool(mismatched) and set(mismatched) <= state_bound)
+    )
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])

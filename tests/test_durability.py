@@ -17,8 +17,9 @@ def attempts(server: Server, job_id: str) -> int:
     return server.query(f"SELECT attempts FROM jobs WHERE job_id = '{job_id}'")[0][0]
 
 
-def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(start_server, workdir: Path,
-                                                                          gated_data: GatedDataServer) -> None:
+def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(
+    start_server, workdir: Path, gated_data: GatedDataServer
+) -> None:
     server = start_server("--rate-limit", "0")
     with server.client() as http:
         job_id = submit(http, data=gated_data.url, count=4)
@@ -52,7 +53,9 @@ def test_pending_jobs_and_webhooks_survive_a_kill(start_server, gated_data: Gate
         assert http.get(f"/api/v1/webhooks/{webhook['webhook_id']}").json() == webhook
 
 
-def test_a_job_interrupted_three_times_fails_saying_so(start_server, workdir: Path, gated_data: GatedDataServer) -> None:
+def test_a_job_interrupted_three_times_fails_saying_so(
+    start_server, workdir: Path, gated_data: GatedDataServer
+) -> None:
     server = start_server("--rate-limit", "0")
     with server.client() as http:
         job_id = submit(http, data=gated_data.url)
@@ -68,8 +71,9 @@ def test_a_job_interrupted_three_times_fails_saying_so(start_server, workdir: Pa
     assert "interrupted 3 times" in job["error"]
 
 
-def test_a_graceful_stop_hands_running_jobs_back_without_spending_an_attempt(start_server, workdir: Path,
-                                                                             gated_data: GatedDataServer) -> None:
+def test_a_graceful_stop_hands_running_jobs_back_without_spending_an_attempt(
+    start_server, workdir: Path, gated_data: GatedDataServer
+) -> None:
     server = start_server("--rate-limit", "0")
     with server.client() as http:
         job_id = submit(http, data=gated_data.url)

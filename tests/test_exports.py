@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 QUESTIONS = ("How do you plan your week?", "What gets in the way of that?")
-ANSWERS = ("I plan my week on Sunday evening with a paper diary.",
-           "The shared calendar keeps crashing when I add a recurring event.")
+ANSWERS = (
+    "I plan my week on Sunday evening with a paper diary.",
+    "The shared calendar keeps crashing when I add a recurring event.",
+)
 
 
 def load(tmp_path: Path, name: str, content: str | bytes) -> persona.Dataset:
@@ -52,8 +54,13 @@ def everything_shown(dataset: persona.Dataset) -> str:
 
 
 def conversation(asker: str, answerer: str, separator: str = ": ") -> str:
-    return "\n".join(f"{asker}{separator}{question}\n{answerer}{separator}{answer}"
-                     for question, answer in zip(QUESTIONS, ANSWERS)) + "\n"
+    return (
+        "\n".join(
+            f"{asker}{separator}{question}\n{answerer}{separator}{answer}"
+            for question, answer in zip(QUESTIONS, ANSWERS)
+        )
+        + "\n"
+    )
 
 
 def csv_text(rows: list[list[str]]) -> str:
@@ -77,16 +84,31 @@ def csv_text(rows: list[list[str]]) -> str:
         conversation("Moderator", "Dana"),
         conversation("Facilitator", "Dana"),
         conversation("**Interviewer:**", "**Dana:**", " "),
-        "\n".join(f"[00:0{n}:02] Interviewer: {q}\n[00:0{n}:30] Dana: {a}"
-                  for n, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))) + "\n",
-        "\n".join(f"Sam Lee 00:0{n}:02\n{q}\n\nDana 00:0{n}:30\n{a}\n"
-                  for n, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))),
+        "\n".join(
+            f"[00:0{n}:02] Interviewer: {q}\n[00:0{n}:30] Dana: {a}" for n, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+        )
+        + "\n",
+        "\n".join(
+            f"Sam Lee 00:0{n}:02\n{q}\n\nDana 00:0{n}:30\n{a}\n" for n, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+        ),
     ],
-    ids=["Interviewer", "Interviewer 1", "Interviewer1 space colon", "lower case", "I and R", "Q and A", "Moderator",
-         "Facilitator", "markdown bold", "bracketed timestamps", "Otter heading lines"],
+    ids=[
+        "Interviewer",
+        "Interviewer 1",
+        "Interviewer1 space colon",
+        "lower case",
+        "I and R",
+        "Q and A",
+        "Moderator",
+        "Facilitator",
+        "markdown bold",
+        "bracketed timestamps",
+        "Otter heading lines",
+    ],
 )
-def test_the_interviewers_words_never_reach_a_participant_and_the_participants_do(tmp_path: Path,
-                                                                                   transcript: str) -> None:
+def test_the_interviewers_words_never_reach_a_participant_and_the_participants_do(
+    tmp_path: Path, transcript: str
+) -> None:
     dataset = load(tmp_path, "dana.txt", transcript)
     assert [person.id for person in dataset.participants] == ["dana"]
     texts = dataset.participants[0].texts
@@ -118,7 +140,8 @@ def test_across_a_folder_the_name_in_most_files_is_the_interviewer_even_when_oth
             f"Alex: Tell me about planning your week.\n"
             f"{name}: Do you mean at work? I plan my week on Sunday evening with a paper diary.\n"
             f"Alex: Tell me what gets in the way.\n"
-            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n")
+            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n"
+        )
     dataset = persona.load_path("study", tmp_path)
     assert [person.id for person in dataset.participants] == ["dana", "eli", "fran"]
     assert "Tell me" not in all_texts(dataset)
@@ -130,8 +153,10 @@ def test_across_a_folder_the_name_in_most_files_is_the_interviewer_even_when_oth
 
 
 def test_a_first_sentence_with_a_colon_is_not_a_header(tmp_path: Path) -> None:
-    text = ("Honestly: the app is slow and I hate it.\nI use it every morning on the bus to work.\n\n"
-            "It keeps logging me out when the signal drops.\n")
+    text = (
+        "Honestly: the app is slow and I hate it.\nI use it every morning on the bus to work.\n\n"
+        "It keeps logging me out when the signal drops.\n"
+    )
     dataset = load(tmp_path, "note.txt", text)
     person = dataset.participants[0]
     assert person.attributes == {}
@@ -146,10 +171,12 @@ def test_a_real_header_block_gives_attributes_but_not_its_date(tmp_path: Path) -
 
 
 def test_recording_notices_small_talk_and_non_speech_cues_are_not_what_was_said(tmp_path: Path) -> None:
-    text = ("Interviewer: Hi Dana. This meeting is being recorded. How do you plan your week?\n"
-            "Dana: Hi, thanks for having me.\n"
-            "Interviewer: So, your week?\n"
-            "Dana: [laughs] I plan my week on Sunday evening (inaudible) with a paper diary.\n")
+    text = (
+        "Interviewer: Hi Dana. This meeting is being recorded. How do you plan your week?\n"
+        "Dana: Hi, thanks for having me.\n"
+        "Interviewer: So, your week?\n"
+        "Dana: [laughs] I plan my week on Sunday evening (inaudible) with a paper diary.\n"
+    )
     texts = load(tmp_path, "dana.txt", text).participants[0].texts
     said = "\n".join(texts)
     assert "recorded" not in said and "thanks for having me" not in said.lower()
@@ -160,14 +187,17 @@ def test_recording_notices_small_talk_and_non_speech_cues_are_not_what_was_said(
 
 def test_no_persona_sentence_crosses_a_turn(tmp_path: Path) -> None:
     # Turns without closing punctuation: joined carelessly they would run into one sentence.
-    said = [("I plan my week on Sunday evening with a paper diary", "The shared calendar keeps crashing on my phone"),
-            ("I plan my shifts on a paper diary every Sunday", "The shared calendar keeps crashing when I sync"),
-            ("I want reminders for my diary the night before", "It is frustrating when the calendar loses events"),
-            ("I want my diary and calendar in one place", "It is frustrating when the calendar freezes at night")]
+    said = [
+        ("I plan my week on Sunday evening with a paper diary", "The shared calendar keeps crashing on my phone"),
+        ("I plan my shifts on a paper diary every Sunday", "The shared calendar keeps crashing when I sync"),
+        ("I want reminders for my diary the night before", "It is frustrating when the calendar loses events"),
+        ("I want my diary and calendar in one place", "It is frustrating when the calendar freezes at night"),
+    ]
     (tmp_path / "study").mkdir()
     for n, (first, second) in enumerate(said):
         (tmp_path / "study" / f"p{n}.txt").write_text(
-            f"Interviewer: How do you plan?\nParticipant: {first}\nInterviewer: And then?\nParticipant: {second}\n")
+            f"Interviewer: How do you plan?\nParticipant: {first}\nInterviewer: And then?\nParticipant: {second}\n"
+        )
     dataset = persona.load_path("study", tmp_path)
     texts = {person.id: person.texts for person in dataset.participants}
     personas, _ = persona.offline_personas(dataset, 2, {})
@@ -234,8 +264,10 @@ def test_caption_cues_become_turns_of_their_speakers_without_timings(tmp_path: P
     dataset = load(tmp_path, name, content)
     assert [person.id for person in dataset.participants] == ["call"]
     texts = dataset.participants[0].texts
-    assert texts == ["I plan my week on Sunday evening with a paper diary and a pencil.",
-                     "The shared calendar keeps crashing when I add a recurring event."]
+    assert texts == [
+        "I plan my week on Sunday evening with a paper diary and a pencil.",
+        "The shared calendar keeps crashing when I add a recurring event.",
+    ]
     said = "\n".join(texts)
     assert "WEBVTT" not in said and "-->" not in said and "<v" not in said and "Sam" not in said
 
@@ -250,14 +282,18 @@ def test_a_sentence_split_across_two_cues_is_one_sentence(tmp_path: Path) -> Non
 
 def docx_bytes(paragraphs: list[str]) -> bytes:
     body = "".join(f"<w:p><w:r><w:t>{escape(text)}</w:t></w:r></w:p>" for text in paragraphs)
-    document = ('<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
-                '<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
-                f"<w:body>{body}</w:body></w:document>")
-    content_types = ('<?xml version="1.0" encoding="UTF-8"?>'
-                     '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-                     '<Default Extension="xml" ContentType="application/xml"/>'
-                     '<Override PartName="/word/document.xml" ContentType="application/'
-                     'vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>')
+    document = (
+        '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        '<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
+        f"<w:body>{body}</w:body></w:document>"
+    )
+    content_types = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="xml" ContentType="application/xml"/>'
+        '<Override PartName="/word/document.xml" ContentType="application/'
+        'vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>'
+    )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("[Content_Types].xml", content_types)
@@ -280,19 +316,57 @@ def test_a_docx_that_is_not_a_zip_fails_naming_the_file(tmp_path: Path) -> None:
 # -- Qualtrics ----------------------------------------------------------------------
 
 
-QUALTRICS_HEADER = ["StartDate", "EndDate", "Status", "IPAddress", "Progress", "Duration (in seconds)", "Finished",
-                    "RecordedDate", "ResponseId", "DistributionChannel", "UserLanguage", "Consent", "Q1", "Q2", "Q3"]
-QUALTRICS_QUESTIONS = ["Start Date", "End Date", "Response Type", "IP Address", "Progress", "Duration (in seconds)",
-                       "Finished", "Recorded Date", "Response ID", "Distribution Channel", "User Language",
-                       "Do you agree to take part?", "What is your role?", "How likely are you to use proctoring?",
-                       "Tell us about your experience [QID19-ChoiceTextEntryValue]"]
-QUALTRICS_IMPORT_IDS = ['{"ImportId":"startDate","timeZone":"America/Denver"}',
-                        '{"ImportId":"endDate","timeZone":"America/Denver"}', '{"ImportId":"status"}',
-                        '{"ImportId":"ipAddress"}', '{"ImportId":"progress"}', '{"ImportId":"duration"}',
-                        '{"ImportId":"finished"}', '{"ImportId":"recordedDate","timeZone":"America/Denver"}',
-                        '{"ImportId":"_recordId"}', '{"ImportId":"distributionChannel"}', '{"ImportId":"userLanguage"}',
-                        '{"ImportId":"QID2"}', '{"ImportId":"QID3"}', '{"ImportId":"QID4"}',
-                        '{"ImportId":"QID19_TEXT"}']
+QUALTRICS_HEADER = [
+    "StartDate",
+    "EndDate",
+    "Status",
+    "IPAddress",
+    "Progress",
+    "Duration (in seconds)",
+    "Finished",
+    "RecordedDate",
+    "ResponseId",
+    "DistributionChannel",
+    "UserLanguage",
+    "Consent",
+    "Q1",
+    "Q2",
+    "Q3",
+]
+QUALTRICS_QUESTIONS = [
+    "Start Date",
+    "End Date",
+    "Response Type",
+    "IP Address",
+    "Progress",
+    "Duration (in seconds)",
+    "Finished",
+    "Recorded Date",
+    "Response ID",
+    "Distribution Channel",
+    "User Language",
+    "Do you agree to take part?",
+    "What is your role?",
+    "How likely are you to use proctoring?",
+    "Tell us about your experience [QID19-ChoiceTextEntryValue]",
+]
+QUALTRICS_IMPORT_IDS = [
+    '{"ImportId":"startDate","timeZone":"America/Denver"}',
+    '{"ImportId":"endDate","timeZone":"America/Denver"}',
+    '{"ImportId":"status"}',
+    '{"ImportId":"ipAddress"}',
+    '{"ImportId":"progress"}',
+    '{"ImportId":"duration"}',
+    '{"ImportId":"finished"}',
+    '{"ImportId":"recordedDate","timeZone":"America/Denver"}',
+    '{"ImportId":"_recordId"}',
+    '{"ImportId":"distributionChannel"}',
+    '{"ImportId":"userLanguage"}',
+    '{"ImportId":"QID2"}',
+    '{"ImportId":"QID3"}',
+    '{"ImportId":"QID4"}',
+    '{"ImportId":"QID19_TEXT"}',
+]
 QUALTRICS_ANSWERS = [
     ("Teacher", "Very likely", "I trust the proctoring tool but the setup before each exam takes far too long."),
     ("Student", "Unlikely", "The webcam check failed twice and I lost ten minutes of my exam time."),
@@ -306,9 +380,25 @@ QUALTRICS_ANSWERS = [
 def qualtrics_rows() -> list[list[str]]:
     rows = [QUALTRICS_HEADER, QUALTRICS_QUESTIONS, QUALTRICS_IMPORT_IDS]
     for n, (role, likely, said) in enumerate(QUALTRICS_ANSWERS):
-        rows.append([f"2024-03-0{n + 1} 09:1{n}:00", f"2024-03-0{n + 1} 09:2{n}:00", "IP Address", f"10.0.0.{n + 1}",
-                     "100", str(300 + 17 * n), "True", f"2024-03-0{n + 1} 09:2{n}:01", f"R_{n}AbCdEfGh{n}IjKlMn",
-                     "anonymous", "EN", "Yes", role, likely, said])
+        rows.append(
+            [
+                f"2024-03-0{n + 1} 09:1{n}:00",
+                f"2024-03-0{n + 1} 09:2{n}:00",
+                "IP Address",
+                f"10.0.0.{n + 1}",
+                "100",
+                str(300 + 17 * n),
+                "True",
+                f"2024-03-0{n + 1} 09:2{n}:01",
+                f"R_{n}AbCdEfGh{n}IjKlMn",
+                "anonymous",
+                "EN",
+                "Yes",
+                role,
+                likely,
+                said,
+            ]
+        )
     return rows
 
 
@@ -316,8 +406,18 @@ def test_a_qualtrics_export_reads_responses_not_its_question_and_import_rows(tmp
     dataset = load(tmp_path, "qualtrics.csv", csv_text(qualtrics_rows()))
     assert [person.id for person in dataset.participants] == [f"R_{n}AbCdEfGh{n}IjKlMn" for n in range(6)]
     assert [person.texts for person in dataset.participants] == [[said] for _, _, said in QUALTRICS_ANSWERS]
-    metadata = {"startdate", "enddate", "status", "ipaddress", "progress", "finished", "recordeddate",
-                "distributionchannel", "userlanguage", "responseid"}
+    metadata = {
+        "startdate",
+        "enddate",
+        "status",
+        "ipaddress",
+        "progress",
+        "finished",
+        "recordeddate",
+        "distributionchannel",
+        "userlanguage",
+        "responseid",
+    }
     for person in dataset.participants:
         keys = {re.sub(r"[^a-z]", "", key) for key in person.attributes}
         assert not keys & metadata, person.attributes
@@ -358,27 +458,85 @@ def test_the_real_qualtrics_sample_leaves_out_its_metadata_and_recipient_columns
 
 
 SURVEYMONKEY = [
-    ["Respondent ID", "Collector ID", "Start Date", "End Date", "IP Address", "Email Address", "First Name",
-     "Last Name", "What do you like?", "Which features do you use?", "", ""],
+    [
+        "Respondent ID",
+        "Collector ID",
+        "Start Date",
+        "End Date",
+        "IP Address",
+        "Email Address",
+        "First Name",
+        "Last Name",
+        "What do you like?",
+        "Which features do you use?",
+        "",
+        "",
+    ],
     ["", "", "", "", "", "", "", "", "Open-Ended Response", "Reports", "Exports", ""],
 ]
 MONKEY_PEOPLE = [
-    ("114522", "zelda@example.org", "Zelda", "Quimby", "The weekly reports save me an hour every Monday morning.",
-     "Reports", "", ""),
-    ("114523", "yusuf@example.org", "Yusuf", "Ferrante", "Exporting to spreadsheets is quick and the columns stay put.",
-     "", "Exports", ""),
-    ("114524", "xiomara@example.org", "Xiomara", "Lindqvist", "I like that the dashboards load fast on my old laptop.",
-     "Reports", "Exports", ""),
-    ("114525", "wendel@example.org", "Wendel", "Okonkwo", "Sharing a report with my manager takes one click now.",
-     "Reports", "", ""),
+    (
+        "114522",
+        "zelda@example.org",
+        "Zelda",
+        "Quimby",
+        "The weekly reports save me an hour every Monday morning.",
+        "Reports",
+        "",
+        "",
+    ),
+    (
+        "114523",
+        "yusuf@example.org",
+        "Yusuf",
+        "Ferrante",
+        "Exporting to spreadsheets is quick and the columns stay put.",
+        "",
+        "Exports",
+        "",
+    ),
+    (
+        "114524",
+        "xiomara@example.org",
+        "Xiomara",
+        "Lindqvist",
+        "I like that the dashboards load fast on my old laptop.",
+        "Reports",
+        "Exports",
+        "",
+    ),
+    (
+        "114525",
+        "wendel@example.org",
+        "Wendel",
+        "Okonkwo",
+        "Sharing a report with my manager takes one click now.",
+        "Reports",
+        "",
+        "",
+    ),
 ]
 
 
 def surveymonkey_rows() -> list[list[str]]:
     rows = [list(row) for row in SURVEYMONKEY]
     for n, (rid, email, first, last, like, reports, exports, other) in enumerate(MONKEY_PEOPLE):
-        rows.append([rid, "431", f"03/0{n + 1}/2024 10:00:00 AM", f"03/0{n + 1}/2024 10:05:00 AM", f"10.1.1.{n}",
-                     email, first, last, like, reports, exports, other])
+        rows.append(
+            [
+                rid,
+                "431",
+                f"03/0{n + 1}/2024 10:00:00 AM",
+                f"03/0{n + 1}/2024 10:05:00 AM",
+                f"10.1.1.{n}",
+                email,
+                first,
+                last,
+                like,
+                reports,
+                exports,
+                other,
+            ]
+        )
     return rows
 
 
@@ -403,15 +561,19 @@ def test_a_surveymonkey_question_over_several_columns_becomes_one_answer_of_its_
 
 
 def test_a_google_forms_export_drops_timestamp_and_email_and_warns_rows_are_people(tmp_path: Path) -> None:
-    rows = [["Timestamp", "Email Address", "What is your role?", "What frustrates you most?"],
-            ["3/1/2024 10:01:02", "ana@example.org", "Nurse", "The rota changes at night and nobody tells me."],
-            ["3/1/2024 11:15:40", "ben@example.org", "Driver", "Overtime never shows up on the right payslip."],
-            ["3/2/2024 08:00:13", "cai@example.org", "Nurse", "Swapping a shift takes five phone calls and a form."]]
+    rows = [
+        ["Timestamp", "Email Address", "What is your role?", "What frustrates you most?"],
+        ["3/1/2024 10:01:02", "ana@example.org", "Nurse", "The rota changes at night and nobody tells me."],
+        ["3/1/2024 11:15:40", "ben@example.org", "Driver", "Overtime never shows up on the right payslip."],
+        ["3/2/2024 08:00:13", "cai@example.org", "Nurse", "Swapping a shift takes five phone calls and a form."],
+    ]
     dataset = load(tmp_path, "form.csv", csv_text(rows))
     assert len(dataset.participants) == 3
     shown = everything_shown(dataset)
     assert "@example.org" not in shown and "3/1/2024" not in shown
-    assert [person.attributes for person in dataset.participants] == [{"what_is_your_role?": row[2]} for row in rows[1:]]
+    assert [person.attributes for person in dataset.participants] == [
+        {"what_is_your_role?": row[2]} for row in rows[1:]
+    ]
     assert [person.texts for person in dataset.participants] == [[row[3]] for row in rows[1:]]
     assert any("each row was read as one participant" in warning for warning in dataset.warnings), dataset.warnings
 
@@ -419,8 +581,19 @@ def test_a_google_forms_export_drops_timestamp_and_email_and_warns_rows_are_peop
 # -- app store reviews --------------------------------------------------------------
 
 
-PLAY_COLUMNS = ["reviewId", "userName", "userImage", "content", "score", "thumbsUpCount", "reviewCreatedVersion", "at",
-                "replyContent", "repliedAt", "appVersion"]
+PLAY_COLUMNS = [
+    "reviewId",
+    "userName",
+    "userImage",
+    "content",
+    "score",
+    "thumbsUpCount",
+    "reviewCreatedVersion",
+    "at",
+    "replyContent",
+    "repliedAt",
+    "appVersion",
+]
 PLAY_REVIEWS = [
     ("Harriet Vandermolen", "It keeps crashing when I upload a photo of my receipt.", "1"),
     ("Ignatius Brightwater", "Please add dark mode, the white screen hurts at night.", "4"),
@@ -434,10 +607,21 @@ REPLY = "Thanks for the feedback, our support team is looking into this for you.
 def play_rows() -> list[list[str]]:
     rows = [PLAY_COLUMNS]
     for n, (user, content, score) in enumerate(PLAY_REVIEWS):
-        rows.append([f"9f1c2b7e-4a1d-4c3e-8b{n}a-0d2e6f1a9c{n}b", user,
-                     f"https://play-lh.googleusercontent.com/a-/avatar{n}", content, score, str(n * 3), "3.4.1",
-                     f"2024-03-0{n + 1} 10:00:00", REPLY if n % 2 == 0 else "", f"2024-03-0{n + 2} 09:00:00" if n % 2 == 0 else "",
-                     "3.4.1"])
+        rows.append(
+            [
+                f"9f1c2b7e-4a1d-4c3e-8b{n}a-0d2e6f1a9c{n}b",
+                user,
+                f"https://play-lh.googleusercontent.com/a-/avatar{n}",
+                content,
+                score,
+                str(n * 3),
+                "3.4.1",
+                f"2024-03-0{n + 1} 10:00:00",
+                REPLY if n % 2 == 0 else "",
+                f"2024-03-0{n + 2} 09:00:00" if n % 2 == 0 else "",
+                "3.4.1",
+            ]
+        )
     return rows
 
 
@@ -462,12 +646,23 @@ def test_play_store_reviews_take_their_ids_and_scores_but_never_names_or_replies
 
 
 def test_a_column_of_uuids_with_no_id_like_name_is_the_id(tmp_path: Path) -> None:
-    uuids = ["3f2504e0-4f89-11d3-9a0c-0305e82c3301", "6fa459ea-ee8a-3ca4-894e-db77e160355e",
-             "16fd2706-8baf-433b-82eb-8c7fada847da"]
-    rows = [["ref", "role", "comment"]] + [[uid, role, said] for uid, role, said in zip(
-        uuids, ["Nurse", "Driver", "Nurse"],
-        ["I need the rota offline on night shifts.", "Overtime pay is always late for me.",
-         "Swapping shifts should take one tap."])]
+    uuids = [
+        "3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+        "6fa459ea-ee8a-3ca4-894e-db77e160355e",
+        "16fd2706-8baf-433b-82eb-8c7fada847da",
+    ]
+    rows = [["ref", "role", "comment"]] + [
+        [uid, role, said]
+        for uid, role, said in zip(
+            uuids,
+            ["Nurse", "Driver", "Nurse"],
+            [
+                "I need the rota offline on night shifts.",
+                "Overtime pay is always late for me.",
+                "Swapping shifts should take one tap.",
+            ],
+        )
+    ]
     dataset = load(tmp_path, "coded.csv", csv_text(rows))
     assert [person.id for person in dataset.participants] == uuids
     assert all(uid not in everything_shown(dataset) for uid in uuids)
@@ -475,11 +670,17 @@ def test_a_column_of_uuids_with_no_id_like_name_is_the_id(tmp_path: Path) -> Non
 
 def test_a_constant_column_is_dropped_and_likert_choices_are_attributes_not_speech(tmp_path: Path) -> None:
     choices = ["Agree", "Disagree", "Neutral"]
-    comments = ["The rota app works fine on my phone at home.", "I can never find the swap button in the menu.",
-                "Overtime requests disappear after I submit them.", "The night shift view is easy to read.",
-                "It logs me out every single time I switch apps.", "I like the reminder before each shift.",
-                "The payslip page takes ages to open on the ward.", "I print the rota because the app is slow.",
-                "Holiday requests are approved quickly now."]
+    comments = [
+        "The rota app works fine on my phone at home.",
+        "I can never find the swap button in the menu.",
+        "Overtime requests disappear after I submit them.",
+        "The night shift view is easy to read.",
+        "It logs me out every single time I switch apps.",
+        "I like the reminder before each shift.",
+        "The payslip page takes ages to open on the ward.",
+        "I print the rota because the app is slow.",
+        "Holiday requests are approved quickly now.",
+    ]
     rows = [["participant_id", "wave", "satisfaction", "comment"]]
     rows += [[f"P{n}", "2", choices[n % 3], comment] for n, comment in enumerate(comments)]
     dataset = load(tmp_path, "likert.csv", csv_text(rows))
@@ -512,16 +713,24 @@ def xlsx_bytes(rows: list[list[str | int]], inline: tuple[int, int]) -> bytes:
                 cells.append(f'<c r="{ref}" t="s"><v>{len(strings) - 1}</v></c>')
         xml_rows.append(f'<row r="{r}">{"".join(cells)}</row>')
     sheet = f'<worksheet xmlns="{sheet_ns}"><sheetData>{"".join(xml_rows)}</sheetData></worksheet>'
-    shared = (f'<sst xmlns="{sheet_ns}" count="{len(strings)}" uniqueCount="{len(strings)}">'
-              + "".join(f"<si><t>{escape(text)}</t></si>" for text in strings) + "</sst>")
-    workbook = (f'<workbook xmlns="{sheet_ns}" xmlns:r="{rel_ns}"><sheets>'
-                '<sheet name="Responses" sheetId="1" r:id="rId1"/></sheets></workbook>')
-    rels = ('<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
-            f'<Relationship Id="rId1" Type="{rel_ns}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>')
+    shared = (
+        f'<sst xmlns="{sheet_ns}" count="{len(strings)}" uniqueCount="{len(strings)}">'
+        + "".join(f"<si><t>{escape(text)}</t></si>" for text in strings)
+        + "</sst>"
+    )
+    workbook = (
+        f'<workbook xmlns="{sheet_ns}" xmlns:r="{rel_ns}"><sheets>'
+        '<sheet name="Responses" sheetId="1" r:id="rId1"/></sheets></workbook>'
+    )
+    rels = (
+        '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+        f'<Relationship Id="rId1" Type="{rel_ns}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>'
+    )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("[Content_Types].xml", '<Types xmlns="http://schemas.openxmlformats.org/package/2006/'
-                                                'content-types"/>')
+        archive.writestr(
+            "[Content_Types].xml", '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>'
+        )
         archive.writestr("xl/workbook.xml", workbook)
         archive.writestr("xl/_rels/workbook.xml.rels", rels)
         archive.writestr("xl/worksheets/sheet1.xml", sheet)
@@ -566,11 +775,19 @@ def test_the_real_qualtrics_sample_reads_its_one_response() -> None:
 
 
 def test_a_single_choice_column_with_long_options_is_an_attribute_not_speech(tmp_path: Path) -> None:
-    options = ["From a friend or colleague who already uses it", "Through an advert on a social media site",
-               "Search engine results while looking for tools"]
-    comments = ["The rota app works fine on my phone at home.", "I can never find the swap button in the menu.",
-                "Overtime requests disappear after I submit them.", "The night shift view is easy to read.",
-                "It logs me out every single time I switch apps.", "I like the reminder before each shift."]
+    options = [
+        "From a friend or colleague who already uses it",
+        "Through an advert on a social media site",
+        "Search engine results while looking for tools",
+    ]
+    comments = [
+        "The rota app works fine on my phone at home.",
+        "I can never find the swap button in the menu.",
+        "Overtime requests disappear after I submit them.",
+        "The night shift view is easy to read.",
+        "It logs me out every single time I switch apps.",
+        "I like the reminder before each shift.",
+    ]
     rows = [["participant_id", "heard_about_us", "comment"]]
     rows += [[f"P{n}", options[n % 3], comment] for n, comment in enumerate(comments)]
     dataset = load(tmp_path, "choice.csv", csv_text(rows))
@@ -609,9 +826,19 @@ def test_teams_cue_identifiers_never_reach_the_text(tmp_path: Path) -> None:
 
 
 def test_a_markdown_card_makes_no_link_or_image_of_the_data() -> None:
-    card = persona.persona_card({"id": "persona-001", "name": "Ana", "title": "[click](javascript:alert(1))",
-                                 "summary": "![](https://beacon.test/p.png)", "demographics": {}, "goals": [],
-                                 "pain_points": [], "behaviours": [], "quotes": ["see [docs](http://x.test)"],
-                                 "evidence": {"participants": ["P1"], "share": 1.0}})
+    card = persona.persona_card(
+        {
+            "id": "persona-001",
+            "name": "Ana",
+            "title": "[click](javascript:alert(1))",
+            "summary": "![](https://beacon.test/p.png)",
+            "demographics": {},
+            "goals": [],
+            "pain_points": [],
+            "behaviours": [],
+            "quotes": ["see [docs](http://x.test)"],
+            "evidence": {"participants": ["P1"], "share": 1.0},
+        }
+    )
     assert not re.search(r"(?<!\\)\]\(", card)  # every "](" that would close a link text is escaped
     assert "\\[click\\](javascript:alert(1))" in card and "!\\[\\](https://beacon.test/p.png)" in card

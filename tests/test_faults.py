@@ -23,9 +23,9 @@ def statuses(server: Server) -> Counter:
     return Counter(dict(server.query("SELECT status, COUNT(*) FROM jobs GROUP BY status")))
 
 
-def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(start_server, workdir: Path,
-                                                                          gated_data: GatedDataServer,
-                                                                          receiver: Receiver) -> None:
+def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(
+    start_server, workdir: Path, gated_data: GatedDataServer, receiver: Receiver
+) -> None:
     receiver.answers = [503, 200]  # the first deliveries fail, so some are queued for retry at the kill
     server = start_server("--rate-limit", "0", "--max-concurrent-jobs", "100", "--webhook-retry-schedule", "1,1,1")
     with server.client() as http:
@@ -35,8 +35,10 @@ def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(start
         for job_id in quick:
             wait_job(http, job_id)
         wait_for(lambda: receiver.requests, what="a first delivery attempt")
-        wait_for(lambda: all(http.get(f"/api/v1/generate/{j}").json()["status"] == "running" for j in slow),
-                 what="the gated jobs to run")
+        wait_for(
+            lambda: all(http.get(f"/api/v1/generate/{j}").json()["status"] == "running" for j in slow),
+            what="the gated jobs to run",
+        )
     server.kill()
     gated_data.gate.set()
     server.start()
@@ -88,8 +90,10 @@ def test_a_client_that_disconnects_mid_request_changes_nothing(server: Server, w
     for _ in range(20):
         sock = raw_connection(server)
         body = b'{"data": "interviews.csv", "count": 3}'
-        sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        sock.sendall(
+            b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:10]
+        )
         sock.close()
     with server.client() as http:
         assert http.get("/api/v1/health").status_code == 200
@@ -99,8 +103,10 @@ def test_a_client_that_disconnects_mid_request_changes_nothing(server: Server, w
 def test_a_body_that_trickles_in_holds_up_no_one_else(server: Server) -> None:
     body = b'{"data": "interviews.csv", "count": 3}'
     sock = raw_connection(server)
-    sock.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body))
+    sock.sendall(
+        b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     with server.client() as http:
         for index, byte in enumerate(body):
             sock.sendall(bytes([byte]))
@@ -179,7 +185,8 @@ def unhealthy(http: httpx.Client) -> dict | None:
 @needs_mount_namespace
 @pytest.mark.sqlite_only
 def test_a_full_disk_is_reported_refuses_writes_and_loses_nothing_once_space_returns(
-        start_server, workdir: Path, gated_data: GatedDataServer, receiver: Receiver) -> None:
+    start_server, workdir: Path, gated_data: GatedDataServer, receiver: Receiver
+) -> None:
     state = workdir / "state"
     state.mkdir()
     server = start_server("--rate-limit", "0", db="state/persona.db", prefix=on_small_disk(state))
@@ -197,7 +204,9 @@ def test_a_full_disk_is_reported_refuses_writes_and_loses_nothing_once_space_ret
         assert health["status"] == "unhealthy" and "database or disk is full" in health["reason"]
         refused = http.post("/api/v1/generate", json={"data": "interviews.csv"})
         assert refused.status_code == 503 and refused.json()["error"] == "internal_error"
-        assert "database or disk is full" in refused.json()["message"] and "nothing was saved" in refused.json()["message"]
+        assert (
+            "database or disk is full" in refused.json()["message"] and "nothing was saved" in refused.json()["message"]
+        )
         gated_data.gate.set()  # the running job finishes while its result cannot be written
         wait_for(lambda: f"cannot save job {running}" in server.log(), what="the runner to hold the unsaved result")
         assert http.get(f"/api/v1/generate/{running}").json()["status"] == "running"

@@ -53,26 +53,39 @@ def test_coverage_counts_every_respondent_read_or_not(flaky: persona.Dataset, fl
 
 
 def test_a_column_whose_values_repeat_is_an_attribute_however_many_values_it_has() -> None:
-    schools = [f"School of {name}" for name in "Business Law Medicine Arts Science Nursing Music Design Education "
-               "Engineering Dentistry Pharmacy Architecture".split()]
-    records = [{"id": f"R{n}", "school": schools[n % 13],
-                "comment": f"I grade {n} notebooks by hand each week and it takes the whole weekend."}
-               for n in range(60)]
+    schools = [
+        f"School of {name}"
+        for name in "Business Law Medicine Arts Science Nursing Music Design Education "
+        "Engineering Dentistry Pharmacy Architecture".split()
+    ]
+    records = [
+        {
+            "id": f"R{n}",
+            "school": schools[n % 13],
+            "comment": f"I grade {n} notebooks by hand each week and it takes the whole weekend.",
+        }
+        for n in range(60)
+    ]
     dataset = persona.load_inline(records)
     assert dataset.participants[0].attributes["school"] == "School of Business"
     assert all("School" not in text for person in dataset.participants for text in person.texts)
 
 
 def test_answers_that_are_nearly_all_unique_are_speech() -> None:
-    records = [{"id": f"R{n}", "why": f"Because reason number {n} matters to my team in its own particular way."}
-               for n in range(30)]
+    records = [
+        {"id": f"R{n}", "why": f"Because reason number {n} matters to my team in its own particular way."}
+        for n in range(30)
+    ]
     assert persona.load_inline(records).participants[5].texts
 
 
 def test_a_grid_item_is_shown_with_its_item_in_full(flaky: persona.Dataset) -> None:
     key = next(k for k in flaky.participants[0].attributes if k.endswith("[re_run_the_build.]"))
     assert persona.shown_label(key, flaky.labels).endswith("[Re-run the build.]")
-    assert persona.question_text(key, flaky.labels) == "After identifying a flaky test, how often do you… Re-run the build."
+    assert (
+        persona.question_text(key, flaky.labels)
+        == "After identifying a flaky test, how often do you… Re-run the build."
+    )
 
 
 def test_ordered_answers_are_nearer_each_other_than_far_ones() -> None:
@@ -92,19 +105,32 @@ def test_every_persona_carries_the_closed_answers_that_set_it_apart(flaky_person
 
 
 def test_an_answer_is_stated_as_a_finding_on_the_cards(flaky_personas: list[dict]) -> None:
-    answer = {"question": "After identifying a flaky test, how often do you… Re-run the build.", "answer": "Often",
-              "count": 20, "of": 23, "share_elsewhere": 0.41}
-    assert persona.answer_finding(answer) == ("After identifying a flaky test, how often do you… Re-run the build: "
-                                              "often, 20 of 23 (87%), against 41% of everyone else.")
+    answer = {
+        "question": "After identifying a flaky test, how often do you… Re-run the build.",
+        "answer": "Often",
+        "count": 20,
+        "of": 23,
+        "share_elsewhere": 0.41,
+    }
+    assert persona.answer_finding(answer) == (
+        "After identifying a flaky test, how often do you… Re-run the build: "
+        "often, 20 of 23 (87%), against 41% of everyone else."
+    )
     card = persona.persona_card(flaky_personas[0])
     assert "What sets them apart" in card and "of everyone else." in card
 
 
 def test_an_llm_persona_gets_its_closed_answers_too(flaky: persona.Dataset) -> None:
-    members = [person.id for person in flaky.participants if person.attributes.get(
-        "how_often_do_you_observe_flaky_tests_in_the_projects_you’re_currently_working_on?") == "Daily"]
+    members = [
+        person.id
+        for person in flaky.participants
+        if person.attributes.get("how_often_do_you_observe_flaky_tests_in_the_projects_you’re_currently_working_on?")
+        == "Daily"
+    ]
     (item,) = persona.with_answers([{"id": "persona-001", "evidence": {"participants": members}}], flaky)
-    assert any(answer["answer"] == "Daily" and answer["count"] == len(members) for answer in item["evidence"]["answers"])
+    assert any(
+        answer["answer"] == "Daily" and answer["count"] == len(members) for answer in item["evidence"]["answers"]
+    )
 
 
 # -- titles ----------------------------------------------------------------------------
@@ -118,20 +144,34 @@ def test_titles_are_never_a_bare_answer_a_placeholder_or_the_data_set_s_topic(fl
 
 
 def test_no_title_names_a_segment_by_what_its_members_never_do(flaky_personas: list[dict]) -> None:
-    assert not [item["title"] for item in flaky_personas if re.search(r"(?i):\s*(never|no|none|not at all)\b", item["title"])]
+    assert not [
+        item["title"] for item in flaky_personas if re.search(r"(?i):\s*(never|no|none|not at all)\b", item["title"])
+    ]
 
 
 def test_an_absence_answer_is_a_finding_but_never_a_title() -> None:
-    labels = {f"q{n}": f"How often do you see flaky tests caused by... [{cause}]"
-              for n, cause in enumerate(["Floating point", "Network", "Time zones"])}
-    people = [persona.Participant(f"P{n}", [], {"q0": "Never", "q1": "Often" if n < 6 else "Rarely",
-                                                "q2": "Never" if n < 8 else "Often"}) for n in range(12)]
+    labels = {
+        f"q{n}": f"How often do you see flaky tests caused by... [{cause}]"
+        for n, cause in enumerate(["Floating point", "Network", "Time zones"])
+    }
+    people = [
+        persona.Participant(
+            f"P{n}", [], {"q0": "Never", "q1": "Often" if n < 6 else "Rarely", "q2": "Never" if n < 8 else "Often"}
+        )
+        for n in range(12)
+    ]
     members = people[:6]
     answers = persona.closed_answers(members, people, labels)
     assert any(answer["answer"] == "Often" for answer in answers)
     corpus = persona.build_corpus(people)
-    title = persona.persona_title(corpus, persona.term_shares(corpus, list(range(6))),
-                                  persona.distinguishing_attribute(members, people), set(), answers, labels)
+    title = persona.persona_title(
+        corpus,
+        persona.term_shares(corpus, list(range(6))),
+        persona.distinguishing_attribute(members, people),
+        set(),
+        answers,
+        labels,
+    )
     assert title == "Network: often"
     assert persona.says_absence("Never -- I don't use Shiny.") and not persona.says_absence("Nearly every day")
 
@@ -157,8 +197,13 @@ def speakers(texts: list[str]) -> list[persona.Participant]:
 
 def test_said_by_tells_one_voice_from_many() -> None:
     people = speakers(["The export to Excel keeps failing on large files."] * 5 + ["I plan my rota on Sundays."])
-    one_voice = {"id": "a", "pain_points": ["I plan my rota on Sundays."], "goals": [], "behaviours": [],
-                 "evidence": {"participants": [p.id for p in people]}}
+    one_voice = {
+        "id": "a",
+        "pain_points": ["I plan my rota on Sundays."],
+        "goals": [],
+        "behaviours": [],
+        "evidence": {"participants": [p.id for p in people]},
+    }
     many = {**one_voice, "id": "b", "pain_points": ["The export to Excel keeps failing on large files."]}
     report = persona.quality_report(people, [one_voice, many])
     assert [entry["items"][0]["said_by"] for entry in report["personas"]] == [1, 5]
@@ -166,10 +211,17 @@ def test_said_by_tells_one_voice_from_many() -> None:
 
 
 def test_distinctiveness_is_high_for_a_real_segment_and_low_for_a_mixed_one() -> None:
-    people = speakers(["The night rota changes at three in the morning without warning."] * 4
-                      + ["The fuel card is declined at the depot every Friday."] * 4)
-    real = {"id": "r", "pain_points": ["The night rota changes at three in the morning without warning."],
-            "goals": [], "behaviours": [], "evidence": {"participants": ["P0", "P1", "P2", "P3"]}}
+    people = speakers(
+        ["The night rota changes at three in the morning without warning."] * 4
+        + ["The fuel card is declined at the depot every Friday."] * 4
+    )
+    real = {
+        "id": "r",
+        "pain_points": ["The night rota changes at three in the morning without warning."],
+        "goals": [],
+        "behaviours": [],
+        "evidence": {"participants": ["P0", "P1", "P2", "P3"]},
+    }
     mixed = {**real, "id": "m", "evidence": {"participants": ["P0", "P1", "P4", "P5"]}}
     entries = persona.quality_report(people, [real, mixed])["personas"]
     assert entries[0]["distinctiveness"] == 1.0 and entries[1]["distinctiveness"] == 0.0
@@ -177,9 +229,12 @@ def test_distinctiveness_is_high_for_a_real_segment_and_low_for_a_mixed_one() ->
 
 def test_stability_is_high_for_groups_the_data_holds_and_low_for_noise() -> None:
     topics = ["night rota shift swap ward", "fuel card depot declined lorry", "invoice payment late supplier"]
-    clear = [persona.Participant(f"C{n}", [f"I always talk about {topics[n % 3]} because {topics[n % 3]} matters."])
-             for n in range(60)]
+    clear = [
+        persona.Participant(f"C{n}", [f"I always talk about {topics[n % 3]} because {topics[n % 3]} matters."])
+        for n in range(60)
+    ]
     import random
+
     rng = random.Random(7)
     words = " ".join(topics).split()
     noise = [persona.Participant(f"N{n}", [" ".join(rng.sample(words, 6)) + " again."]) for n in range(60)]
@@ -207,38 +262,50 @@ def test_a_card_says_who_says_each_item_not_a_backed_share(flaky: persona.Datase
 
 
 def test_sentences_are_not_cut_at_abbreviations_or_inside_brackets() -> None:
-    text = ("Parallel builds vs. sequential ones interfere. Timing issues (e.g. waits. sleeps) are the worst. "
-            "It costs 3.5 hours a week, i.e. most of Friday.")
-    assert persona.split_sentences(text) == ["Parallel builds vs. sequential ones interfere.",
-                                             "Timing issues (e.g. waits. sleeps) are the worst.",
-                                             "It costs 3.5 hours a week, i.e. most of Friday."]
+    text = (
+        "Parallel builds vs. sequential ones interfere. Timing issues (e.g. waits. sleeps) are the worst. "
+        "It costs 3.5 hours a week, i.e. most of Friday."
+    )
+    assert persona.split_sentences(text) == [
+        "Parallel builds vs. sequential ones interfere.",
+        "Timing issues (e.g. waits. sleeps) are the worst.",
+        "It costs 3.5 hours a week, i.e. most of Friday.",
+    ]
 
 
-@pytest.mark.parametrize("definition", [
-    "A flaky test is a test case that can both pass and fail without any changes to the code under test.",
-    "I would say that a flaky test is any test that changes from pass to fail in different environments.",
-    "A flaky test is when the result changes between runs.",
-    "I define flakiness as nondeterminism we did not ask for.",
-])
+@pytest.mark.parametrize(
+    "definition",
+    [
+        "A flaky test is a test case that can both pass and fail without any changes to the code under test.",
+        "I would say that a flaky test is any test that changes from pass to fail in different environments.",
+        "A flaky test is when the result changes between runs.",
+        "I define flakiness as nondeterminism we did not ask for.",
+    ],
+)
 def test_a_definition_is_no_goal_pain_point_or_behaviour(definition: str) -> None:
     assert persona.list_kind(definition) is None
 
 
 def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
-    story = ("It started more like an experiment, but it gradually evolved into something that I want to open source "
-             "and maintain, and it turned out people were actually liking it.")
+    story = (
+        "It started more like an experiment, but it gradually evolved into something that I want to open source "
+        "and maintain, and it turned out people were actually liking it."
+    )
     assert "A goal in their words" not in persona.persona_summary(3, 9, ["builds"], [story])
     summary = persona.persona_summary(3, 9, ["builds"], [story, "Better error messages"])
     assert summary.endswith('A goal in their words: "Better error messages"')
 
 
-@pytest.mark.parametrize(("sentence", "kind"), [
-    ("Reorder tests to fail faster", None),
-    ("Tests that pass on local machines fail on CI machines.", None),
-    ("The upload fails to finish every time.", "pain_points"),
-    ("The login is failing.", "pain_points"),
-    ("My payment failed twice.", "pain_points"),
-])
+@pytest.mark.parametrize(
+    ("sentence", "kind"),
+    [
+        ("Reorder tests to fail faster", None),
+        ("Tests that pass on local machines fail on CI machines.", None),
+        ("The upload fails to finish every time.", "pain_points"),
+        ("The login is failing.", "pain_points"),
+        ("My payment failed twice.", "pain_points"),
+    ],
+)
 def test_to_fail_is_a_pain_only_when_something_fails_the_speaker(sentence: str, kind: str | None) -> None:
     assert persona.list_kind(sentence) == kind
 
@@ -252,7 +319,9 @@ def test_flaky_personas_list_no_definition_of_a_flaky_test(flaky_personas: list[
     assert items and not [text for text in items if re.match(r"(?i)a flaky test is (a|an|any|when)\b", text)]
 
 
-@pytest.mark.parametrize("wanted", ["Re-run the build.", "After identifying a flaky test, how often do you… [Re-run the build.]"])
+@pytest.mark.parametrize(
+    "wanted", ["Re-run the build.", "After identifying a flaky test, how often do you… [Re-run the build.]"]
+)
 def test_group_by_takes_a_question_s_text_or_a_grid_item(flaky: persona.Dataset, wanted: str) -> None:
     key = persona.grouping_key(wanted, flaky)
     assert persona.normalise_key(key).endswith("[re_run_the_build.]")
@@ -262,9 +331,15 @@ def test_group_by_takes_a_question_s_text_or_a_grid_item(flaky: persona.Dataset,
 
 def test_a_job_reports_respondents_answers_items_and_stability(client: httpx.Client) -> None:
     scale = ["Never", "Rarely", "Sometimes", "Often"]
-    records = [{"id": f"R{n:02d}", "team": ["Ward", "Depot", "Office"][n % 3], "How often do you swap shifts?": scale[n % 4],
-                **({"comment": f"I swap shifts with my colleague number {n} when the rota changes late."} if n % 2 else {})}
-               for n in range(40)] + [{"id": "R99"}]
+    records = [
+        {
+            "id": f"R{n:02d}",
+            "team": ["Ward", "Depot", "Office"][n % 3],
+            "How often do you swap shifts?": scale[n % 4],
+            **({"comment": f"I swap shifts with my colleague number {n} when the rota changes late."} if n % 2 else {}),
+        }
+        for n in range(40)
+    ] + [{"id": "R99"}]
     job = wait_job(client, submit(client, data=records, count=3))
     assert job["status"] == "completed", job["error"]
     quality = job["result"]["metadata"]["quality"]
@@ -272,33 +347,51 @@ def test_a_job_reports_respondents_answers_items_and_stability(client: httpx.Cli
     assert isinstance(quality["stability"], float) and 0.0 <= quality["stability"] <= 1.0
     assert all("distinctiveness" in entry and "items" in entry for entry in quality["personas"])
     assert all(p["evidence"]["answers"] for p in job["result"]["personas"])
-    grouped = wait_job(client, submit(client, data=records, count=2, config={"group_by": "How often do you swap shifts?"}))
+    grouped = wait_job(
+        client, submit(client, data=records, count=2, config={"group_by": "How often do you swap shifts?"})
+    )
     assert grouped["status"] == "completed", grouped["error"]
     assert grouped["result"]["metadata"]["quality"]["stability"] is None
     assert "4 groups, personas for the 2 largest; ask for 4 to see all" in grouped["result"]["metadata"]["warnings"]
 
 
-@pytest.mark.parametrize(("header", "item"), [
-    ("To what extent do you agree with the following statements: [Flaky tests hinder continuous integration.]",
-     "Flaky tests hinder continuous integration."),  # Google Forms
-    ("After identifying a flaky test, how often do you... - Quarantine the test", "Quarantine the test"),  # Qualtrics, SurveyMonkey
-])
+@pytest.mark.parametrize(
+    ("header", "item"),
+    [
+        (
+            "To what extent do you agree with the following statements: [Flaky tests hinder continuous integration.]",
+            "Flaky tests hinder continuous integration.",
+        ),  # Google Forms
+        (
+            "After identifying a flaky test, how often do you... - Quarantine the test",
+            "Quarantine the test",
+        ),  # Qualtrics, SurveyMonkey
+    ],
+)
 def test_a_grid_item_is_read_from_each_export_s_header(header: str, item: str) -> None:
     assert persona.grid_parts(header)[1] == item
     assert persona.answer_phrase("q5_3", "Often", {"q5_3": header}).endswith(": often")
     assert persona.grid_parts("Self-rated - skill") is None and persona.grid_parts("role") is None
 
 
-@pytest.mark.parametrize(("data", "question"), [
-    ("r-community-2018/responses.tsv", "What industry do you work or participate in?"),
-    ("r-community-2018/responses.tsv", "What is the highest degree or level of school you have completed?"),
-    ("jupyter-education-2016/responses.csv", "What level of education is your course?"),
-    ("jupyter-education-2016/responses.csv", "How often is this course taught?"),
-])
+@pytest.mark.parametrize(
+    ("data", "question"),
+    [
+        ("r-community-2018/responses.tsv", "What industry do you work or participate in?"),
+        ("r-community-2018/responses.tsv", "What is the highest degree or level of school you have completed?"),
+        ("jupyter-education-2016/responses.csv", "What level of education is your course?"),
+        ("jupyter-education-2016/responses.csv", "How often is this course taught?"),
+    ],
+)
 def test_a_real_export_s_choice_columns_are_attributes_not_speech(data: str, question: str) -> None:
     dataset = persona.load_path(data, CORPUS)
     key = next(k for k in dataset.labels if dataset.labels[k].startswith(question))
     answered = [person.attributes[key] for person in dataset.participants if key in person.attributes]
     assert len(answered) >= 0.8 * len(dataset.participants)
-    assert not any(value in text for person in dataset.participants for text in person.texts for value in set(answered)
-                   if len(value) > 25)  # none of its answers is read as something said
+    assert not any(
+        value in text
+        for person in dataset.participants
+        for text in person.texts
+        for value in set(answered)
+        if len(value) > 25
+    )  # none of its answers is read as something said

@@ -20,9 +20,16 @@ pytestmark = pytest.mark.sqlite_only
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 # The four groups the example interviews were written around.
-GROUPS = {f"P{i:02d}": group for group, ids in
-          (("nurses", range(1, 5)), ("managers", range(5, 9)), ("drivers", range(9, 13)), ("payroll", range(13, 17)))
-          for i in ids}
+GROUPS = {
+    f"P{i:02d}": group
+    for group, ids in (
+        ("nurses", range(1, 5)),
+        ("managers", range(5, 9)),
+        ("drivers", range(9, 13)),
+        ("payroll", range(13, 17)),
+    )
+    for i in ids
+}
 
 
 def personas_for(data: str, count: int, config: dict | None = None) -> tuple[list[dict], persona.Dataset]:
@@ -65,11 +72,13 @@ def test_names_and_titles_are_distinct_within_a_result() -> None:
 
 def test_the_four_groups_in_the_example_interviews_are_found() -> None:
     personas, _ = personas_for("interviews.csv", 4)
-    majority = sum(Counter(GROUPS[pid] for pid in item["evidence"]["participants"]).most_common(1)[0][1]
-                   for item in personas)
+    majority = sum(
+        Counter(GROUPS[pid] for pid in item["evidence"]["participants"]).most_common(1)[0][1] for item in personas
+    )
     assert majority / len(GROUPS) >= 0.85
-    assert {Counter(GROUPS[pid] for pid in item["evidence"]["participants"]).most_common(1)[0][0]
-            for item in personas} == set(GROUPS.values())
+    assert {
+        Counter(GROUPS[pid] for pid in item["evidence"]["participants"]).most_common(1)[0][0] for item in personas
+    } == set(GROUPS.values())
 
 
 def test_demographics_summarise_roles_ranges_and_share() -> None:
@@ -128,9 +137,11 @@ def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path
 
 def write_many_participants(path: Path, count: int) -> None:
     """Interview rows for `count` participants in three clearly different groups."""
-    groups = [("Nurse", "I need the night rota offline in the basement ward."),
-              ("Driver", "It's frustrating when overtime pay is missing from my payslip."),
-              ("Student", "I usually book a quiet study room before exam season.")]
+    groups = [
+        ("Nurse", "I need the night rota offline in the basement ward."),
+        ("Driver", "It's frustrating when overtime pay is missing from my payslip."),
+        ("Student", "I usually book a quiet study room before exam season."),
+    ]
     lines = ["participant_id,role,response"]
     for n in range(count):
         role, said = groups[n % 3]
@@ -157,8 +168,24 @@ def test_large_data_is_computed_in_a_worker_process_from_the_command_line(tmp_pa
     from conftest import clean_environment
 
     write_many_participants(tmp_path / "many.csv", persona.ENGINE_PROCESS_FROM + 100)
-    result = subprocess.run([sys.executable, "-m", "persona", "generate", str(tmp_path / "many.csv"), "-n", "3", "--json",
-                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=180,
-                            cwd=tmp_path, env={**clean_environment(), "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persona",
+            "generate",
+            str(tmp_path / "many.csv"),
+            "-n",
+            "3",
+            "--json",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**clean_environment(), "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["personas"]) == 3

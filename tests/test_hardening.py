@@ -55,12 +55,14 @@ def records(sentences: list[str]) -> list[dict[str, str]]:
     return [{"participant_id": f"P{n:02d}", "response": text} for n, text in enumerate(sentences, start=1)]
 
 
-OFFLINE_RECORDS = records([
-    "I need to swap night shifts quickly when my kids get sick.",
-    "It's frustrating when the rota changes and nobody tells me.",
-    "I want my overtime to be paid correctly every single week.",
-    "I usually keep my own notes of my start and finish times.",
-])
+OFFLINE_RECORDS = records(
+    [
+        "I need to swap night shifts quickly when my kids get sick.",
+        "It's frustrating when the rota changes and nobody tells me.",
+        "I want my overtime to be paid correctly every single week.",
+        "I usually keep my own notes of my start and finish times.",
+    ]
+)
 
 
 # -- 1. webhook URLs show their query only to a token holder -------------------------
@@ -94,8 +96,9 @@ def test_with_auth_off_a_webhook_url_never_shows_its_query(client: httpx.Client,
 
 
 @pytest.mark.parametrize("path", ["/api/v1/generate/", "/api/v1/health/"])
-def test_a_trailing_slash_is_a_404_envelope_never_a_redirect_to_the_host_header(client: httpx.Client,
-                                                                                path: str) -> None:
+def test_a_trailing_slash_is_a_404_envelope_never_a_redirect_to_the_host_header(
+    client: httpx.Client, path: str
+) -> None:
     response = client.get(path, headers={"Host": "localhost:9"})  # a name the loopback server answers, on another port
     refused(response, 404)
     assert "location" not in response.headers
@@ -125,8 +128,9 @@ def fake() -> Iterator[FakeProvider]:
     server.close()
 
 
-def test_at_debug_the_log_holds_no_participants_words_and_no_webhook_secret(start_server, fake: FakeProvider,
-                                                                            receiver: Receiver) -> None:
+def test_at_debug_the_log_holds_no_participants_words_and_no_webhook_secret(
+    start_server, fake: FakeProvider, receiver: Receiver
+) -> None:
     """SDKs log requests at DEBUG: Anthropic's logs its request options, the prompt and so the data included."""
     words = "My zebra-striped umbrella keeps flooding the marmalade cupboard."
     secret = "debug-signing-secret-777"
@@ -139,8 +143,19 @@ def test_at_debug_the_log_holds_no_participants_words_and_no_webhook_secret(star
         for provider in providers:
             job = wait_job(http, submit(http, data=data, count=2, provider=provider))
             assert job["status"] == "completed", (provider, job["error"])
-        wait_for(lambda: len([d for d in http.get(f"/api/v1/webhooks/{webhook_id}/deliveries").json()
-                              if d["status"] == "delivered"]) == 2, what="both deliveries")
+        wait_for(
+            lambda: (
+                len(
+                    [
+                        d
+                        for d in http.get(f"/api/v1/webhooks/{webhook_id}/deliveries").json()
+                        if d["status"] == "delivered"
+                    ]
+                )
+                == 2
+            ),
+            what="both deliveries",
+        )
     assert len(fake.requests) == 2
     assert all(words in json.dumps(request["body"]) for request in fake.requests)  # the words did go out
     log = server.log()
@@ -152,11 +167,24 @@ def test_at_debug_the_log_holds_no_participants_words_and_no_webhook_secret(star
 # -- 5. addresses judged by what they are and what they carry -----------------------------
 
 
-@pytest.mark.parametrize("address", [
-    "::7f00:1", "64:ff9b::7f00:1", "2002:7f00:1::", "2002:c0a8:101::", "fec0::1",
-    "192.0.0.1", "192.0.0.8", "198.18.0.1", "192.0.2.1", "198.51.100.1", "203.0.113.1", "::ffff:0:7f00:1",
-    "2001:db8::1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::7f00:1",
+        "64:ff9b::7f00:1",
+        "2002:7f00:1::",
+        "2002:c0a8:101::",
+        "fec0::1",
+        "192.0.0.1",
+        "192.0.0.8",
+        "198.18.0.1",
+        "192.0.2.1",
+        "198.51.100.1",
+        "203.0.113.1",
+        "::ffff:0:7f00:1",
+        "2001:db8::1",
+    ],
+)
 def test_an_address_that_is_not_globally_reachable_is_refused_however_it_is_written(address: str) -> None:
     reason = persona.address_refusal(address, private_allowed=False)
     assert reason and "--allow-private-urls" in reason
@@ -167,8 +195,13 @@ def test_an_ipv6_address_carrying_an_ipv4_one_is_judged_by_the_one_inside() -> N
         assert persona.address_refusal(address, private_allowed=False) is None, address
     for address in ("64:ff9b::7f00:1", "2002:7f00:1::"):  # the same forms around loopback
         assert persona.address_refusal(address, private_allowed=False), address
-    for address in ("169.254.169.254", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::",
-                    "64:ff9b:1::a9fe:a9fe"):  # local-use NAT64 may translate to the metadata address
+    for address in (
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "64:ff9b::a9fe:a9fe",
+        "2002:a9fe:a9fe::",
+        "64:ff9b:1::a9fe:a9fe",
+    ):  # local-use NAT64 may translate to the metadata address
         assert "never allowed" in (persona.address_refusal(address, private_allowed=True) or ""), address
 
 
@@ -197,12 +230,14 @@ def test_a_count_written_as_2_point_0_is_the_integer_2_and_2_point_5_is_a_422(cl
 
 def test_a_markdown_card_escapes_html_from_the_data(server: Server) -> None:
     hostile = "<script>alert(1)</script> and <img src=x onerror=alert(1)>"
-    data = records([
-        f"I need the export to keep {hostile} exactly as I typed it.",
-        f"It's frustrating when the editor mangles {hostile} in my notes.",
-        f"I want to paste {hostile} into the report without it breaking.",
-        f"I usually check that {hostile} survives the round trip.",
-    ])
+    data = records(
+        [
+            f"I need the export to keep {hostile} exactly as I typed it.",
+            f"It's frustrating when the editor mangles {hostile} in my notes.",
+            f"I want to paste {hostile} into the report without it breaking.",
+            f"I usually check that {hostile} survives the round trip.",
+        ]
+    )
     with server.client() as http:
         job = wait_job(http, submit(http, data=data, count=2))
     assert job["status"] == "completed", job["error"]
@@ -315,8 +350,11 @@ def test_a_receiver_that_trickles_its_answer_fails_the_attempt_at_the_timeout(st
         with server.client() as http:
             webhook_id = register(http, trickle.url)
             wait_job(http, submit(http, data=OFFLINE_RECORDS, count=2))
-            [delivery] = wait_for(lambda: [d for d in http.get(f"/api/v1/webhooks/{webhook_id}/deliveries").json()
-                                           if d["attempts"]], timeout=15, what="an attempt to be recorded")
+            [delivery] = wait_for(
+                lambda: [d for d in http.get(f"/api/v1/webhooks/{webhook_id}/deliveries").json() if d["attempts"]],
+                timeout=15,
+                what="an attempt to be recorded",
+            )
     finally:
         trickle.close()
     assert trickle.connections >= 1
@@ -415,8 +453,9 @@ def test_a_json_file_nested_600_deep_fails_the_job_naming_it(server: Server) -> 
 
 def test_an_inline_body_nested_600_deep_is_a_400_saying_so(client: httpx.Client) -> None:
     nested = [{"participant_id": "P01", "response": json.loads("[" * 600 + "]" * 600)}]
-    response = client.post("/api/v1/generate", content=json.dumps({"data": nested}),
-                           headers={"Content-Type": "application/json"})
+    response = client.post(
+        "/api/v1/generate", content=json.dumps({"data": nested}), headers={"Content-Type": "application/json"}
+    )
     assert "nests deeper" in refused(response, 400)["message"]
 
 
@@ -508,13 +547,16 @@ def test_a_line_of_spaces_after_a_colon_leaves_health_answering_fast(server: Ser
 # -- from review: odd input never becomes a traceback, secrets in paths stay hidden ---------------
 
 
-@pytest.mark.parametrize("url", [
-    "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
-    "https://discord.com/api/webhooks/123456789012345678/abcDEF123_ghiJKL456-mnoPQR789stuVWX",
-    "https://hooks.example.com/in/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",  # a JWT
-    "https://hooks.example.com/in/session;token=s3cr3t",  # a path parameter
-    "https://hooks.example.com/in/dG9rZW4rd2l0aC9zbGFzaGVz+cGFk==",  # base64
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+        "https://discord.com/api/webhooks/123456789012345678/abcDEF123_ghiJKL456-mnoPQR789stuVWX",
+        "https://hooks.example.com/in/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",  # a JWT
+        "https://hooks.example.com/in/session;token=s3cr3t",  # a path parameter
+        "https://hooks.example.com/in/dG9rZW4rd2l0aC9zbGFzaGVz+cGFk==",  # base64
+    ],
+)
 def test_a_webhook_secret_in_the_path_is_hidden_from_readers_without_a_token(url: str) -> None:
     shown = persona.webhook_for_reader({"url": url}, whole=False)["url"]
     assert url.rsplit("/", 1)[1] not in shown and shown.endswith("/…")
@@ -522,8 +564,14 @@ def test_a_webhook_secret_in_the_path_is_hidden_from_readers_without_a_token(url
 
 
 def test_attributes_of_nothing_but_separators_neither_crash_loading_nor_the_demographics() -> None:
-    records = [{"participant_id": f"P{i}", "answer": f"I keep my own notes of shift number {i} because the app loses them.",
-                "role": role} for i, role in enumerate([",", ";", ";", "Nurse", "Nurse", ",;"])]
+    records = [
+        {
+            "participant_id": f"P{i}",
+            "answer": f"I keep my own notes of shift number {i} because the app loses them.",
+            "role": role,
+        }
+        for i, role in enumerate([",", ";", ";", "Nurse", "Nurse", ",;"])
+    ]
     dataset = persona.load_inline(records)
     personas, _ = persona.offline_personas(dataset, 1, {"group_by": "role"})
     assert personas and all(isinstance(value, (str, int, float)) for value in personas[0]["demographics"].values())
@@ -549,19 +597,28 @@ def test_a_damaged_word_file_fails_naming_it(tmp_path: Path) -> None:
         persona.load_path("broken.docx", tmp_path)
 
 
-@pytest.mark.parametrize("question", [
-    "Tell us about the last time you got paid", "How quickly did support reply to you?",
-    "Did our emails help? Tell us why", "What went wrong with Android",
-])
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Tell us about the last time you got paid",
+        "How quickly did support reply to you?",
+        "Did our emails help? Tell us why",
+        "What went wrong with Android",
+    ],
+)
 def test_a_question_that_merely_contains_id_reply_or_email_is_still_what_people_said(question: str) -> None:
-    answers = ["The payment arrived two weeks late and nobody told me why it was delayed.",
-               "I had to phone three times before anyone looked at my ticket properly.",
-               "The reminder emails were useful but they arrived after the deadline had passed.",
-               "The Android app crashed every time I opened the attachments from my manager.",
-               "Support answered within an hour and fixed the problem with my account quickly.",
-               "I could not find the export button until a colleague showed me the menu."]
-    records = [{"participant_id": f"P{i}", "plan": "Free" if i % 2 else "Pro", question: answer}
-               for i, answer in enumerate(answers)]
+    answers = [
+        "The payment arrived two weeks late and nobody told me why it was delayed.",
+        "I had to phone three times before anyone looked at my ticket properly.",
+        "The reminder emails were useful but they arrived after the deadline had passed.",
+        "The Android app crashed every time I opened the attachments from my manager.",
+        "Support answered within an hour and fixed the problem with my account quickly.",
+        "I could not find the export button until a colleague showed me the menu.",
+    ]
+    records = [
+        {"participant_id": f"P{i}", "plan": "Free" if i % 2 else "Pro", question: answer}
+        for i, answer in enumerate(answers)
+    ]
     dataset = persona.load_inline(records)
     assert [person.texts for person in dataset.participants] == [[answer] for answer in answers]
 
@@ -570,13 +627,20 @@ def test_a_huge_column_reference_in_a_sheet_does_not_widen_every_row(tmp_path: P
     import zipfile
 
     ns = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
-    rows = "".join(f'<row r="{n}"><c r="A{n}" t="inlineStr"><is><t>P{n}</t></is></c>'
-                   f'<c r="B{n}" t="inlineStr"><is><t>I keep notes of every shift I work, row {n}.</t></is></c>'
-                   f'<c r="XFD{n}" t="inlineStr"><is><t>x</t></is></c></row>' for n in range(2, 400))
-    header = ('<row r="1"><c r="A1" t="inlineStr"><is><t>participant_id</t></is></c>'
-              '<c r="B1" t="inlineStr"><is><t>comment</t></is></c></row>')
+    rows = "".join(
+        f'<row r="{n}"><c r="A{n}" t="inlineStr"><is><t>P{n}</t></is></c>'
+        f'<c r="B{n}" t="inlineStr"><is><t>I keep notes of every shift I work, row {n}.</t></is></c>'
+        f'<c r="XFD{n}" t="inlineStr"><is><t>x</t></is></c></row>'
+        for n in range(2, 400)
+    )
+    header = (
+        '<row r="1"><c r="A1" t="inlineStr"><is><t>participant_id</t></is></c>'
+        '<c r="B1" t="inlineStr"><is><t>comment</t></is></c></row>'
+    )
     with zipfile.ZipFile(tmp_path / "wide.xlsx", "w") as archive:
-        archive.writestr("xl/worksheets/sheet1.xml", f'<worksheet xmlns="{ns}"><sheetData>{header}{rows}</sheetData></worksheet>')
+        archive.writestr(
+            "xl/worksheets/sheet1.xml", f'<worksheet xmlns="{ns}"><sheetData>{header}{rows}</sheetData></worksheet>'
+        )
     table = persona.xlsx_rows((tmp_path / "wide.xlsx").read_bytes(), "wide.xlsx")
     assert max(map(len, table)) == 2
     assert len(persona.load_path("wide.xlsx", tmp_path).participants) == 398
@@ -590,8 +654,9 @@ async def test_retention_goes_on_past_a_batch_of_failed_jobs_without_folders(tmp
         await store.cancel_job(job_id)
     with sqlite3.connect(tmp_path / "p.db") as conn:
         conn.execute("UPDATE jobs SET completed_at = '2020-01-01T00:00:00Z'")
-    runner = persona.JobRunner(store, persona.Settings(db=tmp_path / "p.db", retention_days=1,
-                                                       output_dir=tmp_path / "out"), lambda: None)
+    runner = persona.JobRunner(
+        store, persona.Settings(db=tmp_path / "p.db", retention_days=1, output_dir=tmp_path / "out"), lambda: None
+    )
     original = persona.RETENTION_BATCH
     persona.RETENTION_BATCH = 2  # failed jobs have no folder: the loop must count jobs, not folders
     try:
@@ -623,15 +688,20 @@ async def test_a_chain_of_refinements_reads_no_more_than_one_source_may_hold(tmp
         (tmp_path / name).write_text(f"id,comment\n{rows}")
     settings = persona.Settings(data_dir=tmp_path, max_source_mb=1)
     request = {"data": "a.csv", "refine": {"more_data": ["b.csv", "c.csv"]}}
-    with pytest.raises(persona.GenerationError, match="its parent's sources and its own together is 1.7 MiB, over the 1 MiB cap"):
+    with pytest.raises(
+        persona.GenerationError, match="its parent's sources and its own together is 1.7 MiB, over the 1 MiB cap"
+    ):
         await persona.job_dataset(request, settings)
     dataset, _ = await persona.job_dataset({"data": "a.csv"}, settings)
     assert len(dataset.participants) == 8000
 
 
-async def test_an_estimate_reads_its_data_holding_an_engine_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "survey.csv").write_text("id,comment\n" + "".join(
-        f"P{n},I plan week {n} on Sunday evening with a paper diary.\n" for n in range(6)))
+async def test_an_estimate_reads_its_data_holding_an_engine_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "survey.csv").write_text(
+        "id,comment\n" + "".join(f"P{n},I plan week {n} on Sunday evening with a paper diary.\n" for n in range(6))
+    )
     monkeypatch.setattr(persona, "ENGINE_WORKERS", 1)
     held: list[bool] = []
     real_load = persona.load_data
@@ -641,25 +711,32 @@ async def test_an_estimate_reads_its_data_holding_an_engine_slot(tmp_path: Path,
         return await real_load(data, settings)
 
     monkeypatch.setattr(persona, "load_data", watched)
-    estimate = await persona.estimate_job({"data": "survey.csv", "provider": "local", "count": 2},
-                                          persona.Settings(data_dir=tmp_path))
+    estimate = await persona.estimate_job(
+        {"data": "survey.csv", "provider": "local", "count": 2}, persona.Settings(data_dir=tmp_path)
+    )
     assert held == [True] and estimate["calls"] == 0
 
 
-async def test_an_offline_job_fetching_its_url_holds_no_engine_slot(gated_data, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_offline_job_fetching_its_url_holds_no_engine_slot(
+    gated_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(persona, "ENGINE_WORKERS", 1)
     settings = persona.Settings(data_dir=tmp_path, output_dir=tmp_path / "out", allow_private_urls=True)
 
     async def report(progress: int, stage: str) -> None:
         pass
 
-    slow = asyncio.create_task(persona.generate("job-00000000000a", {"data": gated_data.url, "provider": "local", "count": 1},
-                                                "exp-1", settings, report))
-    records = [{"id": f"P{n}", "comment": f"I swap night shift {n} with a colleague when the rota changes."}
-               for n in range(4)]
-    quick = await persona.generate("job-00000000000b", {"data": records, "provider": "local", "count": 2},
-                                   "exp-2", settings, report)
+    slow = asyncio.create_task(
+        persona.generate(
+            "job-00000000000a", {"data": gated_data.url, "provider": "local", "count": 1}, "exp-1", settings, report
+        )
+    )
+    records = [
+        {"id": f"P{n}", "comment": f"I swap night shift {n} with a colleague when the rota changes."} for n in range(4)
+    ]
+    quick = await persona.generate(
+        "job-00000000000b", {"data": records, "provider": "local", "count": 2}, "exp-2", settings, report
+    )
     assert len(quick["personas"]) == 2 and not slow.done()  # the slot was free while the URL was held
     gated_data.gate.set()
     assert (await slow)["personas"]
@@ -668,7 +745,13 @@ async def test_an_offline_job_fetching_its_url_holds_no_engine_slot(gated_data, 
 def test_a_loopback_server_answers_only_its_own_host_names(start_server) -> None:
     server = start_server("--allowed-hosts", "persona.internal")
     port = server.url.rsplit(":", 1)[1]
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "persona.internal", f"PERSONA.internal:{port}"):
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        "persona.internal",
+        f"PERSONA.internal:{port}",
+    ):
         assert httpx.get(f"{server.url}/api/v1/health", headers={"Host": host}).status_code == 200, host
     for host in ("rebind.attacker.test", f"rebind.attacker.test:{port}", "127.0.0.1.nip.io"):
         body = refused(httpx.get(f"{server.url}/api/v1/data", headers={"Host": host}), 400)

@@ -25,8 +25,10 @@ import persona
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.postgres_only,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                       reason="needs root and unshare to give each server a host name of its own (CI has both)"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("unshare") is None,
+        reason="needs root and unshare to give each server a host name of its own (CI has both)",
+    ),
 ]
 
 
@@ -53,7 +55,8 @@ def attempts_of(server: Server, job_ids: list[str]) -> dict[str, int]:
 
 
 def test_a_host_killed_mid_run_loses_nothing_and_runs_each_job_and_delivery_once(
-        start_server: Callable[..., Server], workdir: Path, gated_data: GatedDataServer, receiver: Receiver) -> None:
+    start_server: Callable[..., Server], workdir: Path, gated_data: GatedDataServer, receiver: Receiver
+) -> None:
     hosts = three_hosts(start_server, "--rate-limit", "0", "--max-concurrent-jobs", "100")
     servers = list(hosts.values())
     with servers[0].client() as http:
@@ -62,8 +65,9 @@ def test_a_host_killed_mid_run_loses_nothing_and_runs_each_job_and_delivery_once
     for n in range(12):
         with servers[n % 3].client() as http:
             job_ids.append(submit(http, data=gated_data.url, count=3))
-    held = wait_for(lambda: (found := claimers(servers[0], job_ids)) and len(found) == 12 and found,
-                    what="every job to be claimed")
+    held = wait_for(
+        lambda: (found := claimers(servers[0], job_ids)) and len(found) == 12 and found, what="every job to be claimed"
+    )
     victim_name = Counter(held.values()).most_common(1)[0][0]
     victims = [job_id for job_id, host in held.items() if host == victim_name]
     # A job fetches its data URL before it takes an engine slot, so every claimed one has begun.
@@ -83,8 +87,9 @@ def test_a_host_killed_mid_run_loses_nothing_and_runs_each_job_and_delivery_once
     assert set(delivered) == set(job_ids) and set(delivered.values()) == {1}
 
 
-def test_the_rate_limit_and_the_job_limit_hold_for_three_hosts_together(start_server: Callable[..., Server],
-                                                                       gated_data: GatedDataServer) -> None:
+def test_the_rate_limit_and_the_job_limit_hold_for_three_hosts_together(
+    start_server: Callable[..., Server], gated_data: GatedDataServer
+) -> None:
     hosts = list(three_hosts(start_server, "--rate-limit", "12", "--max-concurrent-jobs", "4").values())
 
     def post(n: int) -> httpx.Response:
@@ -102,8 +107,9 @@ def test_the_rate_limit_and_the_job_limit_hold_for_three_hosts_together(start_se
     assert statuses.count(200) == 3 and statuses.count(429) == 6  # 12 a minute for the three, 9 spent above
 
 
-def test_a_cancel_sent_to_one_host_stops_the_job_running_on_another(start_server: Callable[..., Server],
-                                                                   gated_data: GatedDataServer) -> None:
+def test_a_cancel_sent_to_one_host_stops_the_job_running_on_another(
+    start_server: Callable[..., Server], gated_data: GatedDataServer
+) -> None:
     hosts = three_hosts(start_server, "--rate-limit", "0")
     with hosts["host-a"].client() as http:
         job_id = submit(http, data=gated_data.url)
@@ -117,7 +123,8 @@ def test_a_cancel_sent_to_one_host_stops_the_job_running_on_another(start_server
 
 
 def test_a_postgresql_restart_mid_run_is_reported_then_recovered_from_losing_nothing(
-        start_server: Callable[..., Server], workdir: Path, gated_data: GatedDataServer) -> None:
+    start_server: Callable[..., Server], workdir: Path, gated_data: GatedDataServer
+) -> None:
     with pg_cluster.Cluster(synchronous_commit="on") as cluster:  # it is crashed: commits must be on disk
         url = cluster.create_database("persona")
         hosts = [start_server("--rate-limit", "0", "--db", url, prefix=on_host(f"host-{n}")) for n in "ab"]
@@ -127,8 +134,10 @@ def test_a_postgresql_restart_mid_run_is_reported_then_recovered_from_losing_not
             done = wait_job(http, submit(http, data="interviews.csv"))["job_id"]
         cluster.stop_now()
         with hosts[1].client() as http:
-            health = wait_for(lambda: (answer := http.get("/api/v1/health")).status_code == 503 and answer.json(),
-                              what="health to report the database")
+            health = wait_for(
+                lambda: (answer := http.get("/api/v1/health")).status_code == 503 and answer.json(),
+                what="health to report the database",
+            )
             assert health["status"] == "unhealthy" and "PostgreSQL" in health["reason"]
             refused = http.post("/api/v1/generate", json={"data": "interviews.csv"})
             assert refused.status_code == 503 and refused.json()["error"] == "internal_error"

@@ -57,16 +57,35 @@ def test_a_folder_of_transcripts_gives_one_participant_per_file_with_header_attr
 @pytest.mark.parametrize(
     ("name", "content"),
     [
-        ("semi.csv", "participant_id;role;response\n1;Nurse;I need the rota to load offline in the basement.\n"
-                     "2;Driver;I want overtime to be paid correctly every single week.\n"),
-        ("tabs.tsv", "participant_id\trole\tresponse\n1\tNurse\tI need the rota to load offline in the basement.\n"
-                     "2\tDriver\tI want overtime to be paid correctly every single week.\n"),
-        ("bom.csv", "\ufeffparticipant_id,role,response\n1,Nurse,I need the rota to load offline in the basement.\n"
-                    "2,Driver,I want overtime to be paid correctly every single week.\n"),
-        ("lines.jsonl", '{"user_id": "1", "role": "Nurse", "comment": "I need the rota to load offline in the basement."}\n'
-                        '{"user_id": "2", "role": "Driver", "comment": "I want overtime to be paid correctly every single week."}\n'),
-        ("strings.json", json.dumps(["I need the rota to load offline in the basement.",
-                                     "I want overtime to be paid correctly every single week."])),
+        (
+            "semi.csv",
+            "participant_id;role;response\n1;Nurse;I need the rota to load offline in the basement.\n"
+            "2;Driver;I want overtime to be paid correctly every single week.\n",
+        ),
+        (
+            "tabs.tsv",
+            "participant_id\trole\tresponse\n1\tNurse\tI need the rota to load offline in the basement.\n"
+            "2\tDriver\tI want overtime to be paid correctly every single week.\n",
+        ),
+        (
+            "bom.csv",
+            "\ufeffparticipant_id,role,response\n1,Nurse,I need the rota to load offline in the basement.\n"
+            "2,Driver,I want overtime to be paid correctly every single week.\n",
+        ),
+        (
+            "lines.jsonl",
+            '{"user_id": "1", "role": "Nurse", "comment": "I need the rota to load offline in the basement."}\n'
+            '{"user_id": "2", "role": "Driver", "comment": "I want overtime to be paid correctly every single week."}\n',
+        ),
+        (
+            "strings.json",
+            json.dumps(
+                [
+                    "I need the rota to load offline in the basement.",
+                    "I want overtime to be paid correctly every single week.",
+                ]
+            ),
+        ),
     ],
 )
 def test_each_supported_format_yields_its_participants(tmp_path: Path, name: str, content: str) -> None:
@@ -97,7 +116,7 @@ def test_hidden_files_in_a_folder_are_skipped(tmp_path: Path) -> None:
         ("header.csv", b"participant_id,response\n", "no rows"),
         ("broken.json", b"{nope", "not valid JSON"),
         ("latin.txt", "Caf\xe9 talk".encode("latin-1"), "not UTF-8"),
-        ("numbers.json", b"{\"a\": 1}", "no array"),
+        ("numbers.json", b'{"a": 1}', "no array"),
     ],
 )
 def test_an_unreadable_source_fails_naming_the_file(tmp_path: Path, name: str, content: bytes, fragment: str) -> None:
@@ -129,12 +148,18 @@ def test_a_folder_never_reads_files_linked_from_outside(tmp_path: Path) -> None:
 
 
 def test_an_absolute_path_inside_the_data_directory_is_accepted() -> None:
-    assert persona.resolve_data_path(str(EXAMPLES / "interviews.csv"), EXAMPLES) == (EXAMPLES / "interviews.csv").resolve()
+    assert (
+        persona.resolve_data_path(str(EXAMPLES / "interviews.csv"), EXAMPLES) == (EXAMPLES / "interviews.csv").resolve()
+    )
 
 
 def test_inline_records_and_strings_become_participants() -> None:
-    dataset = persona.load_inline([{"id": "a", "role": "Nurse", "text": "I want the rota offline on every shift."},
-                                   {"id": "a", "role": "Nurse", "text": "It's frustrating when the app logs me out."},
-                                   {"id": "b", "role": "Driver", "text": "I need my overtime paid correctly."}])
+    dataset = persona.load_inline(
+        [
+            {"id": "a", "role": "Nurse", "text": "I want the rota offline on every shift."},
+            {"id": "a", "role": "Nurse", "text": "It's frustrating when the app logs me out."},
+            {"id": "b", "role": "Driver", "text": "I need my overtime paid correctly."},
+        ]
+    )
     assert [(p.id, len(p.texts)) for p in dataset.participants] == [("a", 2), ("b", 1)]
     assert dataset.source["kind"] == "inline" and len(dataset.source["sha256"]) == 64

@@ -30,9 +30,13 @@ def word(body: str, prologue: str = '<?xml version="1.0" encoding="UTF-8"?>') ->
 
 
 def sheet(rows: str, strings: list[str] | None = None) -> bytes:
-    parts: dict[str, str | bytes] = {"xl/worksheets/sheet1.xml": f'<worksheet xmlns="{S}"><sheetData>{rows}</sheetData></worksheet>'}
+    parts: dict[str, str | bytes] = {
+        "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{S}"><sheetData>{rows}</sheetData></worksheet>'
+    }
     if strings is not None:
-        parts["xl/sharedStrings.xml"] = f'<sst xmlns="{S}">' + "".join(f"<si><t>{s}</t></si>" for s in strings) + "</sst>"
+        parts["xl/sharedStrings.xml"] = (
+            f'<sst xmlns="{S}">' + "".join(f"<si><t>{s}</t></si>" for s in strings) + "</sst>"
+        )
     return archive(parts)
 
 
@@ -74,20 +78,25 @@ def test_more_shared_strings_than_a_sheet_may_hold_cells_are_refused(monkeypatch
 
 
 def test_what_a_file_unpacks_to_is_counted_as_it_unpacks_not_as_the_zip_declares(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(persona, "MAX_ARCHIVE_BYTES", 1024 * 1024)
     raw = bytearray(word("<w:p><w:r><w:t>" + "I plan my week on Sunday. " * 120_000 + "</w:t></w:r></w:p>"))
     central = raw.rindex(b"PK\x01\x02")
-    raw[central + 24:central + 28] = (1024).to_bytes(4, "little")  # the central directory says 1 KB
+    raw[central + 24 : central + 28] = (1024).to_bytes(4, "little")  # the central directory says 1 KB
     with pytest.raises(persona.GenerationError, match="liar.docx"):
         persona.docx_text(bytes(raw), "liar.docx")
-    assert peak_bytes(lambda: pytest.raises(persona.GenerationError, persona.docx_text, bytes(raw), "liar.docx")) \
+    assert (
+        peak_bytes(lambda: pytest.raises(persona.GenerationError, persona.docx_text, bytes(raw), "liar.docx"))
         < 8 * 1024 * 1024
+    )
 
 
 def test_a_document_type_with_entities_is_refused_before_anything_expands() -> None:
-    laughs = ('<?xml version="1.0"?><!DOCTYPE w:document [<!ENTITY a "lol lol lol lol lol lol lol lol lol lol">'
-              '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>')
+    laughs = (
+        '<?xml version="1.0"?><!DOCTYPE w:document [<!ENTITY a "lol lol lol lol lol lol lol lol lol lol">'
+        '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+    )
     raw = word("<w:p><w:r><w:t>Interviewer: hello &c;</w:t></w:r></w:p>", prologue=laughs)
     with pytest.raises(persona.GenerationError, match="laughs.docx declares a document type"):
         persona.docx_text(raw, "laughs.docx")
@@ -108,24 +117,29 @@ def test_a_paragraph_inside_another_is_read_once() -> None:
 
 
 def test_a_shared_string_index_that_is_a_digit_but_not_a_number_is_kept_as_text() -> None:
-    rows = (f'<row r="1">{inline("A1", "participant_id")}{inline("B1", "comment")}</row>'
-            f'<row r="2">{inline("A2", "P1")}<c r="B2" t="s"><v>²</v></c></row>')
+    rows = (
+        f'<row r="1">{inline("A1", "participant_id")}{inline("B1", "comment")}</row>'
+        f'<row r="2">{inline("A2", "P1")}<c r="B2" t="s"><v>²</v></c></row>'
+    )
     assert persona.xlsx_rows(sheet(rows, ["only"]), "odd.xlsx")[1] == ["P1", "²"]
 
 
 def test_a_part_in_an_encoding_expat_cannot_read_fails_naming_the_file() -> None:
-    raw = word("<w:p><w:r><w:t>Interviewer: hello</w:t></w:r></w:p>",
-               prologue='<?xml version="1.0" encoding="UTF-7"?>')
+    raw = word("<w:p><w:r><w:t>Interviewer: hello</w:t></w:r></w:p>", prologue='<?xml version="1.0" encoding="UTF-7"?>')
     with pytest.raises(persona.GenerationError, match="seven.docx"):
         persona.docx_text(raw, "seven.docx")
 
 
 async def test_a_job_reads_office_files_in_a_child_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    lines = "".join(f"<w:p><w:r><w:t>{line}</w:t></w:r></w:p>" for line in (
-        "Interviewer: How do you plan your week?",
-        "Dana: I plan my week on Sunday evening with a paper diary.",
-        "Interviewer: What gets in the way?",
-        "Dana: The shared calendar never shows my night shifts, so I copy them by hand."))
+    lines = "".join(
+        f"<w:p><w:r><w:t>{line}</w:t></w:r></w:p>"
+        for line in (
+            "Interviewer: How do you plan your week?",
+            "Dana: I plan my week on Sunday evening with a paper diary.",
+            "Interviewer: What gets in the way?",
+            "Dana: The shared calendar never shows my night shifts, so I copy them by hand.",
+        )
+    )
     (tmp_path / "dana.docx").write_bytes(word(lines))
 
     def not_here(raw: bytes, name: str) -> str:
@@ -138,10 +152,16 @@ async def test_a_job_reads_office_files_in_a_child_process(tmp_path: Path, monke
 
 
 async def test_the_data_listing_reads_an_office_table_in_a_child_once_per_content(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = (f'<row r="1">{inline("A1", "participant_id")}{inline("B1", "team")}{inline("C1", "comment")}</row>'
-            + "".join(f'<row r="{n}">{inline(f"A{n}", f"P{n}")}{inline(f"B{n}", "Sales" if n % 2 else "Support")}'
-                      f'{inline(f"C{n}", f"The rota arrives late for shift {n}.")}</row>' for n in range(2, 6)))
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = (
+        f'<row r="1">{inline("A1", "participant_id")}{inline("B1", "team")}{inline("C1", "comment")}</row>'
+        + "".join(
+            f'<row r="{n}">{inline(f"A{n}", f"P{n}")}{inline(f"B{n}", "Sales" if n % 2 else "Support")}'
+            f"{inline(f'C{n}', f'The rota arrives late for shift {n}.')}</row>"
+            for n in range(2, 6)
+        )
+    )
     for name in ("a.xlsx", "copy.xlsx"):
         (tmp_path / name).write_bytes(sheet(rows))
     children: list[str] = []

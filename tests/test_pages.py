@@ -20,7 +20,11 @@ HOSTILE = "<script>alert('x')</script>"
 def hostile_records() -> list[dict]:
     return [
         {"id": "a1", "role": "Nurse", "text": f"I want the rota offline {HOSTILE} before every night shift starts."},
-        {"id": "a2", "role": "Nurse", "text": "It's frustrating when the rota changes at 3am without any notice at all."},
+        {
+            "id": "a2",
+            "role": "Nurse",
+            "text": "It's frustrating when the rota changes at 3am without any notice at all.",
+        },
         {"id": "b1", "role": "Driver", "text": "I need my overtime paid correctly every single week without disputes."},
         {"id": "b2", "role": "Driver", "text": "I usually clock in from the van before the first delivery of the day."},
     ]

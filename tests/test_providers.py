@@ -36,8 +36,9 @@ def said_in(workdir: Path) -> str:
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai", "gemini", "ollama"])
-def test_each_provider_generates_grounded_personas_end_to_end(start_server, fake: FakeProvider, workdir: Path,
-                                                              provider: str) -> None:
+def test_each_provider_generates_grounded_personas_end_to_end(
+    start_server, fake: FakeProvider, workdir: Path, provider: str
+) -> None:
     server = serve_with(start_server, fake, provider)
     with server.client() as http:
         job = wait_job(http, submit(http, data="interviews.csv", count=3, provider=provider))
@@ -51,7 +52,9 @@ def test_each_provider_generates_grounded_personas_end_to_end(start_server, fake
     for persona in result["personas"]:
         assert {"id", "name", "title", "demographics", "goals", "pain_points", "behaviours", "quotes"} <= set(persona)
         assert all(quote in text for quote in persona["quotes"])
-        assert persona["evidence"]["participants"] and all(pid.startswith("P") for pid in persona["evidence"]["participants"])
+        assert persona["evidence"]["participants"] and all(
+            pid.startswith("P") for pid in persona["evidence"]["participants"]
+        )
     output = Path(result["output_path"])
     exchanges = json.loads(((output if output.is_absolute() else workdir / output) / "exchanges.json").read_text())
     assert len(exchanges) == 1 and "<data>" in exchanges[0]["prompt"] and exchanges[0]["answer"]
@@ -59,7 +62,9 @@ def test_each_provider_generates_grounded_personas_end_to_end(start_server, fake
     assert SECRET_KEY not in json.dumps(exchanges) and SECRET_KEY not in server.log()
 
 
-def test_anthropic_is_asked_for_a_forced_tool_call_and_openai_for_a_json_schema(start_server, fake: FakeProvider) -> None:
+def test_anthropic_is_asked_for_a_forced_tool_call_and_openai_for_a_json_schema(
+    start_server, fake: FakeProvider
+) -> None:
     for provider in ("anthropic", "openai"):  # each server a database of its own: its keys are its own
         server = start_server("--rate-limit", "0", env=fake.environment(provider, SECRET_KEY), db=f"{provider}.db")
         with server.client() as http:
@@ -87,7 +92,9 @@ def test_an_answer_still_invalid_after_repair_fails_the_job_saying_what(start_se
     with server.client() as http:
         job = wait_job(http, submit(http, data="interviews.csv", count=3, provider="anthropic"))
     assert job["status"] == "failed"
-    assert job["error"] == "anthropic: the model's answer was invalid after one repair: expected exactly 3 personas, got 4"
+    assert (
+        job["error"] == "anthropic: the model's answer was invalid after one repair: expected exactly 3 personas, got 4"
+    )
 
 
 def test_a_429_is_retried_by_the_sdk_and_the_job_completes(start_server, fake: FakeProvider) -> None:
@@ -99,13 +106,17 @@ def test_a_429_is_retried_by_the_sdk_and_the_job_completes(start_server, fake: F
     assert len(fake.requests) == 2
 
 
-@pytest.mark.parametrize(("provider", "fault", "message"), [
-    ("openai", "500", "openai: server error (500) after 3 attempts"),
-    ("anthropic", "429", "anthropic: rate limited (429) after 3 attempts"),
-    ("gemini", "500", "gemini: server error (500) after 3 attempts"),
-])
-def test_a_provider_that_keeps_failing_fails_the_job_with_a_clear_error(start_server, fake: FakeProvider, provider: str,
-                                                                        fault: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("provider", "fault", "message"),
+    [
+        ("openai", "500", "openai: server error (500) after 3 attempts"),
+        ("anthropic", "429", "anthropic: rate limited (429) after 3 attempts"),
+        ("gemini", "500", "gemini: server error (500) after 3 attempts"),
+    ],
+)
+def test_a_provider_that_keeps_failing_fails_the_job_with_a_clear_error(
+    start_server, fake: FakeProvider, provider: str, fault: str, message: str
+) -> None:
     fake.script = [fault] * 3
     server = serve_with(start_server, fake, provider)
     with server.client() as http:
@@ -143,12 +154,15 @@ def test_quotes_not_in_the_data_move_to_unverified_quotes(start_server, fake: Fa
 def test_data_over_the_input_budget_is_generated_per_segment(start_server, fake: FakeProvider, workdir: Path) -> None:
     server = serve_with(start_server, fake, "anthropic")
     with server.client() as http:
-        job = wait_job(http, submit(http, data="interviews.csv", count=4, provider="anthropic",
-                                    config={"max_input_tokens": 1000}))
+        job = wait_job(
+            http, submit(http, data="interviews.csv", count=4, provider="anthropic", config={"max_input_tokens": 1000})
+        )
     assert job["status"] == "completed", job["error"]
     metadata = job["result"]["metadata"]
     assert metadata["engine"]["strategy"] == "segmented"
-    persona_calls = [r for r in fake.requests if "Create exactly 1 distinct persona" in r["body"]["messages"][-1]["content"]]
+    persona_calls = [
+        r for r in fake.requests if "Create exactly 1 distinct persona" in r["body"]["messages"][-1]["content"]
+    ]
     assert len(persona_calls) == 4
     assert all("Other segments" in r["body"]["messages"][-1]["content"] for r in persona_calls)
     ids = sorted(pid for p in job["result"]["personas"] for pid in p["evidence"]["participants"])
@@ -162,8 +176,16 @@ def test_data_over_the_input_budget_is_generated_per_segment(start_server, fake:
 def test_a_segment_over_the_budget_is_condensed_first(start_server, fake: FakeProvider) -> None:
     server = serve_with(start_server, fake, "openai")
     with server.client() as http:
-        job = wait_job(http, submit(http, data="interviews.csv", count=2, provider="openai",
-                                    config={"strategy": "segmented", "max_input_tokens": 1000}))
+        job = wait_job(
+            http,
+            submit(
+                http,
+                data="interviews.csv",
+                count=2,
+                provider="openai",
+                config={"strategy": "segmented", "max_input_tokens": 1000},
+            ),
+        )
     assert job["status"] == "completed", job["error"]
     prompts = [r["body"]["messages"][-1]["content"] for r in fake.requests]
     assert any("Extract the key findings" in p for p in prompts)
@@ -184,10 +206,15 @@ def test_an_unknown_provider_is_a_422_listing_the_valid_ones(client: httpx.Clien
     assert "anthropic, openai, gemini, ollama, local" in response.json()["details"]["provider"]
 
 
-@pytest.mark.parametrize(("config", "field"), [({"temperature": 2.5}, "config.temperature"),
-                                                ({"strategy": "clever"}, "config.strategy"),
-                                                ({"max_tokens": 0}, "config.max_tokens"),
-                                                ({"max_input_tokens": "lots"}, "config.max_input_tokens")])
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"temperature": 2.5}, "config.temperature"),
+        ({"strategy": "clever"}, "config.strategy"),
+        ({"max_tokens": 0}, "config.max_tokens"),
+        ({"max_input_tokens": "lots"}, "config.max_input_tokens"),
+    ],
+)
 def test_provider_settings_are_validated_at_submission(client: httpx.Client, config: dict, field: str) -> None:
     response = client.post("/api/v1/generate", json={"data": "interviews.csv", "config": config})
     assert response.status_code == 422 and field in response.json()["details"]
@@ -201,8 +228,12 @@ def test_with_no_provider_named_the_first_with_a_key_is_used(start_server, fake:
 
 
 def test_persona_provider_picks_the_default_and_model_variables_the_model(start_server, fake: FakeProvider) -> None:
-    env = {**fake.environment("anthropic"), **fake.environment("ollama"), "PERSONA_PROVIDER": "ollama",
-           "PERSONA_OLLAMA_MODEL": "qwen-test"}
+    env = {
+        **fake.environment("anthropic"),
+        **fake.environment("ollama"),
+        "PERSONA_PROVIDER": "ollama",
+        "PERSONA_OLLAMA_MODEL": "qwen-test",
+    }
     server = start_server("--rate-limit", "0", env=env)
     with server.client() as http:
         job = wait_job(http, submit(http, data="interviews.csv"))

@@ -46,11 +46,15 @@ def near_duplicates(total: int = 60, share: float = 0.8) -> persona.Dataset:
     """`share` of the participants say nearly the same thing; the rest say three different things."""
     same = round(total * share)
     endings = ["on the train", "at lunch", "after work", "on Sundays", "at night", "in the queue"]
-    records = [{"id": f"S{n:02d}", "text": f"It keeps crashing when I upload a photo of my receipt {endings[n % 6]}."}
-               for n in range(same)]
-    others = ["I want a shared budget with my partner so we can plan the rent together.",
-              "I usually check my savings goal every morning before I leave for work.",
-              "Please add an export to spreadsheets so my accountant can read my expenses."]
+    records = [
+        {"id": f"S{n:02d}", "text": f"It keeps crashing when I upload a photo of my receipt {endings[n % 6]}."}
+        for n in range(same)
+    ]
+    others = [
+        "I want a shared budget with my partner so we can plan the rent together.",
+        "I usually check my savings goal every morning before I leave for work.",
+        "Please add an export to spreadsheets so my accountant can read my expenses.",
+    ]
     records += [{"id": f"O{n:02d}", "text": others[n % 3]} for n in range(total - same)]
     return inline(records)
 
@@ -100,9 +104,11 @@ def chatty_reviews() -> persona.Dataset:
     return inline(records)
 
 
-@pytest.mark.parametrize(("dataset", "count"), [(chatty_reviews, 3), (chatty_reviews, 4),
-                                                (lambda: examples("interviews.csv"), 5), (near_duplicates, 3)],
-                         ids=["chatty-3", "chatty-4", "interviews-5", "near-duplicates-3"])
+@pytest.mark.parametrize(
+    ("dataset", "count"),
+    [(chatty_reviews, 3), (chatty_reviews, 4), (lambda: examples("interviews.csv"), 5), (near_duplicates, 3)],
+    ids=["chatty-3", "chatty-4", "interviews-5", "near-duplicates-3"],
+)
 def test_titles_are_several_real_words_without_digits_fillers_or_french_function_words(dataset, count: int) -> None:
     personas, _ = persona.offline_personas(dataset(), count, {})
     for item in personas:
@@ -132,8 +138,12 @@ def test_a_sentence_lands_in_the_list_its_words_mean(sentence: str, kind: str | 
 
 
 def test_a_persona_keeps_trust_out_of_pain_points_and_puts_requests_in_goals() -> None:
-    said = ["I trust that my students cannot cheat.", "It keeps crashing when I upload a photo.",
-            "Please add dark mode.", "I usually mark the essays every evening after dinner."]
+    said = [
+        "I trust that my students cannot cheat.",
+        "It keeps crashing when I upload a photo.",
+        "Please add dark mode.",
+        "I usually mark the essays every evening after dinner.",
+    ]
     dataset = inline([{"id": f"T{n}", "text": text} for n, text in enumerate(said)])
     (item,), _ = persona.offline_personas(dataset, 1, {})
     assert "It keeps crashing when I upload a photo." in item["pain_points"]
@@ -174,10 +184,16 @@ def test_the_quality_report_gives_each_persona_its_size_support_and_overlap() ->
 def test_demographics_show_at_most_ten_informative_attributes_as_shares_and_ranges() -> None:
     records = []
     for n in range(12):
-        record = {"id": f"P{n:02d}", "role": ["Nurse", "Nurse", "Nurse", "Driver", "Clerk"][n % 5], "age": str(25 + 3 * n),
-                  "text": ["I need the rota offline on night shifts in the basement.",
-                           "It's frustrating when overtime is missing from my payslip."][n % 2],
-                  "note": "This is a long free sentence about nothing in particular that goes on and on."}
+        record = {
+            "id": f"P{n:02d}",
+            "role": ["Nurse", "Nurse", "Nurse", "Driver", "Clerk"][n % 5],
+            "age": str(25 + 3 * n),
+            "text": [
+                "I need the rota offline on night shifts in the basement.",
+                "It's frustrating when overtime is missing from my payslip.",
+            ][n % 2],
+            "note": "This is a long free sentence about nothing in particular that goes on and on.",
+        }
         record.update({f"extra_{k}": ["yes", "no"][(n + k) % 2] for k in range(12)})
         records.append(record)
     personas, _ = persona.offline_personas(inline(records), 2, {})
@@ -208,7 +224,9 @@ def test_group_by_gives_one_persona_per_value_for_the_largest_groups() -> None:
     assert [{roles[pid] for pid in group} for group in groups] == [{"Nurse"}, {"Assistant Manager"}]
     assert groups[0] == [pid for pid, role in roles.items() if role == "Nurse"]
     everyone, _ = persona.offline_personas(dataset, 20, {"group_by": "role"})
-    assert sorted(item["demographics"]["role"] for item in everyone) == sorted(f"{role} (100%)" for role in set(roles.values()))
+    assert sorted(item["demographics"]["role"] for item in everyone) == sorted(
+        f"{role} (100%)" for role in set(roles.values())
+    )
 
 
 def test_group_by_an_attribute_the_data_lacks_names_the_attributes_it_has() -> None:
@@ -237,8 +255,9 @@ def test_quality_shows_who_named_groups_leave_out() -> None:
     personas, _ = persona.offline_personas(dataset, 2, {"groups": {"A": ["P01", "P02"], "B": ["P05", "P06"]}})
     report = persona.quality_report(dataset.participants, personas)
     assert report["coverage"] == pytest.approx(4 / 16, abs=1e-4)
-    assert report["unrepresented"] == [person.id for person in dataset.participants
-                                       if person.id not in {"P01", "P02", "P05", "P06"}]
+    assert report["unrepresented"] == [
+        person.id for person in dataset.participants if person.id not in {"P01", "P02", "P05", "P06"}
+    ]
 
 
 # -- through the API ---------------------------------------------------------------
@@ -250,8 +269,12 @@ def output_folder(server: Server, job: dict) -> Path:
 
 
 def test_the_api_refuses_groupings_that_cannot_work(client: httpx.Client) -> None:
-    bodies = [{"group_by": "role", "groups": {"A": ["P01"]}}, {"groups": {"A": []}}, {"groups": {"A": "P01"}},
-              {"groups": {}}]
+    bodies = [
+        {"group_by": "role", "groups": {"A": ["P01"]}},
+        {"groups": {"A": []}},
+        {"groups": {"A": "P01"}},
+        {"groups": {}},
+    ]
     for config in bodies:
         response = client.post("/api/v1/generate", json={"data": "interviews.csv", "config": config})
         assert response.status_code == 422, (config, response.text)
@@ -274,9 +297,17 @@ def test_a_grouped_job_reports_its_quality_in_the_result_page_and_cards(client: 
 
 
 def test_a_card_says_so_when_nothing_reads_as_one_of_its_lists(client: httpx.Client, server: Server) -> None:
-    records = [{"id": f"N{n}", "text": text} for n, text in enumerate(
-        ["It keeps crashing when I upload a photo of my receipt.", "The export is broken and full of errors.",
-         "It keeps crashing when I open the settings page.", "The sync is broken since the last update."])]
+    records = [
+        {"id": f"N{n}", "text": text}
+        for n, text in enumerate(
+            [
+                "It keeps crashing when I upload a photo of my receipt.",
+                "The export is broken and full of errors.",
+                "It keeps crashing when I open the settings page.",
+                "The sync is broken since the last update.",
+            ]
+        )
+    ]
     job = wait_job(client, submit(client, data=records, count=1))
     assert job["status"] == "completed", job["error"]
     (item,) = job["result"]["personas"]
@@ -290,13 +321,28 @@ def test_a_card_says_so_when_nothing_reads_as_one_of_its_lists(client: httpx.Cli
 
 
 def run_persona(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "persona", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env={**clean_environment(), "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "persona", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean_environment(), "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_the_command_line_groups_by_an_attribute_and_prints_notes_and_coverage(tmp_path: Path) -> None:
-    result = run_persona("generate", str(EXAMPLES / "interviews.csv"), "-n", "10", "--config", "group_by=role",
-                         "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    result = run_persona(
+        "generate",
+        str(EXAMPLES / "interviews.csv"),
+        "-n",
+        "10",
+        "--config",
+        "group_by=role",
+        "--output-dir",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("note: ") and "fewer than the 10 personas" in line for line in lines), result.stdout
@@ -305,17 +351,33 @@ def test_the_command_line_groups_by_an_attribute_and_prints_notes_and_coverage(t
 
 
 def test_the_command_line_makes_a_persona_per_group_when_grouping_without_a_count(tmp_path: Path) -> None:
-    result = run_persona("generate", str(EXAMPLES / "interviews.csv"), "--config", "group_by=role",
-                         "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    result = run_persona(
+        "generate",
+        str(EXAMPLES / "interviews.csv"),
+        "--config",
+        "group_by=role",
+        "--output-dir",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("quality: stands for") == 8
-    assert not any(line.startswith("note: ") and "groups, personas for the" in line for line in result.stdout.splitlines())
+    assert not any(
+        line.startswith("note: ") and "groups, personas for the" in line for line in result.stdout.splitlines()
+    )
 
 
 def test_the_command_line_reads_named_groups_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "groups.json").write_text(json.dumps({"Night nurses": ["P01", "P02"], "Drivers": ["P09", "P10"]}))
-    result = run_persona("generate", str(EXAMPLES / "interviews.csv"), "--groups", str(tmp_path / "groups.json"),
-                         "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    result = run_persona(
+        "generate",
+        str(EXAMPLES / "interviews.csv"),
+        "--groups",
+        str(tmp_path / "groups.json"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     titles = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if re.match(r"^\S.*: .*\(\d+% of", line)]
     assert [re.sub(r" \(\d+% of participants\)$", "", title) for title in titles] == ["Night nurses", "Drivers"]
@@ -346,6 +408,7 @@ def test_a_persona_title_is_said_by_at_least_half_of_its_participants() -> None:
 
 def test_the_survey_example_titles_are_several_words() -> None:
     import re
+
     personas, _ = persona.offline_personas(persona.load_path("survey.json", Path("/work/main/examples")), 3, {})
     for item in personas:
         assert len(re.findall(r"[\w'’-]+", item["title"].lower())) >= 2, item["title"]

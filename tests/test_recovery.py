@@ -104,6 +104,7 @@ def folders_of(output: Path, job_id: str) -> list[Path]:
 
 def new_job(db: str, request: dict[str, Any]) -> tuple[str, str]:
     """A pending job put in the database in-process, as an earlier server would have: (job id, created_at)."""
+
     async def create() -> tuple[str, str]:
         store = persona.open_store(persona.Settings(db=persona.parse_setting("db", db)))
         await store.open()
@@ -120,7 +121,8 @@ def new_job(db: str, request: dict[str, Any]) -> tuple[str, str]:
 
 
 def test_a_complete_folder_left_by_a_crash_before_the_result_was_recorded_is_replaced_by_the_rerun(
-        start_server, workdir: Path, database: Callable[..., str]) -> None:
+    start_server, workdir: Path, database: Callable[..., str]
+) -> None:
     job_id, created_at = new_job(database(), {"data": "interviews.csv", "count": 3})
     output = workdir / "output"
     folder = persona.output_folder(output, job_id, created_at)
@@ -161,10 +163,12 @@ def test_start_up_removes_half_written_folders_only_of_dead_processes_of_this_ho
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
-                         ids=["killed", "terminated", "interrupted"])
-def test_an_engine_process_ends_with_its_server_however_the_server_ends(start_server, workdir: Path,
-                                                                        engine_pids: list[int], how: int) -> None:
+@pytest.mark.parametrize(
+    "how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["killed", "terminated", "interrupted"]
+)
+def test_an_engine_process_ends_with_its_server_however_the_server_ends(
+    start_server, workdir: Path, engine_pids: list[int], how: int
+) -> None:
     data = many(workdir, LONG_COMPUTATION)
     server = start_server("--rate-limit", "0")
     assert server.process is not None
@@ -196,7 +200,8 @@ def test_cancelling_a_job_stops_its_computation(start_server, workdir: Path, eng
 
 @pytest.mark.slow
 def test_jobs_waiting_for_an_engine_slot_spend_no_attempts_when_the_server_is_killed_again_and_again(
-        start_server, workdir: Path) -> None:
+    start_server, workdir: Path
+) -> None:
     data = many(workdir, persona.ENGINE_PROCESS_FROM + 500)  # large enough for a process, quick to compute
     server = start_server("--rate-limit", "0", "--max-concurrent-jobs", "100")
     assert server.process is not None
@@ -209,8 +214,11 @@ def test_jobs_waiting_for_an_engine_slot_spend_no_attempts_when_the_server_is_ki
     for kill in range(1, 4):
         with server.client() as http:
             # Each life of the server finishes a couple of jobs, then dies with others computing and the rest waiting.
-            wait_for(lambda: completed(http) >= 2 * kill and engine_children(server.process.pid), timeout=60,
-                     what=f"two more jobs to complete and more to compute before kill {kill}")
+            wait_for(
+                lambda: completed(http) >= 2 * kill and engine_children(server.process.pid),
+                timeout=60,
+                what=f"two more jobs to complete and more to compute before kill {kill}",
+            )
         server.kill()
         server.start()
     with server.client() as http:
@@ -222,8 +230,9 @@ def test_jobs_waiting_for_an_engine_slot_spend_no_attempts_when_the_server_is_ki
 
 
 @pytest.mark.slow
-def test_finished_jobs_past_the_retention_go_with_their_deliveries_and_folders(start_server, workdir: Path,
-                                                                              receiver: Receiver) -> None:
+def test_finished_jobs_past_the_retention_go_with_their_deliveries_and_folders(
+    start_server, workdir: Path, receiver: Receiver
+) -> None:
     server = start_server("--rate-limit", "0", "--retention-days", str(RETENTION_DAYS))
     with server.client() as http:
         webhook_id = http.post("/api/v1/webhooks", json={"url": receiver.url}).json()["webhook_id"]
@@ -239,8 +248,11 @@ def test_finished_jobs_past_the_retention_go_with_their_deliveries_and_folders(s
     wait_for(lambda: time.time() > finished + 1 + RETENTION_DAYS * 86400, what="the job to pass its retention")
     server.start()
     with server.client() as http:
-        wait_for(lambda: http.get(f"/api/v1/generate/{job['job_id']}").status_code == 404, timeout=10,
-                 what="the expired job to be deleted")
+        wait_for(
+            lambda: http.get(f"/api/v1/generate/{job['job_id']}").status_code == 404,
+            timeout=10,
+            what="the expired job to be deleted",
+        )
         assert http.get(deliveries).json() == []
         assert http.get(f"/api/v1/webhooks/{webhook_id}").status_code == 200  # the webhook itself stays
     assert not folder.exists()
@@ -274,6 +286,7 @@ def fake() -> Iterator[FakeProvider]:
 
 def with_personas(change: Callable[[str, dict[str, Any]], None]) -> Callable[[str, Any], Any]:
     """A scripted answer: the fake's usual one, each persona changed by `change(prompt, persona)`."""
+
     def answer(prompt: str, usual: Any) -> Any:
         for item in usual["personas"]:
             change(prompt, item)

@@ -50,8 +50,13 @@ async def execute(store: persona.Store, statement: str) -> list[tuple[Any, ...]]
         await conn.close()
 
 
-async def create(store: persona.Store, owner: str = "ip:x", request: dict[str, Any] | None = None, limit: int = 100,
-                 idempotency: tuple[str, str] | None = None) -> str:
+async def create(
+    store: persona.Store,
+    owner: str = "ip:x",
+    request: dict[str, Any] | None = None,
+    limit: int = 100,
+    idempotency: tuple[str, str] | None = None,
+) -> str:
     admission = await store.create_job(owner, request or {"data": "a.csv"}, limit, idempotency)
     assert admission.job_id is not None, admission
     return admission.job_id
@@ -72,7 +77,9 @@ def test_the_schema_files_are_the_schemas_the_module_applies() -> None:
 def test_both_stores_offer_the_methods_the_store_interface_declares() -> None:
     assert public_methods(persona.SQLiteStore) == public_methods(persona.PostgresStore) == public_methods(persona.Store)
     assert not persona.SQLiteStore.__abstractmethods__ and not persona.PostgresStore.__abstractmethods__
-    assert {"claim_job", "requeue_orphans", "claim_deliveries", "rate_hit", "listen"} <= public_methods(persona.SQLiteStore)
+    assert {"claim_job", "requeue_orphans", "claim_deliveries", "rate_hit", "listen"} <= public_methods(
+        persona.SQLiteStore
+    )
 
 
 @pytest.mark.sqlite_only
@@ -85,8 +92,9 @@ async def test_a_new_sqlite_database_gets_the_schema_its_version_and_wal(open_st
     assert {"jobs", "webhooks", "experiments", "idempotency_keys", "rate_limits"} <= tables
 
 
-async def test_a_database_from_a_newer_persona_is_refused(open_store: OpenStore, database: Callable[..., str],
-                                                          backend: str) -> None:
+async def test_a_database_from_a_newer_persona_is_refused(
+    open_store: OpenStore, database: Callable[..., str], backend: str
+) -> None:
     store = await open_store()
     if backend == "sqlite":
         await execute(store, f"PRAGMA user_version = {persona.SCHEMA_VERSION + 1}")
@@ -96,7 +104,9 @@ async def test_a_database_from_a_newer_persona_is_refused(open_store: OpenStore,
         await open_store()
 
 
-async def test_a_database_of_the_version_before_is_upgraded_keeping_its_jobs(open_store: OpenStore, backend: str) -> None:
+async def test_a_database_of_the_version_before_is_upgraded_keeping_its_jobs(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     job_id = await create(store)
     if backend == "sqlite":  # version 6 added an index
@@ -122,8 +132,11 @@ def test_a_database_url_is_shown_without_its_password() -> None:
     shown = persona.shown_db("postgresql://persona:s3cret-pw@db.internal:5432/persona")
     assert "s3cret-pw" not in shown and shown == "postgresql://persona:***@db.internal:5432/persona"
     assert "s3cret-pw" not in persona.shown_db("postgresql://persona@db/persona?sslmode=require&password=s3cret-pw")
-    for written in ("postgresql://bob:s3cr#t-pw@db.example/persona", "postgresql://bob:a/b?s3cr@db.example/persona",
-                    "postgresql://bob@db/persona?sslpassword=s3cret-pw"):
+    for written in (
+        "postgresql://bob:s3cr#t-pw@db.example/persona",
+        "postgresql://bob:a/b?s3cr@db.example/persona",
+        "postgresql://bob@db/persona?sslpassword=s3cret-pw",
+    ):
         assert "s3cr" not in persona.shown_db(written), written
 
 
@@ -136,7 +149,9 @@ def test_a_postgresql_url_without_its_driver_is_a_one_line_error(monkeypatch: py
 # -- claims and recovery -----------------------------------------------------
 
 
-async def test_each_pending_job_is_claimed_by_exactly_one_of_several_stores(open_store: OpenStore, backend: str) -> None:
+async def test_each_pending_job_is_claimed_by_exactly_one_of_several_stores(
+    open_store: OpenStore, backend: str
+) -> None:
     stores = [await open_store() for _ in range(3)]
     created = [await create(stores[0]) for _ in range(30)]
 
@@ -150,8 +165,9 @@ async def test_each_pending_job_is_claimed_by_exactly_one_of_several_stores(open
     assert sorted(job for result in results for job in result) == sorted(created)
 
 
-async def test_an_interrupted_job_is_requeued_then_failed_after_three_attempts_that_began(open_store: OpenStore,
-                                                                                          backend: str) -> None:
+async def test_an_interrupted_job_is_requeued_then_failed_after_three_attempts_that_began(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     job_id = await create(store)
     for _ in range(3):
@@ -164,8 +180,9 @@ async def test_an_interrupted_job_is_requeued_then_failed_after_three_attempts_t
     assert "interrupted 3 times" in job["error"]
 
 
-async def test_a_job_claimed_but_never_begun_spends_no_attempt_when_its_server_dies(open_store: OpenStore,
-                                                                                    backend: str) -> None:
+async def test_a_job_claimed_but_never_begun_spends_no_attempt_when_its_server_dies(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     job_id = await create(store)
     for _ in range(5):  # claimed, waiting for an engine slot, and the server dies: five times over
@@ -175,8 +192,9 @@ async def test_a_job_claimed_but_never_begun_spends_no_attempt_when_its_server_d
     assert await execute(store, f"SELECT attempts FROM jobs WHERE job_id = '{job_id}'") == [(0,)]
 
 
-async def test_orphans_are_told_apart_by_the_time_since_their_claimer_was_heard(open_store: OpenStore,
-                                                                                backend: str) -> None:
+async def test_orphans_are_told_apart_by_the_time_since_their_claimer_was_heard(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     job_id = await create(store)
     await store.claim_job("elsewhere:1:x")
@@ -216,8 +234,9 @@ def dead_pid() -> int:
 # -- submissions -------------------------------------------------------------
 
 
-async def test_the_quota_holds_for_submissions_through_several_stores_at_once(open_store: OpenStore,
-                                                                             backend: str) -> None:
+async def test_the_quota_holds_for_submissions_through_several_stores_at_once(
+    open_store: OpenStore, backend: str
+) -> None:
     stores = [await open_store() for _ in range(4)]
     outcomes = await asyncio.gather(*(stores[i % 4].create_job("key:a", {"data": "a.csv"}, 5, None) for i in range(20)))
     refused = [outcome for outcome in outcomes if outcome.job_id is None]
@@ -226,11 +245,13 @@ async def test_the_quota_holds_for_submissions_through_several_stores_at_once(op
     assert await execute(stores[0], "SELECT COUNT(*) FROM jobs") == [(5,)]
 
 
-async def test_one_idempotency_key_makes_one_job_however_many_stores_it_reaches_at_once(open_store: OpenStore,
-                                                                                       backend: str) -> None:
+async def test_one_idempotency_key_makes_one_job_however_many_stores_it_reaches_at_once(
+    open_store: OpenStore, backend: str
+) -> None:
     stores = [await open_store() for _ in range(3)]
-    outcomes = await asyncio.gather(*(stores[i % 3].create_job("key:a", {"data": "a.csv"}, 10, ("k1", "h" * 64))
-                                      for i in range(9)))
+    outcomes = await asyncio.gather(
+        *(stores[i % 3].create_job("key:a", {"data": "a.csv"}, 10, ("k1", "h" * 64)) for i in range(9))
+    )
     assert len({outcome.job_id for outcome in outcomes}) == 1
     assert sum(not outcome.replayed for outcome in outcomes) == 1
     conflict = await stores[1].create_job("key:a", {"data": "b.csv"}, 10, ("k1", "g" * 64))
@@ -250,19 +271,22 @@ async def test_idempotency_keys_expire_after_a_day(open_store: OpenStore, backen
     assert (await store.get_job(fresh.job_id))["status"] == "pending"
 
 
-async def test_jobs_of_one_named_experiment_share_its_id_and_others_have_their_own(open_store: OpenStore,
-                                                                                  backend: str) -> None:
+async def test_jobs_of_one_named_experiment_share_its_id_and_others_have_their_own(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
-    named = await asyncio.gather(*(create(store, request={"data": "a.csv", "config": {"experiment": "study-1"}})
-                                   for _ in range(3)))
+    named = await asyncio.gather(
+        *(create(store, request={"data": "a.csv", "config": {"experiment": "study-1"}}) for _ in range(3))
+    )
     alone = await create(store)
     rows = dict(await execute(store, "SELECT job_id, experiment_id FROM jobs"))
     assert len({rows[job_id] for job_id in named}) == 1
     assert rows[alone] == persona.own_experiment(alone) != rows[named[0]]
 
 
-async def test_a_burst_of_submissions_is_inserted_in_batches_within_each_owners_limit(open_store: OpenStore,
-                                                                                     backend: str) -> None:
+async def test_a_burst_of_submissions_is_inserted_in_batches_within_each_owners_limit(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     batches = []
     original = store._admit_batch
@@ -289,9 +313,9 @@ def test_job_ids_made_later_sort_after_earlier_ones_and_still_look_like_job_ids(
 
 
 @pytest.mark.parametrize("idempotency", [None, ("key-1", "h" * 64)], ids=["plain", "idempotent"])
-async def test_a_new_job_whose_id_is_taken_goes_in_under_another(open_store: OpenStore, backend: str,
-                                                                  monkeypatch: pytest.MonkeyPatch,
-                                                                  idempotency: tuple[str, str] | None) -> None:
+async def test_a_new_job_whose_id_is_taken_goes_in_under_another(
+    open_store: OpenStore, backend: str, monkeypatch: pytest.MonkeyPatch, idempotency: tuple[str, str] | None
+) -> None:
     store = await open_store()
     taken = await create(store, owner="key:a")
     fresh = persona.new_job_id
@@ -329,8 +353,9 @@ async def test_an_older_database_gets_its_counters_when_upgraded(open_store: Ope
 # -- webhooks, deliveries and limits ---------------------------------------------
 
 
-async def test_a_finished_job_queues_one_delivery_per_subscribed_webhook_in_its_transaction(open_store: OpenStore,
-                                                                                         backend: str) -> None:
+async def test_a_finished_job_queues_one_delivery_per_subscribed_webhook_in_its_transaction(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     completed = await store.create_webhook("http://127.0.0.1:9/a", ["generation.completed"], "s")
     await store.create_webhook("http://127.0.0.1:9/b", ["generation.failed"], None)
@@ -348,13 +373,14 @@ async def test_a_finished_job_queues_one_delivery_per_subscribed_webhook_in_its_
     assert listed["status"] == "delivering" and listed["attempts"] == []
 
 
-async def test_the_webhook_cap_holds_for_registrations_through_several_stores_at_once(open_store: OpenStore,
-                                                                                     backend: str,
-                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_webhook_cap_holds_for_registrations_through_several_stores_at_once(
+    open_store: OpenStore, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(persona, "MAX_WEBHOOKS", 5)
     stores = [await open_store() for _ in range(3)]
-    made = await asyncio.gather(*(stores[i % 3].create_webhook(f"http://127.0.0.1:9/{i}", ["generation.completed"], None)
-                                  for i in range(12)))
+    made = await asyncio.gather(
+        *(stores[i % 3].create_webhook(f"http://127.0.0.1:9/{i}", ["generation.completed"], None) for i in range(12))
+    )
     assert sum(webhook is not None for webhook in made) == 5
     assert len(await stores[0].list_webhooks()) == 5
 
@@ -423,8 +449,9 @@ async def until_a_session_waits_on_a_lock(store: persona.Store, kind: str) -> No
 
 
 @pytest.mark.postgres_only
-async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(open_store: OpenStore, backend: str,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(
+    open_store: OpenStore, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = await open_store()
     monkeypatch.setattr(persona, "utc_now", lambda: "2001-01-01T00:00:00Z")  # a host whose clock is far off
     webhook = await store.create_webhook("http://127.0.0.1:9/hook", ["generation.completed"], None)
@@ -434,8 +461,14 @@ async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(open_sto
     job = await store.get_job(job_id)
     [(delivered_at, payload)] = await execute(store, "SELECT created_at, payload FROM deliveries")
     [(database_now,)] = await execute(store, "SELECT extract(epoch FROM now())::float8")
-    times = [job["created_at"], job["started_at"], job["completed_at"], webhook["created_at"], delivered_at,
-             json.loads(payload)["timestamp"]]
+    times = [
+        job["created_at"],
+        job["started_at"],
+        job["completed_at"],
+        webhook["created_at"],
+        delivered_at,
+        json.loads(payload)["timestamp"],
+    ]
     for shown in times:
         clock = persona.datetime.strptime(shown, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=persona.timezone.utc).timestamp()
         assert abs(clock - database_now) < 60, times
@@ -443,8 +476,9 @@ async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(open_sto
 
 
 @pytest.mark.postgres_only
-async def test_retention_keeps_a_job_whose_delivery_a_retry_makes_pending_meanwhile(open_store: OpenStore,
-                                                                                      backend: str) -> None:
+async def test_retention_keeps_a_job_whose_delivery_a_retry_makes_pending_meanwhile(
+    open_store: OpenStore, backend: str
+) -> None:
     store = await open_store()
     await store.create_webhook("http://127.0.0.1:9/hook", ["generation.completed"], None)
     job_id = await create(store)
@@ -454,7 +488,8 @@ async def test_retention_keeps_a_job_whose_delivery_a_retry_makes_pending_meanwh
     attempt = {"attempted_at": "2026-01-01T00:00:00Z", "http_status": 500, "error": None, "duration_ms": 1}
     await store.settle_delivery(delivery["delivery_id"], "w", attempt, "failed", 0.0)
     conn, retry = await side_transaction(
-        store, f"UPDATE deliveries SET status = 'pending' WHERE delivery_id = '{delivery['delivery_id']}'")
+        store, f"UPDATE deliveries SET status = 'pending' WHERE delivery_id = '{delivery['delivery_id']}'"
+    )
     try:
         purge = asyncio.create_task(store.purge_finished_jobs("9999-12-31T00:00:00Z", 100))
         await until_a_session_waits_on_a_lock(store, "transactionid")
@@ -471,7 +506,9 @@ async def test_a_submission_waits_for_another_hosts_admission_to_commit(open_sto
     """Every batch takes one shared lock, so jobs are numbered in the order they commit: a listing
     paged by offset never has an earlier-numbered job appear behind a page already read."""
     store = await open_store()
-    conn, other = await side_transaction(store, "SELECT pg_advisory_xact_lock(hashtextextended('persona:admission', 0))")
+    conn, other = await side_transaction(
+        store, "SELECT pg_advisory_xact_lock(hashtextextended('persona:admission', 0))"
+    )
     try:
         submission = asyncio.create_task(store.create_job("ip:x", {"data": "a.csv"}, 100, None))
         await until_a_session_waits_on_a_lock(store, "advisory")
@@ -483,11 +520,12 @@ async def test_a_submission_waits_for_another_hosts_admission_to_commit(open_sto
 
 
 @pytest.mark.postgres_only
-async def test_the_stores_sessions_read_committed_whatever_the_databases_default(open_store: OpenStore,
-                                                                                 backend: str) -> None:
+async def test_the_stores_sessions_read_committed_whatever_the_databases_default(
+    open_store: OpenStore, backend: str
+) -> None:
     first = await open_store()
     [(name,)] = await execute(first, "SELECT current_database()")
-    await execute(first, f'ALTER DATABASE "{name}" SET default_transaction_isolation = \'serializable\'')
+    await execute(first, f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'serializable'")
     assert await execute(first, "SHOW transaction_isolation") == [("serializable",)]  # a session of its own
     store = await open_store()
     assert [tuple(row) for row in await store._read("SHOW transaction_isolation")] == [("read committed",)]

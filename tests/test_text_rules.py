@@ -26,10 +26,41 @@ SOURCE = Path(persona.__file__).read_text()
 ANCHORED = {"match", "fullmatch"}
 SCANNING = {"search", "sub", "subn", "findall", "finditer", "split"}
 CHARACTERS = list(" \t\na1-.?,'\"/:@_[(<=é#*\\|!{$%&)]>;}~`+^\u00a0")
-RUNS = CHARACTERS + [c + " " for c in CHARACTERS] + ["a" + c for c in CHARACTERS] + ["1" + c for c in CHARACTERS] + [
-    "no ", "um ", "uh ", "n ", "a.", "1.", "A. ", "P1: ", "Q1_", "http://a", "[a]", "(a)", "- ", "a@", "\n\n", " \n",
-    "<v a>", "**a:** ", "Speaker 1: ", "00:01 ", "what ", "how often ", "i ", "no problem ", "the ", "[a] ", "please ",
-]
+RUNS = (
+    CHARACTERS
+    + [c + " " for c in CHARACTERS]
+    + ["a" + c for c in CHARACTERS]
+    + ["1" + c for c in CHARACTERS]
+    + [
+        "no ",
+        "um ",
+        "uh ",
+        "n ",
+        "a.",
+        "1.",
+        "A. ",
+        "P1: ",
+        "Q1_",
+        "http://a",
+        "[a]",
+        "(a)",
+        "- ",
+        "a@",
+        "\n\n",
+        " \n",
+        "<v a>",
+        "**a:** ",
+        "Speaker 1: ",
+        "00:01 ",
+        "what ",
+        "how often ",
+        "i ",
+        "no problem ",
+        "the ",
+        "[a] ",
+        "please ",
+    ]
+)
 LENGTHS = (200, 600, 2_000, 20_000)
 LIMIT_S = 0.25  # a linear pattern takes a few milliseconds on 20,000 characters; a quadratic one, seconds
 
@@ -41,14 +72,31 @@ def flags_of(node: ast.expr | None) -> int:
 def inline_patterns() -> list[tuple[str, re.Pattern[str], set[str]]]:
     """`re.sub(r"...", ...)` and the like, written where they are used (a module-level name is found by name)."""
     found = []
-    positions = {"compile": 1, "match": 2, "fullmatch": 2, "search": 2, "findall": 2, "finditer": 2, "split": 3,
-                 "sub": 4, "subn": 4}
+    positions = {
+        "compile": 1,
+        "match": 2,
+        "fullmatch": 2,
+        "search": 2,
+        "findall": 2,
+        "finditer": 2,
+        "split": 3,
+        "sub": 4,
+        "subn": 4,
+    }
     tree = ast.parse(SOURCE)
-    named = {id(node.value) for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    named = {
+        id(node.value) for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "re"
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "re"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             continue
         method = node.func.attr
         if method == "compile" and id(node) in named:
@@ -69,10 +117,15 @@ def named_uses(name: str) -> set[str]:
 
 def module_patterns() -> list[tuple[str, re.Pattern[str], set[str]]]:
     named = [(name, value, named_uses(name)) for name, value in vars(persona).items() if isinstance(value, re.Pattern)]
-    in_tables = [(f"{table}[{index}]", pattern, {"search"})
-                 for table, value in vars(persona).items() if isinstance(value, (list, tuple))
-                 for index, item in enumerate(value) if isinstance(item, tuple)
-                 for pattern in item if isinstance(pattern, re.Pattern)]
+    in_tables = [
+        (f"{table}[{index}]", pattern, {"search"})
+        for table, value in vars(persona).items()
+        if isinstance(value, (list, tuple))
+        for index, item in enumerate(value)
+        if isinstance(item, tuple)
+        for pattern in item
+        if isinstance(pattern, re.Pattern)
+    ]
     return named + in_tables
 
 
@@ -131,8 +184,9 @@ SHEET = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT_FORMATS = ("csv", "tsv", "json", "jsonl", "text", "vtt", "srt")
-texts = st.lists(st.sampled_from(list(" \n\t,;:\"'[]{}-.?!@/\\aAzZ09é\u00a0\u2028<>*_#=|") + ["um", "Q1", "P1: "]),
-                 max_size=300).map("".join)
+texts = st.lists(
+    st.sampled_from(list(" \n\t,;:\"'[]{}-.?!@/\\aAzZ09é\u00a0\u2028<>*_#=|") + ["um", "Q1", "P1: "]), max_size=300
+).map("".join)
 
 
 @FUZZ
@@ -153,10 +207,46 @@ def test_a_loader_given_bytes_of_any_kind_fails_only_by_saying_so(raw: bytes, fm
         pass
 
 
-xml_pieces = st.sampled_from(["<w:p>", "</w:p>", "<w:r>", "</w:r>", "<w:t>", "</w:t>", "<w:tab/>", "<w:br/>", "a",
-                              "Interviewer: ", "Dana: ", "&amp;", "&#0;", "\n", "<x:y>", "]]>", "<![CDATA[", "&c;"])
-cell_pieces = st.sampled_from(['<row r="1">', '<row>', "</row>", '<c r="A1" t="s">', '<c r="ZZZ9" t="inlineStr">', "<c>",
-                               "</c>", "<v>0</v>", "<v>²</v>", "<v>1.0</v>", "<is><t>x</t></is>", "<t>", "</t>", "q"])
+xml_pieces = st.sampled_from(
+    [
+        "<w:p>",
+        "</w:p>",
+        "<w:r>",
+        "</w:r>",
+        "<w:t>",
+        "</w:t>",
+        "<w:tab/>",
+        "<w:br/>",
+        "a",
+        "Interviewer: ",
+        "Dana: ",
+        "&amp;",
+        "&#0;",
+        "\n",
+        "<x:y>",
+        "]]>",
+        "<![CDATA[",
+        "&c;",
+    ]
+)
+cell_pieces = st.sampled_from(
+    [
+        '<row r="1">',
+        "<row>",
+        "</row>",
+        '<c r="A1" t="s">',
+        '<c r="ZZZ9" t="inlineStr">',
+        "<c>",
+        "</c>",
+        "<v>0</v>",
+        "<v>²</v>",
+        "<v>1.0</v>",
+        "<is><t>x</t></is>",
+        "<t>",
+        "</t>",
+        "q",
+    ]
+)
 
 
 @FUZZ
@@ -177,8 +267,10 @@ def test_a_word_file_of_any_structure_is_read_or_refused_naming_it(pieces: list[
 def test_a_sheet_of_any_structure_is_read_or_refused_naming_it(pieces: list[str]) -> None:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zipped:
-        zipped.writestr("xl/worksheets/sheet1.xml", f'<worksheet xmlns="{SHEET}"><sheetData>{"".join(pieces)}'
-                                                    "</sheetData></worksheet>")
+        zipped.writestr(
+            "xl/worksheets/sheet1.xml",
+            f'<worksheet xmlns="{SHEET}"><sheetData>{"".join(pieces)}</sheetData></worksheet>',
+        )
         zipped.writestr("xl/sharedStrings.xml", f'<sst xmlns="{SHEET}"><si><t>one</t></si></sst>')
     try:
         persona.xlsx_rows(buffer.getvalue(), "fuzz.xlsx")
@@ -195,12 +287,28 @@ def test_the_engine_s_tidying_takes_any_text(text: str) -> None:
         assert isinstance(tidy, str) and len(tidy) <= len(sentence) + 1
 
 
-@pytest.mark.parametrize("answer", ["N/A", "n / a", "na.", "--", "...", "???", "Nothing.", "no thanks!", "(none)",
-                                    "I don't know", "- nothing to add -"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "N/A",
+        "n / a",
+        "na.",
+        "--",
+        "...",
+        "???",
+        "Nothing.",
+        "no thanks!",
+        "(none)",
+        "I don't know",
+        "- nothing to add -",
+    ],
+)
 def test_an_answer_that_says_there_is_nothing_to_say_is_not_speech(answer: str) -> None:
     assert persona.is_non_answer(answer)
 
 
-@pytest.mark.parametrize("answer", ["No, I never use it", "!!!", "Nap time", "none of the exports work", "-" * 2400 + "a"])
+@pytest.mark.parametrize(
+    "answer", ["No, I never use it", "!!!", "Nap time", "none of the exports work", "-" * 2400 + "a"]
+)
 def test_an_answer_with_something_in_it_is_speech(answer: str) -> None:
     assert not persona.is_non_answer(answer)

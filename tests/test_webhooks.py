@@ -61,8 +61,12 @@ def test_a_completed_job_is_posted_with_the_reference_payload_and_signatures(sta
     assert payload == {
         "event": "generation.completed",
         "timestamp": payload["timestamp"],
-        "data": {"job_id": job["job_id"], "personas_count": 3, "experiment_id": job["result"]["experiment_id"],
-                 "output_path": job["result"]["output_path"]},
+        "data": {
+            "job_id": job["job_id"],
+            "personas_count": 3,
+            "experiment_id": job["result"]["experiment_id"],
+            "output_path": job["result"]["output_path"],
+        },
     }
     assert payload["timestamp"].endswith("Z")
     assert headers["Content-Type"] == "application/json"
@@ -86,7 +90,11 @@ def test_a_failed_job_sends_the_failed_payload_only_to_subscribers(start_server,
         good = wait_job(http, submit(http, data="interviews.csv"))
         settled(http, failed_hook), settled(http, done_hook)
     assert [json.loads(r["body"]) for r in failures.requests] == [
-        {"event": "generation.failed", "timestamp": bad["completed_at"], "data": {"job_id": bad["job_id"], "error": bad["error"]}}
+        {
+            "event": "generation.failed",
+            "timestamp": bad["completed_at"],
+            "data": {"job_id": bad["job_id"], "error": bad["error"]},
+        }
     ]
     assert [json.loads(r["body"])["data"]["job_id"] for r in completions.requests] == [good["job_id"]]
     assert "X-Persona-Signature" not in failures.requests[0]["headers"]
@@ -120,8 +128,9 @@ def test_each_delivery_has_a_connection_of_its_own(start_server, receiver: Recei
     assert first["peer"] != second["peer"]
 
 
-def test_secrets_in_urls_and_webhook_secrets_never_reach_the_log_even_at_debug(start_server, receiver: Receiver,
-                                                                              gated_data: GatedDataServer) -> None:
+def test_secrets_in_urls_and_webhook_secrets_never_reach_the_log_even_at_debug(
+    start_server, receiver: Receiver, gated_data: GatedDataServer
+) -> None:
     server = start_server("--rate-limit", "0", "--log-level", "debug")
     gated_data.gate.set()
     with server.client() as http:
@@ -136,13 +145,16 @@ def test_secrets_in_urls_and_webhook_secrets_never_reach_the_log_even_at_debug(s
         assert secret not in log
 
 
-def test_a_data_url_shows_no_query_in_the_jobs_anyone_can_read(client: httpx.Client, receiver: Receiver,
-                                                               gated_data: GatedDataServer) -> None:
+def test_a_data_url_shows_no_query_in_the_jobs_anyone_can_read(
+    client: httpx.Client, receiver: Receiver, gated_data: GatedDataServer
+) -> None:
     """Signed URLs carry their signature in the query; reads need no token."""
     gated_data.gate.set()
     done = wait_job(client, submit(client, data=gated_data.url + "?signature=data-secret-in-url"))
     assert done["result"]["metadata"]["source"]["location"] == gated_data.url
-    failed = wait_job(client, submit(client, data=receiver.url + "?signature=data-secret-in-url"))  # answers GET with 501
+    failed = wait_job(
+        client, submit(client, data=receiver.url + "?signature=data-secret-in-url")
+    )  # answers GET with 501
     assert failed["status"] == "failed" and receiver.url in failed["error"]
     assert "data-secret-in-url" not in json.dumps(done) + json.dumps(failed)
 
@@ -194,7 +206,9 @@ def test_410_gone_stops_retrying(start_server, receiver: Receiver) -> None:
     assert "410" in delivery["attempts"][0]["error"]
 
 
-def test_a_spent_schedule_fails_the_delivery_and_a_manual_retry_sends_it_again(start_server, receiver: Receiver) -> None:
+def test_a_spent_schedule_fails_the_delivery_and_a_manual_retry_sends_it_again(
+    start_server, receiver: Receiver
+) -> None:
     receiver.answers = [500, 500, 500, 500, 200]
     server = start_server("--rate-limit", "0", *FAST_RETRIES)
     with server.client() as http:
@@ -218,8 +232,14 @@ def test_the_delivery_log_lists_newest_first_with_the_next_retry_time(start_serv
         jobs = [wait_job(http, submit(http, data="interviews.csv"))["job_id"] for _ in range(2)]
         settled(http, webhook_id, count=2)
         third = wait_job(http, submit(http, data="interviews.csv"))["job_id"]
-        log = wait_for(lambda: [d for d in deliveries(http, webhook_id) if d["attempts"]] if len(
-            [d for d in deliveries(http, webhook_id) if d["attempts"]]) == 3 else None, what="three attempts")
+        log = wait_for(
+            lambda: (
+                [d for d in deliveries(http, webhook_id) if d["attempts"]]
+                if len([d for d in deliveries(http, webhook_id) if d["attempts"]]) == 3
+                else None
+            ),
+            what="three attempts",
+        )
     assert [d["job_id"] for d in log] == [third, *reversed(jobs)]
     assert log[0]["status"] == "pending" and log[0]["next_retry_at"].endswith("Z")
     assert log[0]["attempts"][0]["http_status"] == 500
@@ -234,8 +254,9 @@ def test_deleting_a_webhook_stops_its_pending_deliveries(start_server, workdir: 
         wait_job(http, submit(http, data="interviews.csv"))
         wait_for(lambda: receiver.requests, what="a first attempt")
         http.delete(f"/api/v1/webhooks/{webhook_id}")
-    wait_for(lambda: server.query("SELECT status FROM deliveries") == [("cancelled",)],
-             what="the delivery to be cancelled")
+    wait_for(
+        lambda: server.query("SELECT status FROM deliveries") == [("cancelled",)], what="the delivery to be cancelled"
+    )
 
 
 def test_a_hanging_receiver_delays_neither_other_receivers_nor_the_api(start_server, receivers) -> None:
@@ -266,7 +287,9 @@ def test_a_receiver_that_times_out_is_retried(start_server, receiver: Receiver) 
 
 
 @pytest.mark.slow
-def test_a_delivery_pending_when_the_server_is_killed_is_sent_once_after_restart(start_server, receiver: Receiver) -> None:
+def test_a_delivery_pending_when_the_server_is_killed_is_sent_once_after_restart(
+    start_server, receiver: Receiver
+) -> None:
     receiver.answers = [503, 200]
     server = start_server("--rate-limit", "0", "--webhook-retry-schedule", "2")
     with server.client() as http:
@@ -300,10 +323,20 @@ def test_two_workers_send_each_delivery_exactly_once(start_server, receiver: Rec
 @pytest.mark.parametrize(
     ("address", "private_allowed", "refused"),
     [
-        ("127.0.0.1", False, True), ("127.0.0.1", True, False), ("10.1.2.3", False, True), ("172.20.0.1", False, True),
-        ("192.168.1.1", False, True), ("100.64.0.1", False, True), ("fd00::1", False, True), ("::1", False, True),
-        ("::ffff:127.0.0.1", False, True), ("169.254.169.254", True, True), ("fe80::1", True, True),
-        ("0.0.0.0", True, True), ("93.184.216.34", False, False), ("2606:4700::1111", False, False),
+        ("127.0.0.1", False, True),
+        ("127.0.0.1", True, False),
+        ("10.1.2.3", False, True),
+        ("172.20.0.1", False, True),
+        ("192.168.1.1", False, True),
+        ("100.64.0.1", False, True),
+        ("fd00::1", False, True),
+        ("::1", False, True),
+        ("::ffff:127.0.0.1", False, True),
+        ("169.254.169.254", True, True),
+        ("fe80::1", True, True),
+        ("0.0.0.0", True, True),
+        ("93.184.216.34", False, False),
+        ("2606:4700::1111", False, False),
     ],
 )
 def test_address_rules(address: str, private_allowed: bool, refused: bool) -> None:
@@ -323,7 +356,9 @@ def guarded(start_server):
     return start_server("--rate-limit", "0", "--no-allow-private-urls", *FAST_RETRIES)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://[::1]/hook", "http://10.0.0.8/h", "http://169.254.169.254/latest"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "http://[::1]/hook", "http://10.0.0.8/h", "http://169.254.169.254/latest"]
+)
 def test_a_literal_address_that_may_not_be_reached_is_refused_at_registration(guarded, url: str) -> None:
     with guarded.client() as http:
         response = http.post("/api/v1/webhooks", json={"url": url})
@@ -388,10 +423,13 @@ def test_a_redirect_is_not_followed_but_retried(start_server, receivers) -> None
     assert not target.requests
 
 
-def test_participants_words_holding_a_nul_still_finish_their_job_and_its_webhook(server: Server,
-                                                                             receiver: Receiver) -> None:
-    records = [{"id": f"p{n}", "text": f"I plan every shift\u0000 around the rota, week {n}, and keep notes."}
-               for n in range(6)]
+def test_participants_words_holding_a_nul_still_finish_their_job_and_its_webhook(
+    server: Server, receiver: Receiver
+) -> None:
+    records = [
+        {"id": f"p{n}", "text": f"I plan every shift\u0000 around the rota, week {n}, and keep notes."}
+        for n in range(6)
+    ]
     with server.client() as http:
         job = wait_job(http, submit(http, data=records, count=2, webhook_url=receiver.url))
     assert job["status"] == "completed", job["error"]

@@ -28,13 +28,19 @@ def test_the_data_listing_names_files_folders_formats_and_a_tables_attributes(cl
     sources = {source["name"]: source for source in client.get("/api/v1/data").json()}
     assert sources["interviews.csv"]["format"] == "csv" and sources["interviews.csv"]["kind"] == "file"
     assert sources["interviews.csv"]["attributes"][:2] == ["role", "age"]
-    assert sources["transcripts"] == {"name": "transcripts", "kind": "folder", "format": "folder", "files": 12,
-                                      "attributes": None}
+    assert sources["transcripts"] == {
+        "name": "transcripts",
+        "kind": "folder",
+        "format": "folder",
+        "files": 12,
+        "attributes": None,
+    }
     assert sources["transcripts/p01.txt"]["attributes"] is None
 
 
-def test_an_upload_is_stored_under_uploads_and_becomes_a_source_a_job_can_read(client: httpx.Client,
-                                                                               server: Server) -> None:
+def test_an_upload_is_stored_under_uploads_and_becomes_a_source_a_job_can_read(
+    client: httpx.Client, server: Server
+) -> None:
     response = client.put("/api/v1/data/team survey.csv", content=SURVEY)
     assert response.status_code == 201, response.text
     assert response.json() == {"name": "uploads/team-survey.csv", "format": "csv", "size": len(SURVEY)}
@@ -54,12 +60,15 @@ def test_an_upload_never_overwrites_another(client: httpx.Client, server: Server
 
 
 @pytest.mark.parametrize(("name", "status"), [("notes.exe", 422), ("..csv", 422), (".hidden", 422), ("%2e%2e", 422)])
-def test_an_upload_of_an_unknown_format_or_an_odd_name_is_refused(client: httpx.Client, server: Server, name: str,
-                                                                  status: int) -> None:
+def test_an_upload_of_an_unknown_format_or_an_odd_name_is_refused(
+    client: httpx.Client, server: Server, name: str, status: int
+) -> None:
     response = client.put(f"/api/v1/data/{name}", content=SURVEY)
     assert response.status_code == status, response.text
     assert response.json()["success"] is False
-    assert not (server.workdir / "data" / "uploads").exists() or not any((server.workdir / "data" / "uploads").iterdir())
+    assert not (server.workdir / "data" / "uploads").exists() or not any(
+        (server.workdir / "data" / "uploads").iterdir()
+    )
 
 
 def test_an_upload_over_the_source_cap_is_a_413_and_stores_nothing(start_server) -> None:
@@ -100,8 +109,9 @@ def test_a_researcher_uploads_a_csv_generates_and_reads_the_cards(server: Server
     expect(page.locator("#stage")).to_have_text("done")
 
 
-def test_a_running_job_is_followed_to_the_end_without_a_reload(server: Server, client: httpx.Client, page,
-                                                               gated_data: GatedDataServer) -> None:
+def test_a_running_job_is_followed_to_the_end_without_a_reload(
+    server: Server, client: httpx.Client, page, gated_data: GatedDataServer
+) -> None:
     job_id = submit(client, data=gated_data.url, count=3)
     page.goto(f"{server.url}/jobs/{job_id}")
     expect(page.locator("#stage")).not_to_have_text("done")
@@ -114,8 +124,7 @@ def test_a_running_job_is_followed_to_the_end_without_a_reload(server: Server, c
     expect(page.locator(f'#jobs a[href="/jobs/{job_id}"]')).to_be_visible()
 
 
-def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: httpx.Client, page,
-                                                    tmp_path: Path) -> None:
+def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: httpx.Client, page, tmp_path: Path) -> None:
     (server.workdir / "data" / "more.csv").write_bytes(SURVEY)
     parent = wait_job(client, submit(client, data="interviews.csv", count=3))
     page.goto(f"{server.url}/jobs/{parent['job_id']}")
@@ -166,9 +175,17 @@ def test_an_unknown_job_is_a_readable_page_not_json(server: Server, page) -> Non
 
 
 def test_the_pages_fit_400_pixels_and_run_no_script_of_the_datas(server: Server, client: httpx.Client, page) -> None:
-    job = wait_job(client, submit(client, data=[{"id": "x1", "text": "I want <script>window.ran=1</script> offline rotas."},
-                                                {"id": "x2", "text": "The rota app <img src=x onerror=window.ran=1> is slow."}],
-                                  count=2))
+    job = wait_job(
+        client,
+        submit(
+            client,
+            data=[
+                {"id": "x1", "text": "I want <script>window.ran=1</script> offline rotas."},
+                {"id": "x2", "text": "The rota app <img src=x onerror=window.ran=1> is slow."},
+            ],
+            count=2,
+        ),
+    )
     page.set_viewport_size({"width": 400, "height": 900})
     for path in ("/jobs", f"/jobs/{job['job_id']}", f"/compare?a={job['job_id']}&b={job['job_id']}"):
         response = page.goto(server.url + path)

@@ -27,8 +27,14 @@ def fake() -> Iterator[FakeProvider]:
 
 
 def run_persona(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "persona", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "persona", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def completed_job(client: httpx.Client, **body: object) -> dict:
@@ -102,8 +108,9 @@ def test_an_unknown_format_is_a_422_listing_the_formats(client: httpx.Client) ->
     assert "csv, json, markdown, html" in response.json()["message"]
 
 
-def test_exporting_an_unfinished_job_is_a_409_and_an_unknown_one_a_404(client: httpx.Client,
-                                                                        gated_data: GatedDataServer) -> None:
+def test_exporting_an_unfinished_job_is_a_409_and_an_unknown_one_a_404(
+    client: httpx.Client, gated_data: GatedDataServer
+) -> None:
     job_id = submit(client, data=gated_data.url)
     response = client.get(f"/api/v1/generate/{job_id}/export", params={"format": "csv"})
     assert response.status_code == 409
@@ -113,18 +120,48 @@ def test_exporting_an_unfinished_job_is_a_409_and_an_unknown_one_a_404(client: h
 
 
 def test_a_spreadsheet_never_runs_a_participants_words_as_a_formula() -> None:
-    document = persona.personas_csv([{"id": "persona-001", "name": "=cmd|' /C calc'!A0", "title": "+1", "summary": "",
-                                      "demographics": {}, "goals": ["-2+3"], "pain_points": [], "behaviours": [],
-                                      "quotes": ["@SUM(A1)"], "evidence": {"participants": ["P1"], "share": 1.0}}])
+    document = persona.personas_csv(
+        [
+            {
+                "id": "persona-001",
+                "name": "=cmd|' /C calc'!A0",
+                "title": "+1",
+                "summary": "",
+                "demographics": {},
+                "goals": ["-2+3"],
+                "pain_points": [],
+                "behaviours": [],
+                "quotes": ["@SUM(A1)"],
+                "evidence": {"participants": ["P1"], "share": 1.0},
+            }
+        ]
+    )
     row = csv_rows(document.encode())[0]
-    assert (row["name"], row["title"], row["goals"], row["quotes"]) == ("'=cmd|' /C calc'!A0", "'+1", "'-2+3", "'@SUM(A1)")
+    assert (row["name"], row["title"], row["goals"], row["quotes"]) == (
+        "'=cmd|' /C calc'!A0",
+        "'+1",
+        "'-2+3",
+        "'@SUM(A1)",
+    )
 
 
 def test_a_spreadsheet_never_runs_a_column_header_as_a_formula() -> None:
-    document = persona.personas_csv([{"id": "persona-001", "name": "Ana", "title": "t", "summary": "",
-                                      "demographics": {'=HYPERLINK("http://x.test","y")': "a (50%)"},
-                                      "goals": [], "pain_points": [], "behaviours": [], "quotes": [],
-                                      "evidence": {"participants": ["P1"], "share": 1.0}}])
+    document = persona.personas_csv(
+        [
+            {
+                "id": "persona-001",
+                "name": "Ana",
+                "title": "t",
+                "summary": "",
+                "demographics": {'=HYPERLINK("http://x.test","y")': "a (50%)"},
+                "goals": [],
+                "pain_points": [],
+                "behaviours": [],
+                "quotes": [],
+                "evidence": {"participants": ["P1"], "share": 1.0},
+            }
+        ]
+    )
     header = next(csv.reader(io.StringIO(document.lstrip("\ufeff"))))
     assert '\'=HYPERLINK("http://x.test","y")' in header and not any(cell.startswith("=") for cell in header)
 
@@ -153,8 +190,13 @@ def test_experiments_list_named_and_own_experiments_newest_first(client: httpx.C
     assert response.status_code == 200
     assert response.headers["x-total-count"] == "2"
     own, named = response.json()
-    assert own == {"experiment_id": alone["result"]["experiment_id"], "name": None, "jobs": 1,
-                   "created_at": alone["created_at"], "updated_at": alone["completed_at"]}
+    assert own == {
+        "experiment_id": alone["result"]["experiment_id"],
+        "name": None,
+        "jobs": 1,
+        "created_at": alone["created_at"],
+        "updated_at": alone["completed_at"],
+    }
     assert named["name"] == "Onboarding study" and named["jobs"] == 2
     assert named["experiment_id"] == first["result"]["experiment_id"] == second["result"]["experiment_id"]
     assert named["created_at"] == first["created_at"] and named["updated_at"] == second["completed_at"]
@@ -213,16 +255,25 @@ def test_the_command_line_and_the_client_list_experiments(client: httpx.Client, 
 def test_an_offline_estimate_costs_nothing_and_creates_nothing(client: httpx.Client) -> None:
     response = client.post("/api/v1/estimate", json={"data": "./interviews.csv", "count": 4, "provider": "local"})
     assert response.status_code == 200, response.text
-    assert response.json() == {"participants": 16, "provider": "local", "model": persona.LOCAL_MODEL,
-                               "strategy": "offline", "calls": 0, "input_tokens": 0, "output_tokens": 0,
-                               "cost_usd": 0.0, "warnings": []}
+    assert response.json() == {
+        "participants": 16,
+        "provider": "local",
+        "model": persona.LOCAL_MODEL,
+        "strategy": "offline",
+        "calls": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cost_usd": 0.0,
+        "warnings": [],
+    }
     assert client.get("/api/v1/generate").headers["x-total-count"] == "0"
     assert client.get("/api/v1/experiments").json() == []
 
 
 @pytest.mark.sqlite_only
-@pytest.mark.parametrize("config", [{}, {"strategy": "segmented", "max_input_tokens": 1000}],
-                         ids=["holistic", "segmented and condensed"])
+@pytest.mark.parametrize(
+    "config", [{}, {"strategy": "segmented", "max_input_tokens": 1000}], ids=["holistic", "segmented and condensed"]
+)
 def test_an_estimate_counts_the_calls_the_job_then_makes(start_server, fake: FakeProvider, config: dict) -> None:
     server = start_server("--rate-limit", "0", env=fake.environment("openai"))
     body = {"data": "interviews.csv", "count": 2, "provider": "openai", "model": "gpt-4.1-mini", "config": config}
@@ -266,8 +317,16 @@ def test_an_estimate_checks_its_body_as_a_generation_does(start_server) -> None:
 
 @pytest.mark.sqlite_only
 def test_generate_estimate_prints_the_estimate_here_or_from_a_server(server: Server) -> None:
-    here = run_persona("generate", str(ROOT / "examples" / "interviews.csv"), "--estimate", "--provider", "openai",
-                       "--model", "gpt-4.1", "--json")
+    here = run_persona(
+        "generate",
+        str(ROOT / "examples" / "interviews.csv"),
+        "--estimate",
+        "--provider",
+        "openai",
+        "--model",
+        "gpt-4.1",
+        "--json",
+    )
     assert here.returncode == 0, here.stderr
     estimate = json.loads(here.stdout)
     assert (estimate["participants"], estimate["calls"], estimate["strategy"]) == (16, 1, "holistic")
@@ -280,14 +339,17 @@ def test_generate_estimate_prints_the_estimate_here_or_from_a_server(server: Ser
 
 # -- custom fields and an instruction ----------------------------------------
 
-FIELDS = [{"name": "tech_savviness", "description": "How at ease they are with software, in a phrase"},
-          {"name": "assistive_tools", "description": "The assistive technology they use", "type": "list"}]
+FIELDS = [
+    {"name": "tech_savviness", "description": "How at ease they are with software, in a phrase"},
+    {"name": "assistive_tools", "description": "The assistive technology they use", "type": "list"},
+]
 
 
 @pytest.mark.sqlite_only
 @pytest.mark.parametrize("provider", ["anthropic", "openai", "gemini"])
-def test_custom_fields_and_an_instruction_reach_the_model_and_the_personas(start_server, fake: FakeProvider,
-                                                                           provider: str) -> None:
+def test_custom_fields_and_an_instruction_reach_the_model_and_the_personas(
+    start_server, fake: FakeProvider, provider: str
+) -> None:
     server = start_server("--rate-limit", "0", env=fake.environment(provider))
     config = {"fields": FIELDS, "instruction": "Focus on accessibility needs."}
     with server.client() as http:
@@ -319,32 +381,41 @@ def test_a_custom_field_the_model_leaves_out_is_asked_for_again(start_server, fa
     assert "`tech_savviness` is missing" in fake.requests[1]["body"]["messages"][-1]["content"]
 
 
-@pytest.mark.parametrize(("config", "path"), [
-    ({"instruction": "Focus on accessibility needs."}, "config.instruction"),
-    ({"fields": FIELDS}, "config.fields"),
-])
-def test_the_offline_engine_refuses_an_instruction_or_custom_fields_by_name(client: httpx.Client, config: dict,
-                                                                             path: str) -> None:
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        ({"instruction": "Focus on accessibility needs."}, "config.instruction"),
+        ({"fields": FIELDS}, "config.fields"),
+    ],
+)
+def test_the_offline_engine_refuses_an_instruction_or_custom_fields_by_name(
+    client: httpx.Client, config: dict, path: str
+) -> None:
     response = client.post("/api/v1/generate", json={"data": "./interviews.csv", "provider": "local", "config": config})
     assert response.status_code == 422
     assert path in response.json()["details"] and "LLM provider" in response.json()["message"]
 
 
 @pytest.mark.sqlite_only
-@pytest.mark.parametrize(("fields", "path"), [
-    ([{"name": "goals", "description": "x"}], "config.fields[0].name"),
-    ([{"name": "participants", "description": "x"}], "config.fields[0].name"),
-    ([{"name": "tech savviness", "description": "x"}], "config.fields[0].name"),
-    ([{"name": "mood", "description": "x"}, {"name": "mood", "description": "y"}], "config.fields[1].name"),
-    ([{"name": f"field_{n}", "description": "x"} for n in range(11)], "config.fields"),
-    ([{"name": "mood", "description": "x", "type": "number"}], "config.fields[0].type"),
-])
-def test_custom_fields_that_clash_or_are_not_identifiers_are_refused(start_server, fake: FakeProvider, fields: list,
-                                                                     path: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ([{"name": "goals", "description": "x"}], "config.fields[0].name"),
+        ([{"name": "participants", "description": "x"}], "config.fields[0].name"),
+        ([{"name": "tech savviness", "description": "x"}], "config.fields[0].name"),
+        ([{"name": "mood", "description": "x"}, {"name": "mood", "description": "y"}], "config.fields[1].name"),
+        ([{"name": f"field_{n}", "description": "x"} for n in range(11)], "config.fields"),
+        ([{"name": "mood", "description": "x", "type": "number"}], "config.fields[0].type"),
+    ],
+)
+def test_custom_fields_that_clash_or_are_not_identifiers_are_refused(
+    start_server, fake: FakeProvider, fields: list, path: str
+) -> None:
     server = start_server("--rate-limit", "0", env=fake.environment("anthropic"))
     with server.client() as http:
-        response = http.post("/api/v1/generate", json={"data": "./interviews.csv", "provider": "anthropic",
-                                                       "config": {"fields": fields}})
+        response = http.post(
+            "/api/v1/generate", json={"data": "./interviews.csv", "provider": "anthropic", "config": {"fields": fields}}
+        )
     assert response.status_code == 422, response.text
     assert path in response.json()["details"]
     assert fake.requests == []
@@ -360,7 +431,8 @@ def test_a_job_compared_with_itself_pairs_each_persona_with_itself(client: httpx
     body = response.json()
     assert (body["a"], body["b"], body["unpaired"]) == (job["job_id"], job["job_id"], {"a": [], "b": []})
     assert [(pair["a"]["id"], pair["b"]["id"], pair["similarity"]) for pair in body["pairs"]] == [
-        (p["id"], p["id"], 1.0) for p in job["result"]["personas"]]
+        (p["id"], p["id"], 1.0) for p in job["result"]["personas"]
+    ]
     for pair in body["pairs"]:
         assert all(not split["only_a"] and not split["only_b"] for split in pair["fields"].values())
 
@@ -375,8 +447,11 @@ def test_runs_of_different_sizes_pair_by_shared_participants_and_list_the_rest(c
         ours = set(by_id["a"][pair["a"]["id"]]["evidence"]["participants"])
         theirs = set(by_id["b"][pair["b"]["id"]]["evidence"]["participants"])
         assert pair["similarity"] == round(len(ours & theirs) / len(ours | theirs), 4) > 0
-        assert pair["fields"]["participants"] == {"shared": sorted(ours & theirs), "only_a": sorted(ours - theirs),
-                                                  "only_b": sorted(theirs - ours)}
+        assert pair["fields"]["participants"] == {
+            "shared": sorted(ours & theirs),
+            "only_a": sorted(ours - theirs),
+            "only_b": sorted(theirs - ours),
+        }
         goals = pair["fields"]["goals"]
         assert sorted(goals["shared"] + goals["only_a"]) == sorted(by_id["a"][pair["a"]["id"]]["goals"])
         assert sorted(goals["shared"] + goals["only_b"]) == sorted(by_id["b"][pair["b"]["id"]]["goals"])
@@ -384,17 +459,30 @@ def test_runs_of_different_sizes_pair_by_shared_participants_and_list_the_rest(c
 
 def test_personas_sharing_no_participant_pair_on_their_words_only_when_alike() -> None:
     def one(pid: str, name: str, goal: str) -> dict:
-        return {"id": f"persona-{pid}", "name": name, "title": name, "goals": [goal], "pain_points": [], "behaviours": [],
-                "quotes": [], "demographics": {}, "evidence": {"participants": [pid], "share": 1.0}}
+        return {
+            "id": f"persona-{pid}",
+            "name": name,
+            "title": name,
+            "goals": [goal],
+            "pain_points": [],
+            "behaviours": [],
+            "quotes": [],
+            "demographics": {},
+            "evidence": {"participants": [pid], "share": 1.0},
+        }
 
     left = [one("A1", "Night nurse", "Swap night shifts quickly when the children are sick")]
-    right = [one("B1", "Warehouse picker", "Scanner batteries die before the end of the shift in the cold store"),
-             one("B2", "Ward nurse", "Swap night shifts quickly when my children are sick")]
+    right = [
+        one("B1", "Warehouse picker", "Scanner batteries die before the end of the shift in the cold store"),
+        one("B2", "Ward nurse", "Swap night shifts quickly when my children are sick"),
+    ]
     comparison = persona.compare_personas(left, right)
     assert [(pair["a"]["id"], pair["b"]["id"]) for pair in comparison["pairs"]] == [("persona-A1", "persona-B2")]
     assert 0.5 < comparison["pairs"][0]["similarity"] < 1
-    assert comparison["unpaired"] == {"a": [], "b": [{"id": "persona-B1", "name": "Warehouse picker",
-                                                      "title": "Warehouse picker"}]}
+    assert comparison["unpaired"] == {
+        "a": [],
+        "b": [{"id": "persona-B1", "name": "Warehouse picker", "title": "Warehouse picker"}],
+    }
 
 
 def test_comparing_needs_two_completed_jobs(client: httpx.Client, gated_data: GatedDataServer) -> None:
@@ -411,7 +499,8 @@ def test_comparing_needs_two_completed_jobs(client: httpx.Client, gated_data: Ga
 
 @pytest.mark.sqlite_only
 def test_the_command_line_compares_two_output_folders_or_two_jobs_and_the_client_two_jobs(
-        client: httpx.Client, server: Server) -> None:
+    client: httpx.Client, server: Server
+) -> None:
     three, four = completed_job(client, count=3), completed_job(client, count=4)
     folders = [job["result"]["output_path"] for job in (three, four)]
     offline = run_persona("compare", *folders, "--json")
@@ -429,11 +518,27 @@ def test_the_command_line_compares_two_output_folders_or_two_jobs_and_the_client
 # -- refine ------------------------------------------------------------------
 
 MORE_INTERVIEWS = [
-    {"participant_id": "P17", "role": "Nurse", "response": "I need to swap night shifts from my phone when my son is ill."},
-    {"participant_id": "P17", "role": "Nurse", "response": "It's frustrating when the rota is changed without telling me."},
+    {
+        "participant_id": "P17",
+        "role": "Nurse",
+        "response": "I need to swap night shifts from my phone when my son is ill.",
+    },
+    {
+        "participant_id": "P17",
+        "role": "Nurse",
+        "response": "It's frustrating when the rota is changed without telling me.",
+    },
     {"participant_id": "P18", "role": "Driver", "response": "I want my overtime hours counted right on every payslip."},
-    {"participant_id": "P18", "role": "Driver", "response": "I keep my own log of start and finish times in a notebook."},
-    {"participant_id": "P01", "role": "Nurse", "response": "I always check the rota app before I leave the ward at night."},
+    {
+        "participant_id": "P18",
+        "role": "Driver",
+        "response": "I keep my own log of start and finish times in a notebook.",
+    },
+    {
+        "participant_id": "P01",
+        "role": "Nurse",
+        "response": "I always check the rota app before I leave the ward at night.",
+    },
 ]
 
 
@@ -485,8 +590,9 @@ def test_a_refinement_of_a_job_in_its_own_experiment_joins_that_experiment(clien
     assert [(e["experiment_id"], e["jobs"]) for e in listed] == [(parent["result"]["experiment_id"], 2)]
 
 
-def test_refining_needs_a_completed_job_and_something_to_refine_with(client: httpx.Client,
-                                                                     gated_data: GatedDataServer) -> None:
+def test_refining_needs_a_completed_job_and_something_to_refine_with(
+    client: httpx.Client, gated_data: GatedDataServer
+) -> None:
     parent = completed_job(client)
     empty = refine(client, parent["job_id"])
     assert empty.status_code == 422 and "data is required unless instruction is given" in empty.json()["message"]
@@ -515,13 +621,16 @@ def test_refining_is_a_write_endpoint(start_server) -> None:
 
 
 @pytest.mark.sqlite_only
-def test_refining_with_an_instruction_shows_the_model_the_personas_and_the_instruction(start_server,
-                                                                                        fake: FakeProvider) -> None:
+def test_refining_with_an_instruction_shows_the_model_the_personas_and_the_instruction(
+    start_server, fake: FakeProvider
+) -> None:
     server = start_server("--rate-limit", "0", env=fake.environment("anthropic"))
     with server.client() as http:
         parent = completed_job(http, count=2, provider="anthropic")
         calls = len(fake.requests)
-        child = wait_job(http, refine(http, parent["job_id"], instruction="Split the nurses from the drivers.").json()["job_id"])
+        child = wait_job(
+            http, refine(http, parent["job_id"], instruction="Split the nurses from the drivers.").json()["job_id"]
+        )
     assert child["status"] == "completed", child["error"]
     prompt = fake.requests[calls]["body"]["messages"][-1]["content"]
     assert "Split the nurses from the drivers." in prompt and "<personas>" in prompt
@@ -546,8 +655,17 @@ def test_the_command_line_and_the_client_refine_a_job(client: httpx.Client, serv
 
 # -- redaction ---------------------------------------------------------------
 
-PLANTED = ("jo.bloggs@example.org", "07700 900461", "Joanna", "Bloggs", "https://intranet.example.com/rota?user=jb",
-           "M60 1NW", "4539 1488 0343 6467", "Priyanka", "Oduya")
+PLANTED = (
+    "jo.bloggs@example.org",
+    "07700 900461",
+    "Joanna",
+    "Bloggs",
+    "https://intranet.example.com/rota?user=jb",
+    "M60 1NW",
+    "4539 1488 0343 6467",
+    "Priyanka",
+    "Oduya",
+)
 
 
 def planted_survey(workdir: Path) -> str:
@@ -555,9 +673,11 @@ def planted_survey(workdir: Path) -> str:
     rows = [["participant_id", "Name", "role", "response"]]
     for number in range(1, 9):
         name = "Joanna Bloggs" if number % 2 else "Priyanka Oduya"
-        answer = ("I need my rota a week ahead, Joanna here. Write to jo.bloggs@example.org or ring 07700 900461. "
-                  "The old rota lives at https://intranet.example.com/rota?user=jb and my payslip goes to M60 1NW. "
-                  f"I once paid the parking with card 4539 1488 0343 6467. Priyanka and I swap shifts {number} times.")
+        answer = (
+            "I need my rota a week ahead, Joanna here. Write to jo.bloggs@example.org or ring 07700 900461. "
+            "The old rota lives at https://intranet.example.com/rota?user=jb and my payslip goes to M60 1NW. "
+            f"I once paid the parking with card 4539 1488 0343 6467. Priyanka and I swap shifts {number} times."
+        )
         rows.append([f"R{number:02d}", name, "Nurse" if number % 2 else "Driver", answer])
     out = io.StringIO()
     csv.writer(out).writerows(rows)
@@ -566,8 +686,9 @@ def planted_survey(workdir: Path) -> str:
 
 
 @pytest.mark.sqlite_only
-def test_redaction_keeps_planted_personal_data_from_the_provider_and_every_output(start_server, fake: FakeProvider,
-                                                                                   workdir: Path) -> None:
+def test_redaction_keeps_planted_personal_data_from_the_provider_and_every_output(
+    start_server, fake: FakeProvider, workdir: Path
+) -> None:
     source = planted_survey(workdir)
     server = start_server("--rate-limit", "0", env=fake.environment("openai"))
     with server.client() as http:
@@ -582,15 +703,19 @@ def test_redaction_keeps_planted_personal_data_from_the_provider_and_every_outpu
     for value in PLANTED:
         assert value not in everything, value
     counts = job["result"]["metadata"]["redaction"]
-    assert {kind: counts[kind] > 0 for kind in ("email", "phone", "url", "postal_code", "card", "name")} == dict.fromkeys(
-        ("email", "phone", "url", "postal_code", "card", "name"), True)
+    assert {
+        kind: counts[kind] > 0 for kind in ("email", "phone", "url", "postal_code", "card", "name")
+    } == dict.fromkeys(("email", "phone", "url", "postal_code", "card", "name"), True)
     quotes = [quote for p in job["result"]["personas"] for quote in p["quotes"]]
-    assert quotes and not any("unverified_quotes" in p for p in job["result"]["personas"])  # checked on the redacted text
+    assert quotes and not any(
+        "unverified_quotes" in p for p in job["result"]["personas"]
+    )  # checked on the redacted text
 
 
 @pytest.mark.sqlite_only
-def test_the_server_default_redacts_unless_a_request_says_otherwise(start_server, fake: FakeProvider,
-                                                                    workdir: Path) -> None:
+def test_the_server_default_redacts_unless_a_request_says_otherwise(
+    start_server, fake: FakeProvider, workdir: Path
+) -> None:
     source = planted_survey(workdir)
     server = start_server("--rate-limit", "0", env={**fake.environment("anthropic"), "PERSONA_REDACT": "1"})
     with server.client() as http:
@@ -607,12 +732,18 @@ def test_the_server_default_redacts_unless_a_request_says_otherwise(start_server
 def test_speaker_names_in_transcripts_are_redacted(start_server, fake: FakeProvider, workdir: Path) -> None:
     folder = workdir / "data" / "calls"
     folder.mkdir()
-    for number, (speaker, said) in enumerate([("Marguerite", "I book my shifts on the bus every Sunday night."),
-                                              ("Tobiah", "The payslip app logs me out every single time I open it."),
-                                              ("Marguerite", "My manager texts me the rota, which I then lose.")], 1):
+    for number, (speaker, said) in enumerate(
+        [
+            ("Marguerite", "I book my shifts on the bus every Sunday night."),
+            ("Tobiah", "The payslip app logs me out every single time I open it."),
+            ("Marguerite", "My manager texts me the rota, which I then lose."),
+        ],
+        1,
+    ):
         (folder / f"call-{number}.txt").write_text(
             f"Interviewer: How do you plan your week?\n{speaker}: {said} Ask {speaker} again next week.\n"
-            f"Interviewer: Anything else?\n{speaker}: Call me on +44 161 496 0{number}21, thanks.\n")
+            f"Interviewer: Anything else?\n{speaker}: Call me on +44 161 496 0{number}21, thanks.\n"
+        )
     server = start_server("--rate-limit", "0", env=fake.environment("gemini"))
     with server.client() as http:
         job = wait_job(http, submit(http, data="calls", count=2, provider="gemini", config={"redact": True}))
@@ -631,14 +762,17 @@ def test_redaction_replaces_each_value_with_one_stable_placeholder() -> None:
     assert redactor.counts["email"] == 4 and redactor.counts["name"] == 2
 
 
-@pytest.mark.parametrize(("text", "kept"), [
-    ("On 2024-01-15 we had 10000 users.", True),
-    ("The 1999 model ran from 1999 to 2004.", True),
-    ("Ring 0161 496 0000 after six.", False),
-    ("Card 4111 1111 1111 1111 was declined.", False),
-    ("Order 4111 1111 1111 1112 was late.", True),  # not a card number: it fails Luhn's check (nor is it a phone)
-    ("Send it to SW1A 1AA today.", False),
-])
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("On 2024-01-15 we had 10000 users.", True),
+        ("The 1999 model ran from 1999 to 2004.", True),
+        ("Ring 0161 496 0000 after six.", False),
+        ("Card 4111 1111 1111 1111 was declined.", False),
+        ("Order 4111 1111 1111 1112 was late.", True),  # not a card number: it fails Luhn's check (nor is it a phone)
+        ("Send it to SW1A 1AA today.", False),
+    ],
+)
 def test_numbers_that_are_not_personal_data_are_kept(text: str, kept: bool) -> None:
     assert (persona.Redactor(()).text(text) == text) is kept
 
@@ -651,15 +785,19 @@ def test_a_refinement_of_a_refinement_keeps_the_data_each_one_added(client: http
     everyone = {pid for p in second["result"]["personas"] for pid in p["evidence"]["participants"]}
     assert {"P17", "P18"} <= everyone
     assert second["result"]["metadata"]["source"]["participants"] == 18
-    gone = {pid for change in second["result"]["changes"]["personas"]
-            for pid in change["fields"].get("participants", {"removed": []})["removed"]}
+    gone = {
+        pid
+        for change in second["result"]["changes"]["personas"]
+        for pid in change["fields"].get("participants", {"removed": []})["removed"]
+    }
     assert "P17" not in gone
 
 
 @pytest.mark.sqlite_only
 @pytest.mark.parametrize("how", [("--redact=required",), ("--redact", "required")])
-def test_a_server_that_requires_redaction_redacts_whatever_a_request_says(start_server, fake: FakeProvider,
-                                                                         workdir: Path, how: tuple[str, ...]) -> None:
+def test_a_server_that_requires_redaction_redacts_whatever_a_request_says(
+    start_server, fake: FakeProvider, workdir: Path, how: tuple[str, ...]
+) -> None:
     source = planted_survey(workdir)
     server = start_server("--rate-limit", "0", *how, env=fake.environment("anthropic"))
     with server.client() as http:
@@ -671,12 +809,17 @@ def test_a_server_that_requires_redaction_redacts_whatever_a_request_says(start_
 
 
 @pytest.mark.sqlite_only
-def test_a_refinement_of_a_redacted_job_stays_redacted_whatever_config_it_sends(client: httpx.Client,
-                                                                                 workdir: Path) -> None:
+def test_a_refinement_of_a_redacted_job_stays_redacted_whatever_config_it_sends(
+    client: httpx.Client, workdir: Path
+) -> None:
     source = planted_survey(workdir)
     parent = completed_job(client, data=source, count=2, config={"redact": True})
-    child = wait_job(client, refine(client, parent["job_id"], data=MORE_INTERVIEWS,
-                                    config={"complexity": "simple", "redact": False}).json()["job_id"])
+    child = wait_job(
+        client,
+        refine(client, parent["job_id"], data=MORE_INTERVIEWS, config={"complexity": "simple", "redact": False}).json()[
+            "job_id"
+        ],
+    )
     assert child["status"] == "completed", child["error"]
     assert "redaction" in child["result"]["metadata"]
     everything = json.dumps(child["result"], ensure_ascii=False)
@@ -687,44 +830,74 @@ def test_a_refinement_of_a_redacted_job_stays_redacted_whatever_config_it_sends(
 def test_redaction_covers_warnings_and_the_source_and_keeps_participants_apart(tmp_path: Path) -> None:
     (tmp_path / "Interview_Sarah_Jones.txt").write_text(
         "Interviewer: How do you plan?\nSarah Jones: I plan on Sundays with a paper diary.\n"
-        "Interviewer: And then?\nSarah Jones: Then I copy it into the app, which is slow.\n")
+        "Interviewer: And then?\nSarah Jones: Then I copy it into the app, which is slow.\n"
+    )
     dataset = persona.load_path("Interview_Sarah_Jones.txt", tmp_path)
     redacted = persona.Redactor(dataset.names).dataset(dataset)
     shown = json.dumps([redacted.source, redacted.warnings, [p.id for p in redacted.participants]])
     assert "sarah" not in shown.lower() and "jones" not in shown.lower()
-    twins = persona.Redactor({"Sarah"}).dataset(persona.Dataset(
-        [persona.Participant("Sarah", ["I plan on Sundays."]), persona.Participant("sarah", ["I plan on Mondays."])],
-        {"location": "inline"}))
+    twins = persona.Redactor({"Sarah"}).dataset(
+        persona.Dataset(
+            [
+                persona.Participant("Sarah", ["I plan on Sundays."]),
+                persona.Participant("sarah", ["I plan on Mondays."]),
+            ],
+            {"location": "inline"},
+        )
+    )
     assert len({p.id for p in twins.participants}) == 2
 
 
 def test_words_the_data_uses_as_words_and_numbered_speakers_are_not_names() -> None:
     redactor = persona.Redactor({"Nurse Manager", "Speaker 2", "Maya Patel"})
-    dataset = persona.Dataset([persona.Participant("P1", ["As a nurse I check the rota.", "Maya says the nurse app is slow.",
-                                                          "Speaker 2 agrees with the Nurse Manager."])], {"location": "x"})
+    dataset = persona.Dataset(
+        [
+            persona.Participant(
+                "P1",
+                [
+                    "As a nurse I check the rota.",
+                    "Maya says the nurse app is slow.",
+                    "Speaker 2 agrees with the Nurse Manager.",
+                ],
+            )
+        ],
+        {"location": "x"},
+    )
     texts = redactor.dataset(dataset).participants[0].texts
-    assert texts == ["As a nurse I check the rota.", "[name-1] says the nurse app is slow.",
-                     "Speaker 2 agrees with the [name-2]."]
+    assert texts == [
+        "As a nurse I check the rota.",
+        "[name-1] says the nurse app is slow.",
+        "Speaker 2 agrees with the [name-2].",
+    ]
 
 
 @pytest.mark.sqlite_only
 def test_groups_name_participants_as_the_redacted_data_does(client: httpx.Client, workdir: Path) -> None:
     names = ["Ada Lovelace", "Alan Turing", "Grace Hopper"]
-    rows = [["participant", "reviewer", "review"]] + [[name, name, f"The rota app is slow, says {name}, on day {n}."]
-                                                      for n, name in enumerate(names, 1)]
+    rows = [["participant", "reviewer", "review"]] + [
+        [name, name, f"The rota app is slow, says {name}, on day {n}."] for n, name in enumerate(names, 1)
+    ]
     out = io.StringIO()
     csv.writer(out).writerows(rows)
     (workdir / "data" / "reviews.csv").write_text(out.getvalue())
-    job = completed_job(client, data="reviews.csv", count=2,
-                        config={"redact": True, "groups": {"First": names[:1], "Others": names[1:]}})
+    job = completed_job(
+        client,
+        data="reviews.csv",
+        count=2,
+        config={"redact": True, "groups": {"First": names[:1], "Others": names[1:]}},
+    )
     assert [p["title"] for p in job["result"]["personas"]] == ["First", "Others"]
-    assert [p["evidence"]["participants"] for p in job["result"]["personas"]] == [["[name-1]"], ["[name-2]", "[name-3]"]]
+    assert [p["evidence"]["participants"] for p in job["result"]["personas"]] == [
+        ["[name-1]"],
+        ["[name-2]", "[name-3]"],
+    ]
     assert "Lovelace" not in json.dumps(job["result"])
 
 
 @pytest.mark.sqlite_only
-def test_the_command_line_shows_what_differs_and_refuses_what_is_neither_folder_nor_job(client: httpx.Client,
-                                                                                       server: Server) -> None:
+def test_the_command_line_shows_what_differs_and_refuses_what_is_neither_folder_nor_job(
+    client: httpx.Client, server: Server
+) -> None:
     three, four = completed_job(client, count=3), completed_job(client, count=4)
     shown = run_persona("compare", three["result"]["output_path"], four["result"]["output_path"])
     assert shown.returncode == 0, shown.stderr
@@ -743,19 +916,22 @@ def test_an_estimate_of_data_that_cannot_be_read_says_the_job_would_fail(client:
     assert any(warning.startswith("the job would fail: ") for warning in estimate["warnings"])
 
 
-@pytest.mark.parametrize(("kind", "said", "secret"), [
-    ("email", "Write to renée.dubois@exämple.de if the export breaks again.", "renée.dubois@exämple.de"),
-    ("ip_address", "The kiosk at 10.20.30.40 drops the connection every night.", "10.20.30.40"),
-    ("ip_address", "Our gateway 2001:db8:85a3::8a2e:370:7334 blocks the upload.", "2001:db8:85a3::8a2e:370:7334"),
-    ("iban", "Refunds go to GB82 WEST 1234 5698 7654 32 but arrive late.", "GB82 WEST 1234 5698 7654 32"),
-    ("id_number", "They asked for my passport number X1234567 twice.", "X1234567"),
-    ("id_number", "I typed my SSN 123-45-6789 into the form by mistake.", "123-45-6789"),
-    ("birth_date", "I was born on 12/03/1985 and the app thinks I am a child.", "12/03/1985"),
-    ("address", "Deliveries to 221B Baker Street always go to the wrong door.", "221B Baker Street"),
-    ("address", "The courier never finds Hauptstraße 5 in the evening.", "Hauptstraße 5"),
-    ("handle", "I complained to @acme_support on social media twice.", "@acme_support"),
-    ("url", "The help page at help.acme-bank.com/reset never loads.", "help.acme-bank.com/reset"),
-])
+@pytest.mark.parametrize(
+    ("kind", "said", "secret"),
+    [
+        ("email", "Write to renée.dubois@exämple.de if the export breaks again.", "renée.dubois@exämple.de"),
+        ("ip_address", "The kiosk at 10.20.30.40 drops the connection every night.", "10.20.30.40"),
+        ("ip_address", "Our gateway 2001:db8:85a3::8a2e:370:7334 blocks the upload.", "2001:db8:85a3::8a2e:370:7334"),
+        ("iban", "Refunds go to GB82 WEST 1234 5698 7654 32 but arrive late.", "GB82 WEST 1234 5698 7654 32"),
+        ("id_number", "They asked for my passport number X1234567 twice.", "X1234567"),
+        ("id_number", "I typed my SSN 123-45-6789 into the form by mistake.", "123-45-6789"),
+        ("birth_date", "I was born on 12/03/1985 and the app thinks I am a child.", "12/03/1985"),
+        ("address", "Deliveries to 221B Baker Street always go to the wrong door.", "221B Baker Street"),
+        ("address", "The courier never finds Hauptstraße 5 in the evening.", "Hauptstraße 5"),
+        ("handle", "I complained to @acme_support on social media twice.", "@acme_support"),
+        ("url", "The help page at help.acme-bank.com/reset never loads.", "help.acme-bank.com/reset"),
+    ],
+)
 def test_each_kind_of_personal_data_is_redacted(kind: str, said: str, secret: str) -> None:
     redactor = persona.Redactor([])
     shown = redactor.text(said)
@@ -763,10 +939,18 @@ def test_each_kind_of_personal_data_is_redacted(kind: str, said: str, secret: st
 
 
 def test_names_are_found_beside_their_address_in_ids_and_in_a_your_name_column() -> None:
-    records = [{"participant": "zoom_Sarah_Jones", "Your name": "Priya Natarajan",
-                "comment": "Sarah Jones (sarah.jones@example.org) says the rota app loses her shifts. Priya agrees."},
-               {"participant": "Interview-Ana-Lima", "Your name": "Tom Becker",
-                "comment": "Ana keeps a paper diary because the rota app is slow to sync."}]
+    records = [
+        {
+            "participant": "zoom_Sarah_Jones",
+            "Your name": "Priya Natarajan",
+            "comment": "Sarah Jones (sarah.jones@example.org) says the rota app loses her shifts. Priya agrees.",
+        },
+        {
+            "participant": "Interview-Ana-Lima",
+            "Your name": "Tom Becker",
+            "comment": "Ana keeps a paper diary because the rota app is slow to sync.",
+        },
+    ]
     dataset = persona.load_inline(records)
     redacted = persona.Redactor(dataset.names).dataset(dataset)
     shown = json.dumps([[p.id, p.texts, p.attributes] for p in redacted.participants], ensure_ascii=False)

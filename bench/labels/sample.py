@@ -56,8 +56,7 @@ HOSTS = {"Nadia Eghbal", "Mikeal Rogers", "Adam Stacoviak", "Break"}
 FREE_TEXT: dict[str, tuple[str, str, int | str | None, list[int]]] = {
     # 4 hinders; 6-8 tools to integrate; 10 other way to run; 11-16 needs (not) addressed;
     # 17-22 pleasant / difficult aspects; 23-28 features and enhancements wanted; 31 role
-    "jupyter-ux-2015": ("jupyter-ux-2015/responses.csv", ",", None,
-                        [4, 6, 7, 8, 10, *range(11, 29), 31]),
+    "jupyter-ux-2015": ("jupyter-ux-2015/responses.csv", ",", None, [4, 6, 7, 8, 10, *range(11, 29), 31]),
     # 11 pain points running the class; 13 extensions; 21 other grading; 22 grading pain points;
     # 23 other uses; 24 suggestions
     "jupyter-education-2016": ("jupyter-education-2016/responses.csv", ",", None, [11, 13, 21, 22, 23, 24]),
@@ -74,8 +73,15 @@ FREE_TEXT: dict[str, tuple[str, str, int | str | None, list[int]]] = {
 }
 TRANSCRIPTS = "rfc-transcripts"
 # order of the data sets in sentences.jsonl; data sets added later go last, so earlier lines stay put
-DATASETS = ["jupyter-ux-2015", "jupyter-education-2016", "jupyter-2020", "r-community-2018",
-            "ethiopian-bank-reviews", TRANSCRIPTS, "flaky-tests-2021"]
+DATASETS = [
+    "jupyter-ux-2015",
+    "jupyter-education-2016",
+    "jupyter-2020",
+    "r-community-2018",
+    "ethiopian-bank-reviews",
+    TRANSCRIPTS,
+    "flaky-tests-2021",
+]
 
 SPEAKER = re.compile(r"^\*\*(?P<label>[^*]{1,60}):\*\*\s*(?P<text>.*)$")
 NOTE = re.compile(r"\\\[(?P<note>[^\]]*?)\\\]")
@@ -102,10 +108,10 @@ def split_sentences(text: str) -> list[str]:
         pieces: list[str] = []
         start = 0
         for match in SENTENCE_END.finditer(line):
-            piece = line[start:match.start()].strip()
+            piece = line[start : match.start()].strip()
             if ABBREVIATION.search(piece.split(" ")[-1] if piece else ""):
                 continue
-            pieces.append(line[start:match.end()])
+            pieces.append(line[start : match.end()])
             start = match.end()
         pieces.append(line[start:])
         for piece in pieces:
@@ -203,9 +209,15 @@ def build() -> tuple[list[dict], dict[str, int]]:
             taken += sum(c["participant"] == person for c in chosen)
         for c in chosen:
             sid = f"{dataset}:{c['n']}"
-            record = {"id": sid, "dataset": dataset, "participant": c["participant"], "field": c["field"],
-                      "text": c["text"], "label": None,
-                      "split": "heldout" if c["participant"] in heldout_people else "tune"}
+            record = {
+                "id": sid,
+                "dataset": dataset,
+                "participant": c["participant"],
+                "field": c["field"],
+                "text": c["text"],
+                "label": None,
+                "split": "heldout" if c["participant"] in heldout_people else "tune",
+            }
             if sid in labels:
                 label, also, text = labels[sid]
                 assert text == c["text"], f"labels.tsv text differs from the sample for {sid}"
