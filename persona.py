@@ -20,8 +20,8 @@ import functools
 import gc
 import hashlib
 import hmac
-import importlib.util
 import html
+import importlib.util
 import io
 import ipaddress
 import itertools
@@ -43,10 +43,10 @@ import tempfile
 import time
 import weakref
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -489,7 +489,8 @@ GENERATE_SCHEMA: JSON = {
 REFINE_SCHEMA: JSON = {
     "type": "object",
     "additionalProperties": False,
-    "description": "at least one of data and instruction; count, provider, model and config default to the parent job's",
+    "description": "at least one of data and instruction; "
+    "count, provider, model and config default to the parent job's",
     "anyOf": [{"required": ["data"]}, {"required": ["instruction"]}],
     "properties": {
         "data": GENERATE_SCHEMA["properties"]["data"],
@@ -767,7 +768,7 @@ def json_bytes(value: Any) -> bytes:
 
 
 def epoch_to_iso(clock: float) -> str:
-    return datetime.fromtimestamp(clock, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(clock, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def utc_now() -> str:
@@ -1268,7 +1269,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def _requeue(self, job_id: str, claimed_by: str) -> str | None:
-        """Requeue a job `claimed_by` still holds, or fail it out of attempts: its new status, None if no longer held."""
+        """Requeue a job `claimed_by` still holds, or fail it out of attempts.
+
+        Returns its new status, or None when `claimed_by` no longer holds it."""
 
     @abc.abstractmethod
     async def release_job(self, job_id: str, worker: str, attempt_begun: bool) -> None:
@@ -1592,7 +1595,8 @@ SQL_SETTLE_DELIVERY = """
 UPDATE deliveries SET status = :status, attempts = attempts + 1, next_attempt_at = :next, claimed_by = NULL
 WHERE delivery_id = :delivery_id AND claimed_by = :worker AND status = 'delivering'"""
 SQL_DELIVERING = """
-SELECT delivery_id, claimed_by, ? - claimed_at AS idle FROM deliveries WHERE status = 'delivering' AND claimed_by != ?"""
+SELECT delivery_id, claimed_by, ? - claimed_at AS idle FROM deliveries
+WHERE status = 'delivering' AND claimed_by != ?"""
 SQL_RELEASE_DELIVERY = """
 UPDATE deliveries SET status = 'pending', claimed_by = NULL
 WHERE delivery_id = ? AND claimed_by = ? AND status = 'delivering'"""
@@ -1632,7 +1636,8 @@ DELETE FROM delivery_attempts WHERE rowid IN (
         SELECT rowid, ROW_NUMBER() OVER (PARTITION BY delivery_id ORDER BY rowid DESC) AS newer
         FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE attempts > :kept))
     WHERE newer > :kept)"""
-SQL_PROBE_WRITE = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"
+SQL_PROBE_WRITE = """
+INSERT INTO write_probe (id, probed_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"""
 
 Run = Callable[..., Awaitable[list[Any]]]  # runs one statement of a transaction
 
@@ -2318,7 +2323,8 @@ PG_PURGE_IDEMPOTENT = f"DELETE FROM idempotency_keys WHERE created_at <= {PG_CLO
 # A claim skips rows another host is claiming this instant, rather than waiting for them; the
 # outer status check makes sure that a row is claimed only while it is still pending.
 PG_CLAIM_JOB = f"""
-UPDATE jobs SET status = 'running', claimed_by = $1, started_at = COALESCE(started_at, {PG_NOW}), heartbeat_at = {PG_CLOCK}
+UPDATE jobs SET status = 'running', claimed_by = $1, started_at = COALESCE(started_at, {PG_NOW}),
+                heartbeat_at = {PG_CLOCK}
 WHERE seq = (SELECT seq FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
   AND status = 'pending'
 RETURNING job_id, request, experiment_id, created_at"""
@@ -2391,7 +2397,8 @@ UPDATE deliveries SET status = 'delivering', claimed_by = $1, claimed_at = {PG_C
 FROM due WHERE deliveries.seq = due.seq AND deliveries.status = 'pending'
 RETURNING delivery_id, event, url, secret, payload, attempts"""
 PG_RECORD_ATTEMPT = """
-INSERT INTO delivery_attempts (delivery_id, attempted_at, http_status, error, duration_ms) VALUES ($1, $2, $3, $4, $5)"""
+INSERT INTO delivery_attempts (delivery_id, attempted_at, http_status, error, duration_ms)
+VALUES ($1, $2, $3, $4, $5)"""
 PG_SETTLE_DELIVERY = f"""
 UPDATE deliveries SET status = $3, attempts = attempts + 1, next_attempt_at = {PG_CLOCK} + $4, claimed_by = NULL
 WHERE delivery_id = $1 AND claimed_by = $2 AND status = 'delivering'"""
@@ -2435,7 +2442,8 @@ PG_LOCK_JOB_DELIVERIES = """
 WITH locked AS (SELECT job_id, status FROM deliveries WHERE job_id = ANY($1::text[]) FOR UPDATE)
 SELECT DISTINCT job_id FROM locked WHERE status IN ('pending', 'delivering')"""
 PG_PURGE_JOB_ATTEMPTS = """
-DELETE FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE job_id = ANY($1::text[]))"""
+DELETE FROM delivery_attempts
+WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE job_id = ANY($1::text[]))"""
 PG_PURGE_JOB_DELIVERIES = "DELETE FROM deliveries WHERE job_id = ANY($1::text[])"
 PG_PURGE_JOBS = "DELETE FROM jobs WHERE job_id = ANY($1::text[])"
 PG_TRIM_ATTEMPTS = """
@@ -2445,7 +2453,8 @@ DELETE FROM delivery_attempts WHERE seq IN (
         FROM delivery_attempts WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE attempts > $1)) AS ranked
     WHERE newer > $1)"""
 PG_PROBE_WRITE = f"""
-INSERT INTO write_probe (id, probed_at) VALUES (1, {PG_CLOCK}) ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"""
+INSERT INTO write_probe (id, probed_at) VALUES (1, {PG_CLOCK})
+ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"""
 # Errors that say the database cannot be used for now, not that a statement is wrong: by SQLSTATE class.
 PG_UNAVAILABLE_CLASSES = ("08", "25", "28", "40", "53", "55", "57", "58")
 PG_POOL_SIZE = 10  # connections per server process; a listener connection comes on top
@@ -2586,7 +2595,7 @@ class PostgresStore(Store):
                     "PostgreSQL listener cannot connect (%s); trying again", pg_trouble(exc) or type(exc).__name__
                 )
             else:
-                conn.add_termination_listener(lambda _: closed.set())
+                conn.add_termination_listener(lambda _, lost=closed: lost.set())  # this connection's own event
                 try:
                     await conn.add_listener(
                         "persona", lambda _conn, _pid, _channel, payload: self._hear(payload, on_news)
@@ -4337,7 +4346,7 @@ def parse_transcript(text: str, pid: str, name: str) -> Transcript:
     found, start = header_block(lines, Counter(accepted))
     turns: list[tuple[str | None, str]] = []
     current: tuple[str | None, list[str]] | None = None
-    for (kind, label, rest), line in zip(read[start:], lines[start:]):
+    for (_kind, label, rest), line in zip(read[start:], lines[start:]):
         stripped = line.strip()
         if not stripped or stripped.startswith(("#", "---")):
             if current and current[1] and current[1][-1] != "\n":
@@ -5524,7 +5533,8 @@ PAIN_PARTS = (
     r"unusable|waste of (?:time|money)|wasted|wasting|mess|messy|steep|learning curve|"
     r"(?:a|such a) (?:real |huge |big )?pain",
     # failures
-    r"crash\w*|freez\w*|hangs|bugs?|buggy|broken|glitch\w*|errors?|(?:fails?|failing) to|(?:is|are|was|were) failing|failed|failure|stuck|"
+    r"crash\w*|freez\w*|hangs|bugs?|buggy|broken|glitch\w*|errors?|"
+    r"(?:fails?|failing) to|(?:is|are|was|were) failing|failed|failure|stuck|"
     r"locked out|delays?|delayed|lag|lags|lagging|laggy|slow|slower|slowness|long wait\w*|"
     r"takes? (?:forever|ages|too long|so long|a long time)|"
     r"stops? (?:at|working|responding)|stopped (?:at|working|responding)|keeps? (?:crashing|freezing|failing|closing|"
@@ -6807,7 +6817,8 @@ def describe_provider_failure(provider: str, exc: Exception) -> str:
     if isinstance(status, int) and status >= 500:
         return f"{provider}: server error ({status}) after {attempts} attempts"
     if isinstance(status, int) and status in (401, 403):
-        return f"{provider}: the API key was refused ({status}); check {' or '.join(PROVIDER_SPECS[provider].key_variables)}"
+        variables = " or ".join(PROVIDER_SPECS[provider].key_variables)
+        return f"{provider}: the API key was refused ({status}); check {variables}"
     if isinstance(status, int):
         return f"{provider}: request refused ({status})"
     if "Timeout" in name:
@@ -6979,9 +6990,10 @@ def persona_prompt(
     count: int, data: str, config: JSON, others: list[str] | None = None, refining: Refining | None = None
 ) -> str:
     detail = LIST_LENGTHS[config.get("detail_level", "standard")]
+    quotes = QUOTE_COUNTS[config.get("detail_level", "standard")]
     lines = [
         f"Create exactly {count} distinct persona{'s' if count != 1 else ''} from the research data below.",
-        f"Give each persona about {detail} goals, pain points and behaviours, and {QUOTE_COUNTS[config.get('detail_level', 'standard')]} "
+        f"Give each persona about {detail} goals, pain points and behaviours, and {quotes} "
         "quotes. Quotes must be whole sentences copied exactly from the data.",
         "In `participants`, list the ids (shown in brackets) of the participants each persona stands for.",
         f"Complexity: {config.get('complexity', 'moderate')}.",
@@ -7749,7 +7761,9 @@ def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
 
 
 def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
-    """The parent's data and the data a refinement adds: a participant in both (the same id) is one, with all their texts."""
+    """The parent's data and the data a refinement adds.
+
+    A participant in both (the same id) is one, with all their texts."""
     people = {
         person.id: Participant(person.id, list(person.texts), dict(person.attributes)) for person in first.participants
     }
@@ -7992,7 +8006,8 @@ ul{margin:0;padding-left:1.2rem}blockquote{margin:.4rem 0;padding-left:.8rem;bor
 .unverified{border-left-color:#c2410c;color:#7c2d12}.unverified::after{content:" (unverified)";font-size:.8rem}
 dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .75rem;margin:0}dt{color:#6b7280}dd{margin:0}
 .ids{font-size:.85rem;color:#4b5565}.none{color:#6b7280;font-style:italic;margin:0}
-.quality{font-size:.85rem;color:#4b5565;background:#f4f5f7;border-radius:6px;padding:.3rem .6rem}.said{color:#6b7280;font-size:.85rem}table{border-collapse:collapse;width:100%;background:#fff}
+.quality{font-size:.85rem;color:#4b5565;background:#f4f5f7;border-radius:6px;padding:.3rem .6rem}
+.said{color:#6b7280;font-size:.85rem}table{border-collapse:collapse;width:100%;background:#fff}
 td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
 @media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
 border:1px solid #ccc;margin-bottom:1rem}}
@@ -8153,7 +8168,8 @@ def personas_markdown(personas: list[JSON], subtitle: str, quality: JSON | None)
 
 
 def personas_subtitle(personas: list[JSON], metadata: JSON) -> str:
-    return f"{len(personas)} personas from {metadata['source']['location']} · {metadata['provider']} · {metadata['job_id']}"
+    source = metadata["source"]["location"]
+    return f"{len(personas)} personas from {source} · {metadata['provider']} · {metadata['job_id']}"
 
 
 EXPORT_FORMATS = {  # format: (media type, file name's ending)
@@ -8211,7 +8227,9 @@ def write_outputs(folder: Path, personas: list[JSON], metadata: JSON, exchanges:
 
 
 def mark_output_folder(output_dir: Path) -> None:
-    """Mark the output folder, so that no data source ever takes in what Persona wrote (it may lie in the data directory)."""
+    """Mark the output folder, so that no data source ever takes in what Persona wrote.
+
+    The folder may lie in the data directory."""
     with contextlib.suppress(OSError):
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / OUTPUT_MARKER).touch(exist_ok=True)
@@ -8540,7 +8558,9 @@ def this_host() -> str:
 
 
 def claimer_is_gone(claimed_by: str, idle: float | None, lease: float = LEASE_S) -> bool:
-    """A claimer is gone when its lease lapsed (`idle` seconds since it was last heard), or, on this host, its process died."""
+    """A claimer is gone when its lease lapsed (`idle` seconds since it was last heard).
+
+    On this host, it is also gone when its process died."""
     if idle is None or idle > lease:
         return True
     host, _, rest = claimed_by.partition(":")
@@ -9335,7 +9355,9 @@ async def admit_job(
     idempotency: tuple[str, str] | None,
     experiment_id: str | None = None,
 ) -> Response:
-    """Queue a checked request within its owner's quota, once its data source checks out, and answer as the reference does."""
+    """Queue a checked request within its owner's quota, once its data source checks out.
+
+    The answer is the reference's: 202 with the job, or the replay of an Idempotency-Key."""
     app_state = state(request)
     limit = app_state.settings.max_concurrent_jobs
     if data is not None:
@@ -9678,7 +9700,8 @@ header{overflow-wrap:anywhere}header a{color:#fff}nav{margin:0 0 1rem}nav a{marg
 .cards{display:grid;gap:1.25rem;grid-template-columns:repeat(auto-fill,minmax(22rem,1fr))}
 form.panel{display:grid;gap:.75rem;grid-template-columns:repeat(auto-fill,minmax(14rem,1fr));align-items:end;
 background:#fff;border-radius:12px;padding:1rem 1.25rem;box-shadow:0 1px 3px rgba(0,0,0,.12)}
-label{display:grid;gap:.25rem;font-size:.9rem;color:#4b5565}input,select,textarea,button{font:inherit;padding:.4rem .5rem;
+label{display:grid;gap:.25rem;font-size:.9rem;color:#4b5565}
+input,select,textarea,button{font:inherit;padding:.4rem .5rem;
 border:1px solid #c7ccd6;border-radius:6px;background:#fff;color:#1d2330;min-width:0}
 button{background:#2848a8;color:#fff;border-color:#2848a8;cursor:pointer}button:focus,a:focus,input:focus,select:focus,
 textarea:focus{outline:3px solid #f59e0b;outline-offset:1px}progress{width:100%;max-width:30rem;height:1.1rem}
@@ -9735,7 +9758,8 @@ def job_row(job: JSON) -> str:
     titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
     request = job["request"]
     return (
-        f'<tr data-status="{escape(job["status"])}"><td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
+        f'<tr data-status="{escape(job["status"])}">'
+        f'<td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
         f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
         f"<td>{escape(request.get('count', 3))}</td><td>{escape(job['status'])}</td>"
         f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
@@ -9786,7 +9810,9 @@ def not_found_page(request: Request, what: str) -> HTMLResponse:
 
 
 async def job_page(request: Request) -> HTMLResponse:
-    """A job followed live (the script fetches this page again until the job ends), then its cards and what comes next."""
+    """A job followed live, then its cards and what comes next.
+
+    While the job runs, the page's script fetches it again until the job ends."""
     key = request.path_params["job_id"]
     job = await job_named(request, key)
     if job is None:
@@ -9953,7 +9979,8 @@ async function loadSources(selects, chosen) {
   sources = await api("GET", "/api/v1/data");
   for (const select of selects) {
     select.length = 1;
-    for (const source of sources) option(select, source.name, source.kind === "folder" ? source.name + "/" : source.name);
+    for (const source of sources)
+      option(select, source.name, source.kind === "folder" ? source.name + "/" : source.name);
     if (chosen) select.value = chosen;
   }
 }
@@ -10882,7 +10909,8 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         message = f"No endpoint at {request.url.path}"
     elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', '')}"
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"Method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
     else:
         message = str(exc.detail)
     code = ERROR_CODES.get(exc.status_code, "invalid_input")
@@ -11714,9 +11742,8 @@ def run_jobs(args: argparse.Namespace) -> int:
 def print_jobs(jobs: list[JSON]) -> None:
     print(f"{'JOB':<18} {'STATUS':<10} {'PROGRESS':>8}  {'CREATED':<20}  ERROR")
     for job in jobs:
-        print(
-            f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {job['created_at']:<20}  {job['error'] or ''}"
-        )
+        created, error = job["created_at"], job["error"] or ""
+        print(f"{job['job_id']:<18} {job['status']:<10} {job['progress']:>7}%  {created:<20}  {error}")
 
 
 def run_experiments(args: argparse.Namespace) -> int:
@@ -11731,9 +11758,8 @@ def run_experiments(args: argparse.Namespace) -> int:
     experiments = ask_server(args, lambda client: client.list_experiments(limit=args.limit))
     print(f"{'EXPERIMENT':<17} {'JOBS':>5}  {'UPDATED':<20}  NAME")
     for experiment in experiments:
-        print(
-            f"{experiment['experiment_id']:<17} {experiment['jobs']:>5}  {experiment['updated_at']:<20}  {experiment['name'] or ''}"
-        )
+        updated, name = experiment["updated_at"], experiment["name"] or ""
+        print(f"{experiment['experiment_id']:<17} {experiment['jobs']:>5}  {updated:<20}  {name}")
     return 0
 
 

@@ -59,7 +59,8 @@ def attacks() -> dict[str, tuple[str, bytes]]:
             zipped(
                 {
                     "word/document.xml": (
-                        f'{laughs}<w:document xmlns:w="{W}"><w:body><w:p><w:r><w:t>Dana: &f;</w:t></w:r></w:p></w:body></w:document>'
+                        f'{laughs}<w:document xmlns:w="{W}"><w:body><w:p><w:r>'
+                        "<w:t>Dana: &f;</w:t></w:r></w:p></w:body></w:document>"
                     )
                 }
             ),

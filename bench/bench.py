@@ -561,7 +561,9 @@ class Bench:
         print(json.dumps(row), flush=True)
 
     def run_engine(self, sizes: list[int]) -> None:
-        """Time and peak memory of the offline engine with its quality report and stability, each size in a fresh process."""
+        """Time and peak memory of the offline engine with its quality report and stability.
+
+        Each size runs in a fresh process."""
         for size in sizes:
             data = self.work / "data" / f"engine-{size}.csv"
             interviews(data, size)
@@ -655,7 +657,9 @@ def submit_jobs(urls: list[str], jobs: int, threads: int = 8) -> list[str]:
 
 
 def dead_tuples(db: str) -> int:
-    """Dead rows in the database's tables, read once its servers' sessions have ended and so flushed their statistics."""
+    """Dead rows in the database's tables.
+
+    Read once its servers' sessions have ended, and so flushed their statistics."""
 
     async def count() -> int:
         conn = await asyncpg.connect(db)

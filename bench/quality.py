@@ -387,7 +387,9 @@ def recovery(personas: list[dict[str, Any]], segments: list[dict[str, Any]]) -> 
 
 
 def title_faults(personas: list[dict[str, Any]], dataset: Any) -> list[str]:
-    """Titles a researcher would not write: a placeholder, a bare answer value, or a phrase under a quarter of its members say."""
+    """Titles a researcher would not write.
+
+    A placeholder, a bare answer value, an absence, or a phrase under a quarter of its members say."""
     words = {person.id: " ".join(person.texts).lower() for person in dataset.participants}
     faults = []
     for p in personas:

@@ -61,7 +61,7 @@ def test_a_job_interrupted_three_times_fails_saying_so(
         job_id = submit(http, data=gated_data.url)
     for attempt in range(1, 4):
         with server.client() as http:
-            wait_for(lambda: attempts(server, job_id) == attempt, what=f"attempt {attempt}")
+            wait_for(lambda attempt=attempt: attempts(server, job_id) == attempt, what=f"attempt {attempt}")
             wait_job(http, job_id, until=("running",))
         server.kill()
         server.start()

@@ -75,7 +75,8 @@ def test_a_folder_of_transcripts_gives_one_participant_per_file_with_header_attr
         (
             "lines.jsonl",
             '{"user_id": "1", "role": "Nurse", "comment": "I need the rota to load offline in the basement."}\n'
-            '{"user_id": "2", "role": "Driver", "comment": "I want overtime to be paid correctly every single week."}\n',
+            '{"user_id": "2", "role": "Driver", '
+            '"comment": "I want overtime to be paid correctly every single week."}\n',
         ),
         (
             "strings.json",

@@ -215,7 +215,7 @@ def test_jobs_waiting_for_an_engine_slot_spend_no_attempts_when_the_server_is_ki
         with server.client() as http:
             # Each life of the server finishes a couple of jobs, then dies with others computing and the rest waiting.
             wait_for(
-                lambda: completed(http) >= 2 * kill and engine_children(server.process.pid),
+                lambda kill=kill: completed(http) >= 2 * kill and engine_children(server.process.pid),
                 timeout=60,
                 what=f"two more jobs to complete and more to compute before kill {kill}",
             )

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from standardwebhooks import Webhook
 from conftest import GatedDataServer, Receiver, Server, submit, wait_for, wait_job
+from standardwebhooks import Webhook
 
 import persona
 
@@ -123,7 +123,7 @@ def test_each_delivery_has_a_connection_of_its_own(start_server, receiver: Recei
     with server.client() as http:
         for count, url in enumerate((receiver.url, other_name), start=1):
             wait_job(http, submit(http, data="interviews.csv", webhook_url=url))
-            wait_for(lambda: len(receiver.requests) == count, what=f"delivery {count}")
+            wait_for(lambda count=count: len(receiver.requests) == count, what=f"delivery {count}")
     first, second = receiver.requests
     assert first["peer"] != second["peer"]
 
@@ -392,8 +392,8 @@ def test_a_data_url_on_a_private_address_fails_its_job_with_the_reason(guarded, 
 
 
 def test_retry_after_is_honoured_in_both_forms_and_capped() -> None:
-    from email.utils import formatdate
     import time
+    from email.utils import formatdate
 
     assert persona.parse_retry_after("30") == 30
     assert 55 <= persona.parse_retry_after(formatdate(time.time() + 60, usegmt=True)) <= 60

@@ -215,7 +215,7 @@ def test_an_upload_is_its_uploader_s_to_delete(start_server) -> None:
 def test_one_client_s_uploads_stop_at_its_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(persona, "MAX_UPLOADS_PER_OWNER", 2)
     (tmp_path / "data").mkdir()
-    for number in range(2):
+    for _ in range(2):
         persona.store_upload(tmp_path / "data", "survey.csv", SURVEY, "key:a")
     with pytest.raises(persona.APIError, match="You keep 2 uploads, the most one client may"):
         persona.store_upload(tmp_path / "data", "survey.csv", SURVEY, "key:a")

@@ -669,7 +669,8 @@ PLANTED = (
 
 
 def planted_survey(workdir: Path) -> str:
-    """A survey export whose answers hold an e-mail address, a phone number, a URL, a postcode, a card number and names."""
+    """A survey export whose answers hold an e-mail address, a phone number, a URL, a postcode, a card number
+    and names."""
     rows = [["participant_id", "Name", "role", "response"]]
     for number in range(1, 9):
         name = "Joanna Bloggs" if number % 2 else "Priyanka Oduya"

@@ -76,7 +76,8 @@ def segments():
 SEGMENTS = {
     "A": {
         "name": "Occasional-flake fixers",
-        "basis": "'How often do you observe flaky tests…' = Never, A few times a year or Monthly; AND 'After identifying "
+        "basis": "'How often do you observe flaky tests…' = Never, A few times a year or Monthly; "
+        "AND 'After identifying "
         "a flaky test, how often do you… [Attempt to repair the flakiness.]' = Often; AND '[Take no action.]' = "
         "Never or Rarely. In their words: flakiness is a defect to fix ('We always attempt to fix flaky tests', "
         "'Rewrite problematic code to make it more testable', 'they often point to an underlying weakness').",

@@ -160,7 +160,8 @@ def write_json():
         "disjoint: each respondent goes to the first rule that fits, in the order developers (D), learners "
         "(C), academics (A), applied analysts (B), because practice and stage of learning say more about "
         "needs than job title. Left out: responses-037 (retired) and responses-069, who has not learned R "
-        "and answered only the prospective-learner branch. The four open questions (like best, like least, most missing, one thing "
+        "and answered only the prospective-learner branch. The four open questions "
+        "(like best, like least, most missing, one thing "
         "to change) get short answers; 34 of 150 respondents answer at most one of them, 25 none.",
     }
     Path(__file__).with_name("researcher.json").write_text(
