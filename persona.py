@@ -8933,6 +8933,7 @@ UNLIMITED_PATHS = frozenset({"/api/v1/health"})
 JOB_ID = re.compile(r"^job-[0-9a-f]{12}$")
 WEBHOOK_ID = re.compile(r"^webhook-[0-9a-f]{12}$")
 EXPERIMENT_ID = re.compile(r"^exp-[0-9a-f]{12}$")
+DELIVERY_ID = re.compile(r"^delivery-[0-9a-f]{12}$")
 # A path segment that reads as a token: long, or of letters and digits together.
 SECRET_SEGMENT = re.compile(r"[\w.+=~%-]{24,}|(?=[^/]*\d)(?=[^/]*[A-Za-z])[\w.+=~%-]{16,}|[^/]*[;=][^/]*")
 
@@ -9288,7 +9289,7 @@ def generation_request(body: JSON, settings: Settings, need_key: bool = True) ->
 
 
 async def create_generation(request: Request) -> Response:
-    owner = authenticate(request)
+    owner = request.state.owner
     body = await read_json(request)
     job_request = generation_request(body, state(request).settings)
     return await admit_job(request, owner, job_request, job_request["data"], idempotency_key(request, body))
@@ -9296,7 +9297,7 @@ async def create_generation(request: Request) -> Response:
 
 async def refine_generation(request: Request) -> Response:
     """A new job in the parent's experiment: its personas again, with more data, an instruction, or both."""
-    owner = authenticate(request)
+    owner = request.state.owner
     body = await read_json(request)
     asked = validated(body, REFINE_CHECK)
     parent = await find_job(request)
@@ -9396,7 +9397,6 @@ async def admit_job(
 
 async def estimate_generation(request: Request) -> JSONResponse:
     """What POST /api/v1/generate with this body would send and cost; creates nothing."""
-    authenticate(request)
     settings = state(request).settings
     job_request = generation_request(await read_json(request), settings, need_key=False)
     await check_data_source(job_request["data"], settings.data_dir)
@@ -9482,7 +9482,6 @@ async def compare_generations(request: Request) -> JSONResponse:
 
 
 async def cancel_generation(request: Request) -> JSONResponse:
-    authenticate(request)
     job = await find_job(request)
     if not await state(request).store.cancel_job(job["job_id"]):
         job = await find_job(request)
@@ -9540,7 +9539,6 @@ async def get_experiment(request: Request) -> JSONResponse:
 
 
 async def create_webhook(request: Request) -> JSONResponse:
-    authenticate(request)
     body = validated(await read_json(request), WEBHOOK_CHECK)
     check_destination(body["url"], "url", state(request).settings)
     webhook = await state(request).store.create_webhook(
@@ -9587,7 +9585,6 @@ async def get_webhook(request: Request) -> JSONResponse:
 
 
 async def delete_webhook(request: Request) -> JSONResponse:
-    authenticate(request)
     webhook = await find_webhook(request)
     await state(request).store.delete_webhook(webhook["webhook_id"])
     return JSONResponse({"success": True, "message": f"Webhook {webhook['webhook_id']} deleted successfully"})
@@ -9600,13 +9597,12 @@ async def list_webhooks(request: Request) -> JSONResponse:
 
 async def list_data(request: Request) -> JSONResponse:
     """The sources in the data directory; file names can be sensitive, so with auth on this needs a token."""
-    authenticate(request)
     return JSONResponse(await data_sources(state(request).settings.data_dir))
 
 
 async def upload_data(request: Request) -> JSONResponse:
     """A file from the researcher's computer, stored under uploads/ in the data directory (body = its bytes)."""
-    owner = authenticate(request)
+    owner = request.state.owner
     settings = state(request).settings
     name = upload_name(request.path_params["name"])
     cap = settings.max_source_mb * 1024 * 1024
@@ -9626,7 +9622,7 @@ async def upload_data(request: Request) -> JSONResponse:
 
 async def delete_data(request: Request) -> Response:
     """Delete one of the caller's uploads, named as PUT named it; another client's is a 404."""
-    owner = authenticate(request)
+    owner = request.state.owner
     name = request.path_params["name"]
     if (
         not re.fullmatch(UPLOAD_NAME_PATTERN, name)
@@ -9656,7 +9652,6 @@ async def list_deliveries(request: Request) -> JSONResponse:
 
 
 async def retry_delivery(request: Request) -> JSONResponse:
-    authenticate(request)
     webhook = await find_webhook(request)
     delivery_id = request.path_params["delivery_id"]
     schedule = state(request).settings.webhook_retry_schedule
@@ -10152,7 +10147,7 @@ PERSONA_SCHEMA: JSON = {
     },
 }
 JOB_FIELDS_SCHEMA: JSON = {
-    "job_id": {"type": "string", "pattern": "^job-[0-9a-f]{12}$"},
+    "job_id": {"type": "string", "pattern": JOB_ID.pattern},
     "status": {"type": "string", "enum": list(JOB_STATUSES)},
     "progress": {"type": "integer", "minimum": 0, "maximum": 100},
     "created_at": TIMESTAMP,
@@ -10281,7 +10276,7 @@ ESTIMATE_SCHEMA: JSON = {
     },
 }
 EXPERIMENT_FIELDS_SCHEMA: JSON = {
-    "experiment_id": {"type": "string", "pattern": "^exp-[0-9a-f]{12}$"},
+    "experiment_id": {"type": "string", "pattern": EXPERIMENT_ID.pattern},
     "name": {"type": ["string", "null"], "description": "config.experiment; null for a job's own experiment"},
     "created_at": TIMESTAMP,
     "updated_at": TIMESTAMP,
@@ -10453,13 +10448,14 @@ def operation(
     ok: JSON,
     errors: Iterable[int],
     write: bool = False,
-    body: JSON | None = None,
+    takes_json: bool = False,
     parameters: list[JSON] | None = None,
 ) -> JSON:
+    """An operation's summary, responses (its own errors and those every endpoint can give), security and parameters."""
     codes = {*errors, 405, 429, 500, 503}
     if write:
         codes |= {401}
-    if body is not None:
+    if takes_json:
         codes |= {400, 413, 422}
     responses: JSON = {"200": ok}
     for code in sorted(codes):
@@ -10472,12 +10468,6 @@ def operation(
     spec: JSON = {"summary": summary, "responses": responses}
     if write:
         spec["security"] = [{"bearerAuth": []}]
-    if body is not None:
-        name = body["$ref"].rsplit("/", 1)[1]
-        spec["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": body, "examples": REQUEST_EXAMPLES[name]}},
-        }
     if parameters:
         spec["parameters"] = parameters
     return spec
@@ -10489,339 +10479,6 @@ def path_parameter(name: str, pattern: str) -> JSON:
 
 def query_parameter(name: str, schema: JSON) -> JSON:
     return {"name": name, "in": "query", "required": False, "schema": schema}
-
-
-OPERATION_IDS = {
-    ("/", "get"): "getInfo",
-    ("/api/v1/health", "get"): "getHealth",
-    ("/api/v1/providers", "get"): "listProviders",
-    ("/api/v1/data", "get"): "listData",
-    ("/api/v1/data/{name}", "put"): "uploadData",
-    ("/api/v1/data/{name}", "delete"): "deleteData",
-    ("/api/v1/generate", "post"): "createJob",
-    ("/api/v1/generate", "get"): "listJobs",
-    ("/api/v1/generate/{job_id}", "get"): "getJob",
-    ("/api/v1/generate/{job_id}", "delete"): "cancelJob",
-    ("/api/v1/generate/{job_id}/export", "get"): "exportJob",
-    ("/api/v1/generate/{job_id}/refine", "post"): "refineJob",
-    ("/api/v1/estimate", "post"): "estimateJob",
-    ("/api/v1/compare", "get"): "compareJobs",
-    ("/api/v1/experiments", "get"): "listExperiments",
-    ("/api/v1/experiments/{experiment_id}", "get"): "getExperiment",
-    ("/api/v1/webhooks", "post"): "createWebhook",
-    ("/api/v1/webhooks", "get"): "listWebhooks",
-    ("/api/v1/webhooks/{webhook_id}", "get"): "getWebhook",
-    ("/api/v1/webhooks/{webhook_id}", "delete"): "deleteWebhook",
-    ("/api/v1/webhooks/{webhook_id}/deliveries", "get"): "listDeliveries",
-    ("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", "post"): "retryDelivery",
-}
-
-
-def name_operations(paths: JSON) -> None:
-    for path, methods in paths.items():
-        for method, spec in methods.items():
-            spec["operationId"] = OPERATION_IDS[(path, method)]
-
-
-def link(paths: JSON, path: str, method: str, targets: dict[str, str]) -> None:
-    """Say which later calls take an id this one returns (clients and testers follow these)."""
-    paths[path][method]["responses"]["200"]["links"] = {
-        target: {"operationId": target, "parameters": {field: f"$response.body#/{field}"}}
-        for target, field in targets.items()
-    }
-
-
-def openapi_document() -> JSON:
-    """The whole API as OpenAPI 3.1, built from the schemas the server enforces."""
-    job_id = path_parameter("job_id", JOB_ID.pattern)
-    webhook_id = path_parameter("webhook_id", WEBHOOK_ID.pattern)
-    delivery_id = path_parameter("delivery_id", r"^delivery-[0-9a-f]{12}$")
-    idempotency_header = {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
-    }
-    page_parameters = [
-        query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-        query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9}),
-    ]
-    info_example = {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"}
-    health_schema = {
-        "type": "object",
-        "required": ["status", "version", "timestamp"],
-        "properties": {
-            "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
-            "version": {"type": "string"},
-            "timestamp": TIMESTAMP,
-            "reason": {"type": "string"},
-        },
-    }
-    accepted = {
-        "type": "object",
-        "required": ["job_id", "status", "message", "status_url"],
-        "properties": {
-            "job_id": {"type": "string"},
-            "status": {"type": "string", "enum": list(JOB_STATUSES)},
-            "message": {"type": "string"},
-            "status_url": {"type": "string"},
-        },
-    }
-    paths = {
-        "/": {
-            "get": operation("API information", json_response("API information", {"type": "object"}, info_example), [])
-        },
-        "/api/v1/health": {
-            "get": {
-                "summary": "Health check: the database answers and the job runner lives",
-                "responses": {
-                    "200": json_response("Healthy", health_schema, headers=False),
-                    "405": json_response(ERROR_TEXT[405], {"$ref": "#/components/schemas/Error"}, headers=False),
-                    "503": json_response("Unhealthy, with the reason", health_schema, headers=False),
-                },
-            }
-        },
-        "/api/v1/providers": {
-            "get": operation(
-                "Persona engines and LLM providers, and whether each is configured",
-                json_response("Providers", {"type": "array", "items": {"type": "object"}}),
-                [],
-            )
-        },
-        "/api/v1/data": {
-            "get": {
-                **operation(
-                    "The sources in the data directory: files with their format and a table's attributes, and folders",
-                    json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}),
-                    [],
-                    write=True,
-                )
-            },
-        },
-        "/api/v1/data/{name}": {
-            "put": {
-                **operation(
-                    "Upload a file into uploads/ in the data directory; a name already taken gets -2, -3, ...",
-                    json_response("Stored", UPLOADED_SCHEMA),
-                    [400, 404, 413, 422],
-                    write=True,
-                    parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)],
-                ),
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}
-                    },
-                },
-            },
-            "delete": operation(
-                "Delete one of your uploads, named as it was uploaded (uploads/ left out)",
-                {"description": "Deleted"},
-                [404],
-                write=True,
-                parameters=[path_parameter("name", UPLOAD_NAME_PATTERN)],
-            ),
-        },
-        "/api/v1/generate": {
-            "post": {
-                **operation(
-                    "Start a persona generation job",
-                    json_response("Job created", accepted),
-                    [],
-                    write=True,
-                    body={"$ref": "#/components/schemas/GenerateRequest"},
-                ),
-                "parameters": [idempotency_header],
-            },
-            "get": operation(
-                "List jobs, oldest first, without results",
-                {
-                    **json_response("Jobs", {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}}),
-                    "headers": {
-                        "X-Total-Count": {"schema": {"type": "integer"}},
-                        "Link": {"schema": {"type": "string"}},
-                    },
-                },
-                [422],
-                parameters=[
-                    query_parameter("status", {"type": "string", "enum": list(JOB_STATUSES)}),
-                    *page_parameters,
-                ],
-            ),
-        },
-        "/api/v1/generate/{job_id}": {
-            "get": operation(
-                "Job status and result",
-                json_response("The job", {"$ref": "#/components/schemas/Job"}),
-                [404],
-                parameters=[job_id],
-            ),
-            "delete": operation(
-                "Cancel a pending or running job; it fails with error 'cancelled'",
-                json_response("The cancelled job", {"$ref": "#/components/schemas/Job"}),
-                [404, 409],
-                write=True,
-                parameters=[job_id],
-            ),
-        },
-        "/api/v1/generate/{job_id}/export": {
-            "get": operation(
-                "A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
-                export_response(),
-                [404, 409, 422],
-                parameters=[
-                    job_id,
-                    query_parameter("format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"}),
-                ],
-            ),
-        },
-        "/api/v1/estimate": {
-            "post": operation(
-                "What a generation request would send to its provider and cost; creates nothing",
-                json_response("The estimate", ESTIMATE_SCHEMA),
-                [],
-                write=True,
-                body={"$ref": "#/components/schemas/GenerateRequest"},
-            ),
-        },
-        "/api/v1/generate/{job_id}/refine": {
-            "post": {
-                **operation(
-                    "Refine a completed job's personas with more data or an instruction: a new job in its experiment",
-                    json_response("Job created", accepted),
-                    [404, 409],
-                    write=True,
-                    body={"$ref": "#/components/schemas/RefineRequest"},
-                ),
-                "parameters": [job_id, idempotency_header],
-            },
-        },
-        "/api/v1/compare": {
-            "get": operation(
-                "Pair two completed jobs' personas and show, per field, what each pair shares",
-                json_response("The comparison", COMPARISON_SCHEMA),
-                [404, 409, 422],
-                parameters=[
-                    {**query_parameter("a", {"type": "string", "pattern": JOB_ID.pattern}), "required": True},
-                    {**query_parameter("b", {"type": "string", "pattern": JOB_ID.pattern}), "required": True},
-                ],
-            ),
-        },
-        "/api/v1/experiments": {
-            "get": operation(
-                "List experiments, newest first; a job without config.experiment is one of its own",
-                {
-                    **json_response(
-                        "Experiments", {"type": "array", "items": {"$ref": "#/components/schemas/Experiment"}}
-                    ),
-                    "headers": {
-                        "X-Total-Count": {"schema": {"type": "integer"}},
-                        "Link": {"schema": {"type": "string"}},
-                    },
-                },
-                [422],
-                parameters=page_parameters,
-            ),
-        },
-        "/api/v1/experiments/{experiment_id}": {
-            "get": operation(
-                "An experiment with its jobs, oldest first",
-                json_response("The experiment", EXPERIMENT_DETAIL_SCHEMA),
-                [404],
-                parameters=[path_parameter("experiment_id", EXPERIMENT_ID.pattern)],
-            ),
-        },
-        "/api/v1/webhooks": {
-            "post": operation(
-                "Register a webhook",
-                json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
-                [],
-                write=True,
-                body={"$ref": "#/components/schemas/WebhookRequest"},
-            ),
-            "get": operation(
-                "List webhooks",
-                json_response("Webhooks", {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}),
-                [],
-            ),
-        },
-        "/api/v1/webhooks/{webhook_id}": {
-            "get": operation(
-                "Webhook details",
-                json_response("The webhook", {"$ref": "#/components/schemas/Webhook"}),
-                [404],
-                parameters=[webhook_id],
-            ),
-            "delete": operation(
-                "Delete a webhook", json_response("Deleted", SUCCESS_SCHEMA), [404], write=True, parameters=[webhook_id]
-            ),
-        },
-        "/api/v1/webhooks/{webhook_id}/deliveries": {
-            "get": operation(
-                "Recent deliveries to a webhook, newest first",
-                json_response("Deliveries", {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}}),
-                [404],
-                parameters=[webhook_id],
-            ),
-        },
-        "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
-            "post": operation(
-                "Send a failed delivery again",
-                json_response("Queued", SUCCESS_SCHEMA),
-                [404, 409],
-                write=True,
-                parameters=[webhook_id, delivery_id],
-            ),
-        },
-    }
-    name_operations(paths)
-    upload, deleted = (paths["/api/v1/data/{name}"][method]["responses"] for method in ("put", "delete"))
-    upload["201"] = upload.pop("200")  # an upload is created
-    deleted["204"] = deleted.pop("200")  # and deleted with nothing to say
-    link(paths, "/api/v1/generate", "post", {"getJob": "job_id"})
-    link(
-        paths,
-        "/api/v1/webhooks",
-        "post",
-        {"getWebhook": "webhook_id", "deleteWebhook": "webhook_id", "listDeliveries": "webhook_id"},
-    )
-    rate_header = {"schema": {"type": "integer"}, "required": False}
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Persona API",
-            "version": __version__,
-            "description": "User personas grounded in qualitative research data.",
-        },
-        "servers": [{"url": "/"}],
-        "paths": paths,
-        "components": {
-            "schemas": {
-                "GenerateRequest": GENERATE_SCHEMA,
-                "RefineRequest": REFINE_SCHEMA,
-                "WebhookRequest": WEBHOOK_SCHEMA,
-                "Job": JOB_SCHEMA,
-                "JobSummary": JOB_SUMMARY_SCHEMA,
-                "Experiment": EXPERIMENT_SCHEMA,
-                "Persona": PERSONA_SCHEMA,
-                "Webhook": WEBHOOK_OUT_SCHEMA,
-                "Delivery": DELIVERY_SCHEMA,
-                "Error": ERROR_SCHEMA,
-            },
-            "securitySchemes": {
-                "bearerAuth": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "Needed on write endpoints when the server has a token",
-                }
-            },
-            "headers": {
-                "X-RateLimit-Limit": {**rate_header, "description": "requests allowed per minute"},
-                "X-RateLimit-Remaining": {**rate_header, "description": "requests left in this minute"},
-                "X-RateLimit-Reset": {**rate_header, "description": "when the window resets, epoch seconds"},
-            },
-        },
-    }
 
 
 UI_ASSETS = {  # what /docs and /redoc load, from the drf-spectacular-sidecar package
@@ -10887,7 +10544,477 @@ async def docs_asset(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------------
-# HTTP layer: errors, routes, app
+# HTTP layer: the route table (each endpoint once: the routes, their auth, the OpenAPI paths)
+# ---------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+JOB_ID_PARAMETER = path_parameter("job_id", JOB_ID.pattern)
+WEBHOOK_ID_PARAMETER = path_parameter("webhook_id", WEBHOOK_ID.pattern)
+DELIVERY_ID_PARAMETER = path_parameter("delivery_id", DELIVERY_ID.pattern)
+UPLOAD_NAME_PARAMETER = path_parameter("name", UPLOAD_NAME_PATTERN)
+IDEMPOTENCY_HEADER: JSON = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+}
+PAGE_PARAMETERS = (
+    query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+    query_parameter("offset", {"type": "integer", "minimum": 0, "maximum": 10**9}),
+)
+PAGE_HEADERS: JSON = {"X-Total-Count": {"schema": {"type": "integer"}}, "Link": {"schema": {"type": "string"}}}
+HEALTH_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["status", "version", "timestamp"],
+    "properties": {
+        "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+        "version": {"type": "string"},
+        "timestamp": TIMESTAMP,
+        "reason": {"type": "string"},
+    },
+}
+ACCEPTED_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["job_id", "status", "message", "status_url"],
+    "properties": {
+        "job_id": {"type": "string"},
+        "status": {"type": "string", "enum": list(JOB_STATUSES)},
+        "message": {"type": "string"},
+        "status_url": {"type": "string"},
+    },
+}
+
+
+def json_body(schema_name: str) -> JSON:
+    """A JSON request body: the schema the handler validates with, and its examples."""
+    schema = {"$ref": f"#/components/schemas/{schema_name}"}
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": schema, "examples": REQUEST_EXAMPLES[schema_name]}},
+    }
+
+
+def list_of(description: str, schema_name: str) -> JSON:
+    return json_response(description, {"type": "array", "items": {"$ref": f"#/components/schemas/{schema_name}"}})
+
+
+def one(description: str, schema_name: str) -> JSON:
+    return json_response(description, {"$ref": f"#/components/schemas/{schema_name}"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One method on one path: the handler, whether it needs a token, and what the API document says of it.
+
+    `operation_id` None keeps a route out of the document: the docs and the workbench's
+    pages and assets. A JSON `body` adds the 400, 413 and 422 it can cause; `auth` the 401.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    operation_id: str | None = None
+    tag: str = ""
+    summary: str = ""
+    ok: JSON = field(default_factory=dict)
+    errors: tuple[int, ...] = ()
+    auth: bool = False
+    body: JSON | None = None
+    parameters: tuple[JSON, ...] = ()
+    status: int = 200  # the success status: 201 for an upload, 204 for a deletion
+    links: dict[str, str] = field(default_factory=dict)  # operation id -> the field of this answer it takes
+    responses: JSON | None = None  # the whole responses object, for health alone (no rate limit, no auth)
+
+
+ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
+    Endpoint(
+        "GET",
+        "/api/v1/generate",
+        list_generations,
+        "listJobs",
+        "jobs",
+        "List jobs, oldest first, without results",
+        {**list_of("Jobs", "JobSummary"), "headers": PAGE_HEADERS},
+        (422,),
+        parameters=(query_parameter("status", {"type": "string", "enum": list(JOB_STATUSES)}), *PAGE_PARAMETERS),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/generate",
+        create_generation,
+        "createJob",
+        "jobs",
+        "Start a persona generation job",
+        json_response("Job created", ACCEPTED_SCHEMA),
+        auth=True,
+        body=json_body("GenerateRequest"),
+        parameters=(IDEMPOTENCY_HEADER,),
+        links={"getJob": "job_id"},
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/generate/{job_id}",
+        get_generation,
+        "getJob",
+        "jobs",
+        "Job status and result",
+        one("The job", "Job"),
+        (404,),
+        parameters=(JOB_ID_PARAMETER,),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/v1/generate/{job_id}",
+        cancel_generation,
+        "cancelJob",
+        "jobs",
+        "Cancel a pending or running job; it fails with error 'cancelled'",
+        one("The cancelled job", "Job"),
+        (404, 409),
+        auth=True,
+        parameters=(JOB_ID_PARAMETER,),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/health",
+        health,
+        "getHealth",
+        "service",
+        "Health check: the database answers and the job runner lives",
+        responses={
+            "200": json_response("Healthy", HEALTH_SCHEMA, headers=False),
+            "405": json_response(ERROR_TEXT[405], {"$ref": "#/components/schemas/Error"}, headers=False),
+            "503": json_response("Unhealthy, with the reason", HEALTH_SCHEMA, headers=False),
+        },
+    ),
+    Endpoint(
+        "GET",
+        "/",
+        root,
+        "getInfo",
+        "service",
+        "API information",
+        json_response(
+            "API information",
+            {"type": "object"},
+            {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"},
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/generate/{job_id}/export",
+        export_generation,
+        "exportJob",
+        "jobs",
+        "A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
+        export_response(),
+        (404, 409, 422),
+        parameters=(
+            JOB_ID_PARAMETER,
+            query_parameter("format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"}),
+        ),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/generate/{job_id}/refine",
+        refine_generation,
+        "refineJob",
+        "workflow",
+        "Refine a completed job's personas with more data or an instruction: a new job in its experiment",
+        json_response("Job created", ACCEPTED_SCHEMA),
+        (404, 409),
+        auth=True,
+        body=json_body("RefineRequest"),
+        parameters=(JOB_ID_PARAMETER, IDEMPOTENCY_HEADER),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/estimate",
+        estimate_generation,
+        "estimateJob",
+        "workflow",
+        "What a generation request would send to its provider and cost; creates nothing",
+        json_response("The estimate", ESTIMATE_SCHEMA),
+        auth=True,
+        body=json_body("GenerateRequest"),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/compare",
+        compare_generations,
+        "compareJobs",
+        "workflow",
+        "Pair two completed jobs' personas and show, per field, what each pair shares",
+        json_response("The comparison", COMPARISON_SCHEMA),
+        (404, 409, 422),
+        parameters=tuple(
+            {**query_parameter(side, {"type": "string", "pattern": JOB_ID.pattern}), "required": True}
+            for side in ("a", "b")
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/experiments",
+        list_experiments,
+        "listExperiments",
+        "workflow",
+        "List experiments, newest first; a job without config.experiment is one of its own",
+        {**list_of("Experiments", "Experiment"), "headers": PAGE_HEADERS},
+        (422,),
+        parameters=PAGE_PARAMETERS,
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/experiments/{experiment_id}",
+        get_experiment,
+        "getExperiment",
+        "workflow",
+        "An experiment with its jobs, oldest first",
+        json_response("The experiment", EXPERIMENT_DETAIL_SCHEMA),
+        (404,),
+        parameters=(path_parameter("experiment_id", EXPERIMENT_ID.pattern),),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/providers",
+        list_providers,
+        "listProviders",
+        "service",
+        "Persona engines and LLM providers, and whether each is configured",
+        json_response("Providers", {"type": "array", "items": {"type": "object"}}),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/data",
+        list_data,
+        "listData",
+        "data",
+        "The sources in the data directory: files with their format and a table's attributes, and folders",
+        json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}),
+        auth=True,
+    ),
+    Endpoint(
+        "PUT",
+        "/api/v1/data/{name}",
+        upload_data,
+        "uploadData",
+        "data",
+        "Upload a file into uploads/ in the data directory; a name already taken gets -2, -3, ...",
+        json_response("Stored", UPLOADED_SCHEMA),
+        (400, 404, 413, 422),
+        auth=True,
+        status=201,
+        parameters=(UPLOAD_NAME_PARAMETER,),
+        body={
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
+        },
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/v1/data/{name}",
+        delete_data,
+        "deleteData",
+        "data",
+        "Delete one of your uploads, named as it was uploaded (uploads/ left out)",
+        {"description": "Deleted"},
+        (404,),
+        auth=True,
+        status=204,
+        parameters=(UPLOAD_NAME_PARAMETER,),
+    ),
+    Endpoint("GET", "/openapi.json", openapi_json),
+    Endpoint("GET", "/docs", docs_page(SWAGGER_PAGE)),
+    Endpoint("GET", "/redoc", docs_page(REDOC_PAGE)),
+    Endpoint("GET", "/docs/assets/{name}", docs_asset),
+    Endpoint("GET", "/jobs", jobs_page),
+    Endpoint("GET", "/jobs/{job_id}", job_page),
+    Endpoint("GET", "/compare", compare_page),
+    Endpoint("GET", "/assets/{name}", workbench_asset),
+    Endpoint(
+        "GET",
+        "/api/v1/webhooks",
+        list_webhooks,
+        "listWebhooks",
+        "webhooks",
+        "List webhooks",
+        list_of("Webhooks", "Webhook"),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/webhooks",
+        create_webhook,
+        "createWebhook",
+        "webhooks",
+        "Register a webhook",
+        one("The webhook", "Webhook"),
+        auth=True,
+        body=json_body("WebhookRequest"),
+        links={"getWebhook": "webhook_id", "deleteWebhook": "webhook_id", "listDeliveries": "webhook_id"},
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/webhooks/{webhook_id}",
+        get_webhook,
+        "getWebhook",
+        "webhooks",
+        "Webhook details",
+        one("The webhook", "Webhook"),
+        (404,),
+        parameters=(WEBHOOK_ID_PARAMETER,),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/v1/webhooks/{webhook_id}",
+        delete_webhook,
+        "deleteWebhook",
+        "webhooks",
+        "Delete a webhook",
+        json_response("Deleted", SUCCESS_SCHEMA),
+        (404,),
+        auth=True,
+        parameters=(WEBHOOK_ID_PARAMETER,),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/webhooks/{webhook_id}/deliveries",
+        list_deliveries,
+        "listDeliveries",
+        "webhooks",
+        "Recent deliveries to a webhook, newest first",
+        list_of("Deliveries", "Delivery"),
+        (404,),
+        parameters=(WEBHOOK_ID_PARAMETER,),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry",
+        retry_delivery,
+        "retryDelivery",
+        "webhooks",
+        "Send a failed delivery again",
+        json_response("Queued", SUCCESS_SCHEMA),
+        (404, 409),
+        auth=True,
+        parameters=(WEBHOOK_ID_PARAMETER, DELIVERY_ID_PARAMETER),
+    ),
+)
+TAGS = (  # the groups /docs shows, in this order
+    ("jobs", "Generate personas, follow a job, export its result, cancel it"),
+    ("workflow", "Refine, estimate and compare; experiments group a job with its refinements"),
+    ("data", "The data directory: list its sources, upload and delete your files"),
+    ("webhooks", "Be told when a job ends; see and retry each delivery"),
+    ("service", "What the server is and runs, and whether it is healthy"),
+)
+
+
+def with_token_checked(handler: Handler) -> Handler:
+    """The handler of an endpoint that needs a token: the caller, once known, is `request.state.owner`."""
+
+    async def endpoint(request: Request) -> Response:
+        request.state.owner = authenticate(request)
+        return await handler(request)
+
+    return endpoint
+
+
+def by_method(**endpoints: Handler) -> Handler:
+    """One route per path serving several methods, so a 405 lists every allowed one."""
+
+    async def dispatch(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return dispatch
+
+
+def routes_of(endpoints: Iterable[Endpoint]) -> list[Route]:
+    """The router's routes: one per path, in the table's order, each method's handler with its token check."""
+    paths: dict[str, dict[str, Handler]] = {}
+    for endpoint in endpoints:
+        handler = with_token_checked(endpoint.handler) if endpoint.auth else endpoint.handler
+        paths.setdefault(endpoint.path, {})[endpoint.method] = handler
+    return [
+        Route(
+            path, next(iter(handlers.values())) if len(handlers) == 1 else by_method(**handlers), methods=list(handlers)
+        )
+        for path, handlers in paths.items()
+    ]
+
+
+ROUTES = routes_of(ENDPOINTS)
+
+
+def openapi_operation(endpoint: Endpoint) -> JSON:
+    """What the API document says of one endpoint."""
+    if endpoint.responses is not None:
+        spec: JSON = {"summary": endpoint.summary, "responses": endpoint.responses}
+    else:
+        takes_json = endpoint.body is not None and "application/json" in endpoint.body["content"]
+        spec = operation(
+            endpoint.summary, endpoint.ok, endpoint.errors, endpoint.auth, takes_json, list(endpoint.parameters)
+        )
+        spec["responses"] = {
+            (str(endpoint.status) if code == "200" else code): response for code, response in spec["responses"].items()
+        }
+        if endpoint.body is not None:
+            spec["requestBody"] = endpoint.body
+        if endpoint.links:
+            spec["responses"][str(endpoint.status)]["links"] = {
+                target: {"operationId": target, "parameters": {name: f"$response.body#/{name}"}}
+                for target, name in endpoint.links.items()
+            }
+    return {**spec, "operationId": endpoint.operation_id, "tags": [endpoint.tag]}
+
+
+def openapi_document() -> JSON:
+    """The whole API as OpenAPI 3.1, built from the route table and the schemas the server enforces."""
+    paths: JSON = {}
+    for endpoint in ENDPOINTS:
+        if endpoint.operation_id is not None:
+            paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = openapi_operation(endpoint)
+    rate_header = {"schema": {"type": "integer"}, "required": False}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Persona API",
+            "version": __version__,
+            "description": "User personas grounded in qualitative research data.",
+        },
+        "servers": [{"url": "/"}],
+        "tags": [{"name": name, "description": description} for name, description in TAGS],
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "GenerateRequest": GENERATE_SCHEMA,
+                "RefineRequest": REFINE_SCHEMA,
+                "WebhookRequest": WEBHOOK_SCHEMA,
+                "Job": JOB_SCHEMA,
+                "JobSummary": JOB_SUMMARY_SCHEMA,
+                "Experiment": EXPERIMENT_SCHEMA,
+                "Persona": PERSONA_SCHEMA,
+                "Webhook": WEBHOOK_OUT_SCHEMA,
+                "Delivery": DELIVERY_SCHEMA,
+                "Error": ERROR_SCHEMA,
+            },
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Needed on write endpoints when the server has a token",
+                }
+            },
+            "headers": {
+                "X-RateLimit-Limit": {**rate_header, "description": "requests allowed per minute"},
+                "X-RateLimit-Remaining": {**rate_header, "description": "requests left in this minute"},
+                "X-RateLimit-Reset": {**rate_header, "description": "when the window resets, epoch seconds"},
+            },
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# HTTP layer: errors and the app
 # ---------------------------------------------------------------------------
 
 
@@ -10930,48 +11057,6 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"The server cannot use its files right now ({exc.strerror or type(exc).__name__}); try again shortly"
         return JSONResponse(error_envelope("internal_error", message), status_code=503)
     return JSONResponse(error_envelope("internal_error", "Internal server error; see the server log"), status_code=500)
-
-
-def by_method(**endpoints: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """One route per path serving several methods, so a 405 lists every allowed one."""
-
-    async def dispatch(request: Request) -> Response:
-        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
-
-    return dispatch
-
-
-ROUTES = [  # the router tries each in turn, so the busiest come first
-    Route("/api/v1/generate", by_method(GET=list_generations, POST=create_generation), methods=["GET", "POST"]),
-    Route(
-        "/api/v1/generate/{job_id}", by_method(GET=get_generation, DELETE=cancel_generation), methods=["GET", "DELETE"]
-    ),
-    Route("/api/v1/health", health, methods=["GET"]),
-    Route("/", root, methods=["GET"]),
-    Route("/api/v1/generate/{job_id}/export", export_generation, methods=["GET"]),
-    Route("/api/v1/generate/{job_id}/refine", refine_generation, methods=["POST"]),
-    Route("/api/v1/estimate", estimate_generation, methods=["POST"]),
-    Route("/api/v1/compare", compare_generations, methods=["GET"]),
-    Route("/api/v1/experiments", list_experiments, methods=["GET"]),
-    Route("/api/v1/experiments/{experiment_id}", get_experiment, methods=["GET"]),
-    Route("/api/v1/providers", list_providers, methods=["GET"]),
-    Route("/api/v1/data", list_data, methods=["GET"]),
-    Route("/api/v1/data/{name}", by_method(PUT=upload_data, DELETE=delete_data), methods=["PUT", "DELETE"]),
-    Route("/openapi.json", openapi_json, methods=["GET"]),
-    Route("/docs", docs_page(SWAGGER_PAGE), methods=["GET"]),
-    Route("/redoc", docs_page(REDOC_PAGE), methods=["GET"]),
-    Route("/docs/assets/{name}", docs_asset, methods=["GET"]),
-    Route("/jobs", jobs_page, methods=["GET"]),
-    Route("/jobs/{job_id}", job_page, methods=["GET"]),
-    Route("/compare", compare_page, methods=["GET"]),
-    Route("/assets/{name}", workbench_asset, methods=["GET"]),
-    Route("/api/v1/webhooks", by_method(GET=list_webhooks, POST=create_webhook), methods=["GET", "POST"]),
-    Route(
-        "/api/v1/webhooks/{webhook_id}", by_method(GET=get_webhook, DELETE=delete_webhook), methods=["GET", "DELETE"]
-    ),
-    Route("/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, methods=["GET"]),
-    Route("/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
-]
 
 
 def describe_startup(settings: Settings) -> str:

@@ -56,6 +56,19 @@ def test_the_openapi_document_describes_every_route(client: httpx.Client) -> Non
     assert {(p, m) for p, m in api_routes if m != "head"} == documented
 
 
+def test_the_route_table_is_the_one_place_an_endpoint_is_written() -> None:
+    routed = {(route.path, method) for route in persona.ROUTES for method in route.methods or [] if method != "HEAD"}
+    assert routed == {(endpoint.path, endpoint.method) for endpoint in persona.ENDPOINTS}
+    document = persona.openapi_document()
+    operations = [spec for item in document["paths"].values() for spec in item.values()]
+    documented = [endpoint for endpoint in persona.ENDPOINTS if endpoint.operation_id]
+    assert sorted(spec["operationId"] for spec in operations) == sorted(e.operation_id for e in documented)
+    assert len({e.operation_id for e in documented}) == len(documented)
+    tags = [tag["name"] for tag in document["tags"]]
+    assert tags == ["jobs", "workflow", "data", "webhooks", "service"]
+    assert {spec["tags"][0] for spec in operations} == set(tags)
+
+
 def test_request_schemas_are_the_ones_the_server_validates_with(client: httpx.Client) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     import json
