@@ -365,6 +365,16 @@ def error_envelope(code: str, message: str, details: JSON | None = None) -> JSON
 PROVIDER_NAMES = ("anthropic", "openai", "gemini", "ollama", "local")
 WEBHOOK_EVENTS = ("generation.completed", "generation.failed")
 JOB_STATUSES = ("pending", "running", "completed", "failed")
+DELIVERY_STATUSES = ("pending", "delivering", "delivered", "failed", "cancelled")  # the schemas' CHECK says the same
+JOB_STAGES = (  # a running job's steps: the progress it reports on reaching each, and the workbench's words for it
+    ("loading", 5, "loading the data"),
+    ("loaded", 30, "reading the participants"),
+    ("segments", 35, "building the personas"),
+    ("validated", 80, "building the personas"),
+    ("built", 85, "writing the outputs"),
+    ("written", 95, "saving the outputs"),
+)
+PROGRESS = {name: progress for name, progress, _ in JOB_STAGES}
 
 MAX_CUSTOM_FIELDS = 10
 FIELD_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"  # an identifier: a column, a key, a word in a prompt
@@ -406,11 +416,17 @@ GENERATE_SCHEMA: JSON = {
                     "experiment": nullable(
                         {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}
                     ),
-                    "complexity": nullable({"type": "string", "enum": ["simple", "moderate", "complex"]}),
-                    "detail_level": nullable({"type": "string", "enum": ["minimal", "standard", "detailed"]}),
+                    "complexity": nullable(
+                        {"type": "string", "enum": ["simple", "moderate", "complex"], "default": "moderate"}
+                    ),
+                    "detail_level": nullable(
+                        {"type": "string", "enum": ["minimal", "standard", "detailed"], "default": "standard"}
+                    ),
                     "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
                     "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 200000}),
-                    "strategy": nullable({"type": "string", "enum": ["auto", "holistic", "segmented"]}),
+                    "strategy": nullable(
+                        {"type": "string", "enum": ["auto", "holistic", "segmented"], "default": "auto"}
+                    ),
                     "max_input_tokens": nullable({"type": "integer", "minimum": 1000, "maximum": 10000000}),
                     "group_by": nullable(
                         {
@@ -485,6 +501,19 @@ GENERATE_SCHEMA: JSON = {
         "webhook_url": nullable(HTTP_URL_SCHEMA),
     },
 }
+DEFAULT_COUNT: int = GENERATE_SCHEMA["properties"]["count"]["default"]
+CONFIG_DEFAULTS: JSON = {
+    name: spec["default"]
+    for name, spec in GENERATE_SCHEMA["properties"]["config"]["properties"].items()
+    if "default" in spec
+}
+
+
+def config_value(config: JSON, name: str) -> Any:
+    """A request's config setting, or its default from the schema the request was checked against."""
+    value = config.get(name)
+    return CONFIG_DEFAULTS[name] if value is None else value
+
 
 REFINE_SCHEMA: JSON = {
     "type": "object",
@@ -742,12 +771,17 @@ def nested_text_problems(value: Any, path: str) -> dict[str, str]:
     return problems
 
 
+def validation_failed(problems: Mapping[str, str]) -> APIError:
+    """The 422 for request fields that fail their checks: each named in the message and in `details`."""
+    summary = "; ".join(f"{name or 'body'} {message}" for name, message in problems.items())
+    return APIError(422, f"Request validation failed: {summary}", dict(problems))
+
+
 def validated(body: JSON, check: Check) -> JSON:
     """The body with null optional fields dropped, or a 422 naming every bad field."""
     problems = check(body, "")
     if problems:
-        summary = "; ".join(f"{name or 'body'} {message}" for name, message in problems.items())
-        raise APIError(422, f"Request validation failed: {summary}", problems)
+        raise validation_failed(problems)
     return {name: value for name, value in body.items() if value is not None}
 
 
@@ -6595,7 +6629,7 @@ def persona_summary(count: int, total: int, themes: list[str], goals: list[str])
 def build_persona(
     corpus: Corpus, segment: Segment, config: JSON, number: int, taken: dict[str, set[str]], labels: Mapping[str, str]
 ) -> tuple[JSON, list[str]]:
-    detail = config.get("detail_level", "standard")
+    detail = config_value(config, "detail_level")
     members = segment.members
     people = [corpus.people[i] for i in members]
     ids = [person.id for person in people]
@@ -6604,7 +6638,7 @@ def build_persona(
     lists = categorise(sentences, LIST_LENGTHS[detail])
     used = {s.text for found in lists.values() for s in found}
     quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail])
-    theme_count = THEME_COUNTS[config.get("complexity", "moderate")]
+    theme_count = THEME_COUNTS[config_value(config, "complexity")]
     shares = term_shares(corpus, members)
     themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or frequent_words(
         people, theme_count
@@ -6989,14 +7023,14 @@ Refining = tuple[list[JSON], str]  # the personas to refine, as the model reads 
 def persona_prompt(
     count: int, data: str, config: JSON, others: list[str] | None = None, refining: Refining | None = None
 ) -> str:
-    detail = LIST_LENGTHS[config.get("detail_level", "standard")]
-    quotes = QUOTE_COUNTS[config.get("detail_level", "standard")]
+    detail = LIST_LENGTHS[config_value(config, "detail_level")]
+    quotes = QUOTE_COUNTS[config_value(config, "detail_level")]
     lines = [
         f"Create exactly {count} distinct persona{'s' if count != 1 else ''} from the research data below.",
         f"Give each persona about {detail} goals, pain points and behaviours, and {quotes} "
         "quotes. Quotes must be whole sentences copied exactly from the data.",
         "In `participants`, list the ids (shown in brackets) of the participants each persona stands for.",
-        f"Complexity: {config.get('complexity', 'moderate')}.",
+        f"Complexity: {config_value(config, 'complexity')}.",
     ]
     for item in config.get("fields", []):
         kind = "a list of short items" if item.get("type") == "list" else "a short text"
@@ -7168,7 +7202,7 @@ async def llm_personas(
 ) -> tuple[list[JSON], JSON]:
     """Personas from an LLM, holistic or per segment; returns them with metadata to merge."""
     config = request.get("config", {})
-    count = request.get("count", 3)
+    count = request.get("count", DEFAULT_COUNT)
     people = dataset.participants
     if len(people) < count and not is_grouped(config):
         raise GenerationError(f"the data has {len(people)} participant(s), fewer than the {count} personas asked for")
@@ -7192,7 +7226,7 @@ async def llm_personas(
                 functools.partial(evidence_problems, said, config.get("fields", [])),
                 count,
             )
-            await report(80, "personas validated")
+            await report(PROGRESS["validated"], "personas validated")
             items: Sequence[tuple[JSON, list[str] | None]] = [(item, None) for item in answer["personas"]]
         else:
             items = await segmented_items(session, people, count, config, budget, report, refining)
@@ -7257,7 +7291,7 @@ def llm_strategy(people: list[Participant], config: JSON) -> tuple[str, str]:
 
     Grouping asks for segments; `auto` sends the data whole while it fits max_input_tokens.
     """
-    strategy = "segmented" if is_grouped(config) else config.get("strategy", "auto")
+    strategy = "segmented" if is_grouped(config) else config_value(config, "strategy")
     rendered = render_participants(people)
     if strategy == "auto":
         strategy = (
@@ -7313,7 +7347,8 @@ async def segmented_items(
             1,
         )
         done += 1
-        await report(35 + 50 * done // len(segments), f"segment {done} of {len(segments)} done")
+        share = (PROGRESS["built"] - PROGRESS["segments"]) * done // len(segments)
+        await report(PROGRESS["segments"] + share, f"segment {done} of {len(segments)} done")
         item = answer["personas"][0]
         return ({**item, "title": segment.name} if segment.name else item), [person.id for person in group]
 
@@ -7419,7 +7454,7 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
     findings, counted at what findings answers run to.
     """
     strategy, rendered = llm_strategy(people, config)
-    per_persona = OUTPUT_TOKENS_PER_PERSONA[config.get("detail_level", "standard")]
+    per_persona = OUTPUT_TOKENS_PER_PERSONA[config_value(config, "detail_level")]
     budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
     plan = CallPlan()
     if strategy == "holistic":
@@ -7458,10 +7493,10 @@ async def estimate_job(request: JSON, settings: Settings) -> JSON:
     Data the job could not read or segment is no error here: the estimate says the job would
     fail, and why, at no cost.
     """
-    provider, count, config = request["provider"], request.get("count", 3), request.get("config", {})
+    provider, count, config = request["provider"], request.get("count", DEFAULT_COUNT), request.get("config", {})
     model = request.get("model") or default_model(provider)
     people: list[Participant] = []
-    strategy, plan, warnings = "offline" if provider == "local" else config.get("strategy", "auto"), CallPlan(), []
+    strategy, plan, warnings = "offline" if provider == "local" else config_value(config, "strategy"), CallPlan(), []
     try:
         async with engine_slot():  # reading and segmenting are a job's work: estimates take their turn as jobs do
             dataset = await load_data(request["data"], settings)
@@ -8288,11 +8323,7 @@ def resolve_provider(request: JSON, need_key: bool = True) -> str:
         )
     if provider == "local":
         if request.get("model") not in (None, LOCAL_MODEL):
-            raise APIError(
-                422,
-                f"Request validation failed: model must be {LOCAL_MODEL!r} for provider 'local'",
-                {"model": f"must be {LOCAL_MODEL!r} for provider 'local'"},
-            )
+            raise validation_failed({"model": f"must be {LOCAL_MODEL!r} for provider 'local'"})
         return provider
     spec = PROVIDER_SPECS[provider]
     if need_key and spec.key_variables and provider_key(spec) is None:
@@ -8335,8 +8366,7 @@ def check_llm_options(request: JSON) -> None:
             problems[f"config.fields[{index}].name"] = f"{name!r} is given twice"
         seen.add(name)
     if problems:
-        summary = "; ".join(f"{path} {message}" for path, message in problems.items())
-        raise APIError(422, f"Request validation failed: {summary}", problems)
+        raise validation_failed(problems)
 
 
 def grouping_key(wanted: str, dataset: Dataset) -> str:
@@ -8440,9 +8470,9 @@ async def generate_with(
     fetched: Fetched | None = None,
 ) -> JSON:
     started = time.perf_counter()
-    count = request.get("count", 3)
+    count = request.get("count", DEFAULT_COUNT)
     config = request.get("config", {})
-    await report(5, "loading data")
+    await report(PROGRESS["loading"], "loading data")
     refine = request.get("refine")
     dataset, redactor = await job_dataset(request, settings, fetched)
     if redactor is not None:  # what else the model reads, from the researcher, is redacted alike
@@ -8459,11 +8489,11 @@ async def generate_with(
         request = {**request, "config": config}
         dataset.warnings += grouping_warnings(config["group_by"], dataset, count)
     loaded = time.perf_counter()
-    await report(30, f"loaded {len(dataset.participants)} participants")
+    await report(PROGRESS["loaded"], f"loaded {len(dataset.participants)} participants")
     engine: JSON = {
         "count": count,
-        "complexity": config.get("complexity", "moderate"),
-        "detail_level": config.get("detail_level", "standard"),
+        "complexity": config_value(config, "complexity"),
+        "detail_level": config_value(config, "detail_level"),
     }
     exchanges: list[JSON] = []
     if provider == "local":
@@ -8502,7 +8532,7 @@ async def generate_with(
                 personas if provider == "local" else None,
             )
     built = time.perf_counter()
-    await report(85, "personas built")
+    await report(PROGRESS["built"], "personas built")
     metadata = {
         "job_id": job_id,
         "provider": provider,
@@ -8522,7 +8552,7 @@ async def generate_with(
     folder = output_folder(settings.output_dir, job_id, created_at)
     output_path = await asyncio.to_thread(write_outputs, folder, personas, metadata, exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
-    await report(95, "outputs written")
+    await report(PROGRESS["written"], "outputs written")
     result = {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
     if refine:
         result.update(
@@ -9307,11 +9337,8 @@ async def refine_generation(request: Request) -> Response:
         raise APIError(404, f"Job {parent['job_id']} not found")
     job_request = generation_request(refined_body(stored[0], asked), state(request).settings)
     if "instruction" in asked and job_request["provider"] == "local":
-        raise APIError(
-            422,
-            "Request validation failed: instruction needs an LLM provider; the offline engine can "
-            "refine with more data only",
-            {"instruction": "needs an LLM provider"},
+        raise validation_failed(
+            {"instruction": "needs an LLM provider; the offline engine can refine with more data only"}
         )
     more_data = stored[0].get("refine", {}).get("more_data", []) + ([asked["data"]] if "data" in asked else [])
     job_request["refine"] = {
@@ -9407,7 +9434,7 @@ def check_destination(url: str | None, field_name: str, settings: Settings) -> N
     """A webhook URL whose literal address may never be reached is refused when registered."""
     reason = url_refusal(url, settings.private_urls_allowed) if url else None
     if reason:
-        raise APIError(422, f"Request validation failed: {field_name} {reason}", {field_name: reason})
+        raise validation_failed({field_name: reason})
 
 
 async def lookup(
@@ -9679,14 +9706,6 @@ WORKBENCH_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
-STAGES = (
-    (95, "saving the outputs"),
-    (85, "writing the outputs"),
-    (35, "building the personas"),
-    (30, "reading the participants"),
-    (5, "loading the data"),
-    (0, "starting"),
-)
 WORKBENCH_STYLE = (
     PAGE_STYLE
     + """
@@ -9740,7 +9759,8 @@ def stage_words(job: JSON) -> str:
         return "failed"
     if job["status"] == "pending":
         return "waiting for a free worker"
-    return next(words for start, words in STAGES if job["progress"] >= start)
+    reached = [words for _, start, words in JOB_STAGES if job["progress"] >= start]
+    return reached[-1] if reached else "starting"
 
 
 def job_source(job: JSON) -> str:
@@ -9756,7 +9776,7 @@ def job_row(job: JSON) -> str:
         f'<tr data-status="{escape(job["status"])}">'
         f'<td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
         f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
-        f"<td>{escape(request.get('count', 3))}</td><td>{escape(job['status'])}</td>"
+        f"<td>{escape(request.get('count', DEFAULT_COUNT))}</td><td>{escape(job['status'])}</td>"
         f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
         f"<td>{escape(titles or job['error'] or '')}</td><td>{escape(job['created_at'])}</td></tr>"
     )
@@ -9784,7 +9804,7 @@ def provider_options() -> str:
 NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="panel">
 <label>Data <select id="data" name="data" required><option value="">Choose a file or folder…</option></select></label>
 <label>Upload <input id="upload" type="file"></label>
-<label>Personas <input id="count" name="count" type="number" min="1" max="20" value="3" required></label>
+<label>Personas <input id="count" name="count" type="number" min="1" max="20" value="{count}" required></label>
 <label>Provider <select id="provider" name="provider">{providers}</select></label>
 <label>Model <input id="model" name="model" placeholder="the provider's default"></label>
 <label>Group by <select id="group-by" name="group_by"><option value="">No grouping</option></select></label>
@@ -9795,7 +9815,8 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
     jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
-    body = f'<main class="page">{NEW_PERSONAS_FORM.format(providers=provider_options())}{jobs_table(jobs)}</main>'
+    form = NEW_PERSONAS_FORM.format(providers=provider_options(), count=DEFAULT_COUNT)
+    body = f'<main class="page">{form}{jobs_table(jobs)}</main>'
     return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
 
 
@@ -10314,7 +10335,7 @@ DELIVERY_SCHEMA: JSON = {
         "delivery_id": {"type": "string"},
         "event": {"type": "string"},
         "job_id": {"type": "string"},
-        "status": {"type": "string", "enum": ["pending", "delivering", "delivered", "failed", "cancelled"]},
+        "status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
         "created_at": TIMESTAMP,
         "next_retry_at": NULLABLE_TEXT,
         "attempts": {
@@ -11231,7 +11252,7 @@ class PersonaClient:
             ) from None
 
     def generate(
-        self, data: str | list[Any], count: int = 3, idempotency_key: str | None = None, **kwargs: Any
+        self, data: str | list[Any], count: int = DEFAULT_COUNT, idempotency_key: str | None = None, **kwargs: Any
     ) -> JSON:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._request("POST", "/api/v1/generate", json={"data": data, "count": count, **kwargs}, headers=headers)
@@ -11250,7 +11271,7 @@ class PersonaClient:
         """Delete one of your uploads, named as upload() named it (with or without `uploads/`)."""
         self._send("DELETE", f"/api/v1/data/{name.removeprefix('uploads/')}")
 
-    def estimate(self, data: str | list[Any], count: int = 3, **kwargs: Any) -> JSON:
+    def estimate(self, data: str | list[Any], count: int = DEFAULT_COUNT, **kwargs: Any) -> JSON:
         """What generate() with the same arguments would send and cost; creates nothing."""
         return self._request("POST", "/api/v1/estimate", json={"data": data, "count": count, **kwargs})
 
@@ -11333,42 +11354,50 @@ class PersonaClient:
 # ---------------------------------------------------------------------------
 
 SERVE_OPTIONS = (
-    # (flags, setting, help)
-    (("--host", "-h"), "host", "address to listen on (default 127.0.0.1)"),
-    (("--port", "-p"), "port", "port to listen on (default 8000)"),
-    (("--workers", "-w"), "workers", "worker processes (default 1)"),
+    # (flags, setting, help); {default} is the setting's default, from Settings
+    (("--host", "-h"), "host", "address to listen on (default {default})"),
+    (("--port", "-p"), "port", "port to listen on (default {default})"),
+    (("--workers", "-w"), "workers", "worker processes (default {default})"),
     (("--auth-token",), "auth_tokens", "API token for write endpoints; a comma-separated list gives several"),
-    (("--log-level",), "log_level", "logging level: " + ", ".join(LOG_LEVELS) + " (default info)"),
-    (("--db",), "db", "SQLite database file (default persona.db), or a postgresql:// URL"),
-    (("--data-dir",), "data_dir", "where data paths are resolved; nothing outside it is read (default .)"),
-    (("--output-dir",), "output_dir", "where each job writes its folder (default ./output)"),
-    (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default 100)"),
-    (("--max-concurrent-jobs",), "max_concurrent_jobs", "pending plus running jobs per API key (default 10)"),
+    (("--log-level",), "log_level", "logging level: " + ", ".join(LOG_LEVELS) + " (default {default})"),
+    (("--db",), "db", "SQLite database file (default {default}), or a postgresql:// URL"),
+    (("--data-dir",), "data_dir", "where data paths are resolved; nothing outside it is read (default {default})"),
+    (("--output-dir",), "output_dir", "where each job writes its folder (default {default})"),
+    (("--rate-limit",), "rate_limit", "requests per minute per client IP, 0 for none (default {default})"),
+    (("--max-concurrent-jobs",), "max_concurrent_jobs", "pending plus running jobs per API key (default {default})"),
     (
         ("--allowed-hosts",),
         "allowed_hosts",
         "Host names a server on loopback answers besides localhost, 127.0.0.1 "
-        "and [::1], comma-separated (default none)",
+        "and [::1], comma-separated (default {default})",
     ),
     (
         ("--webhook-retry-schedule",),
         "webhook_retry_schedule",
-        "seconds between webhook attempts, comma-separated (default 5,60,300,1800,7200,21600,43200)",
+        "seconds between webhook attempts, comma-separated (default {default})",
     ),
-    (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default 10)"),
+    (("--webhook-timeout",), "webhook_timeout", "seconds one webhook attempt may take (default {default})"),
     (
         ("--retention-days",),
         "retention_days",
         "delete finished jobs, their deliveries and output folders this many "
-        "days after they finished (default 0: keep them)",
+        "days after they finished (default {default}: keep them)",
     ),
-    (("--attempts-kept",), "attempts_kept", "delivery attempts kept per delivery, the newest (default 20)"),
+    (("--attempts-kept",), "attempts_kept", "delivery attempts kept per delivery, the newest (default {default})"),
     (
         ("--max-source-mb",),
         "max_source_mb",
-        "largest local data source (a file, or a folder's files together) in MiB (default 50)",
+        "largest local data source (a file, or a folder's files together) in MiB (default {default})",
     ),
 )
+
+
+def shown_default(name: str) -> str:
+    """A setting's default as the command line writes it: `5,60,300`, `10`, `none`."""
+    value = next(spec.default for spec in fields(Settings) if spec.name == name)
+    if isinstance(value, tuple):
+        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11384,7 +11413,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--help", action="help", help="show this help and exit")
     for flags, name, text in SERVE_OPTIONS:
-        serve.add_argument(*flags, dest=name, default=None, metavar="VALUE", help=f"{text} [env {ENV_VARS[name]}]")
+        shown = text.format(default=shown_default(name))
+        serve.add_argument(*flags, dest=name, default=None, metavar="VALUE", help=f"{shown} [env {ENV_VARS[name]}]")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
     serve.add_argument(
         "--redact",
@@ -11394,8 +11424,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="replace e-mail addresses, phone numbers, URLs, postal codes, card numbers and names with "
         "placeholders before any provider sees the data, unless a request's config.redact is false; "
-        "--redact=required: in every job, whatever a request says (default off) [env PERSONA_REDACT: "
-        "1, 0 or required]",
+        f"--redact=required: in every job, whatever a request says (default {shown_default('redact')}) "
+        "[env PERSONA_REDACT: 1, 0 or required]",
     )
     serve.add_argument("--no-redact", dest="redact", action="store_const", const="off", help="no redaction by default")
     serve.add_argument(
@@ -11411,7 +11441,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
     generate_cmd.add_argument(
-        "--count", "-n", type=int, help="number of personas, 1 to 20 (default 3; with group_by, one per group up to 20)"
+        "--count",
+        "-n",
+        type=int,
+        help=f"number of personas, 1 to 20 (default {DEFAULT_COUNT}; with group_by, one per group up to 20)",
     )
     generate_cmd.add_argument(
         "--provider",

@@ -72,6 +72,8 @@ def public_methods(cls: type) -> set[str]:
 def test_the_schema_files_are_the_schemas_the_module_applies() -> None:
     assert (ROOT / "persona_store.sql").read_text() == persona.SCHEMA
     assert (ROOT / "persona_store_pg.sql").read_text() == persona.PG_SCHEMA
+    check = "CHECK (status IN ({}))".format(", ".join(f"'{status}'" for status in persona.DELIVERY_STATUSES))
+    assert check in persona.SCHEMA and check in persona.PG_SCHEMA
 
 
 def test_both_stores_offer_the_methods_the_store_interface_declares() -> None:
