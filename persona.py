@@ -375,6 +375,7 @@ JOB_STAGES = (  # a running job's steps: the progress it reports on reaching eac
     ("written", 95, "saving the outputs"),
 )
 PROGRESS = {name: progress for name, progress, _ in JOB_STAGES}
+ProgressReport = Callable[[int, str], Awaitable[None]]  # a job reports its progress and stage through one
 
 MAX_CUSTOM_FIELDS = 10
 FIELD_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"  # an identifier: a column, a key, a word in a prompt
@@ -3083,11 +3084,43 @@ def outbound_tls() -> ssl.SSLContext:
 
 
 # ---------------------------------------------------------------------------
-# Child processes: heavy work that a cancel or a stop can kill
+# Processes: who this worker is, on which host, and whether a process still runs
+# ---------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_identity() -> str:
+    """host:pid:nonce, so a claim names a process that can be checked for life."""
+    return f"{this_host()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@functools.cache
+def this_host() -> str:
+    """The host name and the process namespace: containers that share a host name (host networking)
+    do not share process ids, so only a claimer with both the same can be checked by its pid."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}~{namespace}"
+
+
+# ---------------------------------------------------------------------------
+# Engine work: heavy computations off the event loop, in threads or in children a cancel can kill
 # ---------------------------------------------------------------------------
 #
 # Reading Office files and the engine's large computations run in a spawned child:
 # a thread would hold the GIL against the event loop, and could not be stopped.
+# Small computations run in a thread, where a process would cost more than the work.
 
 
 async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
@@ -3210,8 +3243,121 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+ENGINE_THREADS: list[ThreadPoolExecutor] = []  # one small pool for small data, made when first needed
+ENGINE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def engine_threads() -> ThreadPoolExecutor:
+    if not ENGINE_THREADS:
+        ENGINE_THREADS.append(ThreadPoolExecutor(ENGINE_WORKERS, thread_name_prefix="persona-engine"))
+    return ENGINE_THREADS[0]
+
+
+def engine_slot() -> asyncio.Semaphore:
+    """This process's engine computations at once: ENGINE_WORKERS, so memory and CPU stay bounded."""
+    loop = asyncio.get_running_loop()
+    if loop not in ENGINE_SLOTS:
+        ENGINE_SLOTS[loop] = asyncio.Semaphore(ENGINE_WORKERS)
+    return ENGINE_SLOTS[loop]
+
+
+def is_large(people: list[Participant]) -> bool:
+    """Whether the work is large enough for a process of its own: many participants, or much text."""
+    if len(people) >= ENGINE_PROCESS_FROM:
+        return True
+    chars = 0
+    for person in people:
+        chars += sum(map(len, person.texts))
+        if chars >= ENGINE_PROCESS_FROM_CHARS:
+            return True
+    return False
+
+
+async def run_engine(people: list[Participant], function: Callable[..., Any], *args: Any) -> Any:
+    """CPU-bound engine work off the event loop; its callers hold an engine slot (`engine_slot`).
+
+    Large work runs in a child process of its own: a thread computing for seconds would
+    hold the GIL against the event loop and slow every request, and a child can be
+    stopped, so cancelling a job or stopping the server stops its computation. Small
+    work stays in a thread, where starting a process would cost more than the work.
+    """
+    if is_large(people):
+        return await run_in_child(function, *args)
+    return await asyncio.get_running_loop().run_in_executor(engine_threads(), functools.partial(function, *args))
+
+
 # ---------------------------------------------------------------------------
-# Data loading
+# Words: what counts as a word in the data, and its stem
+# ---------------------------------------------------------------------------
+
+STOPWORDS = frozenset(
+    """
+a about above actually after again against all also always am an and any anything are around as at
+back be because been before being below between both but by can cannot could couple did do does doing
+don done down during each either else enough especially even ever every everything few for from
+further get gets getting go goes going gone got gotten had has have having he her here hers herself
+him himself his how however i if in into is isn it its itself just kind know let like lot lots made
+make makes many may me might mine more most much must my myself need needs never no nor not nothing
+now of off often ok okay on once one only or other our ours ourselves out over own per probably
+quite rather re really right said same say says see seem seems she should since so some something
+sometimes sort still such sure take than that the their theirs them themselves then there these they
+thing things think this those though through thus to too toward under until up upon us use used
+uses using usually very want wants was way we well were what whatever when where whether which while
+who whom whose why will with within without would yeah yes yet you your yours yourself ll ve
+i'm i've i'd i'll it's don't can't doesn't didn't isn't won't that's there's we're they're you're we've
+they've let's wasn't aren't couldn't wouldn't shouldn't haven't hasn't what's he's she's
+another frustrating annoying great good bad better worse easy easier hard harder nice love hate wish
+uh um umm uhm hmm hm er erm ah oh eh mm mhm uh-huh cuz cos cause gonna wanna gotta kinda sorta super
+perhaps maybe basically literally honestly totally definitely pretty stuff guess mean yep yup nope lol
+anyway anyways whatever etc also bit little lot thank thanks please hello hi hey wow cool awesome
+bunch whole tons plenty none
+app apps
+de des du la le les et est un une que qui pour dans pas sur avec ce cette il elle je nous vous ils au aux
+ne se sa ses mais ou donc très y el los las por para es una uno del al lo su sus como pero muy
+der das und ist nicht zu mit von ein eine auf dem sich auch ich sie wir o os um não com mais di che è
+della il gli
+""".split()
+)
+
+
+WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
+
+
+def stem(word: str) -> str:
+    word = word.replace("’", "'")
+    if word.endswith("'s"):
+        word = word[:-2]
+    if len(word) > 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    return word
+
+
+def is_word_token(token: str) -> bool:
+    """A word worth counting: no stop word, filler, digit or id fragment."""
+    return len(token) > 2 and token not in STOPWORDS and not any(char.isdigit() for char in token)
+
+
+def content_words(text: str) -> list[tuple[str, str]]:
+    """(stem, surface form) of the words that carry meaning, in order."""
+    return [(token, surface) for token, surface, _, _ in content_spans(text)]
+
+
+def content_spans(text: str) -> list[tuple[str, str, int, int]]:
+    """(stem, surface, start, end) of the words that carry meaning; offsets into `text`."""
+    words = []
+    for match in WORD.finditer(text.lower()):
+        token = stem(match.group())
+        if is_word_token(token) and match.group() not in STOPWORDS:
+            words.append((token, match.group().replace("’", "'"), match.start(), match.end()))
+    return words
+
+
+def word_set(text: str) -> frozenset[str]:
+    return frozenset(token for token, _ in content_words(text))
+
+
+# ---------------------------------------------------------------------------
+# Data loading: files and their formats
 # ---------------------------------------------------------------------------
 
 FORMATS = {
@@ -3417,8 +3563,11 @@ def named_list(names: Iterable[str]) -> str:
     return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
 
 
-# Office files: a .docx or .xlsx is a zip of XML parts, read with the standard library.
+# ---------------------------------------------------------------------------
+# Data loading: Office files (.docx, .xlsx)
+# ---------------------------------------------------------------------------
 #
+# A .docx or .xlsx is a zip of XML parts, read with the standard library.
 # Each part streams through expat a chunk at a time, so time and memory grow with the
 # file, never with what it claims: its unpacked bytes are counted as they come (a zip
 # may declare any size), a document type is refused (Office files have none, so no
@@ -3718,7 +3867,9 @@ def cell_value(kind: str | None, value: str, inline: str, strings: list[str]) ->
     return value
 
 
-# Tables: survey, feedback and review exports, one row a response.
+# ---------------------------------------------------------------------------
+# Data loading: tables (survey, feedback and review exports, one row a response)
+# ---------------------------------------------------------------------------
 
 # Column names, squashed to letters and digits, that identify a participant, best first.
 ID_COLUMNS = (
@@ -4165,7 +4316,49 @@ def column_warnings(columns: Columns, name: str, rows: int) -> list[str]:
     return warnings
 
 
-# Transcripts: interviews as turns, the interviewer told from the participant.
+NAME_COLUMNS = frozenset(
+    """
+name username fullname firstname lastname givenname surname familyname author authorname reviewer reviewername
+nickname displayname recipientname recipientfirstname recipientlastname respondentname participantname
+customername intervieweename speaker speakername yourname yourfullname whatisyourname whatsyourname nameoptional
+yournameoptional fullnameoptional yourfirstname yourlastname respondent
+""".split()
+)
+
+
+ANONYMOUS_NAMES = frozenset(
+    {
+        "a google user",
+        "amazon customer",
+        "kindle customer",
+        "verified buyer",
+        "verified purchaser",
+        "anonymous",
+        "anon",
+        "guest",
+        "user",
+        "customer",
+        "speaker",
+        "unknown",
+        "n/a",
+        "none",
+    }
+)
+
+
+def marked_names(records: list[Any]) -> set[str]:
+    """The values of name-like columns (`name`, `userName`, `author`, ...): the people a table names."""
+    names: set[str] = set()
+    for record in records:
+        for column, value in flatten_record(record).items():
+            if squash(column.rpartition(".")[2]) in NAME_COLUMNS:
+                names.update(text for text in cell_texts(value) if text.strip().lower() not in ANONYMOUS_NAMES)
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Data loading: transcripts (interviews as turns, the interviewer told from the participant)
+# ---------------------------------------------------------------------------
 
 INTERVIEWER_ROLES = frozenset(
     (
@@ -4496,7 +4689,9 @@ def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[P
     return people, warnings
 
 
-# Reading a source: files to participants, with what was skipped or assumed.
+# ---------------------------------------------------------------------------
+# Data loading: reading a source (files to participants, with what was skipped or assumed)
+# ---------------------------------------------------------------------------
 
 TABLE_FORMATS = ("csv", "tsv", "xlsx")
 TRANSCRIPT_FORMATS = ("text", "docx", "vtt", "srt")
@@ -4970,6 +5165,9 @@ def remove_old_uploads(data_dir: Path, days: float) -> int:
     return removed
 
 
+UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
+
+
 def store_upload(data_dir: Path, name: str, body: bytes, owner: str) -> JSON:
     """Write an upload under uploads/, never over another file: a taken name gets `-2`, `-3`, ... before its suffix.
 
@@ -4997,32 +5195,6 @@ def store_upload(data_dir: Path, name: str, body: bytes, owner: str) -> JSON:
 # Redaction: personal data replaced by placeholders before the data leaves the machine
 # ---------------------------------------------------------------------------
 
-NAME_COLUMNS = frozenset(
-    """
-name username fullname firstname lastname givenname surname familyname author authorname reviewer reviewername
-nickname displayname recipientname recipientfirstname recipientlastname respondentname participantname
-customername intervieweename speaker speakername yourname yourfullname whatisyourname whatsyourname nameoptional
-yournameoptional fullnameoptional yourfirstname yourlastname respondent
-""".split()
-)
-ANONYMOUS_NAMES = frozenset(
-    {
-        "a google user",
-        "amazon customer",
-        "kindle customer",
-        "verified buyer",
-        "verified purchaser",
-        "anonymous",
-        "anon",
-        "guest",
-        "user",
-        "customer",
-        "speaker",
-        "unknown",
-        "n/a",
-        "none",
-    }
-)
 REDACTED_KINDS = (
     "email",
     "url",
@@ -5114,16 +5286,6 @@ notes user test pilot study round wave group focus final draft copy export data 
 )  # words of file names and ids that name the file, not a person
 GENERIC_LABEL = re.compile(r"[^\W\d_]+[\s_-]*\d+", re.IGNORECASE)  # "Speaker 2", "user_17": a role and a number
 DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
-
-
-def marked_names(records: list[Any]) -> set[str]:
-    """The values of name-like columns (`name`, `userName`, `author`, ...): the people a table names."""
-    names: set[str] = set()
-    for record in records:
-        for column, value in flatten_record(record).items():
-            if squash(column.rpartition(".")[2]) in NAME_COLUMNS:
-                names.update(text for text in cell_texts(value) if text.strip().lower() not in ANONYMOUS_NAMES)
-    return names
 
 
 def luhn_valid(digits: str) -> bool:
@@ -5346,35 +5508,6 @@ class Redactor:
 # Offline engine: TF-IDF vectors, seeded k-means++, personas from the text
 # ---------------------------------------------------------------------------
 
-STOPWORDS = frozenset(
-    """
-a about above actually after again against all also always am an and any anything are around as at
-back be because been before being below between both but by can cannot could couple did do does doing
-don done down during each either else enough especially even ever every everything few for from
-further get gets getting go goes going gone got gotten had has have having he her here hers herself
-him himself his how however i if in into is isn it its itself just kind know let like lot lots made
-make makes many may me might mine more most much must my myself need needs never no nor not nothing
-now of off often ok okay on once one only or other our ours ourselves out over own per probably
-quite rather re really right said same say says see seem seems she should since so some something
-sometimes sort still such sure take than that the their theirs them themselves then there these they
-thing things think this those though through thus to too toward under until up upon us use used
-uses using usually very want wants was way we well were what whatever when where whether which while
-who whom whose why will with within without would yeah yes yet you your yours yourself ll ve
-i'm i've i'd i'll it's don't can't doesn't didn't isn't won't that's there's we're they're you're we've
-they've let's wasn't aren't couldn't wouldn't shouldn't haven't hasn't what's he's she's
-another frustrating annoying great good bad better worse easy easier hard harder nice love hate wish
-uh um umm uhm hmm hm er erm ah oh eh mm mhm uh-huh cuz cos cause gonna wanna gotta kinda sorta super
-perhaps maybe basically literally honestly totally definitely pretty stuff guess mean yep yup nope lol
-anyway anyways whatever etc also bit little lot thank thanks please hello hi hey wow cool awesome
-bunch whole tons plenty none
-app apps
-de des du la le les et est un une que qui pour dans pas sur avec ce cette il elle je nous vous ils au aux
-ne se sa ses mais ou donc très y el los las por para es una uno del al lo su sus como pero muy
-der das und ist nicht zu mit von ein eine auf dem sich auch ich sie wir o os um não com mais di che è
-della il gli
-""".split()
-)
-WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
 MAX_FEATURES = 5000
 MAX_SPAN_WORDS = 6  # a title phrase's words, with those between its two content words
@@ -5774,35 +5907,6 @@ PERSONA_NAMES = (
     "Wei Zhang",
     "Esther Adeyemi",
 )
-
-
-def stem(word: str) -> str:
-    word = word.replace("’", "'")
-    if word.endswith("'s"):
-        word = word[:-2]
-    if len(word) > 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        word = word[:-1]
-    return word
-
-
-def is_word_token(token: str) -> bool:
-    """A word worth counting: no stop word, filler, digit or id fragment."""
-    return len(token) > 2 and token not in STOPWORDS and not any(char.isdigit() for char in token)
-
-
-def content_words(text: str) -> list[tuple[str, str]]:
-    """(stem, surface form) of the words that carry meaning, in order."""
-    return [(token, surface) for token, surface, _, _ in content_spans(text)]
-
-
-def content_spans(text: str) -> list[tuple[str, str, int, int]]:
-    """(stem, surface, start, end) of the words that carry meaning; offsets into `text`."""
-    words = []
-    for match in WORD.finditer(text.lower()):
-        token = stem(match.group())
-        if is_word_token(token) and match.group() not in STOPWORDS:
-            words.append((token, match.group().replace("’", "'"), match.start(), match.end()))
-    return words
 
 
 MAX_JOINED_SENTENCE = 400  # characters a sentence joined across an abbreviation or brackets may reach
@@ -6444,6 +6548,15 @@ def closed_answers(members: list[Participant], everyone: list[Participant], labe
     ]
 
 
+def answer_finding(answer: JSON) -> str:
+    """A closed answer stated as a finding: `Re-run the build: often, 20 of 23 (87%), against 41% of everyone else.`"""
+    share = answer["count"] / answer["of"] if answer.get("of") else 0.0
+    return (
+        f"{answer['question'].rstrip(' ?:.…')}: {answer['answer'].lower()}, {answer['count']} of {answer['of']} "
+        f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else."
+    )
+
+
 TITLE_MIN_SHARE = 0.25  # a title phrase is said by at least this share of the segment's members
 TITLE_MIN_LIFT = 2.0  # and by at least twice the share of everyone else: the data set's own topic sets no one apart
 BARE_ANSWERS = frozenset(["yes", "no", "maybe", "other", *SCALE_LEVELS])
@@ -6698,6 +6811,22 @@ PROVIDER_JOB_TIMEOUT_S = 900.0  # all provider work of one job
 SEGMENT_CALLS_AT_ONCE = 4  # concurrent provider calls within one job
 DEFAULT_MAX_INPUT_TOKENS = 100_000
 PERSONA_FIELDS = ("name", "title", "demographics", "goals", "pain_points", "behaviours", "quotes")
+
+
+STANDARD_KEYS = frozenset({*PERSONA_FIELDS, "id", "summary", "evidence", "unverified_quotes", "themes"})
+
+
+RESERVED_FIELD_NAMES = STANDARD_KEYS | {"participants", "share"}  # the model's evidence, and a CSV column
+
+
+def custom_fields(persona: JSON) -> JSON:
+    """The fields a request's config.fields added, in their order; every other key is a standard one."""
+    return {key: value for key, value in persona.items() if key not in STANDARD_KEYS}
+
+
+def field_heading(key: str) -> str:
+    return key.replace("_", " ").capitalize()
+
 
 LLM_PERSONA_SCHEMA: JSON = {
     "type": "object",
@@ -7624,10 +7753,6 @@ class SaidIndex:
         return found, lifts
 
 
-def word_set(text: str) -> frozenset[str]:
-    return frozenset(token for token, _ in content_words(text))
-
-
 STABILITY_RUNS = 5  # reruns, each on its own fixed-seed resample
 STABILITY_SHARE = 0.9  # of the participants each rerun groups
 STABILITY_MAX_PARTICIPANTS = 2000  # a rerun groups at most this many: stability costs no more than a job
@@ -7880,54 +8005,8 @@ def persona_changes(parent: list[JSON], personas: list[JSON]) -> JSON:
 
 
 # ---------------------------------------------------------------------------
-# Generation: one job from request to output folder
+# Outputs: persona cards, exports and the job's output folder
 # ---------------------------------------------------------------------------
-
-ENGINE_THREADS: list[ThreadPoolExecutor] = []  # one small pool for small data, made when first needed
-ENGINE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-def engine_threads() -> ThreadPoolExecutor:
-    if not ENGINE_THREADS:
-        ENGINE_THREADS.append(ThreadPoolExecutor(ENGINE_WORKERS, thread_name_prefix="persona-engine"))
-    return ENGINE_THREADS[0]
-
-
-def engine_slot() -> asyncio.Semaphore:
-    """This process's engine computations at once: ENGINE_WORKERS, so memory and CPU stay bounded."""
-    loop = asyncio.get_running_loop()
-    if loop not in ENGINE_SLOTS:
-        ENGINE_SLOTS[loop] = asyncio.Semaphore(ENGINE_WORKERS)
-    return ENGINE_SLOTS[loop]
-
-
-def is_large(people: list[Participant]) -> bool:
-    """Whether the work is large enough for a process of its own: many participants, or much text."""
-    if len(people) >= ENGINE_PROCESS_FROM:
-        return True
-    chars = 0
-    for person in people:
-        chars += sum(map(len, person.texts))
-        if chars >= ENGINE_PROCESS_FROM_CHARS:
-            return True
-    return False
-
-
-async def run_engine(people: list[Participant], function: Callable[..., Any], *args: Any) -> Any:
-    """CPU-bound engine work off the event loop; its callers hold an engine slot (`engine_slot`).
-
-    Large work runs in a child process of its own: a thread computing for seconds would
-    hold the GIL against the event loop and slow every request, and a child can be
-    stopped, so cancelling a job or stopping the server stops its computation. Small
-    work stays in a thread, where starting a process would cost more than the work.
-    """
-    if is_large(people):
-        return await run_in_child(function, *args)
-    return await asyncio.get_running_loop().run_in_executor(engine_threads(), functools.partial(function, *args))
-
-
-ProgressReport = Callable[[int, str], Awaitable[None]]
-
 
 LIST_HEADINGS = {"goals": "Goals", "pain_points": "Pain points", "behaviours": "Behaviours"}
 
@@ -7969,15 +8048,6 @@ def said_by(quality: JSON | None, key: str, index: int) -> str:
         if item["field"] == key and item["index"] == index:
             return f" (said by {item['said_by']} of {size})"
     return ""
-
-
-def answer_finding(answer: JSON) -> str:
-    """A closed answer stated as a finding: `Re-run the build: often, 20 of 23 (87%), against 41% of everyone else.`"""
-    share = answer["count"] / answer["of"] if answer.get("of") else 0.0
-    return (
-        f"{answer['question'].rstrip(' ?:.…')}: {answer['answer'].lower()}, {answer['count']} of {answer['of']} "
-        f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else."
-    )
 
 
 def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> str:
@@ -8137,19 +8207,6 @@ def personas_page(personas: list[JSON], subtitle: str, quality: JSON | None = No
     )
 
 
-STANDARD_KEYS = frozenset({*PERSONA_FIELDS, "id", "summary", "evidence", "unverified_quotes", "themes"})
-RESERVED_FIELD_NAMES = STANDARD_KEYS | {"participants", "share"}  # the model's evidence, and a CSV column
-
-
-def custom_fields(persona: JSON) -> JSON:
-    """The fields a request's config.fields added, in their order; every other key is a standard one."""
-    return {key: value for key, value in persona.items() if key not in STANDARD_KEYS}
-
-
-def field_heading(key: str) -> str:
-    return key.replace("_", " ").capitalize()
-
-
 CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -8302,6 +8359,11 @@ def remove_partial_folders(output_dir: Path) -> int:
                 shutil.rmtree(path)
                 removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------
+# Generation: one job from request to output folder
+# ---------------------------------------------------------------------------
 
 
 def pick_provider(request: JSON) -> str:
@@ -8561,30 +8623,9 @@ async def generate_with(
     return result
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def worker_identity() -> str:
-    """host:pid:nonce, so a claim names a process that can be checked for life."""
-    return f"{this_host()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-@functools.cache
-def this_host() -> str:
-    """The host name and the process namespace: containers that share a host name (host networking)
-    do not share process ids, so only a claimer with both the same can be checked by its pid."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return socket.gethostname()
-    return f"{socket.gethostname()}~{namespace}"
+# ---------------------------------------------------------------------------
+# Background work: who this worker is, the claim loops and the job runner
+# ---------------------------------------------------------------------------
 
 
 def claimer_is_gone(claimed_by: str, idle: float | None, lease: float = LEASE_S) -> bool:
@@ -10266,7 +10307,6 @@ UPLOADED_SCHEMA: JSON = {
     "required": ["name", "format", "size"],
     "properties": {"name": {"type": "string"}, "format": {"type": "string"}, "size": {"type": "integer"}},
 }
-UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
 ESTIMATE_SCHEMA: JSON = {
     "type": "object",
     "required": [
@@ -11129,6 +11169,16 @@ def hear_news(app_state: Any, news: str) -> None:
         app_state.runner.cancel_local(news.removeprefix("cancel:"))
 
 
+def configure_logging(level: str) -> None:
+    numeric = 5 if level == "trace" else getattr(logging, level.upper())
+    logging.basicConfig(level=numeric, format="%(levelname)s:     %(message)s")
+    log.setLevel(numeric)
+    # These log every URL, and every SQL statement with its parameters, at INFO and DEBUG:
+    # a URL or a webhook secret may be among them.
+    for name in QUIET_LOGGERS:  # they log whole requests at DEBUG: URLs with tokens, SQL with secrets, interview text
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; `uvicorn persona:create_app --factory` builds it from PERSONA_* variables."""
     settings = settings or load_settings()
@@ -11529,16 +11579,6 @@ def server_command(commands: Any, name: str, text: str) -> argparse.ArgumentPars
         "--auth-token", default=os.environ.get("PERSONA_API_AUTH_TOKEN"), help="API token [env PERSONA_API_AUTH_TOKEN]"
     )
     return command
-
-
-def configure_logging(level: str) -> None:
-    numeric = 5 if level == "trace" else getattr(logging, level.upper())
-    logging.basicConfig(level=numeric, format="%(levelname)s:     %(message)s")
-    log.setLevel(numeric)
-    # These log every URL, and every SQL statement with its parameters, at INFO and DEBUG:
-    # a URL or a webhook secret may be among them.
-    for name in QUIET_LOGGERS:  # they log whole requests at DEBUG: URLs with tokens, SQL with secrets, interview text
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_server(args: argparse.Namespace) -> int:
