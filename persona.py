@@ -8521,6 +8521,83 @@ async def generate(
         return await generate_with(provider, job_id, request, experiment_id, settings, report, created_at, fetched)
 
 
+def steered_request(request: JSON, dataset: Dataset, redactor: Redactor | None, count: int) -> JSON:
+    """The request as the engine and the model read it: what else the researcher gave is redacted
+    as the data was, and `group_by` names the attribute as the data holds it."""
+    config, refine = request.get("config", {}), request.get("refine")
+    if redactor is not None:
+        if refine:
+            refine = {**refine, "parent_personas": redactor.value(refine["parent_personas"])}
+        if "groups" in config:
+            groups = {name: [redactor.text(pid) for pid in ids] for name, ids in config["groups"].items()}
+            config = {**config, "groups": groups}
+        request = {**request, "config": config, **({"refine": refine} if refine else {})}
+    if config.get("group_by") is not None:
+        config = {**config, "group_by": grouping_key(config["group_by"], dataset)}
+        request = {**request, "config": config}
+        dataset.warnings += grouping_warnings(config["group_by"], dataset, count)
+    return request
+
+
+@dataclass
+class MadePersonas:
+    """Personas and how they were made: the engine's settings, the model, its usage and exchanges."""
+
+    personas: list[JSON]
+    warnings: list[str]
+    model: str
+    usage: JSON
+    engine: JSON
+    exchanges: list[JSON] = field(default_factory=list)
+
+
+async def made_personas(
+    provider: str, dataset: Dataset, request: JSON, count: int, report: ProgressReport
+) -> MadePersonas:
+    """The personas of the offline engine or of a model, continued from the parent's when refining."""
+    config, refine = request.get("config", {}), request.get("refine")
+    engine: JSON = {
+        "count": count,
+        "complexity": config_value(config, "complexity"),
+        "detail_level": config_value(config, "detail_level"),
+    }
+    if provider == "local":
+        personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
+        made = MadePersonas(
+            personas,
+            warnings,
+            LOCAL_MODEL,
+            {"input_tokens": 0, "output_tokens": 0, "calls": 0},
+            {**engine, "name": "tfidf-kmeans", "seed": 0},
+        )
+    else:
+        personas, details = await llm_personas(dataset, request, provider, report)
+        options = ("temperature", "max_tokens", "max_input_tokens", "instruction", "fields")
+        engine.update(
+            name="llm", strategy=details["strategy"], **{key: config[key] for key in options if key in config}
+        )
+        made = MadePersonas(
+            personas, details["warnings"], details["model"], details["usage"], engine, details["exchanges"]
+        )
+    if refine:
+        made.personas = continued_personas(
+            refine["parent_personas"], made.personas, keep_names="instruction" not in refine
+        )
+    made.personas = with_answers(made.personas, dataset)
+    return made
+
+
+async def measured_quality(provider: str, made: MadePersonas, dataset: Dataset, count: int, config: JSON) -> JSON:
+    """The quality report, with stability where the grouping is Persona's own (an offline job holds its slot)."""
+    people = dataset.participants
+    async with engine_slot() if provider != "local" else contextlib.nullcontext():
+        quality = await run_engine(people, quality_report, people, made.personas, dataset.silent)
+        if made.engine.get("name") == "tfidf-kmeans" or made.engine.get("strategy") == "segmented":
+            grouping = made.personas if provider == "local" else None
+            quality["stability"] = await run_engine(people, grouping_stability, people, count, config, grouping)
+    return quality
+
+
 async def generate_with(
     provider: str,
     job_id: str,
@@ -8531,95 +8608,48 @@ async def generate_with(
     created_at: str | None,
     fetched: Fetched | None = None,
 ) -> JSON:
+    """Read the data, make the personas, measure them, write the output folder: the job's result."""
     started = time.perf_counter()
     count = request.get("count", DEFAULT_COUNT)
-    config = request.get("config", {})
     await report(PROGRESS["loading"], "loading data")
-    refine = request.get("refine")
     dataset, redactor = await job_dataset(request, settings, fetched)
-    if redactor is not None:  # what else the model reads, from the researcher, is redacted alike
-        if refine:
-            refine = {**refine, "parent_personas": redactor.value(refine["parent_personas"])}
-        if "groups" in config:
-            config = {
-                **config,
-                "groups": {name: [redactor.text(pid) for pid in ids] for name, ids in config["groups"].items()},
-            }
-        request = {**request, "config": config, **({"refine": refine} if refine else {})}
-    if config.get("group_by") is not None:
-        config = {**config, "group_by": grouping_key(config["group_by"], dataset)}
-        request = {**request, "config": config}
-        dataset.warnings += grouping_warnings(config["group_by"], dataset, count)
+    request = steered_request(request, dataset, redactor, count)
     loaded = time.perf_counter()
     await report(PROGRESS["loaded"], f"loaded {len(dataset.participants)} participants")
-    engine: JSON = {
-        "count": count,
-        "complexity": config_value(config, "complexity"),
-        "detail_level": config_value(config, "detail_level"),
-    }
-    exchanges: list[JSON] = []
-    if provider == "local":
-        personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
-        model, usage = LOCAL_MODEL, {"input_tokens": 0, "output_tokens": 0, "calls": 0}
-        engine.update(name="tfidf-kmeans", seed=0)
-    else:
-        personas, details = await llm_personas(dataset, request, provider, report)
-        warnings, usage, exchanges, model = (
-            details["warnings"],
-            details["usage"],
-            details["exchanges"],
-            details["model"],
-        )
-        engine.update(
-            name="llm",
-            strategy=details["strategy"],
-            **{
-                key: config[key]
-                for key in ("temperature", "max_tokens", "max_input_tokens", "instruction", "fields")
-                if key in config
-            },
-        )
-    if refine:
-        personas = continued_personas(refine["parent_personas"], personas, keep_names="instruction" not in refine)
-    personas = with_answers(personas, dataset)
-    async with engine_slot() if provider != "local" else contextlib.nullcontext():  # an offline job holds its slot
-        quality = await run_engine(dataset.participants, quality_report, dataset.participants, personas, dataset.silent)
-        if engine.get("name") == "tfidf-kmeans" or engine.get("strategy") == "segmented":  # a grouping of its own
-            quality["stability"] = await run_engine(
-                dataset.participants,
-                grouping_stability,
-                dataset.participants,
-                count,
-                config,
-                personas if provider == "local" else None,
-            )
+    made = await made_personas(provider, dataset, request, count, report)
+    quality = await measured_quality(provider, made, dataset, count, request.get("config", {}))
     built = time.perf_counter()
     await report(PROGRESS["built"], "personas built")
-    metadata = {
+    metadata: JSON = {
         "job_id": job_id,
         "provider": provider,
-        "model": model,
-        "engine": engine,
+        "model": made.model,
+        "engine": made.engine,
         "source": dataset.source,
         "experiment_id": experiment_id,
         "version": __version__,
         "created_at": utc_now(),
         "timings": {"load_s": round(loaded - started, 4), "generate_s": round(built - loaded, 4)},
-        "usage": usage,
-        "warnings": dataset.warnings + warnings,
+        "usage": made.usage,
+        "warnings": dataset.warnings + made.warnings,
         "quality": quality,
     }
     if redactor is not None:
         metadata["redaction"] = dict(redactor.counts)
     folder = output_folder(settings.output_dir, job_id, created_at)
-    output_path = await asyncio.to_thread(write_outputs, folder, personas, metadata, exchanges)
+    output_path = await asyncio.to_thread(write_outputs, folder, made.personas, metadata, made.exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
     await report(PROGRESS["written"], "outputs written")
-    result = {"personas": personas, "experiment_id": experiment_id, "output_path": output_path, "metadata": metadata}
+    result = {
+        "personas": made.personas,
+        "experiment_id": experiment_id,
+        "output_path": output_path,
+        "metadata": metadata,
+    }
+    refine = request.get("refine")
     if refine:
-        result.update(
-            parent_job_id=refine["parent_job_id"], changes=persona_changes(refine["parent_personas"], personas)
-        )
+        changes = persona_changes(refine["parent_personas"], made.personas)
+        result.update(parent_job_id=refine["parent_job_id"], changes=changes)
     return result
 
 
