@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pg_cluster
 import pytest
+from fake_providers import FakeProvider
 from loopback import serve_on_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +148,14 @@ class Server:
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    """Fake Anthropic, OpenAI and Gemini servers on loopback, for the real SDKs to talk to."""
+    server = FakeProvider()
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -360,6 +369,12 @@ def receivers() -> Iterator[Callable[[], Receiver]]:
 @pytest.fixture
 def receiver(receivers: Callable[[], Receiver]) -> Receiver:
     return receivers()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that drive the browser run last, in their order: once Playwright's sync API runs, this
+    thread has an event loop for the rest of the session, and asyncio.run() cannot start another."""
+    items.sort(key=lambda item: "browser" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")

@@ -121,13 +121,6 @@ def test_ipv6_clients_are_counted_by_their_64_and_ipv4_ones_by_their_address() -
 # -- 4. nothing said and no secret in the log at debug ------------------------------------
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    server = FakeProvider()
-    yield server
-    server.close()
-
-
 def test_at_debug_the_log_holds_no_participants_words_and_no_webhook_secret(
     start_server, fake: FakeProvider, receiver: Receiver
 ) -> None:

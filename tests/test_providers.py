@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,13 +17,6 @@ pytestmark = pytest.mark.sqlite_only
 
 
 SECRET_KEY = "sk-test-DO-NOT-LEAK-4242"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    server = FakeProvider()
-    yield server
-    server.close()
 
 
 def serve_with(start_server, fake: FakeProvider, provider: str, *args: str) -> Server:

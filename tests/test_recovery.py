@@ -277,13 +277,6 @@ def test_two_servers_on_one_database_share_one_rate_limit(start_server) -> None:
 # -- LLM evidence ------------------------------------------------------------
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    server = FakeProvider()
-    yield server
-    server.close()
-
-
 def with_personas(change: Callable[[str, dict[str, Any]], None]) -> Callable[[str, Any], Any]:
     """A scripted answer: the fake's usual one, each persona changed by `change(prompt, persona)`."""
 

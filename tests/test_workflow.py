@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,13 +16,6 @@ from conftest import ROOT, GatedDataServer, Server, submit, wait_job
 from fake_providers import FakeProvider
 
 import persona
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    server = FakeProvider()
-    yield server
-    server.close()
 
 
 def run_persona(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
