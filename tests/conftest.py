@@ -233,6 +233,44 @@ def client(server: Server) -> Iterator[httpx.Client]:
         yield http
 
 
+def module_server(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[Server]:
+    """A server on SQLite for all of a module's tests that use it, with the examples as its data."""
+    workdir = tmp_path_factory.mktemp("shared")
+    shutil.copytree(EXAMPLES, workdir / "data")
+    base = ["--db", str(workdir / "persona.db"), "--data-dir", str(workdir / "data")]
+    server = Server(workdir, [*base, "--output-dir", str(workdir / "output"), "--rate-limit", "0", *args], {})
+    yield server.start()
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for a module's tests whose subject is the request (validation, auth), not the store:
+    they run on SQLite alone, and those that must change nothing check that they did not."""
+    yield from module_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def shared_secured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`shared_server` with two API tokens, `first-token` and `second-token`."""
+    yield from module_server(tmp_path_factory, "--auth-token", "first-token,second-token")
+
+
+def table_counts(server: Server) -> dict[str, int]:
+    """Rows in each table that a request could add to."""
+    tables = ("jobs", "webhooks", "experiments", "idempotency_keys", "deliveries")
+    return {table: server.query(f"SELECT COUNT(*) FROM {table}")[0][0] for table in tables}
+
+
+@pytest.fixture
+def refusing_client(shared_server: Server) -> Iterator[httpx.Client]:
+    """A client of the shared server, and a check at the end that the test's requests changed no table."""
+    before = table_counts(shared_server)
+    with shared_server.client() as http:
+        yield http
+    assert table_counts(shared_server) == before
+
+
 def wait_job(
     http: httpx.Client, job_id: str, timeout: float = 30.0, until: tuple[str, ...] = TERMINAL
 ) -> dict[str, Any]:

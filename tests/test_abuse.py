@@ -8,25 +8,18 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Receiver, Server, submit, wait_job
+from conftest import Receiver, Server, submit, table_counts, wait_job
 
 import persona
 
 
-def table_counts(server: Server) -> dict[str, int]:
-    return {
-        table: server.query(f"SELECT COUNT(*) FROM {table}")[0][0]  # noqa: S608 - fixed names
-        for table in ("jobs", "webhooks", "experiments", "idempotency_keys", "deliveries")
-    }
-
-
 @pytest.fixture
-def guarded(server: Server) -> Iterator[tuple[httpx.Client, Server]]:
-    """A client, and a check at the end that the database did not change."""
-    before = table_counts(server)
-    with server.client() as http:
-        yield http, server
-    assert table_counts(server) == before
+def guarded(shared_server: Server) -> Iterator[tuple[httpx.Client, Server]]:
+    """A client of the module's server, and a check at the end that the database did not change."""
+    before = table_counts(shared_server)
+    with shared_server.client() as http:
+        yield http, shared_server
+    assert table_counts(shared_server) == before
 
 
 def refused(response: httpx.Response, status: int) -> dict:

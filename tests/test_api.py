@@ -96,9 +96,9 @@ def test_progress_only_rises_while_a_job_runs(client: httpx.Client, gated_data: 
     assert seen[-1] == 100
 
 
-def test_an_unknown_job_is_a_404_envelope(client: httpx.Client) -> None:
-    assert_envelope(client.get("/api/v1/generate/job-000000000000"), 404, "not_found")
-    assert_envelope(client.get("/api/v1/generate/not-an-id"), 404, "not_found")
+def test_an_unknown_job_is_a_404_envelope(refusing_client: httpx.Client) -> None:
+    assert_envelope(refusing_client.get("/api/v1/generate/job-000000000000"), 404, "not_found")
+    assert_envelope(refusing_client.get("/api/v1/generate/not-an-id"), 404, "not_found")
 
 
 def test_a_data_source_with_fewer_participants_than_count_fails_saying_how_many(client: httpx.Client) -> None:
@@ -156,19 +156,19 @@ def test_listing_filters_by_status(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("query", ["status=done", "limit=0", "limit=1001", "limit=abc", "offset=-1"])
-def test_listing_refuses_bad_query_parameters(client: httpx.Client, query: str) -> None:
-    assert_envelope(client.get(f"/api/v1/generate?{query}"), 422, "validation_error")
+def test_listing_refuses_bad_query_parameters(refusing_client: httpx.Client, query: str) -> None:
+    assert_envelope(refusing_client.get(f"/api/v1/generate?{query}"), 422, "validation_error")
 
 
 # -- validation ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("count", [True, 3.5, "3", 0, 21, -1, None])
-def test_count_must_be_an_integer_from_1_to_20(client: httpx.Client, count: object) -> None:
+def test_count_must_be_an_integer_from_1_to_20(refusing_client: httpx.Client, count: object) -> None:
     body = {"data": "interviews.csv", "count": count}
     if count is None:
         body = {"data": "interviews.csv", "count": [3]}
-    error = assert_envelope(client.post("/api/v1/generate", json=body), 422, "validation_error")
+    error = assert_envelope(refusing_client.post("/api/v1/generate", json=body), 422, "validation_error")
     assert "count" in error["details"]
 
 
@@ -177,24 +177,26 @@ def test_count_accepts_its_bounds(client: httpx.Client, count: int) -> None:
     assert client.post("/api/v1/generate", json={"data": "interviews.csv", "count": count}).status_code == 200
 
 
-def test_an_unknown_field_is_named_not_ignored(client: httpx.Client) -> None:
+def test_an_unknown_field_is_named_not_ignored(refusing_client: httpx.Client) -> None:
     error = assert_envelope(
-        client.post("/api/v1/generate", json={"data": "interviews.csv", "cout": 3}), 422, "validation_error"
+        refusing_client.post("/api/v1/generate", json={"data": "interviews.csv", "cout": 3}), 422, "validation_error"
     )
     assert "cout" in error["details"]
     assert "cout" in error["message"]
 
 
-def test_every_offending_field_is_named_in_details(client: httpx.Client) -> None:
+def test_every_offending_field_is_named_in_details(refusing_client: httpx.Client) -> None:
     body = {"count": "many", "provider": "skynet", "config": {"complexity": "extreme", "colour": "red"}}
-    error = assert_envelope(client.post("/api/v1/generate", json=body), 422, "validation_error")
+    error = assert_envelope(refusing_client.post("/api/v1/generate", json=body), 422, "validation_error")
     assert {"data", "count", "provider", "config.complexity", "config.colour"} <= set(error["details"])
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/hook", "not a url", "http://", "https://user:pw@example.com/x"])
-def test_a_webhook_url_must_be_an_absolute_http_url(client: httpx.Client, url: str) -> None:
+def test_a_webhook_url_must_be_an_absolute_http_url(refusing_client: httpx.Client, url: str) -> None:
     error = assert_envelope(
-        client.post("/api/v1/generate", json={"data": "interviews.csv", "webhook_url": url}), 422, "validation_error"
+        refusing_client.post("/api/v1/generate", json={"data": "interviews.csv", "webhook_url": url}),
+        422,
+        "validation_error",
     )
     assert "webhook_url" in error["details"]
 
@@ -209,26 +211,28 @@ def test_a_webhook_url_must_be_an_absolute_http_url(client: httpx.Client, url: s
     ],
 )
 def test_a_body_that_is_not_a_json_object_is_a_400(
-    client: httpx.Client, content: bytes, headers: dict, fragment: str
+    refusing_client: httpx.Client, content: bytes, headers: dict, fragment: str
 ) -> None:
-    error = assert_envelope(client.post("/api/v1/generate", content=content, headers=headers), 400, "invalid_input")
+    error = assert_envelope(
+        refusing_client.post("/api/v1/generate", content=content, headers=headers), 400, "invalid_input"
+    )
     assert fragment in error["message"]
 
 
-def test_an_oversized_body_is_refused_with_413_pointing_to_paths(client: httpx.Client) -> None:
+def test_an_oversized_body_is_refused_with_413_pointing_to_paths(refusing_client: httpx.Client) -> None:
     body = {"data": ["x" * 1000] * 1100}
-    error = assert_envelope(client.post("/api/v1/generate", json=body), 413, "invalid_input")
+    error = assert_envelope(refusing_client.post("/api/v1/generate", json=body), 413, "invalid_input")
     assert "path or URL" in error["message"]
 
 
-def test_an_oversized_chunked_body_is_refused_with_413(client: httpx.Client) -> None:
+def test_an_oversized_chunked_body_is_refused_with_413(refusing_client: httpx.Client) -> None:
     def chunks():
         yield b'{"data": "'
         for _ in range(1100):
             yield b"x" * 1024
         yield b'"}'
 
-    response = client.post("/api/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    response = refusing_client.post("/api/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
     assert_envelope(response, 413, "invalid_input")
 
 
@@ -243,10 +247,12 @@ def test_an_oversized_chunked_body_is_refused_with_413(client: httpx.Client) -> 
         ("file:///etc/passwd", "not supported"),
     ],
 )
-def test_a_bad_data_source_is_a_400_saying_why(client: httpx.Client, server: Server, data: str, fragment: str) -> None:
-    (server.workdir / "outside.csv").write_text("participant_id,response\n1,I want to escape.\n")
-    (server.workdir / "data" / "notes.pdf").write_bytes(b"%PDF-1.4")
-    error = assert_envelope(client.post("/api/v1/generate", json={"data": data}), 400, "invalid_input")
+def test_a_bad_data_source_is_a_400_saying_why(
+    refusing_client: httpx.Client, shared_server: Server, data: str, fragment: str
+) -> None:
+    (shared_server.workdir / "outside.csv").write_text("participant_id,response\n1,I want to escape.\n")
+    (shared_server.workdir / "data" / "notes.pdf").write_bytes(b"%PDF-1.4")
+    error = assert_envelope(refusing_client.post("/api/v1/generate", json={"data": data}), 400, "invalid_input")
     assert fragment in error["message"]
 
 
@@ -259,23 +265,23 @@ def test_a_symlink_out_of_the_data_directory_is_refused(client: httpx.Client, se
 
 
 @pytest.mark.parametrize("text", ["interviews\x00.csv", "\ud800.csv"])
-def test_text_that_cannot_be_stored_is_a_validation_error(client: httpx.Client, text: str) -> None:
+def test_text_that_cannot_be_stored_is_a_validation_error(refusing_client: httpx.Client, text: str) -> None:
     import json
 
     content = json.dumps({"data": text}).encode()
-    response = client.post("/api/v1/generate", content=content, headers={"Content-Type": "application/json"})
+    response = refusing_client.post("/api/v1/generate", content=content, headers={"Content-Type": "application/json"})
     assert "data" in assert_envelope(response, 422, "validation_error")["details"]
 
 
 # -- routing errors --------------------------------------------------------------
 
 
-def test_an_unknown_route_is_a_404_envelope(client: httpx.Client) -> None:
-    assert_envelope(client.get("/api/v2/nothing"), 404, "not_found")
+def test_an_unknown_route_is_a_404_envelope(refusing_client: httpx.Client) -> None:
+    assert_envelope(refusing_client.get("/api/v2/nothing"), 404, "not_found")
 
 
-def test_a_wrong_method_is_a_405_envelope_with_allow(client: httpx.Client) -> None:
-    response = client.put("/api/v1/generate")
+def test_a_wrong_method_is_a_405_envelope_with_allow(refusing_client: httpx.Client) -> None:
+    response = refusing_client.put("/api/v1/generate")
     assert_envelope(response, 405, "invalid_input")
     assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
 
@@ -386,8 +392,11 @@ def test_a_webhook_keeps_the_events_it_subscribed_to(client: httpx.Client) -> No
         ({"url": "https://example.com", "extra": 1}, "extra"),
     ],
 )
-def test_a_bad_webhook_registration_names_the_field(client: httpx.Client, body: dict, field: str) -> None:
-    assert field in assert_envelope(client.post("/api/v1/webhooks", json=body), 422, "validation_error")["details"]
+def test_a_bad_webhook_registration_names_the_field(refusing_client: httpx.Client, body: dict, field: str) -> None:
+    assert (
+        field
+        in assert_envelope(refusing_client.post("/api/v1/webhooks", json=body), 422, "validation_error")["details"]
+    )
 
 
 # -- authentication ----------------------------------------------------------------
@@ -421,10 +430,10 @@ def secured(start_server) -> Server:
     ],
 )
 def test_write_endpoints_refuse_a_missing_or_wrong_token(
-    secured: Server, method: str, path: str, body: dict | None, authorization: str | None
+    shared_secured_server: Server, method: str, path: str, body: dict | None, authorization: str | None
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    response = httpx.request(method, secured.url + path, json=body, headers=headers)
+    response = httpx.request(method, shared_secured_server.url + path, json=body, headers=headers)
     assert_envelope(response, 401, "unauthorised")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
@@ -682,5 +691,7 @@ def test_requests_in_flight_do_not_set_off_garbage_collections(app_client) -> No
 
 
 @pytest.mark.parametrize("data", ["0" * 4000, "a/" * 2000 + "x.csv"])
-def test_a_path_the_filesystem_cannot_take_is_a_400_not_a_server_error(client: httpx.Client, data: str) -> None:
-    assert_envelope(client.post("/api/v1/generate", json={"data": data}), 400, "invalid_input")
+def test_a_path_the_filesystem_cannot_take_is_a_400_not_a_server_error(
+    refusing_client: httpx.Client, data: str
+) -> None:
+    assert_envelope(refusing_client.post("/api/v1/generate", json={"data": data}), 400, "invalid_input")

@@ -6,11 +6,12 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import GatedDataServer, Receiver, Server, submit, wait_for, wait_job
+from conftest import GatedDataServer, Receiver, Server, module_server, submit, wait_for, wait_job
 from standardwebhooks import Webhook
 
 import persona
@@ -356,11 +357,17 @@ def guarded(start_server):
     return start_server("--rate-limit", "0", "--no-allow-private-urls", *FAST_RETRIES)
 
 
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server that may reach no private address, for the module's refusals at registration."""
+    yield from module_server(tmp_path_factory, "--no-allow-private-urls", *FAST_RETRIES)
+
+
 @pytest.mark.parametrize(
     "url", ["http://127.0.0.1:9/hook", "http://[::1]/hook", "http://10.0.0.8/h", "http://169.254.169.254/latest"]
 )
-def test_a_literal_address_that_may_not_be_reached_is_refused_at_registration(guarded, url: str) -> None:
-    with guarded.client() as http:
+def test_a_literal_address_that_may_not_be_reached_is_refused_at_registration(refusing, url: str) -> None:
+    with refusing.client() as http:
         response = http.post("/api/v1/webhooks", json={"url": url})
         assert response.status_code == 422 and "url" in response.json()["details"]
         response = http.post("/api/v1/generate", json={"data": "interviews.csv", "webhook_url": url})
