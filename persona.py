@@ -3379,6 +3379,7 @@ MAX_ARCHIVE_BYTES = 100 * 1024 * 1024  # what one .docx or .xlsx may unpack to, 
 MAX_SHEET_COLUMNS = 1000  # columns read from a sheet; a survey has far fewer
 MAX_NAMES_SHOWN = 12  # files or columns named in one warning
 MAX_SOURCE_FILES = 10_000  # files one data folder may hold
+MAX_LISTED_FILES = 200_000  # files the data listing walks: the data directory's own limit, far above the upload quotas
 OUTPUT_MARKER = ".persona-output"  # marks Persona's output folder: never a data source, wherever it lies
 MAX_DATA_DEPTH = 32  # how deeply a JSON data file or an inline record may nest
 
@@ -3468,12 +3469,12 @@ def real_root(data_dir: Path) -> Path:
     return data_dir.resolve()
 
 
-def folder_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
+def folder_files(folder: Path, root: Path, most: int = MAX_SOURCE_FILES) -> tuple[list[Path], list[str]]:
     """The supported regular files below `folder`, sorted, and the names of the others.
 
     Hidden files and links out of `root` are neither read nor named; links to folders are
     not followed. The walk keeps its own stack, so no depth of folders can exhaust
-    Python's, and it stops past MAX_SOURCE_FILES files: a source that large is refused.
+    Python's, and it stops past `most` files: a source that large is refused.
     """
     read: list[Path] = []
     skipped: list[str] = []
@@ -3495,11 +3496,11 @@ def folder_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
                     read.append(path)
                 else:
                     skipped.append(path.relative_to(folder).as_posix())
-            if len(read) + len(skipped) > MAX_SOURCE_FILES:
+            if len(read) + len(skipped) > most:
                 raise APIError(
                     400,
                     f"data folder {folder.relative_to(root).as_posix() or '.'!r} holds more than "
-                    f"{MAX_SOURCE_FILES:,} files; give a smaller folder",
+                    f"{most:,} files; give a smaller folder",
                 )
     return sorted(read), sorted(skipped)
 
@@ -5002,26 +5003,30 @@ ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # sha256 -> the table's attr
 LISTING_CACHE_SIZE = 10_000  # entries each of the two keeps, the least recently used going first
 
 
-async def data_sources(data_dir: Path) -> list[JSON]:
-    """Every file a job can read in the data directory, and every folder holding some, sorted by name.
+async def data_sources(data_dir: Path, limit: int = MAX_LISTED_FILES, offset: int = 0) -> tuple[list[JSON], int]:
+    """A page of the files a job can read in the data directory and the folders holding some,
+    sorted by name, and how many there are.
 
-    A table small enough is read, to name its attributes (what `group_by` can take).
-    What was read is remembered by content, so a listing reads only what is new, and a
-    file uploaded many times is read once; an Office file is read in a child process,
-    as a job reads it.
+    A table of the page small enough is read, to name its attributes (what `group_by` can
+    take). What was read is remembered by content, so a listing reads only what is new, and
+    a file uploaded many times is read once; an Office file is read in a child process, as a
+    job reads it.
     """
     sources, tables = await asyncio.to_thread(walk_sources, data_dir)
+    page = sources[offset : offset + limit]
+    shown = {id(source) for source in page}
     for source, file, info in tables:
-        summary = await table_attributes(file, info)
-        if summary is not None:
-            source.update(summary)
-    return sources
+        if id(source) in shown:
+            summary = await table_attributes(file, info)
+            if summary is not None:
+                source.update(summary)
+    return page, len(sources)
 
 
 def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.stat_result]]]:
     """The listing's entries, and the tables among them small enough to read for their attributes."""
     root = real_root(data_dir)
-    files, _ = folder_files(root, root)
+    files, _ = folder_files(root, root, MAX_LISTED_FILES)
     folders: Counter[str] = Counter()
     sources, tables = [], []
     for file in files:
@@ -9694,8 +9699,10 @@ async def list_webhooks(request: Request) -> JSONResponse:
 
 
 async def list_data(request: Request) -> JSONResponse:
-    """The sources in the data directory; file names can be sensitive, so with auth on this needs a token."""
-    return JSONResponse(await data_sources(state(request).settings.data_dir))
+    """A page of the sources in the data directory; file names can be sensitive, so with auth on this needs a token."""
+    limit, offset = query_int(request, "limit", 1000, 1, 1000), query_int(request, "offset", 0, 0, 10**9)
+    sources, total = await data_sources(state(request).settings.data_dir, limit, offset)
+    return JSONResponse(sources, headers=page_headers(request, {}, limit, offset, len(sources), total))
 
 
 async def upload_data(request: Request) -> JSONResponse:
@@ -10881,9 +10888,15 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
         list_data,
         "listData",
         "data",
-        "The sources in the data directory: files with their format and a table's attributes, and folders",
-        json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}),
+        "The sources in the data directory, a page at a time: files with their format and a table's attributes, "
+        "and folders",
+        {**json_response("Sources", {"type": "array", "items": DATA_SOURCE_SCHEMA}), "headers": PAGE_HEADERS},
+        (422,),
         auth=True,
+        parameters=(
+            query_parameter("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}),
+            PAGE_PARAMETERS[1],
+        ),
     ),
     Endpoint(
         "PUT",

@@ -172,7 +172,7 @@ async def test_the_data_listing_reads_an_office_table_in_a_child_once_per_conten
         return await real_run_in_child(function, *args)
 
     monkeypatch.setattr(persona, "run_in_child", counted)
-    listed = {source["name"]: source["attributes"] for source in await persona.data_sources(tmp_path)}
+    listed = {source["name"]: source["attributes"] for source in (await persona.data_sources(tmp_path))[0]}
     assert listed == {"a.xlsx": ["team"], "copy.xlsx": ["team"]}
     assert len(children) == 1
     await persona.data_sources(tmp_path)

@@ -24,6 +24,28 @@ SURVEY = b"participant_id,team,response\nA1,Sales,I need the rota a week ahead.\
 # -- the data directory over the API -----------------------------------------
 
 
+def test_the_data_listing_is_paged_with_a_total_and_a_next_link(client: httpx.Client) -> None:
+    everything = client.get("/api/v1/data")
+    total = int(everything.headers["X-Total-Count"])
+    assert total == len(everything.json()) > 3 and "Link" not in everything.headers
+    first = client.get("/api/v1/data?limit=2")
+    assert [s["name"] for s in first.json()] == [s["name"] for s in everything.json()[:2]]
+    assert first.headers["X-Total-Count"] == str(total) and "offset=2" in first.headers["Link"]
+    rest = client.get("/api/v1/data?limit=1000&offset=2").json()
+    assert [s["name"] for s in rest] == [s["name"] for s in everything.json()[2:]]
+    assert client.get("/api/v1/data?limit=0").status_code == 422
+
+
+async def test_a_data_directory_of_more_files_than_a_source_may_hold_is_still_listed(tmp_path: Path) -> None:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    for number in range(persona.MAX_SOURCE_FILES + 5):
+        (folder / f"{number:05d}.txt").write_bytes(b"")
+    page, total = await persona.data_sources(tmp_path, limit=3, offset=0)
+    assert total == persona.MAX_SOURCE_FILES + 5 + 1  # every file, and their folder
+    assert [source["name"] for source in page] == ["uploads", "uploads/00000.txt", "uploads/00001.txt"]
+
+
 def test_the_data_listing_names_files_folders_formats_and_a_tables_attributes(client: httpx.Client) -> None:
     sources = {source["name"]: source for source in client.get("/api/v1/data").json()}
     assert sources["interviews.csv"]["format"] == "csv" and sources["interviews.csv"]["kind"] == "file"
