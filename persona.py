@@ -9282,14 +9282,17 @@ def body_too_large() -> APIError:
     )
 
 
-def too_many_jobs(owner: str, limit: int, active: int) -> APIError:
-    """The reference's rate-limited answer, with Retry-After, for a full concurrent-jobs quota."""
+def too_many_jobs(owner: str, limit: int, active: int, estimates: int = 0) -> APIError:
+    """The reference's rate-limited answer, with Retry-After, for a full concurrent-jobs quota.
+
+    An estimate being made counts as a job, since it reads the data as one does."""
     who = "API key" if owner.startswith("key:") else "client address"
+    busy = f"{active} are pending or running" + (f" and {estimates} estimates are being made" if estimates else "")
     return APIError(
         429,
-        f"Too many concurrent jobs: {active} are pending or running for this {who} and the limit is {limit}. "
+        f"Too many concurrent jobs: {busy} for this {who} and the limit is {limit}. "
         f"Retry after {JOBS_RETRY_AFTER_S} seconds, or cancel one.",
-        {"retry_after": JOBS_RETRY_AFTER_S, "limit": limit, "active": active},
+        {"retry_after": JOBS_RETRY_AFTER_S, "limit": limit, "active": active + estimates},
         headers={"Retry-After": str(JOBS_RETRY_AFTER_S)},
     )
 
@@ -9499,11 +9502,25 @@ async def admit_job(
 
 
 async def estimate_generation(request: Request) -> JSONResponse:
-    """What POST /api/v1/generate with this body would send and cost; creates nothing."""
-    settings = state(request).settings
+    """What POST /api/v1/generate with this body would send and cost; creates nothing.
+
+    It reads the data as a job does, so it counts in its owner's concurrent-jobs quota
+    while it is made (in this server process)."""
+    app_state, owner = state(request), request.state.owner
+    settings = app_state.settings
     job_request = generation_request(await read_json(request), settings, need_key=False)
-    await check_data_source(job_request["data"], settings.data_dir)
-    return JSONResponse(await estimate_job(job_request, settings))
+    limit, making = settings.max_concurrent_jobs, app_state.estimates[owner]
+    active = await app_state.store.active_jobs(owner)
+    if active + making >= limit:
+        raise too_many_jobs(owner, limit, active, making)
+    app_state.estimates[owner] += 1
+    try:
+        await check_data_source(job_request["data"], settings.data_dir)
+        return JSONResponse(await estimate_job(job_request, settings))
+    finally:
+        app_state.estimates[owner] -= 1
+        if not app_state.estimates[owner]:
+            del app_state.estimates[owner]
 
 
 def check_destination(url: str | None, field_name: str, settings: Settings) -> None:
@@ -11274,6 +11291,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.openapi = json_bytes(openapi_document())
     app.state.limiter = None
     app.state.token_digests = tuple(hashlib.sha256(token.encode()).digest() for token in settings.auth_tokens)
+    app.state.estimates = Counter()  # estimates being made, per owner: they count in the concurrent-jobs quota
     return app
 
 

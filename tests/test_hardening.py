@@ -710,6 +710,25 @@ async def test_an_estimate_reads_its_data_holding_an_engine_slot(
     assert held == [True] and estimate["calls"] == 0
 
 
+def test_an_estimate_being_made_counts_in_its_owners_concurrent_jobs_quota(start_server, gated_data) -> None:
+    server = start_server("--rate-limit", "0", "--max-concurrent-jobs", "1")
+    first: dict[str, httpx.Response] = {}
+    with server.client() as http:
+        making = threading.Thread(
+            target=lambda: first.update(answer=http.post("/api/v1/estimate", json={"data": gated_data.url}))
+        )
+        making.start()
+        wait_for(lambda: gated_data.requests == 1, what="the first estimate to fetch its data")
+        refused = http.post("/api/v1/estimate", json={"data": "interviews.csv"})
+        assert refused.status_code == 429 and "1 estimates are being made" in refused.json()["message"]
+        assert http.post("/api/v1/generate", json={"data": "interviews.csv"}).status_code == 200  # counts jobs alone
+        gated_data.gate.set()
+        making.join(30)
+        assert first["answer"].status_code == 200, first["answer"].text
+        wait_for(lambda: http.get("/api/v1/generate?status=completed").json(), what="the job to complete")
+        assert http.post("/api/v1/estimate", json={"data": "interviews.csv"}).status_code == 200
+
+
 async def test_an_offline_job_fetching_its_url_holds_no_engine_slot(
     gated_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
