@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -472,7 +473,7 @@ async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(
         json.loads(payload)["timestamp"],
     ]
     for shown in times:
-        clock = persona.datetime.strptime(shown, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=persona.timezone.utc).timestamp()
+        clock = datetime.strptime(shown, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
         assert abs(clock - database_now) < 60, times
     assert job["created_at"] <= job["started_at"] <= job["completed_at"]
 
