@@ -1143,6 +1143,11 @@ class Store(abc.ABC):
         row = await self.job_reads.get(job_id)
         return job_json_from_row(row) if row else None
 
+    async def job_owner(self, job_id: str) -> str | None:
+        """Who made a job: an API key's fingerprint, a team, or a client address; None if there is no such job."""
+        row = await self.job_reads.get(job_id)
+        return row["owner"] if row else None
+
     async def list_jobs_json(self, status: str | None, limit: int, offset: int) -> tuple[bytes, int, int]:
         """A page of jobs as response bytes, with the total and the page's length.
 
@@ -1504,7 +1509,7 @@ CREATE TABLE IF NOT EXISTS write_probe (
 
 JOB_COLUMNS = ", ".join(JOB_FIELDS)
 
-SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
+SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, owner, result FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
 SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) AS total FROM job_counts WHERE :status IS NULL OR status = :status"
 # One query per listing: the page and, alongside, the total from the counters.
 SQL_LIST_JOBS = f"SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs ORDER BY seq LIMIT :limit OFFSET :offset"
@@ -2337,7 +2342,7 @@ PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtextextended('persona:schema'
 PG_SCHEMA_FOUND = "SELECT to_regclass('persona_schema') IS NOT NULL AS found"
 PG_GET_VERSION = "SELECT max(version) AS version FROM persona_schema"
 PG_SET_VERSION = "DELETE FROM persona_schema; INSERT INTO persona_schema (version) VALUES ({version})"
-PG_GET_JOBS = f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE job_id = ANY($1::text[])"
+PG_GET_JOBS = f"SELECT {JOB_COLUMNS}, owner, result FROM jobs WHERE job_id = ANY($1::text[])"
 PG_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0)::bigint AS total FROM job_counts WHERE $1::text IS NULL OR status = $1"
 PG_LIST_JOBS = f"""
 SELECT {JOB_COLUMNS}, ({PG_COUNT_JOBS}) AS total FROM jobs
@@ -9286,7 +9291,7 @@ def too_many_jobs(owner: str, limit: int, active: int, estimates: int = 0) -> AP
     """The reference's rate-limited answer, with Retry-After, for a full concurrent-jobs quota.
 
     An estimate being made counts as a job, since it reads the data as one does."""
-    who = "API key" if owner.startswith("key:") else "client address"
+    who = "client address" if owner.startswith("ip:") else "API key"
     busy = f"{active} are pending or running" + (f" and {estimates} estimates are being made" if estimates else "")
     return APIError(
         429,
@@ -9304,8 +9309,28 @@ async def check_quota(store: Store, owner: str, limit: int) -> None:
         raise too_many_jobs(owner, limit, active)
 
 
+TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def token_owners(entries: Iterable[str]) -> dict[bytes, str]:
+    """Each configured token's SHA-256 digest, and whom it speaks for.
+
+    `team-a:tok1` is the token `tok1` of the team `team-a` (its keys share their jobs and
+    quota); a token alone speaks for itself, by its fingerprint.
+    """
+    owners = {}
+    for entry in entries:
+        team, colon, token = entry.partition(":")
+        if colon and token and TEAM_NAME.fullmatch(team):
+            owners[hashlib.sha256(token.encode()).digest()] = f"team:{team}"
+        else:
+            digest = hashlib.sha256(entry.encode()).digest()
+            owners[digest] = f"key:{digest.hex()[:16]}"
+    return owners
+
+
 def authenticate(request: Request) -> str:
-    """Who is asking, for per-key limits: a token's fingerprint, or the client IP with auth off.
+    """Who is asking, for per-key limits and ownership: a team, a token's fingerprint, or the client IP with auth off.
 
     Every configured token is compared, each in constant time, so timing tells nothing.
     """
@@ -9324,7 +9349,8 @@ def authenticate(request: Request) -> str:
             match = digest
     if match is None:
         raise APIError(401, "Invalid API token", headers={"WWW-Authenticate": "Bearer"})
-    return f"key:{match.hex()[:16]}"
+    owner: str = state(request).token_owners[match]
+    return owner
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -9409,7 +9435,7 @@ async def refine_generation(request: Request) -> Response:
     owner = request.state.owner
     body = await read_json(request)
     asked = validated(body, REFINE_CHECK)
-    parent = await find_job(request)
+    parent = await find_own_job(request)
     result = completed_result(parent, "refined")
     stored = await state(request).store.job_request(parent["job_id"])
     if stored is None:  # deleted by retention since it was read
@@ -9550,6 +9576,16 @@ async def find_job(request: Request) -> JSON:
     return await lookup(request, "job_id", JOB_ID, state(request).store.get_job, "Job")
 
 
+async def find_own_job(request: Request) -> JSON:
+    """The job a write names, when the caller made it: with auth on, another key's or team's job
+    is a 404, as if it did not exist (with one token, every job is its own)."""
+    job = await find_job(request)
+    app_state = state(request)
+    if app_state.token_digests and await app_state.store.job_owner(job["job_id"]) != request.state.owner:
+        raise APIError(404, f"Job {job['job_id']} not found")
+    return job
+
+
 async def get_generation(request: Request) -> Response:
     body = await lookup(request, "job_id", JOB_ID, state(request).store.get_job_json, "Job")
     return Response(body, media_type="application/json")
@@ -9602,7 +9638,7 @@ async def compare_generations(request: Request) -> JSONResponse:
 
 
 async def cancel_generation(request: Request) -> JSONResponse:
-    job = await find_job(request)
+    job = await find_own_job(request)
     if not await state(request).store.cancel_job(job["job_id"]):
         job = await find_job(request)
         raise APIError(
@@ -11290,7 +11326,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.openapi = json_bytes(openapi_document())
     app.state.limiter = None
-    app.state.token_digests = tuple(hashlib.sha256(token.encode()).digest() for token in settings.auth_tokens)
+    app.state.token_owners = token_owners(settings.auth_tokens)
+    app.state.token_digests = tuple(app.state.token_owners)
     app.state.estimates = Counter()  # estimates being made, per owner: they count in the concurrent-jobs quota
     return app
 
@@ -11469,7 +11506,11 @@ SERVE_OPTIONS = (
     (("--host", "-h"), "host", "address to listen on (default {default})"),
     (("--port", "-p"), "port", "port to listen on (default {default})"),
     (("--workers", "-w"), "workers", "worker processes (default {default})"),
-    (("--auth-token",), "auth_tokens", "API token for write endpoints; a comma-separated list gives several"),
+    (
+        ("--auth-token",),
+        "auth_tokens",
+        "API token for write endpoints; a comma-separated list gives several, and team:token entries make teams",
+    ),
     (("--log-level",), "log_level", "logging level: " + ", ".join(LOG_LEVELS) + " (default {default})"),
     (("--db",), "db", "SQLite database file (default {default}), or a postgresql:// URL"),
     (("--data-dir",), "data_dir", "where data paths are resolved; nothing outside it is read (default {default})"),

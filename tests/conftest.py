@@ -99,7 +99,8 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> Server:
         command = [*self.prefix, sys.executable, "-m", "persona", "serve", "--port", str(self.port), *self.args]
-        env = {**clean_environment(), "PYTHONPATH": str(ROOT), **self.env}
+        # Its temporary files (the host's engine slots among them) are the test's own: tests run in parallel.
+        env = {**clean_environment(), "PYTHONPATH": str(ROOT), "TMPDIR": str(self.workdir), **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

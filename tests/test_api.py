@@ -325,6 +325,43 @@ def test_cancelling_a_finished_job_is_a_409(client: httpx.Client) -> None:
     assert "completed" in body["message"]
 
 
+# -- keys and teams ----------------------------------------------------------------
+
+
+def test_a_key_cancels_and_refines_only_its_own_teams_jobs(start_server, gated_data: GatedDataServer) -> None:
+    server = start_server("--auth-token", "team-a:tok1,team-a:tok2,team-b:tok3,loner", "--rate-limit", "0")
+    with (
+        server.client("tok1") as first,
+        server.client("tok2") as teammate,
+        server.client("tok3") as other_team,
+        server.client("loner") as other_key,
+    ):
+        done = wait_job(first, submit(first, data="interviews.csv"))["job_id"]
+        for stranger in (other_team, other_key):
+            refused = stranger.post(f"/api/v1/generate/{done}/refine", json={"data": "interviews.csv"})
+            assert_envelope(refused, 404, "not_found")
+            assert stranger.get(f"/api/v1/generate/{done}").status_code == 200  # reads stay open
+        assert teammate.post(f"/api/v1/generate/{done}/refine", json={"data": "interviews.csv"}).status_code == 200
+        running = submit(first, data=gated_data.url)
+        wait_job(first, running, until=("running",))
+        for stranger in (other_team, other_key):
+            assert_envelope(stranger.delete(f"/api/v1/generate/{running}"), 404, "not_found")
+        assert teammate.delete(f"/api/v1/generate/{running}").json()["error"] == "cancelled"
+
+
+def test_a_team_shares_one_concurrent_jobs_quota_and_its_token_is_the_part_after_the_colon(
+    start_server, gated_data: GatedDataServer
+) -> None:
+    server = start_server("--auth-token", "team-a:tok1,team-a:tok2,tok3", "--max-concurrent-jobs", "1")
+    with server.client("tok1") as first, server.client("tok2") as teammate, server.client("tok3") as other:
+        submit(first, data=gated_data.url)
+        assert_envelope(teammate.post("/api/v1/generate", json={"data": "interviews.csv"}), 429, "rate_limited")
+        assert other.post("/api/v1/generate", json={"data": "interviews.csv"}).status_code == 200
+    with server.client("team-a:tok1") as whole_entry:
+        assert_envelope(whole_entry.post("/api/v1/generate", json={"data": "interviews.csv"}), 401, "unauthorised")
+    gated_data.gate.set()
+
+
 # -- idempotency -----------------------------------------------------------------
 
 
