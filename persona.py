@@ -1341,8 +1341,16 @@ class Store(abc.ABC):
         """Keep the last `kept` attempts of each delivery."""
 
     @abc.abstractmethod
-    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
-        """Register a webhook; None when MAX_WEBHOOKS are registered already."""
+    async def create_webhook(
+        self, url: str, events: list[str], secret: str | None, owner: str | None = None
+    ) -> JSON | None:
+        """Register a webhook that hears `owner`'s jobs alone, or every job without one.
+
+        None when MAX_WEBHOOKS are registered already."""
+
+    @abc.abstractmethod
+    async def webhook_owner(self, webhook_id: str) -> str | None:
+        """Who registered a webhook on a server with API keys; None for one that hears every job."""
 
     @abc.abstractmethod
     async def get_webhook(self, webhook_id: str) -> JSON | None:
@@ -1389,7 +1397,7 @@ class Store(abc.ABC):
 # Store: SQLite, the default (one file; the servers that share it share one host)
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 6  # every step so far only adds tables and indexes, so the whole script upgrades
+SCHEMA_VERSION = 7  # every step so far only adds tables and indexes, so the whole script upgrades
 SCHEMA = """\
 -- Persona's SQLite schema. persona.py carries this same text and applies it;
 -- a test keeps the two equal. Timestamps shown to clients are ISO 8601 UTC
@@ -1438,6 +1446,13 @@ CREATE TABLE IF NOT EXISTS webhooks (
     events     TEXT NOT NULL,
     secret     TEXT,
     created_at TEXT NOT NULL
+);
+
+-- Who registered a webhook on a server with API keys: the webhook hears that owner's jobs
+-- alone. A webhook without a row here (registered with auth off) hears every job.
+CREATE TABLE IF NOT EXISTS webhook_owners (
+    webhook_id TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS rate_limits (
@@ -1609,6 +1624,9 @@ SQL_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, cre
 SQL_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = ?"
 SQL_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
 SQL_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = ? RETURNING webhook_id"
+SQL_INSERT_WEBHOOK_OWNER = "INSERT INTO webhook_owners (webhook_id, owner) VALUES (?, ?)"
+SQL_GET_WEBHOOK_OWNER = "SELECT owner FROM webhook_owners WHERE webhook_id = ?"
+SQL_DELETE_WEBHOOK_OWNER = "DELETE FROM webhook_owners WHERE webhook_id = ?"
 SQL_COUNT_WEBHOOKS = "SELECT COUNT(*) AS webhooks FROM webhooks"
 SQL_CANCEL_WEBHOOK_DELIVERIES = """
 UPDATE deliveries SET status = 'cancelled', claimed_by = NULL
@@ -1618,6 +1636,9 @@ SQL_ENQUEUE_WEBHOOKS = """
 INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
 SELECT 'delivery-' || lower(hex(randomblob(6))), webhook_id, :job_id, :event, url, secret, :payload, :clock, :now
 FROM webhooks WHERE EXISTS (SELECT 1 FROM json_each(webhooks.events) WHERE value = :event)
+AND (NOT EXISTS (SELECT 1 FROM webhook_owners AS o WHERE o.webhook_id = webhooks.webhook_id)
+     OR EXISTS (SELECT 1 FROM webhook_owners AS o JOIN jobs AS j ON j.job_id = :job_id
+                WHERE o.webhook_id = webhooks.webhook_id AND o.owner = j.owner))
 ORDER BY seq"""
 SQL_ENQUEUE_JOB_URL = """
 INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
@@ -2035,7 +2056,9 @@ class SQLiteStore(Store):
 
     # -- webhooks -----------------------------------------------------------
 
-    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
+    async def create_webhook(
+        self, url: str, events: list[str], secret: str | None, owner: str | None = None
+    ) -> JSON | None:
         webhook = {"webhook_id": new_id("webhook"), "url": url, "events": events, "created_at": utc_now()}
         async with self._transaction() as run:
             if (await run(SQL_COUNT_WEBHOOKS))[0]["webhooks"] >= MAX_WEBHOOKS:
@@ -2043,7 +2066,13 @@ class SQLiteStore(Store):
             await run(
                 SQL_INSERT_WEBHOOK, (webhook["webhook_id"], url, json.dumps(events), secret, webhook["created_at"])
             )
+            if owner is not None:
+                await run(SQL_INSERT_WEBHOOK_OWNER, (webhook["webhook_id"], owner))
         return webhook
+
+    async def webhook_owner(self, webhook_id: str) -> str | None:
+        rows = await self._read(SQL_GET_WEBHOOK_OWNER, (webhook_id,))
+        return rows[0]["owner"] if rows else None
 
     async def get_webhook(self, webhook_id: str) -> JSON | None:
         rows = await self._read(SQL_GET_WEBHOOK, (webhook_id,))
@@ -2055,6 +2084,7 @@ class SQLiteStore(Store):
     async def delete_webhook(self, webhook_id: str) -> bool:
         async with self._transaction() as run:
             deleted = bool(await run(SQL_DELETE_WEBHOOK, (webhook_id,)))
+            await run(SQL_DELETE_WEBHOOK_OWNER, (webhook_id,))
             await run(SQL_CANCEL_WEBHOOK_DELIVERIES, (webhook_id,))
         return deleted
 
@@ -2108,7 +2138,7 @@ class SQLiteStore(Store):
 # Store: PostgreSQL, for servers on several hosts (`--db postgresql://...`)
 # ---------------------------------------------------------------------------
 
-PG_SCHEMA_VERSION = 3
+PG_SCHEMA_VERSION = 4
 PG_CLOCK = "extract(epoch FROM clock_timestamp())"  # the database's clock, which all hosts share
 PG_NOW = (
     """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""  # the same, as clients see it
@@ -2188,6 +2218,10 @@ END $$;
 PG_MIGRATIONS = {  # version: what brings a database of the version before to it (a new one gets PG_SCHEMA whole)
     2: "CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs (experiment_id, seq)",
     3: PG_ADMIT_FUNCTION,
+    4: """CREATE TABLE IF NOT EXISTS webhook_owners (
+    webhook_id text PRIMARY KEY,
+    owner      text NOT NULL
+);""",
 }
 PG_SCHEMA = (
     """\
@@ -2244,6 +2278,13 @@ CREATE TABLE IF NOT EXISTS webhooks (
     events     text NOT NULL,
     secret     text,
     created_at text NOT NULL
+);
+
+-- Who registered a webhook on a server with API keys: the webhook hears that owner's jobs
+-- alone. A webhook without a row here (registered with auth off) hears every job.
+CREATE TABLE IF NOT EXISTS webhook_owners (
+    webhook_id text PRIMARY KEY,
+    owner      text NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS rate_limits (
@@ -2409,6 +2450,9 @@ RETURNING created_at"""
 PG_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = $1"
 PG_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
 PG_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = $1 RETURNING webhook_id"
+PG_INSERT_WEBHOOK_OWNER = "INSERT INTO webhook_owners (webhook_id, owner) VALUES ($1, $2)"
+PG_GET_WEBHOOK_OWNER = "SELECT owner FROM webhook_owners WHERE webhook_id = $1"
+PG_DELETE_WEBHOOK_OWNER = "DELETE FROM webhook_owners WHERE webhook_id = $1"
 PG_COUNT_WEBHOOKS = "SELECT COUNT(*) AS webhooks FROM webhooks"
 PG_CANCEL_WEBHOOK_DELIVERIES = """
 UPDATE deliveries SET status = 'cancelled', claimed_by = NULL
@@ -2420,7 +2464,11 @@ PG_DELIVERY_ID = "'delivery-' || lpad(to_hex((random() * 281474976710655)::bigin
 PG_ENQUEUE_WEBHOOKS = f"""
 INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
 SELECT {PG_DELIVERY_ID}, webhook_id, $1, $2, url, secret, $3, {PG_CLOCK}, $4
-FROM webhooks WHERE events::jsonb ? $2 ORDER BY seq"""
+FROM webhooks WHERE events::jsonb ? $2
+AND (NOT EXISTS (SELECT 1 FROM webhook_owners AS o WHERE o.webhook_id = webhooks.webhook_id)
+     OR EXISTS (SELECT 1 FROM webhook_owners AS o JOIN jobs AS j ON j.job_id = $1
+                WHERE o.webhook_id = webhooks.webhook_id AND o.owner = j.owner))
+ORDER BY seq"""
 PG_ENQUEUE_JOB_URL = f"""
 INSERT INTO deliveries (delivery_id, webhook_id, job_id, event, url, secret, payload, next_attempt_at, created_at)
 VALUES ({PG_DELIVERY_ID}, NULL, $1, $2, $6, $5, $3, {PG_CLOCK}, $4)"""
@@ -2867,14 +2915,22 @@ class PostgresStore(Store):
 
     # -- webhooks -----------------------------------------------------------
 
-    async def create_webhook(self, url: str, events: list[str], secret: str | None) -> JSON | None:
+    async def create_webhook(
+        self, url: str, events: list[str], secret: str | None, owner: str | None = None
+    ) -> JSON | None:
         webhook_id = new_id("webhook")
         async with self._transaction() as conn:
             await conn.execute(PG_LOCK_WEBHOOKS)  # the cap holds for hosts registering at once
             if (await conn.fetchrow(PG_COUNT_WEBHOOKS))["webhooks"] >= MAX_WEBHOOKS:
                 return None
             created = await conn.fetchrow(PG_INSERT_WEBHOOK, webhook_id, url, json.dumps(events), secret)
+            if owner is not None:
+                await conn.execute(PG_INSERT_WEBHOOK_OWNER, webhook_id, owner)
         return {"webhook_id": webhook_id, "url": url, "events": events, "created_at": created["created_at"]}
+
+    async def webhook_owner(self, webhook_id: str) -> str | None:
+        rows = await self._read(PG_GET_WEBHOOK_OWNER, webhook_id)
+        return rows[0]["owner"] if rows else None
 
     async def get_webhook(self, webhook_id: str) -> JSON | None:
         rows = await self._read(PG_GET_WEBHOOK, webhook_id)
@@ -2886,6 +2942,7 @@ class PostgresStore(Store):
     async def delete_webhook(self, webhook_id: str) -> bool:
         async with self._transaction() as conn:
             deleted = bool(await conn.fetch(PG_DELETE_WEBHOOK, webhook_id))
+            await conn.execute(PG_DELETE_WEBHOOK_OWNER, webhook_id)
             await conn.execute(PG_CANCEL_WEBHOOK_DELIVERIES, webhook_id)
         return deleted
 
@@ -9697,8 +9754,10 @@ async def get_experiment(request: Request) -> JSONResponse:
 async def create_webhook(request: Request) -> JSONResponse:
     body = validated(await read_json(request), WEBHOOK_CHECK)
     check_destination(body["url"], "url", state(request).settings)
-    webhook = await state(request).store.create_webhook(
-        body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret")
+    app_state = state(request)
+    owner = request.state.owner if app_state.token_digests else None  # with auth off, a webhook hears every job
+    webhook = await app_state.store.create_webhook(
+        body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"), owner
     )
     if webhook is None:
         raise APIError(
@@ -9709,6 +9768,18 @@ async def create_webhook(request: Request) -> JSONResponse:
 
 async def find_webhook(request: Request) -> JSON:
     return await lookup(request, "webhook_id", WEBHOOK_ID, state(request).store.get_webhook, "Webhook")
+
+
+async def find_own_webhook(request: Request) -> JSON:
+    """The webhook a write names, when the caller registered it: with auth on, another key's or
+    team's webhook is a 404 (one registered with auth off, which hears every job, is anyone's)."""
+    webhook = await find_webhook(request)
+    app_state = state(request)
+    if app_state.token_digests:
+        owner = await app_state.store.webhook_owner(webhook["webhook_id"])
+        if owner is not None and owner != request.state.owner:
+            raise APIError(404, f"Webhook {webhook['webhook_id']} not found")
+    return webhook
 
 
 def token_presented(request: Request) -> bool:
@@ -9741,7 +9812,7 @@ async def get_webhook(request: Request) -> JSONResponse:
 
 
 async def delete_webhook(request: Request) -> JSONResponse:
-    webhook = await find_webhook(request)
+    webhook = await find_own_webhook(request)
     await state(request).store.delete_webhook(webhook["webhook_id"])
     return JSONResponse({"success": True, "message": f"Webhook {webhook['webhook_id']} deleted successfully"})
 
@@ -9810,7 +9881,7 @@ async def list_deliveries(request: Request) -> JSONResponse:
 
 
 async def retry_delivery(request: Request) -> JSONResponse:
-    webhook = await find_webhook(request)
+    webhook = await find_own_webhook(request)
     delivery_id = request.path_params["delivery_id"]
     schedule = state(request).settings.webhook_retry_schedule
     refusal = await state(request).store.retry_delivery(webhook["webhook_id"], delivery_id, len(schedule))

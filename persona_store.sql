@@ -47,6 +47,13 @@ CREATE TABLE IF NOT EXISTS webhooks (
     created_at TEXT NOT NULL
 );
 
+-- Who registered a webhook on a server with API keys: the webhook hears that owner's jobs
+-- alone. A webhook without a row here (registered with auth off) hears every job.
+CREATE TABLE IF NOT EXISTS webhook_owners (
+    webhook_id TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS rate_limits (
     client       TEXT PRIMARY KEY,
     window_start REAL NOT NULL,

@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS webhooks (
     created_at text NOT NULL
 );
 
+-- Who registered a webhook on a server with API keys: the webhook hears that owner's jobs
+-- alone. A webhook without a row here (registered with auth off) hears every job.
+CREATE TABLE IF NOT EXISTS webhook_owners (
+    webhook_id text PRIMARY KEY,
+    owner      text NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS rate_limits (
     client       text PRIMARY KEY,
     window_start double precision NOT NULL,

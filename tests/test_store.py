@@ -112,14 +112,13 @@ async def test_a_database_of_the_version_before_is_upgraded_keeping_its_jobs(
 ) -> None:
     store = await open_store()
     job_id = await create(store)
-    if backend == "sqlite":  # version 6 added an index
-        await execute(store, "DROP INDEX jobs_by_experiment")
+    await execute(store, "DROP TABLE webhook_owners")  # the latest version of each store added it
+    if backend == "sqlite":
         await execute(store, f"PRAGMA user_version = {persona.SCHEMA_VERSION - 1}")
-        added = "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'jobs_by_experiment'"
-    else:  # version 3 added the function that admits submissions
-        await execute(store, "DROP FUNCTION persona_admit")
+        added = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'webhook_owners'"
+    else:
         await execute(store, f"UPDATE persona_schema SET version = {persona.PG_SCHEMA_VERSION - 1}")
-        added = "SELECT proname FROM pg_proc WHERE proname = 'persona_admit'"
+        added = "SELECT tablename FROM pg_tables WHERE tablename = 'webhook_owners'"
     upgraded = await open_store()
     assert len(await execute(upgraded, added)) == 1
     assert (await upgraded.get_job(job_id))["status"] == "pending"

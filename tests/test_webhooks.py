@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -245,6 +245,33 @@ def test_the_delivery_log_lists_newest_first_with_the_next_retry_time(start_serv
     assert log[0]["status"] == "pending" and log[0]["next_retry_at"].endswith("Z")
     assert log[0]["attempts"][0]["http_status"] == 500
     assert {"delivery_id", "event", "job_id", "status", "created_at", "next_retry_at", "attempts"} == set(log[0])
+
+
+def test_with_several_keys_a_webhook_hears_and_answers_to_its_own_key_alone(
+    start_server, receivers: Callable[[], Receiver]
+) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--rate-limit", "0", *FAST_RETRIES)
+    heard = {"alpha": receivers(), "beta": receivers()}
+    with server.client("alpha") as alpha, server.client("beta") as beta:
+        hooks = {
+            name: http.post("/api/v1/webhooks", json={"url": heard[name].url}).json()["webhook_id"]
+            for name, http in (("alpha", alpha), ("beta", beta))
+        }
+        jobs = {"alpha": submit(alpha, data="interviews.csv"), "beta": submit(beta, data="interviews.csv")}
+        for name in ("alpha", "beta"):
+            wait_job(alpha, jobs[name])
+            wait_for(lambda name=name: heard[name].requests, what=f"{name}'s delivery")
+        last = submit(alpha, data="interviews.csv")
+        wait_job(alpha, last)
+        wait_for(lambda: len(heard["alpha"].requests) == 2, what="alpha's second delivery")
+        for name in ("alpha", "beta"):
+            got = [json.loads(request["body"])["data"]["job_id"] for request in heard[name].requests]
+            assert got == ([jobs["alpha"], last] if name == "alpha" else [jobs["beta"]])
+        assert beta.delete(f"/api/v1/webhooks/{hooks['alpha']}").status_code == 404
+        delivery = alpha.get(f"/api/v1/webhooks/{hooks['alpha']}/deliveries").json()[0]["delivery_id"]
+        retry = f"/api/v1/webhooks/{hooks['alpha']}/deliveries/{delivery}/retry"
+        assert beta.post(retry).status_code == 404
+        assert alpha.delete(f"/api/v1/webhooks/{hooks['alpha']}").status_code == 200
 
 
 def test_deleting_a_webhook_stops_its_pending_deliveries(start_server, workdir: Path, receiver: Receiver) -> None:
