@@ -122,6 +122,7 @@ class Settings:
     workers: int = 1
     log_level: str = "info"
     auth_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()  # keys that may cancel, refine and manage every key's jobs and webhooks
     db: Path | str = Path("persona.db")  # a SQLite file, or a postgresql:// URL
     data_dir: Path = Path(".")
     output_dir: Path = Path("output")
@@ -157,6 +158,7 @@ ENV_VARS = {
     "workers": "PERSONA_WORKERS",
     "log_level": "PERSONA_LOG_LEVEL",
     "auth_tokens": "PERSONA_API_AUTH_TOKEN",
+    "admin_tokens": "PERSONA_ADMIN_TOKEN",
     "db": "PERSONA_DB",
     "data_dir": "PERSONA_DATA_DIR",
     "output_dir": "PERSONA_OUTPUT_DIR",
@@ -195,7 +197,7 @@ def parse_setting(name: str, raw: str) -> Any:
         if not low <= value <= high:
             raise ConfigError(f"{label} must be between {low} and {high}, got {value}")
         return value
-    if name == "auth_tokens":
+    if name in ("auth_tokens", "admin_tokens"):
         return tuple(token.strip() for token in raw.split(",") if token.strip())
     if name == "allowed_hosts":
         return tuple(host.strip().lower().strip("[]") for host in raw.split(",") if host.strip())
@@ -9369,13 +9371,16 @@ async def check_quota(store: Store, owner: str, limit: int) -> None:
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def token_owners(entries: Iterable[str]) -> dict[bytes, str]:
+ADMIN = "admin"  # the owner an admin token speaks for: every job and webhook is its to change
+
+
+def token_owners(entries: Iterable[str], admin_entries: Iterable[str] = ()) -> dict[bytes, str]:
     """Each configured token's SHA-256 digest, and whom it speaks for.
 
     `team-a:tok1` is the token `tok1` of the team `team-a` (its keys share their jobs and
-    quota); a token alone speaks for itself, by its fingerprint.
+    quota); a token alone speaks for itself, by its fingerprint; an admin token for ADMIN.
     """
-    owners = {}
+    owners = {hashlib.sha256(token.encode()).digest(): ADMIN for token in admin_entries}
     for entry in entries:
         team, colon, token = entry.partition(":")
         if colon and token and TEAM_NAME.fullmatch(team):
@@ -9638,7 +9643,8 @@ async def find_own_job(request: Request) -> JSON:
     is a 404, as if it did not exist (with one token, every job is its own)."""
     job = await find_job(request)
     app_state = state(request)
-    if app_state.token_digests and await app_state.store.job_owner(job["job_id"]) != request.state.owner:
+    caller = request.state.owner
+    if app_state.token_digests and caller != ADMIN and await app_state.store.job_owner(job["job_id"]) != caller:
         raise APIError(404, f"Job {job['job_id']} not found")
     return job
 
@@ -9756,6 +9762,7 @@ async def create_webhook(request: Request) -> JSONResponse:
     check_destination(body["url"], "url", state(request).settings)
     app_state = state(request)
     owner = request.state.owner if app_state.token_digests else None  # with auth off, a webhook hears every job
+    owner = None if owner == ADMIN else owner  # and an admin's hears every job too
     webhook = await app_state.store.create_webhook(
         body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"), owner
     )
@@ -9775,7 +9782,7 @@ async def find_own_webhook(request: Request) -> JSON:
     team's webhook is a 404 (one registered with auth off, which hears every job, is anyone's)."""
     webhook = await find_webhook(request)
     app_state = state(request)
-    if app_state.token_digests:
+    if app_state.token_digests and request.state.owner != ADMIN:
         owner = await app_state.store.webhook_owner(webhook["webhook_id"])
         if owner is not None and owner != request.state.owner:
             raise APIError(404, f"Webhook {webhook['webhook_id']} not found")
@@ -11288,11 +11295,9 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def describe_startup(settings: Settings) -> str:
-    auth = (
-        f"on ({len(settings.auth_tokens)} key{'s' if len(settings.auth_tokens) != 1 else ''})"
-        if settings.auth_tokens
-        else "off"
-    )
+    keys = len(settings.auth_tokens) + len(settings.admin_tokens)
+    admins = f", {len(settings.admin_tokens)} admin" if settings.admin_tokens else ""
+    auth = f"on ({keys} key{'s' if keys != 1 else ''}{admins})" if keys else "off"
     rate_limit = f"{settings.rate_limit}/min" if settings.rate_limit else "off"
     return (
         f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {shown_db(settings.db)}; "
@@ -11397,7 +11402,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.openapi = json_bytes(openapi_document())
     app.state.limiter = None
-    app.state.token_owners = token_owners(settings.auth_tokens)
+    app.state.token_owners = token_owners(settings.auth_tokens, settings.admin_tokens)
     app.state.token_digests = tuple(app.state.token_owners)
     app.state.estimates = Counter()  # estimates being made, per owner: they count in the concurrent-jobs quota
     return app
@@ -11581,6 +11586,11 @@ SERVE_OPTIONS = (
         ("--auth-token",),
         "auth_tokens",
         "API token for write endpoints; a comma-separated list gives several, and team:token entries make teams",
+    ),
+    (
+        ("--admin-token",),
+        "admin_tokens",
+        "a token that may also cancel, refine and manage every key's jobs and webhooks; comma-separated for several",
     ),
     (("--log-level",), "log_level", "logging level: " + ", ".join(LOG_LEVELS) + " (default {default})"),
     (("--db",), "db", "SQLite database file (default {default}), or a postgresql:// URL"),

@@ -349,6 +349,18 @@ def test_a_key_cancels_and_refines_only_its_own_teams_jobs(start_server, gated_d
         assert teammate.delete(f"/api/v1/generate/{running}").json()["error"] == "cancelled"
 
 
+def test_an_admin_token_cancels_and_refines_any_keys_job(start_server, gated_data: GatedDataServer) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--admin-token", "root", "--rate-limit", "0")
+    with server.client("alpha") as alpha, server.client("beta") as beta, server.client("root") as admin:
+        done = wait_job(alpha, submit(alpha, data="interviews.csv"))["job_id"]
+        assert_envelope(beta.post(f"/api/v1/generate/{done}/refine", json={"data": "interviews.csv"}), 404, "not_found")
+        assert admin.post(f"/api/v1/generate/{done}/refine", json={"data": "interviews.csv"}).status_code == 200
+        running = submit(beta, data=gated_data.url)
+        wait_job(beta, running, until=("running",))
+        assert admin.delete(f"/api/v1/generate/{running}").json()["error"] == "cancelled"
+    assert "auth on (3 keys, 1 admin)" in server.log()
+
+
 def test_a_team_shares_one_concurrent_jobs_quota_and_its_token_is_the_part_after_the_colon(
     start_server, gated_data: GatedDataServer
 ) -> None:
