@@ -14,6 +14,7 @@ import abc
 import argparse
 import asyncio
 import base64
+import codecs
 import contextlib
 import csv
 import functools
@@ -3646,6 +3647,7 @@ DOC_RELS_NS = "http://schemas.openxmlformats.org/officeDocument/2006/relationshi
 OFFICE_FORMATS = ("docx", "xlsx")
 MAX_OFFICE_CHARS = 20_000_000  # characters of text one Office file may give
 MAX_SHEET_CELLS = 2_000_000  # cells one sheet may give, its empty columns left out
+MAX_SHEETS = 64  # sheets of one workbook read to find the one with the data
 MAX_XML_DEPTH = 256  # how deeply a part's elements may nest; real documents stay under 40
 XML_CHUNK_BYTES = 64 * 1024
 
@@ -3781,17 +3783,27 @@ def docx_text(raw: bytes, name: str) -> str:
     return "\n".join(lines).replace("\x00", "")
 
 
-def xlsx_rows(raw: bytes, name: str) -> list[list[str]]:
-    """The first sheet of a workbook as rows of cell text, gaps filled with empty cells.
+def xlsx_rows(raw: bytes, name: str) -> tuple[list[list[str]], list[str]]:
+    """The workbook's sheet with the most rows (the data, not a cover page) as rows of cell text,
+    gaps filled with empty cells, and a note naming it when it is not the first sheet.
 
     Columns empty in every row are left out and so are empty rows: a cell far to the
     right, or a million blank rows, cost nothing.
     """
     archive, budget = open_archive(raw, name, ".xlsx"), OfficeBudget(name)
-    sheet = SheetReader(shared_strings(archive, budget), budget)
-    if not stream_part(archive, first_sheet_part(archive, budget), budget, sheet.start, sheet.end, sheet.text):
+    strings = shared_strings(archive, budget)
+    tables = []
+    for title, part in sheet_parts(archive, budget):
+        sheet = SheetReader(strings, budget)
+        if stream_part(archive, part, budget, sheet.start, sheet.end, sheet.text):
+            tables.append((title, sheet.table()))
+    if not tables:
         raise GenerationError(f"{name} is not an Excel workbook (it has no worksheet)")
-    return sheet.table()
+    title, rows = max(tables, key=lambda table: len(table[1]))  # the first of the longest
+    if title == tables[0][0]:
+        return rows, []
+    others = named_list(other for other, _ in tables if other != title)
+    return rows, [f"{name}: read its sheet {title!r}, the one with the most rows (the others: {others})"]
 
 
 def shared_strings(archive: Any, budget: OfficeBudget) -> list[str]:
@@ -3887,14 +3899,14 @@ class SheetReader:
         return table
 
 
-def first_sheet_part(archive: Any, budget: OfficeBudget) -> str:
-    """The part holding the workbook's first sheet, through the workbook's relationships."""
-    wanted: list[str] = []
+def sheet_parts(archive: Any, budget: OfficeBudget) -> list[tuple[str, str]]:
+    """Each sheet's name and the part holding it, in the workbook's order, through its relationships."""
+    wanted: list[tuple[str, str]] = []
     targets: dict[str, str] = {}
 
     def in_workbook(tag: str, attributes: dict[str, str]) -> None:
-        if tag == f"{SHEET_NS}sheet" and not wanted:
-            wanted.append(attributes.get(f"{DOC_RELS_NS}id", ""))
+        if tag == f"{SHEET_NS}sheet" and len(wanted) < MAX_SHEETS:
+            wanted.append((attributes.get("name", f"Sheet{len(wanted) + 1}"), attributes.get(f"{DOC_RELS_NS}id", "")))
 
     def in_rels(tag: str, attributes: dict[str, str]) -> None:
         if tag == f"{RELS_NS}Relationship":
@@ -3905,10 +3917,12 @@ def first_sheet_part(archive: Any, budget: OfficeBudget) -> str:
 
     stream_part(archive, "xl/workbook.xml", budget, in_workbook, nothing, nothing)
     stream_part(archive, "xl/_rels/workbook.xml.rels", budget, in_rels, nothing, nothing)
-    target = targets.get(wanted[0]) if wanted else None
-    if not target:
-        return "xl/worksheets/sheet1.xml"
-    return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+    parts = []
+    for title, relation in wanted:
+        target = targets.get(relation)
+        if target:
+            parts.append((title, target.lstrip("/") if target.startswith("/") else f"xl/{target}"))
+    return parts or [("Sheet1", "xl/worksheets/sheet1.xml")]
 
 
 def cell_column(reference: str | None, position: int) -> int:
@@ -4057,12 +4071,28 @@ def sniff_delimiter(text: str, fmt: str) -> str:
     return max(",;\t|", key=header.count)
 
 
-def table_rows(raw: bytes, fmt: str, name: str) -> list[list[str]]:
+def decode_table(raw: bytes, name: str) -> tuple[str, list[str]]:
+    """A CSV's or TSV's text as the tools that write them encode it: UTF-8; UTF-16 with its byte
+    order mark (Excel's "Unicode Text"); else Windows-1252 (Excel's CSV on Windows), said in a warning."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16").replace("\x00", ""), []
+        except UnicodeDecodeError:
+            raise GenerationError(f"{name} starts as UTF-16 text but is not valid UTF-16") from None
+    try:
+        return decode_text(raw, name), []
+    except GenerationError:
+        text = raw.decode("cp1252", errors="replace").replace("\x00", "")
+        return text, [f"{name} is not UTF-8; it was read as Windows-1252, as Excel saves CSV files on Windows"]
+
+
+def table_rows(raw: bytes, fmt: str, name: str) -> tuple[list[list[str]], list[str]]:
+    """A table's rows, and what reading them assumed."""
     if fmt == "xlsx":
         return xlsx_rows(raw, name)
-    text = decode_text(raw, name)
+    text, notes = decode_table(raw, name)
     try:
-        return list(csv.reader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text, fmt)))
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text, fmt))), notes
     except csv.Error as exc:
         raise GenerationError(f"{name} is not valid CSV: {exc}") from None
 
@@ -4785,7 +4815,9 @@ class SourceReader:
             self.transcripts.append(parse_transcript(text, pid, name))
             return
         if fmt in TABLE_FORMATS:
-            records, labels, export_notes = records_from_rows(table_rows(raw, fmt, name), name)
+            rows, decoding_notes = table_rows(raw, fmt, name)
+            records, labels, export_notes = records_from_rows(rows, name)
+            export_notes = decoding_notes + export_notes
         else:
             text = decode_text(raw, name)
             if not text.strip():

@@ -621,13 +621,23 @@ def test_a_data_url_is_fetched_and_used(client: httpx.Client, gated_data: GatedD
     assert job["result"]["metadata"]["source"]["kind"] == "url"
 
 
-def test_a_file_that_is_not_utf8_fails_its_job_naming_the_file(client: httpx.Client, server: Server) -> None:
+def test_a_csv_excel_saved_on_windows_is_read_with_a_warning_naming_its_encoding(
+    client: httpx.Client, server: Server
+) -> None:
     (server.workdir / "data" / "latin1.csv").write_bytes(
-        "participant_id,response\n1,Caf\xe9 au lait\n".encode("latin-1")
+        "participant_id;response\n1;Caf\xe9 au lait before the night shift\n".encode("cp1252")
     )
     job = wait_job(client, submit(client, data="latin1.csv", count=1))
+    assert job["status"] == "completed", job["error"]
+    assert "Café au lait before the night shift" in job["result"]["personas"][0]["quotes"][0]
+    assert any("latin1.csv is not UTF-8" in w and "Windows-1252" in w for w in job["result"]["metadata"]["warnings"])
+
+
+def test_a_transcript_that_is_not_utf8_fails_its_job_naming_the_file(client: httpx.Client, server: Server) -> None:
+    (server.workdir / "data" / "latin1.txt").write_bytes("Interviewer: Hi?\nAna: Caf\xe9 au lait.\n".encode("latin-1"))
+    job = wait_job(client, submit(client, data="latin1.txt", count=1))
     assert job["status"] == "failed"
-    assert "latin1.csv" in job["error"] and "UTF-8" in job["error"]
+    assert "latin1.txt" in job["error"] and "UTF-8" in job["error"]
 
 
 def test_the_output_folder_holds_json_metadata_and_a_card_per_persona(client: httpx.Client, server: Server) -> None:

@@ -127,6 +127,21 @@ def test_an_unreadable_source_fails_naming_the_file(tmp_path: Path, name: str, c
     assert name in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "warned"),
+    [
+        ("participant_id;team;response\n1;Sales;Café at eight – before the rota.\n".encode("cp1252"), True),
+        ("participant_id\tteam\tresponse\n1\tSales\tCafé at eight – before the rota.\n".encode("utf-16"), False),
+    ],
+)
+def test_a_csv_as_excel_saves_it_is_read(tmp_path: Path, content: bytes, warned: bool) -> None:
+    (tmp_path / "export.csv").write_bytes(content)
+    dataset = load("export.csv", tmp_path)
+    [person] = dataset.participants
+    assert person.attributes == {"team": "Sales"} and person.texts == ["Café at eight – before the rota."]
+    assert any("Windows-1252" in warning for warning in dataset.warnings) == warned
+
+
 def test_paths_outside_the_data_directory_are_refused(tmp_path: Path) -> None:
     inside = tmp_path / "data"
     inside.mkdir()

@@ -58,9 +58,49 @@ def test_a_header_cell_far_right_does_not_make_every_row_as_wide() -> None:
     rows = "".join(f'<row r="{n}">{inline(f"ALL{n}", "x")}</row>' for n in range(2, 20_002))
     raw = sheet(header + rows)
     assert len(raw) < 200_000
-    table = persona.xlsx_rows(raw, "wide.xlsx")
+    table = persona.xlsx_rows(raw, "wide.xlsx")[0]
     assert table[0] == ["participant_id", "comment", "note"] and table[1] == ["", "", "x"]
     assert peak_bytes(persona.xlsx_rows, raw, "wide.xlsx") < 30 * 1024 * 1024  # 20,000 rows of 1,000 cells: 160 MB
+
+
+def workbook(sheets: dict[str, str]) -> bytes:
+    """A workbook of named sheets in this order, each of rows as in `sheet`."""
+    names = list(sheets)
+    entries = "".join(
+        f'<sheet name="{name}" sheetId="{n}" r:id="rId{n}" '
+        'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"/>'
+        for n, name in enumerate(names, 1)
+    )
+    relations = "".join(
+        f'<Relationship Id="rId{n}" Target="worksheets/sheet{n}.xml" '
+        'Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet"/>'
+        for n in range(1, len(names) + 1)
+    )
+    parts: dict[str, str | bytes] = {
+        "xl/workbook.xml": f'<workbook xmlns="{S}"><sheets>{entries}</sheets></workbook>',
+        "xl/_rels/workbook.xml.rels": (
+            '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+            f"{relations}</Relationships>"
+        ),
+    }
+    for n, name in enumerate(names, 1):
+        parts[f"xl/worksheets/sheet{n}.xml"] = (
+            f'<worksheet xmlns="{S}"><sheetData>{sheets[name]}</sheetData></worksheet>'
+        )
+    return archive(parts)
+
+
+def test_a_workbook_opening_on_a_cover_page_is_read_from_its_sheet_of_data() -> None:
+    cover = f'<row r="1">{inline("A1", "Team survey 2026, exported for the research team")}</row>'
+    data = f'<row r="1">{inline("A1", "participant_id")}{inline("B1", "response")}</row>' + "".join(
+        f'<row r="{n}">{inline(f"A{n}", f"P{n}")}{inline(f"B{n}", f"I plan week {n} on paper.")}</row>'
+        for n in range(2, 6)
+    )
+    rows, notes = persona.xlsx_rows(workbook({"Cover": cover, "Responses": data}), "survey.xlsx")
+    assert rows[0] == ["participant_id", "response"] and len(rows) == 5
+    assert notes == ["survey.xlsx: read its sheet 'Responses', the one with the most rows (the others: 'Cover')"]
+    rows, notes = persona.xlsx_rows(workbook({"Responses": data, "Notes": cover}), "survey.xlsx")
+    assert len(rows) == 5 and notes == []
 
 
 def test_a_sheet_of_more_cells_than_the_cap_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,7 +161,7 @@ def test_a_shared_string_index_that_is_a_digit_but_not_a_number_is_kept_as_text(
         f'<row r="1">{inline("A1", "participant_id")}{inline("B1", "comment")}</row>'
         f'<row r="2">{inline("A2", "P1")}<c r="B2" t="s"><v>²</v></c></row>'
     )
-    assert persona.xlsx_rows(sheet(rows, ["only"]), "odd.xlsx")[1] == ["P1", "²"]
+    assert persona.xlsx_rows(sheet(rows, ["only"]), "odd.xlsx")[0][1] == ["P1", "²"]
 
 
 def test_a_part_in_an_encoding_expat_cannot_read_fails_naming_the_file() -> None:
