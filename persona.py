@@ -57,7 +57,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -9478,7 +9478,10 @@ def idempotency_key(request: Request, body: JSON) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------------
 
 
-async def root(request: Request) -> JSONResponse:
+async def root(request: Request) -> Response:
+    """The API's description; a browser (asking for HTML first) is sent on to the workbench."""
+    if (request_header(request, b"accept") or "").startswith("text/html"):
+        return RedirectResponse("/jobs", status_code=303)
     return JSONResponse({"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"})
 
 
@@ -11334,7 +11337,8 @@ def describe_startup(settings: Settings) -> str:
     return (
         f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {shown_db(settings.db)}; "
         f"data dir {settings.data_dir.resolve()}; output dir {settings.output_dir.resolve()}; auth {auth}; "
-        f"rate limit {rate_limit}; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}"
+        f"rate limit {rate_limit}; private URLs {'allowed' if settings.private_urls_allowed else 'refused'}; "
+        f"workbench http://{settings.host}:{settings.port}/jobs, API docs /docs"
     )
 
 
@@ -11796,6 +11800,13 @@ def server_command(commands: Any, name: str, text: str) -> argparse.ArgumentPars
     return command
 
 
+def app_module() -> str:
+    """This module's import name, for worker processes to import the app by: `persona`, or
+    `myapp.vendor.persona` when vendored into a package and run as `python -m myapp.vendor.persona`."""
+    spec = globals().get("__spec__")
+    return spec.name if spec is not None and spec.name != "__main__" else Path(__file__).stem
+
+
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -11813,7 +11824,7 @@ def run_server(args: argparse.Namespace) -> int:
     if settings.workers > 1 or args.reload:
         # Worker processes import the app afresh; the variables carry every option to them.
         os.environ.update(settings_to_env(settings))
-        target: Any = "persona:create_app"
+        target: Any = f"{app_module()}:create_app"
     else:
         target = create_app(settings)
     uvicorn.run(

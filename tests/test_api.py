@@ -34,6 +34,13 @@ def test_root_describes_the_api(client: httpx.Client) -> None:
     assert re.match(r"^\d+\.\d+\.\d+$", body["version"])
 
 
+def test_a_browser_asking_for_the_root_is_sent_to_the_workbench(client: httpx.Client) -> None:
+    html_first = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    response = client.get("/", headers=html_first, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["Location"] == "/jobs"
+    assert client.get("/", headers={"Accept": "application/json"}).json()["name"] == "Persona API"
+
+
 def test_health_reports_healthy_with_a_utc_timestamp(client: httpx.Client) -> None:
     response = client.get("/api/v1/health")
     assert response.status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,46 @@ def test_each_worker_process_logs_its_startup_line(start_server) -> None:
 def test_the_startup_line_says_rate_limit_off_or_per_minute() -> None:
     assert "; rate limit off;" in persona.describe_startup(persona.Settings(rate_limit=0))
     assert "; rate limit 100/min;" in persona.describe_startup(persona.Settings(rate_limit=100))
+
+
+def test_the_startup_line_says_where_the_workbench_and_the_docs_are() -> None:
+    line = persona.describe_startup(persona.Settings(host="127.0.0.1", port=8123))
+    assert line.endswith("; workbench http://127.0.0.1:8123/jobs, API docs /docs")
+
+
+def test_a_persona_vendored_into_a_package_serves_with_several_workers(tmp_path: Path) -> None:
+    package = tmp_path / "myapp" / "vendor"
+    package.mkdir(parents=True)
+    for folder in (tmp_path / "myapp", package):
+        (folder / "__init__.py").write_text("")
+    (package / "persona.py").write_bytes((ROOT / "persona.py").read_bytes())
+    (tmp_path / "data").mkdir()
+    port = free_port()
+    command = [sys.executable, "-m", "myapp.vendor.persona", "serve", "--workers", "2", "--port", str(port)]
+    env = {key: value for key, value in clean_environment().items() if key != "PYTHONPATH"}
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            [*command, "--data-dir", "data", "--db", str(tmp_path / "p.db")],
+            cwd=tmp_path,
+            env={**env, "TMPDIR": str(tmp_path)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def healthy() -> bool:
+            assert process.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, what="the vendored server to answer")
+        wait_for(lambda: (tmp_path / "server.log").read_text().count("starting on") == 2, what="both workers")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def test_generate_caps_a_local_source_by_the_variable_the_server_reads(tmp_path: Path) -> None:
