@@ -10266,6 +10266,11 @@ function showError(id, error) {
 async function swapFromServer(selector) {
   // The server renders the page again; only this part of it is replaced, so forms keep what was typed.
   const response = await fetch(location.pathname + location.search, {headers: {Accept: "text/html"}});
+  if (!response.ok) {  // a 429 says when to ask again; anything else is asked again later
+    const error = new Error(response.status === 429 ? "the server asked to slow down" : "the server did not answer");
+    error.retryAfter = Number(response.headers.get("Retry-After")) * 1000 || 0;
+    throw error;
+  }
   const page = new DOMParser().parseFromString(await response.text(), "text/html");
   const fresh = page.querySelector(selector);
   const here = document.querySelector(selector);
@@ -10280,9 +10285,36 @@ function running(root) {
     ["pending", "running"].includes(root.dataset.status);
 }
 
+function waiting(text) {
+  // Says on the page that following has paused, and why; an empty text takes the notice away.
+  let notice = document.getElementById("waiting");
+  if (!notice) {
+    notice = document.createElement("p");
+    notice.id = "waiting";
+    notice.className = "alert";
+    notice.setAttribute("role", "status");
+    document.body.append(notice);
+  }
+  notice.hidden = !text;
+  notice.textContent = text;
+}
+
 function follow(selector, every) {
+  // Follows a job to its end whatever the server answers: a 429 or a failed request pauses
+  // (for its Retry-After, else twice as long each time, at most a minute) and then resumes.
+  let pause = every;
   const tick = async () => {
-    const part = await swapFromServer(selector);
+    let part;
+    try {
+      part = await swapFromServer(selector);
+    } catch (error) {
+      pause = error.retryAfter || Math.min(pause * 2, 60000);
+      waiting(`Waiting ${Math.ceil(pause / 1000)} s to follow this page: ${error.message}.`);
+      setTimeout(tick, pause);
+      return;
+    }
+    pause = every;
+    waiting("");
     if (running(part)) setTimeout(tick, every);
     else if (part.matches("main")) setUp(part);
   };
@@ -10342,8 +10374,8 @@ function setUp(root) {
 }
 
 setUp(document);
-if (document.getElementById("jobs")) follow("#jobs", 2000);
-else if (document.querySelector("main[data-status]")) follow("main", 1000);
+if (document.getElementById("jobs")) follow("#jobs", 5000);
+else if (document.querySelector("main[data-status]")) follow("main", 2000);
 """
 
 

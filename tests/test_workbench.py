@@ -146,6 +146,30 @@ def test_a_running_job_is_followed_to_the_end_without_a_reload(
     expect(page.locator(f'#jobs a[href="/jobs/{job_id}"]')).to_be_visible()
 
 
+def test_a_followed_job_page_waits_out_a_429_and_then_follows_the_job_to_its_end(
+    server: Server, client: httpx.Client, page, gated_data: GatedDataServer
+) -> None:
+    job_id = submit(client, data=gated_data.url, count=3)
+    refused: list[str] = []
+
+    def slow_down_once(route) -> None:  # type: ignore[no-untyped-def]
+        if refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        body = '{"success": false, "error": "rate_limited", "message": "Rate limit exceeded.", "details": {}}'
+        route.fulfill(status=429, headers={"Retry-After": "1", "Content-Type": "application/json"}, body=body)
+
+    page.goto(f"{server.url}/jobs/{job_id}")
+    page.route(f"**/jobs/{job_id}", slow_down_once)
+    expect(page.locator("#waiting")).to_contain_text("the server asked to slow down")
+    gated_data.gate.set()
+    expect(page.locator("#progress")).to_have_attribute("value", "100")
+    expect(page.locator("article.card")).to_have_count(3)
+    expect(page.locator("#waiting")).to_be_hidden()
+    assert refused == [f"{server.url}/jobs/{job_id}"]
+
+
 def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: httpx.Client, page, tmp_path: Path) -> None:
     (server.workdir / "data" / "more.csv").write_bytes(SURVEY)
     parent = wait_job(client, submit(client, data="interviews.csv", count=3))
