@@ -10007,6 +10007,14 @@ def stage_words(job: JSON) -> str:
     return reached[-1] if reached else "starting"
 
 
+def elapsed_words(job: JSON) -> str:
+    """How long a job has run, or waited: `running for 1 min 12 s`."""
+    since = job["started_at"] or job["created_at"]
+    seconds = max(0, int(time.time() - datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()))
+    shown = f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+    return f"{'running' if job['started_at'] else 'waiting'} for {shown}"
+
+
 def job_source(job: JSON) -> str:
     data = job["request"]["data"]
     return f"{len(data)} inline records" if isinstance(data, list) else shown_url(data) if "://" in data else data
@@ -10077,10 +10085,15 @@ async def job_page(request: Request) -> HTMLResponse:
     job = await job_named(request, key)
     if job is None:
         return not_found_page(request, f"Job {key[:64]}")
+    active = job["status"] in ("pending", "running")
+    controls = f' <span id="elapsed">{escape(elapsed_words(job))}</span> ' if active else ""
+    controls += (
+        f'<button type="button" id="cancel" data-job="{escape(job["job_id"])}">Cancel</button>' if active else ""
+    )
     parts = [
         f'<nav><a href="/jobs">All jobs</a></nav><section id="status"><progress id="progress" max="100" '
         f'value="{job["progress"]}">{job["progress"]}%</progress> <span id="stage">{escape(stage_words(job))}</span>'
-        "</section>"
+        f"{controls}</section>"
     ]
     subtitle = f"{job['status']} · {job['progress']}%"
     if job["error"]:
@@ -10372,6 +10385,19 @@ function setUp(root) {
   const refine = root.querySelector("#refine");
   if (refine) setUpRefine(refine);
 }
+
+document.addEventListener("click", async (event) => {
+  // Cancel sits in the part of the page that is fetched again while the job runs: one listener serves every copy.
+  const button = event.target.closest("#cancel");
+  if (!button) return;
+  button.disabled = true;
+  try {
+    await api("DELETE", "/api/v1/generate/" + encodeURIComponent(button.dataset.job));
+  } catch (error) {
+    button.disabled = false;
+    waiting("Cancel failed: " + error.message);
+  }
+});
 
 setUp(document);
 if (document.getElementById("jobs")) follow("#jobs", 5000);

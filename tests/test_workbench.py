@@ -170,6 +170,20 @@ def test_a_followed_job_page_waits_out_a_429_and_then_follows_the_job_to_its_end
     assert refused == [f"{server.url}/jobs/{job_id}"]
 
 
+def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_it(
+    server: Server, client: httpx.Client, page, gated_data: GatedDataServer
+) -> None:
+    job_id = submit(client, data=gated_data.url, count=3)
+    wait_job(client, job_id, until=("running",))
+    page.goto(f"{server.url}/jobs/{job_id}")
+    expect(page.locator("#elapsed")).to_contain_text("running for")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#stage")).to_have_text("failed")
+    expect(page.get_by_text("Error: cancelled")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    assert client.get(f"/api/v1/generate/{job_id}").json()["error"] == "cancelled"
+
+
 def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: httpx.Client, page, tmp_path: Path) -> None:
     (server.workdir / "data" / "more.csv").write_bytes(SURVEY)
     parent = wait_job(client, submit(client, data="interviews.csv", count=3))
