@@ -8127,10 +8127,21 @@ def quality_line(quality: JSON | None) -> str:
         if said
         else "no goal, pain point or behaviour to check"
     )
+    apart, overlap = quality.get("distinctiveness", 0.0), quality["overlap"]
     return (
-        f"Quality: stands for {size} participant(s); {items}; distinctiveness "
-        f"{quality.get('distinctiveness', 0.0):.2f}; overlap with the closest other persona {quality['overlap']:.2f}"
+        f"Quality: stands for {size} participant(s); {items}; they stand apart from everyone else "
+        f"{in_words(apart, DISTINCTIVENESS_WORDS)} (distinctiveness {apart:.2f}); the closest other persona is "
+        f"{in_words(overlap, OVERLAP_WORDS)} (overlap {overlap:.2f})"
     )
+
+
+DISTINCTIVENESS_WORDS = ((0.15, "hardly"), (0.35, "a little"), (0.6, "clearly"), (1.01, "strongly"))
+OVERLAP_WORDS = ((0.3, "little alike"), (0.6, "somewhat alike"), (1.01, "much alike"))
+
+
+def in_words(value: float, scale: tuple[tuple[float, str], ...]) -> str:
+    """A 0-1 figure in words, by the first bound it stays under."""
+    return next((words for bound, words in scale if value < bound), scale[-1][1])
 
 
 def coverage_line(quality: JSON | None) -> str:
@@ -8267,7 +8278,9 @@ def html_field(key: str, value: str | list[str]) -> str:
 
 
 def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
+    """A persona as an HTML card: its participants counted, their ids behind a disclosure."""
     evidence = persona.get("evidence", {})
+    ids = evidence.get("participants", [])
     share = f'<span class="share">{evidence["share"]:.0%} of participants</span>' if "share" in evidence else ""
     demographics = "".join(
         f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
@@ -8292,8 +8305,9 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         + "".join(html_field(key, value) for key, value in custom_fields(persona).items())
         + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
         + (
-            f'<h3>Participants</h3><p class="ids">{escape(", ".join(evidence.get("participants", [])))}</p>'
-            if evidence.get("participants")
+            f"<h3>Participants</h3><details><summary>{len(ids)} participant{'s' if len(ids) != 1 else ''}: "
+            f'their ids</summary><p class="ids">{escape(", ".join(ids))}</p></details>'
+            if ids
             else ""
         )
         + "</article>"

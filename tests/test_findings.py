@@ -182,6 +182,20 @@ def test_a_grid_s_items_are_findings_not_demographics(flaky_personas: list[dict]
     assert any("years experience" in key for key in shown)
 
 
+def test_a_card_counts_its_participants_and_keeps_their_ids_behind_a_disclosure() -> None:
+    ids = [f"R{n:04d}" for n in range(1187)]
+    card = persona.persona_html_card({"name": "Ana", "title": "Night nurses", "evidence": {"participants": ids}})
+    assert "<details><summary>1187 participants: their ids</summary>" in card
+    assert card.index("<details>") < card.index("R0000")
+
+
+def test_the_quality_line_says_in_words_how_far_a_persona_stands_apart() -> None:
+    quality = {"participants": 12, "items": [{"said_by": 7}], "distinctiveness": 0.27, "overlap": 0.73}
+    line = persona.quality_line(quality)
+    assert "they stand apart from everyone else a little (distinctiveness 0.27)" in line
+    assert "the closest other persona is much alike (overlap 0.73)" in line
+
+
 def test_a_bare_answer_takes_its_question_s_topic() -> None:
     labels = {"q": "After identifying a flaky test, how often do you… [Re-run the build.]"}
     assert persona.answer_phrase("q", "Often", labels) == "Re-run the build: often"
