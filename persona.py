@@ -4451,6 +4451,26 @@ def marked_names(records: list[Any]) -> set[str]:
     return names
 
 
+def grid_parts(header: str) -> tuple[str, str] | None:
+    """A grid question's stem and item: `Question [item]` as Google Forms writes it, `Question - item` as
+    Qualtrics' question row and SurveyMonkey's second header row give it; None for any other header."""
+    text = header.rstrip()
+    opening = text.rfind("[")
+    if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1 : -1].strip():
+        return text[:opening].rstrip(), text[opening + 1 : -1].strip()
+    stem, dash, item = text.rpartition(" - ")
+    if dash and item.strip() and len(stem.split()) >= 3:
+        return stem.rstrip(), item.strip()
+    return None
+
+
+def question_text(key: str, labels: Mapping[str, str]) -> str:
+    """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence."""
+    header = labels.get(key) or key.replace("_", " ")
+    grid = grid_parts(header)
+    return f"{grid[0]} {grid[1]}" if grid else header.strip()
+
+
 # ---------------------------------------------------------------------------
 # Data loading: transcripts (interviews as turns, the interviewer told from the participant)
 # ---------------------------------------------------------------------------
@@ -5165,12 +5185,14 @@ def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
     """The attributes a table's participants have, most common first, with the number of groups each
     makes (what `group_by` would give); None if it cannot be read."""
     try:
-        people = read_alone(raw, fmt, name, Path(name).stem).participants()
+        reader = read_alone(raw, fmt, name, Path(name).stem)
+        people = reader.participants()
     except (GenerationError, ValueError):
         return None
     keys = [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
     groups = {key: len({person.attributes[key] for person in people if key in person.attributes}) for key in keys}
-    return {"attributes": keys, "groups": groups}
+    questions = {key: question_text(key, reader.labels) for key in keys if key in reader.labels}
+    return {"attributes": keys, "groups": groups, "questions": questions}
 
 
 def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -6599,26 +6621,6 @@ def sentence_case(text: str) -> str:
 MAX_ANSWERS = 8  # closed answers a persona carries as evidence
 ANSWER_MIN_SHARE = 0.3  # of the segment's members who answered the question
 ANSWER_MIN_LIFT = 0.15  # above the share of everyone else
-
-
-def grid_parts(header: str) -> tuple[str, str] | None:
-    """A grid question's stem and item: `Question [item]` as Google Forms writes it, `Question - item` as
-    Qualtrics' question row and SurveyMonkey's second header row give it; None for any other header."""
-    text = header.rstrip()
-    opening = text.rfind("[")
-    if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1 : -1].strip():
-        return text[:opening].rstrip(), text[opening + 1 : -1].strip()
-    stem, dash, item = text.rpartition(" - ")
-    if dash and item.strip() and len(stem.split()) >= 3:
-        return stem.rstrip(), item.strip()
-    return None
-
-
-def question_text(key: str, labels: Mapping[str, str]) -> str:
-    """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence."""
-    header = labels.get(key) or key.replace("_", " ")
-    grid = grid_parts(header)
-    return f"{grid[0]} {grid[1]}" if grid else header.strip()
 
 
 def closed_answers(members: list[Participant], everyone: list[Participant], labels: Mapping[str, str]) -> list[JSON]:
@@ -10276,7 +10278,9 @@ function fillGroupBy() {
   const select = document.getElementById("group-by");
   const source = sources.find((s) => s.name === document.getElementById("data").value);
   select.length = 1;
-  for (const attribute of (source && source.attributes) || []) option(select, attribute, attribute);
+  const questions = (source && source.questions) || {};
+  for (const attribute of (source && source.attributes) || [])
+    option(select, attribute, questions[attribute] || attribute);
 }
 
 function countGroups() {
@@ -10574,6 +10578,11 @@ DATA_SOURCE_SCHEMA: JSON = {
             "type": "object",
             "additionalProperties": {"type": "integer"},
             "description": "a table's attributes, each with how many groups group_by would make",
+        },
+        "questions": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "a coded attribute's question in full (a grid's item read into it): `q4_1` -> its text",
         },
     },
 }

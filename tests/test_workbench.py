@@ -24,6 +24,18 @@ SURVEY = b"participant_id,team,response\nA1,Sales,I need the rota a week ahead.\
 # -- the data directory over the API -----------------------------------------
 
 
+def test_the_data_listing_gives_a_coded_attributes_question_in_full() -> None:
+    raw = (ROOT / "tests" / "data" / "qualtrics_sample.csv").read_bytes()
+    listed = persona.attributes_of(raw, "csv", "qualtrics_sample.csv")
+    assert listed is not None and listed["questions"]["q1"] == "This is a multiple choice question."
+    grid = b"id,How often do you... [Re-run the build.],Comment\n" + b"".join(
+        f"P{n},{'Often' if n % 2 else 'Never'},I rerun it until it passes number {n} of many.\n".encode()
+        for n in range(12)
+    )
+    listed = persona.attributes_of(grid, "csv", "grid.csv")
+    assert listed is not None and "How often do you... Re-run the build." in listed["questions"].values()
+
+
 def test_the_data_listing_is_paged_with_a_total_and_a_next_link(client: httpx.Client) -> None:
     everything = client.get("/api/v1/data")
     total = int(everything.headers["X-Total-Count"])
