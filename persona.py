@@ -9728,11 +9728,22 @@ async def export_generation(request: Request) -> Response:
     result = completed_result(job, "exported")
     media_type, ending = EXPORT_FORMATS[form]
     document = personas_document(form, result["personas"], result["metadata"])
+    name = f"{export_name(job)}.{ending}"
     return Response(
         document.encode("utf-8"),
         media_type=media_type,
-        headers={"Content-Disposition": f'attachment; filename="personas-{job["job_id"]}.{ending}"'},
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+def export_name(job: JSON) -> str:
+    """A download's name a researcher can file: its source, its day and its job,
+    `personas-interviews-2026-12-07-job-1651089e0c13`."""
+    source = job["result"].get("metadata", {}).get("source", {})
+    location = str(source.get("location", "")) if source.get("kind") in ("path", "url") else ""
+    stem = Path(urlsplit(location).path if "://" in location else location).stem
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-")[:40] or "inline"
+    return f"personas-{slug}-{(job['completed_at'] or '')[:10]}-{job['job_id']}"
 
 
 async def compare_generations(request: Request) -> JSONResponse:

@@ -48,7 +48,10 @@ def test_a_csv_export_is_one_row_per_persona_with_list_fields_on_lines(client: h
     response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "csv"})
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/csv; charset=utf-8"
-    assert response.headers["content-disposition"] == f'attachment; filename="personas-{job["job_id"]}.csv"'
+    day = job["completed_at"][:10]
+    assert response.headers["content-disposition"] == (
+        f'attachment; filename="personas-interviews-{day}-{job["job_id"]}.csv"'
+    )
     assert response.content.startswith("\ufeff".encode())  # Excel reads UTF-8 only with its mark
     rows = csv_rows(response.content)
     personas = job["result"]["personas"]
