@@ -10125,20 +10125,25 @@ async def job_page(request: Request) -> HTMLResponse:
     subtitle = f"{job['status']} · {job['progress']}%"
     if job["error"]:
         parts.append(f'<p class="alert">Error: {escape(job["error"])}</p>')
+    title = f"Job {job['job_id']}"
     if job["status"] == "completed":
         parts.append(await completed_job_parts(request, job))
-        subtitle = f"{len(job['result']['personas'])} personas · {job['result']['output_path']}"
+        metadata = job["result"].get("metadata", {})
+        title = f"Personas from {metadata.get('source', {}).get('location', job['job_id'])}"
+        subtitle = f"{len(job['result']['personas'])} personas · {metadata.get('provider', '')} · {job['job_id']}"
     body = f'<main class="page" data-status="{escape(job["status"])}">{"".join(parts)}</main>'
-    return workbench_page(request, f"Job {job['job_id']}", subtitle, body)
+    return workbench_page(request, title, subtitle, body)
 
 
 async def completed_job_parts(request: Request, job: JSON) -> str:
-    """Quality, warnings, exports, refine and compare forms, the experiment's other jobs, and the cards."""
+    """The personas first, under the coverage line; then the warnings (collapsed and counted),
+    exports, the refine and compare forms, and the experiment's other jobs."""
     result, job_id = job["result"], job["job_id"]
     metadata = result.get("metadata", {})
     quality = metadata.get("quality")
     by_id = {entry["id"]: entry for entry in (quality or {}).get("personas", [])}
-    warnings = "".join(f"<li>{escape(warning)}</li>" for warning in metadata.get("warnings", []))
+    warned = metadata.get("warnings", [])
+    warnings = "".join(f"<li>{escape(warning)}</li>" for warning in warned)
     exports = "".join(
         f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
         for form, label in (("csv", "CSV"), ("markdown", "Markdown"), ("json", "JSON"))
@@ -10151,15 +10156,23 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         for other in await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
         if other["status"] == "completed" and other["job_id"] != job_id
     ]
+    completed.sort(key=lambda other: other["job_id"] != parent)  # a refinement is compared with its parent first
     compare_options = "".join(
-        f'<option value="{escape(o["job_id"])}">{escape(o["job_id"])} · {escape(job_source(o))}</option>'
+        f'<option value="{escape(o["job_id"])}">{escape(o["job_id"])} · {escape(job_source(o))}'
+        f"{' (its parent)' if o['job_id'] == parent else ''}</option>"
         for o in completed
     )
     cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in result["personas"])
     return (
         f'<section><p class="quality">{escape(coverage_line(quality).capitalize())}</p>'
         + (f'<p>Refined from <a href="/jobs/{escape(parent)}">{escape(parent)}</a></p>' if parent else "")
-        + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
+        + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section><section>'
+        + (
+            f"<details><summary>{len(warned)} warning{'s' if len(warned) != 1 else ''}</summary>"
+            f"<ul>{warnings}</ul></details>"
+            if warned
+            else ""
+        )
         + f'</section><section class="actions"><h2>Next</h2><p>{exports}</p>'
         f'<form id="refine" class="panel" data-job="{escape(job_id)}"><label>Data <select id="refine-data" '
         f'name="data"><option value="">No more data</option></select></label><label>Instruction <textarea '
@@ -10178,7 +10191,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
             if siblings
             else ""
         )
-        + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section>'
+        + "</section>"
     )
 
 
@@ -10201,10 +10214,15 @@ async def compare_page(request: Request) -> HTMLResponse:
             for key, split in pair["fields"].items()
             if split["only_a"] or split["only_b"]
         )
+        first, second = personas["a"][pair["a"]["id"]], personas["b"][pair["b"]["id"]]
+        shared = set(first.get("evidence", {}).get("participants", [])) & set(
+            second.get("evidence", {}).get("participants", [])
+        )
         sections.append(
-            f'<section class="pair"><h2>{escape(pair["a"]["name"])} and {escape(pair["b"]["name"])} · similarity '
-            f'{pair["similarity"]:.2f}</h2><div class="sides">{persona_html_card(personas["a"][pair["a"]["id"]])}'
-            f'{persona_html_card(personas["b"][pair["b"]["id"]])}</div><div class="table"><table class="differs"><tr>'
+            f'<section class="pair"><h2>A: {escape(first["title"])} and B: {escape(second["title"])} · '
+            f'{len(shared)} participants in both · similarity {pair["similarity"]:.2f}</h2><div class="sides">'
+            f"{persona_html_card(first)}{persona_html_card(second)}</div>"
+            f'<div class="table"><table class="differs"><tr>'
             f"<th>Field</th><th>Shared</th><th>Only in A</th><th>Only in B</th></tr>{rows}</table></div></section>"
         )
     for side, label in (("a", "A"), ("b", "B")):

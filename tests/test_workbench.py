@@ -24,6 +24,28 @@ SURVEY = b"participant_id,team,response\nA1,Sales,I need the rota a week ahead.\
 # -- the data directory over the API -----------------------------------------
 
 
+def test_a_jobs_page_opens_on_its_personas_titled_by_its_source_with_warnings_counted_after(
+    client: httpx.Client,
+) -> None:
+    job = wait_job(client, submit(client, data="interviews.csv", count=3))
+    page = client.get(f"/jobs/{job['job_id']}").text
+    assert "<title>Personas from interviews.csv" in page
+    assert page.index('<article class="card"') < page.index("<h2>Next</h2>")
+    warnings = job["result"]["metadata"]["warnings"]
+    if warnings:
+        summary = f"<details><summary>{len(warnings)} warning{'s' if len(warnings) != 1 else ''}</summary>"
+        assert page.index('<article class="card"') < page.index(summary)
+
+
+def test_a_compared_pair_is_labelled_by_its_titles_and_the_participants_it_shares(client: httpx.Client) -> None:
+    job = wait_job(client, submit(client, data="interviews.csv", count=3))
+    first = job["result"]["personas"][0]
+    page = client.get("/compare", params={"a": job["job_id"], "b": job["job_id"]}).text
+    size = len(first["evidence"]["participants"])
+    title = first["title"].replace("&", "&amp;").replace("'", "&#x27;").replace('"', "&quot;")
+    assert f"A: {title} and B: {title} · {size} participants in both · similarity 1.00" in page
+
+
 def test_the_data_listing_gives_a_coded_attributes_question_in_full() -> None:
     raw = (ROOT / "tests" / "data" / "qualtrics_sample.csv").read_bytes()
     listed = persona.attributes_of(raw, "csv", "qualtrics_sample.csv")
