@@ -8287,6 +8287,7 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
     demographics = "".join(
         f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
         for key, value in persona.get("demographics", {}).items()
+        if key not in ("participants", "share")  # the summary and the badge say these once
     )
     quotes = "".join(f"<blockquote>{escape(q)}</blockquote>" for q in persona.get("quotes", []))
     quotes += "".join(
