@@ -139,6 +139,13 @@ class Server:
         self.stop()
         return self.start()
 
+    def crash_and_restart(self, meanwhile: Callable[[], Any] | None = None) -> Server:
+        """Kill the server as a crash would, do `meanwhile` while it is down, and start it again."""
+        self.kill()
+        if meanwhile is not None:
+            meanwhile()
+        return self.start()
+
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """A statement on the server's database, through a connection of the test's own."""
         if not self.db.startswith("postgresql://"):

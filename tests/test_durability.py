@@ -25,9 +25,7 @@ def test_a_job_running_when_the_server_is_killed_runs_again_after_restart(
         job_id = submit(http, data=gated_data.url, count=4)
         wait_job(http, job_id, until=("running",))
     wait_for(lambda: gated_data.requests, what="the job's work to begin (its attempt counted)")
-    server.kill()
-    gated_data.gate.set()
-    server.start()
+    server.crash_and_restart(meanwhile=gated_data.gate.set)
     with server.client() as http:
         job = wait_job(http, job_id)
     assert job["status"] == "completed", job["error"]
@@ -44,9 +42,7 @@ def test_pending_jobs_and_webhooks_survive_a_kill(start_server, gated_data: Gate
         queued = [submit(http, data="interviews.csv") for _ in range(3)]
         webhook = http.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}).json()
         assert all(http.get(f"/api/v1/generate/{j}").json()["status"] == "pending" for j in queued)
-    server.kill()
-    gated_data.gate.set()
-    server.start()
+    server.crash_and_restart(meanwhile=gated_data.gate.set)
     with server.client() as http:
         for job_id in blockers + queued:
             assert wait_job(http, job_id)["status"] == "completed"

@@ -39,9 +39,7 @@ def test_a_kill_with_20_jobs_in_flight_and_deliveries_queued_loses_nothing(
             lambda: all(http.get(f"/api/v1/generate/{j}").json()["status"] == "running" for j in slow),
             what="the gated jobs to run",
         )
-    server.kill()
-    gated_data.gate.set()
-    server.start()
+    server.crash_and_restart(meanwhile=gated_data.gate.set)
     with server.client() as http:
         for job_id in quick + slow:
             assert wait_job(http, job_id)["status"] == "completed"
