@@ -8229,7 +8229,8 @@ dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .75rem;margin:0}dt{colo
 .said{color:#6b7280;font-size:.85rem}table{border-collapse:collapse;width:100%;background:#fff}
 td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
 @media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
-border:1px solid #ccc;margin-bottom:1rem}}
+border:1px solid #ccc;margin-bottom:1rem;break-inside:avoid-page;break-after:page}.cards{display:block}
+details>p.ids{display:block}}
 """
 
 

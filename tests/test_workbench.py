@@ -218,6 +218,15 @@ def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_i
     assert client.get(f"/api/v1/generate/{job_id}").json()["error"] == "cancelled"
 
 
+def test_printed_cards_give_each_persona_a_page_of_its_own(server: Server, client: httpx.Client, page) -> None:
+    job = wait_job(client, submit(client, data="interviews.csv", count=3))
+    page.goto(f"{server.url}/jobs/{job['job_id']}")
+    page.emulate_media(media="print")
+    breaks = page.eval_on_selector_all("article.card", "cards => cards.map(c => getComputedStyle(c).breakAfter)")
+    assert breaks == ["page"] * 3
+    expect(page.locator("#refine")).to_be_hidden()
+
+
 def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: httpx.Client, page, tmp_path: Path) -> None:
     (server.workdir / "data" / "more.csv").write_bytes(SURVEY)
     parent = wait_job(client, submit(client, data="interviews.csv", count=3))
