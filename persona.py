@@ -420,6 +420,15 @@ GENERATE_SCHEMA: JSON = {
                     "experiment": nullable(
                         {"type": "string", "minLength": 1, "maxLength": 200, "pattern": TEXT_PATTERN}
                     ),
+                    "name": nullable(
+                        {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 200,
+                            "pattern": TEXT_PATTERN,
+                            "description": "a name for the job, shown in the workbench",
+                        }
+                    ),
                     "complexity": nullable(
                         {"type": "string", "enum": ["simple", "moderate", "complex"], "default": "moderate"}
                     ),
@@ -8755,6 +8764,8 @@ async def generate_with(
     }
     if redactor is not None:
         metadata["redaction"] = dict(redactor.counts)
+    if request.get("config", {}).get("name"):
+        metadata["name"] = request["config"]["name"]
     folder = output_folder(settings.output_dir, job_id, created_at)
     output_path = await asyncio.to_thread(write_outputs, folder, made.personas, metadata, made.exchanges)
     metadata["timings"]["total_s"] = round(time.perf_counter() - started, 4)
@@ -10053,9 +10064,10 @@ def job_row(job: JSON) -> str:
     result = job["result"] or {}
     titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
     request = job["request"]
+    name = request.get("config", {}).get("name")
     return (
         f'<tr data-status="{escape(job["status"])}">'
-        f'<td><a href="/jobs/{escape(job["job_id"])}">{escape(job["job_id"])}</a>'
+        f'<td><a href="/jobs/{escape(job["job_id"])}">{escape(name or job["job_id"])}</a>'
         f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
         f"<td>{escape(request.get('count', DEFAULT_COUNT))}</td><td>{escape(job['status'])}</td>"
         f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
@@ -10089,6 +10101,7 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 <label>Provider <select id="provider" name="provider">{providers}</select></label>
 <label>Model <input id="model" name="model" placeholder="the provider's default"></label>
 <label>Group by <select id="group-by" name="group_by"><option value="">No grouping</option></select></label>
+<label>Name <input id="job-name" name="name" maxlength="200" placeholder="optional, to find it again"></label>
 <button type="submit">Generate personas</button><p id="new-job-error" class="alert" role="alert"></p>
 </form></section>"""
 
@@ -10131,7 +10144,8 @@ async def job_page(request: Request) -> HTMLResponse:
     if job["status"] == "completed":
         parts.append(await completed_job_parts(request, job))
         metadata = job["result"].get("metadata", {})
-        title = f"Personas from {metadata.get('source', {}).get('location', job['job_id'])}"
+        source = metadata.get("source", {}).get("location", job["job_id"])
+        title = f"{metadata['name']}: personas from {source}" if metadata.get("name") else f"Personas from {source}"
         subtitle = f"{len(job['result']['personas'])} personas · {metadata.get('provider', '')} · {job['job_id']}"
     body = f'<main class="page" data-status="{escape(job["status"])}">{"".join(parts)}</main>'
     return workbench_page(request, title, subtitle, body)
@@ -10404,7 +10418,10 @@ function setUpNewJob(form) {
     const model = document.getElementById("model").value.trim();
     const groupBy = document.getElementById("group-by").value;
     if (model) body.model = model;
-    if (groupBy) body.config = {group_by: groupBy};
+    const name = document.getElementById("job-name").value.trim();
+    if (groupBy || name) body.config = {};
+    if (groupBy) body.config.group_by = groupBy;
+    if (name) body.config.name = name;
     try {
       const job = await api("POST", "/api/v1/generate", body);
       location.assign("/jobs/" + job.job_id);

@@ -37,6 +37,13 @@ def test_a_jobs_page_opens_on_its_personas_titled_by_its_source_with_warnings_co
         assert page.index('<article class="card"') < page.index(summary)
 
 
+def test_a_named_job_is_listed_and_titled_by_its_name(client: httpx.Client) -> None:
+    job = wait_job(client, submit(client, data="interviews.csv", count=3, config={"name": "Ward study"}))
+    assert job["result"]["metadata"]["name"] == "Ward study"
+    assert f'<a href="/jobs/{job["job_id"]}">Ward study</a>' in client.get("/jobs").text
+    assert "<title>Ward study: personas from interviews.csv" in client.get(f"/jobs/{job['job_id']}").text
+
+
 def test_a_compared_pair_is_labelled_by_its_titles_and_the_participants_it_shares(client: httpx.Client) -> None:
     job = wait_job(client, submit(client, data="interviews.csv", count=3))
     first = job["result"]["personas"][0]
