@@ -5244,9 +5244,21 @@ def owned_uploads(folder: Path, owner: str) -> list[Path]:
     return owned
 
 
-def check_upload_quota(folder: Path, owner: str, size: int) -> None:
-    """Refuse an upload past its owner's quota: one client cannot fill the data directory for everyone."""
-    owned = owned_uploads(folder, owner)
+def upload_owner(folder: Path, name: str) -> str | None:
+    """Who made the upload `name` in uploads/, if it is a file with an owner."""
+    if not (folder / name).is_file() or (folder / name).is_symlink():
+        return None
+    try:
+        return (folder / UPLOAD_OWNERS / name).read_text("utf-8")
+    except OSError:
+        return None
+
+
+def check_upload_quota(folder: Path, owner: str, size: int, replaced: Path | None = None) -> None:
+    """Refuse an upload past its owner's quota: one client cannot fill the data directory for everyone.
+
+    An upload that `replaced` one of the owner's takes its place, in the count and in the bytes."""
+    owned = [path for path in owned_uploads(folder, owner) if path != replaced]
     if len(owned) >= MAX_UPLOADS_PER_OWNER:
         raise APIError(
             413,
@@ -5300,17 +5312,22 @@ def remove_old_uploads(data_dir: Path, days: float) -> int:
 UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
 
 
-def store_upload(data_dir: Path, name: str, body: bytes, owner: str) -> JSON:
+def store_upload(data_dir: Path, name: str, body: bytes, owner: str, replace: bool = False) -> JSON:
     """Write an upload under uploads/, never over another file: a taken name gets `-2`, `-3`, ... before its suffix.
 
     The file is written aside and then linked into place, which fails rather than replace
     a file that exists, so two uploads of one name keep both. Its owner is written beside it.
+    With `replace`, the owner's own upload of that name is replaced instead, in one rename.
     """
     folder = uploads_folder(data_dir)
-    check_upload_quota(folder, owner, len(body))
     stem, suffix = Path(name).stem, Path(name).suffix
+    replacing = replace and upload_owner(folder, name) == owner
+    check_upload_quota(folder, owner, len(body), (folder / name) if replacing else None)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".upload-", delete=False) as staged:
         staged.write(body)
+    if replacing:
+        os.replace(staged.name, folder / name)
+        return {"name": f"{UPLOADS}/{name}", "format": FORMATS[suffix.lower()], "size": len(body)}
     try:
         for number in itertools.count(1):
             target = folder / (name if number == 1 else f"{stem}-{number}{suffix}")
@@ -9927,7 +9944,8 @@ async def upload_data(request: Request) -> JSONResponse:
             raise upload_too_large(settings.max_source_mb)
     if not body:
         raise APIError(422, "The upload is empty; send the file's bytes as the request body", {"body": "is empty"})
-    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body), owner)
+    replace = request.query_params.get("replace", "false").lower() == "true"
+    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body), owner, replace)
     return JSONResponse(stored, status_code=201, headers={"Location": "/api/v1/data"})
 
 
@@ -10096,7 +10114,7 @@ def provider_options() -> str:
 
 NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="panel">
 <label>Data <select id="data" name="data" required><option value="">Choose a file or folder…</option></select></label>
-<label>Upload <input id="upload" type="file"></label>
+<label>Upload <input id="upload" type="file" multiple></label>
 <label>Personas <input id="count" name="count" type="number" min="1" max="20" value="{count}" required></label>
 <label>Provider <select id="provider" name="provider">{providers}</select></label>
 <label>Model <input id="model" name="model" placeholder="the provider's default"></label>
@@ -10397,19 +10415,41 @@ function follow(selector, every) {
   if (running(document.querySelector(selector))) setTimeout(tick, every);
 }
 
+function cleanedName(name) {
+  // The name the server will store a file under, as it cleans it.
+  return name.replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[.-]+|[.-]+$/g, "").slice(0, 100);
+}
+
+async function uploadFiles(files, select) {
+  // Each file goes into uploads/; one whose name is there already asks first: replace it, or keep both.
+  let last = null;
+  for (const file of files) {
+    const taken = sources.some((source) => source.name === "uploads/" + cleanedName(file.name));
+    const replace = taken && confirm(`"${file.name}" is uploaded already. Replace it? (Cancel keeps both.)`);
+    const path = "/api/v1/data/" + encodeURIComponent(file.name) + (replace ? "?replace=true" : "");
+    last = (await api("PUT", path, file, true)).name;
+  }
+  if (last) {
+    await loadSources([select], last);
+    fillGroupBy();
+  }
+}
+
 function setUpNewJob(form) {
   const data = document.getElementById("data");
   loadSources([data]).catch((error) => showError("new-job-error", error));
   data.addEventListener("change", fillGroupBy);
   document.getElementById("group-by").addEventListener("change", countGroups);
-  document.getElementById("upload").addEventListener("change", async (event) => {
-    const file = event.target.files[0];
-    if (!file) return;
+  const upload = async (files) => {
     try {
-      const stored = await api("PUT", "/api/v1/data/" + encodeURIComponent(file.name), file, true);
-      await loadSources([data], stored.name);
-      fillGroupBy();
+      await uploadFiles(files, data);
     } catch (error) { showError("new-job-error", error); }
+  };
+  document.getElementById("upload").addEventListener("change", (event) => upload(event.target.files));
+  form.addEventListener("dragover", (event) => event.preventDefault());
+  form.addEventListener("drop", (event) => {
+    event.preventDefault();
+    upload(event.dataTransfer.files);
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -11204,7 +11244,10 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
         (400, 404, 413, 422),
         auth=True,
         status=201,
-        parameters=(UPLOAD_NAME_PARAMETER,),
+        parameters=(
+            UPLOAD_NAME_PARAMETER,
+            query_parameter("replace", {"type": "boolean", "default": False}),
+        ),
         body={
             "required": True,
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},

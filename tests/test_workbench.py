@@ -122,6 +122,33 @@ def test_an_upload_never_overwrites_another(client: httpx.Client, server: Server
     assert [(folder / name.split("/")[1]).read_bytes()[-1] for name in names] == [0, 1, 2]
 
 
+def test_an_upload_replaces_its_owners_own_file_of_that_name_when_asked_and_no_one_elses(start_server) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--rate-limit", "0")
+    with server.client("alpha") as alpha, server.client("beta") as beta:
+        assert alpha.put("/api/v1/data/notes.csv", content=SURVEY).json()["name"] == "uploads/notes.csv"
+        again = alpha.put("/api/v1/data/notes.csv?replace=true", content=SURVEY + b"A3,Ops,I plan on paper.\n")
+        assert again.status_code == 201 and again.json()["name"] == "uploads/notes.csv"
+        assert (server.workdir / "data" / "uploads" / "notes.csv").read_bytes().endswith(b"I plan on paper.\n")
+        assert beta.put("/api/v1/data/notes.csv?replace=true", content=SURVEY).json()["name"] == "uploads/notes-2.csv"
+        assert (server.workdir / "data" / "uploads" / "notes.csv").read_bytes().endswith(b"I plan on paper.\n")
+
+
+def test_several_files_upload_at_once_and_a_taken_name_is_replaced_when_the_researcher_says_so(
+    server: Server, page, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "ward a.csv", tmp_path / "ward b.csv"
+    for path in (first, second):
+        path.write_bytes(SURVEY)
+    page.goto(f"{server.url}/jobs")
+    page.get_by_label("Upload").set_input_files([first, second])
+    expect(page.get_by_label("Data")).to_have_value("uploads/ward-b.csv")
+    expect(page.locator("#data option[value='uploads/ward-a.csv']")).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_label("Upload", exact=True).set_input_files(first)
+    expect(page.get_by_label("Data")).to_have_value("uploads/ward-a.csv")
+    expect(page.locator("#data option[value='uploads/ward-a-2.csv']")).to_have_count(0)
+
+
 @pytest.mark.parametrize(("name", "status"), [("notes.exe", 422), ("..csv", 422), (".hidden", 422), ("%2e%2e", 422)])
 def test_an_upload_of_an_unknown_format_or_an_odd_name_is_refused(
     client: httpx.Client, server: Server, name: str, status: int
