@@ -10169,6 +10169,30 @@ async def job_page(request: Request) -> HTMLResponse:
     return workbench_page(request, title, subtitle, body)
 
 
+def changes_html(changes: JSON) -> str:
+    """What a refinement changed: each continued persona's fields gained and lost, and the personas new or gone."""
+    rows = []
+    for persona in changes.get("personas", []):
+        fields = "".join(
+            f"<li>{escape(field_heading(key))}: "
+            + "; ".join(
+                [f"added {escape(item)}" for item in split["added"]]
+                + [f"removed {escape(item)}" for item in split["removed"]]
+            )
+            + "</li>"
+            for key, split in persona["fields"].items()
+        )
+        rows.append(
+            f"<li>{escape(persona['name'])} continued: "
+            + (f"<ul>{fields}</ul>" if fields else "nothing changed")
+            + "</li>"
+        )
+    rows += [f"<li>New: {escape(label['name'])}, {escape(label['title'])}</li>" for label in changes.get("new", [])]
+    rows += [f"<li>Gone: {escape(label['name'])}, {escape(label['title'])}</li>" for label in changes.get("gone", [])]
+    count = len(changes.get("personas", [])) + len(changes.get("new", [])) + len(changes.get("gone", []))
+    return f'<details class="changes" open><summary>What changed ({count})</summary><ul>{"".join(rows)}</ul></details>'
+
+
 async def completed_job_parts(request: Request, job: JSON) -> str:
     """The personas first, under the coverage line; then the warnings (collapsed and counted),
     exports, the refine and compare forms, and the experiment's other jobs."""
@@ -10200,6 +10224,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     return (
         f'<section><p class="quality">{escape(coverage_line(quality).capitalize())}</p>'
         + (f'<p>Refined from <a href="/jobs/{escape(parent)}">{escape(parent)}</a></p>' if parent else "")
+        + (changes_html(result["changes"]) if result.get("changes") else "")
         + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section><section>'
         + (
             f"<details><summary>{len(warned)} warning{'s' if len(warned) != 1 else ''}</summary>"
@@ -10209,7 +10234,8 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         )
         + f'</section><section class="actions"><h2>Next</h2><p>{exports}</p>'
         f'<form id="refine" class="panel" data-job="{escape(job_id)}"><label>Data <select id="refine-data" '
-        f'name="data"><option value="">No more data</option></select></label><label>Instruction <textarea '
+        f'name="data"><option value="">No more data</option></select></label>'
+        f'<label>Add files <input id="refine-upload" type="file" multiple></label><label>Instruction <textarea '
         f'id="instruction" name="instruction" rows="2" placeholder="for an LLM provider"></textarea></label>'
         f'<button type="submit">Refine</button><p id="refine-error" class="alert" role="alert"></p></form>'
         f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
@@ -10429,10 +10455,7 @@ async function uploadFiles(files, select) {
     const path = "/api/v1/data/" + encodeURIComponent(file.name) + (replace ? "?replace=true" : "");
     last = (await api("PUT", path, file, true)).name;
   }
-  if (last) {
-    await loadSources([select], last);
-    fillGroupBy();
-  }
+  if (last) await loadSources([select], last);
 }
 
 function setUpNewJob(form) {
@@ -10443,6 +10466,7 @@ function setUpNewJob(form) {
   const upload = async (files) => {
     try {
       await uploadFiles(files, data);
+      fillGroupBy();
     } catch (error) { showError("new-job-error", error); }
   };
   document.getElementById("upload").addEventListener("change", (event) => upload(event.target.files));
@@ -10472,6 +10496,9 @@ function setUpNewJob(form) {
 function setUpRefine(form) {
   const data = document.getElementById("refine-data");
   loadSources([data]).catch((error) => showError("refine-error", error));
+  document.getElementById("refine-upload").addEventListener("change", (event) => {
+    uploadFiles(event.target.files, data).catch((error) => showError("refine-error", error));
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = {};

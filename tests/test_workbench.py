@@ -37,6 +37,33 @@ def test_a_jobs_page_opens_on_its_personas_titled_by_its_source_with_warnings_co
         assert page.index('<article class="card"') < page.index(summary)
 
 
+def test_the_refine_form_adds_files_and_refines_with_them(
+    server: Server, client: httpx.Client, page, tmp_path: Path
+) -> None:
+    parent = wait_job(client, submit(client, data="interviews.csv", count=3))
+    more = tmp_path / "follow up.csv"
+    more.write_bytes(SURVEY)
+    page.goto(f"{server.url}/jobs/{parent['job_id']}")
+    page.locator("#refine").get_by_label("Add files").set_input_files(more)
+    expect(page.locator("#refine-data")).to_have_value("uploads/follow-up.csv")
+    page.locator("#refine").get_by_role("button", name="Refine").click()
+    page.wait_for_url(re.compile(r"/jobs/job-[0-9a-f]{12}$"))
+    expect(page.get_by_text("Refined from")).to_be_visible()
+
+
+def test_a_refined_jobs_page_says_what_changed(client: httpx.Client, server: Server) -> None:
+    (server.workdir / "data" / "more.csv").write_bytes(SURVEY)
+    parent = wait_job(client, submit(client, data="interviews.csv", count=3))
+    refined = client.post(f"/api/v1/generate/{parent['job_id']}/refine", json={"data": "more.csv"})
+    child = wait_job(client, refined.json()["job_id"])
+    changes = child["result"]["changes"]
+    page = client.get(f"/jobs/{child['job_id']}").text
+    count = len(changes["personas"]) + len(changes["new"]) + len(changes["gone"])
+    assert f"<summary>What changed ({count})</summary>" in page
+    for persona_ in changes["personas"]:
+        assert f"{persona_['name']} continued" in page.replace("&#x27;", "'")
+
+
 def test_a_named_job_is_listed_and_titled_by_its_name(client: httpx.Client) -> None:
     job = wait_job(client, submit(client, data="interviews.csv", count=3, config={"name": "Ward study"}))
     assert job["result"]["metadata"]["name"] == "Ward study"
