@@ -8361,11 +8361,8 @@ def spreadsheet_cell(value: Any) -> str:
     return "'" + text if text.startswith(CSV_FORMULA_START) else text
 
 
-def personas_csv(personas: list[JSON]) -> str:
-    """One row per persona, list fields joined by line breaks, a column per demographic key.
-
-    It starts with a byte order mark: Excel reads a CSV without one in the machine's legacy code page.
-    """
+def personas_table(personas: list[JSON]) -> tuple[list[str], list[list[Any]]]:
+    """One row per persona, a column per field and per demographic key: the CSV's and the workbook's."""
     demographics = list(dict.fromkeys(key for persona in personas for key in persona.get("demographics", {})))
     extra = list(dict.fromkeys(key for persona in personas for key in custom_fields(persona)))
     lists = ["goals", "pain_points", "behaviours", "quotes"]
@@ -8384,17 +8381,100 @@ def personas_csv(personas: list[JSON]) -> str:
         "participants",
         "share",
     ]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow([spreadsheet_cell(column) for column in columns])  # headers come from data and models too
+    rows = []
     for persona in personas:
         evidence = persona.get("evidence", {})
         row = [persona.get(key) for key in ("id", "name", "title", "summary")]
         row += [persona.get("demographics", {}).get(key) for key in demographics]
         row += [persona.get(key, []) for key in lists] + [persona.get(key) for key in extra]
-        row += [evidence.get("participants", []), evidence.get("share")]
+        rows.append([*row, evidence.get("participants", []), evidence.get("share")])
+    return columns, rows
+
+
+def personas_csv(personas: list[JSON]) -> str:
+    """One row per persona, list fields joined by line breaks, a column per demographic key.
+
+    It starts with a byte order mark: Excel reads a CSV without one in the machine's legacy code page.
+    """
+    columns, rows = personas_table(personas)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([spreadsheet_cell(column) for column in columns])  # headers come from data and models too
+    for row in rows:
         writer.writerow([spreadsheet_cell(value) for value in row])
     return "\ufeff" + out.getvalue()
+
+
+XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters XML 1.0 cannot hold
+XLSX_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+XLSX_RELS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+
+
+def xlsx_cell(value: Any) -> str:
+    """A cell as inline text (never a formula, whatever it starts with); lists one item a line."""
+    if value is None:
+        return "<c/>"
+    text = "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+    return f'<c t="inlineStr"><is><t xml:space="preserve">{html.escape(XML_UNSAFE.sub("", text))}</t></is></c>'
+
+
+def xlsx_sheet(rows: list[list[Any]]) -> str:
+    cells = "".join(f"<row>{''.join(xlsx_cell(value) for value in row)}</row>" for row in rows)
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="{XLSX_NS}"><sheetData>{cells}</sheetData></worksheet>'
+    )
+
+
+def personas_xlsx(personas: list[JSON]) -> bytes:
+    """The personas as an Excel workbook: a sheet of personas as the CSV has them, and a sheet of
+    evidence, a row per persona and participant it stands for."""
+    columns, rows = personas_table(personas)
+    evidence = [["persona", "name", "participant"]] + [
+        [persona.get("id"), persona.get("name"), participant]
+        for persona in personas
+        for participant in persona.get("evidence", {}).get("participants", [])
+    ]
+    sheets = {"Personas": xlsx_sheet([columns, *rows]), "Evidence": xlsx_sheet(evidence)}
+    kind = "application/vnd.openxmlformats-officedocument.spreadsheetml"
+    overrides = "".join(
+        f'<Override PartName="/xl/worksheets/sheet{n}.xml" ContentType="{kind}.worksheet+xml"/>'
+        for n in range(1, len(sheets) + 1)
+    )
+    parts = {
+        "[Content_Types].xml": (
+            '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/'
+            'content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.'
+            'relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName='
+            f'"/xl/workbook.xml" ContentType="{kind}.sheet.main+xml"/>{overrides}</Types>'
+        ),
+        "_rels/.rels": (
+            '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/'
+            f'2006/relationships"><Relationship Id="rId1" Type="{XLSX_RELS}/officeDocument" Target="xl/workbook.xml"/>'
+            "</Relationships>"
+        ),
+        "xl/workbook.xml": (
+            f'<?xml version="1.0" encoding="UTF-8"?><workbook xmlns="{XLSX_NS}" xmlns:r="{XLSX_RELS}"><sheets>'
+            + "".join(f'<sheet name="{name}" sheetId="{n}" r:id="rId{n}"/>' for n, name in enumerate(sheets, 1))
+            + "</sheets></workbook>"
+        ),
+        "xl/_rels/workbook.xml.rels": (
+            '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/'
+            '2006/relationships">'
+            + "".join(
+                f'<Relationship Id="rId{n}" Type="{XLSX_RELS}/worksheet" Target="worksheets/sheet{n}.xml"/>'
+                for n in range(1, len(sheets) + 1)
+            )
+            + "</Relationships>"
+        ),
+        **{f"xl/worksheets/sheet{n}.xml": sheet for n, sheet in enumerate(sheets.values(), 1)},
+    }
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in parts.items():
+            archive.writestr(name, text)
+    return out.getvalue()
 
 
 def personas_markdown(personas: list[JSON], subtitle: str, quality: JSON | None) -> str:
@@ -8414,6 +8494,7 @@ EXPORT_FORMATS = {  # format: (media type, file name's ending)
     "json": ("application/json", "json"),
     "markdown": ("text/markdown; charset=utf-8", "md"),
     "html": ("text/html; charset=utf-8", "html"),
+    "xlsx": ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
 }
 
 
@@ -9757,10 +9838,11 @@ async def export_generation(request: Request) -> Response:
         )
     result = completed_result(job, "exported")
     media_type, ending = EXPORT_FORMATS[form]
-    document = personas_document(form, result["personas"], result["metadata"])
+    personas = result["personas"]
+    body = personas_xlsx(personas) if form == "xlsx" else personas_document(form, personas, result["metadata"]).encode()
     name = f"{export_name(job)}.{ending}"
     return Response(
-        document.encode("utf-8"),
+        body,
         media_type=media_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
@@ -10204,7 +10286,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     warnings = "".join(f"<li>{escape(warning)}</li>" for warning in warned)
     exports = "".join(
         f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
-        for form, label in (("csv", "CSV"), ("markdown", "Markdown"), ("json", "JSON"))
+        for form, label in (("csv", "CSV"), ("xlsx", "Excel"), ("markdown", "Markdown"), ("json", "JSON"))
     )
     parent = result.get("parent_job_id")
     others = await state(request).store.get_experiment(result["experiment_id"])

@@ -43,6 +43,25 @@ def csv_rows(document: bytes) -> list[dict[str, str]]:
 
 
 @pytest.mark.sqlite_only
+def test_an_excel_export_holds_a_sheet_of_personas_and_one_of_evidence(client: httpx.Client) -> None:
+    import zipfile
+
+    job = completed_job(client)
+    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "xlsx"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    assert response.headers["content-disposition"].endswith('.xlsx"')
+    workbook = zipfile.ZipFile(io.BytesIO(response.content))
+    assert 'name="Personas"' in workbook.read("xl/workbook.xml").decode()
+    personas_sheet = workbook.read("xl/worksheets/sheet1.xml").decode()
+    for persona_ in job["result"]["personas"]:
+        assert persona_["title"].replace("&", "&amp;") in personas_sheet
+    rows, _ = persona.xlsx_rows(response.content, "export.xlsx")  # the longest sheet: the evidence
+    assert rows[0] == ["persona", "name", "participant"]
+    assert len(rows) - 1 == sum(len(p["evidence"]["participants"]) for p in job["result"]["personas"])
+
+
+@pytest.mark.sqlite_only
 def test_a_csv_export_is_one_row_per_persona_with_list_fields_on_lines(client: httpx.Client) -> None:
     job = completed_job(client)
     response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "csv"})
