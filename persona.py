@@ -10337,6 +10337,25 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     )
 
 
+def comparison_summary(comparison: JSON, personas: dict[str, dict[str, JSON]]) -> str:
+    """The comparison in one paragraph: pairs, personas only in A or B, and the participants who
+    moved (stood for by a persona in A, and in B by one that is not its pair)."""
+
+    def owners(side: str) -> dict[str, str]:
+        return {pid: key for key, p in personas[side].items() for pid in p.get("evidence", {}).get("participants", [])}
+
+    in_a, in_b = owners("a"), owners("b")
+    partner = {pair["a"]["id"]: pair["b"]["id"] for pair in comparison["pairs"]}
+    both = [pid for pid in in_a if pid in in_b]
+    moved = sum(partner.get(in_a[pid]) != in_b[pid] for pid in both)
+    only_a, only_b = len(comparison["unpaired"]["a"]), len(comparison["unpaired"]["b"])
+    return (
+        f'<section id="summary"><p>{len(comparison["pairs"])} pairs · {only_a} only in A · {only_b} only in B · '
+        f"{moved} of {len(both)} participants in both runs moved to a persona that is not their persona's pair</p>"
+        "</section>"
+    )
+
+
 async def compare_page(request: Request) -> HTMLResponse:
     """Two jobs' personas side by side, each pair with what it shares and what differs."""
     jobs = {}
@@ -10348,7 +10367,7 @@ async def compare_page(request: Request) -> HTMLResponse:
         jobs[side] = job
     personas = {side: {p["id"]: p for p in job["result"]["personas"]} for side, job in jobs.items()}
     comparison = compare_personas(jobs["a"]["result"]["personas"], jobs["b"]["result"]["personas"])
-    sections = []
+    sections = [comparison_summary(comparison, personas)]
     for pair in comparison["pairs"]:
         rows = "".join(
             f"<tr><th>{escape(field_heading(key))}</th><td>{html_items(split['shared'])}</td>"

@@ -80,6 +80,20 @@ def test_a_compared_pair_is_labelled_by_its_titles_and_the_participants_it_share
     assert f"A: {title} and B: {title} · {size} participants in both · similarity 1.00" in page
 
 
+def test_the_compare_page_opens_on_a_summary_of_pairs_and_of_who_moved(client: httpx.Client) -> None:
+    first = wait_job(client, submit(client, data="interviews.csv", count=3))
+    second = wait_job(client, submit(client, data="interviews.csv", count=4))
+    page = client.get("/compare", params={"a": first["job_id"], "b": second["job_id"]}).text
+    summary = re.search(
+        r'<section id="summary"><p>(\d+) pairs · (\d+) only in A · (\d+) only in B · (\d+) of (\d+)', page
+    )
+    assert summary is not None and page.index('id="summary"') < page.index('class="pair"')
+    pairs, only_a, only_b, moved, both = map(int, summary.groups())
+    assert pairs + only_a == 3 and pairs + only_b == 4 and both == 16 and 0 <= moved <= both
+    same = client.get("/compare", params={"a": first["job_id"], "b": first["job_id"]}).text
+    assert "3 pairs · 0 only in A · 0 only in B · 0 of 16 participants" in same
+
+
 def test_the_data_listing_gives_a_coded_attributes_question_in_full() -> None:
     raw = (ROOT / "tests" / "data" / "qualtrics_sample.csv").read_bytes()
     listed = persona.attributes_of(raw, "csv", "qualtrics_sample.csv")
