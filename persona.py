@@ -372,8 +372,9 @@ DELIVERY_STATUSES = ("pending", "delivering", "delivered", "failed", "cancelled"
 JOB_STAGES = (  # a running job's steps: the progress it reports on reaching each, and the workbench's words for it
     ("loading", 5, "loading the data"),
     ("loaded", 30, "reading the participants"),
-    ("segments", 35, "building the personas"),
-    ("validated", 80, "building the personas"),
+    ("segments", 35, "grouping the participants and writing each persona"),
+    ("validated", 80, "checking the personas against the data"),
+    ("quality", 82, "measuring the personas' quality"),
     ("built", 85, "writing the outputs"),
     ("written", 95, "saving the outputs"),
 )
@@ -7605,7 +7606,7 @@ async def segmented_items(
             1,
         )
         done += 1
-        share = (PROGRESS["built"] - PROGRESS["segments"]) * done // len(segments)
+        share = (PROGRESS["validated"] - PROGRESS["segments"]) * done // len(segments)
         await report(PROGRESS["segments"] + share, f"segment {done} of {len(segments)} done")
         item = answer["personas"][0]
         return ({**item, "title": segment.name} if segment.name else item), [person.id for person in group]
@@ -8788,6 +8789,7 @@ async def made_personas(
         "detail_level": config_value(config, "detail_level"),
     }
     if provider == "local":
+        await report(PROGRESS["segments"], "grouping the participants")
         personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
         made = MadePersonas(
             personas,
@@ -8843,6 +8845,7 @@ async def generate_with(
     loaded = time.perf_counter()
     await report(PROGRESS["loaded"], f"loaded {len(dataset.participants)} participants")
     made = await made_personas(provider, dataset, request, count, report)
+    await report(PROGRESS["quality"], "measuring quality")
     quality = await measured_quality(provider, made, dataset, count, request.get("config", {}))
     built = time.perf_counter()
     await report(PROGRESS["built"], "personas built")

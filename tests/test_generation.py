@@ -111,6 +111,27 @@ def test_asking_for_more_personas_than_participants_fails_saying_how_many() -> N
         persona.offline_personas(dataset, 17, {})
 
 
+def test_a_job_reports_each_real_stage_in_order_and_the_workbench_names_it(tmp_path: Path) -> None:
+    stages: list[tuple[int, str]] = []
+
+    async def report(progress: int, stage: str) -> None:
+        stages.append((progress, stage))
+
+    settings = persona.Settings(data_dir=EXAMPLES, output_dir=tmp_path)
+    asyncio.run(persona.generate("job-0123456789ab", {"data": "interviews.csv", "count": 3}, "exp-x", settings, report))
+    assert [stage for _, stage in stages] == [
+        "loading data",
+        "loaded 16 participants",
+        "grouping the participants",
+        "measuring quality",
+        "personas built",
+        "outputs written",
+    ]
+    assert [progress for progress, _ in stages] == sorted(progress for progress, _ in stages)
+    words = [persona.stage_words({"status": "running", "progress": progress}) for progress, _ in stages]
+    assert "measuring the personas' quality" in words and "grouping the participants and writing each persona" in words
+
+
 def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path) -> None:
     stages: list[tuple[int, str]] = []
 
