@@ -10174,7 +10174,8 @@ def job_row(job: JSON) -> str:
         f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
         f"<td>{escape(request.get('count', DEFAULT_COUNT))}</td><td>{escape(job['status'])}</td>"
         f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
-        f"<td>{escape(titles or job['error'] or '')}</td><td>{escape(job['created_at'])}</td></tr>"
+        f"<td>{escape(titles or job['error'] or '')}</td><td>{escape(request.get('config', {}).get('experiment', ''))}"
+        f'</td><td><time datetime="{escape(job["created_at"])}">{escape(job["created_at"])}</time></td></tr>'
     )
 
 
@@ -10182,7 +10183,8 @@ def jobs_table(jobs: list[JSON]) -> str:
     rows = "".join(job_row(job) for job in jobs)
     return (
         f'<section id="jobs" class="table"><h2>Jobs</h2><table><tr><th>Job</th><th>Source</th><th>Provider</th>'
-        f"<th>Personas</th><th>Status</th><th>Progress</th><th>Personas made</th><th>Created</th></tr>{rows}"
+        f"<th>Personas</th><th>Status</th><th>Progress</th><th>Personas made</th><th>Experiment</th><th>Created</th>"
+        f"</tr>{rows}"
         f"</table></section>"
     )
 
@@ -10539,6 +10541,7 @@ function follow(selector, every) {
     }
     pause = every;
     waiting("");
+    localTimes(part);
     if (running(part)) setTimeout(tick, every);
     else if (part.matches("main")) setUp(part);
   };
@@ -10616,7 +10619,14 @@ function setUpRefine(form) {
   });
 }
 
+function localTimes(root) {
+  // Times come from the server in UTC; the researcher reads them in her own time zone.
+  for (const time of root.querySelectorAll("time[datetime]"))
+    time.textContent = new Date(time.getAttribute("datetime")).toLocaleString();
+}
+
 function setUp(root) {
+  localTimes(root);
   const newJob = root.querySelector("#new-job");
   if (newJob) setUpNewJob(newJob);
   const refine = root.querySelector("#refine");

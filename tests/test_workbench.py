@@ -64,6 +64,23 @@ def test_a_refined_jobs_page_says_what_changed(client: httpx.Client, server: Ser
         assert f"{persona_['name']} continued" in page.replace("&#x27;", "'")
 
 
+def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
+    server: Server, client: httpx.Client, browser
+) -> None:
+    job = wait_job(client, submit(client, data="interviews.csv", count=3, config={"experiment": "pilot"}))
+    context = browser.new_context(timezone_id="Asia/Tokyo", locale="en-GB")
+    try:
+        tab = context.new_page()
+        tab.goto(f"{server.url}/jobs")
+        row = tab.locator(f'tr:has(a[href="/jobs/{job["job_id"]}"])')
+        expect(row).to_contain_text("pilot")
+        shown = row.locator("time").inner_text()
+        expected = tab.evaluate("iso => new Date(iso).toLocaleString()", job["created_at"])
+        assert shown == expected and shown != job["created_at"]
+    finally:
+        context.close()
+
+
 def test_a_named_job_is_listed_and_titled_by_its_name(client: httpx.Client) -> None:
     job = wait_job(client, submit(client, data="interviews.csv", count=3, config={"name": "Ward study"}))
     assert job["result"]["metadata"]["name"] == "Ward study"
