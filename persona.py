@@ -5123,6 +5123,7 @@ UPLOAD_OWNERS = ".owners"  # in uploads/: one file per upload naming who uploade
 MAX_UPLOADS_PER_OWNER = 200  # files one API key (or client IP with auth off) may keep in uploads/
 MAX_UPLOAD_MB_PER_OWNER = 1024  # and MiB, all its uploads together
 ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to name their attributes
+MAX_FOLDER_SCAN = 200  # transcripts of a folder read for the header attributes the listing gives it
 UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> the file's sha256
 ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # sha256 -> the table's attributes and their group counts
@@ -5142,10 +5143,18 @@ async def data_sources(data_dir: Path, limit: int = MAX_LISTED_FILES, offset: in
     page = sources[offset : offset + limit]
     shown = {id(source) for source in page}
     for source, file, info in tables:
-        if id(source) in shown:
+        if id(source) in shown and FORMATS[file.suffix.lower()] not in TRANSCRIPT_FORMATS:
             summary = await table_attributes(file, info)
             if summary is not None:
                 source.update(summary)
+    for folder in (source for source in page if source["kind"] == "folder"):
+        inside = [
+            (file, info)
+            for source, file, info in tables
+            if source["name"].startswith(folder["name"] + "/") and FORMATS[file.suffix.lower()] in TRANSCRIPT_FORMATS
+        ][:MAX_FOLDER_SCAN]
+        summaries = [summary for file, info in inside if (summary := await table_attributes(file, info))]
+        folder.update(folder_attributes(summaries) or {})
     return page, len(sources)
 
 
@@ -5163,7 +5172,7 @@ def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.
         fmt = FORMATS[file.suffix.lower()]
         source = {"name": relative.as_posix(), "kind": "file", "format": fmt, "size": info.st_size, "attributes": None}
         sources.append(source)
-        if fmt not in TRANSCRIPT_FORMATS and info.st_size <= ATTRIBUTE_SCAN_BYTES:
+        if info.st_size <= ATTRIBUTE_SCAN_BYTES:  # tables, and transcripts for their folder's header attributes
             tables.append((source, file, info))
     sources += [
         {"name": name, "kind": "folder", "format": "folder", "files": count, "attributes": None}
@@ -5202,7 +5211,21 @@ def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
     keys = [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
     groups = {key: len({person.attributes[key] for person in people if key in person.attributes}) for key in keys}
     questions = {key: question_text(key, reader.labels) for key in keys if key in reader.labels}
-    return {"attributes": keys, "groups": groups, "questions": questions}
+    summary: JSON = {"attributes": keys, "groups": groups, "questions": questions}
+    if fmt in TRANSCRIPT_FORMATS:  # a folder's transcripts are grouped together: it needs their values
+        summary["people"] = [person.attributes for person in people]
+    return summary
+
+
+def folder_attributes(summaries: list[JSON]) -> JSON | None:
+    """A transcript folder's header attributes (`Role: Nurse`), from its files' summaries: what
+    `group_by` can take for the folder, and how many groups each makes."""
+    people = [attributes for summary in summaries for attributes in summary.get("people", [])]
+    keys = [key for key, _ in Counter(key for attributes in people for key in attributes).most_common()]
+    if not keys:
+        return None
+    groups = {key: len({attributes[key] for attributes in people if key in attributes}) for key in keys}
+    return {"attributes": keys, "groups": groups, "questions": {}}
 
 
 def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
