@@ -9600,6 +9600,14 @@ def authenticate(request: Request) -> str:
     return owner
 
 
+def query_switch(request: Request, name: str) -> bool:
+    """A boolean query parameter, `true` or `false` once (absent: false), or a 422."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1 or (values and values[0] not in ("true", "false")):
+        raise validation_failed({name: "must be true or false, given once"})
+    return values == ["true"]
+
+
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -10041,6 +10049,7 @@ async def upload_data(request: Request) -> JSONResponse:
     owner = request.state.owner
     settings = state(request).settings
     name = upload_name(request.path_params["name"])
+    replace = query_switch(request, "replace")
     cap = settings.max_source_mb * 1024 * 1024
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
@@ -10052,7 +10061,6 @@ async def upload_data(request: Request) -> JSONResponse:
             raise upload_too_large(settings.max_source_mb)
     if not body:
         raise APIError(422, "The upload is empty; send the file's bytes as the request body", {"body": "is empty"})
-    replace = request.query_params.get("replace", "false").lower() == "true"
     stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body), owner, replace)
     return JSONResponse(stored, status_code=201, headers={"Location": "/api/v1/data"})
 

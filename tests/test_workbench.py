@@ -191,6 +191,8 @@ def test_an_upload_replaces_its_owners_own_file_of_that_name_when_asked_and_no_o
         assert (server.workdir / "data" / "uploads" / "notes.csv").read_bytes().endswith(b"I plan on paper.\n")
         assert beta.put("/api/v1/data/notes.csv?replace=true", content=SURVEY).json()["name"] == "uploads/notes-2.csv"
         assert (server.workdir / "data" / "uploads" / "notes.csv").read_bytes().endswith(b"I plan on paper.\n")
+        for query in ("replace=null", "replace=yes", "replace=true&replace=true"):
+            assert alpha.put(f"/api/v1/data/notes.csv?{query}", content=SURVEY).status_code == 422
 
 
 def test_several_files_upload_at_once_and_a_taken_name_is_replaced_when_the_researcher_says_so(
