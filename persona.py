@@ -9005,22 +9005,21 @@ class ClaimLoop:
     async def _claim(self) -> None:
         raise NotImplementedError
 
-    async def save(self, write: Callable[[], Awaitable[Any]], what: str) -> None:
-        """Write the outcome of a piece of work, waiting out a database that refuses writes.
+    async def save(self, write: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """Write the outcome of a piece of work, waiting out a database that refuses writes; the write's answer.
 
         Until written the outcome lives only here, so it is kept and tried again; if the
-        server stops meanwhile, its claim lapses and the work is done again elsewhere.
+        server stops meanwhile, its claim lapses and the work is done again elsewhere (None).
         """
         delay = 0.5
         while True:
             try:
-                await write()
-                return
+                return await write()
             except StorageUnavailable as exc:
                 log.warning("%s: cannot save %s yet (%s); trying again in %g s", self.name, what, exc.reason, delay)
             except Exception:  # not a passing trouble: the claim lapses and the work is done again
                 log.exception("%s: cannot save %s; its claim is left to lapse", self.name, what)
-                return
+                return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, SAVE_RETRY_MAX_S)
 
@@ -9095,8 +9094,11 @@ class JobRunner(ClaimLoop):
             raise JobCancelled(job_id)
 
     async def _begin(self, job_id: str) -> None:
-        """The job's work starts now: count the attempt (claimed jobs waiting for a slot spend none)."""
-        if not await self.store.begin_attempt(job_id, self.worker_id):
+        """The job's work starts now: count the attempt (claimed jobs waiting for a slot spend none).
+
+        A database that refuses writes (a full disk) is waited out, as a finished job's result is."""
+        begin = functools.partial(self.store.begin_attempt, job_id, self.worker_id)
+        if not await self.save(begin, f"the start of job {job_id}"):
             raise JobCancelled(job_id)
         self.begun.add(job_id)
 

@@ -16,6 +16,8 @@ import httpx
 import pytest
 from conftest import GatedDataServer, Receiver, Server, submit, wait_for, wait_job
 
+import persona
+
 pytestmark = pytest.mark.slow
 
 
@@ -180,6 +182,22 @@ def unhealthy(http: httpx.Client) -> dict | None:
     return response.json() if response.status_code == 503 else None
 
 
+async def test_a_job_that_begins_while_the_database_refuses_writes_waits_and_then_begins() -> None:
+    class RefusingOnce:
+        calls = 0
+
+        async def begin_attempt(self, job_id: str, worker: str) -> bool:
+            self.calls += 1
+            if self.calls == 1:
+                raise persona.StorageUnavailable("database or disk is full")
+            return True
+
+    store = RefusingOnce()
+    runner = persona.JobRunner(store, persona.Settings(), lambda: None)  # type: ignore[arg-type]
+    await runner._begin("job-0123456789ab")
+    assert store.calls == 2 and "job-0123456789ab" in runner.begun
+
+
 @needs_mount_namespace
 @pytest.mark.sqlite_only
 def test_a_full_disk_is_reported_refuses_writes_and_loses_nothing_once_space_returns(
@@ -196,6 +214,7 @@ def test_a_full_disk_is_reported_refuses_writes_and_loses_nothing_once_space_ret
         finished = wait_job(http, submit(http, data="interviews.csv"))["job_id"]
         running = submit(http, data=gated_data.url)
         wait_job(http, running, until=("running",))
+        wait_for(lambda: gated_data.requests == 1, what="the job to have begun, fetching its data")
 
         fill(disk / "filler")
         health = wait_for(lambda: unhealthy(http), what="health to report the full disk")

@@ -116,10 +116,10 @@ def test_an_export_without_a_format_is_json(client: httpx.Client) -> None:
 
 def test_an_unknown_format_is_a_422_listing_the_formats(client: httpx.Client) -> None:
     job = completed_job(client)
-    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "xlsx"})
+    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "pdf"})
     assert response.status_code == 422
     assert response.json()["error"] == "validation_error"
-    assert "csv, json, markdown, html" in response.json()["message"]
+    assert "csv, json, markdown, html, xlsx" in response.json()["message"]
 
 
 def test_exporting_an_unfinished_job_is_a_409_and_an_unknown_one_a_404(
