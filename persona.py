@@ -10289,6 +10289,12 @@ async def job_page(request: Request) -> HTMLResponse:
     return workbench_page(request, title, subtitle, body)
 
 
+def model_configured() -> bool:
+    """Whether a refinement here could take an instruction: a provider with a key, or one the server is
+    told to use (Ollama needs no key, so PERSONA_PROVIDER or OLLAMA_HOST say it is there)."""
+    return pick_provider({}) != "local" or bool(os.environ.get("OLLAMA_HOST"))
+
+
 def changes_html(changes: JSON) -> str:
     """What a refinement changed: each continued persona's fields gained and lost, and the personas new or gone."""
     rows = []
@@ -10341,6 +10347,12 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         for o in completed
     )
     cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in result["personas"])
+    instruction_box = (
+        '<label>Instruction <textarea id="instruction" name="instruction" rows="2" '
+        'placeholder="what the model should change"></textarea></label>'
+        if model_configured()
+        else ""
+    )
     return (
         f'<section><p class="quality">{escape(coverage_line(quality).capitalize())}</p>'
         + (f'<p>Refined from <a href="/jobs/{escape(parent)}">{escape(parent)}</a></p>' if parent else "")
@@ -10355,8 +10367,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         + f'</section><section class="actions"><h2>Next</h2><p>{exports}</p>'
         f'<form id="refine" class="panel" data-job="{escape(job_id)}"><label>Data <select id="refine-data" '
         f'name="data"><option value="">No more data</option></select></label>'
-        f'<label>Add files <input id="refine-upload" type="file" multiple></label><label>Instruction <textarea '
-        f'id="instruction" name="instruction" rows="2" placeholder="for an LLM provider"></textarea></label>'
+        f'<label>Add files <input id="refine-upload" type="file" multiple></label>{instruction_box}'
         f'<button type="submit">Refine</button><p id="refine-error" class="alert" role="alert"></p></form>'
         f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
         f'<label>Compare with <select name="b" id="compare-with" required>{compare_options}</select></label>'
@@ -10642,7 +10653,8 @@ function setUpRefine(form) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = {};
-    const instruction = document.getElementById("instruction").value.trim();
+    const box = document.getElementById("instruction");  // there only where a model is configured
+    const instruction = box ? box.value.trim() : "";
     if (data.value) body.data = data.value;
     if (instruction) body.instruction = instruction;
     try {

@@ -81,6 +81,27 @@ def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
         context.close()
 
 
+def test_the_instruction_box_appears_only_where_a_model_is_configured(
+    start_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offline = start_server("--rate-limit", "0")
+    with offline.client() as http:
+        job = wait_job(http, submit(http, data="interviews.csv", count=3))
+        assert 'id="instruction"' not in http.get(f"/jobs/{job['job_id']}").text
+    with_model = start_server("--rate-limit", "0", db="other.db", env={"OPENAI_API_KEY": "sk-test-not-used"})
+    with with_model.client() as http:
+        job = wait_job(http, submit(http, data="interviews.csv", count=3, provider="local"))
+        assert 'id="instruction"' in http.get(f"/jobs/{job['job_id']}").text
+    for spec in persona.PROVIDER_SPECS.values():
+        for variable in spec.key_variables:
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("PERSONA_PROVIDER", raising=False)
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert persona.model_configured() is False
+    monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")
+    assert persona.model_configured() is True
+
+
 def test_a_named_job_is_listed_and_titled_by_its_name(client: httpx.Client) -> None:
     job = wait_job(client, submit(client, data="interviews.csv", count=3, config={"name": "Ward study"}))
     assert job["result"]["metadata"]["name"] == "Ward study"
