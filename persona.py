@@ -6403,6 +6403,7 @@ class Segment:
 
     members: list[int]
     name: str | None = None
+    answer: str | None = None  # the group_by answer its members share, when the researcher grouped by one
 
 
 def attribute_value(person: Participant, wanted: str) -> str | None:
@@ -6452,7 +6453,7 @@ def attribute_groups(people: list[Participant], attribute: str, count: int) -> l
             f"its attributes: {', '.join(have) if have else '(none)'}"
         )
     largest = sorted(by_value.items(), key=lambda item: (-len(item[1]), item[0]))[:count]
-    return [Segment(members) for _, members in largest]
+    return [Segment(members, answer=value) for value, members in largest]
 
 
 @dataclass
@@ -6673,13 +6674,18 @@ ANSWER_MIN_SHARE = 0.3  # of the segment's members who answered the question
 ANSWER_MIN_LIFT = 0.15  # above the share of everyone else
 
 
-def closed_answers(members: list[Participant], everyone: list[Participant], labels: Mapping[str, str]) -> list[JSON]:
-    """The closed answers that set a segment apart most: each with its count among the members who
-    answered the question, and its share among everyone else who did."""
+def closed_answers(
+    members: list[Participant], everyone: list[Participant], labels: Mapping[str, str], grouped_by: str | None = None
+) -> list[JSON]:
+    """The closed answers that set a segment apart most, one per question: each with its count among
+    the members who answered the question, and its share among everyone else who did.
+
+    The question the researcher grouped by is left out: it sets each group apart by definition."""
     member_ids = {person.id for person in members}
     others = [person for person in everyone if person.id not in member_ids]
+    left_out = normalise_key(grouped_by) if grouped_by else None
     found = []
-    for key in dict.fromkeys(key for person in members for key in person.attributes):
+    for key in dict.fromkeys(key for person in members for key in person.attributes if key != left_out):
         answered = [person.attributes[key] for person in members if key in person.attributes]
         elsewhere = [person.attributes[key] for person in others if key in person.attributes]
         for value, count in Counter(answered).items():
@@ -6689,6 +6695,10 @@ def closed_answers(members: list[Participant], everyone: list[Participant], labe
             if share >= ANSWER_MIN_SHARE and share - outside >= ANSWER_MIN_LIFT:
                 found.append((share - outside, count, key, value, len(answered), outside))
     found.sort(key=lambda item: (-item[0], -item[1], item[2], item[3]))
+    best: dict[str, tuple[float, int, str, str, int, float]] = {}
+    for item in found:
+        best.setdefault(item[2], item)  # a question's answer that sets the segment apart most
+    found = list(best.values())
     return [
         {
             "question": question_text(key, labels),
@@ -6912,8 +6922,9 @@ def build_persona(
     demographics = summarise_attributes(people, corpus.people, labels)
     name = persona_name(ids, taken["names"])
     attribute = distinguishing_attribute(people, corpus.people)
-    answers = closed_answers(people, corpus.people, labels)
-    title = segment.name or persona_title(corpus, shares, attribute, taken["titles"], answers, labels)
+    answers = closed_answers(people, corpus.people, labels, config.get("group_by"))
+    grouped = answer_phrase(config["group_by"], segment.answer, labels) if segment.answer is not None else None
+    title = segment.name or grouped or persona_title(corpus, shares, attribute, taken["titles"], answers, labels)
     taken["names"].add(name)
     taken["titles"].add(title)
     persona_id = f"persona-{number:03d}"
@@ -7617,7 +7628,7 @@ async def segmented_items(
         data = render_participants(group)
         if estimate_tokens(data) > budget:
             data = await condense(session, group, budget)
-        findings = [answer_finding(answer) for answer in closed_answers(group, people, {})]
+        findings = [answer_finding(answer) for answer in closed_answers(group, people, {}, config.get("group_by"))]
         if findings:  # what the counts say, so the model need not count
             data += "\n\nClosed answers that set this segment apart:\n" + "\n".join(f"- {line}" for line in findings)
         others = [f"segment {n + 1}: {summary}" for n, summary in enumerate(summaries) if n != index]
@@ -8713,14 +8724,14 @@ def grouping_warnings(key: str, dataset: Dataset, count: int) -> list[str]:
     ]
 
 
-def with_answers(personas: list[JSON], dataset: Dataset) -> list[JSON]:
+def with_answers(personas: list[JSON], dataset: Dataset, grouped_by: str | None = None) -> list[JSON]:
     """Every persona carries the closed answers that set its participants apart, whichever engine made it."""
     known = {person.id: person for person in dataset.participants}
     for persona in personas:
         evidence = persona.setdefault("evidence", {})
         if "answers" not in evidence:
             members = [known[pid] for pid in dict.fromkeys(evidence.get("participants", [])) if pid in known]
-            evidence["answers"] = closed_answers(members, dataset.participants, dataset.labels)
+            evidence["answers"] = closed_answers(members, dataset.participants, dataset.labels, grouped_by)
     return personas
 
 
@@ -8834,7 +8845,7 @@ async def made_personas(
         made.personas = continued_personas(
             refine["parent_personas"], made.personas, keep_names="instruction" not in refine
         )
-    made.personas = with_answers(made.personas, dataset)
+    made.personas = with_answers(made.personas, dataset, config.get("group_by"))
     return made
 
 

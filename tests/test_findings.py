@@ -196,6 +196,24 @@ def test_the_quality_line_says_in_words_how_far_a_persona_stands_apart() -> None
     assert "the closest other persona is much alike (overlap 0.73)" in line
 
 
+def test_a_group_by_persona_is_titled_by_its_group_and_its_findings_leave_the_grouping_out(
+    flaky: persona.Dataset,
+) -> None:
+    question = "How often do you observe flaky tests in the projects you’re currently working on?"
+    personas, _ = persona.offline_personas(flaky, 5, {"group_by": question})
+    assert [item["title"] for item in personas] == [
+        "Observe flaky tests: a few times a year",
+        "Observe flaky tests: weekly",
+        "Observe flaky tests: monthly",
+        "Observe flaky tests: daily",
+        "Observe flaky tests: never",
+    ]
+    for item in personas:
+        questions = [answer["question"] for answer in item["evidence"]["answers"]]
+        assert not [q for q in questions if q.startswith("How often do you observe flaky tests")]
+        assert len(questions) == len(set(questions))  # one answer per question
+
+
 def test_a_bare_answer_takes_its_question_s_topic() -> None:
     labels = {"q": "After identifying a flaky test, how often do you… [Re-run the build.]"}
     assert persona.answer_phrase("q", "Often", labels) == "Re-run the build: often"
