@@ -8232,7 +8232,9 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
     """
     e, h = markdown_escape, "#" * depth
     details = ", ".join(
-        f"{e(str(key).replace('_', ' '))}: {e(value)}" for key, value in persona["demographics"].items()
+        f"{e(str(key).replace('_', ' '))}: {e(value)}"
+        for key, value in persona["demographics"].items()
+        if key not in ("participants", "share")  # the summary says them
     )
     lines = [
         f"{h} {e(persona['name'])}: {e(persona['title'])}",
