@@ -6837,8 +6837,10 @@ def summarise_attributes(people: list[Participant], everyone: list[Participant],
             continue
         ranked.append((-len(values), keys.index(key), key, values))
     demographics: JSON = {}
-    for _, _, key, values in sorted(ranked)[:MAX_DEMOGRAPHICS]:
-        demographics[shown_label(key, labels)] = summarise_values(values, len(people))
+    for _, _, key, values in sorted(ranked):
+        summary = summarise_values(values, len(people))
+        if summary is not None and len(demographics) < MAX_DEMOGRAPHICS:
+            demographics[shown_label(key, labels)] = summary
     demographics["participants"] = len(people)
     demographics["share"] = round(len(people) / len(everyone), 4)
     return demographics
@@ -6862,7 +6864,25 @@ def shown_label(key: str, labels: Mapping[str, str]) -> str:
     return label if len(label) <= 80 else label[:77].rsplit(" ", 1)[0] + "…"
 
 
-def summarise_values(values: list[str], people: int) -> str:
+MIN_DEMOGRAPHIC_SHARE = 0.2  # a choice fewer of a segment give says nothing about it: left out
+
+
+def chosen_options(values: list[str]) -> Counter[str]:
+    """How often each option was chosen: `;`-joined choices split, and `, `-joined ones too where
+    their parts are options someone chose alone (`JavaScript, Python`; never `Bristol, UK`)."""
+    alone = set(values)
+    counts: Counter[str] = Counter()
+    for value in values:
+        parts = [part.strip() for part in value.split(";") if part.strip()] or [value]
+        for part in parts:
+            pieces = [piece.strip() for piece in part.split(", ")]
+            counts.update(pieces if len(pieces) > 1 and any(piece in alone for piece in pieces) else [part])
+    return counts
+
+
+def summarise_values(values: list[str], people: int) -> str | None:
+    """Numbers as median and range; else the most common choice with its share, or None when fewer
+    than MIN_DEMOGRAPHIC_SHARE of the segment give it."""
     if all(is_number(value) for value in values):
         numbers = sorted(float(value) for value in values)
         median = (
@@ -6872,9 +6892,8 @@ def summarise_values(values: list[str], people: int) -> str:
         )
         low, high = numbers[0], numbers[-1]
         return f"{low:g}" if low == high else f"median {median:g}, range {low:g}–{high:g}"
-    choices = Counter(part.strip() for value in values for part in value.split(";") if part.strip()) or Counter(values)
-    value, times = min(choices.items(), key=lambda item: (-item[1], item[0]))
-    return f"{value} ({times / people:.0%})"
+    value, times = min(chosen_options(values).items(), key=lambda item: (-item[1], item[0]))
+    return f"{value} ({times / people:.0%})" if times / people >= MIN_DEMOGRAPHIC_SHARE else None
 
 
 def persona_name(ids: list[str], taken: set[str]) -> str:

@@ -214,6 +214,14 @@ def test_a_group_by_persona_is_titled_by_its_group_and_its_findings_leave_the_gr
         assert len(questions) == len(set(questions))  # one answer per question
 
 
+def test_a_demographic_counts_each_option_ticked_and_leaves_out_a_choice_few_give() -> None:
+    languages = ["JavaScript, Python", "Python", "C#", "JavaScript", "Go, Python", "Rust"]
+    assert persona.chosen_options(languages)["Python"] == 3
+    assert persona.chosen_options(["Bristol, UK", "Leeds, UK"]) == {"Bristol, UK": 1, "Leeds, UK": 1}
+    assert persona.summarise_values(languages, 6) == "Python (50%)"
+    assert persona.summarise_values(["C#", "Go", "Rust", "Java", "Ruby", "Perl"], 6) is None
+
+
 def test_a_bare_answer_takes_its_question_s_topic() -> None:
     labels = {"q": "After identifying a flaky test, how often do you… [Re-run the build.]"}
     assert persona.answer_phrase("q", "Often", labels) == "Re-run the build: often"
