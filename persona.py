@@ -5210,11 +5210,19 @@ def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
         return None
     keys = [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
     groups = {key: len({person.attributes[key] for person in people if key in person.attributes}) for key in keys}
-    questions = {key: question_text(key, reader.labels) for key in keys if key in reader.labels}
+    questions = {key: choice_label(key, reader.labels) for key in keys if key in reader.labels}
     summary: JSON = {"attributes": keys, "groups": groups, "questions": questions}
     if fmt in TRANSCRIPT_FORMATS:  # a folder's transcripts are grouped together: it needs their values
         summary["people"] = [person.attributes for person in people]
     return summary
+
+
+def choice_label(key: str, labels: Mapping[str, str]) -> str:
+    """A coded attribute as a list of choices shows it: its question in full, or a grid's item first
+    and then its question (`Re-run the build. (After identifying a flaky test, how often do you…)`),
+    so that a grid's items tell apart however narrow the list."""
+    grid = grid_parts(labels[key])
+    return f"{grid[1]} ({grid[0].rstrip(' ?:')})" if grid else question_text(key, labels)
 
 
 def folder_attributes(summaries: list[JSON]) -> JSON | None:
@@ -10888,7 +10896,7 @@ DATA_SOURCE_SCHEMA: JSON = {
         "questions": {
             "type": "object",
             "additionalProperties": {"type": "string"},
-            "description": "a coded attribute's question in full (a grid's item read into it): `q4_1` -> its text",
+            "description": "a coded attribute's question in full (a grid's item first, then its question)",
         },
     },
 }

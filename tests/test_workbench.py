@@ -141,7 +141,7 @@ def test_the_data_listing_gives_a_coded_attributes_question_in_full() -> None:
         for n in range(12)
     )
     listed = persona.attributes_of(grid, "csv", "grid.csv")
-    assert listed is not None and "How often do you... Re-run the build." in listed["questions"].values()
+    assert listed is not None and "Re-run the build. (How often do you...)" in listed["questions"].values()
 
 
 def test_the_data_listing_is_paged_with_a_total_and_a_next_link(client: httpx.Client) -> None:
