@@ -5147,13 +5147,16 @@ async def data_sources(data_dir: Path, limit: int = MAX_LISTED_FILES, offset: in
             summary = await table_attributes(file, info)
             if summary is not None:
                 source.update(summary)
-    for folder in (source for source in page if source["kind"] == "folder"):
-        inside = [
-            (file, info)
-            for source, file, info in tables
-            if source["name"].startswith(folder["name"] + "/") and FORMATS[file.suffix.lower()] in TRANSCRIPT_FORMATS
-        ][:MAX_FOLDER_SCAN]
-        summaries = [summary for file, info in inside if (summary := await table_attributes(file, info))]
+    folders = {source["name"]: source for source in page if source["kind"] == "folder"}
+    inside: dict[str, list[tuple[Path, os.stat_result]]] = {name: [] for name in folders}
+    for source, file, info in tables:  # one pass: each transcript joins the page's folders that hold it
+        if FORMATS[file.suffix.lower()] in TRANSCRIPT_FORMATS:
+            for parent in Path(source["name"]).parents:
+                held = inside.get(parent.as_posix())
+                if held is not None and len(held) < MAX_FOLDER_SCAN:
+                    held.append((file, info))
+    for name, folder in folders.items():
+        summaries = [summary for file, info in inside[name] if (summary := await table_attributes(file, info))]
         folder.update(folder_attributes(summaries) or {})
     return page, len(sources)
 
