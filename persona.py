@@ -9933,7 +9933,7 @@ def export_name(job: JSON) -> str:
     source = job["result"].get("metadata", {}).get("source", {})
     location = str(source.get("location", "")) if source.get("kind") in ("path", "url") else ""
     stem = Path(urlsplit(location).path if "://" in location else location).stem
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-")[:40] or "inline"
+    slug = UPLOAD_NAME_CHARACTERS.sub("-", stem).strip(".-")[:40] or "inline"  # cleaned as an upload's name is
     return f"personas-{slug}-{(job['completed_at'] or '')[:10]}-{job['job_id']}"
 
 
