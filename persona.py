@@ -5718,15 +5718,23 @@ REPORTED = re.compile(
 """A speech verb that introduces someone else's words ("Somebody else was like, 'it'd be cool ...'")."""
 
 DEFINITION = re.compile(
-    r"^\W*(?:(?:i|we) (?:would |'d )?(?:say|define|consider|call|describe) (?:that )?)?"
+    r"^\W*(?:(?:i|we)(?: would|'d)? (?:say|define|consider|call|describe) (?:that )?)?"
     r"(?:a|an) [\w'-]+(?: [\w'-]+){0,2} "
     r"(?:(?:is|are|means|refers to) (?:a|an|any|one|something)(?: [\w'-]+){0,3} (?:that|which|where|when|whose)|"
     r"(?:is|are) (?:when|where))\b|"
-    r"\b(?:i|we) (?:would |'d )?define\b|\bdefined as\b|\b(?:my|the|by) definition\b",
+    r"\b(?:i|we)(?: would|'d)? define\b|\bdefined as\b|\b(?:my|the|by|your|this|that|a) (?:given |proposed )?"
+    r"definitions?\b|"
+    r"\b(?:i|we)(?: would|'d)? (?:say|consider|call) (?:that )?(?:a|an|the) [\w'-]+(?: [\w'-]+){0,2} (?:is|are) "
+    r"[\w'-]+ (?:if|when|whenever)\b",
     re.IGNORECASE,
 )
-"""A sentence that says what a word means ("A flaky test is a test that ...", "I define it as ..."): an
-answer to a survey's definition question, no goal, pain point or behaviour of the speaker's."""
+"""A sentence that says what a word means ("A flaky test is a test that ...", "I define it as ...", "I'd say
+the test is flaky if ...") or speaks of a definition: an answer to a survey's definition question, no goal,
+pain point or behaviour of the speaker's."""
+
+HYPOTHETICAL = re.compile(r"^\W*if (?:i|we) (?:were|was) (?:ever )?to\b", re.IGNORECASE)
+"""A sentence that imagines a case ("If I were to find one in a PR, I would not accept it") tells what the
+speaker would do, not something they suffer: no pain point, whatever its words."""
 
 OPINION = re.compile(
     r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b",
@@ -6536,7 +6544,7 @@ def list_kind(sentence: str) -> str | None:
     if WISH.search(text) or opens_as_request(text):
         return "goals"
     opinion = bool(OPINION.match(text))
-    if PAIN.search(text) and not opinion:
+    if PAIN.search(text) and not opinion and not HYPOTHETICAL.match(text):
         return "pain_points"
     if REQUEST.search(text) or (
         ARTICLE_NP.match(text)

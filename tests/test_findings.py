@@ -320,10 +320,17 @@ def test_sentences_are_not_cut_at_abbreviations_or_inside_brackets() -> None:
         "I would say that a flaky test is any test that changes from pass to fail in different environments.",
         "A flaky test is when the result changes between runs.",
         "I define flakiness as nondeterminism we did not ask for.",
+        "I'd say that the test is flaky if it does not clearly identify problems.",
+        "The given definition also fits fuzzing, where the input varies on purpose to find issues.",
     ],
 )
 def test_a_definition_is_no_goal_pain_point_or_behaviour(definition: str) -> None:
     assert persona.list_kind(definition) is None
+
+
+def test_an_imagined_case_is_no_pain_point() -> None:
+    assert persona.list_kind("If I were to find one in a PR, I would not accept it until it was fixed.") is None
+    assert persona.list_kind("If I have to restart the kernel, the build fails.") == "pain_points"
 
 
 def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
