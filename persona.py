@@ -44,13 +44,13 @@ import tempfile
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import aiosqlite
 from starlette.applications import Starlette
@@ -138,6 +138,14 @@ class Settings:
     attempts_kept: int = 20
     redact: str = "off"  # "on": jobs redact unless config.redact is false; "required": every job redacts
     allowed_hosts: tuple[str, ...] = ()  # Host names a loopback server answers besides localhost, 127.0.0.1, [::1]
+    private: bool = False  # every read needs a token and shows each owner its own jobs, webhooks and uploads alone
+
+    def __post_init__(self) -> None:
+        if self.private and not (self.auth_tokens or self.admin_tokens):
+            raise ConfigError(
+                "--private / PERSONA_PRIVATE needs API keys (--auth-token): a private server tells its callers apart "
+                "by their keys"
+            )
 
     @property
     def on_loopback(self) -> bool:
@@ -174,6 +182,7 @@ ENV_VARS = {
     "attempts_kept": "PERSONA_ATTEMPTS_KEPT",
     "redact": "PERSONA_REDACT",
     "allowed_hosts": "PERSONA_ALLOWED_HOSTS",
+    "private": "PERSONA_PRIVATE",
 }
 INT_BOUNDS = {
     "port": (0, 65535),
@@ -204,6 +213,8 @@ def parse_setting(name: str, raw: str) -> Any:
         return tuple(host.strip().lower().strip("[]") for host in raw.split(",") if host.strip())
     if name == "allow_private_urls":
         return parse_switch(label, raw)
+    if name == "private":
+        return bool(parse_switch(label, raw))
     if name == "redact":
         if raw.strip().lower() == "required":
             return "required"
@@ -1161,14 +1172,16 @@ class Store(abc.ABC):
         row = await self.job_reads.get(job_id)
         return row["owner"] if row else None
 
-    async def list_jobs_json(self, status: str | None, limit: int, offset: int) -> tuple[bytes, int, int]:
-        """A page of jobs as response bytes, with the total and the page's length.
+    async def list_jobs_json(
+        self, status: str | None, limit: int, offset: int, owner: str | None = None
+    ) -> tuple[bytes, int, int]:
+        """A page of jobs (every owner's, or one owner's) as response bytes, with the total and the page's length.
 
         Identical listings asked for at the same moment share one query and one encoding.
         """
-        return await self.listings.get((status, limit, offset))
+        return await self.listings.get((status, limit, offset, owner))
 
-    async def _list_jobs_json(self, keys: list[tuple[str | None, int, int]]) -> dict[Any, Any]:
+    async def _list_jobs_json(self, keys: list[tuple[str | None, int, int, str | None]]) -> dict[Any, Any]:
         pages = {}
         for key in keys:
             jobs, total = await self.list_jobs(*key)
@@ -1277,20 +1290,25 @@ class Store(abc.ABC):
         """The rows of these jobs, by id (absent ids left out)."""
 
     @abc.abstractmethod
-    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
-        """A page of jobs in the order they were submitted, optionally of one status, with how many there are."""
+    async def list_jobs(
+        self, status: str | None, limit: int, offset: int, owner: str | None = None
+    ) -> tuple[list[JSON], int]:
+        """A page of jobs in the order they were submitted, optionally of one status or one owner's alone,
+        with how many there are."""
 
     @abc.abstractmethod
-    async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
-        """A page of experiments, newest first, with how many there are."""
+    async def list_experiments(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[JSON], int]:
+        """A page of experiments, newest first, with how many there are; with `owner`, the experiments
+        holding its jobs, each counting only those."""
 
     @abc.abstractmethod
-    async def get_experiment(self, experiment_id: str) -> JSON | None:
-        """An experiment with its jobs, oldest first, as the job list shows them; None if it has none."""
+    async def get_experiment(self, experiment_id: str, owner: str | None = None) -> JSON | None:
+        """An experiment with its jobs (or `owner`'s jobs in it), oldest first, as the job list shows them;
+        None if it has none."""
 
     @abc.abstractmethod
-    async def recent_jobs(self, limit: int) -> list[JSON]:
-        """The newest jobs with their requests and results, for the workbench's list."""
+    async def recent_jobs(self, limit: int, owner: str | None = None) -> list[JSON]:
+        """The newest jobs (or `owner`'s) with their requests and results, for the workbench's list."""
 
     @abc.abstractmethod
     async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
@@ -1370,8 +1388,8 @@ class Store(abc.ABC):
         """A registered webhook, without its secret; None if there is none."""
 
     @abc.abstractmethod
-    async def list_webhooks(self) -> list[JSON]:
-        """Every registered webhook, oldest first, without secrets."""
+    async def list_webhooks(self, owner: str | None = None) -> list[JSON]:
+        """Every registered webhook (or those `owner` registered), oldest first, without secrets."""
 
     @abc.abstractmethod
     async def delete_webhook(self, webhook_id: str) -> bool:
@@ -1538,12 +1556,17 @@ CREATE TABLE IF NOT EXISTS write_probe (
 JOB_COLUMNS = ", ".join(JOB_FIELDS)
 
 SQL_GET_JOBS = f"SELECT {JOB_COLUMNS}, owner, result FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
-SQL_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0) AS total FROM job_counts WHERE :status IS NULL OR status = :status"
+# A listing shows every owner's rows when :owner is NULL, else that owner's alone (a private server).
+SQL_COUNT_JOBS = """
+SELECT COALESCE(SUM(n), 0) AS total FROM job_counts
+WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR owner = :owner)"""
 # One query per listing: the page and, alongside, the total from the counters.
-SQL_LIST_JOBS = f"SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs ORDER BY seq LIMIT :limit OFFSET :offset"
-SQL_LIST_JOBS_BY_STATUS = f"""
-SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs WHERE status = :status
+SQL_LIST_JOBS = f"""
+SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs WHERE :owner IS NULL OR owner = :owner
 ORDER BY seq LIMIT :limit OFFSET :offset"""
+SQL_LIST_JOBS_BY_STATUS = f"""
+SELECT {JOB_COLUMNS}, ({SQL_COUNT_JOBS}) AS total FROM jobs
+WHERE status = :status AND (:owner IS NULL OR owner = :owner) ORDER BY seq LIMIT :limit OFFSET :offset"""
 SQL_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0) AS active FROM job_counts WHERE owner = ? AND status IN ('pending', 'running')"""
 # An experiment is its jobs: it is as old as its first and was last updated when its latest job changed.
@@ -1551,18 +1574,21 @@ SQL_LIST_EXPERIMENTS = """
 SELECT j.experiment_id, e.name, j.jobs, j.created_at, j.updated_at FROM (
     SELECT experiment_id, COUNT(*) AS jobs, MIN(seq) AS first, MIN(created_at) AS created_at,
            MAX(COALESCE(completed_at, started_at, created_at)) AS updated_at
-    FROM jobs GROUP BY experiment_id) AS j
+    FROM jobs WHERE :owner IS NULL OR owner = :owner GROUP BY experiment_id) AS j
 LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
 ORDER BY j.first DESC LIMIT :limit OFFSET :offset"""
 SQL_GET_EXPERIMENT = """
 SELECT j.experiment_id, e.name, COUNT(*) AS jobs, MIN(j.created_at) AS created_at,
        MAX(COALESCE(j.completed_at, j.started_at, j.created_at)) AS updated_at
 FROM jobs AS j LEFT JOIN experiments AS e ON e.experiment_id = j.experiment_id
-WHERE j.experiment_id = ? GROUP BY j.experiment_id, e.name"""
-SQL_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs"
-SQL_EXPERIMENT_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = ? ORDER BY seq"
+WHERE j.experiment_id = :experiment_id AND (:owner IS NULL OR j.owner = :owner) GROUP BY j.experiment_id, e.name"""
+SQL_COUNT_EXPERIMENTS = "SELECT COUNT(DISTINCT experiment_id) AS total FROM jobs WHERE :owner IS NULL OR owner = :owner"
+SQL_EXPERIMENT_JOBS = f"""
+SELECT {JOB_COLUMNS} FROM jobs WHERE experiment_id = :experiment_id AND (:owner IS NULL OR owner = :owner)
+ORDER BY seq"""
 SQL_GET_REQUEST = "SELECT request, experiment_id FROM jobs WHERE job_id = ?"
-SQL_RECENT_JOBS = f"SELECT {JOB_COLUMNS}, request, result FROM jobs ORDER BY seq DESC LIMIT ?"
+SQL_RECENT_JOBS = f"""
+SELECT {JOB_COLUMNS}, request, result FROM jobs WHERE :owner IS NULL OR owner = :owner ORDER BY seq DESC LIMIT :limit"""
 SQL_FIND_IDEMPOTENT = """
 SELECT i.owner, i.key, i.body_hash, i.job_id FROM json_each(:keys) AS k
 JOIN idempotency_keys AS i ON i.owner = k.value ->> 0 AND i.key = k.value ->> 1
@@ -1635,7 +1661,9 @@ UPDATE jobs SET status = 'pending', claimed_by = NULL, attempts = MAX(attempts -
 WHERE job_id = ? AND claimed_by = ? AND status = 'running'"""
 SQL_INSERT_WEBHOOK = "INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES (?, ?, ?, ?, ?)"
 SQL_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = ?"
-SQL_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
+SQL_LIST_WEBHOOKS = """
+SELECT webhook_id, url, events, created_at FROM webhooks
+WHERE :owner IS NULL OR webhook_id IN (SELECT webhook_id FROM webhook_owners WHERE owner = :owner) ORDER BY seq"""
 SQL_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = ? RETURNING webhook_id"
 SQL_INSERT_WEBHOOK_OWNER = "INSERT INTO webhook_owners (webhook_id, owner) VALUES (?, ?)"
 SQL_GET_WEBHOOK_OWNER = "SELECT owner FROM webhook_owners WHERE webhook_id = ?"
@@ -1961,27 +1989,30 @@ class SQLiteStore(Store):
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
         return {row["job_id"]: row for row in await self._read(SQL_GET_JOBS, (json.dumps(job_ids),))}
 
-    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
-        params = {"status": status, "limit": limit, "offset": offset}
+    async def list_jobs(
+        self, status: str | None, limit: int, offset: int, owner: str | None = None
+    ) -> tuple[list[JSON], int]:
+        params = {"status": status, "limit": limit, "offset": offset, "owner": owner}
         sql = SQL_LIST_JOBS_BY_STATUS if status else SQL_LIST_JOBS
         rows = await self._read(sql, params)
         if rows:
             return [job_from_row(row) for row in rows], rows[0]["total"]
         return [], (await self._read(SQL_COUNT_JOBS, params))[0]["total"]
 
-    async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
-        rows = await self._read(SQL_LIST_EXPERIMENTS, {"limit": limit, "offset": offset})
-        return [dict(row) for row in rows], (await self._read(SQL_COUNT_EXPERIMENTS))[0]["total"]
+    async def list_experiments(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[JSON], int]:
+        rows = await self._read(SQL_LIST_EXPERIMENTS, {"limit": limit, "offset": offset, "owner": owner})
+        return [dict(row) for row in rows], (await self._read(SQL_COUNT_EXPERIMENTS, {"owner": owner}))[0]["total"]
 
-    async def get_experiment(self, experiment_id: str) -> JSON | None:
-        found = await self._read(SQL_GET_EXPERIMENT, (experiment_id,))
+    async def get_experiment(self, experiment_id: str, owner: str | None = None) -> JSON | None:
+        params = {"experiment_id": experiment_id, "owner": owner}
+        found = await self._read(SQL_GET_EXPERIMENT, params)
         if not found:
             return None
-        jobs = await self._read(SQL_EXPERIMENT_JOBS, (experiment_id,))
+        jobs = await self._read(SQL_EXPERIMENT_JOBS, params)
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
 
-    async def recent_jobs(self, limit: int) -> list[JSON]:
-        return [job_with_request(row) for row in await self._read(SQL_RECENT_JOBS, (limit,))]
+    async def recent_jobs(self, limit: int, owner: str | None = None) -> list[JSON]:
+        return [job_with_request(row) for row in await self._read(SQL_RECENT_JOBS, {"limit": limit, "owner": owner})]
 
     async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
         rows = await self._read(SQL_GET_REQUEST, (job_id,))
@@ -2091,8 +2122,8 @@ class SQLiteStore(Store):
         rows = await self._read(SQL_GET_WEBHOOK, (webhook_id,))
         return webhook_from_row(rows[0]) if rows else None
 
-    async def list_webhooks(self) -> list[JSON]:
-        return [webhook_from_row(row) for row in await self._read(SQL_LIST_WEBHOOKS)]
+    async def list_webhooks(self, owner: str | None = None) -> list[JSON]:
+        return [webhook_from_row(row) for row in await self._read(SQL_LIST_WEBHOOKS, {"owner": owner})]
 
     async def delete_webhook(self, webhook_id: str) -> bool:
         async with self._transaction() as run:
@@ -2397,15 +2428,21 @@ PG_SCHEMA_FOUND = "SELECT to_regclass('persona_schema') IS NOT NULL AS found"
 PG_GET_VERSION = "SELECT max(version) AS version FROM persona_schema"
 PG_SET_VERSION = "DELETE FROM persona_schema; INSERT INTO persona_schema (version) VALUES ({version})"
 PG_GET_JOBS = f"SELECT {JOB_COLUMNS}, owner, result FROM jobs WHERE job_id = ANY($1::text[])"
-PG_COUNT_JOBS = "SELECT COALESCE(SUM(n), 0)::bigint AS total FROM job_counts WHERE $1::text IS NULL OR status = $1"
+PG_COUNT_JOBS = """
+SELECT COALESCE(SUM(n), 0)::bigint AS total FROM job_counts
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR owner = $2)"""
 PG_LIST_JOBS = f"""
 SELECT {JOB_COLUMNS}, ({PG_COUNT_JOBS}) AS total FROM jobs
-WHERE $1::text IS NULL OR status = $1 ORDER BY seq LIMIT $2 OFFSET $3"""
-PG_LIST_EXPERIMENTS = SQL_LIST_EXPERIMENTS.replace(":limit", "$1").replace(":offset", "$2")
-PG_GET_EXPERIMENT = SQL_GET_EXPERIMENT.replace("?", "$1")  # the same statement, in PostgreSQL's parameters
-PG_EXPERIMENT_JOBS = SQL_EXPERIMENT_JOBS.replace("?", "$1")
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR owner = $2) ORDER BY seq LIMIT $3 OFFSET $4"""
+# The same statements as SQLite's, in PostgreSQL's parameters.
+PG_LIST_EXPERIMENTS = (
+    SQL_LIST_EXPERIMENTS.replace(":limit", "$1").replace(":offset", "$2").replace(":owner", "$3::text")
+)
+PG_COUNT_EXPERIMENTS = SQL_COUNT_EXPERIMENTS.replace(":owner", "$1::text")
+PG_GET_EXPERIMENT = SQL_GET_EXPERIMENT.replace(":experiment_id", "$1").replace(":owner", "$2::text")
+PG_EXPERIMENT_JOBS = SQL_EXPERIMENT_JOBS.replace(":experiment_id", "$1").replace(":owner", "$2::text")
 PG_GET_REQUEST = SQL_GET_REQUEST.replace("?", "$1")
-PG_RECENT_JOBS = SQL_RECENT_JOBS.replace("?", "$1")
+PG_RECENT_JOBS = SQL_RECENT_JOBS.replace(":owner", "$1::text").replace(":limit", "$2")
 PG_COUNT_ACTIVE = """
 SELECT COALESCE(SUM(n), 0)::bigint AS active FROM job_counts WHERE owner = $1 AND status IN ('pending', 'running')"""
 # Every invariant that SQLite's single writer kept needs a lock here: persona_admit takes them.
@@ -2461,7 +2498,7 @@ PG_INSERT_WEBHOOK = f"""
 INSERT INTO webhooks (webhook_id, url, events, secret, created_at) VALUES ($1, $2, $3, $4, {PG_NOW})
 RETURNING created_at"""
 PG_GET_WEBHOOK = "SELECT webhook_id, url, events, created_at FROM webhooks WHERE webhook_id = $1"
-PG_LIST_WEBHOOKS = "SELECT webhook_id, url, events, created_at FROM webhooks ORDER BY seq"
+PG_LIST_WEBHOOKS = SQL_LIST_WEBHOOKS.replace(":owner", "$1::text")
 PG_DELETE_WEBHOOK = "DELETE FROM webhooks WHERE webhook_id = $1 RETURNING webhook_id"
 PG_INSERT_WEBHOOK_OWNER = "INSERT INTO webhook_owners (webhook_id, owner) VALUES ($1, $2)"
 PG_GET_WEBHOOK_OWNER = "SELECT owner FROM webhook_owners WHERE webhook_id = $1"
@@ -2826,25 +2863,27 @@ class PostgresStore(Store):
     async def _read_jobs(self, job_ids: list[str]) -> dict[str, Any]:
         return {row["job_id"]: row for row in await self._read(PG_GET_JOBS, job_ids)}
 
-    async def list_jobs(self, status: str | None, limit: int, offset: int) -> tuple[list[JSON], int]:
-        rows = await self._read(PG_LIST_JOBS, status, limit, offset)
+    async def list_jobs(
+        self, status: str | None, limit: int, offset: int, owner: str | None = None
+    ) -> tuple[list[JSON], int]:
+        rows = await self._read(PG_LIST_JOBS, status, owner, limit, offset)
         if rows:
             return [job_from_row(row) for row in rows], rows[0]["total"]
-        return [], (await self._read(PG_COUNT_JOBS, status))[0]["total"]
+        return [], (await self._read(PG_COUNT_JOBS, status, owner))[0]["total"]
 
-    async def list_experiments(self, limit: int, offset: int) -> tuple[list[JSON], int]:
-        rows = await self._read(PG_LIST_EXPERIMENTS, limit, offset)
-        return [dict(row) for row in rows], (await self._read(SQL_COUNT_EXPERIMENTS))[0]["total"]
+    async def list_experiments(self, limit: int, offset: int, owner: str | None = None) -> tuple[list[JSON], int]:
+        rows = await self._read(PG_LIST_EXPERIMENTS, limit, offset, owner)
+        return [dict(row) for row in rows], (await self._read(PG_COUNT_EXPERIMENTS, owner))[0]["total"]
 
-    async def get_experiment(self, experiment_id: str) -> JSON | None:
-        found = await self._read(PG_GET_EXPERIMENT, experiment_id)
+    async def get_experiment(self, experiment_id: str, owner: str | None = None) -> JSON | None:
+        found = await self._read(PG_GET_EXPERIMENT, experiment_id, owner)
         if not found:
             return None
-        jobs = await self._read(PG_EXPERIMENT_JOBS, experiment_id)
+        jobs = await self._read(PG_EXPERIMENT_JOBS, experiment_id, owner)
         return {**dict(found[0]), "jobs": [job_from_row(row) for row in jobs]}
 
-    async def recent_jobs(self, limit: int) -> list[JSON]:
-        return [job_with_request(row) for row in await self._read(PG_RECENT_JOBS, limit)]
+    async def recent_jobs(self, limit: int, owner: str | None = None) -> list[JSON]:
+        return [job_with_request(row) for row in await self._read(PG_RECENT_JOBS, owner, limit)]
 
     async def job_request(self, job_id: str) -> tuple[JSON, str] | None:
         rows = await self._read(PG_GET_REQUEST, job_id)
@@ -2949,8 +2988,8 @@ class PostgresStore(Store):
         rows = await self._read(PG_GET_WEBHOOK, webhook_id)
         return webhook_from_row(rows[0]) if rows else None
 
-    async def list_webhooks(self) -> list[JSON]:
-        return [webhook_from_row(row) for row in await self._read(PG_LIST_WEBHOOKS)]
+    async def list_webhooks(self, owner: str | None = None) -> list[JSON]:
+        return [webhook_from_row(row) for row in await self._read(PG_LIST_WEBHOOKS, owner)]
 
     async def delete_webhook(self, webhook_id: str) -> bool:
         async with self._transaction() as conn:
@@ -3503,6 +3542,15 @@ def resolve_data_path(data: str, data_dir: Path) -> Path:
         raise APIError(400, f"data path {data[:200]!r} cannot be used: {exc.strerror or type(exc).__name__}") from None
 
 
+def missing_source(data: str) -> APIError:
+    return APIError(
+        400,
+        f"data source {data!r} does not exist in the server's data directory "
+        "(paths are relative to it; the server's --data-dir sets it)",
+        {"data": data},
+    )
+
+
 def checked_data_path(data: str, data_dir: Path) -> Path:
     root = real_root(data_dir)
     resolved = Path(os.path.realpath(root / data))
@@ -3517,12 +3565,7 @@ def checked_data_path(data: str, data_dir: Path) -> Path:
     try:
         mode = resolved.stat().st_mode
     except FileNotFoundError:
-        raise APIError(
-            400,
-            f"data source {data!r} does not exist in the server's data directory "
-            "(paths are relative to it; the server's --data-dir sets it)",
-            {"data": data},
-        ) from None
+        raise missing_source(data) from None
     if stat.S_ISDIR(mode):
         if not folder_files(resolved, root)[0]:
             raise APIError(400, f"data folder {data!r} holds no supported files ({', '.join(FORMATS)})")
@@ -5130,9 +5173,11 @@ ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # sha256 -> the table's attr
 LISTING_CACHE_SIZE = 10_000  # entries each of the two keeps, the least recently used going first
 
 
-async def data_sources(data_dir: Path, limit: int = MAX_LISTED_FILES, offset: int = 0) -> tuple[list[JSON], int]:
+async def data_sources(
+    data_dir: Path, limit: int = MAX_LISTED_FILES, offset: int = 0, hidden: Collection[str] = ()
+) -> tuple[list[JSON], int]:
     """A page of the files a job can read in the data directory and the folders holding some,
-    sorted by name, and how many there are.
+    sorted by name, and how many there are; the `hidden` names left out.
 
     A table of the page small enough is read, to name its attributes (what `group_by` can
     take). What was read is remembered by content, so a listing reads only what is new, and
@@ -5140,6 +5185,8 @@ async def data_sources(data_dir: Path, limit: int = MAX_LISTED_FILES, offset: in
     job reads it.
     """
     sources, tables = await asyncio.to_thread(walk_sources, data_dir)
+    if hidden:
+        sources = [source for source in sources if source["name"] not in hidden]
     page = sources[offset : offset + limit]
     shown = {id(source) for source in page}
     for source, file, info in tables:
@@ -5277,6 +5324,33 @@ def owned_uploads(folder: Path, owner: str) -> list[Path]:
             if entry.is_file() and Path(entry.path).read_text("utf-8") == owner and (folder / entry.name).is_file():
                 owned.append(folder / entry.name)
     return owned
+
+
+def others_uploads(data_dir: Path, owner: str) -> set[str]:
+    """The uploads another key or team made, as the listing names them (`uploads/notes.csv`), with
+    `uploads` itself when there is one: a folder holding another's upload is not the caller's to read."""
+    names, folder = set(), real_root(data_dir) / UPLOADS
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder / UPLOAD_OWNERS):
+            with contextlib.suppress(OSError):
+                if (folder / entry.name).is_file() and Path(entry.path).read_text("utf-8") != owner:
+                    names.add(f"{UPLOADS}/{entry.name}")
+    return names | {UPLOADS} if names else names
+
+
+async def refuse_others_uploads(data: str | list[Any] | None, data_dir: Path, owner: str | None) -> None:
+    """Uploads are the uploader's: a job of `owner` may not read another key's or team's upload, which
+    is as missing to it, nor a folder holding one (the data directory itself, or uploads/)."""
+    if owner is None or not isinstance(data, str) or classify_data(data) != "path":
+        return
+    parts = Path(os.path.normpath(data)).parts
+    if parts and parts[0] != UPLOADS:
+        return
+    others = await asyncio.to_thread(others_uploads, data_dir, owner)
+    if len(parts) <= 1 and others:
+        raise APIError(400, f"data folder {data!r} holds other clients' uploads; name a file or folder of yours in it")
+    if len(parts) > 1 and f"{UPLOADS}/{parts[1]}" in others:
+        raise missing_source(data)
 
 
 def upload_owner(folder: Path, name: str) -> str | None:
@@ -9434,8 +9508,11 @@ def request_host(scope: Scope) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback_address(host: str) -> bool:
-    """`127.0.0.2` is; `127.0.0.1.nip.io`, a name that resolves there, is not."""
+    """`127.0.0.2` is; `127.0.0.1.nip.io`, a name that resolves there, is not.
+
+    Remembered: every request asks it of the address it came in on, which is nearly always one."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -9630,10 +9707,7 @@ def token_owners(entries: Iterable[str], admin_entries: Iterable[str] = ()) -> d
 
 
 def authenticate(request: Request) -> str:
-    """Who is asking, for per-key limits and ownership: a team, a token's fingerprint, or the client IP with auth off.
-
-    Every configured token is compared, each in constant time, so timing tells nothing.
-    """
+    """Who is asking, for per-key limits and ownership: a team, a token's fingerprint, or (auth off) the client IP."""
     digests: tuple[bytes, ...] = state(request).token_digests
     if not digests:
         return f"ip:{client_ip(request.scope)}"
@@ -9642,15 +9716,44 @@ def authenticate(request: Request) -> str:
         raise APIError(
             401, "Authentication required: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
         )
-    given_digest = hashlib.sha256(given[7:].encode("latin-1")).digest()
+    owner = token_owner(request, given[7:].encode("latin-1"))  # the header's bytes, as the client sent them
+    if owner is None:
+        raise APIError(401, "Invalid API token", headers={"WWW-Authenticate": "Bearer"})
+    return owner
+
+
+def token_owner(request: Request, token: bytes) -> str | None:
+    """Whom a token (its UTF-8 bytes) speaks for, or None if it is no token of this server's.
+
+    Every configured token is compared, each in constant time, so timing tells nothing."""
+    given_digest = hashlib.sha256(token).digest()
     match = None
-    for digest in digests:
+    for digest in state(request).token_digests:
         if hmac.compare_digest(given_digest, digest):
             match = digest
-    if match is None:
-        raise APIError(401, "Invalid API token", headers={"WWW-Authenticate": "Bearer"})
-    owner: str = state(request).token_owners[match]
-    return owner
+    return None if match is None else str(state(request).token_owners[match])
+
+
+CALLER = "persona.caller"  # the scope key where a route's caller check leaves whom it found
+
+
+def caller(request: Request) -> str:
+    """Who calls an endpoint whose route checked its caller (see `path_handler`).
+
+    Kept in the ASGI scope: Starlette's `request.state` cost a few percent of a submission's time."""
+    found: str = request.scope[CALLER]
+    return found
+
+
+def caller_scope(request: Request, write: bool) -> str | None:
+    """Whose jobs and webhooks the caller may change (`write`) or see: one owner's, or None for everyone's.
+
+    A write is the maker's whenever the server has keys; a read only on a private server.
+    An admin's scope, and everyone's with auth off, is everything."""
+    owner = request.scope.get(CALLER)
+    if owner is None or owner == ADMIN or not state(request).token_digests:
+        return None
+    return str(owner) if write or state(request).settings.private else None
 
 
 def query_switch(request: Request, name: str) -> bool:
@@ -9735,7 +9838,7 @@ def generation_request(body: JSON, settings: Settings, need_key: bool = True) ->
 
 
 async def create_generation(request: Request) -> Response:
-    owner = request.state.owner
+    owner = caller(request)
     body = await read_json(request)
     job_request = generation_request(body, state(request).settings)
     return await admit_job(request, owner, job_request, job_request["data"], idempotency_key(request, body))
@@ -9743,7 +9846,7 @@ async def create_generation(request: Request) -> Response:
 
 async def refine_generation(request: Request) -> Response:
     """A new job in the parent's experiment: its personas again, with more data, an instruction, or both."""
-    owner = request.state.owner
+    owner = caller(request)
     body = await read_json(request)
     asked = validated(body, REFINE_CHECK)
     parent = await find_own_job(request)
@@ -9808,6 +9911,7 @@ async def admit_job(
         await check_data_source(
             data, app_state.settings.data_dir, functools.partial(check_quota, app_state.store, owner, limit)
         )
+        await refuse_others_uploads(data, app_state.settings.data_dir, caller_scope(request, write=True))
     admission = await app_state.store.create_job(owner, job_request, limit, idempotency, experiment_id)
     if admission.conflict:
         raise APIError(
@@ -9843,7 +9947,7 @@ async def estimate_generation(request: Request) -> JSONResponse:
 
     It reads the data as a job does, so it counts in its owner's concurrent-jobs quota
     while it is made (in this server process)."""
-    app_state, owner = state(request), request.state.owner
+    app_state, owner = state(request), caller(request)
     settings = app_state.settings
     job_request = generation_request(await read_json(request), settings, need_key=False)
     limit, making = settings.max_concurrent_jobs, app_state.estimates[owner]
@@ -9853,6 +9957,7 @@ async def estimate_generation(request: Request) -> JSONResponse:
     app_state.estimates[owner] += 1
     try:
         await check_data_source(job_request["data"], settings.data_dir)
+        await refuse_others_uploads(job_request["data"], settings.data_dir, caller_scope(request, write=True))
         return JSONResponse(await estimate_job(job_request, settings))
     finally:
         app_state.estimates[owner] -= 1
@@ -9878,27 +9983,37 @@ async def lookup(
     return found
 
 
+async def job_hidden(request: Request, job_id: str, write: bool) -> bool:
+    """Whether a job is not the caller's to change (`write`) or see, by `caller_scope`: it is then
+    a 404, as if it did not exist (with one token, every job is its own)."""
+    scope = caller_scope(request, write)
+    return scope is not None and await state(request).store.job_owner(job_id) != scope
+
+
 async def job_named(request: Request, key: str) -> JSON | None:
-    """The job a page or a query names, or None; what does not look like a job id is never queried."""
-    return await state(request).store.get_job(key) if JOB_ID.match(key) else None
+    """The job a page or a query names, if the caller may see it; what does not look like a job id is never queried."""
+    if not JOB_ID.match(key) or await job_hidden(request, key, write=False):
+        return None
+    return await state(request).store.get_job(key)
 
 
 async def find_job(request: Request) -> JSON:
-    return await lookup(request, "job_id", JOB_ID, state(request).store.get_job, "Job")
+    """The job a path names, if the caller may see it, or a 404."""
+    return await lookup(request, "job_id", JOB_ID, lambda key: job_named(request, key), "Job")
 
 
 async def find_own_job(request: Request) -> JSON:
-    """The job a write names, when the caller made it: with auth on, another key's or team's job
-    is a 404, as if it did not exist (with one token, every job is its own)."""
+    """The job a write names, when the caller made it: with auth on, another key's or team's job is a 404."""
     job = await find_job(request)
-    app_state = state(request)
-    caller = request.state.owner
-    if app_state.token_digests and caller != ADMIN and await app_state.store.job_owner(job["job_id"]) != caller:
+    if await job_hidden(request, job["job_id"], write=True):
         raise APIError(404, f"Job {job['job_id']} not found")
     return job
 
 
 async def get_generation(request: Request) -> Response:
+    key = request.path_params["job_id"]
+    if JOB_ID.match(key) and await job_hidden(request, key, write=False):
+        raise APIError(404, f"Job {key} not found")
     body = await lookup(request, "job_id", JOB_ID, state(request).store.get_job_json, "Job")
     return Response(body, media_type="application/json")
 
@@ -9984,7 +10099,9 @@ async def list_generations(request: Request) -> Response:
             {"status": "must be one of: " + ", ".join(JOB_STATUSES)},
         )
     limit, offset = page_of(request)
-    body, total, count = await state(request).store.list_jobs_json(status, limit, offset)
+    body, total, count = await state(request).store.list_jobs_json(
+        status, limit, offset, caller_scope(request, write=False)
+    )
     headers = page_headers(request, {"status": status} if status else {}, limit, offset, count, total)
     return Response(body, media_type="application/json", headers=headers)
 
@@ -10008,13 +10125,20 @@ def page_headers(
 
 async def list_experiments(request: Request) -> JSONResponse:
     limit, offset = page_of(request)
-    experiments, total = await state(request).store.list_experiments(limit, offset)
+    experiments, total = await state(request).store.list_experiments(limit, offset, caller_scope(request, write=False))
     return JSONResponse(experiments, headers=page_headers(request, {}, limit, offset, len(experiments), total))
 
 
 async def get_experiment(request: Request) -> JSONResponse:
+    scope = caller_scope(request, write=False)
     return JSONResponse(
-        await lookup(request, "experiment_id", EXPERIMENT_ID, state(request).store.get_experiment, "Experiment")
+        await lookup(
+            request,
+            "experiment_id",
+            EXPERIMENT_ID,
+            lambda key: state(request).store.get_experiment(key, scope),
+            "Experiment",
+        )
     )
 
 
@@ -10022,7 +10146,7 @@ async def create_webhook(request: Request) -> JSONResponse:
     body = validated(await read_json(request), WEBHOOK_CHECK)
     check_destination(body["url"], "url", state(request).settings)
     app_state = state(request)
-    owner = request.state.owner if app_state.token_digests else None  # with auth off, a webhook hears every job
+    owner = caller(request) if app_state.token_digests else None  # with auth off, a webhook hears every job
     owner = None if owner == ADMIN else owner  # and an admin's hears every job too
     webhook = await app_state.store.create_webhook(
         body["url"], body.get("events", list(WEBHOOK_EVENTS)), body.get("secret"), owner
@@ -10038,14 +10162,15 @@ async def find_webhook(request: Request) -> JSON:
     return await lookup(request, "webhook_id", WEBHOOK_ID, state(request).store.get_webhook, "Webhook")
 
 
-async def find_own_webhook(request: Request) -> JSON:
-    """The webhook a write names, when the caller registered it: with auth on, another key's or
-    team's webhook is a 404 (one registered with auth off, which hears every job, is anyone's)."""
+async def find_own_webhook(request: Request, write: bool = True) -> JSON:
+    """The webhook a path names, when the caller registered it: with auth on, another key's or
+    team's webhook is a 404 to a write, and on a private server to a read too. One registered with
+    auth off, which hears every job, is anyone's to change, and on a private server the admin's alone."""
     webhook = await find_webhook(request)
-    app_state = state(request)
-    if app_state.token_digests and request.state.owner != ADMIN:
-        owner = await app_state.store.webhook_owner(webhook["webhook_id"])
-        if owner is not None and owner != request.state.owner:
+    scope = caller_scope(request, write)
+    if scope is not None:
+        owner = await state(request).store.webhook_owner(webhook["webhook_id"])
+        if owner != scope and (owner is not None or state(request).settings.private):
             raise APIError(404, f"Webhook {webhook['webhook_id']} not found")
     return webhook
 
@@ -10076,7 +10201,7 @@ def webhook_for_reader(webhook: JSON, whole: bool) -> JSON:
 
 
 async def get_webhook(request: Request) -> JSONResponse:
-    return JSONResponse(webhook_for_reader(await find_webhook(request), token_presented(request)))
+    return JSONResponse(webhook_for_reader(await find_own_webhook(request, write=False), token_presented(request)))
 
 
 async def delete_webhook(request: Request) -> JSONResponse:
@@ -10087,19 +10212,22 @@ async def delete_webhook(request: Request) -> JSONResponse:
 
 async def list_webhooks(request: Request) -> JSONResponse:
     whole = token_presented(request)
-    return JSONResponse([webhook_for_reader(webhook, whole) for webhook in await state(request).store.list_webhooks()])
+    webhooks = await state(request).store.list_webhooks(caller_scope(request, write=False))
+    return JSONResponse([webhook_for_reader(webhook, whole) for webhook in webhooks])
 
 
 async def list_data(request: Request) -> JSONResponse:
     """A page of the sources in the data directory; file names can be sensitive, so with auth on this needs a token."""
     limit, offset = query_int(request, "limit", 1000, 1, 1000), query_int(request, "offset", 0, 0, 10**9)
-    sources, total = await data_sources(state(request).settings.data_dir, limit, offset)
+    data_dir, scope = state(request).settings.data_dir, caller_scope(request, write=False)
+    hidden = await asyncio.to_thread(others_uploads, data_dir, scope) if scope is not None else set()
+    sources, total = await data_sources(data_dir, limit, offset, hidden)
     return JSONResponse(sources, headers=page_headers(request, {}, limit, offset, len(sources), total))
 
 
 async def upload_data(request: Request) -> JSONResponse:
     """A file from the researcher's computer, stored under uploads/ in the data directory (body = its bytes)."""
-    owner = request.state.owner
+    owner = caller(request)
     settings = state(request).settings
     name = upload_name(request.path_params["name"])
     replace = query_switch(request, "replace")
@@ -10120,7 +10248,7 @@ async def upload_data(request: Request) -> JSONResponse:
 
 async def delete_data(request: Request) -> Response:
     """Delete one of the caller's uploads, named as PUT named it; another client's is a 404."""
-    owner = request.state.owner
+    owner = caller(request)
     name = request.path_params["name"]
     if (
         not re.fullmatch(UPLOAD_NAME_PATTERN, name)
@@ -10145,7 +10273,7 @@ async def list_providers(request: Request) -> JSONResponse:
 
 
 async def list_deliveries(request: Request) -> JSONResponse:
-    webhook = await find_webhook(request)
+    webhook = await find_own_webhook(request, write=False)
     return JSONResponse(await state(request).store.list_deliveries(webhook["webhook_id"], DELIVERY_LOG_LIMIT))
 
 
@@ -10203,17 +10331,38 @@ form.panel{grid-template-columns:1fr}td,th{padding:.4rem}}
 def workbench_page(request: Request, title: str, subtitle: str, body: str, status: int = 200) -> HTMLResponse:
     """A workbench page: its style and script from /assets, nothing inline, under a strict policy.
 
-    With auth on, the page carries the dialog that asks for the token.
+    With auth on, the page carries the dialog that asks for the token; on a private server the
+    script also keeps the token in a cookie, by which the pages know their reader.
     """
     auth = bool(state(request).token_digests)
+    private = "on" if state(request).settings.private else "off"
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
         f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
         f'<link rel="stylesheet" href="/assets/workbench.css"><script src="/assets/workbench.js" defer></script>'
-        f'</head><body data-auth="{"on" if auth else "off"}"><header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p>'
-        f"</header>{body}{TOKEN_DIALOG if auth else ''}</body></html>"
+        f'</head><body data-auth="{"on" if auth else "off"}" data-private="{private}">'
+        f"<header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>"
+        f"{body}{TOKEN_DIALOG if auth else ''}</body></html>"
     )
     return HTMLResponse(page, status_code=status, headers={"Content-Security-Policy": WORKBENCH_CSP})
+
+
+SIGN_IN_COOKIE = "persona-token"  # where the workbench's script keeps the token on a private server
+
+
+def page_caller(request: Request) -> str | None:
+    """Who opens a page of a private server: the owner of the token its cookie holds, or None."""
+    cookie = request.cookies.get(SIGN_IN_COOKIE)
+    return token_owner(request, unquote(cookie).encode()) if cookie else None
+
+
+def sign_in_page(request: Request) -> HTMLResponse:
+    """A private server's page opened without a known token: the script asks for one and opens the page again."""
+    body = (
+        '<main class="page" id="sign-in"><p>This Persona server is private: each team sees its own jobs alone. '
+        'Give your API token to go on.</p><p><button id="sign-in-button" type="button">Sign in</button></p></main>'
+    )
+    return workbench_page(request, "Sign in", "Persona workbench", body, status=401)
 
 
 TOKEN_DIALOG = (
@@ -10297,7 +10446,7 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 
 async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
-    jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
+    jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
     form = NEW_PERSONAS_FORM.format(providers=provider_options(), count=DEFAULT_COUNT)
     body = f'<main class="page">{form}{jobs_table(jobs)}</main>'
     return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
@@ -10388,7 +10537,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     siblings = [other for other in (others or {}).get("jobs", []) if other["job_id"] != job_id]
     completed = [
         other
-        for other in await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE)
+        for other in await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
         if other["status"] == "completed" and other["job_id"] != job_id
     ]
     completed.sort(key=lambda other: other["job_id"] != parent)  # a refinement is compared with its parent first
@@ -10516,6 +10665,14 @@ async def workbench_asset(request: Request) -> Response:
 WORKBENCH_JS = r"""
 "use strict";
 const auth = document.body.dataset.auth === "on";
+const isPrivate = document.body.dataset.private === "on";
+
+function keepCookie(value, seconds) {
+  // On a private server the pages know their reader by this cookie; it never leaves this site.
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  const cookie = "persona-token=" + encodeURIComponent(value) + "; path=/; SameSite=Strict";
+  document.cookie = cookie + "; max-age=" + seconds + secure;
+}
 
 function token() {
   // Asked once, kept for this tab only; sent as a bearer token on what needs one.
@@ -10526,6 +10683,7 @@ function token() {
     dialog.addEventListener("close", () => {
       const given = document.getElementById("token").value;
       sessionStorage.setItem("persona-token", given);
+      if (isPrivate) keepCookie(given, 43200);
       resolve(given);
     }, {once: true});
     dialog.showModal();
@@ -10539,7 +10697,10 @@ async function api(method, path, body, raw) {
   if (body !== undefined && !raw) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {method, headers, body: raw ? body : JSON.stringify(body)});
   const answer = await response.json();
-  if (response.status === 401) sessionStorage.removeItem("persona-token");
+  if (response.status === 401) {
+    sessionStorage.removeItem("persona-token");
+    if (isPrivate) keepCookie("", 0);
+  }
   if (!response.ok) throw new Error(answer.message || response.statusText);
   return answer;
 }
@@ -10742,8 +10903,16 @@ document.addEventListener("click", async (event) => {
   }
 });
 
+function signIn() {
+  sessionStorage.removeItem("persona-token");
+  token().then((given) => { if (given) location.reload(); });
+}
+
 setUp(document);
-if (document.getElementById("jobs")) follow("#jobs", 5000);
+if (document.getElementById("sign-in")) {
+  document.getElementById("sign-in-button").addEventListener("click", signIn);
+  signIn();
+} else if (document.getElementById("jobs")) follow("#jobs", 5000);
 else if (document.querySelector("main[data-status]")) follow("main", 2000);
 """
 
@@ -11279,6 +11448,9 @@ class Endpoint:
 
     `operation_id` None keeps a route out of the document: the docs and the workbench's
     pages and assets. A JSON `body` adds the 400, 413 and 422 it can cause; `auth` the 401.
+    Every other endpoint is a read: open, or on a private server answered to a known caller
+    alone, except the `public` ones (health, the API's description and document, assets).
+    A workbench `page` knows its caller by the cookie its sign-in sets, as a browser sends no header.
     """
 
     method: str
@@ -11295,6 +11467,8 @@ class Endpoint:
     status: int = 200  # the success status: 201 for an upload, 204 for a deletion
     links: dict[str, str] = field(default_factory=dict)  # operation id -> the field of this answer it takes
     responses: JSON | None = None  # the whole responses object, for health alone (no rate limit, no auth)
+    public: bool = False
+    page: bool = False
 
 
 ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
@@ -11357,6 +11531,7 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
             "405": json_response(ERROR_TEXT[405], {"$ref": "#/components/schemas/Error"}, headers=False),
             "503": json_response("Unhealthy, with the reason", HEALTH_SCHEMA, headers=False),
         },
+        public=True,
     ),
     Endpoint(
         "GET",
@@ -11370,6 +11545,7 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
             {"type": "object"},
             {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"},
         ),
+        public=True,
     ),
     Endpoint(
         "GET",
@@ -11503,14 +11679,14 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
         status=204,
         parameters=(UPLOAD_NAME_PARAMETER,),
     ),
-    Endpoint("GET", "/openapi.json", openapi_json),
-    Endpoint("GET", "/docs", docs_page(SWAGGER_PAGE)),
-    Endpoint("GET", "/redoc", docs_page(REDOC_PAGE)),
-    Endpoint("GET", "/docs/assets/{name}", docs_asset),
-    Endpoint("GET", "/jobs", jobs_page),
-    Endpoint("GET", "/jobs/{job_id}", job_page),
-    Endpoint("GET", "/compare", compare_page),
-    Endpoint("GET", "/assets/{name}", workbench_asset),
+    Endpoint("GET", "/openapi.json", openapi_json, public=True),
+    Endpoint("GET", "/docs", docs_page(SWAGGER_PAGE), public=True),
+    Endpoint("GET", "/redoc", docs_page(REDOC_PAGE), public=True),
+    Endpoint("GET", "/docs/assets/{name}", docs_asset, public=True),
+    Endpoint("GET", "/jobs", jobs_page, page=True),
+    Endpoint("GET", "/jobs/{job_id}", job_page, page=True),
+    Endpoint("GET", "/compare", compare_page, page=True),
+    Endpoint("GET", "/assets/{name}", workbench_asset, public=True),
     Endpoint(
         "GET",
         "/api/v1/webhooks",
@@ -11588,50 +11764,62 @@ TAGS = (  # the groups /docs shows, in this order
 )
 
 
-def with_token_checked(handler: Handler) -> Handler:
-    """The handler of an endpoint that needs a token: the caller, once known, is `request.state.owner`."""
-
-    async def endpoint(request: Request) -> Response:
-        request.state.owner = authenticate(request)
-        return await handler(request)
-
-    return endpoint
+CallerCheck = Callable[[Request], str | None]  # the caller, or None when a page must ask for a token first
 
 
-def by_method(**endpoints: Handler) -> Handler:
-    """One route per path serving several methods, so a 405 lists every allowed one."""
+def caller_check(endpoint: Endpoint, private: bool) -> CallerCheck | None:
+    """How an endpoint knows its caller: by token to write, and on a private server to read (a page by its cookie)."""
+    if endpoint.auth or (private and not endpoint.public and not endpoint.page):
+        return authenticate
+    return page_caller if private and endpoint.page else None
+
+
+def path_handler(methods: dict[str, tuple[Handler, CallerCheck | None]]) -> Handler:
+    """One route per path serving each of its methods, so that a 405 lists every allowed one.
+
+    Where the method needs its caller known, the caller is `caller(request)` before its handler
+    runs; a page whose caller is not known is the sign-in page instead."""
 
     async def dispatch(request: Request) -> Response:
-        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+        handler, check = methods["GET" if request.method == "HEAD" else request.method]
+        if check is not None:
+            owner = check(request)
+            if owner is None:
+                return sign_in_page(request)
+            request.scope[CALLER] = owner
+        return await handler(request)
 
     return dispatch
 
 
-def routes_of(endpoints: Iterable[Endpoint]) -> list[Route]:
-    """The router's routes: one per path, in the table's order, each method's handler with its token check."""
-    paths: dict[str, dict[str, Handler]] = {}
+def route_of(path: str, methods: dict[str, tuple[Handler, CallerCheck | None]]) -> Route:
+    """A path's route: its one method's handler itself when it needs no caller known, else a dispatch."""
+    handler, check = next(iter(methods.values()))
+    direct = len(methods) == 1 and check is None
+    return Route(path, handler if direct else path_handler(methods), methods=list(methods))
+
+
+def routes_of(endpoints: Iterable[Endpoint], private: bool) -> list[Route]:
+    """The router's routes: one per path, in the table's order, each method's handler with its caller check."""
+    paths: dict[str, dict[str, tuple[Handler, CallerCheck | None]]] = {}
     for endpoint in endpoints:
-        handler = with_token_checked(endpoint.handler) if endpoint.auth else endpoint.handler
-        paths.setdefault(endpoint.path, {})[endpoint.method] = handler
-    return [
-        Route(
-            path, next(iter(handlers.values())) if len(handlers) == 1 else by_method(**handlers), methods=list(handlers)
-        )
-        for path, handlers in paths.items()
-    ]
+        paths.setdefault(endpoint.path, {})[endpoint.method] = (endpoint.handler, caller_check(endpoint, private))
+    return [route_of(path, methods) for path, methods in paths.items()]
 
 
-ROUTES = routes_of(ENDPOINTS)
-
-
-def openapi_operation(endpoint: Endpoint) -> JSON:
-    """What the API document says of one endpoint."""
+def openapi_operation(endpoint: Endpoint, private: bool) -> JSON:
+    """What the API document says of one endpoint; on a private server every read but the public ones needs a token."""
     if endpoint.responses is not None:
         spec: JSON = {"summary": endpoint.summary, "responses": endpoint.responses}
     else:
         takes_json = endpoint.body is not None and "application/json" in endpoint.body["content"]
         spec = operation(
-            endpoint.summary, endpoint.ok, endpoint.errors, endpoint.auth, takes_json, list(endpoint.parameters)
+            endpoint.summary,
+            endpoint.ok,
+            endpoint.errors,
+            endpoint.auth or (private and not endpoint.public),
+            takes_json,
+            list(endpoint.parameters),
         )
         spec["responses"] = {
             (str(endpoint.status) if code == "200" else code): response for code, response in spec["responses"].items()
@@ -11646,12 +11834,12 @@ def openapi_operation(endpoint: Endpoint) -> JSON:
     return {**spec, "operationId": endpoint.operation_id, "tags": [endpoint.tag]}
 
 
-def openapi_document() -> JSON:
+def openapi_document(private: bool = False) -> JSON:
     """The whole API as OpenAPI 3.1, built from the route table and the schemas the server enforces."""
     paths: JSON = {}
     for endpoint in ENDPOINTS:
         if endpoint.operation_id is not None:
-            paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = openapi_operation(endpoint)
+            paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = openapi_operation(endpoint, private)
     rate_header = {"schema": {"type": "integer"}, "required": False}
     return {
         "openapi": "3.1.0",
@@ -11741,7 +11929,8 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
 def describe_startup(settings: Settings) -> str:
     keys = len(settings.auth_tokens) + len(settings.admin_tokens)
     admins = f", {len(settings.admin_tokens)} admin" if settings.admin_tokens else ""
-    auth = f"on ({keys} key{'s' if keys != 1 else ''}{admins})" if keys else "off"
+    private = ", private" if settings.private else ""
+    auth = f"on ({keys} key{'s' if keys != 1 else ''}{admins}{private})" if keys else "off"
     rate_limit = f"{settings.rate_limit}/min" if settings.rate_limit else "off"
     return (
         f"Persona {__version__} starting on http://{settings.host}:{settings.port}; database {shown_db(settings.db)}; "
@@ -11833,7 +12022,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await store.close()
 
     app = Starlette(
-        routes=ROUTES,
+        routes=routes_of(ENDPOINTS, settings.private),
         middleware=[Middleware(HostCheckMiddleware), Middleware(RateLimitMiddleware)],
         exception_handlers={
             APIError: api_error,
@@ -11845,7 +12034,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.router.redirect_slashes = False  # a redirect would echo the request's Host header; 404 in the envelope
     app.state.settings = settings
-    app.state.openapi = json_bytes(openapi_document())
+    app.state.openapi = json_bytes(openapi_document(settings.private))
     app.state.limiter = None
     app.state.token_owners = token_owners(settings.auth_tokens, settings.admin_tokens)
     app.state.token_digests = tuple(app.state.token_owners)
@@ -12107,6 +12296,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-redact", dest="redact", action="store_const", const="off", help="no redaction by default")
     serve.add_argument(
+        "--private",
+        action="store_true",
+        default=None,
+        help="every read needs an API token and shows each key or team only its own jobs, results, experiments, "
+        "webhooks, deliveries and uploads; needs --auth-token [env PERSONA_PRIVATE]",
+    )
+    serve.add_argument(
         "--allow-private-urls",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -12224,6 +12420,8 @@ def run_server(args: argparse.Namespace) -> int:
         overrides["allow_private_urls"] = "1" if args.allow_private_urls else "0"
     if args.redact is not None:
         overrides["redact"] = {"on": "1", "off": "0"}.get(args.redact, args.redact)
+    if args.private:
+        overrides["private"] = "1"
     settings = load_settings(overrides)
     if not settings.data_dir.is_dir():
         raise ConfigError(f"the data directory {settings.data_dir} does not exist (--data-dir / PERSONA_DATA_DIR)")

@@ -381,6 +381,63 @@ def test_a_team_shares_one_concurrent_jobs_quota_and_its_token_is_the_part_after
     gated_data.gate.set()
 
 
+# -- private servers -------------------------------------------------------------
+
+
+def test_a_private_server_shows_each_team_its_own_jobs_results_and_experiments(start_server) -> None:
+    server = start_server(
+        "--auth-token", "team-a:tok1,team-a:tok2,team-b:tok3", "--admin-token", "root", "--private", "--rate-limit", "0"
+    )
+    with (
+        server.client() as anonymous,
+        server.client("tok1") as first,
+        server.client("tok2") as teammate,
+        server.client("tok3") as other_team,
+        server.client("root") as admin,
+    ):
+        mine = wait_job(first, submit(first, data="interviews.csv", config={"experiment": "pilot"}))["job_id"]
+        theirs = wait_job(other_team, submit(other_team, data="interviews.csv"))["job_id"]
+        for path in ("/api/v1/generate", f"/api/v1/generate/{mine}", "/api/v1/experiments", "/api/v1/providers"):
+            assert_envelope(anonymous.get(path), 401, "unauthorised")
+        assert anonymous.get("/api/v1/health").status_code == 200
+        listing = teammate.get("/api/v1/generate")
+        assert [job["job_id"] for job in listing.json()] == [mine] and listing.headers["X-Total-Count"] == "1"
+        assert [job["job_id"] for job in other_team.get("/api/v1/generate").json()] == [theirs]
+        assert admin.get("/api/v1/generate").headers["X-Total-Count"] == "2"
+        for path in (f"/api/v1/generate/{mine}", f"/api/v1/generate/{mine}/export?format=csv"):
+            assert_envelope(other_team.get(path), 404, "not_found")
+            assert teammate.get(path).status_code == 200
+        assert_envelope(other_team.get("/api/v1/compare", params={"a": theirs, "b": mine}), 404, "not_found")
+        assert admin.get("/api/v1/compare", params={"a": theirs, "b": mine}).status_code == 200
+        pilot = teammate.get("/api/v1/experiments").json()
+        assert [experiment["name"] for experiment in pilot] == ["pilot"]
+        assert "pilot" not in {experiment["name"] for experiment in other_team.get("/api/v1/experiments").json()}
+        assert_envelope(other_team.get(f"/api/v1/experiments/{pilot[0]['experiment_id']}"), 404, "not_found")
+        document = anonymous.get("/openapi.json").json()
+        assert "401" in document["paths"]["/api/v1/generate"]["get"]["responses"]
+    assert "auth on (4 keys, 1 admin, private)" in server.log()
+
+
+def test_a_private_server_shows_each_team_its_own_webhooks_and_deliveries(start_server, receiver) -> None:
+    server = start_server("--auth-token", "tok1,tok2", "--private", "--rate-limit", "0")
+    with server.client("tok1") as first, server.client("tok2") as second:
+        webhook = first.post("/api/v1/webhooks", json={"url": receiver.url}).json()
+        assert [hook["webhook_id"] for hook in first.get("/api/v1/webhooks").json()] == [webhook["webhook_id"]]
+        assert second.get("/api/v1/webhooks").json() == []
+        for path in (f"/api/v1/webhooks/{webhook['webhook_id']}", f"/api/v1/webhooks/{webhook['webhook_id']}/deliveries"):
+            assert_envelope(second.get(path), 404, "not_found")
+            assert first.get(path).status_code == 200
+
+
+def test_private_needs_api_keys_and_is_off_by_default() -> None:
+    import persona
+
+    with pytest.raises(persona.ConfigError, match="--private / PERSONA_PRIVATE needs API keys"):
+        persona.load_settings(env={"PERSONA_PRIVATE": "1"})
+    assert persona.load_settings(env={"PERSONA_PRIVATE": "1", "PERSONA_API_AUTH_TOKEN": "t"}).private is True
+    assert persona.load_settings(env={}).private is False
+
+
 # -- idempotency -----------------------------------------------------------------
 
 

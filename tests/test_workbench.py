@@ -216,6 +216,25 @@ def test_an_upload_replaces_its_owners_own_file_of_that_name_when_asked_and_no_o
             assert alpha.put(f"/api/v1/data/notes.csv?{query}", content=SURVEY).status_code == 422
 
 
+def test_an_upload_is_its_uploaders_to_run_and_on_a_private_server_to_list(start_server) -> None:
+    shared = start_server("--auth-token", "alpha,beta", "--rate-limit", "0")
+    with shared.client("alpha") as alpha, shared.client("beta") as beta:
+        assert alpha.put("/api/v1/data/notes.csv", content=SURVEY).status_code == 201
+        for path in ("/api/v1/generate", "/api/v1/estimate"):
+            refused = beta.post(path, json={"data": "uploads/notes.csv"})
+            assert refused.status_code == 400 and "does not exist" in refused.json()["message"]
+            assert "other clients' uploads" in beta.post(path, json={"data": "."}).json()["message"]
+            assert beta.post(path, json={"data": "interviews.csv"}).status_code == 200
+        assert alpha.post("/api/v1/generate", json={"data": "uploads/notes.csv"}).status_code == 200
+        assert "uploads/notes.csv" in {source["name"] for source in beta.get("/api/v1/data").json()}  # reads open
+    private = start_server("--auth-token", "alpha,beta", "--private", "--rate-limit", "0", db="private.db")
+    with private.client("alpha") as alpha, private.client("beta") as beta:
+        assert alpha.put("/api/v1/data/mine.csv", content=SURVEY).status_code == 201
+        listed = {source["name"] for source in beta.get("/api/v1/data").json()}
+        assert "interviews.csv" in listed and not {"uploads", "uploads/mine.csv", "uploads/notes.csv"} & listed
+        assert {"uploads", "uploads/mine.csv"} <= {source["name"] for source in alpha.get("/api/v1/data").json()}
+
+
 def test_several_files_upload_at_once_and_a_taken_name_is_replaced_when_the_researcher_says_so(
     server: Server, page, tmp_path: Path
 ) -> None:
@@ -385,6 +404,22 @@ def test_with_auth_on_the_page_asks_for_a_token_once_and_reads_stay_open(start_s
     page.goto(f"{server.url}/jobs")
     expect(page.get_by_label("Data")).to_contain_text("interviews.csv")  # no second prompt in this tab
     expect(page.locator("#token-dialog")).not_to_be_visible()
+
+
+def test_a_private_servers_pages_ask_for_a_token_and_show_its_own_jobs_alone(start_server, page) -> None:
+    server = start_server("--rate-limit", "0", "--auth-token", "alpha,beta", "--private")
+    with server.client("alpha") as alpha, server.client("beta") as beta:
+        mine = wait_job(alpha, submit(alpha, data="interviews.csv", count=2))["job_id"]
+        theirs = wait_job(beta, submit(beta, data="interviews.csv", count=2))["job_id"]
+    assert httpx.get(f"{server.url}/jobs/{mine}").status_code == 401
+    page.goto(f"{server.url}/jobs")
+    page.get_by_label("API token").fill("alpha")
+    page.get_by_role("button", name="Use token").click()
+    expect(page.get_by_role("link", name=mine)).to_be_visible()
+    expect(page.get_by_role("link", name=theirs)).to_have_count(0)
+    page.goto(f"{server.url}/jobs/{mine}")
+    expect(page.locator("article.card")).to_have_count(2)
+    assert page.goto(f"{server.url}/jobs/{theirs}").status == 404
 
 
 def test_an_unknown_job_is_a_readable_page_not_json(server: Server, page) -> None:
