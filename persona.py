@@ -5232,7 +5232,7 @@ def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.
 
 
 async def table_attributes(file: Path, info: os.stat_result) -> JSON | None:
-    """A table's attributes, most common first, and how many groups each makes; None when it cannot be read."""
+    """A table's attributes in its order, and how many groups each makes; None when it cannot be read."""
     key = (str(file), info.st_size, info.st_mtime_ns)
     digest = SOURCE_DIGESTS.get(key)
     if digest is None or digest not in ATTRIBUTES_BY_CONTENT:
@@ -5251,14 +5251,14 @@ async def table_attributes(file: Path, info: os.stat_result) -> JSON | None:
 
 
 def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
-    """The attributes a table's participants have, most common first, with the number of groups each
-    makes (what `group_by` would give); None if it cannot be read."""
+    """The attributes a table's participants have, in the table's order (a survey's, as the researcher
+    wrote it), with the number of groups each makes (what `group_by` would give); None if it cannot be read."""
     try:
         reader = read_alone(raw, fmt, name, Path(name).stem)
         people = reader.participants()
     except (GenerationError, ValueError):
         return None
-    keys = [key for key, _ in Counter(key for person in people for key in person.attributes).most_common()]
+    keys = list(dict.fromkeys(key for person in people for key in person.attributes))
     groups = {key: len({person.attributes[key] for person in people if key in person.attributes}) for key in keys}
     questions = {key: choice_label(key, reader.labels) for key in keys if key in reader.labels}
     summary: JSON = {"attributes": keys, "groups": groups, "questions": questions}
@@ -10339,6 +10339,7 @@ def workbench_page(request: Request, title: str, subtitle: str, body: str, statu
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
         f'content="width=device-width,initial-scale=1"><title>{escape(title)}</title>'
+        f'<link rel="icon" href="/assets/icon.svg" type="image/svg+xml">'
         f'<link rel="stylesheet" href="/assets/workbench.css"><script src="/assets/workbench.js" defer></script>'
         f'</head><body data-auth="{"on" if auth else "off"}" data-private="{private}">'
         f"<header><h1>{escape(title)}</h1><p>{escape(subtitle)}</p></header>"
@@ -10396,6 +10397,15 @@ def job_source(job: JSON) -> str:
     return f"{len(data)} inline records" if isinstance(data, list) else shown_url(data) if "://" in data else data
 
 
+def experiment_cell(request: JSON) -> str:
+    """A job's experiment as the list shows it: its name, or for a refinement the job it refines."""
+    named = request.get("config", {}).get("experiment")
+    parent = request.get("refine", {}).get("parent_job_id")
+    if named or not parent:
+        return escape(named or "")
+    return f'refines <a href="/jobs/{escape(parent)}">{escape(parent)}</a>'
+
+
 def job_row(job: JSON) -> str:
     result = job["result"] or {}
     titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
@@ -10407,7 +10417,7 @@ def job_row(job: JSON) -> str:
         f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
         f"<td>{escape(request.get('count', DEFAULT_COUNT))}</td><td>{escape(job['status'])}</td>"
         f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
-        f"<td>{escape(titles or job['error'] or '')}</td><td>{escape(request.get('config', {}).get('experiment', ''))}"
+        f"<td>{escape(titles or job['error'] or '')}</td><td>{experiment_cell(request)}"
         f'</td><td><time datetime="{escape(job["created_at"])}">{escape(job["created_at"])}</time></td></tr>'
     )
 
@@ -10659,7 +10669,16 @@ async def workbench_asset(request: Request) -> Response:
         )
     if name == "workbench.css":
         return Response(WORKBENCH_STYLE, media_type="text/css; charset=utf-8", headers={"Cache-Control": "no-cache"})
+    if name == "icon.svg":
+        return Response(WORKBENCH_ICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
     raise APIError(404, f"No asset {name[:64]}")
+
+
+WORKBENCH_ICON = (  # the pages' tab icon: two heads, a persona drawn from people
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" fill="#2f5d8a"/>'
+    '<circle cx="12" cy="12" r="5" fill="#fff"/><circle cx="22" cy="13" r="4" fill="#cfe0f1"/>'
+    '<path d="M3 28c1-6 5-9 9-9s8 3 9 9z" fill="#fff"/><path d="M17 27c1-5 3-7 5-7s5 2 6 7z" fill="#cfe0f1"/></svg>'
+)
 
 
 WORKBENCH_JS = r"""
@@ -11769,9 +11788,21 @@ CallerCheck = Callable[[Request], str | None]  # the caller, or None when a page
 
 def caller_check(endpoint: Endpoint, private: bool) -> CallerCheck | None:
     """How an endpoint knows its caller: by token to write, and on a private server to read (a page by its cookie)."""
-    if endpoint.auth or (private and not endpoint.public and not endpoint.page):
+    if endpoint.auth:
         return authenticate
-    return page_caller if private and endpoint.page else None
+    if not private or endpoint.public:
+        return None
+    return page_caller if endpoint.page else reader
+
+
+def reader(request: Request) -> str:
+    """Who reads an API resource of a private server: by the token sent, or else by the workbench's cookie,
+    so that a link on a page (an export) opens as the page did."""
+    if request_header(request, b"authorization") is None:
+        owner = page_caller(request)
+        if owner is not None:
+            return owner
+    return authenticate(request)
 
 
 def path_handler(methods: dict[str, tuple[Handler, CallerCheck | None]]) -> Handler:
@@ -12470,8 +12501,9 @@ def print_summary(result: JSON) -> None:
     quality = {entry["id"]: entry for entry in metadata.get("quality", {}).get("personas", [])}
     for persona in result["personas"]:
         share = persona.get("evidence", {}).get("share")
+        # a dash, as a title can hold a colon itself ("Role: nurse")
         print(
-            f"{persona['name']}: {persona['title']}" + (f" ({share:.0%} of participants)" if share is not None else "")
+            f"{persona['name']} — {persona['title']}" + (f" ({share:.0%} of participants)" if share is not None else "")
         )
         for label, key in (("goal", "goals"), ("pain point", "pain_points")):
             for item in persona[key][:2]:

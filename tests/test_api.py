@@ -424,7 +424,10 @@ def test_a_private_server_shows_each_team_its_own_webhooks_and_deliveries(start_
         webhook = first.post("/api/v1/webhooks", json={"url": receiver.url}).json()
         assert [hook["webhook_id"] for hook in first.get("/api/v1/webhooks").json()] == [webhook["webhook_id"]]
         assert second.get("/api/v1/webhooks").json() == []
-        for path in (f"/api/v1/webhooks/{webhook['webhook_id']}", f"/api/v1/webhooks/{webhook['webhook_id']}/deliveries"):
+        for path in (
+            f"/api/v1/webhooks/{webhook['webhook_id']}",
+            f"/api/v1/webhooks/{webhook['webhook_id']}/deliveries",
+        ):
             assert_envelope(second.get(path), 404, "not_found")
             assert first.get(path).status_code == 200
 

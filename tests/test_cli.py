@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,7 @@ def test_generate_prints_each_persona_and_the_output_folder(tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("quote:") == 4
+    assert len(re.findall(r"^\S.* — .+ \(\d+% of participants\)$", result.stdout, re.MULTILINE)) == 4
     assert f"Output: {tmp_path}" in result.stdout
     assert "loading data" in result.stderr
 

@@ -36,7 +36,12 @@ def test_the_openapi_document_describes_every_route(client: httpx.Client) -> Non
 
 
 def test_the_route_table_is_the_one_place_an_endpoint_is_written() -> None:
-    routed = {(route.path, method) for route in persona.routes_of(persona.ENDPOINTS, private=False) for method in route.methods or [] if method != "HEAD"}
+    routed = {
+        (route.path, method)
+        for route in persona.routes_of(persona.ENDPOINTS, private=False)
+        for method in route.methods or []
+        if method != "HEAD"
+    }
     assert routed == {(endpoint.path, endpoint.method) for endpoint in persona.ENDPOINTS}
     document = persona.openapi_document()
     operations = [spec for item in document["paths"].values() for spec in item.values()]

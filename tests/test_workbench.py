@@ -81,6 +81,14 @@ def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
         context.close()
 
 
+def test_the_job_list_says_which_job_a_refinement_refines(client: httpx.Client) -> None:
+    parent = wait_job(client, submit(client, data="interviews.csv", count=3))["job_id"]
+    child = client.post(f"/api/v1/generate/{parent}/refine", json={"data": "interviews.csv"}).json()["job_id"]
+    listing = client.get("/jobs").text
+    row = listing[listing.index(f'<a href="/jobs/{child}">') :].split("</tr>")[0]
+    assert f'refines <a href="/jobs/{parent}">{parent}</a>' in row
+
+
 def test_the_instruction_box_appears_only_where_a_model_is_configured(
     start_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,7 +427,11 @@ def test_a_private_servers_pages_ask_for_a_token_and_show_its_own_jobs_alone(sta
     expect(page.get_by_role("link", name=theirs)).to_have_count(0)
     page.goto(f"{server.url}/jobs/{mine}")
     expect(page.locator("article.card")).to_have_count(2)
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export CSV").click()
+    assert download.value.suggested_filename.endswith(f"{mine}.csv")
     assert page.goto(f"{server.url}/jobs/{theirs}").status == 404
+    assert page.goto(f"{server.url}/api/v1/generate/{theirs}").status == 404
 
 
 def test_an_unknown_job_is_a_readable_page_not_json(server: Server, page) -> None:
@@ -442,11 +454,16 @@ def test_the_pages_fit_400_pixels_and_run_no_script_of_the_datas(server: Server,
         ),
     )
     page.set_viewport_size({"width": 400, "height": 900})
+    failed: list[str] = []
+    page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
     for path in ("/jobs", f"/jobs/{job['job_id']}", f"/compare?a={job['job_id']}&b={job['job_id']}"):
         response = page.goto(server.url + path)
         assert "script-src 'self'" in response.headers["content-security-policy"]
         assert page.evaluate("document.documentElement.scrollWidth") <= 400, path
         assert page.evaluate("window.ran") is None
+        icon = page.evaluate("document.querySelector('link[rel=icon]').href")
+        assert httpx.get(icon).headers["content-type"] == "image/svg+xml"
+    assert failed == []  # no asset, icon or request of the script's is refused
     assert "<script>" not in client.get(f"/jobs/{job['job_id']}").text
 
 
