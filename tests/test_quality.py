@@ -379,7 +379,7 @@ def test_the_command_line_reads_named_groups_from_a_file(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    titles = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if re.match(r"^\S.*: .*\(\d+% of", line)]
+    titles = [line.split(" — ", 1)[1] for line in result.stdout.splitlines() if re.match(r"^\S.* — .*\(\d+% of", line)]
     assert [re.sub(r" \(\d+% of participants\)$", "", title) for title in titles] == ["Night nurses", "Drivers"]
     assert "Personas cover 4 of 16 respondents (25%); 12 in no persona" in result.stdout.splitlines()
     assert not any(line.startswith("note:") for line in result.stdout.splitlines())
