@@ -3487,6 +3487,7 @@ FORMATS = {
     ".docx": "docx",
     ".vtt": "vtt",
     ".srt": "srt",
+    ".qdpx": "qdpx",
 }
 RECORD_LIST_KEYS = ("responses", "participants", "records", "data", "entries", "items", "results", "interviews")
 MAX_ARCHIVE_BYTES = 100 * 1024 * 1024  # what one .docx or .xlsx may unpack to, counted as it unpacks
@@ -3697,7 +3698,7 @@ WORD_NS = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "
 SHEET_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main "
 RELS_NS = "http://schemas.openxmlformats.org/package/2006/relationships "
 DOC_RELS_NS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships "
-OFFICE_FORMATS = ("docx", "xlsx")
+OFFICE_FORMATS = ("docx", "xlsx", "qdpx")  # zips of XML: read in a child process, each count under its cap
 MAX_OFFICE_CHARS = 20_000_000  # characters of text one Office file may give
 MAX_SHEET_CELLS = 2_000_000  # cells one sheet may give, its empty columns left out
 MAX_SHEETS = 64  # sheets of one workbook read to find the one with the data
@@ -4858,6 +4859,247 @@ def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[P
 
 
 # ---------------------------------------------------------------------------
+# Data loading: REFI-QDA projects (a researcher's own cases, codes and coded passages)
+# ---------------------------------------------------------------------------
+#
+# A .qdpx is the QDA tools' exchange file (NVivo, ATLAS.ti, MAXQDA, QualCoder, ...): a zip
+# holding a project file (`project.qde`, namespace urn:QDA-XML:project:1.0) and the text of
+# its sources under `sources/`. It is read as the tools write it, not only as the standard
+# says: `Project.qde` or any one `.qde`; `Sources/`; text paths with or without `internal://`.
+
+QDA_NAMESPACE = "urn:QDA-XML:project:1.0"
+MAX_QDA_ELEMENTS = 1_000_000  # elements one project file may hold: codes, cases, sources, selections
+QDA_OTHER_SOURCES = ("PDFSource", "PictureSource", "AudioSource", "VideoSource")
+QDA_VALUES = ("TextValue", "BooleanValue", "IntegerValue", "FloatValue", "DateValue", "DateTimeValue")
+
+
+@dataclass
+class QdaSource:
+    """A text source of a project: where its text is, and the coded selections of it (code guids by span)."""
+
+    guid: str
+    name: str
+    path: str
+    text: str = ""  # the text written inside the project file, when it is there
+    selections: list[tuple[int, int, list[str]]] = field(default_factory=list)
+    variables: dict[str, str] = field(default_factory=dict)  # variable guid -> value
+
+
+@dataclass
+class QdaCase:
+    name: str
+    variables: dict[str, str] = field(default_factory=dict)  # variable guid -> value
+    sources: list[str] = field(default_factory=list)  # source guids
+
+
+@dataclass
+class QdaProject:
+    """What Persona reads of a project file: codes, variables, cases and text sources."""
+
+    origin: str = ""
+    codes: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # guid -> (name, parent guid)
+    variables: dict[str, str] = field(default_factory=dict)  # guid -> name
+    cases: list[QdaCase] = field(default_factory=list)
+    sources: list[QdaSource] = field(default_factory=list)
+    other_sources: list[str] = field(default_factory=list)  # PDFs, pictures, audio and video: not read
+
+
+def qda_project_part(archive: Any, name: str) -> str:
+    """The project file inside a .qdpx: `project.qde` as the standard says, else the one `.qde` there is."""
+    parts = [info.filename for info in archive.infolist() if info.filename.lower().endswith(".qde")]
+    top = [part for part in parts if "/" not in part.strip("/")]
+    if "project.qde" in top:
+        return "project.qde"
+    if len(top) == 1:
+        return top[0]
+    raise GenerationError(
+        f"{name} holds no project file (project.qde)"
+        if not top
+        else f"{name} holds several project files: {named_list(top)}"
+    )
+
+
+def read_qda_project(archive: Any, part: str, budget: OfficeBudget) -> QdaProject:
+    """The project file's codes, variables, cases and sources, streamed: nothing is expanded and
+    every element counts against the cap."""
+    project, path = QdaProject(), list[str]()  # the open elements' names, outermost first
+    code_stack: list[str] = []
+    case: QdaCase | None = None
+    source: QdaSource | None = None
+    selection: tuple[int, int, list[str]] | None = None
+    variable, text = "", list[str]()
+    elements = 0
+
+    def start(tag: str, attributes: dict[str, str]) -> None:
+        nonlocal case, source, selection, variable, elements
+        elements += 1
+        if elements > MAX_QDA_ELEMENTS:
+            raise GenerationError(f"{budget.name} holds more than {MAX_QDA_ELEMENTS:,} elements in {part}")
+        local = tag.rpartition(" ")[2]
+        parent = path[-1] if path else ""
+        path.append(local)
+        text.clear()
+        guid = attributes.get("guid", "")
+        if local == "Project":
+            project.origin = attributes.get("origin", "")
+        elif local == "Code" and "CodeBook" in path:
+            project.codes[guid] = (attributes.get("name", "") or guid, code_stack[-1] if code_stack else None)
+            code_stack.append(guid)
+        elif local == "Variable" and parent == "Variables":
+            project.variables[guid] = attributes.get("name", "") or guid
+        elif local == "Case" and parent == "Cases":
+            case = QdaCase(attributes.get("name", "") or guid)
+        elif local == "SourceRef" and case is not None and parent == "Case":
+            case.sources.append(attributes.get("targetGUID", ""))
+        elif local == "VariableRef":
+            variable = attributes.get("targetGUID", "")
+        elif local == "TextSource" and parent == "Sources":
+            source = QdaSource(guid, attributes.get("name", "") or guid, attributes.get("plainTextPath", ""))
+        elif local in QDA_OTHER_SOURCES and parent == "Sources":
+            project.other_sources.append(attributes.get("name", "") or guid)
+        elif local == "PlainTextSelection" and source is not None and parent == "TextSource":
+            try:
+                selection = (int(attributes["startPosition"]), int(attributes["endPosition"]), [])
+            except (KeyError, ValueError):
+                selection = None
+        elif local == "CodeRef" and selection is not None and parent == "Coding":
+            selection[2].append(attributes.get("targetGUID", ""))
+
+    def end(tag: str) -> None:
+        nonlocal case, source, selection
+        local = path.pop()
+        value = "".join(text)
+        if local == "Code" and code_stack and "CodeBook" in path:
+            code_stack.pop()
+        elif local in QDA_VALUES and variable:
+            owner = case if case is not None else source
+            if owner is not None:
+                owner.variables[variable] = value.strip()
+        elif local == "Case" and case is not None:
+            project.cases.append(case)
+            case = None
+        elif local == "PlainTextContent" and source is not None and path and path[-1] == "TextSource":
+            budget.produce(len(value))
+            source.text = value
+        elif local == "PlainTextSelection" and source is not None and selection is not None:
+            source.selections.append(selection)
+            selection = None
+        elif local == "TextSource" and source is not None:
+            project.sources.append(source)
+            source = None
+        text.clear()
+
+    def characters(data: str) -> None:
+        if path and path[-1] in (*QDA_VALUES, "PlainTextContent"):
+            budget.produce(len(data))
+            text.append(data)
+
+    stream_part(archive, part, budget, start, end, characters)
+    return project
+
+
+def qda_source_text(archive: Any, source: QdaSource, budget: OfficeBudget) -> str | None:
+    """A source's plain text: written in the project file, or a `.txt` in the archive's sources folder
+    (`internal://name.txt`, or a bare name); None when it lies outside the archive."""
+    if source.text:
+        return source.text
+    location = source.path.removeprefix("internal://")
+    if not location or "://" in location or location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
+        return None
+    wanted = {f"sources/{location}".lower(), location.lower()}
+    member = next((info for info in archive.infolist() if info.filename.lower() in wanted), None)
+    if member is None:
+        return None
+    budget.unpack(member.file_size)
+    try:
+        raw = archive.read(member)
+    except Exception as exc:  # a damaged member: the zip module raises several kinds
+        raise GenerationError(f"{budget.name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
+    budget.produce(len(raw))
+    return decode_text(raw, f"{budget.name}: {member.filename}")
+
+
+def code_attributes(
+    selections: Iterable[tuple[int, int, list[str]]], codes: dict[str, tuple[str, str | None]]
+) -> dict[str, str]:
+    """A participant's codes as attributes `group_by` takes: `code`, the code covering most of their
+    coded text, and for each code with sub-codes (`code:Barriers`) the sub-code covering most."""
+    covered: Counter[str] = Counter()
+    for start, end, refs in selections:
+        for ref in dict.fromkeys(refs):
+            if ref in codes:
+                covered[ref] += max(end - start, 1)
+    if not covered:
+        return {}
+    attributes = {"code": codes[max(covered, key=lambda ref: (covered[ref], codes[ref][0]))][0]}
+    within: dict[str, Counter[str]] = {}  # family guid -> its children's coverage, each child's sub-codes counted in
+    for ref, size in covered.items():
+        child, parent = ref, codes[ref][1]
+        while parent is not None and parent in codes:
+            within.setdefault(parent, Counter())[child] += size
+            child, parent = parent, codes[parent][1]
+    for family, children in within.items():
+        leader = max(children, key=lambda ref: (children[ref], codes[ref][0]))
+        attributes[normalise_key(f"code:{codes[family][0]}")] = codes[leader][0]
+    return attributes
+
+
+def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, str], list[str]]:
+    """A .qdpx as transcripts: one per text source, each spoken by its case where the project has cases
+    (a case's variables and codes its attributes), else by the source itself. Also the labels of the
+    code attributes, and warnings: which tool wrote the file, and what was not read."""
+    archive, budget = open_archive(raw, name, ".qdpx"), OfficeBudget(name)
+    part = qda_project_part(archive, name)
+    project = read_qda_project(archive, part, budget)
+    texts, outside = {}, []
+    for source in project.sources:
+        text = qda_source_text(archive, source, budget)
+        if text is None:
+            outside.append(source.name)
+        elif text.strip():
+            texts[source.guid] = text
+    by_guid = {source.guid: source for source in project.sources}
+    speakers: list[tuple[str, dict[str, str], list[QdaSource]]] = []
+    in_case: set[str] = set()
+    for case in project.cases:
+        spoken = [by_guid[guid] for guid in dict.fromkeys(case.sources) if guid in texts]
+        in_case |= {source.guid for source in spoken}
+        if spoken:
+            speakers.append((case.name, case.variables, spoken))
+    speakers += [
+        (source.name, source.variables, [source])
+        for source in project.sources
+        if source.guid in texts and source.guid not in in_case
+    ]
+    transcripts = []
+    for speaker, variables, spoken in speakers:
+        attributes = {
+            normalise_key(project.variables.get(guid, guid)): value for guid, value in variables.items() if value
+        }
+        attributes.update(code_attributes((s for source in spoken for s in source.selections), project.codes))
+        for source in spoken:
+            transcript = parse_transcript(texts[source.guid], speaker, f"{name}: {source.name}")
+            transcripts.append(Transcript(speaker, transcript.name, attributes, transcript.turns))
+    families = {parent for _, parent in project.codes.values() if parent is not None}
+    labels = {
+        normalise_key(f"code:{project.codes[guid][0]}"): f"{project.codes[guid][0]} (its sub-codes)"
+        for guid in families
+    }
+    notes = [
+        f"{name} was written by {project.origin or 'an unnamed tool'}: {len(project.sources)} text source(s), "
+        f"{len(project.cases)} case(s), {len(project.codes)} code(s)"
+    ]
+    if project.other_sources:
+        notes.append(
+            f"{name}: did not read {len(project.other_sources)} source(s) that are not text "
+            f"(PDF, picture, audio, video): {named_list(project.other_sources)}"
+        )
+    if outside:
+        notes.append(f"{name}: did not find the text of {len(outside)} source(s) in the file: {named_list(outside)}")
+    return transcripts, labels, notes
+
+
+# ---------------------------------------------------------------------------
 # Data loading: reading a source (files to participants, with what was skipped or assumed)
 # ---------------------------------------------------------------------------
 
@@ -4881,6 +5123,14 @@ class SourceReader:
         self.silent: list[str] = []
 
     def add(self, raw: bytes, fmt: str, name: str, pid: str) -> None:
+        if fmt == "qdpx":
+            transcripts, labels, notes = qda_transcripts(raw, name)
+            if not transcripts:
+                raise GenerationError(f"{name} holds no text source with anything in it")
+            self.transcripts += transcripts
+            self.labels.update(labels)
+            self.warnings += notes
+            return
         if fmt in TRANSCRIPT_FORMATS:
             text = transcript_text(raw, fmt, name)
             if not text.strip():
@@ -12344,7 +12594,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd = commands.add_parser(
         "generate", help="generate personas from a data file or folder, without a server"
     )
-    generate_cmd.add_argument("data", help="CSV, TSV, JSON, JSON Lines, text or Markdown file, or a folder of them")
+    generate_cmd.add_argument(
+        "data",
+        help="a survey export (CSV, TSV, Excel, JSON, JSON Lines), transcripts (text, Markdown, Word, captions), "
+        "a QDA project (.qdpx), or a folder of them",
+    )
     generate_cmd.add_argument(
         "--count",
         "-n",

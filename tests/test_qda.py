@@ -1,0 +1,158 @@
+"""REFI-QDA projects (.qdpx) as data: a researcher's cases, variables, codes and coded passages.
+
+The projects here are written by the tests, each with a quirk real tools' files show (NVivo's
+`Sources/` and byte order mark, ATLAS.ti's `Project.qde`, paths without `internal://`, PDFs beside
+the text); they are the project's own, so they can ship.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Server, wait_job
+
+import persona
+
+pytestmark = pytest.mark.sqlite_only
+
+NURSE = (
+    "Interviewer: How do you plan the week?\nNurse: I need the rota a week ahead.\n"
+    "Nurse: The app logs me out on night shifts.\n"
+)
+DRIVER = (
+    "Interviewer: And you?\nDriver: I plan my routes on paper every morning.\n"
+    "Driver: Fuel cards get declined at the pump.\n"
+)
+PORTER = (
+    "Interviewer: Anything else?\nPorter: I want the rota on my phone.\nPorter: The handover sheet is always missing.\n"
+)
+
+
+def project_xml(sources: str, cases: str = "", origin: str = "NVivo for Windows 12.6") -> str:
+    codes = (
+        '<CodeBook><Codes><Code guid="c-barriers" name="Barriers" isCodable="true">'
+        '<Code guid="c-tech" name="Technology" isCodable="true"/><Code guid="c-time" name="Time" isCodable="true"/>'
+        '</Code><Code guid="c-wish" name="Wishes" isCodable="true"/></Codes></CodeBook>'
+    )
+    variables = '<Variables><Variable guid="v-site" name="Site" typeOfVariable="Text"/></Variables>'
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?><Project xmlns="urn:QDA-XML:project:1.0" name="Rota study" '
+        f'origin="{origin}">{codes}{variables}{cases}<Sources>{sources}</Sources></Project>'
+    )
+
+
+def text_source(guid: str, name: str, text: str, path: str, codes: dict[str, str]) -> str:
+    """A TextSource whose selections cover, for each code guid, the line that holds its phrase."""
+    selections = []
+    for code, phrase in codes.items():
+        start = text.index(phrase)
+        selections.append(
+            f'<PlainTextSelection guid="s-{guid}-{code}" name="" startPosition="{start}" '
+            f'endPosition="{start + len(phrase)}"><Coding guid="k-{guid}-{code}"><CodeRef targetGUID="{code}"/>'
+            "</Coding></PlainTextSelection>"
+        )
+    return f'<TextSource guid="{guid}" name="{name}" plainTextPath="{path}">{"".join(selections)}</TextSource>'
+
+
+def qdpx(project: str, files: dict[str, bytes], project_name: str = "project.qde") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(project_name, project)
+        for name, body in files.items():
+            archive.writestr(name, body)
+    return buffer.getvalue()
+
+
+def study(folder: Path) -> Path:
+    """Three interviews of three cases (two at one site), coded, written as NVivo writes them."""
+    sources = "".join(
+        text_source(guid, name, text, f"internal://{guid}.txt", codes)
+        for guid, name, text, codes in (
+            ("src-1", "Nurse interview", NURSE, {"c-time": "I need the rota a week ahead.", "c-wish": "rota"}),
+            ("src-2", "Driver interview", DRIVER, {"c-tech": "Fuel cards get declined at the pump."}),
+            ("src-3", "Porter interview", PORTER, {"c-time": "The handover sheet is always missing."}),
+        )
+    )
+    sources += '<PDFSource guid="pdf-1" name="Consent form" path="internal://pdf-1.pdf"/>'
+    cases = (
+        "<Cases>"
+        + "".join(
+            f'<Case guid="case-{n}" name="{name}"><VariableValue><VariableRef targetGUID="v-site"/>'
+            f'<TextValue>{site}</TextValue></VariableValue><SourceRef targetGUID="src-{n}"/></Case>'
+            for n, name, site in ((1, "P01", "North"), (2, "P02", "South"), (3, "P03", "North"))
+        )
+        + "</Cases>"
+    )
+    files = {
+        f"Sources/src-{n}.txt": "\ufeff".encode() + text.replace("\n", "\r\n").encode()
+        for n, text in ((1, NURSE), (2, DRIVER), (3, PORTER))
+    }
+    path = folder / "rota study.qdpx"
+    path.write_bytes(qdpx(project_xml(sources, cases), files))
+    return path
+
+
+def test_a_project_s_cases_are_its_participants_with_their_variables_and_codes(tmp_path: Path) -> None:
+    study(tmp_path)
+    dataset = persona.load_path("rota study.qdpx", tmp_path)
+    people = {person.id: person for person in dataset.participants}
+    assert set(people) == {"P01", "P02", "P03"}
+    assert people["P01"].attributes["site"] == "North" and people["P02"].attributes["site"] == "South"
+    assert people["P01"].attributes["code"] == "Time" and people["P02"].attributes["code"] == "Technology"
+    assert people["P02"].attributes["code:barriers"] == "Technology"
+    assert not any("How do you plan" in text for text in people["P01"].texts)  # the interviewer is context
+    assert any("rota a week ahead" in text for text in people["P01"].texts)
+    warnings = " ".join(dataset.warnings)
+    assert "written by NVivo for Windows 12.6: 3 text source(s), 3 case(s), 4 code(s)" in warnings
+    assert "did not read 1 source(s) that are not text" in warnings and "'Consent form'" in warnings
+
+
+def test_a_project_as_other_tools_write_it_is_read_the_same(tmp_path: Path) -> None:
+    sources = text_source("a1", "Nurse", NURSE, "a1.txt", {"c-wish": "rota"}) + text_source(
+        "a2", "Driver", DRIVER, "internal://missing.txt", {}
+    )
+    (tmp_path / "atlas.qdpx").write_bytes(
+        qdpx(project_xml(sources, origin="ATLAS.ti 8.4"), {"sources/a1.txt": NURSE.encode()}, "Project.qde")
+    )
+    dataset = persona.load_path("atlas.qdpx", tmp_path)
+    assert [person.id for person in dataset.participants] == ["Nurse"]  # without cases, each source speaks
+    assert dataset.participants[0].attributes == {"code": "Wishes"}
+    assert any("did not find the text of 1 source(s) in the file: 'Driver'" in w for w in dataset.warnings)
+
+
+@pytest.mark.parametrize(
+    ("project", "message"),
+    [
+        ('<!DOCTYPE p [<!ENTITY a "aaaa">]><Project xmlns="urn:QDA-XML:project:1.0"/>', "declares a document type"),
+        ("<Project", "has a broken part"),
+        ("<Project>" + "<Codes>" * 300 + "</Codes>" * 300 + "</Project>", "deeper than 256 levels"),
+    ],
+)
+def test_a_hostile_or_broken_project_file_is_refused_naming_the_file(
+    tmp_path: Path, project: str, message: str
+) -> None:
+    (tmp_path / "bad.qdpx").write_bytes(qdpx(project, {}))
+    with pytest.raises(persona.GenerationError, match=message) as refused:
+        persona.load_path("bad.qdpx", tmp_path)
+    assert "bad.qdpx" in str(refused.value)
+
+
+def test_a_zip_without_a_project_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty.qdpx").write_bytes(qdpx("", {}, "notes.txt"))
+    with pytest.raises(persona.GenerationError, match="holds no project file"):
+        persona.load_path("empty.qdpx", tmp_path)
+
+
+def test_personas_are_grouped_by_the_researcher_s_codes_over_the_api(server: Server, client: httpx.Client) -> None:
+    study(server.workdir / "data")
+    listed = {source["name"]: source for source in client.get("/api/v1/data").json()}
+    assert {"code", "site", "code:barriers"} <= set(listed["rota study.qdpx"]["attributes"])
+    response = client.post("/api/v1/generate", json={"data": "rota study.qdpx", "config": {"group_by": "code"}})
+    job = wait_job(client, response.json()["job_id"])
+    assert job["status"] == "completed", job["error"]
+    members = sorted(sorted(p["evidence"]["participants"]) for p in job["result"]["personas"])
+    assert members == [["P01", "P03"], ["P02"]]
