@@ -5591,15 +5591,15 @@ def others_uploads(data_dir: Path, owner: str) -> set[str]:
 async def refuse_others_uploads(data: str | list[Any] | None, data_dir: Path, owner: str | None) -> None:
     """Uploads are the uploader's: a job of `owner` may not read another key's or team's upload, which
     is as missing to it, nor a folder holding one (the data directory itself, or uploads/)."""
-    if owner is None or not isinstance(data, str) or classify_data(data) != "path":
+    if owner is None or not isinstance(data, str):
         return
-    parts = Path(os.path.normpath(data)).parts
-    if parts and parts[0] != UPLOADS:
+    path = os.path.normpath(data)  # a string's work: this runs on every submission
+    if path not in (".", UPLOADS) and not path.startswith(f"{UPLOADS}/"):
         return
     others = await asyncio.to_thread(others_uploads, data_dir, owner)
-    if len(parts) <= 1 and others:
+    if path in (".", UPLOADS) and others:
         raise APIError(400, f"data folder {data!r} holds other clients' uploads; name a file or folder of yours in it")
-    if len(parts) > 1 and f"{UPLOADS}/{parts[1]}" in others:
+    if "/".join(path.split("/")[:2]) in others:
         raise missing_source(data)
 
 
