@@ -82,6 +82,8 @@ MAX_URL_BYTES = 50 * 1024 * 1024  # a data source fetched over http(s)
 URL_TIMEOUT_S = 30.0  # the whole fetch of a data URL, connecting included
 RATE_WINDOW_S = 60  # the rate limit counts requests per minute
 PEER_CHECK_S = 1.0  # once other processes share the database, how long before a server looks again
+PEER_ALONE_CHECK_S = 0.02  # while none does: a server that joins is seen within this, by then counted in the database
+FINISHED_JOBS_KEPT = 64  # finished jobs whose answer bytes a process keeps: a finished job never changes
 FLOCK_LAYOUT = "hhqqi"  # struct flock on Linux (type, whence, start, len, pid), for F_GETLK
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key keeps its job
 JOBS_RETRY_AFTER_S = 10  # Retry-After when a key's concurrent-jobs quota is full (no job's end is known)
@@ -1122,6 +1124,7 @@ class Store(abc.ABC):
     def __init__(self, job_webhook_secret: str | None) -> None:
         self.job_webhook_secret = job_webhook_secret  # signs each job's own webhook_url
         self.job_reads = Coalescer(self._read_jobs)
+        self.finished_jobs: dict[tuple[str, str], bytes] = {}  # (job id, completed_at) -> its answer, oldest first
         self.listings = Coalescer(self._list_jobs_json)
         self.pings = Coalescer(self._ping)
         self.new_jobs: dict[str, NewJob] = {}
@@ -1164,8 +1167,18 @@ class Store(abc.ABC):
         return job_from_row(row, with_result=True) if row else None
 
     async def get_job_json(self, job_id: str) -> bytes | None:
+        """The job as response bytes. A finished job never changes, so its bytes are made once and
+        kept; its row is still read, so a job retention deleted is gone at once."""
         row = await self.job_reads.get(job_id)
-        return job_json_from_row(row) if row else None
+        if row is None or row["status"] not in ("completed", "failed"):
+            return job_json_from_row(row) if row else None
+        key = (job_id, row["completed_at"])
+        body = self.finished_jobs.get(key)
+        if body is None:
+            body = self.finished_jobs[key] = job_json_from_row(row)
+            if len(self.finished_jobs) > FINISHED_JOBS_KEPT:
+                del self.finished_jobs[next(iter(self.finished_jobs))]
+        return body
 
     async def job_owner(self, job_id: str) -> str | None:
         """Who made a job: an API key's fingerprint, a team, or a client address; None if there is no such job."""
@@ -1773,12 +1786,13 @@ class PeerWatch:
         return True
 
     def others(self) -> bool:
-        """Whether another process holds a slot: one F_GETLK over all of them, cheap enough for every request.
+        """Whether another process holds a slot: one F_GETLK over all of them.
 
-        Once others were seen, that answer stands for a second before it is looked at again.
+        Once others were seen, that answer stands for a second before it is looked at again; while
+        none was, for PEER_ALONE_CHECK_S (looking on every request cost a read 8% of its time).
         """
         now = time.monotonic()
-        if self.fd is None or (self.shared and now - self.checked_at < PEER_CHECK_S):
+        if self.fd is None or now - self.checked_at < (PEER_CHECK_S if self.shared else PEER_ALONE_CHECK_S):
             return self.shared
         self.checked_at, self.shared = now, self._locked_elsewhere(self.fd)
         return self.shared

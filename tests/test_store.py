@@ -477,6 +477,19 @@ async def test_a_jobs_times_come_from_the_databases_clock_not_the_hosts(
     assert job["created_at"] <= job["started_at"] <= job["completed_at"]
 
 
+async def test_a_finished_job_s_bytes_are_made_once_and_gone_with_the_job(open_store: OpenStore, backend: str) -> None:
+    store = await open_store()
+    job_id = await create(store)
+    await store.claim_job("w")
+    running = await store.get_job_json(job_id)
+    assert running is not None and json.loads(running)["status"] == "running"
+    await store.complete_job(job_id, "w", {"personas": [], "experiment_id": "exp-x", "output_path": "o/"})
+    first, second = await store.get_job_json(job_id), await store.get_job_json(job_id)
+    assert first is second and json.loads(first)["status"] == "completed"  # kept, not made again
+    assert await store.purge_finished_jobs("9999-12-31T00:00:00Z", 100) == (1, ["o/"])  # its output folder
+    assert await store.get_job_json(job_id) is None
+
+
 @pytest.mark.postgres_only
 async def test_retention_keeps_a_job_whose_delivery_a_retry_makes_pending_meanwhile(
     open_store: OpenStore, backend: str
