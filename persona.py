@@ -4916,6 +4916,7 @@ class QdaProject:
     cases: list[QdaCase] = field(default_factory=list)
     sources: list[QdaSource] = field(default_factory=list)
     other_sources: list[str] = field(default_factory=list)  # PDFs, pictures, audio and video: not read
+    sets: list[tuple[str, list[str]]] = field(default_factory=list)  # a set's name and its sources' guids
 
 
 def qda_project_part(archive: Any, name: str) -> str:
@@ -4965,6 +4966,10 @@ def read_qda_project(archive: Any, part: str, budget: OfficeBudget) -> QdaProjec
             case = QdaCase(attributes.get("name", "") or guid)
         elif local == "SourceRef" and case is not None and parent == "Case":
             case.sources.append(attributes.get("targetGUID", ""))
+        elif local == "Set" and parent == "Sets":
+            project.sets.append((attributes.get("name", "") or guid, []))
+        elif local == "MemberSource" and parent == "Set" and project.sets:
+            project.sets[-1][1].append(attributes.get("targetGUID", ""))
         elif local == "VariableRef":
             variable = attributes.get("targetGUID", "")
         elif local == "TextSource" and parent == "Sources":
@@ -5058,6 +5063,22 @@ def code_attributes(
     return attributes
 
 
+def set_attributes(sources: set[str], sets: list[tuple[str, list[str]]]) -> dict[str, str]:
+    """The sets a participant's sources belong to, as attributes: a set named `gender: male` (as
+    ATLAS.ti names its document groups) gives `gender`; the others are listed under `set`."""
+    attributes, plain = {}, []
+    for set_name, members in sets:
+        if sources & set(members):
+            key, colon, value = set_name.partition(":")
+            if colon and key.strip() and value.strip():
+                attributes[normalise_key(key)] = value.strip()
+            else:
+                plain.append(set_name)
+    if plain:
+        attributes["set"] = ", ".join(plain)
+    return attributes
+
+
 def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, str], list[str]]:
     """A .qdpx as transcripts: one per text source, each spoken by its case where the project has cases
     (a case's variables and codes its attributes), else by the source itself. Also the labels of the
@@ -5090,14 +5111,14 @@ def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, 
         attributes = {
             normalise_key(project.variables.get(guid, guid)): value for guid, value in variables.items() if value
         }
+        attributes.update(set_attributes({source.guid for source in spoken}, project.sets))
         attributes.update(code_attributes((s for source in spoken for s in source.selections), project.codes))
         for source in spoken:
             transcript = parse_transcript(texts[source.guid], speaker, f"{name}: {source.name}")
             transcripts.append(Transcript(speaker, transcript.name, attributes, transcript.turns))
     families = {parent for _, parent in project.codes.values() if parent is not None}
     labels = {
-        normalise_key(f"code:{project.codes[guid][0]}"): f"{project.codes[guid][0]} (its sub-codes)"
-        for guid in families
+        normalise_key(f"code:{project.codes[guid][0]}"): f"Coded under {project.codes[guid][0]}" for guid in families
     }
     notes = [
         f"{name} was written by {project.origin or 'an unnamed tool'}: {len(project.sources)} text source(s), "

@@ -32,7 +32,7 @@ PORTER = (
 )
 
 
-def project_xml(sources: str, cases: str = "", origin: str = "NVivo for Windows 12.6") -> str:
+def project_xml(sources: str, cases: str = "", origin: str = "NVivo for Windows 12.6", sets: str = "") -> str:
     codes = (
         '<CodeBook><Codes><Code guid="c-barriers" name="Barriers" isCodable="true">'
         '<Code guid="c-tech" name="Technology" isCodable="true"/><Code guid="c-time" name="Time" isCodable="true"/>'
@@ -41,7 +41,7 @@ def project_xml(sources: str, cases: str = "", origin: str = "NVivo for Windows 
     variables = '<Variables><Variable guid="v-site" name="Site" typeOfVariable="Text"/></Variables>'
     return (
         f'<?xml version="1.0" encoding="utf-8"?><Project xmlns="urn:QDA-XML:project:1.0" name="Rota study" '
-        f'origin="{origin}">{codes}{variables}{cases}<Sources>{sources}</Sources></Project>'
+        f'origin="{origin}">{codes}{variables}{cases}<Sources>{sources}</Sources>{sets}</Project>'
     )
 
 
@@ -91,8 +91,12 @@ def study(folder: Path) -> Path:
         f"Sources/src-{n}.txt": "\ufeff".encode() + text.replace("\n", "\r\n").encode()
         for n, text in ((1, NURSE), (2, DRIVER), (3, PORTER))
     }
+    sets = (
+        '<Sets><Set guid="set-1" name="Pilot"><MemberSource targetGUID="src-1"/><MemberSource targetGUID="src-3"/>'
+        '</Set><Set guid="set-2" name="shift: nights"><MemberSource targetGUID="src-2"/></Set></Sets>'
+    )
     path = folder / "rota study.qdpx"
-    path.write_bytes(qdpx(project_xml(sources, cases), files))
+    path.write_bytes(qdpx(project_xml(sources, cases, sets=sets), files))
     return path
 
 
@@ -104,6 +108,8 @@ def test_a_project_s_cases_are_its_participants_with_their_variables_and_codes(t
     assert people["P01"].attributes["site"] == "North" and people["P02"].attributes["site"] == "South"
     assert people["P01"].attributes["code"] == "Time" and people["P02"].attributes["code"] == "Technology"
     assert people["P02"].attributes["code:barriers"] == "Technology"
+    assert people["P01"].attributes["set"] == "Pilot" and people["P02"].attributes["shift"] == "nights"
+    assert dataset.labels["code:barriers"] == "Coded under Barriers"
     assert not any("How do you plan" in text for text in people["P01"].texts)  # the interviewer is context
     assert any("rota a week ahead" in text for text in people["P01"].texts)
     warnings = " ".join(dataset.warnings)
