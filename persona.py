@@ -3518,6 +3518,7 @@ class Participant:
     id: str
     texts: list[str] = field(default_factory=list)  # each a unit of its own: a turn, an answer, a review
     attributes: dict[str, str] = field(default_factory=dict)
+    coded: list[str] = field(default_factory=list)  # passages the researcher coded in a QDA project: quoted first
 
 
 @dataclass
@@ -4085,7 +4086,8 @@ SECOND_HEADER_CELLS = frozenset(("response", "open-ended response", "open ended 
 
 
 def squash(name: str) -> str:
-    """A column name reduced to lower-case letters, digits and '#': `Response ID` = `responseId`."""
+    """A name or a text reduced to lower-case letters, digits and '#', so that neither spacing nor
+    punctuation tells two apart: `Response ID` = `responseId`."""
     return re.sub(r"[^a-z0-9#]", "", name.lower())
 
 
@@ -4623,6 +4625,7 @@ class Transcript:
     name: str
     attributes: dict[str, str]
     turns: list[tuple[str | None, str]]
+    coded: list[str] = field(default_factory=list)  # the passages of it a researcher coded
 
 
 def transcript_text(raw: bytes, fmt: str, name: str) -> str:
@@ -4858,7 +4861,7 @@ def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[P
             unsure.append(transcript.name)
         texts = [words for speaker, words in transcript.turns if speaker not in interviewers]
         if texts:
-            people.append(Participant(transcript.pid, texts, transcript.attributes))
+            people.append(Participant(transcript.pid, texts, transcript.attributes, transcript.coded))
     warnings = [
         f"took {speaker!r} as the interviewer ({how}) in {len(names)} file(s); "
         "the interviewer's words are context, never persona content"
@@ -5038,6 +5041,38 @@ def qda_source_text(archive: Any, source: QdaSource, budget: OfficeBudget) -> st
     return decode_text(raw, f"{budget.name}: {member.filename}")
 
 
+def word_edge(text: str, at: int) -> bool:
+    """Whether a selection may start or end at `at`: not inside a word."""
+    return at <= 0 or at >= len(text) or not (text[at - 1].isalnum() and text[at].isalnum())
+
+
+def unit_offsets(text: str, size: Callable[[int], int]) -> dict[int, int]:
+    """Where each offset falls in `text` when the character at index i counts `size(i)` units."""
+    offsets: dict[int, int] = {}
+    for index, unit in enumerate(itertools.accumulate((size(i) for i in range(len(text))), initial=0)):
+        offsets.setdefault(unit, index)
+    return offsets
+
+
+def coded_passages(text: str, selections: list[tuple[int, int, list[str]]]) -> list[str]:
+    """The text of each coded selection. The standard counts offsets in code points, but NVivo counts
+    UTF-16 units (an emoji is two) and ATLAS.ti a Windows line end as one character: the count under
+    which more selections start and end between words is the one the tool used."""
+    readings = [[(start, end) for start, end, _ in selections]]
+    for size in (
+        lambda i: 2 if ord(text[i]) > 0xFFFF else 1,
+        lambda i: 0 if text[i] == "\n" and i and text[i - 1] == "\r" else 1,
+    ):
+        offsets = unit_offsets(text, size)
+        readings.append([(offsets.get(start, -1), offsets.get(end, -1)) for start, end, _ in selections])
+
+    def fits(spans: list[tuple[int, int]]) -> int:
+        return sum(0 <= a < b <= len(text) and word_edge(text, a) and word_edge(text, b) for a, b in spans)
+
+    spans = max(readings, key=fits)  # code points first: they win a tie, as the standard says
+    return [passage for a, b in spans if 0 <= a < b <= len(text) and (passage := text[a:b].strip())]
+
+
 def code_attributes(
     selections: Iterable[tuple[int, int, list[str]]], codes: dict[str, tuple[str, str | None]]
 ) -> dict[str, str]:
@@ -5115,7 +5150,8 @@ def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, 
         attributes.update(code_attributes((s for source in spoken for s in source.selections), project.codes))
         for source in spoken:
             transcript = parse_transcript(texts[source.guid], speaker, f"{name}: {source.name}")
-            transcripts.append(Transcript(speaker, transcript.name, attributes, transcript.turns))
+            coded = coded_passages(texts[source.guid], source.selections)
+            transcripts.append(Transcript(speaker, transcript.name, attributes, transcript.turns, coded))
     families = {parent for _, parent in project.codes.values() if parent is not None}
     labels = {
         normalise_key(f"code:{project.codes[guid][0]}"): f"Coded under {project.codes[guid][0]}" for guid in families
@@ -5210,6 +5246,7 @@ def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]
         for person in group:
             if person.id in merged:
                 merged[person.id].texts.extend(person.texts)
+                merged[person.id].coded.extend(person.coded)
                 for key, value in person.attributes.items():
                     merged[person.id].attributes.setdefault(key, value)
             else:
@@ -6939,7 +6976,9 @@ def tidy_spoken(sentence: str) -> str:
     return sentence_case(text) if text else sentence
 
 
-def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[Sentence]:
+def pick_quotes(sentences: list[Sentence], used: set[str], count: int, coded: Collection[str] = ()) -> list[Sentence]:
+    """Quotes that speak: first-person sentences of a readable length not used in the lists, the
+    passages the researcher coded first (`coded`, in `squash` form), each voice once before any twice."""
     speakable = [
         s
         for s in sentences
@@ -6947,7 +6986,10 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int) -> list[S
     ]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
     fresh = [s for s in (first_person or speakable) if s.text not in used]
-    return pick_spread(fresh or first_person or speakable or sentences, count)
+    pool = fresh or first_person or speakable or sentences
+    if coded:
+        pool = sorted(pool, key=lambda s: not any(squash(s.text) in passage for passage in coded))  # stable
+    return pick_spread(pool, count)
 
 
 @dataclass
@@ -7310,7 +7352,8 @@ def build_persona(
     sentences = segment_sentences(corpus, members, centre)
     lists = categorise(sentences, LIST_LENGTHS[detail])
     used = {s.text for found in lists.values() for s in found}
-    quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail])
+    coded = {squash(passage) for person in people for passage in person.coded}
+    quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail], coded)
     theme_count = THEME_COUNTS[config_value(config, "complexity")]
     shares = term_shares(corpus, members)
     themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or frequent_words(
@@ -8486,14 +8529,16 @@ def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
 
     A participant in both (the same id) is one, with all their texts."""
     people = {
-        person.id: Participant(person.id, list(person.texts), dict(person.attributes)) for person in first.participants
+        person.id: Participant(person.id, list(person.texts), dict(person.attributes), list(person.coded))
+        for person in first.participants
     }
     for person in more.participants:
         known = people.get(person.id)
         if known is None:
-            people[person.id] = Participant(person.id, list(person.texts), dict(person.attributes))
+            people[person.id] = Participant(person.id, list(person.texts), dict(person.attributes), list(person.coded))
         else:
             known.texts += [text for text in person.texts if text not in known.texts]
+            known.coded += person.coded
             known.attributes = {**person.attributes, **known.attributes}
     source = {
         "kind": "refined",

@@ -69,8 +69,8 @@ def qdpx(project: str, files: dict[str, bytes], project_name: str = "project.qde
 
 def study(folder: Path) -> Path:
     """Three interviews of three cases (two at one site), coded, written as NVivo writes them."""
-    sources = "".join(
-        text_source(guid, name, text, f"internal://{guid}.txt", codes)
+    sources = "".join(  # offsets in the text as stored: Windows line ends, as NVivo writes them
+        text_source(guid, name, text.replace("\n", "\r\n"), f"internal://{guid}.txt", codes)
         for guid, name, text, codes in (
             ("src-1", "Nurse interview", NURSE, {"c-time": "I need the rota a week ahead.", "c-wish": "rota"}),
             ("src-2", "Driver interview", DRIVER, {"c-tech": "Fuel cards get declined at the pump."}),
@@ -162,3 +162,37 @@ def test_personas_are_grouped_by_the_researcher_s_codes_over_the_api(server: Ser
     assert job["status"] == "completed", job["error"]
     members = sorted(sorted(p["evidence"]["participants"]) for p in job["result"]["personas"])
     assert members == [["P01", "P03"], ["P02"]]
+
+
+def utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+@pytest.mark.parametrize("unit", ["code points", "UTF-16 units", "a line end as one"])
+def test_a_coded_passage_is_found_however_the_tool_counted_its_offsets(unit: str) -> None:
+    text = "Angry 😡😡 again.\r\n\r\nFuel cards get declined at the pump today."
+    passage = "Fuel cards get declined"
+    start = text.index(passage)
+    if unit == "UTF-16 units":  # as NVivo counts: each emoji before the passage is two
+        start = utf16_units(text[:start])
+    if unit == "a line end as one":  # as ATLAS.ti counts a Windows line end
+        start -= text[:start].count("\r\n")
+    selections = [(start, start + len(passage), ["c"]), (0, 5, ["c"])]
+    assert persona.coded_passages(text, selections) == [passage, "Angry"]
+
+
+def test_quotes_come_from_the_passages_the_researcher_coded_first() -> None:
+    said = [
+        persona.Sentence("P1", "I always print the rota and pin it by the door at home.", 0.9),
+        persona.Sentence("P2", "I keep asking my manager for the rota a week ahead.", 0.5),
+    ]
+    assert [s.participant for s in persona.pick_quotes(said, set(), 1)] == ["P1"]
+    coded = {persona.squash("I keep asking my manager for the rota a week ahead.")}
+    assert [s.participant for s in persona.pick_quotes(said, set(), 1, coded)] == ["P2"]
+
+
+def test_each_participant_carries_the_passages_coded_in_its_sources(tmp_path: Path) -> None:
+    study(tmp_path)
+    people = {person.id: person for person in persona.load_path("rota study.qdpx", tmp_path).participants}
+    assert people["P01"].coded == ["I need the rota a week ahead.", "rota"]
+    assert people["P03"].coded == ["The handover sheet is always missing."]
