@@ -4884,7 +4884,6 @@ def participants_from_transcripts(transcripts: list[Transcript]) -> tuple[list[P
 # its sources under `sources/`. It is read as the tools write it, not only as the standard
 # says: `Project.qde` or any one `.qde`; `Sources/`; text paths with or without `internal://`.
 
-QDA_NAMESPACE = "urn:QDA-XML:project:1.0"
 MAX_QDA_ELEMENTS = 1_000_000  # elements one project file may hold: codes, cases, sources, selections
 QDA_OTHER_SOURCES = ("PDFSource", "PictureSource", "AudioSource", "VideoSource")
 QDA_VALUES = ("TextValue", "BooleanValue", "IntegerValue", "FloatValue", "DateValue", "DateTimeValue")
@@ -5001,8 +5000,7 @@ def read_qda_project(archive: Any, part: str, budget: OfficeBudget) -> QdaProjec
             project.cases.append(case)
             case = None
         elif local == "PlainTextContent" and source is not None and path and path[-1] == "TextSource":
-            budget.produce(len(value))
-            source.text = value
+            source.text = value  # counted as it streamed in
         elif local == "PlainTextSelection" and source is not None and selection is not None:
             source.selections.append(selection)
             selection = None
@@ -5058,6 +5056,8 @@ def coded_passages(text: str, selections: list[tuple[int, int, list[str]]]) -> l
     """The text of each coded selection. The standard counts offsets in code points, but NVivo counts
     UTF-16 units (an emoji is two) and ATLAS.ti a Windows line end as one character: the count under
     which more selections start and end between words is the one the tool used."""
+    if not selections:
+        return []
     readings = [[(start, end) for start, end, _ in selections]]
     for size in (
         lambda i: 2 if ord(text[i]) > 0xFFFF else 1,
