@@ -3691,10 +3691,19 @@ def nests_deeper(value: Any, limit: int) -> bool:
     return False
 
 
+def shortened(text: str, most: int) -> str:
+    """`text` in at most `most` characters: cut after a whole word, with an ellipsis."""
+    if len(text) <= most:
+        return text
+    cut = text[: most - 1].rsplit(" ", 1)[0] if " " in text[: most - 1] else text[: most - 1]
+    return cut.rstrip(" ,;:.-") + "…"
+
+
 def named_list(names: Iterable[str]) -> str:
-    """Names for a warning: quoted, at most a dozen, the rest counted."""
+    """Names for a warning: quoted, at most a dozen, the rest counted; a long one (a survey's
+    question) cut at a word and marked so."""
     names = list(names)
-    shown = ", ".join(repr(name[:60]) for name in names[:MAX_NAMES_SHOWN])
+    shown = ", ".join(repr(shortened(name, 60)) for name in names[:MAX_NAMES_SHOWN])
     return shown + (f" and {len(names) - MAX_NAMES_SHOWN} more" if len(names) > MAX_NAMES_SHOWN else "")
 
 
@@ -7280,8 +7289,8 @@ def shown_label(key: str, labels: Mapping[str, str]) -> str:
     grid = grid_parts(label)
     if grid and len(label) > 80:  # a grid's item is what tells its rows apart: it stays whole
         stem = grid[0]
-        return (stem if len(stem) <= 40 else stem[:40].rsplit(" ", 1)[0] + "…") + f" [{grid[1]}]"
-    return label if len(label) <= 80 else label[:77].rsplit(" ", 1)[0] + "…"
+        return f"{shortened(stem, 41)} [{grid[1]}]"
+    return shortened(label, 78)
 
 
 MIN_DEMOGRAPHIC_SHARE = 0.2  # a choice fewer of a segment give says nothing about it: left out
@@ -11163,7 +11172,8 @@ async function uploadFiles(files, select) {
   let last = null;
   for (const file of files) {
     const taken = sources.some((source) => source.name === "uploads/" + cleanedName(file.name));
-    const replace = taken && confirm(`"${file.name}" is uploaded already. Replace it? (Cancel keeps both.)`);
+    const replace = taken && confirm(`"${file.name}" was uploaded before. ` +
+      "OK replaces it with this file; Cancel keeps both, this one under a new name.");
     const path = "/api/v1/data/" + encodeURIComponent(file.name) + (replace ? "?replace=true" : "");
     last = (await api("PUT", path, file, true)).name;
   }

@@ -36,6 +36,14 @@ def test_csv_rows_sharing_a_participant_id_are_one_participant_with_attributes()
     assert dataset.source["sha256"] == hashlib.sha256((EXAMPLES / "interviews.csv").read_bytes()).hexdigest()
 
 
+def test_a_consent_question_left_out_is_named_up_to_a_whole_word(tmp_path: Path) -> None:
+    consent = "We are trying to better understand flaky tests and we would like your consent to use your answers"
+    rows = [["id", consent, "answer"], ["r1", "Yes", "Retries hide real bugs."], ["r2", "Yes", "I rerun the build."]]
+    (tmp_path / "survey.csv").write_text("\n".join(",".join(row) for row in rows) + "\n", encoding="utf-8")
+    warnings = " ".join(persona.load_path("survey.csv", tmp_path).warnings)
+    assert "'We are trying to better understand flaky tests and we…'" in warnings
+
+
 def test_a_survey_export_object_is_read_through_its_responses_array() -> None:
     dataset = load("survey.json")
     assert len(dataset.participants) == 14
