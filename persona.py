@@ -5581,6 +5581,11 @@ async def table_attributes(file: Path, info: os.stat_result) -> JSON | None:
     return ATTRIBUTES_BY_CONTENT[digest]
 
 
+def group_counts(keys: list[str], people: list[dict[str, str]]) -> dict[str, int]:
+    """How many groups each attribute makes of these participants' attributes (what `group_by` would give)."""
+    return {key: len({attributes[key] for attributes in people if key in attributes}) for key in keys}
+
+
 def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
     """The attributes a table's participants have, in the table's order (a survey's, as the researcher
     wrote it), with the number of groups each makes (what `group_by` would give); None if it cannot be read."""
@@ -5590,7 +5595,7 @@ def attributes_of(raw: bytes, fmt: str, name: str) -> JSON | None:
     except (GenerationError, ValueError):
         return None
     keys = list(dict.fromkeys(key for person in people for key in person.attributes))
-    groups = {key: len({person.attributes[key] for person in people if key in person.attributes}) for key in keys}
+    groups = group_counts(keys, [person.attributes for person in people])
     questions = {key: choice_label(key, reader.labels) for key in keys if key in reader.labels}
     summary: JSON = {"attributes": keys, "groups": groups, "questions": questions}
     if fmt in TRANSCRIPT_FORMATS:  # a folder's transcripts are grouped together: it needs their values
@@ -5613,8 +5618,7 @@ def folder_attributes(summaries: list[JSON]) -> JSON | None:
     keys = [key for key, _ in Counter(key for attributes in people for key in attributes).most_common()]
     if not keys:
         return None
-    groups = {key: len({attributes[key] for attributes in people if key in attributes}) for key in keys}
-    return {"attributes": keys, "groups": groups, "questions": {}}
+    return {"attributes": keys, "groups": group_counts(keys, people), "questions": {}}
 
 
 def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -10233,6 +10237,16 @@ def refined_body(parent: JSON, asked: JSON) -> JSON:
     return {key: value for key, value in body.items() if value is not None}
 
 
+async def check_submitted_source(
+    request: Request, data: str | list[Any], before_walking: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """A job's or an estimate's data, checked as far as it can be before it is read: a path that
+    exists in the data directory and, with API keys, is no other client's upload."""
+    data_dir = state(request).settings.data_dir
+    await check_data_source(data, data_dir, before_walking)
+    await refuse_others_uploads(data, data_dir, caller_scope(request, write=True))
+
+
 async def admit_job(
     request: Request,
     owner: str,
@@ -10247,10 +10261,7 @@ async def admit_job(
     app_state = state(request)
     limit = app_state.settings.max_concurrent_jobs
     if data is not None:
-        await check_data_source(
-            data, app_state.settings.data_dir, functools.partial(check_quota, app_state.store, owner, limit)
-        )
-        await refuse_others_uploads(data, app_state.settings.data_dir, caller_scope(request, write=True))
+        await check_submitted_source(request, data, functools.partial(check_quota, app_state.store, owner, limit))
     admission = await app_state.store.create_job(owner, job_request, limit, idempotency, experiment_id)
     if admission.conflict:
         raise APIError(
@@ -10295,8 +10306,7 @@ async def estimate_generation(request: Request) -> JSONResponse:
         raise too_many_jobs(owner, limit, active, making)
     app_state.estimates[owner] += 1
     try:
-        await check_data_source(job_request["data"], settings.data_dir)
-        await refuse_others_uploads(job_request["data"], settings.data_dir, caller_scope(request, write=True))
+        await check_submitted_source(request, job_request["data"])
         return JSONResponse(await estimate_job(job_request, settings))
     finally:
         app_state.estimates[owner] -= 1
