@@ -6995,7 +6995,10 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int, coded: Co
     speakable = [
         s
         for s in sentences
-        if 6 <= len(s.text.split()) <= 45 and not s.text.rstrip().endswith("?") and len(content_words(s.text)) >= 3
+        if 6 <= len(s.text.split()) <= 45
+        and not s.text.rstrip().endswith("?")
+        and len(content_words(s.text)) >= 3
+        and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
     ]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
     fresh = [s for s in (first_person or speakable) if s.text not in used]

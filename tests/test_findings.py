@@ -328,6 +328,14 @@ def test_a_definition_is_no_goal_pain_point_or_behaviour(definition: str) -> Non
     assert persona.list_kind(definition) is None
 
 
+def test_a_definition_is_no_quote() -> None:
+    said = [
+        persona.Sentence("P1", "I would say that a flaky test is any test that changes from pass to fail.", 0.9),
+        persona.Sentence("P2", "I tend to come across flaky tests more in end to end tests.", 0.5),
+    ]
+    assert [s.participant for s in persona.pick_quotes(said, set(), 1)] == ["P2"]
+
+
 def test_an_imagined_case_is_no_pain_point() -> None:
     assert persona.list_kind("If I were to find one in a PR, I would not accept it until it was fixed.") is None
     assert persona.list_kind("If I have to restart the kernel, the build fails.") == "pain_points"
