@@ -3519,6 +3519,7 @@ class Participant:
     texts: list[str] = field(default_factory=list)  # each a unit of its own: a turn, an answer, a review
     attributes: dict[str, str] = field(default_factory=dict)
     coded: list[str] = field(default_factory=list)  # passages the researcher coded in a QDA project: quoted first
+    asked: dict[str, str] = field(default_factory=dict)  # text -> the survey question it answers
 
 
 @dataclass
@@ -4448,14 +4449,17 @@ def participants_from_records(
     nothing at all is left out, and returned (third) so that coverage still counts them.
     """
     flat = [flatten_record(record) for record in records]
-    columns = classify_columns(flat, labels or {})
+    labels = labels or {}
+    columns = classify_columns(flat, labels)
     people: dict[str, Participant] = {}
     for number, record in enumerate(flat, 1):
         raw_id = cell_texts(record.get(columns.id)) if columns.id else []
         pid = raw_id[0] if raw_id else f"{Path(name).stem}-{number:03d}"
         person = people.setdefault(pid, Participant(pid))
         for column in columns.speech:
-            person.texts.extend(text for text in cell_texts(record.get(column)) if not is_non_answer(text))
+            answers = [text for text in cell_texts(record.get(column)) if not is_non_answer(text)]
+            person.texts.extend(answers)
+            person.asked.update(dict.fromkeys(answers, labels.get(column) or column))
         for column in columns.attributes:
             values = cell_texts(record.get(column))
             if values and normalise_key(column) not in person.attributes:
@@ -5256,6 +5260,7 @@ def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]
             if person.id in merged:
                 merged[person.id].texts.extend(person.texts)
                 merged[person.id].coded.extend(person.coded)
+                merged[person.id].asked = {**person.asked, **merged[person.id].asked}
                 for key, value in person.attributes.items():
                     merged[person.id].attributes.setdefault(key, value)
             else:
@@ -6058,6 +6063,7 @@ class Redactor:
                     pid,
                     [self.text(text) for text in person.texts],
                     {key: self.text(value) for key, value in person.attributes.items()},
+                    asked={self.text(text): question for text, question in person.asked.items()},
                 )
             )
         return Dataset(
@@ -6109,9 +6115,11 @@ GLUE_WORDS = frozenset(
     "of the a an my our their your his her its out in on for to with at from up off into by and".split()
 )
 
-# Which list a sentence belongs to: goals, pain points, behaviours, or none. The sentence
-# alone decides (never the question it answers); rules were fitted on the `tune` half of
-# bench/labels and measured on the held-out half (README, "Output quality on real data").
+# Which list a sentence belongs to: goals, pain points, behaviours, or none. The sentence's
+# own words decide first; a survey answer's question then frames it (an answer to "what hinders
+# you?" that names no problem in words is still one), as a researcher reads it. The rules were
+# fitted on the `tune` half of bench/labels and measured on the held-out half (README, "Output
+# quality on real data").
 # Each pattern is an alternation of literal phrases anchored with \b, linear in its input.
 
 # Guards: what is no item, and cue words that state no pain or wish.
@@ -6434,6 +6442,52 @@ NOT_BEHAVIOUR = re.compile(
 )
 """Things that happen to the speaker ("I always get alerts immediately"), the opening of a benefit
 ("Since I started using it, I have saved ...") and comparisons ("the best app I've used") are no practice."""
+
+QUESTION_ASKS: tuple[tuple[str | None, re.Pattern[str]], ...] = (
+    (
+        "goals",
+        re.compile(
+            r"\b(?:not address|would you like|missing|change one thing|suggestions?|enhancements?|wish(?:es)?|"
+            r"improve(?:ments?)?|would (?:have )?made? .{0,40}better|would help)\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "pain_points",
+        re.compile(
+            r"\b(?:pain points?|problems?|challenges?|difficult|hinders?|frustrat\w*|obstacles?|barriers?|like least|"
+            r"dislike|struggle\w*|annoy\w*|worst)\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        None,
+        re.compile(r"\b(?:causes?|definition|define|like best|pleasant|enjoy|reason|job title|why)\b", re.IGNORECASE),
+    ),
+    (
+        "behaviours",
+        re.compile(
+            r"\b(?:how do you|(?:do|are) you (?:use|using|run|running|work|working)|tools? do you|go-to|other actions|"
+            r"would take|could you not live without|ways? (?:in which|that) you|use cases?|address|working with|"
+            r"your workflow)\b",
+            re.IGNORECASE,
+        ),
+    ),
+)
+"""What a survey question asks for, by its words; the first that matches decides. None: the answers
+describe the world or praise (causes, a definition, what one likes best), so only an answer in the
+first person can be the speaker's goal, pain or practice. A question matching none frames nothing."""
+
+FRAGMENT_MAX_WORDS = 15
+CLAUSE = re.compile(
+    r"\b(?:i|we|my|our|they|you|he|she|it|this|that|there|these|those|things|is|are|was|were|will|would|have|has|"
+    r"had|do|does|did|don't|didn't|can|could|should|am|'m|'s|'re|'ve)\b",
+    re.IGNORECASE,
+)
+"""A subject or a verb of a clause: a sentence holding one says something of its own, so its question does
+not make it an item ("This course was a joy to teach" answers "what are your pain points?")."""
+NON_ANSWER_OPENING = re.compile(r"^\W*(?:none|nothing|no|not|n/a|na|nope|idk|thanks?|thank you)\b", re.IGNORECASE)
+"""An answer that declines ("None at this time", "Not that I know of", "Thanks!")."""
 
 CUES: dict[str, re.Pattern[str]] = {
     "pain_points": PAIN,
@@ -6889,6 +6943,7 @@ class Sentence:
     participant: str
     text: str
     score: float
+    question: str = ""  # the survey question it answers, if any
 
 
 def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, float]) -> list[Sentence]:
@@ -6903,7 +6958,8 @@ def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, floa
                     continue
                 seen.add(key)
                 vector = tfidf_vector(term_counts([sentence]), corpus.vocabulary, corpus.idf)
-                sentences.append(Sentence(person.id, sentence, similarity(vector, centre)))
+                question = person.asked.get(text, "")
+                sentences.append(Sentence(person.id, sentence, similarity(vector, centre), question))
     return sorted(sentences, key=lambda s: (-s.score, s.participant, s.text))
 
 
@@ -6936,8 +6992,44 @@ def opens_as_request(text: str) -> bool:
     )
 
 
-def list_kind(sentence: str) -> str | None:
-    """The list a sentence belongs to ("goals", "pain_points", "behaviours") or None.
+def question_asks(question: str) -> str | None:
+    """The list a survey question asks for, "none" when its answers describe the world, None when it frames nothing."""
+    for asked, pattern in QUESTION_ASKS:
+        if pattern.search(question):
+            return asked or "none"
+    return None
+
+
+def is_bare_fragment(text: str) -> bool:
+    """A short answer with no clause of its own, no refusal and no praise ("Managing notebooks on git"):
+    what it is depends on the question it answers."""
+    return (
+        len(text.split()) <= FRAGMENT_MAX_WORDS
+        and not text.rstrip().endswith("?")
+        and not CLAUSE.search(text)
+        and not NON_ANSWER_OPENING.match(text)
+        and not PRAISE.search(text)
+        and len(re.findall(r"[A-Za-z]{3,}", text)) >= 2
+    )
+
+
+def list_kind(sentence: str, question: str = "") -> str | None:
+    """The list a sentence answering `question` (a survey column's; "" for speech) belongs to, or None.
+
+    The sentence's own words decide (sentence_kind). A question that asks for causes, definitions or
+    praise leaves only first-person items; one that asks for a list gives it the bare fragments
+    ("Organizing the assignment submissions." under "What are your biggest pain points?")."""
+    own = sentence_kind(sentence)
+    asked = question_asks(question) if question else None
+    if asked == "none":
+        return own if own and SPEAKER.search(sentence) else None
+    if own or asked is None:
+        return own
+    return asked if is_bare_fragment(sentence) else None
+
+
+def sentence_kind(sentence: str) -> str | None:
+    """The list a sentence belongs to ("goals", "pain_points", "behaviours") or None, by its own words.
 
     Questions, sentences over MAX_ITEM_WORDS words, definitions and other people's quoted words are None. A wish
     beats a problem (the speaker asks for the fix) and so does a sentence that opens as a request
@@ -6976,7 +7068,7 @@ def categorise(sentences: list[Sentence], length: int) -> dict[str, list[Sentenc
     """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only."""
     buckets: dict[str, list[Sentence]] = {name: [] for name in CUES}
     for sentence in sentences:
-        kind = list_kind(sentence.text)
+        kind = list_kind(sentence.text, sentence.question)
         if kind:
             buckets[kind].append(sentence)
     return {name: pick_spread(found, length) for name, found in buckets.items()}
@@ -8540,22 +8632,25 @@ def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
 # ---------------------------------------------------------------------------
 
 
+def copied_participant(person: Participant) -> Participant:
+    """A participant whose lists and maps can grow without touching the original."""
+    return Participant(person.id, list(person.texts), dict(person.attributes), list(person.coded), dict(person.asked))
+
+
 def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
     """The parent's data and the data a refinement adds.
 
     A participant in both (the same id) is one, with all their texts."""
-    people = {
-        person.id: Participant(person.id, list(person.texts), dict(person.attributes), list(person.coded))
-        for person in first.participants
-    }
+    people = {person.id: copied_participant(person) for person in first.participants}
     for person in more.participants:
         known = people.get(person.id)
         if known is None:
-            people[person.id] = Participant(person.id, list(person.texts), dict(person.attributes), list(person.coded))
+            people[person.id] = copied_participant(person)
         else:
             known.texts += [text for text in person.texts if text not in known.texts]
             known.coded += person.coded
             known.attributes = {**person.attributes, **known.attributes}
+            known.asked = {**person.asked, **known.asked}
     source = {
         "kind": "refined",
         "location": f"{first.source['location']} + {more.source['location']}",

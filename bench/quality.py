@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -443,6 +444,17 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+SPEECH_FIELDS = {"interviewee turn"}  # the labels' field for a transcript turn: no question the engine sees
+
+
+def kind_of(row: dict[str, Any]) -> str | None:
+    """The list the engine puts a labelled sentence in, seeing the question as a job would (a survey column's)."""
+    question = "" if row["field"] in SPEECH_FIELDS else row["field"]
+    if len(inspect.signature(persona.list_kind).parameters) < 2:  # versions that read the sentence alone
+        return persona.list_kind(row["text"])
+    return persona.list_kind(row["text"], question)
+
+
 def list_precision() -> dict[str, dict[str, dict[str, float | int]]]:
     """Per split and list: how many sentences the engine puts in it, and the share the labels agree with."""
     if not LABELS.exists():
@@ -452,7 +464,7 @@ def list_precision() -> dict[str, dict[str, dict[str, float | int]]]:
     for split in ("tune", "heldout"):
         part = [row for row in rows if row["split"] == split]
         for label, name in LIST_OF_LABEL.items():
-            chosen = [row for row in part if persona.list_kind(row["text"]) == name]
+            chosen = [row for row in part if kind_of(row) == name]
             relevant = [row for row in part if row["label"] == label]
             right = sum(row["label"] == label for row in chosen)
             table.setdefault(split, {})[name] = {

@@ -365,6 +365,50 @@ def test_to_fail_is_a_pain_only_when_something_fails_the_speaker(sentence: str, 
     assert persona.list_kind(sentence) == kind
 
 
+PAIN_POINTS_QUESTION = "What are the biggest pain points for you in running your class?"
+CAUSES_QUESTION = "Have you encountered any other causes of flaky tests that we have not described above?"
+ACTIONS_QUESTION = "Are there any other actions that you would take that we have not listed above?"
+
+
+@pytest.mark.parametrize(
+    ("answer", "question", "kind"),
+    [
+        ("Organizing the assignment submissions.", PAIN_POINTS_QUESTION, "pain_points"),
+        ("Split test suite up.", ACTIONS_QUESTION, "behaviours"),
+        ("Just in time compiling", "What capability or package do you feel is most missing from R?", "goals"),
+        ("Organizing the assignment submissions.", "", None),
+        ("Organizing the assignment submissions.", "Comments:", None),
+    ],
+)
+def test_a_bare_answer_is_what_its_question_asks_for(answer: str, question: str, kind: str | None) -> None:
+    assert persona.list_kind(answer, question) == kind
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["This course was a joy to teach.", "None at this time.", "Thanks for the great tool and the hard work!"],
+)
+def test_a_clause_a_refusal_or_praise_is_not_made_an_item_by_its_question(answer: str) -> None:
+    assert persona.list_kind(answer, PAIN_POINTS_QUESTION) is None
+
+
+def test_a_cause_named_under_a_causes_question_is_no_pain_point_unless_the_speaker_met_it() -> None:
+    assert persona.list_kind("Errors in 3rd party libraries (e.g. Vagrant).") == "pain_points"
+    assert persona.list_kind("Errors in 3rd party libraries (e.g. Vagrant).", CAUSES_QUESTION) is None
+    assert persona.list_kind("We lost days to errors in a 3rd party library.", CAUSES_QUESTION) == "pain_points"
+
+
+def test_a_survey_answer_keeps_the_question_it_answers() -> None:
+    records = [
+        {"id": str(n), "role": "teacher", PAIN_POINTS_QUESTION: answer}
+        for n, answer in enumerate(["Organizing the assignment submissions.", "Grading notebooks by hand"], 1)
+    ]
+    people, _, _ = persona.participants_from_records(records, "class.csv")
+    assert people[0].asked == {"Organizing the assignment submissions.": PAIN_POINTS_QUESTION}
+    sentences = persona.segment_sentences(persona.build_corpus(people), [0, 1], {})
+    assert {s.question for s in sentences} == {PAIN_POINTS_QUESTION}
+
+
 def test_a_problem_stated_with_is_a_stays_a_pain_point() -> None:
     assert persona.list_kind("A big problem is that the tests fail randomly.") == "pain_points"
 
