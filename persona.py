@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -3518,7 +3519,7 @@ class Participant:
     id: str
     texts: list[str] = field(default_factory=list)  # each a unit of its own: a turn, an answer, a review
     attributes: dict[str, str] = field(default_factory=dict)
-    coded: list[str] = field(default_factory=list)  # passages the researcher coded in a QDA project: quoted first
+    coded: dict[str, list[str]] = field(default_factory=dict)  # a QDA project's coded passages -> her codes' names
     asked: dict[str, str] = field(default_factory=dict)  # text -> the survey question it answers
 
 
@@ -4638,7 +4639,7 @@ class Transcript:
     name: str
     attributes: dict[str, str]
     turns: list[tuple[str | None, str]]
-    coded: list[str] = field(default_factory=list)  # the passages of it a researcher coded
+    coded: dict[str, list[str]] = field(default_factory=dict)  # the passages of it a researcher coded -> codes
 
 
 def transcript_text(raw: bytes, fmt: str, name: str) -> str:
@@ -5065,12 +5066,13 @@ def unit_offsets(text: str, size: Callable[[int], int]) -> dict[int, int]:
     return offsets
 
 
-def coded_passages(text: str, selections: list[tuple[int, int, list[str]]]) -> list[str]:
-    """The text of each coded selection. The standard counts offsets in code points, but NVivo counts
+def coded_passages(text: str, selections: list[tuple[int, int, list[str]]]) -> dict[str, list[str]]:
+    """The text of each coded selection, with its codes (guids; a span written once per code is one
+    passage with all of them). The standard counts offsets in code points, but NVivo counts
     UTF-16 units (an emoji is two) and ATLAS.ti a Windows line end as one character: the count under
     which more selections start and end between words is the one the tool used."""
     if not selections:
-        return []
+        return {}
     readings = [[(start, end) for start, end, _ in selections]]
     for size in (
         lambda i: 2 if ord(text[i]) > 0xFFFF else 1,
@@ -5083,7 +5085,11 @@ def coded_passages(text: str, selections: list[tuple[int, int, list[str]]]) -> l
         return sum(0 <= a < b <= len(text) and word_edge(text, a) and word_edge(text, b) for a, b in spans)
 
     spans = max(readings, key=fits)  # code points first: they win a tie, as the standard says
-    return [passage for a, b in spans if 0 <= a < b <= len(text) and (passage := text[a:b].strip())]
+    passages: dict[str, list[str]] = {}
+    for (a, b), (_, _, refs) in zip(spans, selections):
+        if 0 <= a < b <= len(text) and (passage := text[a:b].strip()):
+            passages[passage] = list(dict.fromkeys([*passages.get(passage, []), *refs]))
+    return passages
 
 
 def code_attributes(
@@ -5163,7 +5169,10 @@ def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, 
         attributes.update(code_attributes((s for source in spoken for s in source.selections), project.codes))
         for source in spoken:
             transcript = parse_transcript(texts[source.guid], speaker, f"{name}: {source.name}")
-            coded = coded_passages(texts[source.guid], source.selections)
+            coded = {
+                passage: [project.codes[ref][0] for ref in refs if ref in project.codes]
+                for passage, refs in coded_passages(texts[source.guid], source.selections).items()
+            }
             transcripts.append(Transcript(speaker, transcript.name, attributes, transcript.turns, coded))
     families = {parent for _, parent in project.codes.values() if parent is not None}
     labels = {
@@ -5252,6 +5261,14 @@ class SourceReader:
         return merge_participants(self.groups)
 
 
+def merged_codes(first: Mapping[str, list[str]], more: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Coded passages of two sources together: a passage in both carries the codes of each."""
+    codes = {passage: list(names) for passage, names in first.items()}
+    for passage, names in more.items():
+        codes[passage] = list(dict.fromkeys([*codes.get(passage, []), *names]))
+    return codes
+
+
 def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]:
     """The same id in several files is one participant who spoke in each."""
     merged: dict[str, Participant] = {}
@@ -5259,7 +5276,7 @@ def merge_participants(groups: Iterable[list[Participant]]) -> list[Participant]
         for person in group:
             if person.id in merged:
                 merged[person.id].texts.extend(person.texts)
-                merged[person.id].coded.extend(person.coded)
+                merged[person.id].coded = merged_codes(merged[person.id].coded, person.coded)
                 merged[person.id].asked = {**person.asked, **merged[person.id].asked}
                 for key, value in person.attributes.items():
                     merged[person.id].attributes.setdefault(key, value)
@@ -6063,6 +6080,7 @@ class Redactor:
                     pid,
                     [self.text(text) for text in person.texts],
                     {key: self.text(value) for key, value in person.attributes.items()},
+                    coded={self.text(passage): codes for passage, codes in person.coded.items()},
                     asked={self.text(text): question for text, question in person.asked.items()},
                 )
             )
@@ -8634,7 +8652,9 @@ def compare_personas(left: list[JSON], right: list[JSON]) -> JSON:
 
 def copied_participant(person: Participant) -> Participant:
     """A participant whose lists and maps can grow without touching the original."""
-    return Participant(person.id, list(person.texts), dict(person.attributes), list(person.coded), dict(person.asked))
+    return Participant(
+        person.id, list(person.texts), dict(person.attributes), merged_codes(person.coded, {}), dict(person.asked)
+    )
 
 
 def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
@@ -8648,7 +8668,7 @@ def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
             people[person.id] = copied_participant(person)
         else:
             known.texts += [text for text in person.texts if text not in known.texts]
-            known.coded += person.coded
+            known.coded = merged_codes(known.coded, person.coded)
             known.attributes = {**person.attributes, **known.attributes}
             known.asked = {**person.asked, **known.asked}
     source = {
@@ -9085,6 +9105,9 @@ EXPORT_FORMATS = {  # format: (media type, file name's ending)
     "markdown": ("text/markdown; charset=utf-8", "md"),
     "html": ("text/html; charset=utf-8", "html"),
     "xlsx": ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
+    "qdpx": ("application/zip", "qdpx"),
+    "qdc": ("application/xml", "qdc"),
+    "segments": ("text/csv; charset=utf-8", "csv"),
 }
 
 
@@ -9175,6 +9198,331 @@ def remove_partial_folders(output_dir: Path) -> int:
                 shutil.rmtree(path)
                 removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------
+# Outputs: the personas as a REFI-QDA project, a codebook, and coded segments
+# ---------------------------------------------------------------------------
+#
+# A researcher audits personas in her QDA tool (NVivo, ATLAS.ti, MAXQDA, QualCoder). The
+# project (`.qdpx`: `project.qde` plus `sources/`) holds each quoted participant's words as a
+# plain UTF-8 text, one code per persona with a child code per theme, and a coded selection for
+# each quote and each goal, pain point and behaviour found in those words; offsets count code
+# points of the stored text, the end exclusive, as the REFI-QDA 1.5 specification says. The
+# words come from reading the job's source again; where that cannot be done (a URL, a file
+# changed since), each persona's own quotes and items are its source, and the project says so.
+
+QDA_PROJECT_NS = "urn:QDA-XML:project:1.0"
+QDA_CODEBOOK_NS = "urn:QDA-XML:codebook:1.0"
+QDA_GUIDS = uuid.UUID("5b0f8a4e-58d3-4c0e-9a39-0c8f1d2b7e61")  # an export's guids: uuid5 of its job and what they name
+QDA_NAME_CHARACTERS = 100  # a selection longer than this is named by its start and "…"
+QDA_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
+EVIDENCE_FIELDS = {"quotes": "Quote", "goals": "Goal", "pain_points": "Pain point", "behaviours": "Behaviour"}
+
+
+@dataclass
+class Passage:
+    """A persona's quote or item found in its source text: where, and what it is."""
+
+    persona: int
+    field: str  # one of EVIDENCE_FIELDS
+    index: int
+    source: str  # the participant's id, or the persona's own source where the data could not be read
+    start: int
+    end: int
+
+
+@dataclass
+class EvidenceSources:
+    """The texts a project's sources hold (by participant id, or a persona's own) and the passages in them."""
+
+    texts: dict[str, str]
+    passages: list[Passage]
+    people: dict[str, Participant]  # the participants the personas stand for, as the data has them
+    read_again: bool  # whether the texts are the participants' words, or only the personas'
+
+
+def plain_source_text(person: Participant) -> str:
+    """A participant's words as one plain text: each unit (a turn, an answer) a paragraph, `\\n` line ends."""
+    return "\n\n".join(text.replace("\r\n", "\n").replace("\r", "\n") for text in person.texts)
+
+
+def locate(text: str, passage: str) -> tuple[int, int] | None:
+    """Where `passage` stands in `text`, allowing other white space between its words."""
+    start = text.find(passage)
+    if start >= 0:
+        return start, start + len(passage)
+    words = passage.split()
+    match = re.search(r"\s+".join(map(re.escape, words)), text) if words else None
+    return match.span() if match else None
+
+
+def locate_item(text: str, item: str) -> tuple[int, int] | None:
+    """Where a list item stands in `text`: as written, or as the sentence it was tidied from."""
+    found = locate(text, item)
+    if found is not None:
+        return found
+    for sentence in split_sentences(text):
+        if tidy_spoken(sentence) == item:
+            return locate(text, sentence)
+    return None
+
+
+def evidence_sources(personas: list[JSON], dataset: Dataset | None) -> EvidenceSources:
+    """Each quote and item of each persona, found in the words of one of its own participants.
+
+    Without the data (`dataset` None) each persona's quotes and items, a paragraph each, are its source."""
+    known = {person.id: person for person in dataset.participants} if dataset is not None else {}
+    texts: dict[str, str] = {}
+    passages = []
+    for number, persona in enumerate(personas):
+        members = [pid for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
+        for key in EVIDENCE_FIELDS:
+            for index, item in enumerate(persona.get(key, [])):
+                if not isinstance(item, str):
+                    continue
+                for pid in members:
+                    text = texts.get(pid) or plain_source_text(known[pid])
+                    span = locate(text, item) if key == "quotes" else locate_item(text, item)
+                    if span is not None:
+                        texts[pid] = text
+                        passages.append(Passage(number, key, index, pid, *span))
+                        break
+    if dataset is None:
+        for number, persona in enumerate(personas):
+            own, paragraphs = f"{persona['name']}: quotes and items", list[str]()
+            for key in EVIDENCE_FIELDS:
+                for index, item in enumerate(persona.get(key, [])):
+                    if isinstance(item, str) and item.strip():
+                        start = sum(len(p) + 2 for p in paragraphs)
+                        paragraphs.append(item)
+                        passages.append(Passage(number, key, index, own, start, start + len(item)))
+            if paragraphs:
+                texts[own] = "\n\n".join(paragraphs)
+    return EvidenceSources(texts, passages, known, dataset is not None)
+
+
+def qda_guid(job_id: str, *names: str) -> str:
+    return str(uuid.uuid5(QDA_GUIDS, "\x1f".join((job_id, *names))))
+
+
+def qda_text(text: str) -> str:
+    """Text XML 1.0 can hold."""
+    return XML_UNSAFE.sub("", text)
+
+
+def selection_name(text: str) -> str:
+    """A selection's name: the exact text it covers, or its first 100 characters and "…"."""
+    return text if len(text) <= QDA_NAME_CHARACTERS else text[:QDA_NAME_CHARACTERS] + "…"
+
+
+def persona_code_name(persona: JSON) -> str:
+    return f"{persona['name']} — {persona['title']}"
+
+
+def persona_description(persona: JSON) -> str:
+    """What a persona's code says of it: its summary, demographics, distinctive answers and lists."""
+    lines = [persona.get("summary", "")]
+    details = [
+        f"{key}: {value}" for key, value in persona["demographics"].items() if key not in ("participants", "share")
+    ]
+    if details:
+        lines += ["", "Demographics:", *details]
+    answers = persona.get("evidence", {}).get("answers", [])
+    if answers:
+        lines += ["", "What sets them apart:", *(answer_finding(answer) for answer in answers)]
+    for key, heading in LIST_HEADINGS.items():
+        if persona.get(key):
+            lines += ["", f"{heading}:", *(f"- {item}" for item in persona[key] if isinstance(item, str))]
+    return qda_text("\n".join(lines).strip())
+
+
+def theme_codes(job_id: str, number: int, persona: JSON) -> dict[str, str]:
+    """A persona's themes, each with its child code's guid."""
+    themes = [theme for theme in dict.fromkeys(persona.get("themes", [])) if isinstance(theme, str) and theme.strip()]
+    return {theme: qda_guid(job_id, "theme", str(number), theme) for theme in themes}
+
+
+def mentions(text: str, theme: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(theme)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def qda_user(metadata: JSON) -> tuple[str, str]:
+    """Persona as the project's user, named with its provider and model so the team tells its coding from theirs."""
+    name = f"Persona {metadata.get('version', __version__)} ({metadata.get('provider', 'local')}"
+    name += f", {metadata['model']})" if metadata.get("model") else ")"
+    return qda_guid(metadata["job_id"], "user"), name
+
+
+def qda_codebook(personas: list[JSON], job_id: str, parent: Any) -> None:
+    """One code per persona under `parent` (a <Codes>), each with a child code per theme."""
+    from xml.etree import ElementTree as ET
+
+    for number, persona in enumerate(personas):
+        code = ET.SubElement(
+            parent,
+            "Code",
+            guid=qda_guid(job_id, "persona", str(number)),
+            name=qda_text(persona_code_name(persona)),
+            isCodable="true",
+            color=QDA_COLOURS[number % len(QDA_COLOURS)],
+        )
+        ET.SubElement(code, "Description").text = persona_description(persona)
+        for theme, guid in theme_codes(job_id, number, persona).items():
+            ET.SubElement(code, "Code", guid=guid, name=qda_text(theme), isCodable="true")
+
+
+def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None, when: str) -> bytes:
+    """The personas as a REFI-QDA project (.qdpx) over the words they were drawn from."""
+    import zipfile
+    from xml.etree import ElementTree as ET
+
+    job_id = metadata["job_id"]
+    found = evidence_sources(personas, dataset)
+    user, user_name = qda_user(metadata)
+    stamp = {"creatingUser": user, "creationDateTime": when}
+    project = ET.Element(
+        "Project",
+        xmlns=QDA_PROJECT_NS,
+        name=qda_text(f"Personas from {metadata.get('source', {}).get('location', 'inline data')}"),
+        origin=f"Persona {__version__}",
+        creatingUserGUID=user,
+        creationDateTime=when,
+    )
+    ET.SubElement(ET.SubElement(project, "Users"), "User", guid=user, name=qda_text(user_name), id="persona")
+    qda_codebook(personas, job_id, ET.SubElement(ET.SubElement(project, "CodeBook"), "Codes"))
+    members = {
+        pid: number
+        for number, persona in enumerate(personas)
+        for pid in persona.get("evidence", {}).get("participants", [])
+        if pid in found.people
+    }
+    keys = sorted({key for pid in members for key in found.people[pid].attributes})
+    variables = {key: qda_guid(job_id, "variable", key) for key in keys}
+    if variables:
+        holder = ET.SubElement(project, "Variables")
+        labels = dataset.labels if dataset is not None else {}
+        for key, guid in variables.items():
+            ET.SubElement(
+                holder, "Variable", guid=guid, name=qda_text(question_text(key, labels)), typeOfVariable="Text"
+            )
+    sources = {name: qda_guid(job_id, "source", name) for name in found.texts}
+    if members:
+        holder = ET.SubElement(project, "Cases")
+        for pid, number in members.items():
+            case = ET.SubElement(holder, "Case", guid=qda_guid(job_id, "case", pid), name=qda_text(pid))
+            ET.SubElement(case, "CodeRef", targetGUID=qda_guid(job_id, "persona", str(number)))
+            for key, value in found.people[pid].attributes.items():
+                entry = ET.SubElement(case, "VariableValue")
+                ET.SubElement(entry, "VariableRef", targetGUID=variables[key])
+                ET.SubElement(entry, "TextValue").text = qda_text(value)
+            if pid in sources:
+                ET.SubElement(case, "SourceRef", targetGUID=sources[pid])
+    if sources:
+        holder = ET.SubElement(project, "Sources")
+        for name, guid in sources.items():
+            source = ET.SubElement(
+                holder,
+                "TextSource",
+                {"guid": guid, "name": qda_text(name), "plainTextPath": f"internal://{guid}.txt", **stamp},
+            )
+            qda_selections(source, found, name, personas, job_id, stamp)
+    summary = f"{len(personas)} personas by {user_name}, job {job_id}."
+    if not found.read_again:
+        summary += " The job's source could not be read again, so each persona's quotes and items are its source."
+    ET.SubElement(project, "Description").text = summary
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("project.qde", ET.tostring(project, encoding="utf-8", xml_declaration=True))
+        for name, guid in sources.items():
+            archive.writestr(f"sources/{guid}.txt", found.texts[name].encode("utf-8"))
+    return out.getvalue()
+
+
+def qda_selections(
+    source: Any, found: EvidenceSources, name: str, personas: list[JSON], job_id: str, stamp: dict[str, str]
+) -> None:
+    """A source's coded selections: one per span, coded with each persona that found it there and each theme
+    it names."""
+    from xml.etree import ElementTree as ET
+
+    text = found.texts[name]
+    spans: dict[tuple[int, int], list[Passage]] = {}
+    for passage in found.passages:
+        if passage.source == name:
+            spans.setdefault((passage.start, passage.end), []).append(passage)
+    for (start, end), here in sorted(spans.items()):
+        covered = text[start:end]
+        selection = ET.SubElement(
+            source,
+            "PlainTextSelection",
+            {
+                "guid": qda_guid(job_id, "selection", name, str(start), str(end)),
+                "name": qda_text(selection_name(covered)),
+                "startPosition": str(start),
+                "endPosition": str(end),
+                **stamp,
+            },
+        )
+        ET.SubElement(selection, "Description").text = qda_text(
+            "; ".join(f"{EVIDENCE_FIELDS[p.field]} of {personas[p.persona]['name']}" for p in here)
+        )
+        codes = {qda_guid(job_id, "persona", str(p.persona)): None for p in here}
+        for p in here:
+            codes.update(
+                (guid, None)
+                for theme, guid in theme_codes(job_id, p.persona, personas[p.persona]).items()
+                if mentions(covered, theme)
+            )
+        for code in codes:
+            coding = ET.SubElement(
+                selection, "Coding", {"guid": qda_guid(job_id, "coding", name, str(start), code), **stamp}
+            )
+            ET.SubElement(coding, "CodeRef", targetGUID=code)
+
+
+def personas_qdc(personas: list[JSON], metadata: JSON) -> bytes:
+    """The personas and their themes as a REFI-QDA codebook (.qdc), to code with in a QDA tool."""
+    from xml.etree import ElementTree as ET
+
+    codebook = ET.Element("CodeBook", xmlns=QDA_CODEBOOK_NS, origin=f"Persona {__version__}")
+    qda_codebook(personas, metadata["job_id"], ET.SubElement(codebook, "Codes"))
+    return ET.tostring(codebook, encoding="utf-8", xml_declaration=True)
+
+
+def coded_segments_csv(personas: list[JSON], dataset: Dataset | None) -> str:
+    """One row per quote or item found in the data: its source, participant and their attributes, its
+    text, persona and themes, and the researcher's own codes on it where her project had them."""
+    found = evidence_sources(personas, dataset)
+    keys = sorted(
+        {key for passage in found.passages for key in found.people.get(passage.source, Participant("")).attributes}
+    )
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    labels = dataset.labels if dataset is not None else {}
+    questions = [question_text(key, labels) for key in keys]
+    writer.writerow(["source", "participant", *questions, "kind", "text", "start", "end", "persona", "themes", "codes"])
+    for passage in found.passages:
+        persona = personas[passage.persona]
+        person = found.people.get(passage.source)
+        text = found.texts[passage.source][passage.start : passage.end]
+        attributes = person.attributes if person is not None else {}
+        themes = [theme for theme in persona.get("themes", []) if isinstance(theme, str) and mentions(text, theme)]
+        codes = codes_on(person, found.texts[passage.source], (passage.start, passage.end)) if person else []
+        row = [
+            dataset.source.get("location", "") if dataset is not None else "",
+            passage.source if person is not None else "",
+            *(attributes.get(key, "") for key in keys),
+            EVIDENCE_FIELDS[passage.field],
+            text,
+            passage.start,
+            passage.end,
+            persona_code_name(persona),
+            "; ".join(themes),
+            "; ".join(codes),
+        ]
+        writer.writerow([spreadsheet_cell(value) for value in row])
+    return "\ufeff" + out.getvalue()
 
 
 # ---------------------------------------------------------------------------
@@ -9280,14 +9628,45 @@ def grouping_warnings(key: str, dataset: Dataset, count: int) -> list[str]:
 
 
 def with_answers(personas: list[JSON], dataset: Dataset, grouped_by: str | None = None) -> list[JSON]:
-    """Every persona carries the closed answers that set its participants apart, whichever engine made it."""
+    """Every persona carries the closed answers that set its participants apart, whichever engine made it;
+    and where the researcher coded the data, her codes its participants carry and those on each quote."""
     known = {person.id: person for person in dataset.participants}
     for persona in personas:
         evidence = persona.setdefault("evidence", {})
+        members = [known[pid] for pid in dict.fromkeys(evidence.get("participants", [])) if pid in known]
         if "answers" not in evidence:
-            members = [known[pid] for pid in dict.fromkeys(evidence.get("participants", [])) if pid in known]
             evidence["answers"] = closed_answers(members, dataset.participants, dataset.labels, grouped_by)
+        if any(person.coded for person in members):
+            evidence["codes"] = carried_codes(members)
+            evidence["quote_codes"] = [quote_codes(quote, members) for quote in persona.get("quotes", [])]
     return personas
+
+
+def carried_codes(members: list[Participant]) -> list[JSON]:
+    """The researcher's codes a persona's participants carry, most carried first: `{"code", "count", "of"}`."""
+    carried = Counter(name for person in members for name in {n for names in person.coded.values() for n in names})
+    ranked = sorted(carried.items(), key=lambda item: (-item[1], item[0]))
+    return [{"code": name, "count": count, "of": len(members)} for name, count in ranked]
+
+
+def quote_codes(quote: str, members: list[Participant]) -> list[str]:
+    """Her codes on the passages a quote overlaps, in the words of whichever participant said it."""
+    for person in members:
+        text = plain_source_text(person)
+        span = locate(text, quote)
+        if span is not None:
+            return codes_on(person, text, span)
+    return []
+
+
+def codes_on(person: Participant, text: str, span: tuple[int, int]) -> list[str]:
+    """Her codes on the coded passages of `person` that overlap `span` of their text."""
+    names: list[str] = []
+    for passage, codes in person.coded.items():
+        at = locate(text, passage)
+        if at is not None and at[0] < span[1] and span[0] < at[1]:
+            names += codes
+    return list(dict.fromkeys(names))
 
 
 async def job_dataset(
@@ -10487,14 +10866,42 @@ async def export_generation(request: Request) -> Response:
         )
     result = completed_result(job, "exported")
     media_type, ending = EXPORT_FORMATS[form]
-    personas = result["personas"]
-    body = personas_xlsx(personas) if form == "xlsx" else personas_document(form, personas, result["metadata"]).encode()
+    personas, metadata = result["personas"], result["metadata"]
+    if form == "xlsx":
+        body = personas_xlsx(personas)
+    elif form == "qdc":
+        body = personas_qdc(personas, metadata)
+    elif form == "qdpx":
+        dataset = await export_dataset(request, job["job_id"], metadata)
+        body = await asyncio.to_thread(personas_qdpx, personas, metadata, dataset, job["completed_at"])
+    elif form == "segments":
+        dataset = await export_dataset(request, job["job_id"], metadata)
+        body = (await asyncio.to_thread(coded_segments_csv, personas, dataset)).encode()
+    else:
+        body = personas_document(form, personas, metadata).encode()
     name = f"{export_name(job)}.{ending}"
     return Response(
         body,
         media_type=media_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+async def export_dataset(request: Request, job_id: str, metadata: JSON) -> Dataset | None:
+    """The job's data read again, for an export that places the personas in it; None where it cannot be:
+    a source on the web (an export fetches nothing), or one that changed or went since the job read it."""
+    stored = await state(request).store.job_request(job_id)
+    if stored is None:
+        return None
+    sources = [stored[0]["data"], *stored[0].get("refine", {}).get("more_data", [])]
+    if any(isinstance(source, str) and classify_data(source) == "url" for source in sources):
+        return None
+    try:
+        async with engine_slot():  # reading a source is a job's work: exports take their turn as jobs do
+            dataset, _ = await job_dataset(stored[0], state(request).settings)
+    except (GenerationError, OSError):
+        return None
+    return dataset if dataset.source == metadata.get("source") else None
 
 
 def export_name(job: JSON) -> str:
@@ -10987,7 +11394,15 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     warnings = "".join(f"<li>{escape(warning)}</li>" for warning in warned)
     exports = "".join(
         f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
-        for form, label in (("csv", "CSV"), ("xlsx", "Excel"), ("markdown", "Markdown"), ("json", "JSON"))
+        for form, label in (
+            ("csv", "CSV"),
+            ("xlsx", "Excel"),
+            ("markdown", "Markdown"),
+            ("json", "JSON"),
+            ("qdpx", "QDA project (.qdpx)"),
+            ("qdc", "QDA codebook (.qdc)"),
+            ("segments", "coded segments (CSV)"),
+        )
     )
     parent = result.get("parent_job_id")
     others = await state(request).store.get_experiment(result["experiment_id"])
@@ -11443,6 +11858,23 @@ PERSONA_SCHEMA: JSON = {
                             "share_elsewhere": {"type": "number"},
                         },
                     },
+                },
+                "codes": {
+                    "type": "array",
+                    "description": "a QDA project's codes the persona's participants carry, most carried first",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "code": {"type": "string"},
+                            "count": {"type": "integer"},
+                            "of": {"type": "integer"},
+                        },
+                    },
+                },
+                "quote_codes": {
+                    "type": "array",
+                    "description": "per quote, in order, the researcher's codes on the passage it quotes",
+                    "items": STRING_LIST,
                 },
             },
         },
@@ -12667,7 +13099,8 @@ class PersonaClient:
         return self._request("GET", "/api/v1/compare", params={"a": a, "b": b})
 
     def export(self, job_id: str, format: str = "csv") -> bytes:
-        """A completed job's personas as the file's bytes: csv, json, markdown or html."""
+        """A completed job's personas as the file's bytes, in one of the export formats (csv, xlsx, json, markdown,
+        html, qdpx, qdc, segments)."""
         return self._send("GET", f"/api/v1/generate/{job_id}/export", params={"format": format}).content
 
     def create_webhook(self, url: str, events: list[str] | None = None, secret: str | None = None) -> JSON:
@@ -12866,7 +13299,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     export_cmd = server_command(
-        commands, "export", "download a completed job's personas as CSV, JSON, Markdown or HTML"
+        commands,
+        "export",
+        "download a completed job's personas as CSV, Excel, JSON, Markdown, HTML, a QDA project (qdpx), "
+        "a QDA codebook (qdc) or coded segments (CSV)",
     )
     export_cmd.add_argument("job_id", help="the job")
     export_cmd.add_argument(

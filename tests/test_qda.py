@@ -7,12 +7,18 @@ the text); they are the project's own, so they can ship.
 
 from __future__ import annotations
 
+import csv
 import io
+import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 import pytest
+import xmlschema
 from conftest import Server, wait_job
 
 import persona
@@ -178,7 +184,13 @@ def test_a_coded_passage_is_found_however_the_tool_counted_its_offsets(unit: str
     if unit == "a line end as one":  # as ATLAS.ti counts a Windows line end
         start -= text[:start].count("\r\n")
     selections = [(start, start + len(passage), ["c"]), (0, 5, ["c"])]
-    assert persona.coded_passages(text, selections) == [passage, "Angry"]
+    assert persona.coded_passages(text, selections) == {passage: ["c"], "Angry": ["c"]}
+
+
+def test_a_span_written_once_per_code_is_one_passage_with_every_code() -> None:
+    text = "The handover sheet is always missing."
+    selections = [(0, len(text), ["c-time"]), (0, len(text), ["c-wish"]), (4, 18, ["c-tech"])]
+    assert persona.coded_passages(text, selections) == {text: ["c-time", "c-wish"], "handover sheet": ["c-tech"]}
 
 
 def test_quotes_come_from_the_passages_the_researcher_coded_first() -> None:
@@ -194,5 +206,220 @@ def test_quotes_come_from_the_passages_the_researcher_coded_first() -> None:
 def test_each_participant_carries_the_passages_coded_in_its_sources(tmp_path: Path) -> None:
     study(tmp_path)
     people = {person.id: person for person in persona.load_path("rota study.qdpx", tmp_path).participants}
-    assert people["P01"].coded == ["I need the rota a week ahead.", "rota"]
-    assert people["P03"].coded == ["The handover sheet is always missing."]
+    assert people["P01"].coded == {"I need the rota a week ahead.": ["Time"], "rota": ["Wishes"]}
+    assert people["P03"].coded == {"The handover sheet is always missing.": ["Time"]}
+
+
+def test_a_persona_says_which_of_her_codes_its_participants_and_its_quotes_carry(
+    server: Server, client: httpx.Client
+) -> None:
+    study(server.workdir / "data")
+    response = client.post("/api/v1/generate", json={"data": "rota study.qdpx", "config": {"group_by": "site"}})
+    job = wait_job(client, response.json()["job_id"])
+    assert job["status"] == "completed", job["error"]
+    north = next(p for p in job["result"]["personas"] if sorted(p["evidence"]["participants"]) == ["P01", "P03"])
+    assert north["evidence"]["codes"] == [
+        {"code": "Time", "count": 2, "of": 2},
+        {"code": "Wishes", "count": 1, "of": 2},
+    ]
+    assert dict(zip(north["quotes"], north["evidence"]["quote_codes"], strict=True)) == {
+        "I need the rota a week ahead.": ["Time", "Wishes"],  # coded Time, and its "rota" coded Wishes
+        "The app logs me out on night shifts.": [],
+    }
+
+
+# -- export: the personas back into her tool ------------------------------------------
+
+SCHEMAS = Path(__file__).resolve().parent / "data" / "refi-qda"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "interviews.csv"
+QDA = "{urn:QDA-XML:project:1.0}"
+
+
+@pytest.fixture(scope="module")
+def project_schema() -> xmlschema.XMLSchema:
+    return xmlschema.XMLSchema(SCHEMAS / "Project-mrt2019.xsd")
+
+
+def completed(client: httpx.Client, data: str, **body: object) -> dict:
+    response = client.post("/api/v1/generate", json={"data": data, "count": 3, **body})
+    job = wait_job(client, response.json()["job_id"])
+    assert job["status"] == "completed", job["error"]
+    return job
+
+
+def exported_project(client: httpx.Client, job_id: str) -> tuple[zipfile.ZipFile, ElementTree.Element]:
+    response = client.get(f"/api/v1/generate/{job_id}/export", params={"format": "qdpx"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    assert re.search(r'filename="personas-[\w.-]+\.qdpx"', response.headers["content-disposition"])
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    return archive, ElementTree.fromstring(archive.read("project.qde"))
+
+
+def selections(project: ElementTree.Element, archive: zipfile.ZipFile) -> list[tuple[str, str, set[str]]]:
+    """Each selection as (its name, the text its offsets cover in the stored source, its codes' guids)."""
+    found = []
+    for source in project.iter(f"{QDA}TextSource"):
+        stored = archive.read(source.get("plainTextPath", "").replace("internal://", "sources/"))
+        assert not stored.startswith(b"\xef\xbb\xbf") and b"\r" not in stored  # UTF-8, no BOM, \n line ends
+        text = stored.decode("utf-8")
+        for selection in source.iter(f"{QDA}PlainTextSelection"):
+            covered = text[int(selection.get("startPosition", "")) : int(selection.get("endPosition", ""))]
+            codes = {ref.get("targetGUID", "") for ref in selection.iter(f"{QDA}CodeRef")}
+            found.append((selection.get("name", ""), covered, codes))
+    return found
+
+
+def test_a_job_exports_as_a_project_the_published_schema_accepts(
+    server: Server, client: httpx.Client, project_schema: xmlschema.XMLSchema
+) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    archive, project = exported_project(client, job["job_id"])
+    project_schema.validate(io.BytesIO(archive.read("project.qde")))
+    guids = [element.get("guid") for element in project.iter() if element.get("guid")]
+    assert len(guids) == len(set(guids))
+    targets = {element.get("targetGUID") for element in project.iter() if element.get("targetGUID")}
+    assert targets <= set(guids) | {project.get("creatingUserGUID")}  # every reference resolves
+    users = list(project.iter(f"{QDA}User"))
+    assert len(users) == 1 and "local" in users[0].get("name", "")
+    codes = {code.get("guid"): code.get("name", "") for code in project.find(f"{QDA}CodeBook").iter(f"{QDA}Code")}
+    personas = job["result"]["personas"]
+    persona_codes = {f"{p['name']} — {p['title']}" for p in personas}
+    assert persona_codes <= set(codes.values())
+    cases = {case.get("name") for case in project.iter(f"{QDA}Case")}
+    assert cases == {pid for p in personas for pid in p["evidence"]["participants"]}
+    variables = {variable.get("name") for variable in project.iter(f"{QDA}Variable")}
+    assert {"role", "location"} <= variables
+
+
+def test_every_quote_and_item_is_a_selection_on_its_own_words_coded_with_its_persona(
+    server: Server, client: httpx.Client
+) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    archive, project = exported_project(client, job["job_id"])
+    codes = {code.get("name"): code.get("guid") for code in project.iter(f"{QDA}Code")}
+    found = selections(project, archive)
+    for name, covered, _ in found:  # the name is the text it covers, or its first 100 characters and "…"
+        assert name == covered or (len(covered) > 100 and name == covered[:100] + "…")
+    for p in job["result"]["personas"]:
+        code = codes[f"{p['name']} — {p['title']}"]
+        coded = [covered for _, covered, refs in found if code in refs]
+        assert all(any(quote == text for text in coded) for quote in p["quotes"])
+        items = p["goals"] + p["pain_points"] + p["behaviours"]
+        assert len(coded) == len(set(p["quotes"] + items))
+
+
+def test_offsets_count_code_points_of_the_stored_text(server: Server, client: httpx.Client) -> None:
+    rows = ["participant_id,response"] + [
+        f'P{n},"😀 Emoji first. I keep the rota pinned by the door, {word} week. It takes ages to find a swap."'
+        for n, word in enumerate(["every", "each", "every", "each"], 1)
+    ]
+    (server.workdir / "data" / "emoji.csv").write_text("\n".join(rows), encoding="utf-8")
+    job = completed(client, "emoji.csv", count=2)
+    archive, project = exported_project(client, job["job_id"])
+    quotes = {quote for p in job["result"]["personas"] for quote in p["quotes"] + p["pain_points"]}
+    covered = {text for _, text, _ in selections(project, archive)}
+    assert quotes and quotes <= covered
+
+
+def test_an_exported_project_reads_back_with_every_quote_on_its_text(server: Server, client: httpx.Client) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "qdpx"})
+    (server.workdir / "data" / "back.qdpx").write_bytes(response.content)
+    people = {person.id: person for person in persona.load_path("back.qdpx", server.workdir / "data").participants}
+    for p in job["result"]["personas"]:
+        for quote in p["quotes"]:
+            speakers = [
+                pid for pid in p["evidence"]["participants"] if quote in people.get(pid, persona.Participant("")).coded
+            ]
+            assert len(speakers) == 1, quote
+    assert people["P01"].attributes["role"] == "Nurse"
+
+
+def test_a_source_changed_since_the_job_exports_the_personas_own_words(
+    server: Server, client: httpx.Client, project_schema: xmlschema.XMLSchema
+) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    (server.workdir / "data" / "interviews.csv").write_text(
+        "participant_id,response\nP9,Something else entirely now.\n"
+    )
+    archive, project = exported_project(client, job["job_id"])
+    project_schema.validate(io.BytesIO(archive.read("project.qde")))
+    assert "could not be read again" in project.findtext(f"{QDA}Description", "")
+    covered = {text for _, text, _ in selections(project, archive)}
+    assert {quote for p in job["result"]["personas"] for quote in p["quotes"]} <= covered
+
+
+def test_the_personas_export_as_a_codebook_the_published_schema_accepts(server: Server, client: httpx.Client) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "qdc"})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/xml"
+    xmlschema.XMLSchema(SCHEMAS / "Codebook-mrt2019.xsd").validate(io.BytesIO(response.content))
+    names = [
+        code.get("name") for code in ElementTree.fromstring(response.content).iter("{urn:QDA-XML:codebook:1.0}Code")
+    ]
+    themes = [theme for p in job["result"]["personas"] for theme in p["themes"]]
+    assert len(names) == len(job["result"]["personas"]) + len(themes)
+
+
+def test_coded_segments_give_a_row_per_quote_or_item_with_its_participant_and_persona(
+    server: Server, client: httpx.Client
+) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "segments"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
+    personas = {f"{p['name']} — {p['title']}": p for p in job["result"]["personas"]}
+    roles = {row["participant_id"]: row["role"] for row in csv.DictReader(io.StringIO(EXAMPLE.read_text()))}
+    assert rows and {row["kind"] for row in rows} <= {"Quote", "Goal", "Pain point", "Behaviour"}
+    for row in rows:
+        owner = personas[row["persona"]]
+        assert row["participant"] in owner["evidence"]["participants"] and row["source"] == "interviews.csv"
+        assert row["role"] == roles[row["participant"]]
+    assert sum(row["kind"] == "Quote" for row in rows) == sum(len(p["quotes"]) for p in personas.values())
+
+
+def test_a_job_made_from_a_project_exports_its_quotes_with_her_codes(server: Server, client: httpx.Client) -> None:
+    study(server.workdir / "data")
+    job = completed(client, "rota study.qdpx", count=2, config={"group_by": "site"})
+    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "segments"})
+    rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
+    assert {"participant": "P01", "text": "I need the rota a week ahead.", "codes": "Time; Wishes"}.items() <= next(
+        row for row in rows if row["text"] == "I need the rota a week ahead."
+    ).items()
+
+
+def test_the_command_line_exports_a_project(server: Server, client: httpx.Client, tmp_path: Path) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    job = completed(client, "interviews.csv")
+    target = tmp_path / "personas.qdpx"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persona",
+            "export",
+            job["job_id"],
+            "--server",
+            server.url,
+            "--format",
+            "qdpx",
+            "--output",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    with persona.PersonaClient(server.url) as api:
+        assert api.export(job["job_id"], "qdpx") == target.read_bytes()
+    assert "project.qde" in zipfile.ZipFile(target).namelist()
