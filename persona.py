@@ -5538,8 +5538,12 @@ async def data_sources(
     job reads it.
     """
     sources, tables = await asyncio.to_thread(walk_sources, data_dir)
-    if hidden:
-        sources = [source for source in sources if source["name"] not in hidden]
+    if hidden:  # another's upload, and the files in another's folder of uploads
+        sources = [
+            source
+            for source in sources
+            if source["name"] not in hidden and "/".join(source["name"].split("/")[:2]) not in hidden
+        ]
     page = sources[offset : offset + limit]
     shown = {id(source) for source in page}
     for source, file, info in tables:
@@ -5651,6 +5655,16 @@ def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
         del cache[next(iter(cache))]
 
 
+def upload_folder_name(name: str) -> str:
+    """A safe folder name from the one a browser sent, cleaned as a file's name is."""
+    cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100]
+    if not cleaned:
+        raise APIError(
+            422, f"A folder of uploads needs a name with a letter or digit, got {name[:100]!r}", {"folder": "is empty"}
+        )
+    return cleaned
+
+
 def upload_name(name: str) -> str:
     """A safe file name from the one a browser sent: letters, digits, dots, dashes and underscores, a known format."""
     cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100]
@@ -5674,13 +5688,31 @@ def uploads_folder(data_dir: Path) -> Path:
 
 
 def owned_uploads(folder: Path, owner: str) -> list[Path]:
-    """The uploads this owner made, by the owner files beside them."""
+    """The uploads this owner made, by the owner files beside them: files, and the files in their folders."""
     owned = []
     for entry in os.scandir(folder / UPLOAD_OWNERS):
         with contextlib.suppress(OSError):
-            if entry.is_file() and Path(entry.path).read_text("utf-8") == owner and (folder / entry.name).is_file():
-                owned.append(folder / entry.name)
+            if not entry.is_file() or Path(entry.path).read_text("utf-8") != owner:
+                continue
+            upload = folder / entry.name
+            if upload.is_file():
+                owned.append(upload)
+            elif is_upload_folder(upload):
+                owned += folder_uploads(upload)
     return owned
+
+
+def is_upload_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def folder_uploads(folder: Path) -> list[Path]:
+    """The files in a folder of uploads (not the ones being written, whose names start with a dot)."""
+    return [
+        Path(entry.path)
+        for entry in os.scandir(folder)
+        if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")
+    ]
 
 
 def others_uploads(data_dir: Path, owner: str) -> set[str]:
@@ -5690,7 +5722,8 @@ def others_uploads(data_dir: Path, owner: str) -> set[str]:
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder / UPLOAD_OWNERS):
             with contextlib.suppress(OSError):
-                if (folder / entry.name).is_file() and Path(entry.path).read_text("utf-8") != owner:
+                upload = folder / entry.name
+                if (upload.is_file() or is_upload_folder(upload)) and Path(entry.path).read_text("utf-8") != owner:
                     names.add(f"{UPLOADS}/{entry.name}")
     return names | {UPLOADS} if names else names
 
@@ -5710,14 +5743,39 @@ async def refuse_others_uploads(data: str | list[Any] | None, data_dir: Path, ow
         raise missing_source(data)
 
 
-def upload_owner(folder: Path, name: str) -> str | None:
-    """Who made the upload `name` in uploads/, if it is a file with an owner."""
-    if not (folder / name).is_file() or (folder / name).is_symlink():
+def upload_owner(folder: Path, name: str, kind: Callable[[Path], bool] = Path.is_file) -> str | None:
+    """Who made the upload `name` in uploads/, if it is a file (or with `kind`, a folder) with an owner."""
+    if not kind(folder / name) or (folder / name).is_symlink():
         return None
     try:
         return (folder / UPLOAD_OWNERS / name).read_text("utf-8")
     except OSError:
         return None
+
+
+def owned_upload_folder(uploads: Path, name: str, owner: str) -> Path:
+    """uploads/<name>, a folder of `owner`'s uploads: made and claimed for them if new (the claim, an
+    owner file, is linked into place so that two clients never both get it); another's is refused."""
+    path, marker = uploads / name, uploads / UPLOAD_OWNERS / name
+    taken = APIError(409, f"{UPLOADS}/{name} is another upload; put the files in a folder of another name")
+    with tempfile.NamedTemporaryFile("w", dir=marker.parent, prefix=".claim-", delete=False) as claim:
+        claim.write(owner)
+    try:
+        os.link(claim.name, marker)
+        claimed = True
+    except FileExistsError:
+        claimed = False
+    finally:
+        os.unlink(claim.name)
+    if claimed:
+        try:
+            path.mkdir()
+        except FileExistsError:  # a file or folder there that no client owns: nobody's to claim
+            marker.unlink(missing_ok=True)
+            raise taken from None
+    if upload_owner(uploads, name, is_upload_folder) != owner:
+        raise taken
+    return path
 
 
 def check_upload_quota(folder: Path, owner: str, size: int, replaced: Path | None = None) -> None:
@@ -5741,11 +5799,19 @@ def check_upload_quota(folder: Path, owner: str, size: int, replaced: Path | Non
         )
 
 
-def delete_upload(data_dir: Path, name: str, owner: str) -> bool:
-    """Delete an upload its owner made (one with no owner file predates them: anyone allowed to write may);
-    False when there is none this owner may delete."""
-    folder = uploads_folder(data_dir)
-    target, marker = folder / name, folder / UPLOAD_OWNERS / name
+def delete_upload(data_dir: Path, name: str, owner: str, folder: str | None = None) -> bool:
+    """Delete an upload its owner made (one with no owner file predates them: anyone allowed to write may),
+    or a file in a folder of theirs, the folder going with its last file; False when there is none this
+    owner may delete."""
+    uploads = uploads_folder(data_dir)
+    if folder is not None:
+        target = uploads / folder / name
+        if upload_owner(uploads, folder, is_upload_folder) != owner or not target.is_file() or target.is_symlink():
+            return False
+        target.unlink(missing_ok=True)
+        remove_if_empty(uploads, folder)
+        return True
+    target, marker = uploads / name, uploads / UPLOAD_OWNERS / name
     if not target.is_file() or target.is_symlink():
         return False
     with contextlib.suppress(FileNotFoundError):
@@ -5756,6 +5822,13 @@ def delete_upload(data_dir: Path, name: str, owner: str) -> bool:
     return True
 
 
+def remove_if_empty(uploads: Path, folder: str) -> None:
+    """A folder of uploads with no file left goes, with its owner file."""
+    with contextlib.suppress(OSError):
+        (uploads / folder).rmdir()  # fails while anything is in it
+        (uploads / UPLOAD_OWNERS / folder).unlink(missing_ok=True)
+
+
 def remove_old_uploads(data_dir: Path, days: float) -> int:
     """Uploads older than the retention period go, with their owner files, as finished jobs do."""
     folder = real_root(data_dir) / UPLOADS
@@ -5764,11 +5837,15 @@ def remove_old_uploads(data_dir: Path, days: float) -> int:
     cutoff, removed = time.time() - days * 86400, 0
     for entry in os.scandir(folder):
         with contextlib.suppress(OSError):
-            if (
-                entry.is_file(follow_symlinks=False)
-                and not entry.name.startswith(".")
-                and entry.stat().st_mtime < cutoff
-            ):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):  # a folder of uploads: its old files, then itself if empty
+                for file in folder_uploads(Path(entry.path)):
+                    if file.stat().st_mtime < cutoff:
+                        file.unlink()
+                        removed += 1
+                remove_if_empty(folder, entry.name)
+            elif entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                 os.unlink(entry.path)
                 (folder / UPLOAD_OWNERS / entry.name).unlink(missing_ok=True)
                 removed += 1
@@ -5776,34 +5853,43 @@ def remove_old_uploads(data_dir: Path, days: float) -> int:
 
 
 UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
+UPLOAD_FOLDER_PATTERN = r"^[A-Za-z0-9_-]([A-Za-z0-9._-]{0,98}[A-Za-z0-9_])?$"  # as upload_folder_name leaves it
 
 
-def store_upload(data_dir: Path, name: str, body: bytes, owner: str, replace: bool = False) -> JSON:
-    """Write an upload under uploads/, never over another file: a taken name gets `-2`, `-3`, ... before its suffix.
+def store_upload(
+    data_dir: Path, name: str, body: bytes, owner: str, replace: bool = False, folder: str | None = None
+) -> JSON:
+    """Write an upload under uploads/ (or uploads/<folder>/, a folder of the owner's), never over another
+    file: a taken name gets `-2`, `-3`, ... before its suffix.
 
     The file is written aside and then linked into place, which fails rather than replace
-    a file that exists, so two uploads of one name keep both. Its owner is written beside it.
-    With `replace`, the owner's own upload of that name is replaced instead, in one rename.
+    a file that exists, so two uploads of one name keep both. Its owner is written beside it
+    (a folder's files are its owner's). With `replace`, the owner's own upload of that name is
+    replaced instead, in one rename.
     """
-    folder = uploads_folder(data_dir)
+    uploads = uploads_folder(data_dir)
+    place = uploads if folder is None else owned_upload_folder(uploads, folder, owner)
+    shown = f"{UPLOADS}/" if folder is None else f"{UPLOADS}/{folder}/"
     stem, suffix = Path(name).stem, Path(name).suffix
-    replacing = replace and upload_owner(folder, name) == owner
-    check_upload_quota(folder, owner, len(body), (folder / name) if replacing else None)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".upload-", delete=False) as staged:
+    mine = upload_owner(uploads, name) == owner if folder is None else (place / name).is_file()
+    replacing = replace and mine
+    check_upload_quota(uploads, owner, len(body), (place / name) if replacing else None)
+    with tempfile.NamedTemporaryFile(dir=place, prefix=".upload-", delete=False) as staged:
         staged.write(body)
     if replacing:
-        os.replace(staged.name, folder / name)
-        return {"name": f"{UPLOADS}/{name}", "format": FORMATS[suffix.lower()], "size": len(body)}
+        os.replace(staged.name, place / name)
+        return {"name": f"{shown}{name}", "format": FORMATS[suffix.lower()], "size": len(body)}
     try:
         for number in itertools.count(1):
-            target = folder / (name if number == 1 else f"{stem}-{number}{suffix}")
+            target = place / (name if number == 1 else f"{stem}-{number}{suffix}")
             with contextlib.suppress(FileExistsError):
                 os.link(staged.name, target)
                 break
     finally:
         os.unlink(staged.name)
-    (folder / UPLOAD_OWNERS / target.name).write_text(owner, "utf-8")
-    return {"name": f"{UPLOADS}/{target.name}", "format": FORMATS[suffix.lower()], "size": len(body)}
+    if folder is None:
+        (uploads / UPLOAD_OWNERS / target.name).write_text(owner, "utf-8")
+    return {"name": f"{shown}{target.name}", "format": FORMATS[suffix.lower()], "size": len(body)}
 
 
 # ---------------------------------------------------------------------------
@@ -11084,6 +11170,8 @@ async def upload_data(request: Request) -> JSONResponse:
     owner = caller(request)
     settings = state(request).settings
     name = upload_name(request.path_params["name"])
+    folder = request.path_params.get("folder")
+    folder = upload_folder_name(folder) if folder is not None else None
     replace = query_switch(request, "replace")
     cap = settings.max_source_mb * 1024 * 1024
     declared = request.headers.get("content-length", "")
@@ -11096,20 +11184,22 @@ async def upload_data(request: Request) -> JSONResponse:
             raise upload_too_large(settings.max_source_mb)
     if not body:
         raise APIError(422, "The upload is empty; send the file's bytes as the request body", {"body": "is empty"})
-    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body), owner, replace)
+    stored = await asyncio.to_thread(store_upload, settings.data_dir, name, bytes(body), owner, replace, folder)
     return JSONResponse(stored, status_code=201, headers={"Location": "/api/v1/data"})
 
 
 async def delete_data(request: Request) -> Response:
     """Delete one of the caller's uploads, named as PUT named it; another client's is a 404."""
     owner = caller(request)
-    name = request.path_params["name"]
+    name, folder = request.path_params["name"], request.path_params.get("folder")
+    shown = name if folder is None else f"{folder}/{name}"
     if (
         not re.fullmatch(UPLOAD_NAME_PATTERN, name)
         or name.startswith(".")
-        or not await asyncio.to_thread(delete_upload, state(request).settings.data_dir, name, owner)
+        or (folder is not None and not re.fullmatch(UPLOAD_FOLDER_PATTERN, folder))
+        or not await asyncio.to_thread(delete_upload, state(request).settings.data_dir, name, owner, folder)
     ):
-        raise APIError(404, f"No upload {UPLOADS}/{name} of yours to delete")
+        raise APIError(404, f"No upload {UPLOADS}/{shown} of yours to delete")
     return Response(status_code=204)
 
 
@@ -11298,7 +11388,8 @@ def provider_options() -> str:
 
 NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="panel">
 <label>Data <select id="data" name="data" required><option value="">Choose a file or folder…</option></select></label>
-<label>Upload <input id="upload" type="file" multiple></label>
+<label>Upload <input id="upload" type="file" multiple data-formats="{formats}"></label>
+<label>A whole folder <input id="upload-folder" type="file" webkitdirectory multiple data-formats="{formats}"></label>
 <label>Personas <input id="count" name="count" type="number" min="1" max="20" value="{count}" required></label>
 <label>Provider <select id="provider" name="provider">{providers}</select></label>
 <label>Model <input id="model" name="model" placeholder="the provider's default"></label>
@@ -11311,7 +11402,7 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
     jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
-    form = NEW_PERSONAS_FORM.format(providers=provider_options(), count=DEFAULT_COUNT)
+    form = NEW_PERSONAS_FORM.format(providers=provider_options(), count=DEFAULT_COUNT, formats=" ".join(FORMATS))
     body = f'<main class="page">{form}{jobs_table(jobs)}</main>'
     return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
 
@@ -11439,7 +11530,8 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         + f'</section><section class="actions"><h2>Next</h2><p>{exports}</p>'
         f'<form id="refine" class="panel" data-job="{escape(job_id)}"><label>Data <select id="refine-data" '
         f'name="data"><option value="">No more data</option></select></label>'
-        f'<label>Add files <input id="refine-upload" type="file" multiple></label>{instruction_box}'
+        f'<label>Add files <input id="refine-upload" type="file" multiple data-formats="{" ".join(FORMATS)}">'
+        f"</label>{instruction_box}"
         f'<button type="submit">Refine</button><p id="refine-error" class="alert" role="alert"></p></form>'
         f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
         f'<label>Compare with <select name="b" id="compare-with" required>{compare_options}</select></label>'
@@ -11690,17 +11782,63 @@ function cleanedName(name) {
   return name.replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[.-]+|[.-]+$/g, "").slice(0, 100);
 }
 
-async function uploadFiles(files, select) {
-  // Each file goes into uploads/; one whose name is there already asks first: replace it, or keep both.
+function folderOf(file) {
+  // The top folder a file was chosen or dropped in ("interviews" of "interviews/round 1/p1.txt"), or "".
+  const path = file.webkitRelativePath || file.droppedPath || "";
+  return path.includes("/") ? path.split("/")[0] : "";
+}
+
+async function uploadFiles(files, select, formats) {
+  // Each file goes into uploads/, a folder's files into one folder of the researcher's there (its
+  // subfolders' files too); a file of a format Persona does not read is left out and named. A file
+  // whose name is there already asks first: replace it, or keep both.
   let last = null;
+  const left = [];
   for (const file of files) {
-    const taken = sources.some((source) => source.name === "uploads/" + cleanedName(file.name));
+    const dot = file.name.lastIndexOf(".");
+    if (dot < 1 || !formats.includes(file.name.slice(dot).toLowerCase())) {
+      left.push(file.name);
+      continue;
+    }
+    const folder = folderOf(file);
+    const into = folder ? cleanedName(folder) + "/" : "";
+    const taken = sources.some((source) => source.name === "uploads/" + into + cleanedName(file.name));
     const replace = taken && confirm(`"${file.name}" was uploaded before. ` +
       "OK replaces it with this file; Cancel keeps both, this one under a new name.");
-    const path = "/api/v1/data/" + encodeURIComponent(file.name) + (replace ? "?replace=true" : "");
-    last = (await api("PUT", path, file, true)).name;
+    const path = "/api/v1/data/" + (folder ? encodeURIComponent(folder) + "/" : "") +
+      encodeURIComponent(file.name) + (replace ? "?replace=true" : "");
+    const stored = (await api("PUT", path, file, true)).name;
+    last = folder ? stored.slice(0, stored.lastIndexOf("/")) : stored;
   }
   if (last) await loadSources([select], last);
+  return left;
+}
+
+async function droppedFiles(transfer) {
+  // The files dropped, a dropped folder's files (its subfolders' too) each marked with its path in it.
+  const entries = [...transfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry());
+  if (!entries.some((entry) => entry && entry.isDirectory)) return [...transfer.files];
+  const files = [];
+  const visit = async (entry) => {
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      file.droppedPath = entry.fullPath.replace(/^\//, "");
+      files.push(file);
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {  // a directory reader gives its entries a batch at a time
+        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!batch.length) break;
+        for (const child of batch) await visit(child);
+      }
+    }
+  };
+  for (const entry of entries) if (entry) await visit(entry);
+  return files;
+}
+
+function leftOutNote(left) {
+  return left.length ? `Left out ${left.length} file(s) of a format Persona does not read: ${left.join(", ")}` : "";
 }
 
 function setUpNewJob(form) {
@@ -11708,17 +11846,21 @@ function setUpNewJob(form) {
   loadSources([data]).catch((error) => showError("new-job-error", error));
   data.addEventListener("change", fillGroupBy);
   document.getElementById("group-by").addEventListener("change", countGroups);
+  const chooser = document.getElementById("upload");
+  const formats = chooser.dataset.formats.split(" ");
   const upload = async (files) => {
     try {
-      await uploadFiles(files, data);
+      const left = await uploadFiles(files, data, formats);
+      document.getElementById("new-job-error").textContent = leftOutNote(left);
       fillGroupBy();
     } catch (error) { showError("new-job-error", error); }
   };
-  document.getElementById("upload").addEventListener("change", (event) => upload(event.target.files));
+  chooser.addEventListener("change", (event) => upload(event.target.files));
+  document.getElementById("upload-folder").addEventListener("change", (event) => upload(event.target.files));
   form.addEventListener("dragover", (event) => event.preventDefault());
-  form.addEventListener("drop", (event) => {
+  form.addEventListener("drop", async (event) => {
     event.preventDefault();
-    upload(event.dataTransfer.files);
+    upload(await droppedFiles(event.dataTransfer));
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -11741,8 +11883,12 @@ function setUpNewJob(form) {
 function setUpRefine(form) {
   const data = document.getElementById("refine-data");
   loadSources([data]).catch((error) => showError("refine-error", error));
-  document.getElementById("refine-upload").addEventListener("change", (event) => {
-    uploadFiles(event.target.files, data).catch((error) => showError("refine-error", error));
+  const chooser = document.getElementById("refine-upload");
+  chooser.addEventListener("change", async (event) => {
+    try {
+      const left = await uploadFiles(event.target.files, data, chooser.dataset.formats.split(" "));
+      document.getElementById("refine-error").textContent = leftOutNote(left);
+    } catch (error) { showError("refine-error", error); }
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -12291,6 +12437,15 @@ JOB_ID_PARAMETER = path_parameter("job_id", JOB_ID.pattern)
 WEBHOOK_ID_PARAMETER = path_parameter("webhook_id", WEBHOOK_ID.pattern)
 DELIVERY_ID_PARAMETER = path_parameter("delivery_id", DELIVERY_ID.pattern)
 UPLOAD_NAME_PARAMETER = path_parameter("name", UPLOAD_NAME_PATTERN)
+UPLOAD_FOLDER_PARAMETER: JSON = {  # any name: cleaned as a file's is, the stored name in the answer
+    "name": "folder",
+    "in": "path",
+    "required": True,
+    "description": "the folder's name, with a letter, digit or underscore: other characters than those, dots and "
+    "dashes become -, and it is cut to 100",
+    "schema": {"type": "string", "pattern": "[A-Za-z0-9_]"},
+}
+STORED_FOLDER_PARAMETER = path_parameter("folder", UPLOAD_FOLDER_PATTERN)
 IDEMPOTENCY_HEADER: JSON = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -12577,6 +12732,41 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
         auth=True,
         status=204,
         parameters=(UPLOAD_NAME_PARAMETER,),
+    ),
+    Endpoint(
+        "PUT",
+        "/api/v1/data/{folder}/{name}",
+        upload_data,
+        "uploadDataIntoFolder",
+        "data",
+        "Upload a file into a folder of yours under uploads/ (made by its first file), such as a folder of "
+        "transcripts to give as one `data`; a name already taken in it gets -2, -3, ...",
+        json_response("Stored", UPLOADED_SCHEMA),
+        (400, 404, 409, 413, 422),
+        auth=True,
+        status=201,
+        parameters=(
+            UPLOAD_FOLDER_PARAMETER,
+            UPLOAD_NAME_PARAMETER,
+            query_parameter("replace", {"type": "boolean", "default": False}),
+        ),
+        body={
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
+        },
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/v1/data/{folder}/{name}",
+        delete_data,
+        "deleteDataInFolder",
+        "data",
+        "Delete a file from a folder of your uploads; the folder goes with its last file",
+        {"description": "Deleted"},
+        (404,),
+        auth=True,
+        status=204,
+        parameters=(STORED_FOLDER_PARAMETER, UPLOAD_NAME_PARAMETER),
     ),
     Endpoint("GET", "/openapi.json", openapi_json, public=True),
     Endpoint("GET", "/docs", docs_page(SWAGGER_PAGE), public=True),
@@ -13031,10 +13221,21 @@ class PersonaClient:
         return self._request("GET", "/api/v1/data")
 
     def upload(self, name: str, content: bytes) -> JSON:
-        """Store a file in the server's data directory, under uploads/; returns its `name` to give as `data`."""
+        """Store a file in the server's data directory, under uploads/ (`folder/name.txt` puts it in a folder of
+        yours); returns its `name` to give as `data`."""
         return self._request(
             "PUT", f"/api/v1/data/{name}", content=content, headers={"Content-Type": "application/octet-stream"}
         )
+
+    def upload_folder(self, folder: str | Path) -> str:
+        """Store every file of a supported format in a local folder (its subfolders' too) in one folder of
+        yours under uploads/; returns the folder's name to give as `data`."""
+        local = Path(folder)
+        files = sorted(path for path in local.rglob("*") if path.is_file() and path.suffix.lower() in FORMATS)
+        if not files:
+            raise ValueError(f"{local} holds no file of a format Persona reads ({', '.join(FORMATS)})")
+        stored = [self.upload(f"{local.resolve().name}/{path.name}", path.read_bytes())["name"] for path in files]
+        return stored[0].rsplit("/", 1)[0]
 
     def delete_upload(self, name: str) -> None:
         """Delete one of your uploads, named as upload() named it (with or without `uploads/`)."""

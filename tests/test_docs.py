@@ -79,6 +79,8 @@ def test_write_endpoints_carry_bearer_security_and_every_error_uses_the_envelope
         ("/api/v1/data", "get"),
         ("/api/v1/data/{name}", "put"),
         ("/api/v1/data/{name}", "delete"),
+        ("/api/v1/data/{folder}/{name}", "put"),
+        ("/api/v1/data/{folder}/{name}", "delete"),
     }
     for path, item in document["paths"].items():
         for method, spec in item.items():

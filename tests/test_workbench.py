@@ -224,6 +224,75 @@ def test_an_upload_replaces_its_owners_own_file_of_that_name_when_asked_and_no_o
             assert alpha.put(f"/api/v1/data/notes.csv?{query}", content=SURVEY).status_code == 422
 
 
+TRANSCRIPTS = sorted((ROOT / "examples" / "transcripts").glob("*.txt"))
+TRANSCRIPT = TRANSCRIPTS[0].read_text()
+
+
+def test_a_folder_of_files_uploads_into_one_folder_a_job_reads_as_one_source(
+    client: httpx.Client, server: Server
+) -> None:
+    for n, transcript in enumerate(TRANSCRIPTS[:3], 1):
+        stored = client.put(f"/api/v1/data/ward interviews/p{n}.txt", content=transcript.read_bytes())
+        assert stored.status_code == 201, stored.text
+        assert stored.json()["name"] == f"uploads/ward-interviews/p{n}.txt"
+    listed = {source["name"]: source for source in client.get("/api/v1/data").json()}
+    assert listed["uploads/ward-interviews"]["kind"] == "folder" and listed["uploads/ward-interviews"]["files"] == 3
+    job = wait_job(client, submit(client, data="uploads/ward-interviews", count=2))
+    assert job["status"] == "completed", job["error"]
+    assert job["result"]["metadata"]["source"]["participants"] == 3
+    for n in (1, 2, 3):
+        assert client.delete(f"/api/v1/data/ward-interviews/p{n}.txt").status_code == 204
+    assert not (server.workdir / "data" / "uploads" / "ward-interviews").exists()  # it went with its last file
+    assert not (server.workdir / "data" / "uploads" / persona.UPLOAD_OWNERS / "ward-interviews").exists()
+
+
+def test_a_folder_of_uploads_is_its_uploader_s_alone(start_server) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--private", "--rate-limit", "0")
+    with server.client("alpha") as alpha, server.client("beta") as beta:
+        assert alpha.put("/api/v1/data/mine/p1.txt", content=TRANSCRIPT.encode()).status_code == 201
+        taken = beta.put("/api/v1/data/mine/p2.txt", content=TRANSCRIPT.encode())
+        assert taken.status_code == 409 and "uploads/mine is another upload" in taken.json()["message"]
+        assert not (server.workdir / "data" / "uploads" / "mine" / "p2.txt").exists()
+        assert beta.post("/api/v1/generate", json={"data": "uploads/mine"}).status_code == 400
+        assert beta.post("/api/v1/generate", json={"data": "uploads/mine/p1.txt"}).status_code == 400
+        assert beta.delete("/api/v1/data/mine/p1.txt").status_code == 404
+        listed = {source["name"] for source in beta.get("/api/v1/data").json()}
+        assert not {name for name in listed if name.startswith("uploads")}
+        assert {"uploads/mine", "uploads/mine/p1.txt"} <= {
+            source["name"] for source in alpha.get("/api/v1/data").json()
+        }
+        assert alpha.put("/api/v1/data/notes.csv", content=SURVEY).status_code == 201
+        assert alpha.put("/api/v1/data/notes.csv/p1.txt", content=TRANSCRIPT.encode()).status_code == 409
+
+
+def test_a_folder_s_files_count_to_its_owner_s_quota_and_age_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(persona, "MAX_UPLOADS_PER_OWNER", 2)
+    (tmp_path / "data").mkdir()
+    for n in (1, 2):
+        persona.store_upload(tmp_path / "data", f"p{n}.txt", TRANSCRIPT.encode(), "key:a", folder="ward")
+    with pytest.raises(persona.APIError, match="You keep 2 uploads"):
+        persona.store_upload(tmp_path / "data", "p3.txt", TRANSCRIPT.encode(), "key:a", folder="ward")
+    for file in (tmp_path / "data" / "uploads" / "ward").iterdir():
+        os.utime(file, (0, 0))
+    assert persona.remove_old_uploads(tmp_path / "data", 30) == 2
+    assert not (tmp_path / "data" / "uploads" / "ward").exists()
+
+
+def test_the_client_uploads_a_local_folder_as_one_source(server: Server, tmp_path: Path) -> None:
+    local = tmp_path / "round one"
+    (local / "site b").mkdir(parents=True)
+    (local / "p1.txt").write_text(TRANSCRIPT)
+    (local / "site b" / "p2.txt").write_text(TRANSCRIPTS[1].read_text())
+    (local / "consent.pdf").write_bytes(b"%PDF-1.4")
+    with persona.PersonaClient(server.url) as api:
+        assert api.upload_folder(local) == "uploads/round-one"
+        names = {source["name"] for source in api.list_data()}
+    assert {"uploads/round-one/p1.txt", "uploads/round-one/p2.txt"} <= names
+    assert not any(name.endswith(".pdf") for name in names)
+
+
 def test_an_upload_is_its_uploaders_to_run_and_on_a_private_server_to_list(start_server) -> None:
     shared = start_server("--auth-token", "alpha,beta", "--rate-limit", "0")
     with shared.client("alpha") as alpha, shared.client("beta") as beta:
@@ -257,6 +326,22 @@ def test_several_files_upload_at_once_and_a_taken_name_is_replaced_when_the_rese
     page.get_by_label("Upload", exact=True).set_input_files(first)
     expect(page.get_by_label("Data")).to_have_value("uploads/ward-a.csv")
     expect(page.locator("#data option[value='uploads/ward-a-2.csv']")).to_have_count(0)
+
+
+def test_a_researcher_uploads_a_folder_and_it_becomes_the_data(server: Server, page, tmp_path: Path) -> None:
+    folder = tmp_path / "ward interviews"
+    folder.mkdir()
+    for n in (1, 2):
+        (folder / f"p{n}.txt").write_text(TRANSCRIPTS[n].read_text())
+    (folder / "notes.pdf").write_bytes(b"%PDF-1.4")
+    page.goto(f"{server.url}/jobs")
+    page.get_by_label("A whole folder").set_input_files(folder)
+    expect(page.get_by_label("Data")).to_have_value("uploads/ward-interviews")
+    expect(page.get_by_role("alert").first).to_contain_text("Left out 1 file(s) of a format Persona does not read")
+    assert sorted(p.name for p in (server.workdir / "data" / "uploads" / "ward-interviews").iterdir()) == [
+        "p1.txt",
+        "p2.txt",
+    ]
 
 
 @pytest.mark.parametrize(("name", "status"), [("notes.exe", 422), ("..csv", 422), (".hidden", 422), ("%2e%2e", 422)])
