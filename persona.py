@@ -11674,7 +11674,11 @@ async function api(method, path, body, raw) {
     sessionStorage.removeItem("persona-token");
     if (isPrivate) keepCookie("", 0);
   }
-  if (!response.ok) throw new Error(answer.message || response.statusText);
+  if (!response.ok) {
+    const failure = new Error(answer.message || response.statusText);
+    failure.status = response.status;
+    throw failure;
+  }
   return answer;
 }
 
@@ -11740,18 +11744,23 @@ function running(root) {
     ["pending", "running"].includes(root.dataset.status);
 }
 
-function waiting(text) {
-  // Says on the page that following has paused, and why; an empty text takes the notice away.
-  let notice = document.getElementById("waiting");
+function notify(id, text) {
+  // A status line at the foot of the page, outside what following replaces; an empty text takes it away.
+  let notice = document.getElementById(id);
   if (!notice) {
     notice = document.createElement("p");
-    notice.id = "waiting";
+    notice.id = id;
     notice.className = "alert";
     notice.setAttribute("role", "status");
     document.body.append(notice);
   }
   notice.hidden = !text;
   notice.textContent = text;
+}
+
+function waiting(text) {
+  // Says on the page that following has paused, and why.
+  notify("waiting", text);
 }
 
 function follow(selector, every) {
@@ -11926,8 +11935,12 @@ document.addEventListener("click", async (event) => {
   try {
     await api("DELETE", "/api/v1/generate/" + encodeURIComponent(button.dataset.job));
   } catch (error) {
+    if (error.status === 409) {  // it ended first: the page follows it to how it ended
+      notify("cancelling", "The job ended before it could be cancelled.");
+      return;
+    }
     button.disabled = false;
-    waiting("Cancel failed: " + error.message);
+    notify("cancelling", "Cancel failed: " + error.message);
   }
 });
 

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import re
+import threading
 from pathlib import Path
 
 import httpx
@@ -445,6 +446,31 @@ def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_i
     expect(page.get_by_text("Error: cancelled")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     assert client.get(f"/api/v1/generate/{job_id}").json()["error"] == "cancelled"
+
+
+def test_cancel_on_a_job_that_ended_first_says_so_and_the_page_shows_how_it_ended(
+    server: Server, client: httpx.Client, page, gated_data: GatedDataServer
+) -> None:
+    job_id = submit(client, data=gated_data.url, count=3)
+    wait_job(client, job_id, until=("running",))
+    page.goto(f"{server.url}/jobs/{job_id}")
+    held = threading.Event()
+
+    def hold_the_page(route) -> None:  # type: ignore[no-untyped-def]
+        if held.is_set():
+            route.continue_()
+            return
+        body = '{"success": false, "error": "rate_limited", "message": "Rate limit exceeded.", "details": {}}'
+        route.fulfill(status=429, headers={"Retry-After": "1", "Content-Type": "application/json"}, body=body)
+
+    page.route(f"**/jobs/{job_id}", hold_the_page)  # the page still shows it running when it has ended
+    gated_data.gate.set()
+    wait_job(client, job_id)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#cancelling")).to_have_text("The job ended before it could be cancelled.")
+    held.set()
+    expect(page.locator("article.card")).to_have_count(3)
+    assert client.get(f"/api/v1/generate/{job_id}").json()["status"] == "completed"
 
 
 def test_printed_cards_give_each_persona_a_page_of_its_own(server: Server, client: httpx.Client, page) -> None:
