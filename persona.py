@@ -468,6 +468,16 @@ GENERATE_SCHEMA: JSON = {
                     "instruction": nullable(
                         {**INSTRUCTION_SCHEMA, "description": "free text added to the prompt (LLM providers)"}
                     ),
+                    "codebook": nullable(
+                        {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 1000,
+                            "pattern": TEXT_PATTERN,
+                            "description": "a codebook in the data directory (a REFI-QDA .qdc, or a CSV of codes): "
+                            "its themes are what each persona is reported against",
+                        }
+                    ),
                     "redact": nullable(
                         {
                             "type": "boolean",
@@ -3569,17 +3579,25 @@ def missing_source(data: str) -> APIError:
     )
 
 
-def checked_data_path(data: str, data_dir: Path) -> Path:
+def located_in_data_dir(data: str, data_dir: Path, what: str = "data path") -> Path:
+    """The real path `data` names, refused if it lies outside the data directory, is hidden, or lies in
+    Persona's output folder (it may not exist)."""
     root = real_root(data_dir)
     resolved = Path(os.path.realpath(root / data))
     if not resolved.is_relative_to(root):
-        raise APIError(400, f"data path {data!r} lies outside the data directory; give a path inside it")
+        raise APIError(400, f"{what} {data!r} lies outside the data directory; give a path inside it")
     if any(part.startswith(".") for part in resolved.relative_to(root).parts) or any(
         (folder / OUTPUT_MARKER).exists() for folder in [resolved, *resolved.parents] if folder.is_relative_to(root)
     ):
         raise APIError(
-            400, f"data path {data!r} is a hidden file or lies in Persona's output folder; neither is ever read as data"
+            400, f"{what} {data!r} is a hidden file or lies in Persona's output folder; neither is ever read as data"
         )
+    return resolved
+
+
+def checked_data_path(data: str, data_dir: Path) -> Path:
+    root = real_root(data_dir)
+    resolved = located_in_data_dir(data, data_dir)
     try:
         mode = resolved.stat().st_mode
     except FileNotFoundError:
@@ -3772,8 +3790,6 @@ XmlText = Callable[[str], None]
 def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, end: XmlEnd, text: XmlText) -> bool:
     """Stream one XML part through expat, calling `start`, `end` and `text` as it goes; False if it is absent."""
     import zipfile
-    import zlib
-    from xml.parsers import expat
 
     try:
         stream = archive.open(part)
@@ -3781,6 +3797,17 @@ def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, 
         return False
     except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError) as exc:
         raise GenerationError(f"{budget.name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
+    stream_xml(stream, part, budget, start, end, text)
+    return True
+
+
+def stream_xml(stream: Any, part: str, budget: OfficeBudget, start: XmlStart, end: XmlEnd, text: XmlText) -> None:
+    """Stream XML from a binary `stream` through expat a chunk at a time: no document type, no entity
+    expanded, nesting and size counted against `budget`."""
+    import zipfile
+    import zlib
+    from xml.parsers import expat
+
     parser = expat.ParserCreate(namespace_separator=" ")
     parser.buffer_text = True
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -3800,7 +3827,8 @@ def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, 
 
     def refuse_doctype(*_: Any) -> None:
         raise GenerationError(
-            f"{budget.name} declares a document type in {part}; Office files have none, and Persona expands no entities"
+            f"{budget.name} declares a document type in {part}; the files Persona reads have none, "
+            "and it expands no entities"
         )
 
     parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = on_start, on_end, text
@@ -3823,7 +3851,6 @@ def stream_part(archive: Any, part: str, budget: OfficeBudget, start: XmlStart, 
         LookupError,
     ) as exc:
         raise GenerationError(f"{budget.name} is damaged and cannot be unpacked ({type(exc).__name__})") from None
-    return True
 
 
 def docx_text(raw: bytes, name: str) -> str:
@@ -5193,6 +5220,127 @@ def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, 
 
 
 # ---------------------------------------------------------------------------
+# Data loading: a researcher's codebook (the themes she names, to report personas against)
+# ---------------------------------------------------------------------------
+#
+# `config.codebook` names a file in the data directory: a REFI-QDA codebook (`.qdc`, namespace
+# urn:QDA-XML:codebook:1.0, as the QDA tools export their codes) or a CSV of codes, as
+# Taguette exports its tags (a `tag`, `name`, `path` or `code` column, and `description`).
+
+CODEBOOK_SUFFIXES = (".qdc", ".csv")
+MAX_CODEBOOK_CODES = 1000
+MAX_CODEBOOK_BYTES = 10 * 1024 * 1024
+CODEBOOK_NAME_COLUMNS = ("tag", "name", "path", "code")
+PROMPT_CODEBOOK_THEMES = 200  # the codebook's first themes a model is shown
+
+
+@dataclass
+class CodebookTheme:
+    name: str
+    description: str = ""
+    parent: str | None = None  # the code it is a sub-code of: who speaks of it speaks of its parent too
+
+
+def read_codebook(raw: bytes, name: str) -> list[CodebookTheme]:
+    """A codebook's codes, each a theme (a sub-code as well as its parent), in the file's order."""
+    themes = qdc_themes(raw, name) if name.lower().endswith(".qdc") else csv_themes(raw, name)
+    unique = list({theme.name.lower(): theme for theme in themes if theme.name}.values())
+    if not unique:
+        raise GenerationError(f"codebook {name} holds no codes")
+    if len(unique) > MAX_CODEBOOK_CODES:
+        raise GenerationError(f"codebook {name} holds more than {MAX_CODEBOOK_CODES} codes")
+    return unique
+
+
+def qdc_themes(raw: bytes, name: str) -> list[CodebookTheme]:
+    """The codes of a REFI-QDA codebook, read as a project's are: streamed, nothing expanded."""
+    themes: list[CodebookTheme] = []
+    path: list[str] = []
+    text: list[str] = []
+
+    open_codes: list[CodebookTheme] = []  # the codes being read, outermost first
+
+    def start(tag: str, attributes: dict[str, str]) -> None:
+        path.append(tag.rpartition(" ")[2])
+        text.clear()
+        if path[-1] == "Code":
+            parent = open_codes[-1].name if open_codes else None
+            open_codes.append(CodebookTheme(attributes.get("name", "").strip(), parent=parent))
+            themes.append(open_codes[-1])
+
+    def end(tag: str) -> None:
+        local = path.pop()
+        if local == "Description" and path and path[-1] == "Code" and open_codes:
+            open_codes[-1].description = "".join(text).strip()
+        elif local == "Code" and open_codes:
+            open_codes.pop()
+        text.clear()
+
+    def characters(data: str) -> None:
+        if path and path[-1] == "Description":
+            budget.produce(len(data))
+            text.append(data)
+
+    budget = OfficeBudget(f"codebook {name}")
+    stream_xml(io.BytesIO(raw), name, budget, start, end, characters)
+    return themes
+
+
+def csv_themes(raw: bytes, name: str) -> list[CodebookTheme]:
+    """The codes of a CSV codebook: the first of its tag, name, path or code columns, and description
+    (Taguette's export: tag, description, number of highlights). A path's last part is the code
+    (`Barriers/Time` is Time, and so is Taguette's `barriers.time`)."""
+    rows, _ = table_rows(raw, "csv", name)
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    column = next((header.index(wanted) for wanted in CODEBOOK_NAME_COLUMNS if wanted in header), None)
+    if column is None:
+        raise GenerationError(
+            f"codebook {name} has no column named {', '.join(CODEBOOK_NAME_COLUMNS)}; its columns: "
+            f"{', '.join(header) or '(none)'}"
+        )
+    described = header.index("description") if "description" in header else None
+    parts = r"[/\\.]" if header[column] in ("tag", "path") else r"[/\\]"  # Taguette's tags nest by dots
+    themes = []
+    for row in rows[1:]:
+        steps = [step.strip() for step in re.split(parts, row[column].strip().strip(".")) if step.strip()]
+        if steps:
+            description = row[described].strip() if described is not None and described < len(row) else ""
+            themes.append(CodebookTheme(steps[-1], description, steps[-2] if len(steps) > 1 else None))
+    return themes
+
+
+def codebook_file(wanted: str, data_dir: Path) -> Path:
+    """The codebook `config.codebook` names: a .qdc or .csv file inside the data directory."""
+    try:
+        path = located_in_data_dir(wanted, data_dir, "config.codebook")
+    except OSError as exc:
+        raise APIError(
+            400, f"config.codebook {wanted[:200]!r} cannot be used: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if not path.is_file() or path.suffix.lower() not in CODEBOOK_SUFFIXES:
+        raise APIError(
+            400,
+            f"config.codebook {wanted!r} is not a codebook file in the server's data directory "
+            f"(a REFI-QDA .qdc, or a .csv of codes)",
+            {"codebook": wanted},
+        )
+    return path
+
+
+def load_codebook(wanted: str, data_dir: Path) -> list[CodebookTheme]:
+    """Read and parse the job's codebook (blocking: run it in a thread)."""
+    try:
+        path = codebook_file(wanted, data_dir)
+        if path.stat().st_size > MAX_CODEBOOK_BYTES:
+            raise GenerationError(f"codebook {wanted} is larger than {MAX_CODEBOOK_BYTES // (1024 * 1024)} MiB")
+        return read_codebook(path.read_bytes(), wanted)
+    except APIError as exc:
+        raise GenerationError(exc.message) from None
+    except OSError as exc:
+        raise GenerationError(f"codebook {wanted} cannot be read: {exc.strerror or type(exc).__name__}") from None
+
+
+# ---------------------------------------------------------------------------
 # Data loading: reading a source (files to participants, with what was skipped or assumed)
 # ---------------------------------------------------------------------------
 
@@ -5521,6 +5669,7 @@ MAX_UPLOAD_MB_PER_OWNER = 1024  # and MiB, all its uploads together
 ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to name their attributes
 MAX_FOLDER_SCAN = 200  # transcripts of a folder read for the header attributes the listing gives it
 UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+UPLOAD_SUFFIXES = (*FORMATS, *(suffix for suffix in CODEBOOK_SUFFIXES if suffix not in FORMATS))  # data, codebooks
 SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> the file's sha256
 ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # sha256 -> the table's attributes and their group counts
 LISTING_CACHE_SIZE = 10_000  # entries each of the two keeps, the least recently used going first
@@ -5668,11 +5817,11 @@ def upload_folder_name(name: str) -> str:
 def upload_name(name: str) -> str:
     """A safe file name from the one a browser sent: letters, digits, dots, dashes and underscores, a known format."""
     cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100]
-    if Path(cleaned).suffix.lower() not in FORMATS or not Path(cleaned).stem:
+    if Path(cleaned).suffix.lower() not in UPLOAD_SUFFIXES or not Path(cleaned).stem:
         raise APIError(
             422,
-            f"An upload must be named as a supported format ({', '.join(FORMATS)}), got {name[:100]!r}",
-            {"name": f"must end in one of: {', '.join(FORMATS)}"},
+            f"An upload must be named as a supported format ({', '.join(UPLOAD_SUFFIXES)}), got {name[:100]!r}",
+            {"name": f"must end in one of: {', '.join(UPLOAD_SUFFIXES)}"},
         )
     return cleaned
 
@@ -5852,8 +6001,13 @@ def remove_old_uploads(data_dir: Path, days: float) -> int:
     return removed
 
 
-UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in FORMATS) + ")$"
+UPLOAD_NAME_PATTERN = r"^[A-Za-z0-9._-]*[A-Za-z0-9_-]\.(" + "|".join(suffix[1:] for suffix in UPLOAD_SUFFIXES) + ")$"
 UPLOAD_FOLDER_PATTERN = r"^[A-Za-z0-9_-]([A-Za-z0-9._-]{0,98}[A-Za-z0-9_])?$"  # as upload_folder_name leaves it
+
+
+def upload_format(suffix: str) -> str:
+    """An upload's format as the answer names it: a data format, or `codebook` for a .qdc."""
+    return FORMATS.get(suffix.lower(), "codebook")
 
 
 def store_upload(
@@ -5878,7 +6032,7 @@ def store_upload(
         staged.write(body)
     if replacing:
         os.replace(staged.name, place / name)
-        return {"name": f"{shown}{name}", "format": FORMATS[suffix.lower()], "size": len(body)}
+        return {"name": f"{shown}{name}", "format": upload_format(suffix), "size": len(body)}
     try:
         for number in itertools.count(1):
             target = place / (name if number == 1 else f"{stem}-{number}{suffix}")
@@ -5889,7 +6043,7 @@ def store_upload(
         os.unlink(staged.name)
     if folder is None:
         (uploads / UPLOAD_OWNERS / target.name).write_text(owner, "utf-8")
-    return {"name": f"{shown}{target.name}", "format": FORMATS[suffix.lower()], "size": len(body)}
+    return {"name": f"{shown}{target.name}", "format": upload_format(suffix), "size": len(body)}
 
 
 # ---------------------------------------------------------------------------
@@ -7352,6 +7506,15 @@ def answer_finding(answer: JSON) -> str:
     )
 
 
+def theme_finding(theme: JSON) -> str:
+    """A codebook theme stated as a finding: `Time: said by 7 of 12 (58%), against 20% of everyone else.`"""
+    share = theme["count"] / theme["of"] if theme.get("of") else 0.0
+    return (
+        f"{theme['theme']}: said by {theme['count']} of {theme['of']} ({share:.0%}), "
+        f"against {theme['share_elsewhere']:.0%} of everyone else."
+    )
+
+
 TITLE_MIN_SHARE = 0.25  # a title phrase is said by at least this share of the segment's members
 TITLE_MIN_LIFT = 2.0  # and by at least twice the share of everyone else: the data set's own topic sets no one apart
 BARE_ANSWERS = frozenset(["yes", "no", "maybe", "other", *SCALE_LEVELS])
@@ -7985,6 +8148,12 @@ def persona_prompt(
         lines += [f"- {summary}" for summary in others]
     if config.get("instruction"):
         lines.append(f"The researcher's instruction: {config['instruction']}")
+    if isinstance(config.get("codebook"), list):
+        lines.append("The researcher's codebook names these themes; where they fit, name the personas' themes by them:")
+        lines += [
+            f"- {theme.name}" + (f": {theme.description}" if theme.description else "")
+            for theme in config["codebook"][:PROMPT_CODEBOOK_THEMES]
+        ]
     earlier = ""
     if refining is not None:
         lines += [
@@ -8908,6 +9077,9 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
     answers = persona.get("evidence", {}).get("answers", [])
     if answers:
         lines += [f"{h}# What sets them apart", ""] + [f"- {e(answer_finding(answer))}" for answer in answers] + [""]
+    spoken = persona.get("evidence", {}).get("codebook", [])
+    if spoken:
+        lines += [f"{h}# Her codebook's themes", ""] + [f"- {e(theme_finding(theme))}" for theme in spoken] + [""]
     for key, heading in LIST_HEADINGS.items():
         lines += (
             [f"{h}# {heading}", ""]
@@ -9025,6 +9197,11 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         + (
             f"<h3>What sets them apart</h3>{html_items([answer_finding(a) for a in evidence['answers']])}"
             if evidence.get("answers")
+            else ""
+        )
+        + (
+            f"<h3>Her codebook's themes</h3>{html_items([theme_finding(t) for t in evidence['codebook']])}"
+            if evidence.get("codebook")
             else ""
         )
         + "".join(html_list(key, persona.get(key, []), quality) for key in LIST_HEADINGS)
@@ -9728,6 +9905,43 @@ def with_answers(personas: list[JSON], dataset: Dataset, grouped_by: str | None 
     return personas
 
 
+CODEBOOK_FINDINGS = 8  # a persona names at most this many of the codebook's themes, those that set it apart most
+
+
+def with_codebook(personas: list[JSON], people: list[Participant], themes: list[CodebookTheme]) -> list[str]:
+    """Each persona names the codebook's themes its participants speak of (a sentence holding the theme's
+    name, or one of its sub-codes'), those that set it apart most first, whichever engine made it; a
+    warning names the themes no participant speaks of."""
+    said = SaidIndex(people)
+    speakers = {theme.name: said.speakers(theme.name) for theme in themes}
+    for theme in reversed(themes):  # sub-codes come after their parent: each passes its speakers up
+        if theme.parent in speakers:
+            speakers[theme.parent] |= speakers[theme.name]
+    index = {person.id: number for number, person in enumerate(people)}
+    for persona in personas:
+        evidence = persona.setdefault("evidence", {})
+        members = {index[pid] for pid in evidence.get("participants", []) if pid in index}
+        others = len(people) - len(members)
+        found: list[JSON] = [
+            {
+                "theme": theme.name,
+                "count": len(speakers[theme.name] & members),
+                "of": len(members),
+                "share_elsewhere": round(len(speakers[theme.name] - members) / others, 4) if others else 0.0,
+            }
+            for theme in themes
+            if speakers[theme.name] & members
+        ]
+        found.sort(key=lambda f: (f["share_elsewhere"] - f["count"] / f["of"], -f["count"], f["theme"]))
+        evidence["codebook"] = found[:CODEBOOK_FINDINGS]
+    unheard = [theme.name for theme in themes if not speakers[theme.name]]
+    if not unheard:
+        return []
+    return [
+        f"{len(unheard)} of the codebook's {len(themes)} themes are in no participant's words: {named_list(unheard)}"
+    ]
+
+
 def carried_codes(members: list[Participant]) -> list[JSON]:
     """The researcher's codes a persona's participants carry, most carried first: `{"code", "count", "of"}`."""
     carried = Counter(name for person in members for name in {n for names in person.coded.values() for n in names})
@@ -9866,6 +10080,8 @@ async def made_personas(
             refine["parent_personas"], made.personas, keep_names="instruction" not in refine
         )
     made.personas = with_answers(made.personas, dataset, config.get("group_by"))
+    if config.get("codebook"):
+        made.warnings += with_codebook(made.personas, dataset.participants, config["codebook"])
     return made
 
 
@@ -9896,6 +10112,9 @@ async def generate_with(
     await report(PROGRESS["loading"], "loading data")
     dataset, redactor = await job_dataset(request, settings, fetched)
     request = steered_request(request, dataset, redactor, count)
+    if isinstance(request.get("config", {}).get("codebook"), str):
+        themes = await asyncio.to_thread(load_codebook, request["config"]["codebook"], settings.data_dir)
+        request = {**request, "config": {**request["config"], "codebook": themes}}
     loaded = time.perf_counter()
     await report(PROGRESS["loaded"], f"loaded {len(dataset.participants)} participants")
     made = await made_personas(provider, dataset, request, count, report)
@@ -10810,6 +11029,22 @@ async def check_submitted_source(
     await refuse_others_uploads(data, data_dir, caller_scope(request, write=True))
 
 
+async def check_codebook(request: Request, job_request: JSON) -> None:
+    """A job's codebook, checked at submission as its data is: a codebook file in the data directory,
+    and no other client's upload."""
+    wanted = (job_request.get("config") or {}).get("codebook")
+    if wanted is None:
+        return
+    data_dir = state(request).settings.data_dir
+    await asyncio.to_thread(codebook_file, wanted, data_dir)
+    try:
+        await refuse_others_uploads(wanted, data_dir, caller_scope(request, write=True))
+    except APIError:
+        raise APIError(
+            400, f"config.codebook {wanted!r} does not exist in the server's data directory", {"codebook": wanted}
+        ) from None
+
+
 async def admit_job(
     request: Request,
     owner: str,
@@ -10825,6 +11060,7 @@ async def admit_job(
     limit = app_state.settings.max_concurrent_jobs
     if data is not None:
         await check_submitted_source(request, data, functools.partial(check_quota, app_state.store, owner, limit))
+    await check_codebook(request, job_request)
     admission = await app_state.store.create_job(owner, job_request, limit, idempotency, experiment_id)
     if admission.conflict:
         raise APIError(
@@ -11402,7 +11638,9 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
     jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
-    form = NEW_PERSONAS_FORM.format(providers=provider_options(), count=DEFAULT_COUNT, formats=" ".join(FORMATS))
+    form = NEW_PERSONAS_FORM.format(
+        providers=provider_options(), count=DEFAULT_COUNT, formats=" ".join(UPLOAD_SUFFIXES)
+    )
     body = f'<main class="page">{form}{jobs_table(jobs)}</main>'
     return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
 
@@ -11530,7 +11768,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         + f'</section><section class="actions"><h2>Next</h2><p>{exports}</p>'
         f'<form id="refine" class="panel" data-job="{escape(job_id)}"><label>Data <select id="refine-data" '
         f'name="data"><option value="">No more data</option></select></label>'
-        f'<label>Add files <input id="refine-upload" type="file" multiple data-formats="{" ".join(FORMATS)}">'
+        f'<label>Add files <input id="refine-upload" type="file" multiple data-formats="{" ".join(UPLOAD_SUFFIXES)}">'
         f"</label>{instruction_box}"
         f'<button type="submit">Refine</button><p id="refine-error" class="alert" role="alert"></p></form>'
         f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
@@ -12027,6 +12265,20 @@ PERSONA_SCHEMA: JSON = {
                             "code": {"type": "string"},
                             "count": {"type": "integer"},
                             "of": {"type": "integer"},
+                        },
+                    },
+                },
+                "codebook": {
+                    "type": "array",
+                    "description": "the themes of config.codebook its participants speak of, those that set it "
+                    "apart most first",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "theme": {"type": "string"},
+                            "count": {"type": "integer"},
+                            "of": {"type": "integer"},
+                            "share_elsewhere": {"type": "number"},
                         },
                     },
                 },

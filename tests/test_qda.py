@@ -423,3 +423,102 @@ def test_the_command_line_exports_a_project(server: Server, client: httpx.Client
     with persona.PersonaClient(server.url) as api:
         assert api.export(job["job_id"], "qdpx") == target.read_bytes()
     assert "project.qde" in zipfile.ZipFile(target).namelist()
+
+
+# -- codebooks: the themes she names ---------------------------------------------------------
+
+
+def code(number: int, name: str, inner: str = "") -> str:
+    guid = f"00000000-0000-4000-8000-00000000000{number}"
+    return f'<Code guid="{guid}" name="{name}" isCodable="true">{inner}</Code>'
+
+
+CODEBOOK = (
+    '<?xml version="1.0" encoding="utf-8"?><CodeBook xmlns="urn:QDA-XML:codebook:1.0" origin="MAXQDA 24"><Codes>'
+    + code(
+        1,
+        "Scheduling",
+        "<Description>Planning shifts, rotas and time off</Description>" + code(2, "Rota") + code(3, "Overtime"),
+    )
+    + code(4, "Payroll")
+    + code(5, "Teleportation")
+    + "</Codes></CodeBook>"
+)
+
+
+def test_a_qdc_codebook_gives_every_code_a_theme_with_its_description() -> None:
+    themes = persona.read_codebook(CODEBOOK.encode(), "codes.qdc")
+    assert [t.name for t in themes] == ["Scheduling", "Rota", "Overtime", "Payroll", "Teleportation"]
+    assert themes[0].description == "Planning shifts, rotas and time off"
+    assert [t.parent for t in themes] == [None, "Scheduling", "Scheduling", None, None]
+    xmlschema.XMLSchema(SCHEMAS / "Codebook-mrt2019.xsd").validate(io.BytesIO(CODEBOOK.encode()))
+
+
+def test_a_csv_codebook_is_read_as_taguette_exports_it() -> None:
+    raw = b"tag,description,number of highlights\nbarriers.rota,When the rota changes,4\nPayroll,,2\n"
+    assert [(t.name, t.description, t.parent) for t in persona.read_codebook(raw, "tags.csv")] == [
+        ("rota", "When the rota changes", "barriers"),
+        ("Payroll", "", None),
+    ]
+    with pytest.raises(persona.GenerationError, match="has no column named tag, name, path, code; its columns: a, b"):
+        persona.read_codebook(b"a,b\n1,2\n", "odd.csv")
+    with pytest.raises(persona.GenerationError, match="declares a document type"):
+        persona.read_codebook(b'<!DOCTYPE c [<!ENTITY x "y">]><CodeBook/>', "evil.qdc")
+
+
+def test_each_persona_is_reported_against_the_codebook_s_themes(server: Server, client: httpx.Client) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    uploaded = client.put("/api/v1/data/codes.qdc", content=CODEBOOK.encode())
+    assert uploaded.status_code == 201 and uploaded.json()["format"] == "codebook"
+    job = completed(client, "interviews.csv", config={"codebook": "uploads/codes.qdc"})
+    words: dict[str, str] = {}
+    for row in csv.DictReader(io.StringIO(EXAMPLE.read_text())):
+        words[row["participant_id"]] = words.get(row["participant_id"], "") + " " + row["response"].lower()
+    said = {theme: {pid for pid, text in words.items() if theme in text} for theme in ("rota", "overtime", "payroll")}
+    for p in job["result"]["personas"]:
+        members = set(p["evidence"]["participants"])
+        for finding in p["evidence"]["codebook"]:
+            assert finding["of"] == len(members) and 0 < finding["count"] <= len(members)
+        found = {f["theme"].lower(): f["count"] for f in p["evidence"]["codebook"]}
+        assert "teleportation" not in found
+        assert found.get("rota", 0) <= len(said["rota"] & members)
+    for p in job["result"]["personas"]:  # who speaks of a sub-code speaks of its parent
+        found = {f["theme"]: f["count"] for f in p["evidence"]["codebook"]}
+        assert found.get("Scheduling", 0) >= max(found.get("Rota", 0), found.get("Overtime", 0))
+    assert any(f["theme"] == "Rota" for p in job["result"]["personas"] for f in p["evidence"]["codebook"])
+    assert any("Teleportation" in w for w in job["result"]["metadata"]["warnings"])
+    markdown = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "markdown"}).text
+    assert "Her codebook's themes" in markdown and re.search(r"Rota: said by \d+ of \d+", markdown)
+
+
+@pytest.mark.parametrize(
+    ("codebook", "message"),
+    [
+        ("missing.qdc", "is not a codebook file"),
+        ("interviews.csv", "has no column named tag"),
+        ("../outside.qdc", "lies outside the data directory"),
+    ],
+)
+def test_a_codebook_that_cannot_be_used_says_why(
+    server: Server, client: httpx.Client, codebook: str, message: str
+) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    response = client.post("/api/v1/generate", json={"data": "interviews.csv", "config": {"codebook": codebook}})
+    if response.status_code == 400:
+        assert message in response.json()["message"]
+        return
+    job = wait_job(client, response.json()["job_id"])  # found at submission; its content is read by the job
+    assert job["status"] == "failed" and message in job["error"]
+
+
+def test_a_model_is_shown_the_codebook_s_themes() -> None:
+    themes = persona.read_codebook(CODEBOOK.encode(), "codes.qdc")
+    prompt = persona.persona_prompt(2, "[P1] I plan the rota.", {"codebook": themes})
+    assert "- Scheduling: Planning shifts, rotas and time off" in prompt and "- Payroll" in prompt
+
+
+def test_the_example_codebook_is_valid_and_names_its_sub_codes_parents() -> None:
+    path = ROOT / "examples" / "codebook.qdc"
+    xmlschema.XMLSchema(SCHEMAS / "Codebook-mrt2019.xsd").validate(str(path))
+    themes = persona.read_codebook(path.read_bytes(), path.name)
+    assert ("Rota", "Scheduling") in [(t.name, t.parent) for t in themes]
