@@ -9485,12 +9485,12 @@ EVIDENCE_FIELDS = {"quotes": "Quote", "goals": "Goal", "pain_points": "Pain poin
 
 @dataclass
 class Passage:
-    """A persona's quote or item found in its source text: where, and what it is."""
+    """A persona's quote or item found in a source's text: where, and what it is."""
 
     persona: int
     field: str  # one of EVIDENCE_FIELDS
     index: int
-    source: str  # the participant's id, or the persona's own source where the data could not be read
+    source: str  # the source's key: a participant's id, a project's source guid, or a persona's own
     start: int
     end: int
 
@@ -9531,38 +9531,50 @@ def locate_item(text: str, item: str) -> tuple[int, int] | None:
     return None
 
 
-def evidence_sources(personas: list[JSON], dataset: Dataset | None) -> EvidenceSources:
-    """Each quote and item of each persona, found in the words of one of its own participants.
-
-    Without the data (`dataset` None) each persona's quotes and items, a paragraph each, are its source."""
-    known = {person.id: person for person in dataset.participants} if dataset is not None else {}
+def found_passages(
+    personas: list[JSON], texts_of: Mapping[str, list[tuple[str, str]]]
+) -> tuple[dict[str, str], list[Passage]]:
+    """Each quote and item of each persona, found in a text of one of its own participants (`texts_of`:
+    a participant's id -> its sources' keys and texts); and the texts that hold any."""
     texts: dict[str, str] = {}
     passages = []
     for number, persona in enumerate(personas):
-        members = [pid for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in known]
+        members = [pid for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in texts_of]
         for key in EVIDENCE_FIELDS:
             for index, item in enumerate(persona.get(key, [])):
                 if not isinstance(item, str):
                     continue
-                for pid in members:
-                    text = texts.get(pid) or plain_source_text(known[pid])
+                for source, text in (pair for pid in members for pair in texts_of[pid]):
                     span = locate(text, item) if key == "quotes" else locate_item(text, item)
                     if span is not None:
-                        texts[pid] = text
-                        passages.append(Passage(number, key, index, pid, *span))
+                        texts[source] = text
+                        passages.append(Passage(number, key, index, source, *span))
                         break
-    if dataset is None:
-        for number, persona in enumerate(personas):
-            own, paragraphs = f"{persona['name']}: quotes and items", list[str]()
-            for key in EVIDENCE_FIELDS:
-                for index, item in enumerate(persona.get(key, [])):
-                    if isinstance(item, str) and item.strip():
-                        start = sum(len(p) + 2 for p in paragraphs)
-                        paragraphs.append(item)
-                        passages.append(Passage(number, key, index, own, start, start + len(item)))
-            if paragraphs:
-                texts[own] = "\n\n".join(paragraphs)
-    return EvidenceSources(texts, passages, known, dataset is not None)
+    return texts, passages
+
+
+def evidence_sources(personas: list[JSON], dataset: Dataset | None) -> EvidenceSources:
+    """The personas' quotes and items in their participants' words, a source per participant.
+
+    Without the data (`dataset` None) each persona's quotes and items, a paragraph each, are its source."""
+    if dataset is not None:
+        people = {person.id: person for person in dataset.participants}
+        texts, passages = found_passages(
+            personas, {pid: [(pid, plain_source_text(person))] for pid, person in people.items()}
+        )
+        return EvidenceSources(texts, passages, people, True)
+    texts, passages = {}, []
+    for number, persona in enumerate(personas):
+        own, paragraphs = f"{persona['name']}: quotes and items", list[str]()
+        for key in EVIDENCE_FIELDS:
+            for index, item in enumerate(persona.get(key, [])):
+                if isinstance(item, str) and item.strip():
+                    start = sum(len(p) + 2 for p in paragraphs)
+                    paragraphs.append(item)
+                    passages.append(Passage(number, key, index, own, start, start + len(item)))
+        if paragraphs:
+            texts[own] = "\n\n".join(paragraphs)
+    return EvidenceSources(texts, passages, {}, False)
 
 
 def qda_guid(job_id: str, *names: str) -> str:
@@ -9635,6 +9647,55 @@ def qda_codebook(personas: list[JSON], job_id: str, parent: Any) -> None:
             ET.SubElement(code, "Code", guid=guid, name=qda_text(theme), isCodable="true")
 
 
+def qda_selections(
+    text: str, passages: list[Passage], source: str, personas: list[JSON], job_id: str, stamp: dict[str, str]
+) -> list[Any]:
+    """The coded selections of a source's `text` (its key `source`): one per span, coded with each persona
+    that found it there and each theme it names."""
+    from xml.etree import ElementTree as ET
+
+    spans: dict[tuple[int, int], list[Passage]] = {}
+    for passage in passages:
+        if passage.source == source:
+            spans.setdefault((passage.start, passage.end), []).append(passage)
+    selections = []
+    for (start, end), here in sorted(spans.items()):
+        covered = text[start:end]
+        selection = ET.Element(
+            "PlainTextSelection",
+            {
+                "guid": qda_guid(job_id, "selection", source, str(start), str(end)),
+                "name": qda_text(selection_name(covered)),
+                "startPosition": str(start),
+                "endPosition": str(end),
+                **stamp,
+            },
+        )
+        ET.SubElement(selection, "Description").text = qda_text(
+            "; ".join(f"{EVIDENCE_FIELDS[p.field]} of {personas[p.persona]['name']}" for p in here)
+        )
+        codes = {qda_guid(job_id, "persona", str(p.persona)): None for p in here}
+        for p in here:
+            codes.update(
+                (guid, None)
+                for theme, guid in theme_codes(job_id, p.persona, personas[p.persona]).items()
+                if mentions(covered, theme)
+            )
+        for code in codes:
+            coding = ET.SubElement(
+                selection, "Coding", {"guid": qda_guid(job_id, "coding", source, str(start), code), **stamp}
+            )
+            ET.SubElement(coding, "CodeRef", targetGUID=code)
+        selections.append(selection)
+    return selections
+
+
+def project_bytes(project: Any) -> bytes:
+    from xml.etree import ElementTree as ET
+
+    return ET.tostring(project, encoding="utf-8", xml_declaration=True)
+
+
 def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None, when: str) -> bytes:
     """The personas as a REFI-QDA project (.qdpx) over the words they were drawn from."""
     import zipfile
@@ -9666,9 +9727,8 @@ def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None,
         holder = ET.SubElement(project, "Variables")
         labels = dataset.labels if dataset is not None else {}
         for key, guid in variables.items():
-            ET.SubElement(
-                holder, "Variable", guid=guid, name=qda_text(question_text(key, labels)), typeOfVariable="Text"
-            )
+            name = qda_text(question_text(key, labels))
+            ET.SubElement(holder, "Variable", guid=guid, name=name, typeOfVariable="Text")
     sources = {name: qda_guid(job_id, "source", name) for name in found.texts}
     if members:
         holder = ET.SubElement(project, "Cases")
@@ -9689,59 +9749,123 @@ def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None,
                 "TextSource",
                 {"guid": guid, "name": qda_text(name), "plainTextPath": f"internal://{guid}.txt", **stamp},
             )
-            qda_selections(source, found, name, personas, job_id, stamp)
+            source.extend(qda_selections(found.texts[name], found.passages, name, personas, job_id, stamp))
     summary = f"{len(personas)} personas by {user_name}, job {job_id}."
     if not found.read_again:
         summary += " The job's source could not be read again, so each persona's quotes and items are its source."
     ET.SubElement(project, "Description").text = summary
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("project.qde", ET.tostring(project, encoding="utf-8", xml_declaration=True))
+        archive.writestr("project.qde", project_bytes(project))
         for name, guid in sources.items():
             archive.writestr(f"sources/{guid}.txt", found.texts[name].encode("utf-8"))
     return out.getvalue()
 
 
-def qda_selections(
-    source: Any, found: EvidenceSources, name: str, personas: list[JSON], job_id: str, stamp: dict[str, str]
-) -> None:
-    """A source's coded selections: one per span, coded with each persona that found it there and each theme
-    it names."""
+def personas_onto_project(personas: list[JSON], metadata: JSON, raw: bytes, name: str, when: str) -> bytes:
+    """The researcher's own project (.qdpx) with the personas added: Persona as a user, its codes beside
+    hers, each case coded with its persona, and a coded selection on her own source for each quote and
+    item found there. Everything of hers is kept as it was."""
+    import zipfile
     from xml.etree import ElementTree as ET
 
-    text = found.texts[name]
-    spans: dict[tuple[int, int], list[Passage]] = {}
-    for passage in found.passages:
-        if passage.source == name:
-            spans.setdefault((passage.start, passage.end), []).append(passage)
-    for (start, end), here in sorted(spans.items()):
-        covered = text[start:end]
-        selection = ET.SubElement(
-            source,
-            "PlainTextSelection",
-            {
-                "guid": qda_guid(job_id, "selection", name, str(start), str(end)),
-                "name": qda_text(selection_name(covered)),
-                "startPosition": str(start),
-                "endPosition": str(end),
-                **stamp,
-            },
-        )
-        ET.SubElement(selection, "Description").text = qda_text(
-            "; ".join(f"{EVIDENCE_FIELDS[p.field]} of {personas[p.persona]['name']}" for p in here)
-        )
-        codes = {qda_guid(job_id, "persona", str(p.persona)): None for p in here}
-        for p in here:
-            codes.update(
-                (guid, None)
-                for theme, guid in theme_codes(job_id, p.persona, personas[p.persona]).items()
-                if mentions(covered, theme)
+    archive, budget = open_archive(raw, name, ".qdpx"), OfficeBudget(name)
+    part = qda_project_part(archive, name)
+    project = read_qda_project(archive, part, budget)  # streamed first: it refuses a document type and entities
+    texts = {s.guid: text for s in project.sources if (text := qda_source_text(archive, s, budget)) is not None}
+    texts_of: dict[str, list[tuple[str, str]]] = {}
+    for case in project.cases:
+        texts_of.setdefault(case.name, []).extend((guid, texts[guid]) for guid in case.sources if guid in texts)
+    in_case = {guid for case in project.cases for guid in case.sources}
+    for source in project.sources:
+        if source.guid in texts and source.guid not in in_case:
+            texts_of.setdefault(source.name, []).append((source.guid, texts[source.guid]))
+    _, passages = found_passages(personas, texts_of)
+    job_id = metadata["job_id"]
+    user, user_name = qda_user(metadata)
+    stamp = {"creatingUser": user, "creationDateTime": when}
+    root = in_project_namespace(ET.fromstring(archive.read(part)), name)
+    users = child_in_order(root, "Users")
+    ET.SubElement(users, "User", guid=user, name=qda_text(user_name), id="persona")
+    codebook = child_in_order(root, "CodeBook")
+    codes = codebook.find("Codes")
+    qda_codebook(personas, job_id, codes if codes is not None else ET.SubElement(codebook, "Codes"))
+    persona_of = {pid: n for n, p in enumerate(personas) for pid in p.get("evidence", {}).get("participants", [])}
+    for entry in root.iter("Case"):
+        number = persona_of.get(entry.get("name", ""))
+        if number is not None:
+            ref = ET.Element("CodeRef", targetGUID=qda_guid(job_id, "persona", str(number)))
+            entry.insert(sum(child.tag in ("Description", "CodeRef") for child in entry), ref)
+    for element in root.iter("TextSource"):
+        guid = element.get("guid", "")
+        if guid in texts:
+            place = sum(
+                child.tag in (t for t in ("Description", "PlainTextContent", "PlainTextSelection")) for child in element
             )
-        for code in codes:
-            coding = ET.SubElement(
-                selection, "Coding", {"guid": qda_guid(job_id, "coding", name, str(start), code), **stamp}
-            )
-            ET.SubElement(coding, "CodeRef", targetGUID=code)
+            for offset, selection in enumerate(qda_selections(texts[guid], passages, guid, personas, job_id, stamp)):
+                element.insert(place + offset, selection)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as copy:
+        for member in archive.infolist():
+            if member.filename != part:
+                budget.unpack(member.file_size)
+                copy.writestr(member, archive.read(member))
+        copy.writestr(part, project_bytes(root))
+    return out.getvalue()
+
+
+PROJECT_ORDER = (
+    "Users",
+    "CodeBook",
+    "Variables",
+    "Cases",
+    "Sources",
+    "Notes",
+    "Links",
+    "Sets",
+    "Graphs",
+    "Description",
+)
+
+
+def in_project_namespace(root: Any, name: str) -> Any:
+    """A parsed project file with its elements' names in the project namespace written plain, as the
+    ones Persona adds are; the root declares the namespace for all of them."""
+    prefix = f"{{{QDA_PROJECT_NS}}}"
+    if root.tag != f"{prefix}Project":
+        raise GenerationError(f"{name}'s project file is not in the namespace {QDA_PROJECT_NS}")
+    for element in root.iter():
+        if isinstance(element.tag, str) and element.tag.startswith(prefix):
+            element.tag = element.tag.removeprefix(prefix)
+    root.set("xmlns", QDA_PROJECT_NS)
+    return root
+
+
+def child_in_order(root: Any, tag: str) -> Any:
+    """`root`'s <tag>, made where the schema's order puts it if the project has none."""
+    from xml.etree import ElementTree as ET
+
+    found = root.find(tag)
+    if found is not None:
+        return found
+    after = PROJECT_ORDER[PROJECT_ORDER.index(tag) + 1 :]
+    place = next((i for i, child in enumerate(root) if child.tag in after), len(root))
+    element = ET.Element(tag)
+    root.insert(place, element)
+    return element
+
+
+def qdpx_export(
+    personas: list[JSON], metadata: JSON, dataset: Dataset | None, own: tuple[bytes, str] | None, when: str
+) -> bytes:
+    """The QDA project export: onto her own project (`own`, its bytes and name) where the job read one
+    and it can be written as the standard says, else a project of Persona's own."""
+    if own is not None:
+        try:
+            return personas_onto_project(personas, metadata, *own, when)
+        except (GenerationError, ValueError):  # not in the standard's namespace, or an element outside it
+            pass
+    return personas_qdpx(personas, metadata, dataset, when)
 
 
 def personas_qdc(personas: list[JSON], metadata: JSON) -> bytes:
@@ -11195,7 +11319,8 @@ async def export_generation(request: Request) -> Response:
         body = personas_qdc(personas, metadata)
     elif form == "qdpx":
         dataset = await export_dataset(request, job["job_id"], metadata)
-        body = await asyncio.to_thread(personas_qdpx, personas, metadata, dataset, job["completed_at"])
+        own = await own_project(request, job["job_id"], metadata)
+        body = await asyncio.to_thread(qdpx_export, personas, metadata, dataset, own, job["completed_at"])
     elif form == "segments":
         dataset = await export_dataset(request, job["job_id"], metadata)
         body = (await asyncio.to_thread(coded_segments_csv, personas, dataset)).encode()
@@ -11224,6 +11349,29 @@ async def export_dataset(request: Request, job_id: str, metadata: JSON) -> Datas
     except (GenerationError, OSError):
         return None
     return dataset if dataset.source == metadata.get("source") else None
+
+
+async def own_project(request: Request, job_id: str, metadata: JSON) -> tuple[bytes, str] | None:
+    """The researcher's .qdpx the job read, its bytes and name, for an export onto it: only where the job
+    read that one file alone, unredacted, and it is unchanged since."""
+    stored = await state(request).store.job_request(job_id)
+    if stored is None:
+        return None
+    data, config = stored[0]["data"], stored[0].get("config") or {}
+    if (
+        not isinstance(data, str)
+        or not data.lower().endswith(".qdpx")
+        or stored[0].get("refine", {}).get("more_data")
+        or config.get("redact")
+    ):
+        return None
+    try:
+        path = await asyncio.to_thread(resolve_data_path, data, state(request).settings.data_dir)
+        raw = await asyncio.to_thread(path.read_bytes)
+    except (APIError, OSError):
+        return None
+    unchanged = hashlib.sha256(raw).hexdigest() == metadata.get("source", {}).get("sha256")
+    return (raw, data) if unchanged else None
 
 
 def export_name(job: JSON) -> str:

@@ -12,6 +12,7 @@ import io
 import re
 import subprocess
 import sys
+import uuid
 import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
@@ -522,3 +523,60 @@ def test_the_example_codebook_is_valid_and_names_its_sub_codes_parents() -> None
     xmlschema.XMLSchema(SCHEMAS / "Codebook-mrt2019.xsd").validate(str(path))
     themes = persona.read_codebook(path.read_bytes(), path.name)
     assert ("Rota", "Scheduling") in [(t.name, t.parent) for t in themes]
+
+
+def uuid_of(label: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, label))
+
+
+def her_project(folder: Path) -> Path:
+    """The study as a schema-valid NVivo export: UUIDs, Windows line ends and a byte order mark in its texts."""
+    code_names = {"c-barriers": "Barriers", "c-tech": "Technology", "c-time": "Time", "c-wish": "Wishes"}
+    project = study(folder).read_bytes()
+    archive = zipfile.ZipFile(io.BytesIO(project))
+    qde = archive.read("project.qde").decode()
+    for label in [*code_names, "v-site", "set-1", "set-2", "pdf-1"] + [
+        f"{k}-{n}" for k in ("src", "case") for n in (1, 2, 3)
+    ]:
+        qde = qde.replace(f'"{label}"', f'"{uuid_of(label)}"')
+    qde = re.sub(r'guid="([sk]-[^"]+)"', lambda m: f'guid="{uuid_of(m.group(1))}"', qde)
+    files = {name: archive.read(name) for name in archive.namelist() if name != "project.qde"}
+    path = folder / "her study.qdpx"
+    path.write_bytes(qdpx(qde, files))
+    return path
+
+
+def test_a_job_made_from_her_project_exports_onto_her_own_sources_with_her_codes_kept(
+    server: Server, client: httpx.Client, project_schema: xmlschema.XMLSchema
+) -> None:
+    her = her_project(server.workdir / "data")
+    before = zipfile.ZipFile(her)
+    project_schema.validate(io.BytesIO(before.read("project.qde")))
+    job = completed(client, "her study.qdpx", count=2, config={"group_by": "site"})
+    archive, project = exported_project(client, job["job_id"])
+    project_schema.validate(io.BytesIO(archive.read("project.qde")))
+    for name in before.namelist():  # her files as they were
+        if name != "project.qde":
+            assert archive.read(name) == before.read(name)
+    codes = {code.get("name"): code.get("guid") for code in project.iter(f"{QDA}Code")}
+    assert {"Barriers", "Technology", "Time", "Wishes"} <= set(codes)
+    personas = job["result"]["personas"]
+    assert {f"{p['name']} — {p['title']}" for p in personas} <= set(codes)
+    assert [u.get("name") for u in project.iter(f"{QDA}User")][-1].startswith("Persona ")
+    theirs = {p["name"]: codes[f"{p['name']} — {p['title']}"] for p in personas}
+    for case in project.iter(f"{QDA}Case"):
+        owner = next(p for p in personas if case.get("name") in p["evidence"]["participants"])
+        assert theirs[owner["name"]] in {ref.get("targetGUID") for ref in case.findall(f"{QDA}CodeRef")}
+    texts = {}
+    for source in project.iter(f"{QDA}TextSource"):
+        raw = archive.read(source.get("plainTextPath", "").replace("internal://", "Sources/"))
+        texts[source.get("guid")] = raw.decode("utf-8-sig")  # offsets count code points after the byte order mark
+    ours = [
+        (texts[source.get("guid")][int(s.get("startPosition")) : int(s.get("endPosition"))], s)
+        for source in project.iter(f"{QDA}TextSource")
+        for s in source.findall(f"{QDA}PlainTextSelection")
+        if {ref.get("targetGUID") for ref in s.iter(f"{QDA}CodeRef")} & set(theirs.values())
+    ]
+    quotes = [quote for p in personas for quote in p["quotes"]]
+    assert quotes and all(any(covered == quote for covered, _ in ours) for quote in quotes)
+    assert len(list(project.iter(f"{QDA}PlainTextSelection"))) == len(ours) + 4  # her four selections kept
