@@ -7,6 +7,7 @@ import io
 import os
 import re
 import threading
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -490,6 +491,11 @@ def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: http
         page.get_by_role("link", name="Export CSV").click()
     saved = tmp_path / "exported.csv"
     download.value.save_as(saved)
+    with page.expect_download() as project:
+        page.get_by_role("link", name="Export QDA project (.qdpx)").click()
+    assert project.value.suggested_filename.endswith(".qdpx")
+    project.value.save_as(tmp_path / "personas.qdpx")
+    assert "project.qde" in zipfile.ZipFile(tmp_path / "personas.qdpx").namelist()
     rows = list(csv.DictReader(io.StringIO(saved.read_text("utf-8-sig"))))
     assert [row["name"] for row in rows] == [p["name"] for p in parent["result"]["personas"]]
     page.locator("#refine").get_by_label("Data").select_option("more.csv")
