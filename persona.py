@@ -6411,6 +6411,13 @@ HYPOTHETICAL = re.compile(r"^\W*if (?:i|we) (?:were|was) (?:ever )?to\b", re.IGN
 """A sentence that imagines a case ("If I were to find one in a PR, I would not accept it") tells what the
 speaker would do, not something they suffer: no pain point, whatever its words."""
 
+CONDITIONAL_PAIN = re.compile(
+    r"\bwould (?:be|have been|get|become) (?:a |an |so |very |really |quite |pretty )?"
+    r"(?:pain|painful|hard|difficult|annoying|frustrating|nightmare|tedious)\b",
+    re.IGNORECASE,
+)
+"""A difficulty imagined, not met ("installing a GUI on the server would be a pain"): no pain point."""
+
 OPINION = re.compile(
     r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b",
     re.IGNORECASE,
@@ -7303,7 +7310,7 @@ def sentence_kind(sentence: str) -> str | None:
     if WISH.search(text) or opens_as_request(text):
         return "goals"
     opinion = bool(OPINION.match(text))
-    if PAIN.search(text) and not opinion and not HYPOTHETICAL.match(text):
+    if PAIN.search(text) and not opinion and not HYPOTHETICAL.match(text) and not CONDITIONAL_PAIN.search(text):
         return "pain_points"
     if REQUEST.search(text) or (
         ARTICLE_NP.match(text)

@@ -338,6 +338,8 @@ def test_a_definition_is_no_quote() -> None:
 
 def test_an_imagined_case_is_no_pain_point() -> None:
     assert persona.list_kind("If I were to find one in a PR, I would not accept it until it was fixed.") is None
+    assert persona.list_kind("Installing a GUI for version control on the server would be a pain.") is None
+    assert persona.list_kind("Installing a GUI for version control on the server is a pain.") == "pain_points"
     assert persona.list_kind("If I have to restart the kernel, the build fails.") == "pain_points"
 
 
