@@ -4412,13 +4412,15 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
         return False
     if any(isinstance(record.get(column), (list, dict)) for record in records):
         return True
+    choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
+    if is_multiple_choice(values, choices):
+        return False
     if (
         len(values) >= 10
         and len(set(values)) >= 0.9 * len(values)
         and sum(len(v.split()) for v in values) >= 2 * len(values)
     ):
         return True  # nearly every answer its own words: a review's title, a one-line comment
-    choices = Counter(part.strip() for value in values for part in re.split(r"[;,]", value) if part.strip())
     if not choices:  # nothing but separators: nothing said
         return False
     if len(choices) <= 12 and len(values) >= 2 * len(choices) and max(map(len, choices)) <= 60:
@@ -4426,6 +4428,19 @@ def is_speech(records: list[dict[str, Any]], column: str, values: list[str]) -> 
     if is_choice_column(values, choices):
         return False
     return sum(map(len, values)) / len(values) >= 30 or max(len(value.split()) for value in values) >= 12
+
+
+MULTIPLE_CHOICE_SHARE = 0.8  # of the options ticked, the share that are options many ticked
+
+
+def is_multiple_choice(values: list[str], choices: Counter[str]) -> bool:
+    """Options ticked together ("Error messages, Language syntax"): each answer a new combination, but
+    nearly every part of it an option that recurs. Free text split at its commas hardly recurs."""
+    ticked = sum(choices.values())
+    if len(values) < 10 or ticked < 1.5 * len(values):
+        return False
+    recurring = sum(times for times in choices.values() if times >= max(3, 0.02 * len(values)))
+    return recurring >= MULTIPLE_CHOICE_SHARE * ticked
 
 
 def is_choice_column(values: list[str], choices: Counter[str]) -> bool:
@@ -7525,12 +7540,36 @@ def theme_finding(theme: JSON) -> str:
 TITLE_MIN_SHARE = 0.25  # a title phrase is said by at least this share of the segment's members
 TITLE_MIN_LIFT = 2.0  # and by at least twice the share of everyone else: the data set's own topic sets no one apart
 BARE_ANSWERS = frozenset(["yes", "no", "maybe", "other", *SCALE_LEVELS])
+AMOUNT_WORDS = frozenset(
+    "less more than between and or once twice a an the per every few several couple of about around over under up to "
+    "hour hours day days week weeks month months year years time times minute minutes never rarely sometimes often "
+    "always daily weekly monthly yearly annually hourly one two three four five six seven eight nine ten dozen dozens "
+    "tens hundreds thousands".split()
+)
+"""Words of an answer that is only an amount or a frequency ("Months", "Between once a day and once a week",
+"10 - 25"): it says nothing without its question."""
 QUESTION_LEAD = re.compile(
-    r"^(?:(?:how (?:often|many|much|long|well)|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
+    r"^(?:(?:roughly|approximately|about|overall|generally|typically|usually),? )?"
+    r"(?:how (?:would|do) you (?:rate|describe|assess) (?:your )?|"
+    r"(?:how (?:often|many|much|long|well)|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
     r"\b(?:do|does|did|are|is|was|were|have|has|would|will|can|could)\b\s*(?:you|your|they)?\b\s*|"
     r"(?:do|does|did|are|is|have|has|would|will|can|could) (?:you|your)\b\s*)",
     re.IGNORECASE,
 )
+
+
+HOW_MANY = re.compile(
+    r"^(?:(?:roughly|approximately|about),? )?how (?:many|much) ((?:\w+ ){0,2}?\w+) "
+    r"(?:are|is|were|was|do|does|did|have|has)\b\s*",
+    re.IGNORECASE,
+)
+
+
+def says_nothing_alone(value: str) -> bool:
+    """An answer that needs its question to mean anything: yes, never, agree, or an amount alone."""
+    answer = value.strip().lower()
+    words = re.findall(r"[a-z]+|\d+", answer)
+    return answer in BARE_ANSWERS or bool(words) and all(word.isdigit() or word in AMOUNT_WORDS for word in words)
 
 
 def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
@@ -7539,16 +7578,25 @@ def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
     An answer that names a kind of person (`Nurse`, `Data scientist`) needs no question;
     one that says nothing alone (`Yes`, `Never`, `Agree`) takes its question's topic.
     """
-    if value.strip().lower() not in BARE_ANSWERS:
+    if not says_nothing_alone(value):
         return value
     header = labels.get(key) or key.replace("_", " ")
     grid = grid_parts(header)
-    topic = (grid[1] if grid else header).split("(", 1)[0]
-    topic = QUESTION_LEAD.sub("", topic.strip()).strip(" ?:.…")
+    topic = (grid[1] if grid else header).split("(", 1)[0].strip()
+    preamble, colon, asked = topic.rpartition(":")
+    if colon and preamble and QUESTION_LEAD.match(asked.strip()):  # "Think about the past month: how often ..."
+        topic = asked.strip()
+    counted = HOW_MANY.match(topic)  # "how many students are in your class" counts students in your class
+    topic = f"{counted.group(1)} {topic[counted.end() :]}" if counted else QUESTION_LEAD.sub("", topic)
+    topic = topic.strip(" ?:.…")
+    topic = re.sub(r"^(?:it )?(?:takes?|took) (?:you|them) (?:to )?", "", topic, flags=re.IGNORECASE)
     words = topic.split()
-    for position, word in enumerate(words[2:], 2):  # the topic ends where its circumstances begin
-        if word.lower() in ("in", "on", "at", "for", "during", "when", "while", "since") or word.endswith(","):
-            words = words[: position + (1 if word.endswith(",") else 0)]
+    for position, word in enumerate(words[1:], 1):  # the topic ends where its circumstances begin
+        if word.endswith(","):
+            words = words[: position + 1]
+            break
+        if position >= 2 and word.lower() in ("in", "on", "at", "for", "during", "when", "while", "since"):
+            words = words[:position]
             break
     shown = " ".join(words[:8]).rstrip(",") or header[:60]
     return f"{sentence_case(shown)}: {value.strip().lower()}"

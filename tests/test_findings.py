@@ -71,6 +71,47 @@ def test_a_column_whose_values_repeat_is_an_attribute_however_many_values_it_has
     assert all("School" not in text for person in dataset.participants for text in person.texts)
 
 
+def test_options_ticked_together_are_an_attribute_though_each_combination_is_new() -> None:
+    options = [
+        "Error messages",
+        "Language syntax",
+        "Data types",
+        "Getting started",
+        "Managing packages",
+        "Documentation",
+    ]
+    records = [
+        {
+            "id": f"R{n}",
+            "hard": ", ".join(option for bit, option in enumerate(options) if (n + 3) >> bit & 1),
+            "comment": f"I learned R {n} years ago for my thesis and kept using it at work since then.",
+        }
+        for n in range(40)
+    ]
+    assert len({record["hard"] for record in records}) >= 36  # nearly every combination its own
+    dataset = persona.load_inline(records)
+    assert all("Error messages" not in text for person in dataset.participants for text in person.texts)
+    assert "hard" in dataset.participants[0].attributes
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "phrase"),
+    [
+        ("Roughly how long did it take you to achieve proficiency in R?", "Months", "Achieve proficiency: months"),
+        (
+            "Think about the past month: how often did you use R, either for work or for fun?",
+            "Between once a day and once a week",
+            "Use R: between once a day and once a week",
+        ),
+        ("How would you rate your level of experience?", "Expert", "Level of experience: expert"),
+        ("Approximately how many students are in your class?", "10 - 25", "Students in your class: 10 - 25"),
+        ("Which category best describes the work you do?", "Data scientist", "Data scientist"),
+    ],
+)
+def test_an_answer_that_is_only_an_amount_takes_its_question_s_topic(question: str, answer: str, phrase: str) -> None:
+    assert persona.answer_phrase("q", answer, {"q": question}) == phrase
+
+
 def test_answers_that_are_nearly_all_unique_are_speech() -> None:
     records = [
         {"id": f"R{n}", "why": f"Because reason number {n} matters to my team in its own particular way."}
