@@ -12426,6 +12426,19 @@ ERROR_SCHEMA: JSON = {
         }
     ],
 }
+
+
+def counted_findings(labels: tuple[str, ...], description: str = "", elsewhere: bool = True) -> JSON:
+    """The schema of a persona's findings: each names something (`labels`) and how many of its `of`
+    participants it holds for, and with `elsewhere` the share of everyone else it holds for."""
+    properties: JSON = {label: {"type": "string"} for label in labels}
+    properties.update(count={"type": "integer"}, of={"type": "integer"})
+    if elsewhere:
+        properties["share_elsewhere"] = {"type": "number"}
+    schema: JSON = {"type": "array", "items": {"type": "object", "properties": properties}}
+    return {**schema, "description": description} if description else schema
+
+
 PERSONA_SCHEMA: JSON = {
     "type": "object",
     "required": ["id", "name", "title", "demographics", "goals", "pain_points", "behaviours", "quotes"],
@@ -12446,45 +12459,14 @@ PERSONA_SCHEMA: JSON = {
             "properties": {
                 "participants": STRING_LIST,
                 "share": {"type": "number"},
-                "answers": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "question": {"type": "string"},
-                            "answer": {"type": "string"},
-                            "count": {"type": "integer"},
-                            "of": {"type": "integer"},
-                            "share_elsewhere": {"type": "number"},
-                        },
-                    },
-                },
-                "codes": {
-                    "type": "array",
-                    "description": "a QDA project's codes the persona's participants carry, most carried first",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "code": {"type": "string"},
-                            "count": {"type": "integer"},
-                            "of": {"type": "integer"},
-                        },
-                    },
-                },
-                "codebook": {
-                    "type": "array",
-                    "description": "the themes of config.codebook its participants speak of, those that set it "
-                    "apart most first",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "theme": {"type": "string"},
-                            "count": {"type": "integer"},
-                            "of": {"type": "integer"},
-                            "share_elsewhere": {"type": "number"},
-                        },
-                    },
-                },
+                "answers": counted_findings(("question", "answer")),
+                "codes": counted_findings(
+                    ("code",), "a QDA project's codes the persona's participants carry, most carried first", False
+                ),
+                "codebook": counted_findings(
+                    ("theme",),
+                    "the themes of config.codebook its participants speak of, those that set it apart most first",
+                ),
                 "quote_codes": {
                     "type": "array",
                     "description": "per quote, in order, the researcher's codes on the passage it quotes",
@@ -12905,6 +12887,10 @@ JOB_ID_PARAMETER = path_parameter("job_id", JOB_ID.pattern)
 WEBHOOK_ID_PARAMETER = path_parameter("webhook_id", WEBHOOK_ID.pattern)
 DELIVERY_ID_PARAMETER = path_parameter("delivery_id", DELIVERY_ID.pattern)
 UPLOAD_NAME_PARAMETER = path_parameter("name", UPLOAD_NAME_PATTERN)
+UPLOAD_BODY: JSON = {
+    "required": True,
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
+}
 UPLOAD_FOLDER_PARAMETER: JSON = {  # any name: cleaned as a file's is, the stored name in the answer
     "name": "folder",
     "in": "path",
@@ -13183,10 +13169,7 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
             UPLOAD_NAME_PARAMETER,
             query_parameter("replace", {"type": "boolean", "default": False}),
         ),
-        body={
-            "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
-        },
+        body=UPLOAD_BODY,
     ),
     Endpoint(
         "DELETE",
@@ -13218,10 +13201,7 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
             UPLOAD_NAME_PARAMETER,
             query_parameter("replace", {"type": "boolean", "default": False}),
         ),
-        body={
-            "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
-        },
+        body=UPLOAD_BODY,
     ),
     Endpoint(
         "DELETE",
