@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import quote as url_quote
 
 import aiosqlite
 from starlette.applications import Starlette
@@ -5317,6 +5318,8 @@ def csv_themes(raw: bytes, name: str) -> list[CodebookTheme]:
     parts = r"[/\\.]" if header[column] in ("tag", "path") else r"[/\\]"  # Taguette's tags nest by dots
     themes = []
     for row in rows[1:]:
+        if column >= len(row):  # a blank or short line
+            continue
         steps = [step.strip() for step in re.split(parts, row[column].strip().strip(".")) if step.strip()]
         if steps:
             description = row[described].strip() if described is not None and described < len(row) else ""
@@ -5333,13 +5336,17 @@ def codebook_file(wanted: str, data_dir: Path) -> Path:
             400, f"config.codebook {wanted[:200]!r} cannot be used: {exc.strerror or type(exc).__name__}"
         ) from None
     if not path.is_file() or path.suffix.lower() not in CODEBOOK_SUFFIXES:
-        raise APIError(
-            400,
-            f"config.codebook {wanted!r} is not a codebook file in the server's data directory "
-            f"(a REFI-QDA .qdc, or a .csv of codes)",
-            {"codebook": wanted},
-        )
+        raise not_a_codebook(wanted)
     return path
+
+
+def not_a_codebook(wanted: str) -> APIError:
+    return APIError(
+        400,
+        f"config.codebook {wanted!r} is not a codebook file in the server's data directory "
+        f"(a REFI-QDA .qdc, or a .csv of codes)",
+        {"codebook": wanted},
+    )
 
 
 def load_codebook(wanted: str, data_dir: Path) -> list[CodebookTheme]:
@@ -5821,7 +5828,7 @@ def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
 
 def upload_folder_name(name: str) -> str:
     """A safe folder name from the one a browser sent, cleaned as a file's name is."""
-    cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100]
+    cleaned = UPLOAD_NAME_CHARACTERS.sub("-", name).strip(".-")[:100].rstrip(".-")
     if not cleaned:
         raise APIError(
             422, f"A folder of uploads needs a name with a letter or digit, got {name[:100]!r}", {"folder": "is empty"}
@@ -5898,6 +5905,8 @@ async def refuse_others_uploads(data: str | list[Any] | None, data_dir: Path, ow
     if owner is None or not isinstance(data, str):
         return
     path = os.path.normpath(data)  # a string's work: this runs on every submission
+    if os.path.isabs(path):  # the same place named from the root
+        path = os.path.relpath(os.path.realpath(path), real_root(data_dir))
     if path not in (".", UPLOADS) and not path.startswith(f"{UPLOADS}/"):
         return
     others = await asyncio.to_thread(others_uploads, data_dir, owner)
@@ -6037,14 +6046,21 @@ def store_upload(
     replaced instead, in one rename.
     """
     uploads = uploads_folder(data_dir)
-    place = uploads if folder is None else owned_upload_folder(uploads, folder, owner)
+    place = uploads if folder is None else uploads / folder
     shown = f"{UPLOADS}/" if folder is None else f"{UPLOADS}/{folder}/"
     stem, suffix = Path(name).stem, Path(name).suffix
-    mine = upload_owner(uploads, name) == owner if folder is None else (place / name).is_file()
-    replacing = replace and mine
-    check_upload_quota(uploads, owner, len(body), (place / name) if replacing else None)
-    with tempfile.NamedTemporaryFile(dir=place, prefix=".upload-", delete=False) as staged:
-        staged.write(body)
+    if folder is None:
+        replacing = replace and upload_owner(uploads, name) == owner
+    else:
+        replacing = replace and (place / name).is_file() and upload_owner(uploads, folder, is_upload_folder) == owner
+    check_upload_quota(uploads, owner, len(body), (place / name) if replacing else None)  # before any folder is made
+    if folder is not None:
+        owned_upload_folder(uploads, folder, owner)
+    try:
+        with tempfile.NamedTemporaryFile(dir=place, prefix=".upload-", delete=False) as staged:
+            staged.write(body)
+    except FileNotFoundError:  # its folder went (a delete, retention) while the file came in
+        raise APIError(409, f"{shown} went while the file was sent; send it again") from None
     if replacing:
         os.replace(staged.name, place / name)
         return {"name": f"{shown}{name}", "format": upload_format(suffix), "size": len(body)}
@@ -6742,7 +6758,7 @@ QUESTION_ASKS: tuple[tuple[str | None, re.Pattern[str]], ...] = (
     ),
     (
         None,
-        re.compile(r"\b(?:causes?|definition|define|like best|pleasant|enjoy|reason|job title|why)\b", re.IGNORECASE),
+        re.compile(r"\b(?:causes?|definition|define|like best|pleasant|enjoy|job title)\b", re.IGNORECASE),
     ),
     (
         "behaviours",
@@ -9575,17 +9591,6 @@ def locate(text: str, passage: str) -> tuple[int, int] | None:
     return match.span() if match else None
 
 
-def locate_item(text: str, item: str) -> tuple[int, int] | None:
-    """Where a list item stands in `text`: as written, or as the sentence it was tidied from."""
-    found = locate(text, item)
-    if found is not None:
-        return found
-    for sentence in split_sentences(text):
-        if tidy_spoken(sentence) == item:
-            return locate(text, sentence)
-    return None
-
-
 def found_passages(
     personas: list[JSON], texts_of: Mapping[str, list[tuple[str, str]]]
 ) -> tuple[dict[str, str], list[Passage]]:
@@ -9595,17 +9600,34 @@ def found_passages(
     passages = []
     for number, persona in enumerate(personas):
         members = [pid for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])) if pid in texts_of]
+        sources = [pair for pid in members for pair in texts_of[pid]]
+        text_of = dict(sources)
+        tidied: dict[str, tuple[str, str]] | None = None  # an item's sentence as the engine tidied it: read once
         for key in EVIDENCE_FIELDS:
             for index, item in enumerate(persona.get(key, [])):
                 if not isinstance(item, str):
                     continue
-                for source, text in (pair for pid in members for pair in texts_of[pid]):
-                    span = locate(text, item) if key == "quotes" else locate_item(text, item)
-                    if span is not None:
-                        texts[source] = text
-                        passages.append(Passage(number, key, index, source, *span))
-                        break
+                found = next(((source, text, span) for source, text in sources if (span := locate(text, item))), None)
+                if found is None and key != "quotes":
+                    if tidied is None:
+                        tidied = tidied_sentences(sources)
+                    source, sentence = tidied.get(item, ("", ""))
+                    span = locate(text_of[source], sentence) if source else None
+                    found = (source, text_of[source], span) if span else None
+                if found is not None:
+                    texts[found[0]] = found[1]
+                    passages.append(Passage(number, key, index, found[0], *found[2]))
     return texts, passages
+
+
+def tidied_sentences(sources: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """Each sentence of the sources as a list item shows it (fillers and stutters gone), with its source's
+    key and the sentence as written: how an item that is not word for word in the data is found."""
+    found: dict[str, tuple[str, str]] = {}
+    for source, text in sources:
+        for sentence in split_sentences(text):
+            found.setdefault(tidy_spoken(sentence), (source, sentence))
+    return found
 
 
 def evidence_sources(personas: list[JSON], dataset: Dataset | None) -> EvidenceSources:
@@ -9620,7 +9642,7 @@ def evidence_sources(personas: list[JSON], dataset: Dataset | None) -> EvidenceS
         return EvidenceSources(texts, passages, people, True)
     texts, passages = {}, []
     for number, persona in enumerate(personas):
-        own, paragraphs = f"{persona['name']}: quotes and items", list[str]()
+        own, paragraphs = f"{persona.get('id', number + 1)} {persona['name']}: quotes and items", list[str]()
         for key in EVIDENCE_FIELDS:
             for index, item in enumerate(persona.get(key, [])):
                 if isinstance(item, str) and item.strip():
@@ -9738,7 +9760,7 @@ def qda_selections(
             )
         for code in codes:
             coding = ET.SubElement(
-                selection, "Coding", {"guid": qda_guid(job_id, "coding", source, str(start), code), **stamp}
+                selection, "Coding", {"guid": qda_guid(job_id, "coding", source, str(start), str(end), code), **stamp}
             )
             ET.SubElement(coding, "CodeRef", targetGUID=code)
         selections.append(selection)
@@ -9770,12 +9792,11 @@ def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None,
     )
     ET.SubElement(ET.SubElement(project, "Users"), "User", guid=user, name=qda_text(user_name), id="persona")
     qda_codebook(personas, job_id, ET.SubElement(ET.SubElement(project, "CodeBook"), "Codes"))
-    members = {
-        pid: number
-        for number, persona in enumerate(personas)
-        for pid in persona.get("evidence", {}).get("participants", [])
-        if pid in found.people
-    }
+    members: dict[str, list[int]] = {}  # each participant with its personas (a model's may share one)
+    for number, persona in enumerate(personas):
+        for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])):
+            if pid in found.people:
+                members.setdefault(pid, []).append(number)
     keys = sorted({key for pid in members for key in found.people[pid].attributes})
     variables = {key: qda_guid(job_id, "variable", key) for key in keys}
     if variables:
@@ -9787,9 +9808,10 @@ def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None,
     sources = {name: qda_guid(job_id, "source", name) for name in found.texts}
     if members:
         holder = ET.SubElement(project, "Cases")
-        for pid, number in members.items():
+        for pid, numbers in members.items():
             case = ET.SubElement(holder, "Case", guid=qda_guid(job_id, "case", pid), name=qda_text(pid))
-            ET.SubElement(case, "CodeRef", targetGUID=qda_guid(job_id, "persona", str(number)))
+            for number in numbers:
+                ET.SubElement(case, "CodeRef", targetGUID=qda_guid(job_id, "persona", str(number)))
             for key, value in found.people[pid].attributes.items():
                 entry = ET.SubElement(case, "VariableValue")
                 ET.SubElement(entry, "VariableRef", targetGUID=variables[key])
@@ -9845,10 +9867,12 @@ def personas_onto_project(personas: list[JSON], metadata: JSON, raw: bytes, name
     codebook = child_in_order(root, "CodeBook")
     codes = codebook.find("Codes")
     qda_codebook(personas, job_id, codes if codes is not None else ET.SubElement(codebook, "Codes"))
-    persona_of = {pid: n for n, p in enumerate(personas) for pid in p.get("evidence", {}).get("participants", [])}
+    personas_of: dict[str, list[int]] = {}  # a model's personas may share a participant
+    for number, persona in enumerate(personas):
+        for pid in dict.fromkeys(persona.get("evidence", {}).get("participants", [])):
+            personas_of.setdefault(pid, []).append(number)
     for entry in root.iter("Case"):
-        number = persona_of.get(entry.get("name", ""))
-        if number is not None:
+        for number in personas_of.get(entry.get("name", ""), []):
             ref = ET.Element("CodeRef", targetGUID=qda_guid(job_id, "persona", str(number)))
             entry.insert(sum(child.tag in ("Description", "CodeRef") for child in entry), ref)
     for element in root.iter("TextSource"):
@@ -9915,10 +9939,12 @@ def qdpx_export(
 ) -> bytes:
     """The QDA project export: onto her own project (`own`, its bytes and name) where the job read one
     and it can be written as the standard says, else a project of Persona's own."""
+    import zipfile
+
     if own is not None:
         try:
             return personas_onto_project(personas, metadata, *own, when)
-        except (GenerationError, ValueError):  # not in the standard's namespace, or an element outside it
+        except (GenerationError, ValueError, OSError, zipfile.BadZipFile):  # outside the standard, or damaged
             pass
     return personas_qdpx(personas, metadata, dataset, when)
 
@@ -11215,13 +11241,11 @@ async def check_codebook(request: Request, job_request: JSON) -> None:
     if wanted is None:
         return
     data_dir = state(request).settings.data_dir
-    await asyncio.to_thread(codebook_file, wanted, data_dir)
     try:
         await refuse_others_uploads(wanted, data_dir, caller_scope(request, write=True))
-    except APIError:
-        raise APIError(
-            400, f"config.codebook {wanted!r} does not exist in the server's data directory", {"codebook": wanted}
-        ) from None
+    except APIError:  # another client's upload is, as a missing file is, no codebook of the caller's
+        raise not_a_codebook(wanted) from None
+    await asyncio.to_thread(codebook_file, wanted, data_dir)
 
 
 async def admit_job(
@@ -11372,13 +11396,15 @@ async def export_generation(request: Request) -> Response:
         body = personas_xlsx(personas)
     elif form == "qdc":
         body = personas_qdc(personas, metadata)
-    elif form == "qdpx":
-        dataset = await export_dataset(request, job["job_id"], metadata)
-        own = await own_project(request, job["job_id"], metadata)
-        body = await asyncio.to_thread(qdpx_export, personas, metadata, dataset, own, job["completed_at"])
-    elif form == "segments":
-        dataset = await export_dataset(request, job["job_id"], metadata)
-        body = (await asyncio.to_thread(coded_segments_csv, personas, dataset)).encode()
+    elif form in WORDS_EXPORTS:
+        await check_words_reader(request, job["job_id"])
+        async with engine_slot():  # reading the source again and placing the personas in it is a job's work
+            dataset = await export_dataset(request, job["job_id"], metadata)
+            if form == "qdpx":
+                own = await own_project(request, job["job_id"], metadata)
+                body = await asyncio.to_thread(qdpx_export, personas, metadata, dataset, own, job["completed_at"])
+            else:
+                body = (await asyncio.to_thread(coded_segments_csv, personas, dataset)).encode()
     else:
         body = personas_document(form, personas, metadata).encode()
     name = f"{export_name(job)}.{ending}"
@@ -11387,6 +11413,19 @@ async def export_generation(request: Request) -> Response:
         media_type=media_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+WORDS_EXPORTS = ("qdpx", "segments")  # exports that hold participants' whole words, not only what personas quote
+
+
+async def check_words_reader(request: Request, job_id: str) -> None:
+    """Participants' whole words are the job's maker's: on a server with keys, an export that holds them
+    needs the token of the key or team that made the job (or an admin's); another's is a 404."""
+    if not state(request).token_digests:
+        return
+    reader = request.scope.get(CALLER) or authenticate(request)
+    if reader != ADMIN and await state(request).store.job_owner(job_id) != reader:
+        raise APIError(404, f"Job {job_id} not found")
 
 
 async def export_dataset(request: Request, job_id: str, metadata: JSON) -> Dataset | None:
@@ -11399,8 +11438,7 @@ async def export_dataset(request: Request, job_id: str, metadata: JSON) -> Datas
     if any(isinstance(source, str) and classify_data(source) == "url" for source in sources):
         return None
     try:
-        async with engine_slot():  # reading a source is a job's work: exports take their turn as jobs do
-            dataset, _ = await job_dataset(stored[0], state(request).settings)
+        dataset, _ = await job_dataset(stored[0], state(request).settings)
     except (GenerationError, OSError):
         return None
     return dataset if dataset.source == metadata.get("source") else None
@@ -11925,7 +11963,8 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     warned = metadata.get("warnings", [])
     warnings = "".join(f"<li>{escape(warning)}</li>" for warning in warned)
     exports = "".join(
-        f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download>Export {label}</a>'
+        f'<a href="/api/v1/generate/{escape(job_id)}/export?format={form}" download'
+        f"{' data-token' if form in WORDS_EXPORTS else ''}>Export {label}</a>"
         for form, label in (
             ("csv", "CSV"),
             ("xlsx", "Excel"),
@@ -12245,6 +12284,8 @@ async function uploadFiles(files, select, formats) {
   let last = null;
   const left = [];
   for (const file of files) {
+    const chosen = file.webkitRelativePath || file.droppedPath || file.name;
+    if (chosen.split("/").some((part) => part.startsWith("."))) continue;  // hidden files are no one's data
     const dot = file.name.lastIndexOf(".");
     if (dot < 1 || !formats.includes(file.name.slice(dot).toLowerCase())) {
       left.push(file.name);
@@ -12382,6 +12423,26 @@ document.addEventListener("click", async (event) => {
     }
     button.disabled = false;
     notify("cancelling", "Cancel failed: " + error.message);
+  }
+});
+
+document.addEventListener("click", async (event) => {
+  // An export holding participants' whole words needs the job's token on a server with keys; a link sends
+  // none, so the page fetches it with the token and saves what comes (a private server's cookie serves too).
+  const link = event.target.closest("a[data-token]");
+  if (!link || !auth || isPrivate) return;
+  event.preventDefault();
+  try {
+    const response = await fetch(link.href, {headers: {Authorization: "Bearer " + await token()}});
+    if (!response.ok) throw new Error((await response.json()).message || response.statusText);
+    const named = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+    const save = document.createElement("a");
+    save.href = URL.createObjectURL(await response.blob());
+    save.download = named ? named[1] : "";
+    save.click();
+    setTimeout(() => URL.revokeObjectURL(save.href), 60000);
+  } catch (error) {
+    notify("exporting", "Export failed: " + error.message);
   }
 });
 
@@ -13061,9 +13122,11 @@ ENDPOINTS = (  # the router tries each path in turn, so the busiest come first
         export_generation,
         "exportJob",
         "jobs",
-        "A completed job's personas as a download: CSV, JSON, Markdown or the HTML cards",
+        "A completed job's personas as a download: CSV, JSON, Markdown, the HTML cards, Excel, a REFI-QDA "
+        "project or codebook, or coded segments (the project and the segments need the job's token when the "
+        "server has keys)",
         export_response(),
-        (404, 409, 422),
+        (401, 404, 409, 422),
         parameters=(
             JOB_ID_PARAMETER,
             query_parameter("format", {"type": "string", "enum": list(EXPORT_FORMATS), "default": "json"}),
@@ -13671,15 +13734,22 @@ class PersonaClient:
     def upload(self, name: str, content: bytes) -> JSON:
         """Store a file in the server's data directory, under uploads/ (`folder/name.txt` puts it in a folder of
         yours); returns its `name` to give as `data`."""
+        path = "/".join(url_quote(part, safe="") for part in name.split("/", 1))  # a name may hold a space or a #
         return self._request(
-            "PUT", f"/api/v1/data/{name}", content=content, headers={"Content-Type": "application/octet-stream"}
+            "PUT", f"/api/v1/data/{path}", content=content, headers={"Content-Type": "application/octet-stream"}
         )
 
     def upload_folder(self, folder: str | Path) -> str:
         """Store every file of a supported format in a local folder (its subfolders' too) in one folder of
         yours under uploads/; returns the folder's name to give as `data`."""
         local = Path(folder)
-        files = sorted(path for path in local.rglob("*") if path.is_file() and path.suffix.lower() in FORMATS)
+        files = sorted(
+            path
+            for path in local.rglob("*")
+            if path.is_file()
+            and path.suffix.lower() in FORMATS
+            and not any(part.startswith(".") for part in path.relative_to(local).parts)  # hidden: no one's data
+        )
         if not files:
             raise ValueError(f"{local} holds no file of a format Persona reads ({', '.join(FORMATS)})")
         stored = [self.upload(f"{local.resolve().name}/{path.name}", path.read_bytes())["name"] for path in files]

@@ -421,6 +421,7 @@ ACTIONS_QUESTION = "Are there any other actions that you would take that we have
         ("Just in time compiling", "What capability or package do you feel is most missing from R?", "goals"),
         ("Organizing the assignment submissions.", "", None),
         ("Organizing the assignment submissions.", "Comments:", None),
+        ("It kept crashing on login.", "Why did you stop using the app?", "pain_points"),
     ],
 )
 def test_a_bare_answer_is_what_its_question_asks_for(answer: str, question: str, kind: str | None) -> None:

@@ -496,20 +496,41 @@ def test_each_persona_is_reported_against_the_codebook_s_themes(server: Server, 
     ("codebook", "message"),
     [
         ("missing.qdc", "is not a codebook file"),
-        ("interviews.csv", "has no column named tag"),
+        ("interviews.json", "is not a codebook file"),
         ("../outside.qdc", "lies outside the data directory"),
     ],
 )
-def test_a_codebook_that_cannot_be_used_says_why(
+def test_a_codebook_that_is_not_there_is_refused_at_submission(
     server: Server, client: httpx.Client, codebook: str, message: str
 ) -> None:
     (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
     response = client.post("/api/v1/generate", json={"data": "interviews.csv", "config": {"codebook": codebook}})
-    if response.status_code == 400:
-        assert message in response.json()["message"]
-        return
-    job = wait_job(client, response.json()["job_id"])  # found at submission; its content is read by the job
-    assert job["status"] == "failed" and message in job["error"]
+    assert response.status_code == 400 and message in response.json()["message"]
+
+
+def test_a_codebook_that_cannot_be_read_fails_its_job_saying_why(server: Server, client: httpx.Client) -> None:
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    response = client.post(
+        "/api/v1/generate", json={"data": "interviews.csv", "config": {"codebook": "interviews.csv"}}
+    )
+    job = wait_job(client, response.json()["job_id"])
+    assert job["status"] == "failed" and "has no column named tag" in job["error"]
+
+
+def test_another_client_s_codebook_is_as_missing_as_one_that_is_not_there(start_server) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--rate-limit", "0")
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    with server.client("alpha") as alpha, server.client("beta") as beta:
+        assert alpha.put("/api/v1/data/codes.qdc", content=CODEBOOK.encode()).status_code == 201
+        answers = [
+            beta.post("/api/v1/generate", json={"data": "interviews.csv", "config": {"codebook": wanted}}).json()
+            for wanted in ("uploads/codes.qdc", "uploads/other.qdc")
+        ]
+    assert [answer["message"].split("'")[2] for answer in answers] == [answers[0]["message"].split("'")[2]] * 2
+
+
+def test_a_blank_line_in_a_csv_codebook_is_no_code() -> None:
+    assert [t.name for t in persona.read_codebook(b"tag,description\nRota,x\n\nPay\n", "tags.csv")] == ["Rota", "Pay"]
 
 
 def test_a_model_is_shown_the_codebook_s_themes() -> None:
@@ -580,3 +601,45 @@ def test_a_job_made_from_her_project_exports_onto_her_own_sources_with_her_codes
     quotes = [quote for p in personas for quote in p["quotes"]]
     assert quotes and all(any(covered == quote for covered, _ in ours) for quote in quotes)
     assert len(list(project.iter(f"{QDA}PlainTextSelection"))) == len(ours) + 4  # her four selections kept
+
+
+def test_every_selection_and_coding_has_its_own_guid_when_spans_start_together() -> None:
+    text = "I need the rota a week ahead. Then I plan."
+    passages = [persona.Passage(0, "quotes", 0, "P1", 0, 29), persona.Passage(0, "goals", 0, "P1", 0, 42)]
+    personas = [{"name": "Ann", "title": "Planner", "themes": ["rota"]}]
+    selections = persona.qda_selections(text, passages, "P1", personas, "job-1", {})
+    guids = [element.get("guid") for selection in selections for element in selection.iter() if element.get("guid")]
+    assert len(selections) == 2 and len(guids) == len(set(guids))
+
+
+def test_personas_of_one_name_keep_their_own_words_when_the_source_is_gone() -> None:
+    personas = [
+        {
+            "id": f"persona-00{n}",
+            "name": "Ann",
+            "title": t,
+            "quotes": [q],
+            "goals": [],
+            "pain_points": [],
+            "behaviours": [],
+        }
+        for n, t, q in ((1, "Nurse", "A long first quote of the first persona."), (2, "Porter", "Short one."))
+    ]
+    found = persona.evidence_sources(personas, None)
+    assert len(found.texts) == 2
+    for passage in found.passages:
+        covered = found.texts[passage.source][passage.start : passage.end]
+        assert covered == personas[passage.persona]["quotes"][passage.index]
+
+
+def test_whole_words_exports_are_the_job_s_maker_s_on_a_server_with_keys(start_server) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--rate-limit", "0")
+    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
+    with server.client("alpha") as alpha, server.client("beta") as beta, server.client() as anyone:
+        job = completed(alpha, "interviews.csv")
+        path = f"/api/v1/generate/{job['job_id']}/export"
+        for form in ("qdpx", "segments"):
+            assert alpha.get(path, params={"format": form}).status_code == 200
+            assert beta.get(path, params={"format": form}).status_code == 404
+            assert anyone.get(path, params={"format": form}).status_code == 401
+        assert anyone.get(path, params={"format": "csv"}).status_code == 200  # what personas quote stays open

@@ -282,17 +282,47 @@ def test_a_folder_s_files_count_to_its_owner_s_quota_and_age_out(
     assert not (tmp_path / "data" / "uploads" / "ward").exists()
 
 
+def test_another_client_s_upload_named_from_the_root_is_still_missing(start_server) -> None:
+    server = start_server("--auth-token", "alpha,beta", "--rate-limit", "0")
+    with server.client("alpha") as alpha, server.client("beta") as beta:
+        assert alpha.put("/api/v1/data/mine/p1.txt", content=TRANSCRIPT.encode()).status_code == 201
+        root = (server.workdir / "data").resolve()
+        for data in (f"{root}/uploads/mine", f"{root}/uploads/mine/p1.txt", f"{root}/uploads/../uploads/mine"):
+            refused = beta.post("/api/v1/generate", json={"data": data})
+            assert refused.status_code == 400 and "does not exist" in refused.json()["message"], data
+
+
+def test_a_client_over_its_quota_makes_no_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(persona, "MAX_UPLOADS_PER_OWNER", 1)
+    (tmp_path / "data").mkdir()
+    persona.store_upload(tmp_path / "data", "p1.txt", TRANSCRIPT.encode(), "key:a")
+    with pytest.raises(persona.APIError, match="You keep 1 uploads"):
+        persona.store_upload(tmp_path / "data", "p2.txt", TRANSCRIPT.encode(), "key:a", folder="spare")
+    assert not (tmp_path / "data" / "uploads" / "spare").exists()
+    assert not (tmp_path / "data" / "uploads" / persona.UPLOAD_OWNERS / "spare").exists()
+
+
+def test_a_folder_name_cut_to_its_length_can_still_be_deleted_from(client: httpx.Client) -> None:
+    long_name = "a" * 99 + ".b"
+    stored = client.put(f"/api/v1/data/{long_name}/p1.txt", content=TRANSCRIPT.encode()).json()["name"]
+    folder = stored.split("/")[1]
+    assert not folder.endswith((".", "-")) and len(folder) <= 100
+    assert client.delete(f"/api/v1/data/{folder}/p1.txt").status_code == 204
+
+
 def test_the_client_uploads_a_local_folder_as_one_source(server: Server, tmp_path: Path) -> None:
     local = tmp_path / "round one"
     (local / "site b").mkdir(parents=True)
     (local / "p1.txt").write_text(TRANSCRIPT)
     (local / "site b" / "p2.txt").write_text(TRANSCRIPTS[1].read_text())
+    (local / "p #3.txt").write_text(TRANSCRIPTS[2].read_text())
+    (local / "._p1.txt").write_bytes(b"\x00\x05\x16\x07 resource fork")
     (local / "consent.pdf").write_bytes(b"%PDF-1.4")
     with persona.PersonaClient(server.url) as api:
         assert api.upload_folder(local) == "uploads/round-one"
         names = {source["name"] for source in api.list_data()}
-    assert {"uploads/round-one/p1.txt", "uploads/round-one/p2.txt"} <= names
-    assert not any(name.endswith(".pdf") for name in names)
+    assert {"uploads/round-one/p1.txt", "uploads/round-one/p2.txt", "uploads/round-one/p-3.txt"} <= names
+    assert not any(name.endswith(".pdf") or "_p1" in name for name in names)
 
 
 def test_an_upload_is_its_uploaders_to_run_and_on_a_private_server_to_list(start_server) -> None:
@@ -336,6 +366,7 @@ def test_a_researcher_uploads_a_folder_and_it_becomes_the_data(server: Server, p
     for n in (1, 2):
         (folder / f"p{n}.txt").write_text(TRANSCRIPTS[n].read_text())
     (folder / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (folder / "._p1.txt").write_bytes(b"\x00\x05\x16\x07 a Mac's resource fork")  # hidden: no one's data
     page.goto(f"{server.url}/jobs")
     page.get_by_label("A whole folder").set_input_files(folder)
     expect(page.get_by_label("Data")).to_have_value("uploads/ward-interviews")
