@@ -4185,7 +4185,8 @@ def decode_table(raw: bytes, name: str) -> tuple[str, list[str]]:
     order mark (Excel's "Unicode Text"); else Windows-1252 (Excel's CSV on Windows), said in a warning."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
-            return raw.decode("utf-16").replace("\x00", ""), []
+            text = raw.decode("utf-16").replace("\x00", "")
+            return text, [f'{name} is UTF-16 text, as Excel saves "Unicode Text"; it was read as such']
         except UnicodeDecodeError:
             raise GenerationError(f"{name} starts as UTF-16 text but is not valid UTF-16") from None
     try:
@@ -9441,7 +9442,7 @@ EXPORT_FORMATS = {  # format: (media type, file name's ending)
     "xlsx": ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx"),
     "qdpx": ("application/zip", "qdpx"),
     "qdc": ("application/xml", "qdc"),
-    "segments": ("text/csv; charset=utf-8", "csv"),
+    "segments": ("text/csv; charset=utf-8", "segments.csv"),
 }
 
 
@@ -11744,7 +11745,8 @@ textarea:focus{outline:3px solid #f59e0b;outline-offset:1px}progress{width:100%;
 .differs td{vertical-align:top}dialog{border:1px solid #c7ccd6;border-radius:12px}
 @media (max-width:600px){header,.page{padding:1rem}.cards{grid-template-columns:1fr}.card{padding:1rem}
 form.panel{grid-template-columns:1fr}td,th{padding:.4rem}}
-@media print{nav,form,.actions,dialog{display:none}.page{padding:0}}
+@media print{nav,form,.actions,dialog,.changes,#waiting{display:none}.page{padding:0}.cards{display:block}
+.card{break-after:page}}
 """
 )
 
@@ -11950,7 +11952,7 @@ def changes_html(changes: JSON) -> str:
     rows += [f"<li>New: {escape(label['name'])}, {escape(label['title'])}</li>" for label in changes.get("new", [])]
     rows += [f"<li>Gone: {escape(label['name'])}, {escape(label['title'])}</li>" for label in changes.get("gone", [])]
     count = len(changes.get("personas", [])) + len(changes.get("new", [])) + len(changes.get("gone", []))
-    return f'<details class="changes" open><summary>What changed ({count})</summary><ul>{"".join(rows)}</ul></details>'
+    return f'<details class="changes"><summary>What changed ({count})</summary><ul>{"".join(rows)}</ul></details>'
 
 
 async def completed_job_parts(request: Request, job: JSON) -> str:
@@ -11970,6 +11972,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
             ("xlsx", "Excel"),
             ("markdown", "Markdown"),
             ("json", "JSON"),
+            ("html", "cards page (HTML)"),
             ("qdpx", "QDA project (.qdpx)"),
             ("qdc", "QDA codebook (.qdc)"),
             ("segments", "coded segments (CSV)"),
@@ -12282,6 +12285,7 @@ async function uploadFiles(files, select, formats) {
   // subfolders' files too); a file of a format Persona does not read is left out and named. A file
   // whose name is there already asks first: replace it, or keep both.
   let last = null;
+  let loose = 0;
   const left = [];
   for (const file of files) {
     const chosen = file.webkitRelativePath || file.droppedPath || file.name;
@@ -12300,9 +12304,10 @@ async function uploadFiles(files, select, formats) {
       encodeURIComponent(file.name) + (replace ? "?replace=true" : "");
     const stored = (await api("PUT", path, file, true)).name;
     last = folder ? stored.slice(0, stored.lastIndexOf("/")) : stored;
+    if (!folder) loose += 1;
   }
   if (last) await loadSources([select], last);
-  return left;
+  return {left, loose};
 }
 
 async function droppedFiles(transfer) {
@@ -12328,8 +12333,15 @@ async function droppedFiles(transfer) {
   return files;
 }
 
-function leftOutNote(left) {
-  return left.length ? `Left out ${left.length} file(s) of a format Persona does not read: ${left.join(", ")}` : "";
+function uploadNote({left, loose}) {
+  // What an upload did that the researcher might not expect: files left out, or files that stay apart.
+  const notes = [];
+  if (loose > 1) {
+    notes.push(`Uploaded ${loose} files, each a source of its own (the last is chosen); ` +
+      "to read them together, upload them as a whole folder");
+  }
+  if (left.length) notes.push(`Left out ${left.length} file(s) of a format Persona does not read: ${left.join(", ")}`);
+  return notes.join(". ");
 }
 
 function setUpNewJob(form) {
@@ -12341,8 +12353,7 @@ function setUpNewJob(form) {
   const formats = chooser.dataset.formats.split(" ");
   const upload = async (files) => {
     try {
-      const left = await uploadFiles(files, data, formats);
-      document.getElementById("new-job-error").textContent = leftOutNote(left);
+      document.getElementById("new-job-error").textContent = uploadNote(await uploadFiles(files, data, formats));
       fillGroupBy();
     } catch (error) { showError("new-job-error", error); }
   };
@@ -12377,8 +12388,8 @@ function setUpRefine(form) {
   const chooser = document.getElementById("refine-upload");
   chooser.addEventListener("change", async (event) => {
     try {
-      const left = await uploadFiles(event.target.files, data, chooser.dataset.formats.split(" "));
-      document.getElementById("refine-error").textContent = leftOutNote(left);
+      const done = await uploadFiles(event.target.files, data, chooser.dataset.formats.split(" "));
+      document.getElementById("refine-error").textContent = uploadNote(done);
     } catch (error) { showError("refine-error", error); }
   });
   form.addEventListener("submit", async (event) => {

@@ -136,18 +136,21 @@ def test_an_unreadable_source_fails_naming_the_file(tmp_path: Path, name: str, c
 
 
 @pytest.mark.parametrize(
-    ("content", "warned"),
+    ("content", "encoding"),
     [
-        ("participant_id;team;response\n1;Sales;Café at eight – before the rota.\n".encode("cp1252"), True),
-        ("participant_id\tteam\tresponse\n1\tSales\tCafé at eight – before the rota.\n".encode("utf-16"), False),
+        ("participant_id;team;response\n1;Sales;Café at eight – before the rota.\n".encode("cp1252"), "Windows-1252"),
+        ("participant_id\tteam\tresponse\n1\tSales\tCafé at eight – before the rota.\n".encode("utf-16"), "UTF-16"),
     ],
 )
-def test_a_csv_as_excel_saves_it_is_read(tmp_path: Path, content: bytes, warned: bool) -> None:
+def test_a_csv_as_excel_saves_it_is_read_with_a_warning_naming_its_encoding(
+    tmp_path: Path, content: bytes, encoding: str
+) -> None:
     (tmp_path / "export.csv").write_bytes(content)
     dataset = load("export.csv", tmp_path)
     [person] = dataset.participants
     assert person.attributes == {"team": "Sales"} and person.texts == ["Café at eight – before the rota."]
-    assert any("Windows-1252" in warning for warning in dataset.warnings) == warned
+    assert any(f"is {'not UTF-8' if encoding == 'Windows-1252' else 'UTF-16 text'}" in w for w in dataset.warnings)
+    assert any(encoding in warning for warning in dataset.warnings)
 
 
 def test_paths_outside_the_data_directory_are_refused(tmp_path: Path) -> None:

@@ -376,6 +376,7 @@ def test_coded_segments_give_a_row_per_quote_or_item_with_its_participant_and_pe
     job = completed(client, "interviews.csv")
     response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "segments"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    assert re.search(r'filename="personas-[\w.-]+\.segments\.csv"', response.headers["content-disposition"])
     rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
     personas = {f"{p['name']} — {p['title']}": p for p in job["result"]["personas"]}
     roles = {row["participant_id"]: row["role"] for row in csv.DictReader(io.StringIO(EXAMPLE.read_text()))}

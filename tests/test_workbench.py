@@ -353,6 +353,7 @@ def test_several_files_upload_at_once_and_a_taken_name_is_replaced_when_the_rese
     page.goto(f"{server.url}/jobs")
     page.get_by_label("Upload").set_input_files([first, second])
     expect(page.get_by_label("Data")).to_have_value("uploads/ward-b.csv")
+    expect(page.locator("#new-job-error")).to_contain_text("Uploaded 2 files, each a source of its own")
     expect(page.locator("#data option[value='uploads/ward-a.csv']")).to_have_count(1)
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_label("Upload", exact=True).set_input_files(first)
@@ -511,6 +512,7 @@ def test_printed_cards_give_each_persona_a_page_of_its_own(server: Server, clien
     page.emulate_media(media="print")
     breaks = page.eval_on_selector_all("article.card", "cards => cards.map(c => getComputedStyle(c).breakAfter)")
     assert breaks == ["page"] * 3
+    assert page.eval_on_selector(".cards", "cards => getComputedStyle(cards).display") == "block"  # one a page
     expect(page.locator("#refine")).to_be_hidden()
 
 
