@@ -11914,13 +11914,17 @@ async def job_page(request: Request) -> HTMLResponse:
     subtitle = f"{job['status']} · {job['progress']}%"
     if job["error"]:
         parts.append(f'<p class="alert">Error: {escape(job["error"])}</p>')
-    title = f"Job {job['job_id']}"
+    stored = await state(request).store.job_request(job["job_id"])
+    asked = stored[0] if stored else {}
+    data = asked.get("data")
+    source = (shown_url(data) if classify_data(data) == "url" else data) if isinstance(data, str) else "inline data"
+    name = (asked.get("config") or {}).get("name")
     if job["status"] == "completed":
         parts.append(await completed_job_parts(request, job))
         metadata = job["result"].get("metadata", {})
-        source = metadata.get("source", {}).get("location", job["job_id"])
-        title = f"{metadata['name']}: personas from {source}" if metadata.get("name") else f"Personas from {source}"
+        source, name = metadata.get("source", {}).get("location", source), metadata.get("name", name)
         subtitle = f"{len(job['result']['personas'])} personas · {metadata.get('provider', '')} · {job['job_id']}"
+    title = f"{name}: personas from {source}" if name else f"Personas from {source}"
     body = f'<main class="page" data-status="{escape(job["status"])}">{"".join(parts)}</main>'
     return workbench_page(request, title, subtitle, body)
 

@@ -474,6 +474,7 @@ def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_i
     wait_job(client, job_id, until=("running",))
     page.goto(f"{server.url}/jobs/{job_id}")
     expect(page.locator("#elapsed")).to_contain_text("running for")
+    expect(page).to_have_title(re.compile(r"^Personas from http://127\.0\.0\.1:\d+/"))  # by its source, running
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#stage")).to_have_text("failed")
     expect(page.get_by_text("Error: cancelled")).to_be_visible()
