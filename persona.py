@@ -11873,6 +11873,7 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 <label>Provider <select id="provider" name="provider">{providers}</select></label>
 <label>Model <input id="model" name="model" placeholder="the provider's default"></label>
 <label>Group by <select id="group-by" name="group_by"><option value="">No grouping</option></select></label>
+<p id="groups-hint" role="status" hidden><span></span> <button type="button" id="all-groups">Ask for all</button></p>
 <label>Name <input id="job-name" name="name" maxlength="200" placeholder="optional, to find it again"></label>
 <button type="submit">Generate personas</button><p id="new-job-error" class="alert" role="alert"></p>
 </form></section>"""
@@ -12196,13 +12197,31 @@ function fillGroupBy() {
   const questions = (source && source.questions) || {};
   for (const attribute of (source && source.attributes) || [])
     option(select, attribute, questions[attribute] || attribute);
+  hintGroups();
+}
+
+function chosenGroups() {
+  const source = sources.find((s) => s.name === document.getElementById("data").value);
+  return (source && source.groups && source.groups[document.getElementById("group-by").value]) || 0;
 }
 
 function countGroups() {
   // A researcher who groups wants a persona per group: the count follows the grouping, up to 20.
-  const source = sources.find((s) => s.name === document.getElementById("data").value);
-  const groups = source && source.groups && source.groups[document.getElementById("group-by").value];
+  const groups = chosenGroups();
   if (groups) document.getElementById("count").value = Math.min(20, groups);
+  hintGroups();
+}
+
+function hintGroups() {
+  // Fewer personas than groups leaves the smallest groups out: the form says so before the job, and offers all.
+  const groups = chosenGroups();
+  const count = Number(document.getElementById("count").value);
+  const hint = document.getElementById("groups-hint");
+  const all = Math.min(20, groups);
+  hint.hidden = !(groups > count);
+  hint.querySelector("span").textContent = groups > count ?
+    `${groups} groups: personas for the ${count} largest.` : "";
+  hint.querySelector("button").textContent = `Ask for ${all === groups ? "all " : "the largest "}${all}`;
 }
 
 function showError(id, error) {
@@ -12353,6 +12372,11 @@ function setUpNewJob(form) {
   loadSources([data]).catch((error) => showError("new-job-error", error));
   data.addEventListener("change", fillGroupBy);
   document.getElementById("group-by").addEventListener("change", countGroups);
+  document.getElementById("count").addEventListener("input", hintGroups);
+  document.getElementById("all-groups").addEventListener("click", () => {
+    document.getElementById("count").value = Math.min(20, chosenGroups());
+    hintGroups();
+  });
   const chooser = document.getElementById("upload");
   const formats = chooser.dataset.formats.split(" ");
   const upload = async (files) => {

@@ -419,6 +419,12 @@ def test_a_researcher_uploads_a_csv_generates_and_reads_the_cards(server: Server
     expect(page.get_by_label("Data")).to_have_value("uploads/shift-survey.csv")
     page.get_by_label("Group by").select_option("role")
     expect(page.get_by_label("Personas")).to_have_value("8")  # a persona per group, as the listing counts them
+    expect(page.locator("#groups-hint")).to_be_hidden()
+    page.get_by_label("Personas").fill("2")
+    expect(page.locator("#groups-hint")).to_have_text("8 groups: personas for the 2 largest. Ask for all 8")
+    page.get_by_role("button", name="Ask for all 8").click()
+    expect(page.get_by_label("Personas")).to_have_value("8")
+    expect(page.locator("#groups-hint")).to_be_hidden()
     page.get_by_label("Personas").fill("2")
     expect(page.get_by_label("Provider")).to_have_value("local")
     page.get_by_role("button", name="Generate personas").click()
