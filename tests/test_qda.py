@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -242,6 +243,19 @@ def project_schema() -> xmlschema.XMLSchema:
     return xmlschema.XMLSchema(SCHEMAS / "Project-mrt2019.xsd")
 
 
+@pytest.fixture(scope="module")
+def interviews_job(shared_server: Server) -> dict:
+    """One job on the examples' interviews, for the tests that only read its exports."""
+    with shared_server.client() as http:
+        return completed(http, "interviews.csv")
+
+
+@pytest.fixture
+def reader(shared_server: Server) -> Iterator[httpx.Client]:
+    with shared_server.client() as http:
+        yield http
+
+
 def completed(client: httpx.Client, data: str, **body: object) -> dict:
     response = client.post("/api/v1/generate", json={"data": data, "count": 3, **body})
     job = wait_job(client, response.json()["job_id"])
@@ -273,11 +287,10 @@ def selections(project: ElementTree.Element, archive: zipfile.ZipFile) -> list[t
 
 
 def test_a_job_exports_as_a_project_the_published_schema_accepts(
-    server: Server, client: httpx.Client, project_schema: xmlschema.XMLSchema
+    reader: httpx.Client, interviews_job: dict, project_schema: xmlschema.XMLSchema
 ) -> None:
-    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
-    job = completed(client, "interviews.csv")
-    archive, project = exported_project(client, job["job_id"])
+    job = interviews_job
+    archive, project = exported_project(reader, job["job_id"])
     project_schema.validate(io.BytesIO(archive.read("project.qde")))
     guids = [element.get("guid") for element in project.iter() if element.get("guid")]
     assert len(guids) == len(set(guids))
@@ -296,11 +309,10 @@ def test_a_job_exports_as_a_project_the_published_schema_accepts(
 
 
 def test_every_quote_and_item_is_a_selection_on_its_own_words_coded_with_its_persona(
-    server: Server, client: httpx.Client
+    reader: httpx.Client, interviews_job: dict
 ) -> None:
-    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
-    job = completed(client, "interviews.csv")
-    archive, project = exported_project(client, job["job_id"])
+    job = interviews_job
+    archive, project = exported_project(reader, job["job_id"])
     codes = {code.get("name"): code.get("guid") for code in project.iter(f"{QDA}Code")}
     found = selections(project, archive)
     for name, covered, _ in found:  # the name is the text it covers, or its first 100 characters and "…"
@@ -326,12 +338,13 @@ def test_offsets_count_code_points_of_the_stored_text(server: Server, client: ht
     assert quotes and quotes <= covered
 
 
-def test_an_exported_project_reads_back_with_every_quote_on_its_text(server: Server, client: httpx.Client) -> None:
-    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
-    job = completed(client, "interviews.csv")
-    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "qdpx"})
-    (server.workdir / "data" / "back.qdpx").write_bytes(response.content)
-    people = {person.id: person for person in persona.load_path("back.qdpx", server.workdir / "data").participants}
+def test_an_exported_project_reads_back_with_every_quote_on_its_text(
+    reader: httpx.Client, interviews_job: dict, tmp_path: Path
+) -> None:
+    job = interviews_job
+    response = reader.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "qdpx"})
+    (tmp_path / "back.qdpx").write_bytes(response.content)
+    people = {person.id: person for person in persona.load_path("back.qdpx", tmp_path).participants}
     for p in job["result"]["personas"]:
         for quote in p["quotes"]:
             speakers = [
@@ -356,10 +369,11 @@ def test_a_source_changed_since_the_job_exports_the_personas_own_words(
     assert {quote for p in job["result"]["personas"] for quote in p["quotes"]} <= covered
 
 
-def test_the_personas_export_as_a_codebook_the_published_schema_accepts(server: Server, client: httpx.Client) -> None:
-    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
-    job = completed(client, "interviews.csv")
-    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "qdc"})
+def test_the_personas_export_as_a_codebook_the_published_schema_accepts(
+    reader: httpx.Client, interviews_job: dict
+) -> None:
+    job = interviews_job
+    response = reader.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "qdc"})
     assert response.status_code == 200 and response.headers["content-type"] == "application/xml"
     xmlschema.XMLSchema(SCHEMAS / "Codebook-mrt2019.xsd").validate(io.BytesIO(response.content))
     names = [
@@ -370,11 +384,10 @@ def test_the_personas_export_as_a_codebook_the_published_schema_accepts(server: 
 
 
 def test_coded_segments_give_a_row_per_quote_or_item_with_its_participant_and_persona(
-    server: Server, client: httpx.Client
+    reader: httpx.Client, interviews_job: dict
 ) -> None:
-    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
-    job = completed(client, "interviews.csv")
-    response = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "segments"})
+    job = interviews_job
+    response = reader.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "segments"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     assert re.search(r'filename="personas-[\w.-]+\.segments\.csv"', response.headers["content-disposition"])
     rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
@@ -398,9 +411,8 @@ def test_a_job_made_from_a_project_exports_its_quotes_with_her_codes(server: Ser
     ).items()
 
 
-def test_the_command_line_exports_a_project(server: Server, client: httpx.Client, tmp_path: Path) -> None:
-    (server.workdir / "data" / "interviews.csv").write_bytes(EXAMPLE.read_bytes())
-    job = completed(client, "interviews.csv")
+def test_the_command_line_exports_a_project(shared_server: Server, interviews_job: dict, tmp_path: Path) -> None:
+    server, job = shared_server, interviews_job
     target = tmp_path / "personas.qdpx"
     result = subprocess.run(
         [
