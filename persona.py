@@ -7554,6 +7554,12 @@ def theme_finding(theme: JSON) -> str:
     )
 
 
+def code_finding(code: JSON) -> str:
+    """One of her QDA codes as the persona's participants carry it: `Time: 2 of 2 participants (100%).`"""
+    share = code["count"] / code["of"] if code.get("of") else 0.0
+    return f"{code['code']}: {code['count']} of {code['of']} participants ({share:.0%})."
+
+
 TITLE_MIN_SHARE = 0.25  # a title phrase is said by at least this share of the segment's members
 TITLE_MIN_LIFT = 2.0  # and by at least twice the share of everyone else: the data set's own topic sets no one apart
 BARE_ANSWERS = frozenset(["yes", "no", "maybe", "other", *SCALE_LEVELS])
@@ -9152,6 +9158,9 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
     spoken = persona.get("evidence", {}).get("codebook", [])
     if spoken:
         lines += [f"{h}# Her codebook's themes", ""] + [f"- {e(theme_finding(theme))}" for theme in spoken] + [""]
+    carried = persona.get("evidence", {}).get("codes", [])
+    if carried:
+        lines += [f"{h}# Her codes", ""] + [f"- {e(code_finding(code))}" for code in carried] + [""]
     for key, heading in LIST_HEADINGS.items():
         lines += (
             [f"{h}# {heading}", ""]
@@ -9274,6 +9283,11 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         + (
             f"<h3>Her codebook's themes</h3>{html_items([theme_finding(t) for t in evidence['codebook']])}"
             if evidence.get("codebook")
+            else ""
+        )
+        + (
+            f"<h3>Her codes</h3>{html_items([code_finding(c) for c in evidence['codes']])}"
+            if evidence.get("codes")
             else ""
         )
         + "".join(html_list(key, persona.get(key, []), quality) for key in LIST_HEADINGS)

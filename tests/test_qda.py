@@ -224,6 +224,8 @@ def test_a_persona_says_which_of_her_codes_its_participants_and_its_quotes_carry
         {"code": "Time", "count": 2, "of": 2},
         {"code": "Wishes", "count": 1, "of": 2},
     ]
+    cards = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "html"}).text
+    assert "Her codes" in cards and "Time: 2 of 2 participants (100%)." in cards
     assert dict(zip(north["quotes"], north["evidence"]["quote_codes"], strict=True)) == {
         "I need the rota a week ahead.": ["Time", "Wishes"],  # coded Time, and its "rota" coded Wishes
         "The app logs me out on night shifts.": [],
