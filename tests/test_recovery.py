@@ -206,7 +206,9 @@ def test_jobs_waiting_for_an_engine_slot_spend_no_attempts_when_the_server_is_ki
     server = start_server("--rate-limit", "0", "--max-concurrent-jobs", "100")
     assert server.process is not None
     with server.client() as http:
-        job_ids = [submit(http, data=data, count=3) for _ in range(12)]  # two compute at a time, ten wait
+        # Two compute at a time and seven wait: by the third kill six are done, two compute and one has
+        # waited through all three kills, which would have spent its every attempt.
+        job_ids = [submit(http, data=data, count=3) for _ in range(9)]
 
     def completed(http: httpx.Client) -> int:
         return int(http.get("/api/v1/generate", params={"status": "completed"}).headers["X-Total-Count"])
