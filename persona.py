@@ -11870,12 +11870,14 @@ def jobs_table(jobs: list[JSON]) -> str:
 
 
 def provider_options() -> str:
-    """The providers that can run here, the offline engine first."""
+    """The providers that can run here, the offline engine first; Ollama needs no key, so it is offered only
+    where the server is told it is there (OLLAMA_HOST, or PERSONA_PROVIDER=ollama)."""
+    told = bool(os.environ.get("OLLAMA_HOST")) or pick_provider({}) == "ollama"
     return "".join(
         f'<option value="{escape(p["name"])}">{escape("offline engine" if p["name"] == "local" else p["name"])}'
         "</option>"
         for p in provider_status()
-        if p["configured"]
+        if p["configured"] and (p["name"] != "ollama" or told)
     )
 
 

@@ -408,6 +408,15 @@ def test_with_auth_on_listing_and_uploading_need_a_token(start_server) -> None:
         assert "uploads/a.csv" in {source["name"] for source in api.list_data()}
 
 
+def test_ollama_is_offered_only_where_the_server_is_told_it_is_there(start_server) -> None:
+    plain = start_server("--rate-limit", "0")
+    told = start_server("--rate-limit", "0", env={"OLLAMA_HOST": "http://127.0.0.1:9"}, db="told.db")
+    with plain.client() as http:
+        assert 'value="ollama"' not in http.get("/jobs").text and 'value="local"' in http.get("/jobs").text
+    with told.client() as http:
+        assert 'value="ollama"' in http.get("/jobs").text
+
+
 # -- in a real browser -------------------------------------------------------
 
 
