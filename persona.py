@@ -12009,8 +12009,8 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
     ]
     completed.sort(key=lambda other: other["job_id"] != parent)  # a refinement is compared with its parent first
     compare_options = "".join(
-        f'<option value="{escape(o["job_id"])}">{escape(o["job_id"])} · {escape(job_source(o))}'
-        f"{' (its parent)' if o['job_id'] == parent else ''}</option>"
+        f'<option value="{escape(o["job_id"])}"{" data-parent" if o["job_id"] == parent else ""}>'
+        f"{escape(o['job_id'])} · {escape(job_source(o))}{' (its parent)' if o['job_id'] == parent else ''}</option>"
         for o in completed
     )
     cards = "".join(persona_html_card(persona, by_id.get(persona.get("id"))) for persona in result["personas"])
@@ -12037,7 +12037,8 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         f'<label>Add files <input id="refine-upload" type="file" multiple data-formats="{" ".join(UPLOAD_SUFFIXES)}">'
         f"</label>{instruction_box}"
         f'<button type="submit">Refine</button><p id="refine-error" class="alert" role="alert"></p></form>'
-        f'<form class="panel" action="/compare" method="get"><input type="hidden" name="a" value="{escape(job_id)}">'
+        f'<form class="panel" id="compare" action="/compare" method="get">'
+        f'<input type="hidden" name="a" value="{escape(job_id)}">'
         f'<label>Compare with <select name="b" id="compare-with" required>{compare_options}</select></label>'
         f'<button type="submit">Compare</button></form>'
         + (
@@ -12499,6 +12500,16 @@ document.addEventListener("click", async (event) => {
   } catch (error) {
     notify("exporting", "Export failed: " + error.message);
   }
+});
+
+document.addEventListener("submit", (event) => {
+  // A refinement compared with its parent reads as before and after: the parent is A.
+  const form = event.target.closest("#compare");
+  const chosen = form && form.querySelector("#compare-with").selectedOptions[0];
+  if (!chosen || !chosen.hasAttribute("data-parent")) return;
+  event.preventDefault();
+  const here = form.querySelector("input[name=a]").value;
+  location.assign("/compare?a=" + encodeURIComponent(chosen.value) + "&b=" + encodeURIComponent(here));
 });
 
 function signIn() {

@@ -558,6 +558,7 @@ def test_export_refine_and_compare_from_a_jobs_page(server: Server, client: http
     page.get_by_label("Compare with").select_option(parent["job_id"])
     page.get_by_role("button", name="Compare").click()
     page.wait_for_url(re.compile(r"/compare\?"))
+    assert page.url.endswith(f"/compare?a={parent['job_id']}&b={child_id}")  # before, then after
     expect(page.locator("section.pair").first).to_contain_text("similarity")
     assert page.locator("section.pair article.card").count() >= 2
 
