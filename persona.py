@@ -5177,6 +5177,25 @@ def set_attributes(sources: set[str], sets: list[tuple[str, list[str]]]) -> dict
     return attributes
 
 
+def qda_speakers(project: QdaProject, texts: Mapping[str, str]) -> list[tuple[str, dict[str, str], list[QdaSource]]]:
+    """Who speaks in a project, with their variables and the sources (those with `texts`) they speak in:
+    each case, where the project has cases, and each source in no case by itself. The participants of a
+    job made from the project, and the owners of its sources when personas go back into it."""
+    by_guid = {source.guid: source for source in project.sources}
+    speakers: list[tuple[str, dict[str, str], list[QdaSource]]] = []
+    in_case: set[str] = set()
+    for case in project.cases:
+        spoken = [by_guid[guid] for guid in dict.fromkeys(case.sources) if guid in texts]
+        in_case |= {source.guid for source in spoken}
+        if spoken:
+            speakers.append((case.name, case.variables, spoken))
+    return speakers + [
+        (source.name, source.variables, [source])
+        for source in project.sources
+        if source.guid in texts and source.guid not in in_case
+    ]
+
+
 def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, str], list[str]]:
     """A .qdpx as transcripts: one per text source, each spoken by its case where the project has cases
     (a case's variables and codes its attributes), else by the source itself. Also the labels of the
@@ -5191,21 +5210,8 @@ def qda_transcripts(raw: bytes, name: str) -> tuple[list[Transcript], dict[str, 
             outside.append(source.name)
         elif text.strip():
             texts[source.guid] = text
-    by_guid = {source.guid: source for source in project.sources}
-    speakers: list[tuple[str, dict[str, str], list[QdaSource]]] = []
-    in_case: set[str] = set()
-    for case in project.cases:
-        spoken = [by_guid[guid] for guid in dict.fromkeys(case.sources) if guid in texts]
-        in_case |= {source.guid for source in spoken}
-        if spoken:
-            speakers.append((case.name, case.variables, spoken))
-    speakers += [
-        (source.name, source.variables, [source])
-        for source in project.sources
-        if source.guid in texts and source.guid not in in_case
-    ]
     transcripts = []
-    for speaker, variables, spoken in speakers:
+    for speaker, variables, spoken in qda_speakers(project, texts):
         attributes = {
             normalise_key(project.variables.get(guid, guid)): value for guid, value in variables.items() if value
         }
@@ -9866,12 +9872,8 @@ def personas_onto_project(personas: list[JSON], metadata: JSON, raw: bytes, name
     project = read_qda_project(archive, part, budget)  # streamed first: it refuses a document type and entities
     texts = {s.guid: text for s in project.sources if (text := qda_source_text(archive, s, budget)) is not None}
     texts_of: dict[str, list[tuple[str, str]]] = {}
-    for case in project.cases:
-        texts_of.setdefault(case.name, []).extend((guid, texts[guid]) for guid in case.sources if guid in texts)
-    in_case = {guid for case in project.cases for guid in case.sources}
-    for source in project.sources:
-        if source.guid in texts and source.guid not in in_case:
-            texts_of.setdefault(source.name, []).append((source.guid, texts[source.guid]))
+    for speaker, _, spoken in qda_speakers(project, texts):
+        texts_of.setdefault(speaker, []).extend((source.guid, texts[source.guid]) for source in spoken)
     _, passages = found_passages(personas, texts_of)
     job_id = metadata["job_id"]
     user, user_name = qda_user(metadata)
