@@ -9788,6 +9788,16 @@ def qda_selections(
     return selections
 
 
+def zip_member(name: str, when: str) -> Any:
+    """An archive member dated by the job (`when`, ISO 8601), not by the clock: one job, one export, byte for byte."""
+    import zipfile
+
+    stamp = datetime.strptime(when[:19], "%Y-%m-%dT%H:%M:%S")
+    member = zipfile.ZipInfo(name, date_time=stamp.timetuple()[:6])
+    member.compress_type = zipfile.ZIP_DEFLATED
+    return member
+
+
 def project_bytes(project: Any) -> bytes:
     from xml.etree import ElementTree as ET
 
@@ -9854,9 +9864,9 @@ def personas_qdpx(personas: list[JSON], metadata: JSON, dataset: Dataset | None,
     ET.SubElement(project, "Description").text = summary
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("project.qde", project_bytes(project))
+        archive.writestr(zip_member("project.qde", when), project_bytes(project))
         for name, guid in sources.items():
-            archive.writestr(f"sources/{guid}.txt", found.texts[name].encode("utf-8"))
+            archive.writestr(zip_member(f"sources/{guid}.txt", when), found.texts[name].encode("utf-8"))
     return out.getvalue()
 
 
@@ -9906,7 +9916,7 @@ def personas_onto_project(personas: list[JSON], metadata: JSON, raw: bytes, name
             if member.filename != part:
                 budget.unpack(member.file_size)
                 copy.writestr(member, archive.read(member))
-        copy.writestr(part, project_bytes(root))
+        copy.writestr(zip_member(part, when), project_bytes(root))
     return out.getvalue()
 
 

@@ -658,3 +658,24 @@ def test_whole_words_exports_are_the_job_s_maker_s_on_a_server_with_keys(start_s
             assert beta.get(path, params={"format": form}).status_code == 404
             assert anyone.get(path, params={"format": form}).status_code == 401
         assert anyone.get(path, params={"format": "csv"}).status_code == 200  # what personas quote stays open
+
+
+def test_one_job_exports_one_project_byte_for_byte_whatever_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    people = [persona.Participant("P1", ["I need the rota a week ahead, every single week."])]
+    dataset = persona.Dataset(people, {"kind": "inline"})
+    personas = [
+        {
+            "name": "Ann",
+            "title": "Planner",
+            "demographics": {},
+            "quotes": [people[0].texts[0]],
+            "evidence": {"participants": ["P1"]},
+        }
+    ]
+    metadata = {"job_id": "job-000000000001", "provider": "local"}
+    exports = []
+    for clock in (0.0, 86400.0 * 400):
+        monkeypatch.setattr("time.time", lambda clock=clock: clock)
+        monkeypatch.setattr("time.localtime", lambda *_, clock=clock: __import__("time").gmtime(clock))
+        exports.append(persona.personas_qdpx(personas, metadata, dataset, "2026-12-07T11:41:25Z"))
+    assert exports[0] == exports[1]
