@@ -4672,7 +4672,9 @@ SMALL_TALK = re.compile(
     r"(?:i'm|i am) (?:good|fine|well))\b",
     re.IGNORECASE,
 )
-SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)]*\s+|\n+")  # how turns, answers and reviews split into sentences
+# How turns, answers and reviews split into sentences: at a stop, after the quotes and brackets it
+# closes (they stay with their sentence, so "(We had problems.)" closes its bracket), or a line break.
+SENTENCE_END = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)])|(?<=[.!?…][\"'”’)]{2}))\s+|\n+")
 
 
 @dataclass
@@ -6400,7 +6402,7 @@ class Redactor:
 
 
 # ---------------------------------------------------------------------------
-# Offline engine: TF-IDF vectors, seeded k-means++, personas from the text
+# Offline engine: TF-IDF vectors, divisive splits refined by k-means, personas from the text
 # ---------------------------------------------------------------------------
 
 ATTRIBUTE_WEIGHT = 2.5  # how much an attribute counts beside the words, in clustering
@@ -7034,35 +7036,66 @@ def centroid_of(vectors: Iterable[dict[int, float]]) -> dict[int, float]:
     return normalised(total)
 
 
-def kmeans_plus_plus(vectors: list[dict[int, float]], k: int, rng: random.Random) -> list[dict[int, float]]:
-    """Seeds spread out in proportion to squared distance from the nearest seed."""
-    centres = [vectors[rng.randrange(len(vectors))]]
-    distance = [max(0.0, 1.0 - similarity(vector, centres[0])) for vector in vectors]
-    while len(centres) < k:
-        weights = [d * d for d in distance]
-        total = sum(weights)
-        if total <= 0:
-            pick = rng.randrange(len(vectors))
-        else:
-            target, running, pick = rng.random() * total, 0.0, len(vectors) - 1
-            for index, weight in enumerate(weights):
-                running += weight
-                if running >= target:
-                    pick = index
-                    break
-        centres.append(vectors[pick])
-        distance = [min(d, max(0.0, 1.0 - similarity(vector, vectors[pick]))) for d, vector in zip(distance, vectors)]
-    return centres
+def mean_vector(vectors: list[dict[int, float]], members: list[int]) -> dict[int, float]:
+    total: dict[int, float] = {}
+    for i in members:
+        for index, weight in vectors[i].items():
+            total[index] = total.get(index, 0.0) + weight
+    return {index: weight / len(members) for index, weight in total.items()}
 
 
-def assign(vectors: list[dict[int, float]], centres: list[dict[int, float]]) -> tuple[list[int], float]:
-    labels, score = [], 0.0
-    for vector in vectors:
-        sims = [similarity(vector, centre) for centre in centres]
-        best = max(range(len(centres)), key=sims.__getitem__)
-        labels.append(best)
-        score += sims[best]
-    return labels, score
+def principal_direction(vectors: list[dict[int, float]], members: list[int], rounds: int = 20) -> dict[int, float]:
+    """The direction along which the members differ most (power iteration on their covariance).
+
+    It starts from the member farthest from the mean, so the same members always give the
+    same direction: no random seed, and a sample of them gives nearly the same one.
+    """
+    mean = mean_vector(vectors, members)
+    farthest = min(members, key=lambda i: (similarity(vectors[i], mean), i))
+    direction = dict(vectors[farthest])
+    for index, weight in mean.items():
+        direction[index] = direction.get(index, 0.0) - weight
+    for _ in range(rounds):
+        offset = similarity(mean, direction)
+        projections = [similarity(vectors[i], direction) - offset for i in members]
+        moved: dict[int, float] = {}
+        for projection, i in zip(projections, members):
+            for index, weight in vectors[i].items():
+                moved[index] = moved.get(index, 0.0) + projection * weight
+        total = sum(projections)
+        for index, weight in mean.items():
+            moved[index] = moved.get(index, 0.0) - total * weight
+        direction = normalised(moved)
+    return direction
+
+
+def split_in_two(vectors: list[dict[int, float]], members: list[int]) -> tuple[list[int], list[int]]:
+    """The members on either side of their mean along their principal direction."""
+    direction = principal_direction(vectors, members)
+    offset = similarity(mean_vector(vectors, members), direction)
+    side = {i: similarity(vectors[i], direction) >= offset for i in members}
+    first, second = [i for i in members if side[i]], [i for i in members if not side[i]]
+    if not first or not second:  # all alike along every direction: halves, in order
+        first, second = members[: len(members) // 2], members[len(members) // 2 :]
+    return first, second
+
+
+def divisive_labels(vectors: list[dict[int, float]], k: int) -> list[int]:
+    """`k` groups by splitting the largest group in two along its principal direction, again and again."""
+    groups = [list(range(len(vectors)))]
+    while len(groups) < k:
+        largest = max(groups, key=lambda members: (len(members), -members[0]))
+        groups.remove(largest)
+        groups.extend(split_in_two(vectors, largest))
+    labels = [0] * len(vectors)
+    for number, members in enumerate(groups):
+        for i in members:
+            labels[i] = number
+    return labels
+
+
+def assign(vectors: list[dict[int, float]], centres: list[dict[int, float]]) -> list[int]:
+    return [max(range(len(centres)), key=lambda c: similarity(vector, centres[c])) for vector in vectors]
 
 
 def fill_empty_clusters(vectors: list[dict[int, float]], labels: list[int], centres: list[dict[int, float]]) -> None:
@@ -7077,19 +7110,16 @@ def fill_empty_clusters(vectors: list[dict[int, float]], labels: list[int], cent
         centres[cluster] = vectors[worst]
 
 
-def kmeans(vectors: list[dict[int, float]], k: int, seed: int, max_rounds: int = 50) -> tuple[list[int], float]:
-    rng = random.Random(seed)
-    centres = kmeans_plus_plus(vectors, k, rng)
-    labels: list[int] = []
-    score = 0.0
+def kmeans(vectors: list[dict[int, float]], labels: list[int], k: int, max_rounds: int = 50) -> list[int]:
+    """Spherical k-means from a first grouping: each member moves to the centre it is most like."""
     for _ in range(max_rounds):
-        new_labels, score = assign(vectors, centres)
+        centres = cluster_centres(vectors, labels, k)
+        new_labels = assign(vectors, centres)
         fill_empty_clusters(vectors, new_labels, centres)
         if new_labels == labels:
             break
         labels = new_labels
-        centres = cluster_centres(vectors, labels, k)
-    return labels, score
+    return labels
 
 
 def cluster_centres(vectors: list[dict[int, float]], labels: list[int], k: int) -> list[dict[int, float]]:
@@ -7168,17 +7198,15 @@ def gather_members(
             labels[i], sizes[cluster] = cluster, sizes[cluster] + 1
 
 
-def cluster_participants(corpus: Corpus, k: int, seed: int) -> list[list[int]]:
-    """Segments as lists of participant indexes, largest first; deterministic for a seed."""
-    restarts = 5 if len(corpus.vectors) <= 1000 else 3 if len(corpus.vectors) <= 10000 else 1
-    best_labels: list[int] = []
-    best_score = -math.inf
-    for attempt in range(restarts):
-        labels, score = kmeans(corpus.vectors, k, seed + attempt)
-        if score > best_score + 1e-12:
-            best_labels, best_score = labels, score
-    best_labels = balance(corpus.vectors, best_labels, k)
-    segments = [[i for i, label in enumerate(best_labels) if label == cluster] for cluster in range(k)]
+def cluster_participants(corpus: Corpus, k: int) -> list[list[int]]:
+    """Segments as lists of participant indexes, largest first; deterministic, with no seed.
+
+    Divisive splits give the first grouping and k-means refines it: k-means from random
+    seeds found a different grouping on nearly every 90% sample of a real survey, where
+    splits along principal directions find much the same one.
+    """
+    labels = balance(corpus.vectors, kmeans(corpus.vectors, divisive_labels(corpus.vectors, k), k), k)
+    segments = [[i for i, label in enumerate(labels) if label == cluster] for cluster in range(k)]
     return sorted((members for members in segments if members), key=lambda members: (-len(members), members[0]))
 
 
@@ -7195,7 +7223,7 @@ def attribute_value(person: Participant, wanted: str) -> str | None:
     return person.attributes.get(normalise_key(wanted))
 
 
-def segments_for(corpus: Corpus, count: int, config: JSON, seed: int = 0) -> list[Segment]:
+def segments_for(corpus: Corpus, count: int, config: JSON) -> list[Segment]:
     """The researcher's grouping when `config` gives one (`groups`, `group_by`), else clustering."""
     people = corpus.people
     if config.get("groups") is not None:
@@ -7207,7 +7235,7 @@ def segments_for(corpus: Corpus, count: int, config: JSON, seed: int = 0) -> lis
             f"the data has {len(people)} participant(s), fewer than the {count} personas asked for; "
             f"ask for at most {len(people)}"
         )
-    return [Segment(members) for members in cluster_participants(corpus, count, seed)]
+    return [Segment(members) for members in cluster_participants(corpus, count)]
 
 
 def named_groups(people: list[Participant], groups: Mapping[str, list[str]]) -> list[Segment]:
@@ -7849,10 +7877,10 @@ def build_persona(
     return persona, warnings
 
 
-def offline_personas(dataset: Dataset, count: int, config: JSON, seed: int = 0) -> tuple[list[JSON], list[str]]:
+def offline_personas(dataset: Dataset, count: int, config: JSON) -> tuple[list[JSON], list[str]]:
     """The offline engine from participants to personas (blocking: run it in a thread)."""
     corpus = build_corpus(dataset.participants)
-    segments = segments_for(corpus, count, config, seed)
+    segments = segments_for(corpus, count, config)
     taken: dict[str, set[str]] = {"names": set(), "titles": set()}
     personas, warnings = [], []
     for number, segment in enumerate(segments, 1):
@@ -8841,7 +8869,7 @@ def grouping_stability(
     if config.get("groups") is not None or config.get("group_by") is not None or len(people) < max(10, 2 * count):
         return None
     if personas is None:
-        groups = cluster_participants(build_corpus(people), count, 0)
+        groups = cluster_participants(build_corpus(people), count)
     else:
         index = {person.id: i for i, person in enumerate(people)}
         groups = [[index[pid] for pid in persona["evidence"]["participants"]] for persona in personas]
@@ -8850,7 +8878,7 @@ def grouping_stability(
     scores = []
     for run in range(STABILITY_RUNS):
         sample = sorted(random.Random(run).sample(range(len(people)), size))
-        again = group_labels(cluster_participants(build_corpus([people[i] for i in sample]), count, 0), size)
+        again = group_labels(cluster_participants(build_corpus([people[i] for i in sample]), count), size)
         scores.append(adjusted_rand_index([grouping[i] for i in sample], again))
     return round(max(0.0, statistics.fmean(scores)), 4)
 
@@ -10296,7 +10324,7 @@ async def made_personas(
             warnings,
             LOCAL_MODEL,
             {"input_tokens": 0, "output_tokens": 0, "calls": 0},
-            {**engine, "name": "tfidf-kmeans", "seed": 0},
+            {**engine, "name": "tfidf-kmeans"},
         )
     else:
         personas, details = await llm_personas(dataset, request, provider, report)

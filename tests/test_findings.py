@@ -326,6 +326,18 @@ def test_stability_is_high_for_groups_the_data_holds_and_low_for_noise() -> None
     assert persona.grouping_stability(noise, 3, {}, personas) == persona.grouping_stability(noise, 3, {})
 
 
+def test_a_real_survey_is_grouped_the_same_whatever_order_its_respondents_come_in(flaky: persona.Dataset) -> None:
+    people = flaky.participants
+    first = persona.group_labels(persona.cluster_participants(persona.build_corpus(people), 4), len(people))
+    backwards = persona.cluster_participants(persona.build_corpus(people[::-1]), 4)
+    again = persona.group_labels(backwards, len(people))[::-1]
+    assert persona.adjusted_rand_index(first, again) == 1.0
+
+
+def test_most_of_a_real_survey_s_grouping_survives_leaving_a_tenth_out(flaky: persona.Dataset) -> None:
+    assert persona.grouping_stability(flaky.participants, 4, {}) >= 0.6
+
+
 def test_the_adjusted_rand_index_is_one_for_the_same_grouping_and_near_zero_by_chance() -> None:
     assert persona.adjusted_rand_index([0, 0, 1, 1, 2, 2], [5, 5, 3, 3, 9, 9]) == 1.0
     assert persona.adjusted_rand_index([0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 0, 0, 1, 1]) < 0.1
@@ -351,6 +363,20 @@ def test_sentences_are_not_cut_at_abbreviations_or_inside_brackets() -> None:
         "Parallel builds vs. sequential ones interfere.",
         "Timing issues (e.g. waits. sleeps) are the worst.",
         "It costs 3.5 hours a week, i.e. most of Friday.",
+    ]
+
+
+def test_a_sentence_that_closes_its_bracket_or_quote_ends_there() -> None:
+    text = (
+        "The VM runs on their own computers. (We had problems with services starting in a free box.)\n"
+        'We are exploring docker containers. He said "try it again." Then it worked for all of us.'
+    )
+    assert persona.split_sentences(text) == [
+        "The VM runs on their own computers.",
+        "(We had problems with services starting in a free box.)",
+        "We are exploring docker containers.",
+        'He said "try it again."',
+        "Then it worked for all of us.",
     ]
 
 
