@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from urllib.parse import quote as url_quote
 
@@ -11777,6 +11777,8 @@ async def retry_delivery(request: Request) -> JSONResponse:
 # from /assets: the Content-Security-Policy lets no other script, style or connection in.
 
 WORKBENCH_LIST_SIZE = 50  # jobs on /jobs, newest first
+PAGE_WAIT_S = 5.0  # a followed page's request is held at most this long for what it shows to change
+PAGE_LOOK_S = 0.5  # how often a held page request reads its job (or the list) again: any host may change it
 WORKBENCH_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -11861,10 +11863,15 @@ def stage_words(job: JSON) -> str:
     return reached[-1] if reached else "starting"
 
 
-def elapsed_words(job: JSON) -> str:
-    """How long a job has run, or waited: `running for 1 min 12 s`."""
+def job_since(job: JSON) -> float:
+    """When a job started running, or was made while it waits (seconds since the epoch)."""
     since = job["started_at"] or job["created_at"]
-    seconds = max(0, int(time.time() - datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()))
+    return datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def elapsed_words(job: JSON) -> str:
+    """How long a job has run, or waited: `running for 1 min 12 s` (the page's script counts on from it)."""
+    seconds = max(0, int(time.time() - job_since(job)))
     shown = f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
     return f"{'running' if job['started_at'] else 'waiting'} for {shown}"
 
@@ -11902,7 +11909,8 @@ def job_row(job: JSON) -> str:
 def jobs_table(jobs: list[JSON]) -> str:
     rows = "".join(job_row(job) for job in jobs)
     return (
-        f'<section id="jobs" class="table"><h2>Jobs</h2><table><tr><th>Job</th><th>Source</th><th>Provider</th>'
+        f'<section id="jobs" class="table" data-version="{jobs_version(jobs)}"><h2>Jobs</h2>'
+        f"<table><tr><th>Job</th><th>Source</th><th>Provider</th>"
         f"<th>Personas</th><th>Status</th><th>Progress</th><th>Personas made</th><th>Experiment</th><th>Created</th>"
         f"</tr>{rows}"
         f"</table></section>"
@@ -11937,12 +11945,47 @@ NEW_PERSONAS_FORM = """<section><h2>New personas</h2><form id="new-job" class="p
 
 async def jobs_page(request: Request) -> HTMLResponse:
     """The workbench: a form for new personas, and the newest jobs, refreshed while some run."""
-    jobs = await state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
+
+    def newest() -> Awaitable[list[JSON]]:
+        return state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
+
+    jobs = await once_changed(request, newest, jobs_version, await newest())
     form = NEW_PERSONAS_FORM.format(
         providers=provider_options(), count=DEFAULT_COUNT, formats=" ".join(UPLOAD_SUFFIXES)
     )
     body = f'<main class="page">{form}{jobs_table(jobs)}</main>'
     return workbench_page(request, "Persona workbench", f"the newest {WORKBENCH_LIST_SIZE} jobs first", body)
+
+
+def job_version(job: JSON | None) -> str:
+    """What a job's page shows that can change while it is followed: its status and progress."""
+    return f"{job['status']}-{job['progress']}" if job else "gone"
+
+
+def jobs_version(jobs: list[JSON]) -> str:
+    """What the job list shows that can change while it is followed, as one short digest."""
+    shown = json.dumps([[job["job_id"], job["status"], job["progress"]] for job in jobs])
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
+
+
+Shown = TypeVar("Shown")  # what a followed page shows: a job, or the list of jobs
+
+
+async def once_changed(
+    request: Request, read: Callable[[], Awaitable[Shown]], version: Callable[[Shown], str], current: Shown
+) -> Shown:
+    """What a followed page shows, once it differs from the version the page has (`?wait=`).
+
+    A page that follows a job asks again with the version it shows, and the request is held
+    until the job changes (or PAGE_WAIT_S pass, or the reader leaves): a page open on a
+    running job costs a few requests a minute, not one every 2 s.
+    """
+    shown = request.query_params.get("wait")
+    deadline = time.monotonic() + PAGE_WAIT_S
+    while version(current) == shown and time.monotonic() < deadline and not await request.is_disconnected():
+        await asyncio.sleep(PAGE_LOOK_S)
+        current = await read()
+    return current
 
 
 def not_found_page(request: Request, what: str) -> HTMLResponse:
@@ -11955,11 +11998,12 @@ async def job_page(request: Request) -> HTMLResponse:
 
     While the job runs, the page's script fetches it again until the job ends."""
     key = request.path_params["job_id"]
-    job = await job_named(request, key)
+    job = await once_changed(request, lambda: job_named(request, key), job_version, await job_named(request, key))
     if job is None:
         return not_found_page(request, f"Job {key[:64]}")
     active = job["status"] in ("pending", "running")
-    controls = f' <span id="elapsed">{escape(elapsed_words(job))}</span> ' if active else ""
+    since = f'data-since="{int(job_since(job) * 1000)}"'
+    controls = f' <span id="elapsed" {since}>{escape(elapsed_words(job))}</span> ' if active else ""
     controls += (
         f'<button type="button" id="cancel" data-job="{escape(job["job_id"])}">Cancel</button>' if active else ""
     )
@@ -11982,7 +12026,10 @@ async def job_page(request: Request) -> HTMLResponse:
         source, name = metadata.get("source", {}).get("location", source), metadata.get("name", name)
         subtitle = f"{len(job['result']['personas'])} personas · {metadata.get('provider', '')} · {job['job_id']}"
     title = f"{name}: personas from {source}" if name else f"Personas from {source}"
-    body = f'<main class="page" data-status="{escape(job["status"])}">{"".join(parts)}</main>'
+    body = (
+        f'<main class="page" data-status="{escape(job["status"])}" data-version="{job_version(job)}">'
+        f"{''.join(parts)}</main>"
+    )
     return workbench_page(request, title, subtitle, body)
 
 
@@ -12287,7 +12334,10 @@ function showError(id, error) {
 
 async function swapFromServer(selector) {
   // The server renders the page again; only this part of it is replaced, so forms keep what was typed.
-  const response = await fetch(location.pathname + location.search, {headers: {Accept: "text/html"}});
+  // It holds the request until the part no longer shows the version it has (at most 5 s).
+  const url = new URL(location.href);
+  url.searchParams.set("wait", document.querySelector(selector).dataset.version);
+  const response = await fetch(url, {headers: {Accept: "text/html"}});
   if (!response.ok) {  // a 429 says when to ask again; anything else is asked again later
     const error = new Error(response.status === 429 ? "the server asked to slow down" : "the server did not answer");
     error.retryAfter = Number(response.headers.get("Retry-After")) * 1000 || 0;
@@ -12326,10 +12376,13 @@ function waiting(text) {
   notify("waiting", text);
 }
 
-function follow(selector, every) {
-  // Follows a job to its end whatever the server answers: a 429 or a failed request pauses
+const FOLLOW_GAP = 1000;  // ms between a change and asking for the next: a busy job is asked at most once a second
+
+function follow(selector) {
+  // Follows a job (or the list) to its end whatever the server answers. Each request waits at the
+  // server for a change, so an idle page asks a few times a minute; a 429 or a failed request pauses
   // (for its Retry-After, else twice as long each time, at most a minute) and then resumes.
-  let pause = every;
+  let pause = FOLLOW_GAP;
   const tick = async () => {
     let part;
     try {
@@ -12340,13 +12393,22 @@ function follow(selector, every) {
       setTimeout(tick, pause);
       return;
     }
-    pause = every;
+    pause = FOLLOW_GAP;
     waiting("");
     localTimes(part);
-    if (running(part)) setTimeout(tick, every);
+    if (running(part)) setTimeout(tick, FOLLOW_GAP);
     else if (part.matches("main")) setUp(part);
   };
-  if (running(document.querySelector(selector))) setTimeout(tick, every);
+  if (running(document.querySelector(selector))) setTimeout(tick, FOLLOW_GAP);
+}
+
+function countElapsed() {
+  // The running time counts on between the server's answers, which come only when the job changes.
+  const shown = document.querySelector("#elapsed[data-since]");
+  if (!shown) return;
+  const seconds = Math.max(0, Math.floor((Date.now() - Number(shown.dataset.since)) / 1000));
+  const words = seconds >= 60 ? `${Math.floor(seconds / 60)} min ${seconds % 60} s` : `${seconds} s`;
+  shown.textContent = shown.textContent.replace(/ for .*$/, " for " + words);
 }
 
 function cleanedName(name) {
@@ -12561,8 +12623,11 @@ setUp(document);
 if (document.getElementById("sign-in")) {
   document.getElementById("sign-in-button").addEventListener("click", signIn);
   signIn();
-} else if (document.getElementById("jobs")) follow("#jobs", 5000);
-else if (document.querySelector("main[data-status]")) follow("main", 2000);
+} else if (document.getElementById("jobs")) follow("#jobs");
+else if (document.querySelector("main[data-status]")) {
+  follow("main");
+  setInterval(countElapsed, 1000);
+}
 """
 
 

@@ -458,6 +458,32 @@ def test_a_running_job_is_followed_to_the_end_without_a_reload(
     expect(page.locator(f'#jobs a[href="/jobs/{job_id}"]')).to_be_visible()
 
 
+def test_a_followed_page_is_answered_when_its_job_changes_not_before(
+    server: Server, client: httpx.Client, gated_data: GatedDataServer
+) -> None:
+    job_id = submit(client, data=gated_data.url, count=3)
+    wait_job(client, job_id, until=("running",))  # fetching its data, which the gate holds: nothing changes
+    shown = shown_version(client.get(f"/jobs/{job_id}").text)
+    answered: list[str] = []
+
+    def follow() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as follower:
+            answered.append(follower.get(f"/jobs/{job_id}", params={"wait": shown}).text)
+
+    following = threading.Thread(target=follow)
+    following.start()
+    gated_data.gate.set()  # the job can go on only now: an answer that shows it further came after this
+    following.join(30)
+    progress = re.search(r'<progress id="progress" max="100" value="(\d+)"', answered[0])
+    assert shown_version(answered[0]) != shown and progress and int(progress[1]) > 0
+
+
+def shown_version(page: str) -> str:
+    found = re.search(r'data-version="([^"]+)"', page)
+    assert found, page[:500]
+    return found[1]
+
+
 def test_a_followed_job_page_waits_out_a_429_and_then_follows_the_job_to_its_end(
     server: Server, client: httpx.Client, page, gated_data: GatedDataServer
 ) -> None:
@@ -473,13 +499,13 @@ def test_a_followed_job_page_waits_out_a_429_and_then_follows_the_job_to_its_end
         route.fulfill(status=429, headers={"Retry-After": "1", "Content-Type": "application/json"}, body=body)
 
     page.goto(f"{server.url}/jobs/{job_id}")
-    page.route(f"**/jobs/{job_id}", slow_down_once)
+    page.route(re.compile(rf"/jobs/{job_id}(\?|$)"), slow_down_once)
     expect(page.locator("#waiting")).to_contain_text("the server asked to slow down")
     gated_data.gate.set()
     expect(page.locator("#progress")).to_have_attribute("value", "100")
     expect(page.locator("article.card")).to_have_count(3)
     expect(page.locator("#waiting")).to_be_hidden()
-    assert refused == [f"{server.url}/jobs/{job_id}"]
+    assert [url.split("?")[0] for url in refused] == [f"{server.url}/jobs/{job_id}"]
 
 
 def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_it(
@@ -512,7 +538,7 @@ def test_cancel_on_a_job_that_ended_first_says_so_and_the_page_shows_how_it_ende
         body = '{"success": false, "error": "rate_limited", "message": "Rate limit exceeded.", "details": {}}'
         route.fulfill(status=429, headers={"Retry-After": "1", "Content-Type": "application/json"}, body=body)
 
-    page.route(f"**/jobs/{job_id}", hold_the_page)  # the page still shows it running when it has ended
+    page.route(re.compile(rf"/jobs/{job_id}(\?|$)"), hold_the_page)  # the page still shows it running when it has ended
     gated_data.gate.set()
     wait_job(client, job_id)
     page.get_by_role("button", name="Cancel").click()
