@@ -7344,19 +7344,44 @@ def is_bare_fragment(text: str) -> bool:
     )
 
 
+ACTION_LEAD = re.compile(
+    r"^\W*(?:rewrite|fix|repair|split|mock|stub|retry|re-?run|isolate|quarantine|skip|remove|delete|refactor|"
+    r"investigate|debug|ignore|disable|mark|add|increase|reduce|restart|reboot|replace|upgrade|downgrade|pin|"
+    r"revert|notify|contact|ask|tell)\b(?! (?:is|are|was|were|has|have)\b)",
+    re.IGNORECASE,
+)
+"""An answer that opens with what one does ("Rewrite problematic code to make it testable"): under a
+question that asks what one does, it is a practice, whatever trouble it names."""
+IN_THE_WAY = re.compile(r"\b(?:hinders?|obstacles?|barriers?|prevents?|keeps? you from|stops? you)\b", re.IGNORECASE)
+"""A question that asks what stands in the way, which its answers name by what is missing as often as not."""
+NOT_GERUNDS = frozenset("string strings thing things something anything everything nothing morning evening".split())
+
+
+def opens_with_activity(text: str) -> bool:
+    """Whether an answer opens with an activity ("Organizing the submissions"), not a thing ("Git integration")."""
+    first = re.match(r"\W*([A-Za-z]+)", text)
+    return bool(first) and first[1].lower().endswith("ing") and first[1].lower() not in NOT_GERUNDS
+
+
 def list_kind(sentence: str, question: str = "") -> str | None:
     """The list a sentence answering `question` (a survey column's; "" for speech) belongs to, or None.
 
-    The sentence's own words decide (sentence_kind). A question that asks for causes, definitions or
-    praise leaves only first-person items; one that asks for a list gives it the bare fragments
-    ("Organizing the assignment submissions." under "What are your biggest pain points?")."""
+    The sentence's own words decide (sentence_kind), but for an answer that opens with what one does
+    under a question that asks for it. A question that asks for causes, definitions or praise leaves
+    only first-person items; one that asks for a list gives it the bare fragments ("Organizing the
+    assignment submissions." under "What are your biggest pain points?"), but one that asks what is in
+    the way only the tasks: "Git integration, CSS themes" under "What hinders you ...?" names what is
+    missing as often as what is in the way."""
     own = sentence_kind(sentence)
     asked = question_asks(question) if question else None
     if asked == "none":
         return own if own and SPEAKER.search(sentence) else None
-    if own or asked is None:
+    if asked == "behaviours" and own == "pain_points" and ACTION_LEAD.match(sentence):
+        return asked
+    if own or asked is None or not is_bare_fragment(sentence):
         return own
-    return asked if is_bare_fragment(sentence) else None
+    in_the_way = asked == "pain_points" and IN_THE_WAY.search(question)
+    return None if in_the_way and not opens_with_activity(sentence) else asked
 
 
 def sentence_kind(sentence: str) -> str | None:

@@ -454,6 +454,22 @@ def test_a_bare_answer_is_what_its_question_asks_for(answer: str, question: str,
     assert persona.list_kind(answer, question) == kind
 
 
+HINDERS_QUESTION = "What, if anything, hinders you from making Jupyter Notebook an even more regular part of your work?"
+
+
+def test_a_thing_named_under_what_is_in_the_way_is_no_pain_point_but_a_task_is() -> None:
+    # "Git integration" in the way of using a tool more is as often missing as troublesome; a task is troublesome.
+    assert persona.list_kind("Git integration, CSS themes", HINDERS_QUESTION) is None
+    assert persona.list_kind("Managing notebooks on git (diff)", HINDERS_QUESTION) == "pain_points"
+    assert persona.list_kind("Git integration, CSS themes", PAIN_POINTS_QUESTION) == "pain_points"
+
+
+def test_an_action_taken_is_a_practice_under_an_actions_question_whatever_trouble_it_names() -> None:
+    assert persona.list_kind("Rewrite problematic code to make it more testable.", ACTIONS_QUESTION) == "behaviours"
+    assert persona.list_kind("Problematic code is rewritten too late.", ACTIONS_QUESTION) == "pain_points"
+    assert persona.list_kind("Test failures are random and a real problem.", ACTIONS_QUESTION) == "pain_points"
+
+
 @pytest.mark.parametrize(
     "answer",
     ["This course was a joy to teach.", "None at this time.", "Thanks for the great tool and the hard work!"],
