@@ -7360,7 +7360,8 @@ NOT_GERUNDS = frozenset("string strings thing things something anything everythi
 def opens_with_activity(text: str) -> bool:
     """Whether an answer opens with an activity ("Organizing the submissions"), not a thing ("Git integration")."""
     first = re.match(r"\W*([A-Za-z]+)", text)
-    return bool(first) and first[1].lower().endswith("ing") and first[1].lower() not in NOT_GERUNDS
+    word = first[1].lower() if first else ""
+    return word.endswith("ing") and word not in NOT_GERUNDS
 
 
 def list_kind(sentence: str, question: str = "") -> str | None:
