@@ -7044,18 +7044,23 @@ def mean_vector(vectors: list[dict[int, float]], members: list[int]) -> dict[int
     return {index: weight / len(members) for index, weight in total.items()}
 
 
-def principal_direction(vectors: list[dict[int, float]], members: list[int], rounds: int = 20) -> dict[int, float]:
+PRINCIPAL_ROUNDS = 100  # power iterations at most: fewer left directions half-turned where two are nearly as long
+PRINCIPAL_SETTLED = 1e-6  # a direction that moved less than this (1 - cosine) in a round has settled
+
+
+def principal_direction(vectors: list[dict[int, float]], members: list[int]) -> dict[int, float]:
     """The direction along which the members differ most (power iteration on their covariance).
 
     It starts from the member farthest from the mean, so the same members always give the
-    same direction: no random seed, and a sample of them gives nearly the same one.
+    same direction: no random seed, and a sample of them gives nearly the same one. It runs
+    until the direction settles, so where it ends does not depend on where it started.
     """
     mean = mean_vector(vectors, members)
     farthest = min(members, key=lambda i: (similarity(vectors[i], mean), i))
     direction = dict(vectors[farthest])
     for index, weight in mean.items():
         direction[index] = direction.get(index, 0.0) - weight
-    for _ in range(rounds):
+    for _ in range(PRINCIPAL_ROUNDS):
         offset = similarity(mean, direction)
         projections = [similarity(vectors[i], direction) - offset for i in members]
         moved: dict[int, float] = {}
@@ -7065,7 +7070,11 @@ def principal_direction(vectors: list[dict[int, float]], members: list[int], rou
         total = sum(projections)
         for index, weight in mean.items():
             moved[index] = moved.get(index, 0.0) - total * weight
-        direction = normalised(moved)
+        moved = normalised(moved)
+        settled = 1 - abs(similarity(moved, direction)) < PRINCIPAL_SETTLED
+        direction = moved
+        if settled:
+            break
     return direction
 
 
