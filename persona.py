@@ -7046,15 +7046,26 @@ def mean_vector(vectors: list[dict[int, float]], members: list[int]) -> dict[int
 
 PRINCIPAL_ROUNDS = 100  # power iterations at most: fewer left directions half-turned where two are nearly as long
 PRINCIPAL_SETTLED = 1e-6  # a direction that moved less than this (1 - cosine) in a round has settled
+PRINCIPAL_SAMPLE = 2000  # members a direction is found from, at most: as many as a stability rerun groups
+
+
+def direction_sample(vectors: list[dict[int, float]], members: list[int]) -> list[int]:
+    """At most PRINCIPAL_SAMPLE members, spread evenly in an order their words set (not the data's order)."""
+    if len(members) <= PRINCIPAL_SAMPLE:
+        return members
+    ordered = sorted(members, key=lambda i: (hash(tuple(sorted(vectors[i].items()))), i))
+    return sorted(ordered[:: math.ceil(len(members) / PRINCIPAL_SAMPLE)])
 
 
 def principal_direction(vectors: list[dict[int, float]], members: list[int]) -> dict[int, float]:
     """The direction along which the members differ most (power iteration on their covariance).
 
     It starts from the member farthest from the mean, so the same members always give the
-    same direction: no random seed, and a sample of them gives nearly the same one. It runs
-    until the direction settles, so where it ends does not depend on where it started.
+    same direction: no random seed, and a sample of them gives nearly the same one, which is
+    why a large group's direction is found from a sample of it. It runs until the direction
+    settles, so where it ends does not depend on where it started.
     """
+    members = direction_sample(vectors, members)
     mean = mean_vector(vectors, members)
     farthest = min(members, key=lambda i: (similarity(vectors[i], mean), i))
     direction = dict(vectors[farthest])
