@@ -11897,15 +11897,27 @@ TOKEN_DIALOG = (
 )
 
 
-def stage_words(job: JSON) -> str:
-    """The job's stage in words, from its progress: what each stage reports as it begins."""
+def personas_written(progress: int, count: int) -> int:
+    """How many of `count` personas a job has written, from the progress it reports after each one."""
+    span = PROGRESS["validated"] - PROGRESS["segments"]
+    return max(
+        (done for done in range(count + 1) if PROGRESS["segments"] + span * done // count <= progress), default=0
+    )
+
+
+def stage_words(job: JSON, count: int = DEFAULT_COUNT) -> str:
+    """The job's stage in words, from its progress: what each stage reports as it begins, and
+    while a model writes one persona a segment, how many of the `count` it has written."""
     if job["status"] == "completed":
         return "done"
     if job["status"] == "failed":
         return "failed"
     if job["status"] == "pending":
         return "waiting for a free worker"
-    reached = [words for _, start, words in JOB_STAGES if job["progress"] >= start]
+    progress = job["progress"]
+    if PROGRESS["segments"] < progress < PROGRESS["validated"] and count > 0:
+        return f"writing the personas: {personas_written(progress, count)} of {count} done"
+    reached = [words for _, start, words in JOB_STAGES if progress >= start]
     return reached[-1] if reached else "starting"
 
 
@@ -12047,6 +12059,10 @@ async def job_page(request: Request) -> HTMLResponse:
     job = await once_changed(request, lambda: job_named(request, key), job_version, await job_named(request, key))
     if job is None:
         return not_found_page(request, f"Job {key[:64]}")
+    stored = await state(request).store.job_request(job["job_id"])
+    asked = stored[0] if stored else {}
+    groups = (asked.get("config") or {}).get("groups")
+    stage = stage_words(job, len(groups) if groups else asked.get("count", DEFAULT_COUNT))
     active = job["status"] in ("pending", "running")
     since = f'data-since="{int(job_since(job) * 1000)}"'
     controls = f' <span id="elapsed" {since}>{escape(elapsed_words(job))}</span> ' if active else ""
@@ -12055,14 +12071,12 @@ async def job_page(request: Request) -> HTMLResponse:
     )
     parts = [
         f'<nav><a href="/jobs">All jobs</a></nav><section id="status"><progress id="progress" max="100" '
-        f'value="{job["progress"]}">{job["progress"]}%</progress> <span id="stage">{escape(stage_words(job))}</span>'
+        f'value="{job["progress"]}">{job["progress"]}%</progress> <span id="stage">{escape(stage)}</span>'
         f"{controls}</section>"
     ]
     subtitle = f"{job['status']} · {job['progress']}%"
     if job["error"]:
         parts.append(f'<p class="alert">Error: {escape(job["error"])}</p>')
-    stored = await state(request).store.job_request(job["job_id"])
-    asked = stored[0] if stored else {}
     data = asked.get("data")
     source = (shown_url(data) if classify_data(data) == "url" else data) if isinstance(data, str) else "inline data"
     name = (asked.get("config") or {}).get("name")

@@ -523,6 +523,14 @@ def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_i
     assert client.get(f"/api/v1/generate/{job_id}").json()["error"] == "cancelled"
 
 
+@pytest.mark.parametrize(("progress", "words"), [(35, "grouping"), (46, "1 of 4 done"), (68, "3 of 4 done")])
+def test_a_job_whose_model_writes_a_persona_a_segment_says_how_many_it_has_written(progress: int, words: str) -> None:
+    # The segmented strategy reports 35 + 45 × written // count after each persona.
+    running = {"status": "running", "progress": progress}
+    assert words in persona.stage_words(running, 4)
+    assert "checking the personas" in persona.stage_words({**running, "progress": 80}, 4)
+
+
 def test_cancel_on_a_job_that_ended_first_says_so_and_the_page_shows_how_it_ended(
     server: Server, client: httpx.Client, page, gated_data: GatedDataServer
 ) -> None:
