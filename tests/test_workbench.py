@@ -378,6 +378,34 @@ def test_a_researcher_uploads_a_folder_and_it_becomes_the_data(server: Server, p
     ]
 
 
+DROP_A_FOLDER = """([folder, files]) => {
+  // What Chromium hands a drop of a folder: one item whose entry is a directory, read a batch at a time.
+  const fileEntry = ([name, text]) => ({
+    isFile: true, isDirectory: false, fullPath: `/${folder}/${name}`,
+    file: (done) => done(new File([text], name.split("/").pop(), {type: "text/plain"})),
+  });
+  const directory = (entries) => {
+    const batches = [entries.slice(0, 1), entries.slice(1), []];
+    return {isFile: false, isDirectory: true, createReader: () => ({readEntries: (done) => done(batches.shift())})};
+  };
+  const root = directory(files.map(fileEntry));
+  const drop = new Event("drop", {bubbles: true, cancelable: true});
+  Object.defineProperty(drop, "dataTransfer", {value: {items: [{webkitGetAsEntry: () => root}], files: []}});
+  document.getElementById("new-job").dispatchEvent(drop);
+}"""
+
+
+def test_a_folder_dropped_on_the_form_is_uploaded_as_one_source(server: Server, page) -> None:
+    texts = [[f"p{n}.txt", TRANSCRIPTS[n].read_text()] for n in (1, 2)] + [["notes.pdf", "%PDF-1.4"]]
+    page.goto(f"{server.url}/jobs")
+    page.evaluate(DROP_A_FOLDER, ["ward visits", texts])
+    expect(page.get_by_label("Data")).to_have_value("uploads/ward-visits")
+    expect(page.get_by_role("alert").first).to_contain_text("Left out 1 file(s) of a format Persona does not read")
+    stored = server.workdir / "data" / "uploads" / "ward-visits"
+    assert sorted(p.name for p in stored.iterdir()) == ["p1.txt", "p2.txt"]
+    assert (stored / "p2.txt").read_text() == TRANSCRIPTS[2].read_text()
+
+
 @pytest.mark.parametrize(("name", "status"), [("notes.exe", 422), ("..csv", 422), (".hidden", 422), ("%2e%2e", 422)])
 def test_an_upload_of_an_unknown_format_or_an_odd_name_is_refused(
     client: httpx.Client, server: Server, name: str, status: int
