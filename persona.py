@@ -6636,6 +6636,8 @@ PAIN_PARTS = (
     r"have asked|have been)\b)",
     # difficulty
     r"difficult\w*|hard to|hard for|harder|too hard|challenging|impossible|tricky|troublesome|"
+    r"(?:makes?|made|making) (?:it|that|this|things|everything|life) (?:\w+ )?(?:hard|difficult|painful)|"
+    r"(?:is|are|was|were|it's|that's) (?:very |really |so |quite |pretty |a bit )?hard\b(?! (?:work|drive))|"
     r"problems?|problematic|issues?|trouble|complain\w*|obstacles?|barriers?",
     # lack and absence
     r"lack|lacks|lacking|lacked|missing|i miss|absence of|there (?:is|are|was|were)(?: still)? no|there's no|"
@@ -6786,7 +6788,8 @@ first person can be the speaker's goal, pain or practice. A question matching no
 FRAGMENT_MAX_WORDS = 15
 CLAUSE = re.compile(
     r"\b(?:i|we|my|our|they|you|he|she|it|this|that|there|these|those|things|is|are|was|were|will|would|have|has|"
-    r"had|do|does|did|don't|didn't|can|could|should|am|'m|'s|'re|'ve)\b",
+    r"had|do|does|did|don't|didn't|can|could|should|am|'m|'s|'re|'ve|seems?|seemed|appears?|appeared|becomes?|"
+    r"became|gets|got|makes|made|takes|took|keeps|kept|goes|went|acts|works|breaks|fails|feels)\b",
     re.IGNORECASE,
 )
 """A subject or a verb of a clause: a sentence holding one says something of its own, so its question does
@@ -6884,6 +6887,11 @@ def split_sentences(text: str) -> list[str]:
     for part in SENTENCE_END.split(text):
         if not part:
             continue
+        if (
+            pending.lower().endswith(" etc.") and part.strip()[:1].isupper()
+        ):  # "etc." ends a list, and here its sentence
+            sentences.append(pending)
+            pending = ""
         pending = f"{pending} {part.strip()}" if pending else part.strip()
         if not continues(pending):
             sentences.append(pending)
@@ -6896,7 +6904,7 @@ def continues(piece: str) -> bool:
     """Whether a piece cut at a stop goes on: it ends in an abbreviation, or a bracket it opened is still open."""
     if not piece or len(piece) > MAX_JOINED_SENTENCE:  # a stray "(" must not swallow the rest of an answer
         return False
-    last = piece.rsplit(None, 1)[-1].lower().lstrip("(\"'“‘")
+    last = piece.rsplit(None, 1)[-1].lower().lstrip("(\"'“‘").rstrip(")\"'”’")
     return last.rstrip(".") in ABBREVIATIONS or last in ABBREVIATIONS or piece.count("(") > piece.count(")")
 
 
@@ -6961,6 +6969,8 @@ ORDINAL_SCALES = (
     ("very dissatisfied", "dissatisfied", "neutral", "satisfied", "very satisfied"),
     ("very unlikely", "unlikely", "neutral", "likely", "very likely"),
     ("not at all", "slightly", "moderately", "very", "extremely"),
+    ("very poor", "poor", "fair", "good", "very good", "excellent"),
+    ("poor", "fair", "good", "very good", "excellent"),
     ("beginner", "intermediate", "advanced", "expert"),
 )
 SCALE_LEVELS = {value: index for scale in ORDINAL_SCALES for index, value in enumerate(scale)}
@@ -7375,20 +7385,32 @@ question that asks what one does, it is a practice, whatever trouble it names.""
 IN_THE_WAY = re.compile(r"\b(?:hinders?|obstacles?|barriers?|prevents?|keeps? you from|stops? you)\b", re.IGNORECASE)
 """A question that asks what stands in the way, which its answers name by what is missing as often as not."""
 NOT_GERUNDS = frozenset("string strings thing things something anything everything nothing morning evening".split())
+TROUBLE_GERUNDS = frozenset("having missing lacking struggling failing waiting trying fighting dealing".split())
+
+
+def first_word(text: str) -> str:
+    found = re.match(r"\W*([A-Za-z]+)", text)
+    return found[1].lower() if found else ""
 
 
 def opens_with_activity(text: str) -> bool:
     """Whether an answer opens with an activity ("Organizing the submissions"), not a thing ("Git integration")."""
-    first = re.match(r"\W*([A-Za-z]+)", text)
-    word = first[1].lower() if first else ""
+    word = first_word(text)
     return word.endswith("ing") and word not in NOT_GERUNDS
+
+
+def opens_with_action(text: str) -> bool:
+    """Whether an answer opens with what one does ("Deploying a stack", "Rewrite the test"), not with trouble
+    ("Having to rebuild everything")."""
+    return bool(ACTION_LEAD.match(text)) or (opens_with_activity(text) and first_word(text) not in TROUBLE_GERUNDS)
 
 
 def list_kind(sentence: str, question: str = "") -> str | None:
     """The list a sentence answering `question` (a survey column's; "" for speech) belongs to, or None.
 
     The sentence's own words decide (sentence_kind), but for an answer that opens with what one does
-    under a question that asks for it. A question that asks for causes, definitions or praise leaves
+    under a question that asks for it, and a wish with a problem in it under one that asks for
+    problems. A question that asks for causes, definitions or praise leaves
     only first-person items; one that asks for a list gives it the bare fragments ("Organizing the
     assignment submissions." under "What are your biggest pain points?"), but one that asks what is in
     the way only the tasks: "Git integration, CSS themes" under "What hinders you ...?" names what is
@@ -7397,12 +7419,25 @@ def list_kind(sentence: str, question: str = "") -> str | None:
     asked = question_asks(question) if question else None
     if asked == "none":
         return own if own and SPEAKER.search(sentence) else None
-    if asked == "behaviours" and own == "pain_points" and ACTION_LEAD.match(sentence):
+    if asked == "behaviours" and own == "pain_points" and opens_with_action(sentence):
         return asked
+    if asked == "pain_points" and own == "goals" and names_a_problem(blank_pseudo_cues(sentence)):
+        return asked  # "I want to see inside a build and it makes that hard", asked for pain points
     if own or asked is None or not is_bare_fragment(sentence):
         return own
     in_the_way = asked == "pain_points" and IN_THE_WAY.search(question)
     return None if in_the_way and not opens_with_activity(sentence) else asked
+
+
+def names_a_problem(text: str) -> bool:
+    """Whether a sentence (its pseudo-cues blanked) names a problem of the speaker's: not an opinion,
+    nor one only imagined ("If I were to ...", "... would be a pain")."""
+    return bool(
+        PAIN.search(text)
+        and not OPINION.match(text)
+        and not HYPOTHETICAL.match(text)
+        and not CONDITIONAL_PAIN.search(text)
+    )
 
 
 def sentence_kind(sentence: str) -> str | None:
@@ -7422,7 +7457,7 @@ def sentence_kind(sentence: str) -> str | None:
     if WISH.search(text) or opens_as_request(text):
         return "goals"
     opinion = bool(OPINION.match(text))
-    if PAIN.search(text) and not opinion and not HYPOTHETICAL.match(text) and not CONDITIONAL_PAIN.search(text):
+    if names_a_problem(text):
         return "pain_points"
     if REQUEST.search(text) or (
         ARTICLE_NP.match(text)
@@ -7616,11 +7651,18 @@ def closed_answers(
     ]
 
 
+def as_read_on(answer: str) -> str:
+    """An answer as it reads after a colon: "Often" becomes "often"; "System Administrator", "AMD, Intel" and
+    "I ..." stay as written."""
+    lower = answer[1:] == answer[1:].lower() and re.split(r"[\s'’]", answer, maxsplit=1)[0] != "I"
+    return answer[:1].lower() + answer[1:] if lower else answer
+
+
 def answer_finding(answer: JSON) -> str:
     """A closed answer stated as a finding: `Re-run the build: often, 20 of 23 (87%), against 41% of everyone else.`"""
     share = answer["count"] / answer["of"] if answer.get("of") else 0.0
     return (
-        f"{answer['question'].rstrip(' ?:.…')}: {answer['answer'].lower()}, {answer['count']} of {answer['of']} "
+        f"{answer['question'].rstrip(' ?:.…')}: {as_read_on(answer['answer'])}, {answer['count']} of {answer['of']} "
         f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else."
     )
 

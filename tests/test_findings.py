@@ -217,6 +217,26 @@ def test_an_absence_answer_is_a_finding_but_never_a_title() -> None:
     assert persona.says_absence("Never -- I don't use Shiny.") and not persona.says_absence("Nearly every day")
 
 
+def test_a_rating_is_no_title_of_its_own_but_names_what_it_rates() -> None:
+    labels = {"q0": "How would you rate the overall quality of ... [Spack packages]"}
+    people = [persona.Participant(f"P{n}", [], {"q0": "Good" if n < 6 else "Poor"}) for n in range(12)]
+    members = people[:6]
+    answers = persona.closed_answers(members, people, labels)
+    corpus = persona.build_corpus(people)
+    shares = persona.term_shares(corpus, list(range(6)))
+    attribute = persona.distinguishing_attribute(members, people)
+    assert persona.persona_title(corpus, shares, attribute, set(), answers, labels) == "Spack packages: good"
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [("Often", "often"), ("System Administrator", "System Administrator"), ("I don't feel proficient", "I don't")],
+)
+def test_a_finding_keeps_an_answer_s_own_capitals(answer: str, shown: str) -> None:
+    finding = persona.answer_finding({"question": "Role?", "answer": answer, "count": 2, "of": 3, "share_elsewhere": 0})
+    assert finding.startswith(f"Role: {shown}")
+
+
 def test_a_grid_s_items_are_findings_not_demographics(flaky_personas: list[dict]) -> None:
     shown = [key for item in flaky_personas for key in item["demographics"]]
     assert shown and not [key for key in shown if key.endswith("]")]
@@ -366,6 +386,15 @@ def test_sentences_are_not_cut_at_abbreviations_or_inside_brackets() -> None:
     ]
 
 
+def test_etc_ends_a_sentence_before_a_capital_and_an_abbreviation_in_brackets_ends_none() -> None:
+    text = "We use the compilers, the build systems, etc. We support developers. Tools (Git, Docker, etc.) are used."
+    assert persona.split_sentences(text) == [
+        "We use the compilers, the build systems, etc.",
+        "We support developers.",
+        "Tools (Git, Docker, etc.) are used.",
+    ]
+
+
 def test_a_sentence_that_closes_its_bracket_or_quote_ends_there() -> None:
     text = (
         "The VM runs on their own computers. (We had problems with services starting in a free box.)\n"
@@ -451,6 +480,35 @@ ACTIONS_QUESTION = "Are there any other actions that you would take that we have
     ],
 )
 def test_a_bare_answer_is_what_its_question_asks_for(answer: str, question: str, kind: str | None) -> None:
+    assert persona.list_kind(answer, question) == kind
+
+
+SPACK_PAINS = "What are the biggest pain points in Spack for your workflow? (feel free to link to issues)"
+SPACK_USE = "Tell us briefly about your use case and your usual Spack workflow."
+SPACK_FEATURES = "What features NOT in the prior list would you like to see?"
+
+
+@pytest.mark.parametrize(
+    ("answer", "question", "kind"),
+    [
+        (
+            "Sometimes I want to see inside a package that spack builds and spack makes that hard.",
+            SPACK_PAINS,
+            "pain_points",
+        ),
+        ("Sometimes I want to see inside a package that spack builds and spack makes that hard.", "", "goals"),
+        (
+            "Deploying a stack on a mixed HPC system and supporting users who can't do 'make install'.",
+            SPACK_USE,
+            "behaviours",
+        ),
+        ("Having to rebuild everything after each update is a problem.", SPACK_USE, "pain_points"),
+        ("currently changes in spack code seems to change concretization with repeated runs.", SPACK_FEATURES, None),
+    ],
+)
+def test_a_survey_answer_with_two_readings_is_read_by_its_question(
+    answer: str, question: str, kind: str | None
+) -> None:
     assert persona.list_kind(answer, question) == kind
 
 
