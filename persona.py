@@ -8916,12 +8916,21 @@ class SaidIndex:
                     self.owner.append(index)
                     for word in word_set(sentence):
                         self.postings.setdefault(word, []).append(number)
+        # A word everyone uses (the data set's topic, "spack", "package") tells little about who says an item.
+        users = {word: len({self.owner[n] for n in numbers}) for word, numbers in self.postings.items()}
+        self.weight = {word: math.log((1 + self.people) / (1 + count)) + 1 for word, count in users.items()}
 
     def speakers(self, item: str) -> set[int]:
-        """The participants with a sentence holding more than half of the item's content words."""
-        words = word_set(item)
-        hits = Counter(number for word in words for number in self.postings.get(word, ()))
-        return {self.owner[number] for number, shared in hits.items() if 2 * shared > len(words)}
+        """The participants with a sentence holding more than half of the item's content words, each
+        word weighed by how few people use it: "internal details of a spack package" is said by
+        whoever speaks of internal details, not by everyone who says "spack package"."""
+        weights = {word: self.weight.get(word, math.log(1 + self.people) + 1) for word in word_set(item)}
+        hits: dict[int, float] = {}
+        for word, weight in weights.items():
+            for number in self.postings.get(word, ()):
+                hits[number] = hits.get(number, 0.0) + weight
+        whole = sum(weights.values())
+        return {self.owner[number] for number, shared in hits.items() if 2 * shared > whole}
 
     def items(self, persona: JSON, group: set[int]) -> tuple[list[JSON], list[float]]:
         """Per goal, pain point and behaviour, how many of the persona's participants say it; and per
