@@ -363,6 +363,16 @@ def test_the_adjusted_rand_index_is_one_for_the_same_grouping_and_near_zero_by_c
     assert persona.adjusted_rand_index([0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 0, 0, 1, 1]) < 0.1
 
 
+def test_an_item_is_said_by_those_who_share_its_rare_words_not_the_data_set_s_topic() -> None:
+    people = [persona.Participant(f"P{n}", ["I build every spack package on the cluster."]) for n in range(10)]
+    people += [
+        persona.Participant("A", ["Internal details of each spack package build."]),
+        persona.Participant("B", ["The internal details stay hidden from me."]),
+    ]
+    speakers = persona.SaidIndex(people).speakers("Internal details of each spack package build.")
+    assert sorted(people[i].id for i in speakers) == ["A", "B"]
+
+
 def test_a_card_says_who_says_each_item_not_a_backed_share(flaky: persona.Dataset, flaky_personas: list[dict]) -> None:
     report = persona.quality_report(flaky.participants, flaky_personas, flaky.silent)
     item = next(p for p in flaky_personas if p["goals"] or p["pain_points"])
