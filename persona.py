@@ -6872,6 +6872,7 @@ PERSONA_NAMES = (
 )
 
 
+LIST_MARKER = re.compile(r"^(?:\(?\d{1,2}\)|[-*•])\s+")  # "3) ", "(2) ", "- ": a list's numbering, not its words
 MAX_JOINED_SENTENCE = 400  # characters a sentence joined across an abbreviation or brackets may reach
 ABBREVIATIONS = frozenset(
     """
@@ -6881,7 +6882,8 @@ vs vs. i.e e.g etc cf approx dr mr mrs ms prof st no nos fig eg ie al inc ltd co
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of three words or more; a stop after an abbreviation (vs., e.g.) or inside brackets ends none."""
+    """Sentences of three words or more, without a list's numbering ("3) "); a stop after an abbreviation
+    (vs., e.g.) or inside brackets ends none."""
     sentences: list[str] = []
     pending = ""
     for part in SENTENCE_END.split(text):
@@ -6897,7 +6899,8 @@ def split_sentences(text: str) -> list[str]:
             sentences.append(pending)
             pending = ""
     sentences.append(pending)
-    return [sentence for sentence in sentences if len(sentence.split()) >= 3]
+    unmarked = [LIST_MARKER.sub("", sentence) for sentence in sentences]
+    return [sentence for sentence in unmarked if len(sentence.split()) >= 3]
 
 
 def continues(piece: str) -> bool:

@@ -405,6 +405,15 @@ def test_etc_ends_a_sentence_before_a_capital_and_an_abbreviation_in_brackets_en
     ]
 
 
+def test_a_list_s_numbering_is_no_part_of_its_sentences() -> None:
+    text = "3) User files a bug that our package breaks. (2) Examples of real setups would help. 3.5 hours it takes."
+    assert persona.split_sentences(text) == [
+        "User files a bug that our package breaks.",
+        "Examples of real setups would help.",
+        "3.5 hours it takes.",
+    ]
+
+
 def test_a_sentence_that_closes_its_bracket_or_quote_ends_there() -> None:
     text = (
         "The VM runs on their own computers. (We had problems with services starting in a free box.)\n"
