@@ -9247,13 +9247,24 @@ def in_words(value: float, scale: tuple[tuple[float, str], ...]) -> str:
     return next((words for bound, words in scale if value < bound), scale[-1][1])
 
 
+STABILITY_WORDS = ((0.5, "changes much"), (0.8, "mostly holds"), (1.01, "holds"))
+
+
 def coverage_line(quality: JSON | None) -> str:
-    """What share of every respondent the personas stand for, counted, and how many no persona holds."""
+    """What share of every respondent the personas stand for, counted, how many no persona holds,
+    and whether the grouping holds when a tenth of the participants is left out (where it is Persona's)."""
     if not quality:
         return ""
     missing, total = len(quality["unrepresented"]), quality.get("respondents", 0)
     line = f"personas cover {total - missing} of {total} respondents ({quality['coverage']:.0%})"
-    return line + (f"; {missing} in no persona" if missing else "")
+    line += f"; {missing} in no persona" if missing else ""
+    stability = quality.get("stability")
+    if stability is not None:
+        line += (
+            f"; their grouping {in_words(stability, STABILITY_WORDS)} when a tenth of the participants is left out"
+            f" (stability {stability:.2f})"
+        )
+    return line
 
 
 def said_by(quality: JSON | None, key: str, index: int) -> str:

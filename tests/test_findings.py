@@ -49,6 +49,14 @@ def test_coverage_counts_every_respondent_read_or_not(flaky: persona.Dataset, fl
     assert persona.coverage_line(report).startswith(f"personas cover {171 - len(report['unrepresented'])} of 171")
 
 
+@pytest.mark.parametrize(("stability", "words"), [(0.85, "holds when"), (0.63, "mostly holds"), (0.31, "changes much")])
+def test_the_cards_header_says_whether_the_grouping_holds(stability: float, words: str) -> None:
+    report = {"respondents": 12, "coverage": 1.0, "unrepresented": [], "stability": stability}
+    assert f"; their grouping {words}" in persona.coverage_line(report)
+    assert persona.coverage_line(report).endswith(f"(stability {stability:.2f})")
+    assert "grouping" not in persona.coverage_line({**report, "stability": None})
+
+
 # -- closed answers are findings -----------------------------------------------------------
 
 
