@@ -12018,6 +12018,8 @@ def job_row(job: JSON) -> str:
     titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
     request = job["request"]
     name = request.get("config", {}).get("name")
+    if name and request.get("refine"):  # it keeps its parent's name; the list tells the two apart
+        name = f"{name} (refined)"
     return (
         f'<tr data-status="{escape(job["status"])}">'
         f'<td><a href="/jobs/{escape(job["job_id"])}">{escape(name or job["job_id"])}</a>'

@@ -84,11 +84,14 @@ def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
 
 
 def test_the_job_list_says_which_job_a_refinement_refines(client: httpx.Client) -> None:
-    parent = wait_job(client, submit(client, data="interviews.csv", count=3))["job_id"]
+    config = {"name": "Ward study"}
+    parent = wait_job(client, submit(client, data="interviews.csv", count=3, config=config))["job_id"]
     child = client.post(f"/api/v1/generate/{parent}/refine", json={"data": "interviews.csv"}).json()["job_id"]
     listing = client.get("/jobs").text
     row = listing[listing.index(f'<a href="/jobs/{child}">') :].split("</tr>")[0]
     assert f'refines <a href="/jobs/{parent}">{parent}</a>' in row
+    assert row.startswith(f'<a href="/jobs/{child}">Ward study (refined)</a>')
+    assert f'<a href="/jobs/{parent}">Ward study</a>' in listing
 
 
 def test_the_instruction_box_appears_only_where_a_model_is_configured(
