@@ -6637,7 +6637,8 @@ PAIN_PARTS = (
     # difficulty
     r"difficult\w*|hard to|hard for|harder|too hard|challenging|impossible|tricky|troublesome|"
     r"(?:makes?|made|making) (?:it|that|this|things|everything|life) (?:\w+ )?(?:hard|difficult|painful)|"
-    r"(?:is|are|was|were|it's|that's) (?:very |really |so |quite |pretty |a bit )?hard\b(?! (?:work|drive))|"
+    r"(?:is|are|was|were|it's|that's) (?:very |really |so |quite |pretty |a bit )?hard\b"
+    r"(?![-\s](?:coded|set|wired|limit|requirement|work|drive|disk|copy))|"
     r"problems?|problematic|issues?|trouble|complain\w*|obstacles?|barriers?",
     # lack and absence
     r"lack|lacks|lacking|lacked|missing|i miss|absence of|there (?:is|are|was|were)(?: still)? no|there's no|"
@@ -6889,9 +6890,7 @@ def split_sentences(text: str) -> list[str]:
     for part in SENTENCE_END.split(text):
         if not part:
             continue
-        if (
-            pending.lower().endswith(" etc.") and part.strip()[:1].isupper()
-        ):  # "etc." ends a list, and here its sentence
+        if ends_a_list(pending) and part.strip()[:1].isupper():  # "etc." ends a list, and its sentence
             sentences.append(pending)
             pending = ""
         pending = f"{pending} {part.strip()}" if pending else part.strip()
@@ -6901,6 +6900,11 @@ def split_sentences(text: str) -> list[str]:
     sentences.append(pending)
     unmarked = [LIST_MARKER.sub("", sentence) for sentence in sentences]
     return [sentence for sentence in unmarked if len(sentence.split()) >= 3]
+
+
+def ends_a_list(piece: str) -> bool:
+    """Whether a piece cut at a stop ends in "etc." outside brackets (inside them, the stop ends nothing)."""
+    return piece.lower().endswith(" etc.") and piece.count("(") <= piece.count(")")
 
 
 def continues(piece: str) -> bool:
@@ -6973,7 +6977,6 @@ ORDINAL_SCALES = (
     ("very unlikely", "unlikely", "neutral", "likely", "very likely"),
     ("not at all", "slightly", "moderately", "very", "extremely"),
     ("very poor", "poor", "fair", "good", "very good", "excellent"),
-    ("poor", "fair", "good", "very good", "excellent"),
     ("beginner", "intermediate", "advanced", "expert"),
 )
 SCALE_LEVELS = {value: index for scale in ORDINAL_SCALES for index, value in enumerate(scale)}
@@ -7062,11 +7065,16 @@ PRINCIPAL_SETTLED = 1e-6  # a direction that moved less than this (1 - cosine) i
 PRINCIPAL_SAMPLE = 2000  # members a direction is found from, at most: as many as a stability rerun groups
 
 
+def content_key(vector: dict[int, float]) -> int:
+    """A number a participant's words and answers set, whatever their place in the data: for ties."""
+    return hash(tuple(sorted(vector.items())))
+
+
 def direction_sample(vectors: list[dict[int, float]], members: list[int]) -> list[int]:
     """At most PRINCIPAL_SAMPLE members, spread evenly in an order their words set (not the data's order)."""
     if len(members) <= PRINCIPAL_SAMPLE:
         return members
-    ordered = sorted(members, key=lambda i: (hash(tuple(sorted(vectors[i].items()))), i))
+    ordered = sorted(members, key=lambda i: content_key(vectors[i]))
     return sorted(ordered[:: math.ceil(len(members) / PRINCIPAL_SAMPLE)])
 
 
@@ -7080,7 +7088,7 @@ def principal_direction(vectors: list[dict[int, float]], members: list[int]) -> 
     """
     members = direction_sample(vectors, members)
     mean = mean_vector(vectors, members)
-    farthest = min(members, key=lambda i: (similarity(vectors[i], mean), i))
+    farthest = min(members, key=lambda i: (similarity(vectors[i], mean), content_key(vectors[i])))
     direction = dict(vectors[farthest])
     for index, weight in mean.items():
         direction[index] = direction.get(index, 0.0) - weight
@@ -7108,16 +7116,31 @@ def split_in_two(vectors: list[dict[int, float]], members: list[int]) -> tuple[l
     offset = similarity(mean_vector(vectors, members), direction)
     side = {i: similarity(vectors[i], direction) >= offset for i in members}
     first, second = [i for i in members if side[i]], [i for i in members if not side[i]]
-    if not first or not second:  # all alike along every direction: halves, in order
-        first, second = members[: len(members) // 2], members[len(members) // 2 :]
+    if not first or not second:  # all alike along every direction: halves, in an order their words set
+        ordered = sorted(members, key=lambda i: content_key(vectors[i]))
+        first, second = sorted(ordered[: len(members) // 2]), sorted(ordered[len(members) // 2 :])
     return first, second
 
 
+def spread(vectors: list[dict[int, float]], members: list[int]) -> float:
+    """How far a group's members lie from their mean, in all (n - n·|mean|², for unit vectors)."""
+    mean = mean_vector(vectors, members)
+    return len(members) * (1 - similarity(mean, mean))
+
+
 def divisive_labels(vectors: list[dict[int, float]], k: int) -> list[int]:
-    """`k` groups by splitting the largest group in two along its principal direction, again and again."""
+    """`k` groups by splitting the largest group in two along its principal direction, again and again
+    (of groups as large, the most spread out; then the one whose words come first: never by position)."""
     groups = [list(range(len(vectors)))]
     while len(groups) < k:
-        largest = max(groups, key=lambda members: (len(members), -members[0]))
+        largest = max(
+            groups,
+            key=lambda members: (
+                len(members),
+                round(spread(vectors, members), 9),
+                -min(content_key(vectors[i]) for i in members),
+            ),
+        )
         groups.remove(largest)
         groups.extend(split_in_two(vectors, largest))
     labels = [0] * len(vectors)
@@ -7402,9 +7425,17 @@ def opens_with_activity(text: str) -> bool:
     return word.endswith("ing") and word not in NOT_GERUNDS
 
 
+JUDGED = re.compile(r"(?<!\bto )\b(?:is|are|was|were|takes?|took|makes|made)\b", re.IGNORECASE)
+"""A verb that judges what a sentence opens with ("Building the docs is a problem", "Debug builds take
+forever"): the opening word is then its subject, not an action."""
+
+
 def opens_with_action(text: str) -> bool:
-    """Whether an answer opens with what one does ("Deploying a stack", "Rewrite the test"), not with trouble
-    ("Having to rebuild everything")."""
+    """Whether an answer opens with what one does ("Deploying a stack", "Rewrite the test to make it ..."),
+    not with trouble ("Having to rebuild everything") nor with a subject judged ("Mock objects make tests
+    brittle")."""
+    if JUDGED.search(text):
+        return False
     return bool(ACTION_LEAD.match(text)) or (opens_with_activity(text) and first_word(text) not in TROUBLE_GERUNDS)
 
 
@@ -7654,10 +7685,18 @@ def closed_answers(
     ]
 
 
+ANSWER_WORDS = frozenset(
+    {level.split()[0] for level in SCALE_LEVELS}
+    | {"yes", "no", "maybe", "other", "none", "a", "an", "the", "once", "twice", "more", "less", "about", "between"}
+    | {"every", "several", "some", "up", "over", "under"}
+)  # words an answer opens with that name nothing: "Often", "A few times a year", "Strongly agree"
+
+
 def as_read_on(answer: str) -> str:
-    """An answer as it reads after a colon: "Often" becomes "often"; "System Administrator", "AMD, Intel" and
+    """An answer as it reads after a colon: "Often" becomes "often"; "Python", "System Administrator" and
     "I ..." stay as written."""
-    lower = answer[1:] == answer[1:].lower() and re.split(r"[\s'’]", answer, maxsplit=1)[0] != "I"
+    first = answer.split(" ", 1)[0]
+    lower = first.lower() in ANSWER_WORDS and not (len(first) > 1 and first.isupper())
     return answer[:1].lower() + answer[1:] if lower else answer
 
 
@@ -8925,15 +8964,18 @@ class SaidIndex:
 
     def speakers(self, item: str) -> set[int]:
         """The participants with a sentence holding more than half of the item's content words, each
-        word weighed by how few people use it: "internal details of a spack package" is said by
-        whoever speaks of internal details, not by everyone who says "spack package"."""
+        word weighed by how few people use it, and two of them at least: "internal details of a spack
+        package" is said by whoever speaks of internal details, not by everyone who says "spack package",
+        nor by whoever says "Kubernetes" once."""
         weights = {word: self.weight.get(word, math.log(1 + self.people) + 1) for word in word_set(item)}
         hits: dict[int, float] = {}
+        words: Counter[int] = Counter()
         for word, weight in weights.items():
             for number in self.postings.get(word, ()):
                 hits[number] = hits.get(number, 0.0) + weight
-        whole = sum(weights.values())
-        return {self.owner[number] for number, shared in hits.items() if 2 * shared > whole}
+                words[number] += 1
+        whole, least = sum(weights.values()), min(2, len(weights))  # one rare word shared is not the item said
+        return {self.owner[number] for number, shared in hits.items() if 2 * shared > whole and words[number] >= least}
 
     def items(self, persona: JSON, group: set[int]) -> tuple[list[JSON], list[float]]:
         """Per goal, pain point and behaviour, how many of the persona's participants say it; and per

@@ -238,7 +238,13 @@ def test_a_rating_is_no_title_of_its_own_but_names_what_it_rates() -> None:
 
 @pytest.mark.parametrize(
     ("answer", "shown"),
-    [("Often", "often"), ("System Administrator", "System Administrator"), ("I don't feel proficient", "I don't")],
+    [
+        ("Often", "often"),
+        ("A few times a year", "a few"),
+        ("System Administrator", "System Administrator"),
+        ("Python", "Python"),
+        ("I don't feel proficient", "I don't"),
+    ],
 )
 def test_a_finding_keeps_an_answer_s_own_capitals(answer: str, shown: str) -> None:
     finding = persona.answer_finding({"question": "Role?", "answer": answer, "count": 2, "of": 3, "share_elsewhere": 0})
@@ -362,6 +368,26 @@ def test_a_real_survey_is_grouped_the_same_whatever_order_its_respondents_come_i
     assert persona.adjusted_rand_index(first, again) == 1.0
 
 
+def test_of_two_groups_as_large_the_one_split_is_chosen_by_what_they_say_not_where_they_stand() -> None:
+    import random
+
+    rng = random.Random(3)
+    topics = {"a": ["builds", "compilers", "linkers", "caches"], "b": ["gardens", "tomatoes", "roses", "compost"]}
+    people = [
+        persona.Participant(f"{t}{n}", [f"I care about {rng.choice(w)} and {rng.choice(w)} and {rng.choice(w)} daily."])
+        for t, w in topics.items()
+        for n in range(20)
+    ]
+
+    def grouping(order: list[persona.Participant]) -> list[list[str]]:
+        groups = persona.cluster_participants(persona.build_corpus(order), 3)
+        return sorted(sorted(order[i].id for i in group) for group in groups)
+
+    shuffled = people[:]
+    random.Random(1).shuffle(shuffled)
+    assert grouping(shuffled) == grouping(people) == grouping(people[::-1])
+
+
 def test_most_of_a_real_survey_s_grouping_survives_leaving_a_tenth_out(flaky: persona.Dataset) -> None:
     assert persona.grouping_stability(flaky.participants, 4, {}) >= 0.6
 
@@ -379,6 +405,10 @@ def test_an_item_is_said_by_those_who_share_its_rare_words_not_the_data_set_s_to
     ]
     speakers = persona.SaidIndex(people).speakers("Internal details of each spack package build.")
     assert sorted(people[i].id for i in speakers) == ["A", "B"]
+    people += [persona.Participant("K", ["I have never used Kubernetes."])]
+    people += [persona.Participant("S", ["Kubernetes tests are slow every day."])]
+    speakers = persona.SaidIndex(people).speakers("Kubernetes tests are slow every day.")
+    assert [people[i].id for i in speakers] == ["S"]  # one rare word in common is not the item said
 
 
 def test_a_card_says_who_says_each_item_not_a_backed_share(flaky: persona.Dataset, flaky_personas: list[dict]) -> None:
@@ -411,6 +441,14 @@ def test_etc_ends_a_sentence_before_a_capital_and_an_abbreviation_in_brackets_en
         "We support developers.",
         "Tools (Git, Docker, etc.) are used.",
     ]
+    inside = "We use tools (CMake, Bazel, etc. Some are homegrown) in our builds."
+    assert persona.split_sentences(inside) == [inside]
+
+
+def test_hard_as_a_fact_is_no_pain_and_a_scale_s_levels_stay_apart() -> None:
+    assert persona.list_kind("The timeout is hard-coded to ten minutes.") is None
+    assert persona.list_kind("Deploying it is really hard on our cluster.") == "pain_points"
+    assert persona.SCALE_LEVELS["very poor"] < persona.SCALE_LEVELS["poor"] < persona.SCALE_LEVELS["excellent"]
 
 
 def test_a_list_s_numbering_is_no_part_of_its_sentences() -> None:
@@ -553,6 +591,8 @@ def test_an_action_taken_is_a_practice_under_an_actions_question_whatever_troubl
     assert persona.list_kind("Rewrite problematic code to make it more testable.", ACTIONS_QUESTION) == "behaviours"
     assert persona.list_kind("Problematic code is rewritten too late.", ACTIONS_QUESTION) == "pain_points"
     assert persona.list_kind("Test failures are random and a real problem.", ACTIONS_QUESTION) == "pain_points"
+    assert persona.list_kind("Debug builds take forever, a real problem.", ACTIONS_QUESTION) == "pain_points"
+    assert persona.list_kind("Building the docs is a real problem.", ACTIONS_QUESTION) == "pain_points"
 
 
 @pytest.mark.parametrize(
