@@ -394,6 +394,13 @@ JOB_STAGES = (  # a running job's steps: the progress it reports on reaching eac
     ("written", 95, "saving the outputs"),
 )
 PROGRESS = {name: progress for name, progress, _ in JOB_STAGES}
+
+
+def written_progress(done: int, total: int) -> int:
+    """The progress a job reports once a model has written `done` of its `total` personas, one a segment."""
+    return PROGRESS["segments"] + (PROGRESS["validated"] - PROGRESS["segments"]) * done // total
+
+
 ProgressReport = Callable[[int, str], Awaitable[None]]  # a job reports its progress and stage through one
 
 MAX_CUSTOM_FIELDS = 10
@@ -8703,8 +8710,7 @@ async def segmented_items(
             1,
         )
         done += 1
-        share = (PROGRESS["validated"] - PROGRESS["segments"]) * done // len(segments)
-        await report(PROGRESS["segments"] + share, f"segment {done} of {len(segments)} done")
+        await report(written_progress(done, len(segments)), f"segment {done} of {len(segments)} done")
         item = answer["personas"][0]
         return ({**item, "title": segment.name} if segment.name else item), [person.id for person in group]
 
@@ -11931,7 +11937,7 @@ async def retry_delivery(request: Request) -> JSONResponse:
 
 WORKBENCH_LIST_SIZE = 50  # jobs on /jobs, newest first
 PAGE_WAIT_S = 5.0  # a followed page's request is held at most this long for what it shows to change
-PAGE_LOOK_S = 0.5  # how often a held page request reads its job (or the list) again: any host may change it
+PAGE_LOOK_S = 1.0  # how often a held page request reads its job (or the list) again: any host may change it
 WORKBENCH_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
@@ -12006,15 +12012,13 @@ TOKEN_DIALOG = (
 
 def personas_written(progress: int, count: int) -> int:
     """How many of `count` personas a job has written, from the progress it reports after each one."""
-    span = PROGRESS["validated"] - PROGRESS["segments"]
-    return max(
-        (done for done in range(count + 1) if PROGRESS["segments"] + span * done // count <= progress), default=0
-    )
+    return max((done for done in range(count + 1) if written_progress(done, count) <= progress), default=0)
 
 
-def stage_words(job: JSON, count: int = DEFAULT_COUNT) -> str:
+def stage_words(job: JSON, count: int | None) -> str:
     """The job's stage in words, from its progress: what each stage reports as it begins, and
-    while a model writes one persona a segment, how many of the `count` it has written."""
+    while a model writes one persona a segment, how many of the `count` it has written (None:
+    the segments are not known before they are made, as with `group_by`)."""
     if job["status"] == "completed":
         return "done"
     if job["status"] == "failed":
@@ -12022,21 +12026,35 @@ def stage_words(job: JSON, count: int = DEFAULT_COUNT) -> str:
     if job["status"] == "pending":
         return "waiting for a free worker"
     progress = job["progress"]
-    if PROGRESS["segments"] < progress < PROGRESS["validated"] and count > 0:
-        return f"writing the personas: {personas_written(progress, count)} of {count} done"
+    if PROGRESS["segments"] < progress < PROGRESS["validated"]:
+        return (
+            f"writing the personas: {personas_written(progress, count)} of {count} done"
+            if count
+            else ("writing the personas")
+        )
     reached = [words for _, start, words in JOB_STAGES if progress >= start]
     return reached[-1] if reached else "starting"
 
 
-def job_since(job: JSON) -> float:
-    """When a job started running, or was made while it waits (seconds since the epoch)."""
+def segments_asked(asked: JSON) -> int | None:
+    """How many segments a job's model writes personas for, where its request says: its groups, or its
+    count; None with `group_by`, whose groups are known only once the data is read."""
+    config = asked.get("config") or {}
+    if config.get("groups"):
+        return len(config["groups"])
+    return None if config.get("group_by") else asked.get("count", DEFAULT_COUNT)
+
+
+def elapsed_seconds(job: JSON) -> int:
+    """How long a job has run, or waited, by the server's clock (the page's script counts on from it)."""
     since = job["started_at"] or job["created_at"]
-    return datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    started = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    return max(0, int(time.time() - started))
 
 
 def elapsed_words(job: JSON) -> str:
-    """How long a job has run, or waited: `running for 1 min 12 s` (the page's script counts on from it)."""
-    seconds = max(0, int(time.time() - job_since(job)))
+    """How long a job has run, or waited: `running for 1 min 12 s`."""
+    seconds = elapsed_seconds(job)
     shown = f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
     return f"{'running' if job['started_at'] else 'waiting'} for {shown}"
 
@@ -12116,7 +12134,7 @@ async def jobs_page(request: Request) -> HTMLResponse:
     def newest() -> Awaitable[list[JSON]]:
         return state(request).store.recent_jobs(WORKBENCH_LIST_SIZE, caller_scope(request, write=False))
 
-    jobs = await once_changed(request, newest, jobs_version, await newest())
+    jobs = await once_changed(request, newest, jobs_version, some_job_is_live, await newest())
     form = NEW_PERSONAS_FORM.format(
         providers=provider_options(), count=DEFAULT_COUNT, formats=" ".join(UPLOAD_SUFFIXES)
     )
@@ -12138,18 +12156,36 @@ def jobs_version(jobs: list[JSON]) -> str:
 Shown = TypeVar("Shown")  # what a followed page shows: a job, or the list of jobs
 
 
+def job_is_live(job: JSON | None) -> bool:
+    return job is not None and job["status"] in ("pending", "running")
+
+
+def some_job_is_live(jobs: list[JSON]) -> bool:
+    return any(job_is_live(job) for job in jobs)
+
+
 async def once_changed(
-    request: Request, read: Callable[[], Awaitable[Shown]], version: Callable[[Shown], str], current: Shown
+    request: Request,
+    read: Callable[[], Awaitable[Shown]],
+    version: Callable[[Shown], str],
+    live: Callable[[Shown], bool],
+    current: Shown,
 ) -> Shown:
     """What a followed page shows, once it differs from the version the page has (`?wait=`).
 
     A page that follows a job asks again with the version it shows, and the request is held
-    until the job changes (or PAGE_WAIT_S pass, or the reader leaves): a page open on a
-    running job costs a few requests a minute, not one every 2 s.
+    while the job is live and unchanged (at most PAGE_WAIT_S, and not once the reader leaves):
+    a page open on a running job costs a few requests a minute, not one every 2 s. What has
+    ended or is gone answers at once.
     """
     shown = request.query_params.get("wait")
     deadline = time.monotonic() + PAGE_WAIT_S
-    while version(current) == shown and time.monotonic() < deadline and not await request.is_disconnected():
+    while (
+        live(current)
+        and version(current) == shown
+        and time.monotonic() < deadline
+        and not await request.is_disconnected()
+    ):
         await asyncio.sleep(PAGE_LOOK_S)
         current = await read()
     return current
@@ -12165,16 +12201,17 @@ async def job_page(request: Request) -> HTMLResponse:
 
     While the job runs, the page's script fetches it again until the job ends."""
     key = request.path_params["job_id"]
-    job = await once_changed(request, lambda: job_named(request, key), job_version, await job_named(request, key))
+    job = await once_changed(
+        request, lambda: job_named(request, key), job_version, job_is_live, await job_named(request, key)
+    )
     if job is None:
         return not_found_page(request, f"Job {key[:64]}")
     stored = await state(request).store.job_request(job["job_id"])
     asked = stored[0] if stored else {}
-    groups = (asked.get("config") or {}).get("groups")
-    stage = stage_words(job, len(groups) if groups else asked.get("count", DEFAULT_COUNT))
-    active = job["status"] in ("pending", "running")
-    since = f'data-since="{int(job_since(job) * 1000)}"'
-    controls = f' <span id="elapsed" {since}>{escape(elapsed_words(job))}</span> ' if active else ""
+    stage = stage_words(job, segments_asked(asked))
+    active = job_is_live(job)
+    seconds = f'data-seconds="{elapsed_seconds(job)}"'
+    controls = f' <span id="elapsed" {seconds}>{escape(elapsed_words(job))}</span> ' if active else ""
     controls += (
         f'<button type="button" id="cancel" data-job="{escape(job["job_id"])}">Cancel</button>' if active else ""
     )
@@ -12501,11 +12538,11 @@ function showError(id, error) {
   document.getElementById(id).textContent = error.message;
 }
 
-async function swapFromServer(selector) {
+async function swapFromServer(selector, wait) {
   // The server renders the page again; only this part of it is replaced, so forms keep what was typed.
-  // It holds the request until the part no longer shows the version it has (at most 5 s).
+  // With `wait`, it holds the request until the part no longer shows the version it has (at most 5 s).
   const url = new URL(location.href);
-  url.searchParams.set("wait", document.querySelector(selector).dataset.version);
+  if (wait) url.searchParams.set("wait", document.querySelector(selector).dataset.version);
   const response = await fetch(url, {headers: {Accept: "text/html"}});
   if (!response.ok) {  // a 429 says when to ask again; anything else is asked again later
     const error = new Error(response.status === 429 ? "the server asked to slow down" : "the server did not answer");
@@ -12546,16 +12583,20 @@ function waiting(text) {
 }
 
 const FOLLOW_GAP = 1000;  // ms between a change and asking for the next: a busy job is asked at most once a second
+const HIDDEN_GAP = 10000;  // ms between asks while the tab is hidden: it holds none of the browser's connections
 
 function follow(selector) {
-  // Follows a job (or the list) to its end whatever the server answers. Each request waits at the
-  // server for a change, so an idle page asks a few times a minute; a 429 or a failed request pauses
-  // (for its Retry-After, else twice as long each time, at most a minute) and then resumes.
+  // Follows a job (or the list) to its end whatever the server answers. While the tab is seen,
+  // each request waits at the server for a change, so an idle page asks a few times a minute;
+  // a hidden tab asks every 10 s without waiting, so tabs in the background do not hold the
+  // browser's few connections to the server. A 429 or a failed request pauses (for its
+  // Retry-After, else twice as long each time, at most a minute) and then resumes.
   let pause = FOLLOW_GAP;
   const tick = async () => {
+    const seen = document.visibilityState === "visible";
     let part;
     try {
-      part = await swapFromServer(selector);
+      part = await swapFromServer(selector, seen);
     } catch (error) {
       pause = error.retryAfter || Math.min(pause * 2, 60000);
       waiting(`Waiting ${Math.ceil(pause / 1000)} s to follow this page: ${error.message}.`);
@@ -12565,17 +12606,19 @@ function follow(selector) {
     pause = FOLLOW_GAP;
     waiting("");
     localTimes(part);
-    if (running(part)) setTimeout(tick, FOLLOW_GAP);
+    if (running(part)) setTimeout(tick, seen ? FOLLOW_GAP : HIDDEN_GAP);
     else if (part.matches("main")) setUp(part);
   };
   if (running(document.querySelector(selector))) setTimeout(tick, FOLLOW_GAP);
 }
 
 function countElapsed() {
-  // The running time counts on between the server's answers, which come only when the job changes.
-  const shown = document.querySelector("#elapsed[data-since]");
+  // The running time counts on between the server's answers, which come only when the job changes:
+  // from the seconds the server counted when it answered, by this browser's clock since then.
+  const shown = document.querySelector("#elapsed[data-seconds]");
   if (!shown) return;
-  const seconds = Math.max(0, Math.floor((Date.now() - Number(shown.dataset.since)) / 1000));
+  if (!shown.dataset.seen) shown.dataset.seen = String(Date.now());
+  const seconds = Number(shown.dataset.seconds) + Math.floor((Date.now() - Number(shown.dataset.seen)) / 1000);
   const words = seconds >= 60 ? `${Math.floor(seconds / 60)} min ${seconds % 60} s` : `${seconds} s`;
   shown.textContent = shown.textContent.replace(/ for .*$/, " for " + words);
 }

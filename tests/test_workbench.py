@@ -503,10 +503,34 @@ def test_a_followed_page_is_answered_when_its_job_changes_not_before(
 
     following = threading.Thread(target=follow)
     following.start()
+    following.join(1)  # the job cannot move, so its page is not answered
+    assert following.is_alive() and not answered
     gated_data.gate.set()  # the job can go on only now: an answer that shows it further came after this
     following.join(30)
     progress = re.search(r'<progress id="progress" max="100" value="(\d+)"', answered[0])
     assert shown_version(answered[0]) != shown and progress and int(progress[1]) > 0
+
+
+def test_a_hidden_tab_follows_its_job_without_holding_a_connection(
+    server: Server, client: httpx.Client, page, gated_data: GatedDataServer
+) -> None:
+    job_id = submit(client, data=gated_data.url, count=3)
+    wait_job(client, job_id, until=("running",))
+    page.goto(f"{server.url}/jobs/{job_id}")
+    with page.expect_request(lambda request: "wait=" in request.url):
+        pass  # a seen tab's request waits at the server
+    page.evaluate("Object.defineProperty(document, 'visibilityState', {value: 'hidden'})")
+    with page.expect_request(lambda request: f"/jobs/{job_id}" in request.url and "wait=" not in request.url):
+        pass  # once hidden, it asks without waiting
+    gated_data.gate.set()
+
+
+def test_a_page_that_cannot_change_is_answered_at_once(server: Server, client: httpx.Client) -> None:
+    job_id = wait_job(client, submit(client, data="interviews.csv", count=2))["job_id"]
+    shown = shown_version(client.get(f"/jobs/{job_id}").text)
+    with httpx.Client(base_url=server.url, timeout=2) as quick:  # a held request would take 5 s
+        assert quick.get(f"/jobs/{job_id}", params={"wait": shown}).status_code == 200
+        assert quick.get("/jobs/job-000000000000", params={"wait": "gone"}).status_code == 404
 
 
 def shown_version(page: str) -> str:
@@ -560,6 +584,7 @@ def test_a_job_whose_model_writes_a_persona_a_segment_says_how_many_it_has_writt
     running = {"status": "running", "progress": progress}
     assert words in persona.stage_words(running, 4)
     assert "checking the personas" in persona.stage_words({**running, "progress": 80}, 4)
+    assert persona.stage_words({**running, "progress": 46}, None) == "writing the personas"  # group_by: not known
 
 
 def test_cancel_on_a_job_that_ended_first_says_so_and_the_page_shows_how_it_ended(
