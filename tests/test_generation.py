@@ -128,7 +128,7 @@ def test_a_job_reports_each_real_stage_in_order_and_the_workbench_names_it(tmp_p
         "outputs written",
     ]
     assert [progress for progress, _ in stages] == sorted(progress for progress, _ in stages)
-    words = [persona.stage_words({"status": "running", "progress": progress}) for progress, _ in stages]
+    words = [persona.stage_words({"status": "running", "progress": progress}, 3) for progress, _ in stages]
     assert "measuring the personas' quality" in words and "grouping the participants and writing each persona" in words
 
 
