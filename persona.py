@@ -7077,11 +7077,16 @@ def content_key(vector: dict[int, float]) -> int:
     return hash(tuple(sorted(vector.items())))
 
 
+def in_content_order(vectors: list[dict[int, float]], members: list[int]) -> list[int]:
+    """The members in an order their words set, not the data's."""
+    return sorted(members, key=lambda i: content_key(vectors[i]))
+
+
 def direction_sample(vectors: list[dict[int, float]], members: list[int]) -> list[int]:
     """At most PRINCIPAL_SAMPLE members, spread evenly in an order their words set (not the data's order)."""
     if len(members) <= PRINCIPAL_SAMPLE:
         return members
-    ordered = sorted(members, key=lambda i: content_key(vectors[i]))
+    ordered = in_content_order(vectors, members)
     return sorted(ordered[:: math.ceil(len(members) / PRINCIPAL_SAMPLE)])
 
 
@@ -7124,7 +7129,7 @@ def split_in_two(vectors: list[dict[int, float]], members: list[int]) -> tuple[l
     side = {i: similarity(vectors[i], direction) >= offset for i in members}
     first, second = [i for i in members if side[i]], [i for i in members if not side[i]]
     if not first or not second:  # all alike along every direction: halves, in an order their words set
-        ordered = sorted(members, key=lambda i: content_key(vectors[i]))
+        ordered = in_content_order(vectors, members)
         first, second = sorted(ordered[: len(members) // 2]), sorted(ordered[len(members) // 2 :])
     return first, second
 
@@ -7135,19 +7140,19 @@ def spread(vectors: list[dict[int, float]], members: list[int]) -> float:
     return len(members) * (1 - similarity(mean, mean))
 
 
+def tie_order(vectors: list[dict[int, float]], members: list[int]) -> tuple[float, int]:
+    """Of groups as large, which to split first: the most spread out, then the one whose words come first."""
+    return round(spread(vectors, members), 9), -min(content_key(vectors[i]) for i in members)
+
+
 def divisive_labels(vectors: list[dict[int, float]], k: int) -> list[int]:
     """`k` groups by splitting the largest group in two along its principal direction, again and again
     (of groups as large, the most spread out; then the one whose words come first: never by position)."""
     groups = [list(range(len(vectors)))]
     while len(groups) < k:
-        largest = max(
-            groups,
-            key=lambda members: (
-                len(members),
-                round(spread(vectors, members), 9),
-                -min(content_key(vectors[i]) for i in members),
-            ),
-        )
+        size = max(len(members) for members in groups)
+        tied = [members for members in groups if len(members) == size]  # a tie is rare: only then are they weighed
+        largest = tied[0] if len(tied) == 1 else max(tied, key=lambda members: tie_order(vectors, members))
         groups.remove(largest)
         groups.extend(split_in_two(vectors, largest))
     labels = [0] * len(vectors)
@@ -7707,9 +7712,14 @@ def as_read_on(answer: str) -> str:
     return answer[:1].lower() + answer[1:] if lower else answer
 
 
+def counted_share(finding: JSON) -> float:
+    """A finding's `count` of its `of` as a share (0 where it counts of no one)."""
+    return finding["count"] / finding["of"] if finding.get("of") else 0.0
+
+
 def answer_finding(answer: JSON) -> str:
     """A closed answer stated as a finding: `Re-run the build: often, 20 of 23 (87%), against 41% of everyone else.`"""
-    share = answer["count"] / answer["of"] if answer.get("of") else 0.0
+    share = counted_share(answer)
     return (
         f"{answer['question'].rstrip(' ?:.…')}: {as_read_on(answer['answer'])}, {answer['count']} of {answer['of']} "
         f"({share:.0%}), against {answer['share_elsewhere']:.0%} of everyone else."
@@ -7718,7 +7728,7 @@ def answer_finding(answer: JSON) -> str:
 
 def theme_finding(theme: JSON) -> str:
     """A codebook theme stated as a finding: `Time: said by 7 of 12 (58%), against 20% of everyone else.`"""
-    share = theme["count"] / theme["of"] if theme.get("of") else 0.0
+    share = counted_share(theme)
     return (
         f"{theme['theme']}: said by {theme['count']} of {theme['of']} ({share:.0%}), "
         f"against {theme['share_elsewhere']:.0%} of everyone else."
@@ -7727,7 +7737,7 @@ def theme_finding(theme: JSON) -> str:
 
 def code_finding(code: JSON) -> str:
     """One of her QDA codes as the persona's participants carry it: `Time: 2 of 2 participants (100%).`"""
-    share = code["count"] / code["of"] if code.get("of") else 0.0
+    share = counted_share(code)
     return f"{code['code']}: {code['count']} of {code['of']} participants ({share:.0%})."
 
 
@@ -11613,9 +11623,11 @@ async def export_generation(request: Request) -> Response:
     elif form in WORDS_EXPORTS:
         await check_words_reader(request, job["job_id"])
         async with engine_slot():  # reading the source again and placing the personas in it is a job's work
-            dataset = await export_dataset(request, job["job_id"], metadata)
+            stored = await state(request).store.job_request(job["job_id"])
+            asked = stored[0] if stored else None
+            dataset = await export_dataset(request, asked, metadata)
             if form == "qdpx":
-                own = await own_project(request, job["job_id"], metadata)
+                own = await own_project(request, asked, metadata)
                 body = await asyncio.to_thread(qdpx_export, personas, metadata, dataset, own, job["completed_at"])
             else:
                 body = (await asyncio.to_thread(coded_segments_csv, personas, dataset)).encode()
@@ -11642,33 +11654,31 @@ async def check_words_reader(request: Request, job_id: str) -> None:
         raise APIError(404, f"Job {job_id} not found")
 
 
-async def export_dataset(request: Request, job_id: str, metadata: JSON) -> Dataset | None:
-    """The job's data read again, for an export that places the personas in it; None where it cannot be:
-    a source on the web (an export fetches nothing), or one that changed or went since the job read it."""
-    stored = await state(request).store.job_request(job_id)
-    if stored is None:
+async def export_dataset(request: Request, asked: JSON | None, metadata: JSON) -> Dataset | None:
+    """The job's data (`asked`, its request) read again, for an export that places the personas in it; None
+    where it cannot be: a source on the web (an export fetches nothing), or one that changed or went since."""
+    if asked is None:
         return None
-    sources = [stored[0]["data"], *stored[0].get("refine", {}).get("more_data", [])]
+    sources = [asked["data"], *asked.get("refine", {}).get("more_data", [])]
     if any(isinstance(source, str) and classify_data(source) == "url" for source in sources):
         return None
     try:
-        dataset, _ = await job_dataset(stored[0], state(request).settings)
+        dataset, _ = await job_dataset(asked, state(request).settings)
     except (GenerationError, OSError):
         return None
     return dataset if dataset.source == metadata.get("source") else None
 
 
-async def own_project(request: Request, job_id: str, metadata: JSON) -> tuple[bytes, str] | None:
-    """The researcher's .qdpx the job read, its bytes and name, for an export onto it: only where the job
-    read that one file alone, unredacted, and it is unchanged since."""
-    stored = await state(request).store.job_request(job_id)
-    if stored is None:
+async def own_project(request: Request, asked: JSON | None, metadata: JSON) -> tuple[bytes, str] | None:
+    """The researcher's .qdpx the job (`asked`, its request) read, its bytes and name, for an export onto it:
+    only where the job read that one file alone, unredacted, and it is unchanged since."""
+    if asked is None:
         return None
-    data, config = stored[0]["data"], stored[0].get("config") or {}
+    data, config = asked["data"], asked.get("config") or {}
     if (
         not isinstance(data, str)
         or not data.lower().endswith(".qdpx")
-        or stored[0].get("refine", {}).get("more_data")
+        or asked.get("refine", {}).get("more_data")
         or config.get("redact")
     ):
         return None
