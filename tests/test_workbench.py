@@ -489,11 +489,23 @@ def test_a_running_job_is_followed_to_the_end_without_a_reload(
     expect(page.locator(f'#jobs a[href="/jobs/{job_id}"]')).to_be_visible()
 
 
+def held_job(client: httpx.Client, gated_data: GatedDataServer) -> str:
+    """A job running on data the gate holds, until the test opens it."""
+    job_id = submit(client, data=gated_data.url, count=3)
+    wait_job(client, job_id, until=("running",))
+    return job_id
+
+
+def shown_version(page: str) -> str:
+    found = re.search(r'data-version="([^"]+)"', page)
+    assert found, page[:500]
+    return found[1]
+
+
 def test_a_followed_page_is_answered_when_its_job_changes_not_before(
     server: Server, client: httpx.Client, gated_data: GatedDataServer
 ) -> None:
-    job_id = submit(client, data=gated_data.url, count=3)
-    wait_job(client, job_id, until=("running",))  # fetching its data, which the gate holds: nothing changes
+    job_id = held_job(client, gated_data)  # fetching its data, which the gate holds: nothing changes
     shown = shown_version(client.get(f"/jobs/{job_id}").text)
     answered: list[str] = []
 
@@ -514,8 +526,7 @@ def test_a_followed_page_is_answered_when_its_job_changes_not_before(
 def test_a_hidden_tab_follows_its_job_without_holding_a_connection(
     server: Server, client: httpx.Client, page, gated_data: GatedDataServer
 ) -> None:
-    job_id = submit(client, data=gated_data.url, count=3)
-    wait_job(client, job_id, until=("running",))
+    job_id = held_job(client, gated_data)
     page.goto(f"{server.url}/jobs/{job_id}")
     with page.expect_request(lambda request: "wait=" in request.url):
         pass  # a seen tab's request waits at the server
@@ -531,12 +542,6 @@ def test_a_page_that_cannot_change_is_answered_at_once(server: Server, client: h
     with httpx.Client(base_url=server.url, timeout=2) as quick:  # a held request would take 5 s
         assert quick.get(f"/jobs/{job_id}", params={"wait": shown}).status_code == 200
         assert quick.get("/jobs/job-000000000000", params={"wait": "gone"}).status_code == 404
-
-
-def shown_version(page: str) -> str:
-    found = re.search(r'data-version="([^"]+)"', page)
-    assert found, page[:500]
-    return found[1]
 
 
 def test_a_followed_job_page_waits_out_a_429_and_then_follows_the_job_to_its_end(
@@ -566,8 +571,7 @@ def test_a_followed_job_page_waits_out_a_429_and_then_follows_the_job_to_its_end
 def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_it(
     server: Server, client: httpx.Client, page, gated_data: GatedDataServer
 ) -> None:
-    job_id = submit(client, data=gated_data.url, count=3)
-    wait_job(client, job_id, until=("running",))
+    job_id = held_job(client, gated_data)
     page.goto(f"{server.url}/jobs/{job_id}")
     expect(page.locator("#elapsed")).to_contain_text("running for")
     expect(page).to_have_title(re.compile(r"^Personas from http://127\.0\.0\.1:\d+/"))  # by its source, running
@@ -590,8 +594,7 @@ def test_a_job_whose_model_writes_a_persona_a_segment_says_how_many_it_has_writt
 def test_cancel_on_a_job_that_ended_first_says_so_and_the_page_shows_how_it_ended(
     server: Server, client: httpx.Client, page, gated_data: GatedDataServer
 ) -> None:
-    job_id = submit(client, data=gated_data.url, count=3)
-    wait_job(client, job_id, until=("running",))
+    job_id = held_job(client, gated_data)
     page.goto(f"{server.url}/jobs/{job_id}")
     held = threading.Event()
 
