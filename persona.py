@@ -7770,10 +7770,13 @@ HOW_MANY = re.compile(
 
 
 def says_nothing_alone(value: str) -> bool:
-    """An answer that needs its question to mean anything: yes, never, agree, or an amount alone."""
+    """An answer that needs its question to mean anything: yes, never, agree, or an amount alone (also two of
+    them: "agree or strongly agree")."""
     answer = value.strip().lower()
     words = re.findall(r"[a-z]+|\d+", answer)
-    return answer in BARE_ANSWERS or bool(words) and all(word.isdigit() or word in AMOUNT_WORDS for word in words)
+    return all(part in BARE_ANSWERS for part in answer.split(" or ")) or (
+        bool(words) and all(word.isdigit() or word in AMOUNT_WORDS for word in words)
+    )
 
 
 def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
@@ -7806,6 +7809,58 @@ def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
     return f"{sentence_case(shown)}: {value.strip().lower()}"
 
 
+TITLE_ANSWER_SHARE = 0.5  # an answer names a persona only when most of its members who answered gave it
+
+
+def scale_of(values: Iterable[str]) -> tuple[str, ...] | None:
+    """The ordered scale a question's answers come from (placeholders such as "None" aside), or None for
+    answers in no order."""
+    given = {value.strip().lower() for value in values if squash(value) not in PLACEHOLDER_VALUES}
+    return next((scale for scale in ORDINAL_SCALES if given <= set(scale)), None)
+
+
+def share_giving(answers: list[str], levels: Collection[str]) -> float:
+    """The share of `answers` that are one of `levels` (compared in lower case)."""
+    return sum(answer.strip().lower() in levels for answer in answers) / len(answers) if answers else 0.0
+
+
+def held_by_most(key: str, value: str, members: list[Participant], others: list[Participant]) -> str | None:
+    """An answer as a title may state it: itself when most of the members who answered gave it, or with the
+    level beside it on its scale that more of them gave ("daily or weekly"), still set apart from everyone
+    else; None when neither holds for most of them. A title says what the persona is: "Observe flaky tests:
+    daily" does not stand for a segment of whom 39% see them daily and 45% weekly."""
+    answered = [person.attributes[key] for person in members if key in person.attributes]
+    elsewhere = [person.attributes[key] for person in others if key in person.attributes]
+    levels = [value.strip().lower()]
+    scale = scale_of(answered + elsewhere)
+    if scale and share_giving(answered, levels) < TITLE_ANSWER_SHARE:
+        at = scale.index(levels[0])
+        beside = [scale[i] for i in (at - 1, at + 1) if 0 <= i < len(scale) and not says_absence(scale[i])]
+        if beside:
+            levels.append(max(beside, key=lambda level: (share_giving(answered, [level]), -scale.index(level))))
+    inside, outside = share_giving(answered, levels), share_giving(elsewhere, levels)
+    if inside < TITLE_ANSWER_SHARE or inside - outside < ANSWER_MIN_LIFT:
+        return None
+    return " or ".join(levels) if len(levels) > 1 else value
+
+
+def titled_answers(
+    answers: list[JSON], members: list[Participant], everyone: list[Participant], labels: Mapping[str, str]
+) -> list[str]:
+    """The segment's distinctive answers that may name it, best first, each with its question's meaning
+    (`Observe flaky tests: daily or weekly`); never an absence."""
+    key_of = {question_text(key, labels): key for person in members for key in person.attributes}
+    member_ids = {person.id for person in members}
+    others = [person for person in everyone if person.id not in member_ids]
+    phrases = []
+    for answer in answers:
+        key = key_of.get(answer["question"], "")
+        held = None if says_absence(answer["answer"]) else held_by_most(key, answer["answer"], members, others)
+        if held:
+            phrases.append(answer_phrase(key, held, labels))
+    return phrases
+
+
 def title_phrases(corpus: Corpus, shares: SegmentTerms, keep: Callable[[str], bool], lead: bool) -> list[str]:
     """Phrases for a title, best first: the segment's distinctive pairs, then words (two at once when no lead)."""
     singles = [term for term in distinctive_terms(corpus, shares, 4) if " " not in term and keep(term)]
@@ -7827,7 +7882,7 @@ def persona_title(
     shares: SegmentTerms,
     attribute: tuple[str, str] | None,
     taken: set[str],
-    answers: list[JSON] | None = None,
+    answers: list[str] | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> str:
     """What sets the segment apart: a phrase a quarter of its members say and others say far less,
@@ -7853,12 +7908,7 @@ def persona_title(
             if not (lead_words & word_set(phrase) or NUMBER_WORDS & set(phrase.split()))
         ]
     titles += [lead] if lead else []
-    key_of = {question_text(key, labels): key for key in labels}
-    titles += [
-        answer_phrase(key_of.get(answer["question"], ""), answer["answer"], labels)
-        for answer in answers or []
-        if not says_absence(answer["answer"])
-    ]
+    titles += answers or []
     shared = title_phrases(corpus, shares, lambda term: True, False)
     titles += [
         sentence_case(phrase)
@@ -7998,7 +8048,8 @@ def build_persona(
     attribute = distinguishing_attribute(people, corpus.people)
     answers = closed_answers(people, corpus.people, labels, config.get("group_by"))
     grouped = answer_phrase(config["group_by"], segment.answer, labels) if segment.answer is not None else None
-    title = segment.name or grouped or persona_title(corpus, shares, attribute, taken["titles"], answers, labels)
+    titles = titled_answers(answers, people, corpus.people, labels)
+    title = segment.name or grouped or persona_title(corpus, shares, attribute, taken["titles"], titles, labels)
     taken["names"].add(name)
     taken["titles"].add(title)
     persona_id = f"persona-{number:03d}"

@@ -218,7 +218,7 @@ def test_an_absence_answer_is_a_finding_but_never_a_title() -> None:
         persona.term_shares(corpus, list(range(6))),
         persona.distinguishing_attribute(members, people),
         set(),
-        answers,
+        persona.titled_answers(answers, members, people, labels),
         labels,
     )
     assert title == "Network: often"
@@ -233,7 +233,38 @@ def test_a_rating_is_no_title_of_its_own_but_names_what_it_rates() -> None:
     corpus = persona.build_corpus(people)
     shares = persona.term_shares(corpus, list(range(6)))
     attribute = persona.distinguishing_attribute(members, people)
-    assert persona.persona_title(corpus, shares, attribute, set(), answers, labels) == "Spack packages: good"
+    titles = persona.titled_answers(answers, members, people, labels)
+    assert persona.persona_title(corpus, shares, attribute, set(), titles, labels) == "Spack packages: good"
+
+
+def test_an_answer_fewer_than_half_its_members_gave_names_them_only_with_the_level_beside_it() -> None:
+    labels = {"q0": "How often do you observe flaky tests in the projects you're currently working on?"}
+    seen = ["Daily"] * 4 + ["Weekly"] * 4 + ["Monthly"] * 2 + ["Weekly"] * 3 + ["A few times a year"] * 7
+    people = [persona.Participant(f"P{n}", [], {"q0": answer}) for n, answer in enumerate(seen)]
+    members, others = people[:10], people[10:]
+    assert persona.held_by_most("q0", "Daily", members, others) == "daily or weekly"
+    answers = persona.closed_answers(members, people, labels)
+    assert answers[0]["answer"] == "Daily"  # the finding names the answer that sets them apart, with its count
+    assert persona.titled_answers(answers, members, people, labels) == ["Observe flaky tests: daily or weekly"]
+    fewer = people[:4] + people[8:10] + people[13:17]  # daily, then monthly and a few times a year: no neighbour helps
+    assert persona.held_by_most("q0", "Daily", fewer, people[4:8] + people[10:13] + people[17:]) is None
+
+
+def test_every_title_from_an_answer_holds_for_most_of_its_members(
+    flaky: persona.Dataset, flaky_personas: list[dict]
+) -> None:
+    by_id = {person.id: person for person in flaky.participants}
+    stated = 0
+    for item in flaky_personas:
+        members = [by_id[pid] for pid in item["evidence"]["participants"]]
+        for key in flaky.labels:
+            levels = item["title"].rpartition(": ")[2].split(" or ")
+            if persona.answer_phrase(key, " or ".join(levels), flaky.labels) != item["title"]:
+                continue
+            answered = [person.attributes[key].lower() for person in members if key in person.attributes]
+            assert sum(answer in levels for answer in answered) / len(answered) >= 0.5, item["title"]
+            stated += 1
+    assert stated >= 2
 
 
 @pytest.mark.parametrize(
