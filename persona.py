@@ -6490,16 +6490,24 @@ NOT_A_CUE = re.compile(
     r"(?:the |all |any |those |these |many |a lot of |my |our |an |new |github |open )?"
     r"(?:barriers?|problems?|issues?|bugs?|pain|hassle|errors?)\b|"
     r"\b(?:issue|bug) (?:tracker|reports?|bount\w*|triage)\b|"
-    r"\b(?:error bars?|standard errors?|error terms?|margin of error|squared errors?|type (?:i|ii|1|2) errors?|"
-    r"missing (?:values?|data|observations?|cases)|crash course|a failed)\b|"
+    r"\b(?:error bars?|(?:standard|std\.?) errors?|error terms?|margin of error|squared errors?|"
+    r"type (?:i|ii|1|2) errors?|missing (?:values?|data|observations?|cases)|crash course|a failed|"
+    r"failure (?:profiles?|modes?|patterns?|scenarios?))\b|"
+    # a topic, not a trouble: "talking about copyright problems", "we make beginner issues"
+    r"\b(?:talk|talks|talking|talked|speak|speaking|spoke|write|writing|wrote) about (?:[\w'-]+ ){0,2}?"
+    r"(?:problems?|issues?)\b|\b(?:beginner|good first|first-timers?|newcomer|starter) issues?\b|"
     r"\bproblems? (?:i|we) (?:solve|work on|tackle)\b|"
     r"\bthe poor\b|\bpoor (?:people|farmers|families|communities|households|customers)\b|"
-    r"\b(?:don't|do not|doesn't|does not|no longer|never|without) (?:have|having|need|needing|needs) to\b|"
+    r"\b(?:don't|do not|doesn't|does not|no longer|never|without|not) (?:have|having|need|needing|needs) to\b|"
+    r"(?:\b(?:i|we) |^\W*)(?:don't|do not) work (?:with|on|for|in|at|as)\b|"
     r"\bno (?:need|more) to\b|"
     r"\b(?:not bad|not only|not limited|not sure|no matter|not that i know|nothing (?:wrong|bad))\b|"
     # politeness that holds a wish word: "I'd like to thank", "hope this helps"
     r"\b(?:would|'d|want|wanted) (?:also |just )?(?:like )?to (?:thank|say|add|mention|point out|note|share|echo|"
     r"reiterate|congratulate|express|think|believe|praise)\b|"
+    # a wish inside a relative clause describes a thing: "it ignores the elements I want it to interact with"
+    r"\b(?:the|those|these|all|every|each|whatever|anything|everything|something) (?:[\w'-]+ ){0,2}?(?:i|we) "
+    r"(?:want|wish)\b(?!(?: [\w'-]+)? (?:is|are|was|were|would be)\b)|"
     r"\bhope (?:this|that|it) (?:helps|is useful|is helpful)\b|"
     r"\bhope (?:you|u) (?:keep|continue|guys|all|enjoy|have|are|do well|succeed)\b",
     re.IGNORECASE,
@@ -6507,7 +6515,9 @@ NOT_A_CUE = re.compile(
 """Phrases that contain a cue word but state no pain or wish: praise ("without crashes", "no need to
 queue"), thanks ("the hard work", "I'd like to thank"), uncertainty ("hard to say", "not sure"), denial
 ("not that hard"), fixes and tracker talk ("remove the barriers", "open an issue"), statistics ("error
-bars", "missing values"), charity ("poor people") and labels ("pain points:")."""
+bars", "missing values", "failure modes"), charity ("poor people"), labels ("pain points:"), a topic ("talking
+about copyright problems", "beginner issues"), relief ("not having to"), work one does not do ("I don't work
+with data") and a wish that only says which thing is meant ("the elements I want it to click")."""
 
 # Goals: a wish, or a request for the product.
 
@@ -6529,7 +6539,8 @@ WISH = re.compile(
     r"\b(?:key|main|killer|must-have|missing|dream) feature (?:would be|is|for me)\b|"
     r"\bwould (?:really |also |definitely )?(?:make (?:it|my|our|things|life|everything)|save (?:me|us)|help)\b|"
     r"\b(?:if only|looking forward to|(?:i|we)(?:'d| would) rather)\b|"
-    r"\bwhat (?:i|we) (?:really )?(?:want|need|would like|miss) (?:is|are)\b",
+    r"\b(?:what|all|the (?:only |one |main )?things?) (?:i|we) (?:really )?(?:want|need|would like|miss)(?: most)? "
+    r"(?:is|are)\b",
     re.IGNORECASE,
 )
 """A first-person wish: what the speaker wants to have or achieve, said as a wish (also in hindsight:
@@ -6650,7 +6661,7 @@ PAIN_PARTS = (
     # lack and absence
     r"lack|lacks|lacking|lacked|missing|i miss|absence of|there (?:is|are|was|were)(?: still)? no|there's no|"
     r"(?:doesn't|does not) (?:have|offer|include|provide|give|tell|let) (?=[a-z0-9])|"
-    r"(?:has|have|had) no (?!idea\b|experience\b|opinion\b|preference\b|comments?\b|complaints?\b)|"
+    r"(?:has|have|had) no (?!idea\b|experience\b|opinion\b|preference\b|comments?\b|complaints?\b|words\b)|"
     r"no (?:good|easy|simple|real|proper|decent|native|built-in|clear|way|option|support|documentation|docs|"
     r"integration|ability|access|feedback|response|control|offline|dark|undo)",
     # cost and burden
@@ -7465,8 +7476,10 @@ def list_kind(sentence: str, question: str = "") -> str | None:
     asked = question_asks(question) if question else None
     if asked == "none":
         return own if own and SPEAKER.search(sentence) else None
-    if asked == "behaviours" and own == "pain_points" and opens_with_action(sentence):
-        return asked
+    if asked == "behaviours" and (
+        (own == "pain_points" and opens_with_action(sentence)) or (own == "goals" and OPENER.match(sentence))
+    ):
+        return asked  # "Rewrite the flaky code", "Warn other teams", asked what one does
     if asked == "pain_points" and own == "goals" and names_a_problem(blank_pseudo_cues(sentence)):
         return asked  # "I want to see inside a build and it makes that hard", asked for pain points
     if own or asked is None or not is_bare_fragment(sentence):

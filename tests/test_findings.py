@@ -535,6 +535,24 @@ def test_an_imagined_case_is_no_pain_point() -> None:
     assert persona.list_kind("If I have to restart the kernel, the build fails.") == "pain_points"
 
 
+@pytest.mark.parametrize(
+    ("sentence", "kind"),
+    [
+        ("I have no words to appreciate, thanks.", None),
+        ("Basic exploratory statistics, frequency, spread, std error", None),
+        ("Don't work with data", None),
+        ("It doesn't work with my phone", "pain_points"),
+        ("Lessig showed up and started talking about copyright problems.", None),
+        ("We make beginner issues that explain how to make a pull request.", None),
+        ("The value is in not having to have the team in one office.", None),
+        ("Just to expand your scope to system tests, which may have different failure profiles.", None),
+        ("The build failure on CI cost us a day.", "pain_points"),
+    ],
+)
+def test_a_problem_word_in_praise_a_topic_or_a_relief_is_no_pain_point(sentence: str, kind: str | None) -> None:
+    assert persona.list_kind(sentence) == kind
+
+
 def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
     story = (
         "It started more like an experiment, but it gradually evolved into something that I want to open source "
@@ -624,6 +642,27 @@ def test_an_action_taken_is_a_practice_under_an_actions_question_whatever_troubl
     assert persona.list_kind("Test failures are random and a real problem.", ACTIONS_QUESTION) == "pain_points"
     assert persona.list_kind("Debug builds take forever, a real problem.", ACTIONS_QUESTION) == "pain_points"
     assert persona.list_kind("Building the docs is a real problem.", ACTIONS_QUESTION) == "pain_points"
+
+
+def test_a_request_s_words_under_an_actions_question_are_an_action_taken() -> None:
+    assert persona.list_kind("Warn other teams of existence of FT and the scope of risk", ACTIONS_QUESTION) == (
+        "behaviours"
+    )
+    assert persona.list_kind("Warn other teams of existence of FT and the scope of risk") == "goals"
+    assert persona.list_kind("I wish the CI told other teams.", ACTIONS_QUESTION) == "goals"
+
+
+@pytest.mark.parametrize(
+    ("sentence", "kind"),
+    [
+        ("Selenium is flaky and it ignores the elements I want it to interact with.", None),
+        ("I can open everything I want with it.", None),
+        ("The thing I want is a stable CI.", "goals"),
+        ("I want the tool to run everything I want.", "goals"),
+    ],
+)
+def test_a_wish_inside_a_relative_clause_names_a_thing_not_a_goal(sentence: str, kind: str | None) -> None:
+    assert persona.list_kind(sentence) == kind
 
 
 @pytest.mark.parametrize(
