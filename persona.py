@@ -397,11 +397,46 @@ PROGRESS = {name: progress for name, progress, _ in JOB_STAGES}
 
 
 def written_progress(done: int, total: int) -> int:
-    """The progress a job reports once a model has written `done` of its `total` personas, one a segment."""
+    """The progress a job reports once it has written `done` of its `total` personas, one a segment."""
     return PROGRESS["segments"] + (PROGRESS["validated"] - PROGRESS["segments"]) * done // total
 
 
+def written_report(done: int, total: int) -> tuple[int, str]:
+    """What a job reports once it has written `done` of its `total` personas: its progress and stage."""
+    return written_progress(done, total), f"segment {done} of {total} done"
+
+
 ProgressReport = Callable[[int, str], Awaitable[None]]  # a job reports its progress and stage through one
+
+
+class InOrder:
+    """Steps run one after another in the order they were added, beside other work: what a computation
+    tells as it goes (a persona written) reaches the store in order, and before the job moves on."""
+
+    def __init__(self) -> None:
+        self.last: asyncio.Future[None] | None = None
+
+    def add(self, step: Awaitable[None]) -> None:
+        self.last = asyncio.ensure_future(self.then(self.last, step))
+
+    @staticmethod
+    async def then(previous: asyncio.Future[None] | None, step: Awaitable[None]) -> None:
+        if previous is not None:
+            await previous
+        await step
+
+    async def after(self, work: Awaitable[Any]) -> Any:
+        """`work`'s result, once every step added while it ran has run; the steps are cancelled if it fails."""
+        try:
+            result = await work
+        except BaseException:
+            if self.last is not None:
+                self.last.cancel()
+            raise
+        if self.last is not None:
+            await self.last
+        return result
+
 
 MAX_CUSTOM_FIELDS = 10
 FIELD_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"  # an identifier: a column, a key, a word in a prompt
@@ -3270,27 +3305,38 @@ def this_host() -> str:
 # Small computations run in a thread, where a process would cost more than the work.
 
 
-async def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` in a spawned child process, killed if the caller is cancelled.
+News = Callable[[Any], None]
+"""What an engine computation tells its caller as it goes (`tell=` in the computation), heard on the event loop."""
+
+
+async def run_in_child(function: Callable[..., Any], *args: Any, news: News | None = None) -> Any:
+    """`function(*args)` in a spawned child process, killed if the caller is cancelled; with `news`,
+    the function is handed `tell=`, whose messages reach `news` as the child sends them.
 
     The child dies with its parent too (PR_SET_PDEATHSIG), so no server, however it
     stops, leaves computations behind.
     """
     async with host_engine_slot():
-        return await child_result(function, *args)
+        return await child_result(function, *args, news=news)
 
 
-async def child_result(function: Callable[..., Any], *args: Any) -> Any:
+async def child_result(function: Callable[..., Any], *args: Any, news: News | None = None) -> Any:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(
-        target=child_main, args=(sender, function, args, os.getpid()), daemon=True, name="persona-engine"
+        target=child_main,
+        args=(sender, function, args, os.getpid(), news is not None),
+        daemon=True,
+        name="persona-engine",
     )
     starting = asyncio.ensure_future(asyncio.to_thread(child.start))  # pickling large data would hold the loop
     try:
         await asyncio.shield(starting)
         sender.close()
         ok, value = await asyncio.to_thread(receive_or_eof, receiver)
+        while ok is None and news is not None:  # news, sent before the answer
+            news(value)
+            ok, value = await asyncio.to_thread(receive_or_eof, receiver)
     finally:  # also when cancelled: the child's end closes as it dies, which ends the read
         if not starting.done():  # cancelled while starting: let the start finish, so the child can be killed
             with contextlib.suppress(BaseException):
@@ -3358,19 +3404,21 @@ def host_slot_file() -> int | None:
 HOST_SLOTS_HELD: set[int] = set()  # the host-wide engine slots this process holds
 
 
-def receive_or_eof(receiver: Any) -> tuple[bool, Any]:
+def receive_or_eof(receiver: Any) -> tuple[bool | None, Any]:
     try:
         return receiver.recv()
     except (EOFError, OSError):
         return False, None
 
 
-def child_main(sender: Any, function: Callable[..., Any], args: tuple[Any, ...], parent: int) -> None:
-    """The engine child: niced, bound to its parent's life, sends back (ok, result or exception)."""
+def child_main(sender: Any, function: Callable[..., Any], args: tuple[Any, ...], parent: int, telling: bool) -> None:
+    """The engine child: niced, bound to its parent's life, sends back (ok, result or exception),
+    after (None, message) for each message the function tells when `telling`."""
     die_with_parent(parent)
     os.nice(ENGINE_NICENESS)
+    told = {"tell": lambda message: sender.send((None, message))} if telling else {}
     try:
-        outcome: tuple[bool, Any] = (True, function(*args))
+        outcome: tuple[bool, Any] = (True, function(*args, **told))
     except Exception as exc:  # handed to the parent, which raises it as its own
         outcome = (False, exc)
     sender.send(outcome)
@@ -3420,8 +3468,11 @@ def is_large(people: list[Participant]) -> bool:
     return False
 
 
-async def run_engine(people: list[Participant], function: Callable[..., Any], *args: Any) -> Any:
+async def run_engine(
+    people: list[Participant], function: Callable[..., Any], *args: Any, news: News | None = None
+) -> Any:
     """CPU-bound engine work off the event loop; its callers hold an engine slot (`engine_slot`).
+    With `news`, the function tells how it goes (`tell=`), and `news` hears it on the event loop.
 
     Large work runs in a child process of its own: a thread computing for seconds would
     hold the GIL against the event loop and slow every request, and a child can be
@@ -3429,8 +3480,13 @@ async def run_engine(people: list[Participant], function: Callable[..., Any], *a
     work stays in a thread, where starting a process would cost more than the work.
     """
     if is_large(people):
-        return await run_in_child(function, *args)
-    return await asyncio.get_running_loop().run_in_executor(engine_threads(), functools.partial(function, *args))
+        return await run_in_child(function, *args, news=news)
+    loop = asyncio.get_running_loop()
+    told: dict[str, Callable[[Any], object]] = {}
+    if news is not None:
+        heard = news
+        told["tell"] = lambda message: loop.call_soon_threadsafe(heard, message)
+    return await loop.run_in_executor(engine_threads(), functools.partial(function, *args, **told))
 
 
 # ---------------------------------------------------------------------------
@@ -8088,16 +8144,24 @@ def build_persona(
     return persona, warnings
 
 
-def offline_personas(dataset: Dataset, count: int, config: JSON) -> tuple[list[JSON], list[str]]:
-    """The offline engine from participants to personas (blocking: run it in a thread)."""
+def offline_personas(
+    dataset: Dataset, count: int, config: JSON, tell: Callable[[tuple[int, int]], None] | None = None
+) -> tuple[list[JSON], list[str]]:
+    """The offline engine from participants to personas (blocking: run it in a thread or a child).
+
+    `tell` hears (personas written, segments) once the participants are grouped and after each persona."""
     corpus = build_corpus(dataset.participants)
     segments = segments_for(corpus, count, config)
     taken: dict[str, set[str]] = {"names": set(), "titles": set()}
     personas, warnings = [], []
     for number, segment in enumerate(segments, 1):
+        if tell is not None:
+            tell((number - 1, len(segments)))
         persona, notes = build_persona(corpus, segment, config, number, taken, dataset.labels)
         personas.append(persona)
         warnings.extend(notes)
+    if tell is not None:
+        tell((len(segments), len(segments)))
     if len(segments) < count and config.get("groups") is None:
         warnings.append(f"the grouping gives {len(segments)} group(s), fewer than the {count} personas asked for")
     return personas, warnings
@@ -8784,7 +8848,7 @@ async def segmented_items(
             1,
         )
         done += 1
-        await report(written_progress(done, len(segments)), f"segment {done} of {len(segments)} done")
+        await report(*written_report(done, len(segments)))
         item = answer["personas"][0]
         return ({**item, "title": segment.name} if segment.name else item), [person.id for person in group]
 
@@ -10551,7 +10615,17 @@ async def made_personas(
     }
     if provider == "local":
         await report(PROGRESS["segments"], "grouping the participants")
-        personas, warnings = await run_engine(dataset.participants, offline_personas, dataset, count, config)
+        reports = InOrder()
+        personas, warnings = await reports.after(
+            run_engine(
+                dataset.participants,
+                offline_personas,
+                dataset,
+                count,
+                config,
+                news=lambda written: reports.add(report(*written_report(*written))),
+            )
+        )
         made = MadePersonas(
             personas,
             warnings,

@@ -123,6 +123,7 @@ def test_a_job_reports_each_real_stage_in_order_and_the_workbench_names_it(tmp_p
         "loading data",
         "loaded 16 participants",
         "grouping the participants",
+        *(f"segment {done} of 3 done" for done in range(4)),
         "measuring quality",
         "personas built",
         "outputs written",
@@ -130,6 +131,14 @@ def test_a_job_reports_each_real_stage_in_order_and_the_workbench_names_it(tmp_p
     assert [progress for progress, _ in stages] == sorted(progress for progress, _ in stages)
     words = [persona.stage_words({"status": "running", "progress": progress}, 3) for progress, _ in stages]
     assert "measuring the personas' quality" in words and "grouping the participants and writing each persona" in words
+    assert "writing the personas: 1 of 3 done" in words and "writing the personas: 2 of 3 done" in words
+
+
+def test_the_offline_engine_in_a_child_process_tells_each_persona_it_writes() -> None:
+    dataset = persona.load_path("interviews.csv", EXAMPLES)
+    heard: list[tuple[int, int]] = []
+    personas, _ = asyncio.run(persona.run_in_child(persona.offline_personas, dataset, 3, {}, news=heard.append))
+    assert heard == [(0, 3), (1, 3), (2, 3), (3, 3)] and len(personas) == 3
 
 
 def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path) -> None:
