@@ -7466,12 +7466,17 @@ def question_asks(question: str) -> str | None:
     return None
 
 
+def is_question(text: str) -> bool:
+    """Whether a sentence asks, its closing quotes and brackets aside: `Or "What is the language here?"`."""
+    return text.rstrip().rstrip("\"'\u201d\u2019)]").endswith("?")
+
+
 def is_bare_fragment(text: str) -> bool:
     """A short answer with no clause of its own, no refusal and no praise ("Managing notebooks on git"):
     what it is depends on the question it answers."""
     return (
         len(text.split()) <= FRAGMENT_MAX_WORDS
-        and not text.rstrip().endswith("?")
+        and not is_question(text)
         and not CLAUSE.search(text)
         and not NON_ANSWER_OPENING.match(text)
         and not PRAISE.search(text)
@@ -7562,7 +7567,7 @@ def sentence_kind(sentence: str) -> str | None:
     beats a problem (the speaker asks for the fix) and so does a sentence that opens as a request
     ("Better error messages"); a problem beats any other request or a practice (a complaint that
     mentions a feature or a habit is still a complaint)."""
-    if sentence.rstrip().endswith("?") or len(sentence.split()) > MAX_ITEM_WORDS:
+    if is_question(sentence) or len(sentence.split()) > MAX_ITEM_WORDS:
         return None
     if QUOTE.search(sentence) and REPORTED.search(sentence):
         return None
@@ -7615,7 +7620,7 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int, coded: Co
         s
         for s in sentences
         if 6 <= len(s.text.split()) <= 45
-        and not s.text.rstrip().endswith("?")
+        and not is_question(s.text)
         and len(content_words(s.text)) >= 3
         and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
     ]

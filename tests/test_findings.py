@@ -553,6 +553,16 @@ def test_a_problem_word_in_praise_a_topic_or_a_relief_is_no_pain_point(sentence:
     assert persona.list_kind(sentence) == kind
 
 
+def test_a_question_in_quotes_is_no_item_and_no_quote() -> None:
+    asked = 'Or "What is the language that we\'re using here?"'
+    assert persona.list_kind(asked) is None and persona.list_kind("We're using Rust here.") == "behaviours"
+    said = [
+        persona.Sentence("P1", 'Then I asked them "what is the language that we use here?"', 0.9),
+        persona.Sentence("P2", "I ask the new people which language they use at home.", 0.5),
+    ]
+    assert [s.participant for s in persona.pick_quotes(said, set(), 1)] == ["P2"]
+
+
 def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
     story = (
         "It started more like an experiment, but it gradually evolved into something that I want to open source "
