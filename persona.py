@@ -9051,7 +9051,8 @@ def quality_report(people: list[Participant], personas: list[JSON], silent: Sequ
     words all occur in one sentence of its own participants. An item is said by a
     participant when one sentence of theirs holds most of its content words; a copied
     sentence is said by its author at least, so `said_by` is what tells one voice from many.
-    Overlap is its highest word similarity to another persona: near-duplicates show.
+    Overlap is its highest word similarity to another persona, each word weighed by how few
+    participants use it: near-duplicates show, and the data set's topic, in every persona, does not.
     """
     known = {person.id: index for index, person in enumerate(people)}
     members = [
@@ -9059,8 +9060,11 @@ def quality_report(people: list[Participant], personas: list[JSON], silent: Sequ
         for persona in personas
     ]
     covered = {index for group in members for index in group}
-    vectors = [normalised(dict(persona_words(persona))) for persona in personas]
     said = SaidIndex(people)
+    vectors = [
+        normalised({word: count * said.rarity(word) for word, count in persona_words(persona).items()})
+        for persona in personas
+    ]
     report = []
     for index, (persona, group) in enumerate(zip(personas, members)):
         overlap = max(
@@ -9111,12 +9115,16 @@ class SaidIndex:
         users = {word: len({self.owner[n] for n in numbers}) for word, numbers in self.postings.items()}
         self.weight = {word: math.log((1 + self.people) / (1 + count)) + 1 for word, count in users.items()}
 
+    def rarity(self, word: str) -> float:
+        """How few participants use a word (inverse document frequency; a word nobody uses, the most)."""
+        return self.weight.get(word, math.log(1 + self.people) + 1)
+
     def speakers(self, item: str) -> set[int]:
         """The participants with a sentence holding more than half of the item's content words, each
         word weighed by how few people use it, and two of them at least: "internal details of a spack
         package" is said by whoever speaks of internal details, not by everyone who says "spack package",
         nor by whoever says "Kubernetes" once."""
-        weights = {word: self.weight.get(word, math.log(1 + self.people) + 1) for word in word_set(item)}
+        weights = {word: self.rarity(word) for word in word_set(item)}
         hits: dict[int, float] = {}
         words: Counter[int] = Counter()
         for word, weight in weights.items():

@@ -178,6 +178,15 @@ def test_the_quality_report_gives_each_persona_its_size_support_and_overlap() ->
     assert twin["personas"][0]["overlap"] == pytest.approx(1.0)
 
 
+def test_personas_that_share_only_the_data_set_s_topic_are_little_alike() -> None:
+    said = ["break the nightly build", "waste our review time", "hide real bugs", "slow every release"]
+    people = [persona.Participant(f"P{n}", [f"Flaky tests {said[n % 4]}."], {}) for n in range(12)]
+    items = [{"id": f"persona-{n}", "goals": [], "pain_points": [f"Flaky tests {said[n]}"]} for n in range(2)]
+    personas = [{**item, "evidence": {"participants": [f"P{n}"]}} for n, item in enumerate(items)]
+    report = persona.quality_report(people, personas)
+    assert all(entry["overlap"] < 0.3 for entry in report["personas"])  # "flaky tests", said by all, weighs little
+
+
 # -- demographics ------------------------------------------------------------------
 
 
