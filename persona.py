@@ -9282,7 +9282,12 @@ def persona_differences(a: JSON, b: JSON) -> JSON:
     """Per field (the standard ones, the custom ones of either, and the participants): shared, only_a, only_b."""
     keys = [*COMPARED_FIELDS, *dict.fromkeys([*custom_fields(a), *custom_fields(b)])]
     fields = {key: split_items(field_items(a, key), field_items(b, key)) for key in keys}
-    fields["participants"] = split_items(sorted(persona_participants(a)), sorted(persona_participants(b)))
+    ours, theirs = persona_participants(a), persona_participants(b)  # ids as written: `p01` is not `P01`
+    fields["participants"] = {
+        "shared": sorted(ours & theirs),
+        "only_a": sorted(ours - theirs),
+        "only_b": sorted(theirs - ours),
+    }
     return fields
 
 
@@ -9357,7 +9362,8 @@ def merged_datasets(first: Dataset, more: Dataset) -> Dataset:
 def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: bool) -> list[JSON]:
     """Each new persona that continues a parent's (they share participants) takes its id, and with new data its name.
 
-    The continued ones come first, in the parent's order; the others follow under new ids.
+    The continued ones come first, in the parent's order; the others follow under new ids, and under
+    another name where theirs is taken by one that continues.
     """
     pairs = [
         (i, j)
@@ -9379,7 +9385,14 @@ def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: boo
         else:
             number += 1
             fresh.append({**persona, "id": f"persona-{number:03d}"})
-    return [persona for _, persona in sorted(kept, key=lambda entry: entry[0])] + fresh
+    named: list[JSON] = []
+    taken: set[str] = set()
+    for persona in [persona for _, persona in sorted(kept, key=lambda entry: entry[0])] + fresh:
+        if persona["name"] in taken:  # a new persona named as one that continues: another name
+            persona = {**persona, **named_as(persona, persona_name(sorted(persona_participants(persona)), taken))}
+        taken.add(persona["name"])
+        named.append(persona)
+    return named
 
 
 def named_as(persona: JSON, name: str) -> JSON:
@@ -9425,13 +9438,13 @@ def quality_line(quality: JSON | None) -> str:
     size, said = quality["participants"], sorted(item["said_by"] for item in quality.get("items", []))
     spread = f"{said[0]}" if said and said[0] == said[-1] else f"{said[0]} to {said[-1]}" if said else ""
     items = (
-        f"its goals, pain points and behaviours are each said by {spread} of them"
+        f"its goals, pain points and behaviours are each said by {spread} of its {size}"
         if said
         else "no goal, pain point or behaviour to check"
     )
     apart, overlap = quality.get("distinctiveness", 0.0), quality["overlap"]
     return (
-        f"Quality: stands for {size} participant(s); {items}; they stand apart from everyone else "
+        f"Quality: {items}; its participants stand apart from everyone else "
         f"{in_words(apart, DISTINCTIVENESS_WORDS)} (distinctiveness {apart:.2f}); the closest other persona is "
         f"{in_words(overlap, OVERLAP_WORDS)} (overlap {overlap:.2f})"
     )
@@ -9547,9 +9560,10 @@ dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .75rem;margin:0}dt{colo
 .quality{font-size:.85rem;color:#4b5565;background:#f4f5f7;border-radius:6px;padding:.3rem .6rem}
 .said{color:#6b7280;font-size:.85rem}table{border-collapse:collapse;width:100%;background:#fff}
 td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
-@media print{body{background:#fff}header{background:#fff;color:#000}main{display:block}.card{box-shadow:none;
-border:1px solid #ccc;margin-bottom:1rem;break-inside:avoid-page;break-after:page}.cards{display:block}
-details>p.ids{display:block}}
+@media print{@page{margin:12mm}body{background:#fff;font-size:9pt;line-height:1.3}header{background:#fff;color:#000;
+padding:0 0 .5rem}main{display:block;padding:0}.card{box-shadow:none;border:0;padding:0;margin:0;
+break-inside:auto;break-after:page}.card:last-child{break-after:auto}.cards{display:block}h3{margin:.6rem 0 .15rem}
+dl{grid-template-columns:auto 1fr auto 1fr}h3:has(+details),details{display:none}}
 """
 
 
@@ -9600,10 +9614,12 @@ def html_field(key: str, value: str | list[str]) -> str:
 
 
 def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
-    """A persona as an HTML card: its participants counted, their ids behind a disclosure."""
+    """A persona as an HTML card: its participants counted once, their ids behind a disclosure."""
     evidence = persona.get("evidence", {})
     ids = evidence.get("participants", [])
-    share = f'<span class="share">{evidence["share"]:.0%} of participants</span>' if "share" in evidence else ""
+    counted = f"{len(ids)} participant{'s' if len(ids) != 1 else ''}"
+    share = f" ({evidence['share']:.0%})" if "share" in evidence else ""
+    badge = f'<span class="share">{counted}{share}</span>' if ids or share else ""
     demographics = "".join(
         f"<dt>{escape(key.replace('_', ' '))}</dt><dd>{escape(value)}</dd>"
         for key, value in persona.get("demographics", {}).items()
@@ -9614,7 +9630,7 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         f'<blockquote class="unverified">{escape(q)}</blockquote>' for q in persona.get("unverified_quotes", [])
     )
     return (
-        f'<article class="card" id="{escape(persona.get("id", ""))}">{share}<h2>{escape(persona["name"])}</h2>'
+        f'<article class="card" id="{escape(persona.get("id", ""))}">{badge}<h2>{escape(persona["name"])}</h2>'
         f'<p class="title">{escape(persona["title"])}</p>'
         + (f"<p>{escape(persona['summary'])}</p>" if persona.get("summary") else "")
         + (f"<h3>Demographics</h3><dl>{demographics}</dl>" if demographics else "")
@@ -9638,8 +9654,8 @@ def persona_html_card(persona: JSON, quality: JSON | None = None) -> str:
         + "".join(html_field(key, value) for key, value in custom_fields(persona).items())
         + (f"<h3>Quotes</h3>{quotes}" if quotes else "")
         + (
-            f"<h3>Participants</h3><details><summary>{len(ids)} participant{'s' if len(ids) != 1 else ''}: "
-            f'their ids</summary><p class="ids">{escape(", ".join(ids))}</p></details>'
+            f'<h3>Participants</h3><details><summary>Their ids</summary><p class="ids">{escape(", ".join(ids))}</p>'
+            "</details>"
             if ids
             else ""
         )
@@ -11842,11 +11858,17 @@ async def own_project(request: Request, asked: JSON | None, metadata: JSON) -> t
     return (raw, data) if unchanged else None
 
 
+def first_location(source: JSON) -> str:
+    """The first file or URL a source was read from: its own, or for a refinement its parent's."""
+    if source.get("kind") in ("path", "url"):
+        return str(source.get("location", ""))
+    return next(filter(None, (first_location(inner) for inner in source.get("sources", []))), "")
+
+
 def export_name(job: JSON) -> str:
     """A download's name a researcher can file: its source, its day and its job,
-    `personas-interviews-2026-12-07-job-1651089e0c13`."""
-    source = job["result"].get("metadata", {}).get("source", {})
-    location = str(source.get("location", "")) if source.get("kind") in ("path", "url") else ""
+    `personas-interviews-2026-12-07-job-1651089e0c13` (a refinement's by the data it refines)."""
+    location = first_location(job["result"].get("metadata", {}).get("source", {}))
     stem = Path(urlsplit(location).path if "://" in location else location).stem
     slug = UPLOAD_NAME_CHARACTERS.sub("-", stem).strip(".-")[:40] or "inline"  # cleaned as an upload's name is
     return f"personas-{slug}-{(job['completed_at'] or '')[:10]}-{job['job_id']}"
@@ -12121,8 +12143,8 @@ textarea:focus{outline:3px solid #f59e0b;outline-offset:1px}progress{width:100%;
 .differs td{vertical-align:top}dialog{border:1px solid #c7ccd6;border-radius:12px}
 @media (max-width:600px){header,.page{padding:1rem}.cards{grid-template-columns:1fr}.card{padding:1rem}
 form.panel{grid-template-columns:1fr}td,th{padding:.4rem}}
-@media print{nav,form,.actions,dialog,.changes,#waiting{display:none}.page{padding:0}.cards{display:block}
-.card{break-after:page}}
+@media print{nav,form,.actions,dialog,.changes,.warnings,#status,#waiting{display:none}.page{padding:0}
+.cards{display:block}.card{break-after:page}.card:last-child{break-after:auto}}
 """
 )
 
@@ -12478,7 +12500,7 @@ async def completed_job_parts(request: Request, job: JSON) -> str:
         f'<section><p class="quality">{escape(coverage_line(quality).capitalize())}</p>'
         + (f'<p>Refined from <a href="/jobs/{escape(parent)}">{escape(parent)}</a></p>' if parent else "")
         + (changes_html(result["changes"]) if result.get("changes") else "")
-        + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section><section>'
+        + f'</section><section><h2>Personas</h2><div class="cards">{cards}</div></section><section class="warnings">'
         + (
             f"<details><summary>{len(warned)} warning{'s' if len(warned) != 1 else ''}</summary>"
             f"<ul>{warnings}</ul></details>"

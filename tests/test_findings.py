@@ -290,15 +290,21 @@ def test_a_grid_s_items_are_findings_not_demographics(flaky_personas: list[dict]
 
 def test_a_card_counts_its_participants_and_keeps_their_ids_behind_a_disclosure() -> None:
     ids = [f"R{n:04d}" for n in range(1187)]
-    card = persona.persona_html_card({"name": "Ana", "title": "Night nurses", "evidence": {"participants": ids}})
-    assert "<details><summary>1187 participants: their ids</summary>" in card
+    evidence = {"participants": ids, "share": 0.25}
+    card = persona.persona_html_card({"name": "Ana", "title": "Night nurses", "evidence": evidence})
+    assert "<details><summary>Their ids</summary>" in card
     assert card.index("<details>") < card.index("R0000")
+    quality = {"participants": 1187, "items": [{"said_by": 7}], "distinctiveness": 0.3, "overlap": 0.2}
+    card = persona.persona_html_card({"name": "Ana", "title": "Night nurses", "evidence": evidence}, quality)
+    assert card.count("1187") == 2 and "1187 participants (25%)" in card  # once counted, once as "said by 7 of"
+    assert "said by 7 of its 1187" in card and card.count("25%") == 1
 
 
 def test_the_quality_line_says_in_words_how_far_a_persona_stands_apart() -> None:
     quality = {"participants": 12, "items": [{"said_by": 7}], "distinctiveness": 0.27, "overlap": 0.73}
     line = persona.quality_line(quality)
-    assert "they stand apart from everyone else a little (distinctiveness 0.27)" in line
+    assert "its participants stand apart from everyone else a little (distinctiveness 0.27)" in line
+    assert line.startswith("Quality: its goals, pain points and behaviours are each said by 7 of its 12;")
     assert "the closest other persona is much alike (overlap 0.73)" in line
 
 

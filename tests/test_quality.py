@@ -356,7 +356,7 @@ def test_the_command_line_groups_by_an_attribute_and_prints_notes_and_coverage(t
     lines = result.stdout.splitlines()
     assert any(line.startswith("note: ") and "fewer than the 10 personas" in line for line in lines), result.stdout
     assert "Personas cover 16 of 16 respondents (100%)" in lines, result.stdout
-    assert result.stdout.count("quality: stands for") == 8
+    assert result.stdout.count("quality: its goals, pain points and behaviours") == 8
 
 
 def test_the_command_line_makes_a_persona_per_group_when_grouping_without_a_count(tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def test_the_command_line_makes_a_persona_per_group_when_grouping_without_a_coun
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("quality: stands for") == 8
+    assert result.stdout.count("quality: its goals, pain points and behaviours") == 8
     assert not any(
         line.startswith("note: ") and "groups, personas for the" in line for line in result.stdout.splitlines()
     )

@@ -66,6 +66,28 @@ def test_a_refined_jobs_page_says_what_changed(client: httpx.Client, server: Ser
         assert f"{persona_['name']} continued" in page.replace("&#x27;", "'")
 
 
+def test_a_refinement_with_other_people_names_them_apart_pairs_them_by_exact_ids_and_files_by_its_data(
+    client: httpx.Client,
+) -> None:
+    # The transcripts' p01 ... p12 are other people than the interviews' P01 ... P16.
+    parent = wait_job(client, submit(client, data="interviews.csv", count=4))
+    refined = client.post(f"/api/v1/generate/{parent['job_id']}/refine", json={"data": "transcripts"})
+    child = wait_job(client, refined.json()["job_id"])
+    names = [item["name"] for item in child["result"]["personas"]]
+    assert len(set(names)) == len(names), names
+    compared = client.get("/api/v1/compare", params={"a": parent["job_id"], "b": child["job_id"]}).json()
+    members = {
+        side: {item["id"]: set(item["evidence"]["participants"]) for item in job["result"]["personas"]}
+        for side, job in (("a", parent), ("b", child))
+    }
+    for pair in compared["pairs"]:
+        ours, theirs = members["a"][pair["a"]["id"]], members["b"][pair["b"]["id"]]
+        assert pair["fields"]["participants"]["shared"] == sorted(ours & theirs)
+        assert pair["fields"]["participants"]["only_b"] == sorted(theirs - ours)
+    download = client.get(f"/api/v1/generate/{child['job_id']}/export", params={"format": "csv"})
+    assert 'filename="personas-interviews-' in download.headers["content-disposition"]
+
+
 def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
     server: Server, client: httpx.Client, browser
 ) -> None:
@@ -615,13 +637,26 @@ def test_cancel_on_a_job_that_ended_first_says_so_and_the_page_shows_how_it_ende
     assert client.get(f"/api/v1/generate/{job_id}").json()["status"] == "completed"
 
 
+def pdf_pages(pdf: bytes) -> int:
+    return len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf))
+
+
 def test_printed_cards_give_each_persona_a_page_of_its_own(server: Server, client: httpx.Client, page) -> None:
-    job = wait_job(client, submit(client, data="interviews.csv", count=3))
+    job = wait_job(client, submit(client, data="interviews.csv", count=4))
+    exported = client.get(f"/api/v1/generate/{job['job_id']}/export", params={"format": "html"}).text
+    for path in (f"/jobs/{job['job_id']}", "the exported cards page"):
+        if path.startswith("/"):
+            page.goto(f"{server.url}{path}")
+        else:
+            page.goto("about:blank")  # a file opened on its own, not under the server's page and its policy
+            page.set_content(exported)
+        page.emulate_media(media="print")
+        breaks = page.eval_on_selector_all("article.card", "cards => cards.map(c => getComputedStyle(c).breakAfter)")
+        assert breaks == ["page"] * 3 + ["auto"]  # no blank page after the last
+        expect(page.locator(".ids").first).to_be_hidden()  # counted on paper too, not listed
+        assert pdf_pages(page.pdf(format="A4")) == 4, path  # "Save as PDF": each persona on one page
     page.goto(f"{server.url}/jobs/{job['job_id']}")
     page.emulate_media(media="print")
-    breaks = page.eval_on_selector_all("article.card", "cards => cards.map(c => getComputedStyle(c).breakAfter)")
-    assert breaks == ["page"] * 3
-    assert page.eval_on_selector(".cards", "cards => getComputedStyle(cards).display") == "block"  # one a page
     expect(page.locator("#refine")).to_be_hidden()
 
 
