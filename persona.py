@@ -385,6 +385,7 @@ WEBHOOK_EVENTS = ("generation.completed", "generation.failed")
 JOB_STATUSES = ("pending", "running", "completed", "failed")
 DELIVERY_STATUSES = ("pending", "delivering", "delivered", "failed", "cancelled")  # the schemas' CHECK says the same
 JOB_STAGES = (  # a running job's steps: the progress it reports on reaching each, and the workbench's words for it
+    ("fetching", 1, "fetching the data"),
     ("loading", 5, "loading the data"),
     ("loaded", 30, "reading the participants"),
     ("segments", 35, "grouping the participants and writing each persona"),
@@ -10595,6 +10596,7 @@ async def generate(
     if begin is not None and any(isinstance(s, str) and classify_data(s) == "url" for s in sources):
         await begin()  # fetching is the job's work: it begins now, and begins once
         begin = None
+        await report(PROGRESS["fetching"], "fetching the data")
     fetched = await fetch_sources(sources, settings)
     async with engine_slot() if provider == "local" else contextlib.nullcontext():
         if begin is not None:
@@ -11517,10 +11519,13 @@ def idempotency_key(request: Request, body: JSON) -> tuple[str, str] | None:
 
 
 async def root(request: Request) -> Response:
-    """The API's description; a browser (asking for HTML first) is sent on to the workbench."""
+    """The API's description; a browser (asking for HTML first) is sent on to the workbench. Either
+    answer varies with `Accept`, so no cache hands a browser's answer to an API client."""
+    vary = {"Vary": "Accept"}
     if (request_header(request, b"accept") or "").startswith("text/html"):
-        return RedirectResponse("/jobs", status_code=303)
-    return JSONResponse({"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"})
+        return RedirectResponse("/jobs", status_code=303, headers=vary)
+    body = {"name": "Persona API", "version": __version__, "docs": "/docs", "health": "/api/v1/health"}
+    return JSONResponse(body, headers=vary)
 
 
 async def health(request: Request) -> JSONResponse:

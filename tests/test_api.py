@@ -38,7 +38,9 @@ def test_a_browser_asking_for_the_root_is_sent_to_the_workbench(client: httpx.Cl
     html_first = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
     response = client.get("/", headers=html_first, follow_redirects=False)
     assert response.status_code == 303 and response.headers["Location"] == "/jobs"
-    assert client.get("/", headers={"Accept": "application/json"}).json()["name"] == "Persona API"
+    api = client.get("/", headers={"Accept": "application/json"})
+    assert api.json()["name"] == "Persona API"
+    assert response.headers["Vary"] == api.headers["Vary"] == "Accept"  # no cache mixes the two answers
 
 
 def test_health_reports_healthy_with_a_utc_timestamp(client: httpx.Client) -> None:

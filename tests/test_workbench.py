@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, GatedDataServer, Server, submit, wait_job
+from conftest import ROOT, GatedDataServer, Server, submit, wait_for, wait_job
 from playwright.sync_api import expect
 
 import persona
@@ -512,9 +512,10 @@ def test_a_running_job_is_followed_to_the_end_without_a_reload(
 
 
 def held_job(client: httpx.Client, gated_data: GatedDataServer) -> str:
-    """A job running on data the gate holds, until the test opens it."""
+    """A job running on data the gate holds, until the test opens it: it has said it is fetching, and waits."""
     job_id = submit(client, data=gated_data.url, count=3)
-    wait_job(client, job_id, until=("running",))
+    fetching = persona.PROGRESS["fetching"]
+    wait_for(lambda: client.get(f"/api/v1/generate/{job_id}").json()["progress"] == fetching, what="the fetch")
     return job_id
 
 
@@ -596,6 +597,7 @@ def test_a_running_job_shows_how_long_it_has_run_and_its_cancel_button_cancels_i
     job_id = held_job(client, gated_data)
     page.goto(f"{server.url}/jobs/{job_id}")
     expect(page.locator("#elapsed")).to_contain_text("running for")
+    expect(page.locator("#stage")).to_have_text("fetching the data")  # a URL's download is the job's first stage
     expect(page).to_have_title(re.compile(r"^Personas from http://127\.0\.0\.1:\d+/"))  # by its source, running
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#stage")).to_have_text("failed")
