@@ -277,7 +277,13 @@ def test_a_persona_vendored_into_a_package_serves_with_several_workers(tmp_path:
     package.mkdir(parents=True)
     for folder in (tmp_path / "myapp", package):
         (folder / "__init__.py").write_text("")
-    (package / "persona.py").write_bytes((ROOT / "persona.py").read_bytes())
+    # A mark of this copy: the workers serve it, not a `persona` installed beside it (as the tests' own is).
+    vendored = (ROOT / "persona.py").read_text(encoding="utf-8")
+    marked = vendored.replace(
+        '\nif __name__ == "__main__":', '\n__version__ = "0.0.0+vendored"\n\nif __name__ == "__main__":'
+    )
+    assert marked != vendored
+    (package / "persona.py").write_text(marked, encoding="utf-8")
     (tmp_path / "data").mkdir()
     port = free_port()
     command = [sys.executable, "-m", "myapp.vendor.persona", "serve", "--workers", "2", "--port", str(port)]
@@ -302,6 +308,7 @@ def test_a_persona_vendored_into_a_package_serves_with_several_workers(tmp_path:
 
         wait_for(healthy, what="the vendored server to answer")
         wait_for(lambda: (tmp_path / "server.log").read_text().count("starting on") == 2, what="both workers")
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).json()["version"] == "0.0.0+vendored"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
