@@ -12433,6 +12433,12 @@ def model_configured() -> bool:
     return pick_provider({}) != "local" or bool(os.environ.get("OLLAMA_HOST"))
 
 
+def shown_changes(key: str, items: list[str]) -> list[str]:
+    """A field's changed items as the page shows them: not the demographics' size and share, which the
+    card and its participants' change say."""
+    return [item for item in items if not (key == "demographics" and item.startswith(("participants: ", "share: ")))]
+
+
 def changes_html(changes: JSON) -> str:
     """What a refinement changed: each continued persona's fields gained and lost, and the personas new or gone."""
     rows = []
@@ -12440,11 +12446,12 @@ def changes_html(changes: JSON) -> str:
         fields = "".join(
             f"<li>{escape(field_heading(key))}: "
             + "; ".join(
-                [f"added {escape(item)}" for item in split["added"]]
-                + [f"removed {escape(item)}" for item in split["removed"]]
+                [f"added {escape(item)}" for item in shown_changes(key, split["added"])]
+                + [f"removed {escape(item)}" for item in shown_changes(key, split["removed"])]
             )
             + "</li>"
             for key, split in persona["fields"].items()
+            if shown_changes(key, split["added"] + split["removed"])
         )
         rows.append(
             f"<li>{escape(persona['name'])} continued: "

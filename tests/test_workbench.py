@@ -64,6 +64,7 @@ def test_a_refined_jobs_page_says_what_changed(client: httpx.Client, server: Ser
     assert f"<summary>What changed ({count})</summary>" in page
     for persona_ in changes["personas"]:
         assert f"{persona_['name']} continued" in page.replace("&#x27;", "'")
+    assert "share: 0." not in page  # the size and share a card shows are no raw demographics here
 
 
 def test_a_refinement_with_other_people_names_them_apart_pairs_them_by_exact_ids_and_files_by_its_data(
