@@ -3972,6 +3972,11 @@ def xlsx_rows(raw: bytes, name: str) -> tuple[list[list[str]], list[str]]:
     if not tables:
         raise GenerationError(f"{name} is not an Excel workbook (it has no worksheet)")
     title, rows = max(tables, key=lambda table: len(table[1]))  # the first of the longest
+    if len(rows) < 2:  # not even a header and one response
+        sheets = named_list(title for title, _ in tables)
+        raise GenerationError(
+            f"{name} holds no table of responses (a header row, then a row each) in its sheets {sheets}"
+        )
     if title == tables[0][0]:
         return rows, []
     others = named_list(other for other, _ in tables if other != title)

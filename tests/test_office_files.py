@@ -103,6 +103,12 @@ def test_a_workbook_opening_on_a_cover_page_is_read_from_its_sheet_of_data() -> 
     assert len(rows) == 5 and notes == []
 
 
+def test_a_workbook_with_no_sheet_of_responses_is_refused_naming_its_sheets() -> None:
+    cover = f'<row r="1">{inline("A1", "Team survey 2026, exported for the research team")}</row>'
+    with pytest.raises(persona.GenerationError, match="survey.xlsx holds no table of responses .* 'Cover', 'Notes'"):
+        persona.xlsx_rows(workbook({"Cover": cover, "Notes": cover}), "survey.xlsx")
+
+
 def test_a_sheet_of_more_cells_than_the_cap_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(persona, "MAX_SHEET_CELLS", 1_000)
     rows = "".join(f'<row r="{n}">{inline(f"A{n}", f"P{n}")}{inline(f"B{n}", "said")}</row>' for n in range(1, 600))
