@@ -12257,16 +12257,33 @@ def job_source(job: JSON) -> str:
     return f"{len(data)} inline records" if isinstance(data, list) else shown_url(data) if "://" in data else data
 
 
-def experiment_cell(request: JSON) -> str:
-    """A job's experiment as the list shows it: its name, or for a refinement the job it refines."""
-    named = request.get("config", {}).get("experiment")
+def experiment_names(jobs: list[JSON]) -> dict[str, str]:
+    """Per listed job, its experiment's name: its own, or for a refinement, which joins its parent's
+    experiment, the name of the first job up its line that the list holds and that named one."""
+    requests = {job["job_id"]: job["request"] for job in jobs}
+    names: dict[str, str] = {}
+    for job_id in requests:
+        line, name = job_id, ""
+        for _ in range(len(requests)):  # a line is no longer than the list
+            request = requests.get(line)
+            if request is None:
+                break
+            name = request.get("config", {}).get("experiment") or ""
+            line = request.get("refine", {}).get("parent_job_id")
+            if name or not line:
+                break
+        names[job_id] = name
+    return names
+
+
+def experiment_cell(request: JSON, experiment: str) -> str:
+    """A job's experiment as the list shows it: its name, and for a refinement the job it refines."""
     parent = request.get("refine", {}).get("parent_job_id")
-    if named or not parent:
-        return escape(named or "")
-    return f'refines <a href="/jobs/{escape(parent)}">{escape(parent)}</a>'
+    refines = f'refines <a href="/jobs/{escape(parent)}">{escape(parent)}</a>' if parent else ""
+    return " · ".join(part for part in (escape(experiment), refines) if part)
 
 
-def job_row(job: JSON) -> str:
+def job_row(job: JSON, experiment: str) -> str:
     result = job["result"] or {}
     titles = ", ".join(persona["title"] for persona in result.get("personas", [])[:3])
     request = job["request"]
@@ -12279,13 +12296,14 @@ def job_row(job: JSON) -> str:
         f"</td><td>{escape(job_source(job))}</td><td>{escape(request.get('provider', ''))}</td>"
         f"<td>{escape(request.get('count', DEFAULT_COUNT))}</td><td>{escape(job['status'])}</td>"
         f'<td><progress max="100" value="{job["progress"]}">{job["progress"]}%</progress> {job["progress"]}%</td>'
-        f"<td>{escape(titles or job['error'] or '')}</td><td>{experiment_cell(request)}"
+        f"<td>{escape(titles or job['error'] or '')}</td><td>{experiment_cell(request, experiment)}"
         f'</td><td><time datetime="{escape(job["created_at"])}">{escape(job["created_at"])}</time></td></tr>'
     )
 
 
 def jobs_table(jobs: list[JSON]) -> str:
-    rows = "".join(job_row(job) for job in jobs)
+    experiments = experiment_names(jobs)
+    rows = "".join(job_row(job, experiments[job["job_id"]]) for job in jobs)
     return (
         f'<section id="jobs" class="table" data-version="{jobs_version(jobs)}"><h2>Jobs</h2>'
         f"<table><tr><th>Job</th><th>Source</th><th>Provider</th>"

@@ -107,12 +107,12 @@ def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
 
 
 def test_the_job_list_says_which_job_a_refinement_refines(client: httpx.Client) -> None:
-    config = {"name": "Ward study"}
+    config = {"name": "Ward study", "experiment": "pilot"}
     parent = wait_job(client, submit(client, data="interviews.csv", count=3, config=config))["job_id"]
     child = client.post(f"/api/v1/generate/{parent}/refine", json={"data": "interviews.csv"}).json()["job_id"]
     listing = client.get("/jobs").text
     row = listing[listing.index(f'<a href="/jobs/{child}">') :].split("</tr>")[0]
-    assert f'refines <a href="/jobs/{parent}">{parent}</a>' in row
+    assert f'pilot · refines <a href="/jobs/{parent}">{parent}</a>' in row  # its parent's experiment, joined
     assert row.startswith(f'<a href="/jobs/{child}">Ward study (refined)</a>')
     assert f'<a href="/jobs/{parent}">Ward study</a>' in listing
 
