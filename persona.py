@@ -410,35 +410,6 @@ def written_report(done: int, total: int) -> tuple[int, str]:
 ProgressReport = Callable[[int, str], Awaitable[None]]  # a job reports its progress and stage through one
 
 
-class InOrder:
-    """Steps run one after another in the order they were added, beside other work: what a computation
-    tells as it goes (a persona written) reaches the store in order, and before the job moves on."""
-
-    def __init__(self) -> None:
-        self.last: asyncio.Future[None] | None = None
-
-    def add(self, step: Awaitable[None]) -> None:
-        self.last = asyncio.ensure_future(self.then(self.last, step))
-
-    @staticmethod
-    async def then(previous: asyncio.Future[None] | None, step: Awaitable[None]) -> None:
-        if previous is not None:
-            await previous
-        await step
-
-    async def after(self, work: Awaitable[Any]) -> Any:
-        """`work`'s result, once every step added while it ran has run; the steps are cancelled if it fails."""
-        try:
-            result = await work
-        except BaseException:
-            if self.last is not None:
-                self.last.cancel()
-            raise
-        if self.last is not None:
-            await self.last
-        return result
-
-
 MAX_CUSTOM_FIELDS = 10
 FIELD_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"  # an identifier: a column, a key, a word in a prompt
 TEXT_PATTERN = "^[^\x00]*$"  # no NUL: SQLite, files and logs cannot hold it faithfully
@@ -3488,6 +3459,35 @@ async def run_engine(
         heard = news
         told["tell"] = lambda message: loop.call_soon_threadsafe(heard, message)
     return await loop.run_in_executor(engine_threads(), functools.partial(function, *args, **told))
+
+
+class InOrder:
+    """Steps run one after another in the order they were added, beside other work: what a computation
+    tells as it goes (a persona written) reaches the store in order, and before the job moves on."""
+
+    def __init__(self) -> None:
+        self.last: asyncio.Future[None] | None = None
+
+    def add(self, step: Awaitable[None]) -> None:
+        self.last = asyncio.ensure_future(self.then(self.last, step))
+
+    @staticmethod
+    async def then(previous: asyncio.Future[None] | None, step: Awaitable[None]) -> None:
+        if previous is not None:
+            await previous
+        await step
+
+    async def after(self, work: Awaitable[Any]) -> Any:
+        """`work`'s result, once every step added while it ran has run; the steps are cancelled if it fails."""
+        try:
+            result = await work
+        except BaseException:
+            if self.last is not None:
+                self.last.cancel()
+            raise
+        if self.last is not None:
+            await self.last
+        return result
 
 
 # ---------------------------------------------------------------------------
