@@ -45,7 +45,17 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -407,7 +417,7 @@ def written_report(done: int, total: int) -> tuple[int, str]:
     return written_progress(done, total), f"segment {done} of {total} done"
 
 
-ProgressReport = Callable[[int, str], Awaitable[None]]  # a job reports its progress and stage through one
+ProgressReport = Callable[[int, str], Coroutine[Any, Any, None]]  # a job reports its progress and stage through one
 
 
 MAX_CUSTOM_FIELDS = 10
@@ -3462,32 +3472,59 @@ async def run_engine(
 
 
 class InOrder:
-    """Steps run one after another in the order they were added, beside other work: what a computation
-    tells as it goes (a persona written) reaches the store in order, and before the job moves on."""
+    """Steps run one after another in the order they were added, beside the work that adds them: what a
+    computation tells as it goes (a persona written) reaches the store in order, and before the job
+    moves on. A step that fails (the job was cancelled meanwhile) ends the work, and the work's end,
+    however it ends, ends the steps: a thread that cannot be stopped adds none after it."""
 
     def __init__(self) -> None:
         self.last: asyncio.Future[None] | None = None
+        self.work: asyncio.Future[Any] | None = None
+        self.closed = False
 
-    def add(self, step: Awaitable[None]) -> None:
+    def add(self, step: Coroutine[Any, Any, None]) -> None:
+        if self.closed:
+            step.close()
+            return
         self.last = asyncio.ensure_future(self.then(self.last, step))
 
-    @staticmethod
-    async def then(previous: asyncio.Future[None] | None, step: Awaitable[None]) -> None:
-        if previous is not None:
-            await previous
-        await step
+    async def then(self, previous: asyncio.Future[None] | None, step: Coroutine[Any, Any, None]) -> None:
+        try:
+            if previous is not None:
+                await previous
+            await step
+        except BaseException:
+            step.close()  # not started, when the one before failed
+            if self.work is not None:
+                self.work.cancel()
+            raise
 
     async def after(self, work: Awaitable[Any]) -> Any:
-        """`work`'s result, once every step added while it ran has run; the steps are cancelled if it fails."""
+        """`work`'s result, once every step added while it ran has run; a step's failure is the work's."""
+        self.work = asyncio.ensure_future(work)
         try:
-            result = await work
-        except BaseException:
+            try:
+                result = await self.work
+            except asyncio.CancelledError:
+                failed = self.failure()
+                if failed is not None:
+                    raise failed from None
+                raise
             if self.last is not None:
-                self.last.cancel()
-            raise
-        if self.last is not None:
-            await self.last
-        return result
+                await self.last
+            return result
+        finally:
+            self.closed = True
+            for task in (self.work, self.last):
+                if task is not None and not task.done():
+                    task.cancel()
+            self.failure()  # retrieved, so that no "exception never retrieved" is logged
+
+    def failure(self) -> BaseException | None:
+        """The exception the last step ended with, if it has ended with one."""
+        if self.last is None or not self.last.done() or self.last.cancelled():
+            return None
+        return self.last.exception()
 
 
 # ---------------------------------------------------------------------------
@@ -6569,7 +6606,7 @@ NOT_A_CUE = re.compile(
     r"reiterate|congratulate|express|think|believe|praise)\b|"
     # a wish inside a relative clause describes a thing: "it ignores the elements I want it to interact with"
     r"\b(?:the|those|these|all|every|each|whatever|anything|everything|something) (?:[\w'-]+ ){0,2}?(?:i|we) "
-    r"(?:want|wish)\b(?!(?: [\w'-]+)? (?:is|are|was|were|would be)\b)|"
+    r"(?:want|wish)\b(?!(?: [\w'-]+){0,3} (?:is|are|was|were|would be)\b)|"
     r"\bhope (?:this|that|it) (?:helps|is useful|is helpful)\b|"
     r"\bhope (?:you|u) (?:keep|continue|guys|all|enjoy|have|are|do well|succeed)\b",
     re.IGNORECASE,
@@ -6601,8 +6638,8 @@ WISH = re.compile(
     r"\b(?:key|main|killer|must-have|missing|dream) feature (?:would be|is|for me)\b|"
     r"\bwould (?:really |also |definitely )?(?:make (?:it|my|our|things|life|everything)|save (?:me|us)|help)\b|"
     r"\b(?:if only|looking forward to|(?:i|we)(?:'d| would) rather)\b|"
-    r"\b(?:what|all|the (?:only |one |main )?things?) (?:i|we) (?:really )?(?:want|need|would like|miss)(?: most)? "
-    r"(?:is|are)\b",
+    r"\bwhat (?:i|we) (?:really )?(?:want|need|would like|miss) (?:is|are)\b|"
+    r"\bthe (?:only |one |main )?things? (?:i|we) (?:really )?(?:want|would like)(?: [\w'-]+){0,3} (?:is|are)\b",
     re.IGNORECASE,
 )
 """A first-person wish: what the speaker wants to have or achieve, said as a wish (also in hindsight:
@@ -6697,7 +6734,7 @@ PAIN_PARTS = (
     r"crash\w*|freez\w*|hangs|bugs?|buggy|broken|glitch\w*|errors?|"
     r"(?:fails?|failing) to|(?:is|are|was|were) failing|failed|failure|stuck|"
     r"locked out|delays?|delayed|lag|lags|lagging|laggy|slow|slower|slowness|long wait\w*|"
-    r"takes? (?:forever|ages|too long|so long|a long time)|"
+    r"(?:takes?|took|taking) (?:forever|ages|too long|so long|a long time|days|weeks|months|hours)|"
     r"stops? (?:at|working|responding)|stopped (?:at|working|responding)|keeps? (?:crashing|freezing|failing|closing|"
     r"logging|saying|asking|bringing|showing)|kept (?:crashing|freezing|failing|closing|bringing|showing)|"
     r"(?:lose|loses|losing|lost) (?:my|all|the|our|that|their|data|work|track)|get lost|"
@@ -7472,9 +7509,19 @@ def question_asks(question: str) -> str | None:
     return None
 
 
+QUOTED_OPENING = re.compile(r"(?:^|\s)[\"\u201c\u2018'(\[]")
+
+
 def is_question(text: str) -> bool:
-    """Whether a sentence asks, its closing quotes and brackets aside: `Or "What is the language here?"`."""
-    return text.rstrip().rstrip("\"'\u201d\u2019)]").endswith("?")
+    """Whether a sentence asks: it ends with a question mark, or is a quoted or bracketed question with
+    at most a word before it (`Or "What is the language here?"`); a sentence that quotes a question
+    asks nothing (`I hate the popup that keeps asking "Are you sure?"`)."""
+    plain = text.rstrip()
+    if plain.endswith("?"):
+        return True
+    closed = plain.rstrip("\"'\u201d\u2019)]")
+    opening = QUOTED_OPENING.search(closed)
+    return closed.endswith("?") and opening is not None and len(closed[: opening.start()].split()) <= 1
 
 
 def is_bare_fragment(text: str) -> bool:
@@ -7498,6 +7545,9 @@ ACTION_LEAD = re.compile(
 )
 """An answer that opens with what one does ("Rewrite problematic code to make it testable"): under a
 question that asks what one does, it is a practice, whatever trouble it names."""
+ASKS_THE_MAKERS = re.compile(r"^\W*(?:please|make it|let|give|allow|enable|provide|offer|bring back)\b", re.IGNORECASE)
+"""An imperative that only the makers can carry out ("Please add ...", "Let users ...", "Allow ..."): a
+request, even where the question asks what one does."""
 IN_THE_WAY = re.compile(r"\b(?:hinders?|obstacles?|barriers?|prevents?|keeps? you from|stops? you)\b", re.IGNORECASE)
 """A question that asks what stands in the way, which its answers name by what is missing as often as not."""
 NOT_GERUNDS = frozenset("string strings thing things something anything everything nothing morning evening".split())
@@ -7544,7 +7594,8 @@ def list_kind(sentence: str, question: str = "") -> str | None:
     if asked == "none":
         return own if own and SPEAKER.search(sentence) else None
     if asked == "behaviours" and (
-        (own == "pain_points" and opens_with_action(sentence)) or (own == "goals" and OPENER.match(sentence))
+        (own == "pain_points" and opens_with_action(sentence))
+        or (own == "goals" and OPENER.match(sentence) and not ASKS_THE_MAKERS.match(sentence))
     ):
         return asked  # "Rewrite the flaky code", "Warn other teams", asked what one does
     if asked == "pain_points" and own == "goals" and names_a_problem(blank_pseudo_cues(sentence)):
@@ -7747,6 +7798,13 @@ def closed_answers(
     the members who answered the question, and its share among everyone else who did.
 
     The question the researcher grouped by is left out: it sets each group apart by definition."""
+    return [answer for _, answer in keyed_answers(members, everyone, labels, grouped_by)]
+
+
+def keyed_answers(
+    members: list[Participant], everyone: list[Participant], labels: Mapping[str, str], grouped_by: str | None = None
+) -> list[tuple[str, JSON]]:
+    """`closed_answers`, each with the attribute it answers (two questions may read alike)."""
     member_ids = {person.id for person in members}
     others = [person for person in everyone if person.id not in member_ids]
     left_out = normalise_key(grouped_by) if grouped_by else None
@@ -7766,13 +7824,16 @@ def closed_answers(
         best.setdefault(item[2], item)  # a question's answer that sets the segment apart most
     found = list(best.values())
     return [
-        {
-            "question": question_text(key, labels),
-            "answer": value,
-            "count": count,
-            "of": of,
-            "share_elsewhere": round(outside, 4),
-        }
+        (
+            key,
+            {
+                "question": question_text(key, labels),
+                "answer": value,
+                "count": count,
+                "of": of,
+                "share_elsewhere": round(outside, 4),
+            },
+        )
         for _, count, key, value, of, outside in found[:MAX_ANSWERS]
     ]
 
@@ -7913,7 +7974,7 @@ def held_by_most(key: str, value: str, members: list[Participant], others: list[
     elsewhere = [person.attributes[key] for person in others if key in person.attributes]
     levels = [value.strip().lower()]
     scale = scale_of(answered + elsewhere)
-    if scale and share_giving(answered, levels) < TITLE_ANSWER_SHARE:
+    if scale and levels[0] in scale and share_giving(answered, levels) < TITLE_ANSWER_SHARE:
         at = scale.index(levels[0])
         beside = [scale[i] for i in (at - 1, at + 1) if 0 <= i < len(scale) and not says_absence(scale[i])]
         if beside:
@@ -7925,16 +7986,14 @@ def held_by_most(key: str, value: str, members: list[Participant], others: list[
 
 
 def titled_answers(
-    answers: list[JSON], members: list[Participant], everyone: list[Participant], labels: Mapping[str, str]
+    answers: list[tuple[str, JSON]], members: list[Participant], everyone: list[Participant], labels: Mapping[str, str]
 ) -> list[str]:
-    """The segment's distinctive answers that may name it, best first, each with its question's meaning
-    (`Observe flaky tests: daily or weekly`); never an absence."""
-    key_of = {question_text(key, labels): key for person in members for key in person.attributes}
+    """The segment's distinctive answers (`keyed_answers`) that may name it, best first, each with its
+    question's meaning (`Observe flaky tests: daily or weekly`); never an absence."""
     member_ids = {person.id for person in members}
     others = [person for person in everyone if person.id not in member_ids]
     phrases = []
-    for answer in answers:
-        key = key_of.get(answer["question"], "")
+    for key, answer in answers:
         held = None if says_absence(answer["answer"]) else held_by_most(key, answer["answer"], members, others)
         if held:
             phrases.append(answer_phrase(key, held, labels))
@@ -8126,9 +8185,10 @@ def build_persona(
     demographics = summarise_attributes(people, corpus.people, labels)
     name = persona_name(ids, taken["names"])
     attribute = distinguishing_attribute(people, corpus.people)
-    answers = closed_answers(people, corpus.people, labels, config.get("group_by"))
+    keyed = keyed_answers(people, corpus.people, labels, config.get("group_by"))
+    answers = [answer for _, answer in keyed]
     grouped = answer_phrase(config["group_by"], segment.answer, labels) if segment.answer is not None else None
-    titles = titled_answers(answers, people, corpus.people, labels)
+    titles = titled_answers(keyed, people, corpus.people, labels)
     title = segment.name or grouped or persona_title(corpus, shares, attribute, taken["titles"], titles, labels)
     taken["names"].add(name)
     taken["titles"].add(title)
@@ -8160,7 +8220,8 @@ def offline_personas(
 ) -> tuple[list[JSON], list[str]]:
     """The offline engine from participants to personas (blocking: run it in a thread or a child).
 
-    `tell` hears (personas written, segments) once the participants are grouped and after each persona."""
+    `tell` hears (personas written, segments) once the participants are grouped and after each persona
+    but the last: the stage after the last is the quality report's."""
     corpus = build_corpus(dataset.participants)
     segments = segments_for(corpus, count, config)
     taken: dict[str, set[str]] = {"names": set(), "titles": set()}
@@ -8171,8 +8232,6 @@ def offline_personas(
         persona, notes = build_persona(corpus, segment, config, number, taken, dataset.labels)
         personas.append(persona)
         warnings.extend(notes)
-    if tell is not None:
-        tell((len(segments), len(segments)))
     if len(segments) < count and config.get("groups") is None:
         warnings.append(f"the grouping gives {len(segments)} group(s), fewer than the {count} personas asked for")
     return personas, warnings
@@ -9369,7 +9428,7 @@ def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: boo
     """Each new persona that continues a parent's (they share participants) takes its id, and with new data its name.
 
     The continued ones come first, in the parent's order; the others follow under new ids, and under
-    another name where theirs is taken by one that continues.
+    another name where theirs is one a continued persona keeps or a gone one had.
     """
     pairs = [
         (i, j)
@@ -9391,11 +9450,13 @@ def continued_personas(parent: list[JSON], personas: list[JSON], keep_names: boo
         else:
             number += 1
             fresh.append({**persona, "id": f"persona-{number:03d}"})
-    named: list[JSON] = []
-    taken: set[str] = set()
-    for persona in [persona for _, persona in sorted(kept, key=lambda entry: entry[0])] + fresh:
-        if persona["name"] in taken:  # a new persona named as one that continues: another name
-            persona = {**persona, **named_as(persona, persona_name(sorted(persona_participants(persona)), taken))}
+    named = [persona for _, persona in sorted(kept, key=lambda entry: entry[0])]
+    taken = {persona["name"] for persona in named + parent}  # a continued name, or one a gone persona had
+    wanted = {persona["name"] for persona in fresh}
+    for persona in fresh:
+        if persona["name"] in taken:  # another name, none that another new persona has
+            ids = sorted(persona_participants(persona))
+            persona = {**persona, **named_as(persona, persona_name(ids, taken | wanted))}
         taken.add(persona["name"])
         named.append(persona)
     return named
@@ -9569,7 +9630,7 @@ td,th{padding:.5rem .75rem;border-bottom:1px solid #e5e7eb;text-align:left}
 @media print{@page{margin:12mm}body{background:#fff;font-size:9pt;line-height:1.3}header{background:#fff;color:#000;
 padding:0 0 .5rem}main{display:block;padding:0}.card{box-shadow:none;border:0;padding:0;margin:0;
 break-inside:auto;break-after:page}.card:last-child{break-after:auto}.cards{display:block}h3{margin:.6rem 0 .15rem}
-dl{grid-template-columns:auto 1fr auto 1fr}h3:has(+details),details{display:none}}
+dl{grid-template-columns:auto 1fr auto 1fr}details{display:none}h3:has(+details){display:none}}
 """
 
 
@@ -10598,9 +10659,10 @@ async def generate(
     """
     provider = request.get("provider") or pick_provider(request)
     sources = [request["data"], *request.get("refine", {}).get("more_data", [])]
-    if begin is not None and any(isinstance(s, str) and classify_data(s) == "url" for s in sources):
-        await begin()  # fetching is the job's work: it begins now, and begins once
-        begin = None
+    if any(isinstance(s, str) and classify_data(s) == "url" for s in sources):
+        if begin is not None:
+            await begin()  # fetching is the job's work: it begins now, and begins once
+            begin = None
         await report(PROGRESS["fetching"], "fetching the data")
     fetched = await fetch_sources(sources, settings)
     async with engine_slot() if provider == "local" else contextlib.nullcontext():
@@ -11869,10 +11931,10 @@ async def own_project(request: Request, asked: JSON | None, metadata: JSON) -> t
 
 
 def first_location(source: JSON) -> str:
-    """The first file or URL a source was read from: its own, or for a refinement its parent's."""
+    """The file or URL a source was read from: its own, or for a refinement its parent's ("" for inline data)."""
     if source.get("kind") in ("path", "url"):
         return str(source.get("location", ""))
-    return next(filter(None, (first_location(inner) for inner in source.get("sources", []))), "")
+    return first_location(source["sources"][0]) if source.get("sources") else ""
 
 
 def export_name(job: JSON) -> str:

@@ -218,7 +218,7 @@ def test_an_absence_answer_is_a_finding_but_never_a_title() -> None:
         persona.term_shares(corpus, list(range(6))),
         persona.distinguishing_attribute(members, people),
         set(),
-        persona.titled_answers(answers, members, people, labels),
+        persona.titled_answers(persona.keyed_answers(members, people, labels), members, people, labels),
         labels,
     )
     assert title == "Network: often"
@@ -229,11 +229,10 @@ def test_a_rating_is_no_title_of_its_own_but_names_what_it_rates() -> None:
     labels = {"q0": "How would you rate the overall quality of ... [Spack packages]"}
     people = [persona.Participant(f"P{n}", [], {"q0": "Good" if n < 6 else "Poor"}) for n in range(12)]
     members = people[:6]
-    answers = persona.closed_answers(members, people, labels)
     corpus = persona.build_corpus(people)
     shares = persona.term_shares(corpus, list(range(6)))
     attribute = persona.distinguishing_attribute(members, people)
-    titles = persona.titled_answers(answers, members, people, labels)
+    titles = persona.titled_answers(persona.keyed_answers(members, people, labels), members, people, labels)
     assert persona.persona_title(corpus, shares, attribute, set(), titles, labels) == "Spack packages: good"
 
 
@@ -243,11 +242,22 @@ def test_an_answer_fewer_than_half_its_members_gave_names_them_only_with_the_lev
     people = [persona.Participant(f"P{n}", [], {"q0": answer}) for n, answer in enumerate(seen)]
     members, others = people[:10], people[10:]
     assert persona.held_by_most("q0", "Daily", members, others) == "daily or weekly"
-    answers = persona.closed_answers(members, people, labels)
-    assert answers[0]["answer"] == "Daily"  # the finding names the answer that sets them apart, with its count
+    answers = persona.keyed_answers(members, people, labels)
+    assert answers[0][1]["answer"] == "Daily"  # the finding names the answer that sets them apart, with its count
     assert persona.titled_answers(answers, members, people, labels) == ["Observe flaky tests: daily or weekly"]
     fewer = people[:4] + people[8:10] + people[13:17]  # daily, then monthly and a few times a year: no neighbour helps
     assert persona.held_by_most("q0", "Daily", fewer, people[4:8] + people[10:13] + people[17:]) is None
+
+
+def test_two_questions_worded_alike_each_title_by_their_own_answers() -> None:
+    labels = {"q1": "How often do you deploy?", "q2": "How often do you deploy?"}
+    people = [
+        persona.Participant(f"P{n}", [], {"q1": "Python" if n < 6 else "R", "q2": "Daily" if n < 6 else "Never"})
+        for n in range(12)
+    ]
+    keyed = persona.keyed_answers(people[:6], people, labels)
+    assert sorted(key for key, _ in keyed) == ["q1", "q2"]
+    assert sorted(persona.titled_answers(keyed, people[:6], people, labels)) == ["Deploy: daily", "Python"]
 
 
 def test_every_title_from_an_answer_holds_for_most_of_its_members(
@@ -562,6 +572,7 @@ def test_a_problem_word_in_praise_a_topic_or_a_relief_is_no_pain_point(sentence:
 def test_a_question_in_quotes_is_no_item_and_no_quote() -> None:
     asked = 'Or "What is the language that we\'re using here?"'
     assert persona.list_kind(asked) is None and persona.list_kind("We're using Rust here.") == "behaviours"
+    assert persona.list_kind('I hate the popup that keeps asking "Are you sure?"') == "pain_points"  # quotes one
     said = [
         persona.Sentence("P1", 'Then I asked them "what is the language that we use here?"', 0.9),
         persona.Sentence("P2", "I ask the new people which language they use at home.", 0.5),
@@ -671,9 +682,10 @@ def test_a_request_s_words_under_an_actions_question_are_an_action_taken() -> No
 @pytest.mark.parametrize(
     ("sentence", "kind"),
     [
-        ("Selenium is flaky and it ignores the elements I want it to interact with.", None),
-        ("I can open everything I want with it.", None),
+        ("It ignores the elements I want it to interact with.", None),
+        ("I can open anything we want to see in it.", None),
         ("The thing I want is a stable CI.", "goals"),
+        ("The one thing I want to see is better logs.", "goals"),
         ("I want the tool to run everything I want.", "goals"),
     ],
 )

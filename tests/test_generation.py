@@ -123,7 +123,7 @@ def test_a_job_reports_each_real_stage_in_order_and_the_workbench_names_it(tmp_p
         "loading data",
         "loaded 16 participants",
         "grouping the participants",
-        *(f"segment {done} of 3 done" for done in range(4)),
+        *(f"segment {done} of 3 done" for done in range(3)),
         "measuring quality",
         "personas built",
         "outputs written",
@@ -134,11 +134,45 @@ def test_a_job_reports_each_real_stage_in_order_and_the_workbench_names_it(tmp_p
     assert "writing the personas: 1 of 3 done" in words and "writing the personas: 2 of 3 done" in words
 
 
+async def test_reports_told_while_the_work_runs_are_saved_in_order_before_it_returns() -> None:
+    saved: list[int] = []
+    reports = persona.InOrder()
+
+    async def report(n: int) -> None:
+        await asyncio.sleep(0.01 * (3 - n))  # the first takes longest: order comes from the chain, not timing
+        saved.append(n)
+
+    async def work() -> str:
+        for n in range(3):
+            reports.add(report(n))
+        return "done"
+
+    assert await reports.after(work()) == "done" and saved == [0, 1, 2]
+
+
+async def test_a_report_that_fails_ends_the_work_with_its_error_and_later_reports_are_dropped() -> None:
+    reports = persona.InOrder()
+    release = asyncio.Event()
+
+    async def refused() -> None:
+        raise persona.JobCancelled("job-x")
+
+    async def work() -> None:
+        reports.add(refused())
+        await release.wait()  # it would wait for ever: the failed report ends it
+
+    with pytest.raises(persona.JobCancelled):
+        await reports.after(work())
+    late = refused()
+    reports.add(late)  # told by a thread that cannot be stopped, after the job ended
+    assert late.cr_frame is None  # closed, never scheduled
+
+
 def test_the_offline_engine_in_a_child_process_tells_each_persona_it_writes() -> None:
     dataset = persona.load_path("interviews.csv", EXAMPLES)
     heard: list[tuple[int, int]] = []
     personas, _ = asyncio.run(persona.run_in_child(persona.offline_personas, dataset, 3, {}, news=heard.append))
-    assert heard == [(0, 3), (1, 3), (2, 3), (3, 3)] and len(personas) == 3
+    assert heard == [(0, 3), (1, 3), (2, 3)] and len(personas) == 3  # after the last, the quality report's stage
 
 
 def test_a_job_writes_its_folder_with_personas_metadata_and_cards(tmp_path: Path) -> None:

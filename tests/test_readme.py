@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import clean_environment, free_port
 
 import persona
@@ -53,6 +54,8 @@ def test_the_readme_api_example_and_its_webhook_registration_work_pasted_as_they
         )
     try:
         shell.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the example did not finish in 60 s: {(tmp_path / 'err').read_text()[-2000:]}")
     finally:
         os.killpg(shell.pid, signal.SIGKILL)  # the server the example left running
     printed, problems = ((tmp_path / name).read_text() for name in ("out", "err"))

@@ -89,6 +89,18 @@ def test_a_refinement_with_other_people_names_them_apart_pairs_them_by_exact_ids
     assert 'filename="personas-interviews-' in download.headers["content-disposition"]
 
 
+def test_a_new_persona_never_takes_a_name_a_continued_or_a_gone_persona_has() -> None:
+    def made(pid: str, name: str, *ids: str) -> dict:
+        return {"id": pid, "name": name, "summary": f"{name} says.", "evidence": {"participants": list(ids)}}
+
+    parent = [made("persona-001", "Ana", "P1", "P2"), made("persona-002", "Ben", "P3")]
+    personas = [made("persona-001", "Cleo", "P1"), made("persona-002", "Ana", "P9"), made("persona-003", "Ben", "P8")]
+    named = persona.continued_personas(parent, personas, keep_names=True)
+    names = [item["name"] for item in named]
+    assert names[0] == "Ana" and len(set(names)) == 3 and "Ben" not in names  # Ben is gone: no new one is Ben
+    assert all(item["summary"] == f"{item['name']} says." for item in named[1:])
+
+
 def test_the_job_list_shows_times_in_the_browsers_time_zone_and_the_experiment(
     server: Server, client: httpx.Client, browser
 ) -> None:
