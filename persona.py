@@ -7951,6 +7951,7 @@ def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
 
 
 TITLE_ANSWER_SHARE = 0.5  # an answer names a persona only when most of its members who answered gave it
+TITLE_ANSWER_LIFT = 0.25  # and a quarter of them more than of everyone else: what sets them apart, not the data set
 
 
 def scale_of(values: Iterable[str]) -> tuple[str, ...] | None:
@@ -7967,8 +7968,8 @@ def share_giving(answers: list[str], levels: Collection[str]) -> float:
 
 def held_by_most(key: str, value: str, members: list[Participant], others: list[Participant]) -> str | None:
     """An answer as a title may state it: itself when most of the members who answered gave it, or with the
-    level beside it on its scale that more of them gave ("daily or weekly"), still set apart from everyone
-    else; None when neither holds for most of them. A title says what the persona is: "Observe flaky tests:
+    level beside it on its scale that more of them gave ("daily or weekly"), given by a quarter of them more
+    than of everyone else; None when neither holds. A title says what the persona is: "Observe flaky tests:
     daily" does not stand for a segment of whom 39% see them daily and 45% weekly."""
     answered = [person.attributes[key] for person in members if key in person.attributes]
     elsewhere = [person.attributes[key] for person in others if key in person.attributes]
@@ -7980,7 +7981,7 @@ def held_by_most(key: str, value: str, members: list[Participant], others: list[
         if beside:
             levels.append(max(beside, key=lambda level: (share_giving(answered, [level]), -scale.index(level))))
     inside, outside = share_giving(answered, levels), share_giving(elsewhere, levels)
-    if inside < TITLE_ANSWER_SHARE or inside - outside < ANSWER_MIN_LIFT:
+    if inside < TITLE_ANSWER_SHARE or inside - outside < TITLE_ANSWER_LIFT:
         return None
     return " or ".join(levels) if len(levels) > 1 else value
 

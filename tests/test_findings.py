@@ -249,6 +249,15 @@ def test_an_answer_fewer_than_half_its_members_gave_names_them_only_with_the_lev
     assert persona.held_by_most("q0", "Daily", fewer, people[4:8] + people[10:13] + people[17:]) is None
 
 
+def test_an_answer_most_of_everyone_gives_names_no_persona() -> None:
+    # The bank reviews: 58 of 65 members wrote about CBE, and so did 74% of everyone else.
+    people = [
+        persona.Participant(f"P{n}", [], {"bank": "CBE" if n < 9 or 10 <= n < 17 else "Awash"}) for n in range(20)
+    ]
+    assert persona.held_by_most("bank", "CBE", people[:10], people[10:]) is None  # 90% against 70%
+    assert persona.held_by_most("bank", "CBE", people[:10], people[13:]) == "CBE"  # 90% against 57%: apart
+
+
 def test_two_questions_worded_alike_each_title_by_their_own_answers() -> None:
     labels = {"q1": "How often do you deploy?", "q2": "How often do you deploy?"}
     people = [
