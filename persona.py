@@ -12500,12 +12500,17 @@ async def job_page(request: Request) -> HTMLResponse:
     data = asked.get("data")
     source = (shown_url(data) if classify_data(data) == "url" else data) if isinstance(data, str) else "inline data"
     name = (asked.get("config") or {}).get("name")
+    count, provider = segments_asked(asked), asked.get("provider")
     if job["status"] == "completed":
         parts.append(await completed_job_parts(request, job))
         metadata = job["result"].get("metadata", {})
         source, name = metadata.get("source", {}).get("location", source), metadata.get("name", name)
-        subtitle = f"{len(job['result']['personas'])} personas · {metadata.get('provider', '')} · {job['job_id']}"
-    title = f"{name}: personas from {source}" if name else f"Personas from {source}"
+        count, provider = len(job["result"]["personas"]), metadata.get("provider", provider)
+        subtitle = job["job_id"]
+    settings = ", ".join(filter(None, (f"{count} persona{'s' if count != 1 else ''}" if count else "", provider)))
+    title = (f"{name}: personas from {source}" if name else f"Personas from {source}") + (
+        f" ({settings})" if settings else ""
+    )
     body = (
         f'<main class="page" data-status="{escape(job["status"])}" data-version="{job_version(job)}">'
         f"{''.join(parts)}</main>"

@@ -31,7 +31,7 @@ def test_a_jobs_page_opens_on_its_personas_titled_by_its_source_with_warnings_co
 ) -> None:
     job = wait_job(client, submit(client, data="interviews.csv", count=3))
     page = client.get(f"/jobs/{job['job_id']}").text
-    assert "<title>Personas from interviews.csv" in page
+    assert "<title>Personas from interviews.csv (3 personas, local)</title>" in page  # its source and settings
     assert page.index('<article class="card"') < page.index("<h2>Next</h2>")
     warnings = job["result"]["metadata"]["warnings"]
     if warnings:
