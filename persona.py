@@ -12482,7 +12482,8 @@ async def job_page(request: Request) -> HTMLResponse:
         return not_found_page(request, f"Job {key[:64]}")
     stored = await state(request).store.job_request(job["job_id"])
     asked = stored[0] if stored else {}
-    stage = stage_words(job, segments_asked(asked))
+    count, provider = segments_asked(asked), asked.get("provider")
+    stage = stage_words(job, count)
     active = job_is_live(job)
     seconds = f'data-seconds="{elapsed_seconds(job)}"'
     controls = f' <span id="elapsed" {seconds}>{escape(elapsed_words(job))}</span> ' if active else ""
@@ -12500,7 +12501,6 @@ async def job_page(request: Request) -> HTMLResponse:
     data = asked.get("data")
     source = (shown_url(data) if classify_data(data) == "url" else data) if isinstance(data, str) else "inline data"
     name = (asked.get("config") or {}).get("name")
-    count, provider = segments_asked(asked), asked.get("provider")
     if job["status"] == "completed":
         parts.append(await completed_job_parts(request, job))
         metadata = job["result"].get("metadata", {})
