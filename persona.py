@@ -12524,25 +12524,24 @@ def model_configured() -> bool:
     return pick_provider({}) != "local" or bool(os.environ.get("OLLAMA_HOST"))
 
 
-def shown_changes(key: str, items: list[str]) -> list[str]:
-    """A field's changed items as the page shows them: not the demographics' size and share, which the
-    card and its participants' change say."""
-    return [item for item in items if not (key == "demographics" and item.startswith(("participants: ", "share: ")))]
+def shown_changes(key: str, split: JSON) -> list[str]:
+    """A field's changes as the page says them ("added …", "removed …"): not the demographics' size and
+    share, which the card and its participants' change say."""
+    return [
+        f"{change} {item}"
+        for change in ("added", "removed")
+        for item in split[change]
+        if not (key == "demographics" and item.startswith(("participants: ", "share: ")))
+    ]
 
 
 def changes_html(changes: JSON) -> str:
     """What a refinement changed: each continued persona's fields gained and lost, and the personas new or gone."""
     rows = []
     for persona in changes.get("personas", []):
+        shown = {key: shown_changes(key, split) for key, split in persona["fields"].items()}
         fields = "".join(
-            f"<li>{escape(field_heading(key))}: "
-            + "; ".join(
-                [f"added {escape(item)}" for item in shown_changes(key, split["added"])]
-                + [f"removed {escape(item)}" for item in shown_changes(key, split["removed"])]
-            )
-            + "</li>"
-            for key, split in persona["fields"].items()
-            if shown_changes(key, split["added"] + split["removed"])
+            f"<li>{escape(field_heading(key))}: {escape('; '.join(said))}</li>" for key, said in shown.items() if said
         )
         rows.append(
             f"<li>{escape(persona['name'])} continued: "
