@@ -6914,6 +6914,9 @@ CLAUSE = re.compile(
 not make it an item ("This course was a joy to teach" answers "what are your pain points?")."""
 NON_ANSWER_OPENING = re.compile(r"^\W*(?:none|nothing|no|not|n/a|na|nope|idk|thanks?|thank you)\b", re.IGNORECASE)
 """An answer that declines ("None at this time", "Not that I know of", "Thanks!")."""
+DECLINED = re.compile(r"^\W*(?:none|nothing|n/a|nope)\s*[-\u2013\u2014,:;]", re.IGNORECASE)
+"""A sentence that declines first and then says why ("Nothing - the issues I had were all before dplyr"): its
+answer is none, whatever trouble the reason names."""
 
 CUES: dict[str, re.Pattern[str]] = {
     "pain_points": PAIN,
@@ -7620,11 +7623,11 @@ def names_a_problem(text: str) -> bool:
 def sentence_kind(sentence: str) -> str | None:
     """The list a sentence belongs to ("goals", "pain_points", "behaviours") or None, by its own words.
 
-    Questions, sentences over MAX_ITEM_WORDS words, definitions and other people's quoted words are None. A wish
-    beats a problem (the speaker asks for the fix) and so does a sentence that opens as a request
-    ("Better error messages"); a problem beats any other request or a practice (a complaint that
+    Questions, declined answers, sentences over MAX_ITEM_WORDS words, definitions and other people's quoted
+    words are None. A wish beats a problem (the speaker asks for the fix) and so does a sentence that opens as
+    a request ("Better error messages"); a problem beats any other request or a practice (a complaint that
     mentions a feature or a habit is still a complaint)."""
-    if is_question(sentence) or len(sentence.split()) > MAX_ITEM_WORDS:
+    if is_question(sentence) or len(sentence.split()) > MAX_ITEM_WORDS or DECLINED.match(sentence):
         return None
     if QUOTE.search(sentence) and REPORTED.search(sentence):
         return None

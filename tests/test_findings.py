@@ -710,6 +710,20 @@ def test_a_clause_a_refusal_or_praise_is_not_made_an_item_by_its_question(answer
     assert persona.list_kind(answer, PAIN_POINTS_QUESTION) is None
 
 
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        ("Nothing - the issues I had were all related to learning R prior to dplyr", None),
+        ("None, the crashes stopped after the update.", None),
+        ("N/A: my problems were with the old version.", None),
+        ("Nothing helps when the build crashes.", "pain_points"),
+        ("No documentation for the widgets is a problem.", "pain_points"),
+    ],
+)
+def test_an_answer_that_declines_before_its_reason_is_no_item(answer: str, kind: str | None) -> None:
+    assert persona.list_kind(answer) == kind
+
+
 def test_a_cause_named_under_a_causes_question_is_no_pain_point_unless_the_speaker_met_it() -> None:
     assert persona.list_kind("Errors in 3rd party libraries (e.g. Vagrant).") == "pain_points"
     assert persona.list_kind("Errors in 3rd party libraries (e.g. Vagrant).", CAUSES_QUESTION) is None
