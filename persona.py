@@ -3562,6 +3562,8 @@ della il gli
 
 
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
+LINK = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
+"""A web address: its parts (`https`, `github`, `com`) are no words the participant said."""
 
 
 def stem(word: str) -> str:
@@ -3586,7 +3588,8 @@ def content_words(text: str) -> list[tuple[str, str]]:
 def content_spans(text: str) -> list[tuple[str, str, int, int]]:
     """(stem, surface, start, end) of the words that carry meaning; offsets into `text`."""
     words = []
-    for match in WORD.finditer(text.lower()):
+    unlinked = LINK.sub(lambda link: " " * len(link.group()), text.lower())  # same length: offsets hold
+    for match in WORD.finditer(unlinked):
         token = stem(match.group())
         if is_word_token(token) and match.group() not in STOPWORDS:
             words.append((token, match.group().replace("’", "'"), match.start(), match.end()))
@@ -7100,6 +7103,7 @@ ORDINAL_SCALES = (
     ("beginner", "intermediate", "advanced", "expert"),
 )
 SCALE_LEVELS = {value: index for scale in ORDINAL_SCALES for index, value in enumerate(scale)}
+SCALE_WORDS = frozenset(word for level in SCALE_LEVELS for word in level.split())
 
 
 def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
@@ -7899,7 +7903,7 @@ AMOUNT_WORDS = frozenset(
 QUESTION_LEAD = re.compile(
     r"^(?:(?:roughly|approximately|about|overall|generally|typically|usually),? )?"
     r"(?:how (?:would|do) you (?:rate|describe|assess) (?:your )?|"
-    r"(?:how (?:often|many|much|long|well)|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
+    r"(?:how(?: often| many| much| long| well)?|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
     r"\b(?:do|does|did|are|is|was|were|have|has|would|will|can|could)\b\s*(?:you|your|they)?\b\s*|"
     r"(?:do|does|did|are|is|have|has|would|will|can|could) (?:you|your)\b\s*)",
     re.IGNORECASE,
@@ -7911,6 +7915,13 @@ HOW_MANY = re.compile(
     r"(?:are|is|were|was|do|does|did|have|has)\b\s*",
     re.IGNORECASE,
 )
+HOW_MANY_DO = re.compile(r"^(?:(?:roughly|approximately|about),? )?how (?:many|much) (\w+) ", re.IGNORECASE)
+"""How many of something do a thing ("How many people typically see your work?"): those who do it."""
+LEADING_CLAUSE = re.compile(
+    r"^[^,?]*, (?=(?:roughly |approximately |about )?(?:how|what|which|when|where|why|who|do|does|did|are|is)\b)",
+    re.IGNORECASE,
+)
+"""A clause before a question's question ("If you grade notebooks, how ...", "Other than yourself, how many ...")."""
 
 
 def says_nothing_alone(value: str) -> bool:
@@ -7923,34 +7934,104 @@ def says_nothing_alone(value: str) -> bool:
     )
 
 
-def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
-    """An answer with its question's meaning: `Re-run the build: often`, `Observe flaky tests: weekly`.
+WHO_THEY_ARE = re.compile(
+    r"\b(?:describes? (?:you|yourself|the work you do|your (?:work|role|job))|job title|(?:your|current) (?:role|"
+    r"position|occupation|profession|job)|what (?:is your )?(?:role|occupation|profession)|degree|level of school|"
+    r"are you an?)\b",
+    re.IGNORECASE,
+)
+"""A question whose answer names what kind of person answered (a role, a job, a degree): `Data scientist`
+says it alone."""
+TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
+POSSESSIVES = frozenset("your their our".split())
+"""Words where a question's topic ends and its circumstances or a clause about it begin."""
 
-    An answer that names a kind of person (`Nurse`, `Data scientist`) needs no question;
-    one that says nothing alone (`Yes`, `Never`, `Agree`) takes its question's topic.
-    """
-    if not says_nothing_alone(value):
-        return value
-    header = labels.get(key) or key.replace("_", " ")
+
+def names_the_person(header: str) -> bool:
+    """Whether an answer to `header` names a kind of person: a column labelled, not asked (`role`), or a
+    question that asks who they are."""
+    return ("?" not in header and len(header.split()) <= 3) or bool(WHO_THEY_ARE.search(header))
+
+
+def as_answered(value: str) -> str:
+    """An answer inside a phrase: in lower case where it opens with a common word (`every year`, `by hand`,
+    `often`), as written where it may open with a name (`JupyterHub`, `Python 3`, `Complete novice`)."""
+    answer = value.strip()
+    first = answer.split(" ", 1)[0].lower()
+    common = first != "i" and any(first in words for words in (STOPWORDS, AMOUNT_WORDS, BARE_ANSWERS, SCALE_WORDS))
+    return answer[:1].lower() + answer[1:] if common else answer
+
+
+WHAT_THING = re.compile(
+    r"^(?:what|which)(?: of the following)? (?!(?:is|are|was|were|do|does|did|have|has|would|will|can|could|of)\b)"
+    r"((?:[\w/-]+ ){0,3}?[\w/-]+) (?:is|are|was|were|do|does|did|have|has|would|will|can|could)\b",
+    re.IGNORECASE,
+)
+"""A question that names the kind of thing it asks for ("What industry do you work in?"): that thing is its
+topic."""
+WHICH_STATEMENT = re.compile(
+    r"^(?:which|what) (?:statement|option|answer|choice)s? (?:best |most closely |most )?"
+    r"(?:describes?|reflects?|matches?) (?:the |your )?",
+    re.IGNORECASE,
+)
+"""A question that offers statements to choose from: what they are about is its topic ("... the primary reason")."""
+
+
+def ends_the_topic(word: str, before: str) -> bool:
+    """Whether a question's topic ends before `word`: a preposition or clause word, or a second noun phrase's
+    possessive ("tools your class uses"; not "students in your class")."""
+    return word in TOPIC_ENDS or (word in POSSESSIVES and before not in GLUE_WORDS)
+
+
+def question_topic(header: str) -> str:
+    """What a question asks about, in a few words: `Achieve proficiency`, `Industry`, `Doing the grading`."""
     grid = grid_parts(header)
-    topic = (grid[1] if grid else header).split("(", 1)[0].strip()
+    topic = re.sub(r"\s*\([^)]*\)", "", grid[1] if grid else header).split("?", 1)[0].strip()
     preamble, colon, asked = topic.rpartition(":")
     if colon and preamble and QUESTION_LEAD.match(asked.strip()):  # "Think about the past month: how often ..."
         topic = asked.strip()
+    topic = LEADING_CLAUSE.sub("", topic)  # "If you grade notebooks, how do you ...?", "Other than yourself, how ..."
+    topic = re.sub(r"^(?:please )?(?:indicate|select|choose|specify|name|list) ", "", topic, flags=re.IGNORECASE)
     counted = HOW_MANY.match(topic)  # "how many students are in your class" counts students in your class
-    topic = f"{counted.group(1)} {topic[counted.end() :]}" if counted else QUESTION_LEAD.sub("", topic)
+    counted_doing = HOW_MANY_DO.match(topic)
+    thing = WHAT_THING.match(topic)
+    if counted:
+        topic = f"{counted.group(1)} {topic[counted.end() :]}"
+    elif counted_doing:
+        rest = topic[counted_doing.end() :]
+        topic = f"{counted_doing.group(1)} {rest if re.match(r'(?:that|who|which) ', rest) else 'who ' + rest}"
+    elif thing:
+        topic = thing.group(1)
+    else:
+        topic = QUESTION_LEAD.sub("", WHICH_STATEMENT.sub("", topic))
     topic = topic.strip(" ?:.…")
     topic = re.sub(r"^(?:it )?(?:takes?|took) (?:you|them) (?:to )?", "", topic, flags=re.IGNORECASE)
+    topic = re.sub(r"^(?:the|this|that|these|those|your) ", "", topic, flags=re.IGNORECASE)  # "this course taught"
     words = topic.split()
     for position, word in enumerate(words[1:], 1):  # the topic ends where its circumstances begin
         if word.endswith(","):
             words = words[: position + 1]
             break
-        if position >= 2 and word.lower() in ("in", "on", "at", "for", "during", "when", "while", "since"):
+        if position >= 2 and ends_the_topic(word.lower(), words[position - 1].lower()):
             words = words[:position]
             break
-    shown = " ".join(words[:8]).rstrip(",") or header[:60]
-    return f"{sentence_case(shown)}: {value.strip().lower()}"
+    words = words[:8]
+    while len(words) > 1 and words[-1].lower() in GLUE_WORDS:  # "... interact with the"
+        words.pop()
+    return " ".join(words).rstrip(",") or header[:60]
+
+
+def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
+    """An answer with its question's meaning: `Re-run the build: often`, `Observe flaky tests: weekly`,
+    `Doing the grading: by hand`.
+
+    Only an answer that names a kind of person (`Nurse`, `Data scientist`) needs no question: `By hand`
+    or `Ungraded coding exercises` alone says nothing of whom it describes.
+    """
+    header = labels.get(key) or key.replace("_", " ")
+    if not says_nothing_alone(value) and names_the_person(header):
+        return value
+    return f"{sentence_case(question_topic(header))}: {as_answered(value)}"
 
 
 TITLE_ANSWER_SHARE = 0.5  # an answer names a persona only when most of its members who answered gave it

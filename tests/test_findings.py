@@ -120,6 +120,46 @@ def test_an_answer_that_is_only_an_amount_takes_its_question_s_topic(question: s
     assert persona.answer_phrase("q", answer, {"q": question}) == phrase
 
 
+def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
+    assert persona.content_words("RISE - https://github.com/damianavila/RISE, see www.example.org/x") == [("rise", "rise")]
+    teachers = persona.load_path("jupyter-education-2016/responses.csv", CORPUS)  # answers full of links
+    personas, _ = persona.offline_personas(teachers, 4, {})
+    shown = [word.lower() for p in personas for word in [*p["themes"], *p["title"].split()]]
+    assert not {"https", "http", "github", "com", "www"} & set(shown)
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "phrase"),
+    [
+        (
+            "If you are using notebooks for graded assignments, how are you doing the grading?",
+            "By hand",
+            "Doing the grading: by hand",
+        ),
+        (
+            "What types of questions are included in your assignments?",
+            "Ungraded coding exercises",
+            "Types of questions: Ungraded coding exercises",
+        ),
+        ("How often is this course taught?", "Every year", "Course taught: every year"),
+        ("What industry do you work or participate in?", "Research", "Industry: Research"),
+        (
+            "Which statement most closely reflects the primary reason why you learned R?",
+            "I wanted to do statistical analyses",
+            "Primary reason: I wanted to do statistical analyses",
+        ),
+        ("How did you learn R? If you used multiple methods, please select one.", "On the job", "Learn R: on the job"),
+        ("What is your job title, if any?", "Assistant Professor", "Assistant Professor"),
+        ("What is the highest degree or level of school you have completed?", "Doctorate", "Doctorate"),
+        ("role", "Charge nurse", "Charge nurse"),
+    ],
+)
+def test_an_answer_stands_alone_only_where_its_question_asks_who_they_are(
+    question: str, answer: str, phrase: str
+) -> None:
+    assert persona.answer_phrase("q", answer, {"q": question}) == phrase
+
+
 def test_answers_that_are_nearly_all_unique_are_speech() -> None:
     records = [
         {"id": f"R{n}", "why": f"Because reason number {n} matters to my team in its own particular way."}
@@ -266,7 +306,7 @@ def test_two_questions_worded_alike_each_title_by_their_own_answers() -> None:
     ]
     keyed = persona.keyed_answers(people[:6], people, labels)
     assert sorted(key for key, _ in keyed) == ["q1", "q2"]
-    assert sorted(persona.titled_answers(keyed, people[:6], people, labels)) == ["Deploy: daily", "Python"]
+    assert sorted(persona.titled_answers(keyed, people[:6], people, labels)) == ["Deploy: Python", "Deploy: daily"]
 
 
 def test_every_title_from_an_answer_holds_for_most_of_its_members(
