@@ -6567,6 +6567,16 @@ CONDITIONAL_PAIN = re.compile(
 )
 """A difficulty imagined, not met ("installing a GUI on the server would be a pain"): no pain point."""
 
+RESOLVED = re.compile(
+    r"\b(?:is|are|seems?|has become|have become) now (?:much |far |a lot |a bit )?(?:more|better|fixed|stable|"
+    r"resolved|solved|fine)\b|\bnow (?:much |far )?(?:more stable|better|fixed|resolved|solved)\b|"
+    r"\b(?:has|have) (?:since )?been (?:fixed|resolved|solved)\b|\bprior to\b",
+    re.IGNORECASE,
+)
+"""A trouble told as past and mended ("... failed to load regularly, but the system is now much more stable",
+"... all related to learning R prior to dplyr"): no pain point the speaker has now. "No longer" is no mend:
+"older code may no longer run" is the trouble itself."""
+
 OPINION = re.compile(
     r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b",
     re.IGNORECASE,
@@ -6937,6 +6947,7 @@ QUOTE_COUNTS = {"minimal": 1, "standard": 3, "detailed": 5}
 THEME_COUNTS = {"simple": 2, "moderate": 3, "complex": 5}
 MAX_DEMOGRAPHICS = 10  # attributes summarised per persona
 MAX_ITEM_WORDS = 40  # a longer sentence is no goal, pain point or behaviour: a reader cannot take it in
+PLAIN_ITEM_WORDS = 25  # a longer one is chosen only after every shorter one of its list
 NUMBER_WORDS = frozenset(
     """
 two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand
@@ -7479,17 +7490,56 @@ def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, floa
     return sorted(sentences, key=lambda s: (-s.score, s.participant, s.text))
 
 
+POINTS_BACK = re.compile(
+    r"^\W*(?:(?:this|that)(?:'s|\s+(?:is|was|are|were|means|meant|would|will|can|could|should|might|may|must|has|"
+    r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
+    r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
+    r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|(?:and|but|so|or|because|although|though|however)\b|"
+    r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that|this|those)\b|what that means\b)",
+    re.IGNORECASE,
+)
+"""A sentence that opens by pointing at what came before it ("This means I end up ...", "That would be cool",
+"These slides can be imported", "They're very annoying!", "With regards to that, ...") or by carrying
+it on ("And they might hear ...", "But there was no real buzz around it"): a reader shown it alone cannot tell
+what it is about."""
+SELF_REPAIR = re.compile(r"\s--\s")
+"""A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show."""
+ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
+
+
+def stands_alone(text: str) -> bool:
+    """Whether a sentence can be shown on its own: it neither points back nor breaks off (`--`, a trailing
+    `...`), and holds no quotation cut in two by the sentence's end (`I'd appreciate it if you didn't."`)."""
+    plain = text.replace("\u201c", '"').replace("\u201d", '"').rstrip()
+    return not (
+        POINTS_BACK.match(text) or SELF_REPAIR.search(text) or plain.endswith(("...", "\u2026")) or plain.count('"') % 2
+    )
+
+
+def says_again(words: frozenset[str], chosen: list[frozenset[str]]) -> bool:
+    """Whether an item with these content words repeats one already chosen ("Ggplot2 and dplyr" after
+    "Ggplot2 & dplyr"): the same words, or two or more of them shared and most of the shorter one's."""
+    return any(
+        words == other or (len(words & other) >= 2 and len(words & other) >= ALIKE_SHARE * min(len(words), len(other)))
+        for other in chosen
+    )
+
+
 def pick_spread(candidates: list[Sentence], count: int) -> list[Sentence]:
-    """The best `count`, one per participant first so a single voice does not dominate."""
+    """The best `count`, one per participant first so a single voice does not dominate, none saying one
+    already chosen again."""
     chosen: list[Sentence] = []
+    said: list[frozenset[str]] = []
     voices: set[str] = set()
-    for candidate in candidates:
-        if len(chosen) < count and candidate.participant not in voices:
-            chosen.append(candidate)
-            voices.add(candidate.participant)
-    for candidate in candidates:
-        if len(chosen) < count and candidate not in chosen:
-            chosen.append(candidate)
+    for first_round in (True, False):
+        for candidate in candidates:
+            if len(chosen) >= count or candidate in chosen or (first_round and candidate.participant in voices):
+                continue
+            words = word_set(candidate.text)
+            if not says_again(words, said):
+                chosen.append(candidate)
+                said.append(words)
+                voices.add(candidate.participant)
     return chosen
 
 
@@ -7615,12 +7665,13 @@ def list_kind(sentence: str, question: str = "") -> str | None:
 
 def names_a_problem(text: str) -> bool:
     """Whether a sentence (its pseudo-cues blanked) names a problem of the speaker's: not an opinion,
-    nor one only imagined ("If I were to ...", "... would be a pain")."""
+    nor one only imagined ("If I were to ...", "... would be a pain") or told as mended ("... is now stable")."""
     return bool(
         PAIN.search(text)
         and not OPINION.match(text)
         and not HYPOTHETICAL.match(text)
         and not CONDITIONAL_PAIN.search(text)
+        and not RESOLVED.search(text)
     )
 
 
@@ -7660,14 +7711,19 @@ def sentence_kind(sentence: str) -> str | None:
     return None
 
 
+def is_long(sentence: Sentence) -> bool:
+    """A sentence a reader takes in at a glance no longer: an item is one only when no shorter one is left."""
+    return len(sentence.text.split()) > PLAIN_ITEM_WORDS
+
+
 def categorise(sentences: list[Sentence], length: int) -> dict[str, list[Sentence]]:
     """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only."""
     buckets: dict[str, list[Sentence]] = {name: [] for name in CUES}
-    for sentence in sentences:
+    for sentence in filter(lambda sentence: stands_alone(sentence.text), sentences):
         kind = list_kind(sentence.text, sentence.question)
         if kind:
             buckets[kind].append(sentence)
-    return {name: pick_spread(found, length) for name, found in buckets.items()}
+    return {name: pick_spread(sorted(found, key=is_long), length) for name, found in buckets.items()}
 
 
 def tidy_spoken(sentence: str) -> str:
@@ -7685,6 +7741,7 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int, coded: Co
         for s in sentences
         if 6 <= len(s.text.split()) <= 45
         and not is_question(s.text)
+        and stands_alone(s.text)
         and len(content_words(s.text)) >= 3
         and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
     ]

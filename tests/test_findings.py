@@ -121,7 +121,9 @@ def test_an_answer_that_is_only_an_amount_takes_its_question_s_topic(question: s
 
 
 def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
-    assert persona.content_words("RISE - https://github.com/damianavila/RISE, see www.example.org/x") == [("rise", "rise")]
+    assert persona.content_words("RISE - https://github.com/damianavila/RISE, see www.example.org/x") == [
+        ("rise", "rise")
+    ]
     teachers = persona.load_path("jupyter-education-2016/responses.csv", CORPUS)  # answers full of links
     personas, _ = persona.offline_personas(teachers, 4, {})
     shown = [word.lower() for p in personas for word in [*p["themes"], *p["title"].split()]]
@@ -762,6 +764,75 @@ def test_a_clause_a_refusal_or_praise_is_not_made_an_item_by_its_question(answer
 )
 def test_an_answer_that_declines_before_its_reason_is_no_item(answer: str, kind: str | None) -> None:
     assert persona.list_kind(answer) == kind
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Student servers on JupyterHub failed to load regularly, but the system is now much more stable.",
+        "The crashes on start-up have since been fixed.",
+        "All my issues were related to learning R prior to the release of dplyr.",
+    ],
+)
+def test_a_trouble_told_as_mended_is_no_pain_point(answer: str) -> None:
+    assert persona.list_kind(answer) is None
+
+
+def test_a_trouble_that_no_longer_lets_something_work_is_still_a_pain_point() -> None:
+    assert persona.list_kind("Packages can change, and older code may no longer run properly.") == "pain_points"
+
+
+@pytest.mark.parametrize(
+    ("sentence", "alone"),
+    [
+        ("This means I end up processing the data in R and labelling it in SPSS.", False),
+        ("That would be cool, but I have no idea how to fund it.", False),
+        ("These slides can be automatically imported into the course site.", False),
+        ("They're very annoying!", False),
+        ("I.e. a chain of services shutting down in the wrong order.", False),
+        ("With regards to that, I would love to contribute more.", False),
+        ("And they might hear from their users via issues.", False),
+        ("For me, I guess recently, we've -- and it was really hard in the beginning.", False),
+        ("I always look at GitHub stars as a way of...", False),
+        ("I'd appreciate it if you didn't do such pull requests.\"", False),
+        ("This course was a joy to teach.", True),
+        ("It is not downloading since the update.", True),
+        ('I hate the popup that keeps asking "Are you sure?"', True),
+        ("Flaky tests make me re-run the build three times a day.", True),
+    ],
+)
+def test_an_item_or_quote_is_a_sentence_that_reads_alone(sentence: str, alone: bool) -> None:
+    assert persona.stands_alone(sentence) is alone
+
+
+def test_an_item_that_says_one_already_chosen_again_is_left_out() -> None:
+    said = [
+        persona.Sentence(f"P{n}", text, 1.0 - n / 10)
+        for n, text in enumerate(
+            [
+                "Ggplot2 & dplyr",
+                "Ggplot2 and dplyr",
+                "Rewrite the code under test",
+                "Rewrite problematic code to make it testable",
+                "Mock the clock",
+            ]
+        )
+    ]
+    chosen = [s.text for s in persona.pick_spread(said, 5)]
+    assert chosen == ["Ggplot2 & dplyr", "Rewrite the code under test", "Mock the clock"]
+
+
+def test_a_long_sentence_is_an_item_only_when_no_shorter_one_is_left() -> None:
+    long = (
+        "I always run the tests on my laptop first, then on the staging server, then in CI with extra logging "
+        "turned on for every single suite we own, before I look at any report."
+    )
+    sentences = [persona.Sentence("P1", long, 0.9), persona.Sentence("P2", "I always re-run the failing build.", 0.5)]
+    assert [s.text for s in persona.categorise(sentences, 1)["behaviours"]] == ["I always re-run the failing build."]
+    assert [s.text for s in persona.categorise(sentences, 2)["behaviours"]] == [
+        "I always re-run the failing build.",
+        long,
+    ]
 
 
 def test_a_cause_named_under_a_causes_question_is_no_pain_point_unless_the_speaker_met_it() -> None:
