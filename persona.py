@@ -7516,29 +7516,62 @@ def stands_alone(text: str) -> bool:
     )
 
 
-def says_again(words: frozenset[str], chosen: list[frozenset[str]]) -> bool:
-    """Whether an item with these content words repeats one already chosen ("Ggplot2 and dplyr" after
-    "Ggplot2 & dplyr"): the same words, or two or more of them shared and most of the shorter one's."""
-    return any(
-        words == other or (len(words & other) >= 2 and len(words & other) >= ALIKE_SHARE * min(len(words), len(other)))
-        for other in chosen
+@dataclass
+class Said:
+    """What a persona's chosen items and quotes say, so that none says one of them again; `topic` holds the
+    word pairs so many participants use (`flaky test`) that sharing one tells nothing."""
+
+    topic: frozenset[str] = frozenset()
+    words: list[frozenset[str]] = field(default_factory=list)
+    pairs: set[str] = field(default_factory=set)
+
+    def again(self, text: str) -> bool:
+        """Whether `text` repeats one already chosen: the same words ("Ggplot2 and dplyr" after "Ggplot2 &
+        dplyr"), two or more shared and most of the shorter one's, or a pair of words side by side that is no
+        topic ("multiple cells" in "Selecting multiple cells" and "Lack of ability to select multiple cells")."""
+        words, pairs = word_set(text), word_pairs(text)
+        return bool(pairs & self.pairs) or any(
+            words == other
+            or (len(words & other) >= 2 and len(words & other) >= ALIKE_SHARE * min(len(words), len(other)))
+            for other in self.words
+        )
+
+    def add(self, text: str) -> None:
+        self.words.append(word_set(text))
+        self.pairs.update(word_pairs(text) - self.topic)
+
+
+def word_pairs(text: str) -> set[str]:
+    """Adjacent content words of a sentence, as the corpus's pair terms spell them (`multiple cell`)."""
+    tokens = [token for token, _ in content_words(text)]
+    return {f"{first} {second}" for first, second in zip(tokens, tokens[1:])}
+
+
+TOPIC_PAIR_SHARE = 0.1  # a word pair this share of the participants who said anything use is the data set's topic
+
+
+def topic_pairs(corpus: Corpus) -> frozenset[str]:
+    """The word pairs a tenth or more of those who said anything use: the data set's topic (`flaky test`,
+    `version control` in a notebook survey), no repeat when shared."""
+    widespread = TOPIC_PAIR_SHARE * sum(1 for used in corpus.users if used)
+    return frozenset(
+        term for term, index in corpus.vocabulary.items() if " " in term and corpus.speakers[index] >= widespread
     )
 
 
-def pick_spread(candidates: list[Sentence], count: int) -> list[Sentence]:
+def pick_spread(candidates: list[Sentence], count: int, said: Said | None = None) -> list[Sentence]:
     """The best `count`, one per participant first so a single voice does not dominate, none saying one
-    already chosen again."""
+    already chosen for the persona again (`said`, which the chosen join)."""
+    said = said if said is not None else Said()
     chosen: list[Sentence] = []
-    said: list[frozenset[str]] = []
     voices: set[str] = set()
     for first_round in (True, False):
         for candidate in candidates:
             if len(chosen) >= count or candidate in chosen or (first_round and candidate.participant in voices):
                 continue
-            words = word_set(candidate.text)
-            if not says_again(words, said):
+            if not said.again(candidate.text):
                 chosen.append(candidate)
-                said.append(words)
+                said.add(candidate.text)
                 voices.add(candidate.participant)
     return chosen
 
@@ -7716,14 +7749,16 @@ def is_long(sentence: Sentence) -> bool:
     return len(sentence.text.split()) > PLAIN_ITEM_WORDS
 
 
-def categorise(sentences: list[Sentence], length: int) -> dict[str, list[Sentence]]:
-    """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only."""
+def categorise(sentences: list[Sentence], length: int, said: Said | None = None) -> dict[str, list[Sentence]]:
+    """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only, and says nothing
+    an item of another list says (a wish and the lack it mirrors)."""
+    said = said if said is not None else Said()
     buckets: dict[str, list[Sentence]] = {name: [] for name in CUES}
     for sentence in filter(lambda sentence: stands_alone(sentence.text), sentences):
         kind = list_kind(sentence.text, sentence.question)
         if kind:
             buckets[kind].append(sentence)
-    return {name: pick_spread(sorted(found, key=is_long), length) for name, found in buckets.items()}
+    return {name: pick_spread(sorted(found, key=is_long), length, said) for name, found in buckets.items()}
 
 
 def tidy_spoken(sentence: str) -> str:
@@ -7733,7 +7768,9 @@ def tidy_spoken(sentence: str) -> str:
     return sentence_case(text) if text else sentence
 
 
-def pick_quotes(sentences: list[Sentence], used: set[str], count: int, coded: Collection[str] = ()) -> list[Sentence]:
+def pick_quotes(
+    sentences: list[Sentence], used: set[str], count: int, coded: Collection[str] = (), said: Said | None = None
+) -> list[Sentence]:
     """Quotes that speak: first-person sentences of a readable length not used in the lists, the
     passages the researcher coded first (`coded`, in `squash` form), each voice once before any twice."""
     speakable = [
@@ -7750,7 +7787,7 @@ def pick_quotes(sentences: list[Sentence], used: set[str], count: int, coded: Co
     pool = fresh or first_person or speakable or sentences
     if coded:
         pool = sorted(pool, key=lambda s: not any(squash(s.text) in passage for passage in coded))  # stable
-    return pick_spread(pool, count)
+    return pick_spread(pool, count, said)
 
 
 @dataclass
@@ -8001,6 +8038,7 @@ WHO_THEY_ARE = re.compile(
 says it alone."""
 TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
 POSSESSIVES = frozenset("your their our".split())
+TOPIC_WORDS = 10  # a question's topic in a title, at most
 """Words where a question's topic ends and its circumstances or a clause about it begin."""
 
 
@@ -8034,16 +8072,19 @@ WHICH_STATEMENT = re.compile(
 """A question that offers statements to choose from: what they are about is its topic ("... the primary reason")."""
 
 
-def ends_the_topic(word: str, before: str) -> bool:
+def ends_the_topic(word: str, before: str, after: str) -> bool:
     """Whether a question's topic ends before `word`: a preposition or clause word, or a second noun phrase's
-    possessive ("tools your class uses"; not "students in your class")."""
-    return word in TOPIC_ENDS or (word in POSSESSIVES and before not in GLUE_WORDS)
+    possessive ("tools your class uses"; not "students in your class"). A clause about whom it concerns
+    stays ("experience that your students are expected to have": the students', not the teacher's)."""
+    if word in ("that", "which") and after in POSSESSIVES:
+        return False
+    return word in TOPIC_ENDS or (word in POSSESSIVES and before not in GLUE_WORDS and before not in ("that", "which"))
 
 
 def question_topic(header: str) -> str:
     """What a question asks about, in a few words: `Achieve proficiency`, `Industry`, `Doing the grading`."""
     grid = grid_parts(header)
-    topic = re.sub(r"\s*\([^)]*\)", "", grid[1] if grid else header).split("?", 1)[0].strip()
+    topic = " ".join(re.sub(r"\([^)]*\)", " ", grid[1] if grid else header).split("?", 1)[0].split())
     preamble, colon, asked = topic.rpartition(":")
     if colon and preamble and QUESTION_LEAD.match(asked.strip()):  # "Think about the past month: how often ..."
         topic = asked.strip()
@@ -8069,10 +8110,11 @@ def question_topic(header: str) -> str:
         if word.endswith(","):
             words = words[: position + 1]
             break
-        if position >= 2 and ends_the_topic(word.lower(), words[position - 1].lower()):
+        after = words[position + 1].lower() if position + 1 < len(words) else ""
+        if position >= 2 and ends_the_topic(word.lower(), words[position - 1].lower(), after):
             words = words[:position]
             break
-    words = words[:8]
+    words = words[:TOPIC_WORDS]
     while len(words) > 1 and words[-1].lower() in GLUE_WORDS:  # "... interact with the"
         words.pop()
     return " ".join(words).rstrip(",") or header[:60]
@@ -8315,10 +8357,11 @@ def build_persona(
     ids = [person.id for person in people]
     centre = centroid_of(corpus.vectors[i] for i in members)
     sentences = segment_sentences(corpus, members, centre)
-    lists = categorise(sentences, LIST_LENGTHS[detail])
+    said = Said(topic_pairs(corpus))
+    lists = categorise(sentences, LIST_LENGTHS[detail], said)
     used = {s.text for found in lists.values() for s in found}
     coded = {squash(passage) for person in people for passage in person.coded}
-    quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail], coded)
+    quotes = pick_quotes(sentences, used, QUOTE_COUNTS[detail], coded, said)
     theme_count = THEME_COUNTS[config_value(config, "complexity")]
     shares = term_shares(corpus, members)
     themes = [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, theme_count)] or frequent_words(

@@ -152,6 +152,11 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
         ),
         ("How did you learn R? If you used multiple methods, please select one.", "On the job", "Learn R: on the job"),
         ("What is your job title, if any?", "Assistant Professor", "Assistant Professor"),
+        (
+            "What is the minimum level of programming experience that your students are expected to have?",
+            "Complete novice",
+            "Minimum level of programming experience that your students are expected: Complete novice",
+        ),
         ("What is the highest degree or level of school you have completed?", "Doctorate", "Doctorate"),
         ("role", "Charge nurse", "Charge nurse"),
     ],
@@ -820,6 +825,19 @@ def test_an_item_that_says_one_already_chosen_again_is_left_out() -> None:
     ]
     chosen = [s.text for s in persona.pick_spread(said, 5)]
     assert chosen == ["Ggplot2 & dplyr", "Rewrite the code under test", "Mock the clock"]
+
+
+def test_a_wish_and_the_lack_it_mirrors_are_one_item_but_the_data_set_s_topic_repeats_freely() -> None:
+    sentences = [
+        persona.Sentence("P1", "I wish I could select multiple cells at once.", 0.9),
+        persona.Sentence("P2", "The lack of a way to select multiple cells is painful.", 0.8),
+        persona.Sentence("P3", "Flaky tests keep failing our nightly build.", 0.7),
+        persona.Sentence("P4", "I always quarantine flaky tests the same day.", 0.6),
+    ]
+    lists = persona.categorise(sentences, 3, persona.Said(frozenset({"flaky test"})))
+    chosen = [s.text for found in lists.values() for s in found]
+    assert len([text for text in chosen if "multiple cells" in text]) == 1
+    assert len([text for text in chosen if "flaky tests" in text.lower()]) == 2
 
 
 def test_a_long_sentence_is_an_item_only_when_no_shorter_one_is_left() -> None:
