@@ -7495,24 +7495,36 @@ POINTS_BACK = re.compile(
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
     r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|(?:and|but|so|or|because|although|though|however)\b|"
-    r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that|this|those)\b|what that means\b)",
+    r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that|this|those)\b|what that means\b|"
+    r"the (?:one|ones|other|others|former|latter|same)\b)",
     re.IGNORECASE,
 )
 """A sentence that opens by pointing at what came before it ("This means I end up ...", "That would be cool",
-"These slides can be imported", "They're very annoying!", "With regards to that, ...") or by carrying
+"These slides can be imported", "They're very annoying!", "The one that wasn't was ...") or by carrying
 it on ("And they might hear ...", "But there was no real buzz around it"): a reader shown it alone cannot tell
 what it is about."""
+ELSEWHERE = re.compile(
+    r"\b(?:(?:see|mentioned|said|noted|listed|described|linked)(?: [\w-]+){0,2} (?:above|below|earlier|before)|"
+    r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned)\b",
+    re.IGNORECASE,
+)
+"""A sentence that sends the reader to the text around it ("see linked video above", "as I said")."""
 SELF_REPAIR = re.compile(r"\s--\s")
 """A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show."""
 ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
 
 
 def stands_alone(text: str) -> bool:
-    """Whether a sentence can be shown on its own: it neither points back nor breaks off (`--`, a trailing
-    `...`), and holds no quotation cut in two by the sentence's end (`I'd appreciate it if you didn't."`)."""
+    """Whether a sentence can be shown on its own: it neither points back, nor sends the reader elsewhere, nor
+    breaks off (`--`, a trailing `...`), and holds no quotation cut in two by the sentence's end (`I'd
+    appreciate it if you didn't."`)."""
     plain = text.replace("\u201c", '"').replace("\u201d", '"').rstrip()
     return not (
-        POINTS_BACK.match(text) or SELF_REPAIR.search(text) or plain.endswith(("...", "\u2026")) or plain.count('"') % 2
+        POINTS_BACK.match(text)
+        or ELSEWHERE.search(text)
+        or SELF_REPAIR.search(text)
+        or plain.endswith(("...", "\u2026"))
+        or plain.count('"') % 2
     )
 
 
