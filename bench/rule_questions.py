@@ -1,14 +1,15 @@
-"""How many of a researcher's segments the engine's clustering can recover when it is told which questions matter.
+"""How many of a researcher's segments the engine's clustering recovers when given only the questions her rules read.
 
-    python bench/ceiling.py
+    python bench/rule_questions.py
 
 bench/quality.py counts the researcher's segments (researcher.json) that some persona recovers
 (Jaccard >= 0.5, best of 3 to 5 personas). The researchers drew those segments by rules over a
 few closed questions each (see researcher.py beside each data set). Here every participant keeps
 only the answers to those questions and no free text, and the engine's own clustering groups
-them: a ceiling for any weighting of answers against words, since nothing else is left to weigh.
-A segment that stays unrecovered here is one that grouping by likeness does not draw, whatever
-the features: the rules join answers by "or" and by precedence, and their segments overlap.
+them: if the segments were groups of alike participants that the other answers and the words hide,
+they would show here. A segment that stays unrecovered here is one that grouping by likeness does
+not draw from the very answers it was drawn from: the rules join answers by "or" and by
+precedence, and their segments overlap.
 
 Deterministic, offline, standard library only.
 """
