@@ -6621,7 +6621,12 @@ NOT_A_CUE = re.compile(
     r"\b(?:the|those|these|all|every|each|whatever|anything|everything|something) (?:[\w'-]+ ){0,2}?(?:i|we) "
     r"(?:want|wish)\b(?!(?: [\w'-]+){0,3} (?:is|are|was|were|would be)\b)|"
     r"\bhope (?:this|that|it) (?:helps|is useful|is helpful)\b|"
-    r"\bhope (?:you|u) (?:keep|continue|guys|all|enjoy|have|are|do well|succeed)\b",
+    r"\bhope (?:you|u) (?:keep|continue|guys|all|enjoy|have|are|do well|succeed)\b|"
+    # a condition, not a wish: "if we want to have a world where ...", "if only Cygnus can use it"
+    r"\bif (?:i|we|you|they) (?:really |ever |just )?(?:want|wanted|need|needed|would like|wish)\b|"
+    r"\bif only (?:[\w'-]+ ){1,2}(?:can|is|are|has|have|does|do)\b|"
+    # what others could do, and a thing described: "where people could ask questions", "Something that was ..."
+    r"\b(?:people|someone|somebody|anyone|anybody|one|he|she) could\b|^\W*something that (?:was|is|were|are|has|had)\b",
     re.IGNORECASE,
 )
 """Phrases that contain a cue word but state no pain or wish: praise ("without crashes", "no need to
@@ -6761,9 +6766,9 @@ PAIN_PARTS = (
     r"reliable|stable|responsive|user[- ]friendly|consistent|accurate|helpful|useful|enough|fast|quick|secure|"
     r"convenient|necessary|sufficient|mature|compatible|accessible|functional))",
     r"unable to|inability|not able to|not having|not being able|aren't able|isn't able|wasn't able|weren't able|"
-    r"incapable|(?:can't|cannot|can not|couldn't|could not)(?! (?:think|recommend|imagine|wait|live|say|complain|"
-    r"remember|believe|thank|praise|ask|stress|agree|be happier|be better|go wrong|fault|stop|do without|have done|"
-    r"have asked|have been)\b)",
+    r"incapable|(?:can't|cannot|can not|couldn't|could not)(?! (?:really )?(?:think|recommend|imagine|wait|live|say|"
+    r"complain|remember|believe|thank|praise|ask|stress|agree|be happier|be better|go wrong|fault|stop|do without|"
+    r"have done|have asked|have been|predict|make a prediction|comment|speak)\b)",
     # difficulty
     r"difficult\w*|hard to|hard for|harder|too hard|challenging|impossible|tricky|troublesome|"
     r"(?:makes?|made|making) (?:it|that|this|things|everything|life) (?:\w+ )?(?:hard|difficult|painful)|"

@@ -783,6 +783,33 @@ def test_a_trouble_told_as_mended_is_no_pain_point(answer: str) -> None:
     assert persona.list_kind(answer) is None
 
 
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "I think if we want to have a world where corporate and independent open source live in harmony.",
+        "If only Cygnus can use it, that's not gonna be the term that kicks over.",
+        "Open source projects back in the day had mailing lists where people could ask questions.",
+        "Something that was like an extremely complex licensing paradigm was exactly my cup of tea.",
+        "I can't really make a prediction about where it goes.",
+    ],
+)
+def test_a_condition_a_possibility_or_a_description_is_no_wish_or_pain(sentence: str) -> None:
+    assert persona.list_kind(sentence) is None
+
+
+@pytest.mark.parametrize(
+    ("sentence", "kind"),
+    [
+        ("If only it worked offline.", "goals"),
+        ("Something that lets me export slides.", "goals"),
+        ("They could add a dark mode.", "goals"),
+        ("I cannot tell which package to use.", "pain_points"),
+    ],
+)
+def test_a_wish_a_request_or_a_trouble_worded_alike_stays_one(sentence: str, kind: str) -> None:
+    assert persona.list_kind(sentence) == kind
+
+
 def test_a_trouble_that_no_longer_lets_something_work_is_still_a_pain_point() -> None:
     assert persona.list_kind("Packages can change, and older code may no longer run properly.") == "pain_points"
 
