@@ -7499,7 +7499,9 @@ POINTS_BACK = re.compile(
     r"^\W*(?:(?:this|that)(?:'s|\s+(?:is|was|are|were|means|meant|would|will|can|could|should|might|may|must|has|"
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
-    r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|(?:and|but|so|or|because|although|though|however)\b|"
+    r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|"
+    r"(?:and|but|so|or|because|although|though|however|similarly|likewise|moreover|furthermore|besides|"
+    r"additionally|otherwise|plus)\b|"
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that|this|those)\b|what that means\b|"
     r"the (?:one|ones|other|others|former|latter|same)\b)",
     re.IGNORECASE,
@@ -8055,6 +8057,11 @@ WHO_THEY_ARE = re.compile(
 says it alone."""
 TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
 POSSESSIVES = frozenset("your their our".split())
+WHOSE = re.compile(
+    r"^(.+?) (?:that|which) (?:your|their|our) (\w+) (?:are|is|were|was|have|has|do|does|will|would|should|must|can)\b",
+    re.IGNORECASE,
+)
+"""A topic that a clause gives to others ("experience that your students are expected to have"): theirs."""
 TOPIC_WORDS = 10  # a question's topic in a title, at most
 """Words where a question's topic ends and its circumstances or a clause about it begin."""
 
@@ -8065,13 +8072,17 @@ def names_the_person(header: str) -> bool:
     return ("?" not in header and len(header.split()) <= 3) or bool(WHO_THEY_ARE.search(header))
 
 
+def sentence_lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
 def as_answered(value: str) -> str:
     """An answer inside a phrase: in lower case where it opens with a common word (`every year`, `by hand`,
     `often`), as written where it may open with a name (`JupyterHub`, `Python 3`, `Complete novice`)."""
     answer = value.strip()
     first = answer.split(" ", 1)[0].lower()
     common = first != "i" and any(first in words for words in (STOPWORDS, AMOUNT_WORDS, BARE_ANSWERS, SCALE_WORDS))
-    return answer[:1].lower() + answer[1:] if common else answer
+    return sentence_lower(answer) if common else answer
 
 
 WHAT_THING = re.compile(
@@ -8089,13 +8100,10 @@ WHICH_STATEMENT = re.compile(
 """A question that offers statements to choose from: what they are about is its topic ("... the primary reason")."""
 
 
-def ends_the_topic(word: str, before: str, after: str) -> bool:
+def ends_the_topic(word: str, before: str) -> bool:
     """Whether a question's topic ends before `word`: a preposition or clause word, or a second noun phrase's
-    possessive ("tools your class uses"; not "students in your class"). A clause about whom it concerns
-    stays ("experience that your students are expected to have": the students', not the teacher's)."""
-    if word in ("that", "which") and after in POSSESSIVES:
-        return False
-    return word in TOPIC_ENDS or (word in POSSESSIVES and before not in GLUE_WORDS and before not in ("that", "which"))
+    possessive ("tools your class uses"; not "students in your class")."""
+    return word in TOPIC_ENDS or (word in POSSESSIVES and before not in GLUE_WORDS)
 
 
 def question_topic(header: str) -> str:
@@ -8122,13 +8130,16 @@ def question_topic(header: str) -> str:
     topic = topic.strip(" ?:.…")
     topic = re.sub(r"^(?:it )?(?:takes?|took) (?:you|them) (?:to )?", "", topic, flags=re.IGNORECASE)
     topic = re.sub(r"^(?:the|this|that|these|those|your) ", "", topic, flags=re.IGNORECASE)  # "this course taught"
+    concerns = WHOSE.match(topic)  # "level of experience that your students are expected to have" is theirs
+    if concerns:
+        owner = concerns.group(2)
+        topic = f"{owner}{chr(39) if owner.endswith('s') else chr(39) + 's'} {sentence_lower(concerns.group(1))}"
     words = topic.split()
     for position, word in enumerate(words[1:], 1):  # the topic ends where its circumstances begin
         if word.endswith(","):
             words = words[: position + 1]
             break
-        after = words[position + 1].lower() if position + 1 < len(words) else ""
-        if position >= 2 and ends_the_topic(word.lower(), words[position - 1].lower(), after):
+        if position >= 2 and ends_the_topic(word.lower(), words[position - 1].lower()):
             words = words[:position]
             break
     words = words[:TOPIC_WORDS]

@@ -155,7 +155,7 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
         (
             "What is the minimum level of programming experience that your students are expected to have?",
             "Complete novice",
-            "Minimum level of programming experience that your students are expected: Complete novice",
+            "Students' minimum level of programming experience: Complete novice",
         ),
         ("What is the highest degree or level of school you have completed?", "Doctorate", "Doctorate"),
         ("role", "Charge nurse", "Charge nurse"),
@@ -830,6 +830,7 @@ def test_a_trouble_that_no_longer_lets_something_work_is_still_a_pain_point() ->
         ("The one that wasn't was resource cleanup in a corner case.", False),
         ("Clear the cache (see linked video above), rebuild the test instances.", False),
         ("As I said, we never fix them the same week.", False),
+        ("Similarly, I often end up with several notebook servers running.", False),
         ("This course was a joy to teach.", True),
         ("It is not downloading since the update.", True),
         ('I hate the popup that keeps asking "Are you sure?"', True),
