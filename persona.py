@@ -6698,7 +6698,7 @@ PRAISE = re.compile(
 
 ARTICLE_NP = re.compile(
     r"^\W*(?:a|an) (?!lot\b|bit\b|little\b|mix\b|combination\b|couple\b|number\b|variety\b|kind\b|sort\b|type\b|"
-    r"while\b|year\b|month\b|week\b|day\b|few (?:times|years|months|weeks|days)\b)",
+    r"while\b|year\b|month\b|week\b|day\b|few\b)",
     re.IGNORECASE,
 )
 """A bare noun phrase opened by "a"/"an" ("A consistent, easy-to-use hash table", "A backend that lets ..."):
