@@ -7692,8 +7692,9 @@ def list_kind(sentence: str, question: str = "") -> str | None:
     """The list a sentence answering `question` (a survey column's; "" for speech) belongs to, or None.
 
     The sentence's own words decide (sentence_kind), but for an answer that opens with what one does
-    under a question that asks for it, and a wish with a problem in it under one that asks for
-    problems. A question that asks for causes, definitions or praise leaves
+    under a question that asks for it, a wish with a problem in it under one that asks for
+    problems, and an activity no one is said to do under one that asks what is missing. A question
+    that asks for causes, definitions or praise leaves
     only first-person items; one that asks for a list gives it the bare fragments ("Organizing the
     assignment submissions." under "What are your biggest pain points?"), but one that asks what is in
     the way only the tasks: "Git integration, CSS themes" under "What hinders you ...?" names what is
@@ -7709,6 +7710,8 @@ def list_kind(sentence: str, question: str = "") -> str | None:
         return asked  # "Rewrite the flaky code", "Warn other teams", asked what one does
     if asked == "pain_points" and own == "goals" and names_a_problem(blank_pseudo_cues(sentence)):
         return asked  # "I want to see inside a build and it makes that hard", asked for pain points
+    if asked == "goals" and own == "behaviours" and not SPEAKER.search(sentence):
+        return asked  # "Using tidyverse in functions without quo", asked what is missing: what they want to do
     if own or asked is None or not is_bare_fragment(sentence):
         return own
     in_the_way = asked == "pain_points" and IN_THE_WAY.search(question)

@@ -811,6 +811,15 @@ def test_a_wish_a_request_or_a_trouble_worded_alike_stays_one(sentence: str, kin
     assert persona.list_kind(sentence) == kind
 
 
+def test_an_activity_no_one_is_said_to_do_under_a_question_about_what_is_missing_is_a_goal() -> None:
+    missing = "What capability or package do you feel is most missing from R?"
+    assert persona.list_kind("Using tidyverse in functions without quo", missing) == "goals"
+    assert (
+        persona.list_kind("For these reasons, I tend to stick to base R as much as possible.", missing) == "behaviours"
+    )
+    assert persona.list_kind("Using tidyverse in functions without quo") == "behaviours"
+
+
 def test_a_trouble_that_no_longer_lets_something_work_is_still_a_pain_point() -> None:
     assert persona.list_kind("Packages can change, and older code may no longer run properly.") == "pain_points"
 
