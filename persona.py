@@ -6622,9 +6622,9 @@ NOT_A_CUE = re.compile(
     r"(?:want|wish)\b(?!(?: [\w'-]+){0,3} (?:is|are|was|were|would be)\b)|"
     r"\bhope (?:this|that|it) (?:helps|is useful|is helpful)\b|"
     r"\bhope (?:you|u) (?:keep|continue|guys|all|enjoy|have|are|do well|succeed)\b|"
-    # a condition, not a wish: "if we want to have a world where ...", "if only Cygnus can use it"
+    # a condition, not a wish: "if we want to have a world where ...", "if only Cygnus can use it", "if only because"
     r"\bif (?:i|we|you|they) (?:really |ever |just )?(?:want|wanted|need|needed|would like|wish)\b|"
-    r"\bif only (?:[\w'-]+ ){1,2}(?:can|is|are|has|have|does|do)\b|"
+    r"\bif only (?:[\w'-]+ ){1,2}(?:can|is|are|has|have|does|do)\b|\bif only (?:because|for|to)\b|"
     # what others could do, and a thing described: "where people could ask questions", "Something that was ..."
     r"\b(?:people|someone|somebody|anyone|anybody|one|he|she) could\b|^\W*something that (?:was|is|were|are|has|had)\b",
     re.IGNORECASE,

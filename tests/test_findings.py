@@ -792,6 +792,7 @@ def test_a_trouble_told_as_mended_is_no_pain_point(answer: str) -> None:
         "Something that was like an extremely complex licensing paradigm was exactly my cup of tea.",
         "I can't really make a prediction about where it goes.",
         "A few things.",
+        "You're probably gonna find yourself pushed into a foundation, if only because of the paperwork.",
     ],
 )
 def test_a_condition_a_possibility_or_a_description_is_no_wish_or_pain(sentence: str) -> None:
