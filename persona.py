@@ -3562,7 +3562,9 @@ della il gli
 
 
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
-LINK = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
+LINK = re.compile(
+    r"\b(?:https?://|www\.)\S+|\b(?:[a-z0-9-]+\.)+(?:com|org|net|io|edu|gov|dev)(?:/\S*)?(?![\w.])", re.IGNORECASE
+)
 """A web address: its parts (`https`, `github`, `com`) are no words the participant said."""
 
 
@@ -6568,9 +6570,10 @@ CONDITIONAL_PAIN = re.compile(
 """A difficulty imagined, not met ("installing a GUI on the server would be a pain"): no pain point."""
 
 RESOLVED = re.compile(
-    r"\b(?:is|are|seems?|has become|have become) now (?:much |far |a lot |a bit )?(?:more|better|fixed|stable|"
-    r"resolved|solved|fine)\b|\bnow (?:much |far )?(?:more stable|better|fixed|resolved|solved)\b|"
-    r"\b(?:has|have) (?:since )?been (?:fixed|resolved|solved)\b|\bprior to\b",
+    r"\b(?:is|are|seems?|has become|have become) now (?:much |far |a lot |a bit )?(?:more (?:stable|reliable)|better|"
+    r"fixed|stable|resolved|solved|fine)\b|\bnow (?:much |far )?(?:more stable|better|fixed|resolved|solved)\b|"
+    r"\b(?:has|have) (?:since )?been (?:fixed|resolved|solved)\b|"
+    r"\bprior to (?:the )?(?:release|version|arrival|introduction|update)\b",
     re.IGNORECASE,
 )
 """A trouble told as past and mended ("... failed to load regularly, but the system is now much more stable",
@@ -6932,9 +6935,12 @@ CLAUSE = re.compile(
 not make it an item ("This course was a joy to teach" answers "what are your pain points?")."""
 NON_ANSWER_OPENING = re.compile(r"^\W*(?:none|nothing|no|not|n/a|na|nope|idk|thanks?|thank you)\b", re.IGNORECASE)
 """An answer that declines ("None at this time", "Not that I know of", "Thanks!")."""
-DECLINED = re.compile(r"^\W*(?:none|nothing|n/a|nope)\s*[-\u2013\u2014,:;]", re.IGNORECASE)
+DECLINED = re.compile(
+    r"^\W*(?:none|nothing|n/a|nope)\s*[-\u2013\u2014,:;](?!\s*(?:but|except|apart|other than|although|though)\b)",
+    re.IGNORECASE,
+)
 """A sentence that declines first and then says why ("Nothing - the issues I had were all before dplyr"): its
-answer is none, whatever trouble the reason names."""
+answer is none, whatever trouble the reason names; not one that goes on with an exception ("None - but ...")."""
 
 CUES: dict[str, re.Pattern[str]] = {
     "pain_points": PAIN,
@@ -7500,10 +7506,12 @@ POINTS_BACK = re.compile(
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
     r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|"
-    r"(?:and|but|so|or|because|although|though|however|similarly|likewise|moreover|furthermore|besides|"
-    r"additionally|otherwise|plus)\b|"
-    r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that|this|those)\b|what that means\b|"
-    r"the (?:one|ones|other|others|former|latter|same)\b)",
+    r"(?:and|but|or|however|similarly|likewise|moreover|furthermore|besides|additionally|otherwise|plus)\b|"
+    r"so\b(?! (?:many|much|far|few|little|long)\b)|"
+    r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that)\b|"
+    r"(?:by the end of|at|after|because of|with regards? to|in) (?:this|those)(?=\s*[,.;])|what that means\b|"
+    r"the (?:one|ones)\b(?! (?:thing|things)\b)|the (?:other|others)\b(?! (?:day|week|month|night|year)\b)|"
+    r"the (?:former|latter|same)\b)",
     re.IGNORECASE,
 )
 """A sentence that opens by pointing at what came before it ("This means I end up ...", "That would be cool",
@@ -7516,8 +7524,9 @@ ELSEWHERE = re.compile(
     re.IGNORECASE,
 )
 """A sentence that sends the reader to the text around it ("see linked video above", "as I said")."""
-SELF_REPAIR = re.compile(r"\s--\s")
-"""A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show."""
+SELF_REPAIR = re.compile(r"\s--\s(?:and|but|so|i|we|it|you|they|the|like|um|uh)\b", re.IGNORECASE)
+"""A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show. A dash typed
+between two parts ("Better keybindings -- toggle for vim") is none."""
 ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
 
 
@@ -7549,11 +7558,14 @@ class Said:
         dplyr"), two or more shared and most of the shorter one's, or a pair of words side by side that is no
         topic ("multiple cells" in "Selecting multiple cells" and "Lack of ability to select multiple cells")."""
         words, pairs = word_set(text), word_pairs(text)
-        return bool(pairs & self.pairs) or any(
-            words == other
-            or (len(words & other) >= 2 and len(words & other) >= ALIKE_SHARE * min(len(words), len(other)))
-            for other in self.words
-        )
+        return bool(pairs & self.pairs) or any(words == other or self.share_most(words, other) for other in self.words)
+
+    def share_most(self, words: frozenset[str], other: frozenset[str]) -> bool:
+        """Two or more words shared, and most of the shorter one's; the topic's words ("flaky", "test") aside."""
+        topic_words = {word for pair in self.topic for word in pair.split()}
+        mine, theirs = words - topic_words, other - topic_words
+        shared = len(mine & theirs)
+        return shared >= 2 and shared >= ALIKE_SHARE * min(len(mine), len(theirs))
 
     def add(self, text: str) -> None:
         self.words.append(word_set(text))
@@ -7693,7 +7705,7 @@ def list_kind(sentence: str, question: str = "") -> str | None:
 
     The sentence's own words decide (sentence_kind), but for an answer that opens with what one does
     under a question that asks for it, a wish with a problem in it under one that asks for
-    problems, and an activity no one is said to do under one that asks what is missing. A question
+    problems, and an activity no one is said to do under one that asks for wishes or what is missing. A question
     that asks for causes, definitions or praise leaves
     only first-person items; one that asks for a list gives it the bare fragments ("Organizing the
     assignment submissions." under "What are your biggest pain points?"), but one that asks what is in
@@ -7793,8 +7805,9 @@ def tidy_spoken(sentence: str) -> str:
 def pick_quotes(
     sentences: list[Sentence], used: set[str], count: int, coded: Collection[str] = (), said: Said | None = None
 ) -> list[Sentence]:
-    """Quotes that speak: first-person sentences of a readable length not used in the lists, the
-    passages the researcher coded first (`coded`, in `squash` form), each voice once before any twice."""
+    """Quotes that speak: first-person sentences of a readable length not used in the lists, then others of
+    that length, then any that read alone; the passages the researcher coded first (`coded`, in `squash`
+    form), each voice once before any twice."""
     speakable = [
         s
         for s in sentences
@@ -7805,8 +7818,12 @@ def pick_quotes(
         and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
     ]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
-    fresh = [s for s in (first_person or speakable) if s.text not in used]
-    pool = fresh or first_person or speakable or sentences
+    readable = [s for s in sentences if stands_alone(s.text) and not is_question(s.text)]
+    pool, seen = [], set()
+    for s in first_person + speakable + readable:  # the best first; each as long as it is not yet an item
+        if id(s) not in seen and s.text not in used:
+            pool.append(s)
+            seen.add(id(s))
     if coded:
         pool = sorted(pool, key=lambda s: not any(squash(s.text) in passage for passage in coded))  # stable
     return pick_spread(pool, count, said)
@@ -8019,7 +8036,8 @@ AMOUNT_WORDS = frozenset(
 QUESTION_LEAD = re.compile(
     r"^(?:(?:roughly|approximately|about|overall|generally|typically|usually),? )?"
     r"(?:how (?:would|do) you (?:rate|describe|assess) (?:your )?|"
-    r"(?:how(?: often| many| much| long| well)?|what|which|when|where|why|who|whom|to what extent|in what way)\b[^,?]*?"
+    r"(?:how(?: often| many| much| long| well)?|what|which|when|where|why|who|whom|to what (?:extent|degree)|"
+    r"in what way)\b[^,?]*?"
     r"\b(?:do|does|did|are|is|was|were|have|has|would|will|can|could)\b\s*(?:you|your|they)?\b\s*|"
     r"(?:do|does|did|are|is|have|has|would|will|can|could) (?:you|your)\b\s*)",
     re.IGNORECASE,
@@ -8031,13 +8049,18 @@ HOW_MANY = re.compile(
     r"(?:are|is|were|was|do|does|did|have|has)\b\s*",
     re.IGNORECASE,
 )
-HOW_MANY_DO = re.compile(r"^(?:(?:roughly|approximately|about),? )?how (?:many|much) (\w+) ", re.IGNORECASE)
-"""How many of something do a thing ("How many people typically see your work?"): those who do it."""
-LEADING_CLAUSE = re.compile(
-    r"^[^,?]*, (?=(?:roughly |approximately |about )?(?:how|what|which|when|where|why|who|do|does|did|are|is)\b)",
+HOW_MANY_DO = re.compile(
+    r"^(?:(?:roughly|approximately|about),? )?how (?:many|much) "
+    r"(?!(?:of|do|does|did|is|are|was|were|have|has|would|will|can|could)\b)(\w+) ",
     re.IGNORECASE,
 )
-"""A clause before a question's question ("If you grade notebooks, how ...", "Other than yourself, how many ...")."""
+"""How many of something do a thing ("How many people typically see your work?"): those who do it."""
+LEADING_CLAUSE = re.compile(
+    r"^[^,?]*, (?=(?:roughly |approximately |about )?(?:how|what|which|do|does|did|are|is)\b)",
+    re.IGNORECASE,
+)
+"""A clause before a question's question ("If you grade notebooks, how ...", "Other than yourself, how many ..."); not
+one that a "where" or "when" clause follows ("on a scale of 1 to 5, where 1 is you don't enjoy it")."""
 
 
 def says_nothing_alone(value: str) -> bool:
@@ -8051,15 +8074,16 @@ def says_nothing_alone(value: str) -> bool:
 
 
 WHO_THEY_ARE = re.compile(
-    r"\b(?:describes? (?:you|yourself|the work you do|your (?:work|role|job))|job title|(?:your|current) (?:role|"
-    r"position|occupation|profession|job)|what (?:is your )?(?:role|occupation|profession)|degree|level of school|"
-    r"are you an?)\b",
+    r"\b(?:describes? (?:you|yourself|the work you do|your)|job title|"
+    r"(?:what|which) is your (?:[\w-]+ ){0,2}?(?:role|position|occupation|profession|job)|"
+    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education)|are you an?)\b",
     re.IGNORECASE,
 )
 """A question whose answer names what kind of person answered (a role, a job, a degree): `Data scientist`
 says it alone."""
 TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
 POSSESSIVES = frozenset("your their our".split())
+PREPOSITIONS = GLUE_WORDS | frozenset("about over through across within without like than".split())
 WHOSE = re.compile(
     r"^(.+?) (?:that|which) (?:your|their|our) (\w+) (?:are|is|were|was|have|has|do|does|will|would|should|must|can)\b",
     re.IGNORECASE,
@@ -8081,20 +8105,27 @@ def sentence_lower(text: str) -> str:
 
 def as_answered(value: str) -> str:
     """An answer inside a phrase: in lower case where it opens with a common word (`every year`, `by hand`,
-    `often`), as written where it may open with a name (`JupyterHub`, `Python 3`, `Complete novice`)."""
+    `often`, `once a week` for "Once A Week"), as written where it may open with a name (`JupyterHub`, `Python
+    3`, `Complete novice`) or is in capitals (`US`, `DAILY`)."""
     answer = value.strip()
-    first = answer.split(" ", 1)[0].lower()
-    common = first != "i" and any(first in words for words in (STOPWORDS, AMOUNT_WORDS, BARE_ANSWERS, SCALE_WORDS))
-    return sentence_lower(answer) if common else answer
+    first = answer.split(" ", 1)[0]
+    if first == "I" or (len(first) > 1 and first.isupper()):  # "I wanted to ...", "US", "DAILY": as written
+        return answer
+    lowered = first.lower()
+    if not any(lowered in words for words in (STOPWORDS, AMOUNT_WORDS, BARE_ANSWERS, SCALE_WORDS)):
+        return answer
+    return answer.lower() if answer.istitle() else sentence_lower(answer)  # "Once A Week", "Every year"
 
 
 WHAT_THING = re.compile(
-    r"^(?:what|which)(?: of the following)? (?!(?:is|are|was|were|do|does|did|have|has|would|will|can|could|of)\b)"
+    r"^(?:in )?(?:what|which)(?: of (?:the following|these|those))? "
+    r"(?!(?:is|are|was|were|do|does|did|have|has|would|will|can|could|of)\b)"
     r"((?:[\w/-]+ ){0,3}?[\w/-]+) (?:is|are|was|were|do|does|did|have|has|would|will|can|could)\b",
     re.IGNORECASE,
 )
 """A question that names the kind of thing it asks for ("What industry do you work in?"): that thing is its
-topic."""
+topic, unless it is a measure (`GENERIC_THINGS`: "What year did you first start learning R?" asks about learning)."""
+GENERIC_THINGS = frozenset("year years age time month day date kind type sort number percentage size amount".split())
 WHICH_STATEMENT = re.compile(
     r"^(?:which|what) (?:statement|option|answer|choice)s? (?:best |most closely |most )?"
     r"(?:describes?|reflects?|matches?) (?:the |your )?",
@@ -8103,10 +8134,16 @@ WHICH_STATEMENT = re.compile(
 """A question that offers statements to choose from: what they are about is its topic ("... the primary reason")."""
 
 
-def ends_the_topic(word: str, before: str) -> bool:
-    """Whether a question's topic ends before `word`: a preposition or clause word, or a second noun phrase's
-    possessive ("tools your class uses"; not "students in your class")."""
-    return word in TOPIC_ENDS or (word in POSSESSIVES and before not in GLUE_WORDS)
+def ends_the_topic(words: list[str], position: int) -> bool:
+    """Whether a question's topic ends before `words[position]`: a preposition or clause word, or the
+    possessive of a clause with a verb of its own ("tools your class is utilizing"; not "students in your
+    class", nor "meet your needs")."""
+    word = words[position].lower()
+    if word in TOPIC_ENDS:
+        return True
+    rest = [later.lower() for later in words[position + 1 :]]
+    verb = any(later in ("is", "are", "was", "were", "uses", "use") or later.endswith("ing") for later in rest)
+    return word in POSSESSIVES and words[position - 1].lower() not in PREPOSITIONS and verb
 
 
 def question_topic(header: str) -> str:
@@ -8126,8 +8163,9 @@ def question_topic(header: str) -> str:
     elif counted_doing:
         rest = topic[counted_doing.end() :]
         topic = f"{counted_doing.group(1)} {rest if re.match(r'(?:that|who|which) ', rest) else 'who ' + rest}"
-    elif thing:
-        topic = thing.group(1)
+    elif thing and thing.group(1).lower() not in GENERIC_THINGS:
+        named = thing.group(1).split()  # "Jupyter/IPython tools your class (is utilizing)": the tools
+        topic = " ".join(next((named[:i] for i, word in enumerate(named) if i and word.lower() in POSSESSIVES), named))
     else:
         topic = QUESTION_LEAD.sub("", WHICH_STATEMENT.sub("", topic))
     topic = topic.strip(" ?:.…")
@@ -8142,13 +8180,13 @@ def question_topic(header: str) -> str:
         if word.endswith(","):
             words = words[: position + 1]
             break
-        if position >= 2 and ends_the_topic(word.lower(), words[position - 1].lower()):
+        if position >= 2 and ends_the_topic(words, position):
             words = words[:position]
             break
     words = words[:TOPIC_WORDS]
     while len(words) > 1 and words[-1].lower() in GLUE_WORDS:  # "... interact with the"
         words.pop()
-    return " ".join(words).rstrip(",") or header[:60]
+    return " ".join(words).rstrip(",") or header[:60].rstrip(" ?:.")
 
 
 def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:

@@ -59,7 +59,7 @@ def main() -> None:
     print("| dataset | questions kept | segments recovered | best count | Jaccards |")
     print("|---|---|---|---|---|")
     for name, openings in RULE_QUESTIONS.items():
-        researcher = json.loads((CORPUS / name / "researcher.json").read_text(encoding="utf-8"))
+        researcher = json.loads((ROOT / CORPUS / name / "researcher.json").read_text(encoding="utf-8"))
         dataset = persona.load_path(researcher["data"], ROOT / CORPUS)
         kept = tuple(persona.normalise_key(opening) for opening in openings)
         for person in dataset.participants:

@@ -159,6 +159,26 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
         ),
         ("What is the highest degree or level of school you have completed?", "Doctorate", "Doctorate"),
         ("role", "Charge nurse", "Charge nurse"),
+        ("How often do you deploy?", "DAILY", "Deploy: DAILY"),
+        ("How often do you deploy?", "Once A Week", "Deploy: once a week"),
+        ("In what country do you currently reside?", "US", "Country: US"),
+        (
+            "Please rate how much you enjoy using R on a scale of 1 to 5, where 1 is you don't enjoy it at all.",
+            "5",
+            "Please rate how much you enjoy using R: 5",
+        ),
+        ("Which of the following best describes your current employment status?", "Employed", "Employed"),
+        ("Which of these features do you use most?", "Dashboards", "Features: Dashboards"),
+        ("What year did you first start learning R?", "2015", "First start learning R: 2015"),
+        ("What is your primary role when using Jupyter Notebook?", "Data scientist", "Data scientist"),
+        ("What do you like most about your job?", "The people", "Like most about your job: the people"),
+        ("To what degree does Jupyter meet your needs?", "Somewhat", "Jupyter meet your needs: Somewhat"),
+        ("How old are you?", "25-34", "How old are you: 25-34"),
+        (
+            "Please indicate which of the following Jupyter/IPython tools your class is utilizing:",
+            "Jupyter notebook",
+            "Jupyter/IPython tools: Jupyter notebook",
+        ),
     ],
 )
 def test_an_answer_stands_alone_only_where_its_question_asks_who_they_are(
@@ -765,6 +785,7 @@ def test_a_clause_a_refusal_or_praise_is_not_made_an_item_by_its_question(answer
         ("N/A: my problems were with the old version.", None),
         ("Nothing helps when the build crashes.", "pain_points"),
         ("No documentation for the widgets is a problem.", "pain_points"),
+        ("None - but the lack of a debugger is painful.", "pain_points"),
     ],
 )
 def test_an_answer_that_declines_before_its_reason_is_no_item(answer: str, kind: str | None) -> None:
@@ -821,8 +842,36 @@ def test_an_activity_no_one_is_said_to_do_under_a_question_about_what_is_missing
     assert persona.list_kind("Using tidyverse in functions without quo") == "behaviours"
 
 
-def test_a_trouble_that_no_longer_lets_something_work_is_still_a_pain_point() -> None:
-    assert persona.list_kind("Packages can change, and older code may no longer run properly.") == "pain_points"
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Packages can change, and older code may no longer run properly.",
+        "The app is now more difficult to use after the update.",
+        "I have to restart the server prior to each class, which is painful.",
+    ],
+)
+def test_a_trouble_that_stays_or_grows_is_still_a_pain_point(answer: str) -> None:
+    assert persona.list_kind(answer) == "pain_points"
+
+
+def test_quotes_reach_their_count_with_sentences_that_read_alone_and_repeat_no_item() -> None:
+    said = persona.Said()
+    said.add("I want better error messages in the console.")
+    sentences = [
+        persona.Sentence("P2", "My students hate the error messages in the console.", 0.9),
+        persona.Sentence("P3", "Installing kernels on lab machines takes the whole first week.", 0.8),
+        persona.Sentence("P4", "And they crash.", 0.7),
+        persona.Sentence("P5", "But it is slow...", 0.6),
+    ]
+    chosen = persona.pick_quotes(sentences, set(), 2, (), said)
+    assert [s.text for s in chosen] == ["Installing kernels on lab machines takes the whole first week."]
+
+
+def test_the_data_set_s_topic_words_make_no_two_items_alike() -> None:
+    said = persona.Said(frozenset({"flaky test"}))
+    said.add("I always quarantine flaky tests the same day.")
+    assert not said.again("Flaky tests are slow.")
+    assert said.again("We quarantine flaky tests the same day.")
 
 
 @pytest.mark.parametrize(
@@ -842,7 +891,14 @@ def test_a_trouble_that_no_longer_lets_something_work_is_still_a_pain_point() ->
         ("Clear the cache (see linked video above), rebuild the test instances.", False),
         ("As I said, we never fix them the same week.", False),
         ("Similarly, I often end up with several notebook servers running.", False),
+        ("In that case we rebuild everything.", False),
         ("This course was a joy to teach.", True),
+        ("Because of packages, there are many ways to do things and it confuses people.", True),
+        ("In this class, I often use Jupyter as a presentation tool.", True),
+        ("So many options, difficult to choose where to start.", True),
+        ("Better keybindings -- toggle for vim.", True),
+        ("Although notebooks are great, version control of them is painful.", True),
+        ("The one thing I would change is the lack of a debugger.", True),
         ("It is not downloading since the update.", True),
         ('I hate the popup that keeps asking "Are you sure?"', True),
         ("Flaky tests make me re-run the build three times a day.", True),
