@@ -3563,7 +3563,8 @@ della il gli
 
 WORD = re.compile(r"[a-z][a-z0-9'’-]*[a-z0-9]|[a-z]")
 LINK = re.compile(
-    r"\b(?:https?://|www\.)\S+|\b(?:[a-z0-9-]+\.)+(?:com|org|net|io|edu|gov|dev)(?:/\S*)?(?![\w.])", re.IGNORECASE
+    r"\b(?:https?://|www\.)\S+|(?<![\w.-])(?:[a-z0-9-]+\.)+(?:com|org|net|io|edu|gov|dev)(?:/\S*)?(?![\w.])",
+    re.IGNORECASE,
 )
 """A web address: its parts (`https`, `github`, `com`) are no words the participant said."""
 

@@ -174,6 +174,13 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two workers more than cores. Many tests wait on servers, receivers and clusters rather
+    than compute, so two spare workers keep the cores busy; the regular-expression timing counts the
+    worker's CPU time, which others' work does not stretch."""
+    return (os.cpu_count() or 1) + 2
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test that starts a server runs on both stores, unless it is about one of them."""
     if "backend" in metafunc.fixturenames:

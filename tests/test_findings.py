@@ -124,6 +124,10 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
     assert persona.content_words("RISE - https://github.com/damianavila/RISE, see www.example.org/x") == [
         ("rise", "rise")
     ]
+    assert persona.content_words("slides at github.com/tobyhodges/ITPP/ with node.js") == [
+        ("slide", "slides"),
+        ("node", "node"),
+    ]
     teachers = persona.load_path("jupyter-education-2016/responses.csv", CORPUS)  # answers full of links
     personas, _ = persona.offline_personas(teachers, 4, {})
     shown = [word.lower() for p in personas for word in [*p["themes"], *p["title"].split()]]
