@@ -102,24 +102,6 @@ def test_options_ticked_together_are_an_attribute_though_each_combination_is_new
     assert "hard" in dataset.participants[0].attributes
 
 
-@pytest.mark.parametrize(
-    ("question", "answer", "phrase"),
-    [
-        ("Roughly how long did it take you to achieve proficiency in R?", "Months", "Achieve proficiency: months"),
-        (
-            "Think about the past month: how often did you use R, either for work or for fun?",
-            "Between once a day and once a week",
-            "Use R: between once a day and once a week",
-        ),
-        ("How would you rate your level of experience?", "Expert", "Level of experience: expert"),
-        ("Approximately how many students are in your class?", "10 - 25", "Students in your class: 10 - 25"),
-        ("Which category best describes the work you do?", "Data scientist", "Data scientist"),
-    ],
-)
-def test_an_answer_that_is_only_an_amount_takes_its_question_s_topic(question: str, answer: str, phrase: str) -> None:
-    assert persona.answer_phrase("q", answer, {"q": question}) == phrase
-
-
 def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
     assert persona.content_words("RISE - https://github.com/damianavila/RISE, see www.example.org/x") == [
         ("rise", "rise")
@@ -137,6 +119,15 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
 @pytest.mark.parametrize(
     ("question", "answer", "phrase"),
     [
+        ("Roughly how long did it take you to achieve proficiency in R?", "Months", "Achieve proficiency: months"),
+        (
+            "Think about the past month: how often did you use R, either for work or for fun?",
+            "Between once a day and once a week",
+            "Use R: between once a day and once a week",
+        ),
+        ("How would you rate your level of experience?", "Expert", "Level of experience: expert"),
+        ("Approximately how many students are in your class?", "10 - 25", "Students in your class: 10 - 25"),
+        ("Which category best describes the work you do?", "Data scientist", "Data scientist"),
         (
             "If you are using notebooks for graded assignments, how are you doing the grading?",
             "By hand",
@@ -185,7 +176,7 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
         ),
     ],
 )
-def test_an_answer_stands_alone_only_where_its_question_asks_who_they_are(
+def test_an_answer_takes_its_question_s_topic_unless_the_question_asks_who_they_are(
     question: str, answer: str, phrase: str
 ) -> None:
     assert persona.answer_phrase("q", answer, {"q": question}) == phrase
