@@ -7553,6 +7553,10 @@ class Said:
     topic: frozenset[str] = frozenset()
     words: list[frozenset[str]] = field(default_factory=list)
     pairs: set[str] = field(default_factory=set)
+    topic_words: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.topic_words = frozenset(word for pair in self.topic for word in pair.split())
 
     def again(self, text: str) -> bool:
         """Whether `text` repeats one already chosen: the same words ("Ggplot2 and dplyr" after "Ggplot2 &
@@ -7563,8 +7567,7 @@ class Said:
 
     def share_most(self, words: frozenset[str], other: frozenset[str]) -> bool:
         """Two or more words shared, and most of the shorter one's; the topic's words ("flaky", "test") aside."""
-        topic_words = {word for pair in self.topic for word in pair.split()}
-        mine, theirs = words - topic_words, other - topic_words
+        mine, theirs = words - self.topic_words, other - self.topic_words
         shared = len(mine & theirs)
         return shared >= 2 and shared >= ALIKE_SHARE * min(len(mine), len(theirs))
 
@@ -8083,6 +8086,7 @@ WHO_THEY_ARE = re.compile(
 """A question whose answer names what kind of person answered (a role, a job, a degree): `Data scientist`
 says it alone."""
 TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
+"""Words where a question's topic ends and its circumstances or a clause about it begin."""
 POSSESSIVES = frozenset("your their our".split())
 PREPOSITIONS = GLUE_WORDS | frozenset("about over through across within without like than".split())
 WHOSE = re.compile(
@@ -8091,7 +8095,6 @@ WHOSE = re.compile(
 )
 """A topic that a clause gives to others ("experience that your students are expected to have"): theirs."""
 TOPIC_WORDS = 10  # a question's topic in a title, at most
-"""Words where a question's topic ends and its circumstances or a clause about it begin."""
 
 
 def names_the_person(header: str) -> bool:
@@ -8147,6 +8150,24 @@ def ends_the_topic(words: list[str], position: int) -> bool:
     return word in POSSESSIVES and words[position - 1].lower() not in PREPOSITIONS and verb
 
 
+def asked_about(question: str) -> str:
+    """A question without its asking words: what it counts ("students in your class"), the kind of thing it
+    names ("industry"), what its statements are about ("primary reason"), or what is left after "how often do
+    you" ("observe flaky tests in ...")."""
+    counted = HOW_MANY.match(question)  # "how many students are in your class" counts students in your class
+    counted_doing = HOW_MANY_DO.match(question)
+    thing = WHAT_THING.match(question)
+    if counted:
+        return f"{counted.group(1)} {question[counted.end() :]}"
+    if counted_doing:
+        rest = question[counted_doing.end() :]
+        return f"{counted_doing.group(1)} {rest if re.match(r'(?:that|who|which) ', rest) else 'who ' + rest}"
+    if thing and thing.group(1).lower() not in GENERIC_THINGS:
+        named = thing.group(1).split()  # "Jupyter/IPython tools your class (is utilizing)": the tools
+        return " ".join(next((named[:i] for i, word in enumerate(named) if i and word.lower() in POSSESSIVES), named))
+    return QUESTION_LEAD.sub("", WHICH_STATEMENT.sub("", question))
+
+
 def question_topic(header: str) -> str:
     """What a question asks about, in a few words: `Achieve proficiency`, `Industry`, `Doing the grading`."""
     grid = grid_parts(header)
@@ -8156,26 +8177,14 @@ def question_topic(header: str) -> str:
         topic = asked.strip()
     topic = LEADING_CLAUSE.sub("", topic)  # "If you grade notebooks, how do you ...?", "Other than yourself, how ..."
     topic = re.sub(r"^(?:please )?(?:indicate|select|choose|specify|name|list) ", "", topic, flags=re.IGNORECASE)
-    counted = HOW_MANY.match(topic)  # "how many students are in your class" counts students in your class
-    counted_doing = HOW_MANY_DO.match(topic)
-    thing = WHAT_THING.match(topic)
-    if counted:
-        topic = f"{counted.group(1)} {topic[counted.end() :]}"
-    elif counted_doing:
-        rest = topic[counted_doing.end() :]
-        topic = f"{counted_doing.group(1)} {rest if re.match(r'(?:that|who|which) ', rest) else 'who ' + rest}"
-    elif thing and thing.group(1).lower() not in GENERIC_THINGS:
-        named = thing.group(1).split()  # "Jupyter/IPython tools your class (is utilizing)": the tools
-        topic = " ".join(next((named[:i] for i, word in enumerate(named) if i and word.lower() in POSSESSIVES), named))
-    else:
-        topic = QUESTION_LEAD.sub("", WHICH_STATEMENT.sub("", topic))
-    topic = topic.strip(" ?:.…")
+    topic = asked_about(topic).strip(" ?:.…")
     topic = re.sub(r"^(?:it )?(?:takes?|took) (?:you|them) (?:to )?", "", topic, flags=re.IGNORECASE)
     topic = re.sub(r"^(?:the|this|that|these|those|your) ", "", topic, flags=re.IGNORECASE)  # "this course taught"
     concerns = WHOSE.match(topic)  # "level of experience that your students are expected to have" is theirs
     if concerns:
         owner = concerns.group(2)
-        topic = f"{owner}{chr(39) if owner.endswith('s') else chr(39) + 's'} {sentence_lower(concerns.group(1))}"
+        mark = "'" if owner.endswith("s") else "'s"
+        topic = f"{owner}{mark} {sentence_lower(concerns.group(1))}"
     words = topic.split()
     for position, word in enumerate(words[1:], 1):  # the topic ends where its circumstances begin
         if word.endswith(","):
