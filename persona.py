@@ -6937,11 +6937,13 @@ not make it an item ("This course was a joy to teach" answers "what are your pai
 NON_ANSWER_OPENING = re.compile(r"^\W*(?:none|nothing|no|not|n/a|na|nope|idk|thanks?|thank you)\b", re.IGNORECASE)
 """An answer that declines ("None at this time", "Not that I know of", "Thanks!")."""
 DECLINED = re.compile(
-    r"^\W*(?:none|nothing|n/a|nope)\s*[-\u2013\u2014,:;](?!\s*(?:but|except|apart|other than|although|though)\b)",
+    r"^\W*(?:(?:none|nothing|n/a|nope)\s*[-\u2013\u2014,:;]|no\s*[-\u2013\u2014:;.])"
+    r"(?!\s*(?:but|except|apart|other than|although|though)\b)",
     re.IGNORECASE,
 )
 """A sentence that declines first and then says why ("Nothing - the issues I had were all before dplyr"): its
-answer is none, whatever trouble the reason names; not one that goes on with an exception ("None - but ...")."""
+answer is none, whatever trouble the reason names ("No - it has worked out well"); not one that goes on with an
+exception ("None - but ...", and "No, but ..." where the comma makes it a reply)."""
 
 CUES: dict[str, re.Pattern[str]] = {
     "pain_points": PAIN,
@@ -7507,8 +7509,8 @@ POINTS_BACK = re.compile(
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
     r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|"
-    r"(?:and|but|or|however|similarly|likewise|moreover|furthermore|besides|additionally|otherwise|plus)\b|"
-    r"so\b(?! (?:many|much|far|few|little|long)\b)|"
+    r"(?:and|but|so|or|because|however|similarly|likewise|moreover|furthermore|besides|additionally|otherwise|"
+    r"plus)\b|"
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that)\b|"
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:this|those)(?=\s*[,.;])|what that means\b|"
     r"the (?:one|ones)\b(?! (?:thing|things)\b)|the (?:other|others)\b(?! (?:day|week|month|night|year)\b)|"
@@ -7553,27 +7555,24 @@ class Said:
     topic: frozenset[str] = frozenset()
     words: list[frozenset[str]] = field(default_factory=list)
     pairs: set[str] = field(default_factory=set)
-    topic_words: frozenset[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.topic_words = frozenset(word for pair in self.topic for word in pair.split())
 
     def again(self, text: str) -> bool:
         """Whether `text` repeats one already chosen: the same words ("Ggplot2 and dplyr" after "Ggplot2 &
         dplyr"), two or more shared and most of the shorter one's, or a pair of words side by side that is no
         topic ("multiple cells" in "Selecting multiple cells" and "Lack of ability to select multiple cells")."""
         words, pairs = word_set(text), word_pairs(text)
-        return bool(pairs & self.pairs) or any(words == other or self.share_most(words, other) for other in self.words)
-
-    def share_most(self, words: frozenset[str], other: frozenset[str]) -> bool:
-        """Two or more words shared, and most of the shorter one's; the topic's words ("flaky", "test") aside."""
-        mine, theirs = words - self.topic_words, other - self.topic_words
-        shared = len(mine & theirs)
-        return shared >= 2 and shared >= ALIKE_SHARE * min(len(mine), len(theirs))
+        return bool(pairs & self.pairs) or any(words == other or share_most(words, other) for other in self.words)
 
     def add(self, text: str) -> None:
         self.words.append(word_set(text))
         self.pairs.update(word_pairs(text) - self.topic)
+
+
+def share_most(words: frozenset[str], other: frozenset[str]) -> bool:
+    """Two or more words shared, and most of the shorter one's: the same item, even where the shared words are
+    the data set's topic ("Flaky tests are slow." after "I quarantine flaky tests the same day.")."""
+    shared = len(words & other)
+    return shared >= 2 and shared >= ALIKE_SHARE * min(len(words), len(other))
 
 
 def word_pairs(text: str) -> set[str]:
@@ -7810,8 +7809,8 @@ def pick_quotes(
     sentences: list[Sentence], used: set[str], count: int, coded: Collection[str] = (), said: Said | None = None
 ) -> list[Sentence]:
     """Quotes that speak: first-person sentences of a readable length not used in the lists, then others of
-    that length, then any that read alone; the passages the researcher coded first (`coded`, in `squash`
-    form), each voice once before any twice."""
+    that length (fewer than `count` rather than a fragment); the passages the researcher coded first (`coded`,
+    in `squash` form), each voice once before any twice."""
     speakable = [
         s
         for s in sentences
@@ -7822,9 +7821,8 @@ def pick_quotes(
         and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
     ]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
-    readable = [s for s in sentences if stands_alone(s.text) and not is_question(s.text)]
     pool, seen = [], set()
-    for s in first_person + speakable + readable:  # the best first; each as long as it is not yet an item
+    for s in first_person + speakable:  # the first person first; each as long as it is not yet an item
         if id(s) not in seen and s.text not in used:
             pool.append(s)
             seen.add(id(s))

@@ -781,6 +781,7 @@ def test_a_clause_a_refusal_or_praise_is_not_made_an_item_by_its_question(answer
         ("Nothing helps when the build crashes.", "pain_points"),
         ("No documentation for the widgets is a problem.", "pain_points"),
         ("None - but the lack of a debugger is painful.", "pain_points"),
+        ("No - it has worked out for me quite well, but the students crash the kernel.", None),
     ],
 )
 def test_an_answer_that_declines_before_its_reason_is_no_item(answer: str, kind: str | None) -> None:
@@ -849,7 +850,7 @@ def test_a_trouble_that_stays_or_grows_is_still_a_pain_point(answer: str) -> Non
     assert persona.list_kind(answer) == "pain_points"
 
 
-def test_quotes_reach_their_count_with_sentences_that_read_alone_and_repeat_no_item() -> None:
+def test_a_quote_repeats_no_item_and_reads_alone() -> None:
     said = persona.Said()
     said.add("I want better error messages in the console.")
     sentences = [
@@ -862,11 +863,11 @@ def test_quotes_reach_their_count_with_sentences_that_read_alone_and_repeat_no_i
     assert [s.text for s in chosen] == ["Installing kernels on lab machines takes the whole first week."]
 
 
-def test_the_data_set_s_topic_words_make_no_two_items_alike() -> None:
+def test_an_item_that_shares_most_of_its_words_with_one_chosen_is_left_out_though_they_are_the_topic() -> None:
     said = persona.Said(frozenset({"flaky test"}))
     said.add("I always quarantine flaky tests the same day.")
-    assert not said.again("Flaky tests are slow.")
-    assert said.again("We quarantine flaky tests the same day.")
+    assert said.again("Flaky tests are slow.")
+    assert not said.again("Our nightly build fails on flaky tests twice a week.")
 
 
 @pytest.mark.parametrize(
@@ -888,9 +889,9 @@ def test_the_data_set_s_topic_words_make_no_two_items_alike() -> None:
         ("Similarly, I often end up with several notebook servers running.", False),
         ("In that case we rebuild everything.", False),
         ("This course was a joy to teach.", True),
-        ("Because of packages, there are many ways to do things and it confuses people.", True),
+        ("Because of packages, there are many ways to do things and it confuses people.", False),
         ("In this class, I often use Jupyter as a presentation tool.", True),
-        ("So many options, difficult to choose where to start.", True),
+        ("So many options, difficult to choose where to start.", False),
         ("Better keybindings -- toggle for vim.", True),
         ("Although notebooks are great, version control of them is painful.", True),
         ("The one thing I would change is the lack of a debugger.", True),
