@@ -6574,12 +6574,12 @@ RESOLVED = re.compile(
     r"\b(?:is|are|seems?|has become|have become) now (?:much |far |a lot |a bit )?(?:more (?:stable|reliable)|better|"
     r"fixed|stable|resolved|solved|fine)\b|\bnow (?:much |far )?(?:more stable|better|fixed|resolved|solved)\b|"
     r"\b(?:has|have) (?:since )?been (?:fixed|resolved|solved)\b|"
-    r"\bprior to (?:the )?(?:release|version|arrival|introduction|update)\b",
+    r"\bprior to (?:the )?(?:release|version|arrival|introduction|update)\b|\blast (?:year|semester|term)\b",
     re.IGNORECASE,
 )
 """A trouble told as past and mended ("... failed to load regularly, but the system is now much more stable",
-"... all related to learning R prior to dplyr"): no pain point the speaker has now. "No longer" is no mend:
-"older code may no longer run" is the trouble itself."""
+"... all related to learning R prior to dplyr", "... was painful last year"): no pain point the speaker has now.
+"No longer" is no mend: "older code may no longer run" is the trouble itself."""
 
 OPINION = re.compile(
     r"^\W*(?:i (?:think|believe|trust|feel that|guess|suppose|reckon)|in my opinion|i'm sure|i am sure)\b",
@@ -7819,6 +7819,7 @@ def pick_quotes(
         and stands_alone(s.text)
         and len(content_words(s.text)) >= 3
         and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
+        and not DECLINED.match(s.text)  # "No - it has worked out well": a reply to a question not shown
     ]
     first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
     pool, seen = [], set()

@@ -794,6 +794,7 @@ def test_an_answer_that_declines_before_its_reason_is_no_item(answer: str, kind:
         "Student servers on JupyterHub failed to load regularly, but the system is now much more stable.",
         "The crashes on start-up have since been fixed.",
         "All my issues were related to learning R prior to the release of dplyr.",
+        "Painful was the configuration of the notebook server (security issues) last year.",
     ],
 )
 def test_a_trouble_told_as_mended_is_no_pain_point(answer: str) -> None:
@@ -858,6 +859,7 @@ def test_a_quote_repeats_no_item_and_reads_alone() -> None:
         persona.Sentence("P3", "Installing kernels on lab machines takes the whole first week.", 0.8),
         persona.Sentence("P4", "And they crash.", 0.7),
         persona.Sentence("P5", "But it is slow...", 0.6),
+        persona.Sentence("P6", "No - it has worked out for me quite well so far.", 0.5),
     ]
     chosen = persona.pick_quotes(sentences, set(), 2, (), said)
     assert [s.text for s in chosen] == ["Installing kernels on lab machines takes the whole first week."]
