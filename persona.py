@@ -7523,10 +7523,12 @@ it on ("And they might hear ...", "But there was no real buzz around it"): a rea
 what it is about."""
 ELSEWHERE = re.compile(
     r"\b(?:(?:see|mentioned|said|noted|listed|described|linked)(?: [\w-]+){0,2} (?:above|below|earlier|before)|"
-    r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned)\b",
+    r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned|"
+    r"(?:as|like) you (?:said|mentioned)|you (?:just )?(?:asked|mentioned)|your question)\b",
     re.IGNORECASE,
 )
-"""A sentence that sends the reader to the text around it ("see linked video above", "as I said")."""
+"""A sentence that sends the reader to the text around it ("see linked video above", "as I said") or answers the
+interviewer's words ("A bunch of things came to mind when you asked the question")."""
 SELF_REPAIR = re.compile(r"\s--\s(?:and|but|so|i|we|it|you|they|the|like|um|uh)\b", re.IGNORECASE)
 """A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show. A dash typed
 between two parts ("Better keybindings -- toggle for vim") is none."""

@@ -888,6 +888,7 @@ def test_an_item_that_shares_most_of_its_words_with_one_chosen_is_left_out_thoug
         ("The one that wasn't was resource cleanup in a corner case.", False),
         ("Clear the cache (see linked video above), rebuild the test instances.", False),
         ("As I said, we never fix them the same week.", False),
+        ("A bunch of things came to mind right when you asked the question.", False),
         ("Similarly, I often end up with several notebook servers running.", False),
         ("In that case we rebuild everything.", False),
         ("This course was a joy to teach.", True),
