@@ -7823,15 +7823,13 @@ def pick_quotes(
         and not DEFINITION.search(blank_pseudo_cues(s.text))  # what a word means says nothing of the speaker
         and not DECLINED.match(s.text)  # "No - it has worked out well": a reply to a question not shown
     ]
-    first_person = [s for s in speakable if re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)]
-    pool, seen = [], set()
-    for s in first_person + speakable:  # the first person first; each as long as it is not yet an item
-        if id(s) not in seen and s.text not in used:
-            pool.append(s)
-            seen.add(id(s))
-    if coded:
-        pool = sorted(pool, key=lambda s: not any(squash(s.text) in passage for passage in coded))  # stable
-    return pick_spread(pool, count, said)
+
+    def rank(s: Sentence) -> tuple[bool, bool]:
+        """Coded passages first, then the first person; otherwise the sentences' own order (a stable sort)."""
+        in_code = any(squash(s.text) in passage for passage in coded)
+        return not in_code, not re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)
+
+    return pick_spread(sorted((s for s in speakable if s.text not in used), key=rank), count, said)
 
 
 @dataclass
