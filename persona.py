@@ -7929,6 +7929,10 @@ def sentence_case(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def sentence_lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
 MAX_ANSWERS = 8  # closed answers a persona carries as evidence
 ANSWER_MIN_SHARE = 0.3  # of the segment's members who answered the question
 ANSWER_MIN_LIFT = 0.15  # above the share of everyone else
@@ -7988,12 +7992,12 @@ ANSWER_WORDS = frozenset(
 )  # words an answer opens with that name nothing: "Often", "A few times a year", "Strongly agree"
 
 
-def as_read_on(answer: str) -> str:
-    """An answer as it reads after a colon: "Often" becomes "often"; "Python", "System Administrator" and
-    "I ..." stay as written."""
+def as_read_on(answer: str, common: Collection[str] = ANSWER_WORDS) -> str:
+    """An answer as it reads after a colon: "Often" becomes "often" (its first word one of the `common`);
+    "Python", "System Administrator", "US" and "I ..." stay as written."""
     first = answer.split(" ", 1)[0]
-    lower = first.lower() in ANSWER_WORDS and not (len(first) > 1 and first.isupper())
-    return answer[:1].lower() + answer[1:] if lower else answer
+    lower = first.lower() in common and not (len(first) > 1 and first.isupper())
+    return sentence_lower(answer) if lower else answer
 
 
 def counted_share(finding: JSON) -> float:
@@ -8102,8 +8106,8 @@ def names_the_person(header: str) -> bool:
     return ("?" not in header and len(header.split()) <= 3) or bool(WHO_THEY_ARE.search(header))
 
 
-def sentence_lower(text: str) -> str:
-    return text[:1].lower() + text[1:]
+COMMON_WORDS = (STOPWORDS | AMOUNT_WORDS | BARE_ANSWERS | SCALE_WORDS) - {"i"}
+"""Words an answer in a title opens with that name nothing ("by hand", "every year"); "I" is the speaker."""
 
 
 def as_answered(value: str) -> str:
@@ -8111,13 +8115,8 @@ def as_answered(value: str) -> str:
     `often`, `once a week` for "Once A Week"), as written where it may open with a name (`JupyterHub`, `Python
     3`, `Complete novice`) or is in capitals (`US`, `DAILY`)."""
     answer = value.strip()
-    first = answer.split(" ", 1)[0]
-    if first == "I" or (len(first) > 1 and first.isupper()):  # "I wanted to ...", "US", "DAILY": as written
-        return answer
-    lowered = first.lower()
-    if not any(lowered in words for words in (STOPWORDS, AMOUNT_WORDS, BARE_ANSWERS, SCALE_WORDS)):
-        return answer
-    return answer.lower() if answer.istitle() else sentence_lower(answer)  # "Once A Week", "Every year"
+    read = as_read_on(answer, COMMON_WORDS)
+    return answer.lower() if read != answer and answer.istitle() else read  # "Once A Week", "Every year"
 
 
 WHAT_THING = re.compile(
