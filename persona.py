@@ -7505,7 +7505,7 @@ def segment_sentences(corpus: Corpus, members: list[int], centre: dict[int, floa
 
 
 POINTS_BACK = re.compile(
-    r"^\W*(?:(?:this|that)(?:'s|\s+(?:is|was|are|were|means|meant|would|will|can|could|should|might|may|must|has|"
+    r"^\W*(?:that\b|this(?:'s|\s+(?:is|was|are|were|means|meant|would|will|can|could|should|might|may|must|has|"
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
     r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|"
@@ -7514,24 +7514,36 @@ POINTS_BACK = re.compile(
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that)\b|"
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:this|those)(?=\s*[,.;])|what that means\b|"
     r"the (?:one|ones)\b(?! (?:thing|things)\b)|the (?:other|others)\b(?! (?:day|week|month|night|year)\b)|"
-    r"the (?:former|latter|same)\b)",
+    r"the (?:former|latter|same)\b|(?:for|because of) (?:these|those|that|this|the same|both) reasons?\b)",
     re.IGNORECASE,
 )
 """A sentence that opens by pointing at what came before it ("This means I end up ...", "That would be cool",
-"These slides can be imported", "They're very annoying!", "The one that wasn't was ...") or by carrying
-it on ("And they might hear ...", "But there was no real buzz around it"): a reader shown it alone cannot tell
-what it is about."""
+"That issue template was ...", "These slides can be imported", "They're very annoying!", "The one that wasn't was
+...", "For these reasons, I ...") or by carrying it on ("And they might hear ...", "But there was no real buzz
+around it"): a reader shown it alone cannot tell what it is about."""
 ELSEWHERE = re.compile(
     r"\b(?:(?:see|mentioned|said|noted|listed|described|linked)(?: [\w-]+){0,2} (?:above|below|earlier|before)|"
     r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned|"
-    r"(?:as|like) you (?:said|mentioned)|you (?:just )?(?:asked|mentioned)|your question)\b",
+    r"(?:as|like) you (?:said|mentioned)|you (?:just )?(?:asked|mentioned)|your question|"
+    r"you(?:'re| are| were) (?:calling|describing|talking about|asking))\b",
     re.IGNORECASE,
 )
 """A sentence that sends the reader to the text around it ("see linked video above", "as I said") or answers the
-interviewer's words ("A bunch of things came to mind when you asked the question")."""
+interviewer's words ("A bunch of things came to mind when you asked the question", "what you're calling ...")."""
 SELF_REPAIR = re.compile(r"\s--\s(?:and|but|so|i|we|it|you|they|the|like|um|uh)\b", re.IGNORECASE)
 """A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show. A dash typed
 between two parts ("Better keybindings -- toggle for vim") is none."""
+LEANS_BACK = re.compile(
+    r"\b(?:it|that|this|them|(?<!\bout )there)(?=\s*(?:[.,;:!?)]|$)|\s+(?:down|up|out|off|back|over|away|again|"
+    r"anymore|either|too|yet)\b)|"
+    r"\b(?:that|those) (?:time|times|thing|things|stuff|kind|sort|point|way|one|ones|part|piece|issue|issues|idea|"
+    r"case|cases|guidance|project|work)\b",
+    re.IGNORECASE,
+)
+"""A pronoun that ends a clause ("We pull it down, we build it.", "I would love to do that, but ...") or a thing
+named by "that" ("I spend that time writing"): what the sentence is about was most likely said before it. Its
+referent is often in the sentence itself ("a notebook ... I would like to scale it up"), so such a sentence is
+chosen last rather than never."""
 ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
 
 
@@ -7788,6 +7800,12 @@ def is_long(sentence: Sentence) -> bool:
     return len(sentence.text.split()) > PLAIN_ITEM_WORDS
 
 
+def plainest_first(sentence: Sentence) -> tuple[bool, bool]:
+    """An item's place among those of its list: one that may lean on what was said before it (`LEANS_BACK`)
+    comes after every one that does not, and a long one after the short ones; otherwise the list's order."""
+    return bool(LEANS_BACK.search(sentence.text)), is_long(sentence)
+
+
 def categorise(sentences: list[Sentence], length: int, said: Said | None = None) -> dict[str, list[Sentence]]:
     """Goals, pain points and behaviours by cue phrases; a sentence lands in one list only, and says nothing
     an item of another list says (a wish and the lack it mirrors)."""
@@ -7797,7 +7815,7 @@ def categorise(sentences: list[Sentence], length: int, said: Said | None = None)
         kind = list_kind(sentence.text, sentence.question)
         if kind:
             buckets[kind].append(sentence)
-    return {name: pick_spread(sorted(found, key=is_long), length, said) for name, found in buckets.items()}
+    return {name: pick_spread(sorted(found, key=plainest_first), length, said) for name, found in buckets.items()}
 
 
 def tidy_spoken(sentence: str) -> str:
@@ -7824,10 +7842,12 @@ def pick_quotes(
         and not DECLINED.match(s.text)  # "No - it has worked out well": a reply to a question not shown
     ]
 
-    def rank(s: Sentence) -> tuple[bool, bool]:
-        """Coded passages first, then the first person; otherwise the sentences' own order (a stable sort)."""
+    def rank(s: Sentence) -> tuple[bool, bool, bool]:
+        """Coded passages first, then those that lean on nothing said before them, then the first person;
+        otherwise the sentences' own order (a stable sort)."""
         in_code = any(squash(s.text) in passage for passage in coded)
-        return not in_code, not re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)
+        leans = bool(LEANS_BACK.search(s.text))
+        return not in_code, leans, not re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)
 
     return pick_spread(sorted((s for s in speakable if s.text not in used), key=rank), count, said)
 

@@ -891,6 +891,9 @@ def test_an_item_that_shares_most_of_its_words_with_one_chosen_is_left_out_thoug
         ("A bunch of things came to mind right when you asked the question.", False),
         ("Similarly, I often end up with several notebook servers running.", False),
         ("In that case we rebuild everything.", False),
+        ("That issue template kind of was kickstarted by me.", False),
+        ("For these reasons, I tend to stick to base R as much as possible.", False),
+        ("I'm trying to think of some examples of what you're calling the existing projects.", False),
         ("This course was a joy to teach.", True),
         ("Because of packages, there are many ways to do things and it confuses people.", False),
         ("In this class, I often use Jupyter as a presentation tool.", True),
@@ -948,6 +951,21 @@ def test_a_long_sentence_is_an_item_only_when_no_shorter_one_is_left() -> None:
         "I always re-run the failing build.",
         long,
     ]
+
+
+def test_an_item_that_leans_on_what_was_said_before_it_comes_after_every_plain_one() -> None:
+    leaning = [
+        persona.Sentence("P1", "We pull it down, we build it.", 0.9),
+        persona.Sentence("P2", "I always spend that time writing documentation for newcomers.", 0.8),
+    ]
+    plain = persona.Sentence("P3", "I always review every contribution on my laptop before merging.", 0.5)
+    assert [s.text for s in persona.categorise([*leaning, plain], 1)["behaviours"]] == [plain.text]
+    assert [s.text for s in persona.categorise([*leaning, plain], 3)["behaviours"]] == [
+        plain.text,
+        *(s.text for s in leaning),
+    ]
+    quotes = persona.pick_quotes([*leaning, plain], set(), 1)
+    assert [s.text for s in quotes] == [plain.text]
 
 
 def test_a_cause_named_under_a_causes_question_is_no_pain_point_unless_the_speaker_met_it() -> None:
