@@ -6539,10 +6539,11 @@ QUOTE = re.compile(r"[\"“”]")
 
 REPORTED = re.compile(
     r"\b(?:was like|were like|(?:he|she|they)'s like|told me|asked me|"
-    r"(?:he|she|they|somebody|someone|people) (?:said|says|asked|told))\b",
+    r"(?:he|she|they|somebody|someone|people) (?:said|says|asked|told)|ways? to say)\b",
     re.IGNORECASE,
 )
-"""A speech verb that introduces someone else's words ("Somebody else was like, 'it'd be cool ...'")."""
+"""A speech verb that introduces someone else's words ("Somebody else was like, 'it'd be cool ...'", "they came up
+with ways to say 'We want to ...'")."""
 
 DEFINITION = re.compile(
     r"^\W*(?:(?:i|we)(?: would|'d)? (?:say|define|consider|call|describe) (?:that )?)?"

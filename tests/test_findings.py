@@ -607,6 +607,18 @@ def test_a_definition_is_no_goal_pain_point_or_behaviour(definition: str) -> Non
     assert persona.list_kind(definition) is None
 
 
+@pytest.mark.parametrize(
+    ("sentence", "kind"),
+    [
+        ('Somebody else was like, "it would be cool to have a debugger."', None),
+        ('The foundations came up with ways to say "We want to act like the copyright holder."', None),
+        ('I want a debugger that says "ready" when it is.', "goals"),
+    ],
+)
+def test_someone_else_s_quoted_words_are_no_item_of_the_speaker(sentence: str, kind: str | None) -> None:
+    assert persona.sentence_kind(sentence) == kind
+
+
 def test_a_definition_is_no_quote() -> None:
     said = [
         persona.Sentence("P1", "I would say that a flaky test is any test that changes from pass to fail.", 0.9),
