@@ -6709,6 +6709,12 @@ ARTICLE_NP = re.compile(
 """A bare noun phrase opened by "a"/"an" ("A consistent, easy-to-use hash table", "A backend that lets ..."):
 a feature named as wanted, unless it is a statement, high praise or long (see list_kind)."""
 ARTICLE_NP_MAX_WORDS = 25
+SAYS_WHAT_IT_CAN = re.compile(
+    r"(?<!\bthat )(?<!\bwhich )(?<!\bwho )(?<!\bto )\b(?:can|could|will|must|may|might|cannot|can't|won't)\b",
+    re.IGNORECASE,
+)
+"""A modal verb of the main clause: an ARTICLE_NP opening then states what a thing can do ("A proprietary program
+can use an LGPL library"), it names no wanted feature ("A backend that can ...", in a relative clause, still does)."""
 
 HIGH_PRAISE = re.compile(
     r"\b(?:great|good|nice|love|loved|best|awesome|excellent|amazing|fantastic|brilliant|perfect|wonderful|powerful|"
@@ -7538,13 +7544,13 @@ LEANS_BACK = re.compile(
     r"\b(?:it|that|this|them|(?<!\bout )there)(?=\s*(?:[.,;:!?)]|$)|\s+(?:down|up|out|off|back|over|away|again|"
     r"anymore|either|too|yet)\b)|"
     r"\b(?:that|those) (?:time|times|thing|things|stuff|kind|sort|point|way|one|ones|part|piece|issue|issues|idea|"
-    r"case|cases|guidance|project|work)\b",
+    r"case|cases|guidance|project|work)\b|\b(?:do|does|did|doing|done) (?:it|that|this)\b",
     re.IGNORECASE,
 )
-"""A pronoun that ends a clause ("We pull it down, we build it.", "I would love to do that, but ...") or a thing
-named by "that" ("I spend that time writing"): what the sentence is about was most likely said before it. Its
-referent is often in the sentence itself ("a notebook ... I would like to scale it up"), so such a sentence is
-chosen last rather than never."""
+"""A pronoun that ends a clause ("We pull it down, we build it.", "I would love to do that, but ..."), a thing
+named by "that" ("I spend that time writing") or a deed named by "do it" ("My main goal in doing that is ..."):
+what the sentence is about was most likely said before it. Its referent is often in the sentence itself ("a
+notebook ... I would like to scale it up"), so such a sentence is chosen last rather than never."""
 ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
 
 
@@ -7782,7 +7788,7 @@ def sentence_kind(sentence: str) -> str | None:
     if REQUEST.search(text) or (
         ARTICLE_NP.match(text)
         and len(text.split()) <= ARTICLE_NP_MAX_WORDS
-        and not (STATEMENT.search(text) or HIGH_PRAISE.search(text))
+        and not (STATEMENT.search(text) or HIGH_PRAISE.search(text) or SAYS_WHAT_IT_CAN.search(text))
     ):
         return "goals"
     if opinion or NOT_BEHAVIOUR.search(text):
@@ -8434,13 +8440,16 @@ SUMMARY_GOAL_WORDS = 25  # a longer sentence with a wish in it is mostly a story
 
 
 def persona_summary(count: int, total: int, themes: list[str], goals: list[str]) -> str:
-    """Who the persona stands for, what they talk about, and their first goal short enough to state one."""
+    """Who the persona stands for, what they talk about, and their first goal short enough to state one and
+    plain: a goal that may lean on what was said before it (`LEANS_BACK`) says nothing on its own here."""
     text = f"Stands for {count} of {total} participants ({count / total:.0%})."
     if themes:
         text += (
             " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
         )
-    goal = next((goal for goal in goals if len(goal.split()) <= SUMMARY_GOAL_WORDS), None)
+    goal = next(
+        (goal for goal in goals if len(goal.split()) <= SUMMARY_GOAL_WORDS and not LEANS_BACK.search(goal)), None
+    )
     if goal:
         text += f' A goal in their words: "{goal}"'
     return text

@@ -673,6 +673,27 @@ def test_the_summary_quotes_a_goal_short_enough_to_state_one_or_none() -> None:
     assert summary.endswith('A goal in their words: "Better error messages"')
 
 
+def test_the_summary_quotes_no_goal_that_leans_on_what_was_said_before_it() -> None:
+    goals = ["My main goal in doing that is to help people.", "I want more maintainers for the project."]
+    summary = persona.persona_summary(5, 19, ["core team"], goals)
+    assert summary.endswith('A goal in their words: "I want more maintainers for the project."')
+    assert "A goal in their words" not in persona.persona_summary(5, 19, ["core team"], goals[:1])
+
+
+@pytest.mark.parametrize(
+    ("sentence", "kind"),
+    [
+        ("A proprietary program can use an LGPL library as a dynamically-linked library.", None),
+        ("A backend that can run notebooks headless.", "goals"),
+        ("A dark mode for the notebook.", "goals"),
+    ],
+)
+def test_a_noun_phrase_names_a_wanted_feature_unless_it_says_what_a_thing_can_do(
+    sentence: str, kind: str | None
+) -> None:
+    assert persona.list_kind(sentence) == kind
+
+
 @pytest.mark.parametrize(
     ("sentence", "kind"),
     [
