@@ -960,6 +960,20 @@ def test_an_item_that_says_one_already_chosen_again_is_left_out() -> None:
     assert chosen == ["Ggplot2 & dplyr", "Rewrite the code under test", "Mock the clock"]
 
 
+def test_a_word_pair_a_fifth_of_the_speakers_use_is_the_topic_and_one_fewer_use_is_a_theme_said_once() -> None:
+    def person(n: int) -> persona.Participant:
+        said = ["The bus was late again today."]
+        if n < 6:
+            said.append("Flaky tests fail our nightly build.")
+        if n < 3:
+            said.append("Version control of notebooks is painful.")
+        return persona.Participant(f"P{n}", said)
+
+    topic = persona.topic_pairs(persona.build_corpus([person(n) for n in range(20)]))
+    assert "flaky test" in topic  # 6 of 20 speakers
+    assert "version control" not in topic  # 3 of 20
+
+
 def test_a_wish_and_the_lack_it_mirrors_are_one_item_but_the_data_set_s_topic_repeats_freely() -> None:
     sentences = [
         persona.Sentence("P1", "I wish I could select multiple cells at once.", 0.9),
