@@ -7881,8 +7881,28 @@ def term_shares(corpus: Corpus, members: list[int]) -> SegmentTerms:
     )
 
 
+VAGUE_WORDS = frozenset(
+    "able unable trying tried going getting doing making saying seeing looking thinking wanting important huge "
+    "amount lot".split()
+)
+"""Words that name no theme, alone or in a pair ("people trying", "able to maintain", "important parts")."""
+
+
+def names_a_theme(corpus: Corpus, term: str) -> bool:
+    """Whether a word or pair can be a persona's theme or title: it holds no vague word, and a pair is no
+    piece of a commoner one in the other order ("source to open", from "closed source to open source")."""
+    words = term.split()
+    if VAGUE_WORDS.intersection(words):
+        return False
+    if len(words) == 2:
+        reverse = corpus.vocabulary.get(f"{words[1]} {words[0]}")
+        if reverse is not None and corpus.speakers[reverse] > corpus.speakers[corpus.vocabulary[term]]:
+            return False
+    return True
+
+
 def distinctive_terms(corpus: Corpus, shares: SegmentTerms, count: int, pairs_only: bool = False) -> list[str]:
-    """Words and pairs this segment says more than the others, said by a good share of it.
+    """Words and pairs this segment says more than the others, said by a good share of it, that name a theme.
 
     A pair counts only where it reads as a phrase (it has a surface form to show).
     """
@@ -7892,7 +7912,10 @@ def distinctive_terms(corpus: Corpus, shares: SegmentTerms, count: int, pairs_on
         (
             ((inside[t] ** 2) / (inside[t] + outside[t]) + (0.05 if " " in t else 0.0), t)
             for t in inside
-            if inside[t] >= floor and (" " not in t or t in corpus.display) and (" " in t or not pairs_only)
+            if inside[t] >= floor
+            and (" " not in t or t in corpus.display)
+            and (" " in t or not pairs_only)
+            and names_a_theme(corpus, t)
         ),
         key=lambda pair: (-pair[0], pair[1]),
     )

@@ -116,6 +116,28 @@ def test_a_web_address_gives_no_words_to_themes_or_titles() -> None:
     assert not {"https", "http", "github", "com", "www"} & set(shown)
 
 
+def test_a_vague_phrase_or_a_piece_of_a_commoner_one_names_no_theme() -> None:
+    said = [
+        "We moved from closed source to open source.",
+        "Core contributors keep the open source project alive.",
+        "People trying to help are able to maintain it.",
+    ]
+    people = [persona.Participant(f"P{n}", said) for n in range(3)]
+    corpus = persona.build_corpus([*people, persona.Participant("P9", ["Open source is a movement."])])
+    assert persona.names_a_theme(corpus, "core contributor")
+    assert persona.names_a_theme(corpus, "open source")
+    assert not persona.names_a_theme(corpus, "source open")  # "... source to open source"
+    assert not persona.names_a_theme(corpus, "people trying")
+    assert not persona.names_a_theme(corpus, "able maintain")
+
+
+def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phrases() -> None:
+    podcast = persona.load_path("rfc-transcripts/episodes", CORPUS)
+    personas, _ = persona.offline_personas(podcast, 4, {})
+    shown = [p["title"] for p in personas] + [theme for p in personas for theme in p["themes"]]
+    assert not {"People trying", "Source to open", "Able to maintain", "people trying", "important parts"} & set(shown)
+
+
 @pytest.mark.parametrize(
     ("question", "answer", "phrase"),
     [
