@@ -7532,11 +7532,13 @@ ELSEWHERE = re.compile(
     r"\b(?:(?:see|mentioned|said|noted|listed|described|linked)(?: [\w-]+){0,2} (?:above|below|earlier|before)|"
     r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned|"
     r"(?:as|like) you (?:said|mentioned)|you (?:just )?(?:asked|mentioned)|your question|"
-    r"you(?:'re| are| were) (?:calling|describing|talking about|asking))\b",
+    r"you(?:'re| are| were) (?:calling|describing|talking about|asking)|(?:might as well|let's) talk about|"
+    r"next episodes?|this (?:podcast|episode|interview))\b",
     re.IGNORECASE,
 )
 """A sentence that sends the reader to the text around it ("see linked video above", "as I said") or answers the
-interviewer's words ("A bunch of things came to mind when you asked the question", "what you're calling ...")."""
+interviewer's words ("A bunch of things came to mind when you asked the question", "what you're calling ...") or
+speaks of the talk itself ("We might as well talk about Node", "I'm looking forward to the next episodes")."""
 SELF_REPAIR = re.compile(r"\s--\s(?:and|but|so|i|we|it|you|they|the|like|um|uh)\b", re.IGNORECASE)
 """A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show. A dash typed
 between two parts ("Better keybindings -- toggle for vim") is none."""
@@ -7544,13 +7546,15 @@ LEANS_BACK = re.compile(
     r"\b(?:it|that|this|them|(?<!\bout )there)(?=\s*(?:[.,;:!?)]|$)|\s+(?:down|up|out|off|back|over|away|again|"
     r"anymore|either|too|yet)\b)|"
     r"\b(?:that|those) (?:time|times|thing|things|stuff|kind|sort|point|way|one|ones|part|piece|issue|issues|idea|"
-    r"case|cases|guidance|project|work)\b|\b(?:do|does|did|doing|done) (?:it|that|this)\b",
+    r"case|cases|guidance|project|work)\b|\b(?:do|does|did|doing|done) (?:it|that|this)\b|\bthese\b(?! days\b)|"
+    r"\blike (?:this|that)\b|\bthis way\b|\bthe (?:whole|entire) thing\b",
     re.IGNORECASE,
 )
 """A pronoun that ends a clause ("We pull it down, we build it.", "I would love to do that, but ..."), a thing
-named by "that" ("I spend that time writing") or a deed named by "do it" ("My main goal in doing that is ..."):
-what the sentence is about was most likely said before it. Its referent is often in the sentence itself ("a
-notebook ... I would like to scale it up"), so such a sentence is chosen last rather than never."""
+named by "that" or "these" ("I spend that time writing", "these open source projects"), or a deed named by "do
+it" or "like this" ("My main goal in doing that is ...", "issues like this"): what the sentence is about was
+most likely said before it. Its referent is often in the sentence itself ("a notebook ... I would like to scale
+it up"), so such a sentence is chosen last rather than never."""
 ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
 
 

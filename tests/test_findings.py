@@ -949,6 +949,8 @@ def test_an_item_that_shares_most_of_its_words_with_one_chosen_is_left_out_thoug
         ("That issue template kind of was kickstarted by me.", False),
         ("For these reasons, I tend to stick to base R as much as possible.", False),
         ("I'm trying to think of some examples of what you're calling the existing projects.", False),
+        ("We might as well talk about Node, since both Mikeal and I work on Node.", False),
+        ("I'm looking forward to the next episodes.", False),
         ("This course was a joy to teach.", True),
         ("Because of packages, there are many ways to do things and it confuses people.", False),
         ("In this class, I often use Jupyter as a presentation tool.", True),
@@ -1026,10 +1028,12 @@ def test_an_item_that_leans_on_what_was_said_before_it_comes_after_every_plain_o
     leaning = [
         persona.Sentence("P1", "We pull it down, we build it.", 0.9),
         persona.Sentence("P2", "I always spend that time writing documentation for newcomers.", 0.8),
+        persona.Sentence("P4", "I usually do some actual coding work on these open source projects.", 0.7),
+        persona.Sentence("P5", "I usually resolve issues like this with a script.", 0.6),
     ]
     plain = persona.Sentence("P3", "I always review every contribution on my laptop before merging.", 0.5)
     assert [s.text for s in persona.categorise([*leaning, plain], 1)["behaviours"]] == [plain.text]
-    assert [s.text for s in persona.categorise([*leaning, plain], 3)["behaviours"]] == [
+    assert [s.text for s in persona.categorise([*leaning, plain], 5)["behaviours"]] == [
         plain.text,
         *(s.text for s in leaning),
     ]
