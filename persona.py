@@ -7812,10 +7812,15 @@ def is_long(sentence: Sentence) -> bool:
     return len(sentence.text.split()) > PLAIN_ITEM_WORDS
 
 
+def leans_back(text: str) -> bool:
+    """Whether a sentence may lean on what was said before it (`LEANS_BACK`): shown only when no plainer one is."""
+    return bool(LEANS_BACK.search(text))
+
+
 def plainest_first(sentence: Sentence) -> tuple[bool, bool]:
-    """An item's place among those of its list: one that may lean on what was said before it (`LEANS_BACK`)
-    comes after every one that does not, and a long one after the short ones; otherwise the list's order."""
-    return bool(LEANS_BACK.search(sentence.text)), is_long(sentence)
+    """An item's place among those of its list: one that may lean on what was said before it comes after every
+    one that does not, and a long one after the short ones; otherwise the list's order."""
+    return leans_back(sentence.text), is_long(sentence)
 
 
 def categorise(sentences: list[Sentence], length: int, said: Said | None = None) -> dict[str, list[Sentence]]:
@@ -7858,8 +7863,7 @@ def pick_quotes(
         """Coded passages first, then those that lean on nothing said before them, then the first person;
         otherwise the sentences' own order (a stable sort)."""
         in_code = any(squash(s.text) in passage for passage in coded)
-        leans = bool(LEANS_BACK.search(s.text))
-        return not in_code, leans, not re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)
+        return not in_code, leans_back(s.text), not re.search(r"\b(i|i'm|i've|my|me|we|our)\b", s.text, re.IGNORECASE)
 
     return pick_spread(sorted((s for s in speakable if s.text not in used), key=rank), count, said)
 
@@ -8469,15 +8473,13 @@ SUMMARY_GOAL_WORDS = 25  # a longer sentence with a wish in it is mostly a story
 
 def persona_summary(count: int, total: int, themes: list[str], goals: list[str]) -> str:
     """Who the persona stands for, what they talk about, and their first goal short enough to state one and
-    plain: a goal that may lean on what was said before it (`LEANS_BACK`) says nothing on its own here."""
+    plain: a goal that may lean on what was said before it says nothing on its own here."""
     text = f"Stands for {count} of {total} participants ({count / total:.0%})."
     if themes:
         text += (
             " They talk most about " + (", ".join(themes[:-1]) + " and " if len(themes) > 1 else "") + themes[-1] + "."
         )
-    goal = next(
-        (goal for goal in goals if len(goal.split()) <= SUMMARY_GOAL_WORDS and not LEANS_BACK.search(goal)), None
-    )
+    goal = next((goal for goal in goals if len(goal.split()) <= SUMMARY_GOAL_WORDS and not leans_back(goal)), None)
     if goal:
         text += f' A goal in their words: "{goal}"'
     return text
