@@ -4984,7 +4984,10 @@ def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files
     """Who interviews in this file, and how that was told.
 
     By label first (`Interviewer`, `Q`, `Moderator 2`); when every speaker is a name,
-    by who appears across most files of a study, else by who asks the questions.
+    by who appears across most files of a study, else by who asks the questions. Where
+    some do appear across most files, the participant is whoever speaks in this file
+    alone: a third voice heard in a few files (a producer reading the next segment's
+    trailer) is the team's, not the participant's.
     """
     speakers = list(dict.fromkeys(speaker for speaker, _ in transcript.turns if speaker))
     roles = {speaker: speaker_role(speaker) for speaker in speakers}
@@ -4998,7 +5001,8 @@ def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files
     if files >= 3:
         recurring = {s for s in speakers if files_with[s] >= max(2, files / 2)}
         if recurring and len(recurring) < len(speakers):
-            return recurring, "appears across the study's files"
+            only_here = {s for s in speakers if files_with[s] == 1}
+            return set(speakers) - only_here if only_here else recurring, "appears across the study's files"
     asks, words = question_shares(transcript)
     best = max(speakers, key=lambda s: (asks[s], -words[s]))
     if asks[best] > 0 and all(asks[best] > asks[s] for s in speakers if s != best):

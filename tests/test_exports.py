@@ -149,6 +149,27 @@ def test_across_a_folder_the_name_in_most_files_is_the_interviewer_even_when_oth
     assert any("'alex'" in warning and "interviewer" in warning for warning in dataset.warnings), dataset.warnings
 
 
+def test_a_voice_heard_in_a_few_files_of_a_study_with_a_recurring_interviewer_is_not_the_participant(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "study").mkdir()
+    for number, name in enumerate(("Dana", "Eli", "Fran", "Gus", "Hal", "Ida")):
+        producer = "Pat: Coming up after the break, what gets in the way.\n" if number < 2 else ""
+        (tmp_path / "study" / f"{name.lower()}.txt").write_text(
+            f"{producer}"
+            f"Alex: Tell me about planning your week.\n"
+            f"{name}: I plan my week on Sunday evening with a paper diary.\n"
+            f"{producer}"
+            f"Alex: Tell me what gets in the way.\n"
+            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n"
+        )
+    dataset = persona.load_path("study", tmp_path)
+    assert [person.id for person in dataset.participants] == ["dana", "eli", "fran", "gus", "hal", "ida"]
+    assert "Coming up" not in all_texts(dataset)
+    assert all(len(person.texts) == 2 for person in dataset.participants)
+    assert any("'pat'" in warning and "interviewer" in warning for warning in dataset.warnings), dataset.warnings
+
+
 # -- transcripts: headers and noise ---------------------------------------------------
 
 
