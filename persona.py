@@ -4704,11 +4704,21 @@ def grid_parts(header: str) -> tuple[str, str] | None:
     return None
 
 
+READS_ON = frozenset("you your do does did are is was were be the a an of to for by with in on at about from".split())
+"""Words a grid's stem can end with that its item carries on ("how often do you" + "Re-run the build")."""
+
+
 def question_text(key: str, labels: Mapping[str, str]) -> str:
-    """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence."""
+    """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence
+    where the stem carries on into it ("... how often do you… Re-run the build."), after a colon where the stem
+    is whole ("Rank these features by importance: Better error messages")."""
     header = labels.get(key) or key.replace("_", " ")
     grid = grid_parts(header)
-    return f"{grid[0]} {grid[1]}" if grid else header.strip()
+    if not grid:
+        return header.strip()
+    stem, item = grid
+    carries_on = not stem[-1:].isalnum() or stem.split()[-1].lower() in READS_ON
+    return f"{stem}{' ' if carries_on else ': '}{item}"
 
 
 # ---------------------------------------------------------------------------
@@ -7135,6 +7145,9 @@ ORDINAL_SCALES = (
     ("very dissatisfied", "dissatisfied", "neutral", "satisfied", "very satisfied"),
     ("very unlikely", "unlikely", "neutral", "likely", "very likely"),
     ("not at all", "slightly", "moderately", "very", "extremely"),
+    ("not important", "slightly important", "somewhat important", "very important", "critical"),
+    ("not at all important", "slightly important", "moderately important", "very important", "extremely important"),
+    ("horrible", "bad", "ok", "good", "excellent"),
     ("very poor", "poor", "fair", "good", "very good", "excellent"),
     ("beginner", "intermediate", "advanced", "expert"),
 )
@@ -7949,7 +7962,7 @@ def frequent_words(people: list[Participant], count: int) -> list[str]:
     return [word for word, _ in words.most_common(count)]
 
 
-ABSENT_ANSWERS = frozenset(["never", "no", "none", "not at all"])
+ABSENT_ANSWERS = frozenset(["never", "no", "none", "not at all", "not important", "not at all important"])
 ANSWER_LEAD = re.compile(r"[a-z]+(?: [a-z]+)*")
 
 
@@ -8056,11 +8069,13 @@ ANSWER_WORDS = frozenset(
 
 
 def as_read_on(answer: str, common: Collection[str] = ANSWER_WORDS) -> str:
-    """An answer as it reads after a colon: "Often" becomes "often" (its first word one of the `common`);
-    "Python", "System Administrator", "US" and "I ..." stay as written."""
+    """An answer as it reads after a colon: "Often" becomes "often" and "Not Important" "not important" (its
+    first word one of the `common`, the rest lowered too where every word is capitalised); "Python", "System
+    Administrator", "US" and "I ..." stay as written."""
     first = answer.split(" ", 1)[0]
-    lower = first.lower() in common and not (len(first) > 1 and first.isupper())
-    return sentence_lower(answer) if lower else answer
+    if first.lower() not in common or (len(first) > 1 and first.isupper()):
+        return answer
+    return answer.lower() if answer.istitle() else sentence_lower(answer)
 
 
 def counted_share(finding: JSON) -> float:
@@ -8177,9 +8192,7 @@ def as_answered(value: str) -> str:
     """An answer inside a phrase: in lower case where it opens with a common word (`every year`, `by hand`,
     `often`, `once a week` for "Once A Week"), as written where it may open with a name (`JupyterHub`, `Python
     3`, `Complete novice`) or is in capitals (`US`, `DAILY`)."""
-    answer = value.strip()
-    read = as_read_on(answer, COMMON_WORDS)
-    return answer.lower() if read != answer and answer.istitle() else read  # "Once A Week", "Every year"
+    return as_read_on(value.strip(), COMMON_WORDS)
 
 
 WHAT_THING = re.compile(

@@ -189,7 +189,7 @@ def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phr
         ("What year did you first start learning R?", "2015", "First start learning R: 2015"),
         ("What is your primary role when using Jupyter Notebook?", "Data scientist", "Data scientist"),
         ("What do you like most about your job?", "The people", "Like most about your job: the people"),
-        ("To what degree does Jupyter meet your needs?", "Somewhat", "Jupyter meet your needs: Somewhat"),
+        ("To what degree does Jupyter meet your needs?", "Somewhat", "Jupyter meet your needs: somewhat"),
         ("How old are you?", "25-34", "How old are you: 25-34"),
         (
             "Please indicate which of the following Jupyter/IPython tools your class is utilizing:",
@@ -219,6 +219,30 @@ def test_a_grid_item_is_shown_with_its_item_in_full(flaky: persona.Dataset) -> N
         persona.question_text(key, flaky.labels)
         == "After identifying a flaky test, how often do you… Re-run the build."
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "question"),
+    [
+        (
+            "Rank these features by importance [Better error messages]",
+            "Rank these features by importance: Better error messages",
+        ),
+        ("How often do you [Re-run the build]", "How often do you Re-run the build"),
+        (
+            "To what extent do you agree? [Flaky tests slow us down]",
+            "To what extent do you agree? Flaky tests slow us down",
+        ),
+        (
+            "How would you rate the overall quality of ... [Spack community]",
+            "How would you rate the overall quality of ... Spack community",
+        ),
+    ],
+)
+def test_a_grid_item_is_read_into_its_stem_where_the_stem_carries_on_and_after_a_colon_where_it_is_whole(
+    header: str, question: str
+) -> None:
+    assert persona.question_text("q", {"q": header}) == question
 
 
 def test_ordered_answers_are_nearer_each_other_than_far_ones() -> None:
@@ -307,6 +331,36 @@ def test_an_absence_answer_is_a_finding_but_never_a_title() -> None:
     )
     assert title == "Network: often"
     assert persona.says_absence("Never -- I don't use Shiny.") and not persona.says_absence("Nearly every day")
+    assert persona.says_absence("Not Important") and not persona.says_absence("Slightly Important")
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        ("Not Important", "Slightly Important", "Somewhat important", "Very Important", "Critical"),
+        ("Not at all important", "Slightly important", "Moderately important", "Very important", "Extremely important"),
+        ("Horrible", "Bad", "OK", "Good", "Excellent"),
+    ],
+)
+def test_importance_and_quality_ratings_are_ordered_scales(scale: tuple[str, ...]) -> None:
+    levels = [persona.SCALE_LEVELS[value.lower()] for value in scale]
+    assert levels == sorted(levels) and len(set(levels)) == len(levels)
+
+
+@pytest.mark.parametrize(
+    ("answer", "read_on"),
+    [
+        ("Not Important", "not important"),
+        ("Strongly Agree", "strongly agree"),
+        ("Often", "often"),
+        ("System Administrator", "System Administrator"),
+        ("DAILY", "DAILY"),
+    ],
+)
+def test_an_answer_after_a_colon_reads_in_lower_case_when_it_opens_with_a_common_word(
+    answer: str, read_on: str
+) -> None:
+    assert persona.as_read_on(answer) == read_on
 
 
 def test_a_rating_is_no_title_of_its_own_but_names_what_it_rates() -> None:
