@@ -8014,6 +8014,33 @@ ANSWER_MIN_SHARE = 0.3  # of the segment's members who answered the question
 ANSWER_MIN_LIFT = 0.15  # above the share of everyone else
 
 
+def comma_pieces(text: str) -> list[str]:
+    """A text's `, `-separated pieces, never cut inside brackets ("R Command Line (i.e., the R console)")."""
+    pieces, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char in "([") - (char in ")]")
+        if depth <= 0 and text.startswith(", ", index):
+            pieces.append(text[start:index].strip())
+            start = index + 2
+    return [*pieces, text[start:].strip()]
+
+
+def options_in(value: str, alone: Collection[str]) -> list[str]:
+    """The options one answer holds: `;`-joined choices split, and `, `-joined ones too where their parts
+    are options someone chose `alone` (`JavaScript, Python`; never `Bristol, UK`)."""
+    options = []
+    for part in [part.strip() for part in value.split(";") if part.strip()] or [value]:
+        pieces = comma_pieces(part)
+        options += pieces if len(pieces) > 1 and any(piece in alone for piece in pieces) else [part]
+    return options
+
+
+def chosen_options(values: list[str]) -> Counter[str]:
+    """How often each option was chosen, options ticked together counted one by one."""
+    alone = set(values)
+    return Counter(option for value in values for option in options_in(value, alone))
+
+
 def closed_answers(
     members: list[Participant], everyone: list[Participant], labels: Mapping[str, str], grouped_by: str | None = None
 ) -> list[JSON]:
@@ -8033,12 +8060,15 @@ def keyed_answers(
     left_out = normalise_key(grouped_by) if grouped_by else None
     found = []
     for key in dict.fromkeys(key for person in members for key in person.attributes if key != left_out):
-        answered = [person.attributes[key] for person in members if key in person.attributes]
-        elsewhere = [person.attributes[key] for person in others if key in person.attributes]
-        for value, count in Counter(answered).items():
+        alone = {person.attributes[key] for person in everyone if key in person.attributes}
+        answered = [set(options_in(person.attributes[key], alone)) for person in members if key in person.attributes]
+        elsewhere = [set(options_in(person.attributes[key], alone)) for person in others if key in person.attributes]
+        chosen_elsewhere = Counter(option for options in elsewhere for option in options)
+        for value, count in Counter(option for options in answered for option in options).items():
             if count < 2 or is_number(value) or len(value.split()) > 8 or squash(value) in PLACEHOLDER_VALUES:
                 continue
-            share, outside = count / len(answered), (elsewhere.count(value) / len(elsewhere) if elsewhere else 0.0)
+            share = count / len(answered)
+            outside = chosen_elsewhere[value] / len(elsewhere) if elsewhere else 0.0
             if share >= ANSWER_MIN_SHARE and share - outside >= ANSWER_MIN_LIFT:
                 found.append((share - outside, count, key, value, len(answered), outside))
     found.sort(key=lambda item: (-item[0], -item[1], item[2], item[3]))
@@ -8445,19 +8475,6 @@ def shown_label(key: str, labels: Mapping[str, str]) -> str:
 
 
 MIN_DEMOGRAPHIC_SHARE = 0.2  # a choice fewer of a segment give says nothing about it: left out
-
-
-def chosen_options(values: list[str]) -> Counter[str]:
-    """How often each option was chosen: `;`-joined choices split, and `, `-joined ones too where
-    their parts are options someone chose alone (`JavaScript, Python`; never `Bristol, UK`)."""
-    alone = set(values)
-    counts: Counter[str] = Counter()
-    for value in values:
-        parts = [part.strip() for part in value.split(";") if part.strip()] or [value]
-        for part in parts:
-            pieces = [piece.strip() for piece in part.split(", ")]
-            counts.update(pieces if len(pieces) > 1 and any(piece in alone for piece in pieces) else [part])
-    return counts
 
 
 def summarise_values(values: list[str], people: int) -> str | None:

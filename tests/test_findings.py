@@ -250,6 +250,31 @@ def test_ordered_answers_are_nearer_each_other_than_far_ones() -> None:
     assert len(often & always) > len(often & never)
 
 
+def test_an_option_ticked_among_others_counts_for_each_who_ticked_it_in_findings_and_demographics() -> None:
+    labels = {"langs": "Which languages do you use?", "contrib": "Have you contributed?"}
+    ticked = ["Python", "JavaScript, Python", "Python, R", "Python; Go", "R", "R"]
+    contributed = ["No", "No, only on Slack", "No", "Yes", "Yes", "Yes"]
+    people = [
+        persona.Participant(f"P{n}", [], {"langs": langs, "contrib": said})
+        for n, (langs, said) in enumerate(zip(ticked, contributed))
+    ]
+    members, everyone = people[:4], [*people, *(persona.Participant(f"Q{n}", [], {"langs": "Go"}) for n in range(4))]
+    found = {
+        (a["question"], a["answer"]): (a["count"], a["of"]) for a in persona.closed_answers(members, everyone, labels)
+    }
+    assert found[("Which languages do you use?", "Python")] == (4, 4)
+    assert found[("Have you contributed?", "No")] == (3, 4)
+    assert persona.summarise_values(contributed[:4], 4) == "No (75%)"
+
+
+def test_an_option_s_own_commas_inside_brackets_do_not_split_it() -> None:
+    assert persona.options_in("R Command Line (i.e., the R console), RStudio", {"RStudio"}) == [
+        "R Command Line (i.e., the R console)",
+        "RStudio",
+    ]
+    assert persona.options_in("Bristol, UK", {"London"}) == ["Bristol, UK"]
+
+
 def test_every_persona_carries_the_closed_answers_that_set_it_apart(flaky_personas: list[dict]) -> None:
     for item in flaky_personas:
         answers = item["evidence"]["answers"]
