@@ -9991,12 +9991,14 @@ dl{grid-template-columns:auto 1fr auto 1fr}details{display:none}h3:has(+details)
 
 
 def markdown_escape(value: Any) -> str:
-    """Markdown passes HTML through: its tags and entities are escaped, quotation marks need not be.
+    """Markdown passes HTML through: what opens its tags and entities (`<`, `&`) is escaped; `>` and quotation
+    marks open nothing and stay as written ("> 1,000 installations").
 
     Brackets are escaped too, so no link or image from the data (`[x](javascript:…)`, a
     remote image that reports who read the card) is ever one.
     """
-    return html.escape(str(value), quote=False).replace("[", "\\[").replace("]", "\\]")
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;")
+    return text.replace("[", "\\[").replace("]", "\\]")
 
 
 def escape(value: Any) -> str:

@@ -863,3 +863,22 @@ def test_a_markdown_card_makes_no_link_or_image_of_the_data() -> None:
     )
     assert not re.search(r"(?<!\\)\]\(", card)  # every "](" that would close a link text is escaped
     assert "\\[click\\](javascript:alert(1))" in card and "!\\[\\](https://beacon.test/p.png)" in card
+
+
+def test_a_markdown_card_shows_an_answer_s_greater_than_sign_as_written_and_escapes_what_opens_a_tag() -> None:
+    card = persona.persona_card(
+        {
+            "id": "persona-001",
+            "name": "Ana",
+            "title": "Installations: > 1,000",
+            "summary": "Says <b>bold</b> & more.",
+            "demographics": {"How many installations?": "> 1,000 (60%)"},
+            "goals": [],
+            "pain_points": [],
+            "behaviours": [],
+            "quotes": [],
+            "evidence": {"participants": ["P1"], "share": 1.0},
+        }
+    )
+    assert "Installations: > 1,000" in card and "> 1,000 (60%)" in card and "&gt;" not in card
+    assert "&lt;b>bold&lt;/b> &amp; more." in card
