@@ -7532,7 +7532,7 @@ POINTS_BACK = re.compile(
     r"^\W*(?:that\b|this(?:'s|\s+(?:is|was|are|were|means|meant|would|will|can|could|should|might|may|must|has|"
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
-    r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|"
+    r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|for (?:example|instance)\b|"
     r"(?:and|but|so|or|because|however|similarly|likewise|moreover|furthermore|besides|additionally|otherwise|"
     r"plus)\b|"
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that)\b|"
@@ -7543,8 +7543,8 @@ POINTS_BACK = re.compile(
 )
 """A sentence that opens by pointing at what came before it ("This means I end up ...", "That would be cool",
 "That issue template was ...", "These slides can be imported", "They're very annoying!", "The one that wasn't was
-...", "For these reasons, I ...") or by carrying it on ("And they might hear ...", "But there was no real buzz
-around it"): a reader shown it alone cannot tell what it is about."""
+...", "For these reasons, I ...", "For example, if I build package A ...") or by carrying it on ("And they might
+hear ...", "But there was no real buzz around it"): a reader shown it alone cannot tell what it is about."""
 ELSEWHERE = re.compile(
     r"\b(?:(?:see|mentioned|said|noted|listed|described|linked)(?: [\w-]+){0,2} (?:above|below|earlier|before)|"
     r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned|"

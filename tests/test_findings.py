@@ -1027,6 +1027,7 @@ def test_an_item_that_shares_most_of_its_words_with_one_chosen_is_left_out_thoug
         ("In that case we rebuild everything.", False),
         ("That issue template kind of was kickstarted by me.", False),
         ("For these reasons, I tend to stick to base R as much as possible.", False),
+        ("For example, if I build package A with gcc 13, its dependencies get gcc 13 too.", False),
         ("I'm trying to think of some examples of what you're calling the existing projects.", False),
         ("We might as well talk about Node, since both Mikeal and I work on Node.", False),
         ("I'm looking forward to the next episodes.", False),
