@@ -50,6 +50,7 @@ RULE_QUESTIONS = {
         "How often do you write unit tests for your R code?",
         "How often do you use some type of version control on your R code?",
     ),
+    "spack-survey-2025": ("What kind of user are you?",),
 }
 FROM_TEXT = {"flaky-tests-2021": ["Integration and environment testers"]}  # segments whose rule reads free text
 
