@@ -4704,21 +4704,17 @@ def grid_parts(header: str) -> tuple[str, str] | None:
     return None
 
 
-READS_ON = frozenset("you your do does did are is was were be the a an of to for by with in on at about from".split())
-"""Words a grid's stem can end with that its item carries on ("how often do you" + "Re-run the build")."""
-
-
 def question_text(key: str, labels: Mapping[str, str]) -> str:
     """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence
-    where the stem carries on into it ("... how often do you… Re-run the build."), after a colon where the stem
-    is whole ("Rank these features by importance: Better error messages")."""
+    where the stem ends in punctuation ("... how often do you… Re-run the build.", "... agree? Flaky tests
+    ..."), in its brackets after any other stem ("Rank these features by importance [Better error messages]"):
+    whether the item carries the stem on ("How often do you use [JupyterLab]") the words do not say."""
     header = labels.get(key) or key.replace("_", " ")
     grid = grid_parts(header)
     if not grid:
         return header.strip()
     stem, item = grid
-    carries_on = not stem[-1:].isalnum() or stem.split()[-1].lower() in READS_ON
-    return f"{stem}{' ' if carries_on else ': '}{item}"
+    return f"{stem} {item}" if stem[-1:] and not stem[-1].isalnum() else f"{stem} [{item}]"
 
 
 # ---------------------------------------------------------------------------
@@ -4995,9 +4991,9 @@ def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files
 
     By label first (`Interviewer`, `Q`, `Moderator 2`); when every speaker is a name,
     by who appears across most files of a study, else by who asks the questions. Where
-    some do appear across most files, the participant is whoever speaks in this file
-    alone: a third voice heard in a few files (a producer reading the next segment's
-    trailer) is the team's, not the participant's.
+    some do appear across most files, a third voice heard in other files too that says
+    under a tenth of what the file's main speaker says (a producer reading the next
+    segment's trailer) is the team's as well; a participant of two sessions is not.
     """
     speakers = list(dict.fromkeys(speaker for speaker, _ in transcript.turns if speaker))
     roles = {speaker: speaker_role(speaker) for speaker in speakers}
@@ -5011,8 +5007,10 @@ def interviewer_speakers(transcript: Transcript, files_with: Counter[str], files
     if files >= 3:
         recurring = {s for s in speakers if files_with[s] >= max(2, files / 2)}
         if recurring and len(recurring) < len(speakers):
-            only_here = {s for s in speakers if files_with[s] == 1}
-            return set(speakers) - only_here if only_here else recurring, "appears across the study's files"
+            words = question_shares(transcript)[1]
+            main = max(words[s] for s in speakers if s not in recurring)
+            aside = {s for s in speakers if s not in recurring and files_with[s] >= 2 and 10 * words[s] < main}
+            return recurring | aside, "appears across the study's files"
     asks, words = question_shares(transcript)
     best = max(speakers, key=lambda s: (asks[s], -words[s]))
     if asks[best] > 0 and all(asks[best] > asks[s] for s in speakers if s != best):
@@ -6553,11 +6551,10 @@ QUOTE = re.compile(r"[\"“”]")
 
 REPORTED = re.compile(
     r"\b(?:was like|were like|(?:he|she|they)'s like|told me|asked me|"
-    r"(?:he|she|they|somebody|someone|people) (?:said|says|asked|told)|ways? to say)\b",
+    r"(?:he|she|they|somebody|someone|people) (?:said|says|asked|told))\b",
     re.IGNORECASE,
 )
-"""A speech verb that introduces someone else's words ("Somebody else was like, 'it'd be cool ...'", "they came up
-with ways to say 'We want to ...'")."""
+"""A speech verb that introduces someone else's words ("Somebody else was like, 'it'd be cool ...'")."""
 
 DEFINITION = re.compile(
     r"^\W*(?:(?:i|we)(?: would|'d)? (?:say|define|consider|call|describe) (?:that )?)?"
@@ -6724,11 +6721,13 @@ ARTICLE_NP = re.compile(
 a feature named as wanted, unless it is a statement, high praise or long (see list_kind)."""
 ARTICLE_NP_MAX_WORDS = 25
 SAYS_WHAT_IT_CAN = re.compile(
-    r"(?<!\bthat )(?<!\bwhich )(?<!\bwho )(?<!\bto )\b(?:can|could|will|must|may|might|cannot|can't|won't)\b",
+    r"^\W*(?:a|an)\s+(?:(?!(?:that|which|who|whom|so|if|when|where|because|to|you|i|we|they|it|he|she)\b)"
+    r"[\w'-]+\s+){1,3}(?:can|could|will|must|may|might|cannot|can't|won't)\b",
     re.IGNORECASE,
 )
-"""A modal verb of the main clause: an ARTICLE_NP opening then states what a thing can do ("A proprietary program
-can use an LGPL library"), it names no wanted feature ("A backend that can ...", in a relative clause, still does)."""
+"""An ARTICLE_NP whose noun is followed by a modal verb: it states what a thing can do ("A proprietary program
+can use an LGPL library"), and names no wanted feature, as one with the modal in a clause of its own still does
+("A backend that can ...", "A debugger you can attach ...", "A cache so builds will be faster")."""
 
 HIGH_PRAISE = re.compile(
     r"\b(?:great|good|nice|love|loved|best|awesome|excellent|amazing|fantastic|brilliant|perfect|wonderful|powerful|"
@@ -7907,8 +7906,7 @@ def term_shares(corpus: Corpus, members: list[int]) -> SegmentTerms:
 
 
 VAGUE_WORDS = frozenset(
-    "able unable trying tried going getting doing making saying seeing looking thinking wanting important huge "
-    "amount lot".split()
+    "able unable trying tried going getting doing saying seeing looking wanting important huge amount lot".split()
 )
 """Words that name no theme, alone or in a pair ("people trying", "able to maintain", "important parts")."""
 
@@ -7996,7 +7994,7 @@ def pair_with(corpus: Corpus, shares: SegmentTerms, word: str) -> str | None:
     pairs = [
         (share, term)
         for term, share in shares.inside.items()
-        if " " in term and word in term.split() and term in corpus.display
+        if " " in term and word in term.split() and term in corpus.display and names_a_theme(corpus, term)
     ]
     return min(pairs, key=lambda pair: (-pair[0], pair[1]))[1] if pairs else None
 
@@ -8025,20 +8023,33 @@ def comma_pieces(text: str) -> list[str]:
     return [*pieces, text[start:].strip()]
 
 
-def options_in(value: str, alone: Collection[str]) -> list[str]:
-    """The options one answer holds: `;`-joined choices split, and `, `-joined ones too where their parts
-    are options someone chose `alone` (`JavaScript, Python`; never `Bristol, UK`)."""
-    options = []
-    for part in [part.strip() for part in value.split(";") if part.strip()] or [value]:
+def semicolon_parts(value: str) -> list[str]:
+    """An answer's `;`-joined choices (the separator no option holds)."""
+    return [part.strip() for part in value.split(";") if part.strip()] or [value]
+
+
+def column_options(values: Iterable[str]) -> set[str]:
+    """A question's options, from all its answers: what someone chose alone, and each `, `-separated piece
+    found in two different answers (`JavaScript` in "JavaScript, Python" and "JavaScript, R"). A write-in
+    after a choice ("No, only on Slack") or a place ("London, Ontario") is found in one answer only."""
+    parts = [part for value in set(values) for part in semicolon_parts(value)]
+    pieces = Counter(piece for part in set(parts) for piece in set(comma_pieces(part)))
+    return set(parts) | {piece for piece, answers in pieces.items() if answers >= 2}
+
+
+def options_in(value: str, options: Collection[str]) -> list[str]:
+    """The options one answer holds: `;`-joined choices split, and `, `-joined ones too where every piece is
+    one of the question's `options` (`JavaScript, Python`; never `Bristol, UK` nor `Yes, but only at work`)."""
+    found = []
+    for part in semicolon_parts(value):
         pieces = comma_pieces(part)
-        options += pieces if len(pieces) > 1 and any(piece in alone for piece in pieces) else [part]
-    return options
+        found += pieces if len(pieces) > 1 and all(piece in options for piece in pieces) else [part]
+    return found
 
 
-def chosen_options(values: list[str]) -> Counter[str]:
+def chosen_options(values: list[str], options: Collection[str]) -> Counter[str]:
     """How often each option was chosen, options ticked together counted one by one."""
-    alone = set(values)
-    return Counter(option for value in values for option in options_in(value, alone))
+    return Counter(option for value in values for option in options_in(value, options))
 
 
 def closed_answers(
@@ -8060,9 +8071,9 @@ def keyed_answers(
     left_out = normalise_key(grouped_by) if grouped_by else None
     found = []
     for key in dict.fromkeys(key for person in members for key in person.attributes if key != left_out):
-        alone = {person.attributes[key] for person in everyone if key in person.attributes}
-        answered = [set(options_in(person.attributes[key], alone)) for person in members if key in person.attributes]
-        elsewhere = [set(options_in(person.attributes[key], alone)) for person in others if key in person.attributes]
+        options = column_options(person.attributes[key] for person in everyone if key in person.attributes)
+        answered = [set(options_in(person.attributes[key], options)) for person in members if key in person.attributes]
+        elsewhere = [set(options_in(person.attributes[key], options)) for person in others if key in person.attributes]
         chosen_elsewhere = Counter(option for options in elsewhere for option in options)
         for value, count in Counter(option for options in answered for option in options).items():
             if count < 2 or is_number(value) or len(value.split()) > 8 or squash(value) in PLACEHOLDER_VALUES:
@@ -8100,12 +8111,13 @@ ANSWER_WORDS = frozenset(
 
 def as_read_on(answer: str, common: Collection[str] = ANSWER_WORDS) -> str:
     """An answer as it reads after a colon: "Often" becomes "often" and "Not Important" "not important" (its
-    first word one of the `common`, the rest lowered too where every word is capitalised); "Python", "System
-    Administrator", "US" and "I ..." stay as written."""
+    first word one of the `common`, the rest lowered too where every word is capitalised and common or a scale's:
+    not "A Python Developer"); "Python", "System Administrator", "US" and "I ..." stay as written."""
     first = answer.split(" ", 1)[0]
     if first.lower() not in common or (len(first) > 1 and first.isupper()):
         return answer
-    return answer.lower() if answer.istitle() else sentence_lower(answer)
+    plain = answer.istitle() and all(word.lower() in common or word.lower() in SCALE_WORDS for word in answer.split())
+    return answer.lower() if plain else sentence_lower(answer)
 
 
 def counted_share(finding: JSON) -> float:
@@ -8448,7 +8460,8 @@ def summarise_attributes(people: list[Participant], everyone: list[Participant],
         ranked.append((-len(values), keys.index(key), key, values))
     demographics: JSON = {}
     for _, _, key, values in sorted(ranked):
-        summary = summarise_values(values, len(people))
+        options = column_options(person.attributes[key] for person in everyone if key in person.attributes)
+        summary = summarise_values(values, len(people), options)
         if summary is not None and len(demographics) < MAX_DEMOGRAPHICS:
             demographics[shown_label(key, labels)] = summary
     demographics["participants"] = len(people)
@@ -8477,7 +8490,7 @@ def shown_label(key: str, labels: Mapping[str, str]) -> str:
 MIN_DEMOGRAPHIC_SHARE = 0.2  # a choice fewer of a segment give says nothing about it: left out
 
 
-def summarise_values(values: list[str], people: int) -> str | None:
+def summarise_values(values: list[str], people: int, options: Collection[str]) -> str | None:
     """Numbers as median and range; else the most common choice with its share, or None when fewer
     than MIN_DEMOGRAPHIC_SHARE of the segment give it."""
     if all(is_number(value) for value in values):
@@ -8489,7 +8502,7 @@ def summarise_values(values: list[str], people: int) -> str | None:
         )
         low, high = numbers[0], numbers[-1]
         return f"{low:g}" if low == high else f"median {median:g}, range {low:g}–{high:g}"
-    value, times = min(chosen_options(values).items(), key=lambda item: (-item[1], item[0]))
+    value, times = min(chosen_options(values, options).items(), key=lambda item: (-item[1], item[0]))
     return f"{value} ({times / people:.0%})" if times / people >= MIN_DEMOGRAPHIC_SHARE else None
 
 
@@ -9991,13 +10004,14 @@ dl{grid-template-columns:auto 1fr auto 1fr}details{display:none}h3:has(+details)
 
 
 def markdown_escape(value: Any) -> str:
-    """Markdown passes HTML through: what opens its tags and entities (`<`, `&`) is escaped; `>` and quotation
-    marks open nothing and stay as written ("> 1,000 installations").
+    """Markdown passes HTML through: what opens its tags and entities (`<`, `&`) is escaped; `>` stays as
+    written inside a line ("Installations: > 1,000") and is escaped where it opens one, a quotation there.
 
     Brackets are escaped too, so no link or image from the data (`[x](javascript:…)`, a
     remote image that reports who read the card) is ever one.
     """
     text = str(value).replace("&", "&amp;").replace("<", "&lt;")
+    text = re.sub(r"^(\s*)>", r"\1\\>", text, flags=re.MULTILINE)  # a line it opens would be a quotation
     return text.replace("[", "\\[").replace("]", "\\]")
 
 

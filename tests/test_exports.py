@@ -154,20 +154,37 @@ def test_a_voice_heard_in_a_few_files_of_a_study_with_a_recurring_interviewer_is
 ) -> None:
     (tmp_path / "study").mkdir()
     for number, name in enumerate(("Dana", "Eli", "Fran", "Gus", "Hal", "Ida")):
-        producer = "Pat: Coming up after the break, what gets in the way.\n" if number < 2 else ""
+        producer = "Pat: Coming up next.\n" if number < 2 else ""
         (tmp_path / "study" / f"{name.lower()}.txt").write_text(
-            f"{producer}"
-            f"Alex: Tell me about planning your week.\n"
-            f"{name}: I plan my week on Sunday evening with a paper diary.\n"
-            f"{producer}"
-            f"Alex: Tell me what gets in the way.\n"
-            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n"
+            f"{producer}Alex: Tell me about planning your week.\n"
+            f"{name}: I plan my week on Sunday evening with a paper diary and a pencil, page by page, and then I "
+            "copy the plan into the shared calendar so that the rest of the team can see it.\n"
+            f"{producer}Alex: Tell me what gets in the way.\n"
+            f"{name}: The shared calendar keeps crashing whenever I add a recurring event for the whole team, and "
+            "then I have to add every single meeting again by hand.\n"
         )
     dataset = persona.load_path("study", tmp_path)
     assert [person.id for person in dataset.participants] == ["dana", "eli", "fran", "gus", "hal", "ida"]
     assert "Coming up" not in all_texts(dataset)
     assert all(len(person.texts) == 2 for person in dataset.participants)
     assert any("'pat'" in warning and "interviewer" in warning for warning in dataset.warnings), dataset.warnings
+
+
+def test_a_participant_of_two_sessions_stays_the_participant_of_both(tmp_path: Path) -> None:
+    (tmp_path / "study").mkdir()
+    sessions = {"dana-1": "Dana", "dana-2": "Dana", "eli": "Eli", "fran": "Fran", "gus": "Gus", "hal": "Hal"}
+    for file, name in sessions.items():
+        companion = "Sam: Me too.\n" if file == "dana-2" else ""
+        (tmp_path / "study" / f"{file}.txt").write_text(
+            f"Alex: Tell me about planning your week.\n"
+            f"{name}: I plan my week on Sunday evening with a paper diary.\n"
+            f"{companion}Alex: Tell me what gets in the way.\n"
+            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n{companion}"
+        )
+    dataset = persona.load_path("study", tmp_path)
+    texts = {person.id: " ".join(person.texts) for person in dataset.participants}
+    assert "paper diary" in texts["dana-1"] and "paper diary" in texts["dana-2"]
+    assert not any("'dana'" in warning for warning in dataset.warnings), dataset.warnings
 
 
 # -- transcripts: headers and noise ---------------------------------------------------
@@ -873,7 +890,7 @@ def test_a_markdown_card_shows_an_answer_s_greater_than_sign_as_written_and_esca
             "title": "Installations: > 1,000",
             "summary": "Says <b>bold</b> & more.",
             "demographics": {"How many installations?": "> 1,000 (60%)"},
-            "goals": [],
+            "goals": ["> 1,000 nodes must build overnight."],
             "pain_points": [],
             "behaviours": [],
             "quotes": [],
@@ -882,3 +899,4 @@ def test_a_markdown_card_shows_an_answer_s_greater_than_sign_as_written_and_esca
     )
     assert "Installations: > 1,000" in card and "> 1,000 (60%)" in card and "&gt;" not in card
     assert "&lt;b>bold&lt;/b> &amp; more." in card
+    assert "- \\> 1,000 nodes must build overnight." in card  # a line's opening > would make a quotation

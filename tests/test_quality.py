@@ -217,8 +217,9 @@ def test_demographics_show_at_most_ten_informative_attributes_as_shares_and_rang
 
 
 def test_a_share_and_a_range_read_as_a_researcher_writes_them() -> None:
-    assert persona.summarise_values(["Nurse", "Nurse", "Nurse", "Driver", "Clerk"], 5) == "Nurse (60%)"
-    assert persona.summarise_values(["25", "34", "58"], 3) == "median 34, range 25–58"
+    roles = ["Nurse", "Nurse", "Nurse", "Driver", "Clerk"]
+    assert persona.summarise_values(roles, 5, persona.column_options(roles)) == "Nurse (60%)"
+    assert persona.summarise_values(["25", "34", "58"], 3, set()) == "median 34, range 25–58"
 
 
 # -- the researcher's grouping -----------------------------------------------------
