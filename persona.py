@@ -7532,6 +7532,7 @@ POINTS_BACK = re.compile(
     r"had|have|does|did|makes|made|happens|happened|seems|sounds|gets|got|goes|went|takes|took|also|just|really|"
     r"typically|usually|often|always|never|sometimes|basically|actually|probably|alone|too)\b)|"
     r"(?:these|those|such|they|they're|them)\b|i\.e\.|e\.g\.|which\b|for (?:example|instance)\b|"
+    r"(?:two|three|four|second|secondly|third|thirdly|next|lastly|finally)(?:\s*,|\s+is\b|\s*-)|"
     r"(?:and|but|so|or|because|however|similarly|likewise|moreover|furthermore|besides|additionally|otherwise|"
     r"plus)\b|"
     r"(?:by the end of|at|after|because of|with regards? to|in) (?:it|that)\b|"
@@ -7542,19 +7543,21 @@ POINTS_BACK = re.compile(
 )
 """A sentence that opens by pointing at what came before it ("This means I end up ...", "That would be cool",
 "That issue template was ...", "These slides can be imported", "They're very annoying!", "The one that wasn't was
-...", "For these reasons, I ...", "For example, if I build package A ...") or by carrying it on ("And they might
-hear ...", "But there was no real buzz around it"): a reader shown it alone cannot tell what it is about."""
+...", "For these reasons, I ...", "For example, if I build package A ...", "Two, it had to be ...", "Second is -
+...") or by carrying it on ("And they might hear ...", "But there was no real buzz around it"): a reader shown it
+alone cannot tell what it is about."""
 ELSEWHERE = re.compile(
     r"\b(?:(?:see|mentioned|said|noted|listed|described|linked)(?: [\w-]+){0,2} (?:above|below|earlier|before)|"
     r"as (?:i|we) (?:said|mentioned)|like (?:i|we) said|as mentioned|"
     r"(?:as|like) you (?:said|mentioned)|you (?:just )?(?:asked|mentioned)|your question|"
     r"you(?:'re| are| were) (?:calling|describing|talking about|asking)|(?:might as well|let's) talk about|"
-    r"next episodes?|this (?:podcast|episode|interview))\b",
+    r"next episodes?|this (?:podcast|episode|interview)|(?:everyone|everybody|anyone|you all) listening|listeners)\b",
     re.IGNORECASE,
 )
 """A sentence that sends the reader to the text around it ("see linked video above", "as I said") or answers the
 interviewer's words ("A bunch of things came to mind when you asked the question", "what you're calling ...") or
-speaks of the talk itself ("We might as well talk about Node", "I'm looking forward to the next episodes")."""
+speaks of the talk itself ("We might as well talk about Node", "I'm looking forward to the next episodes", "To
+everyone listening, ...")."""
 SELF_REPAIR = re.compile(r"\s--\s(?:and|but|so|i|we|it|you|they|the|like|um|uh)\b", re.IGNORECASE)
 """A speaker breaking off and starting again ("we've -- and it was really hard"): no sentence to show. A dash typed
 between two parts ("Better keybindings -- toggle for vim") is none."""
@@ -9935,14 +9938,9 @@ def persona_card(persona: JSON, quality: JSON | None = None, depth: int = 1) -> 
         for key, value in persona["demographics"].items()
         if key not in ("participants", "share")  # the summary says them
     )
-    lines = [
-        f"{h} {e(persona['name'])}: {e(persona['title'])}",
-        "",
-        e(persona.get("summary", "")),
-        "",
-        f"**Demographics**: {details}",
-        "",
-    ]
+    lines = [f"{h} {e(persona['name'])}: {e(persona['title'])}", "", e(persona.get("summary", "")), ""]
+    if details:  # a transcript study has none: no empty line that reads as if something were missing
+        lines += [f"**Demographics**: {details}", ""]
     if quality:
         lines += [f"*{quality_line(quality)}*", ""]
     answers = persona.get("evidence", {}).get("answers", [])
@@ -10005,7 +10003,8 @@ dl{grid-template-columns:auto 1fr auto 1fr}details{display:none}h3:has(+details)
 
 def markdown_escape(value: Any) -> str:
     """Markdown passes HTML through: what opens its tags and entities (`<`, `&`) is escaped; `>` stays as
-    written inside a line ("Installations: > 1,000") and is escaped where it opens one, a quotation there.
+    written inside a value ("Installations: > 1,000") and is escaped where it opens one, as a value may open a
+    line (a list item, a quotation), where it would open a quotation.
 
     Brackets are escaped too, so no link or image from the data (`[x](javascript:…)`, a
     remote image that reports who read the card) is ever one.

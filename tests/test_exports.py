@@ -880,9 +880,10 @@ def test_a_markdown_card_makes_no_link_or_image_of_the_data() -> None:
     )
     assert not re.search(r"(?<!\\)\]\(", card)  # every "](" that would close a link text is escaped
     assert "\\[click\\](javascript:alert(1))" in card and "!\\[\\](https://beacon.test/p.png)" in card
+    assert "**Demographics**" not in card  # none known: no empty line for them
 
 
-def test_a_markdown_card_shows_an_answer_s_greater_than_sign_as_written_and_escapes_what_opens_a_tag() -> None:
+def test_a_markdown_card_shows_a_greater_than_sign_inside_a_value_as_written_and_escapes_what_opens_a_tag() -> None:
     card = persona.persona_card(
         {
             "id": "persona-001",
@@ -897,6 +898,7 @@ def test_a_markdown_card_shows_an_answer_s_greater_than_sign_as_written_and_esca
             "evidence": {"participants": ["P1"], "share": 1.0},
         }
     )
-    assert "Installations: > 1,000" in card and "> 1,000 (60%)" in card and "&gt;" not in card
+    assert "# Ana: Installations: > 1,000" in card and "&gt;" not in card
+    assert "**Demographics**: How many installations?: \\> 1,000 (60%)" in card  # a value's opening > is escaped
     assert "&lt;b>bold&lt;/b> &amp; more." in card
     assert "- \\> 1,000 nodes must build overnight." in card  # a line's opening > would make a quotation
