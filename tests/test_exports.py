@@ -132,15 +132,24 @@ def test_when_both_speakers_are_names_the_one_asking_questions_is_the_interviewe
     assert any("'sam'" in warning and "interviewer" in warning for warning in dataset.warnings), dataset.warnings
 
 
+def interviewed_by_alex(name: str, plan: str, trouble: str, aside: str = "") -> str:
+    """One file of a study: Alex asks two things (never with a question mark), `name` answers, `aside` a third voice."""
+    return (
+        f"{aside}Alex: Tell me about planning your week.\n{name}: {plan}\n"
+        f"{aside}Alex: Tell me what gets in the way.\n{name}: {trouble}\n"
+    )
+
+
 def test_across_a_folder_the_name_in_most_files_is_the_interviewer_even_when_others_ask(tmp_path: Path) -> None:
     # Alex never asks with a question mark; each participant asks one back: only recurrence tells them apart.
+    (tmp_path / "study").mkdir()
     for name in ("Dana", "Eli", "Fran"):
-        (tmp_path / "study").mkdir(exist_ok=True)
         (tmp_path / "study" / f"{name.lower()}.txt").write_text(
-            f"Alex: Tell me about planning your week.\n"
-            f"{name}: Do you mean at work? I plan my week on Sunday evening with a paper diary.\n"
-            f"Alex: Tell me what gets in the way.\n"
-            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n"
+            interviewed_by_alex(
+                name,
+                "Do you mean at work? I plan my week on Sunday evening with a paper diary.",
+                "The shared calendar keeps crashing when I add a recurring event.",
+            )
         )
     dataset = persona.load_path("study", tmp_path)
     assert [person.id for person in dataset.participants] == ["dana", "eli", "fran"]
@@ -154,14 +163,15 @@ def test_a_voice_heard_in_a_few_files_of_a_study_with_a_recurring_interviewer_is
 ) -> None:
     (tmp_path / "study").mkdir()
     for number, name in enumerate(("Dana", "Eli", "Fran", "Gus", "Hal", "Ida")):
-        producer = "Pat: Coming up next.\n" if number < 2 else ""
         (tmp_path / "study" / f"{name.lower()}.txt").write_text(
-            f"{producer}Alex: Tell me about planning your week.\n"
-            f"{name}: I plan my week on Sunday evening with a paper diary and a pencil, page by page, and then I "
-            "copy the plan into the shared calendar so that the rest of the team can see it.\n"
-            f"{producer}Alex: Tell me what gets in the way.\n"
-            f"{name}: The shared calendar keeps crashing whenever I add a recurring event for the whole team, and "
-            "then I have to add every single meeting again by hand.\n"
+            interviewed_by_alex(
+                name,
+                "I plan my week on Sunday evening with a paper diary and a pencil, page by page, and then I copy "
+                "the plan into the shared calendar so that the rest of the team can see it.",
+                "The shared calendar keeps crashing whenever I add a recurring event for the whole team, and then I "
+                "have to add every single meeting again by hand.",
+                "Pat: Coming up next.\n" if number < 2 else "",  # a producer, in two files of six
+            )
         )
     dataset = persona.load_path("study", tmp_path)
     assert [person.id for person in dataset.participants] == ["dana", "eli", "fran", "gus", "hal", "ida"]
@@ -174,12 +184,13 @@ def test_a_participant_of_two_sessions_stays_the_participant_of_both(tmp_path: P
     (tmp_path / "study").mkdir()
     sessions = {"dana-1": "Dana", "dana-2": "Dana", "eli": "Eli", "fran": "Fran", "gus": "Gus", "hal": "Hal"}
     for file, name in sessions.items():
-        companion = "Sam: Me too.\n" if file == "dana-2" else ""
         (tmp_path / "study" / f"{file}.txt").write_text(
-            f"Alex: Tell me about planning your week.\n"
-            f"{name}: I plan my week on Sunday evening with a paper diary.\n"
-            f"{companion}Alex: Tell me what gets in the way.\n"
-            f"{name}: The shared calendar keeps crashing when I add a recurring event.\n{companion}"
+            interviewed_by_alex(
+                name,
+                "I plan my week on Sunday evening with a paper diary.",
+                "The shared calendar keeps crashing when I add a recurring event.",
+                "Sam: Me too.\n" if file == "dana-2" else "",  # a companion of the second session
+            )
         )
     dataset = persona.load_path("study", tmp_path)
     texts = {person.id: " ".join(person.texts) for person in dataset.participants}
