@@ -10010,7 +10010,7 @@ def markdown_escape(value: Any) -> str:
     remote image that reports who read the card) is ever one.
     """
     text = str(value).replace("&", "&amp;").replace("<", "&lt;")
-    text = re.sub(r"^(\s*)>", r"\1\\>", text, flags=re.MULTILINE)  # a line it opens would be a quotation
+    text = re.sub(r"^([ \t]*)>", r"\1\\>", text, flags=re.MULTILINE)  # a line it opens would be a quotation
     return text.replace("[", "\\[").replace("]", "\\]")
 
 
