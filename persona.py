@@ -7909,9 +7909,11 @@ def term_shares(corpus: Corpus, members: list[int]) -> SegmentTerms:
 
 
 VAGUE_WORDS = frozenset(
-    "able unable trying tried going getting doing saying seeing looking wanting important huge amount lot".split()
+    "able unable trying tried going getting doing saying seeing looking wanting important huge amount lot alright "
+    "guys folks".split()
 )
-"""Words that name no theme, alone or in a pair ("people trying", "able to maintain", "important parts")."""
+"""Words that name no theme, alone or in a pair ("people trying", "able to maintain", "important parts"), and a
+conversation's fillers ("alright", "guys")."""
 
 
 def names_a_theme(corpus: Corpus, term: str) -> bool:

@@ -130,6 +130,7 @@ def test_a_vague_phrase_or_a_piece_of_a_commoner_one_names_no_theme() -> None:
     assert not persona.names_a_theme(corpus, "people trying")
     assert not persona.names_a_theme(corpus, "able maintain")
     assert persona.names_a_theme(corpus, "decision making")
+    assert not persona.names_a_theme(corpus, "guys") and not persona.names_a_theme(corpus, "alright")
 
 
 def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phrases() -> None:
