@@ -6929,21 +6929,24 @@ QUESTION_ASKS: tuple[tuple[str | None, re.Pattern[str]], ...] = (
     ),
     (
         None,
-        re.compile(r"\b(?:causes?|definition|define|like best|pleasant|enjoy|job title)\b", re.IGNORECASE),
+        re.compile(
+            r"\b(?:causes?|definition|define|like best|pleasant|enjoy|job title|helped you (?:the )?most)\b",
+            re.IGNORECASE,
+        ),
     ),
     (
         "behaviours",
         re.compile(
             r"\b(?:how do you|(?:do|are) you (?:use|using|run|running|work|working)|tools? do you|go-to|other actions|"
             r"would take|could you not live without|ways? (?:in which|that) you|use cases?|address|working with|"
-            r"your workflow)\b",
+            r"your workflow|(?:most recent|last) thing you did)\b",
             re.IGNORECASE,
         ),
     ),
 )
 """What a survey question asks for, by its words; the first that matches decides. None: the answers
-describe the world or praise (causes, a definition, what one likes best), so only an answer in the
-first person can be the speaker's goal, pain or practice. A question matching none frames nothing."""
+describe the world or praise (causes, a definition, what one likes best or what helped most), so only an answer
+in the first person can be the speaker's goal, pain or practice. A question matching none frames nothing."""
 
 FRAGMENT_MAX_WORDS = 15
 CLAUSE = re.compile(

@@ -839,6 +839,12 @@ ACTIONS_QUESTION = "Are there any other actions that you would take that we have
         ("Organizing the assignment submissions.", "", None),
         ("Organizing the assignment submissions.", "Comments:", None),
         ("It kept crashing on login.", "Why did you stop using the app?", "pain_points"),
+        (
+            "Add Spack packages (to our own repo) for supporting ISV apps",
+            "What is the most recent thing you did with Spack?",
+            "behaviours",
+        ),
+        ("Easier installation of dependency chains.", "What about Spack has helped you the most?", None),
     ],
 )
 def test_a_bare_answer_is_what_its_question_asks_for(answer: str, question: str, kind: str | None) -> None:
