@@ -8055,6 +8055,11 @@ def options_in(value: str, options: Collection[str]) -> list[str]:
     return found
 
 
+def question_options(key: str, everyone: list[Participant]) -> set[str]:
+    """`column_options` of one closed question, from everyone's answers to it."""
+    return column_options(person.attributes[key] for person in everyone if key in person.attributes)
+
+
 def chosen_options(values: list[str], options: Collection[str]) -> Counter[str]:
     """How often each option was chosen, options ticked together counted one by one."""
     return Counter(option for value in values for option in options_in(value, options))
@@ -8079,11 +8084,11 @@ def keyed_answers(
     left_out = normalise_key(grouped_by) if grouped_by else None
     found = []
     for key in dict.fromkeys(key for person in members for key in person.attributes if key != left_out):
-        options = column_options(person.attributes[key] for person in everyone if key in person.attributes)
+        options = question_options(key, everyone)
         answered = [set(options_in(person.attributes[key], options)) for person in members if key in person.attributes]
         elsewhere = [set(options_in(person.attributes[key], options)) for person in others if key in person.attributes]
-        chosen_elsewhere = Counter(option for options in elsewhere for option in options)
-        for value, count in Counter(option for options in answered for option in options).items():
+        chosen_elsewhere = Counter(option for chosen in elsewhere for option in chosen)
+        for value, count in Counter(option for chosen in answered for option in chosen).items():
             if count < 2 or is_number(value) or len(value.split()) > 8 or squash(value) in PLACEHOLDER_VALUES:
                 continue
             share = count / len(answered)
@@ -8468,8 +8473,7 @@ def summarise_attributes(people: list[Participant], everyone: list[Participant],
         ranked.append((-len(values), keys.index(key), key, values))
     demographics: JSON = {}
     for _, _, key, values in sorted(ranked):
-        options = column_options(person.attributes[key] for person in everyone if key in person.attributes)
-        summary = summarise_values(values, len(people), options)
+        summary = summarise_values(values, len(people), question_options(key, everyone))
         if summary is not None and len(demographics) < MAX_DEMOGRAPHICS:
             demographics[shown_label(key, labels)] = summary
     demographics["participants"] = len(people)
