@@ -8,6 +8,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
@@ -874,20 +875,18 @@ def test_teams_cue_identifiers_never_reach_the_text(tmp_path: Path) -> None:
     assert texts == ["I plan my week on Sunday evening with a paper diary.", "The calendar keeps crashing."]
 
 
+def card_of(**fields: Any) -> str:
+    """The Markdown card of a persona named Ana with nothing in it but `fields`."""
+    bare = {"id": "persona-001", "name": "Ana", "title": "", "summary": "", "demographics": {}}
+    lists = {name: [] for name in ("goals", "pain_points", "behaviours", "quotes")}
+    return persona.persona_card({**bare, **lists, "evidence": {"participants": ["P1"], "share": 1.0}, **fields})
+
+
 def test_a_markdown_card_makes_no_link_or_image_of_the_data() -> None:
-    card = persona.persona_card(
-        {
-            "id": "persona-001",
-            "name": "Ana",
-            "title": "[click](javascript:alert(1))",
-            "summary": "![](https://beacon.test/p.png)",
-            "demographics": {},
-            "goals": [],
-            "pain_points": [],
-            "behaviours": [],
-            "quotes": ["see [docs](http://x.test)"],
-            "evidence": {"participants": ["P1"], "share": 1.0},
-        }
+    card = card_of(
+        title="[click](javascript:alert(1))",
+        summary="![](https://beacon.test/p.png)",
+        quotes=["see [docs](http://x.test)"],
     )
     assert not re.search(r"(?<!\\)\]\(", card)  # every "](" that would close a link text is escaped
     assert "\\[click\\](javascript:alert(1))" in card and "!\\[\\](https://beacon.test/p.png)" in card
@@ -895,19 +894,11 @@ def test_a_markdown_card_makes_no_link_or_image_of_the_data() -> None:
 
 
 def test_a_markdown_card_shows_a_greater_than_sign_inside_a_value_as_written_and_escapes_what_opens_a_tag() -> None:
-    card = persona.persona_card(
-        {
-            "id": "persona-001",
-            "name": "Ana",
-            "title": "Installations: > 1,000",
-            "summary": "Says <b>bold</b> & more.",
-            "demographics": {"How many installations?": "> 1,000 (60%)"},
-            "goals": ["> 1,000 nodes must build overnight."],
-            "pain_points": [],
-            "behaviours": [],
-            "quotes": [],
-            "evidence": {"participants": ["P1"], "share": 1.0},
-        }
+    card = card_of(
+        title="Installations: > 1,000",
+        summary="Says <b>bold</b> & more.",
+        demographics={"How many installations?": "> 1,000 (60%)"},
+        goals=["> 1,000 nodes must build overnight."],
     )
     assert "# Ana: Installations: > 1,000" in card and "&gt;" not in card
     assert "**Demographics**: How many installations?: \\> 1,000 (60%)" in card  # a value's opening > is escaped
