@@ -185,9 +185,9 @@ def read_records(folder: Path, truth: dict[str, Any]) -> Source:
         if truth.get("question_row"):
             source.not_participant.extend(cell for cell in rows[truth["question_row"] - 1] if cell.strip())
         for number, row in enumerate(body, 1):
-            cells = dict(zip(header, row))
-            person = cells.get(id_col, "").strip() if id_col else f"{path.stem}-{number:03d}"
-            for column, value in cells.items():
+            cells = list(zip(header, row))  # a list: a SurveyMonkey grid's later columns share an empty header
+            person = dict(cells).get(id_col, "").strip() if id_col else f"{path.stem}-{number:03d}"
+            for column, value in cells:
                 if not value.strip():
                     continue
                 if column in truth.get("name_columns", []):
