@@ -17,6 +17,7 @@ and two supporting closed questions only to describe the segments (not to assign
   col 9   "How long have you been contributing to Kubernetes?"
   col 30  "How often do you contribute upstream?"
 """
+
 import csv
 import json
 import os
@@ -35,7 +36,7 @@ SEGMENTS = [
         "levels": {"not yet a member but working on it", "there's a contributor ladder?"},
         "name": "Aspiring newcomers (not yet org members)",
         "rule": "Contributor Ladder level is 'not yet a member but working on it' "
-                "or \"there's a contributor ladder?\" (does not know the ladder).",
+        'or "there\'s a contributor ladder?" (does not know the ladder).',
         "goals": [
             "Make a first / first few meaningful contributions and become an org member",
             "Find beginner-friendly issues and the right SIG to work in",
@@ -104,19 +105,21 @@ def main():
         "segments": [],
     }
     for s in SEGMENTS:
-        out["segments"].append({
-            "name": s["name"],
-            "rule": s["rule"],
-            "goals": s["goals"],
-            "pains": s["pains"],
-            "members": members[s["key"]],
-        })
+        out["segments"].append(
+            {
+                "name": s["name"],
+                "rule": s["rule"],
+                "goals": s["goals"],
+                "pains": s["pains"],
+                "members": members[s["key"]],
+            }
+        )
     with open(OUT, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2, ensure_ascii=False)
         f.write("\n")
     n = len(data)
     for s in out["segments"]:
-        print("%-50s %3d (%.0f%%)" % (s["name"], len(s["members"]), 100.0 * len(s["members"]) / n))
+        print(f"{s['name']:<50} {len(s['members']):3d} ({100.0 * len(s['members']) / n:.0f}%)")
     print("respondents:", n, "unassigned:", n - sum(len(s["members"]) for s in out["segments"]))
 
 
