@@ -7131,7 +7131,6 @@ class Corpus:
     vocabulary: dict[str, int]
     idf: list[float]
     vectors: list[dict[int, float]]
-    is_attribute: list[bool]
     display: dict[str, str]
     users: list[set[int]]  # per participant, the non-attribute terms they used
     speakers: Counter[int]  # per term, how many participants used it
@@ -7157,27 +7156,50 @@ SCALE_LEVELS = {value: index for scale in ORDINAL_SCALES for index, value in enu
 SCALE_WORDS = frozenset(word for level in SCALE_LEVELS for word in level.split())
 
 
-def attribute_terms(attributes: Mapping[str, str]) -> set[str]:
+def answer_terms(key: str, value: str) -> set[str]:
     """`role=charge nurse`, plus one term per word so that "Nurse" and "Charge Nurse" are alike.
 
     An answer on an ordered scale also counts every level up to it (`often` is `>=1`,
     `>=2`, `>=3`), so "often" and "always" are nearer each other than "never" is.
     """
-    terms = set()
-    for key, value in attributes.items():
-        if not is_number(value):
-            answer = value.strip().lower()
-            terms.add(f"{key}={answer}")
-            terms.update(f"{key}={word}" for word, _ in content_words(value))
-            terms.update(f"{key}>={level}" for level in range(1, SCALE_LEVELS.get(answer, 0) + 1))
+    if is_number(value):
+        return set()
+    answer = value.strip().lower()
+    terms = {f"{key}={answer}"}
+    terms.update(f"{key}={word}" for word, _ in content_words(value))
+    terms.update(f"{key}>={level}" for level in range(1, SCALE_LEVELS.get(answer, 0) + 1))
     return terms
 
 
-def build_corpus(people: list[Participant]) -> Corpus:
+def question_of(key: str, labels: Mapping[str, str]) -> str:
+    """The question an attribute answers: a grid's stem for each of its items, else the attribute itself."""
+    grid = grid_parts(labels.get(key) or key)
+    return grid[0] if grid else key
+
+
+def attribute_weights(people: list[Participant], labels: Mapping[str, str]) -> dict[str, float]:
+    """Per attribute, how much its answer counts in clustering: ATTRIBUTE_WEIGHT, shared among a grid's items.
+
+    A grid of n items weighs as one question (each item 1/sqrt(n), so the grid's share of a distance is
+    one question's). Counted item by item, a 16-item rating grid outweighs the role question sixteen
+    times over, and people then group by how they fill in grids ("not important" to every feature)
+    rather than by who they are."""
+    questions = {key: question_of(key, labels) for person in people for key in person.attributes}
+    items = Counter(questions.values())
+    return {key: ATTRIBUTE_WEIGHT / math.sqrt(items[question]) for key, question in questions.items()}
+
+
+def build_corpus(people: list[Participant], labels: Mapping[str, str] | None = None) -> Corpus:
+    """The participants as vectors; `labels` (the dataset's question texts) tell a grid's items apart."""
     surfaces: Counter[tuple[str, str]] = Counter()
     counts = [term_counts(person.texts, surfaces) for person in people]
+    answer_weights = attribute_weights(people, labels or {})
+    weight_of: dict[str, float] = {}
     for person, count in zip(people, counts):
-        count.update(attribute_terms(person.attributes))
+        for key, value in person.attributes.items():
+            terms = answer_terms(key, value)
+            count.update(terms)
+            weight_of.update(dict.fromkeys(terms, answer_weights[key]))
     df: Counter[str] = Counter(term for count in counts for term in count)
     min_df = 2 if len(people) >= 4 else 1
     kept = [term for term, freq in df.most_common() if freq >= min_df][:MAX_FEATURES]
@@ -7186,27 +7208,28 @@ def build_corpus(people: list[Participant]) -> Corpus:
     idf = [0.0] * len(vocabulary)
     for term, index in vocabulary.items():
         idf[index] = math.log((1 + n) / (1 + df[term])) + 1
-    is_attribute = [False] * len(vocabulary)
+    weights = [1.0] * len(vocabulary)
     for term, index in vocabulary.items():
-        is_attribute[index] = "=" in term
-    vectors = [tfidf_vector(count, vocabulary, idf, is_attribute) for count in counts]
-    users = [{vocabulary[t] for t in count if t in vocabulary and "=" not in t} for count in counts]
+        weights[index] = weight_of.get(term, 1.0)
+    vectors = [tfidf_vector(count, vocabulary, idf, weights) for count in counts]
+    users = [{vocabulary[t] for t in count if t in vocabulary and t not in weight_of} for count in counts]
     display: dict[str, str] = {}
     for (token, surface), _ in surfaces.most_common():
         display.setdefault(token, surface)
     speakers: Counter[int] = Counter(t for used in users for t in used)
-    return Corpus(people, vocabulary, idf, vectors, is_attribute, display, users, speakers)
+    return Corpus(people, vocabulary, idf, vectors, display, users, speakers)
 
 
 def tfidf_vector(
-    count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float], is_attribute: list[bool] | None = None
+    count: Mapping[str, int], vocabulary: dict[str, int], idf: list[float], weights: list[float] | None = None
 ) -> dict[int, float]:
+    """Log-scaled term frequency times idf, each term times its weight (`weights`, by vocabulary index)."""
     vector: dict[int, float] = {}
     for term, freq in count.items():
         index = vocabulary.get(term)
         if index is not None:
             weight = (1 + math.log(freq)) * idf[index]
-            vector[index] = weight * ATTRIBUTE_WEIGHT if is_attribute and is_attribute[index] else weight
+            vector[index] = weight * weights[index] if weights else weight
     return normalised(vector)
 
 
@@ -8420,8 +8443,8 @@ def persona_title(
     led by a shared attribute value; or an answer with its question's meaning.
 
     `Nurse: swap shifts`, `Locked out of the account`, `Re-run the build: often`; never a
-    bare answer (`Never:`), an absence (`Floating point: never`), the data set's own topic while
-    something else sets the segment apart, or an id. Only when nothing does is a phrase they share the title.
+    bare answer (`Never:`), an absence (`Floating point: never`), the data set's own topic (`Flaky tests`),
+    or an id. Only when nothing sets the segment apart is a phrase they share the title.
     """
     labels = labels or {}
 
@@ -8440,10 +8463,17 @@ def persona_title(
         ]
     titles += [lead] if lead else []
     titles += answers or []
-    shared = title_phrases(corpus, shares, lambda term: True, False)
+    topic = topic_pairs(corpus)
+    topic_words = {word for pair in topic for word in pair.split()}
+
+    def beside_topic(term: str) -> bool:
+        return term not in topic and term not in topic_words
+
+    shared = title_phrases(corpus, shares, beside_topic, False)
+    singles = [t for t in distinctive_terms(corpus, shares, 4) if " " not in t and beside_topic(t)]
     titles += [
         sentence_case(phrase)
-        for phrase in shared + [corpus.display.get(t, t) for t in distinctive_terms(corpus, shares, 4) if " " not in t]
+        for phrase in shared + [corpus.display.get(t, t) for t in singles]
         if not NUMBER_WORDS & set(phrase.split())
     ]
     for title in titles:
@@ -8603,7 +8633,7 @@ def offline_personas(
 
     `tell` hears (personas written, segments) once the participants are grouped and after each persona
     but the last: the stage after the last is the quality report's."""
-    corpus = build_corpus(dataset.participants)
+    corpus = build_corpus(dataset.participants, dataset.labels)
     segments = segments_for(corpus, count, config)
     taken: dict[str, set[str]] = {"names": set(), "titles": set()}
     personas, warnings = [], []
@@ -9181,7 +9211,7 @@ async def llm_personas(
             await report(PROGRESS["validated"], "personas validated")
             items: Sequence[tuple[JSON, list[str] | None]] = [(item, None) for item in answer["personas"]]
         else:
-            items = await segmented_items(session, people, count, config, budget, report, refining)
+            items = await segmented_items(session, dataset, count, config, budget, report, refining)
     source = normalise_quote(rendered)
     personas, unverified = [], 0
     for number, (item, segment) in enumerate(items, 1):
@@ -9267,7 +9297,7 @@ def segment_summaries(corpus: Corpus, segments: list[Segment]) -> list[str]:
 
 async def segmented_items(
     session: ModelSession,
-    people: list[Participant],
+    dataset: Dataset,
     count: int,
     config: JSON,
     budget: int,
@@ -9275,8 +9305,9 @@ async def segmented_items(
     refining: Refining | None = None,
 ) -> list[tuple[JSON, list[str]]]:
     """Cluster offline, then one persona per segment, concurrently, each from its own data."""
+    people = dataset.participants
     async with engine_slot():
-        corpus = await run_engine(people, build_corpus, people)
+        corpus = await run_engine(people, build_corpus, people, dataset.labels)
         segments = await run_engine(people, segments_for, corpus, count, config)
     summaries = segment_summaries(corpus, segments)
     done = 0
@@ -9398,12 +9429,13 @@ class CallPlan:
         self.output_tokens += output_tokens
 
 
-def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str, CallPlan]:
+def plan_calls(dataset: Dataset, count: int, config: JSON) -> tuple[str, CallPlan]:
     """The strategy and calls llm_personas would make for this data, without making them.
 
     A segment too large for one call is condensed first; its persona call then reads the
     findings, counted at what findings answers run to.
     """
+    people = dataset.participants
     strategy, rendered = llm_strategy(people, config)
     per_persona = OUTPUT_TOKENS_PER_PERSONA[config_value(config, "detail_level")]
     budget = config.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS)
@@ -9416,7 +9448,7 @@ def plan_calls(people: list[Participant], count: int, config: JSON) -> tuple[str
             )
         plan.add(estimate_tokens(persona_prompt(count, rendered, config)), result_schema(config), per_persona * count)
         return strategy, plan
-    corpus = build_corpus(people)
+    corpus = build_corpus(people, dataset.labels)
     segments = segments_for(corpus, count, config)
     summaries = segment_summaries(corpus, segments)
     for index, segment in enumerate(segments):
@@ -9457,7 +9489,7 @@ async def estimate_job(request: JSON, settings: Settings) -> JSON:
                     f"the data has {len(people)} participant(s), fewer than the {count} personas asked for"
                 )
             if provider != "local":
-                strategy, plan = await run_engine(people, plan_calls, people, count, config)
+                strategy, plan = await run_engine(people, plan_calls, dataset, count, config)
     except GenerationError as exc:
         warnings.append(f"the job would fail: {exc}")
     warnings += plan.warnings
@@ -9601,7 +9633,11 @@ STABILITY_MAX_PARTICIPANTS = 2000  # a rerun groups at most this many: stability
 
 
 def grouping_stability(
-    people: list[Participant], count: int, config: JSON, personas: list[JSON] | None = None
+    people: list[Participant],
+    count: int,
+    config: JSON,
+    personas: list[JSON] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> float | None:
     """How far the engine's own grouping survives leaving participants out (0-1).
 
@@ -9609,12 +9645,13 @@ def grouping_stability(
     fixed-seed resample of 90% of the participants, on the participants both group,
     averaged; a chance-level agreement scores 0. None where the researcher chose the
     groups (`groups`, `group_by`), or where there are too few participants to resample.
-    The offline engine's `personas` are its grouping; without them it is computed again.
+    The offline engine's `personas` are its grouping; without them it is computed again. `labels`, the
+    dataset's question texts, are the ones the grouping read.
     """
     if config.get("groups") is not None or config.get("group_by") is not None or len(people) < max(10, 2 * count):
         return None
     if personas is None:
-        groups = cluster_participants(build_corpus(people), count)
+        groups = cluster_participants(build_corpus(people, labels), count)
     else:
         index = {person.id: i for i, person in enumerate(people)}
         groups = [[index[pid] for pid in persona["evidence"]["participants"]] for persona in personas]
@@ -9623,7 +9660,7 @@ def grouping_stability(
     scores = []
     for run in range(STABILITY_RUNS):
         sample = sorted(random.Random(run).sample(range(len(people)), size))
-        again = group_labels(cluster_participants(build_corpus([people[i] for i in sample]), count), size)
+        again = group_labels(cluster_participants(build_corpus([people[i] for i in sample], labels), count), size)
         scores.append(adjusted_rand_index([grouping[i] for i in sample], again))
     return round(max(0.0, statistics.fmean(scores)), 4)
 
@@ -11137,7 +11174,9 @@ async def measured_quality(provider: str, made: MadePersonas, dataset: Dataset, 
         quality = await run_engine(people, quality_report, people, made.personas, dataset.silent)
         if made.engine.get("name") == "tfidf-kmeans" or made.engine.get("strategy") == "segmented":
             grouping = made.personas if provider == "local" else None
-            quality["stability"] = await run_engine(people, grouping_stability, people, count, config, grouping)
+            quality["stability"] = await run_engine(
+                people, grouping_stability, people, count, config, grouping, dataset.labels
+            )
     return quality
 
 

@@ -574,7 +574,7 @@ class Bench:
                 dataset = persona.load_path("{data.name}", Path("{data.parent}"))
                 personas, _ = persona.offline_personas(dataset, 5, {{}})
                 persona.quality_report(dataset.participants, personas, dataset.silent)
-                stability = persona.grouping_stability(dataset.participants, 5, {{}}, personas)
+                stability = persona.grouping_stability(dataset.participants, 5, {{}}, personas, dataset.labels)
                 print(json.dumps({{"seconds": round(time.perf_counter() - started, 2), "stability": stability,
                                   "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                                   "personas": len(personas)}}))

@@ -436,7 +436,7 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
             silent = getattr(dataset, "silent", None)  # older versions count only whom they read
             quality = persona.quality_report(dataset.participants, personas, *([silent] if silent is not None else []))
             stability = (
-                persona.grouping_stability(dataset.participants, count, CONFIG, personas)
+                persona.grouping_stability(dataset.participants, count, CONFIG, personas, dataset.labels)
                 if hasattr(persona, "grouping_stability")
                 else None
             )

@@ -67,7 +67,7 @@ def main() -> None:
             person.attributes = {key: value for key, value in person.attributes.items() if key.startswith(kept)}
             person.texts = []
         questions = len({key for person in dataset.participants for key in person.attributes})
-        corpus = persona.build_corpus(dataset.participants)
+        corpus = persona.build_corpus(dataset.participants, dataset.labels)
         best: tuple[int, float, int, list[float]] | None = None
         for count in COUNTS:
             groups = [

@@ -4,6 +4,7 @@ titles a researcher would write, and a quality report that can tell good from ba
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -248,7 +249,7 @@ def test_a_grid_item_follows_a_stem_that_ends_in_punctuation_and_keeps_its_brack
 
 
 def test_ordered_answers_are_nearer_each_other_than_far_ones() -> None:
-    often, always, never = (persona.attribute_terms({"q": value}) for value in ("Often", "Always", "Never"))
+    often, always, never = (persona.answer_terms("q", value) for value in ("Often", "Always", "Never"))
     assert len(often & always) > len(often & never)
 
 
@@ -456,6 +457,8 @@ def test_every_title_from_an_answer_holds_for_most_of_its_members(
             if persona.answer_phrase(key, " or ".join(levels), flaky.labels) != item["title"]:
                 continue
             answered = [person.attributes[key].lower() for person in members if key in person.attributes]
+            if not answered:  # a title that happens to read as an answer to a question none of them answered
+                continue
             assert sum(answer in levels for answer in answered) / len(answered) >= 0.5, item["title"]
             stated += 1
     assert stated >= 2
@@ -620,6 +623,35 @@ def test_of_two_groups_as_large_the_one_split_is_chosen_by_what_they_say_not_whe
     shuffled = people[:]
     random.Random(1).shuffle(shuffled)
     assert grouping(shuffled) == grouping(people) == grouping(people[::-1])
+
+
+@pytest.mark.parametrize(
+    ("item_key", "labels"),
+    [
+        (lambda i: f"rate_these_features_[feature_{i}]", {}),  # Google Forms: the item is in the key
+        (lambda i: f"q5_{i}", {f"q5_{i}": f"Rate these features - Feature {i}" for i in range(12)}),  # Qualtrics
+    ],
+)
+def test_a_grid_of_many_items_weighs_as_one_question_in_the_grouping(
+    item_key: Callable[[int], str], labels: dict[str, str]
+) -> None:
+    """Two questions split the people one way, how they fill in a 12-item grid on the same scale the other
+    way: two questions outweigh one grid, where counted item by item the grid would outweigh them six times."""
+    people = [
+        persona.Participant(
+            f"P{n}",
+            [],
+            {
+                "safety": "Very important" if n % 2 else "Not important",
+                "speed": "Very important" if n % 2 else "Not important",
+                **{item_key(i): "Very important" if n < 12 else "Not important" for i in range(12)},
+            },
+        )
+        for n in range(24)
+    ]
+    groups = persona.cluster_participants(persona.build_corpus(people, labels), 2)
+    by_answer = sorted(sorted(people[i].attributes["safety"] for i in group) for group in groups)
+    assert by_answer == [["Not important"] * 12, ["Very important"] * 12]
 
 
 def test_most_of_a_real_survey_s_grouping_survives_leaving_a_tenth_out(flaky: persona.Dataset) -> None:
