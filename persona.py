@@ -4699,9 +4699,9 @@ def grid_parts(header: str) -> tuple[str, str] | None:
     if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1 : -1].strip():
         return text[:opening].rstrip(), text[opening + 1 : -1].strip()
     stem, dash, item = text.rpartition(" - ")
-    if dash and item.strip() and len(stem.split()) >= 3:
+    if dash and item.strip() and len(stem.split()) >= 3 and stem.count("(") == stem.count(")"):
         return stem.rstrip(), item.strip()
-    return None
+    return None  # a dash inside brackets is the question's own: "... programs? (ps - our list includes ...)"
 
 
 def question_text(key: str, labels: Mapping[str, str]) -> str:
@@ -10048,14 +10048,15 @@ dl{grid-template-columns:auto 1fr auto 1fr}details{display:none}h3:has(+details)
 
 
 def markdown_escape(value: Any) -> str:
-    """Markdown passes HTML through: what opens its tags and entities (`<`, `&`) is escaped; `>` stays as
-    written inside a value ("Installations: > 1,000") and is escaped where it opens one, as a value may open a
-    line (a list item, a quotation), where it would open a quotation.
+    """Markdown passes HTML through: every `<` is escaped, and an `&` where it opens an entity (`&amp;`),
+    so "Testing & Infrastructure" reads as written where the card is read raw. `>` stays as written inside
+    a value ("Installations: > 1,000") and is escaped where it opens one, as a value may open a line (a
+    list item, a quotation), where it would open a quotation.
 
     Brackets are escaped too, so no link or image from the data (`[x](javascript:…)`, a
     remote image that reports who read the card) is ever one.
     """
-    text = str(value).replace("&", "&amp;").replace("<", "&lt;")
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", str(value)).replace("<", "&lt;")
     text = re.sub(r"^([ \t]*)>", r"\1\\>", text, flags=re.MULTILINE)  # a line it opens would be a quotation
     return text.replace("[", "\\[").replace("]", "\\]")
 

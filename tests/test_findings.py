@@ -1252,12 +1252,23 @@ def test_a_job_reports_respondents_answers_items_and_stability(client: httpx.Cli
             "After identifying a flaky test, how often do you... - Quarantine the test",
             "Quarantine the test",
         ),  # Qualtrics, SurveyMonkey
+        (
+            "Do you agree with the following statements (1 - strongly disagree, 5 - strongly agree) - CI is clear",
+            "CI is clear",
+        ),  # SurveyMonkey, its scale's dashes in the stem
     ],
 )
 def test_a_grid_item_is_read_from_each_export_s_header(header: str, item: str) -> None:
     assert persona.grid_parts(header)[1] == item
     assert persona.answer_phrase("q5_3", "Often", {"q5_3": header}).endswith(": often")
     assert persona.grid_parts("Self-rated - skill") is None and persona.grid_parts("role") is None
+
+
+def test_a_dash_inside_a_question_s_own_brackets_makes_no_grid() -> None:
+    """The Kubernetes contributor survey (SurveyMonkey) asks one question with a dash in its aside."""
+    header = "Are you available to mentor? (ps - our program list includes 1:1, group, and many other kinds)"
+    assert persona.grid_parts(header) is None
+    assert persona.question_text("q", {"q": header}) == header
 
 
 @pytest.mark.parametrize(
