@@ -902,5 +902,5 @@ def test_a_markdown_card_shows_a_greater_than_sign_inside_a_value_as_written_and
     )
     assert "# Ana: Installations: > 1,000" in card and "&gt;" not in card
     assert "**Demographics**: How many installations?: \\> 1,000 (60%)" in card  # a value's opening > is escaped
-    assert "&lt;b>bold&lt;/b> &amp; more." in card
+    assert "Says &lt;b>bold&lt;/b> & more." in card  # an & that opens no entity reads as written
     assert "- \\> 1,000 nodes must build overnight." in card  # a line's opening > would make a quotation
