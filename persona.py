@@ -8239,11 +8239,12 @@ def says_nothing_alone(value: str) -> bool:
 WHO_THEY_ARE = re.compile(
     r"\b(?:describes? (?:you|yourself|the work you do|your)|job title|"
     r"(?:what|which) is your (?:[\w-]+ ){0,2}?(?:role|position|occupation|profession|job)|"
-    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education)|are you an?)\b",
+    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education)|are you an?|"
+    r"consider yourself(?: to be)?|(?:what|which) (?:kind|type) of \w+ are you)\b",
     re.IGNORECASE,
 )
-"""A question whose answer names what kind of person answered (a role, a job, a degree): `Data scientist`
-says it alone."""
+"""A question whose answer names what kind of person answered (a role, a job, a degree, where they stand on a
+ladder they consider themselves on): `Data scientist`, `Subproject owner` say it alone."""
 TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
 """Words where a question's topic ends and its circumstances or a clause about it begin."""
 POSSESSIVES = frozenset("your their our".split())

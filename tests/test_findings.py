@@ -191,6 +191,12 @@ def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phr
         ("Which of these features do you use most?", "Dashboards", "Features: Dashboards"),
         ("What year did you first start learning R?", "2015", "First start learning R: 2015"),
         ("What is your primary role when using Jupyter Notebook?", "Data scientist", "Data scientist"),
+        (
+            "What level of the Contributor Ladder do you consider yourself to be on? (pick the highest)",
+            "subproject owner",
+            "subproject owner",
+        ),
+        ("What kind of user are you?", "Research Software Engineer (RSE)", "Research Software Engineer (RSE)"),
         ("What do you like most about your job?", "The people", "Like most about your job: the people"),
         ("To what degree does Jupyter meet your needs?", "Somewhat", "Jupyter meet your needs: somewhat"),
         ("How old are you?", "25-34", "How old are you: 25-34"),
