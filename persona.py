@@ -7171,6 +7171,19 @@ def answer_terms(key: str, value: str) -> set[str]:
     return terms
 
 
+WHO_THEY_ARE = re.compile(
+    r"\b(?:describes? (?:you|yourself|the work you do|your)|job title|"
+    r"(?:what|which) is your (?:[\w-]+ ){0,2}?(?:role|position|occupation|profession|job)|"
+    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education) you|are you an?|"
+    r"consider yourself(?: to be)?|(?:what|which) (?:kind|type) of \w+ are you)\b|^(?:\w+ )?(?:role|job|occupation)$",
+    re.IGNORECASE,
+)
+"""A question whose answer names what kind of person answered (a role, a job, a degree, where they stand on a
+ladder they consider themselves on): `Data scientist`, `Subproject owner` say it alone."""
+IDENTITY_WEIGHT = 2.0
+"""How much more a question that asks who they are (`WHO_THEY_ARE`) counts in clustering than any other."""
+
+
 def question_of(key: str, labels: Mapping[str, str]) -> str:
     """The question an attribute answers: a grid's stem for each of its items, else the attribute itself."""
     grid = grid_parts(labels.get(key) or key)
@@ -7178,15 +7191,21 @@ def question_of(key: str, labels: Mapping[str, str]) -> str:
 
 
 def attribute_weights(people: list[Participant], labels: Mapping[str, str]) -> dict[str, float]:
-    """Per attribute, how much its answer counts in clustering: ATTRIBUTE_WEIGHT, shared among a grid's items.
+    """Per attribute, how much its answer counts in clustering: ATTRIBUTE_WEIGHT, shared among a grid's items,
+    twice that for a question that asks who they are.
 
     A grid of n items weighs as one question (each item 1/sqrt(n), so the grid's share of a distance is
     one question's). Counted item by item, a 16-item rating grid outweighs the role question sixteen
     times over, and people then group by how they fill in grids ("not important" to every feature)
-    rather than by who they are."""
+    rather than by who they are. A persona is a kind of person: where the survey asks what kind (a role,
+    a job, a kind of user, a rung on a ladder), that answer leads the grouping without deciding it."""
     questions = {key: question_of(key, labels) for person in people for key in person.attributes}
     items = Counter(questions.values())
-    return {key: ATTRIBUTE_WEIGHT / math.sqrt(items[question]) for key, question in questions.items()}
+    weights = {}
+    for key, question in questions.items():
+        identity = IDENTITY_WEIGHT if WHO_THEY_ARE.search(labels.get(key) or key.replace("_", " ")) else 1.0
+        weights[key] = ATTRIBUTE_WEIGHT * identity / math.sqrt(items[question])
+    return weights
 
 
 def build_corpus(people: list[Participant], labels: Mapping[str, str] | None = None) -> Corpus:
@@ -8236,15 +8255,6 @@ def says_nothing_alone(value: str) -> bool:
     )
 
 
-WHO_THEY_ARE = re.compile(
-    r"\b(?:describes? (?:you|yourself|the work you do|your)|job title|"
-    r"(?:what|which) is your (?:[\w-]+ ){0,2}?(?:role|position|occupation|profession|job)|"
-    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education)|are you an?|"
-    r"consider yourself(?: to be)?|(?:what|which) (?:kind|type) of \w+ are you)\b",
-    re.IGNORECASE,
-)
-"""A question whose answer names what kind of person answered (a role, a job, a degree, where they stand on a
-ladder they consider themselves on): `Data scientist`, `Subproject owner` say it alone."""
 TOPIC_ENDS = frozenset("in on at for during when while since that which who whom whose why if".split())
 """Words where a question's topic ends and its circumstances or a clause about it begin."""
 POSSESSIVES = frozenset("your their our".split())

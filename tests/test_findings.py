@@ -660,6 +660,24 @@ def test_a_grid_of_many_items_weighs_as_one_question_in_the_grouping(
     assert by_answer == [["Not important"] * 12, ["Very important"] * 12]
 
 
+@pytest.mark.parametrize("role_question", ["What kind of user are you?", "role"])
+def test_the_question_that_asks_who_they_are_leads_the_grouping(role_question: str) -> None:
+    """Their role splits the people one way, the shift they prefer the other way, in more words (so, counted
+    alike, more strongly): a persona is a kind of person, so the role leads."""
+    labels = {"q1": role_question, "q2": "Which shift do you prefer?"}
+    people = [
+        persona.Participant(
+            f"P{n}",
+            [],
+            {"q1": "Nurse" if n % 2 else "Doctor", "q2": "Early day shift" if n < 12 else "Late night shift"},
+        )
+        for n in range(24)
+    ]
+    groups = persona.cluster_participants(persona.build_corpus(people, labels), 2)
+    by_role = sorted(sorted(people[i].attributes["q1"] for i in group) for group in groups)
+    assert by_role == [["Doctor"] * 12, ["Nurse"] * 12]
+
+
 def test_most_of_a_real_survey_s_grouping_survives_leaving_a_tenth_out(flaky: persona.Dataset) -> None:
     assert persona.grouping_stability(flaky.participants, 4, {}) >= 0.6
 
