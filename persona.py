@@ -8277,11 +8277,17 @@ COMMON_WORDS = (STOPWORDS | AMOUNT_WORDS | BARE_ANSWERS | SCALE_WORDS) - {"i"}
 """Words an answer in a title opens with that name nothing ("by hand", "every year"); "I" is the speaker."""
 
 
+ANCHORED_RATING = re.compile(r"\s*\d{1,2}\s*:\s*(\S.*?)\s*$")
+"""A point on a rating scale with the label the scale gives it (`5: everyday`, `1: strongly disagree`)."""
+
+
 def as_answered(value: str) -> str:
     """An answer inside a phrase: in lower case where it opens with a common word (`every year`, `by hand`,
     `often`, `once a week` for "Once A Week"), as written where it may open with a name (`JupyterHub`, `Python
-    3`, `Complete novice`) or is in capitals (`US`, `DAILY`)."""
-    return as_read_on(value.strip(), COMMON_WORDS)
+    3`, `Complete novice`) or is in capitals (`US`, `DAILY`). A rating with its anchor reads as the anchor:
+    `everyday` for "5: everyday", as a title would say it."""
+    anchored = ANCHORED_RATING.match(value)
+    return as_read_on(anchored.group(1) if anchored else value.strip(), COMMON_WORDS)
 
 
 WHAT_THING = re.compile(
