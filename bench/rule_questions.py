@@ -51,6 +51,7 @@ RULE_QUESTIONS = {
         "How often do you use some type of version control on your R code?",
     ),
     "spack-survey-2025": ("What kind of user are you?",),
+    "k8s-contributor-survey-2019": ("What level of the Contributor Ladder do you consider yourself to be on?",),
 }
 FROM_TEXT = {"flaky-tests-2021": ["Integration and environment testers"]}  # segments whose rule reads free text
 
