@@ -108,7 +108,8 @@ def researcher_json():
         "respondents": sum(1 for r in rows if any(cell.strip() for cell in r)),
         "notes": "Drawn from the raw CSV by the rules in researcher.py, before Persona ran on the data (the "
         "segments, goals and pains were written down first by reading the answers). Disjoint; managers and "
-        "other roles are in no segment. Held out: nothing was changed to move its figures.",
+        "other roles are in no segment. Held out, until two general grouping rules were drawn from reading its "
+        "personas (bench/corpus/SOURCES.md).",
         "segments": [{**SEGMENTS[key], "members": members[key]} for key in SEGMENTS],
     }
 
