@@ -679,6 +679,23 @@ def test_the_question_that_asks_who_they_are_leads_the_grouping(role_question: s
     assert by_role == [["Doctor"] * 12, ["Nurse"] * 12]
 
 
+def test_a_surveymonkey_export_s_grids_weigh_as_one_question_each_and_its_ladder_question_twice() -> None:
+    """The Kubernetes contributor survey: two header rows, grids of 10, 4 and 8 rated items, and a question
+    on the rung of the contributor ladder each respondent considers themselves on."""
+    survey = persona.load_path("k8s-contributor-survey-2019/responses.csv", CORPUS)
+    weights = persona.attribute_weights(survey.participants, survey.labels)
+    by_question: dict[str, list[float]] = {}
+    for key, weight in weights.items():
+        by_question.setdefault(persona.question_of(key, survey.labels), []).append(weight)
+    grids = sorted(len(items) for items in by_question.values() if len(items) > 1)
+    assert grids == [4, 7, 8, 10]  # the rating grids and the ranking grid
+    for items in by_question.values():  # each question's squared weight is one question's, or twice it
+        assert round(sum(weight * weight for weight in items) / persona.ATTRIBUTE_WEIGHT**2, 6) in (1.0, 4.0)
+    ladder = next(key for key in weights if "contributor_ladder_do_you_consider" in key)
+    assert weights[ladder] == persona.ATTRIBUTE_WEIGHT * persona.IDENTITY_WEIGHT
+    assert sum(weight == weights[ladder] for weight in weights.values()) == 1
+
+
 def test_most_of_a_real_survey_s_grouping_survives_leaving_a_tenth_out(flaky: persona.Dataset) -> None:
     assert persona.grouping_stability(flaky.participants, 4, {}) >= 0.6
 
