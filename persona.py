@@ -7087,8 +7087,8 @@ def continues(piece: str) -> bool:
 
 
 def shown_span(sentence: str, start: int, end: int) -> str:
-    """A phrase as written (`Google Colab`, `PDF export`); a sentence's first word loses its capital."""
-    words = re.sub(r"[^\w'’ -]", " ", sentence[start:end]).split()
+    """A phrase as written (`Google Colab`, `PDF export`, `CI/CD`); a sentence's first word loses its capital."""
+    words = re.sub(r"[^\w'’ /-]", " ", sentence[start:end]).split()
     if words and start == 0 and not words[0].isupper():
         words[0] = words[0].lower()
     return " ".join(words)

@@ -134,6 +134,12 @@ def test_a_vague_phrase_or_a_piece_of_a_commoner_one_names_no_theme() -> None:
     assert not persona.names_a_theme(corpus, "guys") and not persona.names_a_theme(corpus, "alright")
 
 
+def test_a_phrase_is_shown_with_the_slash_it_was_written_with() -> None:
+    said = ["Finding reviewers/approvers takes weeks.", "Reviewers/approvers are busy."]
+    corpus = persona.build_corpus([persona.Participant(f"P{n}", said) for n in range(3)])
+    assert corpus.display["reviewer approver"] == "reviewers/approvers"  # the Kubernetes contributor survey
+
+
 def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phrases() -> None:
     podcast = persona.load_path("rfc-transcripts/episodes", CORPUS)
     personas, _ = persona.offline_personas(podcast, 4, {})
