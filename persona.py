@@ -6915,7 +6915,7 @@ QUESTION_ASKS: tuple[tuple[str | None, re.Pattern[str]], ...] = (
         "goals",
         re.compile(
             r"\b(?:not address|would you like|missing|change one thing|suggestions?|enhancements?|wish(?:es)?|"
-            r"improve(?:ments?)?|would (?:have )?made? .{0,40}better|would help)\b",
+            r"improve(?:ments?)?|would (?:have )?made? .{0,40}better|would help|make (?:\w+ ){0,3}easier)\b",
             re.IGNORECASE,
         ),
     ),
@@ -7611,14 +7611,15 @@ LEANS_BACK = re.compile(
     r"anymore|either|too|yet)\b)|"
     r"\b(?:that|those) (?:time|times|thing|things|stuff|kind|sort|point|way|one|ones|part|piece|issue|issues|idea|"
     r"case|cases|guidance|project|work)\b|\b(?:do|does|did|doing|done) (?:it|that|this)\b|\bthese\b(?! days\b)|"
-    r"\blike (?:this|that)\b|\bthis way\b|\bthe (?:whole|entire) thing\b",
+    r"\blike (?:this|that)\b|\bthis way\b|\bthe (?:whole|entire) thing\b|^\W*(?:yes|yeah|yep|no)\b\s*[,.!]",
     re.IGNORECASE,
 )
 """A pronoun that ends a clause ("We pull it down, we build it.", "I would love to do that, but ..."), a thing
 named by "that" or "these" ("I spend that time writing", "these open source projects"), or a deed named by "do
 it" or "like this" ("My main goal in doing that is ...", "issues like this"): what the sentence is about was
-most likely said before it. Its referent is often in the sentence itself ("a notebook ... I would like to scale
-it up"), so such a sentence is chosen last rather than never."""
+most likely said before it; so does a reply that opens with "Yes," or "No," to a question the card does not
+show ("Yes, with the help of mentors."). Its referent is often in the sentence itself ("a notebook ... I would
+like to scale it up"), so such a sentence is chosen last rather than never."""
 ALIKE_SHARE = 2 / 3  # of the shorter item's words, shared with one already chosen: the same item said again
 
 
