@@ -1227,6 +1227,20 @@ def test_an_item_that_leans_on_what_was_said_before_it_comes_after_every_plain_o
     assert [s.text for s in quotes] == [plain.text]
 
 
+@pytest.mark.parametrize(
+    ("text", "leans"),
+    [
+        ("Yes, with the help of mentors.", True),  # the Kubernetes survey: a reply to "Are there ways ...?"
+        ("No, the docs are enough.", True),
+        ("Yesterday the build broke twice.", False),
+        ("No-one reviews my pull requests.", False),
+        ("Nobody reviews my pull requests.", False),
+    ],
+)
+def test_a_reply_that_opens_with_yes_or_no_leans_on_the_question_it_answers(text: str, leans: bool) -> None:
+    assert persona.leans_back(text) is leans
+
+
 def test_a_cause_named_under_a_causes_question_is_no_pain_point_unless_the_speaker_met_it() -> None:
     assert persona.list_kind("Errors in 3rd party libraries (e.g. Vagrant).") == "pain_points"
     assert persona.list_kind("Errors in 3rd party libraries (e.g. Vagrant).", CAUSES_QUESTION) is None
