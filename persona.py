@@ -6904,11 +6904,12 @@ A duration ("for ten years") is no habit: with the speaker it is mostly biograph
 
 NOT_BEHAVIOUR = re.compile(
     r"\b(?:i|we) (?:\w+ )?(?:get|got|receive|received)\b|\bsince (?:i|we)\b|\b(?:best|worst|ever used)\b|"
-    r"\bthan (?:any|all|every|other|the other|most)\b",
+    r"\bthan (?:any|all|every|other|the other|most)\b|\b(?:i|we) (?:will|'ll|am going to|are going to) be\b",
     re.IGNORECASE,
 )
 """Things that happen to the speaker ("I always get alerts immediately"), the opening of a benefit
-("Since I started using it, I have saved ...") and comparisons ("the best app I've used") are no practice."""
+("Since I started using it, I have saved ..."), comparisons ("the best app I've used") and what the speaker
+will be doing ("With the move to a monthly meeting, I will be attending") are no practice."""
 
 QUESTION_ASKS: tuple[tuple[str | None, re.Pattern[str]], ...] = (
     (

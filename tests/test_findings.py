@@ -822,6 +822,12 @@ def test_a_definition_is_no_quote() -> None:
     assert [s.participant for s in persona.pick_quotes(said, set(), 1)] == ["P2"]
 
 
+def test_what_the_speaker_will_be_doing_is_no_practice() -> None:
+    """The Kubernetes survey: an answer about the community meeting's new cadence."""
+    assert persona.list_kind("With the move to a monthly meeting, I will be attending.") is None
+    assert persona.list_kind("We attend the community meeting every month.") == "behaviours"
+
+
 def test_an_imagined_case_is_no_pain_point() -> None:
     assert persona.list_kind("If I were to find one in a PR, I would not accept it until it was fixed.") is None
     assert persona.list_kind("Installing a GUI for version control on the server would be a pain.") is None
