@@ -8279,7 +8279,7 @@ COMMON_WORDS = (STOPWORDS | AMOUNT_WORDS | BARE_ANSWERS | SCALE_WORDS) - {"i"}
 """Words an answer in a title opens with that name nothing ("by hand", "every year"); "I" is the speaker."""
 
 
-ANCHORED_RATING = re.compile(r"\s*\d{1,2}\s*:\s*(\S.*?)\s*$")
+ANCHORED_RATING = re.compile(r"\d{1,2}\s*:\s*([^\W\d_].*)")
 """A point on a rating scale with the label the scale gives it (`5: everyday`, `1: strongly disagree`)."""
 
 
@@ -8288,7 +8288,7 @@ def as_answered(value: str) -> str:
     `often`, `once a week` for "Once A Week"), as written where it may open with a name (`JupyterHub`, `Python
     3`, `Complete novice`) or is in capitals (`US`, `DAILY`). A rating with its anchor reads as the anchor:
     `everyday` for "5: everyday", as a title would say it."""
-    anchored = ANCHORED_RATING.match(value)
+    anchored = ANCHORED_RATING.fullmatch(value.strip())
     return as_read_on(anchored.group(1) if anchored else value.strip(), COMMON_WORDS)
 
 

@@ -188,6 +188,7 @@ def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phr
         ("How often do you deploy?", "DAILY", "Deploy: DAILY"),
         ("How often do you deploy?", "Once A Week", "Deploy: once a week"),
         ("How often do you use these channels? - Slack", "5: everyday", "Slack: everyday"),
+        ("When do you start work?", "12:30", "Start work: 12:30"),
         ("In what country do you currently reside?", "US", "Country: US"),
         (
             "Please rate how much you enjoy using R on a scale of 1 to 5, where 1 is you don't enjoy it at all.",
