@@ -3851,6 +3851,7 @@ SHEET_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main "
 RELS_NS = "http://schemas.openxmlformats.org/package/2006/relationships "
 DOC_RELS_NS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships "
 OFFICE_FORMATS = ("docx", "xlsx", "qdpx")  # zips of XML: read in a child process, each count under its cap
+ZIP_OPENING = b"PK\x03\x04"  # how a zip archive, and so every Office file, opens: its first entry's header
 MAX_OFFICE_CHARS = 20_000_000  # characters of text one Office file may give
 MAX_SHEET_CELLS = 2_000_000  # cells one sheet may give, its empty columns left out
 MAX_SHEETS = 64  # sheets of one workbook read to find the one with the data
@@ -5905,8 +5906,12 @@ async def table_attributes(file: Path, info: os.stat_result) -> JSON | None:
         remember(SOURCE_DIGESTS, key, digest)
         if digest not in ATTRIBUTES_BY_CONTENT:
             fmt = FORMATS[file.suffix.lower()]
-            reading = run_in_child if fmt in OFFICE_FORMATS else asyncio.to_thread
-            remember(ATTRIBUTES_BY_CONTENT, digest, await reading(attributes_of, raw, fmt, file.name))
+            if fmt in OFFICE_FORMATS and not raw.startswith(ZIP_OPENING):
+                attributes = None  # no zip, so no Office file: a child to start for each would slow the listing
+            else:
+                reading = run_in_child if fmt in OFFICE_FORMATS else asyncio.to_thread
+                attributes = await reading(attributes_of, raw, fmt, file.name)
+            remember(ATTRIBUTES_BY_CONTENT, digest, attributes)
     remember(ATTRIBUTES_BY_CONTENT, digest, ATTRIBUTES_BY_CONTENT[digest])
     return ATTRIBUTES_BY_CONTENT[digest]
 

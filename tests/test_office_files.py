@@ -223,3 +223,21 @@ async def test_the_data_listing_reads_an_office_table_in_a_child_once_per_conten
     assert len(children) == 1
     await persona.data_sources(tmp_path)
     assert len(children) == 1
+
+
+async def test_the_data_listing_starts_no_child_for_an_office_name_on_what_is_no_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "uploads").mkdir()
+    for n in range(3):  # what a fuzzer uploads: any bytes under an Office name
+        (tmp_path / f"upload{n}.xlsx").write_bytes(f"not a workbook {n}".encode())
+        (tmp_path / "uploads" / f"upload{n}.docx").write_bytes(f"not a document {n}".encode())
+
+    async def no_child(function, *args):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"a child started for {args[2]}")
+
+    monkeypatch.setattr(persona, "run_in_child", no_child)
+    listed = {source["name"]: source.get("attributes") for source in (await persona.data_sources(tmp_path))[0]}
+    assert listed == {"uploads": None} | {
+        name: None for n in range(3) for name in (f"upload{n}.xlsx", f"uploads/upload{n}.docx")
+    }
