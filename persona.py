@@ -8501,7 +8501,7 @@ def persona_title(
         if not NUMBER_WORDS & set(phrase.split())
     ]
     for title in titles:
-        if title and sentence_case(title) not in taken:
+        if title and sentence_case(title) not in taken and not title.endswith("?"):  # a title asks nothing
             return sentence_case(title)
     return f"{sentence_case(titles[0]) if titles else 'No shared answer sets them apart'} ({len(taken) + 1})"
 

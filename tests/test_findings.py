@@ -351,6 +351,15 @@ def test_titles_are_never_a_bare_answer_a_placeholder_or_the_data_set_s_topic(fl
         assert not re.search(r"(?i)segment \d", title) and "flaky tests" != title.lower()
 
 
+def test_a_title_never_asks_a_question() -> None:
+    """The Kubernetes survey's "there's a contributor ladder?" is an answer, but no title."""
+    people = [persona.Participant(f"P{n}", ["Reviews take weeks."]) for n in range(4)]
+    corpus = persona.build_corpus(people)
+    shares = persona.term_shares(corpus, [0, 1])
+    answers = ["There's a contributor ladder?", "Contribute upstream: a few times a year"]
+    assert persona.persona_title(corpus, shares, None, set(), answers) == "Contribute upstream: a few times a year"
+
+
 def test_no_title_names_a_segment_by_what_its_members_never_do(flaky_personas: list[dict]) -> None:
     assert not [
         item["title"] for item in flaky_personas if re.search(r"(?i):\s*(never|no|none|not at all)\b", item["title"])
