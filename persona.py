@@ -4700,7 +4700,7 @@ def grid_parts(header: str) -> tuple[str, str] | None:
     if text.endswith("]") and opening >= 0 and "]" not in text[opening:-1] and text[opening + 1 : -1].strip():
         return text[:opening].rstrip(), text[opening + 1 : -1].strip()
     stem, dash, item = text.rpartition(" - ")
-    if dash and item.strip() and len(stem.split()) >= 3 and stem.count("(") == stem.count(")"):
+    if dash and item.strip() and len(stem.split()) >= 3 and stem.rfind("(") <= stem.rfind(")"):
         return stem.rstrip(), item.strip()
     return None  # a dash inside brackets is the question's own: "... programs? (ps - our list includes ...)"
 
@@ -5826,8 +5826,8 @@ ATTRIBUTE_SCAN_BYTES = 5 * 1024 * 1024  # tables up to this size are read to nam
 MAX_FOLDER_SCAN = 200  # transcripts of a folder read for the header attributes the listing gives it
 UPLOAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 UPLOAD_SUFFIXES = (*FORMATS, *(suffix for suffix in CODEBOOK_SUFFIXES if suffix not in FORMATS))  # data, codebooks
-SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> the file's sha256
-ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # sha256 -> the table's attributes and their group counts
+SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> "format:sha256" of the file
+ATTRIBUTES_BY_CONTENT: dict[str, JSON | None] = {}  # "format:sha256" -> the table's attributes and group counts
 LISTING_CACHE_SIZE = 10_000  # entries each of the two keeps, the least recently used going first
 
 
@@ -5896,16 +5896,16 @@ def walk_sources(data_dir: Path) -> tuple[list[JSON], list[tuple[JSON, Path, os.
 async def table_attributes(file: Path, info: os.stat_result) -> JSON | None:
     """A table's attributes in its order, and how many groups each makes; None when it cannot be read."""
     key = (str(file), info.st_size, info.st_mtime_ns)
+    fmt = FORMATS[file.suffix.lower()]
     digest = SOURCE_DIGESTS.get(key)
     if digest is None or digest not in ATTRIBUTES_BY_CONTENT:
         try:
             raw = await asyncio.to_thread(file.read_bytes)
         except OSError:
             return None
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = f"{fmt}:{hashlib.sha256(raw).hexdigest()}"  # the same bytes read as another format read otherwise
         remember(SOURCE_DIGESTS, key, digest)
         if digest not in ATTRIBUTES_BY_CONTENT:
-            fmt = FORMATS[file.suffix.lower()]
             if fmt in OFFICE_FORMATS and not raw.startswith(ZIP_OPENING):
                 attributes = None  # no zip, so no Office file: a child to start for each would slow the listing
             else:
@@ -6909,7 +6909,7 @@ A duration ("for ten years") is no habit: with the speaker it is mostly biograph
 
 NOT_BEHAVIOUR = re.compile(
     r"\b(?:i|we) (?:\w+ )?(?:get|got|receive|received)\b|\bsince (?:i|we)\b|\b(?:best|worst|ever used)\b|"
-    r"\bthan (?:any|all|every|other|the other|most)\b|\b(?:i|we) (?:will|'ll|am going to|are going to) be\b",
+    r"\bthan (?:any|all|every|other|the other|most)\b|\b(?:i|we)(?: will|['’]ll| am going to| are going to) be\b",
     re.IGNORECASE,
 )
 """Things that happen to the speaker ("I always get alerts immediately"), the opening of a benefit
@@ -6921,7 +6921,8 @@ QUESTION_ASKS: tuple[tuple[str | None, re.Pattern[str]], ...] = (
         "goals",
         re.compile(
             r"\b(?:not address|would you like|missing|change one thing|suggestions?|enhancements?|wish(?:es)?|"
-            r"improve(?:ments?)?|would (?:have )?made? .{0,40}better|would help|make (?:\w+ ){0,3}easier)\b",
+            r"improve(?:ments?)?|would (?:have )?made? .{0,40}better|would help|"
+            r"(?:would|could|can|might|should) (?:\w+ ){0,3}make (?:\w+ ){0,3}easier)\b",
             re.IGNORECASE,
         ),
     ),
@@ -7180,8 +7181,9 @@ def answer_terms(key: str, value: str) -> set[str]:
 WHO_THEY_ARE = re.compile(
     r"\b(?:describes? (?:you|yourself|the work you do|your)|job title|"
     r"(?:what|which) is your (?:[\w-]+ ){0,2}?(?:role|position|occupation|profession|job)|"
-    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education) you|are you an?|"
-    r"consider yourself(?: to be)?|(?:what|which) (?:kind|type) of \w+ are you)\b|^(?:\w+ )?(?:role|job|occupation)$",
+    r"what (?:role|occupation|profession)|highest degree|level of (?:school|education)(?! is your course)|are you an?|"
+    r"consider yourself (?:to be )?(?:an?|on|at|part of))\b|\b(?:what|which) (?:kind|type) of \w+ are you\s*\?*\s*$|"
+    r"^(?:role|job|occupation|profession|position|job title|job role|user type)$",
     re.IGNORECASE,
 )
 """A question whose answer names what kind of person answered (a role, a job, a degree, where they stand on a
@@ -7205,12 +7207,13 @@ def attribute_weights(people: list[Participant], labels: Mapping[str, str]) -> d
     times over, and people then group by how they fill in grids ("not important" to every feature)
     rather than by who they are. A persona is a kind of person: where the survey asks what kind (a role,
     a job, a kind of user, a rung on a ladder), that answer leads the grouping without deciding it."""
-    questions = {key: question_of(key, labels) for person in people for key in person.attributes}
+    keys = dict.fromkeys(key for person in people for key in person.attributes)
+    questions = {key: question_of(key, labels) for key in keys}
     items = Counter(questions.values())
     weights = {}
     for key, question in questions.items():
-        identity = IDENTITY_WEIGHT if WHO_THEY_ARE.search(labels.get(key) or key.replace("_", " ")) else 1.0
-        weights[key] = ATTRIBUTE_WEIGHT * identity / math.sqrt(items[question])
+        asks_who = items[question] == 1 and WHO_THEY_ARE.search(labels.get(key) or key.replace("_", " "))
+        weights[key] = ATTRIBUTE_WEIGHT * (IDENTITY_WEIGHT if asks_who else 1.0) / math.sqrt(items[question])
     return weights
 
 
@@ -8500,8 +8503,9 @@ def persona_title(
         for phrase in shared + [corpus.display.get(t, t) for t in singles]
         if not NUMBER_WORDS & set(phrase.split())
     ]
+    titles = [title for title in titles if title and not title.rstrip(" \"'’”)]").endswith("?")]  # asks nothing
     for title in titles:
-        if title and sentence_case(title) not in taken and not title.endswith("?"):  # a title asks nothing
+        if sentence_case(title) not in taken:
             return sentence_case(title)
     return f"{sentence_case(titles[0]) if titles else 'No shared answer sets them apart'} ({len(taken) + 1})"
 

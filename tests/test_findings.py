@@ -205,6 +205,13 @@ def test_the_podcast_personas_are_named_by_what_they_talk_about_not_by_vague_phr
             "subproject owner",
         ),
         ("What kind of user are you?", "Research Software Engineer (RSE)", "Research Software Engineer (RSE)"),
+        ("What type of tests are you writing?", "Integration tests", "Type of tests: Integration tests"),
+        (
+            "Do you consider yourself satisfied with the docs?",
+            "Mostly",
+            "Consider yourself satisfied with the docs: Mostly",
+        ),
+        ("What is your highest level of education?", "Bachelor's degree", "Bachelor's degree"),
         ("What do you like most about your job?", "The people", "Like most about your job: the people"),
         ("To what degree does Jupyter meet your needs?", "Somewhat", "Jupyter meet your needs: somewhat"),
         ("How old are you?", "25-34", "How old are you: 25-34"),
@@ -358,6 +365,8 @@ def test_a_title_never_asks_a_question() -> None:
     shares = persona.term_shares(corpus, [0, 1])
     answers = ["There's a contributor ladder?", "Contribute upstream: a few times a year"]
     assert persona.persona_title(corpus, shares, None, set(), answers) == "Contribute upstream: a few times a year"
+    taken = {"Contribute upstream: a few times a year"}
+    assert "?" not in persona.persona_title(corpus, shares, None, taken, answers)
 
 
 def test_no_title_names_a_segment_by_what_its_members_never_do(flaky_personas: list[dict]) -> None:
@@ -835,6 +844,7 @@ def test_a_definition_is_no_quote() -> None:
 def test_what_the_speaker_will_be_doing_is_no_practice() -> None:
     """The Kubernetes survey: an answer about the community meeting's new cadence."""
     assert persona.list_kind("With the move to a monthly meeting, I will be attending.") is None
+    assert persona.list_kind("With the move to a monthly meeting, I’ll be attending.") is None
     assert persona.list_kind("We attend the community meeting every month.") == "behaviours"
 
 
@@ -941,6 +951,12 @@ ACTIONS_QUESTION = "Are there any other actions that you would take that we have
             "behaviours",
         ),
         ("Easier installation of dependency chains.", "What about Spack has helped you the most?", None),
+        (
+            "Regular contribution mentoring",
+            "Are there specific ways the project could make contributing easier for you?",
+            "goals",
+        ),
+        ("Pytest plugins", "How do you make flaky tests easier to find?", "behaviours"),
     ],
 )
 def test_a_bare_answer_is_what_its_question_asks_for(answer: str, question: str, kind: str | None) -> None:
@@ -1334,6 +1350,7 @@ def test_a_job_reports_respondents_answers_items_and_stability(client: httpx.Cli
             "Do you agree with the following statements (1 - strongly disagree, 5 - strongly agree) - CI is clear",
             "CI is clear",
         ),  # SurveyMonkey, its scale's dashes in the stem
+        ("3) How often do you use these tools - Slack", "Slack"),  # a numbered question
     ],
 )
 def test_a_grid_item_is_read_from_each_export_s_header(header: str, item: str) -> None:

@@ -237,7 +237,12 @@ async def test_the_data_listing_starts_no_child_for_an_office_name_on_what_is_no
         raise AssertionError(f"a child started for {args[2]}")
 
     monkeypatch.setattr(persona, "run_in_child", no_child)
+    table = b"role,comment\nNurse,The rota is late.\nDoctor,Handovers run long.\n"
+    (tmp_path / "same.csv").write_bytes(table)  # the bytes of an .xlsx too, read as the table they are
+    (tmp_path / "same.xlsx").write_bytes(table)
     listed = {source["name"]: source.get("attributes") for source in (await persona.data_sources(tmp_path))[0]}
+    assert listed.pop("same.csv") is not None
+    assert listed.pop("same.xlsx") is None
     assert listed == {"uploads": None} | {
         name: None for n in range(3) for name in (f"upload{n}.xlsx", f"uploads/upload{n}.docx")
     }
