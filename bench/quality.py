@@ -436,12 +436,19 @@ def findings(name: str, researcher: dict[str, Any]) -> dict[str, Any]:
             silent = getattr(dataset, "silent", None)  # older versions count only whom they read
             quality = persona.quality_report(dataset.participants, personas, *([silent] if silent is not None else []))
             stability = (
-                persona.grouping_stability(dataset.participants, count, CONFIG, personas, dataset.labels)
+                persona.grouping_stability(dataset.participants, count, CONFIG, personas, *labels_if_read(dataset))
                 if hasattr(persona, "grouping_stability")
                 else None
             )
             row.update(coverage=quality.get("coverage"), stability=stability, covered_of=quality.get("respondents"))
     return row
+
+
+def labels_if_read(dataset: Any) -> list[Any]:
+    """The dataset's question texts for grouping_stability, where the version under test takes them (its
+    grouping weighs a grid's items by them); nothing for an older one."""
+    takes_labels = "labels" in inspect.signature(persona.grouping_stability).parameters
+    return [dataset.labels] if takes_labels else []
 
 
 SPEECH_FIELDS = {"interviewee turn"}  # the labels' field for a transcript turn: no question the engine sees
