@@ -4705,12 +4705,17 @@ def grid_parts(header: str) -> tuple[str, str] | None:
     return None  # a dash inside brackets is the question's own: "... programs? (ps - our list includes ...)"
 
 
+def header_of(key: str, labels: Mapping[str, str]) -> str:
+    """An attribute's column header: its question's text where the export gave one, else its key in words."""
+    return labels.get(key) or key.replace("_", " ")
+
+
 def question_text(key: str, labels: Mapping[str, str]) -> str:
     """A closed question as a reader knows it: its header in full, a grid's `[item]` read into the sentence
     where the stem ends in punctuation ("... how often do you… Re-run the build.", "... agree? Flaky tests
     ..."), in its brackets after any other stem ("Rank these features by importance [Better error messages]"):
     whether the item carries the stem on ("How often do you use [JupyterLab]") the words do not say."""
-    header = labels.get(key) or key.replace("_", " ")
+    header = header_of(key, labels)
     grid = grid_parts(header)
     if not grid:
         return header.strip()
@@ -7194,7 +7199,7 @@ IDENTITY_WEIGHT = 2.0
 
 def question_of(key: str, labels: Mapping[str, str]) -> str:
     """The question an attribute answers: a grid's stem for each of its items, else the attribute itself."""
-    grid = grid_parts(labels.get(key) or key)
+    grid = grid_parts(header_of(key, labels))
     return grid[0] if grid else key
 
 
@@ -7212,7 +7217,7 @@ def attribute_weights(people: list[Participant], labels: Mapping[str, str]) -> d
     items = Counter(questions.values())
     weights = {}
     for key, question in questions.items():
-        asks_who = items[question] == 1 and WHO_THEY_ARE.search(labels.get(key) or key.replace("_", " "))
+        asks_who = items[question] == 1 and WHO_THEY_ARE.search(header_of(key, labels))
         weights[key] = ATTRIBUTE_WEIGHT * (IDENTITY_WEIGHT if asks_who else 1.0) / math.sqrt(items[question])
     return weights
 
@@ -8385,7 +8390,7 @@ def answer_phrase(key: str, value: str, labels: Mapping[str, str]) -> str:
     Only an answer that names a kind of person (`Nurse`, `Data scientist`) needs no question: `By hand`
     or `Ungraded coding exercises` alone says nothing of whom it describes.
     """
-    header = labels.get(key) or key.replace("_", " ")
+    header = header_of(key, labels)
     if not says_nothing_alone(value) and names_the_person(header):
         return value
     return f"{sentence_case(question_topic(header))}: {as_answered(value)}"
